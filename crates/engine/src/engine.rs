@@ -1,0 +1,820 @@
+use std::collections::HashMap;
+use std::collections::hash_map::Entry;
+use std::hash::{BuildHasher, Hash, Hasher, RandomState};
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::{Mutex, RwLock};
+use stampede_types::{
+    Cents, IdempotencyKey, OrderEvent, OrderId, OrderStatus, Quantity, SaleId, SaleStatus, Sku,
+    UserId,
+};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::clock::Clock;
+use crate::payment::{PaymentError, PaymentGateway};
+use crate::store::{OrderRecord, ProductRecord, SaleRecord, SaleTally, Store, StoreError};
+use crate::writer::{Job, TransitionResult, Writer};
+
+/// When a purchase is answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AckMode {
+    /// After the batch holding the order is committed and fsync'd. Nothing acknowledged
+    /// is ever lost.
+    #[default]
+    Durable,
+    /// As soon as the stock is reserved and the order is in the writer's queue. Faster;
+    /// a crash loses the orders still in the queue (at most `queue_capacity`).
+    Reserved,
+}
+
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Bound of the writer's queue; a full queue answers `overloaded`.
+    pub queue_capacity: usize,
+    /// Most operations committed in one transaction.
+    pub batch_size_max: usize,
+    /// How long an order waits for payment.
+    pub payment_window_ms: i64,
+    /// Expiry waits this much past `expires_at` so a payment started just before the
+    /// deadline (and bounded by the provider timeout) is decided first.
+    pub expiry_grace_ms: i64,
+    /// How often the writer looks for due expiries.
+    pub expiry_tick_ms: u64,
+    pub ack: AckMode,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            queue_capacity: 16_384,
+            batch_size_max: 1_024,
+            payment_window_ms: 15 * 60 * 1000,
+            expiry_grace_ms: 5_000,
+            expiry_tick_ms: 100,
+            ack: AckMode::Durable,
+        }
+    }
+}
+
+/// The answer to a purchase, enough to rebuild the same response on a replay.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Placed {
+    pub order_id: OrderId,
+    pub sale_id: SaleId,
+    pub quantity: Quantity,
+    pub amount: Cents,
+    pub expires_at_ms: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Purchase {
+    pub placed: Placed,
+    /// True when this answers a request seen before (same idempotency key and body).
+    pub replay: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PurchaseError {
+    #[error("no such flash sale")]
+    SaleNotFound,
+    #[error("the flash sale has not started")]
+    NotStarted,
+    #[error("the flash sale has ended")]
+    Ended,
+    #[error("sold out: {remaining} left, {requested} requested")]
+    SoldOut { remaining: u64, requested: u32 },
+    #[error("per-user limit of {limit} reached ({held} held)")]
+    LimitExceeded { limit: u32, held: u32 },
+    #[error("idempotency key was used with a different request")]
+    KeyReused,
+    #[error("the order queue is full")]
+    Overloaded,
+    #[error("storage unavailable; nothing was recorded")]
+    Unavailable,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AdminError {
+    #[error("a product with this sku exists")]
+    SkuExists,
+    #[error("no such product")]
+    ProductNotFound,
+    #[error("the product has {available} units not carved into sales")]
+    InsufficientStock { available: u64 },
+    #[error("{0}")]
+    Invalid(String),
+    #[error("the write queue is full")]
+    Overloaded,
+    #[error("storage unavailable; nothing was recorded")]
+    Unavailable,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum OrderError {
+    #[error("no such order")]
+    NotFound,
+    #[error("the order has expired")]
+    Expired,
+    #[error("the order was cancelled")]
+    Cancelled,
+    #[error("the order is paid")]
+    Paid,
+    #[error("payment failed: {0}")]
+    PaymentFailed(String),
+    #[error("payment provider timed out")]
+    PaymentTimeout,
+    #[error("the write queue is full")]
+    Overloaded,
+    #[error("storage unavailable")]
+    Unavailable,
+}
+
+/// Who is asking about an order.
+#[derive(Debug, Clone)]
+pub enum Actor {
+    Admin,
+    Shopper(UserId),
+}
+
+impl Actor {
+    fn may_see(&self, order: &OrderRecord) -> bool {
+        match self {
+            Actor::Admin => true,
+            Actor::Shopper(user) => *user == order.user_id,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct NewProduct {
+    pub sku: Sku,
+    pub name: Arc<str>,
+    pub price: Cents,
+    pub stock: u64,
+}
+
+#[derive(Debug, Clone)]
+pub struct NewSale {
+    pub sku: Sku,
+    pub price: Cents,
+    pub quantity: u64,
+    pub per_user_limit: u32,
+    pub starts_at_ms: i64,
+    pub ends_at_ms: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProductView {
+    pub sku: Sku,
+    pub name: Arc<str>,
+    pub price: Cents,
+    pub available: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SaleView {
+    pub record: SaleRecord,
+    pub remaining: u64,
+    pub status: SaleStatus,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Audit {
+    pub quantity: u64,
+    /// Units not held by a durable pending or paid order.
+    pub remaining: u64,
+    /// Units reserved in memory whose orders are not yet durable (0 when idle).
+    pub in_flight: u64,
+    pub tally: SaleTally,
+    pub consistent: bool,
+}
+
+pub(crate) type Outcome = Result<Placed, PurchaseError>;
+
+pub(crate) enum IdemEntry {
+    InFlight(watch::Receiver<Option<Outcome>>),
+    Done(Placed),
+}
+
+pub(crate) struct SaleInner {
+    pub remaining: u64,
+    /// Units reserved but not yet durable.
+    pub in_flight: u64,
+    /// Units held (pending + paid + in flight) by each shopper.
+    pub held_by_user: HashMap<UserId, u32>,
+}
+
+pub(crate) struct SaleState {
+    pub record: SaleRecord,
+    pub inner: Mutex<SaleInner>,
+}
+
+impl SaleState {
+    /// Hands back units of an order that will not be (or no longer is) held.
+    pub(crate) fn give_back(&self, user: &UserId, quantity: u32, was_in_flight: bool) {
+        let mut inner = self.inner.lock();
+        inner.remaining += u64::from(quantity);
+        if was_in_flight {
+            inner.in_flight -= u64::from(quantity);
+        }
+        if let Entry::Occupied(mut held) = inner.held_by_user.entry(user.clone()) {
+            *held.get_mut() = held.get().saturating_sub(quantity);
+            if *held.get() == 0 {
+                held.remove();
+            }
+        }
+        assert!(
+            inner.remaining + inner.in_flight <= self.record.quantity,
+            "stock returned beyond the sale's quantity"
+        );
+    }
+}
+
+pub(crate) struct ProductState {
+    pub record: ProductRecord,
+}
+
+const IDEM_SHARDS: usize = 64;
+
+pub(crate) struct Shared {
+    pub store: Arc<dyn Store>,
+    pub clock: Arc<dyn Clock>,
+    pub config: EngineConfig,
+    pub products: RwLock<HashMap<Sku, Arc<Mutex<ProductState>>>>,
+    pub sales: RwLock<HashMap<SaleId, Arc<SaleState>>>,
+    idem_shards: Vec<Mutex<HashMap<(UserId, IdempotencyKey), IdemEntry>>>,
+    idem_hasher: RandomState,
+}
+
+impl Shared {
+    pub(crate) fn idem_shard(
+        &self,
+        user: &UserId,
+        key: &IdempotencyKey,
+    ) -> &Mutex<HashMap<(UserId, IdempotencyKey), IdemEntry>> {
+        let mut hasher = self.idem_hasher.build_hasher();
+        user.hash(&mut hasher);
+        key.hash(&mut hasher);
+        &self.idem_shards[(hasher.finish() as usize) % IDEM_SHARDS]
+    }
+
+    pub(crate) fn sale(&self, id: SaleId) -> Option<Arc<SaleState>> {
+        self.sales.read().get(&id).cloned()
+    }
+}
+
+/// The inventory engine. Cheap to share behind an `Arc`.
+pub struct Engine {
+    shared: Arc<Shared>,
+    jobs: mpsc::Sender<Job>,
+    shutdown: Mutex<Option<oneshot::Sender<()>>>,
+    writer: tokio::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("durable state breaks an invariant: {0}")]
+    Invariant(String),
+}
+
+impl Engine {
+    /// Rebuilds the in-memory state from the store's durable orders and starts the writer.
+    pub async fn open(
+        store: Arc<dyn Store>,
+        clock: Arc<dyn Clock>,
+        config: EngineConfig,
+    ) -> Result<Engine, OpenError> {
+        assert!(config.queue_capacity > 0 && config.batch_size_max > 0);
+        let snapshot = store.load().await?;
+
+        let mut products = HashMap::new();
+        for product in snapshot.products {
+            products
+                .insert(product.sku.clone(), Arc::new(Mutex::new(ProductState { record: product })));
+        }
+
+        let mut sales = HashMap::new();
+        let mut held_units: HashMap<SaleId, u64> = HashMap::new();
+        let mut held_by_user: HashMap<SaleId, HashMap<UserId, u32>> = HashMap::new();
+        let mut expiries = Vec::new();
+        let idem_shards: Vec<_> = (0..IDEM_SHARDS).map(|_| Mutex::new(HashMap::new())).collect();
+        let idem_hasher = RandomState::new();
+
+        let shared_probe = Shared {
+            store: store.clone(),
+            clock: clock.clone(),
+            config: config.clone(),
+            products: RwLock::new(HashMap::new()),
+            sales: RwLock::new(HashMap::new()),
+            idem_shards,
+            idem_hasher,
+        };
+
+        for order in &snapshot.orders {
+            if order.status.holds_stock() {
+                *held_units.entry(order.sale_id).or_default() += u64::from(order.quantity.get());
+                *held_by_user
+                    .entry(order.sale_id)
+                    .or_default()
+                    .entry(order.user_id.clone())
+                    .or_default() += order.quantity.get();
+            }
+            if order.status == OrderStatus::PendingPayment {
+                expiries.push((order.expires_at_ms + config.expiry_grace_ms, order.id));
+            }
+            let placed = Placed {
+                order_id: order.id,
+                sale_id: order.sale_id,
+                quantity: order.quantity,
+                amount: order.amount,
+                expires_at_ms: order.expires_at_ms,
+            };
+            shared_probe
+                .idem_shard(&order.user_id, &order.idempotency_key)
+                .lock()
+                .insert((order.user_id.clone(), order.idempotency_key.clone()), IdemEntry::Done(placed));
+        }
+
+        for sale in snapshot.sales {
+            let held = held_units.remove(&sale.id).unwrap_or(0);
+            if held > sale.quantity {
+                return Err(OpenError::Invariant(format!(
+                    "sale {} holds {held} units of {}",
+                    sale.id, sale.quantity
+                )));
+            }
+            let users = held_by_user.remove(&sale.id).unwrap_or_default();
+            if let Some((user, units)) = users.iter().find(|(_, units)| **units > sale.per_user_limit) {
+                return Err(OpenError::Invariant(format!(
+                    "shopper {user} holds {units} units of sale {} (limit {})",
+                    sale.id, sale.per_user_limit
+                )));
+            }
+            let state = SaleState {
+                inner: Mutex::new(SaleInner {
+                    remaining: sale.quantity - held,
+                    in_flight: 0,
+                    held_by_user: users,
+                }),
+                record: sale,
+            };
+            sales.insert(state.record.id, Arc::new(state));
+        }
+        if let Some((sale_id, _)) = held_units.into_iter().next() {
+            return Err(OpenError::Invariant(format!("orders reference unknown sale {sale_id}")));
+        }
+
+        *shared_probe.products.write() = products;
+        *shared_probe.sales.write() = sales;
+        let shared = Arc::new(shared_probe);
+
+        let (jobs, receiver) = mpsc::channel(config.queue_capacity);
+        let (shutdown_tx, shutdown_rx) = oneshot::channel();
+        let writer = Writer::new(shared.clone(), receiver, shutdown_rx, expiries);
+        let handle = tokio::spawn(writer.run());
+        metrics::gauge!("stampede_writer_queue_capacity").set(config.queue_capacity as f64);
+        Ok(Engine {
+            shared,
+            jobs,
+            shutdown: Mutex::new(Some(shutdown_tx)),
+            writer: tokio::sync::Mutex::new(Some(handle)),
+        })
+    }
+
+    pub fn config(&self) -> &EngineConfig {
+        &self.shared.config
+    }
+
+    pub fn now_ms(&self) -> i64 {
+        self.shared.clock.now_ms()
+    }
+
+    /// Operations waiting for the writer.
+    pub fn queue_depth(&self) -> usize {
+        self.shared.config.queue_capacity - self.jobs.capacity()
+    }
+
+    /// Stops accepting writes, commits everything already queued, and waits for the
+    /// writer to finish. Idempotent.
+    pub async fn shutdown(&self) {
+        if let Some(signal) = self.shutdown.lock().take() {
+            let _ = signal.send(());
+        }
+        if let Some(handle) = self.writer.lock().await.take() {
+            let _ = handle.await;
+        }
+    }
+
+    /// Stops the writer where it is, as a `kill -9` would: queued jobs are dropped and an
+    /// uncommitted batch is rolled back by the store. For crash tests.
+    pub async fn crash(&self) {
+        if let Some(handle) = self.writer.lock().await.take() {
+            handle.abort();
+            let _ = handle.await;
+        }
+    }
+
+    /// Whether the writer is running and the store answers.
+    pub async fn ready(&self) -> bool {
+        !self.jobs.is_closed() && self.shared.store.ping().await.is_ok()
+    }
+
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.shared.store
+    }
+
+    // ---- catalogue -------------------------------------------------------------------
+
+    pub async fn create_product(&self, new: NewProduct) -> Result<ProductView, AdminError> {
+        let record = ProductRecord {
+            sku: new.sku.clone(),
+            name: new.name,
+            price: new.price,
+            available: new.stock,
+            created_at_ms: self.now_ms(),
+        };
+        {
+            // Reserve the sku in memory first, so two concurrent creations cannot both
+            // reach the writer.
+            let mut products = self.shared.products.write();
+            if products.contains_key(&new.sku) {
+                return Err(AdminError::SkuExists);
+            }
+            products.insert(new.sku.clone(), Arc::new(Mutex::new(ProductState { record: record.clone() })));
+        }
+        let (reply, answer) = oneshot::channel();
+        let undo = || {
+            self.shared.products.write().remove(&new.sku);
+        };
+        if self.jobs.try_send(Job::CreateProduct { record: record.clone(), reply }).is_err() {
+            undo();
+            return Err(AdminError::Overloaded);
+        }
+        match answer.await {
+            Ok(Ok(())) => Ok(ProductView {
+                sku: record.sku,
+                name: record.name,
+                price: record.price,
+                available: record.available,
+            }),
+            _ => {
+                undo();
+                Err(AdminError::Unavailable)
+            }
+        }
+    }
+
+    pub fn product(&self, sku: &str) -> Option<ProductView> {
+        let sku = Sku::parse(sku).ok()?;
+        let product = self.shared.products.read().get(&sku).cloned()?;
+        let product = product.lock();
+        Some(ProductView {
+            sku: product.record.sku.clone(),
+            name: product.record.name.clone(),
+            price: product.record.price,
+            available: product.record.available,
+        })
+    }
+
+    pub async fn create_sale(&self, new: NewSale) -> Result<SaleView, AdminError> {
+        if new.ends_at_ms <= new.starts_at_ms {
+            return Err(AdminError::Invalid("ends_at must be after starts_at".into()));
+        }
+        if new.quantity == 0 {
+            return Err(AdminError::Invalid("quantity must be at least 1".into()));
+        }
+        if new.per_user_limit == 0 {
+            return Err(AdminError::Invalid("per_user_limit must be at least 1".into()));
+        }
+        let product = self.shared.products.read().get(&new.sku).cloned().ok_or(AdminError::ProductNotFound)?;
+        {
+            let mut product = product.lock();
+            if product.record.available < new.quantity {
+                return Err(AdminError::InsufficientStock { available: product.record.available });
+            }
+            product.record.available -= new.quantity;
+        }
+        let give_back = || product.lock().record.available += new.quantity;
+        let record = SaleRecord {
+            id: SaleId::new(),
+            sku: new.sku,
+            price: new.price,
+            quantity: new.quantity,
+            per_user_limit: new.per_user_limit,
+            starts_at_ms: new.starts_at_ms,
+            ends_at_ms: new.ends_at_ms,
+            created_at_ms: self.now_ms(),
+        };
+        let (reply, answer) = oneshot::channel();
+        if self.jobs.try_send(Job::CreateSale { record: record.clone(), reply }).is_err() {
+            give_back();
+            return Err(AdminError::Overloaded);
+        }
+        match answer.await {
+            // The writer makes the sale visible once it is durable.
+            Ok(Ok(())) => Ok(self.sale(record.id).expect("sale is visible after commit")),
+            _ => {
+                give_back();
+                Err(AdminError::Unavailable)
+            }
+        }
+    }
+
+    pub fn sale(&self, id: SaleId) -> Option<SaleView> {
+        let sale = self.shared.sale(id)?;
+        let remaining = sale.inner.lock().remaining;
+        let record = &sale.record;
+        Some(SaleView {
+            status: SaleStatus::at(self.now_ms(), record.starts_at_ms, record.ends_at_ms, remaining),
+            remaining,
+            record: record.clone(),
+        })
+    }
+
+    // ---- the hot path ----------------------------------------------------------------
+
+    /// Takes stock for one purchase and, in `AckMode::Durable`, waits until its order is
+    /// committed. Never touches the store on the way in; sold-out answers never reach
+    /// the writer.
+    pub async fn purchase(
+        &self,
+        user: UserId,
+        key: IdempotencyKey,
+        sale_id: SaleId,
+        quantity: Quantity,
+    ) -> Result<Purchase, PurchaseError> {
+        // A duplicate that finds the first attempt failed retries as a fresh request; a
+        // few rounds are enough because a failed attempt removes its entry.
+        for _ in 0..4 {
+            match self.try_purchase(&user, &key, sale_id, quantity).await {
+                Attempt::Answer(answer) => {
+                    let outcome = match &answer {
+                        Ok(p) if p.replay => "replay",
+                        Ok(_) => "placed",
+                        Err(e) => e.metric_label(),
+                    };
+                    metrics::counter!("stampede_purchases_total", "outcome" => outcome).increment(1);
+                    return answer;
+                }
+                Attempt::RetryAfterDuplicateFailed => continue,
+            }
+        }
+        metrics::counter!("stampede_purchases_total", "outcome" => "overloaded").increment(1);
+        Err(PurchaseError::Overloaded)
+    }
+
+    async fn try_purchase(
+        &self,
+        user: &UserId,
+        key: &IdempotencyKey,
+        sale_id: SaleId,
+        quantity: Quantity,
+    ) -> Attempt {
+        let same_request =
+            |placed: &Placed| placed.sale_id == sale_id && placed.quantity == quantity;
+        let shard = self.shared.idem_shard(user, key);
+        let (notify, mut waiting) = watch::channel(None);
+        {
+            let mut entries = shard.lock();
+            match entries.entry((user.clone(), key.clone())) {
+                Entry::Occupied(entry) => match entry.get() {
+                    IdemEntry::Done(placed) => {
+                        return Attempt::Answer(if same_request(placed) {
+                            Ok(Purchase { placed: placed.clone(), replay: true })
+                        } else {
+                            Err(PurchaseError::KeyReused)
+                        });
+                    }
+                    IdemEntry::InFlight(first) => {
+                        let mut first = first.clone();
+                        drop(entries);
+                        let outcome = match first.wait_for(Option::is_some).await {
+                            Ok(outcome) => outcome.clone().expect("waited for Some"),
+                            Err(_) => return Attempt::RetryAfterDuplicateFailed,
+                        };
+                        return match outcome {
+                            Ok(placed) if same_request(&placed) => {
+                                Attempt::Answer(Ok(Purchase { placed, replay: true }))
+                            }
+                            Ok(_) => Attempt::Answer(Err(PurchaseError::KeyReused)),
+                            Err(_) => Attempt::RetryAfterDuplicateFailed,
+                        };
+                    }
+                },
+                Entry::Vacant(slot) => {
+                    slot.insert(IdemEntry::InFlight(waiting.clone()));
+                }
+            }
+        }
+        let forget_key = |error: PurchaseError| {
+            shard.lock().remove(&(user.clone(), key.clone()));
+            let _ = notify.send(Some(Err(error.clone())));
+            Attempt::Answer(Err(error))
+        };
+
+        let Some(sale) = self.shared.sale(sale_id) else {
+            return forget_key(PurchaseError::SaleNotFound);
+        };
+        let now_ms = self.now_ms();
+        let record = &sale.record;
+        if now_ms < record.starts_at_ms {
+            return forget_key(PurchaseError::NotStarted);
+        }
+        if now_ms >= record.ends_at_ms {
+            return forget_key(PurchaseError::Ended);
+        }
+        let units = quantity.get();
+        {
+            let mut inner = sale.inner.lock();
+            let held = inner.held_by_user.get(user).copied().unwrap_or(0);
+            if held + units > record.per_user_limit {
+                drop(inner);
+                return forget_key(PurchaseError::LimitExceeded { limit: record.per_user_limit, held });
+            }
+            if inner.remaining < u64::from(units) {
+                let remaining = inner.remaining;
+                drop(inner);
+                return forget_key(PurchaseError::SoldOut { remaining, requested: units });
+            }
+            inner.remaining -= u64::from(units);
+            inner.in_flight += u64::from(units);
+            *inner.held_by_user.entry(user.clone()).or_default() += units;
+        }
+
+        let order = OrderRecord {
+            id: OrderId::new(),
+            user_id: user.clone(),
+            sale_id,
+            sku: record.sku.clone(),
+            quantity,
+            amount: record.price.times(quantity),
+            status: OrderStatus::PendingPayment,
+            idempotency_key: key.clone(),
+            created_at_ms: now_ms,
+            expires_at_ms: now_ms + self.shared.config.payment_window_ms,
+            updated_at_ms: now_ms,
+        };
+        let placed = Placed {
+            order_id: order.id,
+            sale_id,
+            quantity,
+            amount: order.amount,
+            expires_at_ms: order.expires_at_ms,
+        };
+        let ack = self.shared.config.ack;
+        if ack == AckMode::Reserved {
+            // Replays see the same order from now on, even before the writer commits.
+            shard.lock().insert((user.clone(), key.clone()), IdemEntry::Done(placed.clone()));
+        }
+        let job = Job::Purchase { order, sale: sale.clone(), notify };
+        if let Err(refused) = self.jobs.try_send(job) {
+            let (error, job) = match refused {
+                mpsc::error::TrySendError::Full(job) => (PurchaseError::Overloaded, job),
+                mpsc::error::TrySendError::Closed(job) => (PurchaseError::Unavailable, job),
+            };
+            sale.give_back(user, units, true);
+            let Job::Purchase { notify, .. } = job else { unreachable!() };
+            shard.lock().remove(&(user.clone(), key.clone()));
+            let _ = notify.send(Some(Err(error.clone())));
+            return Attempt::Answer(Err(error));
+        }
+
+        match ack {
+            AckMode::Reserved => Attempt::Answer(Ok(Purchase { placed, replay: false })),
+            AckMode::Durable => match waiting.wait_for(Option::is_some).await {
+                Ok(outcome) => Attempt::Answer(
+                    outcome.clone().expect("waited for Some").map(|placed| Purchase { placed, replay: false }),
+                ),
+                // The writer went away without answering: nothing can be claimed durable.
+                Err(_) => Attempt::Answer(Err(PurchaseError::Unavailable)),
+            },
+        }
+    }
+
+    // ---- orders ----------------------------------------------------------------------
+
+    pub async fn order(&self, actor: &Actor, id: OrderId) -> Result<OrderRecord, OrderError> {
+        let order = self.shared.store.order(id).await.map_err(|_| OrderError::Unavailable)?;
+        match order {
+            Some(order) if actor.may_see(&order) => Ok(order),
+            _ => Err(OrderError::NotFound),
+        }
+    }
+
+    pub async fn orders_of(&self, user: &UserId, limit: u32) -> Result<Vec<OrderRecord>, OrderError> {
+        self.shared.store.orders_of(user, limit).await.map_err(|_| OrderError::Unavailable)
+    }
+
+    async fn transition(&self, id: OrderId, event: OrderEvent) -> Result<TransitionResult, OrderError> {
+        let (reply, answer) = oneshot::channel();
+        self.jobs.try_send(Job::Transition { order_id: id, event, reply }).map_err(|_| OrderError::Overloaded)?;
+        answer.await.map_err(|_| OrderError::Unavailable)?.map_err(|_| OrderError::Unavailable)
+    }
+
+    /// Charges the order through `gateway` (idempotency key = order id) and marks it paid.
+    /// The writer decides between a pay and a concurrent cancel or expiry; if the pay
+    /// loses after charging, the charge is refunded.
+    pub async fn pay(
+        &self,
+        user: &UserId,
+        id: OrderId,
+        gateway: &dyn PaymentGateway,
+    ) -> Result<OrderStatus, OrderError> {
+        let order = self.order(&Actor::Shopper(user.clone()), id).await?;
+        match order.status {
+            OrderStatus::Paid => return Ok(OrderStatus::Paid),
+            OrderStatus::Cancelled => return Err(OrderError::Cancelled),
+            OrderStatus::Expired => return Err(OrderError::Expired),
+            OrderStatus::PendingPayment if self.now_ms() >= order.expires_at_ms => {
+                return Err(OrderError::Expired);
+            }
+            OrderStatus::PendingPayment => {}
+        }
+        let key = id.to_string();
+        gateway.charge(&key, order.amount).await.map_err(|error| match error {
+            PaymentError::Timeout => OrderError::PaymentTimeout,
+            other => OrderError::PaymentFailed(other.to_string()),
+        })?;
+        let lost_to = match self.transition(id, OrderEvent::Pay).await? {
+            TransitionResult::Applied | TransitionResult::Refused(OrderStatus::Paid) => {
+                return Ok(OrderStatus::Paid);
+            }
+            TransitionResult::Refused(status) => status,
+            TransitionResult::NotFound => return Err(OrderError::NotFound),
+        };
+        if let Err(error) = gateway.refund(&key, order.amount).await {
+            tracing::error!(order_id = %id, %error, "refund after a lost pay race failed; reconcile by hand");
+            metrics::counter!("stampede_refund_failures_total").increment(1);
+        }
+        Err(match lost_to {
+            OrderStatus::Cancelled => OrderError::Cancelled,
+            _ => OrderError::Expired,
+        })
+    }
+
+    /// Cancels a pending order and returns its stock. Cancelling twice is not an error.
+    pub async fn cancel(&self, actor: &Actor, id: OrderId) -> Result<OrderStatus, OrderError> {
+        self.order(actor, id).await?;
+        match self.transition(id, OrderEvent::Cancel).await? {
+            TransitionResult::Applied | TransitionResult::Refused(OrderStatus::Cancelled) => {
+                Ok(OrderStatus::Cancelled)
+            }
+            TransitionResult::Refused(OrderStatus::Paid) => Err(OrderError::Paid),
+            TransitionResult::Refused(_) => Err(OrderError::Expired),
+            TransitionResult::NotFound => Err(OrderError::NotFound),
+        }
+    }
+
+    /// Expires every pending order whose deadline (plus grace) has passed, now.
+    /// The writer also does this on its own every `expiry_tick_ms`.
+    pub async fn expire_due(&self) -> Result<(), OrderError> {
+        let (reply, answer) = oneshot::channel();
+        self.jobs.try_send(Job::ExpireDue { reply }).map_err(|_| OrderError::Overloaded)?;
+        answer.await.map_err(|_| OrderError::Unavailable)
+    }
+
+    /// Counts the sale's units from durable orders. Runs inside the writer, between
+    /// batches, so the durable counts and the in-memory stock are read at one instant.
+    pub async fn audit(&self, sale_id: SaleId) -> Result<Option<Audit>, OrderError> {
+        if self.shared.sale(sale_id).is_none() {
+            return Ok(None);
+        }
+        let (reply, answer) = oneshot::channel();
+        self.jobs.try_send(Job::Audit { sale_id, reply }).map_err(|_| OrderError::Overloaded)?;
+        answer.await.map_err(|_| OrderError::Unavailable)?.map(Some).map_err(|_| OrderError::Unavailable)
+    }
+
+    /// Waits until everything queued before this call is committed.
+    pub async fn flush(&self) -> Result<(), OrderError> {
+        let (reply, answer) = oneshot::channel();
+        self.jobs.send(Job::Flush { reply }).await.map_err(|_| OrderError::Unavailable)?;
+        answer.await.map_err(|_| OrderError::Unavailable)
+    }
+}
+
+enum Attempt {
+    Answer(Result<Purchase, PurchaseError>),
+    RetryAfterDuplicateFailed,
+}
+
+impl PurchaseError {
+    fn metric_label(&self) -> &'static str {
+        match self {
+            PurchaseError::SaleNotFound => "sale_not_found",
+            PurchaseError::NotStarted => "not_started",
+            PurchaseError::Ended => "ended",
+            PurchaseError::SoldOut { .. } => "sold_out",
+            PurchaseError::LimitExceeded { .. } => "limit_exceeded",
+            PurchaseError::KeyReused => "idempotency_key_reused",
+            PurchaseError::Overloaded => "overloaded",
+            PurchaseError::Unavailable => "unavailable",
+        }
+    }
+}
+
+pub(crate) fn duration_ms(ms: u64) -> Duration {
+    Duration::from_millis(ms.max(1))
+}

@@ -1,0 +1,24 @@
+//! The seam to the payment provider. The engine never speaks HTTP; the api crate
+//! implements this trait over HTTP with a timeout.
+
+use async_trait::async_trait;
+use stampede_types::Cents;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PaymentError {
+    #[error("payment declined: {0}")]
+    Declined(String),
+    #[error("payment provider failed: {0}")]
+    Unavailable(String),
+    #[error("payment provider timed out")]
+    Timeout,
+}
+
+#[async_trait]
+pub trait PaymentGateway: Send + Sync + 'static {
+    /// Charges `amount` once per `idempotency_key`: a retry with the same key must not
+    /// charge again.
+    async fn charge(&self, idempotency_key: &str, amount: Cents) -> Result<(), PaymentError>;
+    /// Refunds the charge made under `idempotency_key`.
+    async fn refund(&self, idempotency_key: &str, amount: Cents) -> Result<(), PaymentError>;
+}

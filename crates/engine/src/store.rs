@@ -1,0 +1,109 @@
+//! The storage seam. The engine decides; a `Store` only makes decisions durable.
+//!
+//! **Architecture invariant:** `commit` applies a whole batch in one transaction or
+//! nothing at all. The engine relies on that to hand stock back after a failed commit.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use stampede_types::{Cents, IdempotencyKey, OrderId, OrderStatus, Quantity, SaleId, Sku, UserId};
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProductRecord {
+    pub sku: Sku,
+    pub name: Arc<str>,
+    pub price: Cents,
+    /// Units not carved into any flash sale.
+    pub available: u64,
+    pub created_at_ms: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SaleRecord {
+    pub id: SaleId,
+    pub sku: Sku,
+    pub price: Cents,
+    pub quantity: u64,
+    pub per_user_limit: u32,
+    pub starts_at_ms: i64,
+    pub ends_at_ms: i64,
+    pub created_at_ms: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OrderRecord {
+    pub id: OrderId,
+    pub user_id: UserId,
+    pub sale_id: SaleId,
+    pub sku: Sku,
+    pub quantity: Quantity,
+    pub amount: Cents,
+    pub status: OrderStatus,
+    pub idempotency_key: IdempotencyKey,
+    pub created_at_ms: i64,
+    pub expires_at_ms: i64,
+    pub updated_at_ms: i64,
+}
+
+/// One durable change. A batch is a slice of these, committed as one transaction.
+#[derive(Debug, Clone)]
+pub enum WriteOp {
+    InsertProduct(ProductRecord),
+    /// Inserts the sale and takes `quantity` from the product's `available`.
+    InsertSale(SaleRecord),
+    InsertOrder(OrderRecord),
+    /// Moves an order out of `pending_payment` if, and only if, it is still there.
+    Transition { order_id: OrderId, to: OrderStatus, at_ms: i64 },
+}
+
+/// What a `WriteOp` did, in the same order as the batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OpOutcome {
+    Written,
+    Transitioned { sale_id: SaleId, user_id: UserId, quantity: Quantity },
+    /// The order was no longer pending; nothing changed.
+    Refused { current: OrderStatus },
+    NotFound,
+}
+
+/// Everything a restart needs to rebuild the in-memory state.
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot {
+    pub products: Vec<ProductRecord>,
+    pub sales: Vec<SaleRecord>,
+    /// Every order, in any state: stock and per-user counts come from those holding
+    /// stock, idempotency answers from all of them.
+    pub orders: Vec<OrderRecord>,
+}
+
+/// Units of a sale per order state, counted from durable orders.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SaleTally {
+    pub pending_payment: u64,
+    pub paid: u64,
+    pub cancelled: u64,
+    pub expired: u64,
+    /// Shoppers whose pending + paid units exceed the sale's per-user limit.
+    pub users_over_limit: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("storage unavailable: {0}")]
+    Unavailable(String),
+    #[error("stored data is corrupt: {0}")]
+    Corrupt(String),
+}
+
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Reads everything needed to rebuild the engine after a restart.
+    async fn load(&self) -> Result<Snapshot, StoreError>;
+    /// Applies `ops` in one durable transaction (fsync'd before returning `Ok`).
+    async fn commit(&self, ops: &[WriteOp]) -> Result<Vec<OpOutcome>, StoreError>;
+    async fn order(&self, id: OrderId) -> Result<Option<OrderRecord>, StoreError>;
+    /// A shopper's most recent orders, newest first.
+    async fn orders_of(&self, user: &UserId, limit: u32) -> Result<Vec<OrderRecord>, StoreError>;
+    async fn tally(&self, sale: SaleId, per_user_limit: u32) -> Result<SaleTally, StoreError>;
+    async fn ping(&self) -> Result<(), StoreError>;
+}

@@ -1,0 +1,273 @@
+//! The single writer: the only code that changes durable state.
+//!
+//! It takes up to `batch_size_max` jobs from the bounded queue, turns them into one
+//! `Store::commit` (one transaction, one fsync), and only after the commit returns does
+//! it release answers and apply the effects that depend on durability (stock handed
+//! back by a cancel or an expiry, sales becoming visible). Because it is the only
+//! writer, "pay", "cancel" and "expire" of one order are decided here, in queue order:
+//! exactly one of them wins.
+//!
+//! Back of the envelope: an fsync of the SQLite WAL costs ~0.2 ms here, an order row
+//! ~1-3 µs of CPU to bind and insert. At 1,024 orders per batch the fsync is <10% of
+//! the writer's time; at light load batches are small and latency is one fsync.
+
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use stampede_types::{OrderEvent, OrderId, OrderStatus, SaleId};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::time::MissedTickBehavior;
+
+use crate::engine::{Audit, IdemEntry, Outcome, Placed, PurchaseError, SaleInner, SaleState, Shared, duration_ms};
+use crate::store::{OpOutcome, OrderRecord, ProductRecord, SaleRecord, WriteOp};
+
+pub(crate) enum Job {
+    Purchase { order: OrderRecord, sale: Arc<SaleState>, notify: watch::Sender<Option<Outcome>> },
+    CreateProduct { record: ProductRecord, reply: oneshot::Sender<Result<(), ()>> },
+    CreateSale { record: SaleRecord, reply: oneshot::Sender<Result<(), ()>> },
+    Transition { order_id: OrderId, event: OrderEvent, reply: oneshot::Sender<Result<TransitionResult, ()>> },
+    ExpireDue { reply: oneshot::Sender<()> },
+    Audit { sale_id: SaleId, reply: oneshot::Sender<Result<Audit, ()>> },
+    Flush { reply: oneshot::Sender<()> },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum TransitionResult {
+    Applied,
+    Refused(OrderStatus),
+    NotFound,
+}
+
+pub(crate) struct Writer {
+    shared: Arc<Shared>,
+    jobs: mpsc::Receiver<Job>,
+    shutdown: oneshot::Receiver<()>,
+    /// Pending orders by the time they may be expired. Bounded by the number of pending
+    /// orders, itself bounded by the stock of all sales.
+    expiries: BinaryHeap<Reverse<(i64, OrderId)>>,
+}
+
+fn target(event: OrderEvent) -> OrderStatus {
+    OrderStatus::PendingPayment.apply(event).expect("pending orders accept every event")
+}
+
+impl Writer {
+    pub(crate) fn new(
+        shared: Arc<Shared>,
+        jobs: mpsc::Receiver<Job>,
+        shutdown: oneshot::Receiver<()>,
+        expiries: Vec<(i64, OrderId)>,
+    ) -> Self {
+        Writer { shared, jobs, shutdown, expiries: expiries.into_iter().map(Reverse).collect() }
+    }
+
+    pub(crate) async fn run(mut self) {
+        let batch_size_max = self.shared.config.batch_size_max;
+        let mut tick = tokio::time::interval(duration_ms(self.shared.config.expiry_tick_ms));
+        tick.set_missed_tick_behavior(MissedTickBehavior::Skip);
+        let mut closing = false;
+        let mut batch = Vec::with_capacity(batch_size_max);
+        loop {
+            tokio::select! {
+                biased;
+                _ = &mut self.shutdown, if !closing => {
+                    // No new jobs; the ones already queued are still committed below.
+                    closing = true;
+                    self.jobs.close();
+                    continue;
+                }
+                job = self.jobs.recv() => match job {
+                    Some(job) => batch.push(job),
+                    None => break,
+                },
+                _ = tick.tick() => {}
+            }
+            while batch.len() < batch_size_max {
+                match self.jobs.try_recv() {
+                    Ok(job) => batch.push(job),
+                    Err(_) => break,
+                }
+            }
+            metrics::gauge!("stampede_writer_queue_depth").set(self.jobs.len() as f64);
+            self.process(&mut batch).await;
+        }
+        tracing::info!("writer drained and stopped");
+    }
+
+    async fn process(&mut self, batch: &mut Vec<Job>) {
+        let now_ms = self.shared.clock.now_ms();
+        let mut ops = Vec::with_capacity(batch.len());
+        for job in batch.iter() {
+            match job {
+                Job::Purchase { order, .. } => ops.push(WriteOp::InsertOrder(order.clone())),
+                Job::CreateProduct { record, .. } => ops.push(WriteOp::InsertProduct(record.clone())),
+                Job::CreateSale { record, .. } => ops.push(WriteOp::InsertSale(record.clone())),
+                Job::Transition { order_id, event, .. } => {
+                    ops.push(WriteOp::Transition { order_id: *order_id, to: target(*event), at_ms: now_ms })
+                }
+                Job::ExpireDue { .. } | Job::Audit { .. } | Job::Flush { .. } => {}
+            }
+        }
+        let n_job_ops = ops.len();
+        let mut expiring = Vec::new();
+        while expiring.len() < self.shared.config.batch_size_max {
+            match self.expiries.peek() {
+                Some(Reverse((due_ms, _))) if *due_ms <= now_ms => {
+                    let Reverse((due_ms, order_id)) = self.expiries.pop().expect("peeked");
+                    ops.push(WriteOp::Transition { order_id, to: OrderStatus::Expired, at_ms: now_ms });
+                    expiring.push((due_ms, order_id));
+                }
+                _ => break,
+            }
+        }
+
+        let outcomes = if ops.is_empty() {
+            Ok(Vec::new())
+        } else {
+            let started = Instant::now();
+            let result = self.shared.store.commit(&ops).await;
+            metrics::histogram!("stampede_writer_commit_seconds").record(started.elapsed().as_secs_f64());
+            metrics::histogram!("stampede_writer_batch_ops").record(ops.len() as f64);
+            result
+        };
+
+        match outcomes {
+            Ok(outcomes) => {
+                assert_eq!(outcomes.len(), ops.len(), "store answered a different number of ops");
+                self.committed(batch, &outcomes[..n_job_ops]).await;
+                let mut n_expired = 0;
+                for outcome in &outcomes[n_job_ops..] {
+                    if let OpOutcome::Transitioned { sale_id, user_id, quantity } = outcome {
+                        if let Some(sale) = self.shared.sale(*sale_id) {
+                            sale.give_back(user_id, quantity.get(), false);
+                        }
+                        n_expired += 1;
+                    }
+                }
+                metrics::counter!("stampede_orders_expired_total").increment(n_expired);
+            }
+            Err(error) => {
+                tracing::error!(%error, n_ops = ops.len(), "batch commit failed; answering 503 and returning stock");
+                metrics::counter!("stampede_writer_commit_failures_total").increment(1);
+                self.expiries.extend(expiring.into_iter().map(Reverse));
+                self.failed(batch);
+            }
+        }
+    }
+
+    async fn committed(&mut self, batch: &mut Vec<Job>, outcomes: &[OpOutcome]) {
+        let grace_ms = self.shared.config.expiry_grace_ms;
+        let mut outcomes = outcomes.iter();
+        for job in batch.drain(..) {
+            match job {
+                Job::Purchase { order, sale, notify } => {
+                    let _ = outcomes.next();
+                    {
+                        let mut inner = sale.inner.lock();
+                        inner.in_flight -= u64::from(order.quantity.get());
+                    }
+                    let placed = Placed {
+                        order_id: order.id,
+                        sale_id: order.sale_id,
+                        quantity: order.quantity,
+                        amount: order.amount,
+                        expires_at_ms: order.expires_at_ms,
+                    };
+                    self.shared
+                        .idem_shard(&order.user_id, &order.idempotency_key)
+                        .lock()
+                        .insert((order.user_id.clone(), order.idempotency_key.clone()), IdemEntry::Done(placed.clone()));
+                    let _ = notify.send(Some(Ok(placed)));
+                    self.expiries.push(Reverse((order.expires_at_ms + grace_ms, order.id)));
+                }
+                Job::CreateProduct { reply, .. } => {
+                    let _ = outcomes.next();
+                    let _ = reply.send(Ok(()));
+                }
+                Job::CreateSale { record, reply } => {
+                    let _ = outcomes.next();
+                    let state = SaleState {
+                        inner: parking_lot::Mutex::new(SaleInner {
+                            remaining: record.quantity,
+                            in_flight: 0,
+                            held_by_user: Default::default(),
+                        }),
+                        record,
+                    };
+                    self.shared.sales.write().insert(state.record.id, Arc::new(state));
+                    let _ = reply.send(Ok(()));
+                }
+                Job::Transition { event, reply, .. } => {
+                    let result = match outcomes.next().expect("one outcome per op") {
+                        OpOutcome::Transitioned { sale_id, user_id, quantity } => {
+                            if event != OrderEvent::Pay {
+                                if let Some(sale) = self.shared.sale(*sale_id) {
+                                    sale.give_back(user_id, quantity.get(), false);
+                                }
+                            }
+                            TransitionResult::Applied
+                        }
+                        OpOutcome::Refused { current } => TransitionResult::Refused(*current),
+                        OpOutcome::NotFound | OpOutcome::Written => TransitionResult::NotFound,
+                    };
+                    let _ = reply.send(Ok(result));
+                }
+                Job::ExpireDue { reply } => {
+                    let _ = reply.send(());
+                }
+                Job::Flush { reply } => {
+                    let _ = reply.send(());
+                }
+                Job::Audit { sale_id, reply } => {
+                    let _ = reply.send(self.audit(sale_id).await);
+                }
+            }
+        }
+    }
+
+    fn failed(&mut self, batch: &mut Vec<Job>) {
+        for job in batch.drain(..) {
+            match job {
+                Job::Purchase { order, sale, notify } => {
+                    sale.give_back(&order.user_id, order.quantity.get(), true);
+                    self.shared
+                        .idem_shard(&order.user_id, &order.idempotency_key)
+                        .lock()
+                        .remove(&(order.user_id.clone(), order.idempotency_key.clone()));
+                    let _ = notify.send(Some(Err(PurchaseError::Unavailable)));
+                }
+                Job::CreateProduct { reply, .. } | Job::CreateSale { reply, .. } => {
+                    let _ = reply.send(Err(()));
+                }
+                Job::Transition { reply, .. } => {
+                    let _ = reply.send(Err(()));
+                }
+                Job::ExpireDue { reply } | Job::Flush { reply } => {
+                    let _ = reply.send(());
+                }
+                Job::Audit { reply, .. } => {
+                    let _ = reply.send(Err(()));
+                }
+            }
+        }
+    }
+
+    async fn audit(&self, sale_id: SaleId) -> Result<Audit, ()> {
+        let sale = self.shared.sale(sale_id).ok_or(())?;
+        let tally = self.shared.store.tally(sale_id, sale.record.per_user_limit).await.map_err(|_| ())?;
+        let (remaining_in_memory, in_flight) = {
+            let inner = sale.inner.lock();
+            (inner.remaining, inner.in_flight)
+        };
+        let remaining = remaining_in_memory + in_flight;
+        let quantity = sale.record.quantity;
+        let consistent =
+            quantity == remaining + tally.pending_payment + tally.paid && tally.users_over_limit == 0;
+        if !consistent {
+            tracing::error!(%sale_id, ?tally, remaining, quantity, "audit found the books inconsistent");
+        }
+        Ok(Audit { quantity, remaining, in_flight, tally, consistent })
+    }
+}

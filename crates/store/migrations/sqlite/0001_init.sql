@@ -1,0 +1,40 @@
+-- Stampede's embedded schema. Times are milliseconds since the Unix epoch (UTC);
+-- money is integer cents; ids are their prefixed text form.
+CREATE TABLE products (
+    sku            TEXT PRIMARY KEY,
+    name           TEXT NOT NULL,
+    price_cents    INTEGER NOT NULL CHECK (price_cents >= 0),
+    available      INTEGER NOT NULL CHECK (available >= 0),
+    created_at_ms  INTEGER NOT NULL
+);
+
+CREATE TABLE flash_sales (
+    id              TEXT PRIMARY KEY,
+    sku             TEXT NOT NULL REFERENCES products (sku),
+    price_cents     INTEGER NOT NULL CHECK (price_cents >= 0),
+    quantity        INTEGER NOT NULL CHECK (quantity > 0),
+    per_user_limit  INTEGER NOT NULL CHECK (per_user_limit > 0),
+    starts_at_ms    INTEGER NOT NULL,
+    ends_at_ms      INTEGER NOT NULL CHECK (ends_at_ms > starts_at_ms),
+    created_at_ms   INTEGER NOT NULL
+);
+
+CREATE TABLE orders (
+    id               TEXT PRIMARY KEY,
+    user_id          TEXT NOT NULL,
+    sale_id          TEXT NOT NULL REFERENCES flash_sales (id),
+    sku              TEXT NOT NULL,
+    quantity         INTEGER NOT NULL CHECK (quantity > 0),
+    amount_cents     INTEGER NOT NULL CHECK (amount_cents >= 0),
+    status           TEXT NOT NULL CHECK (status IN ('pending_payment', 'paid', 'cancelled', 'expired')),
+    idempotency_key  TEXT NOT NULL,
+    created_at_ms    INTEGER NOT NULL,
+    expires_at_ms    INTEGER NOT NULL,
+    updated_at_ms    INTEGER NOT NULL,
+    -- The idempotency record lives in the same row, written in the same transaction
+    -- as the order it guards.
+    UNIQUE (user_id, idempotency_key)
+);
+
+CREATE INDEX orders_by_user ON orders (user_id, created_at_ms DESC);
+CREATE INDEX orders_by_sale_status ON orders (sale_id, status);

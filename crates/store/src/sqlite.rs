@@ -1,0 +1,383 @@
+//! The embedded default: one SQLite file in WAL mode with `synchronous=FULL`, so a
+//! committed batch has been fsync'd before `commit` returns.
+//!
+//! One connection writes (the engine has one writer); a small pool reads.
+
+use std::path::Path;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePoolOptions, SqliteRow,
+    SqliteSynchronous,
+};
+use sqlx::{Connection, QueryBuilder, Row, Sqlite, SqlitePool};
+use stampede_engine::{
+    OpOutcome, OrderRecord, ProductRecord, SaleRecord, SaleTally, Snapshot, Store, StoreError, WriteOp,
+};
+use stampede_types::{Cents, IdempotencyKey, OrderId, OrderStatus, Quantity, SaleId, Sku, UserId};
+use tokio::sync::Mutex;
+
+/// Multi-row inserts use one of these row counts, so only a handful of statement shapes
+/// are ever prepared (sqlx caches prepared statements by SQL text).
+const INSERT_CHUNK_ROWS: [usize; 4] = [128, 32, 8, 1];
+
+pub struct SqliteStore {
+    writer: Mutex<SqliteConnection>,
+    readers: SqlitePool,
+}
+
+fn unavailable(error: sqlx::Error) -> StoreError {
+    StoreError::Unavailable(error.to_string())
+}
+
+fn corrupt(what: &str, value: &str) -> StoreError {
+    StoreError::Corrupt(format!("{what}: {value:?}"))
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database file and brings its schema up to date.
+    pub async fn open(path: &Path) -> Result<SqliteStore, StoreError> {
+        let options = SqliteConnectOptions::new()
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Full)
+            .foreign_keys(true)
+            .busy_timeout(Duration::from_secs(5))
+            .statement_cache_capacity(64);
+        Self::open_with(options).await
+    }
+
+    /// Opens from a `sqlite://path` URL.
+    pub async fn open_url(url: &str) -> Result<SqliteStore, StoreError> {
+        let options = SqliteConnectOptions::from_str(url)
+            .map_err(unavailable)?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Full)
+            .foreign_keys(true)
+            .busy_timeout(Duration::from_secs(5));
+        Self::open_with(options).await
+    }
+
+    async fn open_with(options: SqliteConnectOptions) -> Result<SqliteStore, StoreError> {
+        let mut writer = SqliteConnection::connect_with(&options).await.map_err(unavailable)?;
+        sqlx::migrate!("./migrations/sqlite")
+            .run(&mut writer)
+            .await
+            .map_err(|e| StoreError::Unavailable(format!("migration failed: {e}")))?;
+        let readers = SqlitePoolOptions::new()
+            .max_connections(4)
+            .min_connections(1)
+            .connect_with(options.read_only(true))
+            .await
+            .map_err(unavailable)?;
+        Ok(SqliteStore { writer: Mutex::new(writer), readers })
+    }
+
+    pub fn into_arc(self) -> Arc<dyn Store> {
+        Arc::new(self)
+    }
+}
+
+fn order_from_row(row: &SqliteRow) -> Result<OrderRecord, StoreError> {
+    let text = |name: &str| -> Result<String, StoreError> { row.try_get::<String, _>(name).map_err(unavailable) };
+    let int = |name: &str| -> Result<i64, StoreError> { row.try_get::<i64, _>(name).map_err(unavailable) };
+    let id = text("id")?;
+    let sale_id = text("sale_id")?;
+    let status = text("status")?;
+    let user_id = text("user_id")?;
+    let sku = text("sku")?;
+    let key = text("idempotency_key")?;
+    Ok(OrderRecord {
+        id: OrderId::parse(&id).ok_or_else(|| corrupt("order id", &id))?,
+        user_id: UserId::parse(&user_id).map_err(|_| corrupt("user id", &user_id))?,
+        sale_id: SaleId::parse(&sale_id).ok_or_else(|| corrupt("sale id", &sale_id))?,
+        sku: Sku::parse(&sku).map_err(|_| corrupt("sku", &sku))?,
+        quantity: Quantity::parse(int("quantity")?).map_err(|e| corrupt("quantity", &e.to_string()))?,
+        amount: Cents::parse("amount_cents", int("amount_cents")?)
+            .map_err(|e| corrupt("amount", &e.to_string()))?,
+        status: OrderStatus::parse(&status).ok_or_else(|| corrupt("status", &status))?,
+        idempotency_key: IdempotencyKey::parse(&key).map_err(|_| corrupt("idempotency key", &key))?,
+        created_at_ms: int("created_at_ms")?,
+        expires_at_ms: int("expires_at_ms")?,
+        updated_at_ms: int("updated_at_ms")?,
+    })
+}
+
+fn product_from_row(row: &SqliteRow) -> Result<ProductRecord, StoreError> {
+    let sku: String = row.try_get("sku").map_err(unavailable)?;
+    let name: String = row.try_get("name").map_err(unavailable)?;
+    let price: i64 = row.try_get("price_cents").map_err(unavailable)?;
+    let available: i64 = row.try_get("available").map_err(unavailable)?;
+    Ok(ProductRecord {
+        sku: Sku::parse(&sku).map_err(|_| corrupt("sku", &sku))?,
+        name: Arc::from(name),
+        price: Cents::parse("price_cents", price).map_err(|e| corrupt("price", &e.to_string()))?,
+        available: u64::try_from(available).map_err(|_| corrupt("available", &available.to_string()))?,
+        created_at_ms: row.try_get("created_at_ms").map_err(unavailable)?,
+    })
+}
+
+fn sale_from_row(row: &SqliteRow) -> Result<SaleRecord, StoreError> {
+    let id: String = row.try_get("id").map_err(unavailable)?;
+    let sku: String = row.try_get("sku").map_err(unavailable)?;
+    let price: i64 = row.try_get("price_cents").map_err(unavailable)?;
+    let quantity: i64 = row.try_get("quantity").map_err(unavailable)?;
+    let limit: i64 = row.try_get("per_user_limit").map_err(unavailable)?;
+    Ok(SaleRecord {
+        id: SaleId::parse(&id).ok_or_else(|| corrupt("sale id", &id))?,
+        sku: Sku::parse(&sku).map_err(|_| corrupt("sku", &sku))?,
+        price: Cents::parse("price_cents", price).map_err(|e| corrupt("price", &e.to_string()))?,
+        quantity: u64::try_from(quantity).map_err(|_| corrupt("quantity", &quantity.to_string()))?,
+        per_user_limit: u32::try_from(limit).map_err(|_| corrupt("per_user_limit", &limit.to_string()))?,
+        starts_at_ms: row.try_get("starts_at_ms").map_err(unavailable)?,
+        ends_at_ms: row.try_get("ends_at_ms").map_err(unavailable)?,
+        created_at_ms: row.try_get("created_at_ms").map_err(unavailable)?,
+    })
+}
+
+macro_rules! order_columns {
+    () => {
+        "id, user_id, sale_id, sku, quantity, amount_cents, status, idempotency_key, \
+         created_at_ms, expires_at_ms, updated_at_ms"
+    };
+}
+
+async fn insert_orders(conn: &mut SqliteConnection, orders: &[&OrderRecord]) -> Result<(), sqlx::Error> {
+    let mut rest = orders;
+    while !rest.is_empty() {
+        let rows = *INSERT_CHUNK_ROWS.iter().find(|&&n| n <= rest.len()).expect("1 always fits");
+        let (chunk, tail) = rest.split_at(rows);
+        let mut query: QueryBuilder<Sqlite> = QueryBuilder::new(concat!("INSERT INTO orders (", order_columns!(), ") "));
+        query.push_values(chunk, |mut row, order| {
+            row.push_bind(order.id.to_string())
+                .push_bind(order.user_id.as_str().to_owned())
+                .push_bind(order.sale_id.to_string())
+                .push_bind(order.sku.as_str().to_owned())
+                .push_bind(i64::from(order.quantity.get()))
+                .push_bind(order.amount.get())
+                .push_bind(order.status.as_str())
+                .push_bind(order.idempotency_key.as_str().to_owned())
+                .push_bind(order.created_at_ms)
+                .push_bind(order.expires_at_ms)
+                .push_bind(order.updated_at_ms);
+        });
+        query.build().persistent(true).execute(&mut *conn).await?;
+        rest = tail;
+    }
+    Ok(())
+}
+
+async fn apply(conn: &mut SqliteConnection, ops: &[WriteOp]) -> Result<Vec<OpOutcome>, StoreError> {
+    let mut outcomes = Vec::with_capacity(ops.len());
+    let mut index = 0;
+    while index < ops.len() {
+        match &ops[index] {
+            WriteOp::InsertOrder(_) => {
+                let run: Vec<&OrderRecord> = ops[index..]
+                    .iter()
+                    .map_while(|op| match op {
+                        WriteOp::InsertOrder(order) => Some(order),
+                        _ => None,
+                    })
+                    .collect();
+                insert_orders(conn, &run).await.map_err(unavailable)?;
+                outcomes.extend(run.iter().map(|_| OpOutcome::Written));
+                index += run.len();
+                continue;
+            }
+            WriteOp::InsertProduct(product) => {
+                sqlx::query(
+                    "INSERT INTO products (sku, name, price_cents, available, created_at_ms) VALUES (?, ?, ?, ?, ?)",
+                )
+                .bind(product.sku.as_str())
+                .bind(&*product.name)
+                .bind(product.price.get())
+                .bind(product.available as i64)
+                .bind(product.created_at_ms)
+                .execute(&mut *conn)
+                .await
+                .map_err(unavailable)?;
+                outcomes.push(OpOutcome::Written);
+            }
+            WriteOp::InsertSale(sale) => {
+                let taken = sqlx::query("UPDATE products SET available = available - ? WHERE sku = ? AND available >= ?")
+                    .bind(sale.quantity as i64)
+                    .bind(sale.sku.as_str())
+                    .bind(sale.quantity as i64)
+                    .execute(&mut *conn)
+                    .await
+                    .map_err(unavailable)?;
+                if taken.rows_affected() != 1 {
+                    return Err(StoreError::Unavailable(format!(
+                        "product {} lacks {} units for a sale",
+                        sale.sku, sale.quantity
+                    )));
+                }
+                sqlx::query(
+                    "INSERT INTO flash_sales (id, sku, price_cents, quantity, per_user_limit, starts_at_ms, \
+                     ends_at_ms, created_at_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                )
+                .bind(sale.id.to_string())
+                .bind(sale.sku.as_str())
+                .bind(sale.price.get())
+                .bind(sale.quantity as i64)
+                .bind(i64::from(sale.per_user_limit))
+                .bind(sale.starts_at_ms)
+                .bind(sale.ends_at_ms)
+                .bind(sale.created_at_ms)
+                .execute(&mut *conn)
+                .await
+                .map_err(unavailable)?;
+                outcomes.push(OpOutcome::Written);
+            }
+            WriteOp::Transition { order_id, to, at_ms } => {
+                let id = order_id.to_string();
+                let moved = sqlx::query(
+                    "UPDATE orders SET status = ?, updated_at_ms = ? WHERE id = ? AND status = 'pending_payment' \
+                     RETURNING sale_id, user_id, quantity",
+                )
+                .bind(to.as_str())
+                .bind(*at_ms)
+                .bind(&id)
+                .fetch_optional(&mut *conn)
+                .await
+                .map_err(unavailable)?;
+                let outcome = match moved {
+                    Some(row) => {
+                        let sale_id: String = row.try_get("sale_id").map_err(unavailable)?;
+                        let user_id: String = row.try_get("user_id").map_err(unavailable)?;
+                        let quantity: i64 = row.try_get("quantity").map_err(unavailable)?;
+                        OpOutcome::Transitioned {
+                            sale_id: SaleId::parse(&sale_id).ok_or_else(|| corrupt("sale id", &sale_id))?,
+                            user_id: UserId::parse(&user_id).map_err(|_| corrupt("user id", &user_id))?,
+                            quantity: Quantity::parse(quantity).map_err(|e| corrupt("quantity", &e.to_string()))?,
+                        }
+                    }
+                    None => {
+                        let status: Option<String> = sqlx::query_scalar("SELECT status FROM orders WHERE id = ?")
+                            .bind(&id)
+                            .fetch_optional(&mut *conn)
+                            .await
+                            .map_err(unavailable)?;
+                        match status {
+                            Some(status) => OpOutcome::Refused {
+                                current: OrderStatus::parse(&status).ok_or_else(|| corrupt("status", &status))?,
+                            },
+                            None => OpOutcome::NotFound,
+                        }
+                    }
+                };
+                outcomes.push(outcome);
+            }
+        }
+        index += 1;
+    }
+    Ok(outcomes)
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn load(&self) -> Result<Snapshot, StoreError> {
+        let mut conn = self.writer.lock().await;
+        let products = sqlx::query("SELECT * FROM products ORDER BY sku")
+            .fetch_all(&mut *conn)
+            .await
+            .map_err(unavailable)?
+            .iter()
+            .map(product_from_row)
+            .collect::<Result<_, _>>()?;
+        let sales = sqlx::query("SELECT * FROM flash_sales ORDER BY created_at_ms")
+            .fetch_all(&mut *conn)
+            .await
+            .map_err(unavailable)?
+            .iter()
+            .map(sale_from_row)
+            .collect::<Result<_, _>>()?;
+        let orders = sqlx::query(concat!("SELECT ", order_columns!(), " FROM orders"))
+            .fetch_all(&mut *conn)
+            .await
+            .map_err(unavailable)?
+            .iter()
+            .map(order_from_row)
+            .collect::<Result<_, _>>()?;
+        Ok(Snapshot { products, sales, orders })
+    }
+
+    async fn commit(&self, ops: &[WriteOp]) -> Result<Vec<OpOutcome>, StoreError> {
+        let mut conn = self.writer.lock().await;
+        let mut tx = conn.begin().await.map_err(unavailable)?;
+        // On any error the transaction is dropped and rolled back: nothing half-written.
+        let outcomes = apply(&mut tx, ops).await?;
+        tx.commit().await.map_err(unavailable)?;
+        Ok(outcomes)
+    }
+
+    async fn order(&self, id: OrderId) -> Result<Option<OrderRecord>, StoreError> {
+        sqlx::query(concat!("SELECT ", order_columns!(), " FROM orders WHERE id = ?"))
+            .bind(id.to_string())
+            .fetch_optional(&self.readers)
+            .await
+            .map_err(unavailable)?
+            .as_ref()
+            .map(order_from_row)
+            .transpose()
+    }
+
+    async fn orders_of(&self, user: &UserId, limit: u32) -> Result<Vec<OrderRecord>, StoreError> {
+        sqlx::query(concat!(
+            "SELECT ",
+            order_columns!(),
+            " FROM orders WHERE user_id = ? ORDER BY created_at_ms DESC, id DESC LIMIT ?"
+        ))
+        .bind(user.as_str())
+        .bind(i64::from(limit))
+        .fetch_all(&self.readers)
+        .await
+        .map_err(unavailable)?
+        .iter()
+        .map(order_from_row)
+        .collect()
+    }
+
+    async fn tally(&self, sale: SaleId, per_user_limit: u32) -> Result<SaleTally, StoreError> {
+        let sale_id = sale.to_string();
+        let mut tally = SaleTally::default();
+        let rows = sqlx::query("SELECT status, SUM(quantity) AS units FROM orders WHERE sale_id = ? GROUP BY status")
+            .bind(&sale_id)
+            .fetch_all(&self.readers)
+            .await
+            .map_err(unavailable)?;
+        for row in rows {
+            let status: String = row.try_get("status").map_err(unavailable)?;
+            let units: i64 = row.try_get("units").map_err(unavailable)?;
+            let units = units as u64;
+            match OrderStatus::parse(&status).ok_or_else(|| corrupt("status", &status))? {
+                OrderStatus::PendingPayment => tally.pending_payment = units,
+                OrderStatus::Paid => tally.paid = units,
+                OrderStatus::Cancelled => tally.cancelled = units,
+                OrderStatus::Expired => tally.expired = units,
+            }
+        }
+        let over: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM (SELECT user_id FROM orders WHERE sale_id = ? \
+             AND status IN ('pending_payment', 'paid') GROUP BY user_id HAVING SUM(quantity) > ?)",
+        )
+        .bind(&sale_id)
+        .bind(i64::from(per_user_limit))
+        .fetch_one(&self.readers)
+        .await
+        .map_err(unavailable)?;
+        tally.users_over_limit = over as u64;
+        Ok(tally)
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1").execute(&self.readers).await.map_err(unavailable)?;
+        Ok(())
+    }
+}
