@@ -1,1 +1,173 @@
+//! Stampede's HTTP API.
+//!
+//! **Architecture invariant:** this is the only crate that knows HTTP and JSON. It parses
+//! requests into domain types at the edge, calls the engine, and turns every failure into
+//! `{"error": {"code", "message"}}` in one place ([`error::ApiError`]).
+//!
+//! **Architecture invariant:** no request can make the server hold unbounded memory:
+//! bodies are capped (`body_limit_bytes`), lists are capped, and the engine's queue is
+//! bounded.
 
+pub mod auth;
+pub mod error;
+pub mod handlers;
+pub mod payment;
+pub mod payment_sim;
+
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use stampede_engine::{Engine, PaymentGateway};
+use tower_http::catch_panic::CatchPanicLayer;
+use utoipa::OpenApi;
+
+pub use auth::{Auth, Secret, mint_shopper_token};
+use error::ApiError;
+
+/// Request bodies larger than this are refused with 413 `body_too_large`.
+pub const BODY_LIMIT_BYTES_DEFAULT: usize = 16 * 1024;
+
+#[derive(Clone)]
+pub struct AppState {
+    pub engine: Arc<Engine>,
+    pub auth: Arc<Auth>,
+    pub payments: Arc<dyn PaymentGateway>,
+    pub metrics: PrometheusHandle,
+    pub openapi: Arc<str>,
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "Stampede", description = "Retail transaction core for traffic that arrives as a stampede. API contract v1."),
+    paths(
+        handlers::create_product, handlers::get_product, handlers::create_sale, handlers::get_sale,
+        handlers::purchase, handlers::get_order, handlers::list_orders, handlers::pay_order,
+        handlers::cancel_order, handlers::audit_sale, handlers::healthz, handlers::readyz, handlers::metrics,
+    ),
+    components(schemas(error::ErrorBody, error::ErrorDetail))
+)]
+pub struct ApiDoc;
+
+/// The OpenAPI document, generated from the handlers' annotations.
+pub fn openapi_json() -> String {
+    ApiDoc::openapi().to_pretty_json().expect("the OpenAPI document serialises")
+}
+
+/// Installs the process-wide Prometheus recorder once and returns its handle.
+pub fn metrics_handle() -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let handle = PrometheusBuilder::new()
+                .set_buckets(&[
+                    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                ])
+                .expect("static buckets are valid")
+                .install_recorder()
+                .expect("no other metrics recorder is installed");
+            let upkeep = handle.clone();
+            std::thread::Builder::new()
+                .name("metrics-upkeep".into())
+                .spawn(move || {
+                    loop {
+                        std::thread::sleep(Duration::from_secs(5));
+                        upkeep.run_upkeep();
+                    }
+                })
+                .expect("spawn metrics upkeep thread");
+            handle
+        })
+        .clone()
+}
+
+/// Route labels are a closed set of static strings: no allocation per request and no
+/// unbounded label cardinality from client-chosen paths.
+fn route_label(path: Option<&MatchedPath>) -> &'static str {
+    match path.map(MatchedPath::as_str) {
+        Some("/v1/flash-sales/{id}/purchase") => "purchase",
+        Some("/v1/flash-sales/{id}") => "get_sale",
+        Some("/v1/flash-sales/{id}/audit") => "audit",
+        Some("/v1/flash-sales") => "create_sale",
+        Some("/v1/products") => "create_product",
+        Some("/v1/products/{sku}") => "get_product",
+        Some("/v1/orders") => "list_orders",
+        Some("/v1/orders/{id}") => "get_order",
+        Some("/v1/orders/{id}/pay") => "pay",
+        Some("/v1/orders/{id}/cancel") => "cancel",
+        Some("/healthz") => "healthz",
+        Some("/readyz") => "readyz",
+        Some("/metrics") => "metrics",
+        Some("/openapi.json") => "openapi",
+        _ => "unmatched",
+    }
+}
+
+async fn track(request: Request, next: Next) -> Response {
+    let route = route_label(request.extensions().get::<MatchedPath>());
+    let started = Instant::now();
+    let response = next.run(request).await;
+    let class = match response.status().as_u16() {
+        200..=299 => "2xx",
+        400..=499 => "4xx",
+        500..=599 => "5xx",
+        _ => "other",
+    };
+    metrics::counter!("stampede_http_requests_total", "route" => route, "class" => class).increment(1);
+    metrics::histogram!("stampede_http_request_seconds", "route" => route).record(started.elapsed().as_secs_f64());
+    response
+}
+
+fn panic_response(_: Box<dyn std::any::Any + Send + 'static>) -> Response {
+    metrics::counter!("stampede_http_panics_total").increment(1);
+    ApiError::new(axum::http::StatusCode::INTERNAL_SERVER_ERROR, "internal", "internal error").into_response()
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::new(axum::http::StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "method not allowed on this route")
+}
+
+pub fn router(state: AppState, body_limit_bytes: usize) -> Router {
+    use handlers::*;
+    Router::new()
+        .route("/v1/products", post(create_product))
+        .route("/v1/products/{sku}", get(get_product))
+        .route("/v1/flash-sales", post(create_sale))
+        .route("/v1/flash-sales/{id}", get(get_sale))
+        .route("/v1/flash-sales/{id}/purchase", post(purchase))
+        .route("/v1/flash-sales/{id}/audit", get(audit_sale))
+        .route("/v1/orders", get(list_orders))
+        .route("/v1/orders/{id}", get(get_order))
+        .route("/v1/orders/{id}/pay", post(pay_order))
+        .route("/v1/orders/{id}/cancel", post(cancel_order))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(handlers::metrics))
+        .route("/openapi.json", get(openapi))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn(track))
+        .layer(DefaultBodyLimit::max(body_limit_bytes))
+        .layer(CatchPanicLayer::custom(panic_response))
+        .with_state(state)
+}
+
+/// Serves until `shutdown` resolves, then stops taking connections, lets in-flight
+/// requests finish, and drains the engine's writer.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: AppState,
+    body_limit_bytes: usize,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let engine = state.engine.clone();
+    let app = router(state, body_limit_bytes);
+    axum::serve(listener, app).with_graceful_shutdown(shutdown).await?;
+    engine.shutdown().await;
+    Ok(())
+}

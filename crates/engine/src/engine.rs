@@ -523,6 +523,13 @@ impl Engine {
         }
     }
 
+    /// Every sale, oldest first.
+    pub fn sale_ids(&self) -> Vec<SaleId> {
+        let mut sales: Vec<_> = self.shared.sales.read().values().map(|s| (s.record.created_at_ms, s.record.id)).collect();
+        sales.sort();
+        sales.into_iter().map(|(_, id)| id).collect()
+    }
+
     pub fn sale(&self, id: SaleId) -> Option<SaleView> {
         let sale = self.shared.sale(id)?;
         let remaining = sale.inner.lock().remaining;
@@ -577,37 +584,39 @@ impl Engine {
             |placed: &Placed| placed.sale_id == sale_id && placed.quantity == quantity;
         let shard = self.shared.idem_shard(user, key);
         let (notify, mut waiting) = watch::channel(None);
-        {
+        let seen = {
             let mut entries = shard.lock();
             match entries.entry((user.clone(), key.clone())) {
                 Entry::Occupied(entry) => match entry.get() {
-                    IdemEntry::Done(placed) => {
-                        return Attempt::Answer(if same_request(placed) {
-                            Ok(Purchase { placed: placed.clone(), replay: true })
-                        } else {
-                            Err(PurchaseError::KeyReused)
-                        });
-                    }
-                    IdemEntry::InFlight(first) => {
-                        let mut first = first.clone();
-                        drop(entries);
-                        let outcome = match first.wait_for(Option::is_some).await {
-                            Ok(outcome) => outcome.clone().expect("waited for Some"),
-                            Err(_) => return Attempt::RetryAfterDuplicateFailed,
-                        };
-                        return match outcome {
-                            Ok(placed) if same_request(&placed) => {
-                                Attempt::Answer(Ok(Purchase { placed, replay: true }))
-                            }
-                            Ok(_) => Attempt::Answer(Err(PurchaseError::KeyReused)),
-                            Err(_) => Attempt::RetryAfterDuplicateFailed,
-                        };
-                    }
+                    IdemEntry::Done(placed) => Seen::Done(placed.clone()),
+                    IdemEntry::InFlight(first) => Seen::InFlight(first.clone()),
                 },
                 Entry::Vacant(slot) => {
                     slot.insert(IdemEntry::InFlight(waiting.clone()));
+                    Seen::New
                 }
             }
+        };
+        match seen {
+            Seen::Done(placed) => {
+                return Attempt::Answer(if same_request(&placed) {
+                    Ok(Purchase { placed, replay: true })
+                } else {
+                    Err(PurchaseError::KeyReused)
+                });
+            }
+            Seen::InFlight(mut first) => {
+                let outcome = match first.wait_for(Option::is_some).await {
+                    Ok(outcome) => outcome.clone().expect("waited for Some"),
+                    Err(_) => return Attempt::RetryAfterDuplicateFailed,
+                };
+                return match outcome {
+                    Ok(placed) if same_request(&placed) => Attempt::Answer(Ok(Purchase { placed, replay: true })),
+                    Ok(_) => Attempt::Answer(Err(PurchaseError::KeyReused)),
+                    Err(_) => Attempt::RetryAfterDuplicateFailed,
+                };
+            }
+            Seen::New => {}
         }
         let forget_key = |error: PurchaseError| {
             shard.lock().remove(&(user.clone(), key.clone()));
@@ -793,6 +802,12 @@ impl Engine {
         self.jobs.send(Job::Flush { reply }).await.map_err(|_| OrderError::Unavailable)?;
         answer.await.map_err(|_| OrderError::Unavailable)
     }
+}
+
+enum Seen {
+    New,
+    Done(Placed),
+    InFlight(watch::Receiver<Option<Outcome>>),
 }
 
 enum Attempt {

@@ -1,1 +1,205 @@
-fn main(){}
+//! `stampede`: one binary for the server, its demo, the payment simulator and upkeep.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use stampede::{Config, ServeArgs, shutdown_signal, start};
+use stampede_api::mint_shopper_token;
+use tokio::io::AsyncBufReadExt;
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[derive(Parser)]
+#[command(name = "stampede", version, about = "A retail transaction core for traffic that arrives as a stampede.")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the API (embedded SQLite by default).
+    Serve(ServeArgs),
+    /// Start a server with a demo product, a live flash sale and a payment simulator,
+    /// and print how to buy with curl.
+    Demo {
+        #[command(flatten)]
+        serve: ServeArgs,
+        /// Stop after this long (e.g. 10s) instead of waiting for Ctrl-C.
+        #[arg(long)]
+        run_for: Option<humantime::Duration>,
+    },
+    /// Run the stand-in payment provider.
+    PaymentSim {
+        #[arg(long, default_value = "127.0.0.1:8090")]
+        listen: std::net::SocketAddr,
+        /// Delay added to every answer, e.g. 50ms.
+        #[arg(long, default_value = "0ms")]
+        latency: humantime::Duration,
+        /// Share of calls (0..=1) that fail with 503 without charging.
+        #[arg(long, default_value_t = 0.0)]
+        failure_rate: f64,
+    },
+    /// Create or upgrade the database schema, then exit.
+    Migrate(ServeArgs),
+    /// Rebuild state from the durable orders and print every sale's books (offline).
+    Audit(ServeArgs),
+}
+
+fn init_tracing(filter: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(filter));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve(args) => serve(args).await,
+        Command::Demo { serve, run_for } => demo(serve, run_for.map(Into::into)).await,
+        Command::PaymentSim { listen, latency, failure_rate } => {
+            init_tracing("info");
+            anyhow::ensure!((0.0..=1.0).contains(&failure_rate), "--failure-rate must be within 0..=1");
+            let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("listen on {listen}"))?;
+            // The first line on stdout is the address, for whoever started us.
+            println!("payment-sim listening on http://{}", listener.local_addr()?);
+            let config = stampede_api::payment_sim::SimConfig {
+                latency_ms: Duration::from(latency).as_millis() as u64,
+                failure_rate,
+            };
+            stampede_api::payment_sim::serve(listener, config).await?;
+            Ok(())
+        }
+        Command::Migrate(args) => {
+            let config = Config::load(&args)?;
+            init_tracing(&config.log);
+            std::fs::create_dir_all(&config.data_dir)?;
+            stampede_store::open(config.database_url.as_deref(), &config.data_dir).await?;
+            println!("schema is up to date");
+            Ok(())
+        }
+        Command::Audit(args) => audit(args).await,
+    }
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let config = Config::load(&args)?;
+    init_tracing(&config.log);
+    let (running, generated) = start(&config, shutdown_signal()).await?;
+    if generated {
+        eprintln!(
+            "generated admin token (kept in {}): {}",
+            config.data_dir.join("admin-token").display(),
+            running.admin_token.expose()
+        );
+    }
+    tracing::info!(addr = %running.addr, ack = ?config.ack, data_dir = %config.data_dir.display(), "stampede serving");
+    println!("stampede listening on {}", running.url());
+    running.wait().await
+}
+
+async fn audit(args: ServeArgs) -> anyhow::Result<()> {
+    let config = Config::load(&args)?;
+    init_tracing("warn");
+    let store = stampede_store::open(config.database_url.as_deref(), &config.data_dir).await?;
+    let engine = stampede_engine::Engine::open(
+        store,
+        std::sync::Arc::new(stampede_engine::SystemClock),
+        stampede_engine::EngineConfig::default(),
+    )
+    .await?;
+    let mut all_consistent = true;
+    for id in engine.sale_ids() {
+        let audit = engine.audit(id).await.map_err(|e| anyhow::anyhow!("{e}"))?.context("sale vanished")?;
+        all_consistent &= audit.consistent;
+        println!(
+            "{id} quantity={} remaining={} pending_payment={} paid={} cancelled={} expired={} users_over_limit={} consistent={}",
+            audit.quantity,
+            audit.remaining,
+            audit.tally.pending_payment,
+            audit.tally.paid,
+            audit.tally.cancelled,
+            audit.tally.expired,
+            audit.tally.users_over_limit,
+            audit.consistent
+        );
+    }
+    engine.shutdown().await;
+    anyhow::ensure!(all_consistent, "books are inconsistent");
+    Ok(())
+}
+
+async fn demo(args: ServeArgs, run_for: Option<Duration>) -> anyhow::Result<()> {
+    let mut config = Config::load(&args)?;
+    init_tracing(&config.log);
+
+    // The payment provider is a separate process, as the real one would be.
+    let mut sim = tokio::process::Command::new(std::env::current_exe()?)
+        .args(["payment-sim", "--listen", "127.0.0.1:0", "--latency", "20ms"])
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .context("start the payment simulator")?;
+    let mut first_line = String::new();
+    tokio::io::BufReader::new(sim.stdout.take().context("simulator stdout")?)
+        .read_line(&mut first_line)
+        .await?;
+    config.payment_url =
+        first_line.trim().rsplit(' ').next().context("simulator did not print its address")?.to_owned();
+
+    let stop = async move {
+        match run_for {
+            Some(duration) => tokio::time::sleep(duration).await,
+            None => shutdown_signal().await,
+        }
+    };
+    let (running, _) = start(&config, stop).await?;
+    let base = running.url();
+    let admin = running.admin_token.expose().to_owned();
+    let client = reqwest::Client::new();
+    let sku = format!("DEMO-PHONE-{}", chrono::Utc::now().timestamp());
+    let response = client
+        .post(format!("{base}/v1/products"))
+        .bearer_auth(&admin)
+        .json(&serde_json::json!({"sku": sku, "name": "Demo phone", "price_cents": 99_900, "stock": 1_000}))
+        .send()
+        .await?;
+    anyhow::ensure!(response.status().is_success(), "create product: {}", response.text().await?);
+    let now = chrono::Utc::now();
+    let sale: serde_json::Value = client
+        .post(format!("{base}/v1/flash-sales"))
+        .bearer_auth(&admin)
+        .json(&serde_json::json!({
+            "sku": sku, "price_cents": 59_900, "quantity": 100, "per_user_limit": 2,
+            "starts_at": now.to_rfc3339(), "ends_at": (now + chrono::Duration::hours(2)).to_rfc3339(),
+        }))
+        .send()
+        .await?
+        .json()
+        .await?;
+    let sale_id = sale["id"].as_str().context("sale id")?.to_owned();
+    let exp = (now + chrono::Duration::hours(24)).timestamp() as u64;
+    let alice = mint_shopper_token(&running.jwt_secret, "alice", Some(exp));
+
+    println!("Stampede demo is running on {base} (data in {})", config.data_dir.display());
+    println!("A flash sale of 100 units of {sku} is live: {sale_id}\n");
+    println!("  export ADMIN={admin}");
+    println!("  export ALICE={alice}\n");
+    println!("  # look at the sale");
+    println!("  curl -s {base}/v1/flash-sales/{sale_id}");
+    println!("  # buy two units (run it twice: the same key answers the same order)");
+    println!(
+        "  curl -s -X POST {base}/v1/flash-sales/{sale_id}/purchase -H \"Authorization: Bearer $ALICE\" \\\n       -H 'Idempotency-Key: alice-1' -H 'Content-Type: application/json' -d '{{\"quantity\": 2}}'"
+    );
+    println!("  # pay it (ORDER is the order_id from the answer)");
+    println!("  curl -s -X POST {base}/v1/orders/$ORDER/pay -H \"Authorization: Bearer $ALICE\"");
+    println!("  # check the books");
+    println!("  curl -s {base}/v1/flash-sales/{sale_id}/audit -H \"Authorization: Bearer $ADMIN\"\n");
+    println!("Press Ctrl-C to stop.");
+    running.wait().await?;
+    let _ = sim.kill().await;
+    Ok(())
+}

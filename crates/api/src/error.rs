@@ -1,0 +1,156 @@
+//! Every failure becomes a response here, and only here.
+
+use axum::Json;
+use axum::extract::rejection::{BytesRejection, JsonRejection};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+use stampede_engine::{AdminError, OrderError, PurchaseError};
+use stampede_types::InvalidInput;
+use utoipa::ToSchema;
+
+/// `{"error": {"code": "...", "message": "..."}}`
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ErrorDetail {
+    /// Stable, snake_case; clients branch on this.
+    pub code: &'static str,
+    /// For humans; may change.
+    pub message: String,
+}
+
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub code: &'static str,
+    pub message: String,
+    pub retry_after_s: Option<u32>,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self { status, code, message: message.into(), retry_after_s: None }
+    }
+    pub fn retry_after(mut self, seconds: u32) -> Self {
+        self.retry_after_s = Some(seconds);
+        self
+    }
+    pub fn unauthorized(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::UNAUTHORIZED, "unauthorized", message)
+    }
+    pub fn not_found(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, code, message)
+    }
+    pub fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, code, message)
+    }
+    pub fn overloaded(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::SERVICE_UNAVAILABLE, "overloaded", message).retry_after(1)
+    }
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", message).retry_after(1)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = ErrorBody { error: ErrorDetail { code: self.code, message: self.message } };
+        let mut response = (self.status, Json(body)).into_response();
+        if let Some(seconds) = self.retry_after_s {
+            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        }
+        response
+    }
+}
+
+impl From<InvalidInput> for ApiError {
+    fn from(error: InvalidInput) -> Self {
+        ApiError::bad_request("invalid_field", error.to_string())
+    }
+}
+
+impl From<JsonRejection> for ApiError {
+    fn from(rejection: JsonRejection) -> Self {
+        match rejection {
+            JsonRejection::JsonSyntaxError(e) => ApiError::bad_request("malformed_json", e.body_text()),
+            JsonRejection::JsonDataError(e) => ApiError::bad_request("invalid_body", e.body_text()),
+            JsonRejection::MissingJsonContentType(_) => ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported_media_type",
+                "send Content-Type: application/json",
+            ),
+            JsonRejection::BytesRejection(e) => from_bytes_rejection(e),
+            other => ApiError::bad_request("invalid_body", other.body_text()),
+        }
+    }
+}
+
+pub fn from_bytes_rejection(rejection: BytesRejection) -> ApiError {
+    if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "body_too_large", rejection.body_text())
+    } else {
+        ApiError::bad_request("invalid_body", rejection.body_text())
+    }
+}
+
+pub fn from_serde(error: serde_json::Error) -> ApiError {
+    use serde_json::error::Category;
+    match error.classify() {
+        Category::Syntax | Category::Eof | Category::Io => ApiError::bad_request("malformed_json", error.to_string()),
+        Category::Data => ApiError::bad_request("invalid_body", error.to_string()),
+    }
+}
+
+impl From<PurchaseError> for ApiError {
+    fn from(error: PurchaseError) -> Self {
+        let message = error.to_string();
+        match error {
+            PurchaseError::SaleNotFound => ApiError::not_found("sale_not_found", message),
+            PurchaseError::NotStarted => ApiError::new(StatusCode::CONFLICT, "not_started", message),
+            PurchaseError::Ended => ApiError::new(StatusCode::CONFLICT, "ended", message),
+            PurchaseError::SoldOut { .. } => ApiError::new(StatusCode::CONFLICT, "sold_out", message),
+            PurchaseError::LimitExceeded { .. } => ApiError::new(StatusCode::CONFLICT, "limit_exceeded", message),
+            PurchaseError::KeyReused => {
+                ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "idempotency_key_reused", message)
+            }
+            PurchaseError::Overloaded => ApiError::overloaded(message),
+            PurchaseError::Unavailable => ApiError::unavailable(message),
+        }
+    }
+}
+
+impl From<OrderError> for ApiError {
+    fn from(error: OrderError) -> Self {
+        let message = error.to_string();
+        match error {
+            OrderError::NotFound => ApiError::not_found("order_not_found", message),
+            OrderError::Expired => ApiError::new(StatusCode::CONFLICT, "order_expired", message),
+            OrderError::Cancelled => ApiError::new(StatusCode::CONFLICT, "order_cancelled", message),
+            OrderError::Paid => ApiError::new(StatusCode::CONFLICT, "order_paid", message),
+            OrderError::PaymentFailed(_) => ApiError::new(StatusCode::BAD_GATEWAY, "payment_failed", message),
+            OrderError::PaymentTimeout => ApiError::new(StatusCode::GATEWAY_TIMEOUT, "payment_timeout", message),
+            OrderError::Overloaded => ApiError::overloaded(message),
+            OrderError::Unavailable => ApiError::unavailable(message),
+        }
+    }
+}
+
+impl From<AdminError> for ApiError {
+    fn from(error: AdminError) -> Self {
+        let message = error.to_string();
+        match error {
+            AdminError::SkuExists => ApiError::new(StatusCode::CONFLICT, "sku_exists", message),
+            AdminError::ProductNotFound => ApiError::not_found("product_not_found", message),
+            AdminError::InsufficientStock { .. } => {
+                ApiError::new(StatusCode::CONFLICT, "insufficient_stock", message)
+            }
+            AdminError::Invalid(_) => ApiError::bad_request("invalid_field", message),
+            AdminError::Overloaded => ApiError::overloaded(message),
+            AdminError::Unavailable => ApiError::unavailable(message),
+        }
+    }
+}

@@ -1,0 +1,419 @@
+//! Route handlers: parse at the edge, call the engine, render JSON.
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::{FromRequest, Path, Request, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use chrono::{DateTime, SecondsFormat, Utc};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use stampede_engine::{NewProduct, NewSale, OrderRecord, Placed, ProductView, SaleView};
+use stampede_types::{
+    Cents, IdempotencyKey, OrderId, OrderStatus, Quantity, SaleId, SaleStatus, Sku, parse_name, parse_stock,
+};
+use utoipa::ToSchema;
+
+use crate::AppState;
+use crate::auth::{Admin, Caller, Shopper};
+use crate::error::{ApiError, ErrorBody, from_bytes_rejection, from_serde};
+
+/// Orders returned by `GET /v1/orders`, newest first.
+pub const ORDER_LIST_LEN_MAX: u32 = 100;
+/// Latest accepted per-user limit of a sale.
+pub const PER_USER_LIMIT_MAX: i64 = 1_000;
+
+pub fn rfc3339(ms: i64) -> String {
+    DateTime::<Utc>::from_timestamp_millis(ms)
+        .unwrap_or_default()
+        .to_rfc3339_opts(SecondsFormat::Millis, true)
+}
+
+/// JSON body extractor that rejects unknown fields (via `deny_unknown_fields` on the
+/// types), answers every failure with our error body, and never panics.
+pub struct JsonBody<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for JsonBody<T> {
+    type Rejection = ApiError;
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        let is_json = req
+            .headers()
+            .get(axum::http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("application/json"));
+        if !is_json {
+            return Err(ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported_media_type",
+                "send Content-Type: application/json",
+            ));
+        }
+        let bytes = Bytes::from_request(req, state).await.map_err(from_bytes_rejection)?;
+        serde_json::from_slice(&bytes).map(JsonBody).map_err(from_serde)
+    }
+}
+
+// ---- products ----------------------------------------------------------------------
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateProduct {
+    pub sku: String,
+    pub name: String,
+    pub price_cents: i64,
+    pub stock: i64,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ProductBody {
+    pub sku: String,
+    pub name: String,
+    pub price_cents: i64,
+    /// Units not carved into flash sales.
+    pub available: u64,
+}
+
+impl From<ProductView> for ProductBody {
+    fn from(p: ProductView) -> Self {
+        Self { sku: p.sku.to_string(), name: p.name.to_string(), price_cents: p.price.get(), available: p.available }
+    }
+}
+
+#[utoipa::path(post, path = "/v1/products", request_body = CreateProduct, security(("admin" = [])),
+    responses((status = 201, body = ProductBody), (status = 409, description = "sku_exists", body = ErrorBody),
+              (status = 400, body = ErrorBody), (status = 401, body = ErrorBody)))]
+pub async fn create_product(
+    State(app): State<AppState>,
+    _admin: Admin,
+    JsonBody(body): JsonBody<CreateProduct>,
+) -> Result<Response, ApiError> {
+    let new = NewProduct {
+        sku: Sku::parse(&body.sku)?,
+        name: parse_name(&body.name)?,
+        price: Cents::parse("price_cents", body.price_cents)?,
+        stock: parse_stock("stock", body.stock)?,
+    };
+    let product = app.engine.create_product(new).await?;
+    Ok((StatusCode::CREATED, Json(ProductBody::from(product))).into_response())
+}
+
+#[utoipa::path(get, path = "/v1/products/{sku}", params(("sku" = String, Path)),
+    responses((status = 200, body = ProductBody), (status = 404, body = ErrorBody)))]
+pub async fn get_product(State(app): State<AppState>, Path(sku): Path<String>) -> Result<Json<ProductBody>, ApiError> {
+    app.engine
+        .product(&sku)
+        .map(|p| Json(p.into()))
+        .ok_or_else(|| ApiError::not_found("product_not_found", "no such product"))
+}
+
+// ---- flash sales -------------------------------------------------------------------
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateSale {
+    pub sku: String,
+    pub price_cents: i64,
+    /// Carved out of the product's available stock.
+    pub quantity: i64,
+    pub starts_at: DateTime<Utc>,
+    pub ends_at: DateTime<Utc>,
+    pub per_user_limit: i64,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct SaleBody {
+    pub id: String,
+    pub sku: String,
+    pub price_cents: i64,
+    pub quantity: u64,
+    pub remaining: u64,
+    pub per_user_limit: u32,
+    pub starts_at: String,
+    pub ends_at: String,
+    /// scheduled, live, sold_out or ended
+    #[schema(value_type = String)]
+    pub status: SaleStatus,
+}
+
+impl From<SaleView> for SaleBody {
+    fn from(v: SaleView) -> Self {
+        Self {
+            id: v.record.id.to_string(),
+            sku: v.record.sku.to_string(),
+            price_cents: v.record.price.get(),
+            quantity: v.record.quantity,
+            remaining: v.remaining,
+            per_user_limit: v.record.per_user_limit,
+            starts_at: rfc3339(v.record.starts_at_ms),
+            ends_at: rfc3339(v.record.ends_at_ms),
+            status: v.status,
+        }
+    }
+}
+
+#[utoipa::path(post, path = "/v1/flash-sales", request_body = CreateSale, security(("admin" = [])),
+    responses((status = 201, body = SaleBody), (status = 409, description = "insufficient_stock", body = ErrorBody),
+              (status = 404, description = "product_not_found", body = ErrorBody), (status = 400, body = ErrorBody)))]
+pub async fn create_sale(
+    State(app): State<AppState>,
+    _admin: Admin,
+    JsonBody(body): JsonBody<CreateSale>,
+) -> Result<Response, ApiError> {
+    if !(1..=PER_USER_LIMIT_MAX).contains(&body.per_user_limit) {
+        return Err(ApiError::bad_request(
+            "invalid_field",
+            format!("per_user_limit: must be within 1..={PER_USER_LIMIT_MAX}"),
+        ));
+    }
+    let quantity = parse_stock("quantity", body.quantity)?;
+    if quantity == 0 {
+        return Err(ApiError::bad_request("invalid_field", "quantity: must be at least 1"));
+    }
+    let new = NewSale {
+        sku: Sku::parse(&body.sku)?,
+        price: Cents::parse("price_cents", body.price_cents)?,
+        quantity,
+        per_user_limit: body.per_user_limit as u32,
+        starts_at_ms: body.starts_at.timestamp_millis(),
+        ends_at_ms: body.ends_at.timestamp_millis(),
+    };
+    let sale = app.engine.create_sale(new).await?;
+    Ok((StatusCode::CREATED, Json(SaleBody::from(sale))).into_response())
+}
+
+fn parse_sale_id(id: &str) -> Result<SaleId, ApiError> {
+    SaleId::parse(id).ok_or_else(|| ApiError::not_found("sale_not_found", "no such flash sale"))
+}
+
+#[utoipa::path(get, path = "/v1/flash-sales/{id}", params(("id" = String, Path)),
+    responses((status = 200, body = SaleBody), (status = 404, body = ErrorBody)))]
+pub async fn get_sale(State(app): State<AppState>, Path(id): Path<String>) -> Result<Json<SaleBody>, ApiError> {
+    let id = parse_sale_id(&id)?;
+    app.engine
+        .sale(id)
+        .map(|s| Json(s.into()))
+        .ok_or_else(|| ApiError::not_found("sale_not_found", "no such flash sale"))
+}
+
+// ---- purchase (the hot path) -------------------------------------------------------
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PurchaseRequest {
+    /// 1..=1000 units.
+    pub quantity: i64,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct PurchaseBody {
+    pub order_id: String,
+    pub sale_id: String,
+    pub quantity: u32,
+    pub amount_cents: i64,
+    /// Always `pending_payment`: the state the order was created in.
+    pub status: &'static str,
+    pub expires_at: String,
+}
+
+impl From<&Placed> for PurchaseBody {
+    fn from(p: &Placed) -> Self {
+        Self {
+            order_id: p.order_id.to_string(),
+            sale_id: p.sale_id.to_string(),
+            quantity: p.quantity.get(),
+            amount_cents: p.amount.get(),
+            status: OrderStatus::PendingPayment.as_str(),
+            expires_at: rfc3339(p.expires_at_ms),
+        }
+    }
+}
+
+#[utoipa::path(post, path = "/v1/flash-sales/{id}/purchase", request_body = PurchaseRequest,
+    params(("id" = String, Path), ("Idempotency-Key" = String, Header)), security(("shopper" = [])),
+    responses((status = 201, description = "order placed and durable", body = PurchaseBody),
+              (status = 200, description = "replay of an earlier request with the same key and body", body = PurchaseBody),
+              (status = 409, description = "sold_out, limit_exceeded, not_started, ended", body = ErrorBody),
+              (status = 422, description = "idempotency_key_reused", body = ErrorBody),
+              (status = 400, description = "missing_idempotency_key, malformed_json, invalid_body, invalid_field", body = ErrorBody),
+              (status = 401, body = ErrorBody),
+              (status = 503, description = "overloaded (Retry-After)", body = ErrorBody)))]
+pub async fn purchase(
+    State(app): State<AppState>,
+    Shopper(user): Shopper,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    JsonBody(body): JsonBody<PurchaseRequest>,
+) -> Result<Response, ApiError> {
+    let key = headers
+        .get("idempotency-key")
+        .ok_or_else(|| ApiError::bad_request("missing_idempotency_key", "send an Idempotency-Key header"))?;
+    let key = IdempotencyKey::parse(key.to_str().map_err(|_| ApiError::bad_request("invalid_field", "idempotency_key: must be visible ASCII"))?)?;
+    let quantity = Quantity::parse(body.quantity)?;
+    let sale_id = parse_sale_id(&id)?;
+    let purchase = app.engine.purchase(user, key, sale_id, quantity).await?;
+    let status = if purchase.replay { StatusCode::OK } else { StatusCode::CREATED };
+    Ok((status, Json(PurchaseBody::from(&purchase.placed))).into_response())
+}
+
+// ---- orders --------------------------------------------------------------------------
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct OrderBody {
+    pub order_id: String,
+    pub user_id: String,
+    pub sale_id: String,
+    pub sku: String,
+    pub quantity: u32,
+    pub amount_cents: i64,
+    /// pending_payment, paid, cancelled or expired
+    #[schema(value_type = String)]
+    pub status: OrderStatus,
+    pub created_at: String,
+    pub expires_at: String,
+}
+
+impl From<OrderRecord> for OrderBody {
+    fn from(o: OrderRecord) -> Self {
+        Self {
+            order_id: o.id.to_string(),
+            user_id: o.user_id.to_string(),
+            sale_id: o.sale_id.to_string(),
+            sku: o.sku.to_string(),
+            quantity: o.quantity.get(),
+            amount_cents: o.amount.get(),
+            status: o.status,
+            created_at: rfc3339(o.created_at_ms),
+            expires_at: rfc3339(o.expires_at_ms),
+        }
+    }
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct OrderList {
+    pub orders: Vec<OrderBody>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct StatusBody {
+    #[schema(value_type = String)]
+    pub status: OrderStatus,
+}
+
+fn parse_order_id(id: &str) -> Result<OrderId, ApiError> {
+    OrderId::parse(id).ok_or_else(|| ApiError::not_found("order_not_found", "no such order"))
+}
+
+#[utoipa::path(get, path = "/v1/orders/{id}", params(("id" = String, Path)), security(("shopper" = []), ("admin" = [])),
+    responses((status = 200, body = OrderBody), (status = 404, description = "also for another shopper's order", body = ErrorBody)))]
+pub async fn get_order(
+    State(app): State<AppState>,
+    Caller(actor): Caller,
+    Path(id): Path<String>,
+) -> Result<Json<OrderBody>, ApiError> {
+    let id = parse_order_id(&id)?;
+    Ok(Json(app.engine.order(&actor, id).await?.into()))
+}
+
+#[utoipa::path(get, path = "/v1/orders", security(("shopper" = [])),
+    responses((status = 200, description = "the caller's newest 100 orders", body = OrderList)))]
+pub async fn list_orders(State(app): State<AppState>, Shopper(user): Shopper) -> Result<Json<OrderList>, ApiError> {
+    let orders = app.engine.orders_of(&user, ORDER_LIST_LEN_MAX).await?;
+    Ok(Json(OrderList { orders: orders.into_iter().map(Into::into).collect() }))
+}
+
+#[utoipa::path(post, path = "/v1/orders/{id}/pay", params(("id" = String, Path)), security(("shopper" = [])),
+    responses((status = 200, body = StatusBody),
+              (status = 409, description = "order_expired, order_cancelled", body = ErrorBody),
+              (status = 502, description = "payment_failed; the order stays payable", body = ErrorBody),
+              (status = 504, description = "payment_timeout; the order stays payable", body = ErrorBody)))]
+pub async fn pay_order(
+    State(app): State<AppState>,
+    Shopper(user): Shopper,
+    Path(id): Path<String>,
+) -> Result<Json<StatusBody>, ApiError> {
+    let id = parse_order_id(&id)?;
+    let status = app.engine.pay(&user, id, app.payments.as_ref()).await?;
+    Ok(Json(StatusBody { status }))
+}
+
+#[utoipa::path(post, path = "/v1/orders/{id}/cancel", params(("id" = String, Path)), security(("shopper" = []), ("admin" = [])),
+    responses((status = 200, body = StatusBody), (status = 409, description = "order_paid, order_expired", body = ErrorBody)))]
+pub async fn cancel_order(
+    State(app): State<AppState>,
+    Caller(actor): Caller,
+    Path(id): Path<String>,
+) -> Result<Json<StatusBody>, ApiError> {
+    let id = parse_order_id(&id)?;
+    let status = app.engine.cancel(&actor, id).await?;
+    Ok(Json(StatusBody { status }))
+}
+
+// ---- audit ---------------------------------------------------------------------------
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct AuditBody {
+    pub quantity: u64,
+    pub remaining: u64,
+    pub pending_payment: u64,
+    pub paid: u64,
+    pub cancelled: u64,
+    pub expired: u64,
+    /// Units reserved whose orders are still being committed (0 when idle).
+    pub in_flight: u64,
+    pub users_over_limit: u64,
+    /// quantity == remaining + pending_payment + paid, and nobody over the limit.
+    pub consistent: bool,
+}
+
+#[utoipa::path(get, path = "/v1/flash-sales/{id}/audit", params(("id" = String, Path)), security(("admin" = [])),
+    responses((status = 200, body = AuditBody), (status = 404, body = ErrorBody)))]
+pub async fn audit_sale(
+    State(app): State<AppState>,
+    _admin: Admin,
+    Path(id): Path<String>,
+) -> Result<Json<AuditBody>, ApiError> {
+    let id = parse_sale_id(&id)?;
+    let audit = app.engine.audit(id).await?.ok_or_else(|| ApiError::not_found("sale_not_found", "no such flash sale"))?;
+    Ok(Json(AuditBody {
+        quantity: audit.quantity,
+        remaining: audit.remaining,
+        pending_payment: audit.tally.pending_payment,
+        paid: audit.tally.paid,
+        cancelled: audit.tally.cancelled,
+        expired: audit.tally.expired,
+        in_flight: audit.in_flight,
+        users_over_limit: audit.tally.users_over_limit,
+        consistent: audit.consistent,
+    }))
+}
+
+// ---- operations ------------------------------------------------------------------------
+
+#[utoipa::path(get, path = "/healthz", responses((status = 200, description = "the process answers")))]
+pub async fn healthz() -> &'static str {
+    "ok"
+}
+
+#[utoipa::path(get, path = "/readyz",
+    responses((status = 200, description = "writer running and store reachable"), (status = 503, body = ErrorBody)))]
+pub async fn readyz(State(app): State<AppState>) -> Result<&'static str, ApiError> {
+    if app.engine.ready().await { Ok("ready") } else { Err(ApiError::unavailable("not ready")) }
+}
+
+#[utoipa::path(get, path = "/metrics", responses((status = 200, description = "Prometheus text format")))]
+pub async fn metrics(State(app): State<AppState>) -> Response {
+    metrics::gauge!("stampede_writer_queue_depth").set(app.engine.queue_depth() as f64);
+    (
+        [(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        app.metrics.render(),
+    )
+        .into_response()
+}
+
+pub async fn openapi(State(app): State<AppState>) -> Response {
+    ([(axum::http::header::CONTENT_TYPE, "application/json")], app.openapi.to_string()).into_response()
+}
+
+pub async fn not_found() -> ApiError {
+    ApiError::not_found("not_found", "no such route")
+}

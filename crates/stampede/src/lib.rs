@@ -1,0 +1,286 @@
+//! The thin layer behind the `stampede` binary: configuration, secrets, wiring.
+//! Kept as a library so tests start a real server in-process (`start`).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use serde::{Deserialize, Serialize};
+use stampede_api::{AppState, Auth, Secret};
+use stampede_engine::{AckMode, Engine, EngineConfig, SystemClock};
+use tokio::sync::oneshot;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum Ack {
+    /// Answer 201 after the order's batch is committed and fsync'd.
+    Durable,
+    /// Answer 201 once stock is reserved and the order is queued; a crash can lose the
+    /// orders still queued.
+    Reserved,
+}
+
+/// Every setting of `stampede serve`. Layered: defaults → TOML file (`--config`) →
+/// `STAMPEDE_*` environment → command-line flags.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    /// `sqlite://…`; unset means `<data_dir>/stampede.db`.
+    pub database_url: Option<String>,
+    pub ack: Ack,
+    #[serde(with = "humantime_serde")]
+    pub payment_window: Duration,
+    pub payment_url: String,
+    #[serde(with = "humantime_serde")]
+    pub payment_timeout: Duration,
+    pub queue_capacity: usize,
+    pub batch_size_max: usize,
+    pub body_limit_bytes: usize,
+    pub admin_token: Option<String>,
+    pub jwt_secret: Option<String>,
+    pub log: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:8080".parse().expect("valid address"),
+            data_dir: PathBuf::from("./stampede-data"),
+            database_url: None,
+            ack: Ack::Durable,
+            payment_window: Duration::from_secs(15 * 60),
+            payment_url: "http://127.0.0.1:8090".into(),
+            payment_timeout: Duration::from_secs(3),
+            queue_capacity: 16_384,
+            batch_size_max: 1_024,
+            body_limit_bytes: stampede_api::BODY_LIMIT_BYTES_DEFAULT,
+            admin_token: None,
+            jwt_secret: None,
+            log: "info".into(),
+        }
+    }
+}
+
+/// Command-line values; `None` means "not given", so lower layers show through.
+#[derive(Debug, Clone, Default, Serialize, clap::Args)]
+pub struct ServeArgs {
+    /// TOML configuration file (keys as in the README's table).
+    #[arg(long)]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+    /// Address to listen on [default: 127.0.0.1:8080].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub listen: Option<SocketAddr>,
+    /// Directory of the embedded database and generated secrets [default: ./stampede-data].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub data_dir: Option<PathBuf>,
+    /// Database URL (sqlite://PATH). Unset: <data-dir>/stampede.db.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub database_url: Option<String>,
+    /// When a purchase is answered: after its order is durable, or once reserved [default: durable].
+    #[arg(long, value_enum)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ack: Option<Ack>,
+    /// How long an order waits for payment before it expires and its stock returns, e.g. 15m, 2s [default: 15m].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub payment_window: Option<String>,
+    /// Base URL of the payment provider [default: http://127.0.0.1:8090].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub payment_url: Option<String>,
+    /// Timeout of one call to the payment provider [default: 3s].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub payment_timeout: Option<String>,
+    /// Bound of the writer's queue; beyond it purchases get 503 overloaded [default: 16384].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub queue_capacity: Option<usize>,
+    /// Most writes committed in one transaction [default: 1024].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub batch_size_max: Option<usize>,
+    /// Largest accepted request body in bytes [default: 16384].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub body_limit_bytes: Option<usize>,
+    /// Log filter, e.g. info, stampede=debug [default: info].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub log: Option<String>,
+}
+
+impl Config {
+    /// Builds the configuration from its layers. Secrets come only from the file or the
+    /// environment (`STAMPEDE_ADMIN_TOKEN`, `STAMPEDE_JWT_SECRET`), never from flags
+    /// that would show in `ps`.
+    pub fn load(args: &ServeArgs) -> anyhow::Result<Config> {
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(path) = &args.config {
+            anyhow::ensure!(path.exists(), "config file {} does not exist", path.display());
+            figment = figment.merge(Toml::file(path));
+        }
+        figment = figment.merge(Env::prefixed("STAMPEDE_")).merge(Serialized::globals(args));
+        let config: Config = figment.extract().context("invalid configuration")?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn validate(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(self.queue_capacity >= 1, "queue_capacity must be at least 1");
+        anyhow::ensure!(
+            (1..=65_536).contains(&self.batch_size_max),
+            "batch_size_max must be within 1..=65536"
+        );
+        anyhow::ensure!(self.payment_window >= Duration::from_millis(100), "payment_window must be at least 100ms");
+        anyhow::ensure!(self.payment_timeout >= Duration::from_millis(10), "payment_timeout must be at least 10ms");
+        anyhow::ensure!((256..=1 << 20).contains(&self.body_limit_bytes), "body_limit_bytes must be within 256..=1048576");
+        Ok(())
+    }
+}
+
+fn random_hex(bytes: usize) -> String {
+    use rand::RngCore;
+    let mut buffer = vec![0u8; bytes];
+    rand::rng().fill_bytes(&mut buffer);
+    buffer.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Returns the configured secret, or the one kept in `data_dir/file`, or generates,
+/// keeps (mode 0600) and returns a new one. The bool says whether it was generated.
+fn secret(configured: Option<&str>, data_dir: &Path, file: &str) -> anyhow::Result<(Secret, bool)> {
+    if let Some(value) = configured.filter(|v| !v.is_empty()) {
+        return Ok((Secret::new(value), false));
+    }
+    let path = data_dir.join(file);
+    if let Ok(existing) = std::fs::read_to_string(&path) {
+        let existing = existing.trim();
+        anyhow::ensure!(!existing.is_empty(), "{} is empty", path.display());
+        return Ok((Secret::new(existing), false));
+    }
+    let value = random_hex(32);
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let mut out = options.open(&path).with_context(|| format!("create {}", path.display()))?;
+    std::io::Write::write_all(&mut out, value.as_bytes())?;
+    out.sync_all()?;
+    Ok((Secret::new(value), true))
+}
+
+/// A running server.
+pub struct Running {
+    pub addr: SocketAddr,
+    pub admin_token: Secret,
+    pub jwt_secret: Secret,
+    pub engine: Arc<Engine>,
+    stop: Option<oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl Running {
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Graceful stop: no new connections, in-flight requests finish, the writer drains.
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        self.task.await.context("server task")??;
+        Ok(())
+    }
+
+    /// Waits until the server stops (e.g. on a signal passed to `start`).
+    pub async fn wait(mut self) -> anyhow::Result<()> {
+        (&mut self.task).await.context("server task")??;
+        Ok(())
+    }
+}
+
+/// Opens the store, rebuilds the engine from it, binds and serves.
+/// `shutdown` resolving stops the server gracefully (as does `Running::stop`).
+pub async fn start(
+    config: &Config,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<(Running, bool)> {
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("create data directory {}", config.data_dir.display()))?;
+    let (admin_token, admin_generated) = secret(config.admin_token.as_deref(), &config.data_dir, "admin-token")?;
+    let (jwt_secret, _) = secret(config.jwt_secret.as_deref(), &config.data_dir, "jwt-secret")?;
+
+    let store = stampede_store::open(config.database_url.as_deref(), &config.data_dir)
+        .await
+        .context("open the store")?;
+    let engine_config = EngineConfig {
+        queue_capacity: config.queue_capacity,
+        batch_size_max: config.batch_size_max,
+        payment_window_ms: config.payment_window.as_millis() as i64,
+        // A payment may start until expires_at and lasts at most one provider timeout;
+        // expiry waits for it (plus a second for the writer) so the payer is not robbed.
+        expiry_grace_ms: config.payment_timeout.as_millis() as i64 + 1_000,
+        expiry_tick_ms: (config.payment_window.as_millis() as u64 / 20).clamp(10, 1_000),
+        ack: match config.ack {
+            Ack::Durable => AckMode::Durable,
+            Ack::Reserved => AckMode::Reserved,
+        },
+    };
+    let engine = Arc::new(
+        Engine::open(store, Arc::new(SystemClock), engine_config).await.context("rebuild state from the store")?,
+    );
+    let state = AppState {
+        engine: engine.clone(),
+        auth: Arc::new(Auth::new(admin_token.clone(), &jwt_secret)),
+        payments: Arc::new(stampede_api::payment::HttpPayments::new(&config.payment_url, config.payment_timeout)),
+        metrics: stampede_api::metrics_handle(),
+        openapi: Arc::from(stampede_api::openapi_json()),
+    };
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("listen on {}", config.listen))?;
+    let addr = listener.local_addr()?;
+    let (stop, stopped) = oneshot::channel::<()>();
+    let body_limit = config.body_limit_bytes;
+    let task = tokio::spawn(stampede_api::serve(listener, state, body_limit, async move {
+        tokio::select! {
+            _ = stopped => {}
+            _ = shutdown => {}
+        }
+    }));
+    Ok((Running { addr, admin_token, jwt_secret, engine, stop: Some(stop), task }, admin_generated))
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = terminate => {}
+    }
+    tracing::info!("shutdown signal received; draining");
+}
