@@ -608,12 +608,18 @@ impl Engine {
             Seen::InFlight(mut first) => {
                 let outcome = match first.wait_for(Option::is_some).await {
                     Ok(outcome) => outcome.clone().expect("waited for Some"),
-                    Err(_) => return Attempt::RetryAfterDuplicateFailed,
+                    // The writer went away without answering the first attempt.
+                    Err(_) => return Attempt::Answer(Err(PurchaseError::Unavailable)),
                 };
                 return match outcome {
                     Ok(placed) if same_request(&placed) => Attempt::Answer(Ok(Purchase { placed, replay: true })),
                     Ok(_) => Attempt::Answer(Err(PurchaseError::KeyReused)),
-                    Err(_) => Attempt::RetryAfterDuplicateFailed,
+                    // The first attempt could not be recorded: this one may try afresh.
+                    Err(PurchaseError::Overloaded | PurchaseError::Unavailable) => {
+                        Attempt::RetryAfterDuplicateFailed
+                    }
+                    // A business answer (sold out, limit, ...) is the answer to the duplicate too.
+                    Err(error) => Attempt::Answer(Err(error)),
                 };
             }
             Seen::New => {}

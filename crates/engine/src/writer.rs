@@ -40,6 +40,8 @@ pub(crate) enum TransitionResult {
     NotFound,
 }
 
+type AuditRequest = (SaleId, oneshot::Sender<Result<Audit, ()>>);
+
 pub(crate) struct Writer {
     shared: Arc<Shared>,
     jobs: mpsc::Receiver<Job>,
@@ -136,7 +138,7 @@ impl Writer {
         match outcomes {
             Ok(outcomes) => {
                 assert_eq!(outcomes.len(), ops.len(), "store answered a different number of ops");
-                self.committed(batch, &outcomes[..n_job_ops]).await;
+                let audits = self.committed(batch, &outcomes[..n_job_ops]);
                 let mut n_expired = 0;
                 for outcome in &outcomes[n_job_ops..] {
                     if let OpOutcome::Transitioned { sale_id, user_id, quantity } = outcome {
@@ -147,6 +149,11 @@ impl Writer {
                     }
                 }
                 metrics::counter!("stampede_orders_expired_total").increment(n_expired);
+                // Audits run after every effect of the batch is applied, so the durable
+                // counts and the in-memory stock describe the same instant.
+                for (sale_id, reply) in audits {
+                    let _ = reply.send(self.audit(sale_id).await);
+                }
             }
             Err(error) => {
                 tracing::error!(%error, n_ops = ops.len(), "batch commit failed; answering 503 and returning stock");
@@ -157,8 +164,11 @@ impl Writer {
         }
     }
 
-    async fn committed(&mut self, batch: &mut Vec<Job>, outcomes: &[OpOutcome]) {
+    /// Applies the effects of a committed batch and answers its jobs; returns the audits,
+    /// to be answered once every effect is applied.
+    fn committed(&mut self, batch: &mut Vec<Job>, outcomes: &[OpOutcome]) -> Vec<AuditRequest> {
         let grace_ms = self.shared.config.expiry_grace_ms;
+        let mut audits = Vec::new();
         let mut outcomes = outcomes.iter();
         for job in batch.drain(..) {
             match job {
@@ -220,11 +230,10 @@ impl Writer {
                 Job::Flush { reply } => {
                     let _ = reply.send(());
                 }
-                Job::Audit { sale_id, reply } => {
-                    let _ = reply.send(self.audit(sale_id).await);
-                }
+                Job::Audit { sale_id, reply } => audits.push((sale_id, reply)),
             }
         }
+        audits
     }
 
     fn failed(&mut self, batch: &mut Vec<Job>) {

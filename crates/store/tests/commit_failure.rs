@@ -1,0 +1,175 @@
+//! A failed commit returns the stock, answers `Unavailable` (503), and leaves nothing
+//! half-written; a later retry with the same key places a fresh order.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use async_trait::async_trait;
+use stampede_engine::{
+    Actor, Engine, EngineConfig, NewProduct, NewSale, OpOutcome, OrderRecord, PurchaseError, SaleTally, Snapshot,
+    Store, StoreError, SystemClock, WriteOp,
+};
+use stampede_store::SqliteStore;
+use stampede_types::{Cents, IdempotencyKey, OrderId, OrderStatus, Quantity, SaleId, Sku, UserId};
+
+/// The real store, with a switch that makes commits fail the way a full disk would.
+struct Flaky {
+    inner: Arc<dyn Store>,
+    fail: AtomicBool,
+}
+
+#[async_trait]
+impl Store for Flaky {
+    async fn load(&self) -> Result<Snapshot, StoreError> {
+        self.inner.load().await
+    }
+    async fn commit(&self, ops: &[WriteOp]) -> Result<Vec<OpOutcome>, StoreError> {
+        if self.fail.load(Ordering::SeqCst) {
+            return Err(StoreError::Unavailable("disk full (injected)".into()));
+        }
+        self.inner.commit(ops).await
+    }
+    async fn order(&self, id: OrderId) -> Result<Option<OrderRecord>, StoreError> {
+        self.inner.order(id).await
+    }
+    async fn orders_of(&self, user: &UserId, limit: u32) -> Result<Vec<OrderRecord>, StoreError> {
+        self.inner.orders_of(user, limit).await
+    }
+    async fn tally(&self, sale: SaleId, per_user_limit: u32) -> Result<SaleTally, StoreError> {
+        self.inner.tally(sale, per_user_limit).await
+    }
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.inner.ping().await
+    }
+}
+
+fn q(n: i64) -> Quantity {
+    Quantity::parse(n).unwrap()
+}
+
+#[tokio::test]
+async fn failed_commit_returns_stock_and_answers_unavailable() {
+    let dir = tempfile::tempdir().unwrap();
+    let inner = SqliteStore::open(&dir.path().join("s.db")).await.unwrap().into_arc();
+    let flaky = Arc::new(Flaky { inner, fail: AtomicBool::new(false) });
+    let engine = Arc::new(Engine::open(flaky.clone(), Arc::new(SystemClock), EngineConfig::default()).await.unwrap());
+    engine
+        .create_product(NewProduct {
+            sku: Sku::parse("P").unwrap(),
+            name: Arc::from("p"),
+            price: Cents::parse("p", 100).unwrap(),
+            stock: 10,
+        })
+        .await
+        .unwrap();
+    let now = engine.now_ms();
+    let sale = engine
+        .create_sale(NewSale {
+            sku: Sku::parse("P").unwrap(),
+            price: Cents::parse("p", 50).unwrap(),
+            quantity: 5,
+            per_user_limit: 5,
+            starts_at_ms: now - 1_000,
+            ends_at_ms: now + 3_600_000,
+        })
+        .await
+        .unwrap()
+        .record
+        .id;
+    let alice = UserId::parse("alice").unwrap();
+    let key = IdempotencyKey::parse("k1").unwrap();
+
+    flaky.fail.store(true, Ordering::SeqCst);
+    let failed = engine.purchase(alice.clone(), key.clone(), sale, q(3)).await;
+    assert_eq!(failed, Err(PurchaseError::Unavailable));
+    assert_eq!(engine.sale(sale).unwrap().remaining, 5, "stock came back");
+    // Many failures in one batch: all get their stock back too.
+    let many: Vec<_> = (0..5)
+        .map(|i| {
+            let (engine, key) = (engine.clone(), key.clone());
+            tokio::spawn(async move { engine.purchase(UserId::parse(&format!("u{i}")).unwrap(), key, sale, q(1)).await })
+        })
+        .collect();
+    for handle in many {
+        assert_eq!(handle.await.unwrap(), Err(PurchaseError::Unavailable));
+    }
+    assert_eq!(engine.sale(sale).unwrap().remaining, 5);
+    assert!(engine.orders_of(&alice, 10).await.unwrap().is_empty(), "nothing was written");
+
+    flaky.fail.store(false, Ordering::SeqCst);
+    let placed = engine.purchase(alice.clone(), key.clone(), sale, q(3)).await.unwrap();
+    assert!(!placed.replay, "the failed attempt left no idempotency record");
+    assert_eq!(engine.sale(sale).unwrap().remaining, 2);
+    let audit = engine.audit(sale).await.unwrap().unwrap();
+    assert!(audit.consistent);
+    assert_eq!(audit.tally.pending_payment, 3);
+
+    // A cancel whose commit fails changes nothing either.
+    flaky.fail.store(true, Ordering::SeqCst);
+    assert!(engine.cancel(&Actor::Admin, placed.placed.order_id).await.is_err());
+    flaky.fail.store(false, Ordering::SeqCst);
+    let order = engine.order(&Actor::Admin, placed.placed.order_id).await.unwrap();
+    assert_eq!(order.status, OrderStatus::PendingPayment);
+    assert_eq!(engine.sale(sale).unwrap().remaining, 2);
+    engine.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_batch_that_fails_midway_leaves_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(&dir.path().join("s.db")).await.unwrap();
+    let sku = Sku::parse("P").unwrap();
+    store
+        .commit(&[WriteOp::InsertProduct(stampede_engine::ProductRecord {
+            sku: sku.clone(),
+            name: Arc::from("p"),
+            price: Cents::parse("p", 1).unwrap(),
+            available: 10,
+            created_at_ms: 0,
+        })])
+        .await
+        .unwrap();
+    let sale = stampede_engine::SaleRecord {
+        id: SaleId::new(),
+        sku: sku.clone(),
+        price: Cents::parse("p", 1).unwrap(),
+        quantity: 4,
+        per_user_limit: 4,
+        starts_at_ms: 0,
+        ends_at_ms: 10,
+        created_at_ms: 0,
+    };
+    store.commit(&[WriteOp::InsertSale(sale.clone())]).await.unwrap();
+    let order = |id: OrderId, key: &str| OrderRecord {
+        id,
+        user_id: UserId::parse("u").unwrap(),
+        sale_id: sale.id,
+        sku: sku.clone(),
+        quantity: Quantity::parse(1).unwrap(),
+        amount: Cents::parse("a", 1).unwrap(),
+        status: OrderStatus::PendingPayment,
+        idempotency_key: IdempotencyKey::parse(key).unwrap(),
+        created_at_ms: 0,
+        expires_at_ms: 5,
+        updated_at_ms: 0,
+    };
+    let first = OrderId::new();
+    // The second order reuses the first's idempotency key: the unique constraint fails
+    // the batch after the first row was inserted.
+    let result = store
+        .commit(&[WriteOp::InsertOrder(order(first, "k")), WriteOp::InsertOrder(order(OrderId::new(), "k"))])
+        .await;
+    assert!(result.is_err());
+    assert_eq!(store.order(first).await.unwrap(), None, "first row rolled back with the batch");
+    assert_eq!(store.tally(sale.id, 4).await.unwrap(), SaleTally::default());
+    // Transitions and inserts in one batch, then the same again after a failure.
+    let result = store
+        .commit(&[
+            WriteOp::InsertOrder(order(first, "k")),
+            WriteOp::Transition { order_id: first, to: OrderStatus::Cancelled, at_ms: 1 },
+            WriteOp::InsertSale(stampede_engine::SaleRecord { id: SaleId::new(), quantity: 1_000, ..sale.clone() }),
+        ])
+        .await;
+    assert!(result.is_err(), "the sale lacks stock, so the whole batch fails");
+    assert_eq!(store.order(first).await.unwrap(), None);
+}

@@ -1,0 +1,299 @@
+//! Property tests of the engine over the real SQLite store: random interleavings of
+//! purchase, replay, pay, cancel, expire, graceful restart and crash (writer aborted
+//! mid-batch, as kill -9 would) keep the books:
+//!
+//! - `quantity == remaining + pending_payment + paid` (the audit's `consistent`),
+//! - nobody holds more than the per-user limit,
+//! - every acknowledged order is durable, and replaying its key returns it.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use proptest::prelude::*;
+use stampede_engine::{
+    AckMode, Actor, Engine, EngineConfig, ManualClock, NewProduct, NewSale, OrderError, PaymentError,
+    PaymentGateway, PurchaseError,
+};
+use stampede_store::SqliteStore;
+use stampede_types::{Cents, IdempotencyKey, OrderId, OrderStatus, Quantity, SaleId, Sku, UserId};
+
+const SALE_QUANTITY: u64 = 12;
+const PER_USER_LIMIT: u32 = 4;
+const PAYMENT_WINDOW_MS: i64 = 10_000;
+const N_USERS: u8 = 5;
+
+/// A provider that always charges; the property is about the books, not the provider.
+struct AlwaysPays;
+
+#[async_trait]
+impl PaymentGateway for AlwaysPays {
+    async fn charge(&self, _: &str, _: Cents) -> Result<(), PaymentError> {
+        Ok(())
+    }
+    async fn refund(&self, _: &str, _: Cents) -> Result<(), PaymentError> {
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone)]
+enum Step {
+    /// Concurrent purchases (user, key, quantity): they share batches.
+    Burst(Vec<(u8, u8, u32)>),
+    /// Replays the request of an earlier acknowledged purchase.
+    Replay(usize),
+    Pay(usize),
+    Cancel(usize),
+    Advance(i64),
+    ExpireDue,
+    Restart,
+    /// Purchases in flight while the writer is aborted.
+    CrashDuringBurst(Vec<(u8, u8, u32)>),
+}
+
+fn purchase_strategy() -> impl Strategy<Value = (u8, u8, u32)> {
+    (0..N_USERS, 0u8..6, 1u32..4)
+}
+
+fn step_strategy() -> impl Strategy<Value = Step> {
+    prop_oneof![
+        4 => prop::collection::vec(purchase_strategy(), 1..6).prop_map(Step::Burst),
+        2 => any::<prop::sample::Index>().prop_map(|i| Step::Replay(i.index(1 << 16))),
+        2 => any::<prop::sample::Index>().prop_map(|i| Step::Pay(i.index(1 << 16))),
+        2 => any::<prop::sample::Index>().prop_map(|i| Step::Cancel(i.index(1 << 16))),
+        1 => (1_000i64..12_000).prop_map(Step::Advance),
+        1 => Just(Step::ExpireDue),
+        1 => Just(Step::Restart),
+        1 => prop::collection::vec(purchase_strategy(), 1..8).prop_map(Step::CrashDuringBurst),
+    ]
+}
+
+#[derive(Debug, Clone)]
+struct Acked {
+    user: UserId,
+    key: IdempotencyKey,
+    quantity: Quantity,
+    order_id: OrderId,
+}
+
+fn user(n: u8) -> UserId {
+    UserId::parse(&format!("user-{n}")).unwrap()
+}
+
+fn key(user: u8, n: u8) -> IdempotencyKey {
+    IdempotencyKey::parse(&format!("key-{user}-{n}")).unwrap()
+}
+
+async fn open(path: &Path, clock: Arc<ManualClock>) -> Engine {
+    let store = SqliteStore::open(path).await.unwrap().into_arc();
+    let config = EngineConfig {
+        queue_capacity: 64,
+        batch_size_max: 8,
+        payment_window_ms: PAYMENT_WINDOW_MS,
+        expiry_grace_ms: 0,
+        // Expiry is driven by the test through `expire_due`.
+        expiry_tick_ms: 3_600_000,
+        ack: AckMode::Durable,
+    };
+    Engine::open(store, clock, config).await.unwrap()
+}
+
+async fn check_books(engine: &Engine, sale: SaleId, acked: &[Acked]) {
+    let audit = engine.audit(sale).await.unwrap().unwrap();
+    assert!(audit.consistent, "books inconsistent: {audit:?}");
+    assert_eq!(audit.in_flight, 0);
+    assert_eq!(audit.quantity, audit.remaining + audit.tally.pending_payment + audit.tally.paid);
+    assert_eq!(audit.tally.users_over_limit, 0);
+    let view = engine.sale(sale).unwrap();
+    assert_eq!(view.remaining, audit.remaining, "memory and durable books disagree");
+    // Every acknowledged order is durable with what was acknowledged.
+    let mut held: HashMap<UserId, u32> = HashMap::new();
+    for a in acked {
+        let order = engine.order(&Actor::Admin, a.order_id).await.expect("acknowledged order is durable");
+        assert_eq!(order.quantity, a.quantity);
+        assert_eq!(order.user_id, a.user);
+        if order.status.holds_stock() {
+            *held.entry(order.user_id.clone()).or_default() += order.quantity.get();
+        }
+    }
+    for (user, units) in held {
+        assert!(units <= PER_USER_LIMIT, "{user} holds {units}");
+    }
+}
+
+async fn burst(engine: &Arc<Engine>, sale: SaleId, requests: &[(u8, u8, u32)]) -> Vec<tokio::task::JoinHandle<(u8, u8, u32, Result<stampede_engine::Purchase, PurchaseError>)>> {
+    requests
+        .iter()
+        .map(|&(u, k, q)| {
+            let engine = engine.clone();
+            tokio::spawn(async move {
+                let result = engine.purchase(user(u), key(u, k), sale, Quantity::parse(q.into()).unwrap()).await;
+                (u, k, q, result)
+            })
+        })
+        .collect()
+}
+
+fn record(acked: &mut Vec<Acked>, u: u8, k: u8, q: u32, result: &Result<stampede_engine::Purchase, PurchaseError>) {
+    match result {
+        Ok(purchase) => {
+            let known = acked.iter().find(|a| a.user == user(u) && a.key == key(u, k));
+            match known {
+                Some(a) => {
+                    assert_eq!(a.order_id, purchase.placed.order_id, "same key answered two orders");
+                }
+                None => acked.push(Acked {
+                    user: user(u),
+                    key: key(u, k),
+                    quantity: Quantity::parse(q.into()).unwrap(),
+                    order_id: purchase.placed.order_id,
+                }),
+            }
+        }
+        Err(
+            PurchaseError::SoldOut { .. }
+            | PurchaseError::LimitExceeded { .. }
+            | PurchaseError::KeyReused
+            | PurchaseError::Ended
+            | PurchaseError::Unavailable,
+        ) => {}
+        Err(other) => panic!("unexpected purchase error {other:?}"),
+    }
+}
+
+async fn run(steps: Vec<Step>) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("stampede.db");
+    let clock = Arc::new(ManualClock::new(1_800_000_000_000));
+    let mut engine = Arc::new(open(&path, clock.clone()).await);
+    engine
+        .create_product(NewProduct {
+            sku: Sku::parse("SKU-1").unwrap(),
+            name: Arc::from("thing"),
+            price: Cents::parse("price", 500).unwrap(),
+            stock: 100,
+        })
+        .await
+        .unwrap();
+    let now = clock.now_ms_for_test();
+    let sale = engine
+        .create_sale(NewSale {
+            sku: Sku::parse("SKU-1").unwrap(),
+            price: Cents::parse("price", 300).unwrap(),
+            quantity: SALE_QUANTITY,
+            per_user_limit: PER_USER_LIMIT,
+            starts_at_ms: now,
+            ends_at_ms: now + 365 * 24 * 3_600_000,
+        })
+        .await
+        .unwrap()
+        .record
+        .id;
+    let mut acked: Vec<Acked> = Vec::new();
+
+    for step in steps {
+        match step {
+            Step::Burst(requests) => {
+                for handle in burst(&engine, sale, &requests).await {
+                    let (u, k, q, result) = handle.await.unwrap();
+                    record(&mut acked, u, k, q, &result);
+                }
+            }
+            Step::Replay(i) if !acked.is_empty() => {
+                let a = acked[i % acked.len()].clone();
+                let again = engine.purchase(a.user.clone(), a.key.clone(), sale, a.quantity).await.unwrap();
+                assert!(again.replay);
+                assert_eq!(again.placed.order_id, a.order_id);
+                // Same key, other body.
+                let other = Quantity::parse(i64::from(a.quantity.get() % 3 + 1)).unwrap();
+                if other != a.quantity {
+                    let refused = engine.purchase(a.user.clone(), a.key.clone(), sale, other).await;
+                    assert_eq!(refused, Err(PurchaseError::KeyReused));
+                }
+            }
+            Step::Pay(i) if !acked.is_empty() => {
+                let a = &acked[i % acked.len()];
+                let before = engine.order(&Actor::Admin, a.order_id).await.unwrap();
+                let result = engine.pay(&a.user, a.order_id, &AlwaysPays).await;
+                match (before.status, &result) {
+                    (OrderStatus::PendingPayment, Ok(OrderStatus::Paid)) => {}
+                    (OrderStatus::PendingPayment, Err(OrderError::Expired)) => {
+                        assert!(clock.now_ms_for_test() >= before.expires_at_ms)
+                    }
+                    (OrderStatus::Paid, Ok(OrderStatus::Paid)) => {}
+                    (OrderStatus::Cancelled, Err(OrderError::Cancelled)) => {}
+                    (OrderStatus::Expired, Err(OrderError::Expired)) => {}
+                    other => panic!("pay: {other:?}"),
+                }
+            }
+            Step::Cancel(i) if !acked.is_empty() => {
+                let a = &acked[i % acked.len()];
+                let before = engine.order(&Actor::Admin, a.order_id).await.unwrap();
+                let result = engine.cancel(&Actor::Shopper(a.user.clone()), a.order_id).await;
+                match (before.status, &result) {
+                    (OrderStatus::PendingPayment | OrderStatus::Cancelled, Ok(OrderStatus::Cancelled)) => {}
+                    (OrderStatus::Paid, Err(OrderError::Paid)) => {}
+                    (OrderStatus::Expired, Err(OrderError::Expired)) => {}
+                    other => panic!("cancel: {other:?}"),
+                }
+            }
+            Step::Replay(_) | Step::Pay(_) | Step::Cancel(_) => {}
+            Step::Advance(ms) => clock.advance_ms(ms),
+            Step::ExpireDue => {
+                engine.expire_due().await.unwrap();
+                let now = clock.now_ms_for_test();
+                for a in &acked {
+                    let order = engine.order(&Actor::Admin, a.order_id).await.unwrap();
+                    if order.expires_at_ms <= now {
+                        assert_ne!(order.status, OrderStatus::PendingPayment, "overdue order still pending");
+                    }
+                }
+            }
+            Step::Restart => {
+                engine.shutdown().await;
+                drop(engine);
+                engine = Arc::new(open(&path, clock.clone()).await);
+            }
+            Step::CrashDuringBurst(requests) => {
+                let handles = burst(&engine, sale, &requests).await;
+                tokio::task::yield_now().await;
+                engine.crash().await;
+                for handle in handles {
+                    let (u, k, q, result) = handle.await.unwrap();
+                    record(&mut acked, u, k, q, &result);
+                }
+                drop(engine);
+                engine = Arc::new(open(&path, clock.clone()).await);
+            }
+        }
+        check_books(&engine, sale, &acked).await;
+    }
+
+    // After everything, every acknowledged key still answers the same order.
+    for a in &acked {
+        let again = engine.purchase(a.user.clone(), a.key.clone(), sale, a.quantity).await.unwrap();
+        assert_eq!(again.placed.order_id, a.order_id);
+    }
+    engine.shutdown().await;
+}
+
+trait NowForTest {
+    fn now_ms_for_test(&self) -> i64;
+}
+
+impl NowForTest for ManualClock {
+    fn now_ms_for_test(&self) -> i64 {
+        stampede_engine::Clock::now_ms(self)
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 96, max_shrink_iters: 500, failure_persistence: None, ..ProptestConfig::default() })]
+
+    #[test]
+    fn books_hold_under_any_interleaving(steps in prop::collection::vec(step_strategy(), 1..40)) {
+        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        runtime.block_on(run(steps));
+    }
+}
