@@ -62,7 +62,10 @@ pub struct Auth {
 }
 
 fn now_s() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 /// Compares without an early exit, so the time taken does not reveal the prefix.
@@ -80,7 +83,9 @@ impl Auth {
             admin_token,
             decoding: DecodingKey::from_secret(jwt_secret.expose().as_bytes()),
             validation,
-            cache: (0..TOKEN_CACHE_SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            cache: (0..TOKEN_CACHE_SHARDS)
+                .map(|_| Mutex::new(HashMap::new()))
+                .collect(),
             hasher: RandomState::new(),
         }
     }
@@ -101,31 +106,44 @@ impl Auth {
                 _ => Ok(verified.user.clone()),
             };
         }
-        let data = jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation).map_err(|e| {
-            match e.kind() {
+        let data = jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation)
+            .map_err(|e| match e.kind() {
                 jsonwebtoken::errors::ErrorKind::ExpiredSignature => ApiError::new(
                     axum::http::StatusCode::UNAUTHORIZED,
                     "token_expired",
                     "the token has expired",
                 ),
                 _ => ApiError::unauthorized(format!("invalid shopper token: {e}")),
-            }
-        })?;
-        let user = UserId::parse(&data.claims.sub).map_err(|e| ApiError::unauthorized(e.to_string()))?;
+            })?;
+        let user =
+            UserId::parse(&data.claims.sub).map_err(|e| ApiError::unauthorized(e.to_string()))?;
         let mut shard = shard.lock();
         if shard.len() >= TOKEN_CACHE_ENTRIES_MAX / TOKEN_CACHE_SHARDS {
             shard.clear();
         }
-        shard.insert(token.into(), Verified { user: user.clone(), exp: data.claims.exp });
+        shard.insert(
+            token.into(),
+            Verified {
+                user: user.clone(),
+                exp: data.claims.exp,
+            },
+        );
         Ok(user)
     }
 }
 
 /// Mints a shopper token: for the demo, the pressure tool and tests.
 pub fn mint_shopper_token(jwt_secret: &Secret, sub: &str, exp: Option<u64>) -> String {
-    let claims = Claims { sub: sub.to_owned(), exp };
-    jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &EncodingKey::from_secret(jwt_secret.expose().as_bytes()))
-        .expect("HS256 encoding cannot fail")
+    let claims = Claims {
+        sub: sub.to_owned(),
+        exp,
+    };
+    jsonwebtoken::encode(
+        &Header::new(Algorithm::HS256),
+        &claims,
+        &EncodingKey::from_secret(jwt_secret.expose().as_bytes()),
+    )
+    .expect("HS256 encoding cannot fail")
 }
 
 fn bearer(parts: &Parts) -> Result<&str, ApiError> {
@@ -133,7 +151,9 @@ fn bearer(parts: &Parts) -> Result<&str, ApiError> {
         .headers
         .get(AUTHORIZATION)
         .ok_or_else(|| ApiError::unauthorized("missing Authorization: Bearer <token>"))?;
-    let value = value.to_str().map_err(|_| ApiError::unauthorized("Authorization is not ASCII"))?;
+    let value = value
+        .to_str()
+        .map_err(|_| ApiError::unauthorized("Authorization is not ASCII"))?;
     value
         .strip_prefix("Bearer ")
         .map(str::trim)
@@ -175,6 +195,9 @@ impl FromRequestParts<AppState> for Caller {
         if state.auth.is_admin(token) {
             return Ok(Caller(Actor::Admin));
         }
-        state.auth.shopper(token).map(|user| Caller(Actor::Shopper(user)))
+        state
+            .auth
+            .shopper(token)
+            .map(|user| Caller(Actor::Shopper(user)))
     }
 }

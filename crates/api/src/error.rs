@@ -33,7 +33,12 @@ pub struct ApiError {
 
 impl ApiError {
     pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
-        Self { status, code, message: message.into(), retry_after_s: None }
+        Self {
+            status,
+            code,
+            message: message.into(),
+            retry_after_s: None,
+        }
     }
     pub fn retry_after(mut self, seconds: u32) -> Self {
         self.retry_after_s = Some(seconds);
@@ -58,10 +63,17 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = ErrorBody { error: ErrorDetail { code: self.code, message: self.message } };
+        let body = ErrorBody {
+            error: ErrorDetail {
+                code: self.code,
+                message: self.message,
+            },
+        };
         let mut response = (self.status, Json(body)).into_response();
         if let Some(seconds) = self.retry_after_s {
-            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
         }
         response
     }
@@ -76,7 +88,9 @@ impl From<InvalidInput> for ApiError {
 impl From<JsonRejection> for ApiError {
     fn from(rejection: JsonRejection) -> Self {
         match rejection {
-            JsonRejection::JsonSyntaxError(e) => ApiError::bad_request("malformed_json", e.body_text()),
+            JsonRejection::JsonSyntaxError(e) => {
+                ApiError::bad_request("malformed_json", e.body_text())
+            }
             JsonRejection::JsonDataError(e) => ApiError::bad_request("invalid_body", e.body_text()),
             JsonRejection::MissingJsonContentType(_) => ApiError::new(
                 StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -91,7 +105,11 @@ impl From<JsonRejection> for ApiError {
 
 pub fn from_bytes_rejection(rejection: BytesRejection) -> ApiError {
     if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-        ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "body_too_large", rejection.body_text())
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body_too_large",
+            rejection.body_text(),
+        )
     } else {
         ApiError::bad_request("invalid_body", rejection.body_text())
     }
@@ -100,7 +118,9 @@ pub fn from_bytes_rejection(rejection: BytesRejection) -> ApiError {
 pub fn from_serde(error: serde_json::Error) -> ApiError {
     use serde_json::error::Category;
     match error.classify() {
-        Category::Syntax | Category::Eof | Category::Io => ApiError::bad_request("malformed_json", error.to_string()),
+        Category::Syntax | Category::Eof | Category::Io => {
+            ApiError::bad_request("malformed_json", error.to_string())
+        }
         Category::Data => ApiError::bad_request("invalid_body", error.to_string()),
     }
 }
@@ -110,13 +130,21 @@ impl From<PurchaseError> for ApiError {
         let message = error.to_string();
         match error {
             PurchaseError::SaleNotFound => ApiError::not_found("sale_not_found", message),
-            PurchaseError::NotStarted => ApiError::new(StatusCode::CONFLICT, "not_started", message),
-            PurchaseError::Ended => ApiError::new(StatusCode::CONFLICT, "ended", message),
-            PurchaseError::SoldOut { .. } => ApiError::new(StatusCode::CONFLICT, "sold_out", message),
-            PurchaseError::LimitExceeded { .. } => ApiError::new(StatusCode::CONFLICT, "limit_exceeded", message),
-            PurchaseError::KeyReused => {
-                ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "idempotency_key_reused", message)
+            PurchaseError::NotStarted => {
+                ApiError::new(StatusCode::CONFLICT, "not_started", message)
             }
+            PurchaseError::Ended => ApiError::new(StatusCode::CONFLICT, "ended", message),
+            PurchaseError::SoldOut { .. } => {
+                ApiError::new(StatusCode::CONFLICT, "sold_out", message)
+            }
+            PurchaseError::LimitExceeded { .. } => {
+                ApiError::new(StatusCode::CONFLICT, "limit_exceeded", message)
+            }
+            PurchaseError::KeyReused => ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "idempotency_key_reused",
+                message,
+            ),
             PurchaseError::Overloaded => ApiError::overloaded(message),
             PurchaseError::Unavailable => ApiError::unavailable(message),
         }
@@ -129,10 +157,16 @@ impl From<OrderError> for ApiError {
         match error {
             OrderError::NotFound => ApiError::not_found("order_not_found", message),
             OrderError::Expired => ApiError::new(StatusCode::CONFLICT, "order_expired", message),
-            OrderError::Cancelled => ApiError::new(StatusCode::CONFLICT, "order_cancelled", message),
+            OrderError::Cancelled => {
+                ApiError::new(StatusCode::CONFLICT, "order_cancelled", message)
+            }
             OrderError::Paid => ApiError::new(StatusCode::CONFLICT, "order_paid", message),
-            OrderError::PaymentFailed(_) => ApiError::new(StatusCode::BAD_GATEWAY, "payment_failed", message),
-            OrderError::PaymentTimeout => ApiError::new(StatusCode::GATEWAY_TIMEOUT, "payment_timeout", message),
+            OrderError::PaymentFailed(_) => {
+                ApiError::new(StatusCode::BAD_GATEWAY, "payment_failed", message)
+            }
+            OrderError::PaymentTimeout => {
+                ApiError::new(StatusCode::GATEWAY_TIMEOUT, "payment_timeout", message)
+            }
             OrderError::Overloaded => ApiError::overloaded(message),
             OrderError::Unavailable => ApiError::unavailable(message),
         }

@@ -10,7 +10,8 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use stampede_engine::{NewProduct, NewSale, OrderRecord, Placed, ProductView, SaleView};
 use stampede_types::{
-    Cents, IdempotencyKey, OrderId, OrderStatus, Quantity, SaleId, SaleStatus, Sku, parse_name, parse_stock,
+    Cents, IdempotencyKey, OrderId, OrderStatus, Quantity, SaleId, SaleStatus, Sku, parse_name,
+    parse_stock,
 };
 use utoipa::ToSchema;
 
@@ -48,8 +49,29 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for JsonBody<T> {
                 "send Content-Type: application/json",
             ));
         }
-        let bytes = Bytes::from_request(req, state).await.map_err(from_bytes_rejection)?;
-        serde_json::from_slice(&bytes).map(JsonBody).map_err(from_serde)
+        let bytes = Bytes::from_request(req, state)
+            .await
+            .map_err(from_bytes_rejection)?;
+        // serde accepts a JSON array for a struct (fields by position); the contract's
+        // bodies are objects only.
+        match bytes.iter().find(|b| !b.is_ascii_whitespace()) {
+            Some(b'{') => {}
+            Some(b'[' | b'"' | b't' | b'f' | b'n' | b'-' | b'0'..=b'9') => {
+                return Err(ApiError::bad_request(
+                    "invalid_body",
+                    "the body must be a JSON object",
+                ));
+            }
+            _ => {
+                return Err(ApiError::bad_request(
+                    "malformed_json",
+                    "the body is not JSON",
+                ));
+            }
+        }
+        serde_json::from_slice(&bytes)
+            .map(JsonBody)
+            .map_err(from_serde)
     }
 }
 
@@ -75,7 +97,12 @@ pub struct ProductBody {
 
 impl From<ProductView> for ProductBody {
     fn from(p: ProductView) -> Self {
-        Self { sku: p.sku.to_string(), name: p.name.to_string(), price_cents: p.price.get(), available: p.available }
+        Self {
+            sku: p.sku.to_string(),
+            name: p.name.to_string(),
+            price_cents: p.price.get(),
+            available: p.available,
+        }
     }
 }
 
@@ -99,7 +126,10 @@ pub async fn create_product(
 
 #[utoipa::path(get, path = "/v1/products/{sku}", params(("sku" = String, Path)),
     responses((status = 200, body = ProductBody), (status = 404, body = ErrorBody)))]
-pub async fn get_product(State(app): State<AppState>, Path(sku): Path<String>) -> Result<Json<ProductBody>, ApiError> {
+pub async fn get_product(
+    State(app): State<AppState>,
+    Path(sku): Path<String>,
+) -> Result<Json<ProductBody>, ApiError> {
     app.engine
         .product(&sku)
         .map(|p| Json(p.into()))
@@ -167,7 +197,10 @@ pub async fn create_sale(
     }
     let quantity = parse_stock("quantity", body.quantity)?;
     if quantity == 0 {
-        return Err(ApiError::bad_request("invalid_field", "quantity: must be at least 1"));
+        return Err(ApiError::bad_request(
+            "invalid_field",
+            "quantity: must be at least 1",
+        ));
     }
     let new = NewSale {
         sku: Sku::parse(&body.sku)?,
@@ -187,7 +220,10 @@ fn parse_sale_id(id: &str) -> Result<SaleId, ApiError> {
 
 #[utoipa::path(get, path = "/v1/flash-sales/{id}", params(("id" = String, Path)),
     responses((status = 200, body = SaleBody), (status = 404, body = ErrorBody)))]
-pub async fn get_sale(State(app): State<AppState>, Path(id): Path<String>) -> Result<Json<SaleBody>, ApiError> {
+pub async fn get_sale(
+    State(app): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<SaleBody>, ApiError> {
     let id = parse_sale_id(&id)?;
     app.engine
         .sale(id)
@@ -244,14 +280,20 @@ pub async fn purchase(
     headers: HeaderMap,
     JsonBody(body): JsonBody<PurchaseRequest>,
 ) -> Result<Response, ApiError> {
-    let key = headers
-        .get("idempotency-key")
-        .ok_or_else(|| ApiError::bad_request("missing_idempotency_key", "send an Idempotency-Key header"))?;
-    let key = IdempotencyKey::parse(key.to_str().map_err(|_| ApiError::bad_request("invalid_field", "idempotency_key: must be visible ASCII"))?)?;
+    let key = headers.get("idempotency-key").ok_or_else(|| {
+        ApiError::bad_request("missing_idempotency_key", "send an Idempotency-Key header")
+    })?;
+    let key = IdempotencyKey::parse(key.to_str().map_err(|_| {
+        ApiError::bad_request("invalid_field", "idempotency_key: must be visible ASCII")
+    })?)?;
     let quantity = Quantity::parse(body.quantity)?;
     let sale_id = parse_sale_id(&id)?;
     let purchase = app.engine.purchase(user, key, sale_id, quantity).await?;
-    let status = if purchase.replay { StatusCode::OK } else { StatusCode::CREATED };
+    let status = if purchase.replay {
+        StatusCode::OK
+    } else {
+        StatusCode::CREATED
+    };
     Ok((status, Json(PurchaseBody::from(&purchase.placed))).into_response())
 }
 
@@ -316,9 +358,14 @@ pub async fn get_order(
 
 #[utoipa::path(get, path = "/v1/orders", security(("shopper" = [])),
     responses((status = 200, description = "the caller's newest 100 orders", body = OrderList)))]
-pub async fn list_orders(State(app): State<AppState>, Shopper(user): Shopper) -> Result<Json<OrderList>, ApiError> {
+pub async fn list_orders(
+    State(app): State<AppState>,
+    Shopper(user): Shopper,
+) -> Result<Json<OrderList>, ApiError> {
     let orders = app.engine.orders_of(&user, ORDER_LIST_LEN_MAX).await?;
-    Ok(Json(OrderList { orders: orders.into_iter().map(Into::into).collect() }))
+    Ok(Json(OrderList {
+        orders: orders.into_iter().map(Into::into).collect(),
+    }))
 }
 
 #[utoipa::path(post, path = "/v1/orders/{id}/pay", params(("id" = String, Path)), security(("shopper" = [])),
@@ -373,7 +420,11 @@ pub async fn audit_sale(
     Path(id): Path<String>,
 ) -> Result<Json<AuditBody>, ApiError> {
     let id = parse_sale_id(&id)?;
-    let audit = app.engine.audit(id).await?.ok_or_else(|| ApiError::not_found("sale_not_found", "no such flash sale"))?;
+    let audit = app
+        .engine
+        .audit(id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("sale_not_found", "no such flash sale"))?;
     Ok(Json(AuditBody {
         quantity: audit.quantity,
         remaining: audit.remaining,
@@ -397,21 +448,32 @@ pub async fn healthz() -> &'static str {
 #[utoipa::path(get, path = "/readyz",
     responses((status = 200, description = "writer running and store reachable"), (status = 503, body = ErrorBody)))]
 pub async fn readyz(State(app): State<AppState>) -> Result<&'static str, ApiError> {
-    if app.engine.ready().await { Ok("ready") } else { Err(ApiError::unavailable("not ready")) }
+    if app.engine.ready().await {
+        Ok("ready")
+    } else {
+        Err(ApiError::unavailable("not ready"))
+    }
 }
 
 #[utoipa::path(get, path = "/metrics", responses((status = 200, description = "Prometheus text format")))]
 pub async fn metrics(State(app): State<AppState>) -> Response {
     metrics::gauge!("stampede_writer_queue_depth").set(app.engine.queue_depth() as f64);
     (
-        [(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4",
+        )],
         app.metrics.render(),
     )
         .into_response()
 }
 
 pub async fn openapi(State(app): State<AppState>) -> Response {
-    ([(axum::http::header::CONTENT_TYPE, "application/json")], app.openapi.to_string()).into_response()
+    (
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        app.openapi.to_string(),
+    )
+        .into_response()
 }
 
 pub async fn not_found() -> ApiError {

@@ -44,11 +44,24 @@ pub struct AppState {
 
 #[derive(OpenApi)]
 #[openapi(
-    info(title = "Stampede", description = "Retail transaction core for traffic that arrives as a stampede. API contract v1."),
+    info(
+        title = "Stampede",
+        description = "Retail transaction core for traffic that arrives as a stampede. API contract v1."
+    ),
     paths(
-        handlers::create_product, handlers::get_product, handlers::create_sale, handlers::get_sale,
-        handlers::purchase, handlers::get_order, handlers::list_orders, handlers::pay_order,
-        handlers::cancel_order, handlers::audit_sale, handlers::healthz, handlers::readyz, handlers::metrics,
+        handlers::create_product,
+        handlers::get_product,
+        handlers::create_sale,
+        handlers::get_sale,
+        handlers::purchase,
+        handlers::get_order,
+        handlers::list_orders,
+        handlers::pay_order,
+        handlers::cancel_order,
+        handlers::audit_sale,
+        handlers::healthz,
+        handlers::readyz,
+        handlers::metrics,
     ),
     components(schemas(error::ErrorBody, error::ErrorDetail))
 )]
@@ -56,7 +69,9 @@ pub struct ApiDoc;
 
 /// The OpenAPI document, generated from the handlers' annotations.
 pub fn openapi_json() -> String {
-    ApiDoc::openapi().to_pretty_json().expect("the OpenAPI document serialises")
+    ApiDoc::openapi()
+        .to_pretty_json()
+        .expect("the OpenAPI document serialises")
 }
 
 /// Installs the process-wide Prometheus recorder once and returns its handle.
@@ -66,7 +81,8 @@ pub fn metrics_handle() -> PrometheusHandle {
         .get_or_init(|| {
             let handle = PrometheusBuilder::new()
                 .set_buckets(&[
-                    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+                    0.5, 1.0, 2.5, 5.0,
                 ])
                 .expect("static buckets are valid")
                 .install_recorder()
@@ -118,18 +134,29 @@ async fn track(request: Request, next: Next) -> Response {
         500..=599 => "5xx",
         _ => "other",
     };
-    metrics::counter!("stampede_http_requests_total", "route" => route, "class" => class).increment(1);
-    metrics::histogram!("stampede_http_request_seconds", "route" => route).record(started.elapsed().as_secs_f64());
+    metrics::counter!("stampede_http_requests_total", "route" => route, "class" => class)
+        .increment(1);
+    metrics::histogram!("stampede_http_request_seconds", "route" => route)
+        .record(started.elapsed().as_secs_f64());
     response
 }
 
 fn panic_response(_: Box<dyn std::any::Any + Send + 'static>) -> Response {
     metrics::counter!("stampede_http_panics_total").increment(1);
-    ApiError::new(axum::http::StatusCode::INTERNAL_SERVER_ERROR, "internal", "internal error").into_response()
+    ApiError::new(
+        axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+        "internal",
+        "internal error",
+    )
+    .into_response()
 }
 
 async fn method_not_allowed() -> ApiError {
-    ApiError::new(axum::http::StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "method not allowed on this route")
+    ApiError::new(
+        axum::http::StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "method not allowed on this route",
+    )
 }
 
 pub fn router(state: AppState, body_limit_bytes: usize) -> Router {
@@ -167,7 +194,9 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     let engine = state.engine.clone();
     let app = router(state, body_limit_bytes);
-    axum::serve(listener, app).with_graceful_shutdown(shutdown).await?;
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await?;
     engine.shutdown().await;
     Ok(())
 }

@@ -27,24 +27,32 @@ impl HttpPayments {
             .pool_max_idle_per_host(64)
             .build()
             .expect("reqwest client builds without TLS");
-        Self { client, base_url: base_url.trim_end_matches('/').to_owned() }
+        Self {
+            client,
+            base_url: base_url.trim_end_matches('/').to_owned(),
+        }
     }
 
     async fn post(&self, path: &str, key: &str, amount: Cents) -> Result<(), PaymentError> {
         let result = self
             .client
             .post(format!("{}{path}", self.base_url))
-            .json(&ChargeRequest { idempotency_key: key, amount_cents: amount.get() })
+            .json(&ChargeRequest {
+                idempotency_key: key,
+                amount_cents: amount.get(),
+            })
             .send()
             .await;
         let response = match result {
             Ok(response) => response,
             Err(e) if e.is_timeout() => {
-                metrics::counter!("stampede_payment_calls_total", "outcome" => "timeout").increment(1);
+                metrics::counter!("stampede_payment_calls_total", "outcome" => "timeout")
+                    .increment(1);
                 return Err(PaymentError::Timeout);
             }
             Err(e) => {
-                metrics::counter!("stampede_payment_calls_total", "outcome" => "error").increment(1);
+                metrics::counter!("stampede_payment_calls_total", "outcome" => "error")
+                    .increment(1);
                 return Err(PaymentError::Unavailable(e.to_string()));
             }
         };
@@ -63,7 +71,9 @@ impl HttpPayments {
             Err(PaymentError::Declined(body.chars().take(200).collect()))
         } else {
             metrics::counter!("stampede_payment_calls_total", "outcome" => "error").increment(1);
-            Err(PaymentError::Unavailable(format!("provider answered {status}")))
+            Err(PaymentError::Unavailable(format!(
+                "provider answered {status}"
+            )))
         }
     }
 }

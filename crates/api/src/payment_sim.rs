@@ -61,7 +61,11 @@ struct ChargeRequest {
 }
 
 fn error(status: StatusCode, code: &str, message: &str) -> Response {
-    (status, Json(serde_json::json!({"error": {"code": code, "message": message}}))).into_response()
+    (
+        status,
+        Json(serde_json::json!({"error": {"code": code, "message": message}})),
+    )
+        .into_response()
 }
 
 async fn delay_and_maybe_fail(sim: &Sim) -> Option<Response> {
@@ -71,35 +75,56 @@ async fn delay_and_maybe_fail(sim: &Sim) -> Option<Response> {
     }
     if config.failure_rate > 0.0 && rand::rng().random_bool(config.failure_rate.clamp(0.0, 1.0)) {
         sim.stats.lock().injected_failures += 1;
-        return Some(error(StatusCode::SERVICE_UNAVAILABLE, "provider_unavailable", "injected failure"));
+        return Some(error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "provider_unavailable",
+            "injected failure",
+        ));
     }
     None
 }
 
 async fn charge(State(sim): State<Arc<Sim>>, Json(request): Json<ChargeRequest>) -> Response {
     sim.stats.lock().attempts += 1;
-    if request.idempotency_key.is_empty() || request.idempotency_key.len() > 200 || request.amount_cents < 0 {
-        return error(StatusCode::BAD_REQUEST, "invalid_request", "bad key or amount");
+    if request.idempotency_key.is_empty()
+        || request.idempotency_key.len() > 200
+        || request.amount_cents < 0
+    {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            "bad key or amount",
+        );
     }
     {
         let mut charges = sim.charges.lock();
         if let Some(charge) = charges.get_mut(&request.idempotency_key) {
             charge.attempts += 1;
         } else if charges.len() >= CHARGES_MAX {
-            return error(StatusCode::INSUFFICIENT_STORAGE, "full", "simulator is full");
+            return error(
+                StatusCode::INSUFFICIENT_STORAGE,
+                "full",
+                "simulator is full",
+            );
         }
     }
     if let Some(failure) = delay_and_maybe_fail(&sim).await {
         return failure;
     }
     let mut charges = sim.charges.lock();
-    let charge = charges.entry(request.idempotency_key).or_insert_with(|| Charge {
-        amount_cents: request.amount_cents,
-        attempts: 1,
-        ..Charge::default()
-    });
+    let charge = charges
+        .entry(request.idempotency_key)
+        .or_insert_with(|| Charge {
+            amount_cents: request.amount_cents,
+            attempts: 1,
+            ..Charge::default()
+        });
     if charge.amount_cents != request.amount_cents {
-        return error(StatusCode::UNPROCESSABLE_ENTITY, "key_reused", "same key, other amount");
+        return error(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "key_reused",
+            "same key, other amount",
+        );
     }
     if charge.charged == 0 {
         charge.charged = 1;
@@ -123,7 +148,11 @@ async fn refund(State(sim): State<Arc<Sim>>, Json(request): Json<ChargeRequest>)
             }
             Json(charge.clone()).into_response()
         }
-        _ => error(StatusCode::NOT_FOUND, "no_charge", "nothing was charged under this key"),
+        _ => error(
+            StatusCode::NOT_FOUND,
+            "no_charge",
+            "nothing was charged under this key",
+        ),
     }
 }
 
@@ -147,7 +176,11 @@ async fn stats(State(sim): State<Arc<Sim>>) -> Response {
 
 async fn set_config(State(sim): State<Arc<Sim>>, Json(config): Json<SimConfig>) -> Response {
     if !(0.0..=1.0).contains(&config.failure_rate) {
-        return error(StatusCode::BAD_REQUEST, "invalid_request", "failure_rate must be within 0..=1");
+        return error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            "failure_rate must be within 0..=1",
+        );
     }
     *sim.config.lock() = config;
     Json(config).into_response()

@@ -1,6 +1,6 @@
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
-use std::hash::{BuildHasher, Hash, Hasher, RandomState};
+use std::hash::{BuildHasher, Hash, Hasher};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -9,7 +9,7 @@ use stampede_types::{
     Cents, IdempotencyKey, OrderEvent, OrderId, OrderStatus, Quantity, SaleId, SaleStatus, Sku,
     UserId,
 };
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot};
 
 use crate::clock::Clock;
 use crate::payment::{PaymentError, PaymentGateway};
@@ -65,6 +65,18 @@ pub struct Placed {
     pub quantity: Quantity,
     pub amount: Cents,
     pub expires_at_ms: i64,
+}
+
+impl Placed {
+    pub(crate) fn of(order: &OrderRecord) -> Self {
+        Placed {
+            order_id: order.id,
+            sale_id: order.sale_id,
+            quantity: order.quantity,
+            amount: order.amount,
+            expires_at_ms: order.expires_at_ms,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -192,8 +204,15 @@ pub struct Audit {
 
 pub(crate) type Outcome = Result<Placed, PurchaseError>;
 
+/// Hash maps on the hot path use foldhash: keys are ours or bounded, and SipHash showed
+/// in profiles.
+pub(crate) type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+
 pub(crate) enum IdemEntry {
-    InFlight(watch::Receiver<Option<Outcome>>),
+    /// The first request with this key is being decided; duplicates wait here.
+    InFlight {
+        waiters: Vec<oneshot::Sender<Outcome>>,
+    },
     Done(Placed),
 }
 
@@ -202,7 +221,7 @@ pub(crate) struct SaleInner {
     /// Units reserved but not yet durable.
     pub in_flight: u64,
     /// Units held (pending + paid + in flight) by each shopper.
-    pub held_by_user: HashMap<UserId, u32>,
+    pub held_by_user: FastMap<UserId, u32>,
 }
 
 pub(crate) struct SaleState {
@@ -243,8 +262,8 @@ pub(crate) struct Shared {
     pub config: EngineConfig,
     pub products: RwLock<HashMap<Sku, Arc<Mutex<ProductState>>>>,
     pub sales: RwLock<HashMap<SaleId, Arc<SaleState>>>,
-    idem_shards: Vec<Mutex<HashMap<(UserId, IdempotencyKey), IdemEntry>>>,
-    idem_hasher: RandomState,
+    idem_shards: Vec<Mutex<FastMap<(UserId, IdempotencyKey), IdemEntry>>>,
+    idem_hasher: foldhash::fast::RandomState,
 }
 
 impl Shared {
@@ -252,11 +271,30 @@ impl Shared {
         &self,
         user: &UserId,
         key: &IdempotencyKey,
-    ) -> &Mutex<HashMap<(UserId, IdempotencyKey), IdemEntry>> {
+    ) -> &Mutex<FastMap<(UserId, IdempotencyKey), IdemEntry>> {
         let mut hasher = self.idem_hasher.build_hasher();
         user.hash(&mut hasher);
         key.hash(&mut hasher);
         &self.idem_shards[(hasher.finish() as usize) % IDEM_SHARDS]
+    }
+
+    /// Records the answer to the request holding `(user, key)` and tells the duplicates
+    /// waiting for it. A placed order is remembered; a refusal forgets the key so it can
+    /// be tried again.
+    pub(crate) fn settle(&self, user: &UserId, key: &IdempotencyKey, outcome: Outcome) {
+        let id = (user.clone(), key.clone());
+        let previous = {
+            let mut entries = self.idem_shard(user, key).lock();
+            match &outcome {
+                Ok(placed) => entries.insert(id, IdemEntry::Done(placed.clone())),
+                Err(_) => entries.remove(&id),
+            }
+        };
+        if let Some(IdemEntry::InFlight { waiters }) = previous {
+            for waiter in waiters {
+                let _ = waiter.send(outcome.clone());
+            }
+        }
     }
 
     pub(crate) fn sale(&self, id: SaleId) -> Option<Arc<SaleState>> {
@@ -292,16 +330,20 @@ impl Engine {
 
         let mut products = HashMap::new();
         for product in snapshot.products {
-            products
-                .insert(product.sku.clone(), Arc::new(Mutex::new(ProductState { record: product })));
+            products.insert(
+                product.sku.clone(),
+                Arc::new(Mutex::new(ProductState { record: product })),
+            );
         }
 
         let mut sales = HashMap::new();
         let mut held_units: HashMap<SaleId, u64> = HashMap::new();
-        let mut held_by_user: HashMap<SaleId, HashMap<UserId, u32>> = HashMap::new();
+        let mut held_by_user: HashMap<SaleId, FastMap<UserId, u32>> = HashMap::new();
         let mut expiries = Vec::new();
-        let idem_shards: Vec<_> = (0..IDEM_SHARDS).map(|_| Mutex::new(HashMap::new())).collect();
-        let idem_hasher = RandomState::new();
+        let idem_shards: Vec<_> = (0..IDEM_SHARDS)
+            .map(|_| Mutex::new(FastMap::default()))
+            .collect();
+        let idem_hasher = foldhash::fast::RandomState::default();
 
         let shared_probe = Shared {
             store: store.clone(),
@@ -325,17 +367,14 @@ impl Engine {
             if order.status == OrderStatus::PendingPayment {
                 expiries.push((order.expires_at_ms + config.expiry_grace_ms, order.id));
             }
-            let placed = Placed {
-                order_id: order.id,
-                sale_id: order.sale_id,
-                quantity: order.quantity,
-                amount: order.amount,
-                expires_at_ms: order.expires_at_ms,
-            };
+            let placed = Placed::of(order);
             shared_probe
                 .idem_shard(&order.user_id, &order.idempotency_key)
                 .lock()
-                .insert((order.user_id.clone(), order.idempotency_key.clone()), IdemEntry::Done(placed));
+                .insert(
+                    (order.user_id.clone(), order.idempotency_key.clone()),
+                    IdemEntry::Done(placed),
+                );
         }
 
         for sale in snapshot.sales {
@@ -347,7 +386,10 @@ impl Engine {
                 )));
             }
             let users = held_by_user.remove(&sale.id).unwrap_or_default();
-            if let Some((user, units)) = users.iter().find(|(_, units)| **units > sale.per_user_limit) {
+            if let Some((user, units)) = users
+                .iter()
+                .find(|(_, units)| **units > sale.per_user_limit)
+            {
                 return Err(OpenError::Invariant(format!(
                     "shopper {user} holds {units} units of sale {} (limit {})",
                     sale.id, sale.per_user_limit
@@ -364,7 +406,9 @@ impl Engine {
             sales.insert(state.record.id, Arc::new(state));
         }
         if let Some((sale_id, _)) = held_units.into_iter().next() {
-            return Err(OpenError::Invariant(format!("orders reference unknown sale {sale_id}")));
+            return Err(OpenError::Invariant(format!(
+                "orders reference unknown sale {sale_id}"
+            )));
         }
 
         *shared_probe.products.write() = products;
@@ -443,13 +487,25 @@ impl Engine {
             if products.contains_key(&new.sku) {
                 return Err(AdminError::SkuExists);
             }
-            products.insert(new.sku.clone(), Arc::new(Mutex::new(ProductState { record: record.clone() })));
+            products.insert(
+                new.sku.clone(),
+                Arc::new(Mutex::new(ProductState {
+                    record: record.clone(),
+                })),
+            );
         }
         let (reply, answer) = oneshot::channel();
         let undo = || {
             self.shared.products.write().remove(&new.sku);
         };
-        if self.jobs.try_send(Job::CreateProduct { record: record.clone(), reply }).is_err() {
+        if self
+            .jobs
+            .try_send(Job::CreateProduct {
+                record: record.clone(),
+                reply,
+            })
+            .is_err()
+        {
             undo();
             return Err(AdminError::Overloaded);
         }
@@ -481,19 +537,31 @@ impl Engine {
 
     pub async fn create_sale(&self, new: NewSale) -> Result<SaleView, AdminError> {
         if new.ends_at_ms <= new.starts_at_ms {
-            return Err(AdminError::Invalid("ends_at must be after starts_at".into()));
+            return Err(AdminError::Invalid(
+                "ends_at must be after starts_at".into(),
+            ));
         }
         if new.quantity == 0 {
             return Err(AdminError::Invalid("quantity must be at least 1".into()));
         }
         if new.per_user_limit == 0 {
-            return Err(AdminError::Invalid("per_user_limit must be at least 1".into()));
+            return Err(AdminError::Invalid(
+                "per_user_limit must be at least 1".into(),
+            ));
         }
-        let product = self.shared.products.read().get(&new.sku).cloned().ok_or(AdminError::ProductNotFound)?;
+        let product = self
+            .shared
+            .products
+            .read()
+            .get(&new.sku)
+            .cloned()
+            .ok_or(AdminError::ProductNotFound)?;
         {
             let mut product = product.lock();
             if product.record.available < new.quantity {
-                return Err(AdminError::InsufficientStock { available: product.record.available });
+                return Err(AdminError::InsufficientStock {
+                    available: product.record.available,
+                });
             }
             product.record.available -= new.quantity;
         }
@@ -509,7 +577,14 @@ impl Engine {
             created_at_ms: self.now_ms(),
         };
         let (reply, answer) = oneshot::channel();
-        if self.jobs.try_send(Job::CreateSale { record: record.clone(), reply }).is_err() {
+        if self
+            .jobs
+            .try_send(Job::CreateSale {
+                record: record.clone(),
+                reply,
+            })
+            .is_err()
+        {
             give_back();
             return Err(AdminError::Overloaded);
         }
@@ -525,7 +600,13 @@ impl Engine {
 
     /// Every sale, oldest first.
     pub fn sale_ids(&self) -> Vec<SaleId> {
-        let mut sales: Vec<_> = self.shared.sales.read().values().map(|s| (s.record.created_at_ms, s.record.id)).collect();
+        let mut sales: Vec<_> = self
+            .shared
+            .sales
+            .read()
+            .values()
+            .map(|s| (s.record.created_at_ms, s.record.id))
+            .collect();
         sales.sort();
         sales.into_iter().map(|(_, id)| id).collect()
     }
@@ -535,7 +616,12 @@ impl Engine {
         let remaining = sale.inner.lock().remaining;
         let record = &sale.record;
         Some(SaleView {
-            status: SaleStatus::at(self.now_ms(), record.starts_at_ms, record.ends_at_ms, remaining),
+            status: SaleStatus::at(
+                self.now_ms(),
+                record.starts_at_ms,
+                record.ends_at_ms,
+                remaining,
+            ),
             remaining,
             record: record.clone(),
         })
@@ -563,7 +649,8 @@ impl Engine {
                         Ok(_) => "placed",
                         Err(e) => e.metric_label(),
                     };
-                    metrics::counter!("stampede_purchases_total", "outcome" => outcome).increment(1);
+                    metrics::counter!("stampede_purchases_total", "outcome" => outcome)
+                        .increment(1);
                     return answer;
                 }
                 Attempt::RetryAfterDuplicateFailed => continue,
@@ -583,16 +670,21 @@ impl Engine {
         let same_request =
             |placed: &Placed| placed.sale_id == sale_id && placed.quantity == quantity;
         let shard = self.shared.idem_shard(user, key);
-        let (notify, mut waiting) = watch::channel(None);
         let seen = {
             let mut entries = shard.lock();
             match entries.entry((user.clone(), key.clone())) {
-                Entry::Occupied(entry) => match entry.get() {
+                Entry::Occupied(mut entry) => match entry.get_mut() {
                     IdemEntry::Done(placed) => Seen::Done(placed.clone()),
-                    IdemEntry::InFlight(first) => Seen::InFlight(first.clone()),
+                    IdemEntry::InFlight { waiters } => {
+                        let (tell, told) = oneshot::channel();
+                        waiters.push(tell);
+                        Seen::InFlight(told)
+                    }
                 },
                 Entry::Vacant(slot) => {
-                    slot.insert(IdemEntry::InFlight(waiting.clone()));
+                    slot.insert(IdemEntry::InFlight {
+                        waiters: Vec::new(),
+                    });
                     Seen::New
                 }
             }
@@ -600,46 +692,48 @@ impl Engine {
         match seen {
             Seen::Done(placed) => {
                 return Attempt::Answer(if same_request(&placed) {
-                    Ok(Purchase { placed, replay: true })
+                    Ok(Purchase {
+                        placed,
+                        replay: true,
+                    })
                 } else {
                     Err(PurchaseError::KeyReused)
                 });
             }
-            Seen::InFlight(mut first) => {
-                let outcome = match first.wait_for(Option::is_some).await {
-                    Ok(outcome) => outcome.clone().expect("waited for Some"),
-                    // The writer went away without answering the first attempt.
-                    Err(_) => return Attempt::Answer(Err(PurchaseError::Unavailable)),
-                };
-                return match outcome {
-                    Ok(placed) if same_request(&placed) => Attempt::Answer(Ok(Purchase { placed, replay: true })),
-                    Ok(_) => Attempt::Answer(Err(PurchaseError::KeyReused)),
+            Seen::InFlight(first) => {
+                return match first.await {
+                    Ok(Ok(placed)) if same_request(&placed) => Attempt::Answer(Ok(Purchase {
+                        placed,
+                        replay: true,
+                    })),
+                    Ok(Ok(_)) => Attempt::Answer(Err(PurchaseError::KeyReused)),
                     // The first attempt could not be recorded: this one may try afresh.
-                    Err(PurchaseError::Overloaded | PurchaseError::Unavailable) => {
+                    Ok(Err(PurchaseError::Overloaded | PurchaseError::Unavailable)) => {
                         Attempt::RetryAfterDuplicateFailed
                     }
                     // A business answer (sold out, limit, ...) is the answer to the duplicate too.
-                    Err(error) => Attempt::Answer(Err(error)),
+                    Ok(Err(error)) => Attempt::Answer(Err(error)),
+                    // The writer went away without answering the first attempt.
+                    Err(_) => Attempt::Answer(Err(PurchaseError::Unavailable)),
                 };
             }
             Seen::New => {}
         }
-        let forget_key = |error: PurchaseError| {
-            shard.lock().remove(&(user.clone(), key.clone()));
-            let _ = notify.send(Some(Err(error.clone())));
+        let refuse = |error: PurchaseError| {
+            self.shared.settle(user, key, Err(error.clone()));
             Attempt::Answer(Err(error))
         };
 
         let Some(sale) = self.shared.sale(sale_id) else {
-            return forget_key(PurchaseError::SaleNotFound);
+            return refuse(PurchaseError::SaleNotFound);
         };
         let now_ms = self.now_ms();
         let record = &sale.record;
         if now_ms < record.starts_at_ms {
-            return forget_key(PurchaseError::NotStarted);
+            return refuse(PurchaseError::NotStarted);
         }
         if now_ms >= record.ends_at_ms {
-            return forget_key(PurchaseError::Ended);
+            return refuse(PurchaseError::Ended);
         }
         let units = quantity.get();
         {
@@ -647,12 +741,18 @@ impl Engine {
             let held = inner.held_by_user.get(user).copied().unwrap_or(0);
             if held + units > record.per_user_limit {
                 drop(inner);
-                return forget_key(PurchaseError::LimitExceeded { limit: record.per_user_limit, held });
+                return refuse(PurchaseError::LimitExceeded {
+                    limit: record.per_user_limit,
+                    held,
+                });
             }
             if inner.remaining < u64::from(units) {
                 let remaining = inner.remaining;
                 drop(inner);
-                return forget_key(PurchaseError::SoldOut { remaining, requested: units });
+                return refuse(PurchaseError::SoldOut {
+                    remaining,
+                    requested: units,
+                });
             }
             inner.remaining -= u64::from(units);
             inner.in_flight += u64::from(units);
@@ -672,39 +772,39 @@ impl Engine {
             expires_at_ms: now_ms + self.shared.config.payment_window_ms,
             updated_at_ms: now_ms,
         };
-        let placed = Placed {
-            order_id: order.id,
-            sale_id,
-            quantity,
-            amount: order.amount,
-            expires_at_ms: order.expires_at_ms,
-        };
+        let placed = Placed::of(&order);
         let ack = self.shared.config.ack;
         if ack == AckMode::Reserved {
             // Replays see the same order from now on, even before the writer commits.
-            shard.lock().insert((user.clone(), key.clone()), IdemEntry::Done(placed.clone()));
+            self.shared.settle(user, key, Ok(placed.clone()));
         }
-        let job = Job::Purchase { order, sale: sale.clone(), notify };
+        let (reply, answer) = oneshot::channel();
+        let job = Job::Purchase {
+            order,
+            sale: sale.clone(),
+            reply,
+        };
         if let Err(refused) = self.jobs.try_send(job) {
-            let (error, job) = match refused {
-                mpsc::error::TrySendError::Full(job) => (PurchaseError::Overloaded, job),
-                mpsc::error::TrySendError::Closed(job) => (PurchaseError::Unavailable, job),
+            let error = match refused {
+                mpsc::error::TrySendError::Full(_) => PurchaseError::Overloaded,
+                mpsc::error::TrySendError::Closed(_) => PurchaseError::Unavailable,
             };
             sale.give_back(user, units, true);
-            let Job::Purchase { notify, .. } = job else { unreachable!() };
-            shard.lock().remove(&(user.clone(), key.clone()));
-            let _ = notify.send(Some(Err(error.clone())));
-            return Attempt::Answer(Err(error));
+            return refuse(error);
         }
 
         match ack {
-            AckMode::Reserved => Attempt::Answer(Ok(Purchase { placed, replay: false })),
-            AckMode::Durable => match waiting.wait_for(Option::is_some).await {
-                Ok(outcome) => Attempt::Answer(
-                    outcome.clone().expect("waited for Some").map(|placed| Purchase { placed, replay: false }),
-                ),
+            AckMode::Reserved => Attempt::Answer(Ok(Purchase {
+                placed,
+                replay: false,
+            })),
+            AckMode::Durable => match answer.await {
+                Ok(outcome) => Attempt::Answer(outcome.map(|placed| Purchase {
+                    placed,
+                    replay: false,
+                })),
                 // The writer went away without answering: nothing can be claimed durable.
-                Err(_) => Attempt::Answer(Err(PurchaseError::Unavailable)),
+                Err(_) => refuse(PurchaseError::Unavailable),
             },
         }
     }
@@ -712,21 +812,47 @@ impl Engine {
     // ---- orders ----------------------------------------------------------------------
 
     pub async fn order(&self, actor: &Actor, id: OrderId) -> Result<OrderRecord, OrderError> {
-        let order = self.shared.store.order(id).await.map_err(|_| OrderError::Unavailable)?;
+        let order = self
+            .shared
+            .store
+            .order(id)
+            .await
+            .map_err(|_| OrderError::Unavailable)?;
         match order {
             Some(order) if actor.may_see(&order) => Ok(order),
             _ => Err(OrderError::NotFound),
         }
     }
 
-    pub async fn orders_of(&self, user: &UserId, limit: u32) -> Result<Vec<OrderRecord>, OrderError> {
-        self.shared.store.orders_of(user, limit).await.map_err(|_| OrderError::Unavailable)
+    pub async fn orders_of(
+        &self,
+        user: &UserId,
+        limit: u32,
+    ) -> Result<Vec<OrderRecord>, OrderError> {
+        self.shared
+            .store
+            .orders_of(user, limit)
+            .await
+            .map_err(|_| OrderError::Unavailable)
     }
 
-    async fn transition(&self, id: OrderId, event: OrderEvent) -> Result<TransitionResult, OrderError> {
+    async fn transition(
+        &self,
+        id: OrderId,
+        event: OrderEvent,
+    ) -> Result<TransitionResult, OrderError> {
         let (reply, answer) = oneshot::channel();
-        self.jobs.try_send(Job::Transition { order_id: id, event, reply }).map_err(|_| OrderError::Overloaded)?;
-        answer.await.map_err(|_| OrderError::Unavailable)?.map_err(|_| OrderError::Unavailable)
+        self.jobs
+            .try_send(Job::Transition {
+                order_id: id,
+                event,
+                reply,
+            })
+            .map_err(|_| OrderError::Overloaded)?;
+        answer
+            .await
+            .map_err(|_| OrderError::Unavailable)?
+            .map_err(|_| OrderError::Unavailable)
     }
 
     /// Charges the order through `gateway` (idempotency key = order id) and marks it paid.
@@ -749,10 +875,13 @@ impl Engine {
             OrderStatus::PendingPayment => {}
         }
         let key = id.to_string();
-        gateway.charge(&key, order.amount).await.map_err(|error| match error {
-            PaymentError::Timeout => OrderError::PaymentTimeout,
-            other => OrderError::PaymentFailed(other.to_string()),
-        })?;
+        gateway
+            .charge(&key, order.amount)
+            .await
+            .map_err(|error| match error {
+                PaymentError::Timeout => OrderError::PaymentTimeout,
+                other => OrderError::PaymentFailed(other.to_string()),
+            })?;
         let lost_to = match self.transition(id, OrderEvent::Pay).await? {
             TransitionResult::Applied | TransitionResult::Refused(OrderStatus::Paid) => {
                 return Ok(OrderStatus::Paid);
@@ -787,7 +916,9 @@ impl Engine {
     /// The writer also does this on its own every `expiry_tick_ms`.
     pub async fn expire_due(&self) -> Result<(), OrderError> {
         let (reply, answer) = oneshot::channel();
-        self.jobs.try_send(Job::ExpireDue { reply }).map_err(|_| OrderError::Overloaded)?;
+        self.jobs
+            .try_send(Job::ExpireDue { reply })
+            .map_err(|_| OrderError::Overloaded)?;
         answer.await.map_err(|_| OrderError::Unavailable)
     }
 
@@ -798,14 +929,23 @@ impl Engine {
             return Ok(None);
         }
         let (reply, answer) = oneshot::channel();
-        self.jobs.try_send(Job::Audit { sale_id, reply }).map_err(|_| OrderError::Overloaded)?;
-        answer.await.map_err(|_| OrderError::Unavailable)?.map(Some).map_err(|_| OrderError::Unavailable)
+        self.jobs
+            .try_send(Job::Audit { sale_id, reply })
+            .map_err(|_| OrderError::Overloaded)?;
+        answer
+            .await
+            .map_err(|_| OrderError::Unavailable)?
+            .map(Some)
+            .map_err(|_| OrderError::Unavailable)
     }
 
     /// Waits until everything queued before this call is committed.
     pub async fn flush(&self) -> Result<(), OrderError> {
         let (reply, answer) = oneshot::channel();
-        self.jobs.send(Job::Flush { reply }).await.map_err(|_| OrderError::Unavailable)?;
+        self.jobs
+            .send(Job::Flush { reply })
+            .await
+            .map_err(|_| OrderError::Unavailable)?;
         answer.await.map_err(|_| OrderError::Unavailable)
     }
 }
@@ -813,7 +953,7 @@ impl Engine {
 enum Seen {
     New,
     Done(Placed),
-    InFlight(watch::Receiver<Option<Outcome>>),
+    InFlight(oneshot::Receiver<Outcome>),
 }
 
 enum Attempt {

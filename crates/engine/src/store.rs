@@ -53,16 +53,26 @@ pub enum WriteOp {
     InsertSale(SaleRecord),
     InsertOrder(OrderRecord),
     /// Moves an order out of `pending_payment` if, and only if, it is still there.
-    Transition { order_id: OrderId, to: OrderStatus, at_ms: i64 },
+    Transition {
+        order_id: OrderId,
+        to: OrderStatus,
+        at_ms: i64,
+    },
 }
 
 /// What a `WriteOp` did, in the same order as the batch.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum OpOutcome {
     Written,
-    Transitioned { sale_id: SaleId, user_id: UserId, quantity: Quantity },
+    Transitioned {
+        sale_id: SaleId,
+        user_id: UserId,
+        quantity: Quantity,
+    },
     /// The order was no longer pending; nothing changed.
-    Refused { current: OrderStatus },
+    Refused {
+        current: OrderStatus,
+    },
     NotFound,
 }
 

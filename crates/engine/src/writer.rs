@@ -17,20 +17,43 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use stampede_types::{OrderEvent, OrderId, OrderStatus, SaleId};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot};
 use tokio::time::MissedTickBehavior;
 
-use crate::engine::{Audit, IdemEntry, Outcome, Placed, PurchaseError, SaleInner, SaleState, Shared, duration_ms};
+use crate::engine::{
+    Audit, Outcome, Placed, PurchaseError, SaleInner, SaleState, Shared, duration_ms,
+};
 use crate::store::{OpOutcome, OrderRecord, ProductRecord, SaleRecord, WriteOp};
 
 pub(crate) enum Job {
-    Purchase { order: OrderRecord, sale: Arc<SaleState>, notify: watch::Sender<Option<Outcome>> },
-    CreateProduct { record: ProductRecord, reply: oneshot::Sender<Result<(), ()>> },
-    CreateSale { record: SaleRecord, reply: oneshot::Sender<Result<(), ()>> },
-    Transition { order_id: OrderId, event: OrderEvent, reply: oneshot::Sender<Result<TransitionResult, ()>> },
-    ExpireDue { reply: oneshot::Sender<()> },
-    Audit { sale_id: SaleId, reply: oneshot::Sender<Result<Audit, ()>> },
-    Flush { reply: oneshot::Sender<()> },
+    Purchase {
+        order: OrderRecord,
+        sale: Arc<SaleState>,
+        reply: oneshot::Sender<Outcome>,
+    },
+    CreateProduct {
+        record: ProductRecord,
+        reply: oneshot::Sender<Result<(), ()>>,
+    },
+    CreateSale {
+        record: SaleRecord,
+        reply: oneshot::Sender<Result<(), ()>>,
+    },
+    Transition {
+        order_id: OrderId,
+        event: OrderEvent,
+        reply: oneshot::Sender<Result<TransitionResult, ()>>,
+    },
+    ExpireDue {
+        reply: oneshot::Sender<()>,
+    },
+    Audit {
+        sale_id: SaleId,
+        reply: oneshot::Sender<Result<Audit, ()>>,
+    },
+    Flush {
+        reply: oneshot::Sender<()>,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -52,7 +75,9 @@ pub(crate) struct Writer {
 }
 
 fn target(event: OrderEvent) -> OrderStatus {
-    OrderStatus::PendingPayment.apply(event).expect("pending orders accept every event")
+    OrderStatus::PendingPayment
+        .apply(event)
+        .expect("pending orders accept every event")
 }
 
 impl Writer {
@@ -62,7 +87,12 @@ impl Writer {
         shutdown: oneshot::Receiver<()>,
         expiries: Vec<(i64, OrderId)>,
     ) -> Self {
-        Writer { shared, jobs, shutdown, expiries: expiries.into_iter().map(Reverse).collect() }
+        Writer {
+            shared,
+            jobs,
+            shutdown,
+            expiries: expiries.into_iter().map(Reverse).collect(),
+        }
     }
 
     pub(crate) async fn run(mut self) {
@@ -104,11 +134,17 @@ impl Writer {
         for job in batch.iter() {
             match job {
                 Job::Purchase { order, .. } => ops.push(WriteOp::InsertOrder(order.clone())),
-                Job::CreateProduct { record, .. } => ops.push(WriteOp::InsertProduct(record.clone())),
-                Job::CreateSale { record, .. } => ops.push(WriteOp::InsertSale(record.clone())),
-                Job::Transition { order_id, event, .. } => {
-                    ops.push(WriteOp::Transition { order_id: *order_id, to: target(*event), at_ms: now_ms })
+                Job::CreateProduct { record, .. } => {
+                    ops.push(WriteOp::InsertProduct(record.clone()))
                 }
+                Job::CreateSale { record, .. } => ops.push(WriteOp::InsertSale(record.clone())),
+                Job::Transition {
+                    order_id, event, ..
+                } => ops.push(WriteOp::Transition {
+                    order_id: *order_id,
+                    to: target(*event),
+                    at_ms: now_ms,
+                }),
                 Job::ExpireDue { .. } | Job::Audit { .. } | Job::Flush { .. } => {}
             }
         }
@@ -118,7 +154,11 @@ impl Writer {
             match self.expiries.peek() {
                 Some(Reverse((due_ms, _))) if *due_ms <= now_ms => {
                     let Reverse((due_ms, order_id)) = self.expiries.pop().expect("peeked");
-                    ops.push(WriteOp::Transition { order_id, to: OrderStatus::Expired, at_ms: now_ms });
+                    ops.push(WriteOp::Transition {
+                        order_id,
+                        to: OrderStatus::Expired,
+                        at_ms: now_ms,
+                    });
                     expiring.push((due_ms, order_id));
                 }
                 _ => break,
@@ -130,18 +170,28 @@ impl Writer {
         } else {
             let started = Instant::now();
             let result = self.shared.store.commit(&ops).await;
-            metrics::histogram!("stampede_writer_commit_seconds").record(started.elapsed().as_secs_f64());
+            metrics::histogram!("stampede_writer_commit_seconds")
+                .record(started.elapsed().as_secs_f64());
             metrics::histogram!("stampede_writer_batch_ops").record(ops.len() as f64);
             result
         };
 
         match outcomes {
             Ok(outcomes) => {
-                assert_eq!(outcomes.len(), ops.len(), "store answered a different number of ops");
+                assert_eq!(
+                    outcomes.len(),
+                    ops.len(),
+                    "store answered a different number of ops"
+                );
                 let audits = self.committed(batch, &outcomes[..n_job_ops]);
                 let mut n_expired = 0;
                 for outcome in &outcomes[n_job_ops..] {
-                    if let OpOutcome::Transitioned { sale_id, user_id, quantity } = outcome {
+                    if let OpOutcome::Transitioned {
+                        sale_id,
+                        user_id,
+                        quantity,
+                    } = outcome
+                    {
                         if let Some(sale) = self.shared.sale(*sale_id) {
                             sale.give_back(user_id, quantity.get(), false);
                         }
@@ -172,25 +222,15 @@ impl Writer {
         let mut outcomes = outcomes.iter();
         for job in batch.drain(..) {
             match job {
-                Job::Purchase { order, sale, notify } => {
+                Job::Purchase { order, sale, reply } => {
                     let _ = outcomes.next();
-                    {
-                        let mut inner = sale.inner.lock();
-                        inner.in_flight -= u64::from(order.quantity.get());
-                    }
-                    let placed = Placed {
-                        order_id: order.id,
-                        sale_id: order.sale_id,
-                        quantity: order.quantity,
-                        amount: order.amount,
-                        expires_at_ms: order.expires_at_ms,
-                    };
+                    sale.inner.lock().in_flight -= u64::from(order.quantity.get());
+                    let placed = Placed::of(&order);
                     self.shared
-                        .idem_shard(&order.user_id, &order.idempotency_key)
-                        .lock()
-                        .insert((order.user_id.clone(), order.idempotency_key.clone()), IdemEntry::Done(placed.clone()));
-                    let _ = notify.send(Some(Ok(placed)));
-                    self.expiries.push(Reverse((order.expires_at_ms + grace_ms, order.id)));
+                        .settle(&order.user_id, &order.idempotency_key, Ok(placed.clone()));
+                    let _ = reply.send(Ok(placed));
+                    self.expiries
+                        .push(Reverse((order.expires_at_ms + grace_ms, order.id)));
                 }
                 Job::CreateProduct { reply, .. } => {
                     let _ = outcomes.next();
@@ -206,12 +246,19 @@ impl Writer {
                         }),
                         record,
                     };
-                    self.shared.sales.write().insert(state.record.id, Arc::new(state));
+                    self.shared
+                        .sales
+                        .write()
+                        .insert(state.record.id, Arc::new(state));
                     let _ = reply.send(Ok(()));
                 }
                 Job::Transition { event, reply, .. } => {
                     let result = match outcomes.next().expect("one outcome per op") {
-                        OpOutcome::Transitioned { sale_id, user_id, quantity } => {
+                        OpOutcome::Transitioned {
+                            sale_id,
+                            user_id,
+                            quantity,
+                        } => {
                             if event != OrderEvent::Pay {
                                 if let Some(sale) = self.shared.sale(*sale_id) {
                                     sale.give_back(user_id, quantity.get(), false);
@@ -239,13 +286,14 @@ impl Writer {
     fn failed(&mut self, batch: &mut Vec<Job>) {
         for job in batch.drain(..) {
             match job {
-                Job::Purchase { order, sale, notify } => {
+                Job::Purchase { order, sale, reply } => {
                     sale.give_back(&order.user_id, order.quantity.get(), true);
-                    self.shared
-                        .idem_shard(&order.user_id, &order.idempotency_key)
-                        .lock()
-                        .remove(&(order.user_id.clone(), order.idempotency_key.clone()));
-                    let _ = notify.send(Some(Err(PurchaseError::Unavailable)));
+                    self.shared.settle(
+                        &order.user_id,
+                        &order.idempotency_key,
+                        Err(PurchaseError::Unavailable),
+                    );
+                    let _ = reply.send(Err(PurchaseError::Unavailable));
                 }
                 Job::CreateProduct { reply, .. } | Job::CreateSale { reply, .. } => {
                     let _ = reply.send(Err(()));
@@ -265,18 +313,29 @@ impl Writer {
 
     async fn audit(&self, sale_id: SaleId) -> Result<Audit, ()> {
         let sale = self.shared.sale(sale_id).ok_or(())?;
-        let tally = self.shared.store.tally(sale_id, sale.record.per_user_limit).await.map_err(|_| ())?;
+        let tally = self
+            .shared
+            .store
+            .tally(sale_id, sale.record.per_user_limit)
+            .await
+            .map_err(|_| ())?;
         let (remaining_in_memory, in_flight) = {
             let inner = sale.inner.lock();
             (inner.remaining, inner.in_flight)
         };
         let remaining = remaining_in_memory + in_flight;
         let quantity = sale.record.quantity;
-        let consistent =
-            quantity == remaining + tally.pending_payment + tally.paid && tally.users_over_limit == 0;
+        let consistent = quantity == remaining + tally.pending_payment + tally.paid
+            && tally.users_over_limit == 0;
         if !consistent {
             tracing::error!(%sale_id, ?tally, remaining, quantity, "audit found the books inconsistent");
         }
-        Ok(Audit { quantity, remaining, in_flight, tally, consistent })
+        Ok(Audit {
+            quantity,
+            remaining,
+            in_flight,
+            tally,
+            consistent,
+        })
     }
 }

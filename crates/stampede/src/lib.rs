@@ -127,24 +127,42 @@ impl Config {
     pub fn load(args: &ServeArgs) -> anyhow::Result<Config> {
         let mut figment = Figment::from(Serialized::defaults(Config::default()));
         if let Some(path) = &args.config {
-            anyhow::ensure!(path.exists(), "config file {} does not exist", path.display());
+            anyhow::ensure!(
+                path.exists(),
+                "config file {} does not exist",
+                path.display()
+            );
             figment = figment.merge(Toml::file(path));
         }
-        figment = figment.merge(Env::prefixed("STAMPEDE_")).merge(Serialized::globals(args));
+        figment = figment
+            .merge(Env::prefixed("STAMPEDE_"))
+            .merge(Serialized::globals(args));
         let config: Config = figment.extract().context("invalid configuration")?;
         config.validate()?;
         Ok(config)
     }
 
     pub fn validate(&self) -> anyhow::Result<()> {
-        anyhow::ensure!(self.queue_capacity >= 1, "queue_capacity must be at least 1");
+        anyhow::ensure!(
+            self.queue_capacity >= 1,
+            "queue_capacity must be at least 1"
+        );
         anyhow::ensure!(
             (1..=65_536).contains(&self.batch_size_max),
             "batch_size_max must be within 1..=65536"
         );
-        anyhow::ensure!(self.payment_window >= Duration::from_millis(100), "payment_window must be at least 100ms");
-        anyhow::ensure!(self.payment_timeout >= Duration::from_millis(10), "payment_timeout must be at least 10ms");
-        anyhow::ensure!((256..=1 << 20).contains(&self.body_limit_bytes), "body_limit_bytes must be within 256..=1048576");
+        anyhow::ensure!(
+            self.payment_window >= Duration::from_millis(100),
+            "payment_window must be at least 100ms"
+        );
+        anyhow::ensure!(
+            self.payment_timeout >= Duration::from_millis(10),
+            "payment_timeout must be at least 10ms"
+        );
+        anyhow::ensure!(
+            (256..=1 << 20).contains(&self.body_limit_bytes),
+            "body_limit_bytes must be within 256..=1048576"
+        );
         Ok(())
     }
 }
@@ -173,7 +191,9 @@ fn secret(configured: Option<&str>, data_dir: &Path, file: &str) -> anyhow::Resu
     options.write(true).create_new(true);
     #[cfg(unix)]
     std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-    let mut out = options.open(&path).with_context(|| format!("create {}", path.display()))?;
+    let mut out = options
+        .open(&path)
+        .with_context(|| format!("create {}", path.display()))?;
     std::io::Write::write_all(&mut out, value.as_bytes())?;
     out.sync_all()?;
     Ok((Secret::new(value), true))
@@ -218,7 +238,11 @@ pub async fn start(
 ) -> anyhow::Result<(Running, bool)> {
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("create data directory {}", config.data_dir.display()))?;
-    let (admin_token, admin_generated) = secret(config.admin_token.as_deref(), &config.data_dir, "admin-token")?;
+    let (admin_token, admin_generated) = secret(
+        config.admin_token.as_deref(),
+        &config.data_dir,
+        "admin-token",
+    )?;
     let (jwt_secret, _) = secret(config.jwt_secret.as_deref(), &config.data_dir, "jwt-secret")?;
 
     let store = stampede_store::open(config.database_url.as_deref(), &config.data_dir)
@@ -238,12 +262,17 @@ pub async fn start(
         },
     };
     let engine = Arc::new(
-        Engine::open(store, Arc::new(SystemClock), engine_config).await.context("rebuild state from the store")?,
+        Engine::open(store, Arc::new(SystemClock), engine_config)
+            .await
+            .context("rebuild state from the store")?,
     );
     let state = AppState {
         engine: engine.clone(),
         auth: Arc::new(Auth::new(admin_token.clone(), &jwt_secret)),
-        payments: Arc::new(stampede_api::payment::HttpPayments::new(&config.payment_url, config.payment_timeout)),
+        payments: Arc::new(stampede_api::payment::HttpPayments::new(
+            &config.payment_url,
+            config.payment_timeout,
+        )),
         metrics: stampede_api::metrics_handle(),
         openapi: Arc::from(stampede_api::openapi_json()),
     };
@@ -253,13 +282,28 @@ pub async fn start(
     let addr = listener.local_addr()?;
     let (stop, stopped) = oneshot::channel::<()>();
     let body_limit = config.body_limit_bytes;
-    let task = tokio::spawn(stampede_api::serve(listener, state, body_limit, async move {
-        tokio::select! {
-            _ = stopped => {}
-            _ = shutdown => {}
-        }
-    }));
-    Ok((Running { addr, admin_token, jwt_secret, engine, stop: Some(stop), task }, admin_generated))
+    let task = tokio::spawn(stampede_api::serve(
+        listener,
+        state,
+        body_limit,
+        async move {
+            tokio::select! {
+                _ = stopped => {}
+                _ = shutdown => {}
+            }
+        },
+    ));
+    Ok((
+        Running {
+            addr,
+            admin_token,
+            jwt_secret,
+            engine,
+            stop: Some(stop),
+            task,
+        },
+        admin_generated,
+    ))
 }
 
 /// Resolves on SIGINT or SIGTERM.

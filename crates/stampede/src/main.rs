@@ -12,7 +12,11 @@ use tokio::io::AsyncBufReadExt;
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[derive(Parser)]
-#[command(name = "stampede", version, about = "A retail transaction core for traffic that arrives as a stampede.")]
+#[command(
+    name = "stampede",
+    version,
+    about = "A retail transaction core for traffic that arrives as a stampede."
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -51,7 +55,10 @@ enum Command {
 fn init_tracing(filter: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(filter));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
 }
 
 #[tokio::main]
@@ -60,10 +67,19 @@ async fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(args) => serve(args).await,
         Command::Demo { serve, run_for } => demo(serve, run_for.map(Into::into)).await,
-        Command::PaymentSim { listen, latency, failure_rate } => {
+        Command::PaymentSim {
+            listen,
+            latency,
+            failure_rate,
+        } => {
             init_tracing("info");
-            anyhow::ensure!((0.0..=1.0).contains(&failure_rate), "--failure-rate must be within 0..=1");
-            let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("listen on {listen}"))?;
+            anyhow::ensure!(
+                (0.0..=1.0).contains(&failure_rate),
+                "--failure-rate must be within 0..=1"
+            );
+            let listener = tokio::net::TcpListener::bind(listen)
+                .await
+                .with_context(|| format!("listen on {listen}"))?;
             // The first line on stdout is the address, for whoever started us.
             println!("payment-sim listening on http://{}", listener.local_addr()?);
             let config = stampede_api::payment_sim::SimConfig {
@@ -113,7 +129,11 @@ async fn audit(args: ServeArgs) -> anyhow::Result<()> {
     .await?;
     let mut all_consistent = true;
     for id in engine.sale_ids() {
-        let audit = engine.audit(id).await.map_err(|e| anyhow::anyhow!("{e}"))?.context("sale vanished")?;
+        let audit = engine
+            .audit(id)
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))?
+            .context("sale vanished")?;
         all_consistent &= audit.consistent;
         println!(
             "{id} quantity={} remaining={} pending_payment={} paid={} cancelled={} expired={} users_over_limit={} consistent={}",
@@ -138,7 +158,13 @@ async fn demo(args: ServeArgs, run_for: Option<Duration>) -> anyhow::Result<()> 
 
     // The payment provider is a separate process, as the real one would be.
     let mut sim = tokio::process::Command::new(std::env::current_exe()?)
-        .args(["payment-sim", "--listen", "127.0.0.1:0", "--latency", "20ms"])
+        .args([
+            "payment-sim",
+            "--listen",
+            "127.0.0.1:0",
+            "--latency",
+            "20ms",
+        ])
         .stdout(std::process::Stdio::piped())
         .kill_on_drop(true)
         .spawn()
@@ -147,8 +173,12 @@ async fn demo(args: ServeArgs, run_for: Option<Duration>) -> anyhow::Result<()> 
     tokio::io::BufReader::new(sim.stdout.take().context("simulator stdout")?)
         .read_line(&mut first_line)
         .await?;
-    config.payment_url =
-        first_line.trim().rsplit(' ').next().context("simulator did not print its address")?.to_owned();
+    config.payment_url = first_line
+        .trim()
+        .rsplit(' ')
+        .next()
+        .context("simulator did not print its address")?
+        .to_owned();
 
     let stop = async move {
         match run_for {
@@ -167,7 +197,11 @@ async fn demo(args: ServeArgs, run_for: Option<Duration>) -> anyhow::Result<()> 
         .json(&serde_json::json!({"sku": sku, "name": "Demo phone", "price_cents": 99_900, "stock": 1_000}))
         .send()
         .await?;
-    anyhow::ensure!(response.status().is_success(), "create product: {}", response.text().await?);
+    anyhow::ensure!(
+        response.status().is_success(),
+        "create product: {}",
+        response.text().await?
+    );
     let now = chrono::Utc::now();
     let sale: serde_json::Value = client
         .post(format!("{base}/v1/flash-sales"))
@@ -184,7 +218,10 @@ async fn demo(args: ServeArgs, run_for: Option<Duration>) -> anyhow::Result<()> 
     let exp = (now + chrono::Duration::hours(24)).timestamp() as u64;
     let alice = mint_shopper_token(&running.jwt_secret, "alice", Some(exp));
 
-    println!("Stampede demo is running on {base} (data in {})", config.data_dir.display());
+    println!(
+        "Stampede demo is running on {base} (data in {})",
+        config.data_dir.display()
+    );
     println!("A flash sale of 100 units of {sku} is live: {sale_id}\n");
     println!("  export ADMIN={admin}");
     println!("  export ALICE={alice}\n");
@@ -197,7 +234,9 @@ async fn demo(args: ServeArgs, run_for: Option<Duration>) -> anyhow::Result<()> 
     println!("  # pay it (ORDER is the order_id from the answer)");
     println!("  curl -s -X POST {base}/v1/orders/$ORDER/pay -H \"Authorization: Bearer $ALICE\"");
     println!("  # check the books");
-    println!("  curl -s {base}/v1/flash-sales/{sale_id}/audit -H \"Authorization: Bearer $ADMIN\"\n");
+    println!(
+        "  curl -s {base}/v1/flash-sales/{sale_id}/audit -H \"Authorization: Bearer $ADMIN\"\n"
+    );
     println!("Press Ctrl-C to stop.");
     running.wait().await?;
     let _ = sim.kill().await;

@@ -14,9 +14,14 @@ use stampede_engine::{Store, StoreError};
 
 /// Opens the store a `--database-url` names. An empty URL means the embedded SQLite file
 /// `stampede.db` in `data_dir`.
-pub async fn open(database_url: Option<&str>, data_dir: &Path) -> Result<Arc<dyn Store>, StoreError> {
+pub async fn open(
+    database_url: Option<&str>,
+    data_dir: &Path,
+) -> Result<Arc<dyn Store>, StoreError> {
     match database_url {
-        None | Some("") => Ok(SqliteStore::open(&data_dir.join("stampede.db")).await?.into_arc()),
+        None | Some("") => Ok(SqliteStore::open(&data_dir.join("stampede.db"))
+            .await?
+            .into_arc()),
         Some(url) if url.starts_with("sqlite:") => Ok(SqliteStore::open_url(url).await?.into_arc()),
         Some(url) => {
             let scheme = url.split(':').next().unwrap_or_default();

@@ -15,14 +15,15 @@ use sqlx::sqlite::{
 };
 use sqlx::{Connection, QueryBuilder, Row, Sqlite, SqlitePool};
 use stampede_engine::{
-    OpOutcome, OrderRecord, ProductRecord, SaleRecord, SaleTally, Snapshot, Store, StoreError, WriteOp,
+    OpOutcome, OrderRecord, ProductRecord, SaleRecord, SaleTally, Snapshot, Store, StoreError,
+    WriteOp,
 };
 use stampede_types::{Cents, IdempotencyKey, OrderId, OrderStatus, Quantity, SaleId, Sku, UserId};
 use tokio::sync::Mutex;
 
 /// Multi-row inserts use one of these row counts, so only a handful of statement shapes
 /// are ever prepared (sqlx caches prepared statements by SQL text).
-const INSERT_CHUNK_ROWS: [usize; 4] = [128, 32, 8, 1];
+const INSERT_CHUNK_ROWS: [usize; 5] = [256, 64, 16, 4, 1];
 
 pub struct SqliteStore {
     writer: Mutex<SqliteConnection>,
@@ -64,7 +65,9 @@ impl SqliteStore {
     }
 
     async fn open_with(options: SqliteConnectOptions) -> Result<SqliteStore, StoreError> {
-        let mut writer = SqliteConnection::connect_with(&options).await.map_err(unavailable)?;
+        let mut writer = SqliteConnection::connect_with(&options)
+            .await
+            .map_err(unavailable)?;
         sqlx::migrate!("./migrations/sqlite")
             .run(&mut writer)
             .await
@@ -75,7 +78,10 @@ impl SqliteStore {
             .connect_with(options.read_only(true))
             .await
             .map_err(unavailable)?;
-        Ok(SqliteStore { writer: Mutex::new(writer), readers })
+        Ok(SqliteStore {
+            writer: Mutex::new(writer),
+            readers,
+        })
     }
 
     pub fn into_arc(self) -> Arc<dyn Store> {
@@ -84,8 +90,12 @@ impl SqliteStore {
 }
 
 fn order_from_row(row: &SqliteRow) -> Result<OrderRecord, StoreError> {
-    let text = |name: &str| -> Result<String, StoreError> { row.try_get::<String, _>(name).map_err(unavailable) };
-    let int = |name: &str| -> Result<i64, StoreError> { row.try_get::<i64, _>(name).map_err(unavailable) };
+    let text = |name: &str| -> Result<String, StoreError> {
+        row.try_get::<String, _>(name).map_err(unavailable)
+    };
+    let int = |name: &str| -> Result<i64, StoreError> {
+        row.try_get::<i64, _>(name).map_err(unavailable)
+    };
     let id = text("id")?;
     let sale_id = text("sale_id")?;
     let status = text("status")?;
@@ -97,11 +107,13 @@ fn order_from_row(row: &SqliteRow) -> Result<OrderRecord, StoreError> {
         user_id: UserId::parse(&user_id).map_err(|_| corrupt("user id", &user_id))?,
         sale_id: SaleId::parse(&sale_id).ok_or_else(|| corrupt("sale id", &sale_id))?,
         sku: Sku::parse(&sku).map_err(|_| corrupt("sku", &sku))?,
-        quantity: Quantity::parse(int("quantity")?).map_err(|e| corrupt("quantity", &e.to_string()))?,
+        quantity: Quantity::parse(int("quantity")?)
+            .map_err(|e| corrupt("quantity", &e.to_string()))?,
         amount: Cents::parse("amount_cents", int("amount_cents")?)
             .map_err(|e| corrupt("amount", &e.to_string()))?,
         status: OrderStatus::parse(&status).ok_or_else(|| corrupt("status", &status))?,
-        idempotency_key: IdempotencyKey::parse(&key).map_err(|_| corrupt("idempotency key", &key))?,
+        idempotency_key: IdempotencyKey::parse(&key)
+            .map_err(|_| corrupt("idempotency key", &key))?,
         created_at_ms: int("created_at_ms")?,
         expires_at_ms: int("expires_at_ms")?,
         updated_at_ms: int("updated_at_ms")?,
@@ -117,7 +129,8 @@ fn product_from_row(row: &SqliteRow) -> Result<ProductRecord, StoreError> {
         sku: Sku::parse(&sku).map_err(|_| corrupt("sku", &sku))?,
         name: Arc::from(name),
         price: Cents::parse("price_cents", price).map_err(|e| corrupt("price", &e.to_string()))?,
-        available: u64::try_from(available).map_err(|_| corrupt("available", &available.to_string()))?,
+        available: u64::try_from(available)
+            .map_err(|_| corrupt("available", &available.to_string()))?,
         created_at_ms: row.try_get("created_at_ms").map_err(unavailable)?,
     })
 }
@@ -132,8 +145,10 @@ fn sale_from_row(row: &SqliteRow) -> Result<SaleRecord, StoreError> {
         id: SaleId::parse(&id).ok_or_else(|| corrupt("sale id", &id))?,
         sku: Sku::parse(&sku).map_err(|_| corrupt("sku", &sku))?,
         price: Cents::parse("price_cents", price).map_err(|e| corrupt("price", &e.to_string()))?,
-        quantity: u64::try_from(quantity).map_err(|_| corrupt("quantity", &quantity.to_string()))?,
-        per_user_limit: u32::try_from(limit).map_err(|_| corrupt("per_user_limit", &limit.to_string()))?,
+        quantity: u64::try_from(quantity)
+            .map_err(|_| corrupt("quantity", &quantity.to_string()))?,
+        per_user_limit: u32::try_from(limit)
+            .map_err(|_| corrupt("per_user_limit", &limit.to_string()))?,
         starts_at_ms: row.try_get("starts_at_ms").map_err(unavailable)?,
         ends_at_ms: row.try_get("ends_at_ms").map_err(unavailable)?,
         created_at_ms: row.try_get("created_at_ms").map_err(unavailable)?,
@@ -147,12 +162,19 @@ macro_rules! order_columns {
     };
 }
 
-async fn insert_orders(conn: &mut SqliteConnection, orders: &[&OrderRecord]) -> Result<(), sqlx::Error> {
+async fn insert_orders(
+    conn: &mut SqliteConnection,
+    orders: &[&OrderRecord],
+) -> Result<(), sqlx::Error> {
     let mut rest = orders;
     while !rest.is_empty() {
-        let rows = *INSERT_CHUNK_ROWS.iter().find(|&&n| n <= rest.len()).expect("1 always fits");
+        let rows = *INSERT_CHUNK_ROWS
+            .iter()
+            .find(|&&n| n <= rest.len())
+            .expect("1 always fits");
         let (chunk, tail) = rest.split_at(rows);
-        let mut query: QueryBuilder<Sqlite> = QueryBuilder::new(concat!("INSERT INTO orders (", order_columns!(), ") "));
+        let mut query: QueryBuilder<Sqlite> =
+            QueryBuilder::new(concat!("INSERT INTO orders (", order_columns!(), ") "));
         query.push_values(chunk, |mut row, order| {
             row.push_bind(order.id.to_string())
                 .push_bind(order.user_id.as_str().to_owned())
@@ -235,7 +257,11 @@ async fn apply(conn: &mut SqliteConnection, ops: &[WriteOp]) -> Result<Vec<OpOut
                 .map_err(unavailable)?;
                 outcomes.push(OpOutcome::Written);
             }
-            WriteOp::Transition { order_id, to, at_ms } => {
+            WriteOp::Transition {
+                order_id,
+                to,
+                at_ms,
+            } => {
                 let id = order_id.to_string();
                 let moved = sqlx::query(
                     "UPDATE orders SET status = ?, updated_at_ms = ? WHERE id = ? AND status = 'pending_payment' \
@@ -253,20 +279,25 @@ async fn apply(conn: &mut SqliteConnection, ops: &[WriteOp]) -> Result<Vec<OpOut
                         let user_id: String = row.try_get("user_id").map_err(unavailable)?;
                         let quantity: i64 = row.try_get("quantity").map_err(unavailable)?;
                         OpOutcome::Transitioned {
-                            sale_id: SaleId::parse(&sale_id).ok_or_else(|| corrupt("sale id", &sale_id))?,
-                            user_id: UserId::parse(&user_id).map_err(|_| corrupt("user id", &user_id))?,
-                            quantity: Quantity::parse(quantity).map_err(|e| corrupt("quantity", &e.to_string()))?,
+                            sale_id: SaleId::parse(&sale_id)
+                                .ok_or_else(|| corrupt("sale id", &sale_id))?,
+                            user_id: UserId::parse(&user_id)
+                                .map_err(|_| corrupt("user id", &user_id))?,
+                            quantity: Quantity::parse(quantity)
+                                .map_err(|e| corrupt("quantity", &e.to_string()))?,
                         }
                     }
                     None => {
-                        let status: Option<String> = sqlx::query_scalar("SELECT status FROM orders WHERE id = ?")
-                            .bind(&id)
-                            .fetch_optional(&mut *conn)
-                            .await
-                            .map_err(unavailable)?;
+                        let status: Option<String> =
+                            sqlx::query_scalar("SELECT status FROM orders WHERE id = ?")
+                                .bind(&id)
+                                .fetch_optional(&mut *conn)
+                                .await
+                                .map_err(unavailable)?;
                         match status {
                             Some(status) => OpOutcome::Refused {
-                                current: OrderStatus::parse(&status).ok_or_else(|| corrupt("status", &status))?,
+                                current: OrderStatus::parse(&status)
+                                    .ok_or_else(|| corrupt("status", &status))?,
                             },
                             None => OpOutcome::NotFound,
                         }
@@ -305,7 +336,11 @@ impl Store for SqliteStore {
             .iter()
             .map(order_from_row)
             .collect::<Result<_, _>>()?;
-        Ok(Snapshot { products, sales, orders })
+        Ok(Snapshot {
+            products,
+            sales,
+            orders,
+        })
     }
 
     async fn commit(&self, ops: &[WriteOp]) -> Result<Vec<OpOutcome>, StoreError> {
@@ -318,14 +353,18 @@ impl Store for SqliteStore {
     }
 
     async fn order(&self, id: OrderId) -> Result<Option<OrderRecord>, StoreError> {
-        sqlx::query(concat!("SELECT ", order_columns!(), " FROM orders WHERE id = ?"))
-            .bind(id.to_string())
-            .fetch_optional(&self.readers)
-            .await
-            .map_err(unavailable)?
-            .as_ref()
-            .map(order_from_row)
-            .transpose()
+        sqlx::query(concat!(
+            "SELECT ",
+            order_columns!(),
+            " FROM orders WHERE id = ?"
+        ))
+        .bind(id.to_string())
+        .fetch_optional(&self.readers)
+        .await
+        .map_err(unavailable)?
+        .as_ref()
+        .map(order_from_row)
+        .transpose()
     }
 
     async fn orders_of(&self, user: &UserId, limit: u32) -> Result<Vec<OrderRecord>, StoreError> {
@@ -347,11 +386,13 @@ impl Store for SqliteStore {
     async fn tally(&self, sale: SaleId, per_user_limit: u32) -> Result<SaleTally, StoreError> {
         let sale_id = sale.to_string();
         let mut tally = SaleTally::default();
-        let rows = sqlx::query("SELECT status, SUM(quantity) AS units FROM orders WHERE sale_id = ? GROUP BY status")
-            .bind(&sale_id)
-            .fetch_all(&self.readers)
-            .await
-            .map_err(unavailable)?;
+        let rows = sqlx::query(
+            "SELECT status, SUM(quantity) AS units FROM orders WHERE sale_id = ? GROUP BY status",
+        )
+        .bind(&sale_id)
+        .fetch_all(&self.readers)
+        .await
+        .map_err(unavailable)?;
         for row in rows {
             let status: String = row.try_get("status").map_err(unavailable)?;
             let units: i64 = row.try_get("units").map_err(unavailable)?;
@@ -377,7 +418,10 @@ impl Store for SqliteStore {
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
-        sqlx::query("SELECT 1").execute(&self.readers).await.map_err(unavailable)?;
+        sqlx::query("SELECT 1")
+            .execute(&self.readers)
+            .await
+            .map_err(unavailable)?;
         Ok(())
     }
 }

@@ -6,8 +6,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use async_trait::async_trait;
 use stampede_engine::{
-    Actor, Engine, EngineConfig, NewProduct, NewSale, OpOutcome, OrderRecord, PurchaseError, SaleTally, Snapshot,
-    Store, StoreError, SystemClock, WriteOp,
+    Actor, Engine, EngineConfig, NewProduct, NewSale, OpOutcome, OrderRecord, PurchaseError,
+    SaleTally, Snapshot, Store, StoreError, SystemClock, WriteOp,
 };
 use stampede_store::SqliteStore;
 use stampede_types::{Cents, IdempotencyKey, OrderId, OrderStatus, Quantity, SaleId, Sku, UserId};
@@ -50,9 +50,23 @@ fn q(n: i64) -> Quantity {
 #[tokio::test]
 async fn failed_commit_returns_stock_and_answers_unavailable() {
     let dir = tempfile::tempdir().unwrap();
-    let inner = SqliteStore::open(&dir.path().join("s.db")).await.unwrap().into_arc();
-    let flaky = Arc::new(Flaky { inner, fail: AtomicBool::new(false) });
-    let engine = Arc::new(Engine::open(flaky.clone(), Arc::new(SystemClock), EngineConfig::default()).await.unwrap());
+    let inner = SqliteStore::open(&dir.path().join("s.db"))
+        .await
+        .unwrap()
+        .into_arc();
+    let flaky = Arc::new(Flaky {
+        inner,
+        fail: AtomicBool::new(false),
+    });
+    let engine = Arc::new(
+        Engine::open(
+            flaky.clone(),
+            Arc::new(SystemClock),
+            EngineConfig::default(),
+        )
+        .await
+        .unwrap(),
+    );
     engine
         .create_product(NewProduct {
             sku: Sku::parse("P").unwrap(),
@@ -80,25 +94,40 @@ async fn failed_commit_returns_stock_and_answers_unavailable() {
     let key = IdempotencyKey::parse("k1").unwrap();
 
     flaky.fail.store(true, Ordering::SeqCst);
-    let failed = engine.purchase(alice.clone(), key.clone(), sale, q(3)).await;
+    let failed = engine
+        .purchase(alice.clone(), key.clone(), sale, q(3))
+        .await;
     assert_eq!(failed, Err(PurchaseError::Unavailable));
     assert_eq!(engine.sale(sale).unwrap().remaining, 5, "stock came back");
     // Many failures in one batch: all get their stock back too.
     let many: Vec<_> = (0..5)
         .map(|i| {
             let (engine, key) = (engine.clone(), key.clone());
-            tokio::spawn(async move { engine.purchase(UserId::parse(&format!("u{i}")).unwrap(), key, sale, q(1)).await })
+            tokio::spawn(async move {
+                engine
+                    .purchase(UserId::parse(&format!("u{i}")).unwrap(), key, sale, q(1))
+                    .await
+            })
         })
         .collect();
     for handle in many {
         assert_eq!(handle.await.unwrap(), Err(PurchaseError::Unavailable));
     }
     assert_eq!(engine.sale(sale).unwrap().remaining, 5);
-    assert!(engine.orders_of(&alice, 10).await.unwrap().is_empty(), "nothing was written");
+    assert!(
+        engine.orders_of(&alice, 10).await.unwrap().is_empty(),
+        "nothing was written"
+    );
 
     flaky.fail.store(false, Ordering::SeqCst);
-    let placed = engine.purchase(alice.clone(), key.clone(), sale, q(3)).await.unwrap();
-    assert!(!placed.replay, "the failed attempt left no idempotency record");
+    let placed = engine
+        .purchase(alice.clone(), key.clone(), sale, q(3))
+        .await
+        .unwrap();
+    assert!(
+        !placed.replay,
+        "the failed attempt left no idempotency record"
+    );
     assert_eq!(engine.sale(sale).unwrap().remaining, 2);
     let audit = engine.audit(sale).await.unwrap().unwrap();
     assert!(audit.consistent);
@@ -106,9 +135,17 @@ async fn failed_commit_returns_stock_and_answers_unavailable() {
 
     // A cancel whose commit fails changes nothing either.
     flaky.fail.store(true, Ordering::SeqCst);
-    assert!(engine.cancel(&Actor::Admin, placed.placed.order_id).await.is_err());
+    assert!(
+        engine
+            .cancel(&Actor::Admin, placed.placed.order_id)
+            .await
+            .is_err()
+    );
     flaky.fail.store(false, Ordering::SeqCst);
-    let order = engine.order(&Actor::Admin, placed.placed.order_id).await.unwrap();
+    let order = engine
+        .order(&Actor::Admin, placed.placed.order_id)
+        .await
+        .unwrap();
     assert_eq!(order.status, OrderStatus::PendingPayment);
     assert_eq!(engine.sale(sale).unwrap().remaining, 2);
     engine.shutdown().await;
@@ -139,7 +176,10 @@ async fn a_batch_that_fails_midway_leaves_nothing() {
         ends_at_ms: 10,
         created_at_ms: 0,
     };
-    store.commit(&[WriteOp::InsertSale(sale.clone())]).await.unwrap();
+    store
+        .commit(&[WriteOp::InsertSale(sale.clone())])
+        .await
+        .unwrap();
     let order = |id: OrderId, key: &str| OrderRecord {
         id,
         user_id: UserId::parse("u").unwrap(),
@@ -157,19 +197,37 @@ async fn a_batch_that_fails_midway_leaves_nothing() {
     // The second order reuses the first's idempotency key: the unique constraint fails
     // the batch after the first row was inserted.
     let result = store
-        .commit(&[WriteOp::InsertOrder(order(first, "k")), WriteOp::InsertOrder(order(OrderId::new(), "k"))])
+        .commit(&[
+            WriteOp::InsertOrder(order(first, "k")),
+            WriteOp::InsertOrder(order(OrderId::new(), "k")),
+        ])
         .await;
     assert!(result.is_err());
-    assert_eq!(store.order(first).await.unwrap(), None, "first row rolled back with the batch");
+    assert_eq!(
+        store.order(first).await.unwrap(),
+        None,
+        "first row rolled back with the batch"
+    );
     assert_eq!(store.tally(sale.id, 4).await.unwrap(), SaleTally::default());
     // Transitions and inserts in one batch, then the same again after a failure.
     let result = store
         .commit(&[
             WriteOp::InsertOrder(order(first, "k")),
-            WriteOp::Transition { order_id: first, to: OrderStatus::Cancelled, at_ms: 1 },
-            WriteOp::InsertSale(stampede_engine::SaleRecord { id: SaleId::new(), quantity: 1_000, ..sale.clone() }),
+            WriteOp::Transition {
+                order_id: first,
+                to: OrderStatus::Cancelled,
+                at_ms: 1,
+            },
+            WriteOp::InsertSale(stampede_engine::SaleRecord {
+                id: SaleId::new(),
+                quantity: 1_000,
+                ..sale.clone()
+            }),
         ])
         .await;
-    assert!(result.is_err(), "the sale lacks stock, so the whole batch fails");
+    assert!(
+        result.is_err(),
+        "the sale lacks stock, so the whole batch fails"
+    );
     assert_eq!(store.order(first).await.unwrap(), None);
 }

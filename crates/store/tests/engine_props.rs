@@ -13,8 +13,8 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use proptest::prelude::*;
 use stampede_engine::{
-    AckMode, Actor, Engine, EngineConfig, ManualClock, NewProduct, NewSale, OrderError, PaymentError,
-    PaymentGateway, PurchaseError,
+    AckMode, Actor, Engine, EngineConfig, ManualClock, NewProduct, NewSale, OrderError,
+    PaymentError, PaymentGateway, PurchaseError,
 };
 use stampede_store::SqliteStore;
 use stampede_types::{Cents, IdempotencyKey, OrderId, OrderStatus, Quantity, SaleId, Sku, UserId};
@@ -103,14 +103,23 @@ async fn check_books(engine: &Engine, sale: SaleId, acked: &[Acked]) {
     let audit = engine.audit(sale).await.unwrap().unwrap();
     assert!(audit.consistent, "books inconsistent: {audit:?}");
     assert_eq!(audit.in_flight, 0);
-    assert_eq!(audit.quantity, audit.remaining + audit.tally.pending_payment + audit.tally.paid);
+    assert_eq!(
+        audit.quantity,
+        audit.remaining + audit.tally.pending_payment + audit.tally.paid
+    );
     assert_eq!(audit.tally.users_over_limit, 0);
     let view = engine.sale(sale).unwrap();
-    assert_eq!(view.remaining, audit.remaining, "memory and durable books disagree");
+    assert_eq!(
+        view.remaining, audit.remaining,
+        "memory and durable books disagree"
+    );
     // Every acknowledged order is durable with what was acknowledged.
     let mut held: HashMap<UserId, u32> = HashMap::new();
     for a in acked {
-        let order = engine.order(&Actor::Admin, a.order_id).await.expect("acknowledged order is durable");
+        let order = engine
+            .order(&Actor::Admin, a.order_id)
+            .await
+            .expect("acknowledged order is durable");
         assert_eq!(order.quantity, a.quantity);
         assert_eq!(order.user_id, a.user);
         if order.status.holds_stock() {
@@ -122,26 +131,50 @@ async fn check_books(engine: &Engine, sale: SaleId, acked: &[Acked]) {
     }
 }
 
-async fn burst(engine: &Arc<Engine>, sale: SaleId, requests: &[(u8, u8, u32)]) -> Vec<tokio::task::JoinHandle<(u8, u8, u32, Result<stampede_engine::Purchase, PurchaseError>)>> {
+async fn burst(
+    engine: &Arc<Engine>,
+    sale: SaleId,
+    requests: &[(u8, u8, u32)],
+) -> Vec<
+    tokio::task::JoinHandle<(
+        u8,
+        u8,
+        u32,
+        Result<stampede_engine::Purchase, PurchaseError>,
+    )>,
+> {
     requests
         .iter()
         .map(|&(u, k, q)| {
             let engine = engine.clone();
             tokio::spawn(async move {
-                let result = engine.purchase(user(u), key(u, k), sale, Quantity::parse(q.into()).unwrap()).await;
+                let result = engine
+                    .purchase(user(u), key(u, k), sale, Quantity::parse(q.into()).unwrap())
+                    .await;
                 (u, k, q, result)
             })
         })
         .collect()
 }
 
-fn record(acked: &mut Vec<Acked>, u: u8, k: u8, q: u32, result: &Result<stampede_engine::Purchase, PurchaseError>) {
+fn record(
+    acked: &mut Vec<Acked>,
+    u: u8,
+    k: u8,
+    q: u32,
+    result: &Result<stampede_engine::Purchase, PurchaseError>,
+) {
     match result {
         Ok(purchase) => {
-            let known = acked.iter().find(|a| a.user == user(u) && a.key == key(u, k));
+            let known = acked
+                .iter()
+                .find(|a| a.user == user(u) && a.key == key(u, k));
             match known {
                 Some(a) => {
-                    assert_eq!(a.order_id, purchase.placed.order_id, "same key answered two orders");
+                    assert_eq!(
+                        a.order_id, purchase.placed.order_id,
+                        "same key answered two orders"
+                    );
                 }
                 None => acked.push(Acked {
                     user: user(u),
@@ -202,13 +235,18 @@ async fn run(steps: Vec<Step>) {
             }
             Step::Replay(i) if !acked.is_empty() => {
                 let a = acked[i % acked.len()].clone();
-                let again = engine.purchase(a.user.clone(), a.key.clone(), sale, a.quantity).await.unwrap();
+                let again = engine
+                    .purchase(a.user.clone(), a.key.clone(), sale, a.quantity)
+                    .await
+                    .unwrap();
                 assert!(again.replay);
                 assert_eq!(again.placed.order_id, a.order_id);
                 // Same key, other body.
                 let other = Quantity::parse(i64::from(a.quantity.get() % 3 + 1)).unwrap();
                 if other != a.quantity {
-                    let refused = engine.purchase(a.user.clone(), a.key.clone(), sale, other).await;
+                    let refused = engine
+                        .purchase(a.user.clone(), a.key.clone(), sale, other)
+                        .await;
                     assert_eq!(refused, Err(PurchaseError::KeyReused));
                 }
             }
@@ -230,9 +268,14 @@ async fn run(steps: Vec<Step>) {
             Step::Cancel(i) if !acked.is_empty() => {
                 let a = &acked[i % acked.len()];
                 let before = engine.order(&Actor::Admin, a.order_id).await.unwrap();
-                let result = engine.cancel(&Actor::Shopper(a.user.clone()), a.order_id).await;
+                let result = engine
+                    .cancel(&Actor::Shopper(a.user.clone()), a.order_id)
+                    .await;
                 match (before.status, &result) {
-                    (OrderStatus::PendingPayment | OrderStatus::Cancelled, Ok(OrderStatus::Cancelled)) => {}
+                    (
+                        OrderStatus::PendingPayment | OrderStatus::Cancelled,
+                        Ok(OrderStatus::Cancelled),
+                    ) => {}
                     (OrderStatus::Paid, Err(OrderError::Paid)) => {}
                     (OrderStatus::Expired, Err(OrderError::Expired)) => {}
                     other => panic!("cancel: {other:?}"),
@@ -246,7 +289,11 @@ async fn run(steps: Vec<Step>) {
                 for a in &acked {
                     let order = engine.order(&Actor::Admin, a.order_id).await.unwrap();
                     if order.expires_at_ms <= now {
-                        assert_ne!(order.status, OrderStatus::PendingPayment, "overdue order still pending");
+                        assert_ne!(
+                            order.status,
+                            OrderStatus::PendingPayment,
+                            "overdue order still pending"
+                        );
                     }
                 }
             }
@@ -272,7 +319,10 @@ async fn run(steps: Vec<Step>) {
 
     // After everything, every acknowledged key still answers the same order.
     for a in &acked {
-        let again = engine.purchase(a.user.clone(), a.key.clone(), sale, a.quantity).await.unwrap();
+        let again = engine
+            .purchase(a.user.clone(), a.key.clone(), sale, a.quantity)
+            .await
+            .unwrap();
         assert_eq!(again.placed.order_id, a.order_id);
     }
     engine.shutdown().await;
@@ -294,6 +344,9 @@ proptest! {
     #[test]
     fn books_hold_under_any_interleaving(steps in prop::collection::vec(step_strategy(), 1..40)) {
         let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-        runtime.block_on(run(steps));
+        // A hang is a bug (a waiter nobody wakes): fail instead of stalling CI.
+        runtime
+            .block_on(async { tokio::time::timeout(std::time::Duration::from_secs(60), run(steps)).await })
+            .expect("an interleaving hung");
     }
 }

@@ -31,7 +31,10 @@ pub struct InvalidInput {
 
 impl InvalidInput {
     pub fn new(field: &'static str, reason: impl Into<String>) -> Self {
-        Self { field, reason: reason.into() }
+        Self {
+            field,
+            reason: reason.into(),
+        }
     }
 }
 
@@ -40,10 +43,19 @@ fn check_token(field: &'static str, value: &str, len_max: usize) -> Result<(), I
         return Err(InvalidInput::new(field, "must not be empty"));
     }
     if value.len() > len_max {
-        return Err(InvalidInput::new(field, format!("longer than {len_max} bytes")));
+        return Err(InvalidInput::new(
+            field,
+            format!("longer than {len_max} bytes"),
+        ));
     }
-    if !value.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':')) {
-        return Err(InvalidInput::new(field, "allowed characters are A-Z a-z 0-9 - _ . :"));
+    if !value
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'))
+    {
+        return Err(InvalidInput::new(
+            field,
+            "allowed characters are A-Z a-z 0-9 - _ . :",
+        ));
     }
     Ok(())
 }
@@ -77,10 +89,16 @@ pub struct UserId(Arc<str>);
 impl UserId {
     pub fn parse(value: &str) -> Result<Self, InvalidInput> {
         if value.is_empty() || value.len() > USER_ID_LEN_MAX {
-            return Err(InvalidInput::new("sub", format!("must be 1..={USER_ID_LEN_MAX} bytes")));
+            return Err(InvalidInput::new(
+                "sub",
+                format!("must be 1..={USER_ID_LEN_MAX} bytes"),
+            ));
         }
         if value.chars().any(char::is_control) {
-            return Err(InvalidInput::new("sub", "must not contain control characters"));
+            return Err(InvalidInput::new(
+                "sub",
+                "must not contain control characters",
+            ));
         }
         Ok(Self(Arc::from(value)))
     }
@@ -108,7 +126,10 @@ impl IdempotencyKey {
             ));
         }
         if !value.bytes().all(|b| b.is_ascii_graphic()) {
-            return Err(InvalidInput::new("idempotency_key", "must be visible ASCII"));
+            return Err(InvalidInput::new(
+                "idempotency_key",
+                "must be visible ASCII",
+            ));
         }
         Ok(Self(Arc::from(value)))
     }
@@ -128,7 +149,10 @@ impl Quantity {
             return Err(InvalidInput::new("quantity", "must be at least 1"));
         }
         if value > i64::from(PURCHASE_QUANTITY_MAX) {
-            return Err(InvalidInput::new("quantity", format!("must be at most {PURCHASE_QUANTITY_MAX}")));
+            return Err(InvalidInput::new(
+                "quantity",
+                format!("must be at most {PURCHASE_QUANTITY_MAX}"),
+            ));
         }
         Ok(Self(value as u32))
     }
@@ -145,7 +169,10 @@ pub struct Cents(i64);
 impl Cents {
     pub fn parse(field: &'static str, value: i64) -> Result<Self, InvalidInput> {
         if !(0..=PRICE_CENTS_MAX).contains(&value) {
-            return Err(InvalidInput::new(field, format!("must be within 0..={PRICE_CENTS_MAX}")));
+            return Err(InvalidInput::new(
+                field,
+                format!("must be within 0..={PRICE_CENTS_MAX}"),
+            ));
         }
         Ok(Self(value))
     }
@@ -161,7 +188,10 @@ impl Cents {
 /// Stock of a product or quantity of a sale: 0..=STOCK_MAX units.
 pub fn parse_stock(field: &'static str, value: i64) -> Result<u64, InvalidInput> {
     if !(0..=STOCK_MAX as i64).contains(&value) {
-        return Err(InvalidInput::new(field, format!("must be within 0..={STOCK_MAX}")));
+        return Err(InvalidInput::new(
+            field,
+            format!("must be within 0..={STOCK_MAX}"),
+        ));
     }
     Ok(value as u64)
 }
@@ -169,10 +199,16 @@ pub fn parse_stock(field: &'static str, value: i64) -> Result<u64, InvalidInput>
 pub fn parse_name(value: &str) -> Result<Arc<str>, InvalidInput> {
     let trimmed = value.trim();
     if trimmed.is_empty() || trimmed.len() > NAME_LEN_MAX {
-        return Err(InvalidInput::new("name", format!("must be 1..={NAME_LEN_MAX} bytes")));
+        return Err(InvalidInput::new(
+            "name",
+            format!("must be 1..={NAME_LEN_MAX} bytes"),
+        ));
     }
     if trimmed.chars().any(char::is_control) {
-        return Err(InvalidInput::new("name", "must not contain control characters"));
+        return Err(InvalidInput::new(
+            "name",
+            "must not contain control characters",
+        ));
     }
     Ok(Arc::from(trimmed))
 }
@@ -321,7 +357,10 @@ mod tests {
         assert!(Sku::parse("").is_err());
         assert!(Sku::parse("has space").is_err());
         assert!(Sku::parse(&"x".repeat(65)).is_err());
-        assert_eq!(Sku::parse("PHONE-128.blue").unwrap().as_str(), "PHONE-128.blue");
+        assert_eq!(
+            Sku::parse("PHONE-128.blue").unwrap().as_str(),
+            "PHONE-128.blue"
+        );
     }
 
     #[test]

@@ -51,36 +51,70 @@ pub async fn read(response: reqwest::Response) -> Reply {
     let headers = response.headers().clone();
     let text = response.text().await.expect("read the response body");
     let body = serde_json::from_str(&text).unwrap_or(Value::String(text));
-    Reply { status, body, headers }
+    Reply {
+        status,
+        body,
+        headers,
+    }
 }
 
 /// Checks `{"error": {"code": "<snake_case>", "message": "<text>"}}` and nothing else.
 pub fn assert_error_shape(body: &Value) {
-    let top = body.as_object().unwrap_or_else(|| panic!("error body is not an object: {body}"));
-    assert_eq!(top.len(), 1, "error body has keys other than \"error\": {body}");
+    let top = body
+        .as_object()
+        .unwrap_or_else(|| panic!("error body is not an object: {body}"));
+    assert_eq!(
+        top.len(),
+        1,
+        "error body has keys other than \"error\": {body}"
+    );
     let error = top
         .get("error")
         .and_then(Value::as_object)
         .unwrap_or_else(|| panic!("error body has no \"error\" object: {body}"));
-    assert_eq!(error.len(), 2, "error object must hold exactly code and message: {body}");
-    let code = error.get("code").and_then(Value::as_str).unwrap_or_else(|| panic!("no string code: {body}"));
+    assert_eq!(
+        error.len(),
+        2,
+        "error object must hold exactly code and message: {body}"
+    );
+    let code = error
+        .get("code")
+        .and_then(Value::as_str)
+        .unwrap_or_else(|| panic!("no string code: {body}"));
     assert!(
-        !code.is_empty() && code.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'),
+        !code.is_empty()
+            && code
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'),
         "code is not snake_case: {body}"
     );
-    assert!(error.get("message").and_then(Value::as_str).is_some(), "no string message: {body}");
+    assert!(
+        error.get("message").and_then(Value::as_str).is_some(),
+        "no string message: {body}"
+    );
 }
 
 /// Asserts an error answer: its status, its code and its shape.
 #[track_caller]
 pub fn assert_error(reply: &Reply, status: u16, code: &str) {
-    assert_eq!(reply.status, status, "expected {status} {code}, got {} {}", reply.status, reply.body);
+    assert_eq!(
+        reply.status, status,
+        "expected {status} {code}, got {} {}",
+        reply.status, reply.body
+    );
     assert_error_shape(&reply.body);
-    assert_eq!(reply.body["error"]["code"], code, "unexpected error code: {}", reply.body);
+    assert_eq!(
+        reply.body["error"]["code"], code,
+        "unexpected error code: {}",
+        reply.body
+    );
 }
 
 pub fn now_s() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock after 1970").as_secs()
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_secs()
 }
 
 pub fn rfc3339_in(offset: chrono::Duration) -> String {
@@ -100,8 +134,12 @@ pub fn client() -> reqwest::Client {
 /// concurrent connections (client and server sides in one process) fit.
 pub fn raise_fd_limit() {
     unsafe {
-        let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max {
+        let mut limit = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
+        {
             limit.rlim_cur = limit.rlim_max;
             libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
         }
@@ -119,7 +157,15 @@ pub struct PaymentSim {
 impl PaymentSim {
     pub async fn spawn() -> PaymentSim {
         let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_stampede"))
-            .args(["payment-sim", "--listen", "127.0.0.1:0", "--latency", "0ms", "--failure-rate", "0"])
+            .args([
+                "payment-sim",
+                "--listen",
+                "127.0.0.1:0",
+                "--latency",
+                "0ms",
+                "--failure-rate",
+                "0",
+            ])
             .env("RUST_LOG", "warn")
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::piped())
@@ -128,16 +174,23 @@ impl PaymentSim {
             .expect("start the payment simulator");
         let stdout = child.stdout.take().expect("piped stdout");
         let mut first_line = String::new();
-        tokio::time::timeout(Duration::from_secs(30), tokio::io::BufReader::new(stdout).read_line(&mut first_line))
-            .await
-            .expect("the payment simulator prints its address in time")
-            .expect("read the simulator's stdout");
+        tokio::time::timeout(
+            Duration::from_secs(30),
+            tokio::io::BufReader::new(stdout).read_line(&mut first_line),
+        )
+        .await
+        .expect("the payment simulator prints its address in time")
+        .expect("read the simulator's stdout");
         let url = first_line
             .trim()
             .strip_prefix("payment-sim listening on ")
             .unwrap_or_else(|| panic!("unexpected first line from the simulator: {first_line:?}"))
             .to_owned();
-        PaymentSim { url, client: reqwest::Client::new(), _child: child }
+        PaymentSim {
+            url,
+            client: reqwest::Client::new(),
+            _child: child,
+        }
     }
 
     /// Changes latency and failure rate while everything runs.
@@ -215,8 +268,13 @@ pub async fn spawn_app_with(customise: impl FnOnce(&mut Config)) -> TestApp {
 }
 
 async fn start_running(config: &Config) -> Running {
-    let (running, generated) = stampede::start(config, std::future::pending()).await.expect("the server starts");
-    assert!(!generated, "the admin token is configured, nothing should be generated");
+    let (running, generated) = stampede::start(config, std::future::pending())
+        .await
+        .expect("the server starts");
+    assert!(
+        !generated,
+        "the admin token is configured, nothing should be generated"
+    );
     running
 }
 
@@ -275,7 +333,11 @@ impl TestApp {
         idempotency_key: Option<&str>,
         body: impl Into<reqwest::Body>,
     ) -> Reply {
-        let mut request = self.client.post(self.url(path)).header("content-type", "application/json").body(body);
+        let mut request = self
+            .client
+            .post(self.url(path))
+            .header("content-type", "application/json")
+            .body(body);
         if let Some(token) = token {
             request = request.bearer_auth(token);
         }
@@ -303,13 +365,20 @@ impl TestApp {
     }
 
     pub async fn post_sale(&self, body: &Value) -> Reply {
-        self.post_json("/v1/flash-sales", Some(&self.admin), body).await
+        self.post_json("/v1/flash-sales", Some(&self.admin), body)
+            .await
     }
 
     /// A sale of `quantity` units at 999 cents, live from a second ago for an hour.
     pub async fn create_sale(&self, sku: &str, quantity: i64, per_user_limit: i64) -> String {
-        self.create_sale_between(sku, quantity, per_user_limit, chrono::Duration::seconds(-1), chrono::Duration::hours(1))
-            .await
+        self.create_sale_between(
+            sku,
+            quantity,
+            per_user_limit,
+            chrono::Duration::seconds(-1),
+            chrono::Duration::hours(1),
+        )
+        .await
     }
 
     pub async fn create_sale_between(
@@ -353,23 +422,42 @@ impl TestApp {
     }
 
     pub async fn remaining(&self, sale_id: &str) -> u64 {
-        self.sale(sale_id).await["remaining"].as_u64().expect("remaining")
+        self.sale(sale_id).await["remaining"]
+            .as_u64()
+            .expect("remaining")
     }
 
     pub async fn audit(&self, sale_id: &str) -> Value {
-        let reply = self.get(&format!("/v1/flash-sales/{sale_id}/audit"), Some(&self.admin)).await;
+        let reply = self
+            .get(
+                &format!("/v1/flash-sales/{sale_id}/audit"),
+                Some(&self.admin),
+            )
+            .await;
         assert_eq!(reply.status, 200, "audit: {}", reply.body);
         reply.body
     }
 
     // ---- purchases and orders -------------------------------------------------------------------
 
-    pub async fn purchase(&self, token: &str, sale_id: &str, key: &str, quantity: i64) -> (u16, Value) {
+    pub async fn purchase(
+        &self,
+        token: &str,
+        sale_id: &str,
+        key: &str,
+        quantity: i64,
+    ) -> (u16, Value) {
         let reply = self.purchase_reply(token, sale_id, key, quantity).await;
         (reply.status, reply.body)
     }
 
-    pub async fn purchase_reply(&self, token: &str, sale_id: &str, key: &str, quantity: i64) -> Reply {
+    pub async fn purchase_reply(
+        &self,
+        token: &str,
+        sale_id: &str,
+        key: &str,
+        quantity: i64,
+    ) -> Reply {
         send(
             self.client
                 .post(self.url(&format!("/v1/flash-sales/{sale_id}/purchase")))
@@ -388,7 +476,8 @@ impl TestApp {
     }
 
     pub async fn order(&self, token: &str, order_id: &str) -> Reply {
-        self.get(&format!("/v1/orders/{order_id}"), Some(token)).await
+        self.get(&format!("/v1/orders/{order_id}"), Some(token))
+            .await
     }
 
     pub async fn order_status(&self, token: &str, order_id: &str) -> String {
@@ -400,15 +489,28 @@ impl TestApp {
     pub async fn orders(&self, token: &str) -> Vec<Value> {
         let reply = self.get("/v1/orders", Some(token)).await;
         assert_eq!(reply.status, 200, "list orders: {}", reply.body);
-        reply.body["orders"].as_array().expect("orders array").clone()
+        reply.body["orders"]
+            .as_array()
+            .expect("orders array")
+            .clone()
     }
 
     pub async fn pay(&self, token: &str, order_id: &str) -> Reply {
-        send(self.client.post(self.url(&format!("/v1/orders/{order_id}/pay"))).bearer_auth(token)).await
+        send(
+            self.client
+                .post(self.url(&format!("/v1/orders/{order_id}/pay")))
+                .bearer_auth(token),
+        )
+        .await
     }
 
     pub async fn cancel(&self, token: &str, order_id: &str) -> Reply {
-        send(self.client.post(self.url(&format!("/v1/orders/{order_id}/cancel"))).bearer_auth(token)).await
+        send(
+            self.client
+                .post(self.url(&format!("/v1/orders/{order_id}/cancel")))
+                .bearer_auth(token),
+        )
+        .await
     }
 }
 
@@ -424,7 +526,10 @@ where
         if let Some(value) = probe().await {
             return value;
         }
-        assert!(tokio::time::Instant::now() < deadline, "gave up waiting for: {what}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "gave up waiting for: {what}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -433,9 +538,17 @@ where
 /// `quantity == remaining + pending_payment + paid`. Returns the audit.
 #[track_caller]
 pub fn assert_books(audit: &Value) {
-    let n = |field: &str| audit[field].as_u64().unwrap_or_else(|| panic!("audit.{field} missing: {audit}"));
+    let n = |field: &str| {
+        audit[field]
+            .as_u64()
+            .unwrap_or_else(|| panic!("audit.{field} missing: {audit}"))
+    };
     assert_eq!(audit["consistent"], true, "audit not consistent: {audit}");
     assert_eq!(n("users_over_limit"), 0, "{audit}");
     assert_eq!(n("in_flight"), 0, "{audit}");
-    assert_eq!(n("quantity"), n("remaining") + n("pending_payment") + n("paid"), "units do not add up: {audit}");
+    assert_eq!(
+        n("quantity"),
+        n("remaining") + n("pending_payment") + n("paid"),
+        "units do not add up: {audit}"
+    );
 }

@@ -33,8 +33,8 @@ CREATE TABLE orders (
     updated_at_ms    INTEGER NOT NULL,
     -- The idempotency record lives in the same row, written in the same transaction
     -- as the order it guards.
+    -- Also serves "a shopper's orders": a shopper has few orders (per-user limits).
     UNIQUE (user_id, idempotency_key)
-);
+) WITHOUT ROWID; -- ids are time-ordered (UUID v7): inserts append to one B-tree.
 
-CREATE INDEX orders_by_user ON orders (user_id, created_at_ms DESC);
 CREATE INDEX orders_by_sale_status ON orders (sale_id, status);

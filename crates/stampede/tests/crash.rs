@@ -1,0 +1,414 @@
+//! kill -9 in the middle of a stampede. The server is a child process (`stampede serve`,
+//! durable acknowledgements, the default); it is SIGKILLed while purchases are in flight
+//! and restarted on the same data directory. Every acknowledged (201) order must have
+//! survived, replays must answer the same order, the books must agree, and selling must
+//! go on to sell out exactly.
+
+mod common;
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use common::*;
+use serde_json::{Value, json};
+use stampede_api::{Secret, mint_shopper_token};
+
+const UNITS: usize = 300;
+const SHOPPERS: usize = 1_000;
+
+/// A `stampede serve` child process.
+struct Server {
+    child: tokio::process::Child,
+    base: String,
+    client: reqwest::Client,
+}
+
+fn free_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
+    listener.local_addr().expect("local address").port()
+}
+
+impl Server {
+    async fn start(data_dir: &Path, extra_args: &[&str]) -> Server {
+        let client = client();
+        for _ in 0..5 {
+            let port = free_port();
+            let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_stampede"));
+            for (name, _) in std::env::vars().filter(|(name, _)| name.starts_with("STAMPEDE_")) {
+                command.env_remove(name);
+            }
+            let mut child = command
+                .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+                .arg("--data-dir")
+                .arg(data_dir)
+                .args(extra_args)
+                .env("STAMPEDE_ADMIN_TOKEN", ADMIN_TOKEN)
+                .env("STAMPEDE_JWT_SECRET", JWT_SECRET)
+                .env("RUST_LOG", "error")
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::null())
+                .kill_on_drop(true)
+                .spawn()
+                .expect("start stampede serve");
+            let base = format!("http://127.0.0.1:{port}");
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+            loop {
+                if let Some(status) = child.try_wait().expect("poll the child") {
+                    eprintln!("stampede serve exited early ({status}); trying another port");
+                    break;
+                }
+                if let Ok(response) = client.get(format!("{base}/healthz")).send().await
+                    && response.status() == 200
+                {
+                    return Server {
+                        child,
+                        base,
+                        client,
+                    };
+                }
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "stampede serve did not answer /healthz"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        panic!("stampede serve did not start");
+    }
+
+    fn pid(&self) -> i32 {
+        self.child.id().expect("the child runs") as i32
+    }
+
+    /// SIGKILL and reap.
+    async fn kill9(mut self) {
+        if let Some(pid) = self.child.id() {
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        }
+        let status = self.child.wait().await.expect("reap the child");
+        assert!(!status.success(), "the child was killed: {status}");
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    async fn admin_post(&self, path: &str, body: &Value) -> Reply {
+        send(
+            self.client
+                .post(self.url(path))
+                .bearer_auth(ADMIN_TOKEN)
+                .json(body),
+        )
+        .await
+    }
+
+    async fn admin_get(&self, path: &str) -> Reply {
+        send(self.client.get(self.url(path)).bearer_auth(ADMIN_TOKEN)).await
+    }
+
+    async fn purchase(&self, token: &str, sale: &str, key: &str) -> Reply {
+        send(
+            self.client
+                .post(self.url(&format!("/v1/flash-sales/{sale}/purchase")))
+                .bearer_auth(token)
+                .header("idempotency-key", key)
+                .json(&json!({"quantity": 1})),
+        )
+        .await
+    }
+
+    /// Purchases, retrying 503 overloaded with backoff (same key: a retry is a replay).
+    async fn purchase_decided(&self, token: &str, sale: &str, key: &str) -> Reply {
+        for attempt in 0..100u64 {
+            let reply = self.purchase(token, sale, key).await;
+            if reply.status != 503 {
+                return reply;
+            }
+            tokio::time::sleep(Duration::from_millis(10 + 5 * attempt.min(20))).await;
+        }
+        panic!("purchase still overloaded after 100 attempts");
+    }
+
+    async fn audit(&self, sale: &str) -> Value {
+        let reply = self
+            .admin_get(&format!("/v1/flash-sales/{sale}/audit"))
+            .await;
+        assert_eq!(reply.status, 200, "audit: {}", reply.body);
+        reply.body
+    }
+}
+
+fn shopper(sub: &str) -> String {
+    mint_shopper_token(&Secret::new(JWT_SECRET), sub, Some(now_s() + 3_600))
+}
+
+/// What the client saw of one purchase fired before the kill.
+enum Seen {
+    Acked(Value),
+    Refused(u16, String),
+    Lost,
+}
+
+fn held(audit: &Value) -> usize {
+    (audit["pending_payment"].as_u64().expect("pending") + audit["paid"].as_u64().expect("paid"))
+        as usize
+}
+
+/// `extra_args` go to both starts of `stampede serve`.
+async fn crash_mid_stampede(kill_after_acks: usize, extra_args: &[&str]) {
+    raise_fd_limit();
+    let data_dir = tempfile::tempdir().expect("data directory");
+    let server = Server::start(data_dir.path(), extra_args).await;
+
+    let reply = server
+        .admin_post(
+            "/v1/products",
+            &json!({"sku": "CRASH-1", "name": "Crash phone", "price_cents": 1_000, "stock": UNITS}),
+        )
+        .await;
+    assert_eq!(reply.status, 201, "{}", reply.body);
+    let now = chrono::Utc::now();
+    let reply = server
+        .admin_post(
+            "/v1/flash-sales",
+            &json!({
+                "sku": "CRASH-1", "price_cents": 500, "quantity": UNITS, "per_user_limit": 1,
+                "starts_at": (now - chrono::Duration::seconds(1)).to_rfc3339(),
+                "ends_at": (now + chrono::Duration::hours(1)).to_rfc3339(),
+            }),
+        )
+        .await;
+    assert_eq!(reply.status, 201, "{}", reply.body);
+    let sale = reply.body["id"].as_str().expect("sale id").to_owned();
+
+    let tokens: Arc<Vec<String>> = Arc::new(
+        (0..SHOPPERS)
+            .map(|i| shopper(&format!("shopper-{i:04}")))
+            .collect(),
+    );
+    let key = |i: usize| format!("crash-key-{i}");
+
+    // The stampede. The task that reads the Nth 201 sends SIGKILL at once.
+    let pid = server.pid();
+    let acks = Arc::new(AtomicUsize::new(0));
+    let answered = Arc::new(AtomicUsize::new(0));
+    let answered_at_kill = Arc::new(AtomicUsize::new(usize::MAX));
+    let barrier = Arc::new(tokio::sync::Barrier::new(SHOPPERS));
+    let url = server.url(&format!("/v1/flash-sales/{sale}/purchase"));
+    let tasks: Vec<_> = (0..SHOPPERS)
+        .map(|i| {
+            let (client, url, tokens, barrier) = (
+                server.client.clone(),
+                url.clone(),
+                tokens.clone(),
+                barrier.clone(),
+            );
+            let (acks, answered, answered_at_kill) =
+                (acks.clone(), answered.clone(), answered_at_kill.clone());
+            let key = key(i);
+            tokio::spawn(async move {
+                barrier.wait().await;
+                let sent = client
+                    .post(&url)
+                    .bearer_auth(&tokens[i])
+                    .header("idempotency-key", &key)
+                    .json(&json!({"quantity": 1}))
+                    .send()
+                    .await;
+                let Ok(response) = sent else {
+                    return Seen::Lost;
+                };
+                let status = response.status().as_u16();
+                let Ok(text) = response.text().await else {
+                    return Seen::Lost;
+                };
+                answered.fetch_add(1, Ordering::SeqCst);
+                if status == 201 {
+                    if acks.fetch_add(1, Ordering::SeqCst) + 1 == kill_after_acks {
+                        answered_at_kill.store(answered.load(Ordering::SeqCst), Ordering::SeqCst);
+                        unsafe { libc::kill(pid, libc::SIGKILL) };
+                    }
+                    return Seen::Acked(serde_json::from_str(&text).expect("201 body is JSON"));
+                }
+                let body: Value = serde_json::from_str(&text).unwrap_or(Value::String(text));
+                Seen::Refused(
+                    status,
+                    body["error"]["code"].as_str().unwrap_or("?").to_owned(),
+                )
+            })
+        })
+        .collect();
+    let seen: Vec<Seen> = futures::future::join_all(tasks)
+        .await
+        .into_iter()
+        .map(|r| r.expect("task"))
+        .collect();
+    let answered_at_kill = answered_at_kill.load(Ordering::SeqCst);
+    assert!(
+        answered_at_kill < SHOPPERS,
+        "the kill was sent mid-load (after {kill_after_acks} acks)"
+    );
+    server.kill9().await;
+
+    let acked: Vec<(usize, Value)> = seen
+        .iter()
+        .enumerate()
+        .filter_map(|(i, s)| match s {
+            Seen::Acked(body) => Some((i, body.clone())),
+            _ => None,
+        })
+        .collect();
+    let lost: Vec<usize> = seen
+        .iter()
+        .enumerate()
+        .filter(|(_, s)| matches!(s, Seen::Lost))
+        .map(|(i, _)| i)
+        .collect();
+    for s in &seen {
+        if let Seen::Refused(status, code) = s {
+            assert_eq!(
+                (*status, code.as_str()),
+                (409, "sold_out"),
+                "refused before the kill"
+            );
+        }
+    }
+    println!(
+        "kill after {kill_after_acks} acks: {} acked, {} lost in flight, {} refused; {answered_at_kill} answered when killed",
+        acked.len(),
+        lost.len(),
+        SHOPPERS - acked.len() - lost.len()
+    );
+    assert!(acked.len() >= kill_after_acks);
+
+    // Restart on the same data directory.
+    let server = Server::start(data_dir.path(), extra_args).await;
+    let audit = server.audit(&sale).await;
+    assert_books(&audit);
+    let durable = held(&audit);
+    println!(
+        "after the restart: {durable} units held by durable orders ({} acknowledged)",
+        acked.len()
+    );
+    assert!(
+        durable >= acked.len(),
+        "acknowledged orders were lost: {} acked, {durable} durable: {audit}",
+        acked.len()
+    );
+    assert!(durable <= UNITS, "{audit}");
+    assert_eq!(
+        audit["remaining"].as_u64(),
+        Some((UNITS - durable) as u64),
+        "{audit}"
+    );
+
+    // Every acknowledged order is there, and its replay answers the same order.
+    let mut order_ids = HashSet::new();
+    for (i, body) in &acked {
+        let order_id = body["order_id"].as_str().expect("order id");
+        assert!(
+            order_ids.insert(order_id.to_owned()),
+            "order id {order_id} acknowledged twice"
+        );
+        let reply = server.admin_get(&format!("/v1/orders/{order_id}")).await;
+        assert_eq!(
+            reply.status, 200,
+            "acknowledged order {order_id} is gone: {}",
+            reply.body
+        );
+        assert_eq!(reply.body["user_id"], format!("shopper-{i:04}"));
+        assert_eq!(reply.body["sale_id"], sale.as_str());
+        assert_eq!(reply.body["quantity"], 1);
+        assert_eq!(reply.body["status"], "pending_payment");
+        let replay = server.purchase(&tokens[*i], &sale, &key(*i)).await;
+        assert_eq!(
+            replay.status, 200,
+            "replay of an acknowledged purchase: {}",
+            replay.body
+        );
+        assert_eq!(&replay.body, body, "a replay answers the acknowledged body");
+    }
+
+    // The purchases lost in flight: retrying them (same key) finds the order if it was
+    // committed, or places it now; never twice, never over the limit.
+    let mut placed_after_restart = 0;
+    for &i in &lost {
+        let reply = server.purchase_decided(&tokens[i], &sale, &key(i)).await;
+        match (reply.status, reply.body["error"]["code"].as_str()) {
+            (200, _) => {}
+            (201, _) => placed_after_restart += 1,
+            (409, Some("sold_out")) => {}
+            other => panic!("retry of a lost purchase: {other:?} {}", reply.body),
+        }
+        let reply = send(
+            server
+                .client
+                .get(server.url("/v1/orders"))
+                .bearer_auth(&tokens[i]),
+        )
+        .await;
+        assert!(
+            reply.body["orders"].as_array().expect("orders").len() <= 1,
+            "shopper {i} holds more than one order"
+        );
+    }
+
+    // Selling goes on and stops exactly at the sale's quantity.
+    let fresh: Vec<(String, String)> = (0..UNITS + 20)
+        .map(|i| (shopper(&format!("fresh-{i:04}")), format!("fresh-key-{i}")))
+        .collect();
+    let replies = futures::future::join_all(
+        fresh
+            .iter()
+            .map(|(token, key)| server.purchase_decided(token, &sale, key)),
+    )
+    .await;
+    let mut fresh_sold = 0;
+    for reply in &replies {
+        match (reply.status, reply.body["error"]["code"].as_str()) {
+            (201, _) => fresh_sold += 1,
+            (409, Some("sold_out")) => {}
+            other => panic!("fresh purchase after the restart: {other:?} {}", reply.body),
+        }
+    }
+    let after_retries = durable + placed_after_restart;
+    assert_eq!(
+        fresh_sold,
+        UNITS - after_retries,
+        "sells out exactly at {UNITS}"
+    );
+
+    let audit = server.audit(&sale).await;
+    assert_books(&audit);
+    assert_eq!(audit["remaining"], 0, "{audit}");
+    assert_eq!(held(&audit), UNITS, "{audit}");
+    let view = send(
+        server
+            .client
+            .get(server.url(&format!("/v1/flash-sales/{sale}"))),
+    )
+    .await;
+    assert_eq!(view.body["remaining"], 0);
+    assert_eq!(view.body["status"], "sold_out");
+    let product = send(server.client.get(server.url("/v1/products/CRASH-1"))).await;
+    assert_eq!(product.body["available"], 0, "{}", product.body);
+
+    // Leave no child behind.
+    server.kill9().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill9_right_after_the_first_ack() {
+    crash_mid_stampede(1, &[]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill9_halfway_through_the_sale() {
+    // Small batches, so half the sale is acknowledged while the other half is still being
+    // committed batch by batch when the kill lands.
+    crash_mid_stampede(UNITS / 2, &["--batch-size-max", "8"]).await;
+}
