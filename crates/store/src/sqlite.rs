@@ -65,6 +65,9 @@ impl SqliteStore {
     }
 
     async fn open_with(options: SqliteConnectOptions) -> Result<SqliteStore, StoreError> {
+        // 64 MiB of page cache keeps the hot B-tree pages of a sale's orders in memory;
+        // checkpoints every 16 MiB of WAL instead of 4 MiB amortise their fsync.
+        let options = options.pragma("cache_size", "-65536").pragma("wal_autocheckpoint", "4096");
         let mut writer = SqliteConnection::connect_with(&options)
             .await
             .map_err(unavailable)?;
