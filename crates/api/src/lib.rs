@@ -33,13 +33,24 @@ use error::ApiError;
 /// Request bodies larger than this are refused with 413 `body_too_large`.
 pub const BODY_LIMIT_BYTES_DEFAULT: usize = 16 * 1024;
 
+/// What every handler shares. One `Arc`, so the per-request clone axum makes of the
+/// state is a single reference-count increment.
 #[derive(Clone)]
-pub struct AppState {
+pub struct AppState(pub Arc<App>);
+
+pub struct App {
     pub engine: Arc<Engine>,
-    pub auth: Arc<Auth>,
+    pub auth: Auth,
     pub payments: Arc<dyn PaymentGateway>,
     pub metrics: PrometheusHandle,
     pub openapi: Arc<str>,
+}
+
+impl std::ops::Deref for AppState {
+    type Target = App;
+    fn deref(&self) -> &App {
+        &self.0
+    }
 }
 
 #[derive(OpenApi)]

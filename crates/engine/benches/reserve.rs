@@ -30,7 +30,7 @@ impl Store for Discard {
     async fn order(&self, _: OrderId) -> Result<Option<OrderRecord>, StoreError> {
         Ok(None)
     }
-    async fn orders_of(&self, _: &UserId, _: u32) -> Result<Vec<OrderRecord>, StoreError> {
+    async fn orders_by_id(&self, _: &[OrderId]) -> Result<Vec<OrderRecord>, StoreError> {
         Ok(Vec::new())
     }
     async fn tally(&self, _: SaleId, _: u32) -> Result<SaleTally, StoreError> {

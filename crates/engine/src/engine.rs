@@ -264,6 +264,9 @@ pub(crate) struct Shared {
     pub sales: RwLock<HashMap<SaleId, Arc<SaleState>>>,
     idem_shards: Vec<Mutex<FastMap<(UserId, IdempotencyKey), IdemEntry>>>,
     idem_hasher: foldhash::fast::RandomState,
+    /// Each shopper's durable order ids, oldest first. Bounded like the orders
+    /// themselves (by the stock of all sales).
+    user_orders: Vec<Mutex<FastMap<UserId, Vec<OrderId>>>>,
 }
 
 impl Shared {
@@ -295,6 +298,18 @@ impl Shared {
                 let _ = waiter.send(outcome.clone());
             }
         }
+    }
+
+    pub(crate) fn user_orders_shard(&self, user: &UserId) -> &Mutex<FastMap<UserId, Vec<OrderId>>> {
+        &self.user_orders[(self.idem_hasher.hash_one(user) as usize) % IDEM_SHARDS]
+    }
+
+    pub(crate) fn remember_order(&self, user: &UserId, id: OrderId) {
+        self.user_orders_shard(user)
+            .lock()
+            .entry(user.clone())
+            .or_default()
+            .push(id);
     }
 
     pub(crate) fn sale(&self, id: SaleId) -> Option<Arc<SaleState>> {
@@ -353,6 +368,9 @@ impl Engine {
             sales: RwLock::new(HashMap::new()),
             idem_shards,
             idem_hasher,
+            user_orders: (0..IDEM_SHARDS)
+                .map(|_| Mutex::new(FastMap::default()))
+                .collect(),
         };
 
         for order in &snapshot.orders {
@@ -367,6 +385,7 @@ impl Engine {
             if order.status == OrderStatus::PendingPayment {
                 expiries.push((order.expires_at_ms + config.expiry_grace_ms, order.id));
             }
+            shared_probe.remember_order(&order.user_id, order.id);
             let placed = Placed::of(order);
             shared_probe
                 .idem_shard(&order.user_id, &order.idempotency_key)
@@ -829,11 +848,21 @@ impl Engine {
         user: &UserId,
         limit: u32,
     ) -> Result<Vec<OrderRecord>, OrderError> {
-        self.shared
+        let ids: Vec<OrderId> = {
+            let shard = self.shared.user_orders_shard(user).lock();
+            match shard.get(user) {
+                Some(ids) => ids.iter().rev().take(limit as usize).copied().collect(),
+                None => return Ok(Vec::new()),
+            }
+        };
+        let mut orders = self
+            .shared
             .store
-            .orders_of(user, limit)
+            .orders_by_id(&ids)
             .await
-            .map_err(|_| OrderError::Unavailable)
+            .map_err(|_| OrderError::Unavailable)?;
+        orders.sort_by(|a, b| (b.created_at_ms, b.id).cmp(&(a.created_at_ms, a.id)));
+        Ok(orders)
     }
 
     async fn transition(

@@ -112,8 +112,10 @@ pub trait Store: Send + Sync + 'static {
     /// Applies `ops` in one durable transaction (fsync'd before returning `Ok`).
     async fn commit(&self, ops: &[WriteOp]) -> Result<Vec<OpOutcome>, StoreError>;
     async fn order(&self, id: OrderId) -> Result<Option<OrderRecord>, StoreError>;
-    /// A shopper's most recent orders, newest first.
-    async fn orders_of(&self, user: &UserId, limit: u32) -> Result<Vec<OrderRecord>, StoreError>;
+    /// The orders with these ids (any order; missing ids are skipped). The engine keeps
+    /// each shopper's order ids in memory, so the store needs no per-shopper index on the
+    /// hot insert path.
+    async fn orders_by_id(&self, ids: &[OrderId]) -> Result<Vec<OrderRecord>, StoreError>;
     async fn tally(&self, sale: SaleId, per_user_limit: u32) -> Result<SaleTally, StoreError>;
     async fn ping(&self) -> Result<(), StoreError>;
 }

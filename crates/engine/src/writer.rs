@@ -228,6 +228,7 @@ impl Writer {
                     let placed = Placed::of(&order);
                     self.shared
                         .settle(&order.user_id, &order.idempotency_key, Ok(placed.clone()));
+                    self.shared.remember_order(&order.user_id, order.id);
                     let _ = reply.send(Ok(placed));
                     self.expiries
                         .push(Reverse((order.expires_at_ms + grace_ms, order.id)));

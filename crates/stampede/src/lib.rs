@@ -199,6 +199,13 @@ fn secret(configured: Option<&str>, data_dir: &Path, file: &str) -> anyhow::Resu
     Ok((Secret::new(value), true))
 }
 
+/// The JWT secret a server with this configuration uses (configured, or kept in the
+/// data directory, or newly generated and kept there).
+pub fn jwt_secret(config: &Config) -> anyhow::Result<Secret> {
+    std::fs::create_dir_all(&config.data_dir)?;
+    Ok(secret(config.jwt_secret.as_deref(), &config.data_dir, "jwt-secret")?.0)
+}
+
 /// A running server.
 pub struct Running {
     pub addr: SocketAddr,
@@ -266,16 +273,16 @@ pub async fn start(
             .await
             .context("rebuild state from the store")?,
     );
-    let state = AppState {
+    let state = AppState(Arc::new(stampede_api::App {
         engine: engine.clone(),
-        auth: Arc::new(Auth::new(admin_token.clone(), &jwt_secret)),
+        auth: Auth::new(admin_token.clone(), &jwt_secret),
         payments: Arc::new(stampede_api::payment::HttpPayments::new(
             &config.payment_url,
             config.payment_timeout,
         )),
         metrics: stampede_api::metrics_handle(),
         openapi: Arc::from(stampede_api::openapi_json()),
-    };
+    }));
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("listen on {}", config.listen))?;

@@ -50,6 +50,19 @@ enum Command {
     Migrate(ServeArgs),
     /// Rebuild state from the durable orders and print every sale's books (offline).
     Audit(ServeArgs),
+    /// Print shopper tokens (HS256 JWTs) signed with the server's JWT secret, one per line.
+    Token {
+        /// The shopper id (`sub`); with --count N, ids are SUB-0 … SUB-(N-1).
+        #[arg(long)]
+        sub: String,
+        #[arg(long, default_value_t = 1)]
+        count: u32,
+        /// Lifetime of each token.
+        #[arg(long, default_value = "24h")]
+        ttl: humantime::Duration,
+        #[command(flatten)]
+        serve: ServeArgs,
+    },
 }
 
 fn init_tracing(filter: &str) {
@@ -98,6 +111,34 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Audit(args) => audit(args).await,
+        Command::Token {
+            sub,
+            count,
+            ttl,
+            serve,
+        } => {
+            let config = Config::load(&serve)?;
+            let secret = stampede::jwt_secret(&config)?;
+            let exp = chrono::Utc::now().timestamp() as u64 + Duration::from(ttl).as_secs();
+            anyhow::ensure!(
+                (1..=10_000_000).contains(&count),
+                "--count must be within 1..=10000000"
+            );
+            let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+            for i in 0..count {
+                let sub = if count == 1 {
+                    sub.clone()
+                } else {
+                    format!("{sub}-{i}")
+                };
+                std::io::Write::write_all(
+                    &mut out,
+                    mint_shopper_token(&secret, &sub, Some(exp)).as_bytes(),
+                )?;
+                std::io::Write::write_all(&mut out, b"\n")?;
+            }
+            Ok(())
+        }
     }
 }
 

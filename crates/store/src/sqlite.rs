@@ -67,7 +67,9 @@ impl SqliteStore {
     async fn open_with(options: SqliteConnectOptions) -> Result<SqliteStore, StoreError> {
         // 64 MiB of page cache keeps the hot B-tree pages of a sale's orders in memory;
         // checkpoints every 16 MiB of WAL instead of 4 MiB amortise their fsync.
-        let options = options.pragma("cache_size", "-65536").pragma("wal_autocheckpoint", "4096");
+        let options = options
+            .pragma("cache_size", "-65536")
+            .pragma("wal_autocheckpoint", "4096");
         let mut writer = SqliteConnection::connect_with(&options)
             .await
             .map_err(unavailable)?;
@@ -332,13 +334,17 @@ impl Store for SqliteStore {
             .iter()
             .map(sale_from_row)
             .collect::<Result<_, _>>()?;
-        let orders = sqlx::query(concat!("SELECT ", order_columns!(), " FROM orders"))
-            .fetch_all(&mut *conn)
-            .await
-            .map_err(unavailable)?
-            .iter()
-            .map(order_from_row)
-            .collect::<Result<_, _>>()?;
+        let orders = sqlx::query(concat!(
+            "SELECT ",
+            order_columns!(),
+            " FROM orders ORDER BY id"
+        ))
+        .fetch_all(&mut *conn)
+        .await
+        .map_err(unavailable)?
+        .iter()
+        .map(order_from_row)
+        .collect::<Result<_, _>>()?;
         Ok(Snapshot {
             products,
             sales,
@@ -370,20 +376,29 @@ impl Store for SqliteStore {
         .transpose()
     }
 
-    async fn orders_of(&self, user: &UserId, limit: u32) -> Result<Vec<OrderRecord>, StoreError> {
-        sqlx::query(concat!(
-            "SELECT ",
-            order_columns!(),
-            " FROM orders WHERE user_id = ? ORDER BY created_at_ms DESC, id DESC LIMIT ?"
-        ))
-        .bind(user.as_str())
-        .bind(i64::from(limit))
-        .fetch_all(&self.readers)
-        .await
-        .map_err(unavailable)?
-        .iter()
-        .map(order_from_row)
-        .collect()
+    async fn orders_by_id(&self, ids: &[OrderId]) -> Result<Vec<OrderRecord>, StoreError> {
+        let mut orders = Vec::with_capacity(ids.len());
+        for chunk in ids.chunks(256) {
+            let mut query: QueryBuilder<Sqlite> = QueryBuilder::new(concat!(
+                "SELECT ",
+                order_columns!(),
+                " FROM orders WHERE id IN ("
+            ));
+            let mut separated = query.separated(", ");
+            for id in chunk {
+                separated.push_bind(id.to_string());
+            }
+            query.push(")");
+            for row in query
+                .build()
+                .fetch_all(&self.readers)
+                .await
+                .map_err(unavailable)?
+            {
+                orders.push(order_from_row(&row)?);
+            }
+        }
+        Ok(orders)
     }
 
     async fn tally(&self, sale: SaleId, per_user_limit: u32) -> Result<SaleTally, StoreError> {

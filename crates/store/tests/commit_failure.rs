@@ -32,8 +32,8 @@ impl Store for Flaky {
     async fn order(&self, id: OrderId) -> Result<Option<OrderRecord>, StoreError> {
         self.inner.order(id).await
     }
-    async fn orders_of(&self, user: &UserId, limit: u32) -> Result<Vec<OrderRecord>, StoreError> {
-        self.inner.orders_of(user, limit).await
+    async fn orders_by_id(&self, ids: &[OrderId]) -> Result<Vec<OrderRecord>, StoreError> {
+        self.inner.orders_by_id(ids).await
     }
     async fn tally(&self, sale: SaleId, per_user_limit: u32) -> Result<SaleTally, StoreError> {
         self.inner.tally(sale, per_user_limit).await
@@ -194,12 +194,12 @@ async fn a_batch_that_fails_midway_leaves_nothing() {
         updated_at_ms: 0,
     };
     let first = OrderId::new();
-    // The second order reuses the first's idempotency key: the unique constraint fails
-    // the batch after the first row was inserted.
+    // The second row reuses the first's id: the primary key fails the batch after the
+    // first row was inserted.
     let result = store
         .commit(&[
-            WriteOp::InsertOrder(order(first, "k")),
-            WriteOp::InsertOrder(order(OrderId::new(), "k")),
+            WriteOp::InsertOrder(order(first, "k1")),
+            WriteOp::InsertOrder(order(first, "k2")),
         ])
         .await;
     assert!(result.is_err());

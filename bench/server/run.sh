@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# Server benchmark: durable purchases per second as a ratio to the same server's
+# /healthz, under the same load generator (wrk, 1 thread), in one run.
+#
+#   cargo build --release -p stampede && bench/server/run.sh
+#
+# Environment: DURATION (default 10s), CONNECTIONS (default 64), STAMPEDE_BIN.
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+bin=${STAMPEDE_BIN:-${CARGO_TARGET_DIR:-$HOME/.cache/stampede-target}/release/stampede}
+duration=${DURATION:-10s}
+connections=${CONNECTIONS:-64}
+port=${PORT:-18181}
+base=http://127.0.0.1:$port
+work=$(mktemp -d)
+pid=
+cleanup() { [ -n "$pid" ] && kill "$pid" 2>/dev/null; wait 2>/dev/null; rm -rf "$work"; }
+trap cleanup EXIT
+
+export STAMPEDE_ADMIN_TOKEN=bench-admin-token STAMPEDE_JWT_SECRET=bench-jwt-secret
+"$bin" token --sub shopper --count 20000 --data-dir "$work/tokens-dir" > "$work/tokens"
+export TOKENS=$work/tokens
+
+start() { # ack mode
+  [ -n "$pid" ] && { kill "$pid"; wait "$pid" 2>/dev/null || true; }
+  rm -rf "$work/data"
+  "$bin" serve --listen 127.0.0.1:$port --data-dir "$work/data" --ack "$1" --log warn >/dev/null &
+  pid=$!
+  for _ in $(seq 100); do curl -sf $base/healthz >/dev/null && break; sleep 0.1; done
+  local now ends
+  now=$(date -u +%Y-%m-%dT%H:%M:%SZ); ends=$(date -u -d '+2 hours' +%Y-%m-%dT%H:%M:%SZ)
+  curl -sf -X POST $base/v1/products -H "Authorization: Bearer $STAMPEDE_ADMIN_TOKEN" \
+    -H 'Content-Type: application/json' \
+    -d '{"sku":"BENCH","name":"bench","price_cents":100,"stock":1000000000}' >/dev/null
+  SALE=$(curl -sf -X POST $base/v1/flash-sales -H "Authorization: Bearer $STAMPEDE_ADMIN_TOKEN" \
+    -H 'Content-Type: application/json' \
+    -d "{\"sku\":\"BENCH\",\"price_cents\":50,\"quantity\":1000000000,\"per_user_limit\":1000,\"starts_at\":\"$now\",\"ends_at\":\"$ends\"}" \
+    | sed -E 's/.*"id":"([^"]+)".*/\1/')
+  export SALE
+}
+
+run() { # label, wrk args...
+  local label=$1; shift
+  local out
+  out=$(wrk -t1 -c"$connections" -d"$duration" "$@")
+  local line
+  line=$(grep '^RESULT' <<<"$out" || true)
+  if [ -z "$line" ]; then
+    line="RESULT rps=$(awk '/Requests\/sec/ {printf "%.0f", $2}' <<<"$out")"
+  fi
+  echo "$label $line"
+}
+
+start durable
+run healthz_static "$base/healthz" | tee "$work/healthz"
+run healthz_lua -s "$here/healthz.lua" "$base/healthz" | tee -a "$work/healthz"
+run purchase_durable -s "$here/purchase.lua" "$base/healthz" | tee "$work/durable"
+curl -sf "$base/v1/flash-sales/$SALE/audit" -H "Authorization: Bearer $STAMPEDE_ADMIN_TOKEN"; echo
+
+# Latency at half the maximum rate: pace each connection so the offered load is about
+# half of what purchase_durable reached.
+max=$(sed -E 's/.* rps=([0-9]+).*/\1/' "$work/durable")
+half=$((max / 2))
+paced_connections=$((connections / 2))
+# Each connection sends one request, waits DELAY_MS, and so on: rate ≈ conns×1000/delay.
+delay=$(( (paced_connections * 1000 + half / 2) / (half > 0 ? half : 1) ))
+[ "$delay" -lt 1 ] && delay=1
+start durable
+DELAY_MS=$delay run "purchase_durable_half_rate(target=${half}/s,delay=${delay}ms,conns=${paced_connections})" \
+  -c"$paced_connections" -s "$here/purchase.lua" "$base/healthz"
+curl -sf "$base/v1/flash-sales/$SALE/audit" -H "Authorization: Bearer $STAMPEDE_ADMIN_TOKEN"; echo
+
+start reserved
+run purchase_reserved -s "$here/purchase.lua" "$base/healthz"
