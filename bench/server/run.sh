@@ -24,7 +24,7 @@ export TOKENS=$work/tokens
 start() { # ack mode
   [ -n "$pid" ] && { kill "$pid"; wait "$pid" 2>/dev/null || true; }
   rm -rf "$work/data"
-  "$bin" serve --listen 127.0.0.1:$port --data-dir "$work/data" --ack "$1" --log warn >/dev/null &
+  "$bin" serve --listen 127.0.0.1:$port --data-dir "$work/data" --ack "$1" --log warn ${SERVE_ARGS:-} >/dev/null &
   pid=$!
   for _ in $(seq 100); do curl -sf $base/healthz >/dev/null && break; sleep 0.1; done
   local now ends

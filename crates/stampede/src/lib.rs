@@ -45,6 +45,8 @@ pub struct Config {
     pub admin_token: Option<String>,
     pub jwt_secret: Option<String>,
     pub log: String,
+    /// Threads of the async runtime; unset means one per core.
+    pub worker_threads: Option<usize>,
 }
 
 impl Default for Config {
@@ -63,6 +65,7 @@ impl Default for Config {
             admin_token: None,
             jwt_secret: None,
             log: "info".into(),
+            worker_threads: None,
         }
     }
 }
@@ -118,6 +121,10 @@ pub struct ServeArgs {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub log: Option<String>,
+    /// Threads of the async runtime [default: one per core].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub worker_threads: Option<usize>,
 }
 
 impl Config {
@@ -146,6 +153,10 @@ impl Config {
         anyhow::ensure!(
             self.queue_capacity >= 1,
             "queue_capacity must be at least 1"
+        );
+        anyhow::ensure!(
+            self.worker_threads.is_none_or(|n| (1..=1024).contains(&n)),
+            "worker_threads must be within 1..=1024"
         );
         anyhow::ensure!(
             (1..=65_536).contains(&self.batch_size_max),

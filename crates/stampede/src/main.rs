@@ -74,9 +74,22 @@ fn init_tracing(filter: &str) {
         .try_init();
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    let worker_threads = match &cli.command {
+        Command::Serve(args) | Command::Demo { serve: args, .. } => {
+            Config::load(args)?.worker_threads
+        }
+        _ => None,
+    };
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = worker_threads {
+        runtime.worker_threads(n);
+    }
+    runtime.enable_all().build()?.block_on(run(cli))
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(args) => serve(args).await,
         Command::Demo { serve, run_for } => demo(serve, run_for.map(Into::into)).await,
