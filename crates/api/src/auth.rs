@@ -98,7 +98,7 @@ impl Auth {
         let shard = &self.cache[(self.hasher.hash_one(token) as usize) % TOKEN_CACHE_SHARDS];
         if let Some(verified) = shard.lock().get(token) {
             return match verified.exp {
-                Some(exp) if exp <= now_s() => Err(ApiError::new(
+                Some(exp) if exp < now_s() => Err(ApiError::new(
                     axum::http::StatusCode::UNAUTHORIZED,
                     "token_expired",
                     "the token has expired",

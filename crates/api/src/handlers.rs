@@ -379,7 +379,7 @@ pub async fn pay_order(
     Path(id): Path<String>,
 ) -> Result<Json<StatusBody>, ApiError> {
     let id = parse_order_id(&id)?;
-    let status = app.engine.pay(&user, id, app.payments.as_ref()).await?;
+    let status = app.engine.pay(&user, id, app.payments.clone()).await?;
     Ok(Json(StatusBody { status }))
 }
 

@@ -267,6 +267,8 @@ pub(crate) struct Shared {
     /// Each shopper's durable order ids, oldest first. Bounded like the orders
     /// themselves (by the stock of all sales).
     user_orders: Vec<Mutex<FastMap<UserId, Vec<OrderId>>>>,
+    /// Set by the writer: 0 after a successful commit. `/readyz` fails while it is not.
+    pub commit_failures_in_a_row: std::sync::atomic::AtomicU32,
 }
 
 impl Shared {
@@ -310,6 +312,25 @@ impl Shared {
             .entry(user.clone())
             .or_default()
             .push(id);
+    }
+
+    /// Marks the key `Done` only if nobody decided it yet.
+    pub(crate) fn settle_if_in_flight(&self, user: &UserId, key: &IdempotencyKey, placed: &Placed) {
+        let waiters = {
+            let mut entries = self.idem_shard(user, key).lock();
+            match entries.get_mut(&(user.clone(), key.clone())) {
+                Some(entry @ IdemEntry::InFlight { .. }) => {
+                    match std::mem::replace(entry, IdemEntry::Done(placed.clone())) {
+                        IdemEntry::InFlight { waiters } => waiters,
+                        IdemEntry::Done(_) => unreachable!("matched InFlight"),
+                    }
+                }
+                _ => return,
+            }
+        };
+        for waiter in waiters {
+            let _ = waiter.send(Ok(placed.clone()));
+        }
     }
 
     pub(crate) fn sale(&self, id: SaleId) -> Option<Arc<SaleState>> {
@@ -371,6 +392,7 @@ impl Engine {
             user_orders: (0..IDEM_SHARDS)
                 .map(|_| Mutex::new(FastMap::default()))
                 .collect(),
+            commit_failures_in_a_row: Default::default(),
         };
 
         for order in &snapshot.orders {
@@ -482,7 +504,13 @@ impl Engine {
 
     /// Whether the writer is running and the store answers.
     pub async fn ready(&self) -> bool {
-        !self.jobs.is_closed() && self.shared.store.ping().await.is_ok()
+        !self.jobs.is_closed()
+            && self
+                .shared
+                .commit_failures_in_a_row
+                .load(std::sync::atomic::Ordering::Relaxed)
+                == 0
+            && self.shared.store.ping().await.is_ok()
     }
 
     pub fn store(&self) -> &Arc<dyn Store> {
@@ -528,6 +556,8 @@ impl Engine {
             undo();
             return Err(AdminError::Overloaded);
         }
+        // From here the writer owns the outcome, and undoes the reservation itself if the
+        // commit fails: this future may be dropped by a client that hangs up.
         match answer.await {
             Ok(Ok(())) => Ok(ProductView {
                 sku: record.sku,
@@ -535,10 +565,7 @@ impl Engine {
                 price: record.price,
                 available: record.available,
             }),
-            _ => {
-                undo();
-                Err(AdminError::Unavailable)
-            }
+            _ => Err(AdminError::Unavailable),
         }
     }
 
@@ -607,13 +634,11 @@ impl Engine {
             give_back();
             return Err(AdminError::Overloaded);
         }
+        // The writer makes the sale visible once it is durable, and gives the stock back
+        // to the product itself if the commit fails.
         match answer.await {
-            // The writer makes the sale visible once it is durable.
             Ok(Ok(())) => Ok(self.sale(record.id).expect("sale is visible after commit")),
-            _ => {
-                give_back();
-                Err(AdminError::Unavailable)
-            }
+            _ => Err(AdminError::Unavailable),
         }
     }
 
@@ -793,10 +818,6 @@ impl Engine {
         };
         let placed = Placed::of(&order);
         let ack = self.shared.config.ack;
-        if ack == AckMode::Reserved {
-            // Replays see the same order from now on, even before the writer commits.
-            self.shared.settle(user, key, Ok(placed.clone()));
-        }
         let (reply, answer) = oneshot::channel();
         let job = Job::Purchase {
             order,
@@ -810,6 +831,11 @@ impl Engine {
             };
             sale.give_back(user, units, true);
             return refuse(error);
+        }
+        if ack == AckMode::Reserved {
+            // Replays see the same order from now on, even before the writer commits
+            // (unless the writer has already decided it, either way).
+            self.shared.settle_if_in_flight(user, key, &placed);
         }
 
         match ack {
@@ -865,19 +891,31 @@ impl Engine {
         Ok(orders)
     }
 
+    /// Asks the writer to move an order out of `pending_payment`. With `wait`, waits for
+    /// room in the (bounded) queue instead of answering `Overloaded`: a pay whose money
+    /// has moved must be recorded.
     async fn transition(
         &self,
         id: OrderId,
         event: OrderEvent,
+        wait: bool,
     ) -> Result<TransitionResult, OrderError> {
         let (reply, answer) = oneshot::channel();
-        self.jobs
-            .try_send(Job::Transition {
-                order_id: id,
-                event,
-                reply,
-            })
-            .map_err(|_| OrderError::Overloaded)?;
+        let job = Job::Transition {
+            order_id: id,
+            event,
+            reply,
+        };
+        if wait {
+            self.jobs
+                .send(job)
+                .await
+                .map_err(|_| OrderError::Unavailable)?;
+        } else {
+            self.jobs
+                .try_send(job)
+                .map_err(|_| OrderError::Overloaded)?;
+        }
         answer
             .await
             .map_err(|_| OrderError::Unavailable)?
@@ -888,10 +926,10 @@ impl Engine {
     /// The writer decides between a pay and a concurrent cancel or expiry; if the pay
     /// loses after charging, the charge is refunded.
     pub async fn pay(
-        &self,
+        self: &Arc<Self>,
         user: &UserId,
         id: OrderId,
-        gateway: &dyn PaymentGateway,
+        gateway: Arc<dyn PaymentGateway>,
     ) -> Result<OrderStatus, OrderError> {
         let order = self.order(&Actor::Shopper(user.clone()), id).await?;
         match order.status {
@@ -903,35 +941,39 @@ impl Engine {
             }
             OrderStatus::PendingPayment => {}
         }
-        let key = id.to_string();
-        gateway
-            .charge(&key, order.amount)
-            .await
-            .map_err(|error| match error {
+        // From the charge on, the work runs in its own task: a client that hangs up must
+        // not leave money taken and the order unpaid.
+        let engine = self.clone();
+        tokio::spawn(async move {
+            let key = id.to_string();
+            gateway.charge(&key, order.amount).await.map_err(|error| match error {
                 PaymentError::Timeout => OrderError::PaymentTimeout,
                 other => OrderError::PaymentFailed(other.to_string()),
             })?;
-        let lost_to = match self.transition(id, OrderEvent::Pay).await? {
-            TransitionResult::Applied | TransitionResult::Refused(OrderStatus::Paid) => {
-                return Ok(OrderStatus::Paid);
+            let lost_to = match engine.transition(id, OrderEvent::Pay, true).await? {
+                TransitionResult::Applied | TransitionResult::Refused(OrderStatus::Paid) => {
+                    return Ok(OrderStatus::Paid);
+                }
+                TransitionResult::Refused(status) => status,
+                TransitionResult::NotFound => return Err(OrderError::NotFound),
+            };
+            if let Err(error) = gateway.refund(&key, order.amount).await {
+                tracing::error!(order_id = %id, %error, "refund after a lost pay race failed; reconcile by hand");
+                metrics::counter!("stampede_refund_failures_total").increment(1);
             }
-            TransitionResult::Refused(status) => status,
-            TransitionResult::NotFound => return Err(OrderError::NotFound),
-        };
-        if let Err(error) = gateway.refund(&key, order.amount).await {
-            tracing::error!(order_id = %id, %error, "refund after a lost pay race failed; reconcile by hand");
-            metrics::counter!("stampede_refund_failures_total").increment(1);
-        }
-        Err(match lost_to {
-            OrderStatus::Cancelled => OrderError::Cancelled,
-            _ => OrderError::Expired,
+            Err(match lost_to {
+                OrderStatus::Cancelled => OrderError::Cancelled,
+                _ => OrderError::Expired,
+            })
         })
+        .await
+        .map_err(|_| OrderError::Unavailable)?
     }
 
     /// Cancels a pending order and returns its stock. Cancelling twice is not an error.
     pub async fn cancel(&self, actor: &Actor, id: OrderId) -> Result<OrderStatus, OrderError> {
         self.order(actor, id).await?;
-        match self.transition(id, OrderEvent::Cancel).await? {
+        match self.transition(id, OrderEvent::Cancel, false).await? {
             TransitionResult::Applied | TransitionResult::Refused(OrderStatus::Cancelled) => {
                 Ok(OrderStatus::Cancelled)
             }

@@ -178,6 +178,9 @@ impl Writer {
 
         match outcomes {
             Ok(outcomes) => {
+                self.shared
+                    .commit_failures_in_a_row
+                    .store(0, std::sync::atomic::Ordering::Relaxed);
                 assert_eq!(
                     outcomes.len(),
                     ops.len(),
@@ -208,6 +211,9 @@ impl Writer {
             Err(error) => {
                 tracing::error!(%error, n_ops = ops.len(), "batch commit failed; answering 503 and returning stock");
                 metrics::counter!("stampede_writer_commit_failures_total").increment(1);
+                self.shared
+                    .commit_failures_in_a_row
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 self.expiries.extend(expiring.into_iter().map(Reverse));
                 self.failed(batch);
             }
@@ -296,7 +302,14 @@ impl Writer {
                     );
                     let _ = reply.send(Err(PurchaseError::Unavailable));
                 }
-                Job::CreateProduct { reply, .. } | Job::CreateSale { reply, .. } => {
+                Job::CreateProduct { record, reply } => {
+                    self.shared.products.write().remove(&record.sku);
+                    let _ = reply.send(Err(()));
+                }
+                Job::CreateSale { record, reply } => {
+                    if let Some(product) = self.shared.products.read().get(&record.sku) {
+                        product.lock().record.available += record.quantity;
+                    }
                     let _ = reply.send(Err(()));
                 }
                 Job::Transition { reply, .. } => {

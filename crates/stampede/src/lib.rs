@@ -225,6 +225,30 @@ pub struct Running {
     pub engine: Arc<Engine>,
     stop: Option<oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<std::io::Result<()>>,
+    /// Held for the server's life: a second process on the same data directory would
+    /// keep its own stock in memory and oversell.
+    _data_dir_lock: std::fs::File,
+}
+
+/// Takes an exclusive lock on `data_dir/LOCK`, or says who holds the directory.
+pub fn lock_data_dir(data_dir: &Path) -> anyhow::Result<std::fs::File> {
+    let path = data_dir.join("LOCK");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("open {}", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => anyhow::bail!(
+            "another stampede process is serving {}; two writers on one database would oversell",
+            data_dir.display()
+        ),
+        Err(std::fs::TryLockError::Error(error)) => {
+            Err(error).with_context(|| format!("lock {}", path.display()))
+        }
+    }
 }
 
 impl Running {
@@ -256,6 +280,7 @@ pub async fn start(
 ) -> anyhow::Result<(Running, bool)> {
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("create data directory {}", config.data_dir.display()))?;
+    let data_dir_lock = lock_data_dir(&config.data_dir)?;
     let (admin_token, admin_generated) = secret(
         config.admin_token.as_deref(),
         &config.data_dir,
@@ -319,6 +344,7 @@ pub async fn start(
             engine,
             stop: Some(stop),
             task,
+            _data_dir_lock: data_dir_lock,
         },
         admin_generated,
     ))

@@ -119,6 +119,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let config = Config::load(&args)?;
             init_tracing(&config.log);
             std::fs::create_dir_all(&config.data_dir)?;
+            let _lock = stampede::lock_data_dir(&config.data_dir)?;
             stampede_store::open(config.database_url.as_deref(), &config.data_dir).await?;
             println!("schema is up to date");
             Ok(())
@@ -171,37 +172,31 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     running.wait().await
 }
 
+/// Reads the durable orders and prints every sale's books. Read-only: it starts no
+/// writer, expires nothing, and may run beside a live server.
 async fn audit(args: ServeArgs) -> anyhow::Result<()> {
     let config = Config::load(&args)?;
     init_tracing("warn");
     let store = stampede_store::open(config.database_url.as_deref(), &config.data_dir).await?;
-    let engine = stampede_engine::Engine::open(
-        store,
-        std::sync::Arc::new(stampede_engine::SystemClock),
-        stampede_engine::EngineConfig::default(),
-    )
-    .await?;
+    let snapshot = store.load().await?;
     let mut all_consistent = true;
-    for id in engine.sale_ids() {
-        let audit = engine
-            .audit(id)
-            .await
-            .map_err(|e| anyhow::anyhow!("{e}"))?
-            .context("sale vanished")?;
-        all_consistent &= audit.consistent;
+    for sale in &snapshot.sales {
+        let tally = store.tally(sale.id, sale.per_user_limit).await?;
+        let held = tally.pending_payment + tally.paid;
+        let consistent = held <= sale.quantity && tally.users_over_limit == 0;
+        all_consistent &= consistent;
         println!(
-            "{id} quantity={} remaining={} pending_payment={} paid={} cancelled={} expired={} users_over_limit={} consistent={}",
-            audit.quantity,
-            audit.remaining,
-            audit.tally.pending_payment,
-            audit.tally.paid,
-            audit.tally.cancelled,
-            audit.tally.expired,
-            audit.tally.users_over_limit,
-            audit.consistent
+            "{} quantity={} remaining={} pending_payment={} paid={} cancelled={} expired={} users_over_limit={} consistent={consistent}",
+            sale.id,
+            sale.quantity,
+            sale.quantity.saturating_sub(held),
+            tally.pending_payment,
+            tally.paid,
+            tally.cancelled,
+            tally.expired,
+            tally.users_over_limit,
         );
     }
-    engine.shutdown().await;
     anyhow::ensure!(all_consistent, "books are inconsistent");
     Ok(())
 }

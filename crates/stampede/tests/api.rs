@@ -1263,3 +1263,60 @@ async fn graceful_restart_keeps_everything() {
     assert_eq!(audit["remaining"], 4);
     assert_eq!(app.sim.charge(&y2).await.expect("charged")["charged"], 1);
 }
+
+#[tokio::test]
+async fn a_second_server_on_the_same_data_directory_is_refused() {
+    let app = spawn_app().await;
+    let mut second = app.config.clone();
+    second.listen = "127.0.0.1:0".parse().unwrap();
+    let refused = stampede::start(&second, std::future::pending()).await;
+    let error = refused
+        .err()
+        .expect("two writers on one database must be refused");
+    assert!(
+        format!("{error:#}").contains("another stampede process"),
+        "{error:#}"
+    );
+    // The first server still sells.
+    let sale = app.live_sale("LOCK-1", 5, 1).await;
+    let (status, _) = app.purchase(&app.shopper("ann"), &sale, "k", 1).await;
+    assert_eq!(status, 201);
+}
+
+#[tokio::test]
+async fn the_largest_orders_survive_a_restart() {
+    let mut app = spawn_app().await;
+    // A price of 600,000,000 cents (a realistic IDR price) times 2 units exceeds one
+    // price's bound; the order must still read back.
+    let product = json!({"sku": "BIG-1", "name": "big", "price_cents": 600_000_000, "stock": 10});
+    assert_eq!(
+        app.post_json("/v1/products", Some(&app.admin), &product)
+            .await
+            .status,
+        201
+    );
+    let sale = app
+        .post_json(
+            "/v1/flash-sales",
+            Some(&app.admin),
+            &json!({"sku": "BIG-1", "price_cents": 600_000_000, "quantity": 4, "per_user_limit": 2,
+                    "starts_at": rfc3339_in(chrono::Duration::seconds(-1)),
+                    "ends_at": rfc3339_in(chrono::Duration::hours(1))}),
+        )
+        .await;
+    assert_eq!(sale.status, 201, "{:?}", sale.body);
+    let sale = sale.body["id"].as_str().unwrap().to_owned();
+    let buyer = app.shopper("rich");
+    let order = app.buy(&buyer, &sale, "big", 2).await;
+    assert_eq!(
+        app.order(&buyer, &order).await.body["amount_cents"],
+        1_200_000_000
+    );
+    app.restart().await;
+    assert_eq!(
+        app.order(&buyer, &order).await.body["amount_cents"],
+        1_200_000_000
+    );
+    assert_eq!(app.orders(&buyer).await.len(), 1);
+    assert_books(&app.audit(&sale).await);
+}

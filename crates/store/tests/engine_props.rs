@@ -253,7 +253,7 @@ async fn run(steps: Vec<Step>) {
             Step::Pay(i) if !acked.is_empty() => {
                 let a = &acked[i % acked.len()];
                 let before = engine.order(&Actor::Admin, a.order_id).await.unwrap();
-                let result = engine.pay(&a.user, a.order_id, &AlwaysPays).await;
+                let result = engine.pay(&a.user, a.order_id, Arc::new(AlwaysPays)).await;
                 match (before.status, &result) {
                     (OrderStatus::PendingPayment, Ok(OrderStatus::Paid)) => {}
                     (OrderStatus::PendingPayment, Err(OrderError::Expired)) => {

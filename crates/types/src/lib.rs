@@ -179,6 +179,17 @@ impl Cents {
     pub fn get(self) -> i64 {
         self.0
     }
+    /// An order's amount: `price × quantity`, so up to `PRICE_CENTS_MAX × PURCHASE_QUANTITY_MAX`.
+    pub fn parse_amount(field: &'static str, value: i64) -> Result<Self, InvalidInput> {
+        let amount_cents_max = PRICE_CENTS_MAX * i64::from(PURCHASE_QUANTITY_MAX);
+        if !(0..=amount_cents_max).contains(&value) {
+            return Err(InvalidInput::new(
+                field,
+                format!("must be within 0..={amount_cents_max}"),
+            ));
+        }
+        Ok(Self(value))
+    }
     /// `price × quantity`; cannot overflow because both are bounded.
     pub fn times(self, quantity: Quantity) -> Cents {
         Cents(self.0 * i64::from(quantity.get()))
@@ -350,6 +361,17 @@ mod tests {
         assert_eq!(Quantity::parse(1).unwrap().get(), 1);
         assert_eq!(Quantity::parse(1000).unwrap().get(), 1000);
         assert!(Quantity::parse(1001).is_err());
+    }
+
+    #[test]
+    fn the_largest_amount_reads_back() {
+        let price = Cents::parse("price_cents", PRICE_CENTS_MAX).unwrap();
+        let amount = price.times(Quantity::parse(i64::from(PURCHASE_QUANTITY_MAX)).unwrap());
+        assert_eq!(
+            Cents::parse_amount("amount_cents", amount.get()),
+            Ok(amount)
+        );
+        assert!(Cents::parse("price_cents", amount.get()).is_err());
     }
 
     #[test]
