@@ -205,9 +205,24 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     let engine = state.engine.clone();
     let app = router(state, body_limit_bytes);
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await?;
+    let (draining, mut drain_started) = tokio::sync::watch::channel(false);
+    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
+        shutdown.await;
+        let _ = draining.send(true);
+    });
+    // Connections get `DRAIN_DEADLINE` to finish once shutdown starts; a client that
+    // never finishes its request must not keep the writer from draining.
+    let deadline = async move {
+        let _ = drain_started.wait_for(|started| *started).await;
+        tokio::time::sleep(DRAIN_DEADLINE).await;
+    };
+    tokio::select! {
+        result = server => result?,
+        _ = deadline => tracing::warn!(?DRAIN_DEADLINE, "connections still open after the drain deadline; closing them"),
+    }
     engine.shutdown().await;
     Ok(())
 }
+
+/// How long a graceful shutdown waits for open requests before draining the writer.
+pub const DRAIN_DEADLINE: Duration = Duration::from_secs(10);

@@ -84,7 +84,21 @@ async fn delay_and_maybe_fail(sim: &Sim) -> Option<Response> {
     None
 }
 
+/// A real provider finishes a charge even when the caller has stopped waiting, so the
+/// work runs in its own task: a caller's timeout does not cancel it.
 async fn charge(State(sim): State<Arc<Sim>>, Json(request): Json<ChargeRequest>) -> Response {
+    tokio::spawn(process_charge(sim, request))
+        .await
+        .unwrap_or_else(|_| {
+            error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                "charge task failed",
+            )
+        })
+}
+
+async fn process_charge(sim: Arc<Sim>, request: ChargeRequest) -> Response {
     sim.stats.lock().attempts += 1;
     if request.idempotency_key.is_empty()
         || request.idempotency_key.len() > 200

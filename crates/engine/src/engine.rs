@@ -267,6 +267,13 @@ pub(crate) struct Shared {
     /// Each shopper's durable order ids, oldest first. Bounded like the orders
     /// themselves (by the stock of all sales).
     user_orders: Vec<Mutex<FastMap<UserId, Vec<OrderId>>>>,
+    /// Orders whose charge was attempted and not (yet) recorded as paid, with the amount.
+    /// If such an order is cancelled or expires, the charge may have landed anyway (a
+    /// timeout, a lost race, a crash between charge and record): it is refunded. Bounded
+    /// by the pending orders.
+    pub payment_attempts: Mutex<FastMap<OrderId, Cents>>,
+    /// The provider pays go through, kept for those refunds.
+    pub gateway: std::sync::OnceLock<Arc<dyn PaymentGateway>>,
     /// Set by the writer: 0 after a successful commit. `/readyz` fails while it is not.
     pub commit_failures_in_a_row: std::sync::atomic::AtomicU32,
 }
@@ -312,6 +319,36 @@ impl Shared {
             .entry(user.clone())
             .or_default()
             .push(id);
+    }
+
+    /// Refunds, in the background, a charge that may have been made for an order that is
+    /// now cancelled or expired. The provider refunds by the same idempotency key, so a
+    /// refund of a charge that never happened is harmless.
+    pub(crate) fn refund_if_charged(&self, order_id: OrderId) {
+        let Some(amount) = self.payment_attempts.lock().remove(&order_id) else {
+            return;
+        };
+        let Some(gateway) = self.gateway.get().cloned() else {
+            return;
+        };
+        metrics::counter!("stampede_refunds_total", "reason" => "unpaid_order_closed").increment(1);
+        tokio::spawn(async move {
+            // A charge that timed out may still land after we gave up on it: try again a
+            // few times before handing it to reconciliation.
+            let key = order_id.to_string();
+            let mut last_error = None;
+            for delay_s in [0, 1, 2, 4, 8] {
+                tokio::time::sleep(std::time::Duration::from_secs(delay_s)).await;
+                match gateway.refund(&key, amount).await {
+                    Ok(()) => return,
+                    Err(error) => last_error = Some(error),
+                }
+            }
+            if let Some(error) = last_error {
+                tracing::info!(%order_id, %error, "no charge to refund found for a closed unpaid order; reconcile with the provider");
+                metrics::counter!("stampede_refund_failures_total").increment(1);
+            }
+        });
     }
 
     /// Marks the key `Done` only if nobody decided it yet.
@@ -393,6 +430,8 @@ impl Engine {
                 .map(|_| Mutex::new(FastMap::default()))
                 .collect(),
             commit_failures_in_a_row: Default::default(),
+            payment_attempts: Default::default(),
+            gateway: Default::default(),
         };
 
         for order in &snapshot.orders {
@@ -943,20 +982,29 @@ impl Engine {
         }
         // From the charge on, the work runs in its own task: a client that hangs up must
         // not leave money taken and the order unpaid.
+        let _ = self.shared.gateway.set(gateway.clone());
+        self.shared.payment_attempts.lock().insert(id, order.amount);
         let engine = self.clone();
         tokio::spawn(async move {
             let key = id.to_string();
             gateway.charge(&key, order.amount).await.map_err(|error| match error {
                 PaymentError::Timeout => OrderError::PaymentTimeout,
+                PaymentError::Declined(reason) => {
+                    // A decline is definite: nothing was charged, nothing to refund.
+                    engine.shared.payment_attempts.lock().remove(&id);
+                    OrderError::PaymentFailed(reason)
+                }
                 other => OrderError::PaymentFailed(other.to_string()),
             })?;
             let lost_to = match engine.transition(id, OrderEvent::Pay, true).await? {
                 TransitionResult::Applied | TransitionResult::Refused(OrderStatus::Paid) => {
+                    engine.shared.payment_attempts.lock().remove(&id);
                     return Ok(OrderStatus::Paid);
                 }
                 TransitionResult::Refused(status) => status,
                 TransitionResult::NotFound => return Err(OrderError::NotFound),
             };
+            engine.shared.payment_attempts.lock().remove(&id);
             if let Err(error) = gateway.refund(&key, order.amount).await {
                 tracing::error!(order_id = %id, %error, "refund after a lost pay race failed; reconcile by hand");
                 metrics::counter!("stampede_refund_failures_total").increment(1);

@@ -188,7 +188,7 @@ impl Writer {
                 );
                 let audits = self.committed(batch, &outcomes[..n_job_ops]);
                 let mut n_expired = 0;
-                for outcome in &outcomes[n_job_ops..] {
+                for (outcome, (_, order_id)) in outcomes[n_job_ops..].iter().zip(&expiring) {
                     if let OpOutcome::Transitioned {
                         sale_id,
                         user_id,
@@ -198,6 +198,7 @@ impl Writer {
                         if let Some(sale) = self.shared.sale(*sale_id) {
                             sale.give_back(user_id, quantity.get(), false);
                         }
+                        self.shared.refund_if_charged(*order_id);
                         n_expired += 1;
                     }
                 }
@@ -259,7 +260,11 @@ impl Writer {
                         .insert(state.record.id, Arc::new(state));
                     let _ = reply.send(Ok(()));
                 }
-                Job::Transition { event, reply, .. } => {
+                Job::Transition {
+                    order_id,
+                    event,
+                    reply,
+                } => {
                     let result = match outcomes.next().expect("one outcome per op") {
                         OpOutcome::Transitioned {
                             sale_id,
@@ -270,6 +275,7 @@ impl Writer {
                                 if let Some(sale) = self.shared.sale(*sale_id) {
                                     sale.give_back(user_id, quantity.get(), false);
                                 }
+                                self.shared.refund_if_charged(order_id);
                             }
                             TransitionResult::Applied
                         }

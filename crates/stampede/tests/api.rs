@@ -1320,3 +1320,51 @@ async fn the_largest_orders_survive_a_restart() {
     assert_eq!(app.orders(&buyer).await.len(), 1);
     assert_books(&app.audit(&sale).await);
 }
+
+#[tokio::test]
+async fn a_charge_that_lands_after_a_timeout_is_refunded_when_the_order_is_cancelled() {
+    let app = spawn_app_with(|config| config.payment_timeout = Duration::from_millis(300)).await;
+    let sale = app.live_sale("LATE-1", 10, 3).await;
+    let una = app.shopper("una");
+    let order_id = app.buy(&una, &sale, "u-1", 1).await;
+
+    // The provider answers after our timeout but does charge.
+    app.sim.configure(1_000, 0.0).await;
+    assert_error(&app.pay(&una, &order_id).await, 504, "payment_timeout");
+    // The provider recovers (the slow call in flight still lands a second later).
+    app.sim.configure(0, 0.0).await;
+    assert_eq!(app.cancel(&una, &order_id).await.status, 200);
+    assert_eq!(app.order_status(&una, &order_id).await, "cancelled");
+    assert_eq!(app.remaining(&sale).await, 10);
+
+    // The shopper must not keep paying for a cancelled order: the late charge is refunded.
+    let charge = eventually("the late charge to be refunded", || async {
+        app.sim
+            .charge(&order_id)
+            .await
+            .filter(|c| c["refunded"] == true)
+    })
+    .await;
+    assert_eq!(charge["charged"], 1, "{charge}");
+    assert_books(&app.audit(&sale).await);
+}
+
+#[tokio::test]
+async fn a_declined_payment_is_not_refunded() {
+    let app = spawn_app().await;
+    let sale = app.live_sale("DECL-1", 10, 3).await;
+    let ida = app.shopper("ida");
+    let order_id = app.buy(&ida, &sale, "i-1", 1).await;
+    app.sim.configure(0, 1.0).await;
+    assert_error(&app.pay(&ida, &order_id).await, 502, "payment_failed");
+    assert_eq!(app.cancel(&ida, &order_id).await.status, 200);
+    // Nothing was charged; a refund attempt would find nothing and is harmless, but the
+    // charge record must still show no money moved.
+    assert!(
+        app.sim
+            .charge(&order_id)
+            .await
+            .is_none_or(|c| c["charged"] == 0)
+    );
+    assert_eq!(app.sim.stats().await["charges"], 0);
+}
