@@ -11,8 +11,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use async_trait::async_trait;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use stampede_engine::{
-    AckMode, Engine, EngineConfig, NewProduct, NewSale, OpOutcome, OrderRecord, SaleTally,
-    Snapshot, Store, StoreError, SystemClock, WriteOp,
+    AckMode, Engine, EngineConfig, NewProduct, NewSale, OpOutcome, OrderRecord, PendingTally,
+    SaleTally, Snapshot, Store, StoreError, SystemClock, WriteOp,
 };
 use stampede_types::{Cents, IdempotencyKey, OrderId, Quantity, SaleId, Sku, UserId};
 
@@ -35,6 +35,9 @@ impl Store for Discard {
     }
     async fn tally(&self, _: SaleId, _: u32) -> Result<SaleTally, StoreError> {
         Ok(SaleTally::default())
+    }
+    async fn snapshot_tally(&self, _: SaleId, _: u32) -> Result<PendingTally, StoreError> {
+        Ok(Box::pin(async { Ok(SaleTally::default()) }))
     }
     async fn ping(&self) -> Result<(), StoreError> {
         Ok(())

@@ -27,6 +27,6 @@ pub use engine::{
 };
 pub use payment::{PaymentError, PaymentGateway};
 pub use store::{
-    OpOutcome, OrderRecord, ProductRecord, SaleRecord, SaleTally, Snapshot, Store, StoreError,
-    WriteOp,
+    OpOutcome, OrderRecord, PendingTally, ProductRecord, SaleRecord, SaleTally, Snapshot, Store,
+    StoreError, WriteOp,
 };

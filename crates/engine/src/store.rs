@@ -97,6 +97,10 @@ pub struct SaleTally {
     pub users_over_limit: u64,
 }
 
+/// A tally being counted on a pinned snapshot.
+pub type PendingTally =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<SaleTally, StoreError>> + Send>>;
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("storage unavailable: {0}")]
@@ -117,5 +121,14 @@ pub trait Store: Send + Sync + 'static {
     /// hot insert path.
     async fn orders_by_id(&self, ids: &[OrderId]) -> Result<Vec<OrderRecord>, StoreError>;
     async fn tally(&self, sale: SaleId, per_user_limit: u32) -> Result<SaleTally, StoreError>;
+    /// Pins a read snapshot of the durable state before returning; the returned future
+    /// counts the tally on that snapshot, however many commits happen meanwhile. The
+    /// writer calls this between batches and awaits the count elsewhere, so an audit of
+    /// a large sale never stalls writes.
+    async fn snapshot_tally(
+        &self,
+        sale: SaleId,
+        per_user_limit: u32,
+    ) -> Result<PendingTally, StoreError>;
     async fn ping(&self) -> Result<(), StoreError>;
 }

@@ -206,7 +206,7 @@ impl Writer {
                 // Audits run after every effect of the batch is applied, so the durable
                 // counts and the in-memory stock describe the same instant.
                 for (sale_id, reply) in audits {
-                    let _ = reply.send(self.audit(sale_id).await);
+                    self.audit(sale_id, reply).await;
                 }
             }
             Err(error) => {
@@ -331,31 +331,49 @@ impl Writer {
         }
     }
 
-    async fn audit(&self, sale_id: SaleId) -> Result<Audit, ()> {
-        let sale = self.shared.sale(sale_id).ok_or(())?;
-        let tally = self
+    /// Reads the in-memory stock and pins a durable snapshot at the same instant
+    /// (between batches), then counts the snapshot in its own task: the writer goes on.
+    async fn audit(&self, sale_id: SaleId, reply: oneshot::Sender<Result<Audit, ()>>) {
+        let Some(sale) = self.shared.sale(sale_id) else {
+            let _ = reply.send(Err(()));
+            return;
+        };
+        let pending = match self
             .shared
             .store
-            .tally(sale_id, sale.record.per_user_limit)
+            .snapshot_tally(sale_id, sale.record.per_user_limit)
             .await
-            .map_err(|_| ())?;
+        {
+            Ok(pending) => pending,
+            Err(error) => {
+                tracing::warn!(%sale_id, %error, "audit could not read the store");
+                let _ = reply.send(Err(()));
+                return;
+            }
+        };
         let (remaining_in_memory, in_flight) = {
             let inner = sale.inner.lock();
             (inner.remaining, inner.in_flight)
         };
-        let remaining = remaining_in_memory + in_flight;
-        let quantity = sale.record.quantity;
-        let consistent = quantity == remaining + tally.pending_payment + tally.paid
-            && tally.users_over_limit == 0;
-        if !consistent {
-            tracing::error!(%sale_id, ?tally, remaining, quantity, "audit found the books inconsistent");
-        }
-        Ok(Audit {
-            quantity,
-            remaining,
-            in_flight,
-            tally,
-            consistent,
-        })
+        tokio::spawn(async move {
+            let Ok(tally) = pending.await else {
+                let _ = reply.send(Err(()));
+                return;
+            };
+            let remaining = remaining_in_memory + in_flight;
+            let quantity = sale.record.quantity;
+            let consistent = quantity == remaining + tally.pending_payment + tally.paid
+                && tally.users_over_limit == 0;
+            if !consistent {
+                tracing::error!(%sale_id, ?tally, remaining, quantity, "audit found the books inconsistent");
+            }
+            let _ = reply.send(Ok(Audit {
+                quantity,
+                remaining,
+                in_flight,
+                tally,
+                consistent,
+            }));
+        });
     }
 }

@@ -15,8 +15,8 @@ use sqlx::sqlite::{
 };
 use sqlx::{Connection, QueryBuilder, Row, Sqlite, SqlitePool};
 use stampede_engine::{
-    OpOutcome, OrderRecord, ProductRecord, SaleRecord, SaleTally, Snapshot, Store, StoreError,
-    WriteOp,
+    OpOutcome, OrderRecord, PendingTally, ProductRecord, SaleRecord, SaleTally, Snapshot, Store,
+    StoreError, WriteOp,
 };
 use stampede_types::{Cents, IdempotencyKey, OrderId, OrderStatus, Quantity, SaleId, Sku, UserId};
 use tokio::sync::Mutex;
@@ -348,6 +348,47 @@ async fn apply(conn: &mut SqliteConnection, ops: &[WriteOp]) -> Result<Vec<OpOut
     Ok(outcomes)
 }
 
+/// Units per state and shoppers over the limit for one sale. Scans the sale's orders:
+/// there is deliberately no index on `sale_id`, so the hot insert only appends; audits
+/// run on a snapshot, off the writer.
+async fn tally_on(
+    connection: &mut SqliteConnection,
+    sale: SaleId,
+    per_user_limit: u32,
+) -> Result<SaleTally, StoreError> {
+    let sale_id = sale.to_string();
+    let mut tally = SaleTally::default();
+    let rows = sqlx::query(
+        "SELECT status, SUM(quantity) AS units FROM orders WHERE sale_id = ? GROUP BY status",
+    )
+    .bind(&sale_id)
+    .fetch_all(&mut *connection)
+    .await
+    .map_err(unavailable)?;
+    for row in rows {
+        let status: String = row.try_get("status").map_err(unavailable)?;
+        let units: i64 = row.try_get("units").map_err(unavailable)?;
+        let units = units as u64;
+        match OrderStatus::parse(&status).ok_or_else(|| corrupt("status", &status))? {
+            OrderStatus::PendingPayment => tally.pending_payment = units,
+            OrderStatus::Paid => tally.paid = units,
+            OrderStatus::Cancelled => tally.cancelled = units,
+            OrderStatus::Expired => tally.expired = units,
+        }
+    }
+    let over: i64 = sqlx::query_scalar(
+        "SELECT COUNT(*) FROM (SELECT user_id FROM orders WHERE sale_id = ? \
+         AND status IN ('pending_payment', 'paid') GROUP BY user_id HAVING SUM(quantity) > ?)",
+    )
+    .bind(&sale_id)
+    .bind(i64::from(per_user_limit))
+    .fetch_one(&mut *connection)
+    .await
+    .map_err(unavailable)?;
+    tally.users_over_limit = over as u64;
+    Ok(tally)
+}
+
 #[async_trait]
 impl Store for SqliteStore {
     async fn load(&self) -> Result<Snapshot, StoreError> {
@@ -434,37 +475,27 @@ impl Store for SqliteStore {
     }
 
     async fn tally(&self, sale: SaleId, per_user_limit: u32) -> Result<SaleTally, StoreError> {
-        let sale_id = sale.to_string();
-        let mut tally = SaleTally::default();
-        let rows = sqlx::query(
-            "SELECT status, SUM(quantity) AS units FROM orders WHERE sale_id = ? GROUP BY status",
-        )
-        .bind(&sale_id)
-        .fetch_all(&self.readers)
-        .await
-        .map_err(unavailable)?;
-        for row in rows {
-            let status: String = row.try_get("status").map_err(unavailable)?;
-            let units: i64 = row.try_get("units").map_err(unavailable)?;
-            let units = units as u64;
-            match OrderStatus::parse(&status).ok_or_else(|| corrupt("status", &status))? {
-                OrderStatus::PendingPayment => tally.pending_payment = units,
-                OrderStatus::Paid => tally.paid = units,
-                OrderStatus::Cancelled => tally.cancelled = units,
-                OrderStatus::Expired => tally.expired = units,
-            }
-        }
-        let over: i64 = sqlx::query_scalar(
-            "SELECT COUNT(*) FROM (SELECT user_id FROM orders WHERE sale_id = ? \
-             AND status IN ('pending_payment', 'paid') GROUP BY user_id HAVING SUM(quantity) > ?)",
-        )
-        .bind(&sale_id)
-        .bind(i64::from(per_user_limit))
-        .fetch_one(&self.readers)
-        .await
-        .map_err(unavailable)?;
-        tally.users_over_limit = over as u64;
-        Ok(tally)
+        let mut connection = self.readers.acquire().await.map_err(unavailable)?;
+        tally_on(&mut connection, sale, per_user_limit).await
+    }
+
+    async fn snapshot_tally(
+        &self,
+        sale: SaleId,
+        per_user_limit: u32,
+    ) -> Result<PendingTally, StoreError> {
+        let mut snapshot = self.readers.begin().await.map_err(unavailable)?;
+        // In WAL mode the first read fixes the snapshot the transaction sees.
+        sqlx::query("SELECT 1 FROM orders LIMIT 1")
+            .fetch_optional(&mut *snapshot)
+            .await
+            .map_err(unavailable)?;
+        Ok(Box::pin(async move {
+            let tally = tally_on(&mut snapshot, sale, per_user_limit).await;
+            // Dropping the read-only transaction rolls it back: nothing to keep.
+            drop(snapshot);
+            tally
+        }))
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

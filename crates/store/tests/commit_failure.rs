@@ -6,8 +6,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use async_trait::async_trait;
 use stampede_engine::{
-    Actor, Engine, EngineConfig, NewProduct, NewSale, OpOutcome, OrderRecord, PurchaseError,
-    SaleTally, Snapshot, Store, StoreError, SystemClock, WriteOp,
+    Actor, Engine, EngineConfig, NewProduct, NewSale, OpOutcome, OrderRecord, PendingTally,
+    PurchaseError, SaleTally, Snapshot, Store, StoreError, SystemClock, WriteOp,
 };
 use stampede_store::SqliteStore;
 use stampede_types::{Cents, IdempotencyKey, OrderId, OrderStatus, Quantity, SaleId, Sku, UserId};
@@ -37,6 +37,13 @@ impl Store for Flaky {
     }
     async fn tally(&self, sale: SaleId, per_user_limit: u32) -> Result<SaleTally, StoreError> {
         self.inner.tally(sale, per_user_limit).await
+    }
+    async fn snapshot_tally(
+        &self,
+        sale: SaleId,
+        per_user_limit: u32,
+    ) -> Result<PendingTally, StoreError> {
+        self.inner.snapshot_tally(sale, per_user_limit).await
     }
     async fn ping(&self) -> Result<(), StoreError> {
         self.inner.ping().await
