@@ -1041,8 +1041,9 @@ impl Engine {
         answer.await.map_err(|_| OrderError::Unavailable)
     }
 
-    /// Counts the sale's units from durable orders. Runs inside the writer, between
-    /// batches, so the durable counts and the in-memory stock are read at one instant.
+    /// Counts the sale's units from durable orders. The writer reads the in-memory stock
+    /// and pins a store snapshot between two batches, so both describe one instant; the
+    /// counting itself runs outside the writer.
     pub async fn audit(&self, sale_id: SaleId) -> Result<Option<Audit>, OrderError> {
         if self.shared.sale(sale_id).is_none() {
             return Ok(None);
