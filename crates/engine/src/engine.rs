@@ -24,7 +24,8 @@ pub enum AckMode {
     #[default]
     Durable,
     /// As soon as the stock is reserved and the order is in the writer's queue. Faster;
-    /// a crash loses the orders still in the queue (at most `queue_capacity`).
+    /// a crash or a failed commit loses acknowledged orders still in the queue (at most
+    /// `queue_capacity`).
     Reserved,
 }
 
@@ -926,7 +927,7 @@ impl Engine {
             .orders_by_id(&ids)
             .await
             .map_err(|_| OrderError::Unavailable)?;
-        orders.sort_by(|a, b| (b.created_at_ms, b.id).cmp(&(a.created_at_ms, a.id)));
+        orders.sort_by_key(|order| std::cmp::Reverse((order.created_at_ms, order.id)));
         Ok(orders)
     }
 
