@@ -53,8 +53,8 @@ run() { # label, wrk args...
 
 start durable
 run healthz_static "$base/healthz" | tee "$work/healthz"
-run healthz_lua -s "$here/healthz.lua" "$base/healthz" | tee -a "$work/healthz"
-run purchase_durable -s "$here/purchase.lua" "$base/healthz" | tee "$work/durable"
+TARGET=healthz run healthz_lua -s "$here/load.lua" "$base/healthz" | tee -a "$work/healthz"
+run purchase_durable -s "$here/load.lua" "$base/healthz" | tee "$work/durable"
 curl -sf "$base/v1/flash-sales/$SALE/audit" -H "Authorization: Bearer $STAMPEDE_ADMIN_TOKEN"; echo
 
 # Latency at half the maximum rate: pace each connection so the offered load is about
@@ -67,8 +67,8 @@ delay=$(( (paced_connections * 1000 + half / 2) / (half > 0 ? half : 1) ))
 [ "$delay" -lt 1 ] && delay=1
 start durable
 DELAY_MS=$delay run "purchase_durable_half_rate(target=${half}/s,delay=${delay}ms,conns=${paced_connections})" \
-  -c"$paced_connections" -s "$here/purchase.lua" "$base/healthz"
+  -c"$paced_connections" -s "$here/load.lua" "$base/healthz"
 curl -sf "$base/v1/flash-sales/$SALE/audit" -H "Authorization: Bearer $STAMPEDE_ADMIN_TOKEN"; echo
 
 start reserved
-run purchase_reserved -s "$here/purchase.lua" "$base/healthz"
+run purchase_reserved -s "$here/load.lua" "$base/healthz"

@@ -10,11 +10,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use async_trait::async_trait;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use stampede_engine::testing::live_sale;
 use stampede_engine::{
-    AckMode, Engine, EngineConfig, NewProduct, NewSale, OpOutcome, OrderRecord, PendingTally,
-    SaleTally, Snapshot, Store, StoreError, SystemClock, WriteOp,
+    AckMode, Engine, EngineConfig, OpOutcome, OrderRecord, PendingTally, SaleTally, Snapshot,
+    Store, StoreError, SystemClock, WriteOp,
 };
-use stampede_types::{Cents, IdempotencyKey, OrderId, Quantity, SaleId, Sku, UserId};
+use stampede_types::{IdempotencyKey, OrderId, Quantity, SaleId, UserId};
 
 /// Accepts every batch and keeps nothing: isolates the engine's own cost.
 struct Discard;
@@ -59,29 +60,8 @@ fn reservations(c: &mut Criterion) {
         let engine = Engine::open(Arc::new(Discard), Arc::new(SystemClock), config)
             .await
             .unwrap();
-        let sku = Sku::parse("BENCH").unwrap();
-        engine
-            .create_product(NewProduct {
-                sku: sku.clone(),
-                name: Arc::from("bench"),
-                price: Cents::parse("p", 100).unwrap(),
-                stock: 1_000_000_000,
-            })
-            .await
-            .unwrap();
-        let now = engine.now_ms();
-        let sale = engine
-            .create_sale(NewSale {
-                sku,
-                price: Cents::parse("p", 50).unwrap(),
-                quantity: 1_000_000_000,
-                per_user_limit: 1_000,
-                starts_at_ms: now - 1_000,
-                ends_at_ms: now + 3_600_000,
-            })
-            .await
-            .unwrap();
-        (Arc::new(engine), sale.record.id)
+        let sale = live_sale(&engine, "BENCH", 1_000_000_000, 1_000_000_000, 50, 1_000).await;
+        (Arc::new(engine), sale)
     });
     let (engine, sale) = engine;
     let users: Vec<UserId> = (0..1_000_000)

@@ -509,10 +509,6 @@ impl Engine {
         })
     }
 
-    pub fn config(&self) -> &EngineConfig {
-        &self.shared.config
-    }
-
     pub fn now_ms(&self) -> i64 {
         self.shared.clock.now_ms()
     }
@@ -551,10 +547,6 @@ impl Engine {
                 .load(std::sync::atomic::Ordering::Relaxed)
                 == 0
             && self.shared.store.ping().await.is_ok()
-    }
-
-    pub fn store(&self) -> &Arc<dyn Store> {
-        &self.shared.store
     }
 
     // ---- catalogue -------------------------------------------------------------------
@@ -680,19 +672,6 @@ impl Engine {
             Ok(Ok(())) => Ok(self.sale(record.id).expect("sale is visible after commit")),
             _ => Err(AdminError::Unavailable),
         }
-    }
-
-    /// Every sale, oldest first.
-    pub fn sale_ids(&self) -> Vec<SaleId> {
-        let mut sales: Vec<_> = self
-            .shared
-            .sales
-            .read()
-            .values()
-            .map(|s| (s.record.created_at_ms, s.record.id))
-            .collect();
-        sales.sort();
-        sales.into_iter().map(|(_, id)| id).collect()
     }
 
     pub fn sale(&self, id: SaleId) -> Option<SaleView> {
@@ -1058,16 +1037,6 @@ impl Engine {
             .map_err(|_| OrderError::Unavailable)?
             .map(Some)
             .map_err(|_| OrderError::Unavailable)
-    }
-
-    /// Waits until everything queued before this call is committed.
-    pub async fn flush(&self) -> Result<(), OrderError> {
-        let (reply, answer) = oneshot::channel();
-        self.jobs
-            .send(Job::Flush { reply })
-            .await
-            .map_err(|_| OrderError::Unavailable)?;
-        answer.await.map_err(|_| OrderError::Unavailable)
     }
 }
 

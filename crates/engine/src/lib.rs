@@ -18,6 +18,7 @@ mod clock;
 mod engine;
 mod payment;
 mod store;
+pub mod testing;
 mod writer;
 
 pub use clock::{Clock, ManualClock, SystemClock};

@@ -51,9 +51,6 @@ pub(crate) enum Job {
         sale_id: SaleId,
         reply: oneshot::Sender<Result<Audit, ()>>,
     },
-    Flush {
-        reply: oneshot::Sender<()>,
-    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -122,7 +119,6 @@ impl Writer {
                     Err(_) => break,
                 }
             }
-            metrics::gauge!("stampede_writer_queue_depth").set(self.jobs.len() as f64);
             self.process(&mut batch).await;
         }
         tracing::info!("writer drained and stopped");
@@ -145,7 +141,7 @@ impl Writer {
                     to: target(*event),
                     at_ms: now_ms,
                 }),
-                Job::ExpireDue { .. } | Job::Audit { .. } | Job::Flush { .. } => {}
+                Job::ExpireDue { .. } | Job::Audit { .. } => {}
             }
         }
         let n_job_ops = ops.len();
@@ -287,9 +283,6 @@ impl Writer {
                 Job::ExpireDue { reply } => {
                     let _ = reply.send(());
                 }
-                Job::Flush { reply } => {
-                    let _ = reply.send(());
-                }
                 Job::Audit { sale_id, reply } => audits.push((sale_id, reply)),
             }
         }
@@ -321,7 +314,7 @@ impl Writer {
                 Job::Transition { reply, .. } => {
                     let _ = reply.send(Err(()));
                 }
-                Job::ExpireDue { reply } | Job::Flush { reply } => {
+                Job::ExpireDue { reply } => {
                     let _ = reply.send(());
                 }
                 Job::Audit { reply, .. } => {

@@ -10,9 +10,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use stampede_engine::{AckMode, Engine, EngineConfig, NewProduct, NewSale, SystemClock};
+use stampede_engine::testing::live_sale;
+use stampede_engine::{AckMode, Engine, EngineConfig, SystemClock};
 use stampede_store::SqliteStore;
-use stampede_types::{Cents, IdempotencyKey, Quantity, SaleId, Sku, UserId};
+use stampede_types::{IdempotencyKey, Quantity, SaleId, UserId};
 
 const BUYERS: u64 = 512;
 
@@ -29,29 +30,8 @@ async fn setup(dir: &std::path::Path, batch_size_max: usize) -> (Arc<Engine>, Sa
     let engine = Engine::open(store, Arc::new(SystemClock), config)
         .await
         .unwrap();
-    let sku = Sku::parse("BENCH").unwrap();
-    engine
-        .create_product(NewProduct {
-            sku: sku.clone(),
-            name: Arc::from("bench"),
-            price: Cents::parse("p", 100).unwrap(),
-            stock: 1_000_000_000,
-        })
-        .await
-        .unwrap();
-    let now = engine.now_ms();
-    let sale = engine
-        .create_sale(NewSale {
-            sku,
-            price: Cents::parse("p", 50).unwrap(),
-            quantity: 1_000_000_000,
-            per_user_limit: 1_000,
-            starts_at_ms: now - 1_000,
-            ends_at_ms: now + 3_600_000,
-        })
-        .await
-        .unwrap();
-    (Arc::new(engine), sale.record.id)
+    let sale = live_sale(&engine, "BENCH", 1_000_000_000, 1_000_000_000, 50, 1_000).await;
+    (Arc::new(engine), sale)
 }
 
 /// `BUYERS` concurrent purchases, each answered only once durable.

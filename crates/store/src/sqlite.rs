@@ -69,32 +69,25 @@ fn corrupt(what: &str, value: &str) -> StoreError {
 impl SqliteStore {
     /// Opens (creating if needed) the database file and brings its schema up to date.
     pub async fn open(path: &Path) -> Result<SqliteStore, StoreError> {
-        let options = SqliteConnectOptions::new()
-            .filename(path)
+        Self::open_with(SqliteConnectOptions::new().filename(path)).await
+    }
+
+    /// Opens from a `sqlite://path` URL.
+    pub async fn open_url(url: &str) -> Result<SqliteStore, StoreError> {
+        Self::open_with(SqliteConnectOptions::from_str(url).map_err(unavailable)?).await
+    }
+
+    async fn open_with(options: SqliteConnectOptions) -> Result<SqliteStore, StoreError> {
+        // Durable commits: WAL, fsync'd at every commit. 64 MiB of page cache keeps the hot
+        // B-tree pages of a sale's orders in memory.
+        let options = options
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Full)
             .foreign_keys(true)
             .busy_timeout(Duration::from_secs(5))
-            .statement_cache_capacity(64);
-        Self::open_with(options).await
-    }
-
-    /// Opens from a `sqlite://path` URL.
-    pub async fn open_url(url: &str) -> Result<SqliteStore, StoreError> {
-        let options = SqliteConnectOptions::from_str(url)
-            .map_err(unavailable)?
-            .create_if_missing(true)
-            .journal_mode(SqliteJournalMode::Wal)
-            .synchronous(SqliteSynchronous::Full)
-            .foreign_keys(true)
-            .busy_timeout(Duration::from_secs(5));
-        Self::open_with(options).await
-    }
-
-    async fn open_with(options: SqliteConnectOptions) -> Result<SqliteStore, StoreError> {
-        // 64 MiB of page cache keeps the hot B-tree pages of a sale's orders in memory.
-        let options = options.pragma("cache_size", "-65536");
+            .statement_cache_capacity(64)
+            .pragma("cache_size", "-65536");
         // The writer never checkpoints; `checkpoint_forever` does, beside it.
         let mut writer =
             SqliteConnection::connect_with(&options.clone().pragma("wal_autocheckpoint", "0"))
@@ -214,13 +207,13 @@ async fn insert_orders(
             QueryBuilder::new(concat!("INSERT INTO orders (", order_columns!(), ") "));
         query.push_values(chunk, |mut row, order| {
             row.push_bind(order.id.to_string())
-                .push_bind(order.user_id.as_str().to_owned())
+                .push_bind(order.user_id.as_str())
                 .push_bind(order.sale_id.to_string())
-                .push_bind(order.sku.as_str().to_owned())
+                .push_bind(order.sku.as_str())
                 .push_bind(i64::from(order.quantity.get()))
                 .push_bind(order.amount.get())
                 .push_bind(order.status.as_str())
-                .push_bind(order.idempotency_key.as_str().to_owned())
+                .push_bind(order.idempotency_key.as_str())
                 .push_bind(order.created_at_ms)
                 .push_bind(order.expires_at_ms)
                 .push_bind(order.updated_at_ms);

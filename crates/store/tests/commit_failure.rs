@@ -5,9 +5,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use async_trait::async_trait;
+use stampede_engine::testing::live_sale;
 use stampede_engine::{
-    Actor, Engine, EngineConfig, NewProduct, NewSale, OpOutcome, OrderRecord, PendingTally,
-    PurchaseError, SaleTally, Snapshot, Store, StoreError, SystemClock, WriteOp,
+    Actor, Engine, EngineConfig, OpOutcome, OrderRecord, PendingTally, PurchaseError, SaleTally,
+    Snapshot, Store, StoreError, SystemClock, WriteOp,
 };
 use stampede_store::SqliteStore;
 use stampede_types::{Cents, IdempotencyKey, OrderId, OrderStatus, Quantity, SaleId, Sku, UserId};
@@ -74,29 +75,7 @@ async fn failed_commit_returns_stock_and_answers_unavailable() {
         .await
         .unwrap(),
     );
-    engine
-        .create_product(NewProduct {
-            sku: Sku::parse("P").unwrap(),
-            name: Arc::from("p"),
-            price: Cents::parse("p", 100).unwrap(),
-            stock: 10,
-        })
-        .await
-        .unwrap();
-    let now = engine.now_ms();
-    let sale = engine
-        .create_sale(NewSale {
-            sku: Sku::parse("P").unwrap(),
-            price: Cents::parse("p", 50).unwrap(),
-            quantity: 5,
-            per_user_limit: 5,
-            starts_at_ms: now - 1_000,
-            ends_at_ms: now + 3_600_000,
-        })
-        .await
-        .unwrap()
-        .record
-        .id;
+    let sale = live_sale(&engine, "P", 10, 5, 50, 5).await;
     let alice = UserId::parse("alice").unwrap();
     let key = IdempotencyKey::parse("k1").unwrap();
 

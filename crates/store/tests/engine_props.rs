@@ -12,12 +12,13 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use proptest::prelude::*;
+use stampede_engine::testing::live_sale;
 use stampede_engine::{
-    AckMode, Actor, Engine, EngineConfig, ManualClock, NewProduct, NewSale, OrderError,
-    PaymentError, PaymentGateway, PurchaseError,
+    AckMode, Actor, Engine, EngineConfig, ManualClock, OrderError, PaymentError, PaymentGateway,
+    PurchaseError,
 };
 use stampede_store::SqliteStore;
-use stampede_types::{Cents, IdempotencyKey, OrderId, OrderStatus, Quantity, SaleId, Sku, UserId};
+use stampede_types::{Cents, IdempotencyKey, OrderId, OrderStatus, Quantity, SaleId, UserId};
 
 const SALE_QUANTITY: u64 = 12;
 const PER_USER_LIMIT: u32 = 4;
@@ -200,29 +201,7 @@ async fn run(steps: Vec<Step>) {
     let path = dir.path().join("stampede.db");
     let clock = Arc::new(ManualClock::new(1_800_000_000_000));
     let mut engine = Arc::new(open(&path, clock.clone()).await);
-    engine
-        .create_product(NewProduct {
-            sku: Sku::parse("SKU-1").unwrap(),
-            name: Arc::from("thing"),
-            price: Cents::parse("price", 500).unwrap(),
-            stock: 100,
-        })
-        .await
-        .unwrap();
-    let now = clock.now_ms_for_test();
-    let sale = engine
-        .create_sale(NewSale {
-            sku: Sku::parse("SKU-1").unwrap(),
-            price: Cents::parse("price", 300).unwrap(),
-            quantity: SALE_QUANTITY,
-            per_user_limit: PER_USER_LIMIT,
-            starts_at_ms: now,
-            ends_at_ms: now + 365 * 24 * 3_600_000,
-        })
-        .await
-        .unwrap()
-        .record
-        .id;
+    let sale = live_sale(&engine, "SKU-1", 100, SALE_QUANTITY, 300, PER_USER_LIMIT).await;
     let mut acked: Vec<Acked> = Vec::new();
 
     for step in steps {

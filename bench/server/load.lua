@@ -1,10 +1,11 @@
--- wrk script: each request is a purchase of one unit by one of the shoppers whose
--- tokens are in $TOKENS, with a unique Idempotency-Key. $DELAY_MS > 0 paces each
--- connection (used for "latency at half the maximum rate").
+-- wrk script for bench/server/run.sh. TARGET=healthz: GET /healthz, built per request so
+-- it pays the same Lua cost as a purchase. TARGET=purchase: each request buys one unit of
+-- sale $SALE as one of the shoppers whose tokens are in $TOKENS, with a unique
+-- Idempotency-Key. DELAY_MS > 0 paces each connection.
+local target = os.getenv("TARGET") or "purchase"
+local delay_ms = tonumber(os.getenv("DELAY_MS") or "0")
 local tokens = {}
 local counter = 0
-local sale = os.getenv("SALE")
-local delay_ms = tonumber(os.getenv("DELAY_MS") or "0")
 local next_id = 0
 
 function setup(thread)
@@ -13,15 +14,19 @@ function setup(thread)
 end
 
 function init(args)
-  for line in io.lines(os.getenv("TOKENS")) do tokens[#tokens + 1] = line end
-  path = "/v1/flash-sales/" .. sale .. "/purchase"
+  if target == "purchase" then
+    for line in io.lines(os.getenv("TOKENS")) do tokens[#tokens + 1] = line end
+    path = "/v1/flash-sales/" .. os.getenv("SALE") .. "/purchase"
+  end
 end
 
 function request()
   counter = counter + 1
-  local token = tokens[(counter % #tokens) + 1]
+  if target == "healthz" then
+    return wrk.format("GET", "/healthz", { ["X-Request"] = tostring(counter) })
+  end
   return wrk.format("POST", path, {
-    ["Authorization"] = "Bearer " .. token,
+    ["Authorization"] = "Bearer " .. tokens[(counter % #tokens) + 1],
     ["Idempotency-Key"] = id .. "-" .. counter,
     ["Content-Type"] = "application/json",
   }, '{"quantity":1}')

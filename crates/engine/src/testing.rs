@@ -1,0 +1,45 @@
+//! Set-up shared by tests and benchmarks of code built on the engine. The server never
+//! calls it.
+
+use std::sync::Arc;
+
+use stampede_types::{Cents, SaleId, Sku};
+
+use crate::{Engine, NewProduct, NewSale};
+
+/// Creates product `sku` with `stock` units and a sale of `quantity` of them at
+/// `price_cents`, live from a second ago for a year. Panics on failure: for tests only.
+pub async fn live_sale(
+    engine: &Engine,
+    sku: &str,
+    stock: u64,
+    quantity: u64,
+    price_cents: i64,
+    per_user_limit: u32,
+) -> SaleId {
+    let sku = Sku::parse(sku).expect("valid sku");
+    let price = Cents::parse("price_cents", price_cents).expect("valid price");
+    engine
+        .create_product(NewProduct {
+            sku: sku.clone(),
+            name: Arc::from("test product"),
+            price,
+            stock,
+        })
+        .await
+        .expect("create product");
+    let now = engine.now_ms();
+    engine
+        .create_sale(NewSale {
+            sku,
+            price,
+            quantity,
+            per_user_limit,
+            starts_at_ms: now - 1_000,
+            ends_at_ms: now + 365 * 24 * 3_600_000,
+        })
+        .await
+        .expect("create sale")
+        .record
+        .id
+}
