@@ -372,3 +372,82 @@ pub async fn shutdown_signal() {
     }
     tracing::info!("shutdown signal received; draining");
 }
+
+#[cfg(test)]
+#[allow(clippy::result_large_err)] // figment's Jail speaks figment::Error
+mod tests {
+    use super::*;
+
+    fn load(args: &ServeArgs) -> figment::error::Result<Config> {
+        Config::load(args).map_err(|e| figment::Error::from(format!("{e:#}")))
+    }
+
+    #[test]
+    fn layers_apply_file_then_environment_then_flags() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file(
+                "stampede.toml",
+                r#"
+                    listen = "127.0.0.1:9001"
+                    payment_window = "30s"
+                    queue_capacity = 100
+                    batch_size_max = 10
+                "#,
+            )?;
+            jail.set_env("STAMPEDE_QUEUE_CAPACITY", "200");
+            jail.set_env("STAMPEDE_ACK", "reserved");
+            jail.set_env("STAMPEDE_BATCH_SIZE_MAX", "15");
+            let args = ServeArgs {
+                config: Some("stampede.toml".into()),
+                batch_size_max: Some(20),
+                ..ServeArgs::default()
+            };
+            let config = load(&args)?;
+            assert_eq!(config.listen.port(), 9001, "from the file");
+            assert_eq!(
+                config.payment_window,
+                Duration::from_secs(30),
+                "from the file"
+            );
+            assert_eq!(config.queue_capacity, 200, "the environment beats the file");
+            assert_eq!(config.ack, Ack::Reserved, "from the environment");
+            assert_eq!(config.batch_size_max, 20, "a flag beats both");
+            assert_eq!(
+                config.body_limit_bytes,
+                Config::default().body_limit_bytes,
+                "default"
+            );
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn bad_configuration_is_refused_with_the_key_named() {
+        figment::Jail::expect_with(|jail| {
+            let missing = ServeArgs {
+                config: Some("nope.toml".into()),
+                ..ServeArgs::default()
+            };
+            assert!(
+                load(&missing)
+                    .unwrap_err()
+                    .to_string()
+                    .contains("nope.toml")
+            );
+            let zero = ServeArgs {
+                queue_capacity: Some(0),
+                ..ServeArgs::default()
+            };
+            assert!(
+                load(&zero)
+                    .unwrap_err()
+                    .to_string()
+                    .contains("queue_capacity")
+            );
+            jail.set_env("STAMPEDE_PAYMENT_WINDOW", "soon");
+            let error = load(&ServeArgs::default()).unwrap_err().to_string();
+            assert!(error.to_lowercase().contains("payment_window"), "{error}");
+            Ok(())
+        });
+    }
+}
