@@ -410,23 +410,16 @@ impl Engine {
             );
         }
 
-        let mut sales = HashMap::new();
-        let mut held_units: HashMap<SaleId, u64> = HashMap::new();
-        let mut held_by_user: HashMap<SaleId, FastMap<UserId, u32>> = HashMap::new();
-        let mut expiries = Vec::new();
-        let idem_shards: Vec<_> = (0..IDEM_SHARDS)
-            .map(|_| Mutex::new(FastMap::default()))
-            .collect();
-        let idem_hasher = foldhash::fast::RandomState::default();
-
-        let shared_probe = Shared {
-            store: store.clone(),
-            clock: clock.clone(),
+        let shared = Shared {
+            store,
+            clock,
             config: config.clone(),
-            products: RwLock::new(HashMap::new()),
+            products: RwLock::new(products),
             sales: RwLock::new(HashMap::new()),
-            idem_shards,
-            idem_hasher,
+            idem_shards: (0..IDEM_SHARDS)
+                .map(|_| Mutex::new(FastMap::default()))
+                .collect(),
+            idem_hasher: foldhash::fast::RandomState::default(),
             user_orders: (0..IDEM_SHARDS)
                 .map(|_| Mutex::new(FastMap::default()))
                 .collect(),
@@ -435,6 +428,9 @@ impl Engine {
             gateway: Default::default(),
         };
 
+        let mut held_units: HashMap<SaleId, u64> = HashMap::new();
+        let mut held_by_user: HashMap<SaleId, FastMap<UserId, u32>> = HashMap::new();
+        let mut expiries = Vec::new();
         for order in &snapshot.orders {
             if order.status.holds_stock() {
                 *held_units.entry(order.sale_id).or_default() += u64::from(order.quantity.get());
@@ -447,15 +443,12 @@ impl Engine {
             if order.status == OrderStatus::PendingPayment {
                 expiries.push((order.expires_at_ms + config.expiry_grace_ms, order.id));
             }
-            shared_probe.remember_order(&order.user_id, order.id);
-            let placed = Placed::of(order);
-            shared_probe
-                .idem_shard(&order.user_id, &order.idempotency_key)
-                .lock()
-                .insert(
-                    (order.user_id.clone(), order.idempotency_key.clone()),
-                    IdemEntry::Done(placed),
-                );
+            shared.remember_order(&order.user_id, order.id);
+            shared.settle(
+                &order.user_id,
+                &order.idempotency_key,
+                Ok(Placed::of(order)),
+            );
         }
 
         for sale in snapshot.sales {
@@ -484,7 +477,10 @@ impl Engine {
                 }),
                 record: sale,
             };
-            sales.insert(state.record.id, Arc::new(state));
+            shared
+                .sales
+                .write()
+                .insert(state.record.id, Arc::new(state));
         }
         if let Some((sale_id, _)) = held_units.into_iter().next() {
             return Err(OpenError::Invariant(format!(
@@ -492,9 +488,7 @@ impl Engine {
             )));
         }
 
-        *shared_probe.products.write() = products;
-        *shared_probe.sales.write() = sales;
-        let shared = Arc::new(shared_probe);
+        let shared = Arc::new(shared);
 
         let (jobs, receiver) = mpsc::channel(config.queue_capacity);
         let (shutdown_tx, shutdown_rx) = oneshot::channel();
