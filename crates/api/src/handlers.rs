@@ -458,6 +458,18 @@ pub async fn readyz(State(app): State<AppState>) -> Result<&'static str, ApiErro
 #[utoipa::path(get, path = "/metrics", responses((status = 200, description = "Prometheus text format")))]
 pub async fn metrics(State(app): State<AppState>) -> Response {
     metrics::gauge!("stampede_writer_queue_depth").set(app.engine.queue_depth() as f64);
+    // Process CPU, memory and threads (`process_cpu_seconds_total`, …) and the cores the
+    // machine has, so a load generator can tell when the server ran out of CPU.
+    static PROCESS: std::sync::OnceLock<metrics_process::Collector> = std::sync::OnceLock::new();
+    PROCESS
+        .get_or_init(|| {
+            let collector = metrics_process::Collector::default();
+            collector.describe();
+            collector
+        })
+        .collect();
+    metrics::gauge!("stampede_cpu_cores")
+        .set(std::thread::available_parallelism().map_or(1, |n| n.get()) as f64);
     (
         [(
             axum::http::header::CONTENT_TYPE,

@@ -35,6 +35,17 @@ enum Command {
         #[arg(long)]
         run_for: Option<humantime::Duration>,
     },
+    /// Pressure-test a server: modelled user paths at an arrival rate or with virtual
+    /// users, latency from the scheduled send, the server's metrics on the same
+    /// timeline, and the books checked afterwards. Exits non-zero when a threshold or
+    /// the books check fails.
+    #[command(args_conflicts_with_subcommands = true)]
+    Press {
+        #[command(subcommand)]
+        mode: Option<PressMode>,
+        #[command(flatten)]
+        args: stampede_press::PressArgs,
+    },
     /// Run the stand-in payment provider.
     PaymentSim {
         #[arg(long, default_value = "127.0.0.1:8090")]
@@ -63,6 +74,14 @@ enum Command {
         #[command(flatten)]
         serve: ServeArgs,
     },
+}
+
+#[derive(Subcommand)]
+enum PressMode {
+    /// Step up, then bisect, the arrival rate to find the highest that meets the SLO
+    /// (--slo-p99, default 50ms; --max-error-rate, default 0.1%); with --target-peak,
+    /// the nodes that peak needs.
+    Capacity(stampede_press::CapacityArgs),
 }
 
 fn init_tracing(filter: &str) {
@@ -125,6 +144,43 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Audit(args) => audit(args).await,
+        Command::Press { mode: None, args } => {
+            let report = stampede_press::press(&args).await?;
+            print!("{}", report.summary());
+            anyhow::ensure!(
+                report.passed,
+                "the run failed a threshold or the books check"
+            );
+            Ok(())
+        }
+        Command::Press {
+            mode: Some(PressMode::Capacity(args)),
+            ..
+        } => {
+            eprintln!(
+                "capacity search on {} ({})",
+                args.press.target, args.press.scenario
+            );
+            let result = stampede_press::capacity(&args).await?;
+            match result.capacity_rps {
+                Some(rate) => println!("capacity: {rate:.0} sessions/s meet the SLO"),
+                None => println!("capacity: not even {:.0}/s met the SLO", args.start_rate.0),
+            }
+            if let Some(rate) = result.first_failing_rps {
+                println!("first failing rate: {rate:.0}/s");
+            }
+            if let Some(s) = &result.sizing {
+                println!(
+                    "sizing: {:.0}/s at {:.0}/s per node with {:.0}% headroom needs {} nodes",
+                    s.target_peak_rps,
+                    s.per_node_rps,
+                    s.headroom * 100.0,
+                    s.nodes
+                );
+            }
+            anyhow::ensure!(result.capacity_rps.is_some(), "no rate met the SLO");
+            Ok(())
+        }
         Command::Token {
             sub,
             count,

@@ -1,0 +1,453 @@
+//! The books check: after a run, every order a shopper was told about is compared with
+//! what the server says it holds.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+
+use serde::Serialize;
+
+use crate::scenario::BookKind;
+
+/// What one shopper was told by a step marked for the books.
+#[derive(Debug, Clone)]
+pub struct Receipt {
+    pub kind: BookKind,
+    /// `None` when no answer came (timeout, connection lost).
+    pub status: Option<u16>,
+    pub user: Arc<str>,
+    pub idempotency_key: Option<String>,
+    pub order_id: Option<String>,
+    pub sale_id: Option<String>,
+    pub quantity: u64,
+}
+
+impl Receipt {
+    pub fn from_answer(
+        kind: BookKind,
+        status: u16,
+        user: &Arc<str>,
+        idempotency_key: Option<String>,
+        body: Option<&serde_json::Value>,
+        order_from_path: Option<String>,
+    ) -> Receipt {
+        let text = |key: &str| {
+            body.and_then(|b| b.get(key))
+                .and_then(|v| v.as_str())
+                .map(str::to_owned)
+        };
+        Receipt {
+            kind,
+            status: Some(status),
+            user: user.clone(),
+            idempotency_key,
+            order_id: text("order_id").or(order_from_path),
+            sale_id: text("sale_id"),
+            quantity: body
+                .and_then(|b| b.get("quantity"))
+                .and_then(|q| q.as_u64())
+                .unwrap_or(0),
+        }
+    }
+
+    pub fn unanswered(user: &Arc<str>, idempotency_key: Option<String>) -> Receipt {
+        Receipt {
+            kind: BookKind::Purchase,
+            status: None,
+            user: user.clone(),
+            idempotency_key,
+            order_id: None,
+            sale_id: None,
+            quantity: 0,
+        }
+    }
+
+    fn acknowledged_purchase(&self) -> bool {
+        self.kind == BookKind::Purchase
+            && matches!(self.status, Some(200 | 201))
+            && self.order_id.is_some()
+    }
+}
+
+/// The sale the books are kept for.
+#[derive(Debug, Clone)]
+pub struct SaleRef {
+    pub sale_id: String,
+    pub quantity: u64,
+    pub per_user_limit: u64,
+    /// Whether this run created the sale, so nobody else bought from it.
+    pub exclusive: bool,
+}
+
+#[derive(Debug, Clone, Default, Serialize, serde::Deserialize)]
+pub struct Books {
+    pub checked: bool,
+    pub ok: bool,
+    pub sale_id: Option<String>,
+    pub acknowledged_orders: u64,
+    pub acknowledged_units: u64,
+    pub paid_orders: u64,
+    /// Purchases that got no answer: the server may or may not have recorded them.
+    pub unanswered_purchases: u64,
+    pub oversold_units: u64,
+    /// Acknowledged orders the server does not know (lost acknowledged orders).
+    pub unknown_orders: u64,
+    /// The same order under two idempotency keys, or one key answered with two orders.
+    pub duplicates: u64,
+    pub users_over_limit: u64,
+    /// The server's audit, as it answered.
+    pub audit: Option<serde_json::Value>,
+    pub details: Vec<String>,
+}
+
+impl Books {
+    pub fn not_checked(reason: &str) -> Books {
+        Books {
+            details: vec![reason.to_owned()],
+            ..Books::default()
+        }
+    }
+}
+
+/// What the checker needs from the server; the real one speaks HTTP.
+pub trait Ledger {
+    /// The sale's audit: `{quantity, remaining, pending_payment, paid, cancelled, expired, consistent}`.
+    fn audit(&self, sale_id: &str) -> impl Future<Output = anyhow::Result<serde_json::Value>>;
+    /// The order as the server holds it, or `None` when it answers 404.
+    fn order(
+        &self,
+        order_id: &str,
+    ) -> impl Future<Output = anyhow::Result<Option<serde_json::Value>>>;
+}
+
+/// Checks receipts against the server's books. `dropped` is how many receipts were not
+/// kept (the bound was reached): then the check cannot be complete and fails.
+pub async fn check<L: Ledger>(
+    ledger: &L,
+    sale: &SaleRef,
+    receipts: &[Receipt],
+    dropped: u64,
+    max_lookups_in_flight: usize,
+) -> Books {
+    let mut books = Books {
+        checked: true,
+        sale_id: Some(sale.sale_id.clone()),
+        ..Books::default()
+    };
+    if dropped > 0 {
+        books.details.push(format!(
+            "{dropped} receipts were not kept (bound reached); the check is incomplete"
+        ));
+    }
+
+    // Orders the shoppers were told about, by id.
+    let mut orders: BTreeMap<&str, &Receipt> = BTreeMap::new();
+    let mut by_key: HashMap<&str, &str> = HashMap::new();
+    for r in receipts.iter().filter(|r| r.acknowledged_purchase()) {
+        let id = r.order_id.as_deref().expect("acknowledged has an id");
+        if let Some(key) = r.idempotency_key.as_deref() {
+            match by_key.get(key) {
+                Some(other) if *other != id => {
+                    books.duplicates += 1;
+                    books.details.push(format!(
+                        "idempotency key {key} was answered with {other} and {id}"
+                    ));
+                }
+                _ => {
+                    by_key.insert(key, id);
+                }
+            }
+        }
+        match orders.get(id) {
+            Some(first) if first.idempotency_key != r.idempotency_key => {
+                books.duplicates += 1;
+                books.details.push(format!(
+                    "order {id} was acknowledged under two idempotency keys ({:?} and {:?})",
+                    first.idempotency_key, r.idempotency_key
+                ));
+            }
+            Some(_) => {} // a replay of the same key: the same order, as it should be
+            None => {
+                orders.insert(id, r);
+            }
+        }
+        if let Some(other_sale) = r.sale_id.as_deref() {
+            if other_sale != sale.sale_id {
+                books.details.push(format!(
+                    "order {id} names sale {other_sale}, not {}",
+                    sale.sale_id
+                ));
+                books.duplicates += 1;
+            }
+        }
+    }
+    books.unanswered_purchases = receipts
+        .iter()
+        .filter(|r| r.kind == BookKind::Purchase && r.status.is_none())
+        .count() as u64;
+    books.acknowledged_orders = orders.len() as u64;
+    books.acknowledged_units = orders.values().map(|r| r.quantity).sum();
+    if books.acknowledged_units > sale.quantity {
+        books.oversold_units = books.acknowledged_units - sale.quantity;
+        books.details.push(format!(
+            "shoppers were acknowledged {} units of a sale of {}",
+            books.acknowledged_units, sale.quantity
+        ));
+    }
+    let mut per_user: HashMap<&str, u64> = HashMap::new();
+    for r in orders.values() {
+        *per_user.entry(&r.user).or_default() += r.quantity;
+    }
+    for (user, units) in &per_user {
+        if *units > sale.per_user_limit {
+            books.users_over_limit += 1;
+            if books.users_over_limit <= 10 {
+                books.details.push(format!(
+                    "shopper {user} holds {units} units, over the limit of {}",
+                    sale.per_user_limit
+                ));
+            }
+        }
+    }
+    let paid: HashSet<&str> = receipts
+        .iter()
+        .filter(|r| r.kind == BookKind::Pay && r.status == Some(200))
+        .filter_map(|r| r.order_id.as_deref())
+        .collect();
+    books.paid_orders = paid.len() as u64;
+
+    // The server's own count.
+    match ledger.audit(&sale.sale_id).await {
+        Err(e) => books.details.push(format!("audit failed: {e:#}")),
+        Ok(audit) => {
+            let n = |k: &str| audit.get(k).and_then(|v| v.as_u64()).unwrap_or(0);
+            let held = n("pending_payment") + n("paid");
+            let recorded = held + n("cancelled") + n("expired");
+            if audit.get("consistent").and_then(|v| v.as_bool()) != Some(true) {
+                books
+                    .details
+                    .push("the server's audit says inconsistent".into());
+            }
+            if held > sale.quantity {
+                books.oversold_units = books.oversold_units.max(held - sale.quantity);
+                books.details.push(format!(
+                    "the server holds {held} units of a sale of {}",
+                    sale.quantity
+                ));
+            }
+            if n("quantity") != sale.quantity {
+                books.details.push(format!(
+                    "the audit counts a quantity of {}, the sale was made with {}",
+                    n("quantity"),
+                    sale.quantity
+                ));
+            }
+            if sale.exclusive {
+                if recorded < books.acknowledged_units {
+                    books.details.push(format!(
+                        "shoppers were acknowledged {} units but the server recorded {recorded}",
+                        books.acknowledged_units
+                    ));
+                } else if recorded > books.acknowledged_units && books.unanswered_purchases == 0 {
+                    books.details.push(format!(
+                        "the server recorded {recorded} units but acknowledged only {} and every purchase was answered",
+                        books.acknowledged_units
+                    ));
+                }
+            }
+            books.audit = Some(audit);
+        }
+    }
+
+    // Every acknowledged order, looked up one by one.
+    let ids: Vec<&str> = orders.keys().copied().collect();
+    for chunk in ids.chunks(max_lookups_in_flight.max(1)) {
+        let lookups = chunk
+            .iter()
+            .map(|id| async move { (*id, ledger.order(id).await) });
+        for (id, found) in futures::future::join_all(lookups).await {
+            let mine = orders[id];
+            match found {
+                Err(e) => {
+                    books.unknown_orders += 1;
+                    books
+                        .details
+                        .push(format!("order {id}: lookup failed: {e:#}"));
+                }
+                Ok(None) => {
+                    books.unknown_orders += 1;
+                    if books.unknown_orders <= 10 {
+                        books
+                            .details
+                            .push(format!("acknowledged order {id} is unknown to the server"));
+                    }
+                }
+                Ok(Some(order)) => {
+                    let quantity = order.get("quantity").and_then(|q| q.as_u64());
+                    if quantity != Some(mine.quantity) {
+                        books.details.push(format!(
+                            "order {id}: acknowledged {} units, the server holds {quantity:?}",
+                            mine.quantity
+                        ));
+                    }
+                    let status = order.get("status").and_then(|s| s.as_str()).unwrap_or("");
+                    if paid.contains(id) && status != "paid" {
+                        books
+                            .details
+                            .push(format!("order {id} was paid but the server says {status}"));
+                    }
+                }
+            }
+        }
+    }
+
+    books.ok = books.details.is_empty();
+    books
+}
+
+/// The server's books over HTTP, with the admin token.
+pub struct HttpLedger {
+    pub client: reqwest::Client,
+    pub base: String,
+    pub admin_token: String,
+}
+
+impl Ledger for HttpLedger {
+    async fn audit(&self, sale_id: &str) -> anyhow::Result<serde_json::Value> {
+        let response = self
+            .client
+            .get(format!("{}/v1/flash-sales/{sale_id}/audit", self.base))
+            .bearer_auth(&self.admin_token)
+            .send()
+            .await?;
+        let status = response.status();
+        anyhow::ensure!(
+            status.is_success(),
+            "audit answered {status}: {}",
+            response.text().await?
+        );
+        Ok(response.json().await?)
+    }
+
+    async fn order(&self, order_id: &str) -> anyhow::Result<Option<serde_json::Value>> {
+        let response = self
+            .client
+            .get(format!("{}/v1/orders/{order_id}", self.base))
+            .bearer_auth(&self.admin_token)
+            .send()
+            .await?;
+        match response.status().as_u16() {
+            404 => Ok(None),
+            200 => Ok(Some(response.json().await?)),
+            other => anyhow::bail!("order lookup answered {other}: {}", response.text().await?),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    struct FakeLedger {
+        audit: serde_json::Value,
+        orders: HashMap<String, serde_json::Value>,
+    }
+
+    impl Ledger for FakeLedger {
+        async fn audit(&self, _: &str) -> anyhow::Result<serde_json::Value> {
+            Ok(self.audit.clone())
+        }
+        async fn order(&self, id: &str) -> anyhow::Result<Option<serde_json::Value>> {
+            Ok(self.orders.get(id).cloned())
+        }
+    }
+
+    fn purchase(user: &str, key: &str, order: &str) -> Receipt {
+        let body = serde_json::json!({"order_id": order, "sale_id": "sale_1", "quantity": 1});
+        Receipt::from_answer(
+            BookKind::Purchase,
+            201,
+            &Arc::from(user),
+            Some(key.into()),
+            Some(&body),
+            None,
+        )
+    }
+
+    fn sale(quantity: u64) -> SaleRef {
+        SaleRef {
+            sale_id: "sale_1".into(),
+            quantity,
+            per_user_limit: 1,
+            exclusive: true,
+        }
+    }
+
+    fn ledger(orders: &[&str], paid: u64) -> FakeLedger {
+        FakeLedger {
+            audit: serde_json::json!({"quantity": 2, "remaining": 2u64.saturating_sub(orders.len() as u64), "pending_payment": orders.len() as u64 - paid, "paid": paid, "cancelled": 0, "expired": 0, "consistent": true}),
+            orders: orders
+                .iter()
+                .map(|id| (id.to_string(), serde_json::json!({"order_id": id, "quantity": 1, "status": if paid > 0 {"paid"} else {"pending_payment"}})))
+                .collect(),
+        }
+    }
+
+    #[tokio::test]
+    async fn matching_books_pass() {
+        let receipts = vec![purchase("a", "k1", "o1"), purchase("b", "k2", "o2")];
+        let books = check(&ledger(&["o1", "o2"], 0), &sale(2), &receipts, 0, 8).await;
+        assert!(books.ok, "{books:?}");
+        assert_eq!(books.acknowledged_units, 2);
+    }
+
+    #[tokio::test]
+    async fn an_acknowledged_order_the_server_lost_fails() {
+        let receipts = vec![purchase("a", "k1", "o1"), purchase("b", "k2", "o2")];
+        let books = check(&ledger(&["o1"], 0), &sale(2), &receipts, 0, 8).await;
+        assert!(!books.ok);
+        assert_eq!(books.unknown_orders, 1);
+    }
+
+    #[tokio::test]
+    async fn overselling_fails() {
+        let receipts = vec![
+            purchase("a", "k1", "o1"),
+            purchase("b", "k2", "o2"),
+            purchase("c", "k3", "o3"),
+        ];
+        let books = check(&ledger(&["o1", "o2", "o3"], 0), &sale(2), &receipts, 0, 8).await;
+        assert!(!books.ok);
+        assert_eq!(books.oversold_units, 1);
+    }
+
+    #[tokio::test]
+    async fn duplicates_and_over_limit_fail() {
+        // One order under two keys, and one shopper with two orders over a limit of 1.
+        let receipts = vec![purchase("a", "k1", "o1"), purchase("b", "k2", "o1")];
+        let books = check(&ledger(&["o1"], 0), &sale(2), &receipts, 0, 8).await;
+        assert_eq!(books.duplicates, 1);
+        assert!(!books.ok);
+        let receipts = vec![purchase("a", "k1", "o1"), purchase("a", "k2", "o2")];
+        let books = check(&ledger(&["o1", "o2"], 0), &sale(2), &receipts, 0, 8).await;
+        assert_eq!(books.users_over_limit, 1);
+        assert!(!books.ok);
+    }
+
+    #[tokio::test]
+    async fn replays_of_one_key_are_one_order() {
+        let mut replay = purchase("a", "k1", "o1");
+        replay.status = Some(200);
+        let receipts = vec![purchase("a", "k1", "o1"), replay];
+        let books = check(&ledger(&["o1"], 0), &sale(2), &receipts, 0, 8).await;
+        assert_eq!(books.acknowledged_orders, 1);
+        assert_eq!(books.duplicates, 0);
+    }
+
+    #[tokio::test]
+    async fn an_incomplete_record_cannot_pass() {
+        let receipts = vec![purchase("a", "k1", "o1")];
+        let books = check(&ledger(&["o1"], 0), &sale(2), &receipts, 5, 8).await;
+        assert!(!books.ok);
+    }
+}

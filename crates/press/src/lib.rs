@@ -1,0 +1,911 @@
+//! `stampede press`: pressure tests of a Stampede server that model user paths, hold an
+//! arrival rate without coordinated omission, find the capacity against an SLO, read
+//! the server's own saturation on the same timeline, and check the books afterwards.
+//!
+//! It talks to the server only through its public HTTP API.
+
+pub mod books;
+pub mod capacity;
+pub mod html;
+pub mod report;
+pub mod runner;
+pub mod scenario;
+pub mod schedule;
+pub mod server;
+pub mod stats;
+pub mod template;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail, ensure};
+use hyper::header::HeaderValue;
+
+use crate::books::{Books, HttpLedger, SaleRef};
+use crate::capacity::{Capacity, Probe, SearchLimits};
+use crate::report::{Generator, Report, Second, Sessions, StepReport, ThresholdResult};
+use crate::runner::{Inputs, RunSpec, Target, slot};
+use crate::scenario::{Auth, Plan, Thresholds};
+use crate::schedule::Model;
+use crate::server::ClientSecond;
+use crate::stats::{Interval, LatencyMs, StepStats, new_histogram};
+
+/// CPU time (user + system) this process has used, in seconds.
+pub fn cpu_seconds() -> f64 {
+    // SAFETY: getrusage writes into the struct we pass and reads nothing else.
+    unsafe {
+        let mut usage: libc::rusage = std::mem::zeroed();
+        if libc::getrusage(libc::RUSAGE_SELF, &mut usage) != 0 {
+            return 0.0;
+        }
+        let t = |tv: libc::timeval| tv.tv_sec as f64 + tv.tv_usec as f64 / 1e6;
+        t(usage.ru_utime) + t(usage.ru_stime)
+    }
+}
+
+/// A rate such as `2000`, `2000/s` or `583000/s`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Rate(pub f64);
+
+impl std::str::FromStr for Rate {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let number = s.trim().trim_end_matches("/s");
+        let value: f64 = number
+            .parse()
+            .map_err(|_| format!("`{s}` is not a rate (e.g. 2000/s)"))?;
+        if !(value > 0.0 && value.is_finite()) {
+            return Err(format!("rate `{s}` must be positive"));
+        }
+        Ok(Rate(value))
+    }
+}
+
+/// A share such as `0.1%` or `0.001`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Share(pub f64);
+
+impl std::str::FromStr for Share {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let s = s.trim();
+        let value = match s.strip_suffix('%') {
+            Some(p) => p.trim().parse::<f64>().map(|v| v / 100.0),
+            None => s.parse::<f64>(),
+        }
+        .map_err(|_| format!("`{s}` is not a share (e.g. 0.1% or 0.001)"))?;
+        if !(0.0..=1.0).contains(&value) {
+            return Err(format!("share `{s}` must be within 0%..=100%"));
+        }
+        Ok(Share(value))
+    }
+}
+
+fn parse_var(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.trim().to_owned(), v.to_owned()))
+        .ok_or_else(|| format!("`{s}` is not NAME=VALUE"))
+}
+
+/// Options of one pressure run.
+#[derive(Debug, Clone, clap::Args)]
+pub struct PressArgs {
+    /// Base URL of the server under test.
+    #[arg(
+        long,
+        env = "STAMPEDE_PRESS_TARGET",
+        default_value = "http://127.0.0.1:8080"
+    )]
+    pub target: String,
+    /// A built-in scenario (healthz, flash-sale, browse, mixed-day) or a TOML file.
+    #[arg(long, default_value = "healthz")]
+    pub scenario: String,
+    /// Open model: sessions started per second, e.g. 2000/s.
+    #[arg(long, conflicts_with = "vus")]
+    pub rate: Option<Rate>,
+    /// Closed model: virtual users running sessions back to back.
+    #[arg(long)]
+    pub vus: Option<usize>,
+    /// Rise from 0 to the rate (or start the users evenly) over this long.
+    #[arg(long)]
+    pub ramp: Option<humantime::Duration>,
+    /// How long to hold the rate or the users.
+    #[arg(long)]
+    pub duration: Option<humantime::Duration>,
+    /// Generator threads, each with its own event loop (default: one per core).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// TCP connections across all threads.
+    #[arg(long, default_value_t = 64)]
+    pub connections: usize,
+    /// Open model: sessions in flight at most; later arrivals wait, and the wait counts.
+    #[arg(long, default_value_t = 100_000)]
+    pub max_sessions: usize,
+    /// Per-request timeout.
+    #[arg(long, default_value = "10s")]
+    pub timeout: humantime::Duration,
+    /// How long sessions may still run after the last arrival.
+    #[arg(long, default_value = "30s")]
+    pub drain: humantime::Duration,
+    /// Write the JSON report here.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    /// Write the self-contained HTML report here.
+    #[arg(long)]
+    pub html: Option<PathBuf>,
+    /// The server's admin token (sale setup, audit, order lookups).
+    #[arg(long, env = "STAMPEDE_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+    /// The server's JWT secret, to mint shopper tokens.
+    #[arg(long, env = "STAMPEDE_JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Option<String>,
+    /// Read the admin token and JWT secret the server generated in this data directory
+    /// when they are not given otherwise.
+    #[arg(long)]
+    pub secrets_from: Option<PathBuf>,
+    /// Set a scenario variable, e.g. --var sale_id=sale_… to press an existing sale.
+    #[arg(long = "var", value_parser = parse_var)]
+    pub vars: Vec<(String, String)>,
+    /// Fail the run when the overall p99 exceeds this (overrides the scenario's).
+    #[arg(long)]
+    pub slo_p99: Option<humantime::Duration>,
+    /// Fail the run when more than this share of requests fail, e.g. 0.1%.
+    #[arg(long)]
+    pub max_error_rate: Option<Share>,
+    /// Scrape the target's /metrics this often (0s: do not scrape).
+    #[arg(long, default_value = "1s")]
+    pub scrape_every: humantime::Duration,
+    /// No live progress bar.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+/// Options of a capacity search.
+#[derive(Debug, Clone, clap::Args)]
+pub struct CapacityArgs {
+    #[command(flatten)]
+    pub press: PressArgs,
+    /// Report how many nodes this peak needs, e.g. 583000/s.
+    #[arg(long)]
+    pub target_peak: Option<Rate>,
+    /// Share of each node's capacity to keep free when sizing.
+    #[arg(long, default_value_t = 0.3)]
+    pub headroom: f64,
+    /// First rate to try.
+    #[arg(long, default_value = "500/s")]
+    pub start_rate: Rate,
+    /// Never try above this rate.
+    #[arg(long, default_value = "1000000/s")]
+    pub max_rate: Rate,
+    /// Length of each probe.
+    #[arg(long, default_value = "10s")]
+    pub step_duration: humantime::Duration,
+    /// Stop bisecting when the bracket is within this share.
+    #[arg(long, default_value_t = 0.05)]
+    pub precision: f64,
+    /// At most this many probes.
+    #[arg(long, default_value_t = 16)]
+    pub max_probes: usize,
+}
+
+/// Everything a run needs, prepared before the clock starts.
+struct Prepared {
+    plan: Arc<Plan>,
+    target: Target,
+    model: Model,
+    inputs: Arc<Inputs>,
+    sale: Option<SaleRef>,
+    thresholds: Thresholds,
+    admin_token: Option<String>,
+}
+
+fn read_secret(dir: &Option<PathBuf>, name: &str) -> Option<String> {
+    let path = dir.as_ref()?.join(name);
+    std::fs::read_to_string(path)
+        .ok()
+        .map(|s| s.trim().to_owned())
+        .filter(|s| !s.is_empty())
+}
+
+fn model_for(args: &PressArgs, plan: &Plan, rate_override: Option<f64>) -> anyhow::Result<Model> {
+    let ramp = args
+        .ramp
+        .map(Into::into)
+        .or(plan.load.ramp)
+        .unwrap_or(Duration::ZERO);
+    let duration = args
+        .duration
+        .map(Into::into)
+        .or(plan.load.duration)
+        .unwrap_or(Duration::from_secs(30));
+    let model = if let Some(rate) = rate_override.or(args.rate.map(|r| r.0)) {
+        Model::constant_rate(rate, ramp, duration)
+    } else if let Some(vus) = args.vus {
+        Model::Closed {
+            vus,
+            ramp,
+            duration,
+        }
+    } else if !plan.load.stages.is_empty() {
+        Model::Open {
+            stages: plan
+                .load
+                .stages
+                .iter()
+                .map(|s| schedule::Stage {
+                    duration: s.duration,
+                    target: s.target,
+                })
+                .collect(),
+        }
+    } else if let Some(rate) = plan.load.rate {
+        Model::constant_rate(rate, ramp, duration)
+    } else if let Some(vus) = plan.load.vus {
+        Model::Closed {
+            vus,
+            ramp,
+            duration,
+        }
+    } else {
+        Model::constant_rate(100.0, ramp, duration)
+    };
+    ensure!(!model.duration().is_zero(), "the run has no duration");
+    if let Model::Open { stages } = &model {
+        for stage in stages {
+            ensure!(
+                stage.target >= 0.0 && stage.target.is_finite(),
+                "stage targets must be non-negative"
+            );
+        }
+    }
+    Ok(model)
+}
+
+async fn prepare(args: &PressArgs, rate_override: Option<f64>) -> anyhow::Result<Prepared> {
+    let plan = Arc::new(Plan::load(&args.scenario)?);
+    let target = Target::parse(&args.target)?;
+    let model = model_for(args, &plan, rate_override)?;
+    let admin_token = args
+        .admin_token
+        .clone()
+        .or_else(|| read_secret(&args.secrets_from, "admin-token"));
+    let jwt_secret = args
+        .jwt_secret
+        .clone()
+        .or_else(|| read_secret(&args.secrets_from, "jwt-secret"));
+    let run: String = format!("{:08x}", rand::random::<u32>());
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()?;
+
+    let mut values: Vec<Option<Arc<str>>> = vec![None; plan.vars.len()];
+    values[slot::RUN] = Some(Arc::from(run.as_str()));
+    if let Some(token) = &admin_token {
+        values[slot::ADMIN_TOKEN] = Some(Arc::from(token.as_str()));
+    }
+    for (slot, value) in &plan.constants {
+        values[*slot] = Some(value.clone());
+    }
+    for (name, value) in &args.vars {
+        let slot = plan
+            .vars
+            .get(name)
+            .with_context(|| format!("--var {name}: the scenario has no variable `{name}`"))?;
+        values[slot] = Some(Arc::from(value.as_str()));
+    }
+
+    // The sale: the one given with --var sale_id, or one made for this run.
+    let given_sale = values[slot::SALE_ID].clone();
+    let sale = if let Some(sale_id) = given_sale {
+        let sale: serde_json::Value = client
+            .get(format!("{}/v1/flash-sales/{sale_id}", target.base))
+            .send()
+            .await
+            .context("read the sale")?
+            .error_for_status()
+            .context("read the sale")?
+            .json()
+            .await?;
+        if values[slot::SKU].is_none() {
+            values[slot::SKU] = sale["sku"].as_str().map(Arc::from);
+        }
+        Some(SaleRef {
+            sale_id: sale_id.to_string(),
+            quantity: sale["quantity"].as_u64().unwrap_or(0),
+            per_user_limit: sale["per_user_limit"].as_u64().unwrap_or(0),
+            exclusive: false,
+        })
+    } else if let Some(setup) = &plan.setup {
+        let token = admin_token.as_deref().context(
+            "this scenario creates a sale: give the admin token (STAMPEDE_ADMIN_TOKEN, --admin-token or --secrets-from)",
+        )?;
+        let sku = format!("PRESS-{run}");
+        let response = client
+            .post(format!("{}/v1/products", target.base))
+            .bearer_auth(token)
+            .json(&serde_json::json!({
+                "sku": sku, "name": format!("press run {run}"),
+                "price_cents": setup.price_cents * 2,
+                "stock": setup.stock.unwrap_or(setup.quantity),
+            }))
+            .send()
+            .await
+            .context("create the product")?;
+        ensure!(
+            response.status().is_success(),
+            "create the product: {} {}",
+            response.status(),
+            response.text().await?
+        );
+        let now = chrono::Utc::now();
+        let response = client
+            .post(format!("{}/v1/flash-sales", target.base))
+            .bearer_auth(token)
+            .json(&serde_json::json!({
+                "sku": sku, "price_cents": setup.price_cents, "quantity": setup.quantity,
+                "per_user_limit": setup.per_user_limit,
+                "starts_at": now.to_rfc3339(),
+                "ends_at": (now + chrono::Duration::hours(6)).to_rfc3339(),
+            }))
+            .send()
+            .await
+            .context("create the sale")?;
+        ensure!(
+            response.status().is_success(),
+            "create the sale: {} {}",
+            response.status(),
+            response.text().await?
+        );
+        let sale: serde_json::Value = response.json().await?;
+        let sale_id = sale["id"]
+            .as_str()
+            .context("the sale has no id")?
+            .to_owned();
+        values[slot::SALE_ID] = Some(Arc::from(sale_id.as_str()));
+        values[slot::SKU] = Some(Arc::from(sku.as_str()));
+        Some(SaleRef {
+            sale_id,
+            quantity: setup.quantity,
+            per_user_limit: u64::from(setup.per_user_limit),
+            exclusive: true,
+        })
+    } else {
+        None
+    };
+
+    // Shoppers and their tokens. Only as many as the run can use are minted.
+    let sessions = model.scheduled_sessions();
+    let csv_users = plan.csv.as_ref().and_then(|csv| {
+        let user_col = csv.columns.iter().position(|&s| s == slot::USER)?;
+        Some(
+            csv.rows
+                .iter()
+                .map(|row| row[user_col].clone())
+                .collect::<Vec<_>>(),
+        )
+    });
+    let users: Vec<Arc<str>> = match csv_users {
+        Some(users) => users,
+        None => {
+            let count = match sessions {
+                Some(n) => plan.users.min(n.max(1) as usize),
+                None => plan.users,
+            };
+            (0..count)
+                .map(|n| Arc::from(format!("{}-{run}-{n}", plan.user_prefix)))
+                .collect()
+        }
+    };
+    let needs_tokens = plan.flows.iter().flat_map(|f| &f.steps).any(|s| {
+        s.auth == Auth::Shopper
+            || s.path.slots().any(|x| x == slot::TOKEN)
+            || s.headers
+                .iter()
+                .any(|(_, t)| t.slots().any(|x| x == slot::TOKEN))
+            || s.body
+                .as_ref()
+                .is_some_and(|b| b.slots().any(|x| x == slot::TOKEN))
+    });
+    let csv_tokens = plan.csv.as_ref().and_then(|csv| {
+        let col = csv.columns.iter().position(|&s| s == slot::TOKEN)?;
+        Some(
+            csv.rows
+                .iter()
+                .map(|row| row[col].clone())
+                .collect::<Vec<_>>(),
+        )
+    });
+    let tokens: Vec<Arc<str>> = match (csv_tokens, needs_tokens) {
+        (Some(tokens), _) => tokens,
+        (None, false) => vec![Arc::from(""); users.len()],
+        (None, true) => {
+            let secret = jwt_secret.as_deref().context(
+                "this scenario acts as shoppers: give the JWT secret (STAMPEDE_JWT_SECRET, --jwt-secret or --secrets-from)",
+            )?;
+            let key = jsonwebtoken::EncodingKey::from_secret(secret.as_bytes());
+            let header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256);
+            let exp = chrono::Utc::now().timestamp() + 24 * 3600;
+            users
+                .iter()
+                .map(|user| {
+                    jsonwebtoken::encode(
+                        &header,
+                        &serde_json::json!({"sub": &**user, "exp": exp}),
+                        &key,
+                    )
+                    .map(|t| Arc::from(t.as_str()))
+                })
+                .collect::<Result<_, _>>()?
+        }
+    };
+    ensure!(
+        tokens.len() == users.len(),
+        "the CSV's token column must have one token per user"
+    );
+    let shopper_auth = tokens
+        .iter()
+        .map(|t| HeaderValue::from_str(&format!("Bearer {t}")))
+        .collect::<Result<Vec<_>, _>>()
+        .context("a shopper token is not a valid header value")?;
+    let needs_admin = plan
+        .flows
+        .iter()
+        .flat_map(|f| &f.steps)
+        .any(|s| s.auth == Auth::Admin);
+    if needs_admin && admin_token.is_none() {
+        bail!("this scenario makes admin calls: give the admin token");
+    }
+    let admin_auth =
+        HeaderValue::from_str(&format!("Bearer {}", admin_token.as_deref().unwrap_or("")))
+            .context("the admin token is not a valid header value")?;
+
+    let mut thresholds = plan.thresholds.clone();
+    if let Some(p99) = args.slo_p99 {
+        thresholds.p99 = Some(p99.into());
+    }
+    if let Some(share) = args.max_error_rate {
+        thresholds.max_error_rate = Some(share.0);
+    }
+    let inputs = Arc::new(Inputs {
+        plan: plan.clone(),
+        base_values: values,
+        users,
+        tokens,
+        shopper_auth,
+        admin_auth,
+    });
+    Ok(Prepared {
+        plan,
+        target,
+        model,
+        inputs,
+        sale,
+        thresholds,
+        admin_token,
+    })
+}
+
+/// Runs one pressure test and returns its report (written to --json/--html if asked).
+pub async fn press(args: &PressArgs) -> anyhow::Result<Report> {
+    let prepared = prepare(args, None).await?;
+    let report = execute(args, prepared, !args.quiet).await?;
+    write_reports(args, &report)?;
+    Ok(report)
+}
+
+fn write_reports(args: &PressArgs, report: &Report) -> anyhow::Result<()> {
+    if let Some(path) = &args.json {
+        std::fs::write(path, serde_json::to_vec_pretty(report)?)
+            .with_context(|| format!("write {}", path.display()))?;
+    }
+    if let Some(path) = &args.html {
+        std::fs::write(path, html::render(report))
+            .with_context(|| format!("write {}", path.display()))?;
+    }
+    Ok(())
+}
+
+async fn execute(args: &PressArgs, p: Prepared, progress: bool) -> anyhow::Result<Report> {
+    let threads = args
+        .threads
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+        .clamp(1, 256);
+    ensure!(args.connections >= 1, "--connections must be at least 1");
+    ensure!(args.max_sessions >= 1, "--max-sessions must be at least 1");
+    let spec = RunSpec {
+        target: p.target.clone(),
+        model: p.model.clone(),
+        threads,
+        connections: args.connections.max(threads),
+        max_sessions: args.max_sessions,
+        timeout: args.timeout.into(),
+        drain: args.drain.into(),
+        max_receipts: 2_000_000,
+    };
+    let duration = p.model.duration();
+    let started_at = chrono::Utc::now();
+
+    // The server's side, once a second.
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()?;
+    let scrape_every: Duration = args.scrape_every.into();
+    let (stop_scrape, scrape_stopped) = tokio::sync::oneshot::channel();
+    let wall_start = std::time::Instant::now();
+    let scraper = (!scrape_every.is_zero()).then(|| {
+        tokio::spawn(server::scrape(
+            client.clone(),
+            format!("{}/metrics", p.target.base),
+            wall_start,
+            scrape_every,
+            scrape_stopped,
+        ))
+    });
+
+    // Per-second intervals from every thread, merged as they complete.
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Interval>(4096);
+    let bar = if progress {
+        let bar = indicatif::ProgressBar::new(duration.as_secs().max(1));
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{spinner} {elapsed_precise} [{bar:30}] {pos}/{len} s  {msg}",
+            )
+            .expect("valid template")
+            .progress_chars("=> "),
+        );
+        bar
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    let reporter_bar = bar.clone();
+    let reporter = tokio::spawn(async move {
+        let mut seconds: BTreeMap<u64, (Interval, usize)> = BTreeMap::new();
+        while let Some(interval) = rx.recv().await {
+            let second = interval.second;
+            let entry = seconds
+                .entry(second)
+                .or_insert_with(|| (Interval::new(second), 0));
+            entry.0.merge(&interval);
+            entry.1 += 1;
+            if entry.1 == threads {
+                let l = LatencyMs::of(&entry.0.hist);
+                reporter_bar.set_position(second.min(reporter_bar.length().unwrap_or(0)));
+                reporter_bar.set_message(format!(
+                    "{} req/s  p99 {:.1} ms  errors {}",
+                    entry.0.requests, l.p99, entry.0.errors
+                ));
+            }
+        }
+        seconds
+    });
+
+    let inputs = p.inputs.clone();
+    let run_spec = spec.clone();
+    let output = tokio::task::spawn_blocking(move || runner::run(&run_spec, inputs, tx))
+        .await
+        .context("the generator stopped")??;
+    bar.finish_and_clear();
+    let _ = stop_scrape.send(());
+    let server_samples = match scraper {
+        Some(handle) => handle.await.unwrap_or_default(),
+        None => Vec::new(),
+    };
+    let seconds = reporter.await.unwrap_or_default();
+
+    // Merge the threads.
+    let mut steps = vec![StepStats::default(); p.plan.step_names.len()];
+    let mut lag = new_histogram();
+    let mut sessions = Sessions {
+        scheduled: p.model.scheduled_sessions(),
+        ..Sessions::default()
+    };
+    let mut receipts = Vec::new();
+    let mut receipts_dropped = 0;
+    for t in output.totals {
+        for (all, one) in steps.iter_mut().zip(&t.steps) {
+            all.merge(one);
+        }
+        if let Some(h) = &t.dispatch_lag {
+            lag.add(h).expect("same bounds");
+        }
+        sessions.started += t.sessions_started;
+        sessions.finished += t.sessions_finished;
+        sessions.abandoned += t.sessions_abandoned;
+        receipts.extend(t.books);
+        receipts_dropped += t.receipts_dropped;
+    }
+    sessions.achieved_per_s = sessions.started as f64 / duration.as_secs_f64();
+    let elapsed = output.elapsed.as_secs_f64().max(1e-3);
+    let mut overall = StepStats::default();
+    for s in &steps {
+        overall.merge(s);
+    }
+    let step_reports: Vec<StepReport> = steps
+        .iter()
+        .zip(&p.plan.step_names)
+        .map(|(s, name)| StepReport {
+            name: name.clone(),
+            requests: s.requests,
+            errors: s.errors,
+            skipped: s.skipped,
+            achieved_rps: s.requests as f64 / elapsed,
+            latency_ms: LatencyMs::of(&s.hist),
+            statuses: s
+                .statuses
+                .iter()
+                .map(|(k, v)| (k.to_string(), *v))
+                .collect(),
+            error_codes: s.codes.clone(),
+            transport_errors: s
+                .transport
+                .iter()
+                .map(|(k, v)| (k.to_string(), *v))
+                .collect(),
+        })
+        .collect();
+    let timeline: Vec<Second> = seconds
+        .into_iter()
+        .map(|(t, (interval, _))| Second {
+            t,
+            requests: interval.requests,
+            errors: interval.errors,
+            latency_ms: LatencyMs::of(&interval.hist),
+        })
+        .collect();
+
+    // The generator's own health.
+    let cpu_cores = output.cpu_seconds / elapsed;
+    let dispatch_lag = LatencyMs::of(&lag);
+    let mut warnings = Vec::new();
+    if cpu_cores >= 0.9 * threads as f64 {
+        warnings.push(format!(
+            "the generator used {cpu_cores:.2} of its {threads} threads' cores: it, not the server, may be the bottleneck (run it on another machine or add --threads)"
+        ));
+    }
+    if let Some(scheduled) = sessions.scheduled {
+        let scheduled_rate = scheduled as f64 / duration.as_secs_f64();
+        if sessions.achieved_per_s < 0.98 * scheduled_rate || dispatch_lag.p99 > 10.0 {
+            warnings.push(format!(
+                "sessions started late (dispatch lag p99 {:.1} ms, {:.0}/s of {scheduled_rate:.0}/s): the generator or --max-sessions could not keep the schedule; latencies still count from the schedule",
+                dispatch_lag.p99, sessions.achieved_per_s
+            ));
+        }
+    }
+    if sessions.abandoned > 0 {
+        warnings.push(format!(
+            "{} sessions were still running at the drain deadline",
+            sessions.abandoned
+        ));
+    }
+
+    let same_host = p.target.addr.ip().is_loopback();
+    let client_seconds: Vec<ClientSecond> = timeline
+        .iter()
+        .map(|s| ClientSecond {
+            t: s.t as f64,
+            p99_ms: s.latency_ms.p99,
+            error_share: if s.requests > 0 {
+                s.errors as f64 / s.requests as f64
+            } else {
+                0.0
+            },
+        })
+        .collect();
+    let saturation = server::first_saturated(
+        &server_samples,
+        &client_seconds,
+        p.thresholds.p99.map(|d| d.as_secs_f64() * 1000.0),
+        cpu_cores,
+        threads,
+        same_host,
+    );
+
+    // The books.
+    let books = match (&p.sale, p.plan.has_books()) {
+        (Some(sale), true) => match &p.admin_token {
+            Some(token) => {
+                let ledger = HttpLedger {
+                    client: client.clone(),
+                    base: p.target.base.clone(),
+                    admin_token: token.clone(),
+                };
+                books::check(&ledger, sale, &receipts, receipts_dropped, 32).await
+            }
+            None => {
+                let mut b = Books::not_checked("no admin token: the audit cannot be read");
+                b.checked = true;
+                b
+            }
+        },
+        (None, true) => Books::not_checked("no sale: give --var sale_id or a [setup.sale]"),
+        _ => Books::not_checked("the scenario has no purchase step marked for the books"),
+    };
+
+    let latency = LatencyMs::of(&overall.hist);
+    let error_rate = if overall.requests > 0 {
+        overall.errors as f64 / overall.requests as f64
+    } else {
+        0.0
+    };
+    let mut thresholds = Vec::new();
+    if let Some(limit) = p.thresholds.p99 {
+        let limit = limit.as_secs_f64() * 1000.0;
+        thresholds.push(ThresholdResult {
+            name: "p99_ms".into(),
+            limit,
+            actual: latency.p99,
+            ok: latency.p99 <= limit,
+        });
+    }
+    if let Some(limit) = p.thresholds.p999 {
+        let limit = limit.as_secs_f64() * 1000.0;
+        thresholds.push(ThresholdResult {
+            name: "p999_ms".into(),
+            limit,
+            actual: latency.p999,
+            ok: latency.p999 <= limit,
+        });
+    }
+    if let Some(limit) = p.thresholds.max_error_rate {
+        thresholds.push(ThresholdResult {
+            name: "error_rate".into(),
+            limit,
+            actual: error_rate,
+            ok: error_rate <= limit,
+        });
+    }
+    if overall.requests == 0 {
+        thresholds.push(ThresholdResult {
+            name: "requests".into(),
+            limit: 1.0,
+            actual: 0.0,
+            ok: false,
+        });
+    }
+    let passed = thresholds.iter().all(|t| t.ok) && (!books.checked || books.ok);
+    let scheduled_rps = sessions
+        .scheduled
+        .map(|n| n as f64 / duration.as_secs_f64());
+    Ok(Report {
+        scenario: p.plan.name.clone(),
+        target: p.target.base.clone(),
+        model: p.model.describe(),
+        started_at: started_at.to_rfc3339(),
+        duration_s: elapsed,
+        requests: overall.requests,
+        errors: overall.errors,
+        error_rate,
+        achieved_rps: overall.requests as f64 / elapsed,
+        scheduled_rps,
+        sessions,
+        latency_ms: latency,
+        statuses: overall
+            .statuses
+            .iter()
+            .map(|(k, v)| (k.to_string(), *v))
+            .collect(),
+        error_codes: overall.codes.clone(),
+        steps: step_reports,
+        generator: Generator {
+            threads,
+            connections: spec.connections,
+            cpu_cores,
+            dispatch_lag_ms: dispatch_lag,
+            warnings,
+        },
+        timeline,
+        server: server_samples,
+        saturation,
+        books,
+        thresholds,
+        passed,
+    })
+}
+
+/// Finds the highest arrival rate that meets the SLO, probe by probe.
+pub async fn capacity(args: &CapacityArgs) -> anyhow::Result<Capacity> {
+    let mut press_args = args.press.clone();
+    let slo: Duration = press_args
+        .slo_p99
+        .map(Into::into)
+        .unwrap_or(Duration::from_millis(50));
+    let max_error = press_args.max_error_rate.map_or(0.001, |s| s.0);
+    press_args.slo_p99 = Some(slo.into());
+    press_args.max_error_rate = Some(Share(max_error));
+    press_args.duration = Some(args.step_duration);
+    ensure!(
+        (0.0..1.0).contains(&args.headroom),
+        "--headroom must be within 0..1"
+    );
+    let limits = SearchLimits {
+        start_rate: args.start_rate.0,
+        max_rate: args.max_rate.0,
+        precision: args.precision,
+        max_probes: args.max_probes,
+    };
+    let last_report: std::cell::RefCell<Option<Report>> = std::cell::RefCell::new(None);
+    let mut result = capacity::search(&limits, |rate| {
+        let press_args = press_args.clone();
+        let last = &last_report;
+        async move {
+            let prepared = prepare(&press_args, Some(rate)).await?;
+            let report = execute(&press_args, prepared, false).await?;
+            let achieved = report.sessions.achieved_per_s;
+            let mut reasons = Vec::new();
+            for t in report.thresholds.iter().filter(|t| !t.ok) {
+                reasons.push(format!("{} {:.3} over {}", t.name, t.actual, t.limit));
+            }
+            if achieved < 0.95 * rate {
+                reasons.push(format!("only {achieved:.0}/s of {rate:.0}/s started"));
+            }
+            if report.books.checked && !report.books.ok {
+                reasons.push("books failed".into());
+            }
+            let probe = Probe {
+                rate,
+                achieved_rps: report.achieved_rps,
+                p99_ms: report.latency_ms.p99,
+                error_rate: report.error_rate,
+                ok: reasons.is_empty(),
+                reason: (!reasons.is_empty()).then(|| reasons.join("; ")),
+            };
+            eprintln!(
+                "  {:>10.0}/s: {:>9.0} req/s, p99 {:>8.2} ms, errors {:.3}% -> {}",
+                rate,
+                probe.achieved_rps,
+                probe.p99_ms,
+                probe.error_rate * 100.0,
+                probe.reason.as_deref().unwrap_or("ok")
+            );
+            *last.borrow_mut() = Some(report);
+            Ok(probe)
+        }
+    })
+    .await?;
+    if let (Some(peak), Some(per_node)) = (args.target_peak, result.capacity_rps) {
+        result.sizing = Some(capacity::size(peak.0, per_node, args.headroom));
+    }
+    if let Some(path) = &args.press.json {
+        std::fs::write(path, serde_json::to_vec_pretty(&result)?)
+            .with_context(|| format!("write {}", path.display()))?;
+    }
+    if let (Some(path), Some(report)) = (&args.press.html, &*last_report.borrow()) {
+        std::fs::write(path, html::render(report))
+            .with_context(|| format!("write {}", path.display()))?;
+    }
+    Ok(result)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rates_and_shares_parse() {
+        assert_eq!("583000/s".parse::<Rate>().unwrap(), Rate(583_000.0));
+        assert_eq!("2000".parse::<Rate>().unwrap(), Rate(2000.0));
+        assert!("0/s".parse::<Rate>().is_err());
+        assert!("fast".parse::<Rate>().is_err());
+        assert_eq!("0.1%".parse::<Share>().unwrap(), Share(0.001));
+        assert_eq!("0.02".parse::<Share>().unwrap(), Share(0.02));
+        assert!("150%".parse::<Share>().is_err());
+        assert_eq!(
+            parse_var("sale_id=x=y").unwrap(),
+            ("sale_id".into(), "x=y".into())
+        );
+        assert!(parse_var("nothing").is_err());
+    }
+
+    #[test]
+    fn cpu_time_advances() {
+        let before = cpu_seconds();
+        let mut x = 0u64;
+        for i in 0..20_000_000u64 {
+            x = x.wrapping_mul(31).wrapping_add(i);
+        }
+        std::hint::black_box(x);
+        assert!(cpu_seconds() > before);
+    }
+}
