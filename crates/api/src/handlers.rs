@@ -458,8 +458,10 @@ pub async fn readyz(State(app): State<AppState>) -> Result<&'static str, ApiErro
 #[utoipa::path(get, path = "/metrics", responses((status = 200, description = "Prometheus text format")))]
 pub async fn metrics(State(app): State<AppState>) -> Response {
     metrics::gauge!("stampede_writer_queue_depth").set(app.engine.queue_depth() as f64);
-    // Process CPU, memory and threads (`process_cpu_seconds_total`, …) and the cores the
-    // machine has, so a load generator can tell when the server ran out of CPU.
+    metrics::gauge!("stampede_writer_queue_capacity").set(app.engine.queue_capacity() as f64);
+    // Process memory, threads and descriptors (`process_*`), CPU time to the microsecond
+    // (`process_cpu_seconds_total` is in whole seconds) and the cores the machine has,
+    // so a load generator can tell when the server ran out of CPU.
     static PROCESS: std::sync::OnceLock<metrics_process::Collector> = std::sync::OnceLock::new();
     PROCESS
         .get_or_init(|| {
@@ -468,6 +470,8 @@ pub async fn metrics(State(app): State<AppState>) -> Response {
             collector
         })
         .collect();
+    metrics::gauge!("stampede_cpu_seconds_total")
+        .set(cpu_time::ProcessTime::now().as_duration().as_secs_f64());
     metrics::gauge!("stampede_cpu_cores")
         .set(std::thread::available_parallelism().map_or(1, |n| n.get()) as f64);
     (

@@ -494,7 +494,6 @@ impl Engine {
         let (shutdown_tx, shutdown_rx) = oneshot::channel();
         let writer = Writer::new(shared.clone(), receiver, shutdown_rx, expiries);
         let handle = tokio::spawn(writer.run());
-        metrics::gauge!("stampede_writer_queue_capacity").set(config.queue_capacity as f64);
         Ok(Engine {
             shared,
             jobs,
@@ -505,6 +504,11 @@ impl Engine {
 
     pub fn now_ms(&self) -> i64 {
         self.shared.clock.now_ms()
+    }
+
+    /// How many operations the writer's queue holds at most.
+    pub fn queue_capacity(&self) -> usize {
+        self.shared.config.queue_capacity
     }
 
     /// Operations waiting for the writer.

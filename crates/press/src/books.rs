@@ -170,14 +170,14 @@ pub async fn check<L: Ledger>(
                 orders.insert(id, r);
             }
         }
-        if let Some(other_sale) = r.sale_id.as_deref() {
-            if other_sale != sale.sale_id {
-                books.details.push(format!(
-                    "order {id} names sale {other_sale}, not {}",
-                    sale.sale_id
-                ));
-                books.duplicates += 1;
-            }
+        if let Some(other_sale) = r.sale_id.as_deref()
+            && other_sale != sale.sale_id
+        {
+            books.details.push(format!(
+                "order {id} names sale {other_sale}, not {}",
+                sale.sale_id
+            ));
+            books.duplicates += 1;
         }
     }
     books.unanswered_purchases = receipts

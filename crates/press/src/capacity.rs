@@ -146,7 +146,7 @@ mod tests {
     async fn the_search_brackets_the_true_capacity() {
         let result = search(&limits(), fake(11_300.0)).await.unwrap();
         let found = result.capacity_rps.unwrap();
-        assert!(found <= 11_300.0 && found >= 11_300.0 * 0.95, "{found}");
+        assert!((11_300.0 * 0.95..=11_300.0).contains(&found), "{found}");
         let failing = result.first_failing_rps.unwrap();
         assert!(failing > 11_300.0 && (failing - found) <= 0.05 * found + 1.0);
         // Steps were doubling before the bisection: 500, 1000, …, 16000.

@@ -34,15 +34,7 @@ use crate::stats::{Interval, LatencyMs, StepStats, new_histogram};
 
 /// CPU time (user + system) this process has used, in seconds.
 pub fn cpu_seconds() -> f64 {
-    // SAFETY: getrusage writes into the struct we pass and reads nothing else.
-    unsafe {
-        let mut usage: libc::rusage = std::mem::zeroed();
-        if libc::getrusage(libc::RUSAGE_SELF, &mut usage) != 0 {
-            return 0.0;
-        }
-        let t = |tv: libc::timeval| tv.tv_sec as f64 + tv.tv_usec as f64 / 1e6;
-        t(usage.ru_utime) + t(usage.ru_stime)
-    }
+    cpu_time::ProcessTime::now().as_duration().as_secs_f64()
 }
 
 /// A rate such as `2000`, `2000/s` or `583000/s`.
@@ -160,6 +152,24 @@ pub struct PressArgs {
     /// No live progress bar.
     #[arg(long)]
     pub quiet: bool,
+}
+
+impl PressArgs {
+    /// Options as they would be written after `stampede press`, for runs built in code.
+    pub fn parse_from<I, T>(args: I) -> Result<PressArgs, clap::Error>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        #[derive(clap::Parser)]
+        struct Wrapper {
+            #[command(flatten)]
+            press: PressArgs,
+        }
+        let argv = std::iter::once(std::ffi::OsString::from("press"))
+            .chain(args.into_iter().map(Into::into));
+        <Wrapper as clap::Parser>::try_parse_from(argv).map(|w| w.press)
+    }
 }
 
 /// Options of a capacity search.

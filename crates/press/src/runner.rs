@@ -491,13 +491,13 @@ impl Worker {
                     None
                 };
                 if let Some(json) = &json {
-                    if *status >= 400 {
-                        if let Some(code) = json.pointer("/error/code").and_then(|c| c.as_str()) {
-                            *self.steps.borrow_mut()[step.id]
-                                .codes
-                                .entry(code.to_owned())
-                                .or_default() += 1;
-                        }
+                    if *status >= 400
+                        && let Some(code) = json.pointer("/error/code").and_then(|c| c.as_str())
+                    {
+                        *self.steps.borrow_mut()[step.id]
+                            .codes
+                            .entry(code.to_owned())
+                            .or_default() += 1;
                     }
                     if (200..300).contains(status) {
                         for (slot, pointer) in &step.extract {

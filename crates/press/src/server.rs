@@ -49,10 +49,10 @@ impl Exposition {
             if n != name {
                 continue;
             }
-            if let Some(wanted) = &wanted {
-                if !labels.split(',').any(|l| l.trim() == wanted) {
-                    continue;
-                }
+            if let Some(wanted) = &wanted
+                && !labels.split(',').any(|l| l.trim() == wanted)
+            {
+                continue;
             }
             *found.get_or_insert(0.0) += value;
         }
@@ -97,7 +97,9 @@ pub fn sample(t: f64, before: &Exposition, now: &Exposition, dt: f64) -> ServerS
     };
     ServerSample {
         t,
-        cpu_cores: rate("process_cpu_seconds_total", None),
+        // Our own microsecond counter first; the standard one counts whole seconds.
+        cpu_cores: rate("stampede_cpu_seconds_total", None)
+            .or_else(|| rate("process_cpu_seconds_total", None)),
         cores: now.sum("stampede_cpu_cores"),
         queue_depth: now.sum("stampede_writer_queue_depth"),
         queue_capacity: now.sum("stampede_writer_queue_capacity"),
@@ -207,23 +209,24 @@ pub fn first_saturated(
                 });
             }
         }
-        if let (Some(depth), Some(capacity)) = (s.queue_depth, s.queue_capacity) {
-            if capacity > 0.0 && depth >= 0.8 * capacity {
-                found.push(Saturation {
-                    resource: "writer_queue".into(),
-                    at_s: s.t,
-                    detail: format!("the writer queue held {depth} of {capacity}"),
-                });
-            }
+        if let (Some(depth), Some(capacity)) = (s.queue_depth, s.queue_capacity)
+            && capacity > 0.0
+            && depth >= 0.8 * capacity
+        {
+            found.push(Saturation {
+                resource: "writer_queue".into(),
+                at_s: s.t,
+                detail: format!("the writer queue held {depth} of {capacity}"),
+            });
         }
-        if let Some(r) = s.rejections_per_s {
-            if r > 0.0 {
-                found.push(Saturation {
-                    resource: "admission".into(),
-                    at_s: s.t,
-                    detail: format!("the server refused {r:.0} purchases/s as overloaded"),
-                });
-            }
+        if let Some(r) = s.rejections_per_s
+            && r > 0.0
+        {
+            found.push(Saturation {
+                resource: "admission".into(),
+                at_s: s.t,
+                detail: format!("the server refused {r:.0} purchases/s as overloaded"),
+            });
         }
     }
     if generator_threads > 0 && generator_cores >= 0.9 * generator_threads as f64 {
@@ -235,14 +238,14 @@ pub fn first_saturated(
             ),
         });
     }
-    if let Some(slo) = slo_p99_ms {
-        if let Some(c) = client.iter().find(|c| c.p99_ms > slo) {
-            found.push(Saturation {
-                resource: "latency".into(),
-                at_s: c.t,
-                detail: format!("client p99 {:.1} ms passed the SLO of {slo} ms", c.p99_ms),
-            });
-        }
+    if let Some(slo) = slo_p99_ms
+        && let Some(c) = client.iter().find(|c| c.p99_ms > slo)
+    {
+        found.push(Saturation {
+            resource: "latency".into(),
+            at_s: c.t,
+            detail: format!("client p99 {:.1} ms passed the SLO of {slo} ms", c.p99_ms),
+        });
     }
     if let Some(c) = client.iter().find(|c| c.error_share > 0.01) {
         found.push(Saturation {

@@ -151,9 +151,11 @@ mod tests {
 
     #[test]
     fn merging_adds_everything() {
-        let mut a = StepStats::default();
-        a.requests = 2;
-        a.errors = 1;
+        let mut a = StepStats {
+            requests: 2,
+            errors: 1,
+            ..StepStats::default()
+        };
         a.statuses.insert(201, 1);
         a.codes.insert("sold_out".into(), 1);
         record(&mut a.hist, 100);

@@ -44,7 +44,7 @@ enum Command {
         #[command(subcommand)]
         mode: Option<PressMode>,
         #[command(flatten)]
-        args: stampede_press::PressArgs,
+        args: Box<stampede_press::PressArgs>,
     },
     /// Run the stand-in payment provider.
     PaymentSim {
@@ -81,7 +81,7 @@ enum PressMode {
     /// Step up, then bisect, the arrival rate to find the highest that meets the SLO
     /// (--slo-p99, default 50ms; --max-error-rate, default 0.1%); with --target-peak,
     /// the nodes that peak needs.
-    Capacity(stampede_press::CapacityArgs),
+    Capacity(Box<stampede_press::CapacityArgs>),
 }
 
 fn init_tracing(filter: &str) {
@@ -342,6 +342,34 @@ async fn demo(args: ServeArgs, run_for: Option<Duration>) -> anyhow::Result<()> 
     println!(
         "  curl -s {base}/v1/flash-sales/{sale_id}/audit -H \"Authorization: Bearer $ADMIN\"\n"
     );
+
+    // A short flash sale against this server, as `stampede press` would run it.
+    println!(
+        "A flash sale rehearsal: 2,000 shoppers in one second for 500 units (stampede press --scenario flash-sale)"
+    );
+    let json = config.data_dir.join("press-flash-sale.json");
+    let html = config.data_dir.join("press-flash-sale.html");
+    let press_args = stampede_press::PressArgs::parse_from([
+        "--target".into(),
+        base.clone(),
+        "--scenario".into(),
+        "flash-sale".into(),
+        "--admin-token".into(),
+        admin.clone(),
+        "--jwt-secret".into(),
+        running.jwt_secret.expose().to_owned(),
+        "--json".into(),
+        json.display().to_string(),
+        "--html".into(),
+        html.display().to_string(),
+    ])?;
+    match stampede_press::press(&press_args).await {
+        Ok(report) => {
+            print!("{}", report.summary());
+            println!("  reports: {} and {}\n", json.display(), html.display());
+        }
+        Err(e) => println!("the rehearsal could not run: {e:#}\n"),
+    }
     println!("Press Ctrl-C to stop.");
     running.wait().await?;
     let _ = sim.kill().await;

@@ -1,0 +1,381 @@
+//! The generator against local stubs: rate accuracy, coordinated omission, templating
+//! and extraction end to end, and a books check that catches a server that lies.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::routing::{get, post};
+use clap::Parser;
+use parking_lot::Mutex;
+use serde_json::{Value, json};
+use stampede_press::PressArgs;
+use tokio::time::Instant;
+
+#[derive(Parser)]
+struct Cli {
+    #[command(flatten)]
+    press: PressArgs,
+}
+
+fn args(target: &str, extra: &[&str]) -> PressArgs {
+    let mut argv = vec![
+        "press",
+        "--target",
+        target,
+        "--quiet",
+        "--scrape-every",
+        "0s",
+    ];
+    argv.extend_from_slice(extra);
+    Cli::parse_from(argv).press
+}
+
+async fn serve(router: axum::Router) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
+    format!("http://{addr}")
+}
+
+fn write_scenario(dir: &tempfile::TempDir, text: &str) -> String {
+    let path = dir.path().join("scenario.toml");
+    std::fs::write(&path, text).unwrap();
+    path.to_string_lossy().into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_model_holds_its_arrival_rate_within_two_percent() {
+    let base = serve(axum::Router::new().route("/healthz", get(|| async { "ok" }))).await;
+    let report = stampede_press::press(&args(
+        &base,
+        &[
+            "--scenario",
+            "healthz",
+            "--rate",
+            "1000/s",
+            "--duration",
+            "5s",
+            "--connections",
+            "16",
+        ],
+    ))
+    .await
+    .unwrap();
+    assert_eq!(report.errors, 0, "{}", report.summary());
+    assert_eq!(report.sessions.scheduled, Some(5000));
+    let ratio = report.achieved_rps / 1000.0;
+    assert!(
+        (0.98..=1.02).contains(&ratio),
+        "achieved {} req/s",
+        report.achieved_rps
+    );
+    let started = report.sessions.achieved_per_s / 1000.0;
+    assert!(
+        (0.98..=1.02).contains(&started),
+        "started {}/s",
+        report.sessions.achieved_per_s
+    );
+    // Every whole second of the run carried its share, not a burst at the end.
+    let full: Vec<_> = report
+        .timeline
+        .iter()
+        .filter(|s| (1..=5).contains(&s.t))
+        .collect();
+    assert_eq!(full.len(), 5, "{:?}", report.timeline);
+    for s in full {
+        assert!(
+            (950..=1050).contains(&s.requests),
+            "second {}: {}",
+            s.t,
+            s.requests
+        );
+    }
+    assert!(report.passed);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_one_second_stall_shows_in_the_tail() {
+    // Every request that arrives between 1 s and 2 s after the first one is held until
+    // 2 s: the server "stalls" for a second.
+    let first: Arc<Mutex<Option<Instant>>> = Arc::default();
+    let router = axum::Router::new()
+        .route(
+            "/healthz",
+            get(
+                |State(first): State<Arc<Mutex<Option<Instant>>>>| async move {
+                    let start = *first.lock().get_or_insert_with(Instant::now);
+                    let since = start.elapsed();
+                    if since >= Duration::from_secs(1) && since < Duration::from_secs(2) {
+                        tokio::time::sleep_until(start + Duration::from_secs(2)).await;
+                    }
+                    "ok"
+                },
+            ),
+        )
+        .with_state(first);
+    let base = serve(router).await;
+    let report = stampede_press::press(&args(
+        &base,
+        &[
+            "--scenario",
+            "healthz",
+            "--rate",
+            "200/s",
+            "--duration",
+            "5s",
+            "--connections",
+            "8",
+        ],
+    ))
+    .await
+    .unwrap();
+    // About a fifth of the arrivals were due during the stall and waited up to 1 s.
+    // Measured from when each request was sent, only the 8 requests on the wire would
+    // look slow and p90 would be under a millisecond.
+    let l = report.latency_ms;
+    assert!(l.max >= 900.0, "{l:?}");
+    assert!(l.p99 >= 800.0, "{l:?}");
+    assert!(l.p90 >= 100.0, "{l:?}");
+    // And the stalled second shows on the timeline.
+    let worst = report
+        .timeline
+        .iter()
+        .map(|s| s.latency_ms.max)
+        .fold(0.0, f64::max);
+    assert!(worst >= 900.0, "{:?}", report.timeline);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closed_model_keeps_its_users_busy() {
+    let hits = Arc::new(AtomicU64::new(0));
+    let router = axum::Router::new()
+        .route(
+            "/healthz",
+            get(|State(hits): State<Arc<AtomicU64>>| async move {
+                hits.fetch_add(1, Ordering::Relaxed);
+                "ok"
+            }),
+        )
+        .with_state(hits.clone());
+    let base = serve(router).await;
+    let report = stampede_press::press(&args(
+        &base,
+        &["--scenario", "healthz", "--vus", "4", "--duration", "1s"],
+    ))
+    .await
+    .unwrap();
+    assert!(report.requests > 100, "{}", report.summary());
+    assert_eq!(report.requests, hits.load(Ordering::Relaxed));
+    assert_eq!(report.sessions.scheduled, None);
+    assert_eq!(report.generator.connections, 64);
+}
+
+/// A shop that records what it was sent, answers each purchase with a fresh order and
+/// knows every order it handed out.
+#[derive(Default)]
+struct Shop {
+    orders: Mutex<Vec<String>>,
+    paid_paths: Mutex<Vec<String>>,
+    keys: Mutex<HashSet<String>>,
+    auth_headers: Mutex<HashSet<String>>,
+    /// Forget every other order and claim consistent books: a broken server.
+    broken: bool,
+}
+
+fn shop_router(shop: Arc<Shop>, quantity: u64) -> axum::Router {
+    axum::Router::new()
+        .route(
+            "/v1/products",
+            post(|Json(body): Json<Value>| async move { (StatusCode::CREATED, Json(body)) }),
+        )
+        .route(
+            "/v1/flash-sales",
+            post(move |Json(body): Json<Value>| async move {
+                assert_eq!(body["quantity"], quantity);
+                (StatusCode::CREATED, Json(json!({"id": "sale_stub", "quantity": quantity})))
+            }),
+        )
+        .route(
+            "/v1/flash-sales/{id}",
+            get(move |Path(id): Path<String>| async move {
+                Json(json!({"id": id, "sku": "S", "quantity": quantity, "per_user_limit": 1}))
+            }),
+        )
+        .route(
+            "/v1/flash-sales/{id}/purchase",
+            post(
+                |State(shop): State<Arc<Shop>>, headers: HeaderMap, Json(body): Json<Value>| async move {
+                    let key = headers["idempotency-key"].to_str().unwrap().to_owned();
+                    shop.keys.lock().insert(key);
+                    shop.auth_headers
+                        .lock()
+                        .insert(headers["authorization"].to_str().unwrap().to_owned());
+                    let mut orders = shop.orders.lock();
+                    let id = format!("ord_{}", orders.len());
+                    orders.push(id.clone());
+                    // It sells every request: more than it has.
+                    (
+                        StatusCode::CREATED,
+                        Json(json!({"order_id": id, "sale_id": "sale_stub", "quantity": body["quantity"], "status": "pending_payment"})),
+                    )
+                },
+            ),
+        )
+        .route(
+            "/v1/orders/{id}/pay",
+            post(|State(shop): State<Arc<Shop>>, Path(id): Path<String>| async move {
+                shop.paid_paths.lock().push(id);
+                Json(json!({"status": "paid"}))
+            }),
+        )
+        .route(
+            "/v1/orders/{id}",
+            get(|State(shop): State<Arc<Shop>>, Path(id): Path<String>| async move {
+                let n: usize = id.trim_start_matches("ord_").parse().unwrap_or(usize::MAX);
+                let known = shop.orders.lock().contains(&id) && !(shop.broken && n % 2 == 1);
+                if known {
+                    Ok(Json(json!({"order_id": id, "quantity": 1, "status": "paid"})))
+                } else {
+                    Err(StatusCode::NOT_FOUND)
+                }
+            }),
+        )
+        .route(
+            "/v1/flash-sales/{id}/audit",
+            get(move |State(shop): State<Arc<Shop>>| async move {
+                let sold = shop.orders.lock().len() as u64;
+                let held = if shop.broken { quantity } else { sold };
+                Json(json!({"quantity": quantity, "remaining": quantity.saturating_sub(held),
+                    "pending_payment": 0, "paid": held, "cancelled": 0, "expired": 0, "consistent": true}))
+            }),
+        )
+        .with_state(shop)
+}
+
+const SHOPPERS: &str = r#"
+name = "stub-shoppers"
+[load]
+rate = 200
+duration = "1s"
+[data]
+users = 200
+[setup.sale]
+quantity = 1000
+[[flows]]
+name = "buyer"
+[[flows.steps]]
+name = "purchase"
+method = "POST"
+path = "/v1/flash-sales/{{sale_id}}/purchase"
+auth = "shopper"
+headers = { Idempotency-Key = "{{run}}-{{user}}-{{iteration}}" }
+body = { quantity = 1 }
+expect = [201]
+extract = { order_id = "/order_id" }
+book = "purchase"
+[[flows.steps]]
+name = "pay"
+method = "POST"
+path = "/v1/orders/{{order_id}}/pay"
+auth = "shopper"
+expect = [200]
+book = "pay"
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn values_extracted_from_answers_feed_later_steps() {
+    let shop = Arc::new(Shop::default());
+    let base = serve(shop_router(shop.clone(), 1000)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let scenario = write_scenario(&dir, SHOPPERS);
+    let report = stampede_press::press(&args(
+        &base,
+        &[
+            "--scenario",
+            &scenario,
+            "--admin-token",
+            "adm",
+            "--jwt-secret",
+            "s3cret",
+        ],
+    ))
+    .await
+    .unwrap();
+    assert!(report.passed, "{}", report.summary());
+    // 200 sessions: each bought under its own templated key, then paid the order id
+    // the purchase answered with.
+    assert_eq!(shop.keys.lock().len(), 200);
+    let mut paid = shop.paid_paths.lock().clone();
+    paid.sort();
+    let mut ordered = shop.orders.lock().clone();
+    ordered.sort();
+    assert_eq!(paid, ordered);
+    // One minted JWT per shopper, sent as a bearer token.
+    let auth = shop.auth_headers.lock();
+    assert_eq!(auth.len(), 200);
+    assert!(auth.iter().all(|h| h.starts_with("Bearer ey")));
+    assert!(report.books.ok, "{:?}", report.books);
+    assert_eq!(report.books.acknowledged_orders, 200);
+    assert_eq!(report.books.paid_orders, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_books_check_fails_a_server_that_oversells_and_loses_orders() {
+    let shop = Arc::new(Shop {
+        broken: true,
+        ..Shop::default()
+    });
+    // Only 50 units, but the stub sells to all 200 shoppers and forgets half the orders.
+    let base = serve(shop_router(shop.clone(), 50)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let scenario = write_scenario(&dir, &SHOPPERS.replace("quantity = 1000", "quantity = 50"));
+    let report = stampede_press::press(&args(
+        &base,
+        &[
+            "--scenario",
+            &scenario,
+            "--admin-token",
+            "adm",
+            "--jwt-secret",
+            "s3cret",
+        ],
+    ))
+    .await
+    .unwrap();
+    let books = &report.books;
+    assert!(books.checked);
+    assert!(!books.ok);
+    assert_eq!(books.oversold_units, 150, "{books:?}");
+    assert_eq!(books.unknown_orders, 100, "{books:?}");
+    assert!(!report.passed, "a failed books check fails the run");
+    assert!(report.summary().contains("books: FAILED"));
+}
+
+#[tokio::test]
+async fn a_scenario_that_needs_secrets_says_so() {
+    let base = serve(axum::Router::new()).await;
+    let err = stampede_press::press(&args(&base, &["--scenario", "flash-sale"]))
+        .await
+        .expect_err("no admin token");
+    assert!(format!("{err:#}").contains("admin token"), "{err:#}");
+    let err = stampede_press::press(&args(&base, &["--scenario", "nonesuch"]))
+        .await
+        .expect_err("unknown scenario");
+    assert!(
+        format!("{err:#}").contains("no scenario `nonesuch`"),
+        "{err:#}"
+    );
+    // A server that is not there is a clear error, not a report of zeros.
+    let err = stampede_press::press(&args(
+        "http://127.0.0.1:1",
+        &["--scenario", "healthz", "--duration", "1s"],
+    ))
+    .await
+    .expect_err("nothing listens");
+    assert!(format!("{err:#}").contains("cannot connect"), "{err:#}");
+}
