@@ -660,6 +660,8 @@ async fn execute(args: &PressArgs, p: Prepared, progress: bool) -> anyhow::Resul
         .map(|(t, (interval, _))| Second {
             t,
             requests: interval.requests,
+            rps: interval.requests as f64
+                / (elapsed.min(t as f64) - (t as f64 - 1.0)).clamp(0.001, 1.0),
             errors: interval.errors,
             latency_ms: LatencyMs::of(&interval.hist),
         })

@@ -76,6 +76,9 @@ pub struct Second {
     /// End of the second, counted from the start.
     pub t: u64,
     pub requests: u64,
+    /// Requests per second over the part of this second the run covered (the last
+    /// second is usually partial).
+    pub rps: f64,
     pub errors: u64,
     pub latency_ms: LatencyMs,
 }
@@ -227,6 +230,7 @@ pub(crate) fn sample_report() -> Report {
         timeline: vec![Second {
             t: 1,
             requests: 3,
+            rps: 3.0,
             errors: 0,
             latency_ms: LatencyMs::default(),
         }],
