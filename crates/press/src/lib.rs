@@ -571,24 +571,32 @@ async fn execute(args: &PressArgs, p: Prepared, progress: bool) -> anyhow::Resul
     };
     let reporter_bar = bar.clone();
     let reporter = tokio::spawn(async move {
-        let mut seconds: BTreeMap<u64, (Interval, usize)> = BTreeMap::new();
+        // Seconds still waiting for some thread's interval; a complete second is reduced
+        // to its summary at once, so memory does not grow with histograms per second.
+        let mut pending: BTreeMap<u64, (Interval, usize)> = BTreeMap::new();
+        let mut done: BTreeMap<u64, (u64, u64, LatencyMs)> = BTreeMap::new();
         while let Some(interval) = rx.recv().await {
             let second = interval.second;
-            let entry = seconds
+            let entry = pending
                 .entry(second)
                 .or_insert_with(|| (Interval::new(second), 0));
             entry.0.merge(&interval);
             entry.1 += 1;
             if entry.1 == threads {
-                let l = LatencyMs::of(&entry.0.hist);
+                let (all, _) = pending.remove(&second).expect("just updated");
+                let l = LatencyMs::of(&all.hist);
                 reporter_bar.set_position(second.min(reporter_bar.length().unwrap_or(0)));
                 reporter_bar.set_message(format!(
                     "{} req/s  p99 {:.1} ms  errors {}",
-                    entry.0.requests, l.p99, entry.0.errors
+                    all.requests, l.p99, all.errors
                 ));
+                done.insert(second, (all.requests, all.errors, l));
             }
         }
-        seconds
+        for (second, (all, _)) in pending {
+            done.insert(second, (all.requests, all.errors, LatencyMs::of(&all.hist)));
+        }
+        done
     });
 
     let inputs = p.inputs.clone();
@@ -657,13 +665,12 @@ async fn execute(args: &PressArgs, p: Prepared, progress: bool) -> anyhow::Resul
         .collect();
     let timeline: Vec<Second> = seconds
         .into_iter()
-        .map(|(t, (interval, _))| Second {
+        .map(|(t, (requests, errors, latency_ms))| Second {
             t,
-            requests: interval.requests,
-            rps: interval.requests as f64
-                / (elapsed.min(t as f64) - (t as f64 - 1.0)).clamp(0.001, 1.0),
-            errors: interval.errors,
-            latency_ms: LatencyMs::of(&interval.hist),
+            requests,
+            rps: requests as f64 / (elapsed.min(t as f64) - (t as f64 - 1.0)).clamp(0.001, 1.0),
+            errors,
+            latency_ms,
         })
         .collect();
 
