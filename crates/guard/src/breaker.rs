@@ -1,0 +1,253 @@
+//! Circuit breaker: closed → open on slow-call ratio, error ratio or error count over a
+//! rolling window of ten buckets; open → half-open after `open_for`; half-open lets a
+//! few probes through and closes only if all of them succeed.
+
+use parking_lot::Mutex;
+use serde::Serialize;
+
+use crate::rules::BreakerRule;
+
+const BUCKETS: usize = 10;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum State {
+    Closed,
+    Open,
+    HalfOpen,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct Bucket {
+    /// Which bucket period this is (now / bucket_len), to reset stale buckets.
+    epoch: u64,
+    calls: u64,
+    errors: u64,
+    slow: u64,
+}
+
+struct Inner {
+    state: State,
+    opened_at: u64,
+    probes_in_flight: u32,
+    probes_ok: u32,
+    buckets: [Bucket; BUCKETS],
+}
+
+pub struct Breaker {
+    pub rule: BreakerRule,
+    bucket_ns: u64,
+    inner: Mutex<Inner>,
+}
+
+/// A call the breaker let through; report how it went with [`Breaker::record`].
+#[derive(Debug)]
+#[must_use]
+pub struct Call {
+    probe: bool,
+}
+
+impl Breaker {
+    pub fn new(rule: BreakerRule) -> Breaker {
+        let bucket_ns = (rule.window.as_nanos() as u64 / BUCKETS as u64).max(1);
+        Breaker {
+            rule,
+            bucket_ns,
+            inner: Mutex::new(Inner {
+                state: State::Closed,
+                opened_at: 0,
+                probes_in_flight: 0,
+                probes_ok: 0,
+                buckets: [Bucket::default(); BUCKETS],
+            }),
+        }
+    }
+
+    pub fn state(&self, now: u64) -> State {
+        let mut inner = self.inner.lock();
+        self.advance(&mut inner, now);
+        inner.state
+    }
+
+    fn advance(&self, inner: &mut Inner, now: u64) {
+        if inner.state == State::Open
+            && now.saturating_sub(inner.opened_at) >= self.rule.open_for.as_nanos() as u64
+        {
+            inner.state = State::HalfOpen;
+            inner.probes_in_flight = 0;
+            inner.probes_ok = 0;
+        }
+    }
+
+    /// Lets a call through, or says how long until the breaker may let one through.
+    pub fn try_call(&self, now: u64) -> Result<Call, u64> {
+        let mut inner = self.inner.lock();
+        self.advance(&mut inner, now);
+        match inner.state {
+            State::Closed => Ok(Call { probe: false }),
+            State::Open => {
+                let until = inner.opened_at + self.rule.open_for.as_nanos() as u64;
+                Err(until.saturating_sub(now).max(1))
+            }
+            State::HalfOpen => {
+                if inner.probes_in_flight + inner.probes_ok < self.rule.half_open_probes {
+                    inner.probes_in_flight += 1;
+                    Ok(Call { probe: true })
+                } else {
+                    Err(self.bucket_ns)
+                }
+            }
+        }
+    }
+
+    /// Records a finished call: `ok` false for an error or timeout, `rt_ns` its time.
+    pub fn record(&self, call: Call, now: u64, ok: bool, rt_ns: u64) {
+        let slow = rt_ns >= self.rule.slow_call.as_nanos() as u64;
+        let mut inner = self.inner.lock();
+        let epoch = now / self.bucket_ns;
+        let b = &mut inner.buckets[(epoch % BUCKETS as u64) as usize];
+        if b.epoch != epoch {
+            *b = Bucket {
+                epoch,
+                ..Bucket::default()
+            };
+        }
+        b.calls += 1;
+        b.errors += u64::from(!ok);
+        b.slow += u64::from(slow);
+        if call.probe {
+            inner.probes_in_flight = inner.probes_in_flight.saturating_sub(1);
+            if inner.state == State::HalfOpen {
+                if ok && !slow {
+                    inner.probes_ok += 1;
+                    if inner.probes_ok >= self.rule.half_open_probes {
+                        inner.state = State::Closed;
+                        inner.buckets = [Bucket::default(); BUCKETS];
+                    }
+                } else {
+                    inner.state = State::Open;
+                    inner.opened_at = now;
+                }
+            }
+            return;
+        }
+        if inner.state != State::Closed {
+            return;
+        }
+        // Totals over the buckets still inside the window.
+        let oldest = epoch.saturating_sub(BUCKETS as u64 - 1);
+        let (mut calls, mut errors, mut slows) = (0, 0, 0);
+        for b in inner.buckets.iter().filter(|b| b.epoch >= oldest && b.calls > 0) {
+            calls += b.calls;
+            errors += b.errors;
+            slows += b.slow;
+        }
+        let r = &self.rule;
+        let by_count = r.error_count.is_some_and(|n| errors >= n);
+        let enough = calls >= r.min_calls.max(1);
+        let by_error = enough && r.error_ratio.is_some_and(|x| errors as f64 >= x * calls as f64);
+        let by_slow = enough && r.slow_ratio.is_some_and(|x| slows as f64 >= x * calls as f64);
+        if by_count || by_error || by_slow {
+            inner.state = State::Open;
+            inner.opened_at = now;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    const MS: u64 = 1_000_000;
+
+    fn rule() -> BreakerRule {
+        BreakerRule {
+            name: "payment".into(),
+            slow_call: Duration::from_millis(100),
+            slow_ratio: Some(0.5),
+            error_ratio: Some(0.5),
+            error_count: None,
+            min_calls: 10,
+            window: Duration::from_secs(1),
+            open_for: Duration::from_millis(500),
+            half_open_probes: 2,
+        }
+    }
+
+    fn call(b: &Breaker, now: u64, ok: bool, rt: u64) {
+        let c = b.try_call(now).expect("let through");
+        b.record(c, now, ok, rt);
+    }
+
+    #[test]
+    fn errors_open_it_probes_close_it() {
+        let b = Breaker::new(rule());
+        // Nine failures are below min_calls: still closed.
+        for i in 0..9 {
+            call(&b, i * MS, false, MS);
+        }
+        assert_eq!(b.state(10 * MS), State::Closed);
+        call(&b, 10 * MS, false, MS);
+        assert_eq!(b.state(10 * MS), State::Open);
+        // Open: refused at once, with the time left.
+        assert_eq!(b.try_call(20 * MS).unwrap_err(), 490 * MS);
+        // After open_for: half-open, two probes and no more.
+        let p1 = b.try_call(510 * MS).unwrap();
+        let p2 = b.try_call(510 * MS).unwrap();
+        assert!(b.try_call(510 * MS).is_err());
+        assert_eq!(b.state(510 * MS), State::HalfOpen);
+        b.record(p1, 520 * MS, true, MS);
+        b.record(p2, 520 * MS, true, MS);
+        assert_eq!(b.state(520 * MS), State::Closed);
+        // Closed again with a clean window.
+        call(&b, 530 * MS, false, MS);
+        assert_eq!(b.state(530 * MS), State::Closed);
+    }
+
+    #[test]
+    fn a_failed_probe_opens_it_again() {
+        let b = Breaker::new(rule());
+        for i in 0..10 {
+            call(&b, i * MS, false, MS);
+        }
+        let p = b.try_call(600 * MS).unwrap();
+        b.record(p, 610 * MS, false, MS);
+        assert_eq!(b.state(610 * MS), State::Open);
+        assert!(b.try_call(700 * MS).is_err());
+        assert!(b.try_call(1_200 * MS).is_ok());
+    }
+
+    #[test]
+    fn slow_calls_open_it_and_old_buckets_do_not_count() {
+        let b = Breaker::new(rule());
+        // Slow calls spread over more than the window never reach the ratio at once.
+        for i in 0..6 {
+            call(&b, i * 400 * MS, true, 200 * MS);
+            for j in 1..=2 {
+                call(&b, i * 400 * MS + j * MS, true, MS);
+            }
+        }
+        assert_eq!(b.state(2_400 * MS), State::Closed);
+        for i in 0..10 {
+            call(&b, 3_000 * MS + i * MS, true, 150 * MS);
+        }
+        assert_eq!(b.state(3_010 * MS), State::Open);
+    }
+
+    #[test]
+    fn an_error_count_opens_it_without_a_ratio() {
+        let mut r = rule();
+        r.error_ratio = None;
+        r.slow_ratio = None;
+        r.error_count = Some(3);
+        let b = Breaker::new(r);
+        for i in 0..50 {
+            call(&b, i * MS, true, MS);
+        }
+        for i in 0..3 {
+            call(&b, (60 + i) * MS, false, MS);
+        }
+        assert_eq!(b.state(70 * MS), State::Open);
+    }
+}

@@ -1,0 +1,818 @@
+//! Traffic protection that knows what a shop is for.
+//!
+//! The [`Guard`] decides, per request and without I/O: is this request class switched
+//! off, is the process past its safe concurrency (priority-scaled, so stats and browse
+//! go before purchase and pay), does the resource's flow rule let it through (reject,
+//! warm-up or pacing; concurrency), and, once the caller knows the shopper or sale, is
+//! that key over its own limit. Outbound calls go through circuit breakers. The HTTP
+//! side (status codes, `Retry-After`, JSON) belongs to the API crate.
+
+pub mod breaker;
+pub mod gcra;
+pub mod hot;
+pub mod rules;
+
+use std::collections::HashMap;
+use std::hash::{BuildHasher, Hash, Hasher};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
+
+use parking_lot::RwLock;
+use serde::Serialize;
+
+pub use breaker::{Breaker, Call, State as BreakerState};
+pub use rules::{Behavior, BreakerRule, Class, FlowRule, GuardRules, HotRule, Param, RuleError};
+
+use gcra::{Gcra, interval_ns};
+use hot::HotTable;
+
+/// Slots per hot-parameter rule: 2^18 × 16 bytes = 4 MiB, allocated once.
+pub const HOT_SLOTS: usize = 1 << 18;
+
+/// Why a request was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Rejection {
+    /// A flow or hot-parameter rule (429 `throttled`).
+    Throttled { rule: String, retry_after: Duration },
+    /// System protection (503 `overloaded`).
+    Overloaded { retry_after: Duration },
+    /// The request's class is switched off (503 `degraded`).
+    Degraded { class: Class },
+    /// The dependency's breaker is open (503 `circuit_open`).
+    CircuitOpen { name: String, retry_after: Duration },
+}
+
+impl Rejection {
+    pub fn reason(&self) -> Reason {
+        match self {
+            Rejection::Throttled { .. } => Reason::Throttled,
+            Rejection::Overloaded { .. } => Reason::Overloaded,
+            Rejection::Degraded { .. } => Reason::Degraded,
+            Rejection::CircuitOpen { .. } => Reason::CircuitOpen,
+        }
+    }
+
+    pub fn retry_after(&self) -> Duration {
+        match self {
+            Rejection::Throttled { retry_after, .. }
+            | Rejection::Overloaded { retry_after }
+            | Rejection::CircuitOpen { retry_after, .. } => *retry_after,
+            Rejection::Degraded { .. } => Duration::from_secs(5),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Reason {
+    Throttled,
+    Overloaded,
+    Degraded,
+    CircuitOpen,
+}
+
+const REASONS: [Reason; 4] = [
+    Reason::Throttled,
+    Reason::Overloaded,
+    Reason::Degraded,
+    Reason::CircuitOpen,
+];
+
+impl Reason {
+    pub fn name(self) -> &'static str {
+        match self {
+            Reason::Throttled => "throttled",
+            Reason::Overloaded => "overloaded",
+            Reason::Degraded => "degraded",
+            Reason::CircuitOpen => "circuit_open",
+        }
+    }
+}
+
+// ---- per-resource counters -------------------------------------------------------------
+
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub passed: AtomicU64,
+    pub blocked: [AtomicU64; 4],
+    /// Dry run: would have been blocked.
+    pub would_block: AtomicU64,
+    pub errors: AtomicU64,
+    pub completed: AtomicU64,
+    pub rt_ns: AtomicU64,
+}
+
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct CounterValues {
+    pub passed: u64,
+    pub blocked_throttled: u64,
+    pub blocked_overloaded: u64,
+    pub blocked_degraded: u64,
+    pub blocked_circuit_open: u64,
+    pub would_block: u64,
+    pub errors: u64,
+    pub completed: u64,
+    pub rt_ns: u64,
+}
+
+impl Counters {
+    fn values(&self) -> CounterValues {
+        let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        CounterValues {
+            passed: l(&self.passed),
+            blocked_throttled: l(&self.blocked[0]),
+            blocked_overloaded: l(&self.blocked[1]),
+            blocked_degraded: l(&self.blocked[2]),
+            blocked_circuit_open: l(&self.blocked[3]),
+            would_block: l(&self.would_block),
+            errors: l(&self.errors),
+            completed: l(&self.completed),
+            rt_ns: l(&self.rt_ns),
+        }
+    }
+}
+
+/// One resource in the last whole second.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct SecondView {
+    pub passed: u64,
+    pub blocked: HashMap<&'static str, u64>,
+    pub would_block: u64,
+    pub errors: u64,
+    pub avg_rt_ms: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ResourceStats {
+    pub resource: String,
+    pub last_second: SecondView,
+    pub total: CounterValues,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct GuardStats {
+    pub version: u64,
+    pub dry_run: bool,
+    pub inflight: u64,
+    /// Process CPU as a share of the machine's cores, sampled every 100 ms.
+    pub cpu: f64,
+    /// The BBR estimate of safe requests in flight (max completions/s × min mean RT).
+    pub bbr_limit: f64,
+    pub degraded: Vec<Class>,
+    pub breakers: Vec<(String, BreakerState)>,
+    pub hot_evictions: u64,
+    /// Bytes held by hot-parameter tables (fixed).
+    pub hot_memory_bytes: usize,
+    pub resources: Vec<ResourceStats>,
+}
+
+// ---- compiled rules --------------------------------------------------------------------
+
+struct Flow {
+    rule: FlowRule,
+    gcra: Gcra,
+    inflight: AtomicU64,
+    warm_start: AtomicU64,
+    last_pass: AtomicU64,
+}
+
+struct Hot {
+    rule: HotRule,
+    table: HotTable,
+}
+
+struct Compiled {
+    rules: GuardRules,
+    flows: HashMap<String, Flow>,
+    hot: HashMap<String, Vec<Hot>>,
+    breakers: HashMap<String, Arc<Breaker>>,
+}
+
+impl Compiled {
+    fn new(rules: GuardRules) -> Compiled {
+        let flows = rules
+            .flow
+            .iter()
+            .map(|r| {
+                (
+                    r.resource.clone(),
+                    Flow {
+                        rule: r.clone(),
+                        gcra: Gcra::new(),
+                        inflight: AtomicU64::new(0),
+                        warm_start: AtomicU64::new(0),
+                        last_pass: AtomicU64::new(0),
+                    },
+                )
+            })
+            .collect();
+        let mut hot: HashMap<String, Vec<Hot>> = HashMap::new();
+        for r in &rules.hot {
+            hot.entry(r.resource.clone()).or_default().push(Hot {
+                rule: r.clone(),
+                table: HotTable::new(HOT_SLOTS),
+            });
+        }
+        let breakers = rules
+            .breakers
+            .iter()
+            .map(|r| (r.name.clone(), Arc::new(Breaker::new(r.clone()))))
+            .collect();
+        Compiled {
+            rules,
+            flows,
+            hot,
+            breakers,
+        }
+    }
+}
+
+// ---- system protection -----------------------------------------------------------------
+
+const SYS_BUCKETS: usize = 10;
+const SYS_BUCKET_NS: u64 = 100_000_000;
+
+#[derive(Default)]
+struct SysBucket {
+    epoch: AtomicU64,
+    count: AtomicU64,
+    rt_sum: AtomicU64,
+}
+
+#[derive(Default)]
+struct System {
+    inflight: AtomicU64,
+    buckets: [SysBucket; SYS_BUCKETS],
+}
+
+impl System {
+    fn record(&self, now: u64, rt: u64) {
+        let epoch = now / SYS_BUCKET_NS;
+        let b = &self.buckets[(epoch % SYS_BUCKETS as u64) as usize];
+        let seen = b.epoch.load(Ordering::Relaxed);
+        if seen != epoch
+            && b.epoch
+                .compare_exchange(seen, epoch, Ordering::AcqRel, Ordering::Relaxed)
+                .is_ok()
+        {
+            b.count.store(0, Ordering::Relaxed);
+            b.rt_sum.store(0, Ordering::Relaxed);
+        }
+        b.count.fetch_add(1, Ordering::Relaxed);
+        b.rt_sum.fetch_add(rt, Ordering::Relaxed);
+    }
+
+    /// max completions per second × min mean response time, over the last second.
+    fn bbr_limit(&self, now: u64) -> f64 {
+        let epoch = now / SYS_BUCKET_NS;
+        let mut max_qps: f64 = 0.0;
+        let mut min_rt = f64::MAX;
+        for b in &self.buckets {
+            let e = b.epoch.load(Ordering::Relaxed);
+            // Whole buckets of the last second only.
+            if e + SYS_BUCKETS as u64 <= epoch || e == epoch {
+                continue;
+            }
+            let count = b.count.load(Ordering::Relaxed);
+            if count == 0 {
+                continue;
+            }
+            max_qps = max_qps.max(count as f64 / (SYS_BUCKET_NS as f64 / 1e9));
+            min_rt = min_rt.min(b.rt_sum.load(Ordering::Relaxed) as f64 / count as f64 / 1e9);
+        }
+        if min_rt == f64::MAX {
+            return f64::MAX;
+        }
+        (max_qps * min_rt).max(MIN_BBR_LIMIT)
+    }
+}
+
+/// The BBR estimate never goes below this many requests in flight.
+pub const MIN_BBR_LIMIT: f64 = 16.0;
+
+// ---- the guard -------------------------------------------------------------------------
+
+pub struct Guard {
+    base: Instant,
+    compiled: RwLock<Arc<Compiled>>,
+    counters: RwLock<HashMap<String, Arc<Counters>>>,
+    last_second: RwLock<HashMap<String, SecondView>>,
+    system: System,
+    /// f64 bits: process CPU as a share of the machine's cores.
+    cpu: AtomicU64,
+    /// Set by `pin_cpu`: the sampler leaves the CPU figure alone.
+    cpu_pinned: AtomicBool,
+    /// Set by system-protection refusals, cleared by the sampler once a second.
+    pressure_seen: AtomicBool,
+    auto_degraded: AtomicBool,
+    hasher: foldhash::fast::FixedState,
+}
+
+/// A request the guard let through. Dropping it marks the request finished.
+#[must_use]
+pub struct Admission {
+    guard: Arc<Guard>,
+    compiled: Arc<Compiled>,
+    counters: Arc<Counters>,
+    resource: Option<String>,
+    start: u64,
+    /// Pacing: send after this long.
+    pub wait: Duration,
+    error: bool,
+}
+
+impl Admission {
+    /// Marks the request as failed (a 5xx), for the error counts.
+    pub fn failed(&mut self) {
+        self.error = true;
+    }
+}
+
+impl Drop for Admission {
+    fn drop(&mut self) {
+        let now = self.guard.now();
+        let rt = now.saturating_sub(self.start);
+        self.guard.system.inflight.fetch_sub(1, Ordering::Relaxed);
+        self.guard.system.record(now, rt);
+        if let Some(flow) = self.resource.as_ref().and_then(|r| self.compiled.flows.get(r)) {
+            if flow.rule.max_concurrency.is_some() {
+                flow.inflight.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+        self.counters.completed.fetch_add(1, Ordering::Relaxed);
+        self.counters.rt_ns.fetch_add(rt, Ordering::Relaxed);
+        if self.error {
+            self.counters.errors.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// An outbound call the breaker let through.
+#[must_use]
+pub struct Outbound {
+    breaker: Arc<Breaker>,
+    call: Option<Call>,
+    start: u64,
+    guard: Arc<Guard>,
+}
+
+impl Outbound {
+    /// Reports the call's result to its breaker.
+    pub fn finish(mut self, ok: bool) {
+        let now = self.guard.now();
+        if let Some(call) = self.call.take() {
+            self.breaker
+                .record(call, now, ok, now.saturating_sub(self.start));
+        }
+    }
+}
+
+impl Drop for Outbound {
+    fn drop(&mut self) {
+        // Dropped without a result (the caller gave up): count it as failed.
+        if let Some(call) = self.call.take() {
+            let now = self.guard.now();
+            self.breaker
+                .record(call, now, false, now.saturating_sub(self.start));
+        }
+    }
+}
+
+impl Guard {
+    /// A guard with these rules (validated) and its sampler thread (CPU every 100 ms,
+    /// per-second views, automatic degradation). The thread ends with the guard.
+    pub fn new(rules: GuardRules) -> Result<Arc<Guard>, Vec<RuleError>> {
+        rules.validate()?;
+        let guard = Arc::new(Guard {
+            base: Instant::now(),
+            compiled: RwLock::new(Arc::new(Compiled::new(rules))),
+            counters: RwLock::new(HashMap::new()),
+            last_second: RwLock::new(HashMap::new()),
+            system: System::default(),
+            cpu: AtomicU64::new(0f64.to_bits()),
+            cpu_pinned: AtomicBool::new(false),
+            pressure_seen: AtomicBool::new(false),
+            auto_degraded: AtomicBool::new(false),
+            hasher: foldhash::fast::FixedState::with_seed(0x5ca1ab1e),
+        });
+        let weak = Arc::downgrade(&guard);
+        std::thread::Builder::new()
+            .name("guard-sampler".into())
+            .spawn(move || sampler(weak))
+            .expect("spawn the guard sampler");
+        Ok(guard)
+    }
+
+    /// Nanoseconds on the guard's clock (starts at 1 s so that 0 means "never").
+    pub fn now(&self) -> u64 {
+        self.base.elapsed().as_nanos() as u64 + 1_000_000_000
+    }
+
+    pub fn rules(&self) -> GuardRules {
+        self.compiled.read().rules.clone()
+    }
+
+    /// Replaces the rules if `rules.version` is the current version + 1. Limiter state
+    /// starts fresh; counters carry on.
+    pub fn replace(&self, rules: GuardRules) -> Result<u64, Vec<RuleError>> {
+        rules.validate()?;
+        let mut compiled = self.compiled.write();
+        let current = compiled.rules.version;
+        if rules.version != current + 1 {
+            return Err(vec![RuleError {
+                field: "version".into(),
+                message: format!("must be {} (the current version is {current})", current + 1),
+            }]);
+        }
+        let version = rules.version;
+        *compiled = Arc::new(Compiled::new(rules));
+        Ok(version)
+    }
+
+    fn counters_for(&self, resource: &str) -> Arc<Counters> {
+        if let Some(c) = self.counters.read().get(resource) {
+            return c.clone();
+        }
+        self.counters
+            .write()
+            .entry(resource.to_owned())
+            .or_default()
+            .clone()
+    }
+
+    pub fn cpu(&self) -> f64 {
+        f64::from_bits(self.cpu.load(Ordering::Relaxed))
+    }
+
+    /// For tests and benchmarks: pretend the process uses this share of the cores
+    /// from now on (the sampler stops measuring).
+    pub fn pin_cpu(&self, share: f64) {
+        self.cpu_pinned.store(true, Ordering::Relaxed);
+        self.cpu.store(share.to_bits(), Ordering::Relaxed);
+    }
+
+    pub fn inflight(&self) -> u64 {
+        self.system.inflight.load(Ordering::Relaxed)
+    }
+
+    fn degraded(&self, compiled: &Compiled, class: Class) -> bool {
+        compiled.rules.degraded.contains(&class)
+            || (self.auto_degraded.load(Ordering::Relaxed)
+                && matches!(class, Class::Browse | Class::Stats))
+    }
+
+    /// Decides one request of `resource` in `class`.
+    pub fn admit(self: &Arc<Self>, resource: &str, class: Class) -> Result<Admission, Rejection> {
+        let now = self.now();
+        let compiled = self.compiled.read().clone();
+        let counters = self.counters_for(resource);
+        let dry_run = compiled.rules.dry_run;
+        let refuse = |rejection: Rejection, rule_dry_run: bool| -> Option<Rejection> {
+            if dry_run || rule_dry_run {
+                counters.would_block.fetch_add(1, Ordering::Relaxed);
+                None
+            } else {
+                counters.blocked[rejection.reason() as usize].fetch_add(1, Ordering::Relaxed);
+                Some(rejection)
+            }
+        };
+
+        if self.degraded(&compiled, class) {
+            if let Some(r) = refuse(Rejection::Degraded { class }, false) {
+                return Err(r);
+            }
+        }
+
+        // System protection, scaled by the class's share.
+        let inflight = self.system.inflight.load(Ordering::Relaxed);
+        let sys = &compiled.rules.system;
+        let share = sys.class_shares[class.index()];
+        let mut over = sys
+            .max_inflight
+            .is_some_and(|max| inflight as f64 >= max as f64 * share);
+        if !over {
+            if let Some(threshold) = sys.cpu_threshold {
+                if self.cpu() >= threshold {
+                    over = inflight as f64 >= self.system.bbr_limit(now) * share;
+                }
+            }
+        }
+        if over {
+            self.pressure_seen.store(true, Ordering::Relaxed);
+            if let Some(r) = refuse(
+                Rejection::Overloaded {
+                    retry_after: Duration::from_secs(1),
+                },
+                false,
+            ) {
+                return Err(r);
+            }
+        }
+
+        // The resource's flow rule.
+        let mut wait = Duration::ZERO;
+        let flow = compiled.flows.get(resource);
+        let mut holds_concurrency = false;
+        if let Some(flow) = flow {
+            let rule = &flow.rule;
+            if let Some(max) = rule.max_concurrency {
+                let current = flow.inflight.fetch_add(1, Ordering::Relaxed);
+                holds_concurrency = true;
+                if current >= u64::from(max) {
+                    flow.inflight.fetch_sub(1, Ordering::Relaxed);
+                    holds_concurrency = false;
+                    if let Some(r) = refuse(
+                        Rejection::Throttled {
+                            rule: format!("flow:{resource}:concurrency"),
+                            retry_after: Duration::from_millis(100),
+                        },
+                        rule.dry_run,
+                    ) {
+                        return Err(r);
+                    }
+                }
+            }
+            if let Some(qps) = rule.qps {
+                let verdict = match &rule.behavior {
+                    Behavior::Reject => flow.gcra.try_admit(now, interval_ns(qps), rule.burst).map(|_| 0),
+                    Behavior::WarmUp {
+                        cold_factor,
+                        period,
+                    } => {
+                        let period = period.as_nanos() as u64;
+                        let last = flow.last_pass.load(Ordering::Relaxed);
+                        if last == 0 || now.saturating_sub(last) > period {
+                            flow.warm_start.store(now, Ordering::Relaxed);
+                        }
+                        let warm = flow.warm_start.load(Ordering::Relaxed);
+                        let progress = (now.saturating_sub(warm) as f64 / period as f64).min(1.0);
+                        let cold = qps / cold_factor;
+                        let rate = cold + (qps - cold) * progress;
+                        let result = flow.gcra.try_admit(now, interval_ns(rate), rule.burst).map(|_| 0);
+                        if result.is_ok() {
+                            flow.last_pass.store(now, Ordering::Relaxed);
+                        }
+                        result
+                    }
+                    Behavior::Pace { max_queue } => {
+                        flow.gcra
+                            .reserve(now, interval_ns(qps), max_queue.as_nanos() as u64)
+                    }
+                };
+                match verdict {
+                    Ok(w) => wait = Duration::from_nanos(w),
+                    Err(retry) => {
+                        if let Some(r) = refuse(
+                            Rejection::Throttled {
+                                rule: format!("flow:{resource}"),
+                                retry_after: Duration::from_nanos(retry),
+                            },
+                            rule.dry_run,
+                        ) {
+                            if holds_concurrency {
+                                flow.inflight.fetch_sub(1, Ordering::Relaxed);
+                            }
+                            return Err(r);
+                        }
+                    }
+                }
+            }
+        }
+
+        counters.passed.fetch_add(1, Ordering::Relaxed);
+        self.system.inflight.fetch_add(1, Ordering::Relaxed);
+        if flow.is_some_and(|f| f.rule.max_concurrency.is_some()) && !holds_concurrency {
+            // Dry run let an over-limit request through: keep the count balanced.
+            flow.expect("checked").inflight.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(Admission {
+            guard: self.clone(),
+            counters,
+            resource: flow.map(|_| resource.to_owned()),
+            compiled,
+            start: now,
+            wait,
+            error: false,
+        })
+    }
+
+    /// Checks the hot-parameter rules of `resource` for `param` = `key`.
+    pub fn check_hot(&self, resource: &str, param: Param, key: &str) -> Result<(), Rejection> {
+        let compiled = self.compiled.read().clone();
+        let Some(rules) = compiled.hot.get(resource) else {
+            return Ok(());
+        };
+        let now = self.now();
+        let mut hasher = self.hasher.build_hasher();
+        key.hash(&mut hasher);
+        let hash = hasher.finish();
+        for hot in rules.iter().filter(|h| h.rule.param == param) {
+            if let Err(retry) =
+                hot.table
+                    .try_admit(hash, now, interval_ns(hot.rule.qps), hot.rule.burst)
+            {
+                let counters = self.counters_for(&format!("hot:{}", hot.rule.name));
+                if compiled.rules.dry_run || hot.rule.dry_run {
+                    counters.would_block.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                }
+                counters.blocked[0].fetch_add(1, Ordering::Relaxed);
+                return Err(Rejection::Throttled {
+                    rule: format!("hot:{}", hot.rule.name),
+                    retry_after: Duration::from_nanos(retry),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Asks the breaker of `dependency` for a call. Without a breaker for it, always yes.
+    pub fn outbound(self: &Arc<Self>, dependency: &str) -> Result<Option<Outbound>, Rejection> {
+        let compiled = self.compiled.read().clone();
+        let Some(breaker) = compiled.breakers.get(dependency).cloned() else {
+            return Ok(None);
+        };
+        let now = self.now();
+        let counters = self.counters_for(&format!("outbound:{dependency}"));
+        match breaker.try_call(now) {
+            Ok(call) => {
+                counters.passed.fetch_add(1, Ordering::Relaxed);
+                Ok(Some(Outbound {
+                    breaker,
+                    call: Some(call),
+                    start: now,
+                    guard: self.clone(),
+                }))
+            }
+            Err(retry) => {
+                counters.blocked[3].fetch_add(1, Ordering::Relaxed);
+                Err(Rejection::CircuitOpen {
+                    name: dependency.to_owned(),
+                    retry_after: Duration::from_nanos(retry),
+                })
+            }
+        }
+    }
+
+    pub fn stats(&self) -> GuardStats {
+        let compiled = self.compiled.read().clone();
+        let now = self.now();
+        let last = self.last_second.read();
+        let mut resources: Vec<ResourceStats> = self
+            .counters
+            .read()
+            .iter()
+            .map(|(name, c)| ResourceStats {
+                resource: name.clone(),
+                last_second: last.get(name).cloned().unwrap_or_default(),
+                total: c.values(),
+            })
+            .collect();
+        resources.sort_by(|a, b| a.resource.cmp(&b.resource));
+        let mut degraded: Vec<Class> = Class::ALL
+            .into_iter()
+            .filter(|c| self.degraded(&compiled, *c))
+            .collect();
+        degraded.dedup();
+        let mut breakers: Vec<(String, BreakerState)> = compiled
+            .breakers
+            .iter()
+            .map(|(n, b)| (n.clone(), b.state(now)))
+            .collect();
+        breakers.sort_by(|a, b| a.0.cmp(&b.0));
+        let hot_tables = compiled.hot.values().flatten();
+        GuardStats {
+            version: compiled.rules.version,
+            dry_run: compiled.rules.dry_run,
+            inflight: self.inflight(),
+            cpu: self.cpu(),
+            bbr_limit: match self.system.bbr_limit(now) {
+                f if f == f64::MAX => 0.0,
+                f => f,
+            },
+            degraded,
+            breakers,
+            hot_evictions: hot_tables
+                .clone()
+                .map(|h| h.table.evictions.load(Ordering::Relaxed))
+                .sum(),
+            hot_memory_bytes: hot_tables.map(|h| h.table.memory_bytes()).sum(),
+            resources,
+        }
+    }
+
+    /// Writes the counters into the `metrics` registry (call before rendering
+    /// `/metrics`): `stampede_guard_passed_total{resource}`,
+    /// `stampede_guard_blocked_total{resource,reason}`, `stampede_guard_would_block_total`,
+    /// `stampede_guard_errors_total`, `stampede_guard_rt_seconds_total`, and gauges.
+    pub fn export_metrics(&self) {
+        for (name, c) in self.counters.read().iter() {
+            let v = c.values();
+            let r = name.clone();
+            metrics::counter!("stampede_guard_passed_total", "resource" => r.clone()).absolute(v.passed);
+            for (reason, n) in REASONS.iter().zip([
+                v.blocked_throttled,
+                v.blocked_overloaded,
+                v.blocked_degraded,
+                v.blocked_circuit_open,
+            ]) {
+                metrics::counter!("stampede_guard_blocked_total", "resource" => r.clone(), "reason" => reason.name())
+                    .absolute(n);
+            }
+            metrics::counter!("stampede_guard_would_block_total", "resource" => r.clone()).absolute(v.would_block);
+            metrics::counter!("stampede_guard_errors_total", "resource" => r.clone()).absolute(v.errors);
+            metrics::gauge!("stampede_guard_rt_seconds_total", "resource" => r).set(v.rt_ns as f64 / 1e9);
+        }
+        metrics::gauge!("stampede_guard_inflight").set(self.inflight() as f64);
+        metrics::gauge!("stampede_guard_cpu_share").set(self.cpu());
+        metrics::gauge!("stampede_guard_rules_version").set(self.compiled.read().rules.version as f64);
+    }
+}
+
+/// CPU every 100 ms, per-second views, and automatic degradation. Ends when the guard
+/// is dropped.
+fn sampler(guard: Weak<Guard>) {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+    let mut last_cpu = cpu_time::ProcessTime::now();
+    let mut last_wall = Instant::now();
+    let mut previous: HashMap<String, CounterValues> = HashMap::new();
+    let mut tick = 0u64;
+    let mut pressure_for = 0u64;
+    let mut calm_for = 0u64;
+    loop {
+        std::thread::sleep(Duration::from_millis(100));
+        let Some(guard) = guard.upgrade() else {
+            return;
+        };
+        let cpu = cpu_time::ProcessTime::now();
+        let wall = Instant::now();
+        let used = cpu.duration_since(last_cpu).as_secs_f64();
+        let elapsed = wall.duration_since(last_wall).as_secs_f64().max(1e-3);
+        if !guard.cpu_pinned.load(Ordering::Relaxed) {
+            let share = (used / elapsed / cores).min(1.0);
+            guard.cpu.store(share.to_bits(), Ordering::Relaxed);
+        }
+        last_cpu = cpu;
+        last_wall = wall;
+        tick += 1;
+        if tick % 10 != 0 {
+            continue;
+        }
+        // Once a second: the per-resource view of the last second.
+        let mut views = HashMap::new();
+        for (name, c) in guard.counters.read().iter() {
+            let now = c.values();
+            let before = previous.get(name).copied().unwrap_or_default();
+            let completed = now.completed - before.completed;
+            let mut blocked = HashMap::new();
+            for (reason, (a, b)) in REASONS.iter().zip([
+                (now.blocked_throttled, before.blocked_throttled),
+                (now.blocked_overloaded, before.blocked_overloaded),
+                (now.blocked_degraded, before.blocked_degraded),
+                (now.blocked_circuit_open, before.blocked_circuit_open),
+            ]) {
+                if a > b {
+                    blocked.insert(reason.name(), a - b);
+                }
+            }
+            views.insert(
+                name.clone(),
+                SecondView {
+                    passed: now.passed - before.passed,
+                    blocked,
+                    would_block: now.would_block - before.would_block,
+                    errors: now.errors - before.errors,
+                    avg_rt_ms: if completed > 0 {
+                        (now.rt_ns - before.rt_ns) as f64 / completed as f64 / 1e6
+                    } else {
+                        0.0
+                    },
+                },
+            );
+            previous.insert(name.clone(), now);
+        }
+        *guard.last_second.write() = views;
+        // Automatic degradation of browse and stats under sustained pressure.
+        let after = guard.compiled.read().rules.system.auto_degrade_after;
+        let pressure = guard.pressure_seen.swap(false, Ordering::Relaxed);
+        if pressure {
+            pressure_for += 1;
+            calm_for = 0;
+        } else {
+            calm_for += 1;
+            pressure_for = 0;
+        }
+        match after {
+            Some(after) => {
+                let secs = after.as_secs().max(1);
+                if pressure_for >= secs {
+                    guard.auto_degraded.store(true, Ordering::Relaxed);
+                } else if calm_for >= secs {
+                    guard.auto_degraded.store(false, Ordering::Relaxed);
+                }
+            }
+            None => guard.auto_degraded.store(false, Ordering::Relaxed),
+        }
+    }
+}

@@ -1,0 +1,440 @@
+//! The rules, as written in the config file and sent to the admin API, and their
+//! validation. Every error names the field it is about.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// Request classes, most important first. Under pressure the last are shed first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Class {
+    Pay,
+    Purchase,
+    Browse,
+    Stats,
+}
+
+impl Class {
+    pub const ALL: [Class; 4] = [Class::Pay, Class::Purchase, Class::Browse, Class::Stats];
+
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Class::Pay => "pay",
+            Class::Purchase => "purchase",
+            Class::Browse => "browse",
+            Class::Stats => "stats",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GuardRules {
+    /// Bumped on every accepted change; a change must name the version it replaces.
+    #[serde(default)]
+    pub version: u64,
+    /// Log and count what would be blocked, block nothing.
+    #[serde(default)]
+    pub dry_run: bool,
+    #[serde(default)]
+    pub flow: Vec<FlowRule>,
+    #[serde(default = "default_hot")]
+    pub hot: Vec<HotRule>,
+    #[serde(default = "default_breakers")]
+    pub breakers: Vec<BreakerRule>,
+    #[serde(default)]
+    pub system: SystemRule,
+    /// Classes switched off by hand (they answer 503 `degraded`).
+    #[serde(default)]
+    pub degraded: Vec<Class>,
+}
+
+impl Default for GuardRules {
+    fn default() -> Self {
+        GuardRules {
+            version: 0,
+            dry_run: false,
+            flow: Vec::new(),
+            hot: default_hot(),
+            breakers: default_breakers(),
+            system: SystemRule::default(),
+            degraded: Vec::new(),
+        }
+    }
+}
+
+/// The shipped default: one shopper may attempt at most 10 purchases per second with a
+/// burst of 20. Scalpers get 429s; people never notice.
+pub fn default_hot() -> Vec<HotRule> {
+    vec![HotRule {
+        name: "purchase_per_shopper".into(),
+        resource: "purchase".into(),
+        param: Param::Shopper,
+        qps: 10.0,
+        burst: 20,
+        dry_run: false,
+    }]
+}
+
+/// The shipped default breaker on the payment provider.
+pub fn default_breakers() -> Vec<BreakerRule> {
+    vec![BreakerRule::payment_default()]
+}
+
+/// QPS and concurrency for one resource (a route such as `purchase`, or a named one).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FlowRule {
+    pub resource: String,
+    pub qps: Option<f64>,
+    #[serde(default = "one")]
+    pub burst: u32,
+    #[serde(default)]
+    pub behavior: Behavior,
+    /// Requests of this resource in flight at most.
+    pub max_concurrency: Option<u32>,
+    #[serde(default)]
+    pub dry_run: bool,
+}
+
+fn one() -> u32 {
+    1
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Behavior {
+    /// Over the rate: 429 at once.
+    #[default]
+    Reject,
+    /// After an idle spell the rate starts at qps / cold_factor and rises linearly to
+    /// qps over `period`, so a cold cache is not hit with the full rate at once.
+    WarmUp {
+        #[serde(default = "cold_factor")]
+        cold_factor: f64,
+        #[serde(with = "humantime_serde")]
+        period: Duration,
+    },
+    /// Requests are spaced evenly at the rate; one that would wait longer than
+    /// `max_queue` is refused.
+    Pace {
+        #[serde(with = "humantime_serde")]
+        max_queue: Duration,
+    },
+}
+
+fn cold_factor() -> f64 {
+    3.0
+}
+
+/// What a hot-parameter rule keys on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Param {
+    Shopper,
+    ClientIp,
+    Sale,
+    Tenant,
+}
+
+/// A rate per distinct value of a parameter (per shopper, per IP, …), in bounded memory.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HotRule {
+    pub name: String,
+    pub resource: String,
+    pub param: Param,
+    pub qps: f64,
+    #[serde(default = "one")]
+    pub burst: u32,
+    #[serde(default)]
+    pub dry_run: bool,
+}
+
+/// A circuit breaker on an outbound dependency.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BreakerRule {
+    /// The dependency: `payment`, `database`, …
+    pub name: String,
+    /// A call slower than this counts as slow.
+    #[serde(with = "humantime_serde")]
+    pub slow_call: Duration,
+    /// Open when this share of calls in the window is slow.
+    pub slow_ratio: Option<f64>,
+    /// Open when this share of calls in the window failed.
+    pub error_ratio: Option<f64>,
+    /// Open when this many calls in the window failed.
+    pub error_count: Option<u64>,
+    /// Ratios are judged only over at least this many calls.
+    #[serde(default = "min_calls")]
+    pub min_calls: u64,
+    /// Rolling window of the statistics (ten buckets).
+    #[serde(with = "humantime_serde", default = "window")]
+    pub window: Duration,
+    /// How long the breaker stays open before half-open probes.
+    #[serde(with = "humantime_serde", default = "open_for")]
+    pub open_for: Duration,
+    /// Probes let through while half-open; all must succeed to close.
+    #[serde(default = "probes")]
+    pub half_open_probes: u32,
+}
+
+fn min_calls() -> u64 {
+    20
+}
+fn window() -> Duration {
+    Duration::from_secs(10)
+}
+fn open_for() -> Duration {
+    Duration::from_secs(5)
+}
+fn probes() -> u32 {
+    3
+}
+
+impl BreakerRule {
+    pub fn payment_default() -> BreakerRule {
+        BreakerRule {
+            name: "payment".into(),
+            slow_call: Duration::from_secs(1),
+            slow_ratio: Some(0.5),
+            error_ratio: Some(0.5),
+            error_count: None,
+            min_calls: min_calls(),
+            window: window(),
+            open_for: open_for(),
+            half_open_probes: probes(),
+        }
+    }
+}
+
+/// Whole-process protection and the priority of request classes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SystemRule {
+    /// Share of the machine's cores (0..1) above which the BBR check applies: a request
+    /// is refused when in-flight requests exceed max completions/s × min response time.
+    pub cpu_threshold: Option<f64>,
+    /// A hard bound on requests in flight (before the priority shares).
+    pub max_inflight: Option<u64>,
+    /// Share of the in-flight limit each class may use, in the order pay, purchase,
+    /// browse, stats: lower classes meet their limit first and are shed first.
+    #[serde(default = "shares")]
+    pub class_shares: [f64; 4],
+    /// Switch `stats` and `browse` off while the system check has refused requests for
+    /// this long, and back on after as long without.
+    #[serde(with = "humantime_serde", default)]
+    pub auto_degrade_after: Option<Duration>,
+}
+
+fn shares() -> [f64; 4] {
+    [1.0, 0.9, 0.7, 0.5]
+}
+
+impl Default for SystemRule {
+    fn default() -> Self {
+        SystemRule {
+            cpu_threshold: None,
+            max_inflight: None,
+            class_shares: shares(),
+            auto_degrade_after: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct RuleError {
+    pub field: String,
+    pub message: String,
+}
+
+/// Most rules of each kind (the tables behind them are allocated per rule).
+pub const MAX_RULES: usize = 256;
+
+impl GuardRules {
+    /// Checks every rule; all problems are reported, not just the first.
+    pub fn validate(&self) -> Result<(), Vec<RuleError>> {
+        let mut errors = Vec::new();
+        let mut err = |field: String, message: &str| {
+            errors.push(RuleError {
+                field,
+                message: message.to_owned(),
+            })
+        };
+        let rate_ok = |q: f64| q.is_finite() && q > 0.0 && q <= 10_000_000.0;
+        if self.flow.len() > MAX_RULES || self.hot.len() > MAX_RULES || self.breakers.len() > MAX_RULES {
+            err("rules".into(), "at most 256 rules of each kind");
+        }
+        let mut seen = std::collections::HashSet::new();
+        for (i, r) in self.flow.iter().enumerate() {
+            let f = |name: &str| format!("flow[{i}].{name}");
+            if r.resource.is_empty() || r.resource.len() > 64 {
+                err(f("resource"), "must be 1..=64 characters");
+            }
+            if !seen.insert(r.resource.clone()) {
+                err(f("resource"), "another flow rule has this resource");
+            }
+            if r.qps.is_none() && r.max_concurrency.is_none() {
+                err(f("qps"), "give qps, max_concurrency or both");
+            }
+            if let Some(q) = r.qps {
+                if !rate_ok(q) {
+                    err(f("qps"), "must be within (0, 10000000]");
+                }
+            }
+            if r.burst == 0 || r.burst > 1_000_000 {
+                err(f("burst"), "must be within 1..=1000000");
+            }
+            if r.max_concurrency == Some(0) {
+                err(f("max_concurrency"), "must be at least 1");
+            }
+            match &r.behavior {
+                Behavior::Reject => {}
+                Behavior::WarmUp {
+                    cold_factor,
+                    period,
+                } => {
+                    if !(cold_factor.is_finite() && *cold_factor >= 1.0 && *cold_factor <= 100.0) {
+                        err(f("behavior.cold_factor"), "must be within 1..=100");
+                    }
+                    if period.is_zero() {
+                        err(f("behavior.period"), "must be longer than 0");
+                    }
+                    if r.qps.is_none() {
+                        err(f("behavior"), "warm-up needs qps");
+                    }
+                }
+                Behavior::Pace { max_queue } => {
+                    if *max_queue > Duration::from_secs(60) {
+                        err(f("behavior.max_queue"), "at most 60s");
+                    }
+                    if r.qps.is_none() {
+                        err(f("behavior"), "pacing needs qps");
+                    }
+                }
+            }
+        }
+        let mut names = std::collections::HashSet::new();
+        for (i, r) in self.hot.iter().enumerate() {
+            let f = |name: &str| format!("hot[{i}].{name}");
+            if r.name.is_empty() || !names.insert(r.name.clone()) {
+                err(f("name"), "must be present and unique");
+            }
+            if r.resource.is_empty() {
+                err(f("resource"), "must be present");
+            }
+            if !rate_ok(r.qps) {
+                err(f("qps"), "must be within (0, 10000000]");
+            }
+            if r.burst == 0 || r.burst > 1_000_000 {
+                err(f("burst"), "must be within 1..=1000000");
+            }
+        }
+        let mut names = std::collections::HashSet::new();
+        for (i, r) in self.breakers.iter().enumerate() {
+            let f = |name: &str| format!("breakers[{i}].{name}");
+            if r.name.is_empty() || !names.insert(r.name.clone()) {
+                err(f("name"), "must be present and unique");
+            }
+            for (field, ratio) in [("slow_ratio", r.slow_ratio), ("error_ratio", r.error_ratio)] {
+                if let Some(x) = ratio {
+                    if !(x > 0.0 && x <= 1.0) {
+                        err(f(field), "must be within (0, 1]");
+                    }
+                }
+            }
+            if r.slow_ratio.is_none() && r.error_ratio.is_none() && r.error_count.is_none() {
+                err(f("error_ratio"), "give slow_ratio, error_ratio or error_count");
+            }
+            if r.window < Duration::from_millis(100) || r.window > Duration::from_secs(600) {
+                err(f("window"), "must be within 100ms..=600s");
+            }
+            if r.open_for.is_zero() {
+                err(f("open_for"), "must be longer than 0");
+            }
+            if r.half_open_probes == 0 || r.half_open_probes > 1000 {
+                err(f("half_open_probes"), "must be within 1..=1000");
+            }
+        }
+        let s = &self.system;
+        if let Some(c) = s.cpu_threshold {
+            if !(c > 0.0 && c <= 1.0) {
+                err("system.cpu_threshold".into(), "must be within (0, 1]");
+            }
+        }
+        if s.max_inflight == Some(0) {
+            err("system.max_inflight".into(), "must be at least 1");
+        }
+        for (i, share) in s.class_shares.iter().enumerate() {
+            if !(*share > 0.0 && *share <= 1.0) {
+                err(format!("system.class_shares[{i}]"), "must be within (0, 1]");
+            }
+        }
+        if s.class_shares.windows(2).any(|w| w[1] > w[0]) {
+            err(
+                "system.class_shares".into(),
+                "must not increase from pay to stats: a lower class may not get more than a higher one",
+            );
+        }
+        if errors.is_empty() { Ok(()) } else { Err(errors) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_defaults_are_valid_and_limit_shoppers() {
+        let rules = GuardRules::default();
+        rules.validate().unwrap();
+        assert_eq!(rules.hot[0].qps, 10.0);
+        assert_eq!(rules.hot[0].burst, 20);
+        assert_eq!(rules.hot[0].param, Param::Shopper);
+    }
+
+    #[test]
+    fn every_problem_is_named_by_its_field() {
+        let rules: GuardRules = serde_json::from_value(serde_json::json!({
+            "flow": [
+                {"resource": "purchase", "qps": -1.0},
+                {"resource": "purchase", "qps": 5.0, "burst": 0},
+                {"resource": "pay", "behavior": {"kind": "warm_up", "cold_factor": 0.5, "period": "0s"}}
+            ],
+            "breakers": [{"name": "payment", "slow_call": "1s", "window": "1ms"}],
+            "system": {"cpu_threshold": 1.5, "class_shares": [0.5, 0.9, 0.7, 0.5]}
+        }))
+        .unwrap();
+        let errors = rules.validate().unwrap_err();
+        let fields: Vec<&str> = errors.iter().map(|e| e.field.as_str()).collect();
+        for expected in [
+            "flow[0].qps",
+            "flow[1].resource",
+            "flow[1].burst",
+            "flow[2].qps",
+            "flow[2].behavior.cold_factor",
+            "flow[2].behavior.period",
+            "flow[2].behavior",
+            "breakers[0].error_ratio",
+            "breakers[0].window",
+            "system.cpu_threshold",
+            "system.class_shares",
+        ] {
+            assert!(fields.contains(&expected), "{expected} missing from {fields:?}");
+        }
+    }
+
+    #[test]
+    fn unknown_fields_are_refused() {
+        let err = serde_json::from_value::<GuardRules>(serde_json::json!({"flow": [{"resource": "x", "qps": 1, "nope": 1}]}))
+            .unwrap_err();
+        assert!(err.to_string().contains("nope"));
+    }
+}
