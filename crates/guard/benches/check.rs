@@ -1,1 +1,58 @@
-fn main() {}
+//! Per-check overhead of the guard, uncontended (target < 200 ns).
+//!
+//!   cargo bench -p stampede-guard --bench check
+
+use std::hint::black_box;
+
+use criterion::{Criterion, criterion_group, criterion_main};
+use stampede_guard::{Behavior, Class, FlowRule, Guard, GuardRules, Param};
+
+fn checks(c: &mut Criterion) {
+    let rules = GuardRules {
+        flow: vec![FlowRule {
+            resource: "purchase".into(),
+            // High enough that the bench measures the check, not refusals.
+            qps: Some(1e7),
+            burst: 1_000_000,
+            behavior: Behavior::Reject,
+            max_concurrency: Some(1_000_000),
+            dry_run: false,
+        }],
+        system: stampede_guard::rules::SystemRule {
+            max_inflight: Some(1_000_000),
+            ..Default::default()
+        },
+        ..GuardRules::default()
+    };
+    let guard = Guard::new(rules).unwrap();
+    let browse = guard.resource("browse");
+    let purchase = guard.resource("purchase");
+    let mut group = c.benchmark_group("guard");
+    group.bench_function("admit_no_rule", |b| {
+        b.iter(|| drop(black_box(guard.admit(&browse, Class::Browse).unwrap())))
+    });
+    group.bench_function("admit_flow_rule", |b| {
+        b.iter(|| drop(black_box(guard.admit(&purchase, Class::Purchase).unwrap())))
+    });
+    let keys: Vec<String> = (0..100_000).map(|i| format!("shopper-{i}")).collect();
+    let mut i = 0;
+    group.bench_function("hot_shopper", |b| {
+        b.iter(|| {
+            i = (i + 1) % keys.len();
+            let _ = black_box(guard.check_hot(&purchase, Param::Shopper, &keys[i]));
+        })
+    });
+    group.bench_function("hot_same_shopper", |b| {
+        b.iter(|| {
+            let _ = black_box(guard.check_hot(&purchase, Param::Shopper, "shopper-1"));
+        })
+    });
+    group.bench_function("clock", |b| b.iter(|| black_box(guard.now())));
+    group.bench_function("outbound_breaker", |b| {
+        b.iter(|| guard.outbound("payment").unwrap().unwrap().finish(true))
+    });
+    group.finish();
+}
+
+criterion_group!(benches, checks);
+criterion_main!(benches);

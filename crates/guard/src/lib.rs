@@ -18,6 +18,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwap;
 use parking_lot::RwLock;
 use serde::Serialize;
 
@@ -34,7 +35,7 @@ pub const HOT_SLOTS: usize = 1 << 18;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Rejection {
     /// A flow or hot-parameter rule (429 `throttled`).
-    Throttled { rule: String, retry_after: Duration },
+    Throttled { rule: Arc<str>, retry_after: Duration },
     /// System protection (503 `overloaded`).
     Overloaded { retry_after: Duration },
     /// The request's class is switched off (503 `degraded`).
@@ -171,6 +172,9 @@ pub struct GuardStats {
 
 struct Flow {
     rule: FlowRule,
+    /// Names used in rejections, made once.
+    rate_name: Arc<str>,
+    concurrency_name: Arc<str>,
     gcra: Gcra,
     inflight: AtomicU64,
     warm_start: AtomicU64,
@@ -180,44 +184,59 @@ struct Flow {
 struct Hot {
     rule: HotRule,
     table: HotTable,
+    interval: u64,
+    /// `hot:<name>`: its counters and the name used in rejections.
+    resource: Resource,
 }
 
+/// Rules resolved against resource ids, so a decision indexes instead of hashing names.
 struct Compiled {
     rules: GuardRules,
-    flows: HashMap<String, Flow>,
-    hot: HashMap<String, Vec<Hot>>,
-    breakers: HashMap<String, Arc<Breaker>>,
+    /// By resource id; ids registered after this compilation have no rule.
+    flows: Vec<Option<Flow>>,
+    hot: Vec<Vec<Hot>>,
+    /// Each breaker with the `outbound:<name>` resource that counts its calls.
+    breakers: HashMap<String, (Arc<Breaker>, Resource), foldhash::fast::RandomState>,
 }
 
 impl Compiled {
-    fn new(rules: GuardRules) -> Compiled {
-        let flows = rules
-            .flow
-            .iter()
-            .map(|r| {
-                (
-                    r.resource.clone(),
-                    Flow {
-                        rule: r.clone(),
-                        gcra: Gcra::new(),
-                        inflight: AtomicU64::new(0),
-                        warm_start: AtomicU64::new(0),
-                        last_pass: AtomicU64::new(0),
-                    },
-                )
-            })
-            .collect();
-        let mut hot: HashMap<String, Vec<Hot>> = HashMap::new();
+    fn new(rules: GuardRules, registry: &Registry) -> Compiled {
+        let mut flows: Vec<Option<Flow>> = Vec::new();
+        let mut hot: Vec<Vec<Hot>> = Vec::new();
+        for r in &rules.flow {
+            let id = registry.resolve(&r.resource).id;
+            if flows.len() <= id {
+                flows.resize_with(id + 1, || None);
+            }
+            flows[id] = Some(Flow {
+                rule: r.clone(),
+                rate_name: Arc::from(format!("flow:{}", r.resource)),
+                concurrency_name: Arc::from(format!("flow:{}:concurrency", r.resource)),
+                gcra: Gcra::new(),
+                inflight: AtomicU64::new(0),
+                warm_start: AtomicU64::new(0),
+                last_pass: AtomicU64::new(0),
+            });
+        }
         for r in &rules.hot {
-            hot.entry(r.resource.clone()).or_default().push(Hot {
+            let id = registry.resolve(&r.resource).id;
+            if hot.len() <= id {
+                hot.resize_with(id + 1, Vec::new);
+            }
+            hot[id].push(Hot {
                 rule: r.clone(),
                 table: HotTable::new(HOT_SLOTS),
+                interval: interval_ns(r.qps),
+                resource: registry.resolve(&format!("hot:{}", r.name)),
             });
         }
         let breakers = rules
             .breakers
             .iter()
-            .map(|r| (r.name.clone(), Arc::new(Breaker::new(r.clone()))))
+            .map(|r| {
+                let resource = registry.resolve(&format!("outbound:{}", r.name));
+                (r.name.clone(), (Arc::new(Breaker::new(r.clone())), resource))
+            })
             .collect();
         Compiled {
             rules,
@@ -225,6 +244,49 @@ impl Compiled {
             hot,
             breakers,
         }
+    }
+
+    fn flow(&self, id: usize) -> Option<&Flow> {
+        self.flows.get(id).and_then(Option::as_ref)
+    }
+}
+
+/// A resource name resolved once (at startup, per route) to its id and counters.
+#[derive(Clone, Debug)]
+pub struct Resource {
+    id: usize,
+    name: Arc<str>,
+    counters: Arc<Counters>,
+}
+
+impl Resource {
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+/// Every resource name the guard has seen, with its counters. Names come from code
+/// (routes, dependencies) and from rules (at most `MAX_RULES` of each kind), so the
+/// registry is bounded.
+#[derive(Default)]
+struct Registry {
+    by_name: RwLock<HashMap<Arc<str>, Resource, foldhash::fast::RandomState>>,
+}
+
+impl Registry {
+    fn resolve(&self, name: &str) -> Resource {
+        if let Some(r) = self.by_name.read().get(name) {
+            return r.clone();
+        }
+        let mut map = self.by_name.write();
+        let id = map.len();
+        map.entry(Arc::from(name))
+            .or_insert_with(|| Resource {
+                id,
+                name: Arc::from(name),
+                counters: Arc::default(),
+            })
+            .clone()
     }
 }
 
@@ -295,8 +357,8 @@ pub const MIN_BBR_LIMIT: f64 = 16.0;
 
 pub struct Guard {
     base: Instant,
-    compiled: RwLock<Arc<Compiled>>,
-    counters: RwLock<HashMap<String, Arc<Counters>>>,
+    compiled: ArcSwap<Compiled>,
+    registry: Registry,
     last_second: RwLock<HashMap<String, SecondView>>,
     system: System,
     /// f64 bits: process CPU as a share of the machine's cores.
@@ -311,39 +373,38 @@ pub struct Guard {
 
 /// A request the guard let through. Dropping it marks the request finished.
 #[must_use]
-pub struct Admission {
-    guard: Arc<Guard>,
-    compiled: Arc<Compiled>,
-    counters: Arc<Counters>,
-    resource: Option<String>,
+pub struct Admission<'a> {
+    guard: &'a Guard,
+    resource: &'a Resource,
+    /// Held only when the resource has a concurrency limit to give back.
+    concurrency: Option<Arc<Compiled>>,
     start: u64,
     /// Pacing: send after this long.
     pub wait: Duration,
     error: bool,
 }
 
-impl Admission {
+impl Admission<'_> {
     /// Marks the request as failed (a 5xx), for the error counts.
     pub fn failed(&mut self) {
         self.error = true;
     }
 }
 
-impl Drop for Admission {
+impl Drop for Admission<'_> {
     fn drop(&mut self) {
         let now = self.guard.now();
         let rt = now.saturating_sub(self.start);
         self.guard.system.inflight.fetch_sub(1, Ordering::Relaxed);
         self.guard.system.record(now, rt);
-        if let Some(flow) = self.resource.as_ref().and_then(|r| self.compiled.flows.get(r)) {
-            if flow.rule.max_concurrency.is_some() {
-                flow.inflight.fetch_sub(1, Ordering::Relaxed);
-            }
+        if let Some(flow) = self.concurrency.as_ref().and_then(|c| c.flow(self.resource.id)) {
+            flow.inflight.fetch_sub(1, Ordering::Relaxed);
         }
-        self.counters.completed.fetch_add(1, Ordering::Relaxed);
-        self.counters.rt_ns.fetch_add(rt, Ordering::Relaxed);
+        let counters = &self.resource.counters;
+        counters.completed.fetch_add(1, Ordering::Relaxed);
+        counters.rt_ns.fetch_add(rt, Ordering::Relaxed);
         if self.error {
-            self.counters.errors.fetch_add(1, Ordering::Relaxed);
+            counters.errors.fetch_add(1, Ordering::Relaxed);
         }
     }
 }
@@ -384,10 +445,12 @@ impl Guard {
     /// per-second views, automatic degradation). The thread ends with the guard.
     pub fn new(rules: GuardRules) -> Result<Arc<Guard>, Vec<RuleError>> {
         rules.validate()?;
+        let registry = Registry::default();
+        let compiled = Compiled::new(rules, &registry);
         let guard = Arc::new(Guard {
             base: Instant::now(),
-            compiled: RwLock::new(Arc::new(Compiled::new(rules))),
-            counters: RwLock::new(HashMap::new()),
+            compiled: ArcSwap::from_pointee(compiled),
+            registry,
             last_second: RwLock::new(HashMap::new()),
             system: System::default(),
             cpu: AtomicU64::new(0f64.to_bits()),
@@ -410,15 +473,22 @@ impl Guard {
     }
 
     pub fn rules(&self) -> GuardRules {
-        self.compiled.read().rules.clone()
+        self.compiled.load().rules.clone()
+    }
+
+    /// Resolves a resource name once; keep the handle and pass it to `admit`.
+    pub fn resource(&self, name: &str) -> Resource {
+        self.registry.resolve(name)
     }
 
     /// Replaces the rules if `rules.version` is the current version + 1. Limiter state
     /// starts fresh; counters carry on.
     pub fn replace(&self, rules: GuardRules) -> Result<u64, Vec<RuleError>> {
         rules.validate()?;
-        let mut compiled = self.compiled.write();
-        let current = compiled.rules.version;
+        // One writer at a time; readers never wait.
+        static REPLACING: parking_lot::Mutex<()> = parking_lot::Mutex::new(());
+        let _one = REPLACING.lock();
+        let current = self.compiled.load().rules.version;
         if rules.version != current + 1 {
             return Err(vec![RuleError {
                 field: "version".into(),
@@ -426,19 +496,9 @@ impl Guard {
             }]);
         }
         let version = rules.version;
-        *compiled = Arc::new(Compiled::new(rules));
+        self.compiled
+            .store(Arc::new(Compiled::new(rules, &self.registry)));
         Ok(version)
-    }
-
-    fn counters_for(&self, resource: &str) -> Arc<Counters> {
-        if let Some(c) = self.counters.read().get(resource) {
-            return c.clone();
-        }
-        self.counters
-            .write()
-            .entry(resource.to_owned())
-            .or_default()
-            .clone()
     }
 
     pub fn cpu(&self) -> f64 {
@@ -463,10 +523,14 @@ impl Guard {
     }
 
     /// Decides one request of `resource` in `class`.
-    pub fn admit(self: &Arc<Self>, resource: &str, class: Class) -> Result<Admission, Rejection> {
+    pub fn admit<'a>(
+        &'a self,
+        resource: &'a Resource,
+        class: Class,
+    ) -> Result<Admission<'a>, Rejection> {
         let now = self.now();
-        let compiled = self.compiled.read().clone();
-        let counters = self.counters_for(resource);
+        let compiled = self.compiled.load();
+        let counters = &resource.counters;
         let dry_run = compiled.rules.dry_run;
         let refuse = |rejection: Rejection, rule_dry_run: bool| -> Option<Rejection> {
             if dry_run || rule_dry_run {
@@ -512,23 +576,24 @@ impl Guard {
 
         // The resource's flow rule.
         let mut wait = Duration::ZERO;
-        let flow = compiled.flows.get(resource);
-        let mut holds_concurrency = false;
+        let flow = compiled.flow(resource.id);
+        let mut concurrency = None;
         if let Some(flow) = flow {
             let rule = &flow.rule;
             if let Some(max) = rule.max_concurrency {
+                // Counted even when a dry run lets an over-limit request through, so the
+                // drop that gives it back stays balanced.
                 let current = flow.inflight.fetch_add(1, Ordering::Relaxed);
-                holds_concurrency = true;
+                concurrency = Some(arc_swap::Guard::into_inner(self.compiled.load()));
                 if current >= u64::from(max) {
-                    flow.inflight.fetch_sub(1, Ordering::Relaxed);
-                    holds_concurrency = false;
                     if let Some(r) = refuse(
                         Rejection::Throttled {
-                            rule: format!("flow:{resource}:concurrency"),
+                            rule: flow.concurrency_name.clone(),
                             retry_after: Duration::from_millis(100),
                         },
                         rule.dry_run,
                     ) {
+                        flow.inflight.fetch_sub(1, Ordering::Relaxed);
                         return Err(r);
                     }
                 }
@@ -565,12 +630,12 @@ impl Guard {
                     Err(retry) => {
                         if let Some(r) = refuse(
                             Rejection::Throttled {
-                                rule: format!("flow:{resource}"),
+                                rule: flow.rate_name.clone(),
                                 retry_after: Duration::from_nanos(retry),
                             },
                             rule.dry_run,
                         ) {
-                            if holds_concurrency {
+                            if concurrency.is_some() {
                                 flow.inflight.fetch_sub(1, Ordering::Relaxed);
                             }
                             return Err(r);
@@ -582,15 +647,10 @@ impl Guard {
 
         counters.passed.fetch_add(1, Ordering::Relaxed);
         self.system.inflight.fetch_add(1, Ordering::Relaxed);
-        if flow.is_some_and(|f| f.rule.max_concurrency.is_some()) && !holds_concurrency {
-            // Dry run let an over-limit request through: keep the count balanced.
-            flow.expect("checked").inflight.fetch_add(1, Ordering::Relaxed);
-        }
         Ok(Admission {
-            guard: self.clone(),
-            counters,
-            resource: flow.map(|_| resource.to_owned()),
-            compiled,
+            guard: self,
+            resource,
+            concurrency,
             start: now,
             wait,
             error: false,
@@ -598,9 +658,9 @@ impl Guard {
     }
 
     /// Checks the hot-parameter rules of `resource` for `param` = `key`.
-    pub fn check_hot(&self, resource: &str, param: Param, key: &str) -> Result<(), Rejection> {
-        let compiled = self.compiled.read().clone();
-        let Some(rules) = compiled.hot.get(resource) else {
+    pub fn check_hot(&self, resource: &Resource, param: Param, key: &str) -> Result<(), Rejection> {
+        let compiled = self.compiled.load();
+        let Some(rules) = compiled.hot.get(resource.id).filter(|r| !r.is_empty()) else {
             return Ok(());
         };
         let now = self.now();
@@ -608,18 +668,15 @@ impl Guard {
         key.hash(&mut hasher);
         let hash = hasher.finish();
         for hot in rules.iter().filter(|h| h.rule.param == param) {
-            if let Err(retry) =
-                hot.table
-                    .try_admit(hash, now, interval_ns(hot.rule.qps), hot.rule.burst)
-            {
-                let counters = self.counters_for(&format!("hot:{}", hot.rule.name));
+            if let Err(retry) = hot.table.try_admit(hash, now, hot.interval, hot.rule.burst) {
+                let counters = &hot.resource.counters;
                 if compiled.rules.dry_run || hot.rule.dry_run {
                     counters.would_block.fetch_add(1, Ordering::Relaxed);
                     continue;
                 }
                 counters.blocked[0].fetch_add(1, Ordering::Relaxed);
                 return Err(Rejection::Throttled {
-                    rule: format!("hot:{}", hot.rule.name),
+                    rule: hot.resource.name.clone(),
                     retry_after: Duration::from_nanos(retry),
                 });
             }
@@ -629,12 +686,13 @@ impl Guard {
 
     /// Asks the breaker of `dependency` for a call. Without a breaker for it, always yes.
     pub fn outbound(self: &Arc<Self>, dependency: &str) -> Result<Option<Outbound>, Rejection> {
-        let compiled = self.compiled.read().clone();
-        let Some(breaker) = compiled.breakers.get(dependency).cloned() else {
+        let compiled = self.compiled.load();
+        let Some((breaker, resource)) = compiled.breakers.get(dependency) else {
             return Ok(None);
         };
+        let breaker = breaker.clone();
+        let counters = &resource.counters;
         let now = self.now();
-        let counters = self.counters_for(&format!("outbound:{dependency}"));
         match breaker.try_call(now) {
             Ok(call) => {
                 counters.passed.fetch_add(1, Ordering::Relaxed);
@@ -656,17 +714,18 @@ impl Guard {
     }
 
     pub fn stats(&self) -> GuardStats {
-        let compiled = self.compiled.read().clone();
+        let compiled = self.compiled.load();
         let now = self.now();
         let last = self.last_second.read();
         let mut resources: Vec<ResourceStats> = self
-            .counters
+            .registry
+            .by_name
             .read()
-            .iter()
-            .map(|(name, c)| ResourceStats {
-                resource: name.clone(),
-                last_second: last.get(name).cloned().unwrap_or_default(),
-                total: c.values(),
+            .values()
+            .map(|r| ResourceStats {
+                resource: r.name.to_string(),
+                last_second: last.get(&*r.name).cloned().unwrap_or_default(),
+                total: r.counters.values(),
             })
             .collect();
         resources.sort_by(|a, b| a.resource.cmp(&b.resource));
@@ -678,10 +737,10 @@ impl Guard {
         let mut breakers: Vec<(String, BreakerState)> = compiled
             .breakers
             .iter()
-            .map(|(n, b)| (n.clone(), b.state(now)))
+            .map(|(n, (b, _))| (n.clone(), b.state(now)))
             .collect();
         breakers.sort_by(|a, b| a.0.cmp(&b.0));
-        let hot_tables = compiled.hot.values().flatten();
+        let hot_tables = compiled.hot.iter().flatten();
         GuardStats {
             version: compiled.rules.version,
             dry_run: compiled.rules.dry_run,
@@ -707,9 +766,9 @@ impl Guard {
     /// `stampede_guard_blocked_total{resource,reason}`, `stampede_guard_would_block_total`,
     /// `stampede_guard_errors_total`, `stampede_guard_rt_seconds_total`, and gauges.
     pub fn export_metrics(&self) {
-        for (name, c) in self.counters.read().iter() {
-            let v = c.values();
-            let r = name.clone();
+        for resource in self.registry.by_name.read().values() {
+            let v = resource.counters.values();
+            let r = resource.name.to_string();
             metrics::counter!("stampede_guard_passed_total", "resource" => r.clone()).absolute(v.passed);
             for (reason, n) in REASONS.iter().zip([
                 v.blocked_throttled,
@@ -726,7 +785,7 @@ impl Guard {
         }
         metrics::gauge!("stampede_guard_inflight").set(self.inflight() as f64);
         metrics::gauge!("stampede_guard_cpu_share").set(self.cpu());
-        metrics::gauge!("stampede_guard_rules_version").set(self.compiled.read().rules.version as f64);
+        metrics::gauge!("stampede_guard_rules_version").set(self.compiled.load().rules.version as f64);
     }
 }
 
@@ -761,9 +820,10 @@ fn sampler(guard: Weak<Guard>) {
         }
         // Once a second: the per-resource view of the last second.
         let mut views = HashMap::new();
-        for (name, c) in guard.counters.read().iter() {
-            let now = c.values();
-            let before = previous.get(name).copied().unwrap_or_default();
+        for resource in guard.registry.by_name.read().values() {
+            let name = resource.name.to_string();
+            let now = resource.counters.values();
+            let before = previous.get(&name).copied().unwrap_or_default();
             let completed = now.completed - before.completed;
             let mut blocked = HashMap::new();
             for (reason, (a, b)) in REASONS.iter().zip([
@@ -794,7 +854,7 @@ fn sampler(guard: Weak<Guard>) {
         }
         *guard.last_second.write() = views;
         // Automatic degradation of browse and stats under sustained pressure.
-        let after = guard.compiled.read().rules.system.auto_degrade_after;
+        let after = guard.compiled.load().rules.system.auto_degrade_after;
         let pressure = guard.pressure_seen.swap(false, Ordering::Relaxed);
         if pressure {
             pressure_for += 1;

@@ -1,0 +1,361 @@
+//! The guard as the API uses it: precision of limits, the warm-up curve, the pacing
+//! bound, breakers through `outbound`, priority shedding, the memory bound of hot keys,
+//! rule replacement and dry run.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use stampede_guard::{
+    Behavior, BreakerRule, BreakerState, Class, FlowRule, Guard, GuardRules, HotRule, Param,
+    Rejection,
+};
+
+fn rules_with(flow: Vec<FlowRule>) -> GuardRules {
+    GuardRules {
+        flow,
+        ..GuardRules::default()
+    }
+}
+
+fn flow(resource: &str, qps: f64, burst: u32, behavior: Behavior) -> FlowRule {
+    FlowRule {
+        resource: resource.into(),
+        qps: Some(qps),
+        burst,
+        behavior,
+        max_concurrency: None,
+        dry_run: false,
+    }
+}
+
+/// Two threads ask as fast as they can for `for_how_long`; returns admission times.
+fn hammer(guard: &Arc<Guard>, resource: &str, for_how_long: Duration) -> Vec<Duration> {
+    let start = Instant::now();
+    let threads: Vec<_> = (0..2)
+        .map(|_| {
+            let guard = guard.clone();
+            let resource = resource.to_owned();
+            std::thread::spawn(move || {
+                let res = guard.resource(&resource);
+                let mut admitted = Vec::new();
+                while start.elapsed() < for_how_long {
+                    if let Ok(a) = guard.admit(&res, Class::Purchase) {
+                        admitted.push(start.elapsed());
+                        drop(a);
+                    }
+                }
+                admitted
+            })
+        })
+        .collect();
+    let mut all: Vec<Duration> = threads.into_iter().flat_map(|t| t.join().unwrap()).collect();
+    all.sort();
+    all
+}
+
+#[test]
+fn a_qps_limit_holds_within_five_percent_over_five_seconds() {
+    // A burst of 10 banks 10 ms of slots, so a caller thread descheduled for a few
+    // milliseconds on a busy machine does not lose any.
+    let guard = Guard::new(rules_with(vec![flow("purchase", 1000.0, 10, Behavior::Reject)])).unwrap();
+    let admitted = hammer(&guard, "purchase", Duration::from_secs(5));
+    let n = admitted.len() as f64;
+    assert!((4750.0..=5250.0).contains(&n), "{n} admitted in 5 s at 1000/s");
+    // And no second holds double the limit (no two-bucket window edge).
+    for start_ms in (0..4000).step_by(250) {
+        let from = Duration::from_millis(start_ms);
+        let to = from + Duration::from_secs(1);
+        let in_window = admitted.iter().filter(|t| **t >= from && **t < to).count();
+        assert!(in_window <= 1060, "{in_window} in the second from {start_ms} ms");
+    }
+    let stats = guard.stats();
+    let purchase = stats.resources.iter().find(|r| r.resource == "purchase").unwrap();
+    assert_eq!(purchase.total.passed, admitted.len() as u64);
+    assert!(purchase.total.blocked_throttled > 0);
+}
+
+#[test]
+fn warm_up_starts_at_a_third_and_reaches_the_rate() {
+    let guard = Guard::new(rules_with(vec![flow(
+        "purchase",
+        600.0,
+        5,
+        Behavior::WarmUp {
+            cold_factor: 3.0,
+            period: Duration::from_secs(2),
+        },
+    )]))
+    .unwrap();
+    let admitted = hammer(&guard, "purchase", Duration::from_secs(3));
+    let count = |from_ms: u64, to_ms: u64| {
+        admitted
+            .iter()
+            .filter(|t| **t >= Duration::from_millis(from_ms) && **t < Duration::from_millis(to_ms))
+            .count() as f64
+    };
+    // Over the first 0.5 s the rate climbs from 200/s to 300/s: ~125 admitted.
+    let first = count(0, 500);
+    // Warm: 600/s, 300 per half second.
+    let last = count(2_500, 3_000);
+    assert!((100.0..=150.0).contains(&first), "first half second: {first}");
+    assert!((285.0..=315.0).contains(&last), "last half second: {last}");
+    // The curve rises in between.
+    let middle = count(1_000, 1_500);
+    assert!(first < middle && middle < last, "{first} {middle} {last}");
+}
+
+#[test]
+fn pacing_spaces_requests_and_refuses_beyond_the_queue_bound() {
+    let guard = Guard::new(rules_with(vec![flow(
+        "pay",
+        100.0,
+        1,
+        Behavior::Pace {
+            max_queue: Duration::from_millis(200),
+        },
+    )]))
+    .unwrap();
+    let pay = guard.resource("pay");
+    let mut waits = Vec::new();
+    let mut refused = 0;
+    let mut held = Vec::new();
+    for _ in 0..50 {
+        match guard.admit(&pay, Class::Pay) {
+            Ok(a) => {
+                waits.push(a.wait);
+                held.push(a);
+            }
+            Err(Rejection::Throttled { .. }) => refused += 1,
+            Err(other) => panic!("{other:?}"),
+        }
+    }
+    // 10 ms apart, the longest wait at most 200 ms: 21 admitted, the rest refused.
+    assert_eq!(waits.len(), 21, "{waits:?}");
+    assert_eq!(refused, 29);
+    assert!(waits.iter().all(|w| *w <= Duration::from_millis(200)));
+    for pair in waits.windows(2) {
+        let gap = pair[1].saturating_sub(pair[0]);
+        assert!(gap >= Duration::from_millis(9) && gap <= Duration::from_millis(11), "{gap:?}");
+    }
+}
+
+#[test]
+fn a_concurrency_limit_counts_requests_in_flight() {
+    let mut rule = flow("pay", 1.0, 1, Behavior::Reject);
+    rule.qps = None;
+    rule.max_concurrency = Some(2);
+    let guard = Guard::new(rules_with(vec![rule])).unwrap();
+    let pay = guard.resource("pay");
+    let a = guard.admit(&pay, Class::Pay).unwrap();
+    let b = guard.admit(&pay, Class::Pay).unwrap();
+    assert!(matches!(guard.admit(&pay, Class::Pay), Err(Rejection::Throttled { .. })));
+    drop(a);
+    let c = guard.admit(&pay, Class::Pay).unwrap();
+    drop((b, c));
+    assert_eq!(guard.inflight(), 0);
+}
+
+#[test]
+fn lower_classes_are_shed_first() {
+    let rules = GuardRules {
+        system: stampede_guard::rules::SystemRule {
+            max_inflight: Some(100),
+            ..Default::default()
+        },
+        ..GuardRules::default()
+    };
+    let guard = Guard::new(rules).unwrap();
+    let (probe, hold) = (guard.resource("probe"), guard.resource("hold"));
+    let mut held = Vec::new();
+    let mut shed_at = std::collections::BTreeMap::new();
+    // Fill up with pay requests (share 1.0) and note when each class is first refused.
+    for inflight in 0..100 {
+        for class in Class::ALL {
+            if !shed_at.contains_key(&class) {
+                match guard.admit(&probe, class) {
+                    Ok(a) => drop(a),
+                    Err(Rejection::Overloaded { .. }) => {
+                        shed_at.insert(class, inflight);
+                    }
+                    Err(other) => panic!("{other:?}"),
+                }
+            }
+        }
+        held.push(guard.admit(&hold, Class::Pay).unwrap());
+    }
+    assert_eq!(shed_at.get(&Class::Stats), Some(&50));
+    assert_eq!(shed_at.get(&Class::Browse), Some(&70));
+    assert_eq!(shed_at.get(&Class::Purchase), Some(&90));
+    assert_eq!(shed_at.get(&Class::Pay), None, "pay is shed only at the full limit");
+    assert!(matches!(guard.admit(&probe, Class::Pay), Err(Rejection::Overloaded { .. })));
+    held.clear();
+    assert!(guard.admit(&probe, Class::Stats).is_ok());
+}
+
+#[test]
+fn the_bbr_check_applies_only_under_cpu_pressure() {
+    let rules = GuardRules {
+        system: stampede_guard::rules::SystemRule {
+            cpu_threshold: Some(0.8),
+            ..Default::default()
+        },
+        ..GuardRules::default()
+    };
+    let guard = Guard::new(rules).unwrap();
+    let x = guard.resource("x");
+    guard.pin_cpu(0.95);
+    // With no completions measured yet there is no estimate: nothing is refused.
+    let mut held: Vec<_> = (0..100).map(|_| guard.admit(&x, Class::Purchase).unwrap()).collect();
+    held.clear();
+    // Teach it a rate: many short requests over a few hundred milliseconds.
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_millis(350) {
+        drop(guard.admit(&x, Class::Pay).unwrap());
+    }
+    let limit = guard.stats().bbr_limit;
+    assert!(limit >= stampede_guard::MIN_BBR_LIMIT, "{limit}");
+    // Hold requests until refusals start: at about the limit × the class share.
+    let mut refused_at = None;
+    for i in 0..100_000 {
+        match guard.admit(&x, Class::Purchase) {
+            Ok(a) => held.push(a),
+            Err(Rejection::Overloaded { .. }) => {
+                refused_at = Some(i);
+                break;
+            }
+            Err(other) => panic!("{other:?}"),
+        }
+    }
+    let refused_at = refused_at.expect("refused under pressure") as f64;
+    let limit = guard.stats().bbr_limit;
+    assert!((refused_at - limit * 0.9).abs() <= 2.0, "refused at {refused_at}, limit {limit}");
+    // Without CPU pressure the same in-flight count passes.
+    guard.pin_cpu(0.1);
+    assert!(guard.admit(&x, Class::Purchase).is_ok());
+}
+
+#[test]
+fn an_open_breaker_refuses_outbound_calls_at_once() {
+    let rules = GuardRules {
+        breakers: vec![BreakerRule {
+            min_calls: 5,
+            open_for: Duration::from_millis(200),
+            half_open_probes: 1,
+            ..BreakerRule::payment_default()
+        }],
+        ..GuardRules::default()
+    };
+    let guard = Guard::new(rules).unwrap();
+    for _ in 0..5 {
+        guard.outbound("payment").unwrap().unwrap().finish(false);
+    }
+    let t = Instant::now();
+    let refused = guard.outbound("payment").err().expect("open");
+    assert!(t.elapsed() < Duration::from_millis(1));
+    assert!(matches!(refused, Rejection::CircuitOpen { .. }));
+    assert!(refused.retry_after() <= Duration::from_millis(200));
+    let state = guard.stats().breakers;
+    assert_eq!(state, vec![("payment".to_owned(), BreakerState::Open)]);
+    std::thread::sleep(Duration::from_millis(210));
+    let probe = guard.outbound("payment").unwrap().unwrap();
+    probe.finish(true);
+    assert_eq!(guard.stats().breakers[0].1, BreakerState::Closed);
+    // A dependency without a breaker is never refused.
+    assert!(guard.outbound("nowhere").unwrap().is_none());
+}
+
+fn resident_bytes() -> usize {
+    let statm = std::fs::read_to_string("/proc/self/statm").expect("Linux /proc");
+    let pages: usize = statm.split_whitespace().nth(1).unwrap().parse().unwrap();
+    pages * 4096
+}
+
+#[test]
+fn a_million_distinct_shoppers_do_not_grow_memory_past_the_bound() {
+    let guard = Guard::new(GuardRules::default()).unwrap();
+    let bound = guard.stats().hot_memory_bytes;
+    assert_eq!(bound, stampede_guard::HOT_SLOTS * 16);
+    let before = resident_bytes();
+    let mut key = String::new();
+    for i in 0..1_000_000u32 {
+        key.clear();
+        use std::fmt::Write;
+        write!(key, "shopper-{i}").unwrap();
+        let _ = guard.check_hot(&guard.resource("purchase"), Param::Shopper, &key);
+    }
+    let grown = resident_bytes().saturating_sub(before);
+    // The table's pages are touched (at most its size) and nothing else grows.
+    assert!(grown <= bound + (2 << 20), "grew {grown} bytes, bound {bound}");
+    assert_eq!(guard.stats().hot_memory_bytes, bound);
+    // The limit still holds per shopper after all of that.
+    for _ in 0..20 {
+        guard.check_hot(&guard.resource("purchase"), Param::Shopper, "scalper").unwrap();
+    }
+    assert!(matches!(
+        guard.check_hot(&guard.resource("purchase"), Param::Shopper, "scalper"),
+        Err(Rejection::Throttled { .. })
+    ));
+}
+
+#[test]
+fn the_shipped_default_limits_each_shopper_to_ten_a_second_with_a_burst_of_twenty() {
+    let guard = Guard::new(GuardRules::default()).unwrap();
+    let admitted = (0..100)
+        .filter(|_| guard.check_hot(&guard.resource("purchase"), Param::Shopper, "bot").is_ok())
+        .count();
+    assert_eq!(admitted, 20);
+    // Another shopper is not affected.
+    assert!(guard.check_hot(&guard.resource("purchase"), Param::Shopper, "person").is_ok());
+    // Other resources have no shopper rule.
+    assert!(guard.check_hot(&guard.resource("browse"), Param::Shopper, "bot").is_ok());
+}
+
+#[test]
+fn rules_are_replaced_by_version_and_dry_run_blocks_nothing() {
+    let guard = Guard::new(GuardRules::default()).unwrap();
+    let mut next = rules_with(vec![flow("purchase", 1.0, 1, Behavior::Reject)]);
+    next.version = 5;
+    let err = guard.replace(next.clone()).unwrap_err();
+    assert_eq!(err[0].field, "version");
+    next.version = 1;
+    next.dry_run = true;
+    assert_eq!(guard.replace(next.clone()), Ok(1));
+    assert_eq!(guard.rules(), next);
+    for _ in 0..10 {
+        drop(guard.admit(&guard.resource("purchase"), Class::Purchase).unwrap());
+    }
+    let stats = guard.stats();
+    let purchase = stats.resources.iter().find(|r| r.resource == "purchase").unwrap();
+    assert_eq!(purchase.total.would_block, 9);
+    assert_eq!(purchase.total.blocked_throttled, 0);
+    // An invalid change is refused whole and the old rules stay.
+    let mut bad = next.clone();
+    bad.version = 2;
+    bad.flow[0].qps = Some(-1.0);
+    assert!(guard.replace(bad).is_err());
+    assert_eq!(guard.rules().version, 1);
+}
+
+#[test]
+fn degraded_classes_answer_at_once() {
+    let guard = Guard::new(GuardRules {
+        degraded: vec![Class::Stats],
+        hot: vec![HotRule {
+            name: "per_ip".into(),
+            resource: "browse".into(),
+            param: Param::ClientIp,
+            qps: 1.0,
+            burst: 1,
+            dry_run: false,
+        }],
+        ..GuardRules::default()
+    })
+    .unwrap();
+    assert!(matches!(
+        guard.admit(&guard.resource("stats"), Class::Stats),
+        Err(Rejection::Degraded { class: Class::Stats })
+    ));
+    assert!(guard.admit(&guard.resource("browse"), Class::Browse).is_ok());
+    assert!(guard.check_hot(&guard.resource("browse"), Param::ClientIp, "10.0.0.1").is_ok());
+    assert!(guard.check_hot(&guard.resource("browse"), Param::ClientIp, "10.0.0.1").is_err());
+}
