@@ -151,6 +151,41 @@ impl From<PurchaseError> for ApiError {
     }
 }
 
+/// Whole seconds for `Retry-After`, rounded up, at least 1.
+fn retry_seconds(d: std::time::Duration) -> u32 {
+    (d.as_millis() as u64).div_ceil(1000).clamp(1, 3600) as u32
+}
+
+impl From<stampede_guard::Rejection> for ApiError {
+    fn from(rejection: stampede_guard::Rejection) -> Self {
+        use stampede_guard::Rejection;
+        let retry = retry_seconds(rejection.retry_after());
+        match rejection {
+            Rejection::Throttled { rule, .. } => ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "throttled",
+                format!("too many requests ({rule}); retry later"),
+            ),
+            Rejection::Overloaded { .. } => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "overloaded",
+                "the server is at capacity; retry later",
+            ),
+            Rejection::Degraded { class } => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "degraded",
+                format!("{} requests are switched off for now", class.name()),
+            ),
+            Rejection::CircuitOpen { name, .. } => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "circuit_open",
+                format!("{name} is unavailable; retry later"),
+            ),
+        }
+        .retry_after(retry)
+    }
+}
+
 impl From<OrderError> for ApiError {
     fn from(error: OrderError) -> Self {
         let message = error.to_string();
@@ -166,6 +201,10 @@ impl From<OrderError> for ApiError {
             }
             OrderError::PaymentTimeout => {
                 ApiError::new(StatusCode::GATEWAY_TIMEOUT, "payment_timeout", message)
+            }
+            OrderError::PaymentCircuitOpen(retry_after_ms) => {
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "circuit_open", message)
+                    .retry_after(retry_after_ms.div_ceil(1000).clamp(1, 3600) as u32)
             }
             OrderError::Overloaded => ApiError::overloaded(message),
             OrderError::Unavailable => ApiError::unavailable(message),

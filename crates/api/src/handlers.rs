@@ -288,6 +288,13 @@ pub async fn purchase(
     })?)?;
     let quantity = Quantity::parse(body.quantity)?;
     let sale_id = parse_sale_id(&id)?;
+    // Per-shopper and per-sale limits before anything costs: a scalper's 21st attempt
+    // in a second gets 429 without touching the engine.
+    let resource = &app.guarded.purchase;
+    app.guard
+        .check_hot(resource, stampede_guard::Param::Shopper, user.as_str())?;
+    app.guard
+        .check_hot(resource, stampede_guard::Param::Sale, id.as_str())?;
     let purchase = app.engine.purchase(user, key, sale_id, quantity).await?;
     let status = if purchase.replay {
         StatusCode::OK
@@ -458,6 +465,7 @@ pub async fn readyz(State(app): State<AppState>) -> Result<&'static str, ApiErro
 #[utoipa::path(get, path = "/metrics", responses((status = 200, description = "Prometheus text format")))]
 pub async fn metrics(State(app): State<AppState>) -> Response {
     metrics::gauge!("stampede_writer_queue_depth").set(app.engine.queue_depth() as f64);
+    app.guard.export_metrics();
     metrics::gauge!("stampede_writer_queue_capacity").set(app.engine.queue_capacity() as f64);
     // Process memory, threads and descriptors (`process_*`), CPU time to the microsecond
     // (`process_cpu_seconds_total` is in whole seconds) and the cores the machine has,
@@ -494,4 +502,107 @@ pub async fn openapi(State(app): State<AppState>) -> Response {
 
 pub async fn not_found() -> ApiError {
     ApiError::not_found("not_found", "no such route")
+}
+
+// ---- guard -----------------------------------------------------------------------------
+
+/// The key the guard's rules are kept under in the store.
+pub const GUARD_RULES_KEY: &str = "guard_rules";
+
+/// Validates, persists, then swaps in new rules (in that order, one change at a time):
+/// rules that answer 200 survive a restart.
+async fn change_rules(
+    app: &AppState,
+    change: impl FnOnce(&mut stampede_guard::GuardRules),
+) -> Result<stampede_guard::GuardRules, ApiError> {
+    let _one = app.rules_change.lock().await;
+    let mut rules = app.guard.rules();
+    let current = rules.version;
+    change(&mut rules);
+    if rules.version != current + 1 {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "version_conflict",
+            format!(
+                "version must be {} (the current version is {current})",
+                current + 1
+            ),
+        ));
+    }
+    rules.validate().map_err(rule_errors)?;
+    let json = serde_json::to_string(&rules).expect("rules serialise");
+    app.engine
+        .store()
+        .save_setting(GUARD_RULES_KEY, &json)
+        .await
+        .map_err(|e| ApiError::unavailable(format!("the rules could not be saved: {e}")))?;
+    app.guard.replace(rules.clone()).map_err(rule_errors)?;
+    tracing::info!(
+        version = rules.version,
+        dry_run = rules.dry_run,
+        "guard rules changed"
+    );
+    Ok(rules)
+}
+
+fn rule_errors(errors: Vec<stampede_guard::RuleError>) -> ApiError {
+    let message = errors
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("; ");
+    ApiError::bad_request("invalid_rules", message)
+}
+
+#[utoipa::path(get, path = "/v1/guard/rules",
+    responses((status = 200, description = "the guard's rules and their version"), (status = 401, body = ErrorBody)))]
+pub async fn get_guard_rules(State(app): State<AppState>, _admin: Admin) -> Response {
+    Json(app.guard.rules()).into_response()
+}
+
+#[utoipa::path(put, path = "/v1/guard/rules",
+    responses((status = 200, description = "rules replaced, persisted and live"),
+              (status = 400, description = "invalid_rules: every problem, each naming its field", body = ErrorBody),
+              (status = 409, description = "version_conflict: send the current version + 1", body = ErrorBody)))]
+pub async fn put_guard_rules(
+    State(app): State<AppState>,
+    _admin: Admin,
+    JsonBody(rules): JsonBody<stampede_guard::GuardRules>,
+) -> Result<Response, ApiError> {
+    let rules = change_rules(&app, move |current| *current = rules).await?;
+    Ok(Json(rules).into_response())
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DegradeRequest {
+    /// pay, purchase, browse or stats
+    #[schema(value_type = String)]
+    pub class: stampede_guard::Class,
+    /// true switches the class off (503 `degraded`), false back on.
+    pub off: bool,
+}
+
+#[utoipa::path(post, path = "/v1/guard/degrade", request_body = DegradeRequest,
+    responses((status = 200, description = "the new rules (a new version)"), (status = 401, body = ErrorBody)))]
+pub async fn degrade(
+    State(app): State<AppState>,
+    _admin: Admin,
+    JsonBody(body): JsonBody<DegradeRequest>,
+) -> Result<Response, ApiError> {
+    let rules = change_rules(&app, move |rules| {
+        rules.version += 1;
+        rules.degraded.retain(|c| *c != body.class);
+        if body.off {
+            rules.degraded.push(body.class);
+        }
+    })
+    .await?;
+    Ok(Json(rules).into_response())
+}
+
+#[utoipa::path(get, path = "/v1/guard/stats",
+    responses((status = 200, description = "per resource: the last second (passed, blocked by reason, errors, mean RT) and totals")))]
+pub async fn guard_stats(State(app): State<AppState>) -> Response {
+    Json(app.guard.stats()).into_response()
 }

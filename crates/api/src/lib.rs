@@ -24,6 +24,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use stampede_engine::{Engine, PaymentGateway};
+use stampede_guard::{Class, Guard, Param};
 use tower_http::catch_panic::CatchPanicLayer;
 use utoipa::OpenApi;
 
@@ -44,6 +45,52 @@ pub struct App {
     pub payments: Arc<dyn PaymentGateway>,
     pub metrics: PrometheusHandle,
     pub openapi: Arc<str>,
+    pub guard: Arc<Guard>,
+    pub guarded: GuardedRoutes,
+    /// One rules change at a time (validate, persist, swap).
+    pub rules_change: tokio::sync::Mutex<()>,
+}
+
+/// The guard's resources for each guarded route, resolved once.
+pub struct GuardedRoutes {
+    routes: Vec<(&'static str, stampede_guard::Resource, Class)>,
+    pub purchase: stampede_guard::Resource,
+}
+
+/// Routes the guard decides on, and their class. Not listed, and never refused by the
+/// guard: `/healthz`, `/readyz`, `/metrics` (probes and scrapes must see the truth under
+/// load) and the admin writes (products, sales, guard rules: operators must be able to
+/// act during the surge).
+pub const GUARDED: &[(&str, Class)] = &[
+    ("pay", Class::Pay),
+    ("purchase", Class::Purchase),
+    ("cancel", Class::Purchase),
+    ("get_sale", Class::Browse),
+    ("get_product", Class::Browse),
+    ("get_order", Class::Browse),
+    ("list_orders", Class::Browse),
+    ("audit", Class::Stats),
+    ("openapi", Class::Stats),
+    ("guard_stats", Class::Stats),
+];
+
+impl GuardedRoutes {
+    pub fn new(guard: &Guard) -> GuardedRoutes {
+        GuardedRoutes {
+            routes: GUARDED
+                .iter()
+                .map(|(name, class)| (*name, guard.resource(name), *class))
+                .collect(),
+            purchase: guard.resource("purchase"),
+        }
+    }
+
+    fn get(&self, route: &str) -> Option<(&stampede_guard::Resource, Class)> {
+        self.routes
+            .iter()
+            .find(|(name, _, _)| *name == route)
+            .map(|(_, resource, class)| (resource, *class))
+    }
 }
 
 impl std::ops::Deref for AppState {
@@ -73,6 +120,10 @@ impl std::ops::Deref for AppState {
         handlers::healthz,
         handlers::readyz,
         handlers::metrics,
+        handlers::get_guard_rules,
+        handlers::put_guard_rules,
+        handlers::degrade,
+        handlers::guard_stats,
     ),
     components(schemas(error::ErrorBody, error::ErrorDetail))
 )]
@@ -131,6 +182,9 @@ fn route_label(path: Option<&MatchedPath>) -> &'static str {
         Some("/readyz") => "readyz",
         Some("/metrics") => "metrics",
         Some("/openapi.json") => "openapi",
+        Some("/v1/guard/rules") => "guard_rules",
+        Some("/v1/guard/stats") => "guard_stats",
+        Some("/v1/guard/degrade") => "guard_degrade",
         _ => "unmatched",
     }
 }
@@ -149,6 +203,49 @@ async fn track(request: Request, next: Next) -> Response {
         .increment(1);
     metrics::histogram!("stampede_http_request_seconds", "route" => route)
         .record(started.elapsed().as_secs_f64());
+    response
+}
+
+/// The guard in front of every guarded route: degradation, system protection with class
+/// priority, the route's flow rule, and per-client-IP / per-tenant hot keys when rules
+/// for them exist. Refusals answer 429 `throttled` or 503 `overloaded`, `degraded` with
+/// `Retry-After`, before any other work.
+async fn protect(
+    axum::extract::State(app): axum::extract::State<AppState>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let route = route_label(request.extensions().get::<MatchedPath>());
+    let Some((resource, class)) = app.guarded.get(route) else {
+        return next.run(request).await;
+    };
+    let mut admission = match app.guard.admit(resource, class) {
+        Ok(admission) => admission,
+        Err(rejection) => return ApiError::from(rejection).into_response(),
+    };
+    if let Some(axum::extract::ConnectInfo(peer)) = request
+        .extensions()
+        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+    {
+        if let Err(rejection) = app.guard.check_hot(resource, Param::ClientIp, &peer.ip()) {
+            return ApiError::from(rejection).into_response();
+        }
+    }
+    if let Some(tenant) = request.headers().get("x-tenant") {
+        if let Err(rejection) = app
+            .guard
+            .check_hot(resource, Param::Tenant, tenant.as_bytes())
+        {
+            return ApiError::from(rejection).into_response();
+        }
+    }
+    if !admission.wait.is_zero() {
+        tokio::time::sleep(admission.wait).await;
+    }
+    let response = next.run(request).await;
+    if response.status().is_server_error() {
+        admission.failed();
+    }
     response
 }
 
@@ -187,6 +284,10 @@ pub fn router(state: AppState, body_limit_bytes: usize) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(handlers::metrics))
         .route("/openapi.json", get(openapi))
+        .route("/v1/guard/rules", get(get_guard_rules).put(put_guard_rules))
+        .route("/v1/guard/degrade", post(degrade))
+        .route("/v1/guard/stats", get(guard_stats))
+        .route_layer(middleware::from_fn_with_state(state.clone(), protect))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn(track))
@@ -204,7 +305,8 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let engine = state.engine.clone();
-    let app = router(state, body_limit_bytes);
+    let app = router(state, body_limit_bytes)
+        .into_make_service_with_connect_info::<std::net::SocketAddr>();
     let (draining, mut drain_started) = tokio::sync::watch::channel(false);
     let server = axum::serve(listener, app).with_graceful_shutdown(async move {
         shutdown.await;

@@ -88,3 +88,34 @@ impl PaymentGateway for HttpPayments {
         self.post("/v1/refunds", idempotency_key, amount).await
     }
 }
+
+/// A payment provider behind the guard's `payment` circuit breaker: while the breaker is
+/// open, charges fail at once with `CircuitOpen` (503 `circuit_open`) instead of waiting
+/// for a provider that is down. Declines are the provider answering, not failing, so
+/// they do not count against it. Refunds always go through: money owed is never held
+/// back by a breaker.
+pub struct GuardedPayments {
+    pub inner: std::sync::Arc<dyn PaymentGateway>,
+    pub guard: std::sync::Arc<stampede_guard::Guard>,
+}
+
+#[async_trait]
+impl PaymentGateway for GuardedPayments {
+    async fn charge(&self, idempotency_key: &str, amount: Cents) -> Result<(), PaymentError> {
+        let call =
+            self.guard
+                .outbound("payment")
+                .map_err(|rejection| PaymentError::CircuitOpen {
+                    retry_after_ms: rejection.retry_after().as_millis() as u64,
+                })?;
+        let result = self.inner.charge(idempotency_key, amount).await;
+        if let Some(call) = call {
+            call.finish(matches!(result, Ok(()) | Err(PaymentError::Declined(_))));
+        }
+        result
+    }
+
+    async fn refund(&self, idempotency_key: &str, amount: Cents) -> Result<(), PaymentError> {
+        self.inner.refund(idempotency_key, amount).await
+    }
+}

@@ -137,6 +137,9 @@ pub enum OrderError {
     PaymentFailed(String),
     #[error("payment provider timed out")]
     PaymentTimeout,
+    /// The provider was not called (its breaker is open); the order stays payable.
+    #[error("payment provider unavailable, retry in {0} ms")]
+    PaymentCircuitOpen(u64),
     #[error("the write queue is full")]
     Overloaded,
     #[error("storage unavailable")]
@@ -504,6 +507,11 @@ impl Engine {
 
     pub fn now_ms(&self) -> i64 {
         self.shared.clock.now_ms()
+    }
+
+    /// The store the engine writes to (for settings kept beside the orders).
+    pub fn store(&self) -> Arc<dyn Store> {
+        self.shared.store.clone()
     }
 
     /// How many operations the writer's queue holds at most.
@@ -971,6 +979,11 @@ impl Engine {
                     // A decline is definite: nothing was charged, nothing to refund.
                     engine.shared.payment_attempts.lock().remove(&id);
                     OrderError::PaymentFailed(reason)
+                }
+                PaymentError::CircuitOpen { retry_after_ms } => {
+                    // Not even called: nothing was charged.
+                    engine.shared.payment_attempts.lock().remove(&id);
+                    OrderError::PaymentCircuitOpen(retry_after_ms)
                 }
                 other => OrderError::PaymentFailed(other.to_string()),
             })?;

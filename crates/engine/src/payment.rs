@@ -12,6 +12,9 @@ pub enum PaymentError {
     Unavailable(String),
     #[error("payment provider timed out")]
     Timeout,
+    /// Not called: the provider's circuit breaker is open. Nothing was charged.
+    #[error("payment provider unavailable (circuit open), retry in {retry_after_ms} ms")]
+    CircuitOpen { retry_after_ms: u64 },
 }
 
 #[async_trait]

@@ -131,4 +131,16 @@ pub trait Store: Send + Sync + 'static {
         per_user_limit: u32,
     ) -> Result<PendingTally, StoreError>;
     async fn ping(&self) -> Result<(), StoreError>;
+    /// A small named document kept beside the orders (e.g. the guard's rules), durable
+    /// when `save_setting` returns. Stores that keep none say `None` and refuse saves.
+    async fn load_setting(&self, key: &str) -> Result<Option<String>, StoreError> {
+        let _ = key;
+        Ok(None)
+    }
+    async fn save_setting(&self, key: &str, value: &str) -> Result<(), StoreError> {
+        let _ = (key, value);
+        Err(StoreError::Unavailable(
+            "this store keeps no settings".into(),
+        ))
+    }
 }

@@ -137,7 +137,11 @@ impl Breaker {
         // Totals over the buckets still inside the window.
         let oldest = epoch.saturating_sub(BUCKETS as u64 - 1);
         let (mut calls, mut errors, mut slows) = (0, 0, 0);
-        for b in inner.buckets.iter().filter(|b| b.epoch >= oldest && b.calls > 0) {
+        for b in inner
+            .buckets
+            .iter()
+            .filter(|b| b.epoch >= oldest && b.calls > 0)
+        {
             calls += b.calls;
             errors += b.errors;
             slows += b.slow;
@@ -145,8 +149,12 @@ impl Breaker {
         let r = &self.rule;
         let by_count = r.error_count.is_some_and(|n| errors >= n);
         let enough = calls >= r.min_calls.max(1);
-        let by_error = enough && r.error_ratio.is_some_and(|x| errors as f64 >= x * calls as f64);
-        let by_slow = enough && r.slow_ratio.is_some_and(|x| slows as f64 >= x * calls as f64);
+        let by_error = enough
+            && r.error_ratio
+                .is_some_and(|x| errors as f64 >= x * calls as f64);
+        let by_slow = enough
+            && r.slow_ratio
+                .is_some_and(|x| slows as f64 >= x * calls as f64);
         if by_count || by_error || by_slow {
             inner.state = State::Open;
             inner.opened_at = now;

@@ -108,7 +108,10 @@ mod tests {
             now += S / 10_000;
         }
         for start in (6 * S..7 * S).step_by((S / 7) as usize) {
-            let n = admitted.iter().filter(|&&a| a >= start && a < start + S).count();
+            let n = admitted
+                .iter()
+                .filter(|&&a| a >= start && a < start + S)
+                .count();
             assert!((99..=101).contains(&n), "{n} in the second from {start}");
         }
     }

@@ -35,7 +35,10 @@ pub const HOT_SLOTS: usize = 1 << 18;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Rejection {
     /// A flow or hot-parameter rule (429 `throttled`).
-    Throttled { rule: Arc<str>, retry_after: Duration },
+    Throttled {
+        rule: Arc<str>,
+        retry_after: Duration,
+    },
     /// System protection (503 `overloaded`).
     Overloaded { retry_after: Duration },
     /// The request's class is switched off (503 `degraded`).
@@ -235,7 +238,10 @@ impl Compiled {
             .iter()
             .map(|r| {
                 let resource = registry.resolve(&format!("outbound:{}", r.name));
-                (r.name.clone(), (Arc::new(Breaker::new(r.clone())), resource))
+                (
+                    r.name.clone(),
+                    (Arc::new(Breaker::new(r.clone())), resource),
+                )
             })
             .collect();
         Compiled {
@@ -397,7 +403,11 @@ impl Drop for Admission<'_> {
         let rt = now.saturating_sub(self.start);
         self.guard.system.inflight.fetch_sub(1, Ordering::Relaxed);
         self.guard.system.record(now, rt);
-        if let Some(flow) = self.concurrency.as_ref().and_then(|c| c.flow(self.resource.id)) {
+        if let Some(flow) = self
+            .concurrency
+            .as_ref()
+            .and_then(|c| c.flow(self.resource.id))
+        {
             flow.inflight.fetch_sub(1, Ordering::Relaxed);
         }
         let counters = &self.resource.counters;
@@ -600,7 +610,10 @@ impl Guard {
             }
             if let Some(qps) = rule.qps {
                 let verdict = match &rule.behavior {
-                    Behavior::Reject => flow.gcra.try_admit(now, interval_ns(qps), rule.burst).map(|_| 0),
+                    Behavior::Reject => flow
+                        .gcra
+                        .try_admit(now, interval_ns(qps), rule.burst)
+                        .map(|_| 0),
                     Behavior::WarmUp {
                         cold_factor,
                         period,
@@ -614,7 +627,10 @@ impl Guard {
                         let progress = (now.saturating_sub(warm) as f64 / period as f64).min(1.0);
                         let cold = qps / cold_factor;
                         let rate = cold + (qps - cold) * progress;
-                        let result = flow.gcra.try_admit(now, interval_ns(rate), rule.burst).map(|_| 0);
+                        let result = flow
+                            .gcra
+                            .try_admit(now, interval_ns(rate), rule.burst)
+                            .map(|_| 0);
                         if result.is_ok() {
                             flow.last_pass.store(now, Ordering::Relaxed);
                         }
@@ -658,7 +674,12 @@ impl Guard {
     }
 
     /// Checks the hot-parameter rules of `resource` for `param` = `key`.
-    pub fn check_hot(&self, resource: &Resource, param: Param, key: &str) -> Result<(), Rejection> {
+    pub fn check_hot<K: Hash + ?Sized>(
+        &self,
+        resource: &Resource,
+        param: Param,
+        key: &K,
+    ) -> Result<(), Rejection> {
         let compiled = self.compiled.load();
         let Some(rules) = compiled.hot.get(resource.id).filter(|r| !r.is_empty()) else {
             return Ok(());
@@ -769,7 +790,8 @@ impl Guard {
         for resource in self.registry.by_name.read().values() {
             let v = resource.counters.values();
             let r = resource.name.to_string();
-            metrics::counter!("stampede_guard_passed_total", "resource" => r.clone()).absolute(v.passed);
+            metrics::counter!("stampede_guard_passed_total", "resource" => r.clone())
+                .absolute(v.passed);
             for (reason, n) in REASONS.iter().zip([
                 v.blocked_throttled,
                 v.blocked_overloaded,
@@ -779,13 +801,17 @@ impl Guard {
                 metrics::counter!("stampede_guard_blocked_total", "resource" => r.clone(), "reason" => reason.name())
                     .absolute(n);
             }
-            metrics::counter!("stampede_guard_would_block_total", "resource" => r.clone()).absolute(v.would_block);
-            metrics::counter!("stampede_guard_errors_total", "resource" => r.clone()).absolute(v.errors);
-            metrics::gauge!("stampede_guard_rt_seconds_total", "resource" => r).set(v.rt_ns as f64 / 1e9);
+            metrics::counter!("stampede_guard_would_block_total", "resource" => r.clone())
+                .absolute(v.would_block);
+            metrics::counter!("stampede_guard_errors_total", "resource" => r.clone())
+                .absolute(v.errors);
+            metrics::gauge!("stampede_guard_rt_seconds_total", "resource" => r)
+                .set(v.rt_ns as f64 / 1e9);
         }
         metrics::gauge!("stampede_guard_inflight").set(self.inflight() as f64);
         metrics::gauge!("stampede_guard_cpu_share").set(self.cpu());
-        metrics::gauge!("stampede_guard_rules_version").set(self.compiled.load().rules.version as f64);
+        metrics::gauge!("stampede_guard_rules_version")
+            .set(self.compiled.load().rules.version as f64);
     }
 }
 

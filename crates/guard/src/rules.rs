@@ -269,7 +269,10 @@ impl GuardRules {
             })
         };
         let rate_ok = |q: f64| q.is_finite() && q > 0.0 && q <= 10_000_000.0;
-        if self.flow.len() > MAX_RULES || self.hot.len() > MAX_RULES || self.breakers.len() > MAX_RULES {
+        if self.flow.len() > MAX_RULES
+            || self.hot.len() > MAX_RULES
+            || self.breakers.len() > MAX_RULES
+        {
             err("rules".into(), "at most 256 rules of each kind");
         }
         let mut seen = std::collections::HashSet::new();
@@ -351,7 +354,10 @@ impl GuardRules {
                 }
             }
             if r.slow_ratio.is_none() && r.error_ratio.is_none() && r.error_count.is_none() {
-                err(f("error_ratio"), "give slow_ratio, error_ratio or error_count");
+                err(
+                    f("error_ratio"),
+                    "give slow_ratio, error_ratio or error_count",
+                );
             }
             if r.window < Duration::from_millis(100) || r.window > Duration::from_secs(600) {
                 err(f("window"), "must be within 100ms..=600s");
@@ -383,7 +389,11 @@ impl GuardRules {
                 "must not increase from pay to stats: a lower class may not get more than a higher one",
             );
         }
-        if errors.is_empty() { Ok(()) } else { Err(errors) }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(errors)
+        }
     }
 }
 
@@ -427,14 +437,19 @@ mod tests {
             "system.cpu_threshold",
             "system.class_shares",
         ] {
-            assert!(fields.contains(&expected), "{expected} missing from {fields:?}");
+            assert!(
+                fields.contains(&expected),
+                "{expected} missing from {fields:?}"
+            );
         }
     }
 
     #[test]
     fn unknown_fields_are_refused() {
-        let err = serde_json::from_value::<GuardRules>(serde_json::json!({"flow": [{"resource": "x", "qps": 1, "nope": 1}]}))
-            .unwrap_err();
+        let err = serde_json::from_value::<GuardRules>(
+            serde_json::json!({"flow": [{"resource": "x", "qps": 1, "nope": 1}]}),
+        )
+        .unwrap_err();
         assert!(err.to_string().contains("nope"));
     }
 }

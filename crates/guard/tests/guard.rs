@@ -48,7 +48,10 @@ fn hammer(guard: &Arc<Guard>, resource: &str, for_how_long: Duration) -> Vec<Dur
             })
         })
         .collect();
-    let mut all: Vec<Duration> = threads.into_iter().flat_map(|t| t.join().unwrap()).collect();
+    let mut all: Vec<Duration> = threads
+        .into_iter()
+        .flat_map(|t| t.join().unwrap())
+        .collect();
     all.sort();
     all
 }
@@ -57,19 +60,35 @@ fn hammer(guard: &Arc<Guard>, resource: &str, for_how_long: Duration) -> Vec<Dur
 fn a_qps_limit_holds_within_five_percent_over_five_seconds() {
     // A burst of 10 banks 10 ms of slots, so a caller thread descheduled for a few
     // milliseconds on a busy machine does not lose any.
-    let guard = Guard::new(rules_with(vec![flow("purchase", 1000.0, 10, Behavior::Reject)])).unwrap();
+    let guard = Guard::new(rules_with(vec![flow(
+        "purchase",
+        1000.0,
+        10,
+        Behavior::Reject,
+    )]))
+    .unwrap();
     let admitted = hammer(&guard, "purchase", Duration::from_secs(5));
     let n = admitted.len() as f64;
-    assert!((4750.0..=5250.0).contains(&n), "{n} admitted in 5 s at 1000/s");
+    assert!(
+        (4750.0..=5250.0).contains(&n),
+        "{n} admitted in 5 s at 1000/s"
+    );
     // And no second holds double the limit (no two-bucket window edge).
     for start_ms in (0..4000).step_by(250) {
         let from = Duration::from_millis(start_ms);
         let to = from + Duration::from_secs(1);
         let in_window = admitted.iter().filter(|t| **t >= from && **t < to).count();
-        assert!(in_window <= 1060, "{in_window} in the second from {start_ms} ms");
+        assert!(
+            in_window <= 1060,
+            "{in_window} in the second from {start_ms} ms"
+        );
     }
     let stats = guard.stats();
-    let purchase = stats.resources.iter().find(|r| r.resource == "purchase").unwrap();
+    let purchase = stats
+        .resources
+        .iter()
+        .find(|r| r.resource == "purchase")
+        .unwrap();
     assert_eq!(purchase.total.passed, admitted.len() as u64);
     assert!(purchase.total.blocked_throttled > 0);
 }
@@ -97,7 +116,10 @@ fn warm_up_starts_at_a_third_and_reaches_the_rate() {
     let first = count(0, 500);
     // Warm: 600/s, 300 per half second.
     let last = count(2_500, 3_000);
-    assert!((100.0..=150.0).contains(&first), "first half second: {first}");
+    assert!(
+        (100.0..=150.0).contains(&first),
+        "first half second: {first}"
+    );
     assert!((285.0..=315.0).contains(&last), "last half second: {last}");
     // The curve rises in between.
     let middle = count(1_000, 1_500);
@@ -135,7 +157,10 @@ fn pacing_spaces_requests_and_refuses_beyond_the_queue_bound() {
     assert!(waits.iter().all(|w| *w <= Duration::from_millis(200)));
     for pair in waits.windows(2) {
         let gap = pair[1].saturating_sub(pair[0]);
-        assert!(gap >= Duration::from_millis(9) && gap <= Duration::from_millis(11), "{gap:?}");
+        assert!(
+            gap >= Duration::from_millis(9) && gap <= Duration::from_millis(11),
+            "{gap:?}"
+        );
     }
 }
 
@@ -148,7 +173,10 @@ fn a_concurrency_limit_counts_requests_in_flight() {
     let pay = guard.resource("pay");
     let a = guard.admit(&pay, Class::Pay).unwrap();
     let b = guard.admit(&pay, Class::Pay).unwrap();
-    assert!(matches!(guard.admit(&pay, Class::Pay), Err(Rejection::Throttled { .. })));
+    assert!(matches!(
+        guard.admit(&pay, Class::Pay),
+        Err(Rejection::Throttled { .. })
+    ));
     drop(a);
     let c = guard.admit(&pay, Class::Pay).unwrap();
     drop((b, c));
@@ -186,8 +214,15 @@ fn lower_classes_are_shed_first() {
     assert_eq!(shed_at.get(&Class::Stats), Some(&50));
     assert_eq!(shed_at.get(&Class::Browse), Some(&70));
     assert_eq!(shed_at.get(&Class::Purchase), Some(&90));
-    assert_eq!(shed_at.get(&Class::Pay), None, "pay is shed only at the full limit");
-    assert!(matches!(guard.admit(&probe, Class::Pay), Err(Rejection::Overloaded { .. })));
+    assert_eq!(
+        shed_at.get(&Class::Pay),
+        None,
+        "pay is shed only at the full limit"
+    );
+    assert!(matches!(
+        guard.admit(&probe, Class::Pay),
+        Err(Rejection::Overloaded { .. })
+    ));
     held.clear();
     assert!(guard.admit(&probe, Class::Stats).is_ok());
 }
@@ -205,7 +240,9 @@ fn the_bbr_check_applies_only_under_cpu_pressure() {
     let x = guard.resource("x");
     guard.pin_cpu(0.95);
     // With no completions measured yet there is no estimate: nothing is refused.
-    let mut held: Vec<_> = (0..100).map(|_| guard.admit(&x, Class::Purchase).unwrap()).collect();
+    let mut held: Vec<_> = (0..100)
+        .map(|_| guard.admit(&x, Class::Purchase).unwrap())
+        .collect();
     held.clear();
     // Teach it a rate: many short requests over a few hundred milliseconds.
     let start = Instant::now();
@@ -228,7 +265,10 @@ fn the_bbr_check_applies_only_under_cpu_pressure() {
     }
     let refused_at = refused_at.expect("refused under pressure") as f64;
     let limit = guard.stats().bbr_limit;
-    assert!((refused_at - limit * 0.9).abs() <= 2.0, "refused at {refused_at}, limit {limit}");
+    assert!(
+        (refused_at - limit * 0.9).abs() <= 2.0,
+        "refused at {refused_at}, limit {limit}"
+    );
     // Without CPU pressure the same in-flight count passes.
     guard.pin_cpu(0.1);
     assert!(guard.admit(&x, Class::Purchase).is_ok());
@@ -285,11 +325,16 @@ fn a_million_distinct_shoppers_do_not_grow_memory_past_the_bound() {
     }
     let grown = resident_bytes().saturating_sub(before);
     // The table's pages are touched (at most its size) and nothing else grows.
-    assert!(grown <= bound + (2 << 20), "grew {grown} bytes, bound {bound}");
+    assert!(
+        grown <= bound + (2 << 20),
+        "grew {grown} bytes, bound {bound}"
+    );
     assert_eq!(guard.stats().hot_memory_bytes, bound);
     // The limit still holds per shopper after all of that.
     for _ in 0..20 {
-        guard.check_hot(&guard.resource("purchase"), Param::Shopper, "scalper").unwrap();
+        guard
+            .check_hot(&guard.resource("purchase"), Param::Shopper, "scalper")
+            .unwrap();
     }
     assert!(matches!(
         guard.check_hot(&guard.resource("purchase"), Param::Shopper, "scalper"),
@@ -301,13 +346,25 @@ fn a_million_distinct_shoppers_do_not_grow_memory_past_the_bound() {
 fn the_shipped_default_limits_each_shopper_to_ten_a_second_with_a_burst_of_twenty() {
     let guard = Guard::new(GuardRules::default()).unwrap();
     let admitted = (0..100)
-        .filter(|_| guard.check_hot(&guard.resource("purchase"), Param::Shopper, "bot").is_ok())
+        .filter(|_| {
+            guard
+                .check_hot(&guard.resource("purchase"), Param::Shopper, "bot")
+                .is_ok()
+        })
         .count();
     assert_eq!(admitted, 20);
     // Another shopper is not affected.
-    assert!(guard.check_hot(&guard.resource("purchase"), Param::Shopper, "person").is_ok());
+    assert!(
+        guard
+            .check_hot(&guard.resource("purchase"), Param::Shopper, "person")
+            .is_ok()
+    );
     // Other resources have no shopper rule.
-    assert!(guard.check_hot(&guard.resource("browse"), Param::Shopper, "bot").is_ok());
+    assert!(
+        guard
+            .check_hot(&guard.resource("browse"), Param::Shopper, "bot")
+            .is_ok()
+    );
 }
 
 #[test]
@@ -322,10 +379,18 @@ fn rules_are_replaced_by_version_and_dry_run_blocks_nothing() {
     assert_eq!(guard.replace(next.clone()), Ok(1));
     assert_eq!(guard.rules(), next);
     for _ in 0..10 {
-        drop(guard.admit(&guard.resource("purchase"), Class::Purchase).unwrap());
+        drop(
+            guard
+                .admit(&guard.resource("purchase"), Class::Purchase)
+                .unwrap(),
+        );
     }
     let stats = guard.stats();
-    let purchase = stats.resources.iter().find(|r| r.resource == "purchase").unwrap();
+    let purchase = stats
+        .resources
+        .iter()
+        .find(|r| r.resource == "purchase")
+        .unwrap();
     assert_eq!(purchase.total.would_block, 9);
     assert_eq!(purchase.total.blocked_throttled, 0);
     // An invalid change is refused whole and the old rules stay.
@@ -353,9 +418,23 @@ fn degraded_classes_answer_at_once() {
     .unwrap();
     assert!(matches!(
         guard.admit(&guard.resource("stats"), Class::Stats),
-        Err(Rejection::Degraded { class: Class::Stats })
+        Err(Rejection::Degraded {
+            class: Class::Stats
+        })
     ));
-    assert!(guard.admit(&guard.resource("browse"), Class::Browse).is_ok());
-    assert!(guard.check_hot(&guard.resource("browse"), Param::ClientIp, "10.0.0.1").is_ok());
-    assert!(guard.check_hot(&guard.resource("browse"), Param::ClientIp, "10.0.0.1").is_err());
+    assert!(
+        guard
+            .admit(&guard.resource("browse"), Class::Browse)
+            .is_ok()
+    );
+    assert!(
+        guard
+            .check_hot(&guard.resource("browse"), Param::ClientIp, "10.0.0.1")
+            .is_ok()
+    );
+    assert!(
+        guard
+            .check_hot(&guard.resource("browse"), Param::ClientIp, "10.0.0.1")
+            .is_err()
+    );
 }

@@ -47,6 +47,9 @@ pub struct Config {
     pub log: String,
     /// Threads of the async runtime; unset means one per core.
     pub worker_threads: Option<usize>,
+    /// The guard's rules (`[guard]` in the TOML file). Rules changed through the admin
+    /// API are kept in the store and win over these unless these carry a higher version.
+    pub guard: stampede_guard::GuardRules,
 }
 
 impl Default for Config {
@@ -66,6 +69,7 @@ impl Default for Config {
             jwt_secret: None,
             log: "info".into(),
             worker_threads: None,
+            guard: stampede_guard::GuardRules::default(),
         }
     }
 }
@@ -309,15 +313,26 @@ pub async fn start(
             .await
             .context("rebuild state from the store")?,
     );
+    let rules = guard_rules(config, &engine).await?;
+    let guard = stampede_guard::Guard::new(rules).map_err(|errors| {
+        let all: Vec<String> = errors.iter().map(ToString::to_string).collect();
+        anyhow::anyhow!("invalid guard rules: {}", all.join("; "))
+    })?;
     let state = AppState(Arc::new(stampede_api::App {
         engine: engine.clone(),
         auth: Auth::new(admin_token.clone(), &jwt_secret),
-        payments: Arc::new(stampede_api::payment::HttpPayments::new(
-            &config.payment_url,
-            config.payment_timeout,
-        )),
+        payments: Arc::new(stampede_api::payment::GuardedPayments {
+            inner: Arc::new(stampede_api::payment::HttpPayments::new(
+                &config.payment_url,
+                config.payment_timeout,
+            )),
+            guard: guard.clone(),
+        }),
         metrics: stampede_api::metrics_handle(),
         openapi: Arc::from(stampede_api::openapi_json()),
+        guarded: stampede_api::GuardedRoutes::new(&guard),
+        guard,
+        rules_change: tokio::sync::Mutex::new(()),
     }));
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
@@ -351,6 +366,32 @@ pub async fn start(
 }
 
 /// Resolves on SIGINT or SIGTERM.
+/// The rules the guard starts with: those kept in the store (changed through the admin
+/// API) unless the configuration carries a higher version.
+async fn guard_rules(
+    config: &Config,
+    engine: &Engine,
+) -> anyhow::Result<stampede_guard::GuardRules> {
+    let stored = engine
+        .store()
+        .load_setting(stampede_api::handlers::GUARD_RULES_KEY)
+        .await
+        .context("read the guard rules")?;
+    let stored = match stored.map(|json| serde_json::from_str::<stampede_guard::GuardRules>(&json))
+    {
+        None => None,
+        Some(Ok(rules)) => Some(rules),
+        Some(Err(e)) => {
+            tracing::error!(error = %e, "the stored guard rules cannot be read; using the configured ones");
+            None
+        }
+    };
+    Ok(match stored {
+        Some(rules) if rules.version >= config.guard.version => rules,
+        _ => config.guard.clone(),
+    })
+}
+
 pub async fn shutdown_signal() {
     let ctrl_c = async {
         let _ = tokio::signal::ctrl_c().await;

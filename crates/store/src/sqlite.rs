@@ -498,4 +498,33 @@ impl Store for SqliteStore {
             .map_err(unavailable)?;
         Ok(())
     }
+
+    async fn load_setting(&self, key: &str) -> Result<Option<String>, StoreError> {
+        let row = sqlx::query("SELECT value FROM settings WHERE key = ?")
+            .bind(key)
+            .fetch_optional(&self.readers)
+            .await
+            .map_err(unavailable)?;
+        Ok(row.map(|r| r.get::<String, _>("value")))
+    }
+
+    async fn save_setting(&self, key: &str, value: &str) -> Result<(), StoreError> {
+        // On the write connection, between the writer's batches; fsync'd (FULL) on commit.
+        let mut conn = self.writer.lock().await;
+        sqlx::query(
+            "INSERT INTO settings (key, value, updated_at_ms) VALUES (?, ?, ?) \
+             ON CONFLICT (key) DO UPDATE SET value = excluded.value, updated_at_ms = excluded.updated_at_ms",
+        )
+        .bind(key)
+        .bind(value)
+        .bind(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as i64),
+        )
+        .execute(&mut *conn)
+        .await
+        .map_err(unavailable)?;
+        Ok(())
+    }
 }
