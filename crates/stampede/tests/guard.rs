@@ -1,0 +1,309 @@
+//! The guard over HTTP: the shipped per-shopper limit, flow rules and degradation set
+//! through the admin API, rules kept across a restart, the payment breaker, dry run and
+//! the stats endpoint.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::{Value, json};
+
+async fn put_rules(app: &TestApp, token: Option<&str>, rules: &Value) -> Reply {
+    let mut request = app.client.put(app.url("/v1/guard/rules")).json(rules);
+    if let Some(token) = token {
+        request = request.bearer_auth(token);
+    }
+    send(request).await
+}
+
+async fn rules(app: &TestApp) -> Value {
+    let reply = app.get("/v1/guard/rules", Some(&app.admin)).await;
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    reply.body
+}
+
+#[tokio::test]
+async fn a_scalper_gets_429s_and_other_shoppers_do_not_notice() {
+    let app = spawn_app().await;
+    let sale = app.live_sale("GUARD-SCALP", 1_000, 1_000).await;
+    let scalper = app.shopper("scalper");
+    let mut statuses = Vec::new();
+    for i in 0..30 {
+        let reply = app
+            .purchase_reply(&scalper, &sale, &format!("scalp-{i}"), 1)
+            .await;
+        if reply.status == 429 {
+            assert_error(&reply, 429, "throttled");
+            let retry: u64 = reply.headers["retry-after"]
+                .to_str()
+                .unwrap()
+                .parse()
+                .unwrap();
+            assert!(retry >= 1);
+        }
+        statuses.push(reply.status);
+    }
+    // The shipped default: a burst of 20 at once (then 10/s).
+    let ok = statuses.iter().filter(|s| **s == 201).count();
+    let throttled = statuses.iter().filter(|s| **s == 429).count();
+    assert!((20..=21).contains(&ok), "{statuses:?}");
+    assert_eq!(ok + throttled, 30, "{statuses:?}");
+    // A person buying next to the scalper is not affected.
+    let (status, _) = app.purchase(&app.shopper("person"), &sale, "p-1", 1).await;
+    assert_eq!(status, 201);
+    // Throttled attempts took no stock.
+    let audit = app
+        .get(&format!("/v1/flash-sales/{sale}/audit"), Some(&app.admin))
+        .await;
+    assert_eq!(audit.body["pending_payment"], ok as u64 + 1);
+}
+
+#[tokio::test]
+async fn rule_changes_are_validated_versioned_and_survive_a_restart() {
+    let mut app = spawn_app().await;
+    let current = rules(&app).await;
+    assert_eq!(current["version"], 0);
+    assert_eq!(current["hot"][0]["qps"], 10.0);
+
+    // Only the admin may change them.
+    let mut next = current.clone();
+    next["version"] = json!(1);
+    next["flow"] = json!([{"resource": "purchase", "qps": 5.0, "burst": 5}]);
+    let reply = put_rules(&app, Some(&app.shopper("eve")), &next).await;
+    assert_error(&reply, 401, "unauthorized");
+    // A stale version is a conflict.
+    let mut stale = next.clone();
+    stale["version"] = json!(0);
+    assert_error(
+        &put_rules(&app, Some(&app.admin), &stale).await,
+        409,
+        "version_conflict",
+    );
+    // Invalid rules: 400 naming each field; nothing changes.
+    let mut bad = next.clone();
+    bad["flow"] = json!([{"resource": "purchase", "qps": -1.0, "burst": 0}]);
+    let reply = put_rules(&app, Some(&app.admin), &bad).await;
+    assert_error(&reply, 400, "invalid_rules");
+    let message = reply.body["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("flow[0].qps") && message.contains("flow[0].burst"),
+        "{message}"
+    );
+    let mut unknown = next.clone();
+    unknown["flow"][0]["bogus"] = json!(1);
+    assert_error(
+        &put_rules(&app, Some(&app.admin), &unknown).await,
+        400,
+        "invalid_body",
+    );
+    assert_eq!(rules(&app).await["version"], 0);
+
+    // A valid change is live at once: the sixth purchase in a burst is throttled.
+    let reply = put_rules(&app, Some(&app.admin), &next).await;
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    let sale = app.live_sale("GUARD-FLOW", 100, 10).await;
+    let mut statuses = Vec::new();
+    for i in 0..8 {
+        let (status, _) = app
+            .purchase(&app.shopper(&format!("s{i}")), &sale, "k", 1)
+            .await;
+        statuses.push(status);
+    }
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 201).count(),
+        5,
+        "{statuses:?}"
+    );
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 429).count(),
+        3,
+        "{statuses:?}"
+    );
+
+    // Kept in the store: a restart comes back with version 1 and the flow rule.
+    app.restart().await;
+    let after = rules(&app).await;
+    assert_eq!(after["version"], 1);
+    assert_eq!(after["flow"][0]["resource"], "purchase");
+    assert_eq!(after["flow"][0]["qps"], 5.0);
+}
+
+#[tokio::test]
+async fn a_degraded_class_answers_503_and_the_rest_carries_on() {
+    let app = spawn_app().await;
+    let sale = app.live_sale("GUARD-DEGRADE", 10, 1).await;
+    let reply = app
+        .post_json(
+            "/v1/guard/degrade",
+            Some(&app.admin),
+            &json!({"class": "browse", "off": true}),
+        )
+        .await;
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    assert_eq!(reply.body["degraded"], json!(["browse"]));
+    let reply = app.get(&format!("/v1/flash-sales/{sale}"), None).await;
+    assert_error(&reply, 503, "degraded");
+    assert!(reply.headers.contains_key("retry-after"));
+    // Buying, health checks and metrics are untouched.
+    let (status, _) = app.purchase(&app.shopper("buyer"), &sale, "k1", 1).await;
+    assert_eq!(status, 201);
+    assert_eq!(app.get("/healthz", None).await.status, 200);
+    assert_eq!(app.get("/metrics", None).await.status, 200);
+    // And back on.
+    let reply = app
+        .post_json(
+            "/v1/guard/degrade",
+            Some(&app.admin),
+            &json!({"class": "browse", "off": false}),
+        )
+        .await;
+    assert_eq!(reply.status, 200);
+    assert_eq!(
+        app.get(&format!("/v1/flash-sales/{sale}"), None)
+            .await
+            .status,
+        200
+    );
+    // An unknown class is bad input.
+    let reply = app
+        .post_json(
+            "/v1/guard/degrade",
+            Some(&app.admin),
+            &json!({"class": "vip", "off": true}),
+        )
+        .await;
+    assert_error(&reply, 400, "invalid_body");
+}
+
+#[tokio::test]
+async fn an_open_payment_breaker_answers_at_once_and_closes_when_the_provider_heals() {
+    let app = spawn_app_with(|config| {
+        config.guard.breakers[0].min_calls = 4;
+        config.guard.breakers[0].open_for = Duration::from_millis(500);
+        config.guard.breakers[0].half_open_probes = 1;
+    })
+    .await;
+    let sale = app.live_sale("GUARD-BREAKER", 20, 10).await;
+    let buyer = app.shopper("payer");
+    let mut orders = Vec::new();
+    for i in 0..6 {
+        let (status, body) = app.purchase(&buyer, &sale, &format!("b{i}"), 1).await;
+        assert_eq!(status, 201);
+        orders.push(body["order_id"].as_str().unwrap().to_owned());
+    }
+    app.sim.configure(0, 1.0).await; // every charge fails
+    for order in &orders[..4] {
+        assert_error(&app.pay(&buyer, order).await, 502, "payment_failed");
+    }
+    // Open: refused without calling the provider, fast, with Retry-After.
+    let calls_before = app.sim.stats().await;
+    let t = Instant::now();
+    let reply = app.pay(&buyer, &orders[4]).await;
+    assert_error(&reply, 503, "circuit_open");
+    assert!(reply.headers.contains_key("retry-after"));
+    assert!(
+        t.elapsed() < Duration::from_millis(200),
+        "{:?}",
+        t.elapsed()
+    );
+    assert_eq!(
+        app.sim.stats().await,
+        calls_before,
+        "the provider was not called"
+    );
+    let stats = app.get("/v1/guard/stats", None).await.body;
+    assert_eq!(stats["breakers"][0], json!(["payment", "open"]));
+    // The order stays payable: once the provider heals and the breaker has waited,
+    // a probe goes through and closes it.
+    app.sim.configure(0, 0.0).await;
+    tokio::time::sleep(Duration::from_millis(550)).await;
+    assert_eq!(app.pay(&buyer, &orders[4]).await.status, 200);
+    assert_eq!(app.pay(&buyer, &orders[5]).await.status, 200);
+    let stats = app.get("/v1/guard/stats", None).await.body;
+    assert_eq!(stats["breakers"][0], json!(["payment", "closed"]));
+}
+
+#[tokio::test]
+async fn dry_run_counts_what_it_would_block_and_blocks_nothing() {
+    let app = spawn_app_with(|config| {
+        config.guard.dry_run = true;
+        config.guard.flow = vec![stampede_guard::FlowRule {
+            resource: "get_sale".into(),
+            qps: Some(1.0),
+            burst: 1,
+            behavior: stampede_guard::Behavior::Reject,
+            max_concurrency: None,
+            dry_run: false,
+        }];
+    })
+    .await;
+    let sale = app.live_sale("GUARD-DRY", 10, 1).await;
+    for _ in 0..5 {
+        assert_eq!(
+            app.get(&format!("/v1/flash-sales/{sale}"), None)
+                .await
+                .status,
+            200
+        );
+    }
+    let stats = app.get("/v1/guard/stats", None).await.body;
+    assert_eq!(stats["dry_run"], true);
+    let get_sale = stats["resources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["resource"] == "get_sale")
+        .unwrap();
+    assert_eq!(get_sale["total"]["passed"], 5);
+    assert_eq!(get_sale["total"]["would_block"], 4);
+    assert_eq!(get_sale["total"]["blocked_throttled"], 0);
+    // The same figures, per resource and reason, in /metrics.
+    let metrics = app
+        .client
+        .get(app.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains(r#"stampede_guard_would_block_total{resource="get_sale"} 4"#),
+        "{metrics}"
+    );
+    assert!(metrics.contains(r#"stampede_guard_passed_total{resource="get_sale"} 5"#));
+    assert!(metrics.contains("stampede_guard_blocked_total{"));
+}
+
+#[tokio::test]
+async fn the_stats_endpoint_shows_the_last_second_per_resource() {
+    let app = spawn_app().await;
+    let sale = app.live_sale("GUARD-STATS", 10, 1).await;
+    for _ in 0..3 {
+        app.get(&format!("/v1/flash-sales/{sale}"), None).await;
+    }
+    // The per-second view is taken once a second.
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    let stats = app.get("/v1/guard/stats", None).await.body;
+    let get_sale = stats["resources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["resource"] == "get_sale")
+        .unwrap()
+        .clone();
+    assert_eq!(get_sale["total"]["passed"], 3);
+    assert!(get_sale["last_second"]["passed"].as_u64().unwrap() <= 3);
+    for key in [
+        "inflight",
+        "cpu",
+        "bbr_limit",
+        "degraded",
+        "breakers",
+        "hot_memory_bytes",
+    ] {
+        assert!(stats.get(key).is_some(), "stats.{key}");
+    }
+    assert_eq!(stats["hot_memory_bytes"], stampede_guard::HOT_SLOTS * 16);
+}
