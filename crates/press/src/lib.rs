@@ -152,6 +152,17 @@ pub struct PressArgs {
     /// No live progress bar.
     #[arg(long)]
     pub quiet: bool,
+    /// On 429/503 with Retry-After: `honor` ends the session and, for virtual users,
+    /// waits that long (±50%) before the next, as well-behaved clients do; `ignore`
+    /// carries on at once.
+    #[arg(long, value_enum, default_value = "ignore")]
+    pub retry_after: RetryAfter,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum RetryAfter {
+    Honor,
+    Ignore,
 }
 
 impl PressArgs {
@@ -533,6 +544,7 @@ async fn execute(args: &PressArgs, p: Prepared, progress: bool) -> anyhow::Resul
         timeout: args.timeout.into(),
         drain: args.drain.into(),
         max_receipts: 2_000_000,
+        honor_retry_after: args.retry_after == RetryAfter::Honor,
     };
     let duration = p.model.duration();
     let started_at = chrono::Utc::now();
@@ -654,6 +666,11 @@ async fn execute(args: &PressArgs, p: Prepared, progress: bool) -> anyhow::Resul
                 .statuses
                 .iter()
                 .map(|(k, v)| (k.to_string(), *v))
+                .collect(),
+            latency_by_status: s
+                .by_status
+                .iter()
+                .map(|(k, h)| (k.to_string(), LatencyMs::of(h)))
                 .collect(),
             error_codes: s.codes.clone(),
             transport_errors: s

@@ -56,6 +56,9 @@ pub struct StepReport {
     pub achieved_rps: f64,
     pub latency_ms: LatencyMs,
     pub statuses: BTreeMap<String, u64>,
+    /// Latency of the answers with each status.
+    #[serde(default)]
+    pub latency_by_status: BTreeMap<String, LatencyMs>,
     pub error_codes: BTreeMap<String, u64>,
     pub transport_errors: BTreeMap<String, u64>,
 }
@@ -131,7 +134,10 @@ impl Report {
             let statuses: Vec<String> = s
                 .statuses
                 .iter()
-                .map(|(k, v)| format!("{k}:{v}"))
+                .map(|(k, v)| match s.latency_by_status.get(k) {
+                    Some(l) if s.statuses.len() > 1 => format!("{k}:{v} (p99 {:.2} ms)", l.p99),
+                    _ => format!("{k}:{v}"),
+                })
                 .chain(s.error_codes.iter().map(|(k, v)| format!("{k}:{v}")))
                 .chain(s.transport_errors.iter().map(|(k, v)| format!("{k}:{v}")))
                 .collect();
@@ -223,6 +229,7 @@ pub(crate) fn sample_report() -> Report {
             achieved_rps: 3.0,
             latency_ms: LatencyMs::default(),
             statuses: BTreeMap::from([("201".into(), 3)]),
+            latency_by_status: BTreeMap::new(),
             error_codes: BTreeMap::new(),
             transport_errors: BTreeMap::new(),
         }],

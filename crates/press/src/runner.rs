@@ -84,6 +84,9 @@ pub struct RunSpec {
     pub drain: Duration,
     /// Bound on the receipts kept for the books check.
     pub max_receipts: usize,
+    /// On 429/503 with `Retry-After`, end the session and (closed model) wait that long
+    /// before the next, as a well-behaved client does.
+    pub honor_retry_after: bool,
 }
 
 /// Read-only inputs shared by all threads.
@@ -252,6 +255,7 @@ struct Worker {
     drain: Duration,
     max_sessions: usize,
     max_receipts: usize,
+    honor_retry_after: bool,
     inputs: Arc<Inputs>,
     pool: Pool,
     prebuilt: Vec<Prebuilt>,
@@ -313,6 +317,7 @@ impl Worker {
             drain: spec.drain,
             max_sessions: split(spec.max_sessions.max(threads), threads, index).max(1),
             max_receipts: split(spec.max_receipts, threads, index),
+            honor_retry_after: spec.honor_retry_after,
             pool: Pool {
                 host: HeaderValue::from_str(&spec.target.authority)
                     .unwrap_or(HeaderValue::from_static("localhost")),
@@ -357,7 +362,7 @@ impl Worker {
                     let me = self.clone();
                     self.started.set(self.started.get() + 1);
                     tokio::task::spawn_local(async move {
-                        me.session(n, at).await;
+                        let _ = me.session(n, at).await;
                         me.finished.set(me.finished.get() + 1);
                         drop(permit);
                     });
@@ -387,9 +392,18 @@ impl Worker {
                         let mut n = global;
                         while Instant::now() < end {
                             me.started.set(me.started.get() + 1);
-                            me.session(n, Instant::now()).await;
+                            let back_off = me.session(n, Instant::now()).await;
                             me.finished.set(me.finished.get() + 1);
                             n += vus as u64;
+                            if let Some(pause) = back_off {
+                                // As a well-behaved client: wait what the server asked,
+                                // spread ±50% so refused users do not return in step.
+                                let pause = pause.mul_f64(0.5 + rand::random::<f64>());
+                                tokio::time::sleep(
+                                    pause.min(end.saturating_duration_since(Instant::now())),
+                                )
+                                .await;
+                            }
                         }
                         drop(permit);
                     });
@@ -440,8 +454,10 @@ impl Worker {
         }
     }
 
-    /// One pass through a flow; `due` is when its first request should go out.
-    async fn session(&self, n: u64, mut due: Instant) {
+    /// One pass through a flow; `due` is when its first request should go out. Returns
+    /// the pause the server asked for when it refused with `Retry-After` and the run
+    /// honours it (the session then ends there).
+    async fn session(&self, n: u64, mut due: Instant) -> Option<Duration> {
         let inputs = &*self.inputs;
         let plan = &*inputs.plan;
         let flow = plan.flow_for(splitmix64(n));
@@ -484,7 +500,13 @@ impl Worker {
             let now = Instant::now();
             let micros = now.saturating_duration_since(due).as_micros() as u64;
             self.account(step, &outcome, micros);
-            if let Outcome::Answer { status, body } = &outcome {
+            if let Outcome::Answer {
+                status,
+                body,
+                retry_after,
+            } = &outcome
+            {
+                let _ = retry_after;
                 let json = if !step.extract.is_empty() || step.book.is_some() || *status >= 400 {
                     serde_json::from_slice::<serde_json::Value>(body).ok()
                 } else {
@@ -525,8 +547,19 @@ impl Worker {
                     idempotency_key,
                 ));
             }
+            if self.honor_retry_after {
+                if let Outcome::Answer {
+                    status: 429 | 503,
+                    retry_after: Some(pause),
+                    ..
+                } = &outcome
+                {
+                    return Some(*pause);
+                }
+            }
             due = now;
         }
+        None
     }
 
     fn keep_receipt(&self, receipt: Receipt) {
@@ -609,18 +642,28 @@ impl Worker {
             sender.ready().await.map_err(|_| "io")?;
             let response = sender.send_request(request).await.map_err(|_| "io")?;
             let status = response.status().as_u16();
+            let retry_after = response
+                .headers()
+                .get(hyper::header::RETRY_AFTER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .map(|s| Duration::from_secs(s.min(60)));
             let body = response
                 .into_body()
                 .collect()
                 .await
                 .map_err(|_| "io")?
                 .to_bytes();
-            Ok::<_, &'static str>((status, body))
+            Ok::<_, &'static str>((status, body, retry_after))
         };
         match tokio::time::timeout(self.timeout, exchange).await {
-            Ok(Ok((status, body))) => {
+            Ok(Ok((status, body, retry_after))) => {
                 self.pool.give_back(sender);
-                Outcome::Answer { status, body }
+                Outcome::Answer {
+                    status,
+                    body,
+                    retry_after,
+                }
             }
             // The connection is in an unknown state: drop it, the next send reconnects.
             Ok(Err(kind)) => Outcome::Failed(kind),
@@ -636,6 +679,10 @@ impl Worker {
         let error = match outcome {
             Outcome::Answer { status, .. } => {
                 *stats.statuses.entry(*status).or_default() += 1;
+                record(
+                    stats.by_status.entry(*status).or_insert_with(new_histogram),
+                    micros,
+                );
                 !step.expected(*status)
             }
             Outcome::Failed(kind) => {
@@ -659,7 +706,11 @@ fn schedule_end(stages: &[crate::schedule::Stage]) -> Duration {
 }
 
 enum Outcome {
-    Answer { status: u16, body: Bytes },
+    Answer {
+        status: u16,
+        body: Bytes,
+        retry_after: Option<Duration>,
+    },
     Failed(&'static str),
 }
 

@@ -53,6 +53,8 @@ pub struct StepStats {
     /// Not sent because a variable they need had no value (e.g. no order to pay).
     pub skipped: u64,
     pub statuses: BTreeMap<u16, u64>,
+    /// Latency per status, e.g. how fast refusals were answered.
+    pub by_status: BTreeMap<u16, Histogram<u64>>,
     /// Error codes from `{"error":{"code":…}}` answers, expected or not.
     pub codes: BTreeMap<String, u64>,
     /// Transport failures by kind: connect, io, timeout.
@@ -67,6 +69,7 @@ impl Default for StepStats {
             errors: 0,
             skipped: 0,
             statuses: BTreeMap::new(),
+            by_status: BTreeMap::new(),
             codes: BTreeMap::new(),
             transport: BTreeMap::new(),
         }
@@ -81,6 +84,13 @@ impl StepStats {
         self.skipped += other.skipped;
         for (k, v) in &other.statuses {
             *self.statuses.entry(*k).or_default() += v;
+        }
+        for (k, h) in &other.by_status {
+            self.by_status
+                .entry(*k)
+                .or_insert_with(new_histogram)
+                .add(h)
+                .expect("same histogram bounds");
         }
         for (k, v) in &other.codes {
             *self.codes.entry(k.clone()).or_default() += v;

@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# Overload benchmark: durable purchases at 32× the connections that saturate the
+# server (64 → 2048), with and without the guard's in-flight bound, with clients that
+# retry at once and clients that honour Retry-After. One run, same machine, same binary.
+#
+#   cargo build --release -p stampede && bench/guard/overload.sh
+#
+# Environment: DURATION (default 8s), MAX_INFLIGHT (default 128), STAMPEDE_BIN.
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+target_dir=$(cd "$here/../.." && cargo metadata --format-version 1 --no-deps | sed -E 's/.*"target_directory":"([^"]+)".*/\1/')
+bin=${STAMPEDE_BIN:-$target_dir/release/stampede}
+[ -x "$bin" ] || { echo "build it first: cargo build --release (looked for $bin)" >&2; exit 2; }
+duration=${DURATION:-8s}
+max_inflight=${MAX_INFLIGHT:-128}
+scenario=$here/../server/purchase.toml
+work=$(mktemp -d)
+pid=
+cleanup() { [ -n "$pid" ] && kill "$pid" 2>/dev/null; wait 2>/dev/null; rm -rf "$work"; }
+trap cleanup EXIT
+
+start() { # port, extra serve args...
+  [ -n "$pid" ] && { kill "$pid"; wait "$pid" 2>/dev/null || true; }
+  local port=$1; shift
+  rm -rf "$work/data"
+  "$bin" serve --listen 127.0.0.1:$port --data-dir "$work/data" --log warn "$@" >/dev/null &
+  pid=$!
+  base=http://127.0.0.1:$port
+  for _ in $(seq 100); do curl -sf $base/healthz >/dev/null && break; sleep 0.1; done
+}
+mem() { curl -sf $base/metrics | awk '/^process_resident_memory_bytes/ {printf "%.0f", $2/1048576}'; }
+run() { # label, vus, retry-after
+  local json=$work/$1.json before after
+  before=$(mem)
+  "$bin" press --target "$base" --scenario "$scenario" --secrets-from "$work/data" --quiet \
+    --duration "$duration" --vus "$2" --connections "$2" --retry-after "$3" --json "$json" >/dev/null || true
+  after=$(mem)
+  python3 - "$json" "$1" "$before" "$after" "$(curl -sf -o /dev/null -w '%{http_code}' $base/healthz)" <<'PY'
+import json, sys
+r = json.load(open(sys.argv[1])); s = r["steps"][0]; by = s.get("latency_by_status", {})
+ok = s["statuses"].get("201", 0); d = r["duration_s"]
+rej = {k: v for k, v in by.items() if k in ("429", "503")}
+rej_p = " ".join(f"{k}: p50 {v['p50']:.2f} p99 {v['p99']:.2f} ms" for k, v in rej.items()) or "none"
+print(f"{sys.argv[2]:<34} goodput {ok/d:>8.0f}/s  admitted p99 {by.get('201', {}).get('p99', 0):>7.2f} ms  "
+      f"refused {sum(s['statuses'].get(k, 0) for k in ('429', '503')):>7}  ({rej_p})  "
+      f"RSS {sys.argv[3]}→{sys.argv[4]} MiB  healthz {sys.argv[5]}  books {'OK' if r['books']['ok'] else 'FAILED'}")
+PY
+}
+
+printf '[guard.system]\nmax_inflight = %s\n' "$max_inflight" > "$work/guard.toml"
+start 18201 --config "$work/guard.toml"
+run "guarded_64vus_capacity" 64 ignore
+run "guarded_2048vus_retry_at_once" 2048 ignore
+run "guarded_2048vus_honour_retry_after" 2048 honor
+run "guarded_64vus_after_overload" 64 ignore
+start 18202
+run "unguarded_64vus_capacity" 64 ignore
+run "unguarded_2048vus" 2048 ignore
