@@ -554,6 +554,15 @@ fn rule_errors(errors: Vec<stampede_guard::RuleError>) -> ApiError {
     ApiError::bad_request("invalid_rules", message)
 }
 
+/// Replaces the rules with `rules` (which must carry the current version + 1): validated,
+/// kept in the store, then live. Used by `PUT /v1/guard/rules` and the file reload.
+pub async fn apply_rules(
+    app: &AppState,
+    rules: stampede_guard::GuardRules,
+) -> Result<stampede_guard::GuardRules, ApiError> {
+    change_rules(app, move |current| *current = rules).await
+}
+
 #[utoipa::path(get, path = "/v1/guard/rules",
     responses((status = 200, description = "the guard's rules and their version"), (status = 401, body = ErrorBody)))]
 pub async fn get_guard_rules(State(app): State<AppState>, _admin: Admin) -> Response {
@@ -569,7 +578,7 @@ pub async fn put_guard_rules(
     _admin: Admin,
     JsonBody(rules): JsonBody<stampede_guard::GuardRules>,
 ) -> Result<Response, ApiError> {
-    let rules = change_rules(&app, move |current| *current = rules).await?;
+    let rules = apply_rules(&app, rules).await?;
     Ok(Json(rules).into_response())
 }
 

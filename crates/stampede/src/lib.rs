@@ -50,6 +50,9 @@ pub struct Config {
     /// The guard's rules (`[guard]` in the TOML file). Rules changed through the admin
     /// API are kept in the store and win over these unless these carry a higher version.
     pub guard: stampede_guard::GuardRules,
+    /// The TOML file this came from; its `[guard]` section is re-read when it changes.
+    #[serde(skip)]
+    pub config_file: Option<PathBuf>,
 }
 
 impl Default for Config {
@@ -70,6 +73,7 @@ impl Default for Config {
             log: "info".into(),
             worker_threads: None,
             guard: stampede_guard::GuardRules::default(),
+            config_file: None,
         }
     }
 }
@@ -148,7 +152,8 @@ impl Config {
         figment = figment
             .merge(Env::prefixed("STAMPEDE_"))
             .merge(Serialized::globals(args));
-        let config: Config = figment.extract().context("invalid configuration")?;
+        let mut config: Config = figment.extract().context("invalid configuration")?;
+        config.config_file = args.config.clone();
         config.validate()?;
         Ok(config)
     }
@@ -229,6 +234,8 @@ pub struct Running {
     pub engine: Arc<Engine>,
     stop: Option<oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<std::io::Result<()>>,
+    /// Re-reads the configuration file's `[guard]` section when the file changes.
+    reload: Option<tokio::task::JoinHandle<()>>,
     /// Held for the server's life: a second process on the same data directory would
     /// keep its own stock in memory and oversell.
     _data_dir_lock: std::fs::File,
@@ -265,7 +272,7 @@ impl Running {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
-        self.task.await.context("server task")??;
+        (&mut self.task).await.context("server task")??;
         Ok(())
     }
 
@@ -273,6 +280,14 @@ impl Running {
     pub async fn wait(mut self) -> anyhow::Result<()> {
         (&mut self.task).await.context("server task")??;
         Ok(())
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(reload) = &self.reload {
+            reload.abort();
+        }
     }
 }
 
@@ -338,6 +353,10 @@ pub async fn start(
         .await
         .with_context(|| format!("listen on {}", config.listen))?;
     let addr = listener.local_addr()?;
+    let reload = config
+        .config_file
+        .clone()
+        .map(|path| tokio::spawn(watch_guard_rules(path, state.clone())));
     let (stop, stopped) = oneshot::channel::<()>();
     let body_limit = config.body_limit_bytes;
     let task = tokio::spawn(stampede_api::serve(
@@ -359,13 +378,61 @@ pub async fn start(
             engine,
             stop: Some(stop),
             task,
+            reload,
             _data_dir_lock: data_dir_lock,
         },
         admin_generated,
     ))
 }
 
-/// Resolves on SIGINT or SIGTERM.
+/// How often the configuration file is checked for a new `[guard]` section.
+pub const GUARD_RELOAD_EVERY: Duration = Duration::from_secs(1);
+
+/// Hot reload: when the configuration file changes and its `[guard]` section carries a
+/// higher version than the running rules, they are validated, kept in the store and
+/// swapped in, exactly as an admin API change. A lower or equal version is left alone
+/// (the running rules were changed through the API since), and logged.
+async fn watch_guard_rules(path: PathBuf, state: AppState) {
+    let modified = |path: &Path| std::fs::metadata(path).and_then(|m| m.modified()).ok();
+    let mut seen = modified(&path);
+    loop {
+        tokio::time::sleep(GUARD_RELOAD_EVERY).await;
+        let now = modified(&path);
+        if now == seen {
+            continue;
+        }
+        seen = now;
+        let rules = Figment::from(Serialized::default(
+            "guard",
+            stampede_guard::GuardRules::default(),
+        ))
+        .merge(Toml::file(&path))
+        .focus("guard")
+        .extract::<stampede_guard::GuardRules>();
+        let rules = match rules {
+            Ok(rules) => rules,
+            Err(e) => {
+                tracing::error!(file = %path.display(), error = %e, "the [guard] section cannot be read; rules unchanged");
+                continue;
+            }
+        };
+        let current = state.guard.rules().version;
+        if rules.version <= current {
+            tracing::info!(file = %path.display(), file_version = rules.version, current, "the file's guard rules are not newer; unchanged");
+            continue;
+        }
+        match stampede_api::handlers::apply_rules(&state, rules).await {
+            Ok(rules) => tracing::info!(
+                version = rules.version,
+                "guard rules reloaded from the file"
+            ),
+            Err(e) => {
+                tracing::error!(file = %path.display(), error = %e.message, "the file's guard rules were refused; unchanged")
+            }
+        }
+    }
+}
+
 /// The rules the guard starts with: those kept in the store (changed through the admin
 /// API) unless the configuration carries a higher version.
 async fn guard_rules(
@@ -392,6 +459,7 @@ async fn guard_rules(
     })
 }
 
+/// Resolves on SIGINT or SIGTERM.
 pub async fn shutdown_signal() {
     let ctrl_c = async {
         let _ = tokio::signal::ctrl_c().await;

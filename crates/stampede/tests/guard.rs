@@ -307,3 +307,50 @@ async fn the_stats_endpoint_shows_the_last_second_per_resource() {
     }
     assert_eq!(stats["hot_memory_bytes"], stampede_guard::HOT_SLOTS * 16);
 }
+
+#[tokio::test]
+async fn a_newer_guard_section_in_the_config_file_is_reloaded_live() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("stampede.toml");
+    std::fs::write(&file, "[guard]\nversion = 0\n").unwrap();
+    let path = file.clone();
+    let mut app = spawn_app_with(move |config| config.config_file = Some(path)).await;
+    assert_eq!(rules(&app).await["version"], 0);
+    // A newer version in the file: picked up within a couple of seconds, no restart.
+    std::fs::write(
+        &file,
+        "[guard]\nversion = 1\n[[guard.flow]]\nresource = \"get_sale\"\nqps = 2.0\nburst = 2\n",
+    )
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while rules(&app).await["version"] != 1 {
+        assert!(Instant::now() < deadline, "not reloaded");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let sale = app.live_sale("GUARD-RELOAD", 10, 1).await;
+    let mut statuses = Vec::new();
+    for _ in 0..4 {
+        statuses.push(
+            app.get(&format!("/v1/flash-sales/{sale}"), None)
+                .await
+                .status,
+        );
+    }
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 429).count(),
+        2,
+        "{statuses:?}"
+    );
+    // A file that is not newer than the running rules changes nothing; a broken one
+    // neither.
+    std::fs::write(&file, "[guard]\nversion = 1\ndry_run = true\n").unwrap();
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    assert_eq!(rules(&app).await["dry_run"], false);
+    std::fs::write(&file, "[guard]\nversion = 2\nbogus = 1\n").unwrap();
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    assert_eq!(rules(&app).await["version"], 1);
+    // What was reloaded is kept in the store like an API change.
+    std::fs::write(&file, "[guard]\nversion = 0\n").unwrap();
+    app.restart().await;
+    assert_eq!(rules(&app).await["version"], 1);
+}
