@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Overload benchmark: durable purchases at 32× the connections that saturate the
-# server (64 → 2048), with and without the guard's in-flight bound, with clients that
+# server (64 → 2048), with the guard's static in-flight bound, with its adaptive
+# (Gradient2) limit, and with neither, with clients that
 # retry at once and clients that honour Retry-After. One run, same machine, same binary.
 #
 #   cargo build --release -p stampede && bench/guard/overload.sh
@@ -53,6 +54,11 @@ run "guarded_64vus_capacity" 64 ignore
 run "guarded_2048vus_retry_at_once" 2048 ignore
 run "guarded_2048vus_honour_retry_after" 2048 honor
 run "guarded_64vus_after_overload" 64 ignore
+printf '[guard.system.adaptive]\ninitial_limit = 64\n' > "$work/adaptive.toml"
+start 18203 --config "$work/adaptive.toml"
+run "adaptive_64vus_capacity" 64 ignore
+run "adaptive_2048vus_retry_at_once" 2048 ignore
+run "adaptive_2048vus_honour_retry_after" 2048 honor
 start 18202
 run "unguarded_64vus_capacity" 64 ignore
 run "unguarded_2048vus" 2048 ignore

@@ -7,6 +7,7 @@
 //! that key over its own limit. Outbound calls go through circuit breakers. The HTTP
 //! side (status codes, `Retry-After`, JSON) belongs to the API crate.
 
+pub mod adaptive;
 pub mod breaker;
 pub mod gcra;
 pub mod hot;
@@ -163,6 +164,8 @@ pub struct GuardStats {
     pub cpu: f64,
     /// The BBR estimate of safe requests in flight (max completions/s × min mean RT).
     pub bbr_limit: f64,
+    /// The adaptive (Gradient2) limit on requests in flight, when enabled.
+    pub adaptive_limit: Option<f64>,
     pub degraded: Vec<Class>,
     pub breakers: Vec<(String, BreakerState)>,
     pub hot_evictions: u64,
@@ -331,6 +334,22 @@ impl System {
         b.rt_sum.fetch_add(rt, Ordering::Relaxed);
     }
 
+    /// Completions and mean response time (ns) of the last whole 100 ms bucket.
+    fn last_bucket(&self, now: u64) -> Option<(u64, f64)> {
+        let epoch = now / SYS_BUCKET_NS;
+        let b = &self.buckets[((epoch + SYS_BUCKETS as u64 - 1) % SYS_BUCKETS as u64) as usize];
+        if b.epoch.load(Ordering::Relaxed) + 1 != epoch {
+            return None;
+        }
+        let count = b.count.load(Ordering::Relaxed);
+        (count > 0).then(|| {
+            (
+                count,
+                b.rt_sum.load(Ordering::Relaxed) as f64 / count as f64,
+            )
+        })
+    }
+
     /// max completions per second × min mean response time, over the last second.
     fn bbr_limit(&self, now: u64) -> f64 {
         let epoch = now / SYS_BUCKET_NS;
@@ -369,6 +388,10 @@ pub struct Guard {
     system: System,
     /// f64 bits: process CPU as a share of the machine's cores.
     cpu: AtomicU64,
+    /// The adaptive limit's state (when the rules ask for one) and its current value
+    /// (f64 bits) for the decision path.
+    adaptive: parking_lot::Mutex<Option<adaptive::Gradient2>>,
+    adaptive_limit: AtomicU64,
     /// Set by `pin_cpu`: the sampler leaves the CPU figure alone.
     cpu_pinned: AtomicBool,
     /// Set by system-protection refusals, cleared by the sampler once a second.
@@ -456,6 +479,8 @@ impl Guard {
     pub fn new(rules: GuardRules) -> Result<Arc<Guard>, Vec<RuleError>> {
         rules.validate()?;
         let registry = Registry::default();
+        let adaptive = rules.system.adaptive.clone().map(adaptive::Gradient2::new);
+        let adaptive_limit = adaptive.as_ref().map_or(f64::MAX, |a| a.limit());
         let compiled = Compiled::new(rules, &registry);
         let guard = Arc::new(Guard {
             base: Instant::now(),
@@ -464,6 +489,8 @@ impl Guard {
             last_second: RwLock::new(HashMap::new()),
             system: System::default(),
             cpu: AtomicU64::new(0f64.to_bits()),
+            adaptive: parking_lot::Mutex::new(adaptive),
+            adaptive_limit: AtomicU64::new(adaptive_limit.to_bits()),
             cpu_pinned: AtomicBool::new(false),
             pressure_seen: AtomicBool::new(false),
             auto_degraded: AtomicBool::new(false),
@@ -506,6 +533,13 @@ impl Guard {
             }]);
         }
         let version = rules.version;
+        let mut adaptive = self.adaptive.lock();
+        if rules.system.adaptive != self.compiled.load().rules.system.adaptive {
+            *adaptive = rules.system.adaptive.clone().map(adaptive::Gradient2::new);
+            let limit = adaptive.as_ref().map_or(f64::MAX, |a| a.limit());
+            self.adaptive_limit
+                .store(limit.to_bits(), Ordering::Relaxed);
+        }
         self.compiled
             .store(Arc::new(Compiled::new(rules, &self.registry)));
         Ok(version)
@@ -520,6 +554,11 @@ impl Guard {
     pub fn pin_cpu(&self, share: f64) {
         self.cpu_pinned.store(true, Ordering::Relaxed);
         self.cpu.store(share.to_bits(), Ordering::Relaxed);
+    }
+
+    /// The adaptive concurrency limit, when the rules ask for one.
+    pub fn adaptive_limit(&self) -> f64 {
+        f64::from_bits(self.adaptive_limit.load(Ordering::Relaxed))
     }
 
     pub fn inflight(&self) -> u64 {
@@ -565,6 +604,9 @@ impl Guard {
         let mut over = sys
             .max_inflight
             .is_some_and(|max| inflight as f64 >= max as f64 * share);
+        if !over && sys.adaptive.is_some() {
+            over = inflight as f64 >= self.adaptive_limit() * share;
+        }
         if !over {
             if let Some(threshold) = sys.cpu_threshold {
                 if self.cpu() >= threshold {
@@ -771,6 +813,12 @@ impl Guard {
                 f if f == f64::MAX => 0.0,
                 f => f,
             },
+            adaptive_limit: compiled
+                .rules
+                .system
+                .adaptive
+                .as_ref()
+                .map(|_| self.adaptive_limit()),
             degraded,
             breakers,
             hot_evictions: hot_tables
@@ -810,6 +858,9 @@ impl Guard {
         }
         metrics::gauge!("stampede_guard_inflight").set(self.inflight() as f64);
         metrics::gauge!("stampede_guard_cpu_share").set(self.cpu());
+        if self.compiled.load().rules.system.adaptive.is_some() {
+            metrics::gauge!("stampede_guard_adaptive_limit").set(self.adaptive_limit());
+        }
         metrics::gauge!("stampede_guard_rules_version")
             .set(self.compiled.load().rules.version as f64);
     }
@@ -840,6 +891,15 @@ fn sampler(guard: Weak<Guard>) {
         }
         last_cpu = cpu;
         last_wall = wall;
+        // The adaptive limit follows each 100 ms of response times.
+        if let Some((_, rtt)) = guard.system.last_bucket(guard.now()) {
+            if let Some(g) = guard.adaptive.lock().as_mut() {
+                let limit = g.update(rtt, guard.inflight() as f64);
+                guard
+                    .adaptive_limit
+                    .store(limit.to_bits(), Ordering::Relaxed);
+            }
+        }
         tick += 1;
         if tick % 10 != 0 {
             continue;

@@ -231,6 +231,10 @@ pub struct SystemRule {
     /// this long, and back on after as long without.
     #[serde(with = "humantime_serde", default)]
     pub auto_degrade_after: Option<Duration>,
+    /// An adaptive concurrency limit (Gradient2) on requests in flight, scaled by the
+    /// class shares like `max_inflight`; off when unset.
+    #[serde(default)]
+    pub adaptive: Option<crate::adaptive::AdaptiveRule>,
 }
 
 fn shares() -> [f64; 4] {
@@ -244,6 +248,7 @@ impl Default for SystemRule {
             max_inflight: None,
             class_shares: shares(),
             auto_degrade_after: None,
+            adaptive: None,
         }
     }
 }
@@ -381,6 +386,11 @@ impl GuardRules {
         for (i, share) in s.class_shares.iter().enumerate() {
             if !(*share > 0.0 && *share <= 1.0) {
                 err(format!("system.class_shares[{i}]"), "must be within (0, 1]");
+            }
+        }
+        if let Some(adaptive) = &s.adaptive {
+            for (field, message) in adaptive.problems() {
+                err(format!("system.adaptive.{field}"), message);
             }
         }
         if s.class_shares.windows(2).any(|w| w[1] > w[0]) {

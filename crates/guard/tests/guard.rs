@@ -438,3 +438,30 @@ fn degraded_classes_answer_at_once() {
             .is_err()
     );
 }
+
+#[test]
+fn the_adaptive_limit_bounds_requests_in_flight() {
+    let rules = GuardRules {
+        system: stampede_guard::rules::SystemRule {
+            adaptive: Some(stampede_guard::adaptive::AdaptiveRule {
+                initial_limit: 20.0,
+                min_limit: 20.0,
+                max_limit: 20.0,
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+        ..GuardRules::default()
+    };
+    let guard = Guard::new(rules).unwrap();
+    let purchase = guard.resource("purchase");
+    let mut held = Vec::new();
+    while let Ok(a) = guard.admit(&purchase, Class::Purchase) {
+        held.push(a);
+        assert!(held.len() <= 20);
+    }
+    // Purchase may use 0.9 of the limit; pay all of it.
+    assert_eq!(held.len(), 18);
+    assert!(guard.admit(&guard.resource("pay"), Class::Pay).is_ok());
+    assert_eq!(guard.stats().adaptive_limit, Some(20.0));
+}
