@@ -9,9 +9,8 @@
 # Environment: DURATION (default 8s), MAX_INFLIGHT (default 128), STAMPEDE_BIN.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
-target_dir=$(cd "$here/../.." && cargo metadata --format-version 1 --no-deps | sed -E 's/.*"target_directory":"([^"]+)".*/\1/')
-bin=${STAMPEDE_BIN:-$target_dir/release/stampede}
-[ -x "$bin" ] || { echo "build it first: cargo build --release (looked for $bin)" >&2; exit 2; }
+# shellcheck source=../lib.sh
+source "$here/../lib.sh"
 duration=${DURATION:-8s}
 max_inflight=${MAX_INFLIGHT:-128}
 scenario=$here/../server/purchase.toml

@@ -9,10 +9,9 @@
 # STAMPEDE_BIN.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
-command -v wrk >/dev/null || { echo "needs wrk (Debian/Ubuntu: apt-get install wrk)" >&2; exit 2; }
-target_dir=$(cd "$here/../.." && cargo metadata --format-version 1 --no-deps | sed -E 's/.*"target_directory":"([^"]+)".*/\1/')
-bin=${STAMPEDE_BIN:-$target_dir/release/stampede}
-[ -x "$bin" ] || { echo "build it first: cargo build --release (looked for $bin)" >&2; exit 2; }
+# shellcheck source=../lib.sh
+source "$here/../lib.sh"
+needs_wrk
 duration=${DURATION:-10s}
 rounds=${ROUNDS:-3}
 connections=${CONNECTIONS:-64}

@@ -7,10 +7,9 @@
 # Environment: DURATION (default 10s), CONNECTIONS (default 64), STAMPEDE_BIN.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
-command -v wrk >/dev/null || { echo "needs wrk (Debian/Ubuntu: apt-get install wrk)" >&2; exit 2; }
-target_dir=$(cd "$here/../.." && cargo metadata --format-version 1 --no-deps | sed -E 's/.*"target_directory":"([^"]+)".*/\1/')
-bin=${STAMPEDE_BIN:-$target_dir/release/stampede}
-[ -x "$bin" ] || { echo "build it first: cargo build --release (looked for $bin)" >&2; exit 2; }
+# shellcheck source=../lib.sh
+source "$here/../lib.sh"
+needs_wrk
 duration=${DURATION:-10s}
 connections=${CONNECTIONS:-64}
 port=${PORT:-18181}

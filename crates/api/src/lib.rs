@@ -189,8 +189,13 @@ fn route_label(path: Option<&MatchedPath>) -> &'static str {
     }
 }
 
-async fn track(request: Request, next: Next) -> Response {
+/// The request's route label, worked out once by `track` for the layers inside it.
+#[derive(Clone, Copy)]
+struct RouteLabel(&'static str);
+
+async fn track(mut request: Request, next: Next) -> Response {
     let route = route_label(request.extensions().get::<MatchedPath>());
+    request.extensions_mut().insert(RouteLabel(route));
     let started = Instant::now();
     let response = next.run(request).await;
     let class = match response.status().as_u16() {
@@ -215,7 +220,10 @@ async fn protect(
     request: Request,
     next: Next,
 ) -> Response {
-    let route = route_label(request.extensions().get::<MatchedPath>());
+    let route = match request.extensions().get::<RouteLabel>() {
+        Some(RouteLabel(route)) => route,
+        None => route_label(request.extensions().get::<MatchedPath>()),
+    };
     let Some((resource, class)) = app.guarded.get(route) else {
         return next.run(request).await;
     };
@@ -226,18 +234,16 @@ async fn protect(
     if let Some(axum::extract::ConnectInfo(peer)) = request
         .extensions()
         .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        && let Err(rejection) = app.guard.check_hot(resource, Param::ClientIp, &peer.ip())
     {
-        if let Err(rejection) = app.guard.check_hot(resource, Param::ClientIp, &peer.ip()) {
-            return ApiError::from(rejection).into_response();
-        }
+        return ApiError::from(rejection).into_response();
     }
-    if let Some(tenant) = request.headers().get("x-tenant") {
-        if let Err(rejection) = app
+    if let Some(tenant) = request.headers().get("x-tenant")
+        && let Err(rejection) = app
             .guard
             .check_hot(resource, Param::Tenant, tenant.as_bytes())
-        {
-            return ApiError::from(rejection).into_response();
-        }
+    {
+        return ApiError::from(rejection).into_response();
     }
     if !admission.wait.is_zero() {
         tokio::time::sleep(admission.wait).await;

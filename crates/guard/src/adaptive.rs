@@ -99,7 +99,7 @@ impl Gradient2 {
     /// One update: `rtt` is the interval's mean response time (any unit), `inflight`
     /// the requests in flight. Returns the new limit.
     pub fn update(&mut self, rtt: f64, inflight: f64) -> f64 {
-        if !(rtt > 0.0) {
+        if rtt.is_nan() || rtt <= 0.0 {
             return self.limit;
         }
         let long = match self.long_rtt {

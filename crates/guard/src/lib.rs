@@ -14,7 +14,7 @@ pub mod hot;
 pub mod rules;
 
 use std::collections::HashMap;
-use std::hash::{BuildHasher, Hash, Hasher};
+use std::hash::{BuildHasher, Hash};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
@@ -591,10 +591,10 @@ impl Guard {
             }
         };
 
-        if self.degraded(&compiled, class) {
-            if let Some(r) = refuse(Rejection::Degraded { class }, false) {
-                return Err(r);
-            }
+        if self.degraded(&compiled, class)
+            && let Some(r) = refuse(Rejection::Degraded { class }, false)
+        {
+            return Err(r);
         }
 
         // System protection, scaled by the class's share.
@@ -607,12 +607,11 @@ impl Guard {
         if !over && sys.adaptive.is_some() {
             over = inflight as f64 >= self.adaptive_limit() * share;
         }
-        if !over {
-            if let Some(threshold) = sys.cpu_threshold {
-                if self.cpu() >= threshold {
-                    over = inflight as f64 >= self.system.bbr_limit(now) * share;
-                }
-            }
+        if !over
+            && let Some(threshold) = sys.cpu_threshold
+            && self.cpu() >= threshold
+        {
+            over = inflight as f64 >= self.system.bbr_limit(now) * share;
         }
         if over {
             self.pressure_seen.store(true, Ordering::Relaxed);
@@ -637,17 +636,17 @@ impl Guard {
                 // drop that gives it back stays balanced.
                 let current = flow.inflight.fetch_add(1, Ordering::Relaxed);
                 concurrency = Some(arc_swap::Guard::into_inner(self.compiled.load()));
-                if current >= u64::from(max) {
-                    if let Some(r) = refuse(
+                if current >= u64::from(max)
+                    && let Some(r) = refuse(
                         Rejection::Throttled {
                             rule: flow.concurrency_name.clone(),
                             retry_after: Duration::from_millis(100),
                         },
                         rule.dry_run,
-                    ) {
-                        flow.inflight.fetch_sub(1, Ordering::Relaxed);
-                        return Err(r);
-                    }
+                    )
+                {
+                    flow.inflight.fetch_sub(1, Ordering::Relaxed);
+                    return Err(r);
                 }
             }
             if let Some(qps) = rule.qps {
@@ -727,9 +726,8 @@ impl Guard {
             return Ok(());
         };
         let now = self.now();
-        let mut hasher = self.hasher.build_hasher();
-        key.hash(&mut hasher);
-        let hash = hasher.finish();
+
+        let hash = self.hasher.hash_one(key);
         for hot in rules.iter().filter(|h| h.rule.param == param) {
             if let Err(retry) = hot.table.try_admit(hash, now, hot.interval, hot.rule.burst) {
                 let counters = &hot.resource.counters;
@@ -892,16 +890,16 @@ fn sampler(guard: Weak<Guard>) {
         last_cpu = cpu;
         last_wall = wall;
         // The adaptive limit follows each 100 ms of response times.
-        if let Some((_, rtt)) = guard.system.last_bucket(guard.now()) {
-            if let Some(g) = guard.adaptive.lock().as_mut() {
-                let limit = g.update(rtt, guard.inflight() as f64);
-                guard
-                    .adaptive_limit
-                    .store(limit.to_bits(), Ordering::Relaxed);
-            }
+        if let Some((_, rtt)) = guard.system.last_bucket(guard.now())
+            && let Some(g) = guard.adaptive.lock().as_mut()
+        {
+            let limit = g.update(rtt, guard.inflight() as f64);
+            guard
+                .adaptive_limit
+                .store(limit.to_bits(), Ordering::Relaxed);
         }
         tick += 1;
-        if tick % 10 != 0 {
+        if !tick.is_multiple_of(10) {
             continue;
         }
         // Once a second: the per-resource view of the last second.

@@ -292,10 +292,10 @@ impl GuardRules {
             if r.qps.is_none() && r.max_concurrency.is_none() {
                 err(f("qps"), "give qps, max_concurrency or both");
             }
-            if let Some(q) = r.qps {
-                if !rate_ok(q) {
-                    err(f("qps"), "must be within (0, 10000000]");
-                }
+            if let Some(q) = r.qps
+                && !rate_ok(q)
+            {
+                err(f("qps"), "must be within (0, 10000000]");
             }
             if r.burst == 0 || r.burst > 1_000_000 {
                 err(f("burst"), "must be within 1..=1000000");
@@ -352,10 +352,10 @@ impl GuardRules {
                 err(f("name"), "must be present and unique");
             }
             for (field, ratio) in [("slow_ratio", r.slow_ratio), ("error_ratio", r.error_ratio)] {
-                if let Some(x) = ratio {
-                    if !(x > 0.0 && x <= 1.0) {
-                        err(f(field), "must be within (0, 1]");
-                    }
+                if let Some(x) = ratio
+                    && !(x > 0.0 && x <= 1.0)
+                {
+                    err(f(field), "must be within (0, 1]");
                 }
             }
             if r.slow_ratio.is_none() && r.error_ratio.is_none() && r.error_count.is_none() {
@@ -375,10 +375,10 @@ impl GuardRules {
             }
         }
         let s = &self.system;
-        if let Some(c) = s.cpu_threshold {
-            if !(c > 0.0 && c <= 1.0) {
-                err("system.cpu_threshold".into(), "must be within (0, 1]");
-            }
+        if let Some(c) = s.cpu_threshold
+            && !(c > 0.0 && c <= 1.0)
+        {
+            err("system.cpu_threshold".into(), "must be within (0, 1]");
         }
         if s.max_inflight == Some(0) {
             err("system.max_inflight".into(), "must be at least 1");

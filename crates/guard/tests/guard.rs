@@ -199,11 +199,11 @@ fn lower_classes_are_shed_first() {
     // Fill up with pay requests (share 1.0) and note when each class is first refused.
     for inflight in 0..100 {
         for class in Class::ALL {
-            if !shed_at.contains_key(&class) {
+            if let std::collections::btree_map::Entry::Vacant(e) = shed_at.entry(class) {
                 match guard.admit(&probe, class) {
                     Ok(a) => drop(a),
                     Err(Rejection::Overloaded { .. }) => {
-                        shed_at.insert(class, inflight);
+                        e.insert(inflight);
                     }
                     Err(other) => panic!("{other:?}"),
                 }

@@ -765,33 +765,22 @@ async fn execute(args: &PressArgs, p: Prepared, progress: bool) -> anyhow::Resul
     } else {
         0.0
     };
-    let mut thresholds = Vec::new();
-    if let Some(limit) = p.thresholds.p99 {
-        let limit = limit.as_secs_f64() * 1000.0;
-        thresholds.push(ThresholdResult {
-            name: "p99_ms".into(),
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    let mut thresholds: Vec<ThresholdResult> = [
+        ("p99_ms", p.thresholds.p99.map(ms), latency.p99),
+        ("p999_ms", p.thresholds.p999.map(ms), latency.p999),
+        ("error_rate", p.thresholds.max_error_rate, error_rate),
+    ]
+    .into_iter()
+    .filter_map(|(name, limit, actual)| {
+        limit.map(|limit| ThresholdResult {
+            name: name.into(),
             limit,
-            actual: latency.p99,
-            ok: latency.p99 <= limit,
-        });
-    }
-    if let Some(limit) = p.thresholds.p999 {
-        let limit = limit.as_secs_f64() * 1000.0;
-        thresholds.push(ThresholdResult {
-            name: "p999_ms".into(),
-            limit,
-            actual: latency.p999,
-            ok: latency.p999 <= limit,
-        });
-    }
-    if let Some(limit) = p.thresholds.max_error_rate {
-        thresholds.push(ThresholdResult {
-            name: "error_rate".into(),
-            limit,
-            actual: error_rate,
-            ok: error_rate <= limit,
-        });
-    }
+            actual,
+            ok: actual <= limit,
+        })
+    })
+    .collect();
     if overall.requests == 0 {
         thresholds.push(ThresholdResult {
             name: "requests".into(),

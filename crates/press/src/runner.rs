@@ -491,11 +491,14 @@ impl Worker {
                     continue;
                 }
             };
-            let idempotency_key = request
-                .headers()
-                .get("idempotency-key")
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_owned);
+            // Only steps kept for the books need the key afterwards: no copy otherwise.
+            let idempotency_key = step.book.and_then(|_| {
+                request
+                    .headers()
+                    .get("idempotency-key")
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_owned)
+            });
             let outcome = self.send(request).await;
             let now = Instant::now();
             let micros = now.saturating_duration_since(due).as_micros() as u64;
@@ -547,15 +550,14 @@ impl Worker {
                     idempotency_key,
                 ));
             }
-            if self.honor_retry_after {
-                if let Outcome::Answer {
+            if self.honor_retry_after
+                && let Outcome::Answer {
                     status: 429 | 503,
                     retry_after: Some(pause),
                     ..
                 } = &outcome
-                {
-                    return Some(*pause);
-                }
+            {
+                return Some(*pause);
             }
             due = now;
         }
