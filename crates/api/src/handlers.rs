@@ -447,9 +447,21 @@ pub async fn audit_sale(
 
 // ---- operations ------------------------------------------------------------------------
 
-#[utoipa::path(get, path = "/healthz", responses((status = 200, description = "the process answers")))]
-pub async fn healthz() -> &'static str {
-    "ok"
+#[utoipa::path(get, path = "/healthz",
+    responses((status = 200, description = "the process answers"),
+              (status = 503, description = "the writer halted (fenced off, or a commit's outcome was lost): restart the node", body = ErrorBody)))]
+pub async fn healthz(State(app): State<AppState>) -> Result<&'static str, ApiError> {
+    // Liveness: only a halted writer fails it, because only a restart cures that. A
+    // database outage fails /readyz instead, so the node is not restarted for it.
+    if app.engine.halted() {
+        Err(ApiError::new(
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            "halted",
+            "the writer halted; restart this node to rebuild its state from the store",
+        ))
+    } else {
+        Ok("ok")
+    }
 }
 
 #[utoipa::path(get, path = "/readyz",

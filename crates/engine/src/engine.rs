@@ -280,6 +280,9 @@ pub(crate) struct Shared {
     pub gateway: std::sync::OnceLock<Arc<dyn PaymentGateway>>,
     /// Set by the writer: 0 after a successful commit. `/readyz` fails while it is not.
     pub commit_failures_in_a_row: std::sync::atomic::AtomicU32,
+    /// Set by the writer when the store says its memory can no longer be trusted
+    /// (`StoreError::halts`): the writer stops for good and the node must restart.
+    pub halted: std::sync::atomic::AtomicBool,
 }
 
 impl Shared {
@@ -427,6 +430,7 @@ impl Engine {
                 .map(|_| Mutex::new(FastMap::default()))
                 .collect(),
             commit_failures_in_a_row: Default::default(),
+            halted: Default::default(),
             payment_attempts: Default::default(),
             gateway: Default::default(),
         };
@@ -542,6 +546,12 @@ impl Engine {
             handle.abort();
             let _ = handle.await;
         }
+    }
+
+    /// Whether the writer stopped for good because the store fenced it off or lost a
+    /// commit's outcome; only a restart (which rebuilds state from the store) recovers.
+    pub fn halted(&self) -> bool {
+        self.shared.halted.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Whether the writer is running and the store answers.

@@ -107,6 +107,22 @@ pub enum StoreError {
     Unavailable(String),
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
+    /// Another node took ownership of the database: this one must never write again
+    /// with the state it holds in memory. Nothing of the batch was written.
+    #[error("fenced off: {0}")]
+    Fenced(String),
+    /// A commit may or may not have landed (the connection broke during `COMMIT` and the
+    /// database could not be asked). Stock must not be handed back: it may be sold.
+    #[error("commit outcome unknown: {0}")]
+    Indeterminate(String),
+}
+
+impl StoreError {
+    /// Whether the engine must stop writing: its memory can no longer be trusted to
+    /// match the durable state. A restart rebuilds it from the store.
+    pub fn halts(&self) -> bool {
+        matches!(self, StoreError::Fenced(_) | StoreError::Indeterminate(_))
+    }
 }
 
 #[async_trait]

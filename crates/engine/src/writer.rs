@@ -23,7 +23,7 @@ use tokio::time::MissedTickBehavior;
 use crate::engine::{
     Audit, Outcome, Placed, PurchaseError, SaleInner, SaleState, Shared, duration_ms,
 };
-use crate::store::{OpOutcome, OrderRecord, ProductRecord, SaleRecord, WriteOp};
+use crate::store::{OpOutcome, OrderRecord, ProductRecord, SaleRecord, StoreError, WriteOp};
 
 pub(crate) enum Job {
     Purchase {
@@ -120,6 +120,15 @@ impl Writer {
                 }
             }
             self.process(&mut batch).await;
+            if self.shared.halted.load(std::sync::atomic::Ordering::Relaxed) {
+                // Nothing queued behind the failure was written: undo and refuse it all.
+                self.jobs.close();
+                while let Some(job) = self.jobs.recv().await {
+                    batch.push(job);
+                }
+                self.failed(&mut batch);
+                break;
+            }
         }
         tracing::info!("writer drained and stopped");
     }
@@ -206,13 +215,26 @@ impl Writer {
                 }
             }
             Err(error) => {
-                tracing::error!(%error, n_ops = ops.len(), "batch commit failed; answering 503 and returning stock");
                 metrics::counter!("stampede_writer_commit_failures_total").increment(1);
                 self.shared
                     .commit_failures_in_a_row
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 self.expiries.extend(expiring.into_iter().map(Reverse));
-                self.failed(batch);
+                if let StoreError::Indeterminate(_) = error {
+                    // The batch may have landed: its stock must stay taken. Its clients
+                    // get 503; after a restart their keys answer whatever is durable.
+                    tracing::error!(%error, n_ops = ops.len(), "batch outcome unknown; halting the writer");
+                    self.abandoned(batch);
+                } else {
+                    tracing::error!(%error, n_ops = ops.len(), "batch commit failed; answering 503 and returning stock");
+                    self.failed(batch);
+                }
+                if error.halts() {
+                    tracing::error!(%error, "the writer halts: restart the node to rebuild its state from the store");
+                    self.shared
+                        .halted
+                        .store(true, std::sync::atomic::Ordering::Relaxed);
+                }
             }
         }
     }
@@ -287,6 +309,34 @@ impl Writer {
             }
         }
         audits
+    }
+
+    /// Answers a batch whose commit may have landed: 503 to everyone, nothing undone.
+    fn abandoned(&mut self, batch: &mut Vec<Job>) {
+        for job in batch.drain(..) {
+            match job {
+                Job::Purchase { order, reply, .. } => {
+                    self.shared.settle(
+                        &order.user_id,
+                        &order.idempotency_key,
+                        Err(PurchaseError::Unavailable),
+                    );
+                    let _ = reply.send(Err(PurchaseError::Unavailable));
+                }
+                Job::CreateProduct { reply, .. } | Job::CreateSale { reply, .. } => {
+                    let _ = reply.send(Err(()));
+                }
+                Job::Transition { reply, .. } => {
+                    let _ = reply.send(Err(()));
+                }
+                Job::ExpireDue { reply } => {
+                    let _ = reply.send(());
+                }
+                Job::Audit { reply, .. } => {
+                    let _ = reply.send(Err(()));
+                }
+            }
+        }
     }
 
     fn failed(&mut self, batch: &mut Vec<Job>) {

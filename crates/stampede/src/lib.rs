@@ -31,8 +31,11 @@ pub enum Ack {
 pub struct Config {
     pub listen: SocketAddr,
     pub data_dir: PathBuf,
-    /// `sqlite://…`; unset means `<data_dir>/stampede.db`.
+    /// `sqlite://…`, `postgres://…` or `mysql://…`; unset means `<data_dir>/stampede.db`.
     pub database_url: Option<String>,
+    /// How long to wait at start for the node that owned a server database to let go.
+    #[serde(with = "humantime_serde")]
+    pub owner_wait: Duration,
     pub ack: Ack,
     #[serde(with = "humantime_serde")]
     pub payment_window: Duration,
@@ -61,6 +64,7 @@ impl Default for Config {
             listen: "127.0.0.1:8080".parse().expect("valid address"),
             data_dir: PathBuf::from("./stampede-data"),
             database_url: None,
+            owner_wait: stampede_store::OWNER_WAIT_DEFAULT,
             ack: Ack::Durable,
             payment_window: Duration::from_secs(15 * 60),
             payment_url: "http://127.0.0.1:8090".into(),
@@ -93,10 +97,14 @@ pub struct ServeArgs {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub data_dir: Option<PathBuf>,
-    /// Database URL (sqlite://PATH). Unset: <data-dir>/stampede.db.
+    /// Database URL: sqlite://PATH, postgres://USER@HOST:PORT/DB or mysql://USER@HOST:PORT/DB (MariaDB, MySQL, TiDB, PolarDB-X). Unset: <data-dir>/stampede.db.
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub database_url: Option<String>,
+    /// How long to wait at start for the node that owned a server database to let go, e.g. 15s [default: 15s].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub owner_wait: Option<String>,
     /// When a purchase is answered: after its order is durable, or once reserved [default: durable].
     #[arg(long, value_enum)]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -307,7 +315,11 @@ pub async fn start(
     )?;
     let (jwt_secret, _) = secret(config.jwt_secret.as_deref(), &config.data_dir, "jwt-secret")?;
 
-    let store = stampede_store::open(config.database_url.as_deref(), &config.data_dir)
+    let store = stampede_store::open(
+        config.database_url.as_deref(),
+        &config.data_dir,
+        config.owner_wait,
+    )
         .await
         .context("open the store")?;
     let engine_config = EngineConfig {

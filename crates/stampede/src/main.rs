@@ -139,7 +139,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             init_tracing(&config.log);
             std::fs::create_dir_all(&config.data_dir)?;
             let _lock = stampede::lock_data_dir(&config.data_dir)?;
-            stampede_store::open(config.database_url.as_deref(), &config.data_dir).await?;
+            stampede_store::open(
+                config.database_url.as_deref(),
+                &config.data_dir,
+                config.owner_wait,
+            )
+            .await?;
             println!("schema is up to date");
             Ok(())
         }
@@ -233,7 +238,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
 async fn audit(args: ServeArgs) -> anyhow::Result<()> {
     let config = Config::load(&args)?;
     init_tracing("warn");
-    let store = stampede_store::open(config.database_url.as_deref(), &config.data_dir).await?;
+    let store =
+        stampede_store::open_read_only(config.database_url.as_deref(), &config.data_dir).await?;
     let snapshot = store.load().await?;
     let mut all_consistent = true;
     for sale in &snapshot.sales {

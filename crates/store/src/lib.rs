@@ -4,30 +4,63 @@
 //! already-decided writes in one transaction, and reads. Backends are chosen by URL
 //! scheme; each keeps its own migrations under `migrations/<backend>`.
 
+mod server;
 mod sqlite;
+pub mod testing;
 
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
+pub use server::{MySqlStore, OWNER_WAIT_DEFAULT, PostgresStore};
 pub use sqlite::SqliteStore;
 use stampede_engine::{Store, StoreError};
 
-/// Opens the store a `--database-url` names. An empty URL means the embedded SQLite file
-/// `stampede.db` in `data_dir`.
+/// Opens the store a `--database-url` names: `sqlite://PATH`, `postgres://…` (also
+/// `postgresql://`) or `mysql://…` (MariaDB, MySQL, TiDB, PolarDB-X). An empty URL means
+/// the embedded SQLite file `stampede.db` in `data_dir`. A server database is owned by
+/// one node at a time; `owner_wait` is how long to wait for a previous owner to go.
 pub async fn open(
     database_url: Option<&str>,
     data_dir: &Path,
+    owner_wait: Duration,
 ) -> Result<Arc<dyn Store>, StoreError> {
     match database_url {
         None | Some("") => Ok(SqliteStore::open(&data_dir.join("stampede.db"))
             .await?
             .into_arc()),
         Some(url) if url.starts_with("sqlite:") => Ok(SqliteStore::open_url(url).await?.into_arc()),
+        Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
+            Ok(PostgresStore::open(url, owner_wait).await?.into_arc())
+        }
+        Some(url) if url.starts_with("mysql://") || url.starts_with("mariadb://") => {
+            let url = url.replacen("mariadb://", "mysql://", 1);
+            Ok(MySqlStore::open(&url, owner_wait).await?.into_arc())
+        }
         Some(url) => {
             let scheme = url.split(':').next().unwrap_or_default();
             Err(StoreError::Unavailable(format!(
-                "database scheme {scheme:?} is not supported by this build; use sqlite:// or leave it unset"
+                "database scheme {scheme:?} is not supported; use sqlite://, postgres:// or mysql://"
             )))
         }
+    }
+}
+
+/// Opens the store for reading only, beside a live node (`stampede audit`): a server
+/// database is neither migrated nor taken over. SQLite opens as `open` does (its WAL
+/// lets a reader run beside the writer).
+pub async fn open_read_only(
+    database_url: Option<&str>,
+    data_dir: &Path,
+) -> Result<Arc<dyn Store>, StoreError> {
+    match database_url {
+        Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
+            Ok(PostgresStore::open_read_only(url).await?.into_arc())
+        }
+        Some(url) if url.starts_with("mysql://") || url.starts_with("mariadb://") => {
+            let url = url.replacen("mariadb://", "mysql://", 1);
+            Ok(MySqlStore::open_read_only(&url).await?.into_arc())
+        }
+        _ => open(database_url, data_dir, Duration::ZERO).await,
     }
 }

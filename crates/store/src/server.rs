@@ -1,0 +1,911 @@
+//! PostgreSQL and MySQL-protocol backends (MariaDB here; MySQL, TiDB and PolarDB-X speak
+//! the same protocol): the engine's `Store` on a database server.
+//!
+//! One code path serves both. The statements are written once with `?` placeholders and
+//! rewritten to `$n` for PostgreSQL when the store opens (`Sql::new`); the handful that
+//! differ between the two dialects are spelled out in `Dialect`. The `server_store!`
+//! macro expands the same implementation for each sqlx driver, so both backends are
+//! concrete code with no generic trait gymnastics, and no logic exists twice.
+//!
+//! **Ownership and fencing.** The engine keeps the stock in memory, so exactly one node
+//! may write a database at a time. A node takes a session-level lock (PostgreSQL
+//! advisory lock, MySQL `GET_LOCK`) on its writer connection, waiting up to
+//! `owner_wait` for a node that is going away, and bumps `stampede_owner.epoch`. Every
+//! batch then updates the owner row `WHERE epoch = <ours>` inside its own transaction:
+//! if another node has taken ownership since (our connection dropped, the lock went with
+//! it), the batch finds no row and commits nothing. A node that lost ownership can never
+//! write with stale memory.
+//!
+//! **Commit outcome.** On a server a `COMMIT` can be lost in flight: the connection
+//! breaks and nobody knows whether the batch landed. Each batch also stamps
+//! `stampede_owner.batch_seq`; after a failure during `COMMIT` the store reconnects (as
+//! the owner) and reads it back. Equal to the batch's number: it landed, and `commit`
+//! answers `Ok`. Anything else: it did not. If the database cannot be reached to find
+//! out, `commit` answers `StoreError::Indeterminate` and the engine halts rather than
+//! hand back stock that may be sold.
+//!
+//! Round trips per batch: `BEGIN`, the owner stamp, one multi-row `INSERT` per 1,024
+//! orders, `COMMIT` — four for a batch of up to 1,024 orders.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use sqlx::{AssertSqlSafe, Connection, QueryBuilder, Row};
+use stampede_engine::{
+    OpOutcome, OrderRecord, PendingTally, ProductRecord, SaleRecord, SaleTally, Snapshot, Store,
+    StoreError, WriteOp,
+};
+use stampede_types::{Cents, IdempotencyKey, OrderId, OrderStatus, Quantity, SaleId, Sku, UserId};
+use tokio::sync::Mutex;
+
+/// Multi-row inserts use one of these row counts, so only a handful of statement shapes
+/// are ever prepared. 1,024 rows × 11 columns stays under both servers' 65,535
+/// parameters per statement.
+const INSERT_CHUNK_ROWS: [usize; 6] = [1024, 256, 64, 16, 4, 1];
+
+/// Readers in the pool: order lookups, lists, audits, pings.
+const READER_CONNECTIONS_MAX: u32 = 8;
+
+/// How long `open` waits for the owner lock of a node that is going away.
+pub const OWNER_WAIT_DEFAULT: Duration = Duration::from_secs(15);
+
+/// How long a commit whose outcome is unknown keeps trying to reach the database to find
+/// out before it gives up with `Indeterminate`.
+const RESOLVE_DEADLINE: Duration = Duration::from_secs(10);
+
+fn unavailable(error: sqlx::Error) -> StoreError {
+    StoreError::Unavailable(error.to_string())
+}
+
+fn corrupt(what: &str, value: &str) -> StoreError {
+    StoreError::Corrupt(format!("{what}: {value:?}"))
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// Who this process is, for `stampede_owner.node` (shown to the operator of a node that
+/// is refused because another owns the database).
+fn node_name() -> String {
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.is_empty())
+        .or_else(|| {
+            std::fs::read_to_string("/etc/hostname")
+                .ok()
+                .map(|h| h.trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown-host".into());
+    format!("{host}/{}", std::process::id())
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Placeholders {
+    /// `?` (MySQL).
+    Question,
+    /// `$1, $2, …` (PostgreSQL).
+    Dollar,
+}
+
+/// What differs between the two dialects, spelled out once.
+struct Dialect {
+    name: &'static str,
+    placeholders: Placeholders,
+    /// Takes the owner lock without waiting; answers one row, one column: 1/true if taken.
+    try_lock: &'static str,
+    /// Begins a read-only transaction whose snapshot is fixed by its first read (or at once).
+    begin_snapshot: &'static str,
+    /// `SUM(quantity)` as a 64-bit integer (both servers widen it to a decimal).
+    sum_quantity: &'static str,
+    save_setting: &'static str,
+    /// Reads the durability settings: one row of (name, value) per setting that must hold.
+    durability: &'static [(&'static str, &'static str, &'static [&'static str])],
+}
+
+const POSTGRES: Dialect = Dialect {
+    name: "PostgreSQL",
+    placeholders: Placeholders::Dollar,
+    // Advisory locks are scoped to the database, so one server can hold many Stampedes.
+    try_lock: "SELECT pg_try_advisory_lock(7261346573) AS taken",
+    begin_snapshot: "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY",
+    sum_quantity: "CAST(SUM(quantity) AS BIGINT)",
+    save_setting: "INSERT INTO settings (name, value, updated_at_ms) VALUES (?, ?, ?) \
+                   ON CONFLICT (name) DO UPDATE SET value = EXCLUDED.value, updated_at_ms = EXCLUDED.updated_at_ms",
+    durability: &[
+        ("SHOW fsync", "fsync", &["on"]),
+        (
+            "SHOW synchronous_commit",
+            "synchronous_commit",
+            &["on", "local", "remote_write", "remote_apply"],
+        ),
+    ],
+};
+
+const MYSQL: Dialect = Dialect {
+    name: "MySQL",
+    placeholders: Placeholders::Question,
+    // GET_LOCK is per server, not per database: the name carries the database.
+    try_lock: "SELECT CAST(COALESCE(GET_LOCK(CONCAT('stampede.owner.', DATABASE()), 0), 0) AS SIGNED) AS taken",
+    begin_snapshot: "START TRANSACTION WITH CONSISTENT SNAPSHOT, READ ONLY",
+    sum_quantity: "CAST(SUM(quantity) AS SIGNED)",
+    save_setting: "INSERT INTO settings (name, value, updated_at_ms) VALUES (?, ?, ?) \
+                   ON DUPLICATE KEY UPDATE value = VALUES(value), updated_at_ms = VALUES(updated_at_ms)",
+    durability: &[(
+        "SELECT CAST(@@innodb_flush_log_at_trx_commit AS CHAR)",
+        "innodb_flush_log_at_trx_commit",
+        &["1"],
+    )],
+};
+
+/// Every statement with parameters, in the store's dialect, built once at open.
+struct Sql {
+    insert_product: Arc<str>,
+    take_for_sale: Arc<str>,
+    insert_sale: Arc<str>,
+    lock_order: Arc<str>,
+    move_order: Arc<str>,
+    order_by_id: Arc<str>,
+    tally_by_status: Arc<str>,
+    users_over_limit: Arc<str>,
+    load_setting: Arc<str>,
+    save_setting: Arc<str>,
+    stamp_owner: Arc<str>,
+    claim_owner: Arc<str>,
+}
+
+macro_rules! order_columns {
+    () => {
+        "id, user_id, sale_id, sku, quantity, amount_cents, status, idempotency_key, \
+         created_at_ms, expires_at_ms, updated_at_ms"
+    };
+}
+
+impl Sql {
+    fn new(dialect: &Dialect) -> Sql {
+        let style = dialect.placeholders;
+        let sql = |text: &str| -> Arc<str> {
+            match style {
+                Placeholders::Question => Arc::from(text),
+                Placeholders::Dollar => {
+                    let mut out = String::with_capacity(text.len() + 8);
+                    let mut n = 0;
+                    for c in text.chars() {
+                        if c == '?' {
+                            n += 1;
+                            out.push('$');
+                            out.push_str(&n.to_string());
+                        } else {
+                            out.push(c);
+                        }
+                    }
+                    Arc::from(out)
+                }
+            }
+        };
+        Sql {
+            insert_product: sql(
+                "INSERT INTO products (sku, name, price_cents, available, created_at_ms) VALUES (?, ?, ?, ?, ?)",
+            ),
+            take_for_sale: sql(
+                "UPDATE products SET available = available - ? WHERE sku = ? AND available >= ?",
+            ),
+            insert_sale: sql(
+                "INSERT INTO flash_sales (id, sku, price_cents, quantity, per_user_limit, starts_at_ms, \
+                 ends_at_ms, created_at_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            ),
+            lock_order: sql(
+                "SELECT sale_id, user_id, quantity, status FROM orders WHERE id = ? FOR UPDATE",
+            ),
+            move_order: sql("UPDATE orders SET status = ?, updated_at_ms = ? WHERE id = ?"),
+            order_by_id: sql(concat!(
+                "SELECT ",
+                order_columns!(),
+                " FROM orders WHERE id = ?"
+            )),
+            tally_by_status: sql(&format!(
+                "SELECT status, {} AS units FROM orders WHERE sale_id = ? GROUP BY status",
+                dialect.sum_quantity
+            )),
+            users_over_limit: sql(
+                "SELECT COUNT(*) AS n FROM (SELECT user_id FROM orders WHERE sale_id = ? \
+                 AND status IN ('pending_payment', 'paid') GROUP BY user_id HAVING SUM(quantity) > ?) AS over_limit",
+            ),
+            load_setting: sql("SELECT value FROM settings WHERE name = ?"),
+            save_setting: sql(dialect.save_setting),
+            stamp_owner: sql("UPDATE stampede_owner SET batch_seq = ? WHERE id = 1 AND epoch = ?"),
+            claim_owner: sql(
+                "UPDATE stampede_owner SET epoch = ?, node = ?, since_ms = ?, batch_seq = 0 WHERE id = 1",
+            ),
+        }
+    }
+}
+
+fn q(text: &Arc<str>) -> AssertSqlSafe<Arc<str>> {
+    AssertSqlSafe(Arc::clone(text))
+}
+
+macro_rules! server_store {
+    (
+        $(#[$meta:meta])*
+        $store:ident, $db:ty, $conn:ty, $options:ty, $pool_options:ty, $dialect:expr, $migrations:literal
+    ) => {
+        $(#[$meta])*
+        pub struct $store {
+            /// `None` after a failure broke the connection; the next commit reconnects
+            /// and takes the owner lock again (or finds it has been fenced off).
+            writer: Mutex<Option<$conn>>,
+            readers: sqlx::Pool<$db>,
+            options: $options,
+            sql: Sql,
+            /// Our ownership term; batches commit only while the owner row carries it.
+            epoch: i64,
+            /// Number of the last batch this node committed (in `stampede_owner.batch_seq`).
+            batch_seq: std::sync::atomic::AtomicI64,
+        }
+
+        impl $store {
+            /// Connects, migrates, checks the server's durability settings, takes
+            /// ownership of the database (waiting up to `owner_wait` for a previous owner
+            /// to go away) and opens a reader pool.
+            pub async fn open(url: &str, owner_wait: Duration) -> Result<$store, StoreError> {
+                Self::open_as(url, Some(owner_wait)).await
+            }
+
+            /// Opens for reading only (the offline audit beside a live node): no
+            /// migration, no ownership; every commit is refused as fenced.
+            pub async fn open_read_only(url: &str) -> Result<$store, StoreError> {
+                Self::open_as(url, None).await
+            }
+
+            async fn open_as(url: &str, owner_wait: Option<Duration>) -> Result<$store, StoreError> {
+                let options: $options = url.parse().map_err(unavailable)?;
+                let dialect = &$dialect;
+                let sql = Sql::new(dialect);
+                let mut writer = <$conn>::connect_with(&options).await.map_err(unavailable)?;
+                let Some(owner_wait) = owner_wait else {
+                    let readers = <$pool_options>::new()
+                        .max_connections(2)
+                        .connect_with(options.clone())
+                        .await
+                        .map_err(unavailable)?;
+                    let _ = writer.close().await;
+                    return Ok($store {
+                        writer: Mutex::new(None),
+                        readers,
+                        options,
+                        sql,
+                        // No owner ever has a negative epoch: commits find no row.
+                        epoch: -1,
+                        batch_seq: std::sync::atomic::AtomicI64::new(0),
+                    });
+                };
+                sqlx::migrate!($migrations)
+                    .run(&mut writer)
+                    .await
+                    .map_err(|e| StoreError::Unavailable(format!("migration failed: {e}")))?;
+                check_durability!(&mut writer, dialect);
+                take_owner_lock!(&mut writer, dialect, owner_wait);
+                // Bump the epoch: from here on, a node still holding the old one is fenced.
+                let epoch = {
+                    let mut tx = writer.begin().await.map_err(unavailable)?;
+                    let previous: i64 =
+                        sqlx::query_scalar("SELECT epoch FROM stampede_owner WHERE id = 1 FOR UPDATE")
+                            .fetch_one(&mut *tx)
+                            .await
+                            .map_err(unavailable)?;
+                    let epoch = previous + 1;
+                    sqlx::query(q(&sql.claim_owner))
+                        .bind(epoch)
+                        .bind(node_name())
+                        .bind(now_ms())
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(unavailable)?;
+                    tx.commit().await.map_err(unavailable)?;
+                    epoch
+                };
+                let readers = <$pool_options>::new()
+                    .max_connections(READER_CONNECTIONS_MAX)
+                    .min_connections(1)
+                    .connect_with(options.clone())
+                    .await
+                    .map_err(unavailable)?;
+                tracing::info!(backend = dialect.name, epoch, "took ownership of the database");
+                Ok($store {
+                    writer: Mutex::new(Some(writer)),
+                    readers,
+                    options,
+                    sql,
+                    epoch,
+                    batch_seq: std::sync::atomic::AtomicI64::new(0),
+                })
+            }
+
+            pub fn into_arc(self) -> Arc<dyn Store> {
+                Arc::new(self)
+            }
+
+            /// A new writer connection holding the owner lock, still under our epoch.
+            async fn reconnect(&self) -> Result<$conn, StoreError> {
+                if self.epoch < 0 {
+                    return Err(StoreError::Fenced("opened read-only".into()));
+                }
+                let dialect = &$dialect;
+                let mut writer = <$conn>::connect_with(&self.options).await.map_err(unavailable)?;
+                take_owner_lock!(&mut writer, dialect, Duration::ZERO);
+                let epoch: i64 = sqlx::query_scalar("SELECT epoch FROM stampede_owner WHERE id = 1")
+                    .fetch_one(&mut writer)
+                    .await
+                    .map_err(unavailable)?;
+                if epoch != self.epoch {
+                    return Err(StoreError::Fenced(format!(
+                        "another node took ownership of the database (epoch {epoch}, ours {})",
+                        self.epoch
+                    )));
+                }
+                Ok(writer)
+            }
+
+            /// After a failed `COMMIT`: did batch `seq` land? Keeps trying to ask until
+            /// `RESOLVE_DEADLINE`.
+            async fn resolve(&self, seq: i64) -> Result<(bool, $conn), StoreError> {
+                let deadline = tokio::time::Instant::now() + RESOLVE_DEADLINE;
+                loop {
+                    let asked = async {
+                        let mut writer = self.reconnect().await?;
+                        let landed: i64 =
+                            sqlx::query_scalar("SELECT batch_seq FROM stampede_owner WHERE id = 1")
+                                .fetch_one(&mut writer)
+                                .await
+                                .map_err(unavailable)?;
+                        Ok::<_, StoreError>((landed == seq, writer))
+                    }
+                    .await;
+                    match asked {
+                        Ok(answer) => return Ok(answer),
+                        Err(StoreError::Fenced(why)) => return Err(StoreError::Fenced(why)),
+                        Err(error) if tokio::time::Instant::now() >= deadline => {
+                            return Err(StoreError::Indeterminate(format!(
+                                "batch {seq}: the commit's outcome is unknown and the database \
+                                 cannot be reached to find out ({error})"
+                            )));
+                        }
+                        Err(error) => {
+                            tracing::warn!(%error, seq, "resolving a lost commit; retrying");
+                            tokio::time::sleep(Duration::from_millis(200)).await;
+                        }
+                    }
+                }
+            }
+        }
+
+        #[async_trait]
+        impl Store for $store {
+            async fn load(&self) -> Result<Snapshot, StoreError> {
+                let mut connection = self.readers.acquire().await.map_err(unavailable)?;
+                let products = sqlx::query("SELECT sku, name, price_cents, available, created_at_ms FROM products ORDER BY sku")
+                    .fetch_all(&mut *connection)
+                    .await
+                    .map_err(unavailable)?
+                    .iter()
+                    .map(|row| product_from_row!(row))
+                    .collect::<Result<_, _>>()?;
+                let sales = sqlx::query(
+                    "SELECT id, sku, price_cents, quantity, per_user_limit, starts_at_ms, ends_at_ms, \
+                     created_at_ms FROM flash_sales ORDER BY created_at_ms, id",
+                )
+                .fetch_all(&mut *connection)
+                .await
+                .map_err(unavailable)?
+                .iter()
+                .map(|row| sale_from_row!(row))
+                .collect::<Result<_, _>>()?;
+                let orders = sqlx::query(concat!("SELECT ", order_columns!(), " FROM orders ORDER BY id"))
+                    .fetch_all(&mut *connection)
+                    .await
+                    .map_err(unavailable)?
+                    .iter()
+                    .map(|row| order_from_row!(row))
+                    .collect::<Result<_, _>>()?;
+                Ok(Snapshot { products, sales, orders })
+            }
+
+            async fn commit(&self, ops: &[WriteOp]) -> Result<Vec<OpOutcome>, StoreError> {
+                // Held for the whole commit: one batch at a time, as the engine sends them.
+                let mut guard = self.writer.lock().await;
+                let mut writer = match guard.take() {
+                    Some(writer) => writer,
+                    None => self.reconnect().await?,
+                };
+                let seq = self.batch_seq.load(std::sync::atomic::Ordering::Relaxed) + 1;
+                let prepared = async {
+                    let mut tx = writer.begin().await.map_err(unavailable)?;
+                    let stamped = sqlx::query(q(&self.sql.stamp_owner))
+                        .bind(seq)
+                        .bind(self.epoch)
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(unavailable)?;
+                    if stamped.rows_affected() != 1 {
+                        return Err(StoreError::Fenced(format!(
+                            "another node took ownership of the database (our epoch {})",
+                            self.epoch
+                        )));
+                    }
+                    // On any error the transaction is dropped and rolled back.
+                    let outcomes = apply!(&mut *tx, ops, &self.sql, $db);
+                    Ok((tx, outcomes))
+                }
+                .await;
+                // On an error before COMMIT nothing was written; the connection is dropped
+                // (a fresh one next time) in case the error broke it.
+                let (tx, outcomes) = prepared?;
+                match tx.commit().await {
+                    Ok(()) => {
+                        self.batch_seq.store(seq, std::sync::atomic::Ordering::Relaxed);
+                        *guard = Some(writer);
+                        Ok(outcomes)
+                    }
+                    Err(error) => {
+                        drop(writer);
+                        tracing::warn!(%error, seq, "COMMIT failed; finding out whether the batch landed");
+                        let (landed, writer) = self.resolve(seq).await?;
+                        *guard = Some(writer);
+                        if landed {
+                            self.batch_seq.store(seq, std::sync::atomic::Ordering::Relaxed);
+                            Ok(outcomes)
+                        } else {
+                            Err(unavailable(error))
+                        }
+                    }
+                }
+            }
+
+            async fn order(&self, id: OrderId) -> Result<Option<OrderRecord>, StoreError> {
+                sqlx::query(q(&self.sql.order_by_id))
+                    .bind(id.to_string())
+                    .fetch_optional(&self.readers)
+                    .await
+                    .map_err(unavailable)?
+                    .as_ref()
+                    .map(|row| order_from_row!(row))
+                    .transpose()
+            }
+
+            async fn orders_by_id(&self, ids: &[OrderId]) -> Result<Vec<OrderRecord>, StoreError> {
+                let mut orders = Vec::with_capacity(ids.len());
+                for chunk in ids.chunks(256) {
+                    let mut query: QueryBuilder<$db> = QueryBuilder::new(concat!(
+                        "SELECT ",
+                        order_columns!(),
+                        " FROM orders WHERE id IN ("
+                    ));
+                    let mut separated = query.separated(", ");
+                    for id in chunk {
+                        separated.push_bind(id.to_string());
+                    }
+                    query.push(")");
+                    for row in query.build().fetch_all(&self.readers).await.map_err(unavailable)? {
+                        orders.push(order_from_row!(&row)?);
+                    }
+                }
+                Ok(orders)
+            }
+
+            async fn tally(&self, sale: SaleId, per_user_limit: u32) -> Result<SaleTally, StoreError> {
+                let mut connection = self.readers.acquire().await.map_err(unavailable)?;
+                tally_on!(&mut *connection, &self.sql, sale, per_user_limit)
+            }
+
+            async fn snapshot_tally(
+                &self,
+                sale: SaleId,
+                per_user_limit: u32,
+            ) -> Result<PendingTally, StoreError> {
+                let mut snapshot = self
+                    .readers
+                    .begin_with($dialect.begin_snapshot)
+                    .await
+                    .map_err(unavailable)?;
+                // PostgreSQL fixes the snapshot at the first statement; MySQL already has.
+                sqlx::query("SELECT 1 FROM stampede_owner WHERE id = 1")
+                    .fetch_optional(&mut *snapshot)
+                    .await
+                    .map_err(unavailable)?;
+                let sql_tally = Arc::clone(&self.sql.tally_by_status);
+                let sql_over = Arc::clone(&self.sql.users_over_limit);
+                Ok(Box::pin(async move {
+                    let tally = tally_with!(&mut *snapshot, sql_tally, sql_over, sale, per_user_limit);
+                    // Dropping the read-only transaction rolls it back: nothing to keep.
+                    drop(snapshot);
+                    tally
+                }))
+            }
+
+            async fn ping(&self) -> Result<(), StoreError> {
+                sqlx::query("SELECT 1").execute(&self.readers).await.map_err(unavailable)?;
+                Ok(())
+            }
+
+            async fn load_setting(&self, key: &str) -> Result<Option<String>, StoreError> {
+                let row = sqlx::query(q(&self.sql.load_setting))
+                    .bind(key)
+                    .fetch_optional(&self.readers)
+                    .await
+                    .map_err(unavailable)?;
+                row.map(|r| r.try_get::<String, _>("value").map_err(unavailable)).transpose()
+            }
+
+            async fn save_setting(&self, key: &str, value: &str) -> Result<(), StoreError> {
+                // Through the readers' pool: a setting is not stock, and needs no owner.
+                sqlx::query(q(&self.sql.save_setting))
+                    .bind(key)
+                    .bind(value)
+                    .bind(now_ms())
+                    .execute(&self.readers)
+                    .await
+                    .map_err(unavailable)?;
+                Ok(())
+            }
+        }
+    };
+}
+
+macro_rules! check_durability {
+    ($conn:expr, $dialect:expr) => {
+        for (query, name, durable) in $dialect.durability {
+            let value: String = sqlx::query_scalar(*query)
+                .fetch_one(&mut *$conn)
+                .await
+                .map_err(unavailable)?;
+            if !durable.iter().any(|d| d.eq_ignore_ascii_case(value.trim())) {
+                return Err(StoreError::Unavailable(format!(
+                    "{} has {name} = {value}: a commit would not be durable when Stampede \
+                     answers 201; set it to {}",
+                    $dialect.name,
+                    durable.join(" or ")
+                )));
+            }
+        }
+    };
+}
+
+macro_rules! take_owner_lock {
+    ($conn:expr, $dialect:expr, $wait:expr) => {{
+        let deadline = tokio::time::Instant::now() + $wait;
+        loop {
+            let row = sqlx::query($dialect.try_lock)
+                .fetch_one(&mut *$conn)
+                .await
+                .map_err(unavailable)?;
+            // PostgreSQL answers a boolean, MySQL an integer.
+            let taken = row
+                .try_get::<bool, _>("taken")
+                .or_else(|_| row.try_get::<i64, _>("taken").map(|n| n == 1))
+                .map_err(unavailable)?;
+            if taken {
+                break;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                let owner: Option<String> =
+                    sqlx::query_scalar("SELECT node FROM stampede_owner WHERE id = 1")
+                        .fetch_optional(&mut *$conn)
+                        .await
+                        .map_err(unavailable)?;
+                return Err(StoreError::Unavailable(format!(
+                    "another stampede node ({}) owns this database; one node writes a \
+                     database at a time",
+                    owner.unwrap_or_default()
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }};
+}
+
+macro_rules! order_from_row {
+    ($row:expr) => {{
+        let row = $row;
+        (|| -> Result<OrderRecord, StoreError> {
+            let text = |name: &str| -> Result<String, StoreError> {
+                row.try_get::<String, _>(name).map_err(unavailable)
+            };
+            let int = |name: &str| -> Result<i64, StoreError> {
+                row.try_get::<i64, _>(name).map_err(unavailable)
+            };
+            let id = text("id")?;
+            let sale_id = text("sale_id")?;
+            let status = text("status")?;
+            let user_id = text("user_id")?;
+            let sku = text("sku")?;
+            let key = text("idempotency_key")?;
+            Ok(OrderRecord {
+                id: OrderId::parse(&id).ok_or_else(|| corrupt("order id", &id))?,
+                user_id: UserId::parse(&user_id).map_err(|_| corrupt("user id", &user_id))?,
+                sale_id: SaleId::parse(&sale_id).ok_or_else(|| corrupt("sale id", &sale_id))?,
+                sku: Sku::parse(&sku).map_err(|_| corrupt("sku", &sku))?,
+                quantity: Quantity::parse(int("quantity")?)
+                    .map_err(|e| corrupt("quantity", &e.to_string()))?,
+                amount: Cents::parse_amount("amount_cents", int("amount_cents")?)
+                    .map_err(|e| corrupt("amount", &e.to_string()))?,
+                status: OrderStatus::parse(&status).ok_or_else(|| corrupt("status", &status))?,
+                idempotency_key: IdempotencyKey::parse(&key)
+                    .map_err(|_| corrupt("idempotency key", &key))?,
+                created_at_ms: int("created_at_ms")?,
+                expires_at_ms: int("expires_at_ms")?,
+                updated_at_ms: int("updated_at_ms")?,
+            })
+        })()
+    }};
+}
+
+macro_rules! product_from_row {
+    ($row:expr) => {{
+        let row = $row;
+        (|| -> Result<ProductRecord, StoreError> {
+            let sku: String = row.try_get("sku").map_err(unavailable)?;
+            let name: String = row.try_get("name").map_err(unavailable)?;
+            let price: i64 = row.try_get("price_cents").map_err(unavailable)?;
+            let available: i64 = row.try_get("available").map_err(unavailable)?;
+            Ok(ProductRecord {
+                sku: Sku::parse(&sku).map_err(|_| corrupt("sku", &sku))?,
+                name: Arc::from(name),
+                price: Cents::parse("price_cents", price)
+                    .map_err(|e| corrupt("price", &e.to_string()))?,
+                available: u64::try_from(available)
+                    .map_err(|_| corrupt("available", &available.to_string()))?,
+                created_at_ms: row.try_get("created_at_ms").map_err(unavailable)?,
+            })
+        })()
+    }};
+}
+
+macro_rules! sale_from_row {
+    ($row:expr) => {{
+        let row = $row;
+        (|| -> Result<SaleRecord, StoreError> {
+            let id: String = row.try_get("id").map_err(unavailable)?;
+            let sku: String = row.try_get("sku").map_err(unavailable)?;
+            let price: i64 = row.try_get("price_cents").map_err(unavailable)?;
+            let quantity: i64 = row.try_get("quantity").map_err(unavailable)?;
+            let limit: i64 = row.try_get("per_user_limit").map_err(unavailable)?;
+            Ok(SaleRecord {
+                id: SaleId::parse(&id).ok_or_else(|| corrupt("sale id", &id))?,
+                sku: Sku::parse(&sku).map_err(|_| corrupt("sku", &sku))?,
+                price: Cents::parse("price_cents", price)
+                    .map_err(|e| corrupt("price", &e.to_string()))?,
+                quantity: u64::try_from(quantity)
+                    .map_err(|_| corrupt("quantity", &quantity.to_string()))?,
+                per_user_limit: u32::try_from(limit)
+                    .map_err(|_| corrupt("per_user_limit", &limit.to_string()))?,
+                starts_at_ms: row.try_get("starts_at_ms").map_err(unavailable)?,
+                ends_at_ms: row.try_get("ends_at_ms").map_err(unavailable)?,
+                created_at_ms: row.try_get("created_at_ms").map_err(unavailable)?,
+            })
+        })()
+    }};
+}
+
+macro_rules! tally_on {
+    ($conn:expr, $sql:expr, $sale:expr, $limit:expr) => {{
+        let sql_tally = Arc::clone(&$sql.tally_by_status);
+        let sql_over = Arc::clone(&$sql.users_over_limit);
+        tally_with!($conn, sql_tally, sql_over, $sale, $limit)
+    }};
+}
+
+/// Units per state and shoppers over the limit for one sale, on one connection.
+macro_rules! tally_with {
+    ($conn:expr, $sql_tally:expr, $sql_over:expr, $sale:expr, $limit:expr) => {
+        async {
+            let sale_id = $sale.to_string();
+            let mut tally = SaleTally::default();
+            let rows = sqlx::query(AssertSqlSafe($sql_tally))
+                .bind(&sale_id)
+                .fetch_all(&mut *$conn)
+                .await
+                .map_err(unavailable)?;
+            for row in rows {
+                let status: String = row.try_get("status").map_err(unavailable)?;
+                let units: i64 = row.try_get("units").map_err(unavailable)?;
+                let units = units as u64;
+                match OrderStatus::parse(&status).ok_or_else(|| corrupt("status", &status))? {
+                    OrderStatus::PendingPayment => tally.pending_payment = units,
+                    OrderStatus::Paid => tally.paid = units,
+                    OrderStatus::Cancelled => tally.cancelled = units,
+                    OrderStatus::Expired => tally.expired = units,
+                }
+            }
+            let over: i64 = sqlx::query_scalar(AssertSqlSafe($sql_over))
+                .bind(&sale_id)
+                .bind(i64::from($limit))
+                .fetch_one(&mut *$conn)
+                .await
+                .map_err(unavailable)?;
+            tally.users_over_limit = over as u64;
+            Ok::<_, StoreError>(tally)
+        }
+        .await
+    };
+}
+
+/// Applies a batch on an open transaction; answers one outcome per op.
+macro_rules! apply {
+    ($conn:expr, $ops:expr, $sql:expr, $db:ty) => {{
+        let ops: &[WriteOp] = $ops;
+        let sql: &Sql = $sql;
+        let mut outcomes = Vec::with_capacity(ops.len());
+        let mut index = 0;
+        while index < ops.len() {
+            match &ops[index] {
+                WriteOp::InsertOrder(_) => {
+                    let run: Vec<&OrderRecord> = ops[index..]
+                        .iter()
+                        .map_while(|op| match op {
+                            WriteOp::InsertOrder(order) => Some(order),
+                            _ => None,
+                        })
+                        .collect();
+                    let mut rest = &run[..];
+                    while !rest.is_empty() {
+                        let rows = *INSERT_CHUNK_ROWS
+                            .iter()
+                            .find(|&&n| n <= rest.len())
+                            .expect("1 always fits");
+                        let (chunk, tail) = rest.split_at(rows);
+                        let mut query: QueryBuilder<$db> = QueryBuilder::new(concat!(
+                            "INSERT INTO orders (",
+                            order_columns!(),
+                            ") "
+                        ));
+                        query.push_values(chunk, |mut row, order| {
+                            row.push_bind(order.id.to_string())
+                                .push_bind(order.user_id.as_str())
+                                .push_bind(order.sale_id.to_string())
+                                .push_bind(order.sku.as_str())
+                                .push_bind(i64::from(order.quantity.get()))
+                                .push_bind(order.amount.get())
+                                .push_bind(order.status.as_str())
+                                .push_bind(order.idempotency_key.as_str())
+                                .push_bind(order.created_at_ms)
+                                .push_bind(order.expires_at_ms)
+                                .push_bind(order.updated_at_ms);
+                        });
+                        query.build().execute(&mut *$conn).await.map_err(unavailable)?;
+                        rest = tail;
+                    }
+                    outcomes.extend(run.iter().map(|_| OpOutcome::Written));
+                    index += run.len();
+                    continue;
+                }
+                WriteOp::InsertProduct(product) => {
+                    sqlx::query(q(&sql.insert_product))
+                        .bind(product.sku.as_str())
+                        .bind(&*product.name)
+                        .bind(product.price.get())
+                        .bind(product.available as i64)
+                        .bind(product.created_at_ms)
+                        .execute(&mut *$conn)
+                        .await
+                        .map_err(unavailable)?;
+                    outcomes.push(OpOutcome::Written);
+                }
+                WriteOp::InsertSale(sale) => {
+                    let taken = sqlx::query(q(&sql.take_for_sale))
+                        .bind(sale.quantity as i64)
+                        .bind(sale.sku.as_str())
+                        .bind(sale.quantity as i64)
+                        .execute(&mut *$conn)
+                        .await
+                        .map_err(unavailable)?;
+                    if taken.rows_affected() != 1 {
+                        return Err(StoreError::Unavailable(format!(
+                            "product {} lacks {} units for a sale",
+                            sale.sku, sale.quantity
+                        )));
+                    }
+                    sqlx::query(q(&sql.insert_sale))
+                        .bind(sale.id.to_string())
+                        .bind(sale.sku.as_str())
+                        .bind(sale.price.get())
+                        .bind(sale.quantity as i64)
+                        .bind(i64::from(sale.per_user_limit))
+                        .bind(sale.starts_at_ms)
+                        .bind(sale.ends_at_ms)
+                        .bind(sale.created_at_ms)
+                        .execute(&mut *$conn)
+                        .await
+                        .map_err(unavailable)?;
+                    outcomes.push(OpOutcome::Written);
+                }
+                WriteOp::Transition { order_id, to, at_ms } => {
+                    let id = order_id.to_string();
+                    // MariaDB has no UPDATE … RETURNING: lock the row, read it, move it.
+                    let found = sqlx::query(q(&sql.lock_order))
+                        .bind(&id)
+                        .fetch_optional(&mut *$conn)
+                        .await
+                        .map_err(unavailable)?;
+                    let outcome = match found {
+                        None => OpOutcome::NotFound,
+                        Some(row) => {
+                            let status: String = row.try_get("status").map_err(unavailable)?;
+                            let current = OrderStatus::parse(&status)
+                                .ok_or_else(|| corrupt("status", &status))?;
+                            if current != OrderStatus::PendingPayment {
+                                OpOutcome::Refused { current }
+                            } else {
+                                sqlx::query(q(&sql.move_order))
+                                    .bind(to.as_str())
+                                    .bind(*at_ms)
+                                    .bind(&id)
+                                    .execute(&mut *$conn)
+                                    .await
+                                    .map_err(unavailable)?;
+                                let sale_id: String = row.try_get("sale_id").map_err(unavailable)?;
+                                let user_id: String = row.try_get("user_id").map_err(unavailable)?;
+                                let quantity: i64 = row.try_get("quantity").map_err(unavailable)?;
+                                OpOutcome::Transitioned {
+                                    sale_id: SaleId::parse(&sale_id)
+                                        .ok_or_else(|| corrupt("sale id", &sale_id))?,
+                                    user_id: UserId::parse(&user_id)
+                                        .map_err(|_| corrupt("user id", &user_id))?,
+                                    quantity: Quantity::parse(quantity)
+                                        .map_err(|e| corrupt("quantity", &e.to_string()))?,
+                                }
+                            }
+                        }
+                    };
+                    outcomes.push(outcome);
+                }
+            }
+            index += 1;
+        }
+        outcomes
+    }};
+}
+
+server_store!(
+    /// PostgreSQL (`postgres://…`).
+    PostgresStore,
+    sqlx::Postgres,
+    sqlx::PgConnection,
+    sqlx::postgres::PgConnectOptions,
+    sqlx::postgres::PgPoolOptions,
+    POSTGRES,
+    "./migrations/postgres"
+);
+
+server_store!(
+    /// MySQL protocol (`mysql://…`): MariaDB, MySQL, TiDB, PolarDB-X.
+    MySqlStore,
+    sqlx::MySql,
+    sqlx::MySqlConnection,
+    sqlx::mysql::MySqlConnectOptions,
+    sqlx::mysql::MySqlPoolOptions,
+    MYSQL,
+    "./migrations/mysql"
+);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn postgres_placeholders_are_numbered_in_order() {
+        let sql = Sql::new(&POSTGRES);
+        assert_eq!(
+            &*sql.move_order,
+            "UPDATE orders SET status = $1, updated_at_ms = $2 WHERE id = $3"
+        );
+        let mysql = Sql::new(&MYSQL);
+        assert_eq!(
+            &*mysql.move_order,
+            "UPDATE orders SET status = ?, updated_at_ms = ? WHERE id = ?"
+        );
+    }
+}

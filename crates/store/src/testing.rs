@@ -1,0 +1,198 @@
+//! Fresh databases for tests, on each backend: the store's own tests and the server's
+//! black-box tests run the same cases against SQLite, PostgreSQL and MariaDB. The server
+//! never calls this.
+//!
+//! The servers are real. Where they are is read from `STAMPEDE_TEST_POSTGRES_URL`
+//! (default `postgres://postgres@127.0.0.1:5432/postgres`) and `STAMPEDE_TEST_MYSQL_URL`
+//! (default `mysql://root@127.0.0.1:3306/test`): an account allowed to create databases.
+//! A server that does not answer fails the test with a message saying which and how to
+//! point the tests elsewhere; nothing is skipped.
+
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use sqlx::Connection;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+    MySql,
+}
+
+impl Backend {
+    pub const ALL: [Backend; 3] = [Backend::Sqlite, Backend::Postgres, Backend::MySql];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Sqlite => "sqlite",
+            Backend::Postgres => "postgres",
+            Backend::MySql => "mysql",
+        }
+    }
+
+    fn admin_url(self) -> Option<(String, &'static str)> {
+        let (variable, default) = match self {
+            Backend::Sqlite => return None,
+            Backend::Postgres => (
+                "STAMPEDE_TEST_POSTGRES_URL",
+                "postgres://postgres@127.0.0.1:5432/postgres",
+            ),
+            Backend::MySql => ("STAMPEDE_TEST_MYSQL_URL", "mysql://root@127.0.0.1:3306/test"),
+        };
+        Some((
+            std::env::var(variable).unwrap_or_else(|_| default.to_owned()),
+            variable,
+        ))
+    }
+}
+
+/// A database created for one test and dropped with it. For SQLite, nothing: the store
+/// lives in the test's data directory (`url` is `None`).
+pub struct TestDatabase {
+    pub backend: Backend,
+    /// What to pass as `--database-url`.
+    pub url: Option<String>,
+    admin_url: String,
+    name: String,
+}
+
+/// `url` with its database (the path) replaced by `database`.
+fn with_database(url: &str, database: &str) -> String {
+    let (base, query) = match url.split_once('?') {
+        Some((base, query)) => (base, Some(query)),
+        None => (url, None),
+    };
+    let authority_start = base.find("://").map_or(0, |i| i + 3);
+    let base = match base[authority_start..].find('/') {
+        Some(slash) => &base[..authority_start + slash],
+        None => base,
+    };
+    match query {
+        Some(query) => format!("{base}/{database}?{query}"),
+        None => format!("{base}/{database}"),
+    }
+}
+
+impl TestDatabase {
+    /// Creates an empty database named after this process and a counter.
+    pub async fn create(backend: Backend) -> TestDatabase {
+        static N_CREATED: AtomicU32 = AtomicU32::new(0);
+        let Some((admin_url, variable)) = backend.admin_url() else {
+            return TestDatabase {
+                backend,
+                url: None,
+                admin_url: String::new(),
+                name: String::new(),
+            };
+        };
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        let name = format!(
+            "stampede_t_{}_{}_{nanos}",
+            std::process::id(),
+            N_CREATED.fetch_add(1, Ordering::Relaxed)
+        );
+        let unreachable = |error: sqlx::Error| -> ! {
+            panic!(
+                "the {} server for the backend tests does not answer at {admin_url} ({error}); \
+                 start it, or set {variable} to an account that may create databases",
+                backend.name()
+            )
+        };
+        let create = format!("CREATE DATABASE {name}");
+        match backend {
+            Backend::Postgres => {
+                let mut admin = sqlx::PgConnection::connect(&admin_url)
+                    .await
+                    .unwrap_or_else(|e| unreachable(e));
+                sqlx::query(sqlx::AssertSqlSafe(create))
+                    .execute(&mut admin)
+                    .await
+                    .expect("create the test database");
+                let _ = admin.close().await;
+            }
+            Backend::MySql => {
+                let mut admin = sqlx::MySqlConnection::connect(&admin_url)
+                    .await
+                    .unwrap_or_else(|e| unreachable(e));
+                sqlx::query(sqlx::AssertSqlSafe(create))
+                    .execute(&mut admin)
+                    .await
+                    .expect("create the test database");
+                let _ = admin.close().await;
+            }
+            Backend::Sqlite => unreachable!("handled above"),
+        }
+        TestDatabase {
+            backend,
+            url: Some(with_database(&admin_url, &name)),
+            admin_url,
+            name,
+        }
+    }
+}
+
+impl TestDatabase {
+    /// Opens this database's store as `stampede serve` would (SQLite in `data_dir`).
+    pub async fn open(&self, data_dir: &std::path::Path) -> std::sync::Arc<dyn stampede_engine::Store> {
+        crate::open(self.url.as_deref(), data_dir, crate::OWNER_WAIT_DEFAULT)
+            .await
+            .unwrap_or_else(|e| panic!("open the {} store: {e}", self.backend.name()))
+    }
+}
+
+impl Drop for TestDatabase {
+    fn drop(&mut self) {
+        if self.name.is_empty() {
+            return;
+        }
+        let (backend, admin_url, name) = (self.backend, self.admin_url.clone(), self.name.clone());
+        // Drop may run inside a runtime: do the async clean-up on a thread of its own.
+        let cleanup = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("a runtime for the clean-up");
+            runtime.block_on(async {
+                match backend {
+                    Backend::Postgres => {
+                        if let Ok(mut admin) = sqlx::PgConnection::connect(&admin_url).await {
+                            let drop = format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)");
+                            let _ = sqlx::query(sqlx::AssertSqlSafe(drop)).execute(&mut admin).await;
+                        }
+                    }
+                    Backend::MySql => {
+                        if let Ok(mut admin) = sqlx::MySqlConnection::connect(&admin_url).await {
+                            let drop = format!("DROP DATABASE IF EXISTS {name}");
+                            let _ = sqlx::query(sqlx::AssertSqlSafe(drop)).execute(&mut admin).await;
+                        }
+                    }
+                    Backend::Sqlite => {}
+                }
+            });
+        });
+        let _ = cleanup.join();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::with_database;
+
+    #[test]
+    fn the_database_of_a_url_is_replaced() {
+        assert_eq!(
+            with_database("postgres://postgres@127.0.0.1:5432/postgres", "t1"),
+            "postgres://postgres@127.0.0.1:5432/t1"
+        );
+        assert_eq!(
+            with_database("mysql://root@127.0.0.1:3306/test?ssl-mode=disabled", "t1"),
+            "mysql://root@127.0.0.1:3306/t1?ssl-mode=disabled"
+        );
+        assert_eq!(
+            with_database("postgres://u@h:5432", "t1"),
+            "postgres://u@h:5432/t1"
+        );
+    }
+}
