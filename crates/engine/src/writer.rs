@@ -220,6 +220,14 @@ impl Writer {
                     .commit_failures_in_a_row
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 self.expiries.extend(expiring.into_iter().map(Reverse));
+                if error.halts() {
+                    // Before any answer goes out, so nobody sees a refusal from a node
+                    // that still looks healthy.
+                    tracing::error!(%error, "the writer halts: restart the node to rebuild its state from the store");
+                    self.shared
+                        .halted
+                        .store(true, std::sync::atomic::Ordering::Relaxed);
+                }
                 if let StoreError::Indeterminate(_) = error {
                     // The batch may have landed: its stock must stay taken. Its clients
                     // get 503; after a restart their keys answer whatever is durable.
@@ -228,12 +236,6 @@ impl Writer {
                 } else {
                     tracing::error!(%error, n_ops = ops.len(), "batch commit failed; answering 503 and returning stock");
                     self.failed(batch);
-                }
-                if error.halts() {
-                    tracing::error!(%error, "the writer halts: restart the node to rebuild its state from the store");
-                    self.shared
-                        .halted
-                        .store(true, std::sync::atomic::Ordering::Relaxed);
                 }
             }
         }

@@ -12,6 +12,31 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 use sqlx::Connection;
 
+/// Runs each named `async fn name(backend: Backend)` once per backend, as the tests
+/// `name::sqlite`, `name::postgres` and `name::mysql` (so `cargo test postgres` runs one
+/// backend's share).
+#[macro_export]
+macro_rules! on_every_backend {
+    ($($name:ident),* $(,)?) => {
+        $(
+            mod $name {
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn sqlite() {
+                    super::$name($crate::testing::Backend::Sqlite).await
+                }
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn postgres() {
+                    super::$name($crate::testing::Backend::Postgres).await
+                }
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn mysql() {
+                    super::$name($crate::testing::Backend::MySql).await
+                }
+            }
+        )*
+    };
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {
     Sqlite,
@@ -139,6 +164,44 @@ impl TestDatabase {
         crate::open(self.url.as_deref(), data_dir, crate::OWNER_WAIT_DEFAULT)
             .await
             .unwrap_or_else(|e| panic!("open the {} store: {e}", self.backend.name()))
+    }
+}
+
+impl TestDatabase {
+    /// Kills, from the server's side, the connection holding this database's owner lock
+    /// (as a network partition or a database failover would drop it).
+    pub async fn kill_owner_connection(&self) {
+        let name = &self.name;
+        match self.backend {
+            Backend::Postgres => {
+                let mut admin = sqlx::PgConnection::connect(&self.admin_url).await.expect("admin connection");
+                let killed: Vec<bool> = sqlx::query_scalar(
+                    "SELECT pg_terminate_backend(l.pid) FROM pg_locks l JOIN pg_database d ON d.oid = l.database \
+                     WHERE l.locktype = 'advisory' AND l.granted AND d.datname = $1",
+                )
+                .bind(name)
+                .fetch_all(&mut admin)
+                .await
+                .expect("terminate the owner's backend");
+                assert_eq!(killed, vec![true], "exactly one owner connection to kill");
+            }
+            Backend::MySql => {
+                let mut admin = sqlx::MySqlConnection::connect(&self.admin_url).await.expect("admin connection");
+                let id: Option<i64> = sqlx::query_scalar(
+                    "SELECT CAST(IS_USED_LOCK(CONCAT('stampede.owner.', ?)) AS SIGNED)",
+                )
+                .bind(name)
+                .fetch_one(&mut admin)
+                .await
+                .expect("find the owner's connection");
+                let id = id.expect("somebody holds the owner lock");
+                sqlx::query(sqlx::AssertSqlSafe(format!("KILL {id}")))
+                    .execute(&mut admin)
+                    .await
+                    .expect("kill the owner's connection");
+            }
+            Backend::Sqlite => panic!("SQLite has no owner connection"),
+        }
     }
 }
 

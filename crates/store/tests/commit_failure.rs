@@ -10,13 +10,17 @@ use stampede_engine::{
     Actor, Engine, EngineConfig, OpOutcome, OrderRecord, PendingTally, PurchaseError, SaleTally,
     Snapshot, Store, StoreError, SystemClock, WriteOp,
 };
-use stampede_store::SqliteStore;
+use stampede_store::on_every_backend;
+use stampede_store::testing::{Backend, TestDatabase};
 use stampede_types::{Cents, IdempotencyKey, OrderId, OrderStatus, Quantity, SaleId, Sku, UserId};
 
 /// The real store, with a switch that makes commits fail the way a full disk would.
 struct Flaky {
     inner: Arc<dyn Store>,
     fail: AtomicBool,
+    /// Commits, then says the outcome is unknown, as a connection lost during `COMMIT`
+    /// that cannot be re-established would.
+    unknown: AtomicBool,
 }
 
 #[async_trait]
@@ -28,7 +32,11 @@ impl Store for Flaky {
         if self.fail.load(Ordering::SeqCst) {
             return Err(StoreError::Unavailable("disk full (injected)".into()));
         }
-        self.inner.commit(ops).await
+        let outcomes = self.inner.commit(ops).await?;
+        if self.unknown.load(Ordering::SeqCst) {
+            return Err(StoreError::Indeterminate("connection lost during COMMIT (injected)".into()));
+        }
+        Ok(outcomes)
     }
     async fn order(&self, id: OrderId) -> Result<Option<OrderRecord>, StoreError> {
         self.inner.order(id).await
@@ -55,16 +63,19 @@ fn q(n: i64) -> Quantity {
     Quantity::parse(n).unwrap()
 }
 
-#[tokio::test]
-async fn failed_commit_returns_stock_and_answers_unavailable() {
+on_every_backend!(
+    failed_commit_returns_stock_and_answers_unavailable,
+    a_batch_that_fails_midway_leaves_nothing,
+    a_commit_of_unknown_outcome_halts_the_writer_and_keeps_the_stock_taken,
+);
+
+async fn failed_commit_returns_stock_and_answers_unavailable(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
-    let inner = SqliteStore::open(&dir.path().join("s.db"))
-        .await
-        .unwrap()
-        .into_arc();
+    let database = TestDatabase::create(backend).await;
     let flaky = Arc::new(Flaky {
-        inner,
+        inner: database.open(dir.path()).await,
         fail: AtomicBool::new(false),
+        unknown: AtomicBool::new(false),
     });
     let engine = Arc::new(
         Engine::open(
@@ -137,10 +148,10 @@ async fn failed_commit_returns_stock_and_answers_unavailable() {
     engine.shutdown().await;
 }
 
-#[tokio::test]
-async fn a_batch_that_fails_midway_leaves_nothing() {
+async fn a_batch_that_fails_midway_leaves_nothing(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
-    let store = SqliteStore::open(&dir.path().join("s.db")).await.unwrap();
+    let database = TestDatabase::create(backend).await;
+    let store = database.open(dir.path()).await;
     let sku = Sku::parse("P").unwrap();
     store
         .commit(&[WriteOp::InsertProduct(stampede_engine::ProductRecord {
@@ -216,4 +227,50 @@ async fn a_batch_that_fails_midway_leaves_nothing() {
         "the sale lacks stock, so the whole batch fails"
     );
     assert_eq!(store.order(first).await.unwrap(), None);
+}
+
+async fn a_commit_of_unknown_outcome_halts_the_writer_and_keeps_the_stock_taken(backend: Backend) {
+    let dir = tempfile::tempdir().unwrap();
+    let database = TestDatabase::create(backend).await;
+    let flaky = Arc::new(Flaky {
+        inner: database.open(dir.path()).await,
+        fail: AtomicBool::new(false),
+        unknown: AtomicBool::new(false),
+    });
+    let engine = Engine::open(flaky.clone(), Arc::new(SystemClock), EngineConfig::default())
+        .await
+        .unwrap();
+    let sale = live_sale(&engine, "P", 10, 5, 50, 5).await;
+    let alice = UserId::parse("alice").unwrap();
+    let key = IdempotencyKey::parse("k1").unwrap();
+
+    flaky.unknown.store(true, Ordering::SeqCst);
+    let answered = engine.purchase(alice.clone(), key.clone(), sale, q(2)).await;
+    assert_eq!(answered, Err(PurchaseError::Unavailable));
+    assert!(engine.halted(), "the writer halts");
+    assert!(!engine.ready().await, "a halted node is not ready");
+    // The order did land: its stock must not be sold again by this node.
+    assert_eq!(engine.sale(sale).unwrap().remaining, 3, "stock stays taken");
+    flaky.unknown.store(false, Ordering::SeqCst);
+    let bob = UserId::parse("bob").unwrap();
+    assert_eq!(
+        engine.purchase(bob, key.clone(), sale, q(1)).await,
+        Err(PurchaseError::Unavailable),
+        "a halted node sells nothing"
+    );
+    // The halted node goes away (a server database's owner lock goes with it).
+    drop(engine);
+    drop(flaky);
+
+    // A restart rebuilds from what is durable: the order is there, the books balance,
+    // and the shopper's retry with the same key answers it.
+    let engine = Engine::open(database.open(dir.path()).await, Arc::new(SystemClock), EngineConfig::default())
+        .await
+        .unwrap();
+    assert!(!engine.halted());
+    let again = engine.purchase(alice, key, sale, q(2)).await.unwrap();
+    assert!(again.replay, "the landed order answers the retry");
+    assert_eq!(engine.sale(sale).unwrap().remaining, 3);
+    assert!(engine.audit(sale).await.unwrap().unwrap().consistent);
+    engine.shutdown().await;
 }

@@ -1,0 +1,116 @@
+//! On a server database exactly one node writes: a second is refused while the first
+//! holds it, and a node whose connection (and with it the owner lock) was lost while
+//! another took over can never write again with the stock it holds in memory.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use stampede_engine::testing::live_sale;
+use stampede_engine::{Engine, EngineConfig, PurchaseError, SystemClock};
+use stampede_store::testing::{Backend, TestDatabase};
+use stampede_types::{IdempotencyKey, Quantity, UserId};
+
+fn user(name: &str) -> UserId {
+    UserId::parse(name).unwrap()
+}
+
+fn key(name: &str) -> IdempotencyKey {
+    IdempotencyKey::parse(name).unwrap()
+}
+
+fn one() -> Quantity {
+    Quantity::parse(1).unwrap()
+}
+
+async fn open_engine(database: &TestDatabase) -> Engine {
+    let store = stampede_store::open(
+        database.url.as_deref(),
+        std::path::Path::new("."),
+        Duration::from_secs(15),
+    )
+    .await
+    .unwrap();
+    Engine::open(store, Arc::new(SystemClock), EngineConfig::default())
+        .await
+        .unwrap()
+}
+
+async fn a_second_owner_is_refused_while_the_first_holds_the_database(backend: Backend) {
+    let database = TestDatabase::create(backend).await;
+    let url = database.url.as_deref();
+    let first = open_engine(&database).await;
+    let second = stampede_store::open(url, std::path::Path::new("."), Duration::from_millis(300)).await;
+    let refusal = second.err().expect("the second node is refused").to_string();
+    assert!(refusal.contains("owns this database"), "{refusal}");
+    // The offline audit reads beside the owner without taking over.
+    let reader = stampede_store::open_read_only(url, std::path::Path::new(".")).await.unwrap();
+    assert!(reader.load().await.unwrap().sales.is_empty());
+    drop(reader);
+    let sale = live_sale(&first, "P", 10, 5, 50, 5).await;
+    first.purchase(user("a"), key("k"), sale, one()).await.unwrap();
+    first.shutdown().await;
+    drop(first);
+    // Once the first has gone, a new node takes over and sees what it sold.
+    let next = open_engine(&database).await;
+    assert_eq!(next.sale(sale).unwrap().remaining, 4);
+    next.shutdown().await;
+}
+
+async fn a_node_that_lost_ownership_is_fenced_and_halts(backend: Backend) {
+    let database = TestDatabase::create(backend).await;
+    let old = open_engine(&database).await;
+    let sale = live_sale(&old, "P", 10, 5, 50, 5).await;
+    old.purchase(user("a"), key("k1"), sale, one()).await.unwrap();
+
+    // The old node's connection drops; a new node takes over and sells.
+    database.kill_owner_connection().await;
+    let new = open_engine(&database).await;
+    assert_eq!(new.sale(sale).unwrap().remaining, 4);
+    new.purchase(user("b"), key("k2"), sale, one()).await.unwrap();
+
+    // The old node still believes 4 units remain. While the new node holds the
+    // database it cannot get back in...
+    assert_eq!(
+        old.purchase(user("c"), key("k3"), sale, one()).await,
+        Err(PurchaseError::Unavailable)
+    );
+    assert!(!old.halted());
+    new.shutdown().await;
+    drop(new);
+    // ...and once it could, the epoch tells it another node has owned the stock since:
+    // it is fenced off and halts instead of selling from stale memory.
+    assert_eq!(
+        old.purchase(user("d"), key("k4"), sale, one()).await,
+        Err(PurchaseError::Unavailable)
+    );
+    assert!(old.halted(), "the old node halts once it learns it was fenced off");
+    drop(old);
+
+    let audit_node = open_engine(&database).await;
+    let audit = audit_node.audit(sale).await.unwrap().unwrap();
+    assert!(audit.consistent);
+    assert_eq!(audit.tally.pending_payment, 2, "only the two owners' sales exist");
+    audit_node.shutdown().await;
+}
+
+macro_rules! on_server_backends {
+    ($($name:ident),* $(,)?) => {
+        $(
+            mod $name {
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn postgres() {
+                    super::$name(super::Backend::Postgres).await
+                }
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn mysql() {
+                    super::$name(super::Backend::MySql).await
+                }
+            }
+        )*
+    };
+}
+
+on_server_backends!(
+    a_second_owner_is_refused_while_the_first_holds_the_database,
+    a_node_that_lost_ownership_is_fenced_and_halts,
+);
