@@ -1,6 +1,7 @@
 //! Contract tests of API v1 (see the brief, "API contract v1"), black box over HTTP.
 //! Every test starts its own server on a fresh data directory and its own payment
-//! simulator process.
+//! simulator process, and runs once per store: SQLite, PostgreSQL and MariaDB
+//! (`name::sqlite`, `name::postgres`, `name::mysql`), each on a fresh database.
 
 mod common;
 
@@ -8,6 +9,40 @@ use std::time::Duration;
 
 use common::*;
 use serde_json::{Value, json};
+use stampede_store::on_every_backend;
+use stampede_store::testing::Backend;
+
+on_every_backend!(
+    products_create_get_duplicate_unknown_and_admin_only,
+    flash_sale_carves_stock_out_of_the_product,
+    flash_sale_status_and_purchases_outside_the_window,
+    purchase_answers_201_with_the_contract_fields,
+    idempotency_replays_refuses_reuse_and_requires_a_key,
+    per_user_limit_is_enforced,
+    sold_out_when_the_stock_is_gone,
+    bad_purchase_bodies_are_refused_and_change_nothing,
+    request_bodies_must_be_json_objects,
+    oversized_body_is_413_and_changes_nothing,
+    bad_tokens_are_401_and_change_nothing,
+    other_shoppers_orders_are_404,
+    orders_are_visible_to_owner_and_admin_and_listed_per_shopper,
+    cancel_returns_stock_and_a_paid_order_cannot_be_cancelled,
+    pay_marks_paid_and_charges_once,
+    payment_failure_is_502_and_the_order_stays_payable,
+    payment_timeout_is_504_and_the_order_stays_payable,
+    pay_racing_a_cancel_decides_one_winner_and_refunds,
+    an_unpaid_order_expires_and_its_stock_returns,
+    pay_started_just_before_the_deadline_wins_over_expiry,
+    a_cached_token_stops_working_when_it_expires,
+    expiry_survives_a_graceful_restart,
+    audit_adds_up_after_a_mix_of_purchases_payments_and_cancels,
+    operations_endpoints_answer,
+    graceful_restart_keeps_everything,
+    a_second_server_on_the_same_data_directory_is_refused,
+    the_largest_orders_survive_a_restart,
+    a_charge_that_lands_after_a_timeout_is_refunded_when_the_order_is_cancelled,
+    a_declined_payment_is_not_refunded,
+);
 
 /// What must not change when a request is refused: the sale as the public sees it, the
 /// books, and the shopper's orders.
@@ -21,9 +56,8 @@ async fn snapshot(app: &TestApp, sale_id: &str, token: &str) -> (Value, Value, V
 
 // ---- products ------------------------------------------------------------------------------
 
-#[tokio::test]
-async fn products_create_get_duplicate_unknown_and_admin_only() {
-    let app = spawn_app().await;
+async fn products_create_get_duplicate_unknown_and_admin_only(backend: Backend) {
+    let app = spawn_app_on(backend).await;
 
     let reply = app.post_product("PHONE-1", 50).await;
     assert_eq!(reply.status, 201, "{}", reply.body);
@@ -87,9 +121,8 @@ async fn products_create_get_duplicate_unknown_and_admin_only() {
 
 // ---- flash sales ---------------------------------------------------------------------------
 
-#[tokio::test]
-async fn flash_sale_carves_stock_out_of_the_product() {
-    let app = spawn_app().await;
+async fn flash_sale_carves_stock_out_of_the_product(backend: Backend) {
+    let app = spawn_app_on(backend).await;
     app.create_product("TV-1", 100).await;
 
     let starts_at = rfc3339_in(chrono::Duration::seconds(-1));
@@ -187,9 +220,8 @@ async fn flash_sale_carves_stock_out_of_the_product() {
     assert_error_shape(&reply.body);
 }
 
-#[tokio::test]
-async fn flash_sale_status_and_purchases_outside_the_window() {
-    let app = spawn_app().await;
+async fn flash_sale_status_and_purchases_outside_the_window(backend: Backend) {
+    let app = spawn_app_on(backend).await;
     app.create_product("CAM-1", 30).await;
     let hour = chrono::Duration::hours(1);
     let scheduled = app
@@ -232,9 +264,8 @@ async fn flash_sale_status_and_purchases_outside_the_window() {
 
 // ---- purchase ------------------------------------------------------------------------------
 
-#[tokio::test]
-async fn purchase_answers_201_with_the_contract_fields() {
-    let app = spawn_app().await;
+async fn purchase_answers_201_with_the_contract_fields(backend: Backend) {
+    let app = spawn_app_on(backend).await;
     let sale = app.live_sale("SHOE-1", 10, 3).await;
     let token = app.shopper("dave");
 
@@ -283,9 +314,8 @@ async fn purchase_answers_201_with_the_contract_fields() {
     assert_eq!(audit["pending_payment"], 2);
 }
 
-#[tokio::test]
-async fn idempotency_replays_refuses_reuse_and_requires_a_key() {
-    let app = spawn_app().await;
+async fn idempotency_replays_refuses_reuse_and_requires_a_key(backend: Backend) {
+    let app = spawn_app_on(backend).await;
     let sale = app.live_sale("BAG-1", 10, 5).await;
     let token = app.shopper("erin");
 
@@ -335,9 +365,8 @@ async fn idempotency_replays_refuses_reuse_and_requires_a_key() {
     assert_books(&app.audit(&sale).await);
 }
 
-#[tokio::test]
-async fn per_user_limit_is_enforced() {
-    let app = spawn_app().await;
+async fn per_user_limit_is_enforced(backend: Backend) {
+    let app = spawn_app_on(backend).await;
     let sale = app.live_sale("WATCH-1", 10, 2).await;
     let token = app.shopper("gina");
 
@@ -359,9 +388,8 @@ async fn per_user_limit_is_enforced() {
     assert_eq!(audit["pending_payment"], 2);
 }
 
-#[tokio::test]
-async fn sold_out_when_the_stock_is_gone() {
-    let app = spawn_app().await;
+async fn sold_out_when_the_stock_is_gone(backend: Backend) {
+    let app = spawn_app_on(backend).await;
     let sale = app.live_sale("GPU-1", 3, 3).await;
     let ivy = app.shopper("ivy");
     let jack = app.shopper("jack");
@@ -396,9 +424,8 @@ async fn sold_out_when_the_stock_is_gone() {
 
 // ---- bad input -------------------------------------------------------------------------------
 
-#[tokio::test]
-async fn bad_purchase_bodies_are_refused_and_change_nothing() {
-    let app = spawn_app().await;
+async fn bad_purchase_bodies_are_refused_and_change_nothing(backend: Backend) {
+    let app = spawn_app_on(backend).await;
     let sale = app.live_sale("KB-1", 20, 5).await;
     let token = app.shopper("kim");
     app.buy(&token, &sale, "kim-0", 1).await;
@@ -515,9 +542,8 @@ async fn bad_purchase_bodies_are_refused_and_change_nothing() {
 /// The contract's bodies are JSON objects. serde's derive also accepts a JSON array of
 /// the fields in declaration order (`[1]` for `{"quantity": 1}`), which slips past
 /// `deny_unknown_fields` and places orders and creates products from non-object bodies.
-#[tokio::test]
-async fn request_bodies_must_be_json_objects() {
-    let app = spawn_app().await;
+async fn request_bodies_must_be_json_objects(backend: Backend) {
+    let app = spawn_app_on(backend).await;
     let sale = app.live_sale("ARR-1", 20, 5).await;
     let token = app.shopper("arno");
     let before = snapshot(&app, &sale, &token).await;
@@ -554,9 +580,8 @@ async fn request_bodies_must_be_json_objects() {
     assert_eq!(created.status, 404, "no product from an array body");
 }
 
-#[tokio::test]
-async fn oversized_body_is_413_and_changes_nothing() {
-    let app = spawn_app().await;
+async fn oversized_body_is_413_and_changes_nothing(backend: Backend) {
+    let app = spawn_app_on(backend).await;
     let sale = app.live_sale("BIG-1", 20, 5).await;
     let token = app.shopper("lena");
     let before = snapshot(&app, &sale, &token).await;
@@ -583,9 +608,8 @@ async fn oversized_body_is_413_and_changes_nothing() {
     app.buy(&token, &sale, "big-2", 1).await;
 }
 
-#[tokio::test]
-async fn bad_tokens_are_401_and_change_nothing() {
-    let app = spawn_app().await;
+async fn bad_tokens_are_401_and_change_nothing(backend: Backend) {
+    let app = spawn_app_on(backend).await;
     let sale = app.live_sale("PEN-1", 20, 5).await;
     let token = app.shopper("mia");
     let path = format!("/v1/flash-sales/{sale}/purchase");
@@ -658,9 +682,8 @@ async fn bad_tokens_are_401_and_change_nothing() {
     assert_eq!(snapshot(&app, &sale, &token).await, before);
 }
 
-#[tokio::test]
-async fn other_shoppers_orders_are_404() {
-    let app = spawn_app().await;
+async fn other_shoppers_orders_are_404(backend: Backend) {
+    let app = spawn_app_on(backend).await;
     let sale = app.live_sale("MUG-1", 20, 5).await;
     let owner = app.shopper("nora");
     let other = app.shopper("oscar");
@@ -698,9 +721,8 @@ async fn other_shoppers_orders_are_404() {
 
 // ---- orders ------------------------------------------------------------------------------
 
-#[tokio::test]
-async fn orders_are_visible_to_owner_and_admin_and_listed_per_shopper() {
-    let app = spawn_app().await;
+async fn orders_are_visible_to_owner_and_admin_and_listed_per_shopper(backend: Backend) {
+    let app = spawn_app_on(backend).await;
     let sale = app.live_sale("HAT-1", 20, 5).await;
     let pia = app.shopper("pia");
     let quinn = app.shopper("quinn");
@@ -755,9 +777,8 @@ async fn orders_are_visible_to_owner_and_admin_and_listed_per_shopper() {
 
 // ---- cancel ------------------------------------------------------------------------------
 
-#[tokio::test]
-async fn cancel_returns_stock_and_a_paid_order_cannot_be_cancelled() {
-    let app = spawn_app().await;
+async fn cancel_returns_stock_and_a_paid_order_cannot_be_cancelled(backend: Backend) {
+    let app = spawn_app_on(backend).await;
     let sale = app.live_sale("LAMP-1", 10, 3).await;
     let rose = app.shopper("rose");
 
@@ -800,9 +821,8 @@ async fn cancel_returns_stock_and_a_paid_order_cannot_be_cancelled() {
 
 // ---- pay ------------------------------------------------------------------------------------
 
-#[tokio::test]
-async fn pay_marks_paid_and_charges_once() {
-    let app = spawn_app().await;
+async fn pay_marks_paid_and_charges_once(backend: Backend) {
+    let app = spawn_app_on(backend).await;
     let sale = app.live_sale("BIKE-1", 10, 3).await;
     let tom = app.shopper("tom");
     let order_id = app.buy(&tom, &sale, "t-1", 2).await;
@@ -841,9 +861,8 @@ async fn pay_marks_paid_and_charges_once() {
     assert_eq!(audit["pending_payment"], 1);
 }
 
-#[tokio::test]
-async fn payment_failure_is_502_and_the_order_stays_payable() {
-    let app = spawn_app().await;
+async fn payment_failure_is_502_and_the_order_stays_payable(backend: Backend) {
+    let app = spawn_app_on(backend).await;
     let sale = app.live_sale("SOFA-1", 10, 3).await;
     let uma = app.shopper("uma");
     let order_id = app.buy(&uma, &sale, "u-1", 1).await;
@@ -870,9 +889,8 @@ async fn payment_failure_is_502_and_the_order_stays_payable() {
     assert_books(&app.audit(&sale).await);
 }
 
-#[tokio::test]
-async fn payment_timeout_is_504_and_the_order_stays_payable() {
-    let app = spawn_app_with(|config| config.payment_timeout = Duration::from_millis(300)).await;
+async fn payment_timeout_is_504_and_the_order_stays_payable(backend: Backend) {
+    let app = spawn_app_on_with(backend, |config| config.payment_timeout = Duration::from_millis(300)).await;
     let sale = app.live_sale("DESK-1", 10, 3).await;
     let vic = app.shopper("vic");
     let order_id = app.buy(&vic, &sale, "v-1", 1).await;
@@ -903,9 +921,8 @@ async fn payment_timeout_is_504_and_the_order_stays_payable() {
     assert_eq!(audit["paid"], 1);
 }
 
-#[tokio::test]
-async fn pay_racing_a_cancel_decides_one_winner_and_refunds() {
-    let app = spawn_app().await;
+async fn pay_racing_a_cancel_decides_one_winner_and_refunds(backend: Backend) {
+    let app = spawn_app_on(backend).await;
     let sale = app.live_sale("RACE-1", 5, 2).await;
     let yuri = app.shopper("yuri");
     let order_id = app.buy(&yuri, &sale, "y-1", 2).await;
@@ -961,9 +978,8 @@ async fn wait_expired(app: &TestApp, token: &str, order_id: &str) {
     .await;
 }
 
-#[tokio::test]
-async fn an_unpaid_order_expires_and_its_stock_returns() {
-    let app = spawn_app_with(short_window).await;
+async fn an_unpaid_order_expires_and_its_stock_returns(backend: Backend) {
+    let app = spawn_app_on_with(backend, short_window).await;
     let sale = app.live_sale("FAN-1", 5, 2).await;
     let wes = app.shopper("wes");
 
@@ -1006,9 +1022,8 @@ async fn an_unpaid_order_expires_and_its_stock_returns() {
 
 /// A payment that starts before `expires_at` is decided before the expiry (which waits
 /// one provider timeout plus a second): the payer is not robbed.
-#[tokio::test]
-async fn pay_started_just_before_the_deadline_wins_over_expiry() {
-    let app = spawn_app_with(|config| {
+async fn pay_started_just_before_the_deadline_wins_over_expiry(backend: Backend) {
+    let app = spawn_app_on_with(backend, |config| {
         config.payment_window = Duration::from_secs(1);
         config.payment_timeout = Duration::from_millis(1_500);
     })
@@ -1056,9 +1071,8 @@ async fn pay_started_just_before_the_deadline_wins_over_expiry() {
     );
 }
 
-#[tokio::test]
-async fn a_cached_token_stops_working_when_it_expires() {
-    let app = spawn_app().await;
+async fn a_cached_token_stops_working_when_it_expires(backend: Backend) {
+    let app = spawn_app_on(backend).await;
     let sale = app.live_sale("EXP-1", 5, 2).await;
     let token = stampede_api::mint_shopper_token(&app.jwt_secret, "ephemeral", Some(now_s() + 2));
     app.buy(&token, &sale, "e-1", 1).await;
@@ -1081,9 +1095,8 @@ async fn a_cached_token_stops_working_when_it_expires() {
     assert_eq!(app.remaining(&sale).await, 4);
 }
 
-#[tokio::test]
-async fn expiry_survives_a_graceful_restart() {
-    let mut app = spawn_app_with(short_window).await;
+async fn expiry_survives_a_graceful_restart(backend: Backend) {
+    let mut app = spawn_app_on_with(backend, short_window).await;
     let sale = app.live_sale("HEATER-1", 5, 3).await;
     let xena = app.shopper("xena");
     let expiring = app.buy(&xena, &sale, "x-1", 2).await;
@@ -1109,9 +1122,8 @@ async fn expiry_survives_a_graceful_restart() {
 
 // ---- audit -----------------------------------------------------------------------------------
 
-#[tokio::test]
-async fn audit_adds_up_after_a_mix_of_purchases_payments_and_cancels() {
-    let app = spawn_app().await;
+async fn audit_adds_up_after_a_mix_of_purchases_payments_and_cancels(backend: Backend) {
+    let app = spawn_app_on(backend).await;
     let sale = app.live_sale("KIT-1", 20, 5).await;
     let a = app.shopper("ann");
     let b = app.shopper("ben");
@@ -1158,9 +1170,8 @@ async fn audit_adds_up_after_a_mix_of_purchases_payments_and_cancels() {
 
 // ---- operations --------------------------------------------------------------------------------
 
-#[tokio::test]
-async fn operations_endpoints_answer() {
-    let app = spawn_app().await;
+async fn operations_endpoints_answer(backend: Backend) {
+    let app = spawn_app_on(backend).await;
     let sale = app.live_sale("OPS-1", 5, 1).await;
     app.buy(&app.shopper("olga"), &sale, "o-1", 1).await;
 
@@ -1210,9 +1221,8 @@ async fn operations_endpoints_answer() {
 
 // ---- restart ---------------------------------------------------------------------------------
 
-#[tokio::test]
-async fn graceful_restart_keeps_everything() {
-    let mut app = spawn_app().await;
+async fn graceful_restart_keeps_everything(backend: Backend) {
+    let mut app = spawn_app_on(backend).await;
     let sale = app.live_sale("RST-1", 10, 3).await;
     app.create_product("RST-SPARE", 7).await;
     let yan = app.shopper("yan");
@@ -1264,9 +1274,8 @@ async fn graceful_restart_keeps_everything() {
     assert_eq!(app.sim.charge(&y2).await.expect("charged")["charged"], 1);
 }
 
-#[tokio::test]
-async fn a_second_server_on_the_same_data_directory_is_refused() {
-    let app = spawn_app().await;
+async fn a_second_server_on_the_same_data_directory_is_refused(backend: Backend) {
+    let app = spawn_app_on(backend).await;
     let mut second = app.config.clone();
     second.listen = "127.0.0.1:0".parse().unwrap();
     let refused = stampede::start(&second, std::future::pending()).await;
@@ -1283,9 +1292,8 @@ async fn a_second_server_on_the_same_data_directory_is_refused() {
     assert_eq!(status, 201);
 }
 
-#[tokio::test]
-async fn the_largest_orders_survive_a_restart() {
-    let mut app = spawn_app().await;
+async fn the_largest_orders_survive_a_restart(backend: Backend) {
+    let mut app = spawn_app_on(backend).await;
     // A price of 600,000,000 cents (a realistic IDR price) times 2 units exceeds one
     // price's bound; the order must still read back.
     let product = json!({"sku": "BIG-1", "name": "big", "price_cents": 600_000_000, "stock": 10});
@@ -1321,9 +1329,8 @@ async fn the_largest_orders_survive_a_restart() {
     assert_books(&app.audit(&sale).await);
 }
 
-#[tokio::test]
-async fn a_charge_that_lands_after_a_timeout_is_refunded_when_the_order_is_cancelled() {
-    let app = spawn_app_with(|config| config.payment_timeout = Duration::from_millis(300)).await;
+async fn a_charge_that_lands_after_a_timeout_is_refunded_when_the_order_is_cancelled(backend: Backend) {
+    let app = spawn_app_on_with(backend, |config| config.payment_timeout = Duration::from_millis(300)).await;
     let sale = app.live_sale("LATE-1", 10, 3).await;
     let una = app.shopper("una");
     let order_id = app.buy(&una, &sale, "u-1", 1).await;
@@ -1349,9 +1356,8 @@ async fn a_charge_that_lands_after_a_timeout_is_refunded_when_the_order_is_cance
     assert_books(&app.audit(&sale).await);
 }
 
-#[tokio::test]
-async fn a_declined_payment_is_not_refunded() {
-    let app = spawn_app().await;
+async fn a_declined_payment_is_not_refunded(backend: Backend) {
+    let app = spawn_app_on(backend).await;
     let sale = app.live_sale("DECL-1", 10, 3).await;
     let ida = app.shopper("ida");
     let order_id = app.buy(&ida, &sale, "i-1", 1).await;

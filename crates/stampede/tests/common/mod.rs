@@ -13,6 +13,7 @@ use reqwest::header::HeaderMap;
 use serde_json::{Value, json};
 use stampede::{Config, Running};
 use stampede_api::Secret;
+use stampede_store::testing::{Backend, TestDatabase};
 use tempfile::TempDir;
 use tokio::io::AsyncBufReadExt;
 
@@ -234,6 +235,8 @@ pub struct TestApp {
     pub sim: PaymentSim,
     /// Kept alive for the app's lifetime (and across restarts); removed on drop.
     pub data_dir: TempDir,
+    /// The server database of this app (none for SQLite); dropped after the server.
+    pub database: TestDatabase,
 }
 
 pub async fn spawn_app() -> TestApp {
@@ -241,10 +244,21 @@ pub async fn spawn_app() -> TestApp {
 }
 
 pub async fn spawn_app_with(customise: impl FnOnce(&mut Config)) -> TestApp {
+    spawn_app_on_with(Backend::Sqlite, customise).await
+}
+
+/// An app on a fresh database of `backend`.
+pub async fn spawn_app_on(backend: Backend) -> TestApp {
+    spawn_app_on_with(backend, |_| {}).await
+}
+
+pub async fn spawn_app_on_with(backend: Backend, customise: impl FnOnce(&mut Config)) -> TestApp {
     let sim = PaymentSim::spawn().await;
     let data_dir = tempfile::tempdir().expect("create a temporary data directory");
+    let database = TestDatabase::create(backend).await;
     let mut config = Config {
         listen: "127.0.0.1:0".parse().expect("valid address"),
+        database_url: database.url.clone(),
         data_dir: data_dir.path().to_path_buf(),
         admin_token: Some(ADMIN_TOKEN.into()),
         jwt_secret: Some(JWT_SECRET.into()),
@@ -264,6 +278,7 @@ pub async fn spawn_app_with(customise: impl FnOnce(&mut Config)) -> TestApp {
         client: client(),
         sim,
         data_dir,
+        database,
     }
 }
 
