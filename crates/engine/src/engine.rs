@@ -551,7 +551,9 @@ impl Engine {
     /// Whether the writer stopped for good because the store fenced it off or lost a
     /// commit's outcome; only a restart (which rebuilds state from the store) recovers.
     pub fn halted(&self) -> bool {
-        self.shared.halted.load(std::sync::atomic::Ordering::Relaxed)
+        self.shared
+            .halted
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Whether the writer is running and the store answers.

@@ -120,7 +120,11 @@ impl Writer {
                 }
             }
             self.process(&mut batch).await;
-            if self.shared.halted.load(std::sync::atomic::Ordering::Relaxed) {
+            if self
+                .shared
+                .halted
+                .load(std::sync::atomic::Ordering::Relaxed)
+            {
                 // Nothing queued behind the failure was written: undo and refuse it all.
                 self.jobs.close();
                 while let Some(job) = self.jobs.recv().await {

@@ -320,8 +320,8 @@ pub async fn start(
         &config.data_dir,
         config.owner_wait,
     )
-        .await
-        .context("open the store")?;
+    .await
+    .context("open the store")?;
     let engine_config = EngineConfig {
         queue_capacity: config.queue_capacity,
         batch_size_max: config.batch_size_max,

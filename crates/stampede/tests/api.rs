@@ -890,7 +890,10 @@ async fn payment_failure_is_502_and_the_order_stays_payable(backend: Backend) {
 }
 
 async fn payment_timeout_is_504_and_the_order_stays_payable(backend: Backend) {
-    let app = spawn_app_on_with(backend, |config| config.payment_timeout = Duration::from_millis(300)).await;
+    let app = spawn_app_on_with(backend, |config| {
+        config.payment_timeout = Duration::from_millis(300)
+    })
+    .await;
     let sale = app.live_sale("DESK-1", 10, 3).await;
     let vic = app.shopper("vic");
     let order_id = app.buy(&vic, &sale, "v-1", 1).await;
@@ -1329,8 +1332,13 @@ async fn the_largest_orders_survive_a_restart(backend: Backend) {
     assert_books(&app.audit(&sale).await);
 }
 
-async fn a_charge_that_lands_after_a_timeout_is_refunded_when_the_order_is_cancelled(backend: Backend) {
-    let app = spawn_app_on_with(backend, |config| config.payment_timeout = Duration::from_millis(300)).await;
+async fn a_charge_that_lands_after_a_timeout_is_refunded_when_the_order_is_cancelled(
+    backend: Backend,
+) {
+    let app = spawn_app_on_with(backend, |config| {
+        config.payment_timeout = Duration::from_millis(300)
+    })
+    .await;
     let sale = app.live_sale("LATE-1", 10, 3).await;
     let una = app.shopper("una");
     let order_id = app.buy(&una, &sale, "u-1", 1).await;

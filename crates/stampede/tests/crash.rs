@@ -15,6 +15,7 @@ use std::time::Duration;
 use common::*;
 use serde_json::{Value, json};
 use stampede_api::{Secret, mint_shopper_token};
+use stampede_store::testing::{Backend, TestDatabase};
 
 const UNITS: usize = 300;
 const SHOPPERS: usize = 1_000;
@@ -411,4 +412,26 @@ async fn kill9_halfway_through_the_sale() {
     // Small batches, so half the sale is acknowledged while the other half is still being
     // committed batch by batch when the kill lands.
     crash_mid_stampede(UNITS / 2, &["--batch-size-max", "8"]).await;
+}
+
+/// The same SIGKILL on a server database: the killed node's connection (and owner lock)
+/// dies with it, the restarted node takes over and rebuilds from what was committed.
+async fn kill9_halfway_on(backend: Backend) {
+    let database = TestDatabase::create(backend).await;
+    let url = database.url.clone().expect("a server database has a URL");
+    crash_mid_stampede(
+        UNITS / 2,
+        &["--batch-size-max", "8", "--database-url", &url],
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill9_halfway_through_the_sale_on_postgres() {
+    kill9_halfway_on(Backend::Postgres).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill9_halfway_through_the_sale_on_mysql() {
+    kill9_halfway_on(Backend::MySql).await;
 }

@@ -4,6 +4,7 @@
 //! already-decided writes in one transaction, and reads. Backends are chosen by URL
 //! scheme; each keeps its own migrations under `migrations/<backend>`.
 
+mod nodelay;
 mod server;
 mod sqlite;
 pub mod testing;

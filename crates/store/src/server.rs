@@ -265,10 +265,16 @@ macro_rules! server_store {
                 let options: $options = url.parse().map_err(unavailable)?;
                 let dialect = &$dialect;
                 let sql = Sql::new(dialect);
+                let port = options.get_port();
                 let mut writer = <$conn>::connect_with(&options).await.map_err(unavailable)?;
+                crate::nodelay::set_on_connections_to(port);
                 let Some(owner_wait) = owner_wait else {
                     let readers = <$pool_options>::new()
                         .max_connections(2)
+                        .after_connect(move |_, _| Box::pin(async move {
+                            crate::nodelay::set_on_connections_to(port);
+                            Ok(())
+                        }))
                         .connect_with(options.clone())
                         .await
                         .map_err(unavailable)?;
@@ -311,6 +317,10 @@ macro_rules! server_store {
                 let readers = <$pool_options>::new()
                     .max_connections(READER_CONNECTIONS_MAX)
                     .min_connections(1)
+                    .after_connect(move |_, _| Box::pin(async move {
+                        crate::nodelay::set_on_connections_to(port);
+                        Ok(())
+                    }))
                     .connect_with(options.clone())
                     .await
                     .map_err(unavailable)?;
@@ -336,6 +346,7 @@ macro_rules! server_store {
                 }
                 let dialect = &$dialect;
                 let mut writer = <$conn>::connect_with(&self.options).await.map_err(unavailable)?;
+                crate::nodelay::set_on_connections_to(self.options.get_port());
                 take_owner_lock!(&mut writer, dialect, Duration::ZERO);
                 let epoch: i64 = sqlx::query_scalar("SELECT epoch FROM stampede_owner WHERE id = 1")
                     .fetch_one(&mut writer)
@@ -775,7 +786,11 @@ macro_rules! apply {
                                 .push_bind(order.expires_at_ms)
                                 .push_bind(order.updated_at_ms);
                         });
-                        query.build().execute(&mut *$conn).await.map_err(unavailable)?;
+                        query
+                            .build()
+                            .execute(&mut *$conn)
+                            .await
+                            .map_err(unavailable)?;
                         rest = tail;
                     }
                     outcomes.extend(run.iter().map(|_| OpOutcome::Written));
@@ -822,7 +837,11 @@ macro_rules! apply {
                         .map_err(unavailable)?;
                     outcomes.push(OpOutcome::Written);
                 }
-                WriteOp::Transition { order_id, to, at_ms } => {
+                WriteOp::Transition {
+                    order_id,
+                    to,
+                    at_ms,
+                } => {
                     let id = order_id.to_string();
                     // MariaDB has no UPDATE … RETURNING: lock the row, read it, move it.
                     let found = sqlx::query(q(&sql.lock_order))
@@ -846,8 +865,10 @@ macro_rules! apply {
                                     .execute(&mut *$conn)
                                     .await
                                     .map_err(unavailable)?;
-                                let sale_id: String = row.try_get("sale_id").map_err(unavailable)?;
-                                let user_id: String = row.try_get("user_id").map_err(unavailable)?;
+                                let sale_id: String =
+                                    row.try_get("sale_id").map_err(unavailable)?;
+                                let user_id: String =
+                                    row.try_get("user_id").map_err(unavailable)?;
                                 let quantity: i64 = row.try_get("quantity").map_err(unavailable)?;
                                 OpOutcome::Transitioned {
                                     sale_id: SaleId::parse(&sale_id)

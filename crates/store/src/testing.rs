@@ -62,7 +62,10 @@ impl Backend {
                 "STAMPEDE_TEST_POSTGRES_URL",
                 "postgres://postgres@127.0.0.1:5432/postgres",
             ),
-            Backend::MySql => ("STAMPEDE_TEST_MYSQL_URL", "mysql://root@127.0.0.1:3306/test"),
+            Backend::MySql => (
+                "STAMPEDE_TEST_MYSQL_URL",
+                "mysql://root@127.0.0.1:3306/test",
+            ),
         };
         Some((
             std::env::var(variable).unwrap_or_else(|_| default.to_owned()),
@@ -160,7 +163,10 @@ impl TestDatabase {
 
 impl TestDatabase {
     /// Opens this database's store as `stampede serve` would (SQLite in `data_dir`).
-    pub async fn open(&self, data_dir: &std::path::Path) -> std::sync::Arc<dyn stampede_engine::Store> {
+    pub async fn open(
+        &self,
+        data_dir: &std::path::Path,
+    ) -> std::sync::Arc<dyn stampede_engine::Store> {
         crate::open(self.url.as_deref(), data_dir, crate::OWNER_WAIT_DEFAULT)
             .await
             .unwrap_or_else(|e| panic!("open the {} store: {e}", self.backend.name()))
@@ -174,7 +180,9 @@ impl TestDatabase {
         let name = &self.name;
         match self.backend {
             Backend::Postgres => {
-                let mut admin = sqlx::PgConnection::connect(&self.admin_url).await.expect("admin connection");
+                let mut admin = sqlx::PgConnection::connect(&self.admin_url)
+                    .await
+                    .expect("admin connection");
                 let killed: Vec<bool> = sqlx::query_scalar(
                     "SELECT pg_terminate_backend(l.pid) FROM pg_locks l JOIN pg_database d ON d.oid = l.database \
                      WHERE l.locktype = 'advisory' AND l.granted AND d.datname = $1",
@@ -186,7 +194,9 @@ impl TestDatabase {
                 assert_eq!(killed, vec![true], "exactly one owner connection to kill");
             }
             Backend::MySql => {
-                let mut admin = sqlx::MySqlConnection::connect(&self.admin_url).await.expect("admin connection");
+                let mut admin = sqlx::MySqlConnection::connect(&self.admin_url)
+                    .await
+                    .expect("admin connection");
                 let id: Option<i64> = sqlx::query_scalar(
                     "SELECT CAST(IS_USED_LOCK(CONCAT('stampede.owner.', ?)) AS SIGNED)",
                 )
@@ -222,13 +232,17 @@ impl Drop for TestDatabase {
                     Backend::Postgres => {
                         if let Ok(mut admin) = sqlx::PgConnection::connect(&admin_url).await {
                             let drop = format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)");
-                            let _ = sqlx::query(sqlx::AssertSqlSafe(drop)).execute(&mut admin).await;
+                            let _ = sqlx::query(sqlx::AssertSqlSafe(drop))
+                                .execute(&mut admin)
+                                .await;
                         }
                     }
                     Backend::MySql => {
                         if let Ok(mut admin) = sqlx::MySqlConnection::connect(&admin_url).await {
                             let drop = format!("DROP DATABASE IF EXISTS {name}");
-                            let _ = sqlx::query(sqlx::AssertSqlSafe(drop)).execute(&mut admin).await;
+                            let _ = sqlx::query(sqlx::AssertSqlSafe(drop))
+                                .execute(&mut admin)
+                                .await;
                         }
                     }
                     Backend::Sqlite => {}

@@ -34,7 +34,9 @@ impl Store for Flaky {
         }
         let outcomes = self.inner.commit(ops).await?;
         if self.unknown.load(Ordering::SeqCst) {
-            return Err(StoreError::Indeterminate("connection lost during COMMIT (injected)".into()));
+            return Err(StoreError::Indeterminate(
+                "connection lost during COMMIT (injected)".into(),
+            ));
         }
         Ok(outcomes)
     }
@@ -237,15 +239,21 @@ async fn a_commit_of_unknown_outcome_halts_the_writer_and_keeps_the_stock_taken(
         fail: AtomicBool::new(false),
         unknown: AtomicBool::new(false),
     });
-    let engine = Engine::open(flaky.clone(), Arc::new(SystemClock), EngineConfig::default())
-        .await
-        .unwrap();
+    let engine = Engine::open(
+        flaky.clone(),
+        Arc::new(SystemClock),
+        EngineConfig::default(),
+    )
+    .await
+    .unwrap();
     let sale = live_sale(&engine, "P", 10, 5, 50, 5).await;
     let alice = UserId::parse("alice").unwrap();
     let key = IdempotencyKey::parse("k1").unwrap();
 
     flaky.unknown.store(true, Ordering::SeqCst);
-    let answered = engine.purchase(alice.clone(), key.clone(), sale, q(2)).await;
+    let answered = engine
+        .purchase(alice.clone(), key.clone(), sale, q(2))
+        .await;
     assert_eq!(answered, Err(PurchaseError::Unavailable));
     assert!(engine.halted(), "the writer halts");
     assert!(!engine.ready().await, "a halted node is not ready");
@@ -264,9 +272,13 @@ async fn a_commit_of_unknown_outcome_halts_the_writer_and_keeps_the_stock_taken(
 
     // A restart rebuilds from what is durable: the order is there, the books balance,
     // and the shopper's retry with the same key answers it.
-    let engine = Engine::open(database.open(dir.path()).await, Arc::new(SystemClock), EngineConfig::default())
-        .await
-        .unwrap();
+    let engine = Engine::open(
+        database.open(dir.path()).await,
+        Arc::new(SystemClock),
+        EngineConfig::default(),
+    )
+    .await
+    .unwrap();
     assert!(!engine.halted());
     let again = engine.purchase(alice, key, sale, q(2)).await.unwrap();
     assert!(again.replay, "the landed order answers the retry");

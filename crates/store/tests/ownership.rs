@@ -39,15 +39,24 @@ async fn a_second_owner_is_refused_while_the_first_holds_the_database(backend: B
     let database = TestDatabase::create(backend).await;
     let url = database.url.as_deref();
     let first = open_engine(&database).await;
-    let second = stampede_store::open(url, std::path::Path::new("."), Duration::from_millis(300)).await;
-    let refusal = second.err().expect("the second node is refused").to_string();
+    let second =
+        stampede_store::open(url, std::path::Path::new("."), Duration::from_millis(300)).await;
+    let refusal = second
+        .err()
+        .expect("the second node is refused")
+        .to_string();
     assert!(refusal.contains("owns this database"), "{refusal}");
     // The offline audit reads beside the owner without taking over.
-    let reader = stampede_store::open_read_only(url, std::path::Path::new(".")).await.unwrap();
+    let reader = stampede_store::open_read_only(url, std::path::Path::new("."))
+        .await
+        .unwrap();
     assert!(reader.load().await.unwrap().sales.is_empty());
     drop(reader);
     let sale = live_sale(&first, "P", 10, 5, 50, 5).await;
-    first.purchase(user("a"), key("k"), sale, one()).await.unwrap();
+    first
+        .purchase(user("a"), key("k"), sale, one())
+        .await
+        .unwrap();
     first.shutdown().await;
     drop(first);
     // Once the first has gone, a new node takes over and sees what it sold.
@@ -60,13 +69,17 @@ async fn a_node_that_lost_ownership_is_fenced_and_halts(backend: Backend) {
     let database = TestDatabase::create(backend).await;
     let old = open_engine(&database).await;
     let sale = live_sale(&old, "P", 10, 5, 50, 5).await;
-    old.purchase(user("a"), key("k1"), sale, one()).await.unwrap();
+    old.purchase(user("a"), key("k1"), sale, one())
+        .await
+        .unwrap();
 
     // The old node's connection drops; a new node takes over and sells.
     database.kill_owner_connection().await;
     let new = open_engine(&database).await;
     assert_eq!(new.sale(sale).unwrap().remaining, 4);
-    new.purchase(user("b"), key("k2"), sale, one()).await.unwrap();
+    new.purchase(user("b"), key("k2"), sale, one())
+        .await
+        .unwrap();
 
     // The old node still believes 4 units remain. While the new node holds the
     // database it cannot get back in...
@@ -83,13 +96,19 @@ async fn a_node_that_lost_ownership_is_fenced_and_halts(backend: Backend) {
         old.purchase(user("d"), key("k4"), sale, one()).await,
         Err(PurchaseError::Unavailable)
     );
-    assert!(old.halted(), "the old node halts once it learns it was fenced off");
+    assert!(
+        old.halted(),
+        "the old node halts once it learns it was fenced off"
+    );
     drop(old);
 
     let audit_node = open_engine(&database).await;
     let audit = audit_node.audit(sale).await.unwrap().unwrap();
     assert!(audit.consistent);
-    assert_eq!(audit.tally.pending_payment, 2, "only the two owners' sales exist");
+    assert_eq!(
+        audit.tally.pending_payment, 2,
+        "only the two owners' sales exist"
+    );
     audit_node.shutdown().await;
 }
 

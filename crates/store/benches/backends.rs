@@ -1,0 +1,279 @@
+//! Durable purchases per second on each store, side by side in one run, against the
+//! design Stampede replaces: a row lock per purchase (`UPDATE … SET remaining =
+//! remaining - 1 WHERE remaining >= 1`, then the order, in one transaction).
+//!
+//! Every variant answers a buyer only once the order is committed, and every variant
+//! has the same 512 concurrent buyers. Stampede's variants go through the engine and
+//! its group-commit writer; a counting wrapper around the store records how many
+//! batches (and so round trips) the database saw per 1,000 orders.
+//!
+//! Needs the PostgreSQL and MariaDB servers the tests use (see `stampede_store::testing`).
+//!
+//! cargo bench -p stampede-store --bench backends
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use sqlx::Connection;
+use stampede_engine::testing::live_sale;
+use stampede_engine::{
+    AckMode, Engine, EngineConfig, OpOutcome, OrderRecord, PendingTally, SaleTally, Snapshot,
+    Store, StoreError, SystemClock, WriteOp,
+};
+use stampede_store::testing::{Backend, TestDatabase};
+use stampede_types::{IdempotencyKey, OrderId, Quantity, SaleId, UserId};
+
+const BUYERS: u64 = 512;
+/// Connections of the row-lock design's pool (each buyer needs one for its transaction).
+const ROW_LOCK_CONNECTIONS: u32 = 32;
+
+/// Counts the database round trips of each batch: BEGIN, the owner stamp, one INSERT
+/// per chunk of up to 1,024 orders, other statements one each, COMMIT.
+struct Counting {
+    inner: Arc<dyn Store>,
+    orders: AtomicU64,
+    round_trips: AtomicU64,
+}
+
+#[async_trait]
+impl Store for Counting {
+    async fn load(&self) -> Result<Snapshot, StoreError> {
+        self.inner.load().await
+    }
+    async fn commit(&self, ops: &[WriteOp]) -> Result<Vec<OpOutcome>, StoreError> {
+        let n_orders = ops
+            .iter()
+            .filter(|op| matches!(op, WriteOp::InsertOrder(_)))
+            .count() as u64;
+        let others = ops.len() as u64 - n_orders;
+        self.orders.fetch_add(n_orders, Ordering::Relaxed);
+        self.round_trips
+            .fetch_add(3 + n_orders.div_ceil(1_024) + others, Ordering::Relaxed);
+        self.inner.commit(ops).await
+    }
+    async fn order(&self, id: OrderId) -> Result<Option<OrderRecord>, StoreError> {
+        self.inner.order(id).await
+    }
+    async fn orders_by_id(&self, ids: &[OrderId]) -> Result<Vec<OrderRecord>, StoreError> {
+        self.inner.orders_by_id(ids).await
+    }
+    async fn tally(&self, sale: SaleId, per_user_limit: u32) -> Result<SaleTally, StoreError> {
+        self.inner.tally(sale, per_user_limit).await
+    }
+    async fn snapshot_tally(
+        &self,
+        sale: SaleId,
+        per_user_limit: u32,
+    ) -> Result<PendingTally, StoreError> {
+        self.inner.snapshot_tally(sale, per_user_limit).await
+    }
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.inner.ping().await
+    }
+}
+
+async fn engine_on(
+    database: &TestDatabase,
+    dir: &std::path::Path,
+) -> (Arc<Engine>, SaleId, Arc<Counting>) {
+    let counting = Arc::new(Counting {
+        inner: database.open(dir).await,
+        orders: AtomicU64::new(0),
+        round_trips: AtomicU64::new(0),
+    });
+    let config = EngineConfig {
+        ack: AckMode::Durable,
+        ..EngineConfig::default()
+    };
+    let engine = Engine::open(counting.clone(), Arc::new(SystemClock), config)
+        .await
+        .unwrap();
+    let sale = live_sale(&engine, "BENCH", 1_000_000_000, 1_000_000_000, 50, 1_000).await;
+    (Arc::new(engine), sale, counting)
+}
+
+/// `BUYERS` concurrent purchases through the engine, each answered once durable.
+async fn engine_round(engine: &Arc<Engine>, sale: SaleId, counter: &AtomicU64) {
+    let one = Quantity::parse(1).unwrap();
+    let handles: Vec<_> = (0..BUYERS)
+        .map(|_| {
+            let n = counter.fetch_add(1, Ordering::Relaxed);
+            let engine = engine.clone();
+            tokio::spawn(async move {
+                let user = UserId::parse(&format!("u{}", n % 100_000)).unwrap();
+                let key = IdempotencyKey::parse(&format!("k{n}")).unwrap();
+                engine
+                    .purchase(user, key, sale, one)
+                    .await
+                    .expect("durable purchase");
+            })
+        })
+        .collect();
+    for handle in handles {
+        handle.await.unwrap();
+    }
+}
+
+const ROW_LOCK_SCHEMA: [&str; 3] = [
+    "CREATE TABLE rl_sales (id INTEGER PRIMARY KEY, remaining BIGINT NOT NULL)",
+    "CREATE TABLE rl_orders (id VARCHAR(64) PRIMARY KEY, user_id VARCHAR(128) NOT NULL, \
+     sale_id INTEGER NOT NULL, quantity BIGINT NOT NULL, created_at_ms BIGINT NOT NULL)",
+    "INSERT INTO rl_sales (id, remaining) VALUES (1, 1000000000)",
+];
+
+/// The conventional database-only design, one purchase = one transaction holding the
+/// sale's row lock from its UPDATE to its COMMIT (four round trips).
+macro_rules! row_lock_round {
+    ($pool:expr, $counter:expr, $take:literal, $insert:literal) => {{
+        let handles: Vec<_> = (0..BUYERS)
+            .map(|_| {
+                let n = $counter.fetch_add(1, Ordering::Relaxed);
+                let pool = $pool.clone();
+                tokio::spawn(async move {
+                    let mut tx = pool.begin().await.unwrap();
+                    let taken = sqlx::query($take).execute(&mut *tx).await.unwrap();
+                    assert_eq!(taken.rows_affected(), 1, "stock left");
+                    sqlx::query($insert)
+                        .bind(format!("ord-{n}"))
+                        .bind(format!("u{}", n % 100_000))
+                        .bind(n as i64)
+                        .execute(&mut *tx)
+                        .await
+                        .unwrap();
+                    tx.commit().await.unwrap();
+                })
+            })
+            .collect();
+        for handle in handles {
+            handle.await.unwrap();
+        }
+    }};
+}
+
+fn backends(c: &mut Criterion) {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut group = c.benchmark_group("durable_purchases");
+    group.throughput(Throughput::Elements(BUYERS));
+    group.sample_size(10);
+    group.measurement_time(Duration::from_secs(8));
+
+    let mut round_trips = Vec::new();
+    for backend in Backend::ALL {
+        let dir = tempfile::tempdir().unwrap();
+        let database = runtime.block_on(TestDatabase::create(backend));
+        let (engine, sale, counting) = runtime.block_on(engine_on(&database, dir.path()));
+        let counter = AtomicU64::new(0);
+        group.bench_function(format!("stampede_{}", backend.name()), |b| {
+            b.to_async(&runtime).iter_custom(|iters| {
+                let engine = engine.clone();
+                let counter = &counter;
+                async move {
+                    let started = Instant::now();
+                    for _ in 0..iters {
+                        engine_round(&engine, sale, counter).await;
+                    }
+                    started.elapsed()
+                }
+            })
+        });
+        runtime.block_on(engine.shutdown());
+        let orders = counting.orders.load(Ordering::Relaxed).max(1);
+        round_trips.push((
+            format!("stampede_{}", backend.name()),
+            counting.round_trips.load(Ordering::Relaxed) as f64 * 1_000.0 / orders as f64,
+        ));
+        drop(engine);
+        drop(counting);
+        runtime.block_on(async { tokio::time::sleep(Duration::from_millis(200)).await });
+    }
+
+    // The row-lock design on the same servers.
+    for backend in [Backend::Postgres, Backend::MySql] {
+        let database = runtime.block_on(TestDatabase::create(backend));
+        let url = database.url.clone().unwrap();
+        let counter = AtomicU64::new(0);
+        let name = format!("row_lock_{}", backend.name());
+        match backend {
+            Backend::Postgres => {
+                let pool = runtime.block_on(async {
+                    let mut setup = sqlx::PgConnection::connect(&url).await.unwrap();
+                    for statement in ROW_LOCK_SCHEMA {
+                        sqlx::query(statement).execute(&mut setup).await.unwrap();
+                    }
+                    sqlx::postgres::PgPoolOptions::new()
+                        .max_connections(ROW_LOCK_CONNECTIONS)
+                        .connect(&url)
+                        .await
+                        .unwrap()
+                });
+                group.bench_function(&name, |b| {
+                    b.to_async(&runtime).iter_custom(|iters| {
+                        let (pool, counter) = (pool.clone(), &counter);
+                        async move {
+                            let started = Instant::now();
+                            for _ in 0..iters {
+                                row_lock_round!(
+                                    pool,
+                                    counter,
+                                    "UPDATE rl_sales SET remaining = remaining - 1 WHERE id = 1 AND remaining >= 1",
+                                    "INSERT INTO rl_orders (id, user_id, sale_id, quantity, created_at_ms) VALUES ($1, $2, 1, 1, $3)"
+                                );
+                            }
+                            started.elapsed()
+                        }
+                    })
+                });
+                runtime.block_on(pool.close());
+            }
+            Backend::MySql => {
+                let pool = runtime.block_on(async {
+                    let mut setup = sqlx::MySqlConnection::connect(&url).await.unwrap();
+                    for statement in ROW_LOCK_SCHEMA {
+                        sqlx::query(statement).execute(&mut setup).await.unwrap();
+                    }
+                    sqlx::mysql::MySqlPoolOptions::new()
+                        .max_connections(ROW_LOCK_CONNECTIONS)
+                        .connect(&url)
+                        .await
+                        .unwrap()
+                });
+                group.bench_function(&name, |b| {
+                    b.to_async(&runtime).iter_custom(|iters| {
+                        let (pool, counter) = (pool.clone(), &counter);
+                        async move {
+                            let started = Instant::now();
+                            for _ in 0..iters {
+                                row_lock_round!(
+                                    pool,
+                                    counter,
+                                    "UPDATE rl_sales SET remaining = remaining - 1 WHERE id = 1 AND remaining >= 1",
+                                    "INSERT INTO rl_orders (id, user_id, sale_id, quantity, created_at_ms) VALUES (?, ?, 1, 1, ?)"
+                                );
+                            }
+                            started.elapsed()
+                        }
+                    })
+                });
+                runtime.block_on(pool.close());
+            }
+            Backend::Sqlite => unreachable!(),
+        }
+        round_trips.push((name, 4_000.0));
+    }
+    group.finish();
+
+    println!("\ndatabase round trips per 1,000 durable orders:");
+    for (name, per_1000) in round_trips {
+        println!("  {name:<22} {per_1000:>8.1}");
+    }
+}
+
+criterion_group!(benches, backends);
+criterion_main!(benches);
