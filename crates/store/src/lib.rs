@@ -5,6 +5,8 @@
 //! scheme; each keeps its own migrations under `migrations/<backend>`.
 
 mod nodelay;
+#[macro_use]
+mod rows;
 mod server;
 mod sqlite;
 pub mod testing;

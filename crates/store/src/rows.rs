@@ -1,0 +1,86 @@
+//! Decoding rows into records, shared by every backend: the same columns, the same
+//! checks, whatever the driver (the macros expand against each driver's row type).
+//! A value that does not parse is `StoreError::Corrupt`, never a panic.
+
+macro_rules! order_from_row {
+    ($row:expr) => {{
+        let row = $row;
+        (|| -> Result<OrderRecord, StoreError> {
+            let text = |name: &str| -> Result<String, StoreError> {
+                row.try_get::<String, _>(name).map_err(unavailable)
+            };
+            let int = |name: &str| -> Result<i64, StoreError> {
+                row.try_get::<i64, _>(name).map_err(unavailable)
+            };
+            let id = text("id")?;
+            let sale_id = text("sale_id")?;
+            let status = text("status")?;
+            let user_id = text("user_id")?;
+            let sku = text("sku")?;
+            let key = text("idempotency_key")?;
+            Ok(OrderRecord {
+                id: OrderId::parse(&id).ok_or_else(|| corrupt("order id", &id))?,
+                user_id: UserId::parse(&user_id).map_err(|_| corrupt("user id", &user_id))?,
+                sale_id: SaleId::parse(&sale_id).ok_or_else(|| corrupt("sale id", &sale_id))?,
+                sku: Sku::parse(&sku).map_err(|_| corrupt("sku", &sku))?,
+                quantity: Quantity::parse(int("quantity")?)
+                    .map_err(|e| corrupt("quantity", &e.to_string()))?,
+                amount: Cents::parse_amount("amount_cents", int("amount_cents")?)
+                    .map_err(|e| corrupt("amount", &e.to_string()))?,
+                status: OrderStatus::parse(&status).ok_or_else(|| corrupt("status", &status))?,
+                idempotency_key: IdempotencyKey::parse(&key)
+                    .map_err(|_| corrupt("idempotency key", &key))?,
+                created_at_ms: int("created_at_ms")?,
+                expires_at_ms: int("expires_at_ms")?,
+                updated_at_ms: int("updated_at_ms")?,
+            })
+        })()
+    }};
+}
+
+macro_rules! product_from_row {
+    ($row:expr) => {{
+        let row = $row;
+        (|| -> Result<ProductRecord, StoreError> {
+            let sku: String = row.try_get("sku").map_err(unavailable)?;
+            let name: String = row.try_get("name").map_err(unavailable)?;
+            let price: i64 = row.try_get("price_cents").map_err(unavailable)?;
+            let available: i64 = row.try_get("available").map_err(unavailable)?;
+            Ok(ProductRecord {
+                sku: Sku::parse(&sku).map_err(|_| corrupt("sku", &sku))?,
+                name: Arc::from(name),
+                price: Cents::parse("price_cents", price)
+                    .map_err(|e| corrupt("price", &e.to_string()))?,
+                available: u64::try_from(available)
+                    .map_err(|_| corrupt("available", &available.to_string()))?,
+                created_at_ms: row.try_get("created_at_ms").map_err(unavailable)?,
+            })
+        })()
+    }};
+}
+
+macro_rules! sale_from_row {
+    ($row:expr) => {{
+        let row = $row;
+        (|| -> Result<SaleRecord, StoreError> {
+            let id: String = row.try_get("id").map_err(unavailable)?;
+            let sku: String = row.try_get("sku").map_err(unavailable)?;
+            let price: i64 = row.try_get("price_cents").map_err(unavailable)?;
+            let quantity: i64 = row.try_get("quantity").map_err(unavailable)?;
+            let limit: i64 = row.try_get("per_user_limit").map_err(unavailable)?;
+            Ok(SaleRecord {
+                id: SaleId::parse(&id).ok_or_else(|| corrupt("sale id", &id))?,
+                sku: Sku::parse(&sku).map_err(|_| corrupt("sku", &sku))?,
+                price: Cents::parse("price_cents", price)
+                    .map_err(|e| corrupt("price", &e.to_string()))?,
+                quantity: u64::try_from(quantity)
+                    .map_err(|_| corrupt("quantity", &quantity.to_string()))?,
+                per_user_limit: u32::try_from(limit)
+                    .map_err(|_| corrupt("per_user_limit", &limit.to_string()))?,
+                starts_at_ms: row.try_get("starts_at_ms").map_err(unavailable)?,
+                ends_at_ms: row.try_get("ends_at_ms").map_err(unavailable)?,
+                created_at_ms: row.try_get("created_at_ms").map_err(unavailable)?,
+            })
+        })()
+    }};
+}
