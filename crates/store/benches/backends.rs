@@ -24,9 +24,12 @@ use stampede_engine::{
     Store, StoreError, SystemClock, WriteOp,
 };
 use stampede_store::testing::{Backend, TestDatabase};
-use stampede_types::{IdempotencyKey, OrderId, Quantity, SaleId, UserId};
+use stampede_types::{OrderId, SaleId};
 
-const BUYERS: u64 = 512;
+mod common;
+
+use common::{BUYERS, purchase_round};
+
 /// Connections of the row-lock design's pool (each buyer needs one for its transaction).
 const ROW_LOCK_CONNECTIONS: u32 = 32;
 
@@ -95,28 +98,6 @@ async fn engine_on(
     (Arc::new(engine), sale, counting)
 }
 
-/// `BUYERS` concurrent purchases through the engine, each answered once durable.
-async fn engine_round(engine: &Arc<Engine>, sale: SaleId, counter: &AtomicU64) {
-    let one = Quantity::parse(1).unwrap();
-    let handles: Vec<_> = (0..BUYERS)
-        .map(|_| {
-            let n = counter.fetch_add(1, Ordering::Relaxed);
-            let engine = engine.clone();
-            tokio::spawn(async move {
-                let user = UserId::parse(&format!("u{}", n % 100_000)).unwrap();
-                let key = IdempotencyKey::parse(&format!("k{n}")).unwrap();
-                engine
-                    .purchase(user, key, sale, one)
-                    .await
-                    .expect("durable purchase");
-            })
-        })
-        .collect();
-    for handle in handles {
-        handle.await.unwrap();
-    }
-}
-
 const ROW_LOCK_SCHEMA: [&str; 3] = [
     "CREATE TABLE rl_sales (id INTEGER PRIMARY KEY, remaining BIGINT NOT NULL)",
     "CREATE TABLE rl_orders (id VARCHAR(64) PRIMARY KEY, user_id VARCHAR(128) NOT NULL, \
@@ -153,6 +134,41 @@ macro_rules! row_lock_round {
     }};
 }
 
+/// Sets up the row-lock schema on `$url`, then benchmarks `row_lock_round!` on a pool.
+macro_rules! row_lock_bench {
+    ($group:expr, $runtime:expr, $name:expr, $counter:expr, $url:expr, $conn:ty, $pool_options:ty, $insert:literal) => {{
+        let pool = $runtime.block_on(async {
+            let mut setup = <$conn>::connect(&$url).await.unwrap();
+            for statement in ROW_LOCK_SCHEMA {
+                sqlx::query(statement).execute(&mut setup).await.unwrap();
+            }
+            <$pool_options>::new()
+                .max_connections(ROW_LOCK_CONNECTIONS)
+                .connect(&$url)
+                .await
+                .unwrap()
+        });
+        $group.bench_function(&$name, |b| {
+            b.to_async(&$runtime).iter_custom(|iters| {
+                let (pool, counter) = (pool.clone(), &$counter);
+                async move {
+                    let started = Instant::now();
+                    for _ in 0..iters {
+                        row_lock_round!(
+                            pool,
+                            counter,
+                            "UPDATE rl_sales SET remaining = remaining - 1 WHERE id = 1 AND remaining >= 1",
+                            $insert
+                        );
+                    }
+                    started.elapsed()
+                }
+            })
+        });
+        $runtime.block_on(pool.close());
+    }};
+}
+
 fn backends(c: &mut Criterion) {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -177,7 +193,7 @@ fn backends(c: &mut Criterion) {
                 async move {
                     let started = Instant::now();
                     for _ in 0..iters {
-                        engine_round(&engine, sale, counter).await;
+                        purchase_round(&engine, sale, counter).await;
                     }
                     started.elapsed()
                 }
@@ -201,68 +217,26 @@ fn backends(c: &mut Criterion) {
         let counter = AtomicU64::new(0);
         let name = format!("row_lock_{}", backend.name());
         match backend {
-            Backend::Postgres => {
-                let pool = runtime.block_on(async {
-                    let mut setup = sqlx::PgConnection::connect(&url).await.unwrap();
-                    for statement in ROW_LOCK_SCHEMA {
-                        sqlx::query(statement).execute(&mut setup).await.unwrap();
-                    }
-                    sqlx::postgres::PgPoolOptions::new()
-                        .max_connections(ROW_LOCK_CONNECTIONS)
-                        .connect(&url)
-                        .await
-                        .unwrap()
-                });
-                group.bench_function(&name, |b| {
-                    b.to_async(&runtime).iter_custom(|iters| {
-                        let (pool, counter) = (pool.clone(), &counter);
-                        async move {
-                            let started = Instant::now();
-                            for _ in 0..iters {
-                                row_lock_round!(
-                                    pool,
-                                    counter,
-                                    "UPDATE rl_sales SET remaining = remaining - 1 WHERE id = 1 AND remaining >= 1",
-                                    "INSERT INTO rl_orders (id, user_id, sale_id, quantity, created_at_ms) VALUES ($1, $2, 1, 1, $3)"
-                                );
-                            }
-                            started.elapsed()
-                        }
-                    })
-                });
-                runtime.block_on(pool.close());
-            }
-            Backend::MySql => {
-                let pool = runtime.block_on(async {
-                    let mut setup = sqlx::MySqlConnection::connect(&url).await.unwrap();
-                    for statement in ROW_LOCK_SCHEMA {
-                        sqlx::query(statement).execute(&mut setup).await.unwrap();
-                    }
-                    sqlx::mysql::MySqlPoolOptions::new()
-                        .max_connections(ROW_LOCK_CONNECTIONS)
-                        .connect(&url)
-                        .await
-                        .unwrap()
-                });
-                group.bench_function(&name, |b| {
-                    b.to_async(&runtime).iter_custom(|iters| {
-                        let (pool, counter) = (pool.clone(), &counter);
-                        async move {
-                            let started = Instant::now();
-                            for _ in 0..iters {
-                                row_lock_round!(
-                                    pool,
-                                    counter,
-                                    "UPDATE rl_sales SET remaining = remaining - 1 WHERE id = 1 AND remaining >= 1",
-                                    "INSERT INTO rl_orders (id, user_id, sale_id, quantity, created_at_ms) VALUES (?, ?, 1, 1, ?)"
-                                );
-                            }
-                            started.elapsed()
-                        }
-                    })
-                });
-                runtime.block_on(pool.close());
-            }
+            Backend::Postgres => row_lock_bench!(
+                group,
+                runtime,
+                name,
+                counter,
+                url,
+                sqlx::PgConnection,
+                sqlx::postgres::PgPoolOptions,
+                "INSERT INTO rl_orders (id, user_id, sale_id, quantity, created_at_ms) VALUES ($1, $2, 1, 1, $3)"
+            ),
+            Backend::MySql => row_lock_bench!(
+                group,
+                runtime,
+                name,
+                counter,
+                url,
+                sqlx::MySqlConnection,
+                sqlx::mysql::MySqlPoolOptions,
+                "INSERT INTO rl_orders (id, user_id, sale_id, quantity, created_at_ms) VALUES (?, ?, 1, 1, ?)"
+            ),
             Backend::Sqlite => unreachable!(),
         }
         round_trips.push((name, 4_000.0));

@@ -6,16 +6,18 @@
 //! cargo bench -p stampede-store --bench writer
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use stampede_engine::testing::live_sale;
 use stampede_engine::{AckMode, Engine, EngineConfig, SystemClock};
 use stampede_store::SqliteStore;
-use stampede_types::{IdempotencyKey, Quantity, SaleId, UserId};
+use stampede_types::SaleId;
 
-const BUYERS: u64 = 512;
+mod common;
+
+use common::{BUYERS, purchase_round};
 
 async fn setup(dir: &std::path::Path, batch_size_max: usize) -> (Arc<Engine>, SaleId) {
     let store = SqliteStore::open(&dir.join("bench.db"))
@@ -32,28 +34,6 @@ async fn setup(dir: &std::path::Path, batch_size_max: usize) -> (Arc<Engine>, Sa
         .unwrap();
     let sale = live_sale(&engine, "BENCH", 1_000_000_000, 1_000_000_000, 50, 1_000).await;
     (Arc::new(engine), sale)
-}
-
-/// `BUYERS` concurrent purchases, each answered only once durable.
-async fn round(engine: &Arc<Engine>, sale: SaleId, counter: &AtomicU64) {
-    let one = Quantity::parse(1).unwrap();
-    let handles: Vec<_> = (0..BUYERS)
-        .map(|_| {
-            let n = counter.fetch_add(1, Ordering::Relaxed);
-            let engine = engine.clone();
-            tokio::spawn(async move {
-                let user = UserId::parse(&format!("u{}", n % 100_000)).unwrap();
-                let key = IdempotencyKey::parse(&format!("k{n}")).unwrap();
-                engine
-                    .purchase(user, key, sale, one)
-                    .await
-                    .expect("durable purchase");
-            })
-        })
-        .collect();
-    for handle in handles {
-        handle.await.unwrap();
-    }
 }
 
 fn group_commit(c: &mut Criterion) {
@@ -77,7 +57,7 @@ fn group_commit(c: &mut Criterion) {
                 async move {
                     let started = Instant::now();
                     for _ in 0..iters {
-                        round(&engine, sale, counter).await;
+                        purchase_round(&engine, sale, counter).await;
                     }
                     started.elapsed()
                 }

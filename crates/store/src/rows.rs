@@ -1,6 +1,61 @@
 //! Decoding rows into records, shared by every backend: the same columns, the same
 //! checks, whatever the driver (the macros expand against each driver's row type).
-//! A value that does not parse is `StoreError::Corrupt`, never a panic.
+//! A value that does not parse is `StoreError::Corrupt`, never a panic. Also the order
+//! columns and how an order binds to them, so every backend inserts the same row.
+
+use stampede_engine::{SaleTally, StoreError};
+use stampede_types::OrderStatus;
+
+pub(crate) fn unavailable(error: sqlx::Error) -> StoreError {
+    StoreError::Unavailable(error.to_string())
+}
+
+pub(crate) fn corrupt(what: &str, value: &str) -> StoreError {
+    StoreError::Corrupt(format!("{what}: {value:?}"))
+}
+
+/// Adds one `(status, SUM(quantity))` row of a tally query.
+pub(crate) fn count_units(
+    tally: &mut SaleTally,
+    status: &str,
+    units: i64,
+) -> Result<(), StoreError> {
+    let units = u64::try_from(units).map_err(|_| corrupt("units", &units.to_string()))?;
+    match OrderStatus::parse(status).ok_or_else(|| corrupt("status", status))? {
+        OrderStatus::PendingPayment => tally.pending_payment = units,
+        OrderStatus::Paid => tally.paid = units,
+        OrderStatus::Cancelled => tally.cancelled = units,
+        OrderStatus::Expired => tally.expired = units,
+    }
+    Ok(())
+}
+
+macro_rules! order_columns {
+    () => {
+        "id, user_id, sale_id, sku, quantity, amount_cents, status, idempotency_key, \
+         created_at_ms, expires_at_ms, updated_at_ms"
+    };
+}
+
+/// Appends `VALUES (…), (…)` for `chunk` (orders) to a `QueryBuilder`, in the column
+/// order of `order_columns!`.
+macro_rules! push_order_values {
+    ($query:expr, $chunk:expr) => {
+        $query.push_values($chunk, |mut row, order| {
+            row.push_bind(order.id.to_string())
+                .push_bind(order.user_id.as_str())
+                .push_bind(order.sale_id.to_string())
+                .push_bind(order.sku.as_str())
+                .push_bind(i64::from(order.quantity.get()))
+                .push_bind(order.amount.get())
+                .push_bind(order.status.as_str())
+                .push_bind(order.idempotency_key.as_str())
+                .push_bind(order.created_at_ms)
+                .push_bind(order.expires_at_ms)
+                .push_bind(order.updated_at_ms);
+        });
+    };
+}
 
 macro_rules! order_from_row {
     ($row:expr) => {{

@@ -39,6 +39,8 @@ use stampede_engine::{
 use stampede_types::{Cents, IdempotencyKey, OrderId, OrderStatus, Quantity, SaleId, Sku, UserId};
 use tokio::sync::Mutex;
 
+use crate::rows::{corrupt, count_units, unavailable};
+
 /// Multi-row inserts use one of these row counts, so only a handful of statement shapes
 /// are ever prepared. 1,024 rows × 11 columns stays under both servers' 65,535
 /// parameters per statement.
@@ -53,14 +55,6 @@ pub const OWNER_WAIT_DEFAULT: Duration = Duration::from_secs(15);
 /// How long a commit whose outcome is unknown keeps trying to reach the database to find
 /// out before it gives up with `Indeterminate`.
 const RESOLVE_DEADLINE: Duration = Duration::from_secs(10);
-
-fn unavailable(error: sqlx::Error) -> StoreError {
-    StoreError::Unavailable(error.to_string())
-}
-
-fn corrupt(what: &str, value: &str) -> StoreError {
-    StoreError::Corrupt(format!("{what}: {value:?}"))
-}
 
 fn now_ms() -> i64 {
     std::time::SystemTime::now()
@@ -155,13 +149,6 @@ struct Sql {
     save_setting: Arc<str>,
     stamp_owner: Arc<str>,
     claim_owner: Arc<str>,
-}
-
-macro_rules! order_columns {
-    () => {
-        "id, user_id, sale_id, sku, quantity, amount_cents, status, idempotency_key, \
-         created_at_ms, expires_at_ms, updated_at_ms"
-    };
 }
 
 impl Sql {
@@ -640,13 +627,7 @@ macro_rules! tally_with {
             for row in rows {
                 let status: String = row.try_get("status").map_err(unavailable)?;
                 let units: i64 = row.try_get("units").map_err(unavailable)?;
-                let units = units as u64;
-                match OrderStatus::parse(&status).ok_or_else(|| corrupt("status", &status))? {
-                    OrderStatus::PendingPayment => tally.pending_payment = units,
-                    OrderStatus::Paid => tally.paid = units,
-                    OrderStatus::Cancelled => tally.cancelled = units,
-                    OrderStatus::Expired => tally.expired = units,
-                }
+                count_units(&mut tally, &status, units)?;
             }
             let over: i64 = sqlx::query_scalar(AssertSqlSafe($sql_over))
                 .bind(&sale_id)
@@ -690,19 +671,7 @@ macro_rules! apply {
                             order_columns!(),
                             ") "
                         ));
-                        query.push_values(chunk, |mut row, order| {
-                            row.push_bind(order.id.to_string())
-                                .push_bind(order.user_id.as_str())
-                                .push_bind(order.sale_id.to_string())
-                                .push_bind(order.sku.as_str())
-                                .push_bind(i64::from(order.quantity.get()))
-                                .push_bind(order.amount.get())
-                                .push_bind(order.status.as_str())
-                                .push_bind(order.idempotency_key.as_str())
-                                .push_bind(order.created_at_ms)
-                                .push_bind(order.expires_at_ms)
-                                .push_bind(order.updated_at_ms);
-                        });
+                        push_order_values!(query, chunk);
                         query
                             .build()
                             .execute(&mut *$conn)

@@ -21,6 +21,8 @@ use stampede_engine::{
 use stampede_types::{Cents, IdempotencyKey, OrderId, OrderStatus, Quantity, SaleId, Sku, UserId};
 use tokio::sync::Mutex;
 
+use crate::rows::{corrupt, count_units, unavailable};
+
 /// Multi-row inserts use one of these row counts, so only a handful of statement shapes
 /// are ever prepared (sqlx caches prepared statements by SQL text).
 const INSERT_CHUNK_ROWS: [usize; 5] = [256, 64, 16, 4, 1];
@@ -56,14 +58,6 @@ async fn checkpoint_forever(mut connection: SqliteConnection) {
             tracing::warn!(%error, "WAL checkpoint failed; will retry");
         }
     }
-}
-
-fn unavailable(error: sqlx::Error) -> StoreError {
-    StoreError::Unavailable(error.to_string())
-}
-
-fn corrupt(what: &str, value: &str) -> StoreError {
-    StoreError::Corrupt(format!("{what}: {value:?}"))
 }
 
 impl SqliteStore {
@@ -131,13 +125,6 @@ fn sale_from_row(row: &SqliteRow) -> Result<SaleRecord, StoreError> {
     sale_from_row!(row)
 }
 
-macro_rules! order_columns {
-    () => {
-        "id, user_id, sale_id, sku, quantity, amount_cents, status, idempotency_key, \
-         created_at_ms, expires_at_ms, updated_at_ms"
-    };
-}
-
 async fn insert_orders(
     conn: &mut SqliteConnection,
     orders: &[&OrderRecord],
@@ -151,19 +138,7 @@ async fn insert_orders(
         let (chunk, tail) = rest.split_at(rows);
         let mut query: QueryBuilder<Sqlite> =
             QueryBuilder::new(concat!("INSERT INTO orders (", order_columns!(), ") "));
-        query.push_values(chunk, |mut row, order| {
-            row.push_bind(order.id.to_string())
-                .push_bind(order.user_id.as_str())
-                .push_bind(order.sale_id.to_string())
-                .push_bind(order.sku.as_str())
-                .push_bind(i64::from(order.quantity.get()))
-                .push_bind(order.amount.get())
-                .push_bind(order.status.as_str())
-                .push_bind(order.idempotency_key.as_str())
-                .push_bind(order.created_at_ms)
-                .push_bind(order.expires_at_ms)
-                .push_bind(order.updated_at_ms);
-        });
+        push_order_values!(query, chunk);
         query.build().persistent(true).execute(&mut *conn).await?;
         rest = tail;
     }
@@ -307,13 +282,7 @@ async fn tally_on(
     for row in rows {
         let status: String = row.try_get("status").map_err(unavailable)?;
         let units: i64 = row.try_get("units").map_err(unavailable)?;
-        let units = units as u64;
-        match OrderStatus::parse(&status).ok_or_else(|| corrupt("status", &status))? {
-            OrderStatus::PendingPayment => tally.pending_payment = units,
-            OrderStatus::Paid => tally.paid = units,
-            OrderStatus::Cancelled => tally.cancelled = units,
-            OrderStatus::Expired => tally.expired = units,
-        }
+        count_units(&mut tally, &status, units)?;
     }
     let over: i64 = sqlx::query_scalar(
         "SELECT COUNT(*) FROM (SELECT user_id FROM orders WHERE sale_id = ? \

@@ -74,6 +74,32 @@ impl Backend {
     }
 }
 
+enum AdminError {
+    Connect(sqlx::Error),
+    Execute(sqlx::Error),
+}
+
+/// Runs one statement on a fresh connection to the server's admin URL.
+async fn admin_execute(backend: Backend, admin_url: &str, sql: String) -> Result<(), AdminError> {
+    macro_rules! on {
+        ($conn:ty) => {{
+            let mut admin = <$conn>::connect(admin_url)
+                .await
+                .map_err(AdminError::Connect)?;
+            let done = sqlx::query(sqlx::AssertSqlSafe(sql))
+                .execute(&mut admin)
+                .await;
+            let _ = admin.close().await;
+            done.map(drop).map_err(AdminError::Execute)
+        }};
+    }
+    match backend {
+        Backend::Postgres => on!(sqlx::PgConnection),
+        Backend::MySql => on!(sqlx::MySqlConnection),
+        Backend::Sqlite => Ok(()),
+    }
+}
+
 /// A database created for one test and dropped with it. For SQLite, nothing: the store
 /// lives in the test's data directory (`url` is `None`).
 pub struct TestDatabase {
@@ -129,28 +155,10 @@ impl TestDatabase {
             )
         };
         let create = format!("CREATE DATABASE {name}");
-        match backend {
-            Backend::Postgres => {
-                let mut admin = sqlx::PgConnection::connect(&admin_url)
-                    .await
-                    .unwrap_or_else(|e| unreachable(e));
-                sqlx::query(sqlx::AssertSqlSafe(create))
-                    .execute(&mut admin)
-                    .await
-                    .expect("create the test database");
-                let _ = admin.close().await;
-            }
-            Backend::MySql => {
-                let mut admin = sqlx::MySqlConnection::connect(&admin_url)
-                    .await
-                    .unwrap_or_else(|e| unreachable(e));
-                sqlx::query(sqlx::AssertSqlSafe(create))
-                    .execute(&mut admin)
-                    .await
-                    .expect("create the test database");
-                let _ = admin.close().await;
-            }
-            Backend::Sqlite => unreachable!("handled above"),
+        match admin_execute(backend, &admin_url, create).await {
+            Ok(()) => {}
+            Err(AdminError::Connect(error)) => unreachable(error),
+            Err(AdminError::Execute(error)) => panic!("create the test database: {error}"),
         }
         TestDatabase {
             backend,
@@ -228,25 +236,12 @@ impl Drop for TestDatabase {
                 .build()
                 .expect("a runtime for the clean-up");
             runtime.block_on(async {
-                match backend {
-                    Backend::Postgres => {
-                        if let Ok(mut admin) = sqlx::PgConnection::connect(&admin_url).await {
-                            let drop = format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)");
-                            let _ = sqlx::query(sqlx::AssertSqlSafe(drop))
-                                .execute(&mut admin)
-                                .await;
-                        }
-                    }
-                    Backend::MySql => {
-                        if let Ok(mut admin) = sqlx::MySqlConnection::connect(&admin_url).await {
-                            let drop = format!("DROP DATABASE IF EXISTS {name}");
-                            let _ = sqlx::query(sqlx::AssertSqlSafe(drop))
-                                .execute(&mut admin)
-                                .await;
-                        }
-                    }
-                    Backend::Sqlite => {}
-                }
+                let drop = match backend {
+                    Backend::Postgres => format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"),
+                    _ => format!("DROP DATABASE IF EXISTS {name}"),
+                };
+                // Best effort: a database left behind is named stampede_t_*.
+                let _ = admin_execute(backend, &admin_url, drop).await;
             });
         });
         let _ = cleanup.join();
