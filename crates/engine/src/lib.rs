@@ -28,6 +28,6 @@ pub use engine::{
 };
 pub use payment::{PaymentError, PaymentGateway};
 pub use store::{
-    OpOutcome, OrderRecord, PendingTally, ProductRecord, SaleRecord, SaleTally, Snapshot, Store,
-    StoreError, WriteOp,
+    OpOutcome, OrderRecord, OutboxEvent, PendingTally, ProductRecord, SaleRecord, SaleTally,
+    Snapshot, Store, StoreError, WriteOp,
 };

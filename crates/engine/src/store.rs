@@ -86,6 +86,19 @@ pub struct Snapshot {
     pub orders: Vec<OrderRecord>,
 }
 
+/// One order event waiting in the transactional outbox: written in the same transaction
+/// as the change it reports, removed once published (`Store::outbox_remove`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutboxEvent {
+    /// Commit order: an order's events have increasing `seq`.
+    pub seq: i64,
+    /// The state the order entered: `pending_payment` means "created".
+    pub event: OrderStatus,
+    pub at_ms: i64,
+    /// The order as it is now (its immutable fields are what the event carries).
+    pub order: OrderRecord,
+}
+
 /// Units of a sale per order state, counted from durable orders.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct SaleTally {
@@ -147,6 +160,17 @@ pub trait Store: Send + Sync + 'static {
         per_user_limit: u32,
     ) -> Result<PendingTally, StoreError>;
     async fn ping(&self) -> Result<(), StoreError>;
+    /// The oldest `limit` events in the outbox, oldest first. Stores opened without an
+    /// outbox keep none.
+    async fn outbox_read(&self, limit: usize) -> Result<Vec<OutboxEvent>, StoreError> {
+        let _ = limit;
+        Ok(Vec::new())
+    }
+    /// Removes the events up to and including `seq` (they have been published).
+    async fn outbox_remove(&self, through_seq: i64) -> Result<(), StoreError> {
+        let _ = through_seq;
+        Ok(())
+    }
     /// A small named document kept beside the orders (e.g. the guard's rules), durable
     /// when `save_setting` returns. Stores that keep none say `None` and refuse saves.
     async fn load_setting(&self, key: &str) -> Result<Option<String>, StoreError> {

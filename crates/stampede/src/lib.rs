@@ -50,6 +50,12 @@ pub struct Config {
     pub log: String,
     /// Threads of the async runtime; unset means one per core.
     pub worker_threads: Option<usize>,
+    /// NATS server for the order-event stream (`nats://host:4222`); unset: no events.
+    pub nats_url: Option<String>,
+    /// JetStream stream the order events go to.
+    pub nats_stream: String,
+    /// Order events are published on `<nats_subject_prefix>.<event>`.
+    pub nats_subject_prefix: String,
     /// The guard's rules (`[guard]` in the TOML file). Rules changed through the admin
     /// API are kept in the store and win over these unless these carry a higher version.
     pub guard: stampede_guard::GuardRules,
@@ -76,6 +82,9 @@ impl Default for Config {
             jwt_secret: None,
             log: "info".into(),
             worker_threads: None,
+            nats_url: None,
+            nats_stream: "STAMPEDE_ORDERS".into(),
+            nats_subject_prefix: "stampede.orders".into(),
             guard: stampede_guard::GuardRules::default(),
             config_file: None,
         }
@@ -141,9 +150,29 @@ pub struct ServeArgs {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub worker_threads: Option<usize>,
+    /// NATS server (JetStream) to publish order events to, e.g. nats://127.0.0.1:4222 [default: none].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nats_url: Option<String>,
+    /// JetStream stream for order events, created if missing [default: STAMPEDE_ORDERS].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nats_stream: Option<String>,
+    /// Subject prefix of order events: <prefix>.created, .paid, .cancelled, .expired [default: stampede.orders].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nats_subject_prefix: Option<String>,
 }
 
 impl Config {
+    /// How `serve` opens its store: the outbox is written when events are published.
+    pub fn store_options(&self) -> stampede_store::StoreOptions {
+        stampede_store::StoreOptions {
+            owner_wait: self.owner_wait,
+            outbox: self.nats_url.is_some(),
+        }
+    }
+
     /// Builds the configuration from its layers. Secrets come only from the file or the
     /// environment (`STAMPEDE_ADMIN_TOKEN`, `STAMPEDE_JWT_SECRET`), never from flags
     /// that would show in `ps`.
@@ -167,6 +196,21 @@ impl Config {
     }
 
     pub fn validate(&self) -> anyhow::Result<()> {
+        let token = |s: &str, extra: char| {
+            !s.is_empty()
+                && s.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-' || c == extra)
+        };
+        anyhow::ensure!(
+            token(&self.nats_stream, '_'),
+            "nats_stream must be letters, digits, '_' or '-'"
+        );
+        anyhow::ensure!(
+            token(&self.nats_subject_prefix, '.')
+                && !self.nats_subject_prefix.starts_with('.')
+                && !self.nats_subject_prefix.ends_with('.'),
+            "nats_subject_prefix must be dot-separated tokens of letters, digits, '_' or '-'"
+        );
         anyhow::ensure!(
             self.queue_capacity >= 1,
             "queue_capacity must be at least 1"
@@ -244,6 +288,8 @@ pub struct Running {
     task: tokio::task::JoinHandle<std::io::Result<()>>,
     /// Re-reads the configuration file's `[guard]` section when the file changes.
     reload: Option<tokio::task::JoinHandle<()>>,
+    /// The outbox relay to NATS, when configured: its stop signal and task.
+    relay: Option<(oneshot::Sender<()>, tokio::task::JoinHandle<()>)>,
     /// Held for the server's life: a second process on the same data directory would
     /// keep its own stock in memory and oversell.
     _data_dir_lock: std::fs::File,
@@ -281,13 +327,26 @@ impl Running {
             let _ = stop.send(());
         }
         (&mut self.task).await.context("server task")??;
+        self.stop_relay().await;
         Ok(())
     }
 
     /// Waits until the server stops (e.g. on a signal passed to `start`).
     pub async fn wait(mut self) -> anyhow::Result<()> {
         (&mut self.task).await.context("server task")??;
+        self.stop_relay().await;
         Ok(())
+    }
+
+    /// After the writer drained: lets the relay finish its round (bounded), then stops it.
+    /// Whatever it did not publish stays in the outbox for the next start.
+    async fn stop_relay(&mut self) {
+        if let Some((stop, task)) = self.relay.take() {
+            let _ = stop.send(());
+            if tokio::time::timeout(RELAY_STOP_WAIT, task).await.is_err() {
+                tracing::warn!("outbox relay did not stop in time; its events stay in the outbox");
+            }
+        }
     }
 }
 
@@ -295,6 +354,9 @@ impl Drop for Running {
     fn drop(&mut self) {
         if let Some(reload) = &self.reload {
             reload.abort();
+        }
+        if let Some((_, relay)) = &self.relay {
+            relay.abort();
         }
     }
 }
@@ -318,7 +380,7 @@ pub async fn start(
     let store = stampede_store::open(
         config.database_url.as_deref(),
         &config.data_dir,
-        config.owner_wait,
+        &config.store_options(),
     )
     .await
     .context("open the store")?;
@@ -335,6 +397,7 @@ pub async fn start(
             Ack::Reserved => AckMode::Reserved,
         },
     };
+    let relay_store = store.clone();
     let engine = Arc::new(
         Engine::open(store, Arc::new(SystemClock), engine_config)
             .await
@@ -369,6 +432,22 @@ pub async fn start(
         .config_file
         .clone()
         .map(|path| tokio::spawn(watch_guard_rules(path, state.clone())));
+    let relay = config.nats_url.as_ref().map(|url| {
+        let relay_config = stampede_relay::RelayConfig {
+            stream: config.nats_stream.clone(),
+            subject_prefix: config.nats_subject_prefix.clone(),
+            ..stampede_relay::RelayConfig::new(url.clone())
+        };
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(stampede_relay::Relay::connect_and_run(
+            relay_store,
+            relay_config,
+            async move {
+                let _ = stopped.await;
+            },
+        ));
+        (stop, task)
+    });
     let (stop, stopped) = oneshot::channel::<()>();
     let body_limit = config.body_limit_bytes;
     let task = tokio::spawn(stampede_api::serve(
@@ -391,11 +470,15 @@ pub async fn start(
             stop: Some(stop),
             task,
             reload,
+            relay,
             _data_dir_lock: data_dir_lock,
         },
         admin_generated,
     ))
 }
+
+/// How long a stopping server waits for the relay's last round.
+const RELAY_STOP_WAIT: Duration = Duration::from_secs(5);
 
 /// How often the configuration file is checked for a new `[guard]` section.
 pub const GUARD_RELOAD_EVERY: Duration = Duration::from_secs(1);

@@ -142,7 +142,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             stampede_store::open(
                 config.database_url.as_deref(),
                 &config.data_dir,
-                config.owner_wait,
+                &config.store_options(),
             )
             .await?;
             println!("schema is up to date");

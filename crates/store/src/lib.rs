@@ -19,26 +19,55 @@ pub use server::{MySqlStore, OWNER_WAIT_DEFAULT, PostgresStore};
 pub use sqlite::SqliteStore;
 use stampede_engine::{Store, StoreError};
 
+/// How to open a store.
+#[derive(Debug, Clone)]
+pub struct StoreOptions {
+    /// A server database is owned by one node at a time: how long to wait for a previous
+    /// owner to go away.
+    pub owner_wait: Duration,
+    /// Write every order event to the transactional outbox (for the NATS relay).
+    pub outbox: bool,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        StoreOptions {
+            owner_wait: OWNER_WAIT_DEFAULT,
+            outbox: false,
+        }
+    }
+}
+
 /// Opens the store a `--database-url` names: `sqlite://PATH`, `postgres://…` (also
 /// `postgresql://`) or `mysql://…` (MariaDB, MySQL, TiDB, PolarDB-X). An empty URL means
-/// the embedded SQLite file `stampede.db` in `data_dir`. A server database is owned by
-/// one node at a time; `owner_wait` is how long to wait for a previous owner to go.
+/// the embedded SQLite file `stampede.db` in `data_dir`.
 pub async fn open(
     database_url: Option<&str>,
     data_dir: &Path,
-    owner_wait: Duration,
+    options: &StoreOptions,
 ) -> Result<Arc<dyn Store>, StoreError> {
+    let outbox = options.outbox;
     match database_url {
         None | Some("") => Ok(SqliteStore::open(&data_dir.join("stampede.db"))
             .await?
+            .with_outbox(outbox)
             .into_arc()),
-        Some(url) if url.starts_with("sqlite:") => Ok(SqliteStore::open_url(url).await?.into_arc()),
+        Some(url) if url.starts_with("sqlite:") => Ok(SqliteStore::open_url(url)
+            .await?
+            .with_outbox(outbox)
+            .into_arc()),
         Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
-            Ok(PostgresStore::open(url, owner_wait).await?.into_arc())
+            Ok(PostgresStore::open(url, options.owner_wait)
+                .await?
+                .with_outbox(outbox)
+                .into_arc())
         }
         Some(url) if url.starts_with("mysql://") || url.starts_with("mariadb://") => {
             let url = url.replacen("mariadb://", "mysql://", 1);
-            Ok(MySqlStore::open(&url, owner_wait).await?.into_arc())
+            Ok(MySqlStore::open(&url, options.owner_wait)
+                .await?
+                .with_outbox(outbox)
+                .into_arc())
         }
         Some(url) => {
             let scheme = url.split(':').next().unwrap_or_default();
@@ -64,6 +93,12 @@ pub async fn open_read_only(
             let url = url.replacen("mariadb://", "mysql://", 1);
             Ok(MySqlStore::open_read_only(&url).await?.into_arc())
         }
-        _ => open(database_url, data_dir, Duration::ZERO).await,
+        _ => {
+            let options = StoreOptions {
+                owner_wait: Duration::ZERO,
+                outbox: false,
+            };
+            open(database_url, data_dir, &options).await
+        }
     }
 }

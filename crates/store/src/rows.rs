@@ -139,3 +139,91 @@ macro_rules! sale_from_row {
         })()
     }};
 }
+
+/// The outbox rows a committed batch produces: the inserted orders (their event is
+/// `pending_payment`, "created") and the transitions that were applied.
+pub(crate) fn outbox_events<'a>(
+    ops: &'a [stampede_engine::WriteOp],
+    outcomes: &[stampede_engine::OpOutcome],
+) -> Vec<(stampede_types::OrderId, &'static str, i64)> {
+    use stampede_engine::{OpOutcome, WriteOp};
+    ops.iter()
+        .zip(outcomes)
+        .filter_map(|(op, outcome)| match (op, outcome) {
+            (WriteOp::InsertOrder(order), _) => {
+                Some((order.id, order.status.as_str(), order.created_at_ms))
+            }
+            (
+                WriteOp::Transition {
+                    order_id,
+                    to,
+                    at_ms,
+                },
+                OpOutcome::Transitioned { .. },
+            ) => Some((*order_id, to.as_str(), *at_ms)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Inserts `outbox_events` in the open transaction `$conn`, 1,024 rows per statement.
+macro_rules! insert_outbox {
+    ($conn:expr, $db:ty, $events:expr) => {
+        for chunk in $events.chunks(1024) {
+            let mut query: QueryBuilder<$db> =
+                QueryBuilder::new("INSERT INTO outbox (order_id, event, at_ms) ");
+            query.push_values(chunk, |mut row, (order_id, event, at_ms)| {
+                row.push_bind(order_id.to_string())
+                    .push_bind(*event)
+                    .push_bind(*at_ms);
+            });
+            query
+                .build()
+                .execute(&mut *$conn)
+                .await
+                .map_err(unavailable)?;
+        }
+    };
+}
+
+/// Reads the oldest `$limit` outbox events with their orders, on `$executor`.
+macro_rules! read_outbox {
+    ($executor:expr, $db:ty, $limit:expr) => {{
+        let mut query: QueryBuilder<$db> = QueryBuilder::new(concat!(
+            "SELECT seq, event, at_ms, ",
+            order_columns!(),
+            " FROM outbox JOIN orders ON orders.id = outbox.order_id ORDER BY seq LIMIT "
+        ));
+        query.push_bind($limit as i64);
+        let rows = query
+            .build()
+            .fetch_all($executor)
+            .await
+            .map_err(unavailable)?;
+        rows.iter()
+            .map(|row| -> Result<stampede_engine::OutboxEvent, StoreError> {
+                let event: String = row.try_get("event").map_err(unavailable)?;
+                Ok(stampede_engine::OutboxEvent {
+                    seq: row.try_get("seq").map_err(unavailable)?,
+                    event: OrderStatus::parse(&event).ok_or_else(|| corrupt("event", &event))?,
+                    at_ms: row.try_get("at_ms").map_err(unavailable)?,
+                    order: order_from_row!(row)?,
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()
+    }};
+}
+
+/// Removes the outbox events up to `$through_seq`, on `$executor`.
+macro_rules! remove_outbox {
+    ($executor:expr, $db:ty, $through_seq:expr) => {{
+        let mut query: QueryBuilder<$db> = QueryBuilder::new("DELETE FROM outbox WHERE seq <= ");
+        query.push_bind($through_seq);
+        query
+            .build()
+            .execute($executor)
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }};
+}

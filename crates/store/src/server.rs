@@ -33,13 +33,13 @@ use std::time::Duration;
 use async_trait::async_trait;
 use sqlx::{AssertSqlSafe, Connection, QueryBuilder, Row};
 use stampede_engine::{
-    OpOutcome, OrderRecord, PendingTally, ProductRecord, SaleRecord, SaleTally, Snapshot, Store,
-    StoreError, WriteOp,
+    OpOutcome, OrderRecord, OutboxEvent, PendingTally, ProductRecord, SaleRecord, SaleTally,
+    Snapshot, Store, StoreError, WriteOp,
 };
 use stampede_types::{Cents, IdempotencyKey, OrderId, OrderStatus, Quantity, SaleId, Sku, UserId};
 use tokio::sync::Mutex;
 
-use crate::rows::{corrupt, count_units, unavailable};
+use crate::rows::{corrupt, count_units, outbox_events, unavailable};
 
 /// Multi-row inserts use one of these row counts, so only a handful of statement shapes
 /// are ever prepared. 1,024 rows × 11 columns stays under both servers' 65,535
@@ -232,6 +232,8 @@ macro_rules! server_store {
             epoch: i64,
             /// Number of the last batch this node committed (in `stampede_owner.batch_seq`).
             batch_seq: std::sync::atomic::AtomicI64,
+            /// Whether commits also write order events to the outbox.
+            outbox: bool,
         }
 
         impl $store {
@@ -274,6 +276,7 @@ macro_rules! server_store {
                         // No owner ever has a negative epoch: commits find no row.
                         epoch: -1,
                         batch_seq: std::sync::atomic::AtomicI64::new(0),
+                        outbox: false,
                     });
                 };
                 sqlx::migrate!($migrations)
@@ -319,7 +322,14 @@ macro_rules! server_store {
                     sql,
                     epoch,
                     batch_seq: std::sync::atomic::AtomicI64::new(0),
+                        outbox: false,
                 })
+            }
+
+            /// Makes every commit also write its order events to the outbox.
+            pub fn with_outbox(mut self, outbox: bool) -> Self {
+                self.outbox = outbox;
+                self
             }
 
             pub fn into_arc(self) -> Arc<dyn Store> {
@@ -436,6 +446,9 @@ macro_rules! server_store {
                     }
                     // On any error the transaction is dropped and rolled back.
                     let outcomes = apply!(&mut *tx, ops, &self.sql, $db);
+                    if self.outbox {
+                        insert_outbox!(&mut *tx, $db, outbox_events(ops, &outcomes));
+                    }
                     Ok((tx, outcomes))
                 }
                 .await;
@@ -527,6 +540,14 @@ macro_rules! server_store {
             async fn ping(&self) -> Result<(), StoreError> {
                 sqlx::query("SELECT 1").execute(&self.readers).await.map_err(unavailable)?;
                 Ok(())
+            }
+
+            async fn outbox_read(&self, limit: usize) -> Result<Vec<OutboxEvent>, StoreError> {
+                read_outbox!(&self.readers, $db, limit)
+            }
+
+            async fn outbox_remove(&self, through_seq: i64) -> Result<(), StoreError> {
+                remove_outbox!(&self.readers, $db, through_seq)
             }
 
             async fn load_setting(&self, key: &str) -> Result<Option<String>, StoreError> {

@@ -15,13 +15,13 @@ use sqlx::sqlite::{
 };
 use sqlx::{Connection, QueryBuilder, Row, Sqlite, SqlitePool};
 use stampede_engine::{
-    OpOutcome, OrderRecord, PendingTally, ProductRecord, SaleRecord, SaleTally, Snapshot, Store,
-    StoreError, WriteOp,
+    OpOutcome, OrderRecord, OutboxEvent, PendingTally, ProductRecord, SaleRecord, SaleTally,
+    Snapshot, Store, StoreError, WriteOp,
 };
 use stampede_types::{Cents, IdempotencyKey, OrderId, OrderStatus, Quantity, SaleId, Sku, UserId};
 use tokio::sync::Mutex;
 
-use crate::rows::{corrupt, count_units, unavailable};
+use crate::rows::{corrupt, count_units, outbox_events, unavailable};
 
 /// Multi-row inserts use one of these row counts, so only a handful of statement shapes
 /// are ever prepared (sqlx caches prepared statements by SQL text).
@@ -31,6 +31,8 @@ pub struct SqliteStore {
     writer: Mutex<SqliteConnection>,
     readers: SqlitePool,
     checkpointer: tokio::task::JoinHandle<()>,
+    /// Whether commits also write order events to the outbox (a relay publishes them).
+    outbox: bool,
 }
 
 impl Drop for SqliteStore {
@@ -105,7 +107,14 @@ impl SqliteStore {
             writer: Mutex::new(writer),
             readers,
             checkpointer,
+            outbox: false,
         })
+    }
+
+    /// Makes every commit also write its order events to the outbox.
+    pub fn with_outbox(mut self, outbox: bool) -> Self {
+        self.outbox = outbox;
+        self
     }
 
     pub fn into_arc(self) -> Arc<dyn Store> {
@@ -338,8 +347,21 @@ impl Store for SqliteStore {
         let mut tx = conn.begin().await.map_err(unavailable)?;
         // On any error the transaction is dropped and rolled back: nothing half-written.
         let outcomes = apply(&mut tx, ops).await?;
+        if self.outbox {
+            insert_outbox!(&mut *tx, Sqlite, outbox_events(ops, &outcomes));
+        }
         tx.commit().await.map_err(unavailable)?;
         Ok(outcomes)
+    }
+
+    async fn outbox_read(&self, limit: usize) -> Result<Vec<OutboxEvent>, StoreError> {
+        read_outbox!(&self.readers, Sqlite, limit)
+    }
+
+    async fn outbox_remove(&self, through_seq: i64) -> Result<(), StoreError> {
+        // The readers are read-only; between the writer's batches.
+        let mut conn = self.writer.lock().await;
+        remove_outbox!(&mut *conn, Sqlite, through_seq)
     }
 
     async fn order(&self, id: OrderId) -> Result<Option<OrderRecord>, StoreError> {

@@ -175,7 +175,16 @@ impl TestDatabase {
         &self,
         data_dir: &std::path::Path,
     ) -> std::sync::Arc<dyn stampede_engine::Store> {
-        crate::open(self.url.as_deref(), data_dir, crate::OWNER_WAIT_DEFAULT)
+        self.open_with(data_dir, &crate::StoreOptions::default())
+            .await
+    }
+
+    pub async fn open_with(
+        &self,
+        data_dir: &std::path::Path,
+        options: &crate::StoreOptions,
+    ) -> std::sync::Arc<dyn stampede_engine::Store> {
+        crate::open(self.url.as_deref(), data_dir, options)
             .await
             .unwrap_or_else(|e| panic!("open the {} store: {e}", self.backend.name()))
     }

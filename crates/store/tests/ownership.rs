@@ -23,13 +23,7 @@ fn one() -> Quantity {
 }
 
 async fn open_engine(database: &TestDatabase) -> Engine {
-    let store = stampede_store::open(
-        database.url.as_deref(),
-        std::path::Path::new("."),
-        Duration::from_secs(15),
-    )
-    .await
-    .unwrap();
+    let store = database.open(std::path::Path::new(".")).await;
     Engine::open(store, Arc::new(SystemClock), EngineConfig::default())
         .await
         .unwrap()
@@ -39,8 +33,11 @@ async fn a_second_owner_is_refused_while_the_first_holds_the_database(backend: B
     let database = TestDatabase::create(backend).await;
     let url = database.url.as_deref();
     let first = open_engine(&database).await;
-    let second =
-        stampede_store::open(url, std::path::Path::new("."), Duration::from_millis(300)).await;
+    let impatient = stampede_store::StoreOptions {
+        owner_wait: Duration::from_millis(300),
+        ..Default::default()
+    };
+    let second = stampede_store::open(url, std::path::Path::new("."), &impatient).await;
     let refusal = second
         .err()
         .expect("the second node is refused")
