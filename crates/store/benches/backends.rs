@@ -7,6 +7,9 @@
 //! its group-commit writer; a counting wrapper around the store records how many
 //! batches (and so round trips) the database saw per 1,000 orders.
 //!
+//! `stampede_*_outbox` is the same with the transactional outbox on (what `--nats-url`
+//! turns on): every order also writes its event row in the same transaction.
+//!
 //! Needs the PostgreSQL and MariaDB servers the tests use (see `stampede_store::testing`).
 //!
 //! cargo bench -p stampede-store --bench backends
@@ -37,6 +40,8 @@ const ROW_LOCK_CONNECTIONS: u32 = 32;
 /// per chunk of up to 1,024 orders, other statements one each, COMMIT.
 struct Counting {
     inner: Arc<dyn Store>,
+    /// The store also writes the outbox: one more INSERT per 1,024 events.
+    outbox: bool,
     orders: AtomicU64,
     round_trips: AtomicU64,
 }
@@ -53,8 +58,10 @@ impl Store for Counting {
             .count() as u64;
         let others = ops.len() as u64 - n_orders;
         self.orders.fetch_add(n_orders, Ordering::Relaxed);
-        self.round_trips
-            .fetch_add(3 + n_orders.div_ceil(1_024) + others, Ordering::Relaxed);
+        self.round_trips.fetch_add(
+            3 + n_orders.div_ceil(1_024) * (1 + u64::from(self.outbox)) + others,
+            Ordering::Relaxed,
+        );
         self.inner.commit(ops).await
     }
     async fn order(&self, id: OrderId) -> Result<Option<OrderRecord>, StoreError> {
@@ -81,9 +88,15 @@ impl Store for Counting {
 async fn engine_on(
     database: &TestDatabase,
     dir: &std::path::Path,
+    outbox: bool,
 ) -> (Arc<Engine>, SaleId, Arc<Counting>) {
+    let options = stampede_store::StoreOptions {
+        outbox,
+        ..Default::default()
+    };
     let counting = Arc::new(Counting {
-        inner: database.open(dir).await,
+        inner: database.open_with(dir, &options).await,
+        outbox,
         orders: AtomicU64::new(0),
         round_trips: AtomicU64::new(0),
     });
@@ -181,12 +194,21 @@ fn backends(c: &mut Criterion) {
     group.measurement_time(Duration::from_secs(8));
 
     let mut round_trips = Vec::new();
-    for backend in Backend::ALL {
+    // Each store without and with the outbox (order events for the NATS relay).
+    let variants = Backend::ALL
+        .into_iter()
+        .flat_map(|backend| [(backend, false), (backend, true)]);
+    for (backend, outbox) in variants {
+        let name = format!(
+            "stampede_{}{}",
+            backend.name(),
+            if outbox { "_outbox" } else { "" }
+        );
         let dir = tempfile::tempdir().unwrap();
         let database = runtime.block_on(TestDatabase::create(backend));
-        let (engine, sale, counting) = runtime.block_on(engine_on(&database, dir.path()));
+        let (engine, sale, counting) = runtime.block_on(engine_on(&database, dir.path(), outbox));
         let counter = AtomicU64::new(0);
-        group.bench_function(format!("stampede_{}", backend.name()), |b| {
+        group.bench_function(&name, |b| {
             b.to_async(&runtime).iter_custom(|iters| {
                 let engine = engine.clone();
                 let counter = &counter;
@@ -202,7 +224,7 @@ fn backends(c: &mut Criterion) {
         runtime.block_on(engine.shutdown());
         let orders = counting.orders.load(Ordering::Relaxed).max(1);
         round_trips.push((
-            format!("stampede_{}", backend.name()),
+            name,
             counting.round_trips.load(Ordering::Relaxed) as f64 * 1_000.0 / orders as f64,
         ));
         drop(engine);
