@@ -10,7 +10,12 @@
 //! `stampede_*_outbox` is the same with the transactional outbox on (what `--nats-url`
 //! turns on): every order also writes its event row in the same transaction.
 //!
-//! Needs the PostgreSQL and MariaDB servers the tests use (see `stampede_store::testing`).
+//! `redis_lua_then_postgres` is the conventional design: a Lua script in Redis checks and
+//! takes the stock and the shopper's count, then the order is inserted (and committed)
+//! in PostgreSQL before the answer — two round trips (one to each server) per order.
+//!
+//! Needs the PostgreSQL and MariaDB servers the tests use (see `stampede_store::testing`)
+//! and Redis (`STAMPEDE_TEST_REDIS_URL`, default `redis://127.0.0.1:6379`).
 //!
 //! cargo bench -p stampede-store --bench backends
 
@@ -262,6 +267,112 @@ fn backends(c: &mut Criterion) {
             Backend::Sqlite => unreachable!(),
         }
         round_trips.push((name, 4_000.0));
+    }
+    // The conventional flash-sale design: stock and per-shopper counts checked and taken
+    // by a Lua script in Redis, then the order written to PostgreSQL (its durable log),
+    // answered after that commit. No hot row, but two round trips and one commit per
+    // order, and Redis and the database can drift (a crash between the two).
+    {
+        let database = runtime.block_on(TestDatabase::create(Backend::Postgres));
+        let url = database.url.clone().unwrap();
+        let redis_url = std::env::var("STAMPEDE_TEST_REDIS_URL")
+            .unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+        let stock_key = format!("stampede:bench:{}:stock", std::process::id());
+        let held_key = format!("stampede:bench:{}:held", std::process::id());
+        let (pool, redis) = runtime.block_on(async {
+            let mut setup = sqlx::PgConnection::connect(&url).await.unwrap();
+            for statement in ROW_LOCK_SCHEMA {
+                sqlx::query(statement).execute(&mut setup).await.unwrap();
+            }
+            let pool = sqlx::postgres::PgPoolOptions::new()
+                .max_connections(ROW_LOCK_CONNECTIONS)
+                .connect(&url)
+                .await
+                .unwrap();
+            let client = redis::Client::open(redis_url.as_str()).unwrap();
+            let mut redis = client
+                .get_multiplexed_async_connection()
+                .await
+                .unwrap_or_else(|e| panic!("Redis does not answer at {redis_url} ({e})"));
+            let _: () = redis::cmd("SET")
+                .arg(&stock_key)
+                .arg(1_000_000_000u64)
+                .query_async(&mut redis)
+                .await
+                .unwrap();
+            let _: () = redis::cmd("DEL")
+                .arg(&held_key)
+                .query_async(&mut redis)
+                .await
+                .unwrap();
+            (pool, redis)
+        });
+        let take = Arc::new(redis::Script::new(
+            r"local left = tonumber(redis.call('GET', KEYS[1]))
+              local n = tonumber(ARGV[2])
+              local held = tonumber(redis.call('HGET', KEYS[2], ARGV[1]) or '0')
+              if left < n then return -1 end
+              if held + n > tonumber(ARGV[3]) then return -2 end
+              redis.call('DECRBY', KEYS[1], n)
+              redis.call('HINCRBY', KEYS[2], ARGV[1], n)
+              return left - n",
+        ));
+        let counter = AtomicU64::new(0);
+        group.bench_function("redis_lua_then_postgres", |b| {
+            b.to_async(&runtime).iter_custom(|iters| {
+                let (pool, redis, take, counter) = (pool.clone(), redis.clone(), take.clone(), &counter);
+                let (stock_key, held_key) = (stock_key.clone(), held_key.clone());
+                async move {
+                    let started = Instant::now();
+                    for _ in 0..iters {
+                        let handles: Vec<_> = (0..BUYERS)
+                            .map(|_| {
+                                let n = counter.fetch_add(1, Ordering::Relaxed);
+                                let (pool, mut redis, take) = (pool.clone(), redis.clone(), take.clone());
+                                let (stock_key, held_key) = (stock_key.clone(), held_key.clone());
+                                tokio::spawn(async move {
+                                    let user = format!("u{}", n % 100_000);
+                                    let left: i64 = take
+                                        .key(&stock_key)
+                                        .key(&held_key)
+                                        .arg(&user)
+                                        .arg(1)
+                                        .arg(1_000)
+                                        .invoke_async(&mut redis)
+                                        .await
+                                        .unwrap();
+                                    assert!(left >= 0, "stock left and under the limit");
+                                    sqlx::query(
+                                        "INSERT INTO rl_orders (id, user_id, sale_id, quantity, created_at_ms) VALUES ($1, $2, 1, 1, $3)",
+                                    )
+                                    .bind(format!("ord-{n}"))
+                                    .bind(user)
+                                    .bind(n as i64)
+                                    .execute(&pool)
+                                    .await
+                                    .unwrap();
+                                })
+                            })
+                            .collect();
+                        for handle in handles {
+                            handle.await.unwrap();
+                        }
+                    }
+                    started.elapsed()
+                }
+            })
+        });
+        runtime.block_on(async {
+            let mut redis = redis.clone();
+            let _: () = redis::cmd("DEL")
+                .arg(&stock_key)
+                .arg(&held_key)
+                .query_async(&mut redis)
+                .await
+                .unwrap();
+            pool.close().await;
+        });
+        round_trips.push(("redis_lua_then_postgres".into(), 2_000.0));
     }
     group.finish();
 
