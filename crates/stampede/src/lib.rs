@@ -36,6 +36,8 @@ pub struct Config {
     /// How long to wait at start for the node that owned a server database to let go.
     #[serde(with = "humantime_serde")]
     pub owner_wait: Duration,
+    /// A read replica of the server database for order lists; unset: the primary.
+    pub replica_url: Option<String>,
     pub ack: Ack,
     #[serde(with = "humantime_serde")]
     pub payment_window: Duration,
@@ -71,6 +73,7 @@ impl Default for Config {
             data_dir: PathBuf::from("./stampede-data"),
             database_url: None,
             owner_wait: stampede_store::OWNER_WAIT_DEFAULT,
+            replica_url: None,
             ack: Ack::Durable,
             payment_window: Duration::from_secs(15 * 60),
             payment_url: "http://127.0.0.1:8090".into(),
@@ -114,6 +117,10 @@ pub struct ServeArgs {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub owner_wait: Option<String>,
+    /// Read replica of the server database for order lists (same URL forms; not for SQLite) [default: none].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub replica_url: Option<String>,
     /// When a purchase is answered: after its order is durable, or once reserved [default: durable].
     #[arg(long, value_enum)]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -170,6 +177,7 @@ impl Config {
         stampede_store::StoreOptions {
             owner_wait: self.owner_wait,
             outbox: self.nats_url.is_some(),
+            replica_url: self.replica_url.clone(),
         }
     }
 

@@ -27,6 +27,8 @@ pub struct StoreOptions {
     pub owner_wait: Duration,
     /// Write every order event to the transactional outbox (for the NATS relay).
     pub outbox: bool,
+    /// A read replica of the server database for order lists (not for SQLite).
+    pub replica_url: Option<String>,
 }
 
 impl Default for StoreOptions {
@@ -34,6 +36,7 @@ impl Default for StoreOptions {
         StoreOptions {
             owner_wait: OWNER_WAIT_DEFAULT,
             outbox: false,
+            replica_url: None,
         }
     }
 }
@@ -47,6 +50,13 @@ pub async fn open(
     options: &StoreOptions,
 ) -> Result<Arc<dyn Store>, StoreError> {
     let outbox = options.outbox;
+    let replica = options.replica_url.as_deref().filter(|url| !url.is_empty());
+    let is_sqlite = database_url.is_none_or(|url| url.is_empty() || url.starts_with("sqlite:"));
+    if replica.is_some() && is_sqlite {
+        return Err(StoreError::Unavailable(
+            "replica_url needs a PostgreSQL or MySQL-protocol database_url; the embedded SQLite has no replicas".into(),
+        ));
+    }
     match database_url {
         None | Some("") => Ok(SqliteStore::open(&data_dir.join("stampede.db"))
             .await?
@@ -57,17 +67,27 @@ pub async fn open(
             .with_outbox(outbox)
             .into_arc()),
         Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
-            Ok(PostgresStore::open(url, options.owner_wait)
+            let store = PostgresStore::open(url, options.owner_wait)
                 .await?
-                .with_outbox(outbox)
-                .into_arc())
+                .with_outbox(outbox);
+            let store = match replica {
+                Some(replica) => store.with_replica(replica)?,
+                None => store,
+            };
+            Ok(store.into_arc())
         }
         Some(url) if url.starts_with("mysql://") || url.starts_with("mariadb://") => {
             let url = url.replacen("mariadb://", "mysql://", 1);
-            Ok(MySqlStore::open(&url, options.owner_wait)
+            let store = MySqlStore::open(&url, options.owner_wait)
                 .await?
-                .with_outbox(outbox)
-                .into_arc())
+                .with_outbox(outbox);
+            let store = match replica {
+                Some(replica) => {
+                    store.with_replica(&replica.replacen("mariadb://", "mysql://", 1))?
+                }
+                None => store,
+            };
+            Ok(store.into_arc())
         }
         Some(url) => {
             let scheme = url.split(':').next().unwrap_or_default();
@@ -96,7 +116,7 @@ pub async fn open_read_only(
         _ => {
             let options = StoreOptions {
                 owner_wait: Duration::ZERO,
-                outbox: false,
+                ..StoreOptions::default()
             };
             open(database_url, data_dir, &options).await
         }

@@ -52,6 +52,10 @@ const READER_CONNECTIONS_MAX: u32 = 8;
 /// How long `open` waits for the owner lock of a node that is going away.
 pub const OWNER_WAIT_DEFAULT: Duration = Duration::from_secs(15);
 
+/// How long an order-list read waits for a replica connection before it reads the
+/// primary instead.
+const REPLICA_ACQUIRE_TIMEOUT: Duration = Duration::from_secs(1);
+
 /// How long a commit whose outcome is unknown keeps trying to reach the database to find
 /// out before it gives up with `Indeterminate`.
 const RESOLVE_DEADLINE: Duration = Duration::from_secs(10);
@@ -93,6 +97,8 @@ struct Dialect {
     try_lock: &'static str,
     /// Begins a read-only transaction whose snapshot is fixed by its first read (or at once).
     begin_snapshot: &'static str,
+    /// Begins a read-only transaction (on a replica).
+    begin_read_only: &'static str,
     /// `SUM(quantity)` as a 64-bit integer (both servers widen it to a decimal).
     sum_quantity: &'static str,
     save_setting: &'static str,
@@ -106,6 +112,7 @@ const POSTGRES: Dialect = Dialect {
     // Advisory locks are scoped to the database, so one server can hold many Stampedes.
     try_lock: "SELECT pg_try_advisory_lock(7261346573) AS taken",
     begin_snapshot: "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY",
+    begin_read_only: "BEGIN READ ONLY",
     sum_quantity: "CAST(SUM(quantity) AS BIGINT)",
     save_setting: "INSERT INTO settings (name, value, updated_at_ms) VALUES (?, ?, ?) \
                    ON CONFLICT (name) DO UPDATE SET value = EXCLUDED.value, updated_at_ms = EXCLUDED.updated_at_ms",
@@ -125,6 +132,7 @@ const MYSQL: Dialect = Dialect {
     // GET_LOCK is per server, not per database: the name carries the database.
     try_lock: "SELECT CAST(COALESCE(GET_LOCK(CONCAT('stampede.owner.', DATABASE()), 0), 0) AS SIGNED) AS taken",
     begin_snapshot: "START TRANSACTION WITH CONSISTENT SNAPSHOT, READ ONLY",
+    begin_read_only: "START TRANSACTION READ ONLY",
     sum_quantity: "CAST(SUM(quantity) AS SIGNED)",
     save_setting: "INSERT INTO settings (name, value, updated_at_ms) VALUES (?, ?, ?) \
                    ON DUPLICATE KEY UPDATE value = VALUES(value), updated_at_ms = VALUES(updated_at_ms)",
@@ -234,6 +242,9 @@ macro_rules! server_store {
             batch_seq: std::sync::atomic::AtomicI64,
             /// Whether commits also write order events to the outbox.
             outbox: bool,
+            /// A read replica for order lists (`with_replica`); the primary answers
+            /// whatever it lacks or when it fails.
+            replica: Option<sqlx::Pool<$db>>,
         }
 
         impl $store {
@@ -277,6 +288,7 @@ macro_rules! server_store {
                         epoch: -1,
                         batch_seq: std::sync::atomic::AtomicI64::new(0),
                         outbox: false,
+                        replica: None,
                     });
                 };
                 sqlx::migrate!($migrations)
@@ -323,6 +335,7 @@ macro_rules! server_store {
                     epoch,
                     batch_seq: std::sync::atomic::AtomicI64::new(0),
                         outbox: false,
+                        replica: None,
                 })
             }
 
@@ -330,6 +343,25 @@ macro_rules! server_store {
             pub fn with_outbox(mut self, outbox: bool) -> Self {
                 self.outbox = outbox;
                 self
+            }
+
+            /// Sends order-list reads to a read replica at `url`, in read-only
+            /// transactions. Connects lazily: a replica that is down at start, or later,
+            /// only sends the reads back to the primary.
+            pub fn with_replica(mut self, url: &str) -> Result<Self, StoreError> {
+                let options: $options = url.parse().map_err(unavailable)?;
+                let port = options.get_port();
+                self.replica = Some(
+                    <$pool_options>::new()
+                        .max_connections(READER_CONNECTIONS_MAX)
+                        .acquire_timeout(REPLICA_ACQUIRE_TIMEOUT)
+                        .after_connect(move |_, _| Box::pin(async move {
+                            crate::nodelay::set_on_connections_to(port);
+                            Ok(())
+                        }))
+                        .connect_lazy_with(options),
+                );
+                Ok(self)
             }
 
             pub fn into_arc(self) -> Arc<dyn Store> {
@@ -488,23 +520,38 @@ macro_rules! server_store {
             }
 
             async fn orders_by_id(&self, ids: &[OrderId]) -> Result<Vec<OrderRecord>, StoreError> {
-                let mut orders = Vec::with_capacity(ids.len());
-                for chunk in ids.chunks(256) {
-                    let mut query: QueryBuilder<$db> = QueryBuilder::new(concat!(
-                        "SELECT ",
-                        order_columns!(),
-                        " FROM orders WHERE id IN ("
-                    ));
-                    let mut separated = query.separated(", ");
-                    for id in chunk {
-                        separated.push_bind(id.to_string());
+                if let Some(replica) = &self.replica {
+                    let from_replica = async {
+                        let mut tx = replica
+                            .begin_with($dialect.begin_read_only)
+                            .await
+                            .map_err(unavailable)?;
+                        let found = fetch_orders!(&mut *tx, $db, ids);
+                        drop(tx);
+                        found
                     }
-                    query.push(")");
-                    for row in query.build().fetch_all(&self.readers).await.map_err(unavailable)? {
-                        orders.push(order_from_row!(&row)?);
+                    .await;
+                    match from_replica {
+                        Ok(mut found) => {
+                            metrics::counter!("stampede_replica_reads_total").increment(1);
+                            // Read your writes: what the replica has not caught up with yet
+                            // comes from the primary.
+                            let have: std::collections::HashSet<OrderId> =
+                                found.iter().map(|order| order.id).collect();
+                            let missing: Vec<OrderId> =
+                                ids.iter().copied().filter(|id| !have.contains(id)).collect();
+                            if !missing.is_empty() {
+                                found.extend(fetch_orders!(&self.readers, $db, &missing)?);
+                            }
+                            return Ok(found);
+                        }
+                        Err(error) => {
+                            metrics::counter!("stampede_replica_fallbacks_total").increment(1);
+                            tracing::warn!(%error, "read replica failed; reading the primary");
+                        }
                     }
                 }
-                Ok(orders)
+                fetch_orders!(&self.readers, $db, ids)
             }
 
             async fn tally(&self, sale: SaleId, per_user_limit: u32) -> Result<SaleTally, StoreError> {
@@ -624,6 +671,38 @@ macro_rules! take_owner_lock {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }};
+}
+
+/// The orders with these ids on `$executor` (re-evaluated per chunk of 256 ids).
+macro_rules! fetch_orders {
+    ($executor:expr, $db:ty, $ids:expr) => {
+        async {
+            let ids: &[OrderId] = $ids;
+            let mut orders = Vec::with_capacity(ids.len());
+            for chunk in ids.chunks(256) {
+                let mut query: QueryBuilder<$db> = QueryBuilder::new(concat!(
+                    "SELECT ",
+                    order_columns!(),
+                    " FROM orders WHERE id IN ("
+                ));
+                let mut separated = query.separated(", ");
+                for id in chunk {
+                    separated.push_bind(id.to_string());
+                }
+                query.push(")");
+                for row in query
+                    .build()
+                    .fetch_all($executor)
+                    .await
+                    .map_err(unavailable)?
+                {
+                    orders.push(order_from_row!(&row)?);
+                }
+            }
+            Ok::<_, StoreError>(orders)
+        }
+        .await
+    };
 }
 
 macro_rules! tally_on {
