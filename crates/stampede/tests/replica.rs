@@ -14,6 +14,7 @@ use std::sync::Arc;
 
 use common::*;
 use stampede_engine::{OrderRecord, Store, WriteOp};
+use stampede_store::on_server_backends;
 use stampede_store::testing::{Backend, TestDatabase};
 use stampede_types::{OrderId, OrderStatus};
 
@@ -125,23 +126,6 @@ async fn a_replica_that_is_down_sends_reads_to_the_primary(backend: Backend) {
     let orders = app.orders(&bob).await;
     assert_eq!(orders.len(), 1);
     assert_eq!(orders[0]["order_id"], order.as_str());
-}
-
-macro_rules! on_server_backends {
-    ($($name:ident),* $(,)?) => {
-        $(
-            mod $name {
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn postgres() {
-                    super::$name(super::Backend::Postgres).await
-                }
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn mysql() {
-                    super::$name(super::Backend::MySql).await
-                }
-            }
-        )*
-    };
 }
 
 on_server_backends!(

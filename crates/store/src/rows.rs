@@ -142,8 +142,8 @@ macro_rules! sale_from_row {
 
 /// The outbox rows a committed batch produces: the inserted orders (their event is
 /// `pending_payment`, "created") and the transitions that were applied.
-pub(crate) fn outbox_events<'a>(
-    ops: &'a [stampede_engine::WriteOp],
+pub(crate) fn outbox_events(
+    ops: &[stampede_engine::WriteOp],
     outcomes: &[stampede_engine::OpOutcome],
 ) -> Vec<(stampede_types::OrderId, &'static str, i64)> {
     use stampede_engine::{OpOutcome, WriteOp};

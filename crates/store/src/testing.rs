@@ -37,6 +37,26 @@ macro_rules! on_every_backend {
     };
 }
 
+/// As `on_every_backend!`, for PostgreSQL and MariaDB only: what SQLite does not have
+/// (owner locks, replicas).
+#[macro_export]
+macro_rules! on_server_backends {
+    ($($name:ident),* $(,)?) => {
+        $(
+            mod $name {
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn postgres() {
+                    super::$name($crate::testing::Backend::Postgres).await
+                }
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn mysql() {
+                    super::$name($crate::testing::Backend::MySql).await
+                }
+            }
+        )*
+    };
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {
     Sqlite,

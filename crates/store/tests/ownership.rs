@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use stampede_engine::testing::live_sale;
 use stampede_engine::{Engine, EngineConfig, PurchaseError, SystemClock};
+use stampede_store::on_server_backends;
 use stampede_store::testing::{Backend, TestDatabase};
 use stampede_types::{IdempotencyKey, Quantity, UserId};
 
@@ -107,23 +108,6 @@ async fn a_node_that_lost_ownership_is_fenced_and_halts(backend: Backend) {
         "only the two owners' sales exist"
     );
     audit_node.shutdown().await;
-}
-
-macro_rules! on_server_backends {
-    ($($name:ident),* $(,)?) => {
-        $(
-            mod $name {
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn postgres() {
-                    super::$name(super::Backend::Postgres).await
-                }
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn mysql() {
-                    super::$name(super::Backend::MySql).await
-                }
-            }
-        )*
-    };
 }
 
 on_server_backends!(
