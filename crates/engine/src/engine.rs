@@ -43,6 +43,14 @@ pub struct EngineConfig {
     /// How often the writer looks for due expiries.
     pub expiry_tick_ms: u64,
     pub ack: AckMode,
+    /// On a cluster store: the largest lease of a sale's stock one node takes at once.
+    pub lease_max: u64,
+    /// On a cluster store: a lease nobody bought from for this long goes back to the
+    /// sale, so other nodes can sell it.
+    pub lease_idle_ms: i64,
+    /// On a cluster store: how often the writer heartbeats, reclaims dead nodes' leases,
+    /// learns of products and sales created elsewhere and returns idle leases.
+    pub cluster_tick_ms: u64,
 }
 
 impl Default for EngineConfig {
@@ -54,6 +62,9 @@ impl Default for EngineConfig {
             expiry_grace_ms: 5_000,
             expiry_tick_ms: 100,
             ack: AckMode::Durable,
+            lease_max: 1_024,
+            lease_idle_ms: 2_000,
+            cluster_tick_ms: 500,
         }
     }
 }
@@ -226,11 +237,53 @@ pub(crate) struct SaleInner {
     pub in_flight: u64,
     /// Units held (pending + paid + in flight) by each shopper.
     pub held_by_user: FastMap<UserId, u32>,
+    /// Cluster only (`remaining` is then this node's lease).
+    pub lease: LeaseState,
+}
+
+/// How a node on a cluster store keeps its lease of a sale's stock topped up.
+#[derive(Debug, Default)]
+pub(crate) struct LeaseState {
+    /// A lease request is queued for the writer.
+    pub asked: bool,
+    /// The sale's pool was found empty: answer sold out without asking again until then.
+    pub dry_until_ms: i64,
+    /// Last time a purchase took units from the lease.
+    pub last_take_ms: i64,
+    /// Size of the last grant: a new lease is asked for when `remaining` falls below half.
+    pub last_grant: u64,
+    /// Units no order holds across the cluster, as last read from the database.
+    pub unsold_hint: u64,
 }
 
 pub(crate) struct SaleState {
     pub record: SaleRecord,
     pub inner: Mutex<SaleInner>,
+    /// Woken when a lease request for this sale is answered (cluster only).
+    pub refilled: tokio::sync::Notify,
+}
+
+impl SaleState {
+    pub(crate) fn new(
+        record: SaleRecord,
+        remaining: u64,
+        held_by_user: FastMap<UserId, u32>,
+        unsold_hint: u64,
+    ) -> Self {
+        SaleState {
+            inner: Mutex::new(SaleInner {
+                remaining,
+                in_flight: 0,
+                held_by_user,
+                lease: LeaseState {
+                    unsold_hint,
+                    ..LeaseState::default()
+                },
+            }),
+            record,
+            refilled: tokio::sync::Notify::new(),
+        }
+    }
 }
 
 impl SaleState {
@@ -283,6 +336,8 @@ pub(crate) struct Shared {
     /// Set by the writer when the store says its memory can no longer be trusted
     /// (`StoreError::halts`): the writer stops for good and the node must restart.
     pub halted: std::sync::atomic::AtomicBool,
+    /// The store is shared by several writing nodes: stock comes from leases.
+    pub cluster: bool,
 }
 
 impl Shared {
@@ -407,6 +462,7 @@ impl Engine {
     ) -> Result<Engine, OpenError> {
         assert!(config.queue_capacity > 0 && config.batch_size_max > 0);
         let snapshot = store.load().await?;
+        let cluster = store.node().is_some();
 
         let mut products = HashMap::new();
         for product in snapshot.products {
@@ -433,6 +489,7 @@ impl Engine {
             halted: Default::default(),
             payment_attempts: Default::default(),
             gateway: Default::default(),
+            cluster,
         };
 
         let mut held_units: HashMap<SaleId, u64> = HashMap::new();
@@ -476,14 +533,10 @@ impl Engine {
                     sale.id, sale.per_user_limit
                 )));
             }
-            let state = SaleState {
-                inner: Mutex::new(SaleInner {
-                    remaining: sale.quantity - held,
-                    in_flight: 0,
-                    held_by_user: users,
-                }),
-                record: sale,
-            };
+            // On a cluster store a node starts with no lease: it sells nothing until the
+            // database grants it some of the stock.
+            let unsold = sale.quantity - held;
+            let state = SaleState::new(sale, if cluster { 0 } else { unsold }, users, unsold);
             shared
                 .sales
                 .write()
@@ -694,7 +747,15 @@ impl Engine {
 
     pub fn sale(&self, id: SaleId) -> Option<SaleView> {
         let sale = self.shared.sale(id)?;
-        let remaining = sale.inner.lock().remaining;
+        let remaining = {
+            let inner = sale.inner.lock();
+            // A node's lease is a slice of the sale: show the cluster's count instead.
+            if self.shared.cluster {
+                inner.lease.unsold_hint
+            } else {
+                inner.remaining
+            }
+        };
         let record = &sale.record;
         Some(SaleView {
             status: SaleStatus::at(
@@ -817,27 +878,64 @@ impl Engine {
             return refuse(PurchaseError::Ended);
         }
         let units = quantity.get();
-        {
-            let mut inner = sale.inner.lock();
-            let held = inner.held_by_user.get(user).copied().unwrap_or(0);
-            if held + units > record.per_user_limit {
-                drop(inner);
-                return refuse(PurchaseError::LimitExceeded {
-                    limit: record.per_user_limit,
-                    held,
-                });
+        let cluster = self.shared.cluster;
+        let mut waited_for_lease = false;
+        let refill = loop {
+            // The guard lives in this block only, so the future stays `Send`.
+            let step = {
+                let mut inner = sale.inner.lock();
+                let held = inner.held_by_user.get(user).copied().unwrap_or(0);
+                if held + units > record.per_user_limit {
+                    Step::Refuse(PurchaseError::LimitExceeded {
+                        limit: record.per_user_limit,
+                        held,
+                    })
+                } else if inner.remaining < u64::from(units) {
+                    if cluster && !waited_for_lease && now_ms >= inner.lease.dry_until_ms {
+                        // This node's lease ran short but the sale may have more: ask for
+                        // a lease (once for all waiting buyers) and wait for the answer.
+                        let ask = !std::mem::replace(&mut inner.lease.asked, true);
+                        Step::WaitForLease {
+                            refilled: sale.refilled.notified(),
+                            ask,
+                        }
+                    } else {
+                        Step::Refuse(PurchaseError::SoldOut {
+                            remaining: inner.remaining,
+                            requested: units,
+                        })
+                    }
+                } else {
+                    inner.remaining -= u64::from(units);
+                    inner.in_flight += u64::from(units);
+                    *inner.held_by_user.entry(user.clone()).or_default() += units;
+                    if cluster {
+                        // Top the lease up before it runs dry, so buyers rarely wait.
+                        inner.lease.last_take_ms = now_ms;
+                        Step::Taken {
+                            refill: inner.remaining < inner.lease.last_grant / 2
+                                && now_ms >= inner.lease.dry_until_ms
+                                && !std::mem::replace(&mut inner.lease.asked, true),
+                        }
+                    } else {
+                        Step::Taken { refill: false }
+                    }
+                }
+            };
+            match step {
+                Step::Refuse(error) => return refuse(error),
+                Step::Taken { refill } => break refill,
+                Step::WaitForLease { refilled, ask } => {
+                    if ask && !self.ask_for_lease(&sale) {
+                        return refuse(PurchaseError::Overloaded);
+                    }
+                    let _ = tokio::time::timeout(LEASE_WAIT, refilled).await;
+                    waited_for_lease = true;
+                }
             }
-            if inner.remaining < u64::from(units) {
-                let remaining = inner.remaining;
-                drop(inner);
-                return refuse(PurchaseError::SoldOut {
-                    remaining,
-                    requested: units,
-                });
-            }
-            inner.remaining -= u64::from(units);
-            inner.in_flight += u64::from(units);
-            *inner.held_by_user.entry(user.clone()).or_default() += units;
+        };
+        if refill {
+            self.ask_for_lease(&sale);
         }
 
         let order = OrderRecord {
@@ -889,6 +987,19 @@ impl Engine {
                 Err(_) => refuse(PurchaseError::Unavailable),
             },
         }
+    }
+
+    /// Queues a lease request for the writer; false (and the request forgotten) if the
+    /// queue is full.
+    fn ask_for_lease(&self, sale: &Arc<SaleState>) -> bool {
+        let asked = self
+            .jobs
+            .try_send(Job::Lease { sale: sale.clone() })
+            .is_ok();
+        if !asked {
+            sale.inner.lock().lease.asked = false;
+        }
+        asked
     }
 
     // ---- orders ----------------------------------------------------------------------
@@ -1063,6 +1174,17 @@ impl Engine {
     }
 }
 
+enum Step<'a> {
+    Refuse(PurchaseError),
+    Taken {
+        refill: bool,
+    },
+    WaitForLease {
+        refilled: tokio::sync::futures::Notified<'a>,
+        ask: bool,
+    },
+}
+
 enum Seen {
     New,
     Done(Placed),
@@ -1088,6 +1210,9 @@ impl PurchaseError {
         }
     }
 }
+
+/// How long a purchase waits for a lease when its node's runs short.
+const LEASE_WAIT: Duration = Duration::from_secs(2);
 
 pub(crate) fn duration_ms(ms: u64) -> Duration {
     Duration::from_millis(ms.max(1))

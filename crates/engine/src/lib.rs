@@ -28,6 +28,6 @@ pub use engine::{
 };
 pub use payment::{PaymentError, PaymentGateway};
 pub use store::{
-    OpOutcome, OrderRecord, OutboxEvent, PendingTally, ProductRecord, SaleRecord, SaleTally,
-    Snapshot, Store, StoreError, WriteOp,
+    Catalog, LeaseGrant, OpOutcome, OrderRecord, OutboxEvent, PendingTally, ProductRecord,
+    Reclaimed, SaleRecord, SaleTally, Snapshot, Store, StoreError, WriteOp, lease_size,
 };

@@ -108,6 +108,45 @@ pub struct SaleTally {
     pub expired: u64,
     /// Shoppers whose pending + paid units exceed the sale's per-user limit.
     pub users_over_limit: u64,
+    /// On a cluster store: units held by no order, counted in the database (the sale's
+    /// unleased pool plus every node's lease), on the same snapshot.
+    pub unsold: Option<u64>,
+}
+
+/// Stock a node leased from a sale (`Store::lease`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LeaseGrant {
+    pub units: u64,
+    /// Units left in the sale's unleased pool after this grant.
+    pub unleased: u64,
+}
+
+/// What `Store::reclaim` took back from nodes that stopped heartbeating.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Reclaimed {
+    pub nodes: u64,
+    /// Leased units returned to their sales' unleased pools.
+    pub units: u64,
+    /// Every pending order with its deadline, so a survivor expires what the dead node
+    /// would have (empty when nothing was reclaimed).
+    pub pending: Vec<(OrderId, i64)>,
+}
+
+/// The catalogue as the database has it, for nodes that learn of products and sales
+/// created by other nodes.
+#[derive(Debug, Clone, Default)]
+pub struct Catalog {
+    pub products: Vec<ProductRecord>,
+    /// Each sale with its units held by no order (unleased plus leased).
+    pub sales: Vec<(SaleRecord, u64)>,
+}
+
+/// How big a lease to grant: a quarter of a node's fair share of what is left, so blocks
+/// shrink as the stock runs low and as nodes join, down to one unit at the tail; never
+/// more than `max`.
+pub fn lease_size(unleased: u64, live_nodes: u64, max: u64) -> u64 {
+    let share = unleased / (live_nodes.max(1) * 4);
+    share.clamp(1, max.max(1)).min(unleased)
 }
 
 /// A tally being counted on a pinned snapshot.
@@ -160,6 +199,46 @@ pub trait Store: Send + Sync + 'static {
         per_user_limit: u32,
     ) -> Result<PendingTally, StoreError>;
     async fn ping(&self) -> Result<(), StoreError>;
+
+    // ---- several writing nodes ------------------------------------------------------
+    //
+    // A cluster store is shared by several nodes. Each sells only stock it leased, and
+    // its `commit` takes inserted orders' units from this node's lease (returned units
+    // go back to it) in the same transaction, failing with `Fenced` if the lease or the
+    // node's membership is gone. A single-writer store answers `None` to `node` and
+    // keeps the defaults below.
+
+    /// This node's id in a cluster store; `None` for a store with one writer.
+    fn node(&self) -> Option<&str> {
+        None
+    }
+    /// Moves up to `lease_size(unleased, live nodes, max)` units of the sale from its
+    /// unleased pool to this node's lease.
+    async fn lease(&self, sale: SaleId, max: u64) -> Result<LeaseGrant, StoreError> {
+        let _ = (sale, max);
+        Err(StoreError::Unavailable("this store has no leases".into()))
+    }
+    /// Returns `units` of this node's lease to the sale's unleased pool.
+    async fn release(&self, sale: SaleId, units: u64) -> Result<(), StoreError> {
+        let _ = (sale, units);
+        Err(StoreError::Unavailable("this store has no leases".into()))
+    }
+    /// Tells the cluster this node is alive (`Fenced` if it was declared dead).
+    async fn heartbeat(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+    /// Declares dead the nodes whose heartbeat is older than the time to live and
+    /// returns their leases to the sales.
+    async fn reclaim(&self) -> Result<Reclaimed, StoreError> {
+        Ok(Reclaimed::default())
+    }
+    async fn catalog(&self) -> Result<Catalog, StoreError> {
+        Ok(Catalog::default())
+    }
+    /// Leaves the cluster on a clean shutdown: every lease goes back to its sale.
+    async fn leave(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
     /// The oldest `limit` events in the outbox, oldest first. Stores opened without an
     /// outbox keep none.
     async fn outbox_read(&self, limit: usize) -> Result<Vec<OutboxEvent>, StoreError> {

@@ -20,9 +20,11 @@ use stampede_types::{OrderEvent, OrderId, OrderStatus, SaleId};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::MissedTickBehavior;
 
-use crate::engine::{
-    Audit, Outcome, Placed, PurchaseError, SaleInner, SaleState, Shared, duration_ms,
-};
+/// After a node found a sale's pool empty, how long it answers sold out before asking
+/// again (a dead node's lease may be reclaimed, an idle one returned).
+const LEASE_RETRY_MS: i64 = 500;
+
+use crate::engine::{Audit, Outcome, Placed, PurchaseError, SaleState, Shared, duration_ms};
 use crate::store::{OpOutcome, OrderRecord, ProductRecord, SaleRecord, StoreError, WriteOp};
 
 pub(crate) enum Job {
@@ -50,6 +52,10 @@ pub(crate) enum Job {
     Audit {
         sale_id: SaleId,
         reply: oneshot::Sender<Result<Audit, ()>>,
+    },
+    /// Cluster only: lease more of the sale's stock for this node.
+    Lease {
+        sale: Arc<SaleState>,
     },
 }
 
@@ -96,6 +102,10 @@ impl Writer {
         let batch_size_max = self.shared.config.batch_size_max;
         let mut tick = tokio::time::interval(duration_ms(self.shared.config.expiry_tick_ms));
         tick.set_missed_tick_behavior(MissedTickBehavior::Skip);
+        let cluster = self.shared.cluster;
+        let mut cluster_tick =
+            tokio::time::interval(duration_ms(self.shared.config.cluster_tick_ms));
+        cluster_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut closing = false;
         let mut batch = Vec::with_capacity(batch_size_max);
         loop {
@@ -112,6 +122,18 @@ impl Writer {
                     None => break,
                 },
                 _ = tick.tick() => {}
+                _ = cluster_tick.tick(), if cluster => {
+                    self.cluster_upkeep().await;
+                    if self.is_halted() {
+                        self.jobs.close();
+                        while let Some(job) = self.jobs.recv().await {
+                            batch.push(job);
+                        }
+                        self.failed(&mut batch);
+                        break;
+                    }
+                    continue;
+                }
             }
             while batch.len() < batch_size_max {
                 match self.jobs.try_recv() {
@@ -120,11 +142,7 @@ impl Writer {
                 }
             }
             self.process(&mut batch).await;
-            if self
-                .shared
-                .halted
-                .load(std::sync::atomic::Ordering::Relaxed)
-            {
+            if self.is_halted() {
                 // Nothing queued behind the failure was written: undo and refuse it all.
                 self.jobs.close();
                 while let Some(job) = self.jobs.recv().await {
@@ -134,10 +152,188 @@ impl Writer {
                 break;
             }
         }
+        if cluster && !self.is_halted() {
+            // A clean stop hands every lease back at once instead of after the time to
+            // live, so the other nodes can sell it.
+            match self.shared.store.leave().await {
+                Ok(()) => tracing::info!("left the cluster; leases returned"),
+                Err(error) => {
+                    tracing::warn!(%error, "could not leave the cluster; the leases return when the node is declared dead")
+                }
+            }
+        }
         tracing::info!("writer drained and stopped");
     }
 
+    fn is_halted(&self) -> bool {
+        self.shared
+            .halted
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn halt(&self, error: &StoreError) {
+        tracing::error!(%error, "the writer halts: restart the node to rebuild its state from the store");
+        self.shared
+            .halted
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Grants the lease requests of this batch, before its commit, so buyers waiting for
+    /// stock are answered by the same batch.
+    async fn lease(&mut self, batch: &mut Vec<Job>) {
+        let mut leases = Vec::new();
+        batch.retain(|job| match job {
+            Job::Lease { sale } => {
+                leases.push(sale.clone());
+                false
+            }
+            _ => true,
+        });
+        for sale in leases {
+            if self.is_halted() {
+                sale.inner.lock().lease.asked = false;
+                sale.refilled.notify_waiters();
+                continue;
+            }
+            let now_ms = self.shared.clock.now_ms();
+            let result = self
+                .shared
+                .store
+                .lease(sale.record.id, self.shared.config.lease_max)
+                .await;
+            {
+                let mut inner = sale.inner.lock();
+                inner.lease.asked = false;
+                match &result {
+                    Ok(grant) if grant.units > 0 => {
+                        inner.remaining += grant.units;
+                        inner.lease.last_grant = grant.units;
+                        inner.lease.dry_until_ms = 0;
+                        inner.lease.last_take_ms = now_ms;
+                    }
+                    // Nothing left to lease (or the database failed): sold out here until
+                    // another node returns stock or a dead node's lease is reclaimed.
+                    _ => inner.lease.dry_until_ms = now_ms + LEASE_RETRY_MS,
+                }
+                if let Ok(grant) = &result {
+                    inner.lease.unsold_hint = grant.unleased + inner.remaining + inner.in_flight;
+                }
+            }
+            sale.refilled.notify_waiters();
+            match result {
+                Ok(grant) => {
+                    metrics::counter!("stampede_lease_units_total").increment(grant.units);
+                    metrics::counter!("stampede_leases_total").increment(1);
+                }
+                Err(error) => {
+                    tracing::warn!(%error, sale_id = %sale.record.id, "lease failed");
+                    if error.halts() {
+                        self.halt(&error);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Cluster upkeep, every `cluster_tick_ms`: heartbeat, reclaim dead nodes' leases
+    /// (and adopt their pending orders' expiry), learn of products and sales created on
+    /// other nodes, and return leases nobody is buying from.
+    async fn cluster_upkeep(&mut self) {
+        let store = self.shared.store.clone();
+        if let Err(error) = store.heartbeat().await {
+            tracing::warn!(%error, "heartbeat failed");
+            if error.halts() {
+                self.halt(&error);
+                return;
+            }
+        }
+        match store.reclaim().await {
+            Ok(reclaimed) if reclaimed.nodes > 0 => {
+                tracing::warn!(
+                    nodes = reclaimed.nodes,
+                    units = reclaimed.units,
+                    "reclaimed the leases of nodes that stopped heartbeating"
+                );
+                metrics::counter!("stampede_nodes_reclaimed_total").increment(reclaimed.nodes);
+                let grace_ms = self.shared.config.expiry_grace_ms;
+                self.expiries.extend(
+                    reclaimed
+                        .pending
+                        .into_iter()
+                        .map(|(id, expires_at_ms)| Reverse((expires_at_ms + grace_ms, id))),
+                );
+                for sale in self.shared.sales.read().values() {
+                    sale.inner.lock().lease.dry_until_ms = 0;
+                }
+            }
+            Ok(_) => {}
+            Err(error) => tracing::warn!(%error, "reclaiming dead nodes' leases failed"),
+        }
+        match store.catalog().await {
+            Ok(catalog) => self.learn(catalog),
+            Err(error) => tracing::warn!(%error, "reading the catalogue failed"),
+        }
+        let now_ms = self.shared.clock.now_ms();
+        let idle_ms = self.shared.config.lease_idle_ms;
+        let sales: Vec<Arc<SaleState>> = self.shared.sales.read().values().cloned().collect();
+        for sale in sales {
+            let units = {
+                let mut inner = sale.inner.lock();
+                let idle = now_ms - inner.lease.last_take_ms > idle_ms;
+                if inner.remaining == 0 || !(idle || now_ms >= sale.record.ends_at_ms) {
+                    continue;
+                }
+                std::mem::take(&mut inner.remaining)
+            };
+            if let Err(error) = store.release(sale.record.id, units).await {
+                tracing::warn!(%error, sale_id = %sale.record.id, "returning an idle lease failed");
+                sale.inner.lock().remaining += units;
+                if error.halts() {
+                    self.halt(&error);
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Adds products and sales other nodes created, and refreshes what the database says
+    /// is left of each sale.
+    fn learn(&self, catalog: crate::store::Catalog) {
+        {
+            let mut products = self.shared.products.write();
+            for record in catalog.products {
+                match products.get(&record.sku) {
+                    Some(known) => known.lock().record.available = record.available,
+                    None => {
+                        products.insert(
+                            record.sku.clone(),
+                            Arc::new(parking_lot::Mutex::new(crate::engine::ProductState {
+                                record,
+                            })),
+                        );
+                    }
+                }
+            }
+        }
+        let mut sales = self.shared.sales.write();
+        for (record, unsold) in catalog.sales {
+            match sales.get(&record.id) {
+                Some(known) => known.inner.lock().lease.unsold_hint = unsold,
+                None => {
+                    let id = record.id;
+                    sales.insert(
+                        id,
+                        Arc::new(SaleState::new(record, 0, Default::default(), unsold)),
+                    );
+                }
+            }
+        }
+    }
+
     async fn process(&mut self, batch: &mut Vec<Job>) {
+        if self.shared.cluster {
+            self.lease(batch).await;
+        }
         let now_ms = self.shared.clock.now_ms();
         let mut ops = Vec::with_capacity(batch.len());
         for job in batch.iter() {
@@ -154,7 +350,7 @@ impl Writer {
                     to: target(*event),
                     at_ms: now_ms,
                 }),
-                Job::ExpireDue { .. } | Job::Audit { .. } => {}
+                Job::ExpireDue { .. } | Job::Audit { .. } | Job::Lease { .. } => {}
             }
         }
         let n_job_ops = ops.len();
@@ -227,10 +423,7 @@ impl Writer {
                 if error.halts() {
                     // Before any answer goes out, so nobody sees a refusal from a node
                     // that still looks healthy.
-                    tracing::error!(%error, "the writer halts: restart the node to rebuild its state from the store");
-                    self.shared
-                        .halted
-                        .store(true, std::sync::atomic::Ordering::Relaxed);
+                    self.halt(&error);
                 }
                 if let StoreError::Indeterminate(_) = error {
                     // The batch may have landed: its stock must stay taken. Its clients
@@ -270,14 +463,14 @@ impl Writer {
                 }
                 Job::CreateSale { record, reply } => {
                     let _ = outcomes.next();
-                    let state = SaleState {
-                        inner: parking_lot::Mutex::new(SaleInner {
-                            remaining: record.quantity,
-                            in_flight: 0,
-                            held_by_user: Default::default(),
-                        }),
-                        record,
+                    // On a cluster store the stock sits in the sale's pool until leased.
+                    let remaining = if self.shared.cluster {
+                        0
+                    } else {
+                        record.quantity
                     };
+                    let quantity = record.quantity;
+                    let state = SaleState::new(record, remaining, Default::default(), quantity);
                     self.shared
                         .sales
                         .write()
@@ -312,6 +505,10 @@ impl Writer {
                     let _ = reply.send(());
                 }
                 Job::Audit { sale_id, reply } => audits.push((sale_id, reply)),
+                Job::Lease { sale } => {
+                    sale.inner.lock().lease.asked = false;
+                    sale.refilled.notify_waiters();
+                }
             }
         }
         audits
@@ -340,6 +537,10 @@ impl Writer {
                 }
                 Job::Audit { reply, .. } => {
                     let _ = reply.send(Err(()));
+                }
+                Job::Lease { sale } => {
+                    sale.inner.lock().lease.asked = false;
+                    sale.refilled.notify_waiters();
                 }
             }
         }
@@ -376,6 +577,10 @@ impl Writer {
                 Job::Audit { reply, .. } => {
                     let _ = reply.send(Err(()));
                 }
+                Job::Lease { sale } => {
+                    sale.inner.lock().lease.asked = false;
+                    sale.refilled.notify_waiters();
+                }
             }
         }
     }
@@ -409,7 +614,8 @@ impl Writer {
                 let _ = reply.send(Err(()));
                 return;
             };
-            let remaining = remaining_in_memory + in_flight;
+            // On a cluster store other nodes hold stock too: the database counts it.
+            let remaining = tally.unsold.unwrap_or(remaining_in_memory + in_flight);
             let quantity = sale.record.quantity;
             let consistent = quantity == remaining + tally.pending_payment + tally.paid
                 && tally.users_over_limit == 0;

@@ -38,6 +38,16 @@ pub struct Config {
     pub owner_wait: Duration,
     /// A read replica of the server database for order lists; unset: the primary.
     pub replica_url: Option<String>,
+    /// Several nodes write the server database, each selling stock leased from it.
+    pub cluster: bool,
+    /// In a cluster: a node silent this long is declared dead and its leases reclaimed.
+    #[serde(with = "humantime_serde")]
+    pub node_ttl: Duration,
+    /// In a cluster: most units of a sale one node leases at once.
+    pub lease_max: u64,
+    /// In a cluster: a lease nobody bought from for this long goes back to the sale.
+    #[serde(with = "humantime_serde")]
+    pub lease_idle: Duration,
     pub ack: Ack,
     #[serde(with = "humantime_serde")]
     pub payment_window: Duration,
@@ -74,6 +84,10 @@ impl Default for Config {
             database_url: None,
             owner_wait: stampede_store::OWNER_WAIT_DEFAULT,
             replica_url: None,
+            cluster: false,
+            node_ttl: Duration::from_secs(5),
+            lease_max: 1_024,
+            lease_idle: Duration::from_secs(2),
             ack: Ack::Durable,
             payment_window: Duration::from_secs(15 * 60),
             payment_url: "http://127.0.0.1:8090".into(),
@@ -121,6 +135,22 @@ pub struct ServeArgs {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub replica_url: Option<String>,
+    /// Join the cluster of nodes writing this server database; each sells stock leased from it (not for SQLite) [default: false].
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<bool>,
+    /// In a cluster: a node silent this long is declared dead and its leases reclaimed, e.g. 5s [default: 5s].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node_ttl: Option<String>,
+    /// In a cluster: most units of a sale one node leases at once [default: 1024].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lease_max: Option<u64>,
+    /// In a cluster: a lease nobody bought from for this long goes back to the sale, e.g. 2s [default: 2s].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lease_idle: Option<String>,
     /// When a purchase is answered: after its order is durable, or once reserved [default: durable].
     #[arg(long, value_enum)]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -178,6 +208,7 @@ impl Config {
             owner_wait: self.owner_wait,
             outbox: self.nats_url.is_some(),
             replica_url: self.replica_url.clone(),
+            cluster_node_ttl: self.cluster.then_some(self.node_ttl),
         }
     }
 
@@ -219,6 +250,11 @@ impl Config {
                 && !self.nats_subject_prefix.ends_with('.'),
             "nats_subject_prefix must be dot-separated tokens of letters, digits, '_' or '-'"
         );
+        anyhow::ensure!(
+            self.node_ttl >= Duration::from_millis(500),
+            "node_ttl must be at least 500ms"
+        );
+        anyhow::ensure!(self.lease_max >= 1, "lease_max must be at least 1");
         anyhow::ensure!(
             self.queue_capacity >= 1,
             "queue_capacity must be at least 1"
@@ -404,6 +440,10 @@ pub async fn start(
             Ack::Durable => AckMode::Durable,
             Ack::Reserved => AckMode::Reserved,
         },
+        lease_max: config.lease_max,
+        lease_idle_ms: config.lease_idle.as_millis() as i64,
+        // Heartbeats well inside the time to live.
+        cluster_tick_ms: (config.node_ttl.as_millis() as u64 / 5).clamp(100, 1_000),
     };
     let relay_store = store.clone();
     let engine = Arc::new(

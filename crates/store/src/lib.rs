@@ -29,6 +29,9 @@ pub struct StoreOptions {
     pub outbox: bool,
     /// A read replica of the server database for order lists (not for SQLite).
     pub replica_url: Option<String>,
+    /// Join the cluster of nodes writing this server database, selling leased stock,
+    /// with this heartbeat time to live (not for SQLite). `None`: one node owns it.
+    pub cluster_node_ttl: Option<Duration>,
 }
 
 impl Default for StoreOptions {
@@ -37,6 +40,7 @@ impl Default for StoreOptions {
             owner_wait: OWNER_WAIT_DEFAULT,
             outbox: false,
             replica_url: None,
+            cluster_node_ttl: None,
         }
     }
 }
@@ -57,6 +61,11 @@ pub async fn open(
             "replica_url needs a PostgreSQL or MySQL-protocol database_url; the embedded SQLite has no replicas".into(),
         ));
     }
+    if options.cluster_node_ttl.is_some() && is_sqlite {
+        return Err(StoreError::Unavailable(
+            "cluster needs a PostgreSQL or MySQL-protocol database_url; the embedded SQLite is one node's".into(),
+        ));
+    }
     match database_url {
         None | Some("") => Ok(SqliteStore::open(&data_dir.join("stampede.db"))
             .await?
@@ -67,9 +76,11 @@ pub async fn open(
             .with_outbox(outbox)
             .into_arc()),
         Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
-            let store = PostgresStore::open(url, options.owner_wait)
-                .await?
-                .with_outbox(outbox);
+            let store = match options.cluster_node_ttl {
+                Some(ttl) => PostgresStore::open_cluster(url, ttl).await?,
+                None => PostgresStore::open(url, options.owner_wait).await?,
+            }
+            .with_outbox(outbox);
             let store = match replica {
                 Some(replica) => store.with_replica(replica)?,
                 None => store,
@@ -78,9 +89,11 @@ pub async fn open(
         }
         Some(url) if url.starts_with("mysql://") || url.starts_with("mariadb://") => {
             let url = url.replacen("mariadb://", "mysql://", 1);
-            let store = MySqlStore::open(&url, options.owner_wait)
-                .await?
-                .with_outbox(outbox);
+            let store = match options.cluster_node_ttl {
+                Some(ttl) => MySqlStore::open_cluster(&url, ttl).await?,
+                None => MySqlStore::open(&url, options.owner_wait).await?,
+            }
+            .with_outbox(outbox);
             let store = match replica {
                 Some(replica) => {
                     store.with_replica(&replica.replacen("mariadb://", "mysql://", 1))?

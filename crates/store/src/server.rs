@@ -33,8 +33,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use sqlx::{AssertSqlSafe, Connection, QueryBuilder, Row};
 use stampede_engine::{
-    OpOutcome, OrderRecord, OutboxEvent, PendingTally, ProductRecord, SaleRecord, SaleTally,
-    Snapshot, Store, StoreError, WriteOp,
+    Catalog, LeaseGrant, OpOutcome, OrderRecord, OutboxEvent, PendingTally, ProductRecord,
+    Reclaimed, SaleRecord, SaleTally, Snapshot, Store, StoreError, WriteOp, lease_size,
 };
 use stampede_types::{Cents, IdempotencyKey, OrderId, OrderStatus, Quantity, SaleId, Sku, UserId};
 use tokio::sync::Mutex;
@@ -81,6 +81,18 @@ fn node_name() -> String {
     format!("{host}/{}", std::process::id())
 }
 
+/// A fresh id for a node joining a cluster: a restarted process is a new member (its
+/// previous self's leases are reclaimed like any dead node's).
+fn new_node_id() -> String {
+    use std::hash::BuildHasher;
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    let noise =
+        std::collections::hash_map::RandomState::new().hash_one((nanos, std::process::id()));
+    format!("node-{:x}-{noise:016x}", nanos as u64)
+}
+
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Placeholders {
     /// `?` (MySQL).
@@ -104,6 +116,15 @@ struct Dialect {
     save_setting: &'static str,
     /// Reads the durability settings: one row of (name, value) per setting that must hold.
     durability: &'static [(&'static str, &'static str, &'static [&'static str])],
+    /// Gives the owner lock back (a cluster node only checks that nobody holds it).
+    unlock: &'static str,
+    /// The database's clock in milliseconds since the epoch: heartbeats and their
+    /// deadlines use it, so the nodes' clocks never matter.
+    now_ms: &'static str,
+    /// `SUM(units)` of stock leases as a 64-bit integer.
+    sum_units: &'static str,
+    /// Adds `(sale_id, node, units)` to a lease, creating it if needed.
+    add_to_lease: &'static str,
 }
 
 const POSTGRES: Dialect = Dialect {
@@ -124,6 +145,11 @@ const POSTGRES: Dialect = Dialect {
             &["on", "local", "remote_write", "remote_apply"],
         ),
     ],
+    unlock: "SELECT pg_advisory_unlock(7261346573)",
+    now_ms: "CAST(EXTRACT(EPOCH FROM clock_timestamp()) * 1000 AS BIGINT)",
+    sum_units: "CAST(SUM(units) AS BIGINT)",
+    add_to_lease: "INSERT INTO stock_leases (sale_id, node, units) VALUES (?, ?, ?) \
+                   ON CONFLICT (sale_id, node) DO UPDATE SET units = stock_leases.units + EXCLUDED.units",
 };
 
 const MYSQL: Dialect = Dialect {
@@ -141,6 +167,11 @@ const MYSQL: Dialect = Dialect {
         "innodb_flush_log_at_trx_commit",
         &["1"],
     )],
+    unlock: "SELECT RELEASE_LOCK(CONCAT('stampede.owner.', DATABASE()))",
+    now_ms: "CAST(UNIX_TIMESTAMP(NOW(3)) * 1000 AS SIGNED)",
+    sum_units: "CAST(SUM(units) AS SIGNED)",
+    add_to_lease: "INSERT INTO stock_leases (sale_id, node, units) VALUES (?, ?, ?) \
+                   ON DUPLICATE KEY UPDATE units = units + VALUES(units)",
 };
 
 /// Every statement with parameters, in the store's dialect, built once at open.
@@ -157,6 +188,25 @@ struct Sql {
     save_setting: Arc<str>,
     stamp_owner: Arc<str>,
     claim_owner: Arc<str>,
+    // Cluster (several writing nodes).
+    join_node: Arc<str>,
+    stamp_node: Arc<str>,
+    heartbeat: Arc<str>,
+    node_batch_seq: Arc<str>,
+    live_nodes: Arc<str>,
+    dead_nodes: Arc<str>,
+    remove_dead_node: Arc<str>,
+    remove_node: Arc<str>,
+    add_to_lease: Arc<str>,
+    take_from_lease: Arc<str>,
+    node_leases: Arc<str>,
+    remove_node_leases: Arc<str>,
+    lock_unleased: Arc<str>,
+    take_unleased: Arc<str>,
+    give_unleased: Arc<str>,
+    rebase_unleased: Arc<str>,
+    unsold: Arc<str>,
+    catalog_sales: Arc<str>,
 }
 
 impl Sql {
@@ -190,7 +240,7 @@ impl Sql {
             ),
             insert_sale: sql(
                 "INSERT INTO flash_sales (id, sku, price_cents, quantity, per_user_limit, starts_at_ms, \
-                 ends_at_ms, created_at_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                 ends_at_ms, created_at_ms, unleased) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
             ),
             lock_order: sql(
                 "SELECT sale_id, user_id, quantity, status FROM orders WHERE id = ? FOR UPDATE",
@@ -215,6 +265,60 @@ impl Sql {
             claim_owner: sql(
                 "UPDATE stampede_owner SET epoch = ?, node = ?, since_ms = ?, batch_seq = 0 WHERE id = 1",
             ),
+            join_node: sql(&format!(
+                "INSERT INTO stampede_nodes (node, name, joined_ms, heartbeat_ms, batch_seq) \
+                 VALUES (?, ?, {now}, {now}, 0)",
+                now = dialect.now_ms
+            )),
+            stamp_node: sql(&format!(
+                "UPDATE stampede_nodes SET batch_seq = ?, heartbeat_ms = {} WHERE node = ?",
+                dialect.now_ms
+            )),
+            heartbeat: sql(&format!(
+                "UPDATE stampede_nodes SET heartbeat_ms = {} WHERE node = ?",
+                dialect.now_ms
+            )),
+            node_batch_seq: sql("SELECT batch_seq FROM stampede_nodes WHERE node = ?"),
+            live_nodes: sql(&format!(
+                "SELECT COUNT(*) AS n FROM stampede_nodes WHERE heartbeat_ms >= {} - ?",
+                dialect.now_ms
+            )),
+            dead_nodes: sql(&format!(
+                "SELECT node FROM stampede_nodes WHERE heartbeat_ms < {} - ?",
+                dialect.now_ms
+            )),
+            remove_dead_node: sql(&format!(
+                "DELETE FROM stampede_nodes WHERE node = ? AND heartbeat_ms < {} - ?",
+                dialect.now_ms
+            )),
+            remove_node: sql("DELETE FROM stampede_nodes WHERE node = ?"),
+            add_to_lease: sql(dialect.add_to_lease),
+            take_from_lease: sql(
+                "UPDATE stock_leases SET units = units - ? WHERE sale_id = ? AND node = ? AND units >= ?",
+            ),
+            node_leases: sql("SELECT sale_id, units FROM stock_leases WHERE node = ? FOR UPDATE"),
+            remove_node_leases: sql("DELETE FROM stock_leases WHERE node = ?"),
+            lock_unleased: sql("SELECT unleased FROM flash_sales WHERE id = ? FOR UPDATE"),
+            take_unleased: sql(
+                "UPDATE flash_sales SET unleased = unleased - ? WHERE id = ? AND unleased >= ?",
+            ),
+            give_unleased: sql("UPDATE flash_sales SET unleased = unleased + ? WHERE id = ?"),
+            rebase_unleased: sql(&format!(
+                "UPDATE flash_sales SET unleased = quantity - COALESCE((SELECT {} FROM orders \
+                 WHERE orders.sale_id = flash_sales.id AND orders.status IN ('pending_payment', 'paid')), 0)",
+                dialect.sum_quantity
+            )),
+            unsold: sql(&format!(
+                "SELECT unleased + COALESCE((SELECT {} FROM stock_leases WHERE stock_leases.sale_id = flash_sales.id), 0) \
+                 AS unsold FROM flash_sales WHERE id = ?",
+                dialect.sum_units
+            )),
+            catalog_sales: sql(&format!(
+                "SELECT id, sku, price_cents, quantity, per_user_limit, starts_at_ms, ends_at_ms, created_at_ms, \
+                 unleased + COALESCE((SELECT {} FROM stock_leases WHERE stock_leases.sale_id = flash_sales.id), 0) \
+                 AS unsold FROM flash_sales ORDER BY created_at_ms, id",
+                dialect.sum_units
+            )),
         }
     }
 }
@@ -245,6 +349,10 @@ macro_rules! server_store {
             /// A read replica for order lists (`with_replica`); the primary answers
             /// whatever it lacks or when it fails.
             replica: Option<sqlx::Pool<$db>>,
+            /// In a cluster (`open_cluster`): this node's id in `stampede_nodes`.
+            node: Option<String>,
+            /// In a cluster: a node whose heartbeat is older than this is dead.
+            node_ttl_ms: i64,
         }
 
         impl $store {
@@ -289,6 +397,8 @@ macro_rules! server_store {
                         batch_seq: std::sync::atomic::AtomicI64::new(0),
                         outbox: false,
                         replica: None,
+                        node: None,
+                        node_ttl_ms: 0,
                     });
                 };
                 sqlx::migrate!($migrations)
@@ -297,6 +407,24 @@ macro_rules! server_store {
                     .map_err(|e| StoreError::Unavailable(format!("migration failed: {e}")))?;
                 check_durability!(&mut writer, dialect);
                 take_owner_lock!(&mut writer, dialect, owner_wait);
+                // A single owner and a cluster never share a database. (A cluster node
+                // joins first, then checks this lock, so one of the two always refuses.)
+                let live: i64 = sqlx::query_scalar(AssertSqlSafe(format!(
+                    "SELECT COUNT(*) FROM stampede_nodes WHERE heartbeat_ms >= {} - 60000",
+                    dialect.now_ms
+                )))
+                .fetch_one(&mut writer)
+                .await
+                .map_err(unavailable)?;
+                if live > 0 {
+                    return Err(StoreError::Unavailable(format!(
+                        "{live} cluster node(s) use this database: start this node with cluster = true too"
+                    )));
+                }
+                // Stale members of a cluster that is gone: the next cluster to start
+                // recounts the unleased stock from the orders.
+                sqlx::query("DELETE FROM stock_leases").execute(&mut writer).await.map_err(unavailable)?;
+                sqlx::query("DELETE FROM stampede_nodes").execute(&mut writer).await.map_err(unavailable)?;
                 // Bump the epoch: from here on, a node still holding the old one is fenced.
                 let epoch = {
                     let mut tx = writer.begin().await.map_err(unavailable)?;
@@ -334,9 +462,103 @@ macro_rules! server_store {
                     sql,
                     epoch,
                     batch_seq: std::sync::atomic::AtomicI64::new(0),
-                        outbox: false,
-                        replica: None,
+                    outbox: false,
+                    replica: None,
+                    node: None,
+                    node_ttl_ms: 0,
                 })
+            }
+
+            /// Joins the cluster of nodes writing this database: several nodes each sell
+            /// stock leased from the sales (see `Store::lease`). A node whose heartbeat
+            /// is older than `node_ttl` is declared dead by the others and its leases
+            /// reclaimed; it can commit nothing after that.
+            pub async fn open_cluster(url: &str, node_ttl: Duration) -> Result<$store, StoreError> {
+                let options: $options = url.parse().map_err(unavailable)?;
+                let dialect = &$dialect;
+                let sql = Sql::new(dialect);
+                let port = options.get_port();
+                let mut writer = <$conn>::connect_with(&options).await.map_err(unavailable)?;
+                crate::nodelay::set_on_connections_to(port);
+                sqlx::migrate!($migrations)
+                    .run(&mut writer)
+                    .await
+                    .map_err(|e| StoreError::Unavailable(format!("migration failed: {e}")))?;
+                check_durability!(&mut writer, dialect);
+                let node = new_node_id();
+                {
+                    let mut tx = writer.begin().await.map_err(unavailable)?;
+                    // Joins one at a time; every member's row locked, so no member
+                    // commits while the unleased stock may be recounted.
+                    sqlx::query("SELECT epoch FROM stampede_owner WHERE id = 1 FOR UPDATE")
+                        .fetch_one(&mut *tx)
+                        .await
+                        .map_err(unavailable)?;
+                    sqlx::query("SELECT node FROM stampede_nodes FOR UPDATE")
+                        .fetch_all(&mut *tx)
+                        .await
+                        .map_err(unavailable)?;
+                    let leases: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM stock_leases")
+                        .fetch_one(&mut *tx)
+                        .await
+                        .map_err(unavailable)?;
+                    if leases == 0 {
+                        // Nobody holds a lease: every unit not in an order is unleased.
+                        // (A single owner before us kept no count of it.)
+                        sqlx::query(q(&sql.rebase_unleased))
+                            .execute(&mut *tx)
+                            .await
+                            .map_err(unavailable)?;
+                    }
+                    sqlx::query(q(&sql.join_node))
+                        .bind(&node)
+                        .bind(node_name())
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(unavailable)?;
+                    tx.commit().await.map_err(unavailable)?;
+                }
+                let refused = async {
+                    take_owner_lock!(&mut writer, dialect, Duration::ZERO);
+                    sqlx::query(dialect.unlock).execute(&mut writer).await.map_err(unavailable)?;
+                    Ok::<_, StoreError>(())
+                }
+                .await;
+                if let Err(error) = refused {
+                    let _ = sqlx::query(q(&sql.remove_node)).bind(&node).execute(&mut writer).await;
+                    return Err(StoreError::Unavailable(format!(
+                        "a single-owner node uses this database, so no cluster can: {error}"
+                    )));
+                }
+                let readers = <$pool_options>::new()
+                    .max_connections(READER_CONNECTIONS_MAX)
+                    .min_connections(1)
+                    .after_connect(move |_, _| Box::pin(async move {
+                        crate::nodelay::set_on_connections_to(port);
+                        Ok(())
+                    }))
+                    .connect_with(options.clone())
+                    .await
+                    .map_err(unavailable)?;
+                tracing::info!(backend = dialect.name, %node, "joined the cluster");
+                Ok($store {
+                    writer: Mutex::new(Some(writer)),
+                    readers,
+                    options,
+                    sql,
+                    epoch: 0,
+                    batch_seq: std::sync::atomic::AtomicI64::new(0),
+                    outbox: false,
+                    replica: None,
+                    node: Some(node),
+                    node_ttl_ms: node_ttl.as_millis() as i64,
+                })
+            }
+
+            fn cluster_node(&self) -> Result<&str, StoreError> {
+                self.node
+                    .as_deref()
+                    .ok_or_else(|| StoreError::Unavailable("this store is not in a cluster".into()))
             }
 
             /// Makes every commit also write its order events to the outbox.
@@ -368,8 +590,24 @@ macro_rules! server_store {
                 Arc::new(self)
             }
 
-            /// A new writer connection holding the owner lock, still under our epoch.
+            /// A new writer connection holding the owner lock, still under our epoch (in
+            /// a cluster: while this node is still a member).
             async fn reconnect(&self) -> Result<$conn, StoreError> {
+                if let Some(node) = &self.node {
+                    let mut writer = <$conn>::connect_with(&self.options).await.map_err(unavailable)?;
+                    crate::nodelay::set_on_connections_to(self.options.get_port());
+                    let member: Option<i64> = sqlx::query_scalar(q(&self.sql.node_batch_seq))
+                        .bind(node)
+                        .fetch_optional(&mut writer)
+                        .await
+                        .map_err(unavailable)?;
+                    if member.is_none() {
+                        return Err(StoreError::Fenced(format!(
+                            "node {node} was declared dead and its leases reclaimed"
+                        )));
+                    }
+                    return Ok(writer);
+                }
                 if self.epoch < 0 {
                     return Err(StoreError::Fenced("opened read-only".into()));
                 }
@@ -397,16 +635,26 @@ macro_rules! server_store {
                 loop {
                     let asked = async {
                         let mut writer = self.reconnect().await?;
-                        let landed: i64 =
-                            sqlx::query_scalar("SELECT batch_seq FROM stampede_owner WHERE id = 1")
+                        let landed: i64 = match &self.node {
+                            Some(node) => sqlx::query_scalar(q(&self.sql.node_batch_seq))
+                                .bind(node)
                                 .fetch_one(&mut writer)
                                 .await
-                                .map_err(unavailable)?;
+                                .map_err(unavailable)?,
+                            None => sqlx::query_scalar("SELECT batch_seq FROM stampede_owner WHERE id = 1")
+                                .fetch_one(&mut writer)
+                                .await
+                                .map_err(unavailable)?,
+                        };
                         Ok::<_, StoreError>((landed == seq, writer))
                     }
                     .await;
                     match asked {
                         Ok(answer) => return Ok(answer),
+                        // Declared dead since: the batch may have landed before that.
+                        Err(StoreError::Fenced(why)) if self.node.is_some() => {
+                            return Err(StoreError::Indeterminate(format!("batch {seq}: {why}")));
+                        }
                         Err(StoreError::Fenced(why)) => return Err(StoreError::Fenced(why)),
                         Err(error) if tokio::time::Instant::now() >= deadline => {
                             return Err(StoreError::Indeterminate(format!(
@@ -464,20 +712,27 @@ macro_rules! server_store {
                 let seq = self.batch_seq.load(std::sync::atomic::Ordering::Relaxed) + 1;
                 let prepared = async {
                     let mut tx = writer.begin().await.map_err(unavailable)?;
-                    let stamped = sqlx::query(q(&self.sql.stamp_owner))
-                        .bind(seq)
-                        .bind(self.epoch)
-                        .execute(&mut *tx)
-                        .await
-                        .map_err(unavailable)?;
+                    let stamped = match &self.node {
+                        Some(node) => sqlx::query(q(&self.sql.stamp_node)).bind(seq).bind(node),
+                        None => sqlx::query(q(&self.sql.stamp_owner)).bind(seq).bind(self.epoch),
+                    }
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(unavailable)?;
                     if stamped.rows_affected() != 1 {
-                        return Err(StoreError::Fenced(format!(
-                            "another node took ownership of the database (our epoch {})",
-                            self.epoch
-                        )));
+                        return Err(StoreError::Fenced(match &self.node {
+                            Some(node) => format!("node {node} was declared dead and its leases reclaimed"),
+                            None => format!(
+                                "another node took ownership of the database (our epoch {})",
+                                self.epoch
+                            ),
+                        }));
                     }
                     // On any error the transaction is dropped and rolled back.
                     let outcomes = apply!(&mut *tx, ops, &self.sql, $db);
+                    if let Some(node) = &self.node {
+                        settle_leases!(&mut *tx, &self.sql, node, ops, &outcomes);
+                    }
                     if self.outbox {
                         insert_outbox!(&mut *tx, $db, outbox_events(ops, &outcomes));
                     }
@@ -556,7 +811,8 @@ macro_rules! server_store {
 
             async fn tally(&self, sale: SaleId, per_user_limit: u32) -> Result<SaleTally, StoreError> {
                 let mut connection = self.readers.acquire().await.map_err(unavailable)?;
-                tally_on!(&mut *connection, &self.sql, sale, per_user_limit)
+                let sql_unsold = self.node.as_ref().map(|_| Arc::clone(&self.sql.unsold));
+                tally_on!(&mut *connection, &self.sql, sale, per_user_limit, sql_unsold)
             }
 
             async fn snapshot_tally(
@@ -576,8 +832,9 @@ macro_rules! server_store {
                     .map_err(unavailable)?;
                 let sql_tally = Arc::clone(&self.sql.tally_by_status);
                 let sql_over = Arc::clone(&self.sql.users_over_limit);
+                let sql_unsold = self.node.as_ref().map(|_| Arc::clone(&self.sql.unsold));
                 Ok(Box::pin(async move {
-                    let tally = tally_with!(&mut *snapshot, sql_tally, sql_over, sale, per_user_limit);
+                    let tally = tally_with!(&mut *snapshot, sql_tally, sql_over, sale, per_user_limit, sql_unsold);
                     // Dropping the read-only transaction rolls it back: nothing to keep.
                     drop(snapshot);
                     tally
@@ -587,6 +844,224 @@ macro_rules! server_store {
             async fn ping(&self) -> Result<(), StoreError> {
                 sqlx::query("SELECT 1").execute(&self.readers).await.map_err(unavailable)?;
                 Ok(())
+            }
+
+            fn node(&self) -> Option<&str> {
+                self.node.as_deref()
+            }
+
+            async fn lease(&self, sale: SaleId, max: u64) -> Result<LeaseGrant, StoreError> {
+                let node = self.cluster_node()?;
+                on_writer!(self, |writer| {
+                    let sale_id = sale.to_string();
+                    let mut tx = writer.begin().await.map_err(unavailable)?;
+                    still_member!(&mut *tx, &self.sql, node);
+                    let unleased: Option<i64> = sqlx::query_scalar(q(&self.sql.lock_unleased))
+                        .bind(&sale_id)
+                        .fetch_optional(&mut *tx)
+                        .await
+                        .map_err(unavailable)?;
+                    let Some(unleased) = unleased else {
+                        return Err(StoreError::Unavailable(format!("no sale {sale_id}")));
+                    };
+                    let unleased = u64::try_from(unleased)
+                        .map_err(|_| corrupt("unleased units", &unleased.to_string()))?;
+                    let live: i64 = sqlx::query_scalar(q(&self.sql.live_nodes))
+                        .bind(self.node_ttl_ms)
+                        .fetch_one(&mut *tx)
+                        .await
+                        .map_err(unavailable)?;
+                    let units = if unleased == 0 { 0 } else { lease_size(unleased, live.max(1) as u64, max) };
+                    if units > 0 {
+                        sqlx::query(q(&self.sql.take_unleased))
+                            .bind(units as i64)
+                            .bind(&sale_id)
+                            .bind(units as i64)
+                            .execute(&mut *tx)
+                            .await
+                            .map_err(unavailable)?;
+                        sqlx::query(q(&self.sql.add_to_lease))
+                            .bind(&sale_id)
+                            .bind(node)
+                            .bind(units as i64)
+                            .execute(&mut *tx)
+                            .await
+                            .map_err(unavailable)?;
+                    }
+                    tx.commit().await.map_err(unavailable)?;
+                    Ok(LeaseGrant { units, unleased: unleased - units })
+                })
+            }
+
+            async fn release(&self, sale: SaleId, units: u64) -> Result<(), StoreError> {
+                let node = self.cluster_node()?;
+                on_writer!(self, |writer| {
+                    let sale_id = sale.to_string();
+                    let mut tx = writer.begin().await.map_err(unavailable)?;
+                    still_member!(&mut *tx, &self.sql, node);
+                    let taken = sqlx::query(q(&self.sql.take_from_lease))
+                        .bind(units as i64)
+                        .bind(&sale_id)
+                        .bind(node)
+                        .bind(units as i64)
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(unavailable)?;
+                    if taken.rows_affected() != 1 {
+                        return Err(StoreError::Fenced(format!(
+                            "node {node}'s lease of sale {sale_id} holds fewer than {units} units"
+                        )));
+                    }
+                    sqlx::query(q(&self.sql.give_unleased))
+                        .bind(units as i64)
+                        .bind(&sale_id)
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(unavailable)?;
+                    tx.commit().await.map_err(unavailable)?;
+                    Ok(())
+                })
+            }
+
+            async fn heartbeat(&self) -> Result<(), StoreError> {
+                let node = self.cluster_node()?;
+                on_writer!(self, |writer| {
+                    still_member!(&mut *writer, &self.sql, node);
+                    Ok(())
+                })
+            }
+
+            async fn reclaim(&self) -> Result<Reclaimed, StoreError> {
+                let node = self.cluster_node()?;
+                on_writer!(self, |writer| {
+                    let dead: Vec<String> = sqlx::query_scalar(q(&self.sql.dead_nodes))
+                        .bind(self.node_ttl_ms)
+                        .fetch_all(&mut *writer)
+                        .await
+                        .map_err(unavailable)?;
+                    let mut reclaimed = Reclaimed::default();
+                    for dead in dead.iter().filter(|dead| dead.as_str() != node) {
+                        let mut tx = writer.begin().await.map_err(unavailable)?;
+                        // Deleting the row waits for a commit of that node in flight and
+                        // re-checks its heartbeat: a node that is alive after all stays.
+                        let removed = sqlx::query(q(&self.sql.remove_dead_node))
+                            .bind(dead)
+                            .bind(self.node_ttl_ms)
+                            .execute(&mut *tx)
+                            .await
+                            .map_err(unavailable)?;
+                        if removed.rows_affected() == 1 {
+                            let leases = sqlx::query(q(&self.sql.node_leases))
+                                .bind(dead)
+                                .fetch_all(&mut *tx)
+                                .await
+                                .map_err(unavailable)?;
+                            for lease in leases {
+                                let sale_id: String = lease.try_get("sale_id").map_err(unavailable)?;
+                                let units: i64 = lease.try_get("units").map_err(unavailable)?;
+                                sqlx::query(q(&self.sql.give_unleased))
+                                    .bind(units)
+                                    .bind(&sale_id)
+                                    .execute(&mut *tx)
+                                    .await
+                                    .map_err(unavailable)?;
+                                reclaimed.units += units as u64;
+                            }
+                            sqlx::query(q(&self.sql.remove_node_leases))
+                                .bind(dead)
+                                .execute(&mut *tx)
+                                .await
+                                .map_err(unavailable)?;
+                            reclaimed.nodes += 1;
+                            tracing::warn!(node = %dead, "declared a node dead and reclaimed its leases");
+                        }
+                        tx.commit().await.map_err(unavailable)?;
+                    }
+                    if reclaimed.nodes > 0 {
+                        let rows = sqlx::query(
+                            "SELECT id, expires_at_ms FROM orders WHERE status = 'pending_payment'",
+                        )
+                        .fetch_all(&mut *writer)
+                        .await
+                        .map_err(unavailable)?;
+                        for row in rows {
+                            let id: String = row.try_get("id").map_err(unavailable)?;
+                            let expires_at_ms: i64 = row.try_get("expires_at_ms").map_err(unavailable)?;
+                            reclaimed.pending.push((
+                                OrderId::parse(&id).ok_or_else(|| corrupt("order id", &id))?,
+                                expires_at_ms,
+                            ));
+                        }
+                    }
+                    Ok(reclaimed)
+                })
+            }
+
+            async fn catalog(&self) -> Result<Catalog, StoreError> {
+                let mut connection = self.readers.acquire().await.map_err(unavailable)?;
+                let products = sqlx::query("SELECT sku, name, price_cents, available, created_at_ms FROM products ORDER BY sku")
+                    .fetch_all(&mut *connection)
+                    .await
+                    .map_err(unavailable)?
+                    .iter()
+                    .map(|row| product_from_row!(row))
+                    .collect::<Result<_, _>>()?;
+                let mut sales = Vec::new();
+                for row in sqlx::query(q(&self.sql.catalog_sales))
+                    .fetch_all(&mut *connection)
+                    .await
+                    .map_err(unavailable)?
+                {
+                    let unsold: i64 = row.try_get("unsold").map_err(unavailable)?;
+                    sales.push((sale_from_row!(&row)?, unsold.max(0) as u64));
+                }
+                Ok(Catalog { products, sales })
+            }
+
+            async fn leave(&self) -> Result<(), StoreError> {
+                let node = self.cluster_node()?;
+                on_writer!(self, |writer| {
+                    let mut tx = writer.begin().await.map_err(unavailable)?;
+                    let member: Option<i64> = sqlx::query_scalar(AssertSqlSafe(format!(
+                        "{} FOR UPDATE",
+                        self.sql.node_batch_seq
+                    )))
+                    .bind(node)
+                    .fetch_optional(&mut *tx)
+                    .await
+                    .map_err(unavailable)?;
+                    if member.is_none() {
+                        // Declared dead already: the leases were reclaimed.
+                        return Ok(());
+                    }
+                    let leases = sqlx::query(q(&self.sql.node_leases))
+                        .bind(node)
+                        .fetch_all(&mut *tx)
+                        .await
+                        .map_err(unavailable)?;
+                    for lease in leases {
+                        let sale_id: String = lease.try_get("sale_id").map_err(unavailable)?;
+                        let units: i64 = lease.try_get("units").map_err(unavailable)?;
+                        sqlx::query(q(&self.sql.give_unleased))
+                            .bind(units)
+                            .bind(&sale_id)
+                            .execute(&mut *tx)
+                            .await
+                            .map_err(unavailable)?;
+                    }
+                    sqlx::query(q(&self.sql.remove_node_leases))
+                        .bind(node)
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(unavailable)?;
+                    sqlx::query(q(&self.sql.remove_node))
+                        .bind(node)
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(unavailable)?;
+                    tx.commit().await.map_err(unavailable)?;
+                    Ok(())
+                })
             }
 
             async fn outbox_read(&self, limit: usize) -> Result<Vec<OutboxEvent>, StoreError> {
@@ -619,6 +1094,97 @@ macro_rules! server_store {
             }
         }
     };
+}
+
+/// Runs `$body` with the writer connection (`$conn: &mut Connection`), reconnecting if
+/// an earlier failure dropped it; a failure drops it again (it may be broken).
+macro_rules! on_writer {
+    ($self:expr, |$conn:ident| $body:expr) => {{
+        let mut guard = $self.writer.lock().await;
+        let mut connection = match guard.take() {
+            Some(connection) => connection,
+            None => $self.reconnect().await?,
+        };
+        let result = async {
+            let $conn = &mut connection;
+            $body
+        }
+        .await;
+        if result.is_ok() {
+            *guard = Some(connection);
+        }
+        result
+    }};
+}
+
+/// Heartbeats this cluster node's row, row-locking it for the rest of the transaction:
+/// `Fenced` if the node was declared dead.
+macro_rules! still_member {
+    ($conn:expr, $sql:expr, $node:expr) => {{
+        let stamped = sqlx::query(q(&$sql.heartbeat))
+            .bind($node)
+            .execute($conn)
+            .await
+            .map_err(unavailable)?;
+        if stamped.rows_affected() != 1 {
+            return Err(StoreError::Fenced(format!(
+                "node {} was declared dead and its leases reclaimed",
+                $node
+            )));
+        }
+    }};
+}
+
+/// In a cluster: takes the units of the batch's inserted orders from this node's leases
+/// and adds the units its cancellations and expiries returned, one statement per sale.
+/// A lease that no longer covers the orders fails the whole batch.
+macro_rules! settle_leases {
+    ($conn:expr, $sql:expr, $node:expr, $ops:expr, $outcomes:expr) => {{
+        let mut deltas: std::collections::BTreeMap<SaleId, i64> = Default::default();
+        for (op, outcome) in $ops.iter().zip($outcomes.iter()) {
+            match (op, outcome) {
+                (WriteOp::InsertOrder(order), _) => {
+                    *deltas.entry(order.sale_id).or_default() -= i64::from(order.quantity.get());
+                }
+                (
+                    WriteOp::Transition { to, .. },
+                    OpOutcome::Transitioned {
+                        sale_id, quantity, ..
+                    },
+                ) if !to.holds_stock() => {
+                    *deltas.entry(*sale_id).or_default() += i64::from(quantity.get());
+                }
+                _ => {}
+            }
+        }
+        for (sale_id, delta) in deltas {
+            let sale_id = sale_id.to_string();
+            if delta < 0 {
+                let taken = sqlx::query(q(&$sql.take_from_lease))
+                    .bind(-delta)
+                    .bind(&sale_id)
+                    .bind($node)
+                    .bind(-delta)
+                    .execute(&mut *$conn)
+                    .await
+                    .map_err(unavailable)?;
+                if taken.rows_affected() != 1 {
+                    return Err(StoreError::Fenced(format!(
+                        "node {}'s lease of sale {sale_id} does not cover {} units",
+                        $node, -delta
+                    )));
+                }
+            } else if delta > 0 {
+                sqlx::query(q(&$sql.add_to_lease))
+                    .bind(&sale_id)
+                    .bind($node)
+                    .bind(delta)
+                    .execute(&mut *$conn)
+                    .await
+                    .map_err(unavailable)?;
+            }
+        }
+    }};
 }
 
 macro_rules! check_durability {
@@ -706,16 +1272,16 @@ macro_rules! fetch_orders {
 }
 
 macro_rules! tally_on {
-    ($conn:expr, $sql:expr, $sale:expr, $limit:expr) => {{
+    ($conn:expr, $sql:expr, $sale:expr, $limit:expr, $unsold:expr) => {{
         let sql_tally = Arc::clone(&$sql.tally_by_status);
         let sql_over = Arc::clone(&$sql.users_over_limit);
-        tally_with!($conn, sql_tally, sql_over, $sale, $limit)
+        tally_with!($conn, sql_tally, sql_over, $sale, $limit, $unsold)
     }};
 }
 
 /// Units per state and shoppers over the limit for one sale, on one connection.
 macro_rules! tally_with {
-    ($conn:expr, $sql_tally:expr, $sql_over:expr, $sale:expr, $limit:expr) => {
+    ($conn:expr, $sql_tally:expr, $sql_over:expr, $sale:expr, $limit:expr, $sql_unsold:expr) => {
         async {
             let sale_id = $sale.to_string();
             let mut tally = SaleTally::default();
@@ -736,6 +1302,18 @@ macro_rules! tally_with {
                 .await
                 .map_err(unavailable)?;
             tally.users_over_limit = over as u64;
+            let sql_unsold: Option<Arc<str>> = $sql_unsold;
+            if let Some(sql_unsold) = sql_unsold {
+                let unsold: i64 = sqlx::query_scalar(AssertSqlSafe(sql_unsold))
+                    .bind(&sale_id)
+                    .fetch_one(&mut *$conn)
+                    .await
+                    .map_err(unavailable)?;
+                tally.unsold = Some(
+                    u64::try_from(unsold)
+                        .map_err(|_| corrupt("unsold units", &unsold.to_string()))?,
+                );
+            }
             Ok::<_, StoreError>(tally)
         }
         .await
@@ -818,6 +1396,7 @@ macro_rules! apply {
                         .bind(sale.starts_at_ms)
                         .bind(sale.ends_at_ms)
                         .bind(sale.created_at_ms)
+                        .bind(sale.quantity as i64)
                         .execute(&mut *$conn)
                         .await
                         .map_err(unavailable)?;

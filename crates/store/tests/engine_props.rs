@@ -96,6 +96,7 @@ async fn open(database: &TestDatabase, dir: &Path, clock: Arc<ManualClock>) -> E
         // Expiry is driven by the test through `expire_due`.
         expiry_tick_ms: 3_600_000,
         ack: AckMode::Durable,
+        ..EngineConfig::default()
     };
     Engine::open(store, clock, config).await.unwrap()
 }

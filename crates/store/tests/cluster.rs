@@ -1,0 +1,250 @@
+//! Several nodes writing one server database (`cluster = true`): each sells stock it
+//! leased from the sale, a sale sells out exactly between them, a node that stops
+//! heartbeating has its lease reclaimed (and its pending orders expired by a survivor),
+//! and a node declared dead can never commit again.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use stampede_engine::testing::live_sale;
+use stampede_engine::{
+    Actor, Engine, EngineConfig, OrderRecord, PurchaseError, Store, StoreError, SystemClock,
+    WriteOp,
+};
+use stampede_store::on_server_backends;
+use stampede_store::testing::{Backend, TestDatabase};
+use stampede_types::{IdempotencyKey, OrderId, OrderStatus, Quantity, SaleId, UserId};
+
+const NODE_TTL: Duration = Duration::from_millis(1_500);
+
+fn user(name: &str) -> UserId {
+    UserId::parse(name).unwrap()
+}
+
+fn key(name: &str) -> IdempotencyKey {
+    IdempotencyKey::parse(name).unwrap()
+}
+
+fn one() -> Quantity {
+    Quantity::parse(1).unwrap()
+}
+
+fn cluster_options() -> stampede_store::StoreOptions {
+    stampede_store::StoreOptions {
+        cluster_node_ttl: Some(NODE_TTL),
+        ..Default::default()
+    }
+}
+
+async fn join(database: &TestDatabase) -> (Arc<dyn Store>, Engine) {
+    join_with_payment_window(database, 15 * 60 * 1_000).await
+}
+
+async fn join_with_payment_window(
+    database: &TestDatabase,
+    payment_window_ms: i64,
+) -> (Arc<dyn Store>, Engine) {
+    let store = database
+        .open_with(std::path::Path::new("."), &cluster_options())
+        .await;
+    assert!(store.node().is_some(), "the store joined as a cluster node");
+    let config = EngineConfig {
+        cluster_tick_ms: 100,
+        lease_idle_ms: 300,
+        payment_window_ms,
+        expiry_grace_ms: 0,
+        expiry_tick_ms: 100,
+        ..EngineConfig::default()
+    };
+    let engine = Engine::open(store.clone(), Arc::new(SystemClock), config)
+        .await
+        .unwrap();
+    (store, engine)
+}
+
+/// Waits until `engine` has learnt of `sale` (created on another node).
+async fn learns_of(engine: &Engine, sale: SaleId) {
+    for _ in 0..100 {
+        if engine.sale(sale).is_some() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("the node never learnt of sale {sale}");
+}
+
+async fn three_nodes_sell_a_sale_out_exactly(backend: Backend) {
+    let database = TestDatabase::create(backend).await;
+    let mut nodes = Vec::new();
+    for _ in 0..3 {
+        nodes.push(Arc::new(join(&database).await.1));
+    }
+    const QUANTITY: u64 = 150;
+    let sale = live_sale(&nodes[0], "P", QUANTITY, QUANTITY, 50, 1).await;
+    for node in &nodes[1..] {
+        learns_of(node, sale).await;
+    }
+
+    // Rounds of buyers spread over the nodes until the database holds no unsold unit:
+    // the tail of the stock may sit in one node's lease until it goes idle and returns.
+    let mut placed: HashSet<OrderId> = HashSet::new();
+    let mut next_user = 0;
+    for _round in 0..40 {
+        let mut buyers = Vec::new();
+        for _ in 0..120 {
+            next_user += 1;
+            let node = nodes[next_user % 3].clone();
+            let name = format!("u{next_user}");
+            buyers.push(tokio::spawn(async move {
+                node.purchase(user(&name), key(&name), sale, one()).await
+            }));
+        }
+        for buyer in buyers {
+            match buyer.await.unwrap() {
+                Ok(purchase) => assert!(placed.insert(purchase.placed.order_id)),
+                Err(PurchaseError::SoldOut { .. }) => {}
+                Err(other) => panic!("unexpected refusal: {other:?}"),
+            }
+        }
+        let audit = nodes[0].audit(sale).await.unwrap().unwrap();
+        assert!(audit.consistent, "{audit:?}");
+        if audit.remaining == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(placed.len() as u64, QUANTITY, "the sale sold out exactly");
+    let audit = nodes[2].audit(sale).await.unwrap().unwrap();
+    assert!(audit.consistent, "{audit:?}");
+    assert_eq!(audit.tally.pending_payment, QUANTITY);
+    assert_eq!(audit.remaining, 0);
+    assert_eq!(audit.tally.users_over_limit, 0);
+    for node in &nodes {
+        node.shutdown().await;
+    }
+}
+
+async fn a_dead_nodes_lease_is_reclaimed_and_it_can_never_commit_again(backend: Backend) {
+    let database = TestDatabase::create(backend).await;
+    // A's orders wait 1.5 s for payment; B's a quarter of an hour.
+    let (store_a, a) = join_with_payment_window(&database, 1_500).await;
+    let (_store_b, b) = join(&database).await;
+    const QUANTITY: u64 = 100;
+    let sale = live_sale(&a, "P", QUANTITY, QUANTITY, 50, 1).await;
+    let first = a
+        .purchase(user("first"), key("k"), sale, one())
+        .await
+        .unwrap();
+    // A dies with a lease and a pending order; it stops heartbeating.
+    a.crash().await;
+    learns_of(&b, sale).await;
+
+    // B sells everything else: what it leased, then A's reclaimed lease, then the unit
+    // of A's order once a survivor expires it.
+    let mut sold = 0;
+    let mut n = 0;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while sold < QUANTITY && tokio::time::Instant::now() < deadline {
+        n += 1;
+        let name = format!("b{n}");
+        match b.purchase(user(&name), key(&name), sale, one()).await {
+            Ok(_) => sold += 1,
+            Err(PurchaseError::SoldOut { .. }) => {
+                tokio::time::sleep(Duration::from_millis(100)).await
+            }
+            Err(other) => panic!("unexpected refusal: {other:?}"),
+        }
+    }
+    assert_eq!(sold, QUANTITY, "B sold A's lease and the expired unit too");
+    let expired = b.order(&Actor::Admin, first.placed.order_id).await.unwrap();
+    assert_eq!(expired.status, OrderStatus::Expired);
+    let audit = b.audit(sale).await.unwrap().unwrap();
+    assert!(audit.consistent, "{audit:?}");
+    assert_eq!(
+        (audit.remaining, audit.tally.pending_payment),
+        (0, QUANTITY)
+    );
+
+    // A, declared dead, cannot heartbeat, lease or insert an order.
+    assert!(matches!(
+        store_a.heartbeat().await,
+        Err(StoreError::Fenced(_))
+    ));
+    assert!(matches!(
+        store_a.lease(sale, 10).await,
+        Err(StoreError::Fenced(_))
+    ));
+    let now = a.now_ms();
+    let late = OrderRecord {
+        id: OrderId::new(),
+        user_id: user("late"),
+        sale_id: sale,
+        sku: expired.sku.clone(),
+        quantity: one(),
+        amount: expired.amount,
+        status: OrderStatus::PendingPayment,
+        idempotency_key: key("late"),
+        created_at_ms: now,
+        expires_at_ms: now + 60_000,
+        updated_at_ms: now,
+    };
+    let refused = store_a.commit(&[WriteOp::InsertOrder(late)]).await;
+    assert!(matches!(refused, Err(StoreError::Fenced(_))), "{refused:?}");
+    let audit = b.audit(sale).await.unwrap().unwrap();
+    assert_eq!(audit.tally.pending_payment, QUANTITY, "nothing oversold");
+    b.shutdown().await;
+}
+
+async fn a_cancelled_order_returns_its_unit_to_the_cancelling_nodes_lease(backend: Backend) {
+    let database = TestDatabase::create(backend).await;
+    let (_, a) = join(&database).await;
+    let (_, b) = join(&database).await;
+    let sale = live_sale(&a, "P", 3, 3, 50, 3).await;
+    learns_of(&b, sale).await;
+    let order = a.purchase(user("x"), key("k"), sale, one()).await.unwrap();
+    b.cancel(&Actor::Admin, order.placed.order_id)
+        .await
+        .unwrap();
+    let audit = a.audit(sale).await.unwrap().unwrap();
+    assert!(audit.consistent, "{audit:?}");
+    assert_eq!((audit.remaining, audit.tally.cancelled), (3, 1));
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+async fn a_single_owner_and_a_cluster_never_share_a_database(backend: Backend) {
+    let database = TestDatabase::create(backend).await;
+    let url = database.url.as_deref();
+    let here = std::path::Path::new(".");
+    let (_, member) = join(&database).await;
+    let owner = stampede_store::open(
+        url,
+        here,
+        &stampede_store::StoreOptions {
+            owner_wait: Duration::from_millis(200),
+            ..Default::default()
+        },
+    )
+    .await;
+    let refusal = owner.err().expect("a single owner is refused").to_string();
+    assert!(refusal.contains("cluster"), "{refusal}");
+    member.shutdown().await;
+    drop(member);
+
+    let owner = database.open(here).await;
+    let joining = stampede_store::open(url, here, &cluster_options()).await;
+    let refusal = joining
+        .err()
+        .expect("a cluster node is refused")
+        .to_string();
+    assert!(refusal.contains("single-owner"), "{refusal}");
+    drop(owner);
+}
+
+on_server_backends!(
+    three_nodes_sell_a_sale_out_exactly,
+    a_dead_nodes_lease_is_reclaimed_and_it_can_never_commit_again,
+    a_cancelled_order_returns_its_unit_to_the_cancelling_nodes_lease,
+    a_single_owner_and_a_cluster_never_share_a_database,
+);
