@@ -255,6 +255,8 @@ impl Writer {
                     "reclaimed the leases of nodes that stopped heartbeating"
                 );
                 metrics::counter!("stampede_nodes_reclaimed_total").increment(reclaimed.nodes);
+                metrics::counter!("stampede_lease_units_reclaimed_total")
+                    .increment(reclaimed.units);
                 let grace_ms = self.shared.config.expiry_grace_ms;
                 self.expiries.extend(
                     reclaimed

@@ -7,145 +7,16 @@
 mod common;
 
 use std::collections::HashSet;
-use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Duration;
 
+use common::child::{Server, shopper};
 use common::*;
 use serde_json::{Value, json};
-use stampede_api::{Secret, mint_shopper_token};
 use stampede_store::testing::{Backend, TestDatabase};
 
 const UNITS: usize = 300;
 const SHOPPERS: usize = 1_000;
-
-/// A `stampede serve` child process.
-struct Server {
-    child: tokio::process::Child,
-    base: String,
-    client: reqwest::Client,
-}
-
-fn free_port() -> u16 {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
-    listener.local_addr().expect("local address").port()
-}
-
-impl Server {
-    async fn start(data_dir: &Path, extra_args: &[&str]) -> Server {
-        let client = client();
-        for _ in 0..5 {
-            let port = free_port();
-            let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_stampede"));
-            for (name, _) in std::env::vars().filter(|(name, _)| name.starts_with("STAMPEDE_")) {
-                command.env_remove(name);
-            }
-            let mut child = command
-                .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
-                .arg("--data-dir")
-                .arg(data_dir)
-                .args(extra_args)
-                .env("STAMPEDE_ADMIN_TOKEN", ADMIN_TOKEN)
-                .env("STAMPEDE_JWT_SECRET", JWT_SECRET)
-                .env("RUST_LOG", "error")
-                .stdin(std::process::Stdio::null())
-                .stdout(std::process::Stdio::null())
-                .kill_on_drop(true)
-                .spawn()
-                .expect("start stampede serve");
-            let base = format!("http://127.0.0.1:{port}");
-            let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-            loop {
-                if let Some(status) = child.try_wait().expect("poll the child") {
-                    eprintln!("stampede serve exited early ({status}); trying another port");
-                    break;
-                }
-                if let Ok(response) = client.get(format!("{base}/healthz")).send().await
-                    && response.status() == 200
-                {
-                    return Server {
-                        child,
-                        base,
-                        client,
-                    };
-                }
-                assert!(
-                    tokio::time::Instant::now() < deadline,
-                    "stampede serve did not answer /healthz"
-                );
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        }
-        panic!("stampede serve did not start");
-    }
-
-    fn pid(&self) -> i32 {
-        self.child.id().expect("the child runs") as i32
-    }
-
-    /// SIGKILL and reap.
-    async fn kill9(mut self) {
-        if let Some(pid) = self.child.id() {
-            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-        }
-        let status = self.child.wait().await.expect("reap the child");
-        assert!(!status.success(), "the child was killed: {status}");
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("{}{path}", self.base)
-    }
-
-    async fn admin_post(&self, path: &str, body: &Value) -> Reply {
-        send(
-            self.client
-                .post(self.url(path))
-                .bearer_auth(ADMIN_TOKEN)
-                .json(body),
-        )
-        .await
-    }
-
-    async fn admin_get(&self, path: &str) -> Reply {
-        send(self.client.get(self.url(path)).bearer_auth(ADMIN_TOKEN)).await
-    }
-
-    async fn purchase(&self, token: &str, sale: &str, key: &str) -> Reply {
-        send(
-            self.client
-                .post(self.url(&format!("/v1/flash-sales/{sale}/purchase")))
-                .bearer_auth(token)
-                .header("idempotency-key", key)
-                .json(&json!({"quantity": 1})),
-        )
-        .await
-    }
-
-    /// Purchases, retrying 503 overloaded with backoff (same key: a retry is a replay).
-    async fn purchase_decided(&self, token: &str, sale: &str, key: &str) -> Reply {
-        for attempt in 0..100u64 {
-            let reply = self.purchase(token, sale, key).await;
-            if reply.status != 503 {
-                return reply;
-            }
-            tokio::time::sleep(Duration::from_millis(10 + 5 * attempt.min(20))).await;
-        }
-        panic!("purchase still overloaded after 100 attempts");
-    }
-
-    async fn audit(&self, sale: &str) -> Value {
-        let reply = self
-            .admin_get(&format!("/v1/flash-sales/{sale}/audit"))
-            .await;
-        assert_eq!(reply.status, 200, "audit: {}", reply.body);
-        reply.body
-    }
-}
-
-fn shopper(sub: &str) -> String {
-    mint_shopper_token(&Secret::new(JWT_SECRET), sub, Some(now_s() + 3_600))
-}
 
 /// What the client saw of one purchase fired before the kill.
 enum Seen {

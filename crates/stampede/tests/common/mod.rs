@@ -17,6 +17,8 @@ use stampede_store::testing::{Backend, TestDatabase};
 use tempfile::TempDir;
 use tokio::io::AsyncBufReadExt;
 
+pub mod child;
+
 pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789abcdef";
 pub const JWT_SECRET: &str = "test-jwt-secret-fedcba9876543210";
 

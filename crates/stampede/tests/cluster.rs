@@ -1,0 +1,246 @@
+//! Three `stampede serve` processes on loopback share one PostgreSQL (and again one
+//! MariaDB) database as a cluster, each selling stock it leased. One is SIGKILLed in the
+//! middle of the stampede. Nothing may be oversold, every acknowledged order must be
+//! there, the dead node's lease must come back to the survivors, and the sale must sell
+//! out exactly.
+
+mod common;
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use common::child::{Server, shopper};
+use common::*;
+use serde_json::{Value, json};
+use stampede_store::testing::{Backend, TestDatabase};
+
+const UNITS: u64 = 300;
+const SHOPPERS: usize = 600;
+const NODES: usize = 3;
+/// Node 1 is killed when it has acknowledged this many purchases: early enough that it
+/// still holds most of a lease.
+const KILL_AFTER_ACKS: usize = 5;
+
+fn held(audit: &Value) -> u64 {
+    audit["pending_payment"].as_u64().expect("pending") + audit["paid"].as_u64().expect("paid")
+}
+
+async fn three_nodes_one_killed(backend: Backend) {
+    raise_fd_limit();
+    let database = TestDatabase::create(backend).await;
+    let url = database.url.clone().expect("a server database has a URL");
+    let args = [
+        "--database-url",
+        url.as_str(),
+        "--cluster",
+        "--node-ttl",
+        "2s",
+        "--lease-idle",
+        "500ms",
+    ];
+    let dirs: Vec<tempfile::TempDir> = (0..NODES)
+        .map(|_| tempfile::tempdir().expect("data directory"))
+        .collect();
+    let mut nodes = Vec::new();
+    for dir in &dirs {
+        nodes.push(Server::start(dir.path(), &args).await);
+    }
+
+    let reply = nodes[0]
+        .admin_post(
+            "/v1/products",
+            &json!({"sku": "CLUSTER-1", "name": "Shared phone", "price_cents": 1_000, "stock": UNITS}),
+        )
+        .await;
+    assert_eq!(reply.status, 201, "{}", reply.body);
+    let now = chrono::Utc::now();
+    let reply = nodes[0]
+        .admin_post(
+            "/v1/flash-sales",
+            &json!({
+                "sku": "CLUSTER-1", "price_cents": 500, "quantity": UNITS, "per_user_limit": 1,
+                "starts_at": (now - chrono::Duration::seconds(1)).to_rfc3339(),
+                "ends_at": (now + chrono::Duration::hours(1)).to_rfc3339(),
+            }),
+        )
+        .await;
+    assert_eq!(reply.status, 201, "{}", reply.body);
+    let sale = reply.body["id"].as_str().expect("sale id").to_owned();
+    for node in &nodes[1..] {
+        eventually("the other nodes learn of the sale", || async {
+            let view = send(
+                node.client
+                    .get(node.url(&format!("/v1/flash-sales/{sale}"))),
+            )
+            .await;
+            (view.status == 200).then_some(())
+        })
+        .await;
+    }
+
+    // The stampede, spread over the three nodes. The task that reads node 1's fifth 201
+    // sends it SIGKILL at once.
+    let victim = nodes[1].pid();
+    let victim_acks = Arc::new(AtomicUsize::new(0));
+    let barrier = Arc::new(tokio::sync::Barrier::new(SHOPPERS));
+    let tasks: Vec<_> = (0..SHOPPERS)
+        .map(|i| {
+            let node = i % NODES;
+            let client = nodes[node].client.clone();
+            let url = nodes[node].url(&format!("/v1/flash-sales/{sale}/purchase"));
+            let (barrier, victim_acks) = (barrier.clone(), victim_acks.clone());
+            tokio::spawn(async move {
+                let token = shopper(&format!("shopper-{i:04}"));
+                barrier.wait().await;
+                let sent = client
+                    .post(&url)
+                    .bearer_auth(&token)
+                    .header("idempotency-key", format!("key-{i}"))
+                    .json(&json!({"quantity": 1}))
+                    .send()
+                    .await;
+                let Ok(response) = sent else {
+                    return None;
+                };
+                let status = response.status().as_u16();
+                let Ok(text) = response.text().await else {
+                    return None;
+                };
+                let body: Value = serde_json::from_str(&text).unwrap_or(Value::String(text));
+                if status == 201
+                    && node == 1
+                    && victim_acks.fetch_add(1, Ordering::SeqCst) + 1 == KILL_AFTER_ACKS
+                {
+                    unsafe { libc::kill(victim, libc::SIGKILL) };
+                }
+                Some((status, body))
+            })
+        })
+        .collect();
+    let mut acked: Vec<Value> = Vec::new();
+    let mut lost = 0;
+    for task in futures::future::join_all(tasks).await {
+        match task.expect("task") {
+            Some((201, body)) => acked.push(body),
+            Some((status, body)) => {
+                // Before the kill a node refuses only what is sold out (or, for a moment
+                // after its lease ran dry, overloaded while it leases more).
+                let code = body["error"]["code"].as_str().unwrap_or("?").to_owned();
+                assert!(
+                    (status, code.as_str()) == (409, "sold_out")
+                        || (status, code.as_str()) == (503, "overloaded"),
+                    "unexpected refusal {status} {body}"
+                );
+            }
+            None => lost += 1,
+        }
+    }
+    assert!(
+        victim_acks.load(Ordering::SeqCst) >= KILL_AFTER_ACKS,
+        "node 1 was killed mid-load"
+    );
+    let victim = nodes.remove(1);
+    victim.kill9().await;
+    println!(
+        "{} acknowledged, {lost} lost with the killed node",
+        acked.len()
+    );
+
+    // The survivors go on selling to fresh shoppers until the database holds no unsold
+    // unit: that needs the dead node's lease, reclaimed once its heartbeat is 2 s old.
+    let mut fresh_acked: Vec<Value> = Vec::new();
+    let mut next = 0;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let audit = nodes[0].audit(&sale).await;
+        assert_books(&audit);
+        if audit["remaining"] == 0 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the sale never sold out: {audit}"
+        );
+        let round: Vec<_> = (0..60)
+            .map(|_| {
+                next += 1;
+                let node = &nodes[next % 2];
+                let sale = &sale;
+                let (token, key) = (
+                    shopper(&format!("fresh-{next:05}")),
+                    format!("fresh-{next}"),
+                );
+                async move { node.purchase(&token, sale, &key).await }
+            })
+            .collect();
+        for reply in futures::future::join_all(round).await {
+            match (reply.status, reply.body["error"]["code"].as_str()) {
+                (201, _) => fresh_acked.push(reply.body),
+                (409, Some("sold_out")) | (503, Some("overloaded")) => {}
+                other => panic!("purchase on a survivor: {other:?} {}", reply.body),
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // Every acknowledged order is durable, once; the books agree; exactly UNITS are held.
+    let mut ids = HashSet::new();
+    for body in acked.iter().chain(&fresh_acked) {
+        let id = body["order_id"].as_str().expect("order id");
+        assert!(ids.insert(id.to_owned()), "order {id} acknowledged twice");
+        let reply = nodes[0].admin_get(&format!("/v1/orders/{id}")).await;
+        assert_eq!(reply.status, 200, "acknowledged order {id} is gone");
+        assert_eq!(reply.body["status"], "pending_payment");
+    }
+    let audit = nodes[1].audit(&sale).await;
+    assert_books(&audit);
+    assert_eq!(
+        held(&audit),
+        UNITS,
+        "sold out exactly, nothing oversold: {audit}"
+    );
+    assert_eq!(audit["users_over_limit"], 0, "{audit}");
+    assert!(
+        ids.len() as u64 <= UNITS,
+        "{} orders acknowledged for {UNITS} units",
+        ids.len()
+    );
+    // The killed node was declared dead by a survivor, which took its lease back.
+    let mut reclaimed = 0.0;
+    for node in &nodes {
+        let metrics = node
+            .client
+            .get(node.url("/metrics"))
+            .send()
+            .await
+            .expect("metrics");
+        let text = metrics.text().await.expect("metrics text");
+        reclaimed += text
+            .lines()
+            .filter(|line| line.starts_with("stampede_nodes_reclaimed_total"))
+            .filter_map(|line| line.split_whitespace().last()?.parse::<f64>().ok())
+            .sum::<f64>();
+    }
+    assert_eq!(reclaimed, 1.0, "exactly one node was declared dead");
+    println!(
+        "{} acknowledged before the kill, {} after; {} units held",
+        acked.len(),
+        fresh_acked.len(),
+        held(&audit)
+    );
+    for node in nodes {
+        node.kill9().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_nodes_on_postgres_one_killed_sell_out_exactly() {
+    three_nodes_one_killed(Backend::Postgres).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_nodes_on_mysql_one_killed_sell_out_exactly() {
+    three_nodes_one_killed(Backend::MySql).await;
+}
