@@ -254,6 +254,8 @@ pub(crate) struct LeaseState {
     pub last_grant: u64,
     /// Units no order holds across the cluster, as last read from the database.
     pub unsold_hint: u64,
+    /// Units buyers waiting for the next lease want: it grants at least that many.
+    pub waiting: u64,
 }
 
 pub(crate) struct SaleState {
@@ -879,7 +881,7 @@ impl Engine {
         }
         let units = quantity.get();
         let cluster = self.shared.cluster;
-        let mut waited_for_lease = false;
+        let lease_deadline = tokio::time::Instant::now() + LEASE_WAIT;
         let refill = loop {
             // The guard lives in this block only, so the future stays `Send`.
             let step = {
@@ -891,10 +893,14 @@ impl Engine {
                         held,
                     })
                 } else if inner.remaining < u64::from(units) {
-                    if cluster && !waited_for_lease && now_ms >= inner.lease.dry_until_ms {
+                    if cluster
+                        && now_ms >= inner.lease.dry_until_ms
+                        && tokio::time::Instant::now() < lease_deadline
+                    {
                         // This node's lease ran short but the sale may have more: ask for
                         // a lease (once for all waiting buyers) and wait for the answer.
                         let ask = !std::mem::replace(&mut inner.lease.asked, true);
+                        inner.lease.waiting += u64::from(units);
                         Step::WaitForLease {
                             refilled: sale.refilled.notified(),
                             ask,
@@ -929,8 +935,9 @@ impl Engine {
                     if ask && !self.ask_for_lease(&sale) {
                         return refuse(PurchaseError::Overloaded);
                     }
-                    let _ = tokio::time::timeout(LEASE_WAIT, refilled).await;
-                    waited_for_lease = true;
+                    let _ = tokio::time::timeout_at(lease_deadline, refilled).await;
+                    let mut inner = sale.inner.lock();
+                    inner.lease.waiting = inner.lease.waiting.saturating_sub(u64::from(units));
                 }
             }
         };
@@ -952,6 +959,7 @@ impl Engine {
             updated_at_ms: now_ms,
         };
         let placed = Placed::of(&order);
+        let our_id = order.id;
         let ack = self.shared.config.ack;
         let (reply, answer) = oneshot::channel();
         let job = Job::Purchase {
@@ -979,9 +987,10 @@ impl Engine {
                 replay: false,
             })),
             AckMode::Durable => match answer.await {
+                // An order placed under this key on another node answers as a replay.
                 Ok(outcome) => Attempt::Answer(outcome.map(|placed| Purchase {
+                    replay: placed.order_id != our_id,
                     placed,
-                    replay: false,
                 })),
                 // The writer went away without answering: nothing can be claimed durable.
                 Err(_) => refuse(PurchaseError::Unavailable),

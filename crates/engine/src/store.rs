@@ -74,6 +74,14 @@ pub enum OpOutcome {
         current: OrderStatus,
     },
     NotFound,
+    /// Cluster only: another node already placed an order under this shopper's
+    /// idempotency key; this one was not inserted.
+    Duplicate(Box<OrderRecord>),
+    /// Cluster only: orders placed on other nodes leave this shopper `held` units of the
+    /// sale, and this order would exceed its per-user limit; it was not inserted.
+    OverLimit {
+        held: u32,
+    },
 }
 
 /// Everything a restart needs to rebuild the in-memory state.
@@ -142,11 +150,12 @@ pub struct Catalog {
 }
 
 /// How big a lease to grant: a quarter of a node's fair share of what is left, so blocks
-/// shrink as the stock runs low and as nodes join, down to one unit at the tail; never
-/// more than `max`.
-pub fn lease_size(unleased: u64, live_nodes: u64, max: u64) -> u64 {
+/// shrink as the stock runs low and as nodes join, down to one unit at the tail; at
+/// least the units buyers are waiting for (`wanted`), never more than `max` or what is
+/// left.
+pub fn lease_size(unleased: u64, live_nodes: u64, wanted: u64, max: u64) -> u64 {
     let share = unleased / (live_nodes.max(1) * 4);
-    share.clamp(1, max.max(1)).min(unleased)
+    share.max(wanted).clamp(1, max.max(1)).min(unleased)
 }
 
 /// A tally being counted on a pinned snapshot.
@@ -212,10 +221,10 @@ pub trait Store: Send + Sync + 'static {
     fn node(&self) -> Option<&str> {
         None
     }
-    /// Moves up to `lease_size(unleased, live nodes, max)` units of the sale from its
+    /// Moves `lease_size(unleased, live nodes, wanted, max)` units of the sale from its
     /// unleased pool to this node's lease.
-    async fn lease(&self, sale: SaleId, max: u64) -> Result<LeaseGrant, StoreError> {
-        let _ = (sale, max);
+    async fn lease(&self, sale: SaleId, wanted: u64, max: u64) -> Result<LeaseGrant, StoreError> {
+        let _ = (sale, wanted, max);
         Err(StoreError::Unavailable("this store has no leases".into()))
     }
     /// Returns `units` of this node's lease to the sale's unleased pool.
@@ -261,5 +270,24 @@ pub trait Store: Send + Sync + 'static {
         Err(StoreError::Unavailable(
             "this store keeps no settings".into(),
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::lease_size;
+
+    #[test]
+    fn leases_shrink_with_the_stock_and_the_nodes() {
+        // A quarter of a node's fair share...
+        assert_eq!(lease_size(10_000, 1, 0, 100_000), 2_500);
+        assert_eq!(lease_size(10_000, 5, 0, 100_000), 500);
+        // ...capped, down to one unit at the tail, never more than is left.
+        assert_eq!(lease_size(10_000, 1, 0, 1_024), 1_024);
+        assert_eq!(lease_size(7, 3, 0, 1_024), 1);
+        assert_eq!(lease_size(0, 3, 0, 1_024), 0);
+        // Waiting buyers get what they wait for, if it is there.
+        assert_eq!(lease_size(7, 3, 5, 1_024), 5);
+        assert_eq!(lease_size(3, 3, 5, 1_024), 3);
     }
 }

@@ -196,10 +196,11 @@ impl Writer {
                 continue;
             }
             let now_ms = self.shared.clock.now_ms();
+            let wanted = sale.inner.lock().lease.waiting;
             let result = self
                 .shared
                 .store
-                .lease(sale.record.id, self.shared.config.lease_max)
+                .lease(sale.record.id, wanted, self.shared.config.lease_max)
                 .await;
             {
                 let mut inner = sale.inner.lock();
@@ -449,7 +450,34 @@ impl Writer {
         for job in batch.drain(..) {
             match job {
                 Job::Purchase { order, sale, reply } => {
-                    let _ = outcomes.next();
+                    // On a cluster store, another node may have been first with this
+                    // shopper's key or limit: the order was not inserted.
+                    let refusal = match outcomes.next() {
+                        Some(OpOutcome::Duplicate(existing)) => Some(
+                            if existing.sale_id == order.sale_id
+                                && existing.quantity == order.quantity
+                            {
+                                self.shared.remember_order(&order.user_id, existing.id);
+                                Ok(Placed::of(existing))
+                            } else {
+                                Err(PurchaseError::KeyReused)
+                            },
+                        ),
+                        Some(OpOutcome::OverLimit { held }) => {
+                            Some(Err(PurchaseError::LimitExceeded {
+                                limit: sale.record.per_user_limit,
+                                held: *held,
+                            }))
+                        }
+                        _ => None,
+                    };
+                    if let Some(answer) = refusal {
+                        sale.give_back(&order.user_id, order.quantity.get(), true);
+                        self.shared
+                            .settle(&order.user_id, &order.idempotency_key, answer.clone());
+                        let _ = reply.send(answer);
+                        continue;
+                    }
                     sale.inner.lock().in_flight -= u64::from(order.quantity.get());
                     let placed = Placed::of(&order);
                     self.shared
@@ -499,7 +527,7 @@ impl Writer {
                             TransitionResult::Applied
                         }
                         OpOutcome::Refused { current } => TransitionResult::Refused(*current),
-                        OpOutcome::NotFound | OpOutcome::Written => TransitionResult::NotFound,
+                        _ => TransitionResult::NotFound,
                     };
                     let _ = reply.send(Ok(result));
                 }

@@ -150,7 +150,7 @@ pub(crate) fn outbox_events(
     ops.iter()
         .zip(outcomes)
         .filter_map(|(op, outcome)| match (op, outcome) {
-            (WriteOp::InsertOrder(order), _) => {
+            (WriteOp::InsertOrder(order), OpOutcome::Written) => {
                 Some((order.id, order.status.as_str(), order.created_at_ms))
             }
             (

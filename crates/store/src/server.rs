@@ -125,6 +125,8 @@ struct Dialect {
     sum_units: &'static str,
     /// Adds `(sale_id, node, units)` to a lease, creating it if needed.
     add_to_lease: &'static str,
+    /// Ends a multi-row insert into `sale_holdings` so existing rows add the units.
+    add_holdings: &'static str,
 }
 
 const POSTGRES: Dialect = Dialect {
@@ -150,6 +152,7 @@ const POSTGRES: Dialect = Dialect {
     sum_units: "CAST(SUM(units) AS BIGINT)",
     add_to_lease: "INSERT INTO stock_leases (sale_id, node, units) VALUES (?, ?, ?) \
                    ON CONFLICT (sale_id, node) DO UPDATE SET units = stock_leases.units + EXCLUDED.units",
+    add_holdings: " ON CONFLICT (sale_id, user_id) DO UPDATE SET units = sale_holdings.units + EXCLUDED.units",
 };
 
 const MYSQL: Dialect = Dialect {
@@ -172,6 +175,7 @@ const MYSQL: Dialect = Dialect {
     sum_units: "CAST(SUM(units) AS SIGNED)",
     add_to_lease: "INSERT INTO stock_leases (sale_id, node, units) VALUES (?, ?, ?) \
                    ON DUPLICATE KEY UPDATE units = units + VALUES(units)",
+    add_holdings: " ON DUPLICATE KEY UPDATE units = units + VALUES(units)",
 };
 
 /// Every statement with parameters, in the store's dialect, built once at open.
@@ -207,6 +211,10 @@ struct Sql {
     rebase_unleased: Arc<str>,
     unsold: Arc<str>,
     catalog_sales: Arc<str>,
+    add_holdings: Arc<str>,
+    release_holdings: Arc<str>,
+    rebase_holdings: Arc<str>,
+    sale_limit: Arc<str>,
 }
 
 impl Sql {
@@ -319,6 +327,19 @@ impl Sql {
                  AS unsold FROM flash_sales ORDER BY created_at_ms, id",
                 dialect.sum_units
             )),
+            add_holdings: Arc::from(dialect.add_holdings),
+            release_holdings: sql(
+                "UPDATE sale_holdings SET units = units - ? WHERE sale_id = ? AND user_id = ?",
+            ),
+            rebase_holdings: sql(&format!(
+                "INSERT INTO sale_holdings (sale_id, user_id, units, per_user_limit) \
+                 SELECT orders.sale_id, orders.user_id, {}, flash_sales.per_user_limit \
+                 FROM orders JOIN flash_sales ON flash_sales.id = orders.sale_id \
+                 WHERE orders.status IN ('pending_payment', 'paid') \
+                 GROUP BY orders.sale_id, orders.user_id, flash_sales.per_user_limit",
+                dialect.sum_quantity.replace("quantity", "orders.quantity")
+            )),
+            sale_limit: sql("SELECT per_user_limit FROM flash_sales WHERE id = ?"),
         }
     }
 }
@@ -485,6 +506,25 @@ macro_rules! server_store {
                     .await
                     .map_err(|e| StoreError::Unavailable(format!("migration failed: {e}")))?;
                 check_durability!(&mut writer, dialect);
+                // Idempotency keys must be unique across nodes: a retry that reaches
+                // another node finds the first order (outside the join transaction:
+                // MySQL commits around DDL).
+                if let Err(error) = sqlx::query(
+                    "CREATE UNIQUE INDEX orders_idempotency ON orders (user_id, idempotency_key)",
+                )
+                .execute(&mut writer)
+                .await
+                {
+                    let text = error.to_string();
+                    if !(text.contains("already exists")
+                        || text.contains("Duplicate key name")
+                        || text.contains("pg_class_relname_nsp_index"))
+                    {
+                        return Err(StoreError::Unavailable(format!(
+                            "cannot index idempotency keys for a cluster: {error}"
+                        )));
+                    }
+                }
                 let node = new_node_id();
                 {
                     let mut tx = writer.begin().await.map_err(unavailable)?;
@@ -506,6 +546,14 @@ macro_rules! server_store {
                         // Nobody holds a lease: every unit not in an order is unleased.
                         // (A single owner before us kept no count of it.)
                         sqlx::query(q(&sql.rebase_unleased))
+                            .execute(&mut *tx)
+                            .await
+                            .map_err(unavailable)?;
+                        sqlx::query("DELETE FROM sale_holdings")
+                            .execute(&mut *tx)
+                            .await
+                            .map_err(unavailable)?;
+                        sqlx::query(q(&sql.rebase_holdings))
                             .execute(&mut *tx)
                             .await
                             .map_err(unavailable)?;
@@ -709,60 +757,102 @@ macro_rules! server_store {
                     Some(writer) => writer,
                     None => self.reconnect().await?,
                 };
-                let seq = self.batch_seq.load(std::sync::atomic::Ordering::Relaxed) + 1;
-                let prepared = async {
-                    let mut tx = writer.begin().await.map_err(unavailable)?;
-                    let stamped = match &self.node {
-                        Some(node) => sqlx::query(q(&self.sql.stamp_node)).bind(seq).bind(node),
-                        None => sqlx::query(q(&self.sql.stamp_owner)).bind(seq).bind(self.epoch),
-                    }
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(unavailable)?;
-                    if stamped.rows_affected() != 1 {
-                        return Err(StoreError::Fenced(match &self.node {
-                            Some(node) => format!("node {node} was declared dead and its leases reclaimed"),
-                            None => format!(
-                                "another node took ownership of the database (our epoch {})",
-                                self.epoch
-                            ),
-                        }));
-                    }
-                    // On any error the transaction is dropped and rolled back.
-                    let outcomes = apply!(&mut *tx, ops, &self.sql, $db);
-                    if let Some(node) = &self.node {
-                        settle_leases!(&mut *tx, &self.sql, node, ops, &outcomes);
-                    }
-                    if self.outbox {
-                        insert_outbox!(&mut *tx, $db, outbox_events(ops, &outcomes));
-                    }
-                    Ok((tx, outcomes))
-                }
-                .await;
-                // On an error before COMMIT nothing was written; the connection is dropped
-                // (a fresh one next time) in case the error broke it.
-                let (tx, outcomes) = prepared?;
-                match tx.commit().await {
-                    Ok(()) => {
-                        self.batch_seq.store(seq, std::sync::atomic::Ordering::Relaxed);
-                        *guard = Some(writer);
-                        Ok(outcomes)
-                    }
-                    Err(error) => {
-                        drop(writer);
-                        tracing::warn!(%error, seq, "COMMIT failed; finding out whether the batch landed");
-                        let (landed, writer) = self.resolve(seq).await?;
-                        *guard = Some(writer);
-                        if landed {
-                            self.batch_seq.store(seq, std::sync::atomic::Ordering::Relaxed);
-                            Ok(outcomes)
-                        } else {
-                            Err(unavailable(error))
+                // In a cluster another node may have been first with a shopper's
+                // idempotency key or per-user limit: the batch fails on a constraint, those
+                // orders are set aside with what they ran into, and the rest is retried.
+                let mut set_aside: Vec<Option<OpOutcome>> = vec![None; ops.len()];
+                let mut retries = 0;
+                loop {
+                    let live: std::borrow::Cow<'_, [WriteOp]> = if retries == 0 {
+                        std::borrow::Cow::Borrowed(ops)
+                    } else {
+                        ops.iter()
+                            .zip(&set_aside)
+                            .filter(|(_, aside)| aside.is_none())
+                            .map(|(op, _)| op.clone())
+                            .collect()
+                    };
+                    let seq = self.batch_seq.load(std::sync::atomic::Ordering::Relaxed) + 1;
+                    let prepared = async {
+                        let mut tx = writer.begin().await.map_err(unavailable)?;
+                        let stamped = match &self.node {
+                            Some(node) => sqlx::query(q(&self.sql.stamp_node)).bind(seq).bind(node),
+                            None => sqlx::query(q(&self.sql.stamp_owner)).bind(seq).bind(self.epoch),
                         }
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(unavailable)?;
+                        if stamped.rows_affected() != 1 {
+                            return Err(StoreError::Fenced(match &self.node {
+                                Some(node) => format!("node {node} was declared dead and its leases reclaimed"),
+                                None => format!(
+                                    "another node took ownership of the database (our epoch {})",
+                                    self.epoch
+                                ),
+                            }));
+                        }
+                        // On any error the transaction is dropped and rolled back.
+                        let outcomes = apply!(&mut *tx, &live, &self.sql, $db);
+                        if let Some(node) = &self.node {
+                            settle_cluster!(&mut *tx, &self.sql, node, &live, &outcomes, $db);
+                        }
+                        if self.outbox {
+                            insert_outbox!(&mut *tx, $db, outbox_events(&live, &outcomes));
+                        }
+                        // Whether COMMIT answered: its error is resolved below.
+                        let committed = tx.commit().await;
+                        Ok((committed, outcomes))
                     }
+                    .await;
+                    let (committed, outcomes) = match prepared {
+                        Ok(prepared) => prepared,
+                        Err(StoreError::Unavailable(why)) if self.node.is_some() && retries < 3 => {
+                            let conflicts = find_conflicts!(&mut writer, &self.sql, $db, &live);
+                            let conflicts = match conflicts {
+                                Ok(conflicts) if !conflicts.is_empty() => conflicts,
+                                // Not a conflict (or the connection broke): a failed batch.
+                                _ => return Err(StoreError::Unavailable(why)),
+                            };
+                            let live_indexes: Vec<usize> =
+                                (0..ops.len()).filter(|&i| set_aside[i].is_none()).collect();
+                            for (index, outcome) in conflicts {
+                                set_aside[live_indexes[index]] = Some(outcome);
+                            }
+                            metrics::counter!("stampede_cluster_conflicts_total").increment(1);
+                            retries += 1;
+                            continue;
+                        }
+                        // On an error before COMMIT nothing was written; the connection
+                        // is dropped (a fresh one next time) in case the error broke it.
+                        Err(error) => return Err(error),
+                    };
+                    let landed = match committed {
+                        Ok(()) => {
+                            *guard = Some(writer);
+                            true
+                        }
+                        Err(error) => {
+                            drop(writer);
+                            tracing::warn!(%error, seq, "COMMIT failed; finding out whether the batch landed");
+                            let (landed, writer) = self.resolve(seq).await?;
+                            *guard = Some(writer);
+                            if !landed {
+                                return Err(unavailable(error));
+                            }
+                            true
+                        }
+                    };
+                    debug_assert!(landed);
+                    self.batch_seq.store(seq, std::sync::atomic::Ordering::Relaxed);
+                    let mut outcomes = outcomes.into_iter();
+                    return Ok(set_aside
+                        .into_iter()
+                        .map(|aside| {
+                            aside.unwrap_or_else(|| outcomes.next().expect("one outcome per live op"))
+                        })
+                        .collect());
                 }
             }
-
             async fn order(&self, id: OrderId) -> Result<Option<OrderRecord>, StoreError> {
                 sqlx::query(q(&self.sql.order_by_id))
                     .bind(id.to_string())
@@ -850,7 +940,7 @@ macro_rules! server_store {
                 self.node.as_deref()
             }
 
-            async fn lease(&self, sale: SaleId, max: u64) -> Result<LeaseGrant, StoreError> {
+            async fn lease(&self, sale: SaleId, wanted: u64, max: u64) -> Result<LeaseGrant, StoreError> {
                 let node = self.cluster_node()?;
                 on_writer!(self, |writer| {
                     let sale_id = sale.to_string();
@@ -871,7 +961,7 @@ macro_rules! server_store {
                         .fetch_one(&mut *tx)
                         .await
                         .map_err(unavailable)?;
-                    let units = if unleased == 0 { 0 } else { lease_size(unleased, live.max(1) as u64, max) };
+                    let units = if unleased == 0 { 0 } else { lease_size(unleased, live.max(1) as u64, wanted, max) };
                     if units > 0 {
                         sqlx::query(q(&self.sql.take_unleased))
                             .bind(units as i64)
@@ -1135,15 +1225,15 @@ macro_rules! still_member {
     }};
 }
 
-/// In a cluster: takes the units of the batch's inserted orders from this node's leases
+/// In a cluster: counts the units each shopper holds, and takes the units of the batch's inserted orders from this node's leases
 /// and adds the units its cancellations and expiries returned, one statement per sale.
 /// A lease that no longer covers the orders fails the whole batch.
-macro_rules! settle_leases {
-    ($conn:expr, $sql:expr, $node:expr, $ops:expr, $outcomes:expr) => {{
+macro_rules! settle_cluster {
+    ($conn:expr, $sql:expr, $node:expr, $ops:expr, $outcomes:expr, $db:ty) => {{
         let mut deltas: std::collections::BTreeMap<SaleId, i64> = Default::default();
         for (op, outcome) in $ops.iter().zip($outcomes.iter()) {
             match (op, outcome) {
-                (WriteOp::InsertOrder(order), _) => {
+                (WriteOp::InsertOrder(order), OpOutcome::Written) => {
                     *deltas.entry(order.sale_id).or_default() -= i64::from(order.quantity.get());
                 }
                 (
@@ -1156,6 +1246,62 @@ macro_rules! settle_leases {
                 }
                 _ => {}
             }
+        }
+        // Units each shopper holds: inserts add (one multi-row upsert, whose CHECK fails
+        // the batch if another node's orders already took a shopper to the limit),
+        // cancellations and expiries take away.
+        let mut holdings: std::collections::BTreeMap<(SaleId, &UserId), i64> = Default::default();
+        for (op, outcome) in $ops.iter().zip($outcomes.iter()) {
+            match (op, outcome) {
+                (WriteOp::InsertOrder(order), OpOutcome::Written) => {
+                    *holdings.entry((order.sale_id, &order.user_id)).or_default() +=
+                        i64::from(order.quantity.get());
+                }
+                (
+                    WriteOp::Transition { to, .. },
+                    OpOutcome::Transitioned {
+                        sale_id,
+                        user_id,
+                        quantity,
+                    },
+                ) if !to.holds_stock() => {
+                    *holdings.entry((*sale_id, user_id)).or_default() -= i64::from(quantity.get());
+                }
+                _ => {}
+            }
+        }
+        let added: Vec<(String, &UserId, i64)> = holdings
+            .iter()
+            .filter(|(_, units)| **units > 0)
+            .map(|((sale, user), units)| (sale.to_string(), *user, *units))
+            .collect();
+        for chunk in added.chunks(256) {
+            let mut query: QueryBuilder<$db> = QueryBuilder::new(
+                "INSERT INTO sale_holdings (sale_id, user_id, units, per_user_limit) ",
+            );
+            query.push_values(chunk, |mut row, (sale, user, units)| {
+                row.push_bind(sale.as_str())
+                    .push_bind(user.as_str())
+                    .push_bind(*units)
+                    .push("(SELECT per_user_limit FROM flash_sales WHERE id = ")
+                    .push_bind_unseparated(sale.as_str())
+                    .push_unseparated(")");
+            });
+            query.push(&*$sql.add_holdings);
+            query
+                .build()
+                .execute(&mut *$conn)
+                .await
+                .map_err(unavailable)?;
+        }
+        for ((sale, user), units) in holdings.iter().filter(|(_, units)| **units < 0) {
+            sqlx::query(q(&$sql.release_holdings))
+                .bind(-*units)
+                .bind(sale.to_string())
+                .bind(user.as_str())
+                .execute(&mut *$conn)
+                .await
+                .map_err(unavailable)?;
         }
         for (sale_id, delta) in deltas {
             let sale_id = sale_id.to_string();
@@ -1185,6 +1331,123 @@ macro_rules! settle_leases {
             }
         }
     }};
+}
+
+/// In a cluster, after a batch failed: the orders of `$ops` that another node got to
+/// first, by index in `$ops`: a shopper's idempotency key already used
+/// (`OpOutcome::Duplicate`), or a per-user limit the shopper's orders on other nodes
+/// already reach (`OpOutcome::OverLimit`).
+macro_rules! find_conflicts {
+    ($conn:expr, $sql:expr, $db:ty, $ops:expr) => {
+        async {
+            let ops: &[WriteOp] = $ops;
+            let orders: Vec<(usize, &OrderRecord)> = ops
+                .iter()
+                .enumerate()
+                .filter_map(|(i, op)| match op {
+                    WriteOp::InsertOrder(order) => Some((i, order)),
+                    _ => None,
+                })
+                .collect();
+            let mut conflicts: Vec<(usize, OpOutcome)> = Vec::new();
+            let mut existing: std::collections::HashMap<(String, String), OrderRecord> =
+                Default::default();
+            for chunk in orders.chunks(256) {
+                let mut query: QueryBuilder<$db> = QueryBuilder::new(concat!(
+                    "SELECT ",
+                    order_columns!(),
+                    " FROM orders WHERE (user_id, idempotency_key) IN ("
+                ));
+                for (n, (_, order)) in chunk.iter().enumerate() {
+                    if n > 0 {
+                        query.push(", ");
+                    }
+                    query.push("(");
+                    query.push_bind(order.user_id.as_str());
+                    query.push(", ");
+                    query.push_bind(order.idempotency_key.as_str());
+                    query.push(")");
+                }
+                query.push(")");
+                for row in query
+                    .build()
+                    .fetch_all(&mut *$conn)
+                    .await
+                    .map_err(unavailable)?
+                {
+                    let found = order_from_row!(&row)?;
+                    existing.insert(
+                        (
+                            found.user_id.to_string(),
+                            found.idempotency_key.as_str().to_owned(),
+                        ),
+                        found,
+                    );
+                }
+            }
+            let mut by_sale: std::collections::BTreeMap<SaleId, Vec<(usize, &OrderRecord)>> =
+                Default::default();
+            for (i, order) in &orders {
+                let id = (
+                    order.user_id.to_string(),
+                    order.idempotency_key.as_str().to_owned(),
+                );
+                match existing.get(&id) {
+                    Some(found) if found.id != order.id => {
+                        conflicts.push((*i, OpOutcome::Duplicate(Box::new(found.clone()))))
+                    }
+                    _ => by_sale.entry(order.sale_id).or_default().push((*i, order)),
+                }
+            }
+            for (sale_id, orders) in by_sale {
+                let sale = sale_id.to_string();
+                let limit: i64 = sqlx::query_scalar(q(&$sql.sale_limit))
+                    .bind(&sale)
+                    .fetch_one(&mut *$conn)
+                    .await
+                    .map_err(unavailable)?;
+                let mut held: std::collections::HashMap<String, i64> = Default::default();
+                for chunk in orders.chunks(256) {
+                    let mut query: QueryBuilder<$db> = QueryBuilder::new(
+                        "SELECT user_id, units FROM sale_holdings WHERE sale_id = ",
+                    );
+                    query.push_bind(sale.as_str());
+                    query.push(" AND user_id IN (");
+                    let mut users = query.separated(", ");
+                    for (_, order) in chunk {
+                        users.push_bind(order.user_id.as_str());
+                    }
+                    query.push(")");
+                    for row in query
+                        .build()
+                        .fetch_all(&mut *$conn)
+                        .await
+                        .map_err(unavailable)?
+                    {
+                        let user: String = row.try_get("user_id").map_err(unavailable)?;
+                        let units: i64 = row.try_get("units").map_err(unavailable)?;
+                        held.insert(user, units);
+                    }
+                }
+                for (i, order) in orders {
+                    let units = held.entry(order.user_id.to_string()).or_default();
+                    let wanted = i64::from(order.quantity.get());
+                    if *units + wanted > limit {
+                        conflicts.push((
+                            i,
+                            OpOutcome::OverLimit {
+                                held: (*units).clamp(0, i64::from(u32::MAX)) as u32,
+                            },
+                        ));
+                    } else {
+                        *units += wanted;
+                    }
+                }
+            }
+            Ok::<_, StoreError>(conflicts)
+        }
+        .await
+    };
 }
 
 macro_rules! check_durability {

@@ -172,7 +172,7 @@ async fn a_dead_nodes_lease_is_reclaimed_and_it_can_never_commit_again(backend: 
         Err(StoreError::Fenced(_))
     ));
     assert!(matches!(
-        store_a.lease(sale, 10).await,
+        store_a.lease(sale, 1, 10).await,
         Err(StoreError::Fenced(_))
     ));
     let now = a.now_ms();
@@ -213,6 +213,53 @@ async fn a_cancelled_order_returns_its_unit_to_the_cancelling_nodes_lease(backen
     b.shutdown().await;
 }
 
+async fn idempotency_keys_and_per_user_limits_hold_across_nodes(backend: Backend) {
+    let database = TestDatabase::create(backend).await;
+    let (_, a) = join(&database).await;
+    let (_, b) = join(&database).await;
+    let sale = live_sale(&a, "P", 10, 10, 50, 2).await;
+    learns_of(&b, sale).await;
+
+    let first = a.purchase(user("x"), key("k1"), sale, one()).await.unwrap();
+    assert!(!first.replay);
+    // The retry reaches the other node, which has never seen the key: the database has.
+    let retry = b.purchase(user("x"), key("k1"), sale, one()).await.unwrap();
+    assert!(retry.replay, "a retry on another node is a replay");
+    assert_eq!(retry.placed.order_id, first.placed.order_id);
+    // And from then on B answers it from memory.
+    let again = b.purchase(user("x"), key("k1"), sale, one()).await.unwrap();
+    assert_eq!(again.placed.order_id, first.placed.order_id);
+
+    b.purchase(user("x"), key("k2"), sale, one()).await.unwrap();
+    // A knows of one unit of x's; the database knows of two, the limit.
+    let over = a.purchase(user("x"), key("k3"), sale, one()).await;
+    assert_eq!(
+        over.unwrap_err(),
+        PurchaseError::LimitExceeded { limit: 2, held: 2 }
+    );
+    // Others buying in the same batches are not disturbed.
+    let mut buyers = Vec::new();
+    let a = Arc::new(a);
+    for n in 0..6 {
+        let a = a.clone();
+        buyers.push(tokio::spawn(async move {
+            a.purchase(user(&format!("y{n}")), key("k"), sale, one())
+                .await
+        }));
+    }
+    for buyer in buyers {
+        buyer.await.unwrap().unwrap();
+    }
+    let audit = b.audit(sale).await.unwrap().unwrap();
+    assert!(audit.consistent, "{audit:?}");
+    assert_eq!(
+        (audit.tally.pending_payment, audit.tally.users_over_limit),
+        (8, 0)
+    );
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
 async fn a_single_owner_and_a_cluster_never_share_a_database(backend: Backend) {
     let database = TestDatabase::create(backend).await;
     let url = database.url.as_deref();
@@ -246,5 +293,6 @@ on_server_backends!(
     three_nodes_sell_a_sale_out_exactly,
     a_dead_nodes_lease_is_reclaimed_and_it_can_never_commit_again,
     a_cancelled_order_returns_its_unit_to_the_cancelling_nodes_lease,
+    idempotency_keys_and_per_user_limits_hold_across_nodes,
     a_single_owner_and_a_cluster_never_share_a_database,
 );
