@@ -1031,6 +1031,17 @@ impl Engine {
         user: &UserId,
         limit: u32,
     ) -> Result<Vec<OrderRecord>, OrderError> {
+        if self.shared.cluster {
+            let listed = self
+                .shared
+                .store
+                .orders_of_user(user, limit)
+                .await
+                .map_err(|_| OrderError::Unavailable)?;
+            if let Some(orders) = listed {
+                return Ok(orders);
+            }
+        }
         let ids: Vec<OrderId> = {
             let shard = self.shared.user_orders_shard(user).lock();
             match shard.get(user) {

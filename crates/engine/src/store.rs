@@ -244,6 +244,17 @@ pub trait Store: Send + Sync + 'static {
     async fn catalog(&self) -> Result<Catalog, StoreError> {
         Ok(Catalog::default())
     }
+    /// A shopper's newest `limit` orders, newest first, read from the database. A
+    /// cluster node cannot list from memory (orders placed on other nodes); a single
+    /// writer can, and answers `None`.
+    async fn orders_of_user(
+        &self,
+        user: &UserId,
+        limit: u32,
+    ) -> Result<Option<Vec<OrderRecord>>, StoreError> {
+        let _ = (user, limit);
+        Ok(None)
+    }
     /// Leaves the cluster on a clean shutdown: every lease goes back to its sale.
     async fn leave(&self) -> Result<(), StoreError> {
         Ok(())

@@ -702,4 +702,83 @@ mod tests {
             Ok(())
         });
     }
+
+    fn repo_file(path: &str) -> String {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../..")
+            .join(path);
+        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()))
+    }
+
+    /// The Kubernetes manifest's environment is a configuration `serve` accepts, and
+    /// it runs the nodes as a cluster with the probes on the health endpoints.
+    #[test]
+    fn the_kubernetes_manifest_configures_a_cluster() {
+        let manifest = repo_file("deploy/k8s/stampede.yaml");
+        for kind in [
+            "kind: Deployment",
+            "kind: Service",
+            "kind: HorizontalPodAutoscaler",
+            "kind: PodDisruptionBudget",
+            "path: /readyz",
+            "path: /healthz",
+            "name: cpu",
+        ] {
+            assert!(manifest.contains(kind), "the manifest lacks {kind:?}");
+        }
+        // `- name: STAMPEDE_X` then `value: "…"` (or a secret, given a test value here).
+        let lines: Vec<&str> = manifest.lines().map(str::trim).collect();
+        let mut env = Vec::new();
+        for (i, line) in lines.iter().enumerate() {
+            let Some(name) = line.strip_prefix("- name: STAMPEDE_") else {
+                continue;
+            };
+            let value = match lines.get(i + 1).and_then(|l| l.strip_prefix("value: ")) {
+                Some(value) => value.trim_matches('"').to_owned(),
+                None if name == "DATABASE_URL" => "postgres://stampede@db.example/stampede".into(),
+                None => "a-test-secret-0123456789abcdef".into(),
+            };
+            env.push((format!("STAMPEDE_{name}"), value));
+        }
+        assert!(env.len() >= 5, "{env:?}");
+        figment::Jail::expect_with(|jail| {
+            for (name, value) in &env {
+                jail.set_env(name, value);
+            }
+            let config = load(&ServeArgs::default())?;
+            assert!(config.cluster);
+            assert_eq!(config.listen.to_string(), "0.0.0.0:8080");
+            assert_eq!(config.node_ttl, Duration::from_secs(5));
+            assert!(config.store_options().cluster_node_ttl.is_some());
+            Ok(())
+        });
+    }
+
+    /// The image builds with a toolchain the workspace accepts.
+    #[test]
+    fn the_dockerfile_builds_with_a_supported_toolchain() {
+        let dockerfile = repo_file("Dockerfile");
+        let image: Vec<u32> = dockerfile
+            .lines()
+            .find_map(|line| line.strip_prefix("FROM rust:"))
+            .and_then(|rest| rest.split('-').next())
+            .expect("a FROM rust:<version> line")
+            .split('.')
+            .map(|part| part.parse().expect("numeric version"))
+            .collect();
+        let workspace = repo_file("Cargo.toml");
+        let needed: Vec<u32> = workspace
+            .lines()
+            .find_map(|line| line.strip_prefix("rust-version = "))
+            .expect("rust-version")
+            .trim_matches('"')
+            .split('.')
+            .map(|part| part.parse().expect("numeric version"))
+            .collect();
+        assert!(
+            image >= needed,
+            "image rust {image:?} < rust-version {needed:?}"
+        );
+        assert!(dockerfile.contains("STAMPEDE_LISTEN=0.0.0.0:8080"));
+    }
 }

@@ -10,6 +10,10 @@
 //! `stampede_*_outbox` is the same with the transactional outbox on (what `--nats-url`
 //! turns on): every order also writes its event row in the same transaction.
 //!
+//! `stampede_*_cluster` is two nodes (two engines with their own connections) writing one
+//! database as a cluster, the buyers split between them: each node sells from stock it
+//! leased, each batch also updates the shoppers' holdings and the node's lease.
+//!
 //! `redis_lua_then_postgres` is the conventional design: a Lua script in Redis checks and
 //! takes the stock and the shopper's count, then the order is inserted (and committed)
 //! in PostgreSQL before the answer — two round trips (one to each server) per order.
@@ -28,15 +32,15 @@ use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use sqlx::Connection;
 use stampede_engine::testing::live_sale;
 use stampede_engine::{
-    AckMode, Engine, EngineConfig, OpOutcome, OrderRecord, PendingTally, SaleTally, Snapshot,
-    Store, StoreError, SystemClock, WriteOp,
+    AckMode, Catalog, Engine, EngineConfig, LeaseGrant, OpOutcome, OrderRecord, PendingTally,
+    Reclaimed, SaleTally, Snapshot, Store, StoreError, SystemClock, WriteOp,
 };
 use stampede_store::testing::{Backend, TestDatabase};
 use stampede_types::{OrderId, SaleId};
 
 mod common;
 
-use common::{BUYERS, purchase_round};
+use common::{BUYERS, purchase_round, purchase_round_on};
 
 /// Connections of the row-lock design's pool (each buyer needs one for its transaction).
 const ROW_LOCK_CONNECTIONS: u32 = 32;
@@ -47,6 +51,10 @@ struct Counting {
     inner: Arc<dyn Store>,
     /// The store also writes the outbox: one more INSERT per 1,024 events.
     outbox: bool,
+    /// A cluster node: each batch also upserts the shoppers' holdings (one statement per
+    /// 256 shoppers) and updates the node's lease (one per sale); leases, heartbeats,
+    /// reclaim checks and catalogue reads are counted too.
+    cluster: bool,
     orders: AtomicU64,
     round_trips: AtomicU64,
 }
@@ -63,11 +71,50 @@ impl Store for Counting {
             .count() as u64;
         let others = ops.len() as u64 - n_orders;
         self.orders.fetch_add(n_orders, Ordering::Relaxed);
+        let cluster = if self.cluster {
+            let mut shoppers = std::collections::HashSet::new();
+            let mut sales = std::collections::HashSet::new();
+            for op in ops {
+                if let WriteOp::InsertOrder(order) = op {
+                    shoppers.insert((order.sale_id, order.user_id.clone()));
+                    sales.insert(order.sale_id);
+                }
+            }
+            (shoppers.len() as u64).div_ceil(256) + sales.len() as u64
+        } else {
+            0
+        };
         self.round_trips.fetch_add(
-            3 + n_orders.div_ceil(1_024) * (1 + u64::from(self.outbox)) + others,
+            3 + n_orders.div_ceil(1_024) * (1 + u64::from(self.outbox)) + others + cluster,
             Ordering::Relaxed,
         );
         self.inner.commit(ops).await
+    }
+    fn node(&self) -> Option<&str> {
+        self.inner.node()
+    }
+    async fn lease(&self, sale: SaleId, wanted: u64, max: u64) -> Result<LeaseGrant, StoreError> {
+        self.round_trips.fetch_add(7, Ordering::Relaxed);
+        self.inner.lease(sale, wanted, max).await
+    }
+    async fn release(&self, sale: SaleId, units: u64) -> Result<(), StoreError> {
+        self.round_trips.fetch_add(5, Ordering::Relaxed);
+        self.inner.release(sale, units).await
+    }
+    async fn heartbeat(&self) -> Result<(), StoreError> {
+        self.round_trips.fetch_add(1, Ordering::Relaxed);
+        self.inner.heartbeat().await
+    }
+    async fn reclaim(&self) -> Result<Reclaimed, StoreError> {
+        self.round_trips.fetch_add(1, Ordering::Relaxed);
+        self.inner.reclaim().await
+    }
+    async fn catalog(&self) -> Result<Catalog, StoreError> {
+        self.round_trips.fetch_add(2, Ordering::Relaxed);
+        self.inner.catalog().await
+    }
+    async fn leave(&self) -> Result<(), StoreError> {
+        self.inner.leave().await
     }
     async fn order(&self, id: OrderId) -> Result<Option<OrderRecord>, StoreError> {
         self.inner.order(id).await
@@ -95,13 +142,26 @@ async fn engine_on(
     dir: &std::path::Path,
     outbox: bool,
 ) -> (Arc<Engine>, SaleId, Arc<Counting>) {
+    let (engine, counting) = open_node(database, dir, outbox, false).await;
+    let sale = live_sale(&engine, "BENCH", 1_000_000_000, 1_000_000_000, 50, 1_000).await;
+    (engine, sale, counting)
+}
+
+async fn open_node(
+    database: &TestDatabase,
+    dir: &std::path::Path,
+    outbox: bool,
+    cluster: bool,
+) -> (Arc<Engine>, Arc<Counting>) {
     let options = stampede_store::StoreOptions {
         outbox,
+        cluster_node_ttl: cluster.then_some(Duration::from_secs(5)),
         ..Default::default()
     };
     let counting = Arc::new(Counting {
         inner: database.open_with(dir, &options).await,
         outbox,
+        cluster,
         orders: AtomicU64::new(0),
         round_trips: AtomicU64::new(0),
     });
@@ -112,8 +172,25 @@ async fn engine_on(
     let engine = Engine::open(counting.clone(), Arc::new(SystemClock), config)
         .await
         .unwrap();
-    let sale = live_sale(&engine, "BENCH", 1_000_000_000, 1_000_000_000, 50, 1_000).await;
-    (Arc::new(engine), sale, counting)
+    (Arc::new(engine), counting)
+}
+
+/// Two cluster nodes on one database and a sale both know of.
+async fn cluster_on(
+    database: &TestDatabase,
+    dir: &std::path::Path,
+) -> (Vec<Arc<Engine>>, SaleId, Vec<Arc<Counting>>) {
+    let (first, first_counting) = open_node(database, dir, false, true).await;
+    let (second, second_counting) = open_node(database, dir, false, true).await;
+    let sale = live_sale(&first, "BENCH", 1_000_000_000, 1_000_000_000, 50, 1_000).await;
+    while second.sale(sale).is_none() {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    (
+        vec![first, second],
+        sale,
+        vec![first_counting, second_counting],
+    )
 }
 
 const ROW_LOCK_SCHEMA: [&str; 3] = [
@@ -234,6 +311,42 @@ fn backends(c: &mut Criterion) {
         ));
         drop(engine);
         drop(counting);
+        runtime.block_on(async { tokio::time::sleep(Duration::from_millis(200)).await });
+    }
+
+    // Two nodes leasing the stock of one database.
+    for backend in [Backend::Postgres, Backend::MySql] {
+        let name = format!("stampede_{}_cluster", backend.name());
+        let dir = tempfile::tempdir().unwrap();
+        let database = runtime.block_on(TestDatabase::create(backend));
+        let (engines, sale, countings) = runtime.block_on(cluster_on(&database, dir.path()));
+        let counter = AtomicU64::new(0);
+        group.bench_function(&name, |b| {
+            b.to_async(&runtime).iter_custom(|iters| {
+                let engines = engines.clone();
+                let counter = &counter;
+                async move {
+                    let started = Instant::now();
+                    for _ in 0..iters {
+                        purchase_round_on(&engines, sale, counter).await;
+                    }
+                    started.elapsed()
+                }
+            })
+        });
+        for engine in &engines {
+            runtime.block_on(engine.shutdown());
+        }
+        let orders: u64 = countings
+            .iter()
+            .map(|c| c.orders.load(Ordering::Relaxed))
+            .sum();
+        let trips: u64 = countings
+            .iter()
+            .map(|c| c.round_trips.load(Ordering::Relaxed))
+            .sum();
+        round_trips.push((name, trips as f64 * 1_000.0 / orders.max(1) as f64));
+        drop(engines);
         runtime.block_on(async { tokio::time::sleep(Duration::from_millis(200)).await });
     }
 

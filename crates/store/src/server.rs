@@ -26,6 +26,17 @@
 //!
 //! Round trips per batch: `BEGIN`, the owner stamp, one multi-row `INSERT` per 1,024
 //! orders, `COMMIT` — four for a batch of up to 1,024 orders.
+//!
+//! **Cluster** (`open_cluster`). Several nodes write one database, each selling stock
+//! it leased (`stock_leases`) from the sale's `unleased` pool. Each member stamps its
+//! own `stampede_nodes` row first in every transaction (row lock, heartbeat on the
+//! database's clock); a member silent for the time to live is deleted by another
+//! (`reclaim`), its leases returned. A commit takes its orders' units from this node's
+//! lease in the same transaction, and keeps `sale_holdings` (units per shopper, with a
+//! `CHECK` against the limit); a unique index keeps idempotency keys unique. An order
+//! that conflicts with another member's is set aside (`OpOutcome::Duplicate`,
+//! `OpOutcome::OverLimit`) and the rest of the batch committed again. Six round trips
+//! per batch: `BEGIN`, stamp, `INSERT`, holdings upsert, lease update, `COMMIT`.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -215,6 +226,7 @@ struct Sql {
     release_holdings: Arc<str>,
     rebase_holdings: Arc<str>,
     sale_limit: Arc<str>,
+    orders_of_user: Arc<str>,
 }
 
 impl Sql {
@@ -340,6 +352,11 @@ impl Sql {
                 dialect.sum_quantity.replace("quantity", "orders.quantity")
             )),
             sale_limit: sql("SELECT per_user_limit FROM flash_sales WHERE id = ?"),
+            orders_of_user: sql(concat!(
+                "SELECT ",
+                order_columns!(),
+                " FROM orders WHERE user_id = ? ORDER BY created_at_ms DESC, id DESC LIMIT ?"
+            )),
         }
     }
 }
@@ -1106,6 +1123,27 @@ macro_rules! server_store {
                     sales.push((sale_from_row!(&row)?, unsold.max(0) as u64));
                 }
                 Ok(Catalog { products, sales })
+            }
+
+            async fn orders_of_user(
+                &self,
+                user: &UserId,
+                limit: u32,
+            ) -> Result<Option<Vec<OrderRecord>>, StoreError> {
+                if self.node.is_none() {
+                    return Ok(None);
+                }
+                // The cluster's unique (user_id, idempotency_key) index serves this.
+                let orders = sqlx::query(q(&self.sql.orders_of_user))
+                    .bind(user.as_str())
+                    .bind(i64::from(limit))
+                    .fetch_all(&self.readers)
+                    .await
+                    .map_err(unavailable)?
+                    .iter()
+                    .map(|row| order_from_row!(row))
+                    .collect::<Result<Vec<_>, _>>()?;
+                Ok(Some(orders))
             }
 
             async fn leave(&self) -> Result<(), StoreError> {

@@ -256,6 +256,11 @@ async fn idempotency_keys_and_per_user_limits_hold_across_nodes(backend: Backend
         (audit.tally.pending_payment, audit.tally.users_over_limit),
         (8, 0)
     );
+    // Either node lists all of x's orders, wherever they were placed.
+    for node in [&*a, &b] {
+        let listed = node.orders_of(&user("x"), 10).await.unwrap();
+        assert_eq!(listed.len(), 2, "{listed:?}");
+    }
     a.shutdown().await;
     b.shutdown().await;
 }
