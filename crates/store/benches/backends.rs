@@ -14,6 +14,10 @@
 //! database as a cluster, the buyers split between them: each node sells from stock it
 //! leased, each batch also updates the shoppers' holdings and the node's lease.
 //!
+//! `durable_purchases_peak` runs the server stores again with `PEAK_BUYERS` in flight and
+//! `PEAK_BATCH` as the writer's batch bound, as at the peak of a sale: batches fill up,
+//! and the round trips per 1,000 orders fall to what a batch costs over its size.
+//!
 //! `redis_lua_then_postgres` is the conventional design: a Lua script in Redis checks and
 //! takes the stock and the shopper's count, then the order is inserted (and committed)
 //! in PostgreSQL before the answer — two round trips (one to each server) per order.
@@ -42,15 +46,22 @@ mod common;
 
 use common::{BUYERS, purchase_round, purchase_round_on};
 
+/// Purchases in flight in the peak group, and the writer's batch bound there.
+const PEAK_BUYERS: u64 = 4_096;
+const PEAK_BATCH: usize = 4_096;
+
 /// Connections of the row-lock design's pool (each buyer needs one for its transaction).
 const ROW_LOCK_CONNECTIONS: u32 = 32;
 
-/// Counts the database round trips of each batch: BEGIN, the owner stamp, one INSERT
-/// per chunk of up to 1,024 orders, other statements one each, COMMIT.
+/// Counts the database round trips of each batch. On a server: BEGIN, the owner stamp,
+/// one INSERT for all the orders (UNNEST / JSON_TABLE), other statements one each,
+/// COMMIT. SQLite has no stamp and inserts in chunks of 256/64/16/4/1 rows (in-process
+/// calls, not network round trips).
 struct Counting {
     inner: Arc<dyn Store>,
     /// The store also writes the outbox: one more INSERT per 1,024 events.
     outbox: bool,
+    sqlite: bool,
     /// A cluster node: each batch also upserts the shoppers' holdings (one statement per
     /// 256 shoppers) and updates the node's lease (one per sale); leases, heartbeats,
     /// reclaim checks and catalogue reads are counted too.
@@ -80,12 +91,29 @@ impl Store for Counting {
                     sales.insert(order.sale_id);
                 }
             }
-            (shoppers.len() as u64).div_ceil(256) + sales.len() as u64
+            (shoppers.len() as u64).div_ceil(1_024) + sales.len() as u64
+        } else {
+            0
+        };
+        let (frame, inserts) = if self.sqlite {
+            // BEGIN and COMMIT; greedy chunks of the fixed shapes.
+            let mut left = n_orders;
+            let mut chunks = 0;
+            for rows in [256, 64, 16, 4, 1] {
+                chunks += left / rows;
+                left %= rows;
+            }
+            (2, chunks)
+        } else {
+            (3, u64::from(n_orders > 0))
+        };
+        let outbox = if self.outbox {
+            n_orders.div_ceil(1_024)
         } else {
             0
         };
         self.round_trips.fetch_add(
-            3 + n_orders.div_ceil(1_024) * (1 + u64::from(self.outbox)) + others + cluster,
+            frame + inserts + outbox + others + cluster,
             Ordering::Relaxed,
         );
         self.inner.commit(ops).await
@@ -142,7 +170,7 @@ async fn engine_on(
     dir: &std::path::Path,
     outbox: bool,
 ) -> (Arc<Engine>, SaleId, Arc<Counting>) {
-    let (engine, counting) = open_node(database, dir, outbox, false).await;
+    let (engine, counting) = open_node(database, dir, outbox, false, 1_024).await;
     let sale = live_sale(&engine, "BENCH", 1_000_000_000, 1_000_000_000, 50, 1_000).await;
     (engine, sale, counting)
 }
@@ -152,6 +180,7 @@ async fn open_node(
     dir: &std::path::Path,
     outbox: bool,
     cluster: bool,
+    batch_size_max: usize,
 ) -> (Arc<Engine>, Arc<Counting>) {
     let options = stampede_store::StoreOptions {
         outbox,
@@ -161,12 +190,14 @@ async fn open_node(
     let counting = Arc::new(Counting {
         inner: database.open_with(dir, &options).await,
         outbox,
+        sqlite: database.backend == Backend::Sqlite,
         cluster,
         orders: AtomicU64::new(0),
         round_trips: AtomicU64::new(0),
     });
     let config = EngineConfig {
         ack: AckMode::Durable,
+        batch_size_max,
         ..EngineConfig::default()
     };
     let engine = Engine::open(counting.clone(), Arc::new(SystemClock), config)
@@ -176,21 +207,70 @@ async fn open_node(
 }
 
 /// Two cluster nodes on one database and a sale both know of.
+/// `nodes` engines on one database (a cluster when more than one) and a sale all of them
+/// know of.
 async fn cluster_on(
     database: &TestDatabase,
     dir: &std::path::Path,
+    nodes: usize,
+    batch_size_max: usize,
 ) -> (Vec<Arc<Engine>>, SaleId, Vec<Arc<Counting>>) {
-    let (first, first_counting) = open_node(database, dir, false, true).await;
-    let (second, second_counting) = open_node(database, dir, false, true).await;
-    let sale = live_sale(&first, "BENCH", 1_000_000_000, 1_000_000_000, 50, 1_000).await;
-    while second.sale(sale).is_none() {
-        tokio::time::sleep(Duration::from_millis(50)).await;
+    let mut engines = Vec::new();
+    let mut countings = Vec::new();
+    for _ in 0..nodes {
+        let (engine, counting) = open_node(database, dir, false, nodes > 1, batch_size_max).await;
+        engines.push(engine);
+        countings.push(counting);
     }
-    (
-        vec![first, second],
-        sale,
-        vec![first_counting, second_counting],
+    let sale = live_sale(
+        &engines[0],
+        "BENCH",
+        1_000_000_000,
+        1_000_000_000,
+        50,
+        1_000,
     )
+    .await;
+    for engine in &engines[1..] {
+        while engine.sale(sale).is_none() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    (engines, sale, countings)
+}
+
+/// Benchmarks `$buyers`-wide rounds over `$engines` as `$name`, then records its round
+/// trips per 1,000 orders.
+macro_rules! nodes_bench {
+    ($group:expr, $runtime:expr, $name:expr, $engines:expr, $sale:expr, $countings:expr, $buyers:expr, $round_trips:expr) => {{
+        let counter = AtomicU64::new(0);
+        $group.bench_function(&$name, |b| {
+            b.to_async(&$runtime).iter_custom(|iters| {
+                let engines = $engines.clone();
+                let counter = &counter;
+                async move {
+                    let started = Instant::now();
+                    for _ in 0..iters {
+                        purchase_round_on(&engines, $sale, counter, $buyers).await;
+                    }
+                    started.elapsed()
+                }
+            })
+        });
+        for engine in &$engines {
+            $runtime.block_on(engine.shutdown());
+        }
+        let orders: u64 = $countings
+            .iter()
+            .map(|c| c.orders.load(Ordering::Relaxed))
+            .sum();
+        let trips: u64 = $countings
+            .iter()
+            .map(|c| c.round_trips.load(Ordering::Relaxed))
+            .sum();
+        $round_trips.push(($name, trips as f64 * 1_000.0 / orders.max(1) as f64));
+        $runtime.block_on(async { tokio::time::sleep(Duration::from_millis(200)).await });
+    }};
 }
 
 const ROW_LOCK_SCHEMA: [&str; 3] = [
@@ -319,35 +399,18 @@ fn backends(c: &mut Criterion) {
         let name = format!("stampede_{}_cluster", backend.name());
         let dir = tempfile::tempdir().unwrap();
         let database = runtime.block_on(TestDatabase::create(backend));
-        let (engines, sale, countings) = runtime.block_on(cluster_on(&database, dir.path()));
-        let counter = AtomicU64::new(0);
-        group.bench_function(&name, |b| {
-            b.to_async(&runtime).iter_custom(|iters| {
-                let engines = engines.clone();
-                let counter = &counter;
-                async move {
-                    let started = Instant::now();
-                    for _ in 0..iters {
-                        purchase_round_on(&engines, sale, counter).await;
-                    }
-                    started.elapsed()
-                }
-            })
-        });
-        for engine in &engines {
-            runtime.block_on(engine.shutdown());
-        }
-        let orders: u64 = countings
-            .iter()
-            .map(|c| c.orders.load(Ordering::Relaxed))
-            .sum();
-        let trips: u64 = countings
-            .iter()
-            .map(|c| c.round_trips.load(Ordering::Relaxed))
-            .sum();
-        round_trips.push((name, trips as f64 * 1_000.0 / orders.max(1) as f64));
-        drop(engines);
-        runtime.block_on(async { tokio::time::sleep(Duration::from_millis(200)).await });
+        let (engines, sale, countings) =
+            runtime.block_on(cluster_on(&database, dir.path(), 2, 1_024));
+        nodes_bench!(
+            group,
+            runtime,
+            name,
+            engines,
+            sale,
+            countings,
+            BUYERS,
+            round_trips
+        );
     }
 
     // The row-lock design on the same servers.
@@ -488,6 +551,39 @@ fn backends(c: &mut Criterion) {
         round_trips.push(("redis_lua_then_postgres".into(), 2_000.0));
     }
     group.finish();
+
+    // The peak: many more buyers in flight, larger batches allowed.
+    let mut peak = c.benchmark_group("durable_purchases_peak");
+    peak.throughput(Throughput::Elements(PEAK_BUYERS));
+    peak.sample_size(10);
+    peak.measurement_time(Duration::from_secs(10));
+    for (backend, nodes) in [
+        (Backend::Postgres, 1),
+        (Backend::Postgres, 2),
+        (Backend::MySql, 1),
+        (Backend::MySql, 2),
+    ] {
+        let name = format!(
+            "peak_{}{}",
+            backend.name(),
+            if nodes > 1 { "_cluster" } else { "" }
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let database = runtime.block_on(TestDatabase::create(backend));
+        let (engines, sale, countings) =
+            runtime.block_on(cluster_on(&database, dir.path(), nodes, PEAK_BATCH));
+        nodes_bench!(
+            peak,
+            runtime,
+            name,
+            engines,
+            sale,
+            countings,
+            PEAK_BUYERS,
+            round_trips
+        );
+    }
+    peak.finish();
 
     println!("\ndatabase round trips per 1,000 durable orders:");
     for (name, per_1000) in round_trips {

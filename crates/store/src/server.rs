@@ -52,10 +52,8 @@ use tokio::sync::Mutex;
 
 use crate::rows::{corrupt, count_units, outbox_events, unavailable};
 
-/// Multi-row inserts use one of these row counts, so only a handful of statement shapes
-/// are ever prepared. 1,024 rows × 11 columns stays under both servers' 65,535
-/// parameters per statement.
-const INSERT_CHUNK_ROWS: [usize; 6] = [1024, 256, 64, 16, 4, 1];
+/// Shoppers per holdings upsert in a cluster commit (4 parameters each).
+const HOLDINGS_CHUNK_ROWS: usize = 1024;
 
 /// Readers in the pool: order lookups, lists, audits, pings.
 const READER_CONNECTIONS_MAX: u32 = 8;
@@ -368,7 +366,7 @@ fn q(text: &Arc<str>) -> AssertSqlSafe<Arc<str>> {
 macro_rules! server_store {
     (
         $(#[$meta:meta])*
-        $store:ident, $db:ty, $conn:ty, $options:ty, $pool_options:ty, $dialect:expr, $migrations:literal
+        $store:ident, $db:ty, $conn:ty, $options:ty, $pool_options:ty, $dialect:expr, $migrations:literal, $insert_orders:ident
     ) => {
         $(#[$meta])*
         pub struct $store {
@@ -809,7 +807,7 @@ macro_rules! server_store {
                             }));
                         }
                         // On any error the transaction is dropped and rolled back.
-                        let outcomes = apply!(&mut *tx, &live, &self.sql, $db);
+                        let outcomes = apply!(&mut *tx, &live, &self.sql, $db, $insert_orders);
                         if let Some(node) = &self.node {
                             settle_cluster!(&mut *tx, &self.sql, node, &live, &outcomes, $db);
                         }
@@ -1313,7 +1311,7 @@ macro_rules! settle_cluster {
             .filter(|(_, units)| **units > 0)
             .map(|((sale, user), units)| (sale.to_string(), *user, *units))
             .collect();
-        for chunk in added.chunks(256) {
+        for chunk in added.chunks(HOLDINGS_CHUNK_ROWS) {
             let mut query: QueryBuilder<$db> = QueryBuilder::new(
                 "INSERT INTO sale_holdings (sale_id, user_id, units, per_user_limit) ",
             );
@@ -1622,8 +1620,114 @@ macro_rules! tally_with {
 }
 
 /// Applies a batch on an open transaction; answers one outcome per op.
+/// PostgreSQL: a run of orders as one `INSERT … SELECT * FROM UNNEST(arrays)`, one
+/// array per column: one statement, one shape, one round trip for any number of rows.
+macro_rules! insert_orders_unnest {
+    ($conn:expr, $orders:expr) => {{
+        let orders: &[&OrderRecord] = $orders;
+        sqlx::query(concat!(
+            "INSERT INTO orders (",
+            order_columns!(),
+            ") SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::bigint[], \
+             $6::bigint[], $7::text[], $8::text[], $9::bigint[], $10::bigint[], $11::bigint[])"
+        ))
+        .bind(
+            orders
+                .iter()
+                .map(|o| o.id.to_string())
+                .collect::<Vec<String>>(),
+        )
+        .bind(
+            orders
+                .iter()
+                .map(|o| o.user_id.as_str())
+                .collect::<Vec<&str>>(),
+        )
+        .bind(
+            orders
+                .iter()
+                .map(|o| o.sale_id.to_string())
+                .collect::<Vec<String>>(),
+        )
+        .bind(orders.iter().map(|o| o.sku.as_str()).collect::<Vec<&str>>())
+        .bind(
+            orders
+                .iter()
+                .map(|o| i64::from(o.quantity.get()))
+                .collect::<Vec<i64>>(),
+        )
+        .bind(orders.iter().map(|o| o.amount.get()).collect::<Vec<i64>>())
+        .bind(
+            orders
+                .iter()
+                .map(|o| o.status.as_str())
+                .collect::<Vec<&str>>(),
+        )
+        .bind(
+            orders
+                .iter()
+                .map(|o| o.idempotency_key.as_str())
+                .collect::<Vec<&str>>(),
+        )
+        .bind(orders.iter().map(|o| o.created_at_ms).collect::<Vec<i64>>())
+        .bind(orders.iter().map(|o| o.expires_at_ms).collect::<Vec<i64>>())
+        .bind(orders.iter().map(|o| o.updated_at_ms).collect::<Vec<i64>>())
+        .execute(&mut *$conn)
+        .await
+        .map_err(unavailable)?;
+    }};
+}
+
+/// MySQL protocol: a run of orders as one `INSERT … SELECT * FROM JSON_TABLE(?)` over a
+/// JSON array of rows (MySQL 8.0.4+, MariaDB 10.6+): one statement, one shape, one round
+/// trip for any number of rows.
+macro_rules! insert_orders_json_table {
+    ($conn:expr, $orders:expr) => {{
+        let orders: &[&OrderRecord] = $orders;
+        let rows: Vec<serde_json::Value> = orders
+            .iter()
+            .map(|o| {
+                serde_json::json!([
+                    o.id.to_string(),
+                    o.user_id.as_str(),
+                    o.sale_id.to_string(),
+                    o.sku.as_str(),
+                    i64::from(o.quantity.get()),
+                    o.amount.get(),
+                    o.status.as_str(),
+                    o.idempotency_key.as_str(),
+                    o.created_at_ms,
+                    o.expires_at_ms,
+                    o.updated_at_ms
+                ])
+            })
+            .collect();
+        let rows = serde_json::Value::Array(rows).to_string();
+        sqlx::query(concat!(
+            "INSERT INTO orders (",
+            order_columns!(),
+            ") SELECT * FROM JSON_TABLE(?, '$[*]' COLUMNS (\
+             id VARCHAR(64) CHARACTER SET utf8mb4 PATH '$[0]', \
+             user_id VARCHAR(128) CHARACTER SET utf8mb4 PATH '$[1]', \
+             sale_id VARCHAR(64) CHARACTER SET utf8mb4 PATH '$[2]', \
+             sku VARCHAR(64) CHARACTER SET utf8mb4 PATH '$[3]', \
+             quantity BIGINT PATH '$[4]', \
+             amount_cents BIGINT PATH '$[5]', \
+             status VARCHAR(16) CHARACTER SET utf8mb4 PATH '$[6]', \
+             idempotency_key VARCHAR(128) CHARACTER SET utf8mb4 PATH '$[7]', \
+             created_at_ms BIGINT PATH '$[8]', \
+             expires_at_ms BIGINT PATH '$[9]', \
+             updated_at_ms BIGINT PATH '$[10]')) AS batch"
+        ))
+        .bind(rows)
+        .execute(&mut *$conn)
+        .await
+        .map_err(unavailable)?;
+    }};
+}
+
 macro_rules! apply {
-    ($conn:expr, $ops:expr, $sql:expr, $db:ty) => {{
+    ($conn:expr, $ops:expr, $sql:expr, $db:ty, $insert_orders:ident) => {{
         let ops: &[WriteOp] = $ops;
         let sql: &Sql = $sql;
         let mut outcomes = Vec::with_capacity(ops.len());
@@ -1638,26 +1742,8 @@ macro_rules! apply {
                             _ => None,
                         })
                         .collect();
-                    let mut rest = &run[..];
-                    while !rest.is_empty() {
-                        let rows = *INSERT_CHUNK_ROWS
-                            .iter()
-                            .find(|&&n| n <= rest.len())
-                            .expect("1 always fits");
-                        let (chunk, tail) = rest.split_at(rows);
-                        let mut query: QueryBuilder<$db> = QueryBuilder::new(concat!(
-                            "INSERT INTO orders (",
-                            order_columns!(),
-                            ") "
-                        ));
-                        push_order_values!(query, chunk);
-                        query
-                            .build()
-                            .execute(&mut *$conn)
-                            .await
-                            .map_err(unavailable)?;
-                        rest = tail;
-                    }
+                    // One statement of one shape for the whole run, however long.
+                    $insert_orders!(&mut *$conn, &run);
                     outcomes.extend(run.iter().map(|_| OpOutcome::Written));
                     index += run.len();
                     continue;
@@ -1764,7 +1850,8 @@ server_store!(
     sqlx::postgres::PgConnectOptions,
     sqlx::postgres::PgPoolOptions,
     POSTGRES,
-    "./migrations/postgres"
+    "./migrations/postgres",
+    insert_orders_unnest
 );
 
 server_store!(
@@ -1775,7 +1862,8 @@ server_store!(
     sqlx::mysql::MySqlConnectOptions,
     sqlx::mysql::MySqlPoolOptions,
     MYSQL,
-    "./migrations/mysql"
+    "./migrations/mysql",
+    insert_orders_json_table
 );
 
 #[cfg(test)]
