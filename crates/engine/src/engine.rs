@@ -12,6 +12,7 @@ use stampede_types::{
 use tokio::sync::{mpsc, oneshot};
 
 use crate::clock::Clock;
+use crate::gate::{GateRefusal, StockGate};
 use crate::payment::{PaymentError, PaymentGateway};
 use crate::store::{OrderRecord, ProductRecord, SaleRecord, SaleTally, Store, StoreError};
 use crate::writer::{Job, TransitionResult, Writer};
@@ -62,7 +63,7 @@ impl Default for EngineConfig {
             expiry_grace_ms: 5_000,
             expiry_tick_ms: 100,
             ack: AckMode::Durable,
-            lease_max: 1_024,
+            lease_max: 16_384,
             lease_idle_ms: 2_000,
             cluster_tick_ms: 500,
         }
@@ -263,6 +264,8 @@ pub(crate) struct SaleState {
     pub inner: Mutex<SaleInner>,
     /// Woken when a lease request for this sale is answered (cluster only).
     pub refilled: tokio::sync::Notify,
+    /// With an outside stock gate, stock is taken and handed back there.
+    pub gate: Option<Arc<dyn StockGate>>,
 }
 
 impl SaleState {
@@ -271,6 +274,7 @@ impl SaleState {
         remaining: u64,
         held_by_user: FastMap<UserId, u32>,
         unsold_hint: u64,
+        gate: Option<Arc<dyn StockGate>>,
     ) -> Self {
         SaleState {
             inner: Mutex::new(SaleInner {
@@ -284,6 +288,7 @@ impl SaleState {
             }),
             record,
             refilled: tokio::sync::Notify::new(),
+            gate,
         }
     }
 }
@@ -291,6 +296,20 @@ impl SaleState {
 impl SaleState {
     /// Hands back units of an order that will not be (or no longer is) held.
     pub(crate) fn give_back(&self, user: &UserId, quantity: u32, was_in_flight: bool) {
+        if let Some(gate) = &self.gate {
+            if was_in_flight {
+                self.inner.lock().in_flight -= u64::from(quantity);
+            }
+            let (gate, sale, user) = (gate.clone(), self.record.id, user.clone());
+            tokio::spawn(async move {
+                if let Err(error) = gate.give_back(sale, &user, quantity).await {
+                    // The gate is now short of these units until it is reloaded.
+                    tracing::error!(%sale, %error, quantity, "could not hand stock back to the stock gate");
+                    metrics::counter!("stampede_gate_give_back_failures_total").increment(1);
+                }
+            });
+            return;
+        }
         let mut inner = self.inner.lock();
         inner.remaining += u64::from(quantity);
         if was_in_flight {
@@ -340,6 +359,8 @@ pub(crate) struct Shared {
     pub halted: std::sync::atomic::AtomicBool,
     /// The store is shared by several writing nodes: stock comes from leases.
     pub cluster: bool,
+    /// Stock is taken in an outside gate (Redis + Lua), not in memory.
+    pub gate: Option<Arc<dyn StockGate>>,
 }
 
 impl Shared {
@@ -453,6 +474,8 @@ pub enum OpenError {
     Store(#[from] StoreError),
     #[error("durable state breaks an invariant: {0}")]
     Invariant(String),
+    #[error("the stock gate could not be loaded: {0}")]
+    Gate(String),
 }
 
 impl Engine {
@@ -462,9 +485,25 @@ impl Engine {
         clock: Arc<dyn Clock>,
         config: EngineConfig,
     ) -> Result<Engine, OpenError> {
+        Self::open_with_gate(store, clock, config, None).await
+    }
+
+    /// As `open`, taking stock in `gate` (Redis + Lua, the conventional design) instead
+    /// of in memory; the gate is reloaded from the durable orders first.
+    pub async fn open_with_gate(
+        store: Arc<dyn Store>,
+        clock: Arc<dyn Clock>,
+        config: EngineConfig,
+        gate: Option<Arc<dyn StockGate>>,
+    ) -> Result<Engine, OpenError> {
         assert!(config.queue_capacity > 0 && config.batch_size_max > 0);
         let snapshot = store.load().await?;
         let cluster = store.node().is_some();
+        if cluster && gate.is_some() {
+            return Err(OpenError::Invariant(
+                "a cluster store leases its stock; it takes no outside stock gate".into(),
+            ));
+        }
 
         let mut products = HashMap::new();
         for product in snapshot.products {
@@ -492,6 +531,7 @@ impl Engine {
             payment_attempts: Default::default(),
             gateway: Default::default(),
             cluster,
+            gate: gate.clone(),
         };
 
         let mut held_units: HashMap<SaleId, u64> = HashMap::new();
@@ -538,7 +578,17 @@ impl Engine {
             // On a cluster store a node starts with no lease: it sells nothing until the
             // database grants it some of the stock.
             let unsold = sale.quantity - held;
-            let state = SaleState::new(sale, if cluster { 0 } else { unsold }, users, unsold);
+            if let Some(gate) = &gate {
+                let held: Vec<(UserId, u32)> = users
+                    .iter()
+                    .map(|(user, units)| (user.clone(), *units))
+                    .collect();
+                gate.load(sale.id, unsold, &held)
+                    .await
+                    .map_err(|error| OpenError::Gate(error.to_string()))?;
+            }
+            let in_memory = if cluster || gate.is_some() { 0 } else { unsold };
+            let state = SaleState::new(sale, in_memory, users, unsold, gate.clone());
             shared
                 .sales
                 .write()
@@ -751,8 +801,9 @@ impl Engine {
         let sale = self.shared.sale(id)?;
         let remaining = {
             let inner = sale.inner.lock();
-            // A node's lease is a slice of the sale: show the cluster's count instead.
-            if self.shared.cluster {
+            // A node's lease is a slice of the sale, and an outside gate keeps the stock
+            // elsewhere: show the last count seen instead.
+            if self.shared.cluster || self.shared.gate.is_some() {
                 inner.lease.unsold_hint
             } else {
                 inner.remaining
@@ -880,64 +931,94 @@ impl Engine {
             return refuse(PurchaseError::Ended);
         }
         let units = quantity.get();
-        let cluster = self.shared.cluster;
-        let lease_deadline = tokio::time::Instant::now() + LEASE_WAIT;
-        let refill = loop {
-            // The guard lives in this block only, so the future stays `Send`.
-            let step = {
-                let mut inner = sale.inner.lock();
-                let held = inner.held_by_user.get(user).copied().unwrap_or(0);
-                if held + units > record.per_user_limit {
-                    Step::Refuse(PurchaseError::LimitExceeded {
+        if let Some(gate) = &self.shared.gate {
+            match gate.take(sale_id, user, units, record.per_user_limit).await {
+                Ok(remaining) => {
+                    let mut inner = sale.inner.lock();
+                    inner.in_flight += u64::from(units);
+                    inner.lease.unsold_hint = remaining;
+                }
+                Err(GateRefusal::SoldOut { remaining }) => {
+                    return refuse(PurchaseError::SoldOut {
+                        remaining,
+                        requested: units,
+                    });
+                }
+                Err(GateRefusal::LimitExceeded { held }) => {
+                    return refuse(PurchaseError::LimitExceeded {
                         limit: record.per_user_limit,
                         held,
-                    })
-                } else if inner.remaining < u64::from(units) {
-                    if cluster
-                        && now_ms >= inner.lease.dry_until_ms
-                        && tokio::time::Instant::now() < lease_deadline
-                    {
-                        // This node's lease ran short but the sale may have more: ask for
-                        // a lease (once for all waiting buyers) and wait for the answer.
-                        let ask = !std::mem::replace(&mut inner.lease.asked, true);
-                        inner.lease.waiting += u64::from(units);
-                        Step::WaitForLease {
-                            refilled: sale.refilled.notified(),
-                            ask,
-                        }
-                    } else {
-                        Step::Refuse(PurchaseError::SoldOut {
-                            remaining: inner.remaining,
-                            requested: units,
-                        })
-                    }
-                } else {
-                    inner.remaining -= u64::from(units);
-                    inner.in_flight += u64::from(units);
-                    *inner.held_by_user.entry(user.clone()).or_default() += units;
-                    if cluster {
-                        // Top the lease up before it runs dry, so buyers rarely wait.
-                        inner.lease.last_take_ms = now_ms;
-                        Step::Taken {
-                            refill: inner.remaining < inner.lease.last_grant / 2
-                                && now_ms >= inner.lease.dry_until_ms
-                                && !std::mem::replace(&mut inner.lease.asked, true),
-                        }
-                    } else {
-                        Step::Taken { refill: false }
-                    }
+                    });
                 }
-            };
-            match step {
-                Step::Refuse(error) => return refuse(error),
-                Step::Taken { refill } => break refill,
-                Step::WaitForLease { refilled, ask } => {
-                    if ask && !self.ask_for_lease(&sale) {
-                        return refuse(PurchaseError::Overloaded);
-                    }
-                    let _ = tokio::time::timeout_at(lease_deadline, refilled).await;
+                Err(GateRefusal::Unavailable(error)) => {
+                    tracing::warn!(%error, "stock gate unavailable");
+                    return refuse(PurchaseError::Unavailable);
+                }
+            }
+        }
+        let cluster = self.shared.cluster;
+        let lease_deadline = tokio::time::Instant::now() + LEASE_WAIT;
+        // With an outside gate the stock was taken above; otherwise here, in memory.
+        let refill = if self.shared.gate.is_some() {
+            false
+        } else {
+            loop {
+                // The guard lives in this block only, so the future stays `Send`.
+                let step = {
                     let mut inner = sale.inner.lock();
-                    inner.lease.waiting = inner.lease.waiting.saturating_sub(u64::from(units));
+                    let held = inner.held_by_user.get(user).copied().unwrap_or(0);
+                    if held + units > record.per_user_limit {
+                        Step::Refuse(PurchaseError::LimitExceeded {
+                            limit: record.per_user_limit,
+                            held,
+                        })
+                    } else if inner.remaining < u64::from(units) {
+                        if cluster
+                            && now_ms >= inner.lease.dry_until_ms
+                            && tokio::time::Instant::now() < lease_deadline
+                        {
+                            // This node's lease ran short but the sale may have more: ask for
+                            // a lease (once for all waiting buyers) and wait for the answer.
+                            let ask = !std::mem::replace(&mut inner.lease.asked, true);
+                            inner.lease.waiting += u64::from(units);
+                            Step::WaitForLease {
+                                refilled: sale.refilled.notified(),
+                                ask,
+                            }
+                        } else {
+                            Step::Refuse(PurchaseError::SoldOut {
+                                remaining: inner.remaining,
+                                requested: units,
+                            })
+                        }
+                    } else {
+                        inner.remaining -= u64::from(units);
+                        inner.in_flight += u64::from(units);
+                        *inner.held_by_user.entry(user.clone()).or_default() += units;
+                        if cluster {
+                            // Top the lease up before it runs dry, so buyers rarely wait.
+                            inner.lease.last_take_ms = now_ms;
+                            Step::Taken {
+                                refill: inner.remaining < inner.lease.last_grant / 2
+                                    && now_ms >= inner.lease.dry_until_ms
+                                    && !std::mem::replace(&mut inner.lease.asked, true),
+                            }
+                        } else {
+                            Step::Taken { refill: false }
+                        }
+                    }
+                };
+                match step {
+                    Step::Refuse(error) => return refuse(error),
+                    Step::Taken { refill } => break refill,
+                    Step::WaitForLease { refilled, ask } => {
+                        if ask && !self.ask_for_lease(&sale) {
+                            return refuse(PurchaseError::Overloaded);
+                        }
+                        let _ = tokio::time::timeout_at(lease_deadline, refilled).await;
+                        let mut inner = sale.inner.lock();
+                        inner.lease.waiting = inner.lease.waiting.saturating_sub(u64::from(units));
+                    }
                 }
             }
         };

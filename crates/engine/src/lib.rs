@@ -16,6 +16,7 @@
 
 mod clock;
 mod engine;
+mod gate;
 mod payment;
 mod store;
 pub mod testing;
@@ -26,6 +27,7 @@ pub use engine::{
     AckMode, Actor, AdminError, Audit, Engine, EngineConfig, NewProduct, NewSale, OrderError,
     Placed, ProductView, Purchase, PurchaseError, SaleView,
 };
+pub use gate::{GateRefusal, StockGate};
 pub use payment::{PaymentError, PaymentGateway};
 pub use store::{
     Catalog, LeaseGrant, OpOutcome, OrderRecord, OutboxEvent, PendingTally, ProductRecord,

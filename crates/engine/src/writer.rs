@@ -326,7 +326,7 @@ impl Writer {
                     let id = record.id;
                     sales.insert(
                         id,
-                        Arc::new(SaleState::new(record, 0, Default::default(), unsold)),
+                        Arc::new(SaleState::new(record, 0, Default::default(), unsold, None)),
                     );
                 }
             }
@@ -336,6 +336,23 @@ impl Writer {
     async fn process(&mut self, batch: &mut Vec<Job>) {
         if self.shared.cluster {
             self.lease(batch).await;
+        }
+        if let Some(gate) = self.shared.gate.clone() {
+            // A new sale's stock goes into the gate before the sale becomes visible. A
+            // gate that cannot take it fails the creation (the commit below is skipped).
+            let mut refused = Vec::new();
+            for (index, job) in batch.iter().enumerate() {
+                if let Job::CreateSale { record, .. } = job
+                    && let Err(error) = gate.load(record.id, record.quantity, &[]).await
+                {
+                    tracing::error!(%error, sale_id = %record.id, "could not load a new sale into the stock gate");
+                    refused.push(index);
+                }
+            }
+            for index in refused.into_iter().rev() {
+                let job = batch.remove(index);
+                self.failed(&mut vec![job]);
+            }
         }
         let now_ms = self.shared.clock.now_ms();
         let mut ops = Vec::with_capacity(batch.len());
@@ -494,13 +511,16 @@ impl Writer {
                 Job::CreateSale { record, reply } => {
                     let _ = outcomes.next();
                     // On a cluster store the stock sits in the sale's pool until leased.
-                    let remaining = if self.shared.cluster {
+                    // (and with an outside gate, in the gate: loaded before the commit).
+                    let gate = self.shared.gate.clone();
+                    let remaining = if self.shared.cluster || gate.is_some() {
                         0
                     } else {
                         record.quantity
                     };
                     let quantity = record.quantity;
-                    let state = SaleState::new(record, remaining, Default::default(), quantity);
+                    let state =
+                        SaleState::new(record, remaining, Default::default(), quantity, gate);
                     self.shared
                         .sales
                         .write()
@@ -635,10 +655,21 @@ impl Writer {
                 return;
             }
         };
-        let (remaining_in_memory, in_flight) = {
+        let (mut remaining_in_memory, in_flight) = {
             let inner = sale.inner.lock();
             (inner.remaining, inner.in_flight)
         };
+        if let Some(gate) = &self.shared.gate {
+            // The gate holds the stock: what it says is left, against the orders.
+            match gate.remaining(sale_id).await {
+                Ok(remaining) => remaining_in_memory = remaining,
+                Err(error) => {
+                    tracing::warn!(%sale_id, %error, "audit could not read the stock gate");
+                    let _ = reply.send(Err(()));
+                    return;
+                }
+            }
+        }
         tokio::spawn(async move {
             let Ok(tally) = pending.await else {
                 let _ = reply.send(Err(()));

@@ -14,6 +14,16 @@ use stampede_api::{AppState, Auth, Secret};
 use stampede_engine::{AckMode, Engine, EngineConfig, SystemClock};
 use tokio::sync::oneshot;
 
+/// Where a purchase takes its stock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum StockGateKind {
+    /// In the node's memory (Stampede's design).
+    Memory,
+    /// In Redis, by a Lua script per purchase (the conventional design, for comparison).
+    Redis,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]
 pub enum Ack {
@@ -48,6 +58,12 @@ pub struct Config {
     /// In a cluster: a lease nobody bought from for this long goes back to the sale.
     #[serde(with = "humantime_serde")]
     pub lease_idle: Duration,
+    /// Where purchases take stock: memory, or Redis + Lua (the conventional design).
+    pub stock_gate: StockGateKind,
+    /// Redis for `stock_gate = "redis"`.
+    pub redis_url: String,
+    /// Prefix of the stock gate's Redis keys.
+    pub redis_prefix: String,
     pub ack: Ack,
     #[serde(with = "humantime_serde")]
     pub payment_window: Duration,
@@ -86,8 +102,11 @@ impl Default for Config {
             replica_url: None,
             cluster: false,
             node_ttl: Duration::from_secs(5),
-            lease_max: 1_024,
+            lease_max: 16_384,
             lease_idle: Duration::from_secs(2),
+            stock_gate: StockGateKind::Memory,
+            redis_url: "redis://127.0.0.1:6379".into(),
+            redis_prefix: "stampede".into(),
             ack: Ack::Durable,
             payment_window: Duration::from_secs(15 * 60),
             payment_url: "http://127.0.0.1:8090".into(),
@@ -143,7 +162,7 @@ pub struct ServeArgs {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub node_ttl: Option<String>,
-    /// In a cluster: most units of a sale one node leases at once [default: 1024].
+    /// In a cluster: most units of a sale one node leases at once [default: 16384].
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub lease_max: Option<u64>,
@@ -151,6 +170,18 @@ pub struct ServeArgs {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub lease_idle: Option<String>,
+    /// Where purchases take stock: memory (Stampede) or redis (a Lua script per purchase, the conventional design, for comparison) [default: memory].
+    #[arg(long, value_enum)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stock_gate: Option<StockGateKind>,
+    /// Redis for --stock-gate redis [default: redis://127.0.0.1:6379].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub redis_url: Option<String>,
+    /// Prefix of the stock gate's Redis keys [default: stampede].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub redis_prefix: Option<String>,
     /// When a purchase is answered: after its order is durable, or once reserved [default: durable].
     #[arg(long, value_enum)]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -255,6 +286,10 @@ impl Config {
             "node_ttl must be at least 500ms"
         );
         anyhow::ensure!(self.lease_max >= 1, "lease_max must be at least 1");
+        anyhow::ensure!(
+            !(self.cluster && self.stock_gate == StockGateKind::Redis),
+            "a cluster leases its stock from the database; stock_gate = \"redis\" is for one node"
+        );
         anyhow::ensure!(
             self.queue_capacity >= 1,
             "queue_capacity must be at least 1"
@@ -446,8 +481,16 @@ pub async fn start(
         cluster_tick_ms: (config.node_ttl.as_millis() as u64 / 5).clamp(100, 1_000),
     };
     let relay_store = store.clone();
+    let gate: Option<Arc<dyn stampede_engine::StockGate>> = match config.stock_gate {
+        StockGateKind::Memory => None,
+        StockGateKind::Redis => Some(Arc::new(
+            stampede_store::RedisGate::connect(&config.redis_url, &config.redis_prefix)
+                .await
+                .with_context(|| format!("connect the stock gate at {}", config.redis_url))?,
+        )),
+    };
     let engine = Arc::new(
-        Engine::open(store, Arc::new(SystemClock), engine_config)
+        Engine::open_with_gate(store, Arc::new(SystemClock), engine_config, gate)
             .await
             .context("rebuild state from the store")?,
     );

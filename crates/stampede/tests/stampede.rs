@@ -487,3 +487,40 @@ async fn graceful_stop_under_load_keeps_every_acknowledged_order() {
         assert_eq!(&replay, body);
     }
 }
+
+/// `--stock-gate redis`: the same stampede with the stock taken by a Lua script in the
+/// real Redis (the conventional design, offered for comparison) sells exactly the stock.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_redis_stock_gate_sells_exactly_the_stock_too() {
+    raise_fd_limit();
+    const BUYERS: usize = 400;
+    const UNITS: u64 = 50;
+    let prefix = format!("stampede-test:{}:api-gate", std::process::id());
+    let app = spawn_app_with(|config| {
+        config.stock_gate = stampede::StockGateKind::Redis;
+        if let Ok(url) = std::env::var("STAMPEDE_TEST_REDIS_URL") {
+            config.redis_url = url;
+        }
+        config.redis_prefix = prefix;
+    })
+    .await;
+    let sale = app.live_sale("REDIS-PHONE", UNITS as i64, 1).await;
+    let tokens: Vec<String> = (0..BUYERS)
+        .map(|i| app.shopper(&format!("buyer-{i:04}")))
+        .collect();
+    let requests = (0..BUYERS).map(|i| (i, format!("gate-{i}"), 1)).collect();
+    let outcomes = stampede(&app, &sale, &tokens, requests).await;
+    let summary = summary(&outcomes);
+    let winners = outcomes.iter().filter(|o| o.order_id.is_some()).count();
+    assert_eq!(winners as u64, UNITS, "{summary}");
+    for loser in outcomes.iter().filter(|o| o.order_id.is_none()) {
+        assert_eq!(
+            (loser.status, loser.code.as_deref()),
+            (409, Some("sold_out")),
+            "{summary}"
+        );
+    }
+    let audit = app.audit(&sale).await;
+    assert_books(&audit);
+    assert_eq!(audit["remaining"], 0, "{audit}");
+}

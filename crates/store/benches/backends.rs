@@ -14,6 +14,10 @@
 //! database as a cluster, the buyers split between them: each node sells from stock it
 //! leased, each batch also updates the shoppers' holdings and the node's lease.
 //!
+//! `stampede_postgres_redis_gate` is Stampede with `stock_gate = "redis"`: the same engine,
+//! writer and PostgreSQL store, but each purchase takes its stock with the Lua script in
+//! Redis instead of in memory (the conventional gate, selectable by flag).
+//!
 //! `durable_purchases_peak` runs the server stores again with `PEAK_BUYERS` in flight and
 //! `PEAK_BATCH` as the writer's batch bound, as at the peak of a sale: batches fill up,
 //! and the round trips per 1,000 orders fall to what a batch costs over its size.
@@ -207,6 +211,40 @@ async fn open_node(
 }
 
 /// Two cluster nodes on one database and a sale both know of.
+/// One engine on `database` taking its stock in Redis, and a sale.
+async fn redis_gate_on(
+    database: &TestDatabase,
+    dir: &std::path::Path,
+) -> (Vec<Arc<Engine>>, SaleId, Vec<Arc<Counting>>) {
+    let redis_url = std::env::var("STAMPEDE_TEST_REDIS_URL")
+        .unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+    let counting = Arc::new(Counting {
+        inner: database.open(dir).await,
+        outbox: false,
+        sqlite: database.backend == Backend::Sqlite,
+        cluster: false,
+        orders: AtomicU64::new(0),
+        round_trips: AtomicU64::new(0),
+    });
+    let gate = stampede_store::RedisGate::connect(
+        &redis_url,
+        &format!("stampede-bench:{}", std::process::id()),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("Redis does not answer at {redis_url} ({e})"));
+    let engine = Engine::open_with_gate(
+        counting.clone(),
+        Arc::new(SystemClock),
+        EngineConfig::default(),
+        Some(Arc::new(gate)),
+    )
+    .await
+    .unwrap();
+    let engine = Arc::new(engine);
+    let sale = live_sale(&engine, "BENCH", 1_000_000_000, 1_000_000_000, 50, 1_000).await;
+    (vec![engine], sale, vec![counting])
+}
+
 /// `nodes` engines on one database (a cluster when more than one) and a sale all of them
 /// know of.
 async fn cluster_on(
@@ -401,6 +439,24 @@ fn backends(c: &mut Criterion) {
         let database = runtime.block_on(TestDatabase::create(backend));
         let (engines, sale, countings) =
             runtime.block_on(cluster_on(&database, dir.path(), 2, 1_024));
+        nodes_bench!(
+            group,
+            runtime,
+            name,
+            engines,
+            sale,
+            countings,
+            BUYERS,
+            round_trips
+        );
+    }
+
+    // Stampede with the conventional Redis + Lua gate in front of the same writer.
+    {
+        let name = "stampede_postgres_redis_gate".to_owned();
+        let dir = tempfile::tempdir().unwrap();
+        let database = runtime.block_on(TestDatabase::create(Backend::Postgres));
+        let (engines, sale, countings) = runtime.block_on(redis_gate_on(&database, dir.path()));
         nodes_bench!(
             group,
             runtime,

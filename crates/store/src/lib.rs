@@ -5,6 +5,7 @@
 //! scheme; each keeps its own migrations under `migrations/<backend>`.
 
 mod nodelay;
+mod redis_gate;
 #[macro_use]
 mod rows;
 mod server;
@@ -15,6 +16,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+pub use redis_gate::RedisGate;
 pub use server::{MySqlStore, OWNER_WAIT_DEFAULT, PostgresStore};
 pub use sqlite::SqliteStore;
 use stampede_engine::{Store, StoreError};

@@ -24,8 +24,10 @@
 //! out, `commit` answers `StoreError::Indeterminate` and the engine halts rather than
 //! hand back stock that may be sold.
 //!
-//! Round trips per batch: `BEGIN`, the owner stamp, one multi-row `INSERT` per 1,024
-//! orders, `COMMIT` — four for a batch of up to 1,024 orders.
+//! Round trips per batch: `BEGIN`, the owner stamp, one `INSERT` of all its orders,
+//! `COMMIT` — four, however many orders. The insert has one shape whatever the row
+//! count (PostgreSQL `UNNEST` of one array per column, MySQL `JSON_TABLE` over one JSON
+//! array), so it is prepared once and costs one round trip.
 //!
 //! **Cluster** (`open_cluster`). Several nodes write one database, each selling stock
 //! it leased (`stock_leases`) from the sale's `unleased` pool. Each member stamps its

@@ -1,0 +1,48 @@
+//! The stock gate outside the engine's memory: the conventional flash-sale design keeps
+//! each sale's stock and the shoppers' counts in Redis and takes them with a Lua script.
+//! Stampede offers it (`stock_gate = "redis"`) to compare with its own in-memory gate on
+//! the same server, the same writer and the same durable log.
+//!
+//! **What it gives up.** The gate and the database are two systems: a crash after the
+//! gate took stock and before the order's batch committed leaves the gate short (it
+//! undersells until reloaded), and a gate that fails over loses decrements (it
+//! oversells what the database will refuse to record only if the audit is ignored).
+//! `Engine::open` reloads the gate from the durable orders, and the audit compares the
+//! two.
+
+use async_trait::async_trait;
+use stampede_types::{SaleId, UserId};
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum GateRefusal {
+    #[error("sold out: {remaining} left")]
+    SoldOut { remaining: u64 },
+    #[error("per-user limit reached ({held} held)")]
+    LimitExceeded { held: u32 },
+    #[error("stock gate unavailable: {0}")]
+    Unavailable(String),
+}
+
+#[async_trait]
+pub trait StockGate: Send + Sync + 'static {
+    /// Sets a sale's remaining stock and the units each shopper holds (at start, from
+    /// the durable orders; for a new sale, its quantity and nobody).
+    async fn load(
+        &self,
+        sale: SaleId,
+        remaining: u64,
+        held: &[(UserId, u32)],
+    ) -> Result<(), GateRefusal>;
+    /// Takes `units` for `user` if the stock and the shopper's `limit` allow, atomically;
+    /// answers what remains.
+    async fn take(
+        &self,
+        sale: SaleId,
+        user: &UserId,
+        units: u32,
+        limit: u32,
+    ) -> Result<u64, GateRefusal>;
+    /// Hands back units of an order that will not be (or no longer is) held.
+    async fn give_back(&self, sale: SaleId, user: &UserId, units: u32) -> Result<(), GateRefusal>;
+    async fn remaining(&self, sale: SaleId) -> Result<u64, GateRefusal>;
+}
