@@ -914,7 +914,16 @@ impl Engine {
             }
             Seen::New => {}
         }
+        // From here this request holds the key: whatever happens, including the future
+        // being dropped by a client that hangs up while it waits, the key is settled.
+        let holder = KeyHolder {
+            shared: &self.shared,
+            user,
+            key,
+            armed: std::sync::atomic::AtomicBool::new(true),
+        };
         let refuse = |error: PurchaseError| {
+            holder.disarm();
             self.shared.settle(user, key, Err(error.clone()));
             Attempt::Answer(Err(error))
         };
@@ -967,7 +976,9 @@ impl Engine {
                 let step = {
                     let mut inner = sale.inner.lock();
                     let held = inner.held_by_user.get(user).copied().unwrap_or(0);
-                    if held + units > record.per_user_limit {
+                    // A cluster node's counts miss orders placed or closed on other nodes:
+                    // there the database's holdings decide (at commit).
+                    if held + units > record.per_user_limit && !cluster {
                         Step::Refuse(PurchaseError::LimitExceeded {
                             limit: record.per_user_limit,
                             held,
@@ -1012,12 +1023,18 @@ impl Engine {
                     Step::Refuse(error) => return refuse(error),
                     Step::Taken { refill } => break refill,
                     Step::WaitForLease { refilled, ask } => {
+                        let waiting = Waiting {
+                            sale: &sale,
+                            units: u64::from(units),
+                        };
                         if ask && !self.ask_for_lease(&sale) {
                             return refuse(PurchaseError::Overloaded);
                         }
                         let _ = tokio::time::timeout_at(lease_deadline, refilled).await;
-                        let mut inner = sale.inner.lock();
-                        inner.lease.waiting = inner.lease.waiting.saturating_sub(u64::from(units));
+                        drop(waiting);
+                        if self.now_ms() >= record.ends_at_ms {
+                            return refuse(PurchaseError::Ended);
+                        }
                     }
                 }
             }
@@ -1056,6 +1073,8 @@ impl Engine {
             sale.give_back(user, units, true);
             return refuse(error);
         }
+        // The writer settles the key from here on.
+        holder.disarm();
         if ack == AckMode::Reserved {
             // Replays see the same order from now on, even before the writer commits
             // (unless the writer has already decided it, either way).
@@ -1272,6 +1291,45 @@ impl Engine {
             .map_err(|_| OrderError::Unavailable)?
             .map(Some)
             .map_err(|_| OrderError::Unavailable)
+    }
+}
+
+/// Settles a key still held by a purchase that never reached the writer (its future was
+/// dropped): retries of the key would otherwise wait for an answer that never comes.
+struct KeyHolder<'a> {
+    shared: &'a Shared,
+    user: &'a UserId,
+    key: &'a IdempotencyKey,
+    armed: std::sync::atomic::AtomicBool,
+}
+
+impl KeyHolder<'_> {
+    fn disarm(&self) {
+        self.armed
+            .store(false, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+impl Drop for KeyHolder<'_> {
+    fn drop(&mut self) {
+        if self.armed.load(std::sync::atomic::Ordering::Relaxed) {
+            self.shared
+                .settle(self.user, self.key, Err(PurchaseError::Unavailable));
+        }
+    }
+}
+
+/// Units a buyer waits for in the next lease; uncounted when it stops waiting, however
+/// it stops.
+struct Waiting<'a> {
+    sale: &'a SaleState,
+    units: u64,
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        let mut inner = self.sale.inner.lock();
+        inner.lease.waiting = inner.lease.waiting.saturating_sub(self.units);
     }
 }
 

@@ -82,6 +82,9 @@ pub enum OpOutcome {
     OverLimit {
         held: u32,
     },
+    /// Cluster only: another node got there first (the product exists, its stock went to
+    /// another sale); this op was not applied.
+    Conflict,
 }
 
 /// Everything a restart needs to rebuild the in-memory state.

@@ -106,6 +106,8 @@ impl Writer {
         let mut cluster_tick =
             tokio::time::interval(duration_ms(self.shared.config.cluster_tick_ms));
         cluster_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let upkeep_every = duration_ms(self.shared.config.cluster_tick_ms);
+        let mut next_upkeep = Instant::now() + upkeep_every;
         let mut closing = false;
         let mut batch = Vec::with_capacity(batch_size_max);
         loop {
@@ -123,6 +125,7 @@ impl Writer {
                 },
                 _ = tick.tick() => {}
                 _ = cluster_tick.tick(), if cluster => {
+                    next_upkeep = Instant::now() + upkeep_every;
                     self.cluster_upkeep().await;
                     if self.is_halted() {
                         self.jobs.close();
@@ -142,6 +145,12 @@ impl Writer {
                 }
             }
             self.process(&mut batch).await;
+            if cluster && !self.is_halted() && Instant::now() >= next_upkeep {
+                // A queue that never empties must not starve the heartbeat, the reclaim
+                // of dead nodes' leases or the catalogue.
+                next_upkeep = Instant::now() + upkeep_every;
+                self.cluster_upkeep().await;
+            }
             if self.is_halted() {
                 // Nothing queued behind the failure was written: undo and refuse it all.
                 self.jobs.close();
@@ -289,8 +298,11 @@ impl Writer {
                 std::mem::take(&mut inner.remaining)
             };
             if let Err(error) = store.release(sale.record.id, units).await {
-                tracing::warn!(%error, sale_id = %sale.record.id, "returning an idle lease failed");
-                sale.inner.lock().remaining += units;
+                // The release may have landed (a lost COMMIT answer): the units stay out
+                // of memory, so this node never sells more than its lease in the
+                // database. If it did not land they wait in the lease until this node
+                // leaves or is reclaimed.
+                tracing::warn!(%error, sale_id = %sale.record.id, units, "returning an idle lease failed; its units stay unsold until the node leaves");
                 if error.halts() {
                     self.halt(&error);
                     return;
@@ -504,12 +516,20 @@ impl Writer {
                     self.expiries
                         .push(Reverse((order.expires_at_ms + grace_ms, order.id)));
                 }
-                Job::CreateProduct { reply, .. } => {
-                    let _ = outcomes.next();
+                Job::CreateProduct { record, reply } => {
+                    if let Some(OpOutcome::Conflict) = outcomes.next() {
+                        // Another node created it first: ours was not written.
+                        self.failed(&mut vec![Job::CreateProduct { record, reply }]);
+                        continue;
+                    }
                     let _ = reply.send(Ok(()));
                 }
                 Job::CreateSale { record, reply } => {
-                    let _ = outcomes.next();
+                    if let Some(OpOutcome::Conflict) = outcomes.next() {
+                        // Another node's sale took the stock first: ours was not written.
+                        self.failed(&mut vec![Job::CreateSale { record, reply }]);
+                        continue;
+                    }
                     // On a cluster store the stock sits in the sale's pool until leased.
                     // (and with an outside gate, in the gate: loaded before the commit).
                     let gate = self.shared.gate.clone();

@@ -287,6 +287,10 @@ impl Config {
         );
         anyhow::ensure!(self.lease_max >= 1, "lease_max must be at least 1");
         anyhow::ensure!(
+            !(self.cluster && self.ack == Ack::Reserved),
+            "a cluster acknowledges only durable orders: another node may hold a shopper's key or limit, which only the commit finds out"
+        );
+        anyhow::ensure!(
             !(self.cluster && self.stock_gate == StockGateKind::Redis),
             "a cluster leases its stock from the database; stock_gate = \"redis\" is for one node"
         );

@@ -227,6 +227,7 @@ struct Sql {
     rebase_holdings: Arc<str>,
     sale_limit: Arc<str>,
     orders_of_user: Arc<str>,
+    product_available: Arc<str>,
 }
 
 impl Sql {
@@ -316,7 +317,12 @@ impl Sql {
             take_from_lease: sql(
                 "UPDATE stock_leases SET units = units - ? WHERE sale_id = ? AND node = ? AND units >= ?",
             ),
-            node_leases: sql("SELECT sale_id, units FROM stock_leases WHERE node = ? FOR UPDATE"),
+            // Read after the node's row is locked (deleted or stamped), which stops its
+            // commits: the rows cannot change. No FOR UPDATE, so InnoDB takes no gap
+            // locks here; the sales' rows are then locked in id order, like a lease does.
+            node_leases: sql(
+                "SELECT sale_id, units FROM stock_leases WHERE node = ? ORDER BY sale_id",
+            ),
             remove_node_leases: sql("DELETE FROM stock_leases WHERE node = ?"),
             lock_unleased: sql("SELECT unleased FROM flash_sales WHERE id = ? FOR UPDATE"),
             take_unleased: sql(
@@ -352,6 +358,7 @@ impl Sql {
                 dialect.sum_quantity.replace("quantity", "orders.quantity")
             )),
             sale_limit: sql("SELECT per_user_limit FROM flash_sales WHERE id = ?"),
+            product_available: sql("SELECT available FROM products WHERE sku = ?"),
             orders_of_user: sql(concat!(
                 "SELECT ",
                 order_columns!(),
@@ -827,6 +834,13 @@ macro_rules! server_store {
                             let conflicts = find_conflicts!(&mut writer, &self.sql, $db, &live);
                             let conflicts = match conflicts {
                                 Ok(conflicts) if !conflicts.is_empty() => conflicts,
+                                // Two nodes' batches locked shoppers' holdings in opposite
+                                // orders; the database rolled this one back: again.
+                                Ok(_) if why.to_lowercase().contains("deadlock") => {
+                                    metrics::counter!("stampede_cluster_deadlocks_total").increment(1);
+                                    retries += 1;
+                                    continue;
+                                }
                                 // Not a conflict (or the connection broke): a failed batch.
                                 _ => return Err(StoreError::Unavailable(why)),
                             };
@@ -1388,6 +1402,32 @@ macro_rules! find_conflicts {
                 })
                 .collect();
             let mut conflicts: Vec<(usize, OpOutcome)> = Vec::new();
+            // Another node created the product, or took its stock for a sale, first.
+            for (i, op) in ops.iter().enumerate() {
+                match op {
+                    WriteOp::InsertProduct(product) => {
+                        let found: Option<i64> = sqlx::query_scalar(q(&$sql.product_available))
+                            .bind(product.sku.as_str())
+                            .fetch_optional(&mut *$conn)
+                            .await
+                            .map_err(unavailable)?;
+                        if found.is_some() {
+                            conflicts.push((i, OpOutcome::Conflict));
+                        }
+                    }
+                    WriteOp::InsertSale(sale) => {
+                        let available: Option<i64> = sqlx::query_scalar(q(&$sql.product_available))
+                            .bind(sale.sku.as_str())
+                            .fetch_optional(&mut *$conn)
+                            .await
+                            .map_err(unavailable)?;
+                        if available.is_none_or(|units| units < sale.quantity as i64) {
+                            conflicts.push((i, OpOutcome::Conflict));
+                        }
+                    }
+                    _ => {}
+                }
+            }
             let mut existing: std::collections::HashMap<(String, String), OrderRecord> =
                 Default::default();
             for chunk in orders.chunks(256) {
