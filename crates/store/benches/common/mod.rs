@@ -41,3 +41,38 @@ pub async fn purchase_round_on(
         handle.await.unwrap();
     }
 }
+
+/// `total` purchases kept at `concurrency` in flight the whole time, spread over the
+/// nodes: each buyer places its next purchase as soon as its last is answered (constant
+/// pressure, as during a stampede, rather than waves that drain between rounds).
+#[allow(dead_code)] // the backends bench's; the writer bench includes this module too
+pub async fn purchase_stream_on(
+    engines: &[Arc<Engine>],
+    sale: SaleId,
+    counter: &Arc<AtomicU64>,
+    concurrency: u64,
+    total: u64,
+) {
+    let one = Quantity::parse(1).unwrap();
+    let issued = Arc::new(AtomicU64::new(0));
+    let handles: Vec<_> = (0..concurrency)
+        .map(|buyer| {
+            let engine = engines[buyer as usize % engines.len()].clone();
+            let (issued, counter) = (issued.clone(), counter.clone());
+            tokio::spawn(async move {
+                while issued.fetch_add(1, Ordering::Relaxed) < total {
+                    let n = counter.fetch_add(1, Ordering::Relaxed);
+                    let user = UserId::parse(&format!("u{}", n % 100_000)).unwrap();
+                    let key = IdempotencyKey::parse(&format!("k{n}")).unwrap();
+                    engine
+                        .purchase(user, key, sale, one)
+                        .await
+                        .expect("durable purchase");
+                }
+            })
+        })
+        .collect();
+    for handle in handles {
+        handle.await.unwrap();
+    }
+}
