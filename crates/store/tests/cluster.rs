@@ -265,6 +265,114 @@ async fn idempotency_keys_and_per_user_limits_hold_across_nodes(backend: Backend
     b.shutdown().await;
 }
 
+/// A cluster store whose leases take a while to be granted.
+struct SlowLeases {
+    inner: Arc<dyn Store>,
+}
+
+#[async_trait::async_trait]
+impl Store for SlowLeases {
+    async fn load(&self) -> Result<stampede_engine::Snapshot, StoreError> {
+        self.inner.load().await
+    }
+    async fn commit(&self, ops: &[WriteOp]) -> Result<Vec<stampede_engine::OpOutcome>, StoreError> {
+        self.inner.commit(ops).await
+    }
+    async fn order(&self, id: OrderId) -> Result<Option<OrderRecord>, StoreError> {
+        self.inner.order(id).await
+    }
+    async fn orders_by_id(&self, ids: &[OrderId]) -> Result<Vec<OrderRecord>, StoreError> {
+        self.inner.orders_by_id(ids).await
+    }
+    async fn tally(
+        &self,
+        sale: SaleId,
+        per_user_limit: u32,
+    ) -> Result<stampede_engine::SaleTally, StoreError> {
+        self.inner.tally(sale, per_user_limit).await
+    }
+    async fn snapshot_tally(
+        &self,
+        sale: SaleId,
+        per_user_limit: u32,
+    ) -> Result<stampede_engine::PendingTally, StoreError> {
+        self.inner.snapshot_tally(sale, per_user_limit).await
+    }
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.inner.ping().await
+    }
+    fn node(&self) -> Option<&str> {
+        self.inner.node()
+    }
+    async fn lease(
+        &self,
+        sale: SaleId,
+        wanted: u64,
+        max: u64,
+    ) -> Result<stampede_engine::LeaseGrant, StoreError> {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        self.inner.lease(sale, wanted, max).await
+    }
+    async fn release(&self, sale: SaleId, units: u64) -> Result<(), StoreError> {
+        self.inner.release(sale, units).await
+    }
+    async fn heartbeat(&self) -> Result<(), StoreError> {
+        self.inner.heartbeat().await
+    }
+    async fn reclaim(&self) -> Result<stampede_engine::Reclaimed, StoreError> {
+        self.inner.reclaim().await
+    }
+    async fn catalog(&self) -> Result<stampede_engine::Catalog, StoreError> {
+        self.inner.catalog().await
+    }
+    async fn leave(&self) -> Result<(), StoreError> {
+        self.inner.leave().await
+    }
+}
+
+async fn a_buyer_who_hangs_up_while_waiting_for_a_lease_frees_its_key(backend: Backend) {
+    let database = TestDatabase::create(backend).await;
+    let store = database
+        .open_with(std::path::Path::new("."), &cluster_options())
+        .await;
+    let engine = Engine::open(
+        Arc::new(SlowLeases { inner: store }),
+        Arc::new(SystemClock),
+        EngineConfig {
+            cluster_tick_ms: 100,
+            ..EngineConfig::default()
+        },
+    )
+    .await
+    .unwrap();
+    let sale = live_sale(&engine, "P", 10, 10, 50, 1).await;
+    // The buyer hangs up while its node waits for the first lease.
+    let hung_up = tokio::time::timeout(
+        Duration::from_millis(100),
+        engine.purchase(user("x"), key("k"), sale, one()),
+    )
+    .await;
+    assert!(
+        hung_up.is_err(),
+        "the purchase was still waiting for a lease"
+    );
+    // Its retry is answered (not left waiting for the abandoned attempt).
+    let retry = tokio::time::timeout(
+        Duration::from_secs(5),
+        engine.purchase(user("x"), key("k"), sale, one()),
+    )
+    .await
+    .expect("the retry is answered");
+    assert!(
+        !retry.unwrap().replay,
+        "the abandoned attempt placed nothing"
+    );
+    let audit = engine.audit(sale).await.unwrap().unwrap();
+    assert!(audit.consistent, "{audit:?}");
+    assert_eq!(audit.tally.pending_payment, 1);
+    engine.shutdown().await;
+}
+
 async fn a_single_owner_and_a_cluster_never_share_a_database(backend: Backend) {
     let database = TestDatabase::create(backend).await;
     let url = database.url.as_deref();
@@ -299,5 +407,6 @@ on_server_backends!(
     a_dead_nodes_lease_is_reclaimed_and_it_can_never_commit_again,
     a_cancelled_order_returns_its_unit_to_the_cancelling_nodes_lease,
     idempotency_keys_and_per_user_limits_hold_across_nodes,
+    a_buyer_who_hangs_up_while_waiting_for_a_lease_frees_its_key,
     a_single_owner_and_a_cluster_never_share_a_database,
 );
