@@ -128,11 +128,7 @@ impl Writer {
                     next_upkeep = Instant::now() + upkeep_every;
                     self.cluster_upkeep().await;
                     if self.is_halted() {
-                        self.jobs.close();
-                        while let Some(job) = self.jobs.recv().await {
-                            batch.push(job);
-                        }
-                        self.failed(&mut batch);
+                        self.refuse_the_rest(&mut batch).await;
                         break;
                     }
                     continue;
@@ -152,12 +148,7 @@ impl Writer {
                 self.cluster_upkeep().await;
             }
             if self.is_halted() {
-                // Nothing queued behind the failure was written: undo and refuse it all.
-                self.jobs.close();
-                while let Some(job) = self.jobs.recv().await {
-                    batch.push(job);
-                }
-                self.failed(&mut batch);
+                self.refuse_the_rest(&mut batch).await;
                 break;
             }
         }
@@ -172,6 +163,15 @@ impl Writer {
             }
         }
         tracing::info!("writer drained and stopped");
+    }
+
+    /// After a halt: nothing queued behind it was written; undo and refuse it all.
+    async fn refuse_the_rest(&mut self, batch: &mut Vec<Job>) {
+        self.jobs.close();
+        while let Some(job) = self.jobs.recv().await {
+            batch.push(job);
+        }
+        self.failed(batch);
     }
 
     fn is_halted(&self) -> bool {

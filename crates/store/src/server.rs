@@ -1072,27 +1072,7 @@ macro_rules! server_store {
                             .await
                             .map_err(unavailable)?;
                         if removed.rows_affected() == 1 {
-                            let leases = sqlx::query(q(&self.sql.node_leases))
-                                .bind(dead)
-                                .fetch_all(&mut *tx)
-                                .await
-                                .map_err(unavailable)?;
-                            for lease in leases {
-                                let sale_id: String = lease.try_get("sale_id").map_err(unavailable)?;
-                                let units: i64 = lease.try_get("units").map_err(unavailable)?;
-                                sqlx::query(q(&self.sql.give_unleased))
-                                    .bind(units)
-                                    .bind(&sale_id)
-                                    .execute(&mut *tx)
-                                    .await
-                                    .map_err(unavailable)?;
-                                reclaimed.units += units as u64;
-                            }
-                            sqlx::query(q(&self.sql.remove_node_leases))
-                                .bind(dead)
-                                .execute(&mut *tx)
-                                .await
-                                .map_err(unavailable)?;
+                            reclaimed.units += return_leases!(&mut *tx, &self.sql, dead);
                             reclaimed.nodes += 1;
                             tracing::warn!(node = %dead, "declared a node dead and reclaimed its leases");
                         }
@@ -1176,26 +1156,7 @@ macro_rules! server_store {
                         // Declared dead already: the leases were reclaimed.
                         return Ok(());
                     }
-                    let leases = sqlx::query(q(&self.sql.node_leases))
-                        .bind(node)
-                        .fetch_all(&mut *tx)
-                        .await
-                        .map_err(unavailable)?;
-                    for lease in leases {
-                        let sale_id: String = lease.try_get("sale_id").map_err(unavailable)?;
-                        let units: i64 = lease.try_get("units").map_err(unavailable)?;
-                        sqlx::query(q(&self.sql.give_unleased))
-                            .bind(units)
-                            .bind(&sale_id)
-                            .execute(&mut *tx)
-                            .await
-                            .map_err(unavailable)?;
-                    }
-                    sqlx::query(q(&self.sql.remove_node_leases))
-                        .bind(node)
-                        .execute(&mut *tx)
-                        .await
-                        .map_err(unavailable)?;
+                    return_leases!(&mut *tx, &self.sql, node);
                     sqlx::query(q(&self.sql.remove_node))
                         .bind(node)
                         .execute(&mut *tx)
@@ -1256,6 +1217,37 @@ macro_rules! on_writer {
             *guard = Some(connection);
         }
         result
+    }};
+}
+
+/// Returns every lease of `$node` to its sale's unleased pool and deletes them, in an
+/// open transaction that already holds `$node`'s row (so its commits are stopped);
+/// answers the units returned. Sales are locked in id order, as a lease locks them.
+macro_rules! return_leases {
+    ($conn:expr, $sql:expr, $node:expr) => {{
+        let leases = sqlx::query(q(&$sql.node_leases))
+            .bind($node)
+            .fetch_all(&mut *$conn)
+            .await
+            .map_err(unavailable)?;
+        let mut returned: u64 = 0;
+        for lease in leases {
+            let sale_id: String = lease.try_get("sale_id").map_err(unavailable)?;
+            let units: i64 = lease.try_get("units").map_err(unavailable)?;
+            sqlx::query(q(&$sql.give_unleased))
+                .bind(units)
+                .bind(&sale_id)
+                .execute(&mut *$conn)
+                .await
+                .map_err(unavailable)?;
+            returned += units.max(0) as u64;
+        }
+        sqlx::query(q(&$sql.remove_node_leases))
+            .bind($node)
+            .execute(&mut *$conn)
+            .await
+            .map_err(unavailable)?;
+        returned
     }};
 }
 

@@ -22,19 +22,11 @@ pub async fn purchase_round_on(
     counter: &AtomicU64,
     buyers: u64,
 ) {
-    let one = Quantity::parse(1).unwrap();
     let handles: Vec<_> = (0..buyers)
         .map(|_| {
             let n = counter.fetch_add(1, Ordering::Relaxed);
             let engine = engines[n as usize % engines.len()].clone();
-            tokio::spawn(async move {
-                let user = UserId::parse(&format!("u{}", n % 100_000)).unwrap();
-                let key = IdempotencyKey::parse(&format!("k{n}")).unwrap();
-                engine
-                    .purchase(user, key, sale, one)
-                    .await
-                    .expect("durable purchase");
-            })
+            tokio::spawn(async move { buy_one(&engine, sale, n).await })
         })
         .collect();
     for handle in handles {
@@ -53,7 +45,6 @@ pub async fn purchase_stream_on(
     concurrency: u64,
     total: u64,
 ) {
-    let one = Quantity::parse(1).unwrap();
     let issued = Arc::new(AtomicU64::new(0));
     let handles: Vec<_> = (0..concurrency)
         .map(|buyer| {
@@ -61,13 +52,7 @@ pub async fn purchase_stream_on(
             let (issued, counter) = (issued.clone(), counter.clone());
             tokio::spawn(async move {
                 while issued.fetch_add(1, Ordering::Relaxed) < total {
-                    let n = counter.fetch_add(1, Ordering::Relaxed);
-                    let user = UserId::parse(&format!("u{}", n % 100_000)).unwrap();
-                    let key = IdempotencyKey::parse(&format!("k{n}")).unwrap();
-                    engine
-                        .purchase(user, key, sale, one)
-                        .await
-                        .expect("durable purchase");
+                    buy_one(&engine, sale, counter.fetch_add(1, Ordering::Relaxed)).await;
                 }
             })
         })
@@ -75,4 +60,15 @@ pub async fn purchase_stream_on(
     for handle in handles {
         handle.await.unwrap();
     }
+}
+
+/// Purchase number `n`: one unit for shopper `u<n mod 100,000>` under a key of its own,
+/// answered once durable.
+async fn buy_one(engine: &Engine, sale: SaleId, n: u64) {
+    let user = UserId::parse(&format!("u{}", n % 100_000)).unwrap();
+    let key = IdempotencyKey::parse(&format!("k{n}")).unwrap();
+    engine
+        .purchase(user, key, sale, Quantity::parse(1).unwrap())
+        .await
+        .expect("durable purchase");
 }
