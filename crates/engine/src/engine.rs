@@ -238,6 +238,10 @@ pub(crate) struct SaleInner {
     pub in_flight: u64,
     /// Units held (pending + paid + in flight) by each shopper.
     pub held_by_user: FastMap<UserId, u32>,
+    /// What the sale's view shows as left when the stock is not all in this node's
+    /// memory (a cluster node's lease is a slice of it; an outside gate keeps it
+    /// elsewhere): the last count read from where it is.
+    pub unsold_hint: u64,
     /// Cluster only (`remaining` is then this node's lease).
     pub lease: LeaseState,
 }
@@ -253,8 +257,6 @@ pub(crate) struct LeaseState {
     pub last_take_ms: i64,
     /// Size of the last grant: a new lease is asked for when `remaining` falls below half.
     pub last_grant: u64,
-    /// Units no order holds across the cluster, as last read from the database.
-    pub unsold_hint: u64,
     /// Units buyers waiting for the next lease want: it grants at least that many.
     pub waiting: u64,
 }
@@ -281,10 +283,8 @@ impl SaleState {
                 remaining,
                 in_flight: 0,
                 held_by_user,
-                lease: LeaseState {
-                    unsold_hint,
-                    ..LeaseState::default()
-                },
+                unsold_hint,
+                lease: LeaseState::default(),
             }),
             record,
             refilled: tokio::sync::Notify::new(),
@@ -804,7 +804,7 @@ impl Engine {
             // A node's lease is a slice of the sale, and an outside gate keeps the stock
             // elsewhere: show the last count seen instead.
             if self.shared.cluster || self.shared.gate.is_some() {
-                inner.lease.unsold_hint
+                inner.unsold_hint
             } else {
                 inner.remaining
             }
@@ -945,7 +945,7 @@ impl Engine {
                 Ok(remaining) => {
                     let mut inner = sale.inner.lock();
                     inner.in_flight += u64::from(units);
-                    inner.lease.unsold_hint = remaining;
+                    inner.unsold_hint = remaining;
                 }
                 Err(GateRefusal::SoldOut { remaining }) => {
                     return refuse(PurchaseError::SoldOut {

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use stampede_types::{Cents, SaleId, Sku};
+use stampede_types::{Cents, IdempotencyKey, Quantity, SaleId, Sku, UserId};
 
 use crate::{Engine, NewProduct, NewSale};
 
@@ -42,4 +42,19 @@ pub async fn live_sale(
         .expect("create sale")
         .record
         .id
+}
+
+/// A shopper id; panics if `name` is not one.
+pub fn user(name: &str) -> UserId {
+    UserId::parse(name).expect("valid user id")
+}
+
+/// An idempotency key; panics if `name` is not one.
+pub fn key(name: &str) -> IdempotencyKey {
+    IdempotencyKey::parse(name).expect("valid idempotency key")
+}
+
+/// A quantity of one unit.
+pub fn one() -> Quantity {
+    Quantity::parse(1).expect("1 is a quantity")
 }

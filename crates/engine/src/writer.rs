@@ -226,7 +226,7 @@ impl Writer {
                     _ => inner.lease.dry_until_ms = now_ms + LEASE_RETRY_MS,
                 }
                 if let Ok(grant) = &result {
-                    inner.lease.unsold_hint = grant.unleased + inner.remaining + inner.in_flight;
+                    inner.unsold_hint = grant.unleased + inner.remaining + inner.in_flight;
                 }
             }
             sale.refilled.notify_waiters();
@@ -333,7 +333,7 @@ impl Writer {
         let mut sales = self.shared.sales.write();
         for (record, unsold) in catalog.sales {
             match sales.get(&record.id) {
-                Some(known) => known.inner.lock().lease.unsold_hint = unsold,
+                Some(known) => known.inner.lock().unsold_hint = unsold,
                 None => {
                     let id = record.id;
                     sales.insert(
@@ -586,41 +586,23 @@ impl Writer {
 
     /// Answers a batch whose commit may have landed: 503 to everyone, nothing undone.
     fn abandoned(&mut self, batch: &mut Vec<Job>) {
-        for job in batch.drain(..) {
-            match job {
-                Job::Purchase { order, reply, .. } => {
-                    self.shared.settle(
-                        &order.user_id,
-                        &order.idempotency_key,
-                        Err(PurchaseError::Unavailable),
-                    );
-                    let _ = reply.send(Err(PurchaseError::Unavailable));
-                }
-                Job::CreateProduct { reply, .. } | Job::CreateSale { reply, .. } => {
-                    let _ = reply.send(Err(()));
-                }
-                Job::Transition { reply, .. } => {
-                    let _ = reply.send(Err(()));
-                }
-                Job::ExpireDue { reply } => {
-                    let _ = reply.send(());
-                }
-                Job::Audit { reply, .. } => {
-                    let _ = reply.send(Err(()));
-                }
-                Job::Lease { sale } => {
-                    sale.inner.lock().lease.asked = false;
-                    sale.refilled.notify_waiters();
-                }
-            }
-        }
+        self.refused(batch, false);
     }
 
+    /// Answers a batch that was not written: its effects undone, 503 to everyone.
     fn failed(&mut self, batch: &mut Vec<Job>) {
+        self.refused(batch, true);
+    }
+
+    /// Answers every job of `batch` with a failure; with `undo`, first hands back what
+    /// each job reserved in memory (stock, a product's sku, a sale's units).
+    fn refused(&mut self, batch: &mut Vec<Job>, undo: bool) {
         for job in batch.drain(..) {
             match job {
                 Job::Purchase { order, sale, reply } => {
-                    sale.give_back(&order.user_id, order.quantity.get(), true);
+                    if undo {
+                        sale.give_back(&order.user_id, order.quantity.get(), true);
+                    }
                     self.shared.settle(
                         &order.user_id,
                         &order.idempotency_key,
@@ -629,11 +611,13 @@ impl Writer {
                     let _ = reply.send(Err(PurchaseError::Unavailable));
                 }
                 Job::CreateProduct { record, reply } => {
-                    self.shared.products.write().remove(&record.sku);
+                    if undo {
+                        self.shared.products.write().remove(&record.sku);
+                    }
                     let _ = reply.send(Err(()));
                 }
                 Job::CreateSale { record, reply } => {
-                    if let Some(product) = self.shared.products.read().get(&record.sku) {
+                    if undo && let Some(product) = self.shared.products.read().get(&record.sku) {
                         product.lock().record.available += record.quantity;
                     }
                     let _ = reply.send(Err(()));

@@ -50,7 +50,7 @@ use stampede_types::{OrderId, SaleId};
 
 mod common;
 
-use common::{BUYERS, purchase_round, purchase_round_on, purchase_stream_on};
+use common::{BUYERS, purchase_round_on, purchase_stream_on};
 
 /// Purchases in flight in the peak group, and the writer's batch bound there.
 const PEAK_BUYERS: u64 = 8_192;
@@ -279,38 +279,58 @@ async fn cluster_on(
     (engines, sale, countings)
 }
 
-/// Benchmarks `$buyers`-wide rounds over `$engines` as `$name`, then records its round
-/// trips per 1,000 orders.
+/// Benchmarks `$engines` as `$name`: each sample runs `$body` with `$nodes` (the
+/// engines), `$counter` (numbers every purchase, so every key is new) and `$iters`
+/// bound. Then stops the engines and records the round trips per 1,000 orders.
 macro_rules! nodes_bench {
-    ($group:expr, $runtime:expr, $name:expr, $engines:expr, $sale:expr, $countings:expr, $buyers:expr, $round_trips:expr) => {{
-        let counter = AtomicU64::new(0);
+    (
+        $group:expr, $runtime:expr, $name:expr, $engines:expr, $countings:expr, $round_trips:expr,
+        |$nodes:ident, $counter:ident, $iters:ident| $body:expr
+    ) => {{
+        let engines: Vec<Arc<Engine>> = $engines;
+        let countings: Vec<Arc<Counting>> = $countings;
+        let counter = Arc::new(AtomicU64::new(0));
         $group.bench_function(&$name, |b| {
-            b.to_async(&$runtime).iter_custom(|iters| {
-                let engines = $engines.clone();
-                let counter = &counter;
+            b.to_async(&$runtime).iter_custom(|$iters| {
+                let ($nodes, $counter) = (engines.clone(), counter.clone());
                 async move {
                     let started = Instant::now();
-                    for _ in 0..iters {
-                        purchase_round_on(&engines, $sale, counter, $buyers).await;
-                    }
+                    $body;
                     started.elapsed()
                 }
             })
         });
-        for engine in &$engines {
+        for engine in &engines {
             $runtime.block_on(engine.shutdown());
         }
-        let orders: u64 = $countings
+        let orders: u64 = countings
             .iter()
             .map(|c| c.orders.load(Ordering::Relaxed))
             .sum();
-        let trips: u64 = $countings
+        let trips: u64 = countings
             .iter()
             .map(|c| c.round_trips.load(Ordering::Relaxed))
             .sum();
         $round_trips.push(($name, trips as f64 * 1_000.0 / orders.max(1) as f64));
         $runtime.block_on(async { tokio::time::sleep(Duration::from_millis(200)).await });
     }};
+}
+
+/// `nodes_bench!` in rounds of `BUYERS` that drain before the next.
+macro_rules! rounds_bench {
+    ($group:expr, $runtime:expr, $name:expr, $engines:expr, $sale:expr, $countings:expr, $round_trips:expr) => {
+        nodes_bench!(
+            $group,
+            $runtime,
+            $name,
+            $engines,
+            $countings,
+            $round_trips,
+            |nodes, counter, iters| for _ in 0..iters {
+                purchase_round_on(&nodes, $sale, &counter, BUYERS).await;
+            }
+        )
+    };
 }
 
 const ROW_LOCK_SCHEMA: [&str; 3] = [
@@ -409,29 +429,15 @@ fn backends(c: &mut Criterion) {
         let dir = tempfile::tempdir().unwrap();
         let database = runtime.block_on(TestDatabase::create(backend));
         let (engine, sale, counting) = runtime.block_on(engine_on(&database, dir.path(), outbox));
-        let counter = AtomicU64::new(0);
-        group.bench_function(&name, |b| {
-            b.to_async(&runtime).iter_custom(|iters| {
-                let engine = engine.clone();
-                let counter = &counter;
-                async move {
-                    let started = Instant::now();
-                    for _ in 0..iters {
-                        purchase_round(&engine, sale, counter).await;
-                    }
-                    started.elapsed()
-                }
-            })
-        });
-        runtime.block_on(engine.shutdown());
-        let orders = counting.orders.load(Ordering::Relaxed).max(1);
-        round_trips.push((
+        rounds_bench!(
+            group,
+            runtime,
             name,
-            counting.round_trips.load(Ordering::Relaxed) as f64 * 1_000.0 / orders as f64,
-        ));
-        drop(engine);
-        drop(counting);
-        runtime.block_on(async { tokio::time::sleep(Duration::from_millis(200)).await });
+            vec![engine],
+            sale,
+            vec![counting],
+            round_trips
+        );
     }
 
     // Two nodes leasing the stock of one database.
@@ -441,16 +447,7 @@ fn backends(c: &mut Criterion) {
         let database = runtime.block_on(TestDatabase::create(backend));
         let (engines, sale, countings) =
             runtime.block_on(cluster_on(&database, dir.path(), 2, 1_024));
-        nodes_bench!(
-            group,
-            runtime,
-            name,
-            engines,
-            sale,
-            countings,
-            BUYERS,
-            round_trips
-        );
+        rounds_bench!(group, runtime, name, engines, sale, countings, round_trips);
     }
 
     // Stampede with the conventional Redis + Lua gate in front of the same writer.
@@ -459,16 +456,7 @@ fn backends(c: &mut Criterion) {
         let dir = tempfile::tempdir().unwrap();
         let database = runtime.block_on(TestDatabase::create(Backend::Postgres));
         let (engines, sale, countings) = runtime.block_on(redis_gate_on(&database, dir.path()));
-        nodes_bench!(
-            group,
-            runtime,
-            name,
-            engines,
-            sale,
-            countings,
-            BUYERS,
-            round_trips
-        );
+        rounds_bench!(group, runtime, name, engines, sale, countings, round_trips);
     }
 
     // The row-lock design on the same servers.
@@ -630,31 +618,23 @@ fn backends(c: &mut Criterion) {
         let database = runtime.block_on(TestDatabase::create(backend));
         let (engines, sale, countings) =
             runtime.block_on(cluster_on(&database, dir.path(), nodes, PEAK_BATCH));
-        let counter = Arc::new(AtomicU64::new(0));
-        peak.bench_function(&name, |b| {
-            b.to_async(&runtime).iter_custom(|iters| {
-                let (engines, counter) = (engines.clone(), counter.clone());
-                async move {
-                    let started = Instant::now();
-                    purchase_stream_on(&engines, sale, &counter, PEAK_BUYERS, iters * PEAK_BUYERS)
-                        .await;
-                    started.elapsed()
-                }
-            })
-        });
-        for engine in &engines {
-            runtime.block_on(engine.shutdown());
-        }
-        let orders: u64 = countings
-            .iter()
-            .map(|c| c.orders.load(Ordering::Relaxed))
-            .sum();
-        let trips: u64 = countings
-            .iter()
-            .map(|c| c.round_trips.load(Ordering::Relaxed))
-            .sum();
-        round_trips.push((name, trips as f64 * 1_000.0 / orders.max(1) as f64));
-        runtime.block_on(async { tokio::time::sleep(Duration::from_millis(200)).await });
+        // Constant pressure: every buyer comes back as soon as it is answered.
+        nodes_bench!(
+            peak,
+            runtime,
+            name,
+            engines,
+            countings,
+            round_trips,
+            |nodes, counter, iters| purchase_stream_on(
+                &nodes,
+                sale,
+                &counter,
+                PEAK_BUYERS,
+                iters * PEAK_BUYERS
+            )
+            .await
+        );
     }
     peak.finish();
 

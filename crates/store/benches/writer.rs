@@ -17,7 +17,7 @@ use stampede_types::SaleId;
 
 mod common;
 
-use common::{BUYERS, purchase_round};
+use common::{BUYERS, purchase_round_on};
 
 async fn setup(dir: &std::path::Path, batch_size_max: usize) -> (Arc<Engine>, SaleId) {
     let store = SqliteStore::open(&dir.join("bench.db"))
@@ -57,7 +57,8 @@ fn group_commit(c: &mut Criterion) {
                 async move {
                     let started = Instant::now();
                     for _ in 0..iters {
-                        purchase_round(&engine, sale, counter).await;
+                        purchase_round_on(std::slice::from_ref(&engine), sale, counter, BUYERS)
+                            .await;
                     }
                     started.elapsed()
                 }

@@ -414,43 +414,80 @@ macro_rules! server_store {
                 Self::open_as(url, None).await
             }
 
-            async fn open_as(url: &str, owner_wait: Option<Duration>) -> Result<$store, StoreError> {
-                let options: $options = url.parse().map_err(unavailable)?;
-                let dialect = &$dialect;
-                let sql = Sql::new(dialect);
-                let port = options.get_port();
-                let mut writer = <$conn>::connect_with(&options).await.map_err(unavailable)?;
-                crate::nodelay::set_on_connections_to(port);
-                let Some(owner_wait) = owner_wait else {
-                    let readers = <$pool_options>::new()
-                        .max_connections(2)
-                        .after_connect(move |_, _| Box::pin(async move {
-                            crate::nodelay::set_on_connections_to(port);
-                            Ok(())
-                        }))
-                        .connect_with(options.clone())
-                        .await
-                        .map_err(unavailable)?;
-                    let _ = writer.close().await;
-                    return Ok($store {
-                        writer: Mutex::new(None),
-                        readers,
-                        options,
-                        sql,
-                        // No owner ever has a negative epoch: commits find no row.
-                        epoch: -1,
-                        batch_seq: std::sync::atomic::AtomicI64::new(0),
-                        outbox: false,
-                        replica: None,
-                        node: None,
-                        node_ttl_ms: 0,
-                    });
-                };
+            /// A writer connection, with TCP_NODELAY set.
+            async fn connect_writer(options: &$options) -> Result<$conn, StoreError> {
+                let writer = <$conn>::connect_with(options).await.map_err(unavailable)?;
+                crate::nodelay::set_on_connections_to(options.get_port());
+                Ok(writer)
+            }
+
+            /// A writer connection on a migrated schema whose server commits durably.
+            async fn migrated_writer(options: &$options) -> Result<$conn, StoreError> {
+                let mut writer = Self::connect_writer(options).await?;
                 sqlx::migrate!($migrations)
                     .run(&mut writer)
                     .await
                     .map_err(|e| StoreError::Unavailable(format!("migration failed: {e}")))?;
-                check_durability!(&mut writer, dialect);
+                check_durability!(&mut writer, &$dialect);
+                Ok(writer)
+            }
+
+            /// Pool settings for readers and replicas: TCP_NODELAY on every connection.
+            fn pool_options(port: u16) -> $pool_options {
+                <$pool_options>::new().after_connect(move |_, _| {
+                    Box::pin(async move {
+                        crate::nodelay::set_on_connections_to(port);
+                        Ok(())
+                    })
+                })
+            }
+
+            async fn reader_pool(
+                options: &$options,
+                max: u32,
+            ) -> Result<sqlx::Pool<$db>, StoreError> {
+                Self::pool_options(options.get_port())
+                    .max_connections(max)
+                    .min_connections(1)
+                    .connect_with(options.clone())
+                    .await
+                    .map_err(unavailable)
+            }
+
+            /// The store around its connections; `epoch` < 0 never commits (read-only).
+            fn assemble(
+                writer: Option<$conn>,
+                readers: sqlx::Pool<$db>,
+                options: $options,
+                sql: Sql,
+                epoch: i64,
+                node: Option<String>,
+                node_ttl: Duration,
+            ) -> $store {
+                $store {
+                    writer: Mutex::new(writer),
+                    readers,
+                    options,
+                    sql,
+                    epoch,
+                    batch_seq: std::sync::atomic::AtomicI64::new(0),
+                    outbox: false,
+                    replica: None,
+                    node,
+                    node_ttl_ms: node_ttl.as_millis() as i64,
+                }
+            }
+
+            async fn open_as(url: &str, owner_wait: Option<Duration>) -> Result<$store, StoreError> {
+                let options: $options = url.parse().map_err(unavailable)?;
+                let dialect = &$dialect;
+                let sql = Sql::new(dialect);
+                let Some(owner_wait) = owner_wait else {
+                    let readers = Self::reader_pool(&options, 2).await?;
+                    // No owner ever has a negative epoch: commits find no row.
+                    return Ok(Self::assemble(None, readers, options, sql, -1, None, Duration::ZERO));
+                };
+                let mut writer = Self::migrated_writer(&options).await?;
                 take_owner_lock!(&mut writer, dialect, owner_wait);
                 // A single owner and a cluster never share a database. (A cluster node
                 // joins first, then checks this lock, so one of the two always refuses.)
@@ -489,29 +526,9 @@ macro_rules! server_store {
                     tx.commit().await.map_err(unavailable)?;
                     epoch
                 };
-                let readers = <$pool_options>::new()
-                    .max_connections(READER_CONNECTIONS_MAX)
-                    .min_connections(1)
-                    .after_connect(move |_, _| Box::pin(async move {
-                        crate::nodelay::set_on_connections_to(port);
-                        Ok(())
-                    }))
-                    .connect_with(options.clone())
-                    .await
-                    .map_err(unavailable)?;
+                let readers = Self::reader_pool(&options, READER_CONNECTIONS_MAX).await?;
                 tracing::info!(backend = dialect.name, epoch, "took ownership of the database");
-                Ok($store {
-                    writer: Mutex::new(Some(writer)),
-                    readers,
-                    options,
-                    sql,
-                    epoch,
-                    batch_seq: std::sync::atomic::AtomicI64::new(0),
-                    outbox: false,
-                    replica: None,
-                    node: None,
-                    node_ttl_ms: 0,
-                })
+                Ok(Self::assemble(Some(writer), readers, options, sql, epoch, None, Duration::ZERO))
             }
 
             /// Joins the cluster of nodes writing this database: several nodes each sell
@@ -522,14 +539,7 @@ macro_rules! server_store {
                 let options: $options = url.parse().map_err(unavailable)?;
                 let dialect = &$dialect;
                 let sql = Sql::new(dialect);
-                let port = options.get_port();
-                let mut writer = <$conn>::connect_with(&options).await.map_err(unavailable)?;
-                crate::nodelay::set_on_connections_to(port);
-                sqlx::migrate!($migrations)
-                    .run(&mut writer)
-                    .await
-                    .map_err(|e| StoreError::Unavailable(format!("migration failed: {e}")))?;
-                check_durability!(&mut writer, dialect);
+                let mut writer = Self::migrated_writer(&options).await?;
                 // Idempotency keys must be unique across nodes: a retry that reaches
                 // another node finds the first order (outside the join transaction:
                 // MySQL commits around DDL).
@@ -602,29 +612,9 @@ macro_rules! server_store {
                         "a single-owner node uses this database, so no cluster can: {error}"
                     )));
                 }
-                let readers = <$pool_options>::new()
-                    .max_connections(READER_CONNECTIONS_MAX)
-                    .min_connections(1)
-                    .after_connect(move |_, _| Box::pin(async move {
-                        crate::nodelay::set_on_connections_to(port);
-                        Ok(())
-                    }))
-                    .connect_with(options.clone())
-                    .await
-                    .map_err(unavailable)?;
+                let readers = Self::reader_pool(&options, READER_CONNECTIONS_MAX).await?;
                 tracing::info!(backend = dialect.name, %node, "joined the cluster");
-                Ok($store {
-                    writer: Mutex::new(Some(writer)),
-                    readers,
-                    options,
-                    sql,
-                    epoch: 0,
-                    batch_seq: std::sync::atomic::AtomicI64::new(0),
-                    outbox: false,
-                    replica: None,
-                    node: Some(node),
-                    node_ttl_ms: node_ttl.as_millis() as i64,
-                })
+                Ok(Self::assemble(Some(writer), readers, options, sql, 0, Some(node), node_ttl))
             }
 
             fn cluster_node(&self) -> Result<&str, StoreError> {
@@ -644,15 +634,10 @@ macro_rules! server_store {
             /// only sends the reads back to the primary.
             pub fn with_replica(mut self, url: &str) -> Result<Self, StoreError> {
                 let options: $options = url.parse().map_err(unavailable)?;
-                let port = options.get_port();
                 self.replica = Some(
-                    <$pool_options>::new()
+                    Self::pool_options(options.get_port())
                         .max_connections(READER_CONNECTIONS_MAX)
                         .acquire_timeout(REPLICA_ACQUIRE_TIMEOUT)
-                        .after_connect(move |_, _| Box::pin(async move {
-                            crate::nodelay::set_on_connections_to(port);
-                            Ok(())
-                        }))
                         .connect_lazy_with(options),
                 );
                 Ok(self)
@@ -666,8 +651,7 @@ macro_rules! server_store {
             /// a cluster: while this node is still a member).
             async fn reconnect(&self) -> Result<$conn, StoreError> {
                 if let Some(node) = &self.node {
-                    let mut writer = <$conn>::connect_with(&self.options).await.map_err(unavailable)?;
-                    crate::nodelay::set_on_connections_to(self.options.get_port());
+                    let mut writer = Self::connect_writer(&self.options).await?;
                     let member: Option<i64> = sqlx::query_scalar(q(&self.sql.node_batch_seq))
                         .bind(node)
                         .fetch_optional(&mut writer)
@@ -684,8 +668,7 @@ macro_rules! server_store {
                     return Err(StoreError::Fenced("opened read-only".into()));
                 }
                 let dialect = &$dialect;
-                let mut writer = <$conn>::connect_with(&self.options).await.map_err(unavailable)?;
-                crate::nodelay::set_on_connections_to(self.options.get_port());
+                let mut writer = Self::connect_writer(&self.options).await?;
                 take_owner_lock!(&mut writer, dialect, Duration::ZERO);
                 let epoch: i64 = sqlx::query_scalar("SELECT epoch FROM stampede_owner WHERE id = 1")
                     .fetch_one(&mut writer)
@@ -1654,6 +1637,11 @@ macro_rules! tally_with {
 }
 
 /// Applies a batch on an open transaction; answers one outcome per op.
+/// One column of a run of orders, as an array parameter.
+fn column<'a, T>(orders: &[&'a OrderRecord], field: impl Fn(&'a OrderRecord) -> T) -> Vec<T> {
+    orders.iter().map(|order| field(order)).collect()
+}
+
 /// PostgreSQL: a run of orders as one `INSERT … SELECT * FROM UNNEST(arrays)`, one
 /// array per column: one statement, one shape, one round trip for any number of rows.
 macro_rules! insert_orders_unnest {
@@ -1665,47 +1653,17 @@ macro_rules! insert_orders_unnest {
             ") SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::bigint[], \
              $6::bigint[], $7::text[], $8::text[], $9::bigint[], $10::bigint[], $11::bigint[])"
         ))
-        .bind(
-            orders
-                .iter()
-                .map(|o| o.id.to_string())
-                .collect::<Vec<String>>(),
-        )
-        .bind(
-            orders
-                .iter()
-                .map(|o| o.user_id.as_str())
-                .collect::<Vec<&str>>(),
-        )
-        .bind(
-            orders
-                .iter()
-                .map(|o| o.sale_id.to_string())
-                .collect::<Vec<String>>(),
-        )
-        .bind(orders.iter().map(|o| o.sku.as_str()).collect::<Vec<&str>>())
-        .bind(
-            orders
-                .iter()
-                .map(|o| i64::from(o.quantity.get()))
-                .collect::<Vec<i64>>(),
-        )
-        .bind(orders.iter().map(|o| o.amount.get()).collect::<Vec<i64>>())
-        .bind(
-            orders
-                .iter()
-                .map(|o| o.status.as_str())
-                .collect::<Vec<&str>>(),
-        )
-        .bind(
-            orders
-                .iter()
-                .map(|o| o.idempotency_key.as_str())
-                .collect::<Vec<&str>>(),
-        )
-        .bind(orders.iter().map(|o| o.created_at_ms).collect::<Vec<i64>>())
-        .bind(orders.iter().map(|o| o.expires_at_ms).collect::<Vec<i64>>())
-        .bind(orders.iter().map(|o| o.updated_at_ms).collect::<Vec<i64>>())
+        .bind(column(orders, |o| o.id.to_string()))
+        .bind(column(orders, |o| o.user_id.as_str()))
+        .bind(column(orders, |o| o.sale_id.to_string()))
+        .bind(column(orders, |o| o.sku.as_str()))
+        .bind(column(orders, |o| i64::from(o.quantity.get())))
+        .bind(column(orders, |o| o.amount.get()))
+        .bind(column(orders, |o| o.status.as_str()))
+        .bind(column(orders, |o| o.idempotency_key.as_str()))
+        .bind(column(orders, |o| o.created_at_ms))
+        .bind(column(orders, |o| o.expires_at_ms))
+        .bind(column(orders, |o| o.updated_at_ms))
         .execute(&mut *$conn)
         .await
         .map_err(unavailable)?;

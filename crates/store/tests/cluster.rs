@@ -7,28 +7,16 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use stampede_engine::testing::live_sale;
+use stampede_engine::testing::{key, live_sale, one, user};
 use stampede_engine::{
     Actor, Engine, EngineConfig, OrderRecord, PurchaseError, Store, StoreError, SystemClock,
     WriteOp,
 };
 use stampede_store::on_server_backends;
 use stampede_store::testing::{Backend, TestDatabase};
-use stampede_types::{IdempotencyKey, OrderId, OrderStatus, Quantity, SaleId, UserId};
+use stampede_types::{OrderId, OrderStatus, SaleId};
 
 const NODE_TTL: Duration = Duration::from_millis(1_500);
-
-fn user(name: &str) -> UserId {
-    UserId::parse(name).unwrap()
-}
-
-fn key(name: &str) -> IdempotencyKey {
-    IdempotencyKey::parse(name).unwrap()
-}
-
-fn one() -> Quantity {
-    Quantity::parse(1).unwrap()
-}
 
 fn cluster_options() -> stampede_store::StoreOptions {
     stampede_store::StoreOptions {

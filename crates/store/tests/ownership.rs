@@ -5,23 +5,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use stampede_engine::testing::live_sale;
+use stampede_engine::testing::{key, live_sale, one, user};
 use stampede_engine::{Engine, EngineConfig, PurchaseError, SystemClock};
 use stampede_store::on_server_backends;
 use stampede_store::testing::{Backend, TestDatabase};
-use stampede_types::{IdempotencyKey, Quantity, UserId};
-
-fn user(name: &str) -> UserId {
-    UserId::parse(name).unwrap()
-}
-
-fn key(name: &str) -> IdempotencyKey {
-    IdempotencyKey::parse(name).unwrap()
-}
-
-fn one() -> Quantity {
-    Quantity::parse(1).unwrap()
-}
 
 async fn open_engine(database: &TestDatabase) -> Engine {
     let store = database.open(std::path::Path::new(".")).await;

@@ -5,11 +5,11 @@
 
 use std::sync::Arc;
 
-use stampede_engine::testing::live_sale;
+use stampede_engine::testing::{live_sale, one};
 use stampede_engine::{Actor, Engine, EngineConfig, PurchaseError, StockGate, Store, SystemClock};
 use stampede_store::RedisGate;
 use stampede_store::testing::{Backend, TestDatabase};
-use stampede_types::{IdempotencyKey, Quantity, UserId};
+use stampede_types::{IdempotencyKey, UserId};
 
 fn redis_url() -> String {
     std::env::var("STAMPEDE_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
@@ -39,10 +39,6 @@ async fn open(store: Arc<dyn Store>, gate: Arc<RedisGate>) -> Arc<Engine> {
         .await
         .unwrap(),
     )
-}
-
-fn one() -> Quantity {
-    Quantity::parse(1).unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

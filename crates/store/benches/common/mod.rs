@@ -9,13 +9,9 @@ use stampede_types::{IdempotencyKey, Quantity, SaleId, UserId};
 /// Purchases in flight at once in every durable-orders benchmark.
 pub const BUYERS: u64 = 512;
 
-/// `BUYERS` concurrent purchases of one unit, each answered only once durable; `counter`
-/// numbers them so every key is new.
-pub async fn purchase_round(engine: &Arc<Engine>, sale: SaleId, counter: &AtomicU64) {
-    purchase_round_on(std::slice::from_ref(engine), sale, counter, BUYERS).await;
-}
-
-/// As `purchase_round`, with `buyers` in flight spread over several nodes of a cluster.
+/// `buyers` concurrent purchases of one unit spread over `engines` (one, or the nodes of
+/// a cluster), each answered only once durable; `counter` numbers them so every key is
+/// new.
 pub async fn purchase_round_on(
     engines: &[Arc<Engine>],
     sale: SaleId,
