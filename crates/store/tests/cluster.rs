@@ -26,12 +26,13 @@ fn cluster_options() -> stampede_store::StoreOptions {
 }
 
 async fn join(database: &TestDatabase) -> (Arc<dyn Store>, Engine) {
-    join_with_payment_window(database, 15 * 60 * 1_000).await
+    join_with(database, 15 * 60 * 1_000, 300).await
 }
 
-async fn join_with_payment_window(
+async fn join_with(
     database: &TestDatabase,
     payment_window_ms: i64,
+    lease_idle_ms: i64,
 ) -> (Arc<dyn Store>, Engine) {
     let store = database
         .open_with(std::path::Path::new("."), &cluster_options())
@@ -39,7 +40,7 @@ async fn join_with_payment_window(
     assert!(store.node().is_some(), "the store joined as a cluster node");
     let config = EngineConfig {
         cluster_tick_ms: 100,
-        lease_idle_ms: 300,
+        lease_idle_ms,
         payment_window_ms,
         expiry_grace_ms: 0,
         expiry_tick_ms: 100,
@@ -116,7 +117,7 @@ async fn three_nodes_sell_a_sale_out_exactly(backend: Backend) {
 async fn a_dead_nodes_lease_is_reclaimed_and_it_can_never_commit_again(backend: Backend) {
     let database = TestDatabase::create(backend).await;
     // A's orders wait 1.5 s for payment; B's a quarter of an hour.
-    let (store_a, a) = join_with_payment_window(&database, 1_500).await;
+    let (store_a, a) = join_with(&database, 1_500, 300).await;
     let (_store_b, b) = join(&database).await;
     const QUANTITY: u64 = 100;
     let sale = live_sale(&a, "P", QUANTITY, QUANTITY, 50, 1).await;
@@ -361,6 +362,61 @@ async fn a_buyer_who_hangs_up_while_waiting_for_a_lease_frees_its_key(backend: B
     engine.shutdown().await;
 }
 
+/// Buys one unit at a time on `node` until it answers sold out for a second; answers
+/// how many it bought.
+async fn buy_until_sold_out(node: &Engine, sale: SaleId, prefix: &str) -> u64 {
+    let mut bought = 0;
+    let mut sold_out_since = None;
+    for n in 0.. {
+        let name = format!("{prefix}{n}");
+        match node.purchase(user(&name), key(&name), sale, one()).await {
+            Ok(_) => {
+                bought += 1;
+                sold_out_since = None;
+            }
+            Err(PurchaseError::SoldOut { .. }) => {
+                let since = *sold_out_since.get_or_insert_with(tokio::time::Instant::now);
+                if since.elapsed() > Duration::from_secs(1) {
+                    return bought;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(other) => panic!("unexpected refusal: {other:?}"),
+        }
+    }
+    unreachable!()
+}
+
+async fn a_node_returns_what_it_does_not_use(backend: Backend) {
+    let database = TestDatabase::create(backend).await;
+    // A's leases go back when idle for 300 ms; C's only when it leaves.
+    let (_, a) = join_with(&database, 15 * 60 * 1_000, 300).await;
+    let (_, b) = join(&database).await;
+    let (_, c) = join_with(&database, 15 * 60 * 1_000, 3_600_000).await;
+    let sale = live_sale(&a, "P", 60, 60, 50, 1).await;
+    learns_of(&b, sale).await;
+    learns_of(&c, sale).await;
+    // A and C each take a lease of several units and sell one.
+    a.purchase(user("a"), key("k"), sale, one()).await.unwrap();
+    c.purchase(user("c"), key("k"), sale, one()).await.unwrap();
+    // B sells all but C's lease: A's idle lease came back while A stays alive.
+    let before_leave = buy_until_sold_out(&b, sale, "b").await;
+    let audit = b.audit(sale).await.unwrap().unwrap();
+    assert!(audit.consistent, "{audit:?}");
+    let held_by_c = audit.remaining;
+    assert!(held_by_c > 0, "C still holds its unused lease: {audit:?}");
+    assert_eq!(before_leave + 2 + held_by_c, 60);
+    // C leaves cleanly: its lease goes back at once and B sells it.
+    c.shutdown().await;
+    let after_leave = buy_until_sold_out(&b, sale, "b2-").await;
+    assert_eq!(after_leave, held_by_c, "C's lease came back when it left");
+    let audit = a.audit(sale).await.unwrap().unwrap();
+    assert!(audit.consistent, "{audit:?}");
+    assert_eq!((audit.remaining, audit.tally.pending_payment), (0, 60));
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
 async fn a_single_owner_and_a_cluster_never_share_a_database(backend: Backend) {
     let database = TestDatabase::create(backend).await;
     let url = database.url.as_deref();
@@ -396,5 +452,6 @@ on_server_backends!(
     a_cancelled_order_returns_its_unit_to_the_cancelling_nodes_lease,
     idempotency_keys_and_per_user_limits_hold_across_nodes,
     a_buyer_who_hangs_up_while_waiting_for_a_lease_frees_its_key,
+    a_node_returns_what_it_does_not_use,
     a_single_owner_and_a_cluster_never_share_a_database,
 );
