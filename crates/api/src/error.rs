@@ -154,6 +154,10 @@ impl From<PurchaseError> for ApiError {
             ),
             PurchaseError::Overloaded => ApiError::overloaded(message),
             PurchaseError::Unavailable => ApiError::unavailable(message),
+            PurchaseError::CircuitOpen { retry_after_ms } => {
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "circuit_open", message)
+                    .retry_after(retry_after_ms.div_ceil(1000).clamp(1, 3600) as u32)
+            }
         }
     }
 }

@@ -272,7 +272,7 @@ impl From<&Placed> for PurchaseBody {
               (status = 422, description = "idempotency_key_reused", body = ErrorBody),
               (status = 400, description = "missing_idempotency_key, malformed_json, invalid_body, invalid_field", body = ErrorBody),
               (status = 401, body = ErrorBody),
-              (status = 503, description = "overloaded (Retry-After)", body = ErrorBody)))]
+              (status = 503, description = "overloaded, unavailable, circuit_open (the database breaker), degraded; all with Retry-After", body = ErrorBody)))]
 pub async fn purchase(
     State(app): State<AppState>,
     Shopper(user): Shopper,

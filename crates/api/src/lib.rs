@@ -9,6 +9,7 @@
 //! bounded.
 
 pub mod auth;
+pub mod database;
 pub mod error;
 pub mod handlers;
 pub mod payment;

@@ -11,6 +11,7 @@ use stampede_types::{
 };
 use tokio::sync::{mpsc, oneshot};
 
+use crate::breaker::CommitBreaker;
 use crate::clock::Clock;
 use crate::gate::{GateRefusal, StockGate};
 use crate::payment::{PaymentError, PaymentGateway};
@@ -117,6 +118,9 @@ pub enum PurchaseError {
     Overloaded,
     #[error("storage unavailable; nothing was recorded")]
     Unavailable,
+    /// The database's circuit breaker is open: refused before anything was taken.
+    #[error("the database is failing (circuit open); retry in {retry_after_ms} ms")]
+    CircuitOpen { retry_after_ms: u64 },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -352,6 +356,8 @@ pub(crate) struct Shared {
     pub payment_attempts: Mutex<FastMap<OrderId, Cents>>,
     /// The provider pays go through, kept for those refunds.
     pub gateway: std::sync::OnceLock<Arc<dyn PaymentGateway>>,
+    /// Watches the writer's commits and refuses purchases while the database fails.
+    pub commit_breaker: std::sync::OnceLock<Arc<dyn CommitBreaker>>,
     /// Set by the writer: 0 after a successful commit. `/readyz` fails while it is not.
     pub commit_failures_in_a_row: std::sync::atomic::AtomicU32,
     /// Set by the writer when the store says its memory can no longer be trusted
@@ -526,6 +532,7 @@ impl Engine {
             user_orders: (0..IDEM_SHARDS)
                 .map(|_| Mutex::new(FastMap::default()))
                 .collect(),
+            commit_breaker: Default::default(),
             commit_failures_in_a_row: Default::default(),
             halted: Default::default(),
             payment_attempts: Default::default(),
@@ -616,6 +623,13 @@ impl Engine {
 
     pub fn now_ms(&self) -> i64 {
         self.shared.clock.now_ms()
+    }
+
+    /// Puts the writer's commits under `breaker`: it hears of every commit, and while it
+    /// is open purchases are refused before they take stock. Set once; later calls are
+    /// ignored.
+    pub fn guard_commits(&self, breaker: Arc<dyn CommitBreaker>) {
+        let _ = self.shared.commit_breaker.set(breaker);
     }
 
     /// The store the engine writes to (for settings kept beside the orders).
@@ -903,9 +917,11 @@ impl Engine {
                     })),
                     Ok(Ok(_)) => Attempt::Answer(Err(PurchaseError::KeyReused)),
                     // The first attempt could not be recorded: this one may try afresh.
-                    Ok(Err(PurchaseError::Overloaded | PurchaseError::Unavailable)) => {
-                        Attempt::RetryAfterDuplicateFailed
-                    }
+                    Ok(Err(
+                        PurchaseError::Overloaded
+                        | PurchaseError::Unavailable
+                        | PurchaseError::CircuitOpen { .. },
+                    )) => Attempt::RetryAfterDuplicateFailed,
                     // A business answer (sold out, limit, ...) is the answer to the duplicate too.
                     Ok(Err(error)) => Attempt::Answer(Err(error)),
                     // The writer went away without answering the first attempt.
@@ -938,6 +954,14 @@ impl Engine {
         }
         if now_ms >= record.ends_at_ms {
             return refuse(PurchaseError::Ended);
+        }
+        // A failing database: refuse before taking stock or joining the queue.
+        if let Some(breaker) = self.shared.commit_breaker.get()
+            && let Err(retry_after) = breaker.admit()
+        {
+            return refuse(PurchaseError::CircuitOpen {
+                retry_after_ms: retry_after.as_millis().max(1) as u64,
+            });
         }
         let units = quantity.get();
         if let Some(gate) = &self.shared.gate {
@@ -1366,6 +1390,7 @@ impl PurchaseError {
             PurchaseError::KeyReused => "idempotency_key_reused",
             PurchaseError::Overloaded => "overloaded",
             PurchaseError::Unavailable => "unavailable",
+            PurchaseError::CircuitOpen { .. } => "circuit_open",
         }
     }
 }

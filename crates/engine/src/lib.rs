@@ -14,6 +14,7 @@
 //! holds more than `per_user_limit` units. Checked when state is rebuilt from storage
 //! and by the audit.
 
+mod breaker;
 mod clock;
 mod engine;
 mod gate;
@@ -22,6 +23,7 @@ mod store;
 pub mod testing;
 mod writer;
 
+pub use breaker::CommitBreaker;
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use engine::{
     AckMode, Actor, AdminError, Audit, Engine, EngineConfig, NewProduct, NewSale, OrderError,

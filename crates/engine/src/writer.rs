@@ -407,8 +407,11 @@ impl Writer {
         } else {
             let started = Instant::now();
             let result = self.shared.store.commit(&ops).await;
-            metrics::histogram!("stampede_writer_commit_seconds")
-                .record(started.elapsed().as_secs_f64());
+            let elapsed = started.elapsed();
+            if let Some(breaker) = self.shared.commit_breaker.get() {
+                breaker.record(elapsed, result.is_ok());
+            }
+            metrics::histogram!("stampede_writer_commit_seconds").record(elapsed.as_secs_f64());
             metrics::histogram!("stampede_writer_batch_ops").record(ops.len() as f64);
             result
         };

@@ -100,6 +100,33 @@ impl Breaker {
         }
     }
 
+    /// For a dependency whose calls are made on behalf of many requests (the writer's
+    /// commits, each carrying a batch of purchases): whether new work may join, without
+    /// taking a call. Closed and half-open let work in (its commits are the probes);
+    /// open says how long until it may.
+    pub fn admits(&self, now: u64) -> Result<(), u64> {
+        let mut inner = self.inner.lock();
+        self.advance(&mut inner, now);
+        if inner.state == State::Open {
+            let until = inner.opened_at + self.rule.open_for.as_nanos() as u64;
+            return Err(until.saturating_sub(now).max(1));
+        }
+        Ok(())
+    }
+
+    /// Records a call made without [`Breaker::try_call`] (see [`Breaker::admits`]). While
+    /// half-open it is a probe: enough good ones close the breaker, one bad one opens it.
+    pub fn observe(&self, now: u64, ok: bool, rt_ns: u64) {
+        let probe = {
+            let mut inner = self.inner.lock();
+            self.advance(&mut inner, now);
+            let probe = inner.state == State::HalfOpen;
+            inner.probes_in_flight += u32::from(probe);
+            probe
+        };
+        self.record(Call { probe }, now, ok, rt_ns);
+    }
+
     /// Records a finished call: `ok` false for an error or timeout, `rt_ns` its time.
     pub fn record(&self, call: Call, now: u64, ok: bool, rt_ns: u64) {
         let slow = rt_ns >= self.rule.slow_call.as_nanos() as u64;
@@ -241,6 +268,31 @@ mod tests {
             call(&b, 3_000 * MS + i * MS, true, 150 * MS);
         }
         assert_eq!(b.state(3_010 * MS), State::Open);
+    }
+
+    #[test]
+    fn observed_calls_open_it_and_probe_it_without_tokens() {
+        let b = Breaker::new(rule());
+        // Admitted while closed; ten slow commits open it (at the tenth, 9 ms).
+        assert!(b.admits(0).is_ok());
+        for i in 0..10 {
+            b.observe(i * MS, true, 150 * MS);
+        }
+        assert_eq!(b.admits(20 * MS).unwrap_err(), 489 * MS);
+        // Half-open after open_for: work is admitted, and its commits are the probes.
+        assert!(b.admits(510 * MS).is_ok());
+        b.observe(520 * MS, true, MS);
+        assert_eq!(b.state(520 * MS), State::HalfOpen);
+        // A failed probe opens it again for open_for.
+        b.observe(530 * MS, false, MS);
+        assert!(b.admits(600 * MS).is_err());
+        assert!(b.admits(1_030 * MS).is_ok());
+        b.observe(1_040 * MS, true, MS);
+        b.observe(1_050 * MS, true, MS);
+        assert_eq!(b.state(1_050 * MS), State::Closed);
+        // Closed with a clean window: one slow commit does not open it.
+        b.observe(1_060 * MS, true, 150 * MS);
+        assert!(b.admits(1_070 * MS).is_ok());
     }
 
     #[test]

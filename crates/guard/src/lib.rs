@@ -774,6 +774,51 @@ impl Guard {
         }
     }
 
+    /// For the database breaker, asked before a purchase joins the writer's queue:
+    /// refused while the breaker of `dependency` is open (counted as blocked, or only
+    /// as would-block in dry run). Without a breaker for it, always yes.
+    pub fn dependency_admits(&self, dependency: &str) -> Result<(), Rejection> {
+        let compiled = self.compiled.load();
+        let Some((breaker, resource)) = compiled.breakers.get(dependency) else {
+            return Ok(());
+        };
+        match breaker.admits(self.now()) {
+            Ok(()) => Ok(()),
+            Err(_) if compiled.rules.dry_run => {
+                resource
+                    .counters
+                    .would_block
+                    .fetch_add(1, Ordering::Relaxed);
+                Ok(())
+            }
+            Err(retry) => {
+                resource.counters.blocked[3].fetch_add(1, Ordering::Relaxed);
+                Err(Rejection::CircuitOpen {
+                    name: dependency.to_owned(),
+                    retry_after: Duration::from_nanos(retry),
+                })
+            }
+        }
+    }
+
+    /// For the database breaker: one call to `dependency` (a commit) finished after
+    /// `elapsed`, `ok` or not. Counted as passed, completed, with its time and errors.
+    pub fn dependency_called(&self, dependency: &str, elapsed: Duration, ok: bool) {
+        let compiled = self.compiled.load();
+        let Some((breaker, resource)) = compiled.breakers.get(dependency) else {
+            return;
+        };
+        let rt = elapsed.as_nanos() as u64;
+        breaker.observe(self.now(), ok, rt);
+        let counters = &resource.counters;
+        counters.passed.fetch_add(1, Ordering::Relaxed);
+        counters.completed.fetch_add(1, Ordering::Relaxed);
+        counters.rt_ns.fetch_add(rt, Ordering::Relaxed);
+        if !ok {
+            counters.errors.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
     pub fn stats(&self) -> GuardStats {
         let compiled = self.compiled.load();
         let now = self.now();

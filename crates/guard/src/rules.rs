@@ -81,9 +81,12 @@ pub fn default_hot() -> Vec<HotRule> {
     }]
 }
 
-/// The shipped default breaker on the payment provider.
+/// The shipped default breakers: on the payment provider and on the database.
 pub fn default_breakers() -> Vec<BreakerRule> {
-    vec![BreakerRule::payment_default()]
+    vec![
+        BreakerRule::payment_default(),
+        BreakerRule::database_default(),
+    ]
 }
 
 /// QPS and concurrency for one resource (a route such as `purchase`, or a named one).
@@ -199,6 +202,24 @@ fn probes() -> u32 {
 }
 
 impl BreakerRule {
+    /// On the writer's commits (one per batch). A healthy commit takes milliseconds;
+    /// half of them failing, or taking a second, over at least five in ten seconds means
+    /// the database is in trouble: purchases are then refused at once for two seconds,
+    /// after which the next commits probe it.
+    pub fn database_default() -> BreakerRule {
+        BreakerRule {
+            name: "database".into(),
+            slow_call: Duration::from_secs(1),
+            slow_ratio: Some(0.5),
+            error_ratio: Some(0.5),
+            error_count: None,
+            min_calls: 5,
+            window: window(),
+            open_for: Duration::from_secs(2),
+            half_open_probes: probes(),
+        }
+    }
+
     pub fn payment_default() -> BreakerRule {
         BreakerRule {
             name: "payment".into(),

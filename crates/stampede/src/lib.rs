@@ -503,6 +503,9 @@ pub async fn start(
         let all: Vec<String> = errors.iter().map(ToString::to_string).collect();
         anyhow::anyhow!("invalid guard rules: {}", all.join("; "))
     })?;
+    engine.guard_commits(Arc::new(stampede_api::database::GuardedDatabase {
+        guard: guard.clone(),
+    }));
     let state = AppState(Arc::new(stampede_api::App {
         engine: engine.clone(),
         auth: Auth::new(admin_token.clone(), &jwt_secret),

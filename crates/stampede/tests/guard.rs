@@ -1,6 +1,6 @@
 //! The guard over HTTP: the shipped per-shopper limit, flow rules and degradation set
-//! through the admin API, rules kept across a restart, the payment breaker, dry run and
-//! the stats endpoint.
+//! through the admin API, rules kept across a restart, the payment and database
+//! breakers, dry run and the stats endpoint.
 
 mod common;
 
@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use serde_json::{Value, json};
+use stampede_store::testing::Backend;
 
 async fn put_rules(app: &TestApp, token: Option<&str>, rules: &Value) -> Reply {
     let mut request = app.client.put(app.url("/v1/guard/rules")).json(rules);
@@ -212,16 +213,132 @@ async fn an_open_payment_breaker_answers_at_once_and_closes_when_the_provider_he
         calls_before,
         "the provider was not called"
     );
-    let stats = app.get("/v1/guard/stats", None).await.body;
-    assert_eq!(stats["breakers"][0], json!(["payment", "open"]));
+    assert_eq!(breaker(&app, "payment").await, "open");
     // The order stays payable: once the provider heals and the breaker has waited,
     // a probe goes through and closes it.
     app.sim.configure(0, 0.0).await;
     tokio::time::sleep(Duration::from_millis(550)).await;
     assert_eq!(app.pay(&buyer, &orders[4]).await.status, 200);
     assert_eq!(app.pay(&buyer, &orders[5]).await.status, 200);
+    assert_eq!(breaker(&app, "payment").await, "closed");
+}
+
+/// The state of the breaker on `dependency`, from the stats endpoint.
+async fn breaker(app: &TestApp, dependency: &str) -> String {
     let stats = app.get("/v1/guard/stats", None).await.body;
-    assert_eq!(stats["breakers"][0], json!(["payment", "closed"]));
+    let found = stats["breakers"]
+        .as_array()
+        .expect("breakers")
+        .iter()
+        .find(|b| b[0] == dependency)
+        .unwrap_or_else(|| panic!("no breaker on {dependency}: {stats}"));
+    found[1].as_str().expect("a state").to_owned()
+}
+
+/// The totals of one guard resource, from the stats endpoint.
+async fn resource_totals(app: &TestApp, resource: &str) -> Value {
+    let stats = app.get("/v1/guard/stats", None).await.body;
+    stats["resources"]
+        .as_array()
+        .expect("resources")
+        .iter()
+        .find(|r| r["resource"] == resource)
+        .unwrap_or_else(|| panic!("no resource {resource}: {stats}"))["total"]
+        .clone()
+}
+
+stampede_store::on_every_backend!(
+    an_open_database_breaker_refuses_purchases_at_once_and_closes_when_the_database_heals
+);
+
+async fn an_open_database_breaker_refuses_purchases_at_once_and_closes_when_the_database_heals(
+    backend: Backend,
+) {
+    let app = spawn_app_on_with(backend, |config| {
+        let database = config
+            .guard
+            .breakers
+            .iter_mut()
+            .find(|b| b.name == "database")
+            .expect("a database breaker is shipped");
+        database.min_calls = 3;
+        database.open_for = Duration::from_millis(700);
+        database.half_open_probes = 2;
+    })
+    .await;
+    assert_eq!(breaker(&app, "database").await, "closed");
+    let sale = app.live_sale("GUARD-DB", 100, 100).await;
+    let buyer = app.shopper("db-buyer");
+    assert_eq!(app.purchase(&buyer, &sale, "before", 1).await.0, 201);
+
+    // The database refuses every order: commits fail and purchases answer 503
+    // `unavailable` until the breaker has seen enough of them.
+    app.database.break_order_inserts(app.data_dir.path()).await;
+    let mut failed_commits = 0;
+    let mut opened = None;
+    for i in 0..20 {
+        let reply = app
+            .purchase_reply(&buyer, &sale, &format!("down-{i}"), 1)
+            .await;
+        match reply.error_code() {
+            "unavailable" => failed_commits += 1,
+            "circuit_open" => {
+                opened = Some((i, reply));
+                break;
+            }
+            other => panic!("{other}: {}", reply.body),
+        }
+    }
+    let (first_refused, reply) = opened.expect("the breaker opened");
+    assert!((1..=5).contains(&failed_commits), "{failed_commits}");
+    assert_error(&reply, 503, "circuit_open");
+    assert!(reply.headers.contains_key("retry-after"));
+    assert_eq!(breaker(&app, "database").await, "open");
+
+    // Open: refused at once, without joining the writer's queue (no commit is tried).
+    let commits = resource_totals(&app, "outbound:database").await["passed"].clone();
+    for i in 0..10 {
+        let t = Instant::now();
+        let reply = app
+            .purchase_reply(&buyer, &sale, &format!("open-{i}"), 1)
+            .await;
+        assert_error(&reply, 503, "circuit_open");
+        assert!(
+            t.elapsed() < Duration::from_millis(200),
+            "{:?}",
+            t.elapsed()
+        );
+    }
+    let totals = resource_totals(&app, "outbound:database").await;
+    assert_eq!(totals["passed"], commits, "no commit while open: {totals}");
+    assert!(
+        totals["blocked_circuit_open"].as_u64().unwrap() >= 11,
+        "{totals}"
+    );
+    assert!(
+        totals["errors"].as_u64().unwrap() >= failed_commits,
+        "{totals}"
+    );
+    // Nothing was sold or left taken.
+    let audit = app.audit(&sale).await;
+    assert_eq!(audit["pending_payment"], 1, "{audit}");
+    assert_eq!(audit["remaining"], 99, "{audit}");
+    assert_eq!(audit["consistent"], true, "{audit}");
+
+    // The database heals; after `open_for` purchases go through again (their commits are
+    // the probes) and the breaker closes. A key refused while open was not used up.
+    app.database.heal_order_inserts(app.data_dir.path()).await;
+    tokio::time::sleep(Duration::from_millis(750)).await;
+    let (status, _) = app
+        .purchase(&buyer, &sale, &format!("down-{first_refused}"), 1)
+        .await;
+    assert_eq!(status, 201);
+    assert_eq!(breaker(&app, "database").await, "half_open");
+    assert_eq!(app.purchase(&buyer, &sale, "after", 1).await.0, 201);
+    assert_eq!(breaker(&app, "database").await, "closed");
+    let audit = app.audit(&sale).await;
+    assert_eq!(audit["pending_payment"], 3, "{audit}");
+    assert_eq!(audit["consistent"], true, "{audit}");
 }
 
 #[tokio::test]

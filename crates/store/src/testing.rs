@@ -252,6 +252,66 @@ impl TestDatabase {
     }
 }
 
+impl TestDatabase {
+    /// Makes the database refuse every new order, with a trigger that raises an error on
+    /// insert, the way a full disk or a broken table would: each commit carrying orders
+    /// fails and is rolled back. [`TestDatabase::heal_order_inserts`] removes it.
+    pub async fn break_order_inserts(&self, data_dir: &std::path::Path) {
+        let statements: &[&str] = match self.backend {
+            Backend::Sqlite => &["CREATE TRIGGER stampede_t_broken BEFORE INSERT ON orders \
+                 BEGIN SELECT RAISE(ABORT, 'orders are broken (injected)'); END"],
+            Backend::Postgres => &[
+                "CREATE FUNCTION stampede_t_broken() RETURNS trigger LANGUAGE plpgsql AS \
+                 $$ BEGIN RAISE EXCEPTION 'orders are broken (injected)'; END $$",
+                "CREATE TRIGGER stampede_t_broken BEFORE INSERT ON orders \
+                 FOR EACH STATEMENT EXECUTE FUNCTION stampede_t_broken()",
+            ],
+            Backend::MySql => &["CREATE TRIGGER stampede_t_broken BEFORE INSERT ON orders \
+                 FOR EACH ROW SIGNAL SQLSTATE '45000' \
+                 SET MESSAGE_TEXT = 'orders are broken (injected)'"],
+        };
+        self.execute_all(data_dir, statements).await;
+    }
+
+    /// Undoes [`TestDatabase::break_order_inserts`].
+    pub async fn heal_order_inserts(&self, data_dir: &std::path::Path) {
+        let statements: &[&str] = match self.backend {
+            Backend::Postgres => &[
+                "DROP TRIGGER stampede_t_broken ON orders",
+                "DROP FUNCTION stampede_t_broken()",
+            ],
+            Backend::Sqlite | Backend::MySql => &["DROP TRIGGER stampede_t_broken"],
+        };
+        self.execute_all(data_dir, statements).await;
+    }
+
+    /// Runs `statements` on this database, from a connection of its own.
+    async fn execute_all(&self, data_dir: &std::path::Path, statements: &[&str]) {
+        macro_rules! on {
+            ($conn:ty, $url:expr) => {{
+                let mut conn = <$conn>::connect(&$url)
+                    .await
+                    .expect("connect to the test database");
+                for sql in statements {
+                    sqlx::query(sqlx::AssertSqlSafe(*sql))
+                        .execute(&mut conn)
+                        .await
+                        .unwrap_or_else(|e| panic!("{sql}: {e}"));
+                }
+                let _ = conn.close().await;
+            }};
+        }
+        match (self.backend, &self.url) {
+            (Backend::Postgres, Some(url)) => on!(sqlx::PgConnection, url),
+            (Backend::MySql, Some(url)) => on!(sqlx::MySqlConnection, url),
+            _ => on!(
+                sqlx::SqliteConnection,
+                format!("sqlite://{}", data_dir.join("stampede.db").display())
+            ),
+        }
+    }
+}
+
 impl Drop for TestDatabase {
     fn drop(&mut self) {
         if self.name.is_empty() {
