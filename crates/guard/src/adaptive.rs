@@ -26,8 +26,10 @@ pub struct AdaptiveRule {
 fn initial() -> f64 {
     64.0
 }
+/// A group-commit writer needs purchases in flight to fill its batches: below a few
+/// dozen, throughput falls with the limit while latency does not improve.
 fn min() -> f64 {
-    8.0
+    32.0
 }
 fn max() -> f64 {
     4096.0
@@ -97,8 +99,9 @@ impl Gradient2 {
     }
 
     /// One update: `rtt` is the interval's mean response time (any unit), `inflight`
-    /// the requests in flight. Returns the new limit.
-    pub fn update(&mut self, rtt: f64, inflight: f64) -> f64 {
+    /// the requests in flight at the sample, `reached` whether the limit refused anyone
+    /// during the interval. Returns the new limit.
+    pub fn update(&mut self, rtt: f64, inflight: f64, reached: bool) -> f64 {
         if rtt.is_nan() || rtt <= 0.0 {
             return self.limit;
         }
@@ -110,8 +113,10 @@ impl Gradient2 {
         // (after a spell of overload), as Gradient2 does.
         let long = if long / rtt > 2.0 { long * 0.95 } else { long };
         self.long_rtt = Some(long);
-        // Do not grow while the limit is not even used.
-        if inflight < self.limit / 2.0 {
+        // Do not grow while the limit is not even used. A sample of those in flight can
+        // miss a limit that refused requests all interval long: that counts as used, or a
+        // limit squeezed to its minimum by a storm could never grow back.
+        if inflight < self.limit / 2.0 && !reached {
             return self.limit;
         }
         let gradient = (self.rule.rtt_tolerance * long / rtt).clamp(0.5, 1.0);
@@ -132,7 +137,7 @@ mod tests {
         let mut g = Gradient2::new(AdaptiveRule::default());
         for _ in 0..50 {
             let limit = g.limit();
-            g.update(1.0, limit);
+            g.update(1.0, limit, false);
         }
         assert!(g.limit() > 100.0, "{}", g.limit());
     }
@@ -144,25 +149,45 @@ mod tests {
             ..AdaptiveRule::default()
         });
         for _ in 0..20 {
-            g.update(1.0, 500.0);
+            g.update(1.0, 500.0, false);
         }
         let before = g.limit();
         // Response times triple: requests are queueing.
         for _ in 0..20 {
             let limit = g.limit();
-            g.update(3.0, limit);
+            g.update(3.0, limit, true);
         }
         assert!(g.limit() < before * 0.5, "{} → {}", before, g.limit());
-        assert!(g.limit() >= 8.0);
+        assert!(g.limit() >= 32.0);
     }
 
     #[test]
     fn an_idle_limit_does_not_grow() {
         let mut g = Gradient2::new(AdaptiveRule::default());
         for _ in 0..50 {
-            g.update(1.0, 1.0);
+            g.update(1.0, 1.0, false);
         }
         assert_eq!(g.limit(), 64.0);
+    }
+
+    #[test]
+    fn a_limit_squeezed_by_a_storm_grows_back_once_response_times_recover() {
+        let mut g = Gradient2::new(AdaptiveRule::default());
+        for _ in 0..20 {
+            g.update(1.0, 64.0, true);
+        }
+        // A storm: response times ten times the usual, the limit at its minimum.
+        for _ in 0..100 {
+            let limit = g.limit();
+            g.update(10.0, limit, true);
+        }
+        assert_eq!(g.limit(), 32.0);
+        // After it, few are in flight at each sample, but the limit still refuses
+        // requests (it is used): it grows back.
+        for _ in 0..50 {
+            g.update(1.0, 2.0, true);
+        }
+        assert!(g.limit() > 100.0, "{}", g.limit());
     }
 
     #[test]

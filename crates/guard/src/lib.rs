@@ -396,6 +396,9 @@ pub struct Guard {
     cpu_pinned: AtomicBool,
     /// Set by system-protection refusals, cleared by the sampler once a second.
     pressure_seen: AtomicBool,
+    /// Set when the adaptive limit refused a request, cleared by each limit update: the
+    /// limit was in use during the interval, however few are in flight at the sample.
+    adaptive_reached: AtomicBool,
     auto_degraded: AtomicBool,
     hasher: foldhash::fast::FixedState,
 }
@@ -493,6 +496,7 @@ impl Guard {
             adaptive_limit: AtomicU64::new(adaptive_limit.to_bits()),
             cpu_pinned: AtomicBool::new(false),
             pressure_seen: AtomicBool::new(false),
+            adaptive_reached: AtomicBool::new(false),
             auto_degraded: AtomicBool::new(false),
             hasher: foldhash::fast::FixedState::with_seed(0x5ca1ab1e),
         });
@@ -606,6 +610,9 @@ impl Guard {
             .is_some_and(|max| inflight as f64 >= max as f64 * share);
         if !over && sys.adaptive.is_some() {
             over = inflight as f64 >= self.adaptive_limit() * share;
+            if over {
+                self.adaptive_reached.store(true, Ordering::Relaxed);
+            }
         }
         if !over
             && let Some(threshold) = sys.cpu_threshold
@@ -938,7 +945,8 @@ fn sampler(guard: Weak<Guard>) {
         if let Some((_, rtt)) = guard.system.last_bucket(guard.now())
             && let Some(g) = guard.adaptive.lock().as_mut()
         {
-            let limit = g.update(rtt, guard.inflight() as f64);
+            let reached = guard.adaptive_reached.swap(false, Ordering::Relaxed);
+            let limit = g.update(rtt, guard.inflight() as f64, reached);
             guard
                 .adaptive_limit
                 .store(limit.to_bits(), Ordering::Relaxed);
