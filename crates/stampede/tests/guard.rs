@@ -471,3 +471,46 @@ async fn a_newer_guard_section_in_the_config_file_is_reloaded_live() {
     app.restart().await;
     assert_eq!(rules(&app).await["version"], 1);
 }
+
+/// A stalled PostgreSQL: the statement timeout set in the database URL (as the README
+/// says) turns each stalled commit into a failed one, and the database breaker opens.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_database_times_out_and_opens_the_breaker() {
+    let app = spawn_app_on_with(Backend::Postgres, |config| {
+        let url = config.database_url.clone().expect("a PostgreSQL URL");
+        let joiner = if url.contains('?') { '&' } else { '?' };
+        config.database_url = Some(format!(
+            "{url}{joiner}options=-c%20statement_timeout%3D300"
+        ));
+        let database = config
+            .guard
+            .breakers
+            .iter_mut()
+            .find(|b| b.name == "database")
+            .expect("a database breaker is shipped");
+        database.min_calls = 3;
+    })
+    .await;
+    let sale = app.live_sale("GUARD-STALL", 100, 100).await;
+    let buyer = app.shopper("stalled");
+    assert_eq!(app.purchase(&buyer, &sale, "before", 1).await.0, 201);
+    app.database.slow_order_inserts(5.0).await;
+    let mut codes = Vec::new();
+    for i in 0..10 {
+        let t = Instant::now();
+        let reply = app
+            .purchase_reply(&buyer, &sale, &format!("stalled-{i}"), 1)
+            .await;
+        // Never the five-second stall: the timeout (300 ms) or the open breaker answers.
+        assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+        codes.push(reply.error_code().to_owned());
+        if codes.last().is_some_and(|c| c == "circuit_open") {
+            break;
+        }
+    }
+    assert!(codes.starts_with(&["unavailable".to_owned()]), "{codes:?}");
+    assert_eq!(codes.last().map(String::as_str), Some("circuit_open"), "{codes:?}");
+    let audit = app.audit(&sale).await;
+    assert_eq!(audit["pending_payment"], 1, "{audit}");
+    assert_eq!(audit["consistent"], true, "{audit}");
+}

@@ -273,7 +273,26 @@ impl TestDatabase {
         self.execute_all(data_dir, statements).await;
     }
 
-    /// Undoes [`TestDatabase::break_order_inserts`].
+    /// Makes every insert into orders take `seconds` (PostgreSQL only), with a trigger
+    /// that sleeps, the way a database stalled on a lock or a slow disk would.
+    pub async fn slow_order_inserts(&self, seconds: f64) {
+        assert_eq!(self.backend, Backend::Postgres, "PostgreSQL only");
+        let function = format!(
+            "CREATE FUNCTION stampede_t_broken() RETURNS trigger LANGUAGE plpgsql AS \
+             $$ BEGIN PERFORM pg_sleep({seconds}); RETURN NULL; END $$"
+        );
+        self.execute_all(
+            std::path::Path::new(""),
+            &[
+                &function,
+                "CREATE TRIGGER stampede_t_broken BEFORE INSERT ON orders \
+                 FOR EACH STATEMENT EXECUTE FUNCTION stampede_t_broken()",
+            ],
+        )
+        .await;
+    }
+
+    /// Undoes [`TestDatabase::break_order_inserts`] and [`TestDatabase::slow_order_inserts`].
     pub async fn heal_order_inserts(&self, data_dir: &std::path::Path) {
         let statements: &[&str] = match self.backend {
             Backend::Postgres => &[
