@@ -51,6 +51,10 @@ fn checks(c: &mut Criterion) {
     group.bench_function("outbound_breaker", |b| {
         b.iter(|| guard.outbound("payment").unwrap().unwrap().finish(true))
     });
+    // Asked on every purchase before it takes stock: the database breaker, closed.
+    group.bench_function("database_admits", |b| {
+        b.iter(|| black_box(guard.dependency_admits(black_box("database")).is_ok()))
+    });
     group.finish();
 }
 

@@ -2,6 +2,8 @@
 //! rolling window of ten buckets; open → half-open after `open_for`; half-open lets a
 //! few probes through and closes only if all of them succeed.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use parking_lot::Mutex;
 use serde::Serialize;
 
@@ -37,6 +39,9 @@ struct Inner {
 pub struct Breaker {
     pub rule: BreakerRule,
     bucket_ns: u64,
+    /// While open: when it may let calls through again (ns); 0 otherwise. Lets
+    /// [`Breaker::admits`], asked on every purchase, decide without the lock.
+    open_until: AtomicU64,
     inner: Mutex<Inner>,
 }
 
@@ -53,6 +58,7 @@ impl Breaker {
         Breaker {
             rule,
             bucket_ns,
+            open_until: AtomicU64::new(0),
             inner: Mutex::new(Inner {
                 state: State::Closed,
                 opened_at: 0,
@@ -74,6 +80,7 @@ impl Breaker {
             && now.saturating_sub(inner.opened_at) >= self.rule.open_for.as_nanos() as u64
         {
             inner.state = State::HalfOpen;
+            self.open_until.store(0, Ordering::Relaxed);
             inner.probes_in_flight = 0;
             inner.probes_ok = 0;
         }
@@ -105,13 +112,11 @@ impl Breaker {
     /// taking a call. Closed and half-open let work in (its commits are the probes);
     /// open says how long until it may.
     pub fn admits(&self, now: u64) -> Result<(), u64> {
-        let mut inner = self.inner.lock();
-        self.advance(&mut inner, now);
-        if inner.state == State::Open {
-            let until = inner.opened_at + self.rule.open_for.as_nanos() as u64;
-            return Err(until.saturating_sub(now).max(1));
+        // Lock-free: the next `observe` moves an expired open state to half-open.
+        match self.open_until.load(Ordering::Relaxed) {
+            until if now < until => Err((until - now).max(1)),
+            _ => Ok(()),
         }
-        Ok(())
     }
 
     /// Records a call made without [`Breaker::try_call`] (see [`Breaker::admits`]). While
@@ -152,8 +157,7 @@ impl Breaker {
                         inner.buckets = [Bucket::default(); BUCKETS];
                     }
                 } else {
-                    inner.state = State::Open;
-                    inner.opened_at = now;
+                    self.open(&mut inner, now);
                 }
             }
             return;
@@ -183,9 +187,17 @@ impl Breaker {
             && r.slow_ratio
                 .is_some_and(|x| slows as f64 >= x * calls as f64);
         if by_count || by_error || by_slow {
-            inner.state = State::Open;
-            inner.opened_at = now;
+            self.open(&mut inner, now);
         }
+    }
+
+    fn open(&self, inner: &mut Inner, now: u64) {
+        inner.state = State::Open;
+        inner.opened_at = now;
+        self.open_until.store(
+            (now + self.rule.open_for.as_nanos() as u64).max(1),
+            Ordering::Relaxed,
+        );
     }
 }
 

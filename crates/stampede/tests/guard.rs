@@ -479,9 +479,7 @@ async fn a_stalled_database_times_out_and_opens_the_breaker() {
     let app = spawn_app_on_with(Backend::Postgres, |config| {
         let url = config.database_url.clone().expect("a PostgreSQL URL");
         let joiner = if url.contains('?') { '&' } else { '?' };
-        config.database_url = Some(format!(
-            "{url}{joiner}options=-c%20statement_timeout%3D300"
-        ));
+        config.database_url = Some(format!("{url}{joiner}options=-c%20statement_timeout%3D300"));
         let database = config
             .guard
             .breakers
@@ -509,7 +507,11 @@ async fn a_stalled_database_times_out_and_opens_the_breaker() {
         }
     }
     assert!(codes.starts_with(&["unavailable".to_owned()]), "{codes:?}");
-    assert_eq!(codes.last().map(String::as_str), Some("circuit_open"), "{codes:?}");
+    assert_eq!(
+        codes.last().map(String::as_str),
+        Some("circuit_open"),
+        "{codes:?}"
+    );
     let audit = app.audit(&sale).await;
     assert_eq!(audit["pending_payment"], 1, "{audit}");
     assert_eq!(audit["consistent"], true, "{audit}");
