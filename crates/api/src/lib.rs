@@ -9,6 +9,7 @@
 //! bounded.
 
 pub mod auth;
+pub mod client;
 pub mod database;
 pub mod error;
 pub mod handlers;
@@ -50,6 +51,8 @@ pub struct App {
     pub guarded: GuardedRoutes,
     /// One rules change at a time (validate, persist, swap).
     pub rules_change: tokio::sync::Mutex<()>,
+    /// Proxies allowed to name the client (`X-Forwarded-For`) and tenant (`X-Tenant`).
+    pub proxies: client::TrustedProxies,
 }
 
 /// The guard's resources for each guarded route, resolved once.
@@ -235,16 +238,17 @@ async fn protect(
     if let Some(axum::extract::ConnectInfo(peer)) = request
         .extensions()
         .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
-        && let Err(rejection) = app.guard.check_hot(resource, Param::ClientIp, &peer.ip())
     {
-        return ApiError::from(rejection).into_response();
-    }
-    if let Some(tenant) = request.headers().get("x-tenant")
-        && let Err(rejection) = app
-            .guard
-            .check_hot(resource, Param::Tenant, tenant.as_bytes())
-    {
-        return ApiError::from(rejection).into_response();
+        let (peer, headers) = (peer.ip(), request.headers());
+        let client = app.proxies.client_ip(peer, headers);
+        if let Err(rejection) = app.guard.check_hot(resource, Param::ClientIp, &client) {
+            return ApiError::from(rejection).into_response();
+        }
+        if let Some(tenant) = app.proxies.tenant(peer, headers)
+            && let Err(rejection) = app.guard.check_hot(resource, Param::Tenant, tenant)
+        {
+            return ApiError::from(rejection).into_response();
+        }
     }
     if !admission.wait.is_zero() {
         tokio::time::sleep(admission.wait).await;

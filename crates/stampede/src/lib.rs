@@ -73,6 +73,10 @@ pub struct Config {
     pub queue_capacity: usize,
     pub batch_size_max: usize,
     pub body_limit_bytes: usize,
+    /// Comma-separated addresses and CIDR blocks of the load balancers or gateways in
+    /// front: only they may name the client (`X-Forwarded-For`) and the tenant
+    /// (`X-Tenant`) for the guard's hot-key rules. Empty: nobody.
+    pub trusted_proxies: String,
     pub admin_token: Option<String>,
     pub jwt_secret: Option<String>,
     pub log: String,
@@ -114,6 +118,7 @@ impl Default for Config {
             queue_capacity: 16_384,
             batch_size_max: 1_024,
             body_limit_bytes: stampede_api::BODY_LIMIT_BYTES_DEFAULT,
+            trusted_proxies: String::new(),
             admin_token: None,
             jwt_secret: None,
             log: "info".into(),
@@ -210,6 +215,10 @@ pub struct ServeArgs {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub body_limit_bytes: Option<usize>,
+    /// Load balancers or gateways in front, e.g. 10.0.0.0/8,192.0.2.1: only they may name the client (X-Forwarded-For) and tenant (X-Tenant) [default: none].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub trusted_proxies: Option<String>,
     /// Log filter, e.g. info, stampede=debug [default: info].
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -286,6 +295,7 @@ impl Config {
             "node_ttl must be at least 500ms"
         );
         anyhow::ensure!(self.lease_max >= 1, "lease_max must be at least 1");
+        stampede_api::client::TrustedProxies::parse(&self.trusted_proxies)?;
         anyhow::ensure!(
             !(self.cluster && self.ack == Ack::Reserved),
             "a cluster acknowledges only durable orders: another node may hold a shopper's key or limit, which only the commit finds out"
@@ -521,6 +531,7 @@ pub async fn start(
         guarded: stampede_api::GuardedRoutes::new(&guard),
         guard,
         rules_change: tokio::sync::Mutex::new(()),
+        proxies: stampede_api::client::TrustedProxies::parse(&config.trusted_proxies)?,
     }));
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await

@@ -516,3 +516,85 @@ async fn a_stalled_database_times_out_and_opens_the_breaker() {
     assert_eq!(audit["pending_payment"], 1, "{audit}");
     assert_eq!(audit["consistent"], true, "{audit}");
 }
+
+/// Hot-key rules on the client address and the tenant, behind a load balancer: only a
+/// trusted proxy names them; from anyone else `X-Forwarded-For` and `X-Tenant` are
+/// ignored, so a shopper can neither dodge the client limit nor spend another tenant's.
+#[tokio::test]
+async fn client_and_tenant_limits_believe_only_trusted_proxies() {
+    use stampede_guard::Param;
+    let rules = |trusted: &str, params: &[Param]| {
+        let (trusted, params) = (trusted.to_owned(), params.to_vec());
+        move |config: &mut stampede::Config| {
+            config.trusted_proxies = trusted;
+            for param in params {
+                config.guard.hot.push(stampede_guard::HotRule {
+                    name: format!("{param:?}"),
+                    resource: "get_sale".into(),
+                    param,
+                    qps: 0.001,
+                    burst: 3,
+                    dry_run: false,
+                });
+            }
+        }
+    };
+    let get = |app: &TestApp, sale: &str, forwarded: &str, tenant: &str| {
+        let request = app
+            .client
+            .get(app.url(&format!("/v1/flash-sales/{sale}")))
+            .header("x-forwarded-for", forwarded)
+            .header("x-tenant", tenant);
+        async move { send(request).await.status }
+    };
+
+    // Behind a trusted proxy (the test client's 127.0.0.1): each client and each tenant
+    // has its own burst of 3.
+    let app = spawn_app_with(rules("127.0.0.1/32", &[Param::ClientIp, Param::Tenant])).await;
+    let sale = app.live_sale("GUARD-PROXY", 10, 10).await;
+    for i in 0..3 {
+        assert_eq!(
+            get(&app, &sale, "198.51.100.1", &format!("t{i}")).await,
+            200
+        );
+    }
+    assert_eq!(
+        get(&app, &sale, "198.51.100.1", "t9").await,
+        429,
+        "client over its burst"
+    );
+    for i in 0..3 {
+        assert_eq!(
+            get(&app, &sale, &format!("198.51.100.{}", 10 + i), "acme").await,
+            200
+        );
+    }
+    assert_eq!(
+        get(&app, &sale, "198.51.100.20", "acme").await,
+        429,
+        "tenant over its burst"
+    );
+    assert_eq!(
+        get(&app, &sale, "198.51.100.21", "globex").await,
+        200,
+        "others unaffected"
+    );
+
+    // Nobody trusted: every request is the peer's (127.0.0.1) whatever it claims, so the
+    // fourth is over the client's burst ...
+    let app = spawn_app_with(rules("", &[Param::ClientIp])).await;
+    let sale = app.live_sale("GUARD-DIRECT", 10, 10).await;
+    for i in 0..3 {
+        assert_eq!(
+            get(&app, &sale, &format!("198.51.100.{i}"), "acme").await,
+            200
+        );
+    }
+    assert_eq!(get(&app, &sale, "198.51.100.99", "acme").await, 429);
+    // ... and a tenant header is not counted at all: no tenant's quota can be spent.
+    let app = spawn_app_with(rules("", &[Param::Tenant])).await;
+    let sale = app.live_sale("GUARD-TENANT", 10, 10).await;
+    for _ in 0..6 {
+        assert_eq!(get(&app, &sale, "198.51.100.1", "acme").await, 200);
+    }
+}

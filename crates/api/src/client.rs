@@ -1,0 +1,146 @@
+//! Who is asking: the client address and tenant the guard's hot-key rules count.
+//!
+//! Behind a load balancer or gateway every connection comes from the proxy, so the peer
+//! address would put every shopper under one client-IP key, and a tenant header sent by
+//! a shopper could spend another merchant's quota. Addresses of the proxies are
+//! configured (`trusted_proxies`); only a connection from one of them may name the
+//! client (`X-Forwarded-For`, the nearest address that is not itself a trusted proxy)
+//! and the tenant (`X-Tenant`). From anyone else both headers are ignored.
+
+use std::net::IpAddr;
+
+use axum::http::HeaderMap;
+use ipnet::IpNet;
+
+#[derive(Debug, Clone, Default)]
+pub struct TrustedProxies {
+    nets: Vec<IpNet>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("trusted_proxies: {0:?} is not an address or a CIDR block (e.g. 10.0.0.0/8)")]
+pub struct BadProxy(pub String);
+
+/// Longest `X-Forwarded-For` walked (entries), and longest tenant (bytes) counted.
+const FORWARDED_MAX: usize = 16;
+const TENANT_MAX: usize = 128;
+
+impl TrustedProxies {
+    /// From comma-separated addresses and CIDR blocks; empty trusts nobody.
+    pub fn parse(list: &str) -> Result<TrustedProxies, BadProxy> {
+        let nets = list
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(|s| {
+                s.parse::<IpNet>()
+                    .or_else(|_| s.parse::<IpAddr>().map(IpNet::from))
+                    .map_err(|_| BadProxy(s.to_owned()))
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(TrustedProxies { nets })
+    }
+
+    fn trusts(&self, ip: &IpAddr) -> bool {
+        self.nets.iter().any(|net| net.contains(ip))
+    }
+
+    /// The client's address: the peer, or, when the peer is a trusted proxy, the
+    /// nearest `X-Forwarded-For` entry that is not one (headers appended by proxies
+    /// further out, or by the client itself, are not believed).
+    pub fn client_ip(&self, peer: IpAddr, headers: &HeaderMap) -> IpAddr {
+        if !self.trusts(&peer) {
+            return peer;
+        }
+        let mut client = peer;
+        let forwarded = headers
+            .get_all("x-forwarded-for")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .collect::<Vec<_>>();
+        for entry in forwarded.iter().rev().take(FORWARDED_MAX) {
+            let Ok(ip) = entry.trim().parse::<IpAddr>() else {
+                break;
+            };
+            client = ip;
+            if !self.trusts(&ip) {
+                break;
+            }
+        }
+        client
+    }
+
+    /// The tenant a trusted proxy named, if any.
+    pub fn tenant<'a>(&self, peer: IpAddr, headers: &'a HeaderMap) -> Option<&'a [u8]> {
+        if !self.trusts(&peer) {
+            return None;
+        }
+        headers
+            .get("x-tenant")
+            .map(|v| v.as_bytes())
+            .filter(|t| !t.is_empty() && t.len() <= TENANT_MAX)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(*k, v.parse().unwrap());
+        }
+        h
+    }
+
+    #[test]
+    fn an_untrusted_peer_names_nobody() {
+        let proxies = TrustedProxies::parse("10.0.0.0/8").unwrap();
+        let peer: IpAddr = "203.0.113.9".parse().unwrap();
+        let h = headers(&[("x-forwarded-for", "1.2.3.4"), ("x-tenant", "acme")]);
+        assert_eq!(proxies.client_ip(peer, &h), peer);
+        assert_eq!(proxies.tenant(peer, &h), None);
+        // Nobody trusted: the same.
+        let none = TrustedProxies::default();
+        assert_eq!(
+            none.client_ip("10.0.0.1".parse().unwrap(), &h),
+            "10.0.0.1".parse::<IpAddr>().unwrap()
+        );
+    }
+
+    #[test]
+    fn a_trusted_proxy_names_the_nearest_untrusted_address_and_the_tenant() {
+        let proxies = TrustedProxies::parse("10.0.0.0/8, 192.0.2.1").unwrap();
+        let peer: IpAddr = "10.1.2.3".parse().unwrap();
+        // The client forged the first entry; the edge proxy (192.0.2.1) appended the
+        // address it saw; the inner proxy (10.9.9.9) appended the edge's.
+        let h = headers(&[
+            ("x-forwarded-for", "6.6.6.6, 198.51.100.7"),
+            ("x-forwarded-for", "192.0.2.1, 10.9.9.9"),
+            ("x-tenant", "acme"),
+        ]);
+        assert_eq!(
+            proxies.client_ip(peer, &h),
+            "198.51.100.7".parse::<IpAddr>().unwrap()
+        );
+        assert_eq!(proxies.tenant(peer, &h), Some(&b"acme"[..]));
+        // No header: the proxy itself.
+        assert_eq!(proxies.client_ip(peer, &HeaderMap::new()), peer);
+        // Garbage stops the walk at the last good address.
+        let h = headers(&[("x-forwarded-for", "nonsense, 198.51.100.8")]);
+        assert_eq!(
+            proxies.client_ip(peer, &h),
+            "198.51.100.8".parse::<IpAddr>().unwrap()
+        );
+    }
+
+    #[test]
+    fn bad_entries_are_named() {
+        let error = TrustedProxies::parse("10.0.0.0/8, 10.0.0.0/99").unwrap_err();
+        assert_eq!(error.0, "10.0.0.0/99");
+        assert!(TrustedProxies::parse("").unwrap().nets.is_empty());
+        assert!(TrustedProxies::parse("::1, fd00::/8").is_ok());
+    }
+}
