@@ -247,6 +247,16 @@ async fn resource_totals(app: &TestApp, resource: &str) -> Value {
         .clone()
 }
 
+/// The shipped `database` breaker rule of `config`, to tune for a test.
+fn database_breaker(config: &mut stampede::Config) -> &mut stampede_guard::BreakerRule {
+    config
+        .guard
+        .breakers
+        .iter_mut()
+        .find(|b| b.name == "database")
+        .expect("a database breaker is shipped")
+}
+
 stampede_store::on_every_backend!(
     an_open_database_breaker_refuses_purchases_at_once_and_closes_when_the_database_heals
 );
@@ -255,12 +265,7 @@ async fn an_open_database_breaker_refuses_purchases_at_once_and_closes_when_the_
     backend: Backend,
 ) {
     let app = spawn_app_on_with(backend, |config| {
-        let database = config
-            .guard
-            .breakers
-            .iter_mut()
-            .find(|b| b.name == "database")
-            .expect("a database breaker is shipped");
+        let database = database_breaker(config);
         database.min_calls = 3;
         database.open_for = Duration::from_millis(700);
         database.half_open_probes = 2;
@@ -480,13 +485,7 @@ async fn a_stalled_database_times_out_and_opens_the_breaker() {
         let url = config.database_url.clone().expect("a PostgreSQL URL");
         let joiner = if url.contains('?') { '&' } else { '?' };
         config.database_url = Some(format!("{url}{joiner}options=-c%20statement_timeout%3D300"));
-        let database = config
-            .guard
-            .breakers
-            .iter_mut()
-            .find(|b| b.name == "database")
-            .expect("a database breaker is shipped");
-        database.min_calls = 3;
+        database_breaker(config).min_calls = 3;
     })
     .await;
     let sale = app.live_sale("GUARD-STALL", 100, 100).await;
