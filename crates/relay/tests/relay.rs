@@ -8,12 +8,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use async_trait::async_trait;
 use stampede_engine::testing::live_sale;
-use stampede_engine::{
-    Actor, Engine, EngineConfig, OpOutcome, OrderRecord, OutboxEvent, PendingTally, SaleTally,
-    Snapshot, Store, StoreError, SystemClock, WriteOp,
-};
+use stampede_engine::{Actor, Engine, EngineConfig, Store, StoreError, SystemClock};
 use stampede_relay::{Relay, RelayConfig};
-use stampede_types::{IdempotencyKey, OrderId, Quantity, SaleId, UserId};
+use stampede_store::testing::{Call, Intercepted, Interceptor};
+use stampede_types::{IdempotencyKey, Quantity, UserId};
 
 fn nats_url() -> String {
     std::env::var("STAMPEDE_TEST_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into())
@@ -33,46 +31,21 @@ fn test_config() -> RelayConfig {
     }
 }
 
-/// The real store; `outbox_remove` can be made to fail once, as a relay killed after
-/// JetStream acknowledged a round but before it removed the round from the outbox.
+/// Makes `outbox_remove` fail once, as a relay killed after JetStream acknowledged a
+/// round but before it removed the round from the outbox.
 struct DiesBeforeRemoval {
-    inner: Arc<dyn Store>,
     die: AtomicBool,
 }
 
 #[async_trait]
-impl Store for DiesBeforeRemoval {
-    async fn load(&self) -> Result<Snapshot, StoreError> {
-        self.inner.load().await
-    }
-    async fn commit(&self, ops: &[WriteOp]) -> Result<Vec<OpOutcome>, StoreError> {
-        self.inner.commit(ops).await
-    }
-    async fn order(&self, id: OrderId) -> Result<Option<OrderRecord>, StoreError> {
-        self.inner.order(id).await
-    }
-    async fn orders_by_id(&self, ids: &[OrderId]) -> Result<Vec<OrderRecord>, StoreError> {
-        self.inner.orders_by_id(ids).await
-    }
-    async fn tally(&self, sale: SaleId, per_user_limit: u32) -> Result<SaleTally, StoreError> {
-        self.inner.tally(sale, per_user_limit).await
-    }
-    async fn snapshot_tally(&self, sale: SaleId, limit: u32) -> Result<PendingTally, StoreError> {
-        self.inner.snapshot_tally(sale, limit).await
-    }
-    async fn ping(&self) -> Result<(), StoreError> {
-        self.inner.ping().await
-    }
-    async fn outbox_read(&self, limit: usize) -> Result<Vec<OutboxEvent>, StoreError> {
-        self.inner.outbox_read(limit).await
-    }
-    async fn outbox_remove(&self, through_seq: i64) -> Result<(), StoreError> {
-        if self.die.swap(false, Ordering::SeqCst) {
+impl Interceptor for DiesBeforeRemoval {
+    async fn before(&self, call: Call<'_>) -> Result<(), StoreError> {
+        if matches!(call, Call::OutboxRemove) && self.die.swap(false, Ordering::SeqCst) {
             return Err(StoreError::Unavailable(
                 "killed before removal (injected)".into(),
             ));
         }
-        self.inner.outbox_remove(through_seq).await
+        Ok(())
     }
 }
 
@@ -83,11 +56,13 @@ async fn every_event_reaches_the_stream_once_in_order_even_after_a_crash_before_
         outbox: true,
         ..Default::default()
     };
-    let store = Arc::new(DiesBeforeRemoval {
+    let store = Arc::new(Intercepted {
         inner: stampede_store::open(None, dir.path(), &options)
             .await
             .unwrap(),
-        die: AtomicBool::new(true),
+        hooks: DiesBeforeRemoval {
+            die: AtomicBool::new(true),
+        },
     });
     let engine = Engine::open(
         store.clone(),

@@ -41,12 +41,9 @@ use async_trait::async_trait;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use sqlx::Connection;
 use stampede_engine::testing::live_sale;
-use stampede_engine::{
-    AckMode, Catalog, Engine, EngineConfig, LeaseGrant, OpOutcome, OrderRecord, PendingTally,
-    Reclaimed, SaleTally, Snapshot, Store, StoreError, SystemClock, WriteOp,
-};
-use stampede_store::testing::{Backend, TestDatabase};
-use stampede_types::{OrderId, SaleId};
+use stampede_engine::{AckMode, Engine, EngineConfig, StoreError, SystemClock, WriteOp};
+use stampede_store::testing::{Backend, Call, Intercepted, Interceptor, TestDatabase};
+use stampede_types::SaleId;
 
 mod common;
 
@@ -64,12 +61,11 @@ const ROW_LOCK_CONNECTIONS: u32 = 32;
 /// COMMIT. SQLite has no stamp and inserts in chunks of 256/64/16/4/1 rows (in-process
 /// calls, not network round trips).
 struct Counting {
-    inner: Arc<dyn Store>,
     /// The store also writes the outbox: one more INSERT per 1,024 events.
     outbox: bool,
     sqlite: bool,
     /// A cluster node: each batch also upserts the shoppers' holdings (one statement per
-    /// 256 shoppers) and updates the node's lease (one per sale); leases, heartbeats,
+    /// 1,024 shoppers) and updates the node's lease (one per sale); leases, heartbeats,
     /// reclaim checks and catalogue reads are counted too.
     cluster: bool,
     orders: AtomicU64,
@@ -77,11 +73,23 @@ struct Counting {
 }
 
 #[async_trait]
-impl Store for Counting {
-    async fn load(&self) -> Result<Snapshot, StoreError> {
-        self.inner.load().await
+impl Interceptor for Counting {
+    async fn before(&self, call: Call<'_>) -> Result<(), StoreError> {
+        let round_trips = match call {
+            Call::Commit(ops) => self.commit_round_trips(ops),
+            Call::Lease => 7,
+            Call::Release => 5,
+            Call::Heartbeat | Call::Reclaim => 1,
+            Call::Catalog => 2,
+            _ => 0,
+        };
+        self.round_trips.fetch_add(round_trips, Ordering::Relaxed);
+        Ok(())
     }
-    async fn commit(&self, ops: &[WriteOp]) -> Result<Vec<OpOutcome>, StoreError> {
+}
+
+impl Counting {
+    fn commit_round_trips(&self, ops: &[WriteOp]) -> u64 {
         let n_orders = ops
             .iter()
             .filter(|op| matches!(op, WriteOp::InsertOrder(_)))
@@ -118,56 +126,7 @@ impl Store for Counting {
         } else {
             0
         };
-        self.round_trips.fetch_add(
-            frame + inserts + outbox + others + cluster,
-            Ordering::Relaxed,
-        );
-        self.inner.commit(ops).await
-    }
-    fn node(&self) -> Option<&str> {
-        self.inner.node()
-    }
-    async fn lease(&self, sale: SaleId, wanted: u64, max: u64) -> Result<LeaseGrant, StoreError> {
-        self.round_trips.fetch_add(7, Ordering::Relaxed);
-        self.inner.lease(sale, wanted, max).await
-    }
-    async fn release(&self, sale: SaleId, units: u64) -> Result<(), StoreError> {
-        self.round_trips.fetch_add(5, Ordering::Relaxed);
-        self.inner.release(sale, units).await
-    }
-    async fn heartbeat(&self) -> Result<(), StoreError> {
-        self.round_trips.fetch_add(1, Ordering::Relaxed);
-        self.inner.heartbeat().await
-    }
-    async fn reclaim(&self) -> Result<Reclaimed, StoreError> {
-        self.round_trips.fetch_add(1, Ordering::Relaxed);
-        self.inner.reclaim().await
-    }
-    async fn catalog(&self) -> Result<Catalog, StoreError> {
-        self.round_trips.fetch_add(2, Ordering::Relaxed);
-        self.inner.catalog().await
-    }
-    async fn leave(&self) -> Result<(), StoreError> {
-        self.inner.leave().await
-    }
-    async fn order(&self, id: OrderId) -> Result<Option<OrderRecord>, StoreError> {
-        self.inner.order(id).await
-    }
-    async fn orders_by_id(&self, ids: &[OrderId]) -> Result<Vec<OrderRecord>, StoreError> {
-        self.inner.orders_by_id(ids).await
-    }
-    async fn tally(&self, sale: SaleId, per_user_limit: u32) -> Result<SaleTally, StoreError> {
-        self.inner.tally(sale, per_user_limit).await
-    }
-    async fn snapshot_tally(
-        &self,
-        sale: SaleId,
-        per_user_limit: u32,
-    ) -> Result<PendingTally, StoreError> {
-        self.inner.snapshot_tally(sale, per_user_limit).await
-    }
-    async fn ping(&self) -> Result<(), StoreError> {
-        self.inner.ping().await
+        frame + inserts + outbox + others + cluster
     }
 }
 
@@ -175,7 +134,7 @@ async fn engine_on(
     database: &TestDatabase,
     dir: &std::path::Path,
     outbox: bool,
-) -> (Arc<Engine>, SaleId, Arc<Counting>) {
+) -> (Arc<Engine>, SaleId, Arc<Intercepted<Counting>>) {
     let (engine, counting) = open_node(database, dir, outbox, false, 1_024).await;
     let sale = live_sale(&engine, "BENCH", 1_000_000_000, 1_000_000_000, 50, 1_000).await;
     (engine, sale, counting)
@@ -187,19 +146,21 @@ async fn open_node(
     outbox: bool,
     cluster: bool,
     batch_size_max: usize,
-) -> (Arc<Engine>, Arc<Counting>) {
+) -> (Arc<Engine>, Arc<Intercepted<Counting>>) {
     let options = stampede_store::StoreOptions {
         outbox,
         cluster_node_ttl: cluster.then_some(Duration::from_secs(5)),
         ..Default::default()
     };
-    let counting = Arc::new(Counting {
+    let counting = Arc::new(Intercepted {
         inner: database.open_with(dir, &options).await,
-        outbox,
-        sqlite: database.backend == Backend::Sqlite,
-        cluster,
-        orders: AtomicU64::new(0),
-        round_trips: AtomicU64::new(0),
+        hooks: Counting {
+            outbox,
+            sqlite: database.backend == Backend::Sqlite,
+            cluster,
+            orders: AtomicU64::new(0),
+            round_trips: AtomicU64::new(0),
+        },
     });
     let config = EngineConfig {
         ack: AckMode::Durable,
@@ -217,16 +178,18 @@ async fn open_node(
 async fn redis_gate_on(
     database: &TestDatabase,
     dir: &std::path::Path,
-) -> (Vec<Arc<Engine>>, SaleId, Vec<Arc<Counting>>) {
+) -> (Vec<Arc<Engine>>, SaleId, Vec<Arc<Intercepted<Counting>>>) {
     let redis_url = std::env::var("STAMPEDE_TEST_REDIS_URL")
         .unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
-    let counting = Arc::new(Counting {
+    let counting = Arc::new(Intercepted {
         inner: database.open(dir).await,
-        outbox: false,
-        sqlite: database.backend == Backend::Sqlite,
-        cluster: false,
-        orders: AtomicU64::new(0),
-        round_trips: AtomicU64::new(0),
+        hooks: Counting {
+            outbox: false,
+            sqlite: database.backend == Backend::Sqlite,
+            cluster: false,
+            orders: AtomicU64::new(0),
+            round_trips: AtomicU64::new(0),
+        },
     });
     let gate = stampede_store::RedisGate::connect(
         &redis_url,
@@ -254,7 +217,7 @@ async fn cluster_on(
     dir: &std::path::Path,
     nodes: usize,
     batch_size_max: usize,
-) -> (Vec<Arc<Engine>>, SaleId, Vec<Arc<Counting>>) {
+) -> (Vec<Arc<Engine>>, SaleId, Vec<Arc<Intercepted<Counting>>>) {
     let mut engines = Vec::new();
     let mut countings = Vec::new();
     for _ in 0..nodes {
@@ -288,7 +251,7 @@ macro_rules! nodes_bench {
         |$nodes:ident, $counter:ident, $iters:ident| $body:expr
     ) => {{
         let engines: Vec<Arc<Engine>> = $engines;
-        let countings: Vec<Arc<Counting>> = $countings;
+        let countings: Vec<Arc<Intercepted<Counting>>> = $countings;
         let counter = Arc::new(AtomicU64::new(0));
         $group.bench_function(&$name, |b| {
             b.to_async(&$runtime).iter_custom(|$iters| {
@@ -305,11 +268,11 @@ macro_rules! nodes_bench {
         }
         let orders: u64 = countings
             .iter()
-            .map(|c| c.orders.load(Ordering::Relaxed))
+            .map(|c| c.hooks.orders.load(Ordering::Relaxed))
             .sum();
         let trips: u64 = countings
             .iter()
-            .map(|c| c.round_trips.load(Ordering::Relaxed))
+            .map(|c| c.hooks.round_trips.load(Ordering::Relaxed))
             .sum();
         $round_trips.push(($name, trips as f64 * 1_000.0 / orders.max(1) as f64));
         $runtime.block_on(async { tokio::time::sleep(Duration::from_millis(200)).await });

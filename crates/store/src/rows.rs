@@ -93,6 +93,21 @@ macro_rules! order_from_row {
     }};
 }
 
+/// Every product, by sku, on `$executor`.
+macro_rules! fetch_products {
+    ($executor:expr) => {
+        sqlx::query(
+            "SELECT sku, name, price_cents, available, created_at_ms FROM products ORDER BY sku",
+        )
+        .fetch_all($executor)
+        .await
+        .map_err(unavailable)?
+        .iter()
+        .map(|row| product_from_row!(row))
+        .collect::<Result<Vec<_>, _>>()
+    };
+}
+
 macro_rules! product_from_row {
     ($row:expr) => {{
         let row = $row;
@@ -226,4 +241,36 @@ macro_rules! remove_outbox {
             .map_err(unavailable)?;
         Ok(())
     }};
+}
+
+/// The orders with these ids on `$executor` (re-evaluated per chunk of 256 ids).
+macro_rules! fetch_orders {
+    ($executor:expr, $db:ty, $ids:expr) => {
+        async {
+            let ids: &[OrderId] = $ids;
+            let mut orders = Vec::with_capacity(ids.len());
+            for chunk in ids.chunks(256) {
+                let mut query: QueryBuilder<$db> = QueryBuilder::new(concat!(
+                    "SELECT ",
+                    order_columns!(),
+                    " FROM orders WHERE id IN ("
+                ));
+                let mut separated = query.separated(", ");
+                for id in chunk {
+                    separated.push_bind(id.to_string());
+                }
+                query.push(")");
+                for row in query
+                    .build()
+                    .fetch_all($executor)
+                    .await
+                    .map_err(unavailable)?
+                {
+                    orders.push(order_from_row!(&row)?);
+                }
+            }
+            Ok::<_, StoreError>(orders)
+        }
+        .await
+    };
 }

@@ -730,13 +730,7 @@ macro_rules! server_store {
         impl Store for $store {
             async fn load(&self) -> Result<Snapshot, StoreError> {
                 let mut connection = self.readers.acquire().await.map_err(unavailable)?;
-                let products = sqlx::query("SELECT sku, name, price_cents, available, created_at_ms FROM products ORDER BY sku")
-                    .fetch_all(&mut *connection)
-                    .await
-                    .map_err(unavailable)?
-                    .iter()
-                    .map(|row| product_from_row!(row))
-                    .collect::<Result<_, _>>()?;
+                let products = fetch_products!(&mut *connection)?;
                 let sales = sqlx::query(
                     "SELECT id, sku, price_cents, quantity, per_user_limit, starts_at_ms, ends_at_ms, \
                      created_at_ms FROM flash_sales ORDER BY created_at_ms, id",
@@ -1083,13 +1077,7 @@ macro_rules! server_store {
 
             async fn catalog(&self) -> Result<Catalog, StoreError> {
                 let mut connection = self.readers.acquire().await.map_err(unavailable)?;
-                let products = sqlx::query("SELECT sku, name, price_cents, available, created_at_ms FROM products ORDER BY sku")
-                    .fetch_all(&mut *connection)
-                    .await
-                    .map_err(unavailable)?
-                    .iter()
-                    .map(|row| product_from_row!(row))
-                    .collect::<Result<_, _>>()?;
+                let products = fetch_products!(&mut *connection)?;
                 let mut sales = Vec::new();
                 for row in sqlx::query(q(&self.sql.catalog_sales))
                     .fetch_all(&mut *connection)
@@ -1553,38 +1541,6 @@ macro_rules! take_owner_lock {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }};
-}
-
-/// The orders with these ids on `$executor` (re-evaluated per chunk of 256 ids).
-macro_rules! fetch_orders {
-    ($executor:expr, $db:ty, $ids:expr) => {
-        async {
-            let ids: &[OrderId] = $ids;
-            let mut orders = Vec::with_capacity(ids.len());
-            for chunk in ids.chunks(256) {
-                let mut query: QueryBuilder<$db> = QueryBuilder::new(concat!(
-                    "SELECT ",
-                    order_columns!(),
-                    " FROM orders WHERE id IN ("
-                ));
-                let mut separated = query.separated(", ");
-                for id in chunk {
-                    separated.push_bind(id.to_string());
-                }
-                query.push(")");
-                for row in query
-                    .build()
-                    .fetch_all($executor)
-                    .await
-                    .map_err(unavailable)?
-                {
-                    orders.push(order_from_row!(&row)?);
-                }
-            }
-            Ok::<_, StoreError>(orders)
-        }
-        .await
-    };
 }
 
 macro_rules! tally_on {

@@ -126,10 +126,6 @@ fn order_from_row(row: &SqliteRow) -> Result<OrderRecord, StoreError> {
     order_from_row!(row)
 }
 
-fn product_from_row(row: &SqliteRow) -> Result<ProductRecord, StoreError> {
-    product_from_row!(row)
-}
-
 fn sale_from_row(row: &SqliteRow) -> Result<SaleRecord, StoreError> {
     sale_from_row!(row)
 }
@@ -310,13 +306,7 @@ async fn tally_on(
 impl Store for SqliteStore {
     async fn load(&self) -> Result<Snapshot, StoreError> {
         let mut conn = self.writer.lock().await;
-        let products = sqlx::query("SELECT * FROM products ORDER BY sku")
-            .fetch_all(&mut *conn)
-            .await
-            .map_err(unavailable)?
-            .iter()
-            .map(product_from_row)
-            .collect::<Result<_, _>>()?;
+        let products = fetch_products!(&mut *conn)?;
         let sales = sqlx::query("SELECT * FROM flash_sales ORDER BY created_at_ms")
             .fetch_all(&mut *conn)
             .await
@@ -380,28 +370,7 @@ impl Store for SqliteStore {
     }
 
     async fn orders_by_id(&self, ids: &[OrderId]) -> Result<Vec<OrderRecord>, StoreError> {
-        let mut orders = Vec::with_capacity(ids.len());
-        for chunk in ids.chunks(256) {
-            let mut query: QueryBuilder<Sqlite> = QueryBuilder::new(concat!(
-                "SELECT ",
-                order_columns!(),
-                " FROM orders WHERE id IN ("
-            ));
-            let mut separated = query.separated(", ");
-            for id in chunk {
-                separated.push_bind(id.to_string());
-            }
-            query.push(")");
-            for row in query
-                .build()
-                .fetch_all(&self.readers)
-                .await
-                .map_err(unavailable)?
-            {
-                orders.push(order_from_row(&row)?);
-            }
-        }
-        Ok(orders)
+        fetch_orders!(&self.readers, Sqlite, ids)
     }
 
     async fn tally(&self, sale: SaleId, per_user_limit: u32) -> Result<SaleTally, StoreError> {

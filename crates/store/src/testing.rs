@@ -376,3 +376,162 @@ mod tests {
         );
     }
 }
+
+/// A store call, as an [`Interceptor`] sees it before it reaches the real store.
+#[derive(Debug, Clone, Copy)]
+pub enum Call<'a> {
+    Load,
+    Commit(&'a [stampede_engine::WriteOp]),
+    Read,
+    Lease,
+    Release,
+    Heartbeat,
+    Reclaim,
+    Catalog,
+    Leave,
+    OutboxRead,
+    OutboxRemove,
+    Setting,
+}
+
+/// What a test or benchmark does around a real store: fail a call, slow it down, count
+/// it, or change a commit's answer. Every method has a default that changes nothing.
+#[async_trait::async_trait]
+pub trait Interceptor: Send + Sync + 'static {
+    /// Before `call` reaches the store; an error answers it instead.
+    async fn before(&self, call: Call<'_>) -> Result<(), stampede_engine::StoreError> {
+        let _ = call;
+        Ok(())
+    }
+    /// After a commit reached the store: may replace its answer (a lost `COMMIT`).
+    fn after_commit(
+        &self,
+        outcome: Result<Vec<stampede_engine::OpOutcome>, stampede_engine::StoreError>,
+    ) -> Result<Vec<stampede_engine::OpOutcome>, stampede_engine::StoreError> {
+        outcome
+    }
+}
+
+/// A real store with an [`Interceptor`] around every call: the one forwarding store the
+/// tests and benchmarks share, so each says only what it does differently.
+pub struct Intercepted<I> {
+    pub inner: std::sync::Arc<dyn stampede_engine::Store>,
+    pub hooks: I,
+}
+
+#[async_trait::async_trait]
+impl<I: Interceptor> stampede_engine::Store for Intercepted<I> {
+    async fn load(&self) -> Result<stampede_engine::Snapshot, stampede_engine::StoreError> {
+        self.hooks.before(Call::Load).await?;
+        self.inner.load().await
+    }
+    async fn commit(
+        &self,
+        ops: &[stampede_engine::WriteOp],
+    ) -> Result<Vec<stampede_engine::OpOutcome>, stampede_engine::StoreError> {
+        self.hooks.before(Call::Commit(ops)).await?;
+        let outcome = self.inner.commit(ops).await;
+        self.hooks.after_commit(outcome)
+    }
+    async fn order(
+        &self,
+        id: stampede_types::OrderId,
+    ) -> Result<Option<stampede_engine::OrderRecord>, stampede_engine::StoreError> {
+        self.hooks.before(Call::Read).await?;
+        self.inner.order(id).await
+    }
+    async fn orders_by_id(
+        &self,
+        ids: &[stampede_types::OrderId],
+    ) -> Result<Vec<stampede_engine::OrderRecord>, stampede_engine::StoreError> {
+        self.hooks.before(Call::Read).await?;
+        self.inner.orders_by_id(ids).await
+    }
+    async fn tally(
+        &self,
+        sale: stampede_types::SaleId,
+        per_user_limit: u32,
+    ) -> Result<stampede_engine::SaleTally, stampede_engine::StoreError> {
+        self.hooks.before(Call::Read).await?;
+        self.inner.tally(sale, per_user_limit).await
+    }
+    async fn snapshot_tally(
+        &self,
+        sale: stampede_types::SaleId,
+        per_user_limit: u32,
+    ) -> Result<stampede_engine::PendingTally, stampede_engine::StoreError> {
+        self.hooks.before(Call::Read).await?;
+        self.inner.snapshot_tally(sale, per_user_limit).await
+    }
+    async fn ping(&self) -> Result<(), stampede_engine::StoreError> {
+        self.hooks.before(Call::Read).await?;
+        self.inner.ping().await
+    }
+    fn node(&self) -> Option<&str> {
+        self.inner.node()
+    }
+    async fn lease(
+        &self,
+        sale: stampede_types::SaleId,
+        wanted: u64,
+        max: u64,
+    ) -> Result<stampede_engine::LeaseGrant, stampede_engine::StoreError> {
+        self.hooks.before(Call::Lease).await?;
+        self.inner.lease(sale, wanted, max).await
+    }
+    async fn release(
+        &self,
+        sale: stampede_types::SaleId,
+        units: u64,
+    ) -> Result<(), stampede_engine::StoreError> {
+        self.hooks.before(Call::Release).await?;
+        self.inner.release(sale, units).await
+    }
+    async fn heartbeat(&self) -> Result<(), stampede_engine::StoreError> {
+        self.hooks.before(Call::Heartbeat).await?;
+        self.inner.heartbeat().await
+    }
+    async fn reclaim(&self) -> Result<stampede_engine::Reclaimed, stampede_engine::StoreError> {
+        self.hooks.before(Call::Reclaim).await?;
+        self.inner.reclaim().await
+    }
+    async fn catalog(&self) -> Result<stampede_engine::Catalog, stampede_engine::StoreError> {
+        self.hooks.before(Call::Catalog).await?;
+        self.inner.catalog().await
+    }
+    async fn orders_of_user(
+        &self,
+        user: &stampede_types::UserId,
+        limit: u32,
+    ) -> Result<Option<Vec<stampede_engine::OrderRecord>>, stampede_engine::StoreError> {
+        self.hooks.before(Call::Read).await?;
+        self.inner.orders_of_user(user, limit).await
+    }
+    async fn leave(&self) -> Result<(), stampede_engine::StoreError> {
+        self.hooks.before(Call::Leave).await?;
+        self.inner.leave().await
+    }
+    async fn outbox_read(
+        &self,
+        limit: usize,
+    ) -> Result<Vec<stampede_engine::OutboxEvent>, stampede_engine::StoreError> {
+        self.hooks.before(Call::OutboxRead).await?;
+        self.inner.outbox_read(limit).await
+    }
+    async fn outbox_remove(&self, through_seq: i64) -> Result<(), stampede_engine::StoreError> {
+        self.hooks.before(Call::OutboxRemove).await?;
+        self.inner.outbox_remove(through_seq).await
+    }
+    async fn load_setting(&self, key: &str) -> Result<Option<String>, stampede_engine::StoreError> {
+        self.hooks.before(Call::Setting).await?;
+        self.inner.load_setting(key).await
+    }
+    async fn save_setting(
+        &self,
+        key: &str,
+        value: &str,
+    ) -> Result<(), stampede_engine::StoreError> {
+        self.hooks.before(Call::Setting).await?;
+        self.inner.save_setting(key, value).await
+    }
+}

@@ -13,7 +13,7 @@ use stampede_engine::{
     WriteOp,
 };
 use stampede_store::on_server_backends;
-use stampede_store::testing::{Backend, TestDatabase};
+use stampede_store::testing::{Backend, Call, Intercepted, Interceptor, TestDatabase};
 use stampede_types::{OrderId, OrderStatus, SaleId};
 
 const NODE_TTL: Duration = Duration::from_millis(1_500);
@@ -254,68 +254,16 @@ async fn idempotency_keys_and_per_user_limits_hold_across_nodes(backend: Backend
     b.shutdown().await;
 }
 
-/// A cluster store whose leases take a while to be granted.
-struct SlowLeases {
-    inner: Arc<dyn Store>,
-}
+/// Leases that take a while to be granted.
+struct SlowLeases;
 
 #[async_trait::async_trait]
-impl Store for SlowLeases {
-    async fn load(&self) -> Result<stampede_engine::Snapshot, StoreError> {
-        self.inner.load().await
-    }
-    async fn commit(&self, ops: &[WriteOp]) -> Result<Vec<stampede_engine::OpOutcome>, StoreError> {
-        self.inner.commit(ops).await
-    }
-    async fn order(&self, id: OrderId) -> Result<Option<OrderRecord>, StoreError> {
-        self.inner.order(id).await
-    }
-    async fn orders_by_id(&self, ids: &[OrderId]) -> Result<Vec<OrderRecord>, StoreError> {
-        self.inner.orders_by_id(ids).await
-    }
-    async fn tally(
-        &self,
-        sale: SaleId,
-        per_user_limit: u32,
-    ) -> Result<stampede_engine::SaleTally, StoreError> {
-        self.inner.tally(sale, per_user_limit).await
-    }
-    async fn snapshot_tally(
-        &self,
-        sale: SaleId,
-        per_user_limit: u32,
-    ) -> Result<stampede_engine::PendingTally, StoreError> {
-        self.inner.snapshot_tally(sale, per_user_limit).await
-    }
-    async fn ping(&self) -> Result<(), StoreError> {
-        self.inner.ping().await
-    }
-    fn node(&self) -> Option<&str> {
-        self.inner.node()
-    }
-    async fn lease(
-        &self,
-        sale: SaleId,
-        wanted: u64,
-        max: u64,
-    ) -> Result<stampede_engine::LeaseGrant, StoreError> {
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        self.inner.lease(sale, wanted, max).await
-    }
-    async fn release(&self, sale: SaleId, units: u64) -> Result<(), StoreError> {
-        self.inner.release(sale, units).await
-    }
-    async fn heartbeat(&self) -> Result<(), StoreError> {
-        self.inner.heartbeat().await
-    }
-    async fn reclaim(&self) -> Result<stampede_engine::Reclaimed, StoreError> {
-        self.inner.reclaim().await
-    }
-    async fn catalog(&self) -> Result<stampede_engine::Catalog, StoreError> {
-        self.inner.catalog().await
-    }
-    async fn leave(&self) -> Result<(), StoreError> {
-        self.inner.leave().await
+impl Interceptor for SlowLeases {
+    async fn before(&self, call: Call<'_>) -> Result<(), StoreError> {
+        if matches!(call, Call::Lease) {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        Ok(())
     }
 }
 
@@ -325,7 +273,10 @@ async fn a_buyer_who_hangs_up_while_waiting_for_a_lease_frees_its_key(backend: B
         .open_with(std::path::Path::new("."), &cluster_options())
         .await;
     let engine = Engine::open(
-        Arc::new(SlowLeases { inner: store }),
+        Arc::new(Intercepted {
+            inner: store,
+            hooks: SlowLeases,
+        }),
         Arc::new(SystemClock),
         EngineConfig {
             cluster_tick_ms: 100,

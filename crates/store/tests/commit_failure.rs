@@ -7,57 +7,41 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use async_trait::async_trait;
 use stampede_engine::testing::live_sale;
 use stampede_engine::{
-    Actor, Engine, EngineConfig, OpOutcome, OrderRecord, PendingTally, PurchaseError, SaleTally,
-    Snapshot, Store, StoreError, SystemClock, WriteOp,
+    Actor, Engine, EngineConfig, OpOutcome, OrderRecord, PurchaseError, SaleTally, StoreError,
+    SystemClock, WriteOp,
 };
 use stampede_store::on_every_backend;
-use stampede_store::testing::{Backend, TestDatabase};
+use stampede_store::testing::{Backend, Call, Intercepted, Interceptor, TestDatabase};
 use stampede_types::{Cents, IdempotencyKey, OrderId, OrderStatus, Quantity, SaleId, Sku, UserId};
 
-/// The real store, with a switch that makes commits fail the way a full disk would.
+/// Switches around the real store: `fail` makes commits fail the way a full disk
+/// would; `unknown` commits, then says the outcome is unknown, as a connection lost
+/// during `COMMIT` that cannot be re-established would.
+#[derive(Default)]
 struct Flaky {
-    inner: Arc<dyn Store>,
     fail: AtomicBool,
-    /// Commits, then says the outcome is unknown, as a connection lost during `COMMIT`
-    /// that cannot be re-established would.
     unknown: AtomicBool,
 }
 
 #[async_trait]
-impl Store for Flaky {
-    async fn load(&self) -> Result<Snapshot, StoreError> {
-        self.inner.load().await
-    }
-    async fn commit(&self, ops: &[WriteOp]) -> Result<Vec<OpOutcome>, StoreError> {
-        if self.fail.load(Ordering::SeqCst) {
+impl Interceptor for Flaky {
+    async fn before(&self, call: Call<'_>) -> Result<(), StoreError> {
+        if matches!(call, Call::Commit(_)) && self.fail.load(Ordering::SeqCst) {
             return Err(StoreError::Unavailable("disk full (injected)".into()));
         }
-        let outcomes = self.inner.commit(ops).await?;
+        Ok(())
+    }
+    fn after_commit(
+        &self,
+        outcome: Result<Vec<OpOutcome>, StoreError>,
+    ) -> Result<Vec<OpOutcome>, StoreError> {
+        let outcomes = outcome?;
         if self.unknown.load(Ordering::SeqCst) {
             return Err(StoreError::Indeterminate(
                 "connection lost during COMMIT (injected)".into(),
             ));
         }
         Ok(outcomes)
-    }
-    async fn order(&self, id: OrderId) -> Result<Option<OrderRecord>, StoreError> {
-        self.inner.order(id).await
-    }
-    async fn orders_by_id(&self, ids: &[OrderId]) -> Result<Vec<OrderRecord>, StoreError> {
-        self.inner.orders_by_id(ids).await
-    }
-    async fn tally(&self, sale: SaleId, per_user_limit: u32) -> Result<SaleTally, StoreError> {
-        self.inner.tally(sale, per_user_limit).await
-    }
-    async fn snapshot_tally(
-        &self,
-        sale: SaleId,
-        per_user_limit: u32,
-    ) -> Result<PendingTally, StoreError> {
-        self.inner.snapshot_tally(sale, per_user_limit).await
-    }
-    async fn ping(&self) -> Result<(), StoreError> {
-        self.inner.ping().await
     }
 }
 
@@ -74,10 +58,9 @@ on_every_backend!(
 async fn failed_commit_returns_stock_and_answers_unavailable(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
     let database = TestDatabase::create(backend).await;
-    let flaky = Arc::new(Flaky {
+    let flaky = Arc::new(Intercepted {
         inner: database.open(dir.path()).await,
-        fail: AtomicBool::new(false),
-        unknown: AtomicBool::new(false),
+        hooks: Flaky::default(),
     });
     let engine = Arc::new(
         Engine::open(
@@ -92,7 +75,7 @@ async fn failed_commit_returns_stock_and_answers_unavailable(backend: Backend) {
     let alice = UserId::parse("alice").unwrap();
     let key = IdempotencyKey::parse("k1").unwrap();
 
-    flaky.fail.store(true, Ordering::SeqCst);
+    flaky.hooks.fail.store(true, Ordering::SeqCst);
     let failed = engine
         .purchase(alice.clone(), key.clone(), sale, q(3))
         .await;
@@ -118,7 +101,7 @@ async fn failed_commit_returns_stock_and_answers_unavailable(backend: Backend) {
         "nothing was written"
     );
 
-    flaky.fail.store(false, Ordering::SeqCst);
+    flaky.hooks.fail.store(false, Ordering::SeqCst);
     let placed = engine
         .purchase(alice.clone(), key.clone(), sale, q(3))
         .await
@@ -133,14 +116,14 @@ async fn failed_commit_returns_stock_and_answers_unavailable(backend: Backend) {
     assert_eq!(audit.tally.pending_payment, 3);
 
     // A cancel whose commit fails changes nothing either.
-    flaky.fail.store(true, Ordering::SeqCst);
+    flaky.hooks.fail.store(true, Ordering::SeqCst);
     assert!(
         engine
             .cancel(&Actor::Admin, placed.placed.order_id)
             .await
             .is_err()
     );
-    flaky.fail.store(false, Ordering::SeqCst);
+    flaky.hooks.fail.store(false, Ordering::SeqCst);
     let order = engine
         .order(&Actor::Admin, placed.placed.order_id)
         .await
@@ -234,10 +217,9 @@ async fn a_batch_that_fails_midway_leaves_nothing(backend: Backend) {
 async fn a_commit_of_unknown_outcome_halts_the_writer_and_keeps_the_stock_taken(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
     let database = TestDatabase::create(backend).await;
-    let flaky = Arc::new(Flaky {
+    let flaky = Arc::new(Intercepted {
         inner: database.open(dir.path()).await,
-        fail: AtomicBool::new(false),
-        unknown: AtomicBool::new(false),
+        hooks: Flaky::default(),
     });
     let engine = Engine::open(
         flaky.clone(),
@@ -250,7 +232,7 @@ async fn a_commit_of_unknown_outcome_halts_the_writer_and_keeps_the_stock_taken(
     let alice = UserId::parse("alice").unwrap();
     let key = IdempotencyKey::parse("k1").unwrap();
 
-    flaky.unknown.store(true, Ordering::SeqCst);
+    flaky.hooks.unknown.store(true, Ordering::SeqCst);
     let answered = engine
         .purchase(alice.clone(), key.clone(), sale, q(2))
         .await;
@@ -259,7 +241,7 @@ async fn a_commit_of_unknown_outcome_halts_the_writer_and_keeps_the_stock_taken(
     assert!(!engine.ready().await, "a halted node is not ready");
     // The order did land: its stock must not be sold again by this node.
     assert_eq!(engine.sale(sale).unwrap().remaining, 3, "stock stays taken");
-    flaky.unknown.store(false, Ordering::SeqCst);
+    flaky.hooks.unknown.store(false, Ordering::SeqCst);
     let bob = UserId::parse("bob").unwrap();
     assert_eq!(
         engine.purchase(bob, key.clone(), sale, q(1)).await,
