@@ -111,10 +111,15 @@ impl Breaker {
     /// commits, each carrying a batch of purchases): whether new work may join, without
     /// taking a call. Closed and half-open let work in (its commits are the probes);
     /// open says how long until it may.
-    pub fn admits(&self, now: u64) -> Result<(), u64> {
+    /// Reads the clock (`now`) only while open.
+    pub fn admits(&self, now: impl FnOnce() -> u64) -> Result<(), u64> {
         // Lock-free: the next `observe` moves an expired open state to half-open.
-        match self.open_until.load(Ordering::Relaxed) {
-            until if now < until => Err((until - now).max(1)),
+        let until = self.open_until.load(Ordering::Relaxed);
+        if until == 0 {
+            return Ok(());
+        }
+        match now() {
+            now if now < until => Err((until - now).max(1)),
             _ => Ok(()),
         }
     }
@@ -286,25 +291,25 @@ mod tests {
     fn observed_calls_open_it_and_probe_it_without_tokens() {
         let b = Breaker::new(rule());
         // Admitted while closed; ten slow commits open it (at the tenth, 9 ms).
-        assert!(b.admits(0).is_ok());
+        assert!(b.admits(|| 0).is_ok());
         for i in 0..10 {
             b.observe(i * MS, true, 150 * MS);
         }
-        assert_eq!(b.admits(20 * MS).unwrap_err(), 489 * MS);
+        assert_eq!(b.admits(|| 20 * MS).unwrap_err(), 489 * MS);
         // Half-open after open_for: work is admitted, and its commits are the probes.
-        assert!(b.admits(510 * MS).is_ok());
+        assert!(b.admits(|| 510 * MS).is_ok());
         b.observe(520 * MS, true, MS);
         assert_eq!(b.state(520 * MS), State::HalfOpen);
         // A failed probe opens it again for open_for.
         b.observe(530 * MS, false, MS);
-        assert!(b.admits(600 * MS).is_err());
-        assert!(b.admits(1_030 * MS).is_ok());
+        assert!(b.admits(|| 600 * MS).is_err());
+        assert!(b.admits(|| 1_030 * MS).is_ok());
         b.observe(1_040 * MS, true, MS);
         b.observe(1_050 * MS, true, MS);
         assert_eq!(b.state(1_050 * MS), State::Closed);
         // Closed with a clean window: one slow commit does not open it.
         b.observe(1_060 * MS, true, 150 * MS);
-        assert!(b.admits(1_070 * MS).is_ok());
+        assert!(b.admits(|| 1_070 * MS).is_ok());
     }
 
     #[test]

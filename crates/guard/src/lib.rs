@@ -789,7 +789,7 @@ impl Guard {
         let Some((breaker, resource)) = compiled.breakers.get(dependency) else {
             return Ok(());
         };
-        match breaker.admits(self.now()) {
+        match breaker.admits(|| self.now()) {
             Ok(()) => Ok(()),
             Err(_) if compiled.rules.dry_run => {
                 resource

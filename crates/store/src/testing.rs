@@ -20,18 +20,9 @@ macro_rules! on_every_backend {
     ($($name:ident),* $(,)?) => {
         $(
             mod $name {
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn sqlite() {
-                    super::$name($crate::testing::Backend::Sqlite).await
-                }
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn postgres() {
-                    super::$name($crate::testing::Backend::Postgres).await
-                }
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn mysql() {
-                    super::$name($crate::testing::Backend::MySql).await
-                }
+                $crate::backend_test!($name, sqlite, Sqlite);
+                $crate::backend_test!($name, postgres, Postgres);
+                $crate::backend_test!($name, mysql, MySql);
             }
         )*
     };
@@ -44,16 +35,23 @@ macro_rules! on_server_backends {
     ($($name:ident),* $(,)?) => {
         $(
             mod $name {
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn postgres() {
-                    super::$name($crate::testing::Backend::Postgres).await
-                }
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn mysql() {
-                    super::$name($crate::testing::Backend::MySql).await
-                }
+                $crate::backend_test!($name, postgres, Postgres);
+                $crate::backend_test!($name, mysql, MySql);
             }
         )*
+    };
+}
+
+/// One test `$test` that runs `super::$name` on `Backend::$backend` (for the two macros
+/// above).
+#[doc(hidden)]
+#[macro_export]
+macro_rules! backend_test {
+    ($name:ident, $test:ident, $backend:ident) => {
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $test() {
+            super::$name($crate::testing::Backend::$backend).await
+        }
     };
 }
 
