@@ -10,6 +10,7 @@ mod redis_gate;
 mod rows;
 mod server;
 mod sqlite;
+mod sqlite_writer;
 pub mod testing;
 
 use std::path::Path;

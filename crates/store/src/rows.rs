@@ -1,7 +1,7 @@
 //! Decoding rows into records, shared by every backend: the same columns, the same
 //! checks, whatever the driver (the macros expand against each driver's row type).
 //! A value that does not parse is `StoreError::Corrupt`, never a panic. Also the order
-//! columns and how an order binds to them, so every backend inserts the same row.
+//! columns, in the order every backend inserts them.
 
 use stampede_engine::{SaleTally, StoreError};
 use stampede_types::OrderStatus;
@@ -34,26 +34,6 @@ macro_rules! order_columns {
     () => {
         "id, user_id, sale_id, sku, quantity, amount_cents, status, idempotency_key, \
          created_at_ms, expires_at_ms, updated_at_ms"
-    };
-}
-
-/// Appends `VALUES (…), (…)` for `chunk` (orders) to a `QueryBuilder`, in the column
-/// order of `order_columns!`.
-macro_rules! push_order_values {
-    ($query:expr, $chunk:expr) => {
-        $query.push_values($chunk, |mut row, order| {
-            row.push_bind(order.id.to_string())
-                .push_bind(order.user_id.as_str())
-                .push_bind(order.sale_id.to_string())
-                .push_bind(order.sku.as_str())
-                .push_bind(i64::from(order.quantity.get()))
-                .push_bind(order.amount.get())
-                .push_bind(order.status.as_str())
-                .push_bind(order.idempotency_key.as_str())
-                .push_bind(order.created_at_ms)
-                .push_bind(order.expires_at_ms)
-                .push_bind(order.updated_at_ms);
-        });
     };
 }
 

@@ -1,7 +1,8 @@
 //! The embedded default: one SQLite file in WAL mode with `synchronous=FULL`, so a
 //! committed batch has been fsync'd before `commit` returns.
 //!
-//! One connection writes (the engine has one writer); a small pool reads.
+//! One connection writes, on a thread of its own (`sqlite_writer`: one hand-off per
+//! commit); a small sqlx pool reads.
 
 use std::path::Path;
 use std::str::FromStr;
@@ -19,16 +20,12 @@ use stampede_engine::{
     Snapshot, Store, StoreError, WriteOp,
 };
 use stampede_types::{Cents, IdempotencyKey, OrderId, OrderStatus, Quantity, SaleId, Sku, UserId};
-use tokio::sync::Mutex;
 
-use crate::rows::{corrupt, count_units, outbox_events, unavailable};
-
-/// Multi-row inserts use one of these row counts, so only a handful of statement shapes
-/// are ever prepared (sqlx caches prepared statements by SQL text).
-const INSERT_CHUNK_ROWS: [usize; 5] = [256, 64, 16, 4, 1];
+use crate::rows::{corrupt, count_units, unavailable};
+use crate::sqlite_writer::{self, WriteConnection, sql};
 
 pub struct SqliteStore {
-    writer: Mutex<SqliteConnection>,
+    writer: WriteConnection,
     readers: SqlitePool,
     checkpointer: tokio::task::JoinHandle<()>,
     /// Whether commits also write order events to the outbox (a relay publishes them).
@@ -84,15 +81,20 @@ impl SqliteStore {
             .busy_timeout(Duration::from_secs(5))
             .statement_cache_capacity(64)
             .pragma("cache_size", "-65536");
-        // The writer never checkpoints; `checkpoint_forever` does, beside it.
-        let mut writer =
-            SqliteConnection::connect_with(&options.clone().pragma("wal_autocheckpoint", "0"))
-                .await
-                .map_err(unavailable)?;
+        // Migrations run on a short-lived sqlx connection; then the write thread opens its
+        // own connection (it never checkpoints: `checkpoint_forever` does, beside it).
+        let mut migrator = SqliteConnection::connect_with(&options)
+            .await
+            .map_err(unavailable)?;
         sqlx::migrate!("./migrations/sqlite")
-            .run(&mut writer)
+            .run(&mut migrator)
             .await
             .map_err(|e| StoreError::Unavailable(format!("migration failed: {e}")))?;
+        migrator.close().await.map_err(unavailable)?;
+        let path = options.get_filename().to_owned();
+        let writer = tokio::task::spawn_blocking(move || WriteConnection::open(&path))
+            .await
+            .map_err(|e| StoreError::Unavailable(format!("open the write connection: {e}")))??;
         let readers = SqlitePoolOptions::new()
             .max_connections(4)
             .min_connections(1)
@@ -104,7 +106,7 @@ impl SqliteStore {
             .map_err(unavailable)?;
         let checkpointer = tokio::spawn(checkpoint_forever(checkpoint_connection));
         Ok(SqliteStore {
-            writer: Mutex::new(writer),
+            writer,
             readers,
             checkpointer,
             outbox: false,
@@ -128,143 +130,6 @@ fn order_from_row(row: &SqliteRow) -> Result<OrderRecord, StoreError> {
 
 fn sale_from_row(row: &SqliteRow) -> Result<SaleRecord, StoreError> {
     sale_from_row!(row)
-}
-
-async fn insert_orders(
-    conn: &mut SqliteConnection,
-    orders: &[&OrderRecord],
-) -> Result<(), sqlx::Error> {
-    let mut rest = orders;
-    while !rest.is_empty() {
-        let rows = *INSERT_CHUNK_ROWS
-            .iter()
-            .find(|&&n| n <= rest.len())
-            .expect("1 always fits");
-        let (chunk, tail) = rest.split_at(rows);
-        let mut query: QueryBuilder<Sqlite> =
-            QueryBuilder::new(concat!("INSERT INTO orders (", order_columns!(), ") "));
-        push_order_values!(query, chunk);
-        query.build().persistent(true).execute(&mut *conn).await?;
-        rest = tail;
-    }
-    Ok(())
-}
-
-async fn apply(conn: &mut SqliteConnection, ops: &[WriteOp]) -> Result<Vec<OpOutcome>, StoreError> {
-    let mut outcomes = Vec::with_capacity(ops.len());
-    let mut index = 0;
-    while index < ops.len() {
-        match &ops[index] {
-            WriteOp::InsertOrder(_) => {
-                let run: Vec<&OrderRecord> = ops[index..]
-                    .iter()
-                    .map_while(|op| match op {
-                        WriteOp::InsertOrder(order) => Some(order),
-                        _ => None,
-                    })
-                    .collect();
-                insert_orders(conn, &run).await.map_err(unavailable)?;
-                outcomes.extend(run.iter().map(|_| OpOutcome::Written));
-                index += run.len();
-                continue;
-            }
-            WriteOp::InsertProduct(product) => {
-                sqlx::query(
-                    "INSERT INTO products (sku, name, price_cents, available, created_at_ms) VALUES (?, ?, ?, ?, ?)",
-                )
-                .bind(product.sku.as_str())
-                .bind(&*product.name)
-                .bind(product.price.get())
-                .bind(product.available as i64)
-                .bind(product.created_at_ms)
-                .execute(&mut *conn)
-                .await
-                .map_err(unavailable)?;
-                outcomes.push(OpOutcome::Written);
-            }
-            WriteOp::InsertSale(sale) => {
-                let taken = sqlx::query("UPDATE products SET available = available - ? WHERE sku = ? AND available >= ?")
-                    .bind(sale.quantity as i64)
-                    .bind(sale.sku.as_str())
-                    .bind(sale.quantity as i64)
-                    .execute(&mut *conn)
-                    .await
-                    .map_err(unavailable)?;
-                if taken.rows_affected() != 1 {
-                    return Err(StoreError::Unavailable(format!(
-                        "product {} lacks {} units for a sale",
-                        sale.sku, sale.quantity
-                    )));
-                }
-                sqlx::query(
-                    "INSERT INTO flash_sales (id, sku, price_cents, quantity, per_user_limit, starts_at_ms, \
-                     ends_at_ms, created_at_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                )
-                .bind(sale.id.to_string())
-                .bind(sale.sku.as_str())
-                .bind(sale.price.get())
-                .bind(sale.quantity as i64)
-                .bind(i64::from(sale.per_user_limit))
-                .bind(sale.starts_at_ms)
-                .bind(sale.ends_at_ms)
-                .bind(sale.created_at_ms)
-                .execute(&mut *conn)
-                .await
-                .map_err(unavailable)?;
-                outcomes.push(OpOutcome::Written);
-            }
-            WriteOp::Transition {
-                order_id,
-                to,
-                at_ms,
-            } => {
-                let id = order_id.to_string();
-                let moved = sqlx::query(
-                    "UPDATE orders SET status = ?, updated_at_ms = ? WHERE id = ? AND status = 'pending_payment' \
-                     RETURNING sale_id, user_id, quantity",
-                )
-                .bind(to.as_str())
-                .bind(*at_ms)
-                .bind(&id)
-                .fetch_optional(&mut *conn)
-                .await
-                .map_err(unavailable)?;
-                let outcome = match moved {
-                    Some(row) => {
-                        let sale_id: String = row.try_get("sale_id").map_err(unavailable)?;
-                        let user_id: String = row.try_get("user_id").map_err(unavailable)?;
-                        let quantity: i64 = row.try_get("quantity").map_err(unavailable)?;
-                        OpOutcome::Transitioned {
-                            sale_id: SaleId::parse(&sale_id)
-                                .ok_or_else(|| corrupt("sale id", &sale_id))?,
-                            user_id: UserId::parse(&user_id)
-                                .map_err(|_| corrupt("user id", &user_id))?,
-                            quantity: Quantity::parse(quantity)
-                                .map_err(|e| corrupt("quantity", &e.to_string()))?,
-                        }
-                    }
-                    None => {
-                        let status: Option<String> =
-                            sqlx::query_scalar("SELECT status FROM orders WHERE id = ?")
-                                .bind(&id)
-                                .fetch_optional(&mut *conn)
-                                .await
-                                .map_err(unavailable)?;
-                        match status {
-                            Some(status) => OpOutcome::Refused {
-                                current: OrderStatus::parse(&status)
-                                    .ok_or_else(|| corrupt("status", &status))?,
-                            },
-                            None => OpOutcome::NotFound,
-                        }
-                    }
-                };
-                outcomes.push(outcome);
-            }
-        }
-        index += 1;
-    }
-    Ok(outcomes)
 }
 
 /// Units per state and shoppers over the limit for one sale. Scans the sale's orders:
@@ -305,7 +170,8 @@ async fn tally_on(
 #[async_trait]
 impl Store for SqliteStore {
     async fn load(&self) -> Result<Snapshot, StoreError> {
-        let mut conn = self.writer.lock().await;
+        // On one read snapshot (nothing writes while the engine loads).
+        let mut conn = self.readers.begin().await.map_err(unavailable)?;
         let products = fetch_products!(&mut *conn)?;
         let sales = sqlx::query("SELECT * FROM flash_sales ORDER BY created_at_ms")
             .fetch_all(&mut *conn)
@@ -333,15 +199,10 @@ impl Store for SqliteStore {
     }
 
     async fn commit(&self, ops: &[WriteOp]) -> Result<Vec<OpOutcome>, StoreError> {
-        let mut conn = self.writer.lock().await;
-        let mut tx = conn.begin().await.map_err(unavailable)?;
-        // On any error the transaction is dropped and rolled back: nothing half-written.
-        let outcomes = apply(&mut tx, ops).await?;
-        if self.outbox {
-            insert_outbox!(&mut *tx, Sqlite, outbox_events(ops, &outcomes));
-        }
-        tx.commit().await.map_err(unavailable)?;
-        Ok(outcomes)
+        let (ops, outbox) = (ops.to_vec(), self.outbox);
+        self.writer
+            .call(move |connection| sqlite_writer::commit(connection, &ops, outbox))
+            .await
     }
 
     async fn outbox_read(&self, limit: usize) -> Result<Vec<OutboxEvent>, StoreError> {
@@ -350,8 +211,14 @@ impl Store for SqliteStore {
 
     async fn outbox_remove(&self, through_seq: i64) -> Result<(), StoreError> {
         // The readers are read-only; between the writer's batches.
-        let mut conn = self.writer.lock().await;
-        remove_outbox!(&mut *conn, Sqlite, through_seq)
+        self.writer
+            .call(move |connection| {
+                connection
+                    .execute("DELETE FROM outbox WHERE seq <= ?1", [through_seq])
+                    .map(drop)
+                    .map_err(sql)
+            })
+            .await
     }
 
     async fn order(&self, id: OrderId) -> Result<Option<OrderRecord>, StoreError> {
@@ -416,21 +283,22 @@ impl Store for SqliteStore {
 
     async fn save_setting(&self, key: &str, value: &str) -> Result<(), StoreError> {
         // On the write connection, between the writer's batches; fsync'd (FULL) on commit.
-        let mut conn = self.writer.lock().await;
-        sqlx::query(
-            "INSERT INTO settings (key, value, updated_at_ms) VALUES (?, ?, ?) \
-             ON CONFLICT (key) DO UPDATE SET value = excluded.value, updated_at_ms = excluded.updated_at_ms",
-        )
-        .bind(key)
-        .bind(value)
-        .bind(
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_millis() as i64),
-        )
-        .execute(&mut *conn)
-        .await
-        .map_err(unavailable)?;
-        Ok(())
+        let (key, value) = (key.to_owned(), value.to_owned());
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as i64);
+        self.writer
+            .call(move |connection| {
+                connection
+                    .execute(
+                        "INSERT INTO settings (key, value, updated_at_ms) VALUES (?1, ?2, ?3) \
+                         ON CONFLICT (key) DO UPDATE SET value = excluded.value, \
+                         updated_at_ms = excluded.updated_at_ms",
+                        (key, value, now_ms),
+                    )
+                    .map(drop)
+                    .map_err(sql)
+            })
+            .await
     }
 }

@@ -1,0 +1,279 @@
+//! The embedded store's write connection: one rusqlite connection owned by a thread of
+//! its own, so a commit is one hand-off to that thread and one back, whatever the batch
+//! holds.
+//!
+//! Why not sqlx here (it still serves every read): its SQLite driver runs each statement
+//! as a round trip between its own thread and the calling task: `BEGIN`, every insert,
+//! `COMMIT`. On two busy cores each hop back waited for a worker behind the connection
+//! tasks, and a commit of 31 orders took 1.4 ms of which its CPU was 0.4 ms; the writer
+//! was busy 92% of the time while the machine had most of a core idle (BENCHMARKS.md,
+//! "one hand-off per commit").
+//!
+//! **Invariant:** this thread is the only writer of the database file; a commit either
+//! lands whole (fsync'd: WAL, `synchronous=FULL`) or not at all (the transaction rolls
+//! back when it is dropped on an error).
+
+use std::path::Path;
+use std::time::Duration;
+
+use rusqlite::{Connection, OptionalExtension, TransactionBehavior};
+use stampede_engine::{OpOutcome, OrderRecord, StoreError, WriteOp};
+use stampede_types::{OrderStatus, Quantity, SaleId, UserId};
+
+use crate::rows::{corrupt, outbox_events};
+
+type Task = Box<dyn FnOnce(&mut Connection) + Send>;
+
+/// How many calls may wait for the write thread. The engine has one writer, which waits
+/// for each commit; settings and outbox removals are rare. A full queue makes callers
+/// wait (async), it never grows.
+const QUEUE_BOUND: usize = 16;
+
+pub(crate) struct WriteConnection {
+    tasks: Option<tokio::sync::mpsc::Sender<Task>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+pub(crate) fn sql(error: rusqlite::Error) -> StoreError {
+    StoreError::Unavailable(error.to_string())
+}
+
+fn stopped() -> StoreError {
+    StoreError::Unavailable("the SQLite write thread has stopped".into())
+}
+
+impl WriteConnection {
+    /// Opens the (already migrated) database file for writing, with the same durability
+    /// as every other connection: WAL, fsync'd at each commit. It never checkpoints: the
+    /// store's checkpointer does, beside it.
+    pub(crate) fn open(path: &Path) -> Result<WriteConnection, StoreError> {
+        let mut connection = Connection::open(path).map_err(sql)?;
+        connection
+            .busy_timeout(Duration::from_secs(5))
+            .map_err(sql)?;
+        let mode: String = connection
+            .query_row("PRAGMA journal_mode = WAL", [], |row| row.get(0))
+            .map_err(sql)?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            return Err(StoreError::Unavailable(format!(
+                "SQLite refused WAL mode (journal_mode is {mode})"
+            )));
+        }
+        connection
+            .execute_batch(
+                "PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON; PRAGMA cache_size = -65536;",
+            )
+            .map_err(sql)?;
+        let _: i64 = connection
+            .query_row("PRAGMA wal_autocheckpoint = 0", [], |row| row.get(0))
+            .map_err(sql)?;
+        connection.set_prepared_statement_cache_capacity(64);
+        let (tasks, mut queue) = tokio::sync::mpsc::channel::<Task>(QUEUE_BOUND);
+        let thread = std::thread::Builder::new()
+            .name("sqlite-writer".into())
+            .spawn(move || {
+                while let Some(task) = queue.blocking_recv() {
+                    // A panic inside a task drops its transaction (rolled back) and its
+                    // reply (the caller gets `Unavailable`); the thread goes on.
+                    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        task(&mut connection)
+                    }));
+                }
+            })
+            .map_err(|e| StoreError::Unavailable(format!("spawn the SQLite write thread: {e}")))?;
+        Ok(WriteConnection {
+            tasks: Some(tasks),
+            thread: Some(thread),
+        })
+    }
+
+    /// Runs `work` on the write connection and waits for its answer.
+    pub(crate) async fn call<T: Send + 'static>(
+        &self,
+        work: impl FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let (tell, told) = tokio::sync::oneshot::channel();
+        let task: Task = Box::new(move |connection| {
+            let _ = tell.send(work(connection));
+        });
+        self.tasks
+            .as_ref()
+            .ok_or_else(stopped)?
+            .send(task)
+            .await
+            .map_err(|_| stopped())?;
+        told.await.map_err(|_| stopped())?
+    }
+}
+
+impl Drop for WriteConnection {
+    /// Closes the queue and waits for the thread to finish what it holds and close the
+    /// connection, so a store reopened on the same file never meets the old writer.
+    fn drop(&mut self) {
+        self.tasks.take();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Applies `ops` in one transaction and commits it (fsync'd), or changes nothing.
+pub(crate) fn commit(
+    connection: &mut Connection,
+    ops: &[WriteOp],
+    outbox: bool,
+) -> Result<Vec<OpOutcome>, StoreError> {
+    let tx = connection
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .map_err(sql)?;
+    let outcomes = apply(&tx, ops)?;
+    if outbox {
+        let mut insert = tx
+            .prepare_cached("INSERT INTO outbox (order_id, event, at_ms) VALUES (?1, ?2, ?3)")
+            .map_err(sql)?;
+        for (order_id, event, at_ms) in outbox_events(ops, &outcomes) {
+            insert
+                .execute((order_id.to_string(), event, at_ms))
+                .map_err(sql)?;
+        }
+    }
+    // On any error above `tx` is dropped and rolled back: nothing half-written.
+    tx.commit().map_err(sql)?;
+    Ok(outcomes)
+}
+
+fn insert_order(tx: &rusqlite::Transaction<'_>, order: &OrderRecord) -> Result<(), StoreError> {
+    let mut insert = tx
+        .prepare_cached(concat!(
+            "INSERT INTO orders (",
+            order_columns!(),
+            ") VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)"
+        ))
+        .map_err(sql)?;
+    // The same values, in the same column order, as the server backends insert
+    // (`order_columns!`).
+    insert
+        .execute((
+            order.id.to_string(),
+            order.user_id.as_str(),
+            order.sale_id.to_string(),
+            order.sku.as_str(),
+            i64::from(order.quantity.get()),
+            order.amount.get(),
+            order.status.as_str(),
+            order.idempotency_key.as_str(),
+            order.created_at_ms,
+            order.expires_at_ms,
+            order.updated_at_ms,
+        ))
+        .map_err(sql)?;
+    Ok(())
+}
+
+fn apply(tx: &rusqlite::Transaction<'_>, ops: &[WriteOp]) -> Result<Vec<OpOutcome>, StoreError> {
+    let mut outcomes = Vec::with_capacity(ops.len());
+    for op in ops {
+        let outcome = match op {
+            WriteOp::InsertOrder(order) => {
+                insert_order(tx, order)?;
+                OpOutcome::Written
+            }
+            WriteOp::InsertProduct(product) => {
+                tx.execute(
+                    "INSERT INTO products (sku, name, price_cents, available, created_at_ms) \
+                     VALUES (?1, ?2, ?3, ?4, ?5)",
+                    (
+                        product.sku.as_str(),
+                        &*product.name,
+                        product.price.get(),
+                        product.available as i64,
+                        product.created_at_ms,
+                    ),
+                )
+                .map_err(sql)?;
+                OpOutcome::Written
+            }
+            WriteOp::InsertSale(sale) => {
+                let taken = tx
+                    .execute(
+                        "UPDATE products SET available = available - ?1 \
+                         WHERE sku = ?2 AND available >= ?1",
+                        (sale.quantity as i64, sale.sku.as_str()),
+                    )
+                    .map_err(sql)?;
+                if taken != 1 {
+                    return Err(StoreError::Unavailable(format!(
+                        "product {} lacks {} units for a sale",
+                        sale.sku, sale.quantity
+                    )));
+                }
+                tx.execute(
+                    "INSERT INTO flash_sales (id, sku, price_cents, quantity, per_user_limit, \
+                     starts_at_ms, ends_at_ms, created_at_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                    (
+                        sale.id.to_string(),
+                        sale.sku.as_str(),
+                        sale.price.get(),
+                        sale.quantity as i64,
+                        i64::from(sale.per_user_limit),
+                        sale.starts_at_ms,
+                        sale.ends_at_ms,
+                        sale.created_at_ms,
+                    ),
+                )
+                .map_err(sql)?;
+                OpOutcome::Written
+            }
+            WriteOp::Transition {
+                order_id,
+                to,
+                at_ms,
+            } => {
+                let id = order_id.to_string();
+                let moved = tx
+                    .prepare_cached(
+                        "UPDATE orders SET status = ?1, updated_at_ms = ?2 \
+                         WHERE id = ?3 AND status = 'pending_payment' \
+                         RETURNING sale_id, user_id, quantity",
+                    )
+                    .map_err(sql)?
+                    .query_row((to.as_str(), *at_ms, &id), |row| {
+                        Ok((
+                            row.get::<_, String>(0)?,
+                            row.get::<_, String>(1)?,
+                            row.get::<_, i64>(2)?,
+                        ))
+                    })
+                    .optional()
+                    .map_err(sql)?;
+                match moved {
+                    Some((sale_id, user_id, quantity)) => OpOutcome::Transitioned {
+                        sale_id: SaleId::parse(&sale_id)
+                            .ok_or_else(|| corrupt("sale id", &sale_id))?,
+                        user_id: UserId::parse(&user_id)
+                            .map_err(|_| corrupt("user id", &user_id))?,
+                        quantity: Quantity::parse(quantity)
+                            .map_err(|e| corrupt("quantity", &e.to_string()))?,
+                    },
+                    None => {
+                        let status: Option<String> = tx
+                            .prepare_cached("SELECT status FROM orders WHERE id = ?1")
+                            .map_err(sql)?
+                            .query_row([&id], |row| row.get(0))
+                            .optional()
+                            .map_err(sql)?;
+                        match status {
+                            Some(status) => OpOutcome::Refused {
+                                current: OrderStatus::parse(&status)
+                                    .ok_or_else(|| corrupt("status", &status))?,
+                            },
+                            None => OpOutcome::NotFound,
+                        }
+                    }
+                }
+            }
+        };
+        outcomes.push(outcome);
+    }
+    Ok(outcomes)
+}
