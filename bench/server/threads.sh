@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# Where a request's CPU goes: per-thread user and system CPU and context switches of the
+# server per request (read from /proc/<pid>/task/* around one wrk run), and the writer's
+# commits (count, time, orders) from /metrics, for /healthz and for durable purchases
+# against the same server.
+#
+#   cargo build --release -p stampede && bench/server/threads.sh
+#
+# Environment: DURATION (default 8s), CONNECTIONS (default 64), ACK (default durable),
+# TARGETS (default "healthz purchase"), STAMPEDE_BIN. Clock ticks are 10 ms: keep runs
+# several seconds long.
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+# shellcheck source=../lib.sh
+source "$here/../lib.sh"
+needs_wrk
+duration=${DURATION:-8s}
+connections=${CONNECTIONS:-64}
+port=${PORT:-18181}
+base=http://127.0.0.1:$port
+work=$(mktemp -d)
+pid=
+cleanup() { [ -n "$pid" ] && kill "$pid" 2>/dev/null; wait 2>/dev/null; rm -rf "$work"; }
+trap cleanup EXIT
+
+export STAMPEDE_ADMIN_TOKEN=bench-admin-token STAMPEDE_JWT_SECRET=bench-jwt-secret
+"$bin" token --sub shopper --count 20000 --data-dir "$work/tokens-dir" > "$work/tokens"
+export TOKENS=$work/tokens
+"$bin" serve --listen 127.0.0.1:$port --data-dir "$work/data" --ack "${ACK:-durable}" --log warn >/dev/null &
+pid=$!
+for _ in $(seq 100); do curl -sf $base/healthz >/dev/null && break; sleep 0.1; done
+now=$(date -u +%Y-%m-%dT%H:%M:%SZ); ends=$(date -u -d '+2 hours' +%Y-%m-%dT%H:%M:%SZ)
+curl -sf -X POST $base/v1/products -H "Authorization: Bearer $STAMPEDE_ADMIN_TOKEN" \
+  -H 'Content-Type: application/json' \
+  -d '{"sku":"BENCH","name":"bench","price_cents":100,"stock":1000000000}' >/dev/null
+SALE=$(curl -sf -X POST $base/v1/flash-sales -H "Authorization: Bearer $STAMPEDE_ADMIN_TOKEN" \
+  -H 'Content-Type: application/json' \
+  -d "{\"sku\":\"BENCH\",\"price_cents\":50,\"quantity\":1000000000,\"per_user_limit\":1000,\"starts_at\":\"$now\",\"ends_at\":\"$ends\"}" \
+  | sed -E 's/.*"id":"([^"]+)".*/\1/')
+export SALE
+
+# thread name, user ticks, system ticks, context switches; summed over threads of a name.
+snapshot() {
+  for task in /proc/$pid/task/*; do
+    local name stat switches
+    name=$(tr ' ' '_' < "$task/comm")
+    read -r -a stat < <(cut -d' ' -f14,15 "$task/stat")
+    switches=$(awk '/^(non)?voluntary_ctxt_switches/ {n += $2} END {print n}' "$task/status")
+    echo "$name ${stat[0]} ${stat[1]} $switches"
+  done | awk '{u[$1] += $2; s[$1] += $3; c[$1] += $4} END {for (n in u) print n, u[n], s[n], c[n]}' | sort
+}
+writer() {
+  curl -s $base/metrics | awk '/^stampede_writer_(commit_seconds|batch_ops)_(sum|count)/ {v[$1] = $2}
+    END {n = v["stampede_writer_commit_seconds_count"]; if (n > 0) printf "  writer: %d commits, %.2f ms each, %.1f ops each\n",
+      n, 1000 * v["stampede_writer_commit_seconds_sum"] / n, v["stampede_writer_batch_ops_sum"] / n}'
+}
+ticks=$(getconf CLK_TCK)
+for target in ${TARGETS:-healthz purchase}; do
+  snapshot > "$work/before"
+  out=$(TARGET=$target wrk -t1 -c"$connections" -d"$duration" -s "$here/load.lua" "$base/healthz")
+  snapshot > "$work/after"
+  line=$(grep '^RESULT' <<<"$out")
+  requests=$(sed -E 's/.*requests=([0-9]+).*/\1/' <<<"$line")
+  echo "$target $line"
+  # Cumulative since the server started; the product and the sale are two commits.
+  [ "$target" = purchase ] && writer
+  join "$work/before" "$work/after" | awk -v r="$requests" -v t="$ticks" '
+    {u = ($5 - $2) * 1e6 / t / r; s = ($6 - $3) * 1e6 / t / r; c = ($7 - $4) / r
+     if (u + s + c >= 0.05) printf "  %-18s user %6.1f µs  sys %6.1f µs  switches %5.2f per request\n", $1, u, s, c
+     tu += u; ts += s; tc += c}
+    END {printf "  %-18s user %6.1f µs  sys %6.1f µs  switches %5.2f per request\n", "all threads", tu, ts, tc}'
+done
