@@ -67,6 +67,13 @@ impl SqliteStore {
 
     /// Opens from a `sqlite://path` URL.
     pub async fn open_url(url: &str) -> Result<SqliteStore, StoreError> {
+        if url.contains(":memory:") || url.contains("mode=memory") {
+            // Nothing in memory is durable, and the write connection (rusqlite) and the
+            // readers (sqlx) would each see a database of their own.
+            return Err(StoreError::Unavailable(format!(
+                "{url}: an in-memory SQLite database cannot hold orders durably; give a file, sqlite://PATH"
+            )));
+        }
         Self::open_with(SqliteConnectOptions::from_str(url).map_err(unavailable)?).await
     }
 
@@ -300,5 +307,40 @@ impl Store for SqliteStore {
                     .map_err(sql)
             })
             .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn an_in_memory_database_is_refused_with_a_clear_error() {
+        for url in ["sqlite::memory:", "sqlite://orders.db?mode=memory"] {
+            let Err(StoreError::Unavailable(message)) = SqliteStore::open_url(url).await else {
+                panic!("{url} opened");
+            };
+            assert!(message.contains("sqlite://PATH"), "{message}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_file_url_opens_and_commits_through_the_write_thread() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("stampede.db").display());
+        let store = SqliteStore::open_url(&url).await.unwrap();
+        store.save_setting("k", "v1").await.unwrap();
+        store.save_setting("k", "v2").await.unwrap();
+        assert_eq!(
+            store.load_setting("k").await.unwrap().as_deref(),
+            Some("v2")
+        );
+        drop(store);
+        // The write thread closed its connection on drop: the file reopens and holds it.
+        let store = SqliteStore::open_url(&url).await.unwrap();
+        assert_eq!(
+            store.load_setting("k").await.unwrap().as_deref(),
+            Some("v2")
+        );
     }
 }
