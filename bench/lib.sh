@@ -8,3 +8,41 @@ bin=${STAMPEDE_BIN:-$target_dir/release/stampede}
 
 # needs_wrk: stops with an install hint when wrk is missing.
 needs_wrk() { command -v wrk >/dev/null || { echo "needs wrk (Debian/Ubuntu: apt-get install wrk)" >&2; exit 2; }; }
+
+# start_with_sale ACK [serve args...]: (re)starts `stampede serve` on 127.0.0.1:$port with a
+# fresh data directory under $work, waits for /healthz, then creates a product and a sale
+# of 10^9 units (at most 1,000 per shopper) running for two hours. Sets $pid and exports
+# $SALE. Needs $work, $port, STAMPEDE_ADMIN_TOKEN and STAMPEDE_JWT_SECRET.
+start_with_sale() {
+  local ack=$1; shift
+  local base=http://127.0.0.1:$port now ends
+  if [ -n "${pid:-}" ]; then kill "$pid"; wait "$pid" 2>/dev/null || true; fi
+  rm -rf "$work/data"
+  "$bin" serve --listen "127.0.0.1:$port" --data-dir "$work/data" --ack "$ack" --log warn "$@" >/dev/null &
+  pid=$!
+  for _ in $(seq 100); do curl -sf "$base/healthz" >/dev/null && break; sleep 0.1; done
+  now=$(date -u +%Y-%m-%dT%H:%M:%SZ); ends=$(date -u -d '+2 hours' +%Y-%m-%dT%H:%M:%SZ)
+  curl -sf -X POST "$base/v1/products" -H "Authorization: Bearer $STAMPEDE_ADMIN_TOKEN" \
+    -H 'Content-Type: application/json' \
+    -d '{"sku":"BENCH","name":"bench","price_cents":100,"stock":1000000000}' >/dev/null
+  SALE=$(curl -sf -X POST "$base/v1/flash-sales" -H "Authorization: Bearer $STAMPEDE_ADMIN_TOKEN" \
+    -H 'Content-Type: application/json' \
+    -d "{\"sku\":\"BENCH\",\"price_cents\":50,\"quantity\":1000000000,\"per_user_limit\":1000,\"starts_at\":\"$now\",\"ends_at\":\"$ends\"}" \
+    | sed -E 's/.*"id":"([^"]+)".*/\1/')
+  export SALE
+}
+
+# with_workdir: a scratch directory in $work, removed at exit with the server in $pid.
+with_workdir() {
+  work=$(mktemp -d)
+  pid=
+  trap 'if [ -n "$pid" ]; then kill "$pid" 2>/dev/null; fi; wait 2>/dev/null; rm -rf "$work"' EXIT
+}
+
+# with_shoppers: the bench secrets in the environment and 20,000 shopper tokens in the
+# file $TOKENS (what bench/server/load.lua reads).
+with_shoppers() {
+  export STAMPEDE_ADMIN_TOKEN=bench-admin-token STAMPEDE_JWT_SECRET=bench-jwt-secret
+  "$bin" token --sub shopper --count 20000 --data-dir "$work/tokens-dir" > "$work/tokens"
+  export TOKENS=$work/tokens
+}

@@ -17,10 +17,7 @@ rounds=${ROUNDS:-3}
 connections=${CONNECTIONS:-64}
 port=${PORT:-18182}
 base=http://127.0.0.1:$port
-work=$(mktemp -d)
-pid=
-cleanup() { [ -n "$pid" ] && kill "$pid" 2>/dev/null; wait 2>/dev/null; rm -rf "$work"; }
-trap cleanup EXIT
+with_workdir
 
 "$bin" serve --listen 127.0.0.1:$port --data-dir "$work/data" --log warn >/dev/null &
 pid=$!

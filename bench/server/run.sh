@@ -14,31 +14,13 @@ duration=${DURATION:-10s}
 connections=${CONNECTIONS:-64}
 port=${PORT:-18181}
 base=http://127.0.0.1:$port
-work=$(mktemp -d)
-pid=
-cleanup() { [ -n "$pid" ] && kill "$pid" 2>/dev/null; wait 2>/dev/null; rm -rf "$work"; }
-trap cleanup EXIT
+with_workdir
 
-export STAMPEDE_ADMIN_TOKEN=bench-admin-token STAMPEDE_JWT_SECRET=bench-jwt-secret
-"$bin" token --sub shopper --count 20000 --data-dir "$work/tokens-dir" > "$work/tokens"
-export TOKENS=$work/tokens
+with_shoppers
 
 start() { # ack mode
-  [ -n "$pid" ] && { kill "$pid"; wait "$pid" 2>/dev/null || true; }
-  rm -rf "$work/data"
-  "$bin" serve --listen 127.0.0.1:$port --data-dir "$work/data" --ack "$1" --log warn ${SERVE_ARGS:-} >/dev/null &
-  pid=$!
-  for _ in $(seq 100); do curl -sf $base/healthz >/dev/null && break; sleep 0.1; done
-  local now ends
-  now=$(date -u +%Y-%m-%dT%H:%M:%SZ); ends=$(date -u -d '+2 hours' +%Y-%m-%dT%H:%M:%SZ)
-  curl -sf -X POST $base/v1/products -H "Authorization: Bearer $STAMPEDE_ADMIN_TOKEN" \
-    -H 'Content-Type: application/json' \
-    -d '{"sku":"BENCH","name":"bench","price_cents":100,"stock":1000000000}' >/dev/null
-  SALE=$(curl -sf -X POST $base/v1/flash-sales -H "Authorization: Bearer $STAMPEDE_ADMIN_TOKEN" \
-    -H 'Content-Type: application/json' \
-    -d "{\"sku\":\"BENCH\",\"price_cents\":50,\"quantity\":1000000000,\"per_user_limit\":1000,\"starts_at\":\"$now\",\"ends_at\":\"$ends\"}" \
-    | sed -E 's/.*"id":"([^"]+)".*/\1/')
-  export SALE
+  # shellcheck disable=SC2086 # SERVE_ARGS is a list of flags
+  start_with_sale "$1" ${SERVE_ARGS:-}
 }
 
 run() { # label, wrk args...

@@ -18,26 +18,10 @@ duration=${DURATION:-8s}
 connections=${CONNECTIONS:-64}
 port=${PORT:-18181}
 base=http://127.0.0.1:$port
-work=$(mktemp -d)
-pid=
-cleanup() { [ -n "$pid" ] && kill "$pid" 2>/dev/null; wait 2>/dev/null; rm -rf "$work"; }
-trap cleanup EXIT
+with_workdir
 
-export STAMPEDE_ADMIN_TOKEN=bench-admin-token STAMPEDE_JWT_SECRET=bench-jwt-secret
-"$bin" token --sub shopper --count 20000 --data-dir "$work/tokens-dir" > "$work/tokens"
-export TOKENS=$work/tokens
-"$bin" serve --listen 127.0.0.1:$port --data-dir "$work/data" --ack "${ACK:-durable}" --log warn >/dev/null &
-pid=$!
-for _ in $(seq 100); do curl -sf $base/healthz >/dev/null && break; sleep 0.1; done
-now=$(date -u +%Y-%m-%dT%H:%M:%SZ); ends=$(date -u -d '+2 hours' +%Y-%m-%dT%H:%M:%SZ)
-curl -sf -X POST $base/v1/products -H "Authorization: Bearer $STAMPEDE_ADMIN_TOKEN" \
-  -H 'Content-Type: application/json' \
-  -d '{"sku":"BENCH","name":"bench","price_cents":100,"stock":1000000000}' >/dev/null
-SALE=$(curl -sf -X POST $base/v1/flash-sales -H "Authorization: Bearer $STAMPEDE_ADMIN_TOKEN" \
-  -H 'Content-Type: application/json' \
-  -d "{\"sku\":\"BENCH\",\"price_cents\":50,\"quantity\":1000000000,\"per_user_limit\":1000,\"starts_at\":\"$now\",\"ends_at\":\"$ends\"}" \
-  | sed -E 's/.*"id":"([^"]+)".*/\1/')
-export SALE
+with_shoppers
+start_with_sale "${ACK:-durable}"
 
 # thread name, user ticks, system ticks, context switches; summed over threads of a name.
 snapshot() {

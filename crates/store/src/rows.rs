@@ -30,6 +30,52 @@ pub(crate) fn count_units(
     Ok(())
 }
 
+/// An order's values in the column order of `order_columns!`: what every backend inserts
+/// (as bound parameters, or, for the MySQL protocol, as a JSON array per row).
+pub(crate) type OrderValues<'a> = (
+    String,
+    &'a str,
+    String,
+    &'a str,
+    i64,
+    i64,
+    &'static str,
+    &'a str,
+    i64,
+    i64,
+    i64,
+);
+
+pub(crate) fn order_values(order: &stampede_engine::OrderRecord) -> OrderValues<'_> {
+    (
+        order.id.to_string(),
+        order.user_id.as_str(),
+        order.sale_id.to_string(),
+        order.sku.as_str(),
+        i64::from(order.quantity.get()),
+        order.amount.get(),
+        order.status.as_str(),
+        order.idempotency_key.as_str(),
+        order.created_at_ms,
+        order.expires_at_ms,
+        order.updated_at_ms,
+    )
+}
+
+/// The outcome of a transition that moved an order, from the order's stored columns.
+pub(crate) fn transitioned(
+    sale_id: &str,
+    user_id: &str,
+    quantity: i64,
+) -> Result<stampede_engine::OpOutcome, StoreError> {
+    use stampede_types::{Quantity, SaleId, UserId};
+    Ok(stampede_engine::OpOutcome::Transitioned {
+        sale_id: SaleId::parse(sale_id).ok_or_else(|| corrupt("sale id", sale_id))?,
+        user_id: UserId::parse(user_id).map_err(|_| corrupt("user id", user_id))?,
+        quantity: Quantity::parse(quantity).map_err(|e| corrupt("quantity", &e.to_string()))?,
+    })
+}
+
 macro_rules! order_columns {
     () => {
         "id, user_id, sale_id, sku, quantity, amount_cents, status, idempotency_key, \

@@ -52,7 +52,7 @@ use stampede_engine::{
 use stampede_types::{Cents, IdempotencyKey, OrderId, OrderStatus, Quantity, SaleId, Sku, UserId};
 use tokio::sync::Mutex;
 
-use crate::rows::{corrupt, count_units, outbox_events, unavailable};
+use crate::rows::{corrupt, count_units, order_values, outbox_events, transitioned, unavailable};
 
 /// Shoppers per holdings upsert in a cluster commit (4 parameters each).
 const HOLDINGS_CHUNK_ROWS: usize = 1024;
@@ -1632,24 +1632,11 @@ macro_rules! insert_orders_unnest {
 macro_rules! insert_orders_json_table {
     ($conn:expr, $orders:expr) => {{
         let orders: &[&OrderRecord] = $orders;
-        let rows: Vec<serde_json::Value> = orders
+        let rows = orders
             .iter()
-            .map(|o| {
-                serde_json::json!([
-                    o.id.to_string(),
-                    o.user_id.as_str(),
-                    o.sale_id.to_string(),
-                    o.sku.as_str(),
-                    i64::from(o.quantity.get()),
-                    o.amount.get(),
-                    o.status.as_str(),
-                    o.idempotency_key.as_str(),
-                    o.created_at_ms,
-                    o.expires_at_ms,
-                    o.updated_at_ms
-                ])
-            })
-            .collect();
+            .map(|o| serde_json::to_value(order_values(o)))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| StoreError::Unavailable(format!("encode orders: {e}")))?;
         let rows = serde_json::Value::Array(rows).to_string();
         sqlx::query(concat!(
             "INSERT INTO orders (",
@@ -1770,14 +1757,7 @@ macro_rules! apply {
                                 let user_id: String =
                                     row.try_get("user_id").map_err(unavailable)?;
                                 let quantity: i64 = row.try_get("quantity").map_err(unavailable)?;
-                                OpOutcome::Transitioned {
-                                    sale_id: SaleId::parse(&sale_id)
-                                        .ok_or_else(|| corrupt("sale id", &sale_id))?,
-                                    user_id: UserId::parse(&user_id)
-                                        .map_err(|_| corrupt("user id", &user_id))?,
-                                    quantity: Quantity::parse(quantity)
-                                        .map_err(|e| corrupt("quantity", &e.to_string()))?,
-                                }
+                                transitioned(&sale_id, &user_id, quantity)?
                             }
                         }
                     };

@@ -18,9 +18,9 @@ use std::time::Duration;
 
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior};
 use stampede_engine::{OpOutcome, OrderRecord, StoreError, WriteOp};
-use stampede_types::{OrderStatus, Quantity, SaleId, UserId};
+use stampede_types::OrderStatus;
 
-use crate::rows::{corrupt, outbox_events};
+use crate::rows::{corrupt, order_values, outbox_events, transitioned};
 
 type Task = Box<dyn FnOnce(&mut Connection) + Send>;
 
@@ -150,23 +150,7 @@ fn insert_order(tx: &rusqlite::Transaction<'_>, order: &OrderRecord) -> Result<(
             ") VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)"
         ))
         .map_err(sql)?;
-    // The same values, in the same column order, as the server backends insert
-    // (`order_columns!`).
-    insert
-        .execute((
-            order.id.to_string(),
-            order.user_id.as_str(),
-            order.sale_id.to_string(),
-            order.sku.as_str(),
-            i64::from(order.quantity.get()),
-            order.amount.get(),
-            order.status.as_str(),
-            order.idempotency_key.as_str(),
-            order.created_at_ms,
-            order.expires_at_ms,
-            order.updated_at_ms,
-        ))
-        .map_err(sql)?;
+    insert.execute(order_values(order)).map_err(sql)?;
     Ok(())
 }
 
@@ -247,14 +231,9 @@ fn apply(tx: &rusqlite::Transaction<'_>, ops: &[WriteOp]) -> Result<Vec<OpOutcom
                     .optional()
                     .map_err(sql)?;
                 match moved {
-                    Some((sale_id, user_id, quantity)) => OpOutcome::Transitioned {
-                        sale_id: SaleId::parse(&sale_id)
-                            .ok_or_else(|| corrupt("sale id", &sale_id))?,
-                        user_id: UserId::parse(&user_id)
-                            .map_err(|_| corrupt("user id", &user_id))?,
-                        quantity: Quantity::parse(quantity)
-                            .map_err(|e| corrupt("quantity", &e.to_string()))?,
-                    },
+                    Some((sale_id, user_id, quantity)) => {
+                        transitioned(&sale_id, &user_id, quantity)?
+                    }
                     None => {
                         let status: Option<String> = tx
                             .prepare_cached("SELECT status FROM orders WHERE id = ?1")
