@@ -336,7 +336,7 @@ mod tests {
             Some("v2")
         );
         drop(store);
-        // The write thread closed its connection on drop: the file reopens and holds it.
+        // Committed before the call returned: a store reopened on the file holds it.
         let store = SqliteStore::open_url(&url).await.unwrap();
         assert_eq!(
             store.load_setting("k").await.unwrap().as_deref(),

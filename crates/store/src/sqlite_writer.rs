@@ -29,9 +29,11 @@ type Task = Box<dyn FnOnce(&mut Connection) + Send>;
 /// wait (async), it never grows.
 const QUEUE_BOUND: usize = 16;
 
+/// Dropping it closes the queue: the thread finishes the call it is running, skips the
+/// queued ones whose callers are gone, closes the connection and ends. Nothing waits for
+/// it, so a drop on a runtime worker never blocks behind a commit.
 pub(crate) struct WriteConnection {
-    tasks: Option<tokio::sync::mpsc::Sender<Task>>,
-    thread: Option<std::thread::JoinHandle<()>>,
+    tasks: tokio::sync::mpsc::Sender<Task>,
 }
 
 pub(crate) fn sql(error: rusqlite::Error) -> StoreError {
@@ -69,7 +71,7 @@ impl WriteConnection {
             .map_err(sql)?;
         connection.set_prepared_statement_cache_capacity(64);
         let (tasks, mut queue) = tokio::sync::mpsc::channel::<Task>(QUEUE_BOUND);
-        let thread = std::thread::Builder::new()
+        std::thread::Builder::new()
             .name("sqlite-writer".into())
             .spawn(move || {
                 while let Some(task) = queue.blocking_recv() {
@@ -81,10 +83,7 @@ impl WriteConnection {
                 }
             })
             .map_err(|e| StoreError::Unavailable(format!("spawn the SQLite write thread: {e}")))?;
-        Ok(WriteConnection {
-            tasks: Some(tasks),
-            thread: Some(thread),
-        })
+        Ok(WriteConnection { tasks })
     }
 
     /// Runs `work` on the write connection and waits for its answer.
@@ -94,26 +93,14 @@ impl WriteConnection {
     ) -> Result<T, StoreError> {
         let (tell, told) = tokio::sync::oneshot::channel();
         let task: Task = Box::new(move |connection| {
-            let _ = tell.send(work(connection));
+            // A caller that went away before its turn (a writer stopped mid-batch) wrote
+            // nothing: the same as a transaction dropped before it began.
+            if !tell.is_closed() {
+                let _ = tell.send(work(connection));
+            }
         });
-        self.tasks
-            .as_ref()
-            .ok_or_else(stopped)?
-            .send(task)
-            .await
-            .map_err(|_| stopped())?;
+        self.tasks.send(task).await.map_err(|_| stopped())?;
         told.await.map_err(|_| stopped())?
-    }
-}
-
-impl Drop for WriteConnection {
-    /// Closes the queue and waits for the thread to finish what it holds and close the
-    /// connection, so a store reopened on the same file never meets the old writer.
-    fn drop(&mut self) {
-        self.tasks.take();
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
     }
 }
 
