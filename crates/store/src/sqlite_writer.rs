@@ -243,3 +243,70 @@ fn apply(tx: &rusqlite::Transaction<'_>, ops: &[WriteOp]) -> Result<Vec<OpOutcom
     }
     Ok(outcomes)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_call_whose_caller_left_before_its_turn_writes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("writer.db");
+        Connection::open(&path)
+            .unwrap()
+            .execute_batch("CREATE TABLE t (v INTEGER NOT NULL)")
+            .unwrap();
+        let writer = Arc::new(WriteConnection::open(&path).unwrap());
+        // The first call holds the thread until released.
+        let (release, held) = std::sync::mpsc::channel::<()>();
+        let first = tokio::spawn({
+            let writer = writer.clone();
+            async move {
+                writer
+                    .call(move |_| {
+                        held.recv().unwrap();
+                        Ok(())
+                    })
+                    .await
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        // The second is queued behind it, and its caller leaves (a writer stopped).
+        let second = tokio::spawn({
+            let writer = writer.clone();
+            async move {
+                writer
+                    .call(|c| {
+                        c.execute("INSERT INTO t VALUES (1)", [])
+                            .map(drop)
+                            .map_err(sql)
+                    })
+                    .await
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        second.abort();
+        assert!(second.await.unwrap_err().is_cancelled());
+        release.send(()).unwrap();
+        first.await.unwrap().unwrap();
+        let rows: i64 = writer
+            .call(|c| {
+                c.query_row("SELECT COUNT(*) FROM t", [], |r| r.get(0))
+                    .map_err(sql)
+            })
+            .await
+            .unwrap();
+        assert_eq!(rows, 0, "the abandoned insert ran");
+        // A caller that stays gets its answer.
+        writer
+            .call(|c| {
+                c.execute("INSERT INTO t VALUES (2)", [])
+                    .map(drop)
+                    .map_err(sql)
+            })
+            .await
+            .unwrap();
+    }
+}
