@@ -53,13 +53,14 @@ impl TrustedProxies {
             return peer;
         }
         let mut client = peer;
-        let forwarded = headers
+        // Nearest first: the last header, its last entry; nothing collected.
+        let nearest_first = headers
             .get_all("x-forwarded-for")
             .iter()
+            .rev()
             .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .collect::<Vec<_>>();
-        for entry in forwarded.iter().rev().take(FORWARDED_MAX) {
+            .flat_map(|v| v.rsplit(','));
+        for entry in nearest_first.take(FORWARDED_MAX) {
             let Ok(ip) = entry.trim().parse::<IpAddr>() else {
                 break;
             };

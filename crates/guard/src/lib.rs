@@ -122,6 +122,15 @@ pub struct CounterValues {
 }
 
 impl Counters {
+    /// One call of the resource finished after `rt_ns`, failed or not.
+    fn finished(&self, rt_ns: u64, error: bool) {
+        self.completed.fetch_add(1, Ordering::Relaxed);
+        self.rt_ns.fetch_add(rt_ns, Ordering::Relaxed);
+        if error {
+            self.errors.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
     fn values(&self) -> CounterValues {
         let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
         CounterValues {
@@ -436,12 +445,7 @@ impl Drop for Admission<'_> {
         {
             flow.inflight.fetch_sub(1, Ordering::Relaxed);
         }
-        let counters = &self.resource.counters;
-        counters.completed.fetch_add(1, Ordering::Relaxed);
-        counters.rt_ns.fetch_add(rt, Ordering::Relaxed);
-        if self.error {
-            counters.errors.fetch_add(1, Ordering::Relaxed);
-        }
+        self.resource.counters.finished(rt, self.error);
     }
 }
 
@@ -817,13 +821,8 @@ impl Guard {
         };
         let rt = elapsed.as_nanos() as u64;
         breaker.observe(self.now(), ok, rt);
-        let counters = &resource.counters;
-        counters.passed.fetch_add(1, Ordering::Relaxed);
-        counters.completed.fetch_add(1, Ordering::Relaxed);
-        counters.rt_ns.fetch_add(rt, Ordering::Relaxed);
-        if !ok {
-            counters.errors.fetch_add(1, Ordering::Relaxed);
-        }
+        resource.counters.passed.fetch_add(1, Ordering::Relaxed);
+        resource.counters.finished(rt, !ok);
     }
 
     pub fn stats(&self) -> GuardStats {

@@ -12,7 +12,6 @@ use std::time::Duration;
 use async_trait::async_trait;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePoolOptions, SqliteRow,
-    SqliteSynchronous,
 };
 use sqlx::{Connection, QueryBuilder, Row, Sqlite, SqlitePool};
 use stampede_engine::{
@@ -37,6 +36,18 @@ impl Drop for SqliteStore {
         self.checkpointer.abort();
     }
 }
+
+/// What every connection to the file sets (WAL mode besides), the sqlx ones and the write
+/// thread's alike: durable commits, fsync'd at every commit; foreign keys enforced; 64 MiB
+/// of page cache for the hot B-tree pages of a sale's orders.
+pub(crate) const CONNECTION_PRAGMAS: [(&str, &str); 3] = [
+    ("synchronous", "FULL"),
+    ("foreign_keys", "ON"),
+    ("cache_size", "-65536"),
+];
+
+/// How long a connection waits for a lock another connection holds.
+pub(crate) const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// How often the background connection copies the WAL back into the database file.
 const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(500);
@@ -78,16 +89,14 @@ impl SqliteStore {
     }
 
     async fn open_with(options: SqliteConnectOptions) -> Result<SqliteStore, StoreError> {
-        // Durable commits: WAL, fsync'd at every commit. 64 MiB of page cache keeps the hot
-        // B-tree pages of a sale's orders in memory.
-        let options = options
-            .create_if_missing(true)
-            .journal_mode(SqliteJournalMode::Wal)
-            .synchronous(SqliteSynchronous::Full)
-            .foreign_keys(true)
-            .busy_timeout(Duration::from_secs(5))
-            .statement_cache_capacity(64)
-            .pragma("cache_size", "-65536");
+        let options = CONNECTION_PRAGMAS.iter().fold(
+            options
+                .create_if_missing(true)
+                .journal_mode(SqliteJournalMode::Wal)
+                .busy_timeout(BUSY_TIMEOUT)
+                .statement_cache_capacity(64),
+            |options, (name, value)| options.pragma(*name, *value),
+        );
         // Migrations run on a short-lived sqlx connection; then the write thread opens its
         // own connection (it never checkpoints: `checkpoint_forever` does, beside it).
         let mut migrator = SqliteConnection::connect_with(&options)
@@ -329,6 +338,26 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let url = format!("sqlite://{}", dir.path().join("stampede.db").display());
         let store = SqliteStore::open_url(&url).await.unwrap();
+        // The write connection is as durable as the sqlx ones: WAL, FULL (2), keys on.
+        let settings = store
+            .writer
+            .call(|c| {
+                let get = |pragma: &str| {
+                    c.query_row(&format!("PRAGMA {pragma}"), [], |r| {
+                        r.get::<_, rusqlite::types::Value>(0)
+                    })
+                    .map_err(sql)
+                };
+                Ok((
+                    get("journal_mode")?,
+                    get("synchronous")?,
+                    get("foreign_keys")?,
+                ))
+            })
+            .await
+            .unwrap();
+        use rusqlite::types::Value::{Integer, Text};
+        assert_eq!(settings, (Text("wal".into()), Integer(2), Integer(1)));
         store.save_setting("k", "v1").await.unwrap();
         store.save_setting("k", "v2").await.unwrap();
         assert_eq!(

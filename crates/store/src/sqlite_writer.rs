@@ -14,13 +14,13 @@
 //! back when it is dropped on an error).
 
 use std::path::Path;
-use std::time::Duration;
 
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior};
-use stampede_engine::{OpOutcome, OrderRecord, StoreError, WriteOp};
+use stampede_engine::{OpOutcome, StoreError, WriteOp};
 use stampede_types::OrderStatus;
 
 use crate::rows::{corrupt, order_values, outbox_events, transitioned};
+use crate::sqlite::{BUSY_TIMEOUT, CONNECTION_PRAGMAS};
 
 type Task = Box<dyn FnOnce(&mut Connection) + Send>;
 
@@ -50,9 +50,7 @@ impl WriteConnection {
     /// store's checkpointer does, beside it.
     pub(crate) fn open(path: &Path) -> Result<WriteConnection, StoreError> {
         let mut connection = Connection::open(path).map_err(sql)?;
-        connection
-            .busy_timeout(Duration::from_secs(5))
-            .map_err(sql)?;
+        connection.busy_timeout(BUSY_TIMEOUT).map_err(sql)?;
         let mode: String = connection
             .query_row("PRAGMA journal_mode = WAL", [], |row| row.get(0))
             .map_err(sql)?;
@@ -61,11 +59,13 @@ impl WriteConnection {
                 "SQLite refused WAL mode (journal_mode is {mode})"
             )));
         }
-        connection
-            .execute_batch(
-                "PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON; PRAGMA cache_size = -65536;",
-            )
-            .map_err(sql)?;
+        for (name, value) in CONNECTION_PRAGMAS {
+            // Constants of ours, not input: safe to write into the statement.
+            connection
+                .execute_batch(&format!("PRAGMA {name} = {value};"))
+                .map_err(sql)?;
+        }
+        // The writer never checkpoints: the store's checkpointer does, beside it.
         let _: i64 = connection
             .query_row("PRAGMA wal_autocheckpoint = 0", [], |row| row.get(0))
             .map_err(sql)?;
@@ -129,24 +129,25 @@ pub(crate) fn commit(
     Ok(outcomes)
 }
 
-fn insert_order(tx: &rusqlite::Transaction<'_>, order: &OrderRecord) -> Result<(), StoreError> {
-    let mut insert = tx
-        .prepare_cached(concat!(
-            "INSERT INTO orders (",
-            order_columns!(),
-            ") VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)"
-        ))
-        .map_err(sql)?;
-    insert.execute(order_values(order)).map_err(sql)?;
-    Ok(())
-}
-
 fn apply(tx: &rusqlite::Transaction<'_>, ops: &[WriteOp]) -> Result<Vec<OpOutcome>, StoreError> {
     let mut outcomes = Vec::with_capacity(ops.len());
+    // Prepared (from the connection's cache) once per commit, not once per order.
+    let mut insert_order = None;
     for op in ops {
         let outcome = match op {
             WriteOp::InsertOrder(order) => {
-                insert_order(tx, order)?;
+                let insert = match &mut insert_order {
+                    Some(insert) => insert,
+                    None => insert_order.insert(
+                        tx.prepare_cached(concat!(
+                            "INSERT INTO orders (",
+                            order_columns!(),
+                            ") VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)"
+                        ))
+                        .map_err(sql)?,
+                    ),
+                };
+                insert.execute(order_values(order)).map_err(sql)?;
                 OpOutcome::Written
             }
             WriteOp::InsertProduct(product) => {
@@ -247,8 +248,17 @@ fn apply(tx: &rusqlite::Transaction<'_>, ops: &[WriteOp]) -> Result<Vec<OpOutcom
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
+    use std::time::Duration;
 
     use super::*;
+
+    fn insert(value: i64) -> impl FnOnce(&mut Connection) -> Result<(), StoreError> + Send {
+        move |c| {
+            c.execute("INSERT INTO t VALUES (?1)", [value])
+                .map(drop)
+                .map_err(sql)
+        }
+    }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_call_whose_caller_left_before_its_turn_writes_nothing() {
@@ -276,15 +286,7 @@ mod tests {
         // The second is queued behind it, and its caller leaves (a writer stopped).
         let second = tokio::spawn({
             let writer = writer.clone();
-            async move {
-                writer
-                    .call(|c| {
-                        c.execute("INSERT INTO t VALUES (1)", [])
-                            .map(drop)
-                            .map_err(sql)
-                    })
-                    .await
-            }
+            async move { writer.call(insert(1)).await }
         });
         tokio::time::sleep(Duration::from_millis(50)).await;
         second.abort();
@@ -300,13 +302,6 @@ mod tests {
             .unwrap();
         assert_eq!(rows, 0, "the abandoned insert ran");
         // A caller that stays gets its answer.
-        writer
-            .call(|c| {
-                c.execute("INSERT INTO t VALUES (2)", [])
-                    .map(drop)
-                    .map_err(sql)
-            })
-            .await
-            .unwrap();
+        writer.call(insert(2)).await.unwrap();
     }
 }
