@@ -1,15 +1,17 @@
 -- wrk script for bench/server/run.sh. TARGET=healthz: GET /healthz, built per request so
 -- it pays the same Lua cost as a purchase. TARGET=purchase: each request buys one unit of
 -- sale $SALE as one of the shoppers whose tokens are in $TOKENS, with a unique
--- Idempotency-Key. DELAY_MS > 0 paces each connection.
+-- Idempotency-Key (unique across runs against the same server too, so a second run buys
+-- instead of replaying the first one's keys). DELAY_MS > 0 paces each connection.
 local target = os.getenv("TARGET") or "purchase"
 local delay_ms = tonumber(os.getenv("DELAY_MS") or "0")
 local tokens = {}
 local counter = 0
 local next_id = 0
+local run = os.getenv("RUN") or tostring(os.time())
 
 function setup(thread)
-  thread:set("id", next_id)
+  thread:set("id", run .. "-" .. next_id)
   next_id = next_id + 1
 end
 

@@ -23,15 +23,18 @@ with_workdir
 with_shoppers
 start_with_sale "${ACK:-durable}"
 
-# thread name, user ticks, system ticks, context switches; summed over threads of a name.
+# thread name, user ticks, system ticks, context switches, nanoseconds spent runnable but
+# waiting for a CPU (schedstat's run delay); summed over threads of a name.
 snapshot() {
   for task in /proc/$pid/task/*; do
-    local name stat switches
+    local name stat switches waited
     name=$(tr ' ' '_' < "$task/comm")
     read -r -a stat < <(cut -d' ' -f14,15 "$task/stat")
     switches=$(awk '/^(non)?voluntary_ctxt_switches/ {n += $2} END {print n}' "$task/status")
-    echo "$name ${stat[0]} ${stat[1]} $switches"
-  done | awk '{u[$1] += $2; s[$1] += $3; c[$1] += $4} END {for (n in u) print n, u[n], s[n], c[n]}' | sort
+    waited=$(cut -d' ' -f2 "$task/schedstat" 2>/dev/null || echo 0)
+    echo "$name ${stat[0]} ${stat[1]} $switches $waited"
+  done | awk '{u[$1] += $2; s[$1] += $3; c[$1] += $4; w[$1] += $5}
+    END {for (n in u) print n, u[n], s[n], c[n], w[n]}' | sort
 }
 writer() {
   curl -s $base/metrics | awk '/^stampede_writer_(commit_seconds|batch_ops)_(sum|count)/ {v[$1] = $2}
@@ -49,8 +52,8 @@ for target in ${TARGETS:-healthz purchase}; do
   # Cumulative since the server started; the product and the sale are two commits.
   [ "$target" = purchase ] && writer
   join "$work/before" "$work/after" | awk -v r="$requests" -v t="$ticks" '
-    {u = ($5 - $2) * 1e6 / t / r; s = ($6 - $3) * 1e6 / t / r; c = ($7 - $4) / r
-     if (u + s + c >= 0.05) printf "  %-18s user %6.1f µs  sys %6.1f µs  switches %5.2f per request\n", $1, u, s, c
-     tu += u; ts += s; tc += c}
-    END {printf "  %-18s user %6.1f µs  sys %6.1f µs  switches %5.2f per request\n", "all threads", tu, ts, tc}'
+    {u = ($6 - $2) * 1e6 / t / r; s = ($7 - $3) * 1e6 / t / r; c = ($8 - $4) / r; w = ($9 - $5) / 1e3 / r
+     if (u + s + c >= 0.05) printf "  %-18s user %6.1f µs  sys %6.1f µs  switches %5.2f  waited for a CPU %6.1f µs per request\n", $1, u, s, c, w
+     tu += u; ts += s; tc += c; tw += w}
+    END {printf "  %-18s user %6.1f µs  sys %6.1f µs  switches %5.2f  waited for a CPU %6.1f µs per request\n", "all threads", tu, ts, tc, tw}'
 done

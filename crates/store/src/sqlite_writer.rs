@@ -14,6 +14,8 @@
 //! back when it is dropped on an error).
 
 use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior};
 use stampede_engine::{OpOutcome, StoreError, WriteOp};
@@ -28,6 +30,9 @@ type Task = Box<dyn FnOnce(&mut Connection) + Send>;
 /// for each commit; settings and outbox removals are rare. A full queue makes callers
 /// wait (async), it never grows.
 const QUEUE_BOUND: usize = 16;
+
+/// The WAL file is cut back to this size when it starts over after a burst grew it.
+const WAL_SIZE_LIMIT_BYTES: i64 = 64 * 1024 * 1024;
 
 /// Dropping it closes the queue: the thread finishes the call it is running, skips the
 /// queued ones whose callers are gone, closes the connection and ends. Nothing waits for
@@ -46,9 +51,11 @@ fn stopped() -> StoreError {
 
 impl WriteConnection {
     /// Opens the (already migrated) database file for writing, with the same durability
-    /// as every other connection: WAL, fsync'd at each commit. It never checkpoints: the
-    /// store's checkpointer does, beside it.
-    pub(crate) fn open(path: &Path) -> Result<WriteConnection, StoreError> {
+    /// as every other connection: WAL, fsync'd at each commit. The store's checkpointer
+    /// copies the WAL beside it; when a pass of it leaves a tail (frames committed while
+    /// it ran), it raises `tail` and this thread copies the tail between two calls, so
+    /// the next commit can start the WAL over instead of growing it.
+    pub(crate) fn open(path: &Path, tail: Arc<AtomicBool>) -> Result<WriteConnection, StoreError> {
         let mut connection = Connection::open(path).map_err(sql)?;
         connection.busy_timeout(BUSY_TIMEOUT).map_err(sql)?;
         let mode: String = connection
@@ -65,9 +72,17 @@ impl WriteConnection {
                 .execute_batch(&format!("PRAGMA {name} = {value};"))
                 .map_err(sql)?;
         }
-        // The writer never checkpoints: the store's checkpointer does, beside it.
+        // No checkpoint inside a commit: only the tail, between calls (below).
         let _: i64 = connection
             .query_row("PRAGMA wal_autocheckpoint = 0", [], |row| row.get(0))
+            .map_err(sql)?;
+        // When the WAL starts over, a file that a burst grew beyond this is cut back.
+        let _: i64 = connection
+            .query_row(
+                &format!("PRAGMA journal_size_limit = {WAL_SIZE_LIMIT_BYTES}"),
+                [],
+                |row| row.get(0),
+            )
             .map_err(sql)?;
         connection.set_prepared_statement_cache_capacity(64);
         let (tasks, mut queue) = tokio::sync::mpsc::channel::<Task>(QUEUE_BOUND);
@@ -80,6 +95,9 @@ impl WriteConnection {
                     let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                         task(&mut connection)
                     }));
+                    if tail.swap(false, Ordering::Acquire) {
+                        copy_tail(&connection);
+                    }
                 }
             })
             .map_err(|e| StoreError::Unavailable(format!("spawn the SQLite write thread: {e}")))?;
@@ -101,6 +119,27 @@ impl WriteConnection {
         });
         self.tasks.send(task).await.map_err(|_| stopped())?;
         told.await.map_err(|_| stopped())?
+    }
+}
+
+/// Copies what the checkpointer's last pass left in the WAL: the frames committed while
+/// it ran, a few hundred distinct pages at most, then the database file's fsync. Once the
+/// whole WAL is copied, the next commit writes it over from the start (same blocks, same
+/// file size) instead of appending. PASSIVE: a checkpoint already running or a reader's
+/// snapshot makes it copy less or nothing, never wait.
+fn copy_tail(connection: &Connection) {
+    let started = std::time::Instant::now();
+    match connection.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |row| {
+        Ok((row.get::<_, i64>(1)?, row.get::<_, i64>(2)?))
+    }) {
+        Ok((frames, copied)) => {
+            metrics::histogram!("stampede_sqlite_tail_checkpoint_seconds")
+                .record(started.elapsed().as_secs_f64());
+            if copied < frames {
+                metrics::counter!("stampede_sqlite_tail_checkpoint_short_total").increment(1);
+            }
+        }
+        Err(error) => tracing::warn!(%error, "WAL tail checkpoint failed; the next pass retries"),
     }
 }
 
@@ -268,7 +307,7 @@ mod tests {
             .unwrap()
             .execute_batch("CREATE TABLE t (v INTEGER NOT NULL)")
             .unwrap();
-        let writer = Arc::new(WriteConnection::open(&path).unwrap());
+        let writer = Arc::new(WriteConnection::open(&path, Arc::default()).unwrap());
         // The first call holds the thread until released.
         let (release, held) = std::sync::mpsc::channel::<()>();
         let first = tokio::spawn({
@@ -303,5 +342,69 @@ mod tests {
         assert_eq!(rows, 0, "the abandoned insert ran");
         // A caller that stays gets its answer.
         writer.call(insert(2)).await.unwrap();
+    }
+
+    /// Frames in the WAL and frames copied, as a PASSIVE checkpoint on `c` finds them.
+    fn checkpoint(c: &Connection) -> (i64, i64) {
+        c.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
+            Ok((r.get(1)?, r.get(2)?))
+        })
+        .unwrap()
+    }
+
+    /// A WAL with a tail the checkpointer could not copy (commits it did not see), then
+    /// `frames_after` for one more commit, with `raise` telling the thread to copy the
+    /// tail first or not.
+    async fn wal_after_a_tail(raise: bool) -> (i64, i64) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("writer.db");
+        Connection::open(&path)
+            .unwrap()
+            .execute_batch("CREATE TABLE t (v INTEGER NOT NULL)")
+            .unwrap();
+        let tail = Arc::new(AtomicBool::new(false));
+        let writer = WriteConnection::open(&path, tail.clone()).unwrap();
+        for v in 0..50 {
+            writer.call(insert(v)).await.unwrap();
+        }
+        // A reader's snapshot stands where the checkpointer's pass began: the pass copies
+        // up to it and not the commits after it, as when commits land during a pass.
+        let reader = Connection::open(&path).unwrap();
+        reader.execute_batch("BEGIN").unwrap();
+        let _: i64 = reader
+            .query_row("SELECT COUNT(*) FROM t", [], |r| r.get(0))
+            .unwrap();
+        for v in 50..100 {
+            writer.call(insert(v)).await.unwrap();
+        }
+        let checkpointer = Connection::open(&path).unwrap();
+        let (frames, copied) = checkpoint(&checkpointer);
+        assert!(
+            copied < frames,
+            "the pass left no tail: {copied} of {frames}"
+        );
+        reader.execute_batch("COMMIT").unwrap();
+        tail.store(raise, Ordering::Release);
+        writer.call(insert(100)).await.unwrap();
+        writer.call(insert(101)).await.unwrap();
+        let (frames_after, _) = checkpoint(&checkpointer);
+        (frames, frames_after)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_tail_left_by_the_checkpointer_is_copied_so_the_wal_starts_over() {
+        // Raised: the thread copies the tail after its call, and the next commit writes
+        // the WAL from its start.
+        let (frames, frames_after) = wal_after_a_tail(true).await;
+        assert!(
+            frames_after <= 2,
+            "the WAL did not start over: {frames_after} frames after {frames}"
+        );
+        // Not raised: the same commits append to a WAL that never starts over.
+        let (frames, frames_after) = wal_after_a_tail(false).await;
+        assert!(
+            frames_after > frames,
+            "the WAL started over without the tail copy: {frames_after} after {frames}"
+        );
     }
 }
