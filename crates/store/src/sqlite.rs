@@ -53,6 +53,10 @@ pub(crate) const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often the background connection copies the WAL back into the database file.
 const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(500);
 
+/// A checkpoint pass that finds at least this many frames in the WAL (32 MiB of 4 KiB
+/// pages) asks the write thread to copy the tail, so the WAL starts over.
+const WAL_TAIL_COPY_FRAMES: i64 = 8192;
+
 /// Runs `wal_checkpoint(PASSIVE)` on its own connection, so the writer never pays for
 /// copying the bulk of the WAL (pages and the database file's fsync) inside a commit: that
 /// was the source of multi-millisecond stalls in the purchase latency tail. PASSIVE never
@@ -62,7 +66,7 @@ const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(500);
 /// the whole WAL copied, and SQLite only starts the WAL over from its beginning when a
 /// write transaction finds it whole copied: the file grew without end (220 MB after 240k
 /// orders) and every commit's fdatasync also synced the growing file's size and block
-/// map. So each pass over a WAL in use raises `tail`; the write thread copies that
+/// map. So a pass over a WAL past `WAL_TAIL_COPY_FRAMES` raises `tail`; the write thread copies that
 /// short tail itself between two commits (`WriteConnection`), and its next commit starts
 /// the WAL over.
 async fn checkpoint_forever(mut connection: SqliteConnection, tail: Arc<AtomicBool>) {
@@ -78,7 +82,9 @@ async fn checkpoint_forever(mut connection: SqliteConnection, tail: Arc<AtomicBo
                 metrics::gauge!("stampede_sqlite_wal_frames").set(frames as f64);
                 // `frames` is the WAL as this pass found it: whatever was committed while
                 // it copied is not counted, so any pass over a WAL in use leaves a tail.
-                if frames > 0 {
+                // Copying it stalls the writer for a few milliseconds (two fsyncs), so it
+                // is asked for only once the WAL has grown past the bound.
+                if frames >= WAL_TAIL_COPY_FRAMES {
                     tail.store(true, Ordering::Release);
                 }
             }
