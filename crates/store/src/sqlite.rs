@@ -66,9 +66,9 @@ const WAL_TAIL_COPY_FRAMES: i64 = 8192;
 /// the whole WAL copied, and SQLite only starts the WAL over from its beginning when a
 /// write transaction finds it whole copied: the file grew without end (220 MB after 240k
 /// orders) and every commit's fdatasync also synced the growing file's size and block
-/// map. So a pass over a WAL past `WAL_TAIL_COPY_FRAMES` raises `tail`; the write thread copies that
-/// short tail itself between two commits (`WriteConnection`), and its next commit starts
-/// the WAL over.
+/// map. So a pass over a WAL past `WAL_TAIL_COPY_FRAMES` raises `tail`; the write thread
+/// copies the short tail itself between two commits (`WriteConnection`), and its next
+/// commit starts the WAL over.
 async fn checkpoint_forever(mut connection: SqliteConnection, tail: Arc<AtomicBool>) {
     let mut tick = tokio::time::interval(CHECKPOINT_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
