@@ -21,7 +21,8 @@ base=http://127.0.0.1:$port
 with_workdir
 
 with_shoppers
-start_with_sale "${ACK:-durable}"
+# shellcheck disable=SC2086 # SERVE_ARGS is a list of flags
+start_with_sale "${ACK:-durable}" ${SERVE_ARGS:-}
 
 # thread name, user ticks, system ticks, context switches, nanoseconds spent runnable but
 # waiting for a CPU (schedstat's run delay); summed over threads of a name.
