@@ -46,3 +46,18 @@ with_shoppers() {
   "$bin" token --sub shopper --count 20000 --data-dir "$work/tokens-dir" > "$work/tokens"
   export TOKENS=$work/tokens
 }
+
+# machine_cpu: the machine's CPU counters (the "cpu" line of /proc/stat). Two readings
+# around a run go to machine_report.
+machine_cpu() { awk '/^cpu / {print $2 + $3, $4 + $7 + $8, $5, $6, $9}' /proc/stat; }
+
+# machine_report BEFORE AFTER: the share of the machine's CPU time during the run that
+# was user, system, idle, I/O wait and steal (time the hypervisor gave these vCPUs to
+# something else). Steal and a busy machine are what make latency tails noisy here.
+machine_report() {
+  awk -v a="$1" -v b="$2" 'BEGIN {
+    split(a, x, " "); split(b, y, " "); t = 0
+    for (i = 1; i <= 5; i++) { d[i] = y[i] - x[i]; t += d[i] }
+    if (t > 0) printf "  machine: user %.0f%%  system %.0f%%  idle %.0f%%  iowait %.0f%%  steal %.0f%%\n",
+      100 * d[1] / t, 100 * d[2] / t, 100 * d[3] / t, 100 * d[4] / t, 100 * d[5] / t }'
+}

@@ -25,7 +25,8 @@ start() { # ack mode
 
 run() { # label, wrk args...
   local label=$1; shift
-  local out
+  local out before
+  before=$(machine_cpu)
   out=$(wrk -t1 -c"$connections" -d"$duration" "$@")
   local line
   line=$(grep '^RESULT' <<<"$out" || true)
@@ -33,6 +34,7 @@ run() { # label, wrk args...
     line="RESULT rps=$(awk '/Requests\/sec/ {printf "%.0f", $2}' <<<"$out")"
   fi
   echo "$label $line"
+  machine_report "$before" "$(machine_cpu)" >&2
 }
 
 start durable

@@ -45,7 +45,9 @@ writer() {
 ticks=$(getconf CLK_TCK)
 for target in ${TARGETS:-healthz purchase}; do
   snapshot > "$work/before"
+  machine_before=$(machine_cpu)
   out=$(TARGET=$target wrk -t1 -c"$connections" -d"$duration" -s "$here/load.lua" "$base/healthz")
+  machine_after=$(machine_cpu)
   snapshot > "$work/after"
   line=$(grep '^RESULT' <<<"$out")
   requests=$(sed -E 's/.*requests=([0-9]+).*/\1/' <<<"$line")
@@ -57,4 +59,5 @@ for target in ${TARGETS:-healthz purchase}; do
      if (u + s + c >= 0.05) printf "  %-18s user %6.1f µs  sys %6.1f µs  switches %5.2f  waited for a CPU %6.1f µs per request\n", $1, u, s, c, w
      tu += u; ts += s; tc += c; tw += w}
     END {printf "  %-18s user %6.1f µs  sys %6.1f µs  switches %5.2f  waited for a CPU %6.1f µs per request\n", "all threads", tu, ts, tc, tw}'
+  machine_report "$machine_before" "$machine_after"
 done
