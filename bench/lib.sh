@@ -39,11 +39,13 @@ with_workdir() {
   trap 'if [ -n "$pid" ]; then kill "$pid" 2>/dev/null; fi; wait 2>/dev/null; rm -rf "$work"' EXIT
 }
 
-# with_shoppers: the bench secrets in the environment and 20,000 shopper tokens in the
-# file $TOKENS (what bench/server/load.lua reads).
+# with_shoppers: the bench secrets in the environment and $SHOPPERS (default 20,000)
+# shopper tokens in the file $TOKENS (what bench/server/load.lua reads). wrk cycles
+# through them, so a run longer than $SHOPPERS requests reuses tokens, which the server
+# has verified and cached; a flash sale of shoppers who each buy once verifies every one.
 with_shoppers() {
   export STAMPEDE_ADMIN_TOKEN=bench-admin-token STAMPEDE_JWT_SECRET=bench-jwt-secret
-  "$bin" token --sub shopper --count 20000 --data-dir "$work/tokens-dir" > "$work/tokens"
+  "$bin" token --sub shopper --count "${SHOPPERS:-20000}" --data-dir "$work/tokens-dir" > "$work/tokens"
   export TOKENS=$work/tokens
 }
 
