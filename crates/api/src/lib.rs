@@ -168,6 +168,61 @@ pub fn metrics_handle() -> PrometheusHandle {
         .clone()
 }
 
+/// Every route label `route_label` gives.
+const ROUTE_LABELS: [&str; 18] = [
+    "purchase",
+    "get_sale",
+    "audit",
+    "create_sale",
+    "create_product",
+    "get_product",
+    "list_orders",
+    "get_order",
+    "pay",
+    "cancel",
+    "healthz",
+    "readyz",
+    "metrics",
+    "openapi",
+    "guard_rules",
+    "guard_stats",
+    "guard_degrade",
+    "unmatched",
+];
+
+/// Response classes of `stampede_http_requests_total`.
+const STATUS_CLASSES: [&str; 4] = ["2xx", "4xx", "5xx", "other"];
+
+/// One route's request metrics, registered once: looking a labelled metric up by name
+/// and labels on every request cost an allocation and a hash of the key each time.
+struct RouteMetrics {
+    requests: [metrics::Counter; 4],
+    seconds: metrics::Histogram,
+}
+
+fn route_metrics(route: &'static str) -> &'static RouteMetrics {
+    // Built on the first request, after `metrics_handle` installed the recorder (every
+    // `App` holds its handle), so the handles reach it.
+    static TABLE: OnceLock<Vec<(&'static str, RouteMetrics)>> = OnceLock::new();
+    let table = TABLE.get_or_init(|| {
+        ROUTE_LABELS
+            .iter()
+            .map(|&route| {
+                let requests = STATUS_CLASSES.map(|class| {
+                    metrics::counter!("stampede_http_requests_total", "route" => route, "class" => class)
+                });
+                let seconds = metrics::histogram!("stampede_http_request_seconds", "route" => route);
+                (route, RouteMetrics { requests, seconds })
+            })
+            .collect()
+    });
+    table
+        .iter()
+        .find(|(name, _)| *name == route)
+        .map(|(_, m)| m)
+        .unwrap_or(&table[table.len() - 1].1)
+}
+
 /// Route labels are a closed set of static strings: no allocation per request and no
 /// unbounded label cardinality from client-chosen paths.
 fn route_label(path: Option<&MatchedPath>) -> &'static str {
@@ -203,15 +258,14 @@ async fn track(mut request: Request, next: Next) -> Response {
     let started = Instant::now();
     let response = next.run(request).await;
     let class = match response.status().as_u16() {
-        200..=299 => "2xx",
-        400..=499 => "4xx",
-        500..=599 => "5xx",
-        _ => "other",
+        200..=299 => 0,
+        400..=499 => 1,
+        500..=599 => 2,
+        _ => 3,
     };
-    metrics::counter!("stampede_http_requests_total", "route" => route, "class" => class)
-        .increment(1);
-    metrics::histogram!("stampede_http_request_seconds", "route" => route)
-        .record(started.elapsed().as_secs_f64());
+    let metrics = route_metrics(route);
+    metrics.requests[class].increment(1);
+    metrics.seconds.record(started.elapsed().as_secs_f64());
     response
 }
 

@@ -858,14 +858,13 @@ impl Engine {
                         Ok(_) => "placed",
                         Err(e) => e.metric_label(),
                     };
-                    metrics::counter!("stampede_purchases_total", "outcome" => outcome)
-                        .increment(1);
+                    purchase_counter(outcome).increment(1);
                     return answer;
                 }
                 Attempt::RetryAfterDuplicateFailed => continue,
             }
         }
-        metrics::counter!("stampede_purchases_total", "outcome" => "overloaded").increment(1);
+        purchase_counter("overloaded").increment(1);
         Err(PurchaseError::Overloaded)
     }
 
@@ -1393,6 +1392,44 @@ impl PurchaseError {
             PurchaseError::CircuitOpen { .. } => "circuit_open",
         }
     }
+}
+
+/// Every `outcome` of `stampede_purchases_total`: a purchase's own, then
+/// `PurchaseError::metric_label`'s.
+const PURCHASE_OUTCOMES: [&str; 11] = [
+    "placed",
+    "replay",
+    "sale_not_found",
+    "not_started",
+    "ended",
+    "sold_out",
+    "limit_exceeded",
+    "idempotency_key_reused",
+    "overloaded",
+    "unavailable",
+    "circuit_open",
+];
+
+/// The purchase counter for `outcome`, registered once per process: looking it up by
+/// name and label on every purchase cost an allocation and a hash each time.
+fn purchase_counter(outcome: &'static str) -> &'static metrics::Counter {
+    // Built on the first purchase, once the process has its recorder.
+    static COUNTERS: std::sync::OnceLock<Vec<(&'static str, metrics::Counter)>> =
+        std::sync::OnceLock::new();
+    let counters = COUNTERS.get_or_init(|| {
+        PURCHASE_OUTCOMES
+            .iter()
+            .map(|&outcome| {
+                let counter = metrics::counter!("stampede_purchases_total", "outcome" => outcome);
+                (outcome, counter)
+            })
+            .collect()
+    });
+    let (_, counter) = counters
+        .iter()
+        .find(|(name, _)| *name == outcome)
+        .expect("every purchase outcome is in PURCHASE_OUTCOMES");
+    counter
 }
 
 /// How long a purchase waits for a lease when its node's runs short.

@@ -463,6 +463,9 @@ pub async fn start(
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("create data directory {}", config.data_dir.display()))?;
     let data_dir_lock = lock_data_dir(&config.data_dir)?;
+    // Before anything records: the engine and the API register some metrics once per
+    // process, and handles taken before the recorder exists would count nowhere.
+    let metrics = stampede_api::metrics_handle();
     let (admin_token, admin_generated) = secret(
         config.admin_token.as_deref(),
         &config.data_dir,
@@ -526,7 +529,7 @@ pub async fn start(
             )),
             guard: guard.clone(),
         }),
-        metrics: stampede_api::metrics_handle(),
+        metrics,
         openapi: Arc::from(stampede_api::openapi_json()),
         guarded: stampede_api::GuardedRoutes::new(&guard),
         guard,
