@@ -1,0 +1,148 @@
+//! A request's cost through the whole router in process, without sockets or a load
+//! generator sharing the CPU: `/healthz`, a guarded read (`GET` a sale) and a purchase
+//! (acknowledged once reserved, so the bench measures the request path, not the fsync),
+//! each through the same middlewares (`track`, the guard's `protect`) and handlers as
+//! on the server.
+//!
+//!   cargo bench -p stampede-api --bench router
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::ConnectInfo;
+use axum::http::{Request, header};
+use criterion::{Criterion, criterion_group, criterion_main};
+use stampede_api::{App, AppState, Auth, GuardedRoutes, Secret, mint_shopper_token};
+use stampede_engine::{AckMode, Engine, EngineConfig, NewProduct, NewSale, SystemClock};
+use stampede_types::{Cents, Sku};
+use tower::ServiceExt;
+
+fn router(c: &mut Criterion) {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let jwt = Secret::new("bench-jwt-secret");
+    let (app, sale) = runtime.block_on(async {
+        let store = stampede_store::SqliteStore::open(&dir.path().join("bench.db"))
+            .await
+            .unwrap()
+            .into_arc();
+        let config = EngineConfig {
+            ack: AckMode::Reserved,
+            ..EngineConfig::default()
+        };
+        let engine = Arc::new(
+            Engine::open(store, Arc::new(SystemClock), config)
+                .await
+                .unwrap(),
+        );
+        let sku = Sku::parse("BENCH").unwrap();
+        engine
+            .create_product(NewProduct {
+                sku: sku.clone(),
+                name: "bench".into(),
+                price: Cents::parse("price_cents", 100).unwrap(),
+                stock: 1_000_000_000,
+            })
+            .await
+            .unwrap();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as i64;
+        let sale = engine
+            .create_sale(NewSale {
+                sku,
+                price: Cents::parse("price_cents", 50).unwrap(),
+                quantity: 1_000_000_000,
+                per_user_limit: 1_000_000,
+                starts_at_ms: now - 1_000,
+                ends_at_ms: now + 3_600_000,
+            })
+            .await
+            .unwrap();
+        let guard = stampede_guard::Guard::new(stampede_guard::GuardRules::default()).unwrap();
+        let app = stampede_api::router(
+            AppState(Arc::new(App {
+                engine,
+                auth: Auth::new(Secret::new("bench-admin"), &jwt),
+                payments: Arc::new(stampede_api::payment::HttpPayments::new(
+                    "http://127.0.0.1:9",
+                    Duration::from_secs(1),
+                )),
+                metrics: stampede_api::metrics_handle(),
+                openapi: Arc::from("{}"),
+                guarded: GuardedRoutes::new(&guard),
+                guard,
+                rules_change: tokio::sync::Mutex::new(()),
+                proxies: stampede_api::client::TrustedProxies::parse("").unwrap(),
+            })),
+            stampede_api::BODY_LIMIT_BYTES_DEFAULT,
+        );
+        (app, sale.record.id.to_string())
+    });
+    // As the server's connections give them: the peer, for the client-IP checks.
+    let peer = ConnectInfo(std::net::SocketAddr::from(([127, 0, 0, 1], 40_000)));
+    let tokens: Vec<String> = (0..20_000)
+        .map(|i| {
+            format!(
+                "Bearer {}",
+                mint_shopper_token(&jwt, &format!("shopper-{i}"), None)
+            )
+        })
+        .collect();
+    let purchase_path = format!("/v1/flash-sales/{sale}/purchase");
+    let sale_path = format!("/v1/flash-sales/{sale}");
+
+    let mut group = c.benchmark_group("router");
+    group.bench_function("healthz", |b| {
+        b.to_async(&runtime).iter(|| {
+            let mut request = Request::get("/healthz").body(Body::empty()).unwrap();
+            request.extensions_mut().insert(peer);
+            let app = app.clone();
+            async move {
+                let response = app.oneshot(request).await.unwrap();
+                assert!(response.status().is_success());
+            }
+        })
+    });
+    group.bench_function("get_sale", |b| {
+        b.to_async(&runtime).iter(|| {
+            let mut request = Request::get(sale_path.as_str())
+                .body(Body::empty())
+                .unwrap();
+            request.extensions_mut().insert(peer);
+            let app = app.clone();
+            async move {
+                let response = app.oneshot(request).await.unwrap();
+                assert!(response.status().is_success());
+            }
+        })
+    });
+    let mut n = 0usize;
+    group.bench_function("purchase_reserved", |b| {
+        b.to_async(&runtime).iter(|| {
+            n += 1;
+            let mut request = Request::post(purchase_path.as_str())
+                .header(header::AUTHORIZATION, tokens[n % tokens.len()].as_str())
+                .header("idempotency-key", format!("k-{n}"))
+                .header(header::CONTENT_TYPE, "application/json")
+                .body(Body::from(r#"{"quantity":1}"#))
+                .unwrap();
+            request.extensions_mut().insert(peer);
+            let app = app.clone();
+            async move {
+                let response = app.oneshot(request).await.unwrap();
+                assert_eq!(response.status(), 201);
+            }
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, router);
+criterion_main!(benches);
