@@ -168,27 +168,50 @@ pub fn metrics_handle() -> PrometheusHandle {
         .clone()
 }
 
-/// Every route label `route_label` gives.
-const ROUTE_LABELS: [&str; 18] = [
-    "purchase",
-    "get_sale",
-    "audit",
-    "create_sale",
-    "create_product",
-    "get_product",
-    "list_orders",
-    "get_order",
-    "pay",
-    "cancel",
-    "healthz",
-    "readyz",
-    "metrics",
-    "openapi",
-    "guard_rules",
-    "guard_stats",
-    "guard_degrade",
-    "unmatched",
+/// Every route's matched path and its label, the last one for requests no route
+/// matched. Route labels are a closed set of static strings: no allocation per request
+/// and no unbounded label cardinality from client-chosen paths.
+const ROUTES: [(&str, &str); 18] = [
+    ("/v1/flash-sales/{id}/purchase", "purchase"),
+    ("/v1/flash-sales/{id}", "get_sale"),
+    ("/v1/flash-sales/{id}/audit", "audit"),
+    ("/v1/flash-sales", "create_sale"),
+    ("/v1/products", "create_product"),
+    ("/v1/products/{sku}", "get_product"),
+    ("/v1/orders", "list_orders"),
+    ("/v1/orders/{id}", "get_order"),
+    ("/v1/orders/{id}/pay", "pay"),
+    ("/v1/orders/{id}/cancel", "cancel"),
+    ("/healthz", "healthz"),
+    ("/readyz", "readyz"),
+    ("/metrics", "metrics"),
+    ("/openapi.json", "openapi"),
+    ("/v1/guard/rules", "guard_rules"),
+    ("/v1/guard/stats", "guard_stats"),
+    ("/v1/guard/degrade", "guard_degrade"),
+    ("", "unmatched"),
 ];
+
+/// A request's route: its index in `ROUTES`, worked out once by `track` for the layers
+/// inside it.
+#[derive(Clone, Copy)]
+struct RouteLabel(usize);
+
+impl RouteLabel {
+    fn of(path: Option<&MatchedPath>) -> RouteLabel {
+        let path = path.map_or("", MatchedPath::as_str);
+        RouteLabel(
+            ROUTES
+                .iter()
+                .position(|(route, _)| *route == path)
+                .unwrap_or(ROUTES.len() - 1),
+        )
+    }
+
+    fn name(self) -> &'static str {
+        ROUTES[self.0].1
+    }
+}
 
 /// Response classes of `stampede_http_requests_total`.
 const STATUS_CLASSES: [&str; 4] = ["2xx", "4xx", "5xx", "other"];
@@ -200,61 +223,27 @@ struct RouteMetrics {
     seconds: metrics::Histogram,
 }
 
-fn route_metrics(route: &'static str) -> &'static RouteMetrics {
+fn route_metrics(route: RouteLabel) -> &'static RouteMetrics {
     // Built on the first request, after `metrics_handle` installed the recorder (every
     // `App` holds its handle), so the handles reach it.
-    static TABLE: OnceLock<Vec<(&'static str, RouteMetrics)>> = OnceLock::new();
+    static TABLE: OnceLock<Vec<RouteMetrics>> = OnceLock::new();
     let table = TABLE.get_or_init(|| {
-        ROUTE_LABELS
+        ROUTES
             .iter()
-            .map(|&route| {
-                let requests = STATUS_CLASSES.map(|class| {
+            .map(|&(_, route)| RouteMetrics {
+                requests: STATUS_CLASSES.map(|class| {
                     metrics::counter!("stampede_http_requests_total", "route" => route, "class" => class)
-                });
-                let seconds = metrics::histogram!("stampede_http_request_seconds", "route" => route);
-                (route, RouteMetrics { requests, seconds })
+                }),
+                seconds: metrics::histogram!("stampede_http_request_seconds", "route" => route),
             })
             .collect()
     });
-    table
-        .iter()
-        .find(|(name, _)| *name == route)
-        .map(|(_, m)| m)
-        .unwrap_or(&table[table.len() - 1].1)
+    &table[route.0]
 }
-
-/// Route labels are a closed set of static strings: no allocation per request and no
-/// unbounded label cardinality from client-chosen paths.
-fn route_label(path: Option<&MatchedPath>) -> &'static str {
-    match path.map(MatchedPath::as_str) {
-        Some("/v1/flash-sales/{id}/purchase") => "purchase",
-        Some("/v1/flash-sales/{id}") => "get_sale",
-        Some("/v1/flash-sales/{id}/audit") => "audit",
-        Some("/v1/flash-sales") => "create_sale",
-        Some("/v1/products") => "create_product",
-        Some("/v1/products/{sku}") => "get_product",
-        Some("/v1/orders") => "list_orders",
-        Some("/v1/orders/{id}") => "get_order",
-        Some("/v1/orders/{id}/pay") => "pay",
-        Some("/v1/orders/{id}/cancel") => "cancel",
-        Some("/healthz") => "healthz",
-        Some("/readyz") => "readyz",
-        Some("/metrics") => "metrics",
-        Some("/openapi.json") => "openapi",
-        Some("/v1/guard/rules") => "guard_rules",
-        Some("/v1/guard/stats") => "guard_stats",
-        Some("/v1/guard/degrade") => "guard_degrade",
-        _ => "unmatched",
-    }
-}
-
-/// The request's route label, worked out once by `track` for the layers inside it.
-#[derive(Clone, Copy)]
-struct RouteLabel(&'static str);
 
 async fn track(mut request: Request, next: Next) -> Response {
-    let route = route_label(request.extensions().get::<MatchedPath>());
-    request.extensions_mut().insert(RouteLabel(route));
+    let route = RouteLabel::of(request.extensions().get::<MatchedPath>());
+    request.extensions_mut().insert(route);
     let started = Instant::now();
     let response = next.run(request).await;
     let class = match response.status().as_u16() {
@@ -279,8 +268,8 @@ async fn protect(
     next: Next,
 ) -> Response {
     let route = match request.extensions().get::<RouteLabel>() {
-        Some(RouteLabel(route)) => route,
-        None => route_label(request.extensions().get::<MatchedPath>()),
+        Some(route) => route.name(),
+        None => RouteLabel::of(request.extensions().get::<MatchedPath>()).name(),
     };
     let Some((resource, class)) = app.guarded.get(route) else {
         return next.run(request).await;

@@ -858,13 +858,13 @@ impl Engine {
                         Ok(_) => "placed",
                         Err(e) => e.metric_label(),
                     };
-                    purchase_counter(outcome).increment(1);
+                    count_purchase(outcome);
                     return answer;
                 }
                 Attempt::RetryAfterDuplicateFailed => continue,
             }
         }
-        purchase_counter("overloaded").increment(1);
+        count_purchase("overloaded");
         Err(PurchaseError::Overloaded)
     }
 
@@ -1410,26 +1410,28 @@ const PURCHASE_OUTCOMES: [&str; 11] = [
     "circuit_open",
 ];
 
-/// The purchase counter for `outcome`, registered once per process: looking it up by
-/// name and label on every purchase cost an allocation and a hash each time.
-fn purchase_counter(outcome: &'static str) -> &'static metrics::Counter {
+/// Counts a purchase's `outcome`, through a counter registered once per process:
+/// looking it up by name and label on every purchase cost an allocation and a hash each
+/// time.
+fn count_purchase(outcome: &'static str) {
     // Built on the first purchase, once the process has its recorder.
-    static COUNTERS: std::sync::OnceLock<Vec<(&'static str, metrics::Counter)>> =
-        std::sync::OnceLock::new();
+    static COUNTERS: std::sync::OnceLock<Vec<metrics::Counter>> = std::sync::OnceLock::new();
     let counters = COUNTERS.get_or_init(|| {
         PURCHASE_OUTCOMES
             .iter()
-            .map(|&outcome| {
-                let counter = metrics::counter!("stampede_purchases_total", "outcome" => outcome);
-                (outcome, counter)
-            })
+            .map(|&outcome| metrics::counter!("stampede_purchases_total", "outcome" => outcome))
             .collect()
     });
-    let (_, counter) = counters
-        .iter()
-        .find(|(name, _)| *name == outcome)
-        .expect("every purchase outcome is in PURCHASE_OUTCOMES");
-    counter
+    match PURCHASE_OUTCOMES.iter().position(|&known| known == outcome) {
+        Some(index) => counters[index].increment(1),
+        None => {
+            debug_assert!(
+                false,
+                "purchase outcome {outcome} is missing from PURCHASE_OUTCOMES"
+            );
+            metrics::counter!("stampede_purchases_total", "outcome" => outcome).increment(1);
+        }
+    }
 }
 
 /// How long a purchase waits for a lease when its node's runs short.

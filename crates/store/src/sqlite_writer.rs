@@ -130,9 +130,7 @@ impl WriteConnection {
 /// snapshot makes it copy less or nothing, never wait.
 fn copy_tail(connection: &Connection) {
     let started = std::time::Instant::now();
-    match connection.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |row| {
-        Ok((row.get::<_, i64>(1)?, row.get::<_, i64>(2)?))
-    }) {
+    match checkpoint_passive(connection) {
         Ok((frames, copied)) => {
             metrics::histogram!("stampede_sqlite_tail_checkpoint_seconds")
                 .record(started.elapsed().as_secs_f64());
@@ -142,6 +140,14 @@ fn copy_tail(connection: &Connection) {
         }
         Err(error) => tracing::warn!(%error, "WAL tail checkpoint failed; the next pass retries"),
     }
+}
+
+/// Runs a PASSIVE checkpoint: the frames in the WAL as it found them, and how many of
+/// them are now copied into the database.
+fn checkpoint_passive(connection: &Connection) -> rusqlite::Result<(i64, i64)> {
+    connection.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |row| {
+        Ok((row.get(1)?, row.get(2)?))
+    })
 }
 
 /// Applies `ops` in one transaction and commits it (fsync'd), or changes nothing.
@@ -300,15 +306,25 @@ mod tests {
         }
     }
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_call_whose_caller_left_before_its_turn_writes_nothing() {
+    /// A write thread on a fresh database with one table `t`; the directory lives as
+    /// long as the returned guard.
+    fn writer_on_a_fresh_table(
+        tail: Arc<AtomicBool>,
+    ) -> (tempfile::TempDir, std::path::PathBuf, WriteConnection) {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("writer.db");
         Connection::open(&path)
             .unwrap()
             .execute_batch("CREATE TABLE t (v INTEGER NOT NULL)")
             .unwrap();
-        let writer = Arc::new(WriteConnection::open(&path, Arc::default()).unwrap());
+        let writer = WriteConnection::open(&path, tail).unwrap();
+        (dir, path, writer)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_call_whose_caller_left_before_its_turn_writes_nothing() {
+        let (_dir, _, writer) = writer_on_a_fresh_table(Arc::default());
+        let writer = Arc::new(writer);
         // The first call holds the thread until released.
         let (release, held) = std::sync::mpsc::channel::<()>();
         let first = tokio::spawn({
@@ -345,26 +361,12 @@ mod tests {
         writer.call(insert(2)).await.unwrap();
     }
 
-    /// Frames in the WAL and frames copied, as a PASSIVE checkpoint on `c` finds them.
-    fn checkpoint(c: &Connection) -> (i64, i64) {
-        c.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
-            Ok((r.get(1)?, r.get(2)?))
-        })
-        .unwrap()
-    }
-
     /// A WAL with a tail the checkpointer could not copy (commits it did not see), then
     /// `frames_after` for one more commit, with `raise` telling the thread to copy the
     /// tail first or not.
     async fn wal_after_a_tail(raise: bool) -> (i64, i64) {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("writer.db");
-        Connection::open(&path)
-            .unwrap()
-            .execute_batch("CREATE TABLE t (v INTEGER NOT NULL)")
-            .unwrap();
         let tail = Arc::new(AtomicBool::new(false));
-        let writer = WriteConnection::open(&path, tail.clone()).unwrap();
+        let (_dir, path, writer) = writer_on_a_fresh_table(tail.clone());
         for v in 0..50 {
             writer.call(insert(v)).await.unwrap();
         }
@@ -379,7 +381,7 @@ mod tests {
             writer.call(insert(v)).await.unwrap();
         }
         let checkpointer = Connection::open(&path).unwrap();
-        let (frames, copied) = checkpoint(&checkpointer);
+        let (frames, copied) = checkpoint_passive(&checkpointer).unwrap();
         assert!(
             copied < frames,
             "the pass left no tail: {copied} of {frames}"
@@ -388,7 +390,7 @@ mod tests {
         tail.store(raise, Ordering::Release);
         writer.call(insert(100)).await.unwrap();
         writer.call(insert(101)).await.unwrap();
-        let (frames_after, _) = checkpoint(&checkpointer);
+        let (frames_after, _) = checkpoint_passive(&checkpointer).unwrap();
         (frames, frames_after)
     }
 
