@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Overload benchmark: durable purchases at 32× the connections that saturate the
-# server (64 → 2048), with the guard's static in-flight bound, with its adaptive
-# (Gradient2) limit, and with neither, with clients that
-# retry at once and clients that honour Retry-After. One run, same machine, same binary.
+# server (64 → 2048), with the guard's static in-flight bound (refused connections held,
+# the default, and not held), with its adaptive (Gradient2) limit, and with neither, with
+# clients that retry at once and clients that honour Retry-After. One run, same machine,
+# same binary.
 #
 #   cargo build --release -p stampede && bench/guard/overload.sh
 #
-# Environment: DURATION (default 8s), MAX_INFLIGHT (default 128), STAMPEDE_BIN.
+# Environment: DURATION (default 8s), MAX_INFLIGHT (default 128), ONLY (a label prefix:
+# run only those servers, e.g. ONLY=guarded), STAMPEDE_BIN.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 # shellcheck source=../lib.sh
@@ -29,35 +31,60 @@ start() { # port, extra serve args...
   for _ in $(seq 100); do curl -sf $base/healthz >/dev/null && break; sleep 0.1; done
 }
 mem() { curl -sf $base/metrics | awk '/^process_resident_memory_bytes/ {printf "%.0f", $2/1048576}'; }
+# refusals: the server's own count of refusals and of those answered within 1 ms of the
+# guard's first look (stampede_guard_refusal_seconds).
+refusals() {
+  curl -sf $base/metrics | awk '/^stampede_guard_refusal_seconds_bucket\{le="0.001"\}/ {fast = $2}
+    /^stampede_guard_refusal_seconds_count/ {all = $2} END {printf "%d %d", all, fast}'
+}
 run() { # label, vus, retry-after
-  local json=$work/$1.json before after
+  local json=$work/$1.json before after refused_before refused_after
   before=$(mem)
+  refused_before=$(refusals)
   "$bin" press --target "$base" --scenario "$scenario" --secrets-from "$work/data" --quiet \
     --duration "$duration" --vus "$2" --connections "$2" --retry-after "$3" --json "$json" >/dev/null || true
   after=$(mem)
-  python3 - "$json" "$1" "$before" "$after" "$(curl -sf -o /dev/null -w '%{http_code}' $base/healthz)" <<'PY'
+  refused_after=$(refusals)
+  python3 - "$json" "$1" "$before" "$after" "$(curl -sf -o /dev/null -w '%{http_code}' $base/healthz)" \
+    "$refused_before" "$refused_after" <<'PY'
 import json, sys
 r = json.load(open(sys.argv[1])); s = r["steps"][0]; by = s.get("latency_by_status", {})
 ok = s["statuses"].get("201", 0); d = r["duration_s"]
 rej = {k: v for k, v in by.items() if k in ("429", "503")}
 rej_p = " ".join(f"{k}: p50 {v['p50']:.2f} p99 {v['p99']:.2f} ms" for k, v in rej.items()) or "none"
+(all0, fast0), (all1, fast1) = (map(int, a.split()) for a in sys.argv[6:8])
+server = f"server: {100 * (fast1 - fast0) / (all1 - all0):.2f}% of {all1 - all0} within 1 ms" if all1 > all0 else "server: none"
 print(f"{sys.argv[2]:<34} goodput {ok/d:>8.0f}/s  admitted p99 {by.get('201', {}).get('p99', 0):>7.2f} ms  "
-      f"refused {sum(s['statuses'].get(k, 0) for k in ('429', '503')):>7}  ({rej_p})  "
+      f"refused {sum(s['statuses'].get(k, 0) for k in ('429', '503')):>7}  (client: {rej_p}; {server})  "
       f"RSS {sys.argv[3]}→{sys.argv[4]} MiB  healthz {sys.argv[5]}  books {'OK' if r['books']['ok'] else 'FAILED'}")
 PY
 }
 
-printf '[guard.system]\nmax_inflight = %s\n' "$max_inflight" > "$work/guard.toml"
-start 18201 --config "$work/guard.toml"
-run "guarded_64vus_capacity" 64 ignore
-run "guarded_2048vus_retry_at_once" 2048 ignore
-run "guarded_2048vus_honour_retry_after" 2048 honor
-run "guarded_64vus_after_overload" 64 ignore
-printf '[guard.system.adaptive]\ninitial_limit = 64\n' > "$work/adaptive.toml"
-start 18203 --config "$work/adaptive.toml"
-run "adaptive_64vus_capacity" 64 ignore
-run "adaptive_2048vus_retry_at_once" 2048 ignore
-run "adaptive_2048vus_honour_retry_after" 2048 honor
-start 18202
-run "unguarded_64vus_capacity" 64 ignore
-run "unguarded_2048vus" 2048 ignore
+want() { [ -z "${ONLY:-}" ] || [[ $1 == "$ONLY"* ]]; }
+if want guarded; then
+  printf '[guard.system]\nmax_inflight = %s\n%s' "$max_inflight" "${GUARD_EXTRA:-}" > "$work/guard.toml"
+  start 18201 --config "$work/guard.toml"
+  run "guarded_64vus_capacity" 64 ignore
+  run "guarded_2048vus_retry_at_once" 2048 ignore
+  run "guarded_2048vus_honour_retry_after" 2048 honor
+  run "guarded_64vus_after_overload" 64 ignore
+fi
+if want not_held; then
+  printf '[guard.system]\nmax_inflight = %s\nhold_refused = "0s"\n' "$max_inflight" > "$work/not_held.toml"
+  start 18204 --config "$work/not_held.toml"
+  run "not_held_64vus_capacity" 64 ignore
+  run "not_held_2048vus_retry_at_once" 2048 ignore
+  run "not_held_2048vus_honour_retry_after" 2048 honor
+fi
+if want adaptive; then
+  printf '[guard.system.adaptive]\ninitial_limit = 64\n' > "$work/adaptive.toml"
+  start 18203 --config "$work/adaptive.toml"
+  run "adaptive_64vus_capacity" 64 ignore
+  run "adaptive_2048vus_retry_at_once" 2048 ignore
+  run "adaptive_2048vus_honour_retry_after" 2048 honor
+fi
+if want unguarded; then
+  start 18202
+  run "unguarded_64vus_capacity" 64 ignore
+  run "unguarded_2048vus" 2048 ignore
+fi

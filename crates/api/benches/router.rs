@@ -85,8 +85,12 @@ fn router(c: &mut Criterion) {
         );
         (app, sale.record.id.to_string())
     });
-    // As the server's connections give them: the peer, for the client-IP checks.
-    let peer = ConnectInfo(std::net::SocketAddr::from(([127, 0, 0, 1], 40_000)));
+    // As the server's connections give them: the peer, for the client-IP checks, and
+    // its hold (one per connection: here one connection carries every request).
+    let peer = ConnectInfo(stampede_api::hold::Peer::new(std::net::SocketAddr::from((
+        [127, 0, 0, 1],
+        40_000,
+    ))));
     let tokens: Vec<String> = (0..20_000)
         .map(|i| {
             format!(
@@ -102,7 +106,7 @@ fn router(c: &mut Criterion) {
     group.bench_function("healthz", |b| {
         b.to_async(&runtime).iter(|| {
             let mut request = Request::get("/healthz").body(Body::empty()).unwrap();
-            request.extensions_mut().insert(peer);
+            request.extensions_mut().insert(peer.clone());
             let app = app.clone();
             async move {
                 let response = app.oneshot(request).await.unwrap();
@@ -115,7 +119,7 @@ fn router(c: &mut Criterion) {
             let mut request = Request::get(sale_path.as_str())
                 .body(Body::empty())
                 .unwrap();
-            request.extensions_mut().insert(peer);
+            request.extensions_mut().insert(peer.clone());
             let app = app.clone();
             async move {
                 let response = app.oneshot(request).await.unwrap();
@@ -133,7 +137,7 @@ fn router(c: &mut Criterion) {
                 .header(header::CONTENT_TYPE, "application/json")
                 .body(Body::from(r#"{"quantity":1}"#))
                 .unwrap();
-            request.extensions_mut().insert(peer);
+            request.extensions_mut().insert(peer.clone());
             let app = app.clone();
             async move {
                 let response = app.oneshot(request).await.unwrap();

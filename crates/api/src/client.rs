@@ -45,6 +45,12 @@ impl TrustedProxies {
         self.nets.iter().any(|net| net.contains(ip))
     }
 
+    /// Whether `peer` is one of the trusted proxies (whose connections carry many
+    /// clients).
+    pub fn is_trusted(&self, peer: IpAddr) -> bool {
+        self.trusts(&peer)
+    }
+
     /// The client's address: the peer, or, when the peer is a trusted proxy, the
     /// nearest `X-Forwarded-For` entry that is not one (headers appended by proxies
     /// further out, or by the client itself, are not believed).

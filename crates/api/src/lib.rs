@@ -13,6 +13,7 @@ pub mod client;
 pub mod database;
 pub mod error;
 pub mod handlers;
+pub mod hold;
 pub mod payment;
 pub mod payment_sim;
 
@@ -274,23 +275,48 @@ async fn protect(
     let Some((resource, class)) = app.guarded.get(route) else {
         return next.run(request).await;
     };
+    let started = Instant::now();
+    let peer = request
+        .extensions()
+        .get::<axum::extract::ConnectInfo<hold::Peer>>()
+        .map(|axum::extract::ConnectInfo(peer)| peer.clone());
     let mut admission = match app.guard.admit(resource, class) {
         Ok(admission) => admission,
-        Err(rejection) => return ApiError::from(rejection).into_response(),
-    };
-    if let Some(axum::extract::ConnectInfo(peer)) = request
-        .extensions()
-        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
-    {
-        let (peer, headers) = (peer.ip(), request.headers());
-        let client = app.proxies.client_ip(peer, headers);
-        if let Err(rejection) = app.guard.check_hot(resource, Param::ClientIp, &client) {
-            return ApiError::from(rejection).into_response();
+        Err(rejection) => {
+            return refused(
+                &app,
+                started,
+                peer.as_ref(),
+                ApiError::from(rejection).into_response(),
+            )
+            .await;
         }
-        if let Some(tenant) = app.proxies.tenant(peer, headers)
+    };
+    if let Some(peer) = &peer {
+        let (ip, headers) = (peer.addr.ip(), request.headers());
+        let client = app.proxies.client_ip(ip, headers);
+        if let Err(rejection) = app.guard.check_hot(resource, Param::ClientIp, &client) {
+            // Not in flight while its answer waits for a hold.
+            drop(admission);
+            return refused(
+                &app,
+                started,
+                Some(peer),
+                ApiError::from(rejection).into_response(),
+            )
+            .await;
+        }
+        if let Some(tenant) = app.proxies.tenant(ip, headers)
             && let Err(rejection) = app.guard.check_hot(resource, Param::Tenant, tenant)
         {
-            return ApiError::from(rejection).into_response();
+            drop(admission);
+            return refused(
+                &app,
+                started,
+                Some(peer),
+                ApiError::from(rejection).into_response(),
+            )
+            .await;
         }
     }
     if !admission.wait.is_zero() {
@@ -299,6 +325,42 @@ async fn protect(
     let response = next.run(request).await;
     if response.status().is_server_error() {
         admission.failed();
+    }
+    // The request is finished: no longer in flight, whether or not its answer waits.
+    drop(admission);
+    // The handler's own refusals (a shopper over the hot limit, a full writer queue)
+    // carry `Retry-After` too.
+    if response
+        .headers()
+        .contains_key(axum::http::header::RETRY_AFTER)
+    {
+        return refused(&app, started, peer.as_ref(), response).await;
+    }
+    response
+}
+
+/// A refusal with `Retry-After`: recorded in `stampede_guard_refusal_seconds` (from the
+/// guard's first look at the request to the decision), then answered at once, unless
+/// the same connection was refused within `guard.system.hold_refused` before: then it is
+/// answered when that hold ends ([`hold`]). Never for trusted proxies, which carry many
+/// clients.
+async fn refused(
+    app: &App,
+    started: Instant,
+    peer: Option<&hold::Peer>,
+    response: Response,
+) -> Response {
+    let now = Instant::now();
+    metrics::histogram!("stampede_guard_refusal_seconds")
+        .record(now.duration_since(started).as_secs_f64());
+    if let Some(peer) = peer
+        && !app.proxies.is_trusted(peer.addr.ip())
+    {
+        let wait = peer.hold.refused(now, app.guard.hold_refused());
+        if !wait.is_zero() {
+            metrics::counter!("stampede_guard_refusals_held_total").increment(1);
+            tokio::time::sleep(wait).await;
+        }
     }
     response
 }
@@ -359,8 +421,7 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let engine = state.engine.clone();
-    let app = router(state, body_limit_bytes)
-        .into_make_service_with_connect_info::<std::net::SocketAddr>();
+    let app = router(state, body_limit_bytes).into_make_service_with_connect_info::<hold::Peer>();
     let (draining, mut drain_started) = tokio::sync::watch::channel(false);
     let server = axum::serve(listener, app).with_graceful_shutdown(async move {
         shutdown.await;

@@ -521,6 +521,12 @@ impl Guard {
         self.compiled.load().rules.clone()
     }
 
+    /// How long a refusal with `Retry-After` holds the client's connection
+    /// (`system.hold_refused`; zero: off). Asked once per refusal, never on admission.
+    pub fn hold_refused(&self) -> Duration {
+        self.compiled.load().rules.system.hold_refused
+    }
+
     /// Resolves a resource name once; keep the handle and pass it to `admit`.
     pub fn resource(&self, name: &str) -> Resource {
         self.registry.resolve(name)

@@ -256,6 +256,22 @@ pub struct SystemRule {
     /// class shares like `max_inflight`; off when unset.
     #[serde(default)]
     pub adaptive: Option<crate::adaptive::AdaptiveRule>,
+    /// A refusal with `Retry-After` starts a hold on the client's connection; refused
+    /// again on it within this long, the client gets that answer when the hold ends (and
+    /// a new hold starts). Admitted requests never wait; a client that honours
+    /// `Retry-After` (at least 1 s) never meets a hold; one that retries at once gets at
+    /// most one refusal per hold instead of taking the server's time from the requests
+    /// it admitted. Connections from trusted proxies are never held: they carry many
+    /// clients. 0s: off. At most 1s.
+    #[serde(with = "humantime_serde", default = "hold_refused")]
+    pub hold_refused: Duration,
+}
+
+/// The shipped default for `system.hold_refused`.
+pub const HOLD_REFUSED_DEFAULT: Duration = Duration::from_secs(1);
+
+fn hold_refused() -> Duration {
+    HOLD_REFUSED_DEFAULT
 }
 
 fn shares() -> [f64; 4] {
@@ -270,6 +286,7 @@ impl Default for SystemRule {
             class_shares: shares(),
             auto_degrade_after: None,
             adaptive: None,
+            hold_refused: HOLD_REFUSED_DEFAULT,
         }
     }
 }
@@ -408,6 +425,12 @@ impl GuardRules {
             if !(*share > 0.0 && *share <= 1.0) {
                 err(format!("system.class_shares[{i}]"), "must be within (0, 1]");
             }
+        }
+        if s.hold_refused > Duration::from_secs(1) {
+            err(
+                "system.hold_refused".into(),
+                "at most 1s: a client honouring Retry-After must never meet it",
+            );
         }
         if let Some(adaptive) = &s.adaptive {
             for (field, message) in adaptive.problems() {

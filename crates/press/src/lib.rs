@@ -153,8 +153,8 @@ pub struct PressArgs {
     #[arg(long)]
     pub quiet: bool,
     /// On 429/503 with Retry-After: `honor` ends the session and, for virtual users,
-    /// waits that long (±50%) before the next, as well-behaved clients do; `ignore`
-    /// carries on at once.
+    /// waits at least that long (up to 1.5×) before the next, as well-behaved clients
+    /// do; `ignore` carries on at once.
     #[arg(long, value_enum, default_value = "ignore")]
     pub retry_after: RetryAfter,
 }

@@ -189,12 +189,22 @@ pub fn run(
 
 // ---- connections -----------------------------------------------------------------------
 
+type Sender = SendRequest<Full<Bytes>>;
+
+/// The thread's connections. In the closed model with at least one connection per
+/// virtual user, each user keeps a connection of its own (`lanes`), as a browser does,
+/// so what a server does to one client's connection (holding a refused client, say)
+/// happens to that client alone. Otherwise the users share the pool, as the clients of
+/// a gateway do.
 struct Pool {
     target: Target,
     host: HeaderValue,
     size: usize,
     free: RefCell<Vec<SendRequest<Full<Bytes>>>>,
     permits: Semaphore,
+    /// One slot per virtual user of this thread; empty until its connection is opened,
+    /// and again after a failed exchange (the next send reconnects).
+    lanes: Option<RefCell<Vec<Option<Sender>>>>,
 }
 
 impl Pool {
@@ -211,19 +221,33 @@ impl Pool {
         Ok(sender)
     }
 
-    /// Opens every connection before the clock starts.
+    /// Opens every connection before the clock starts (one per lane when users keep
+    /// their own).
     async fn fill(&self) -> anyhow::Result<()> {
-        for _ in 0..self.size {
+        let count = match &self.lanes {
+            Some(lanes) => lanes.borrow().len(),
+            None => self.size,
+        };
+        for lane in 0..count {
             let sender = self
                 .connect()
                 .await
                 .with_context(|| format!("cannot connect to {}", self.target.base))?;
-            self.free.borrow_mut().push(sender);
+            match &self.lanes {
+                Some(lanes) => lanes.borrow_mut()[lane] = Some(sender),
+                None => self.free.borrow_mut().push(sender),
+            }
         }
         Ok(())
     }
 
-    fn take(&self) -> Option<SendRequest<Full<Bytes>>> {
+    /// A connection for `lane`'s user (its own), or any free one of the shared pool.
+    fn take(&self, lane: Option<usize>) -> Option<SendRequest<Full<Bytes>>> {
+        if let (Some(lanes), Some(lane)) = (&self.lanes, lane) {
+            return lanes.borrow_mut()[lane]
+                .take()
+                .filter(|sender| !sender.is_closed());
+        }
         let mut free = self.free.borrow_mut();
         while let Some(sender) = free.pop() {
             if !sender.is_closed() {
@@ -233,8 +257,12 @@ impl Pool {
         None
     }
 
-    fn give_back(&self, sender: SendRequest<Full<Bytes>>) {
-        self.free.borrow_mut().push(sender);
+    fn give_back(&self, lane: Option<usize>, sender: SendRequest<Full<Bytes>>) {
+        if let (Some(lanes), Some(lane)) = (&self.lanes, lane) {
+            lanes.borrow_mut()[lane] = Some(sender);
+        } else {
+            self.free.borrow_mut().push(sender);
+        }
     }
 }
 
@@ -309,6 +337,12 @@ impl Worker {
             })
             .collect();
         let connections = split(spec.connections.max(threads), threads, index).max(1);
+        let lanes = match &spec.model {
+            Model::Closed { vus, .. } if split(*vus, threads, index) <= connections => Some(
+                RefCell::new((0..split(*vus, threads, index)).map(|_| None).collect()),
+            ),
+            _ => None,
+        };
         Rc::new(Worker {
             index,
             threads,
@@ -325,6 +359,7 @@ impl Worker {
                 size: connections,
                 free: RefCell::new(Vec::with_capacity(connections)),
                 permits: Semaphore::new(connections),
+                lanes,
             },
             prebuilt,
             steps: RefCell::new(vec![StepStats::default(); inputs.plan.step_names.len()]),
@@ -362,7 +397,7 @@ impl Worker {
                     let me = self.clone();
                     self.started.set(self.started.get() + 1);
                     tokio::task::spawn_local(async move {
-                        let _ = me.session(n, at).await;
+                        let _ = me.session(n, at, None).await;
                         me.finished.set(me.finished.get() + 1);
                         drop(permit);
                     });
@@ -392,13 +427,14 @@ impl Worker {
                         let mut n = global;
                         while Instant::now() < end {
                             me.started.set(me.started.get() + 1);
-                            let back_off = me.session(n, Instant::now()).await;
+                            let back_off = me.session(n, Instant::now(), Some(v)).await;
                             me.finished.set(me.finished.get() + 1);
                             n += vus as u64;
                             if let Some(pause) = back_off {
-                                // As a well-behaved client: wait what the server asked,
-                                // spread ±50% so refused users do not return in step.
-                                let pause = pause.mul_f64(0.5 + rand::random::<f64>());
+                                // As a well-behaved client: wait at least what the
+                                // server asked, up to half as long again, so refused
+                                // users do not return in step.
+                                let pause = pause.mul_f64(1.0 + 0.5 * rand::random::<f64>());
                                 tokio::time::sleep(
                                     pause.min(end.saturating_duration_since(Instant::now())),
                                 )
@@ -457,7 +493,7 @@ impl Worker {
     /// One pass through a flow; `due` is when its first request should go out. Returns
     /// the pause the server asked for when it refused with `Retry-After` and the run
     /// honours it (the session then ends there).
-    async fn session(&self, n: u64, mut due: Instant) -> Option<Duration> {
+    async fn session(&self, n: u64, mut due: Instant, lane: Option<usize>) -> Option<Duration> {
         let inputs = &*self.inputs;
         let plan = &*inputs.plan;
         let flow = plan.flow_for(splitmix64(n));
@@ -499,7 +535,7 @@ impl Worker {
                     .and_then(|v| v.to_str().ok())
                     .map(str::to_owned)
             });
-            let outcome = self.send(request).await;
+            let outcome = self.send(request, lane).await;
             let now = Instant::now();
             let micros = now.saturating_duration_since(due).as_micros() as u64;
             self.account(step, &outcome, micros);
@@ -631,9 +667,13 @@ impl Worker {
         builder.body(Full::new(body)).map_err(|_| usize::MAX)
     }
 
-    async fn send(&self, request: Request<Full<Bytes>>) -> Outcome {
-        let _permit = self.pool.permits.acquire().await.expect("never closed");
-        let mut sender = match self.pool.take() {
+    async fn send(&self, request: Request<Full<Bytes>>, lane: Option<usize>) -> Outcome {
+        // A user with a lane of its own has one request at a time on it: no permit.
+        let _permit = match (&self.pool.lanes, lane) {
+            (Some(_), Some(_)) => None,
+            _ => Some(self.pool.permits.acquire().await.expect("never closed")),
+        };
+        let mut sender = match self.pool.take(lane) {
             Some(sender) => sender,
             None => match self.pool.connect().await {
                 Ok(sender) => sender,
@@ -660,7 +700,7 @@ impl Worker {
         };
         match tokio::time::timeout(self.timeout, exchange).await {
             Ok(Ok((status, body, retry_after))) => {
-                self.pool.give_back(sender);
+                self.pool.give_back(lane, sender);
                 Outcome::Answer {
                     status,
                     body,

@@ -26,7 +26,9 @@ async fn rules(app: &TestApp) -> Value {
 
 #[tokio::test]
 async fn a_scalper_gets_429s_and_other_shoppers_do_not_notice() {
-    let app = spawn_app().await;
+    // Every attempt must reach the limiter at once, so no held connection here (a held
+    // retry would arrive after tokens came back; holds have their own test below).
+    let app = spawn_app_with(|config| config.guard.system.hold_refused = Duration::ZERO).await;
     let sale = app.live_sale("GUARD-SCALP", 1_000, 1_000).await;
     let scalper = app.shopper("scalper");
     let mut statuses = Vec::new();
@@ -62,7 +64,9 @@ async fn a_scalper_gets_429s_and_other_shoppers_do_not_notice() {
 
 #[tokio::test]
 async fn rule_changes_are_validated_versioned_and_survive_a_restart() {
-    let mut app = spawn_app().await;
+    // The shoppers' purchases below share the test client's connection, as behind a
+    // gateway: without a hold, each reaches the rate limit the moment it is sent.
+    let mut app = spawn_app_with(|config| config.guard.system.hold_refused = Duration::ZERO).await;
     let current = rules(&app).await;
     assert_eq!(current["version"], 0);
     assert_eq!(current["hot"][0]["qps"], 10.0);
@@ -265,6 +269,9 @@ async fn an_open_database_breaker_refuses_purchases_at_once_and_closes_when_the_
     backend: Backend,
 ) {
     let app = spawn_app_on_with(backend, |config| {
+        // The test's client sends every refused retry down one pooled connection at
+        // once; a hold would make the repeats wait for it (holds have their own test).
+        config.guard.system.hold_refused = Duration::ZERO;
         let database = database_breaker(config);
         database.min_calls = 3;
         database.open_for = Duration::from_millis(700);
@@ -596,4 +603,171 @@ async fn client_and_tenant_limits_believe_only_trusted_proxies() {
     for _ in 0..6 {
         assert_eq!(get(&app, &sale, "198.51.100.1", "acme").await, 200);
     }
+}
+
+/// One HTTP/1.1 exchange on a raw keep-alive connection: the status and the body.
+async fn exchange(conn: &mut tokio::net::TcpStream, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    conn.write_all(format!("GET {path} HTTP/1.1\r\nHost: stampede\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut raw = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let (head_end, length) = loop {
+        let n = conn.read(&mut chunk).await.unwrap();
+        assert!(n > 0, "the server closed the connection");
+        raw.extend_from_slice(&chunk[..n]);
+        if let Some(end) = raw.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&raw[..end]).to_lowercase();
+            let length = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .map_or(0, |v| v.trim().parse::<usize>().unwrap());
+            break (end + 4, length);
+        }
+    };
+    while raw.len() < head_end + length {
+        let n = conn.read(&mut chunk).await.unwrap();
+        assert!(n > 0, "the server closed the connection mid-body");
+        raw.extend_from_slice(&chunk[..n]);
+    }
+    let head = String::from_utf8_lossy(&raw[..head_end]).into_owned();
+    let status = head[9..12].parse().unwrap();
+    (
+        status,
+        String::from_utf8_lossy(&raw[head_end..]).into_owned(),
+    )
+}
+
+#[tokio::test]
+async fn a_refusal_repeated_on_one_connection_waits_out_its_hold_and_an_admitted_request_never_does()
+ {
+    const HOLD: Duration = Duration::from_secs(1);
+    let degrade = |app: &TestApp, off: bool| {
+        let request = app
+            .client
+            .post(app.url("/v1/guard/degrade"))
+            .bearer_auth(&app.admin)
+            .json(&json!({"class": "browse", "off": off}));
+        async move { assert_eq!(send(request).await.status, 200) }
+    };
+    for (trusted, held) in [("", true), ("127.0.0.1/32", false)] {
+        let app = spawn_app_with(|config| {
+            config.trusted_proxies = trusted.into();
+            config.guard.system.hold_refused = HOLD;
+        })
+        .await;
+        let sale = app.live_sale(&format!("GUARD-HOLD-{held}"), 10, 1).await;
+        degrade(&app, true).await;
+        let address = app.base.trim_start_matches("http://");
+        let mut conn = tokio::net::TcpStream::connect(address).await.unwrap();
+        let path = format!("/v1/flash-sales/{sale}");
+
+        // Refused, then refused again at once on the same connection: the second answer
+        // comes when the hold that the first started ends.
+        let started = Instant::now();
+        let (status, body) = exchange(&mut conn, &path).await;
+        assert_eq!(status, 503, "{body}");
+        assert!(body.contains("\"degraded\""), "{body}");
+        let (status, _) = exchange(&mut conn, &path).await;
+        assert_eq!(status, 503);
+        let elapsed = started.elapsed();
+        if held {
+            assert!(
+                elapsed >= HOLD,
+                "the repeated refusal came after {elapsed:?}"
+            );
+        } else {
+            assert!(
+                elapsed < HOLD,
+                "a trusted proxy's refusal waited {elapsed:?}"
+            );
+        }
+        // Other connections are not held.
+        let (status, _) = exchange(
+            &mut tokio::net::TcpStream::connect(address).await.unwrap(),
+            "/healthz",
+        )
+        .await;
+        assert_eq!(status, 200);
+
+        // Inside the hold the second refusal started, a request the guard admits is
+        // served without waiting.
+        degrade(&app, false).await;
+        let started = Instant::now();
+        let (status, body) = exchange(&mut conn, &path).await;
+        assert_eq!(status, 200, "{body}");
+        assert!(
+            started.elapsed() < HOLD,
+            "an admitted request waited {:?}",
+            started.elapsed()
+        );
+        if held {
+            // (The metrics are the process's: counted here, but not only by this app.)
+            let metrics = app.get("/metrics", None).await;
+            let metrics = metrics.body.as_str().expect("metrics are text");
+            assert!(
+                metrics
+                    .lines()
+                    .any(|l| l.starts_with("stampede_guard_refusals_held_total ")),
+                "{metrics}"
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_refusal_waiting_for_its_hold_is_not_in_flight() {
+    let app = spawn_app().await;
+    let sale = app.live_sale("GUARD-HOLD-INFLIGHT", 1_000, 1_000).await;
+    let scalper = app.shopper("held-scalper");
+    // One connection, as one browser: the shipped per-shopper burst of 20, then 429s.
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(1)
+        .build()
+        .unwrap();
+    let purchase = |key: String| {
+        let request = client
+            .post(app.url(&format!("/v1/flash-sales/{sale}/purchase")))
+            .bearer_auth(&scalper)
+            .header("idempotency-key", key)
+            .json(&json!({"quantity": 1}));
+        async move { send(request).await }
+    };
+    let mut first_refusal = None;
+    for i in 0..40 {
+        let reply = purchase(format!("held-{i}")).await;
+        if reply.status == 429 {
+            first_refusal = Some(i);
+            break;
+        }
+        assert_eq!(reply.status, 201, "{}", reply.body);
+    }
+    assert!(first_refusal.is_some(), "the scalper was never throttled");
+    // Refused again at once: this answer waits for the hold (1 s by default) ...
+    let started = Instant::now();
+    let held = tokio::spawn(purchase("held-again".into()));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // ... and meanwhile it is not counted in flight, so it takes no one's place: the
+    // one request in flight is the stats request itself (a guarded route).
+    let stats = app.get("/v1/guard/stats", None).await;
+    assert_eq!(stats.status, 200, "{}", stats.body);
+    assert_eq!(stats.body["inflight"], 1, "{}", stats.body);
+    let reply = held.await.unwrap();
+    assert_eq!(reply.status, 429, "{}", reply.body);
+    assert!(
+        started.elapsed() >= Duration::from_millis(300),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+#[test]
+fn a_hold_longer_than_any_retry_after_is_refused() {
+    let mut rules = stampede_guard::GuardRules::default();
+    rules.system.hold_refused = Duration::from_millis(1_500);
+    let errors = rules.validate().unwrap_err();
+    assert_eq!(errors[0].field, "system.hold_refused", "{errors:?}");
+    rules.system.hold_refused = Duration::ZERO;
+    rules.validate().unwrap();
 }

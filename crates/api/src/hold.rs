@@ -1,0 +1,128 @@
+//! Refusals repeated on one connection wait (`guard.system.hold_refused`).
+//!
+//! Why: a client that resends the moment it is refused turns each refusal into another
+//! request. A closed loop of thousands of them keeps thousands of connection tasks ready
+//! on the runtime's workers; an admitted purchase, woken when its batch commits, queues
+//! behind all of them before it can answer, so it holds its in-flight slot many times
+//! longer and the guard admits that many times fewer (BENCHMARKS.md, "The guard").
+//!
+//! So a connection refused with `Retry-After` gets a hold. Its next request is read and
+//! decided at once, as any other: admitted, it is served without waiting. Refused again
+//! inside the hold, its refusal is answered when the hold ends, and a new hold starts.
+//! Waiting on a timer, the connection is not in the run queue and sends nothing more; a
+//! client that ignores `Retry-After` gets at most one refusal per hold. A client that
+//! honours it (whole seconds, at least 1) never meets a hold, which is at most 1 s; nor
+//! does any request the guard admits. Connections from trusted proxies are never held:
+//! they carry many clients.
+//!
+//! **Invariant:** a hold costs one atomic per connection and, while a refusal waits, one
+//! timer; it never delays an admitted request.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use axum::extract::connect_info::Connected;
+use axum::serve::IncomingStream;
+use tokio::net::TcpListener;
+
+/// One connection's hold: its end, in nanoseconds after [`epoch`] + 1 (0: none yet).
+#[derive(Clone, Debug, Default)]
+pub struct Hold(Arc<AtomicU64>);
+
+fn epoch() -> Instant {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
+}
+
+impl Hold {
+    /// Called on a refusal at `now`: how long its answer must wait (zero when the
+    /// connection was not held), and the hold it leaves, `duration` after the answer.
+    pub fn refused(&self, now: Instant, duration: Duration) -> Duration {
+        if duration.is_zero() {
+            return Duration::ZERO;
+        }
+        let wait = match self.0.load(Ordering::Relaxed) {
+            0 => Duration::ZERO,
+            raw => (epoch() + Duration::from_nanos(raw - 1)).saturating_duration_since(now),
+        };
+        let until = (now + wait + duration)
+            .saturating_duration_since(epoch())
+            .as_nanos() as u64
+            + 1;
+        self.0.fetch_max(until, Ordering::Relaxed);
+        wait
+    }
+}
+
+/// What each request knows of its connection: the peer's address and the connection's
+/// hold (the request's `ConnectInfo`).
+#[derive(Clone, Debug)]
+pub struct Peer {
+    pub addr: SocketAddr,
+    pub hold: Hold,
+}
+
+impl Peer {
+    /// A peer with a hold of its own (one per connection).
+    pub fn new(addr: SocketAddr) -> Peer {
+        Peer {
+            addr,
+            hold: Hold::default(),
+        }
+    }
+}
+
+impl Connected<IncomingStream<'_, TcpListener>> for Peer {
+    fn connect_info(stream: IncomingStream<'_, TcpListener>) -> Self {
+        Peer::new(*stream.remote_addr())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HOLD: Duration = Duration::from_millis(250);
+
+    #[test]
+    fn the_first_refusal_waits_for_nothing_and_a_repeat_inside_the_hold_waits_out_the_rest() {
+        let hold = Hold::default();
+        let t0 = Instant::now();
+        assert_eq!(hold.refused(t0, HOLD), Duration::ZERO);
+        // Refused again 10 ms later: answered when the hold ends, 240 ms on.
+        let wait = hold.refused(t0 + Duration::from_millis(10), HOLD);
+        assert_eq!(wait, Duration::from_millis(240));
+        // That answer (at t0 + 250 ms) starts the next hold, to t0 + 500 ms.
+        let wait = hold.refused(t0 + Duration::from_millis(260), HOLD);
+        assert_eq!(wait, Duration::from_millis(240));
+        // Refused after the hold: at once.
+        assert_eq!(
+            hold.refused(t0 + Duration::from_millis(2_000), HOLD),
+            Duration::ZERO
+        );
+    }
+
+    #[test]
+    fn a_zero_hold_never_waits() {
+        let hold = Hold::default();
+        let t0 = Instant::now();
+        for i in 0..3 {
+            assert_eq!(
+                hold.refused(t0 + Duration::from_millis(i), Duration::ZERO),
+                Duration::ZERO
+            );
+        }
+    }
+
+    #[test]
+    fn connections_hold_apart() {
+        let (a, b) = (Hold::default(), Hold::default());
+        let t0 = Instant::now();
+        a.refused(t0, HOLD);
+        assert_eq!(b.refused(t0, HOLD), Duration::ZERO, "b was never refused");
+        assert!(!a.refused(t0, HOLD).is_zero());
+    }
+}
