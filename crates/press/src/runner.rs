@@ -200,7 +200,7 @@ struct Pool {
     target: Target,
     host: HeaderValue,
     size: usize,
-    free: RefCell<Vec<SendRequest<Full<Bytes>>>>,
+    free: RefCell<Vec<Sender>>,
     permits: Semaphore,
     /// One slot per virtual user of this thread; empty until its connection is opened,
     /// and again after a failed exchange (the next send reconnects).
@@ -208,7 +208,7 @@ struct Pool {
 }
 
 impl Pool {
-    async fn connect(&self) -> std::io::Result<SendRequest<Full<Bytes>>> {
+    async fn connect(&self) -> std::io::Result<Sender> {
         let stream = tokio::net::TcpStream::connect(self.target.addr).await?;
         stream.set_nodelay(true)?;
         let (sender, conn) =
@@ -242,7 +242,7 @@ impl Pool {
     }
 
     /// A connection for `lane`'s user (its own), or any free one of the shared pool.
-    fn take(&self, lane: Option<usize>) -> Option<SendRequest<Full<Bytes>>> {
+    fn take(&self, lane: Option<usize>) -> Option<Sender> {
         if let (Some(lanes), Some(lane)) = (&self.lanes, lane) {
             return lanes.borrow_mut()[lane]
                 .take()
@@ -257,7 +257,7 @@ impl Pool {
         None
     }
 
-    fn give_back(&self, lane: Option<usize>, sender: SendRequest<Full<Bytes>>) {
+    fn give_back(&self, lane: Option<usize>, sender: Sender) {
         if let (Some(lanes), Some(lane)) = (&self.lanes, lane) {
             lanes.borrow_mut()[lane] = Some(sender);
         } else {

@@ -1,5 +1,6 @@
 //! The generator against local stubs: rate accuracy, coordinated omission, templating
-//! and extraction end to end, and a books check that catches a server that lies.
+//! and extraction end to end, a books check that catches a server that lies, and users
+//! who keep their own connections.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -378,4 +379,99 @@ async fn a_scenario_that_needs_secrets_says_so() {
     .await
     .expect_err("nothing listens");
     assert!(format!("{err:#}").contains("cannot connect"), "{err:#}");
+}
+
+const WHO: &str = r#"
+name = "who"
+[load]
+vus = 8
+duration = "3s"
+[data]
+users = 8
+[[flows]]
+name = "visitor"
+steps = [{ name = "who", path = "/who", headers = { x-user = "{{user}}" }, expect = [200, 503] }]
+"#;
+
+/// Which connections (client ports) each user's requests came on.
+type Seen = Arc<Mutex<std::collections::HashMap<String, HashSet<u16>>>>;
+
+/// Answers each user's first request with 503 and `Retry-After: 1`, then 200s, and
+/// notes the connection of every request.
+async fn serve_who(seen: Seen) -> String {
+    use axum::extract::ConnectInfo;
+    use axum::response::IntoResponse;
+    let router = axum::Router::new()
+        .route(
+            "/who",
+            get(
+                |State(seen): State<Seen>,
+                 ConnectInfo(peer): ConnectInfo<std::net::SocketAddr>,
+                 headers: HeaderMap| async move {
+                    let user = headers["x-user"].to_str().unwrap().to_owned();
+                    let mut seen = seen.lock();
+                    let first = !seen.contains_key(&user);
+                    seen.entry(user).or_default().insert(peer.port());
+                    if first {
+                        (StatusCode::SERVICE_UNAVAILABLE, [("retry-after", "1")]).into_response()
+                    } else {
+                        "ok".into_response()
+                    }
+                },
+            ),
+        )
+        .with_state(seen);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        axum::serve(
+            listener,
+            router.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+        )
+        .await
+        .unwrap()
+    });
+    format!("http://{addr}")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn closed_model_users_keep_a_connection_each_when_there_are_enough() {
+    let dir = tempfile::tempdir().unwrap();
+    let scenario = write_scenario(&dir, WHO);
+    let run = |base: String, connections: &'static str| {
+        let scenario = scenario.clone();
+        async move {
+            let argv = [
+                "--scenario",
+                &scenario,
+                "--threads",
+                "2",
+                "--connections",
+                connections,
+                "--retry-after",
+                "honor",
+            ];
+            stampede_press::press(&args(&base, &argv)).await.unwrap()
+        }
+    };
+
+    // 8 users, 64 connections: each user on one connection of its own, as a browser,
+    // even after each was refused and waited while the others went on.
+    let seen = Seen::default();
+    let report = run(serve_who(seen.clone()).await, "64").await;
+    assert!(report.requests > 8, "{}", report.summary());
+    let seen = seen.lock().clone();
+    assert_eq!(seen.len(), 8, "{seen:?}");
+    for (user, ports) in &seen {
+        assert_eq!(ports.len(), 1, "{user} used {ports:?}");
+    }
+    let ports: HashSet<u16> = seen.values().flatten().copied().collect();
+    assert_eq!(ports.len(), 8, "users shared connections: {seen:?}");
+
+    // 8 users, 2 connections: they share them, as behind a gateway.
+    let shared = Seen::default();
+    let report = run(serve_who(shared.clone()).await, "2").await;
+    assert!(report.requests > 8, "{}", report.summary());
+    let ports: HashSet<u16> = shared.lock().values().flatten().copied().collect();
+    assert_eq!(ports.len(), 2, "{:?}", shared.lock());
 }
