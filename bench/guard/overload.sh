@@ -13,6 +13,12 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 # shellcheck source=../lib.sh
 source "$here/../lib.sh"
+# 2,048 connections open at both ends on one machine: raise the soft limit on open files
+# to the hard one when it is lower than that needs (1,024 is a common default).
+need_files=5000
+files_ok() { [ "$(ulimit -n)" = unlimited ] || [ "$(ulimit -n)" -ge $need_files ]; }
+files_ok || ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+files_ok || { echo "needs $need_files open files (ulimit -n); the hard limit is $(ulimit -Hn)" >&2; exit 2; }
 duration=${DURATION:-8s}
 max_inflight=${MAX_INFLIGHT:-128}
 scenario=$here/../server/purchase.toml
@@ -32,7 +38,7 @@ start() { # port, extra serve args...
 }
 mem() { curl -sf $base/metrics | awk '/^process_resident_memory_bytes/ {printf "%.0f", $2/1048576}'; }
 # refusals: the server's own count of refusals and of those answered within 1 ms of the
-# guard's first look (stampede_guard_refusal_seconds).
+# router's first look (stampede_guard_refusal_seconds).
 refusals() {
   curl -sf $base/metrics | awk '/^stampede_guard_refusal_seconds_bucket\{le="0.001"\}/ {fast = $2}
     /^stampede_guard_refusal_seconds_count/ {all = $2} END {printf "%d %d", all, fast}'

@@ -41,21 +41,17 @@ impl TrustedProxies {
         Ok(TrustedProxies { nets })
     }
 
-    fn trusts(&self, ip: &IpAddr) -> bool {
-        self.nets.iter().any(|net| net.contains(ip))
-    }
-
-    /// Whether `peer` is one of the trusted proxies (whose connections carry many
+    /// Whether `ip` is one of the trusted proxies (whose connections carry many
     /// clients).
-    pub fn is_trusted(&self, peer: IpAddr) -> bool {
-        self.trusts(&peer)
+    pub fn is_trusted(&self, ip: IpAddr) -> bool {
+        self.nets.iter().any(|net| net.contains(&ip))
     }
 
     /// The client's address: the peer, or, when the peer is a trusted proxy, the
     /// nearest `X-Forwarded-For` entry that is not one (headers appended by proxies
     /// further out, or by the client itself, are not believed).
     pub fn client_ip(&self, peer: IpAddr, headers: &HeaderMap) -> IpAddr {
-        if !self.trusts(&peer) {
+        if !self.is_trusted(peer) {
             return peer;
         }
         let mut client = peer;
@@ -71,7 +67,7 @@ impl TrustedProxies {
                 break;
             };
             client = ip;
-            if !self.trusts(&ip) {
+            if !self.is_trusted(ip) {
                 break;
             }
         }
@@ -80,7 +76,7 @@ impl TrustedProxies {
 
     /// The tenant a trusted proxy named, if any.
     pub fn tenant<'a>(&self, peer: IpAddr, headers: &'a HeaderMap) -> Option<&'a [u8]> {
-        if !self.trusts(&peer) {
+        if !self.is_trusted(peer) {
             return None;
         }
         headers

@@ -198,6 +198,14 @@ const ROUTES: [(&str, &str); 18] = [
 #[derive(Clone, Copy)]
 struct RouteLabel(usize);
 
+/// What `track` notes on a request for the layers inside it: its route, and when the
+/// router first saw it (the start of its `stampede_http_request_seconds`).
+#[derive(Clone, Copy)]
+struct Tracked {
+    route: RouteLabel,
+    started: Instant,
+}
+
 impl RouteLabel {
     fn of(path: Option<&MatchedPath>) -> RouteLabel {
         let path = path.map_or("", MatchedPath::as_str);
@@ -244,8 +252,8 @@ fn route_metrics(route: RouteLabel) -> &'static RouteMetrics {
 
 async fn track(mut request: Request, next: Next) -> Response {
     let route = RouteLabel::of(request.extensions().get::<MatchedPath>());
-    request.extensions_mut().insert(route);
     let started = Instant::now();
+    request.extensions_mut().insert(Tracked { route, started });
     let response = next.run(request).await;
     let class = match response.status().as_u16() {
         200..=299 => 0,
@@ -268,57 +276,35 @@ async fn protect(
     request: Request,
     next: Next,
 ) -> Response {
-    let route = match request.extensions().get::<RouteLabel>() {
-        Some(route) => route.name(),
-        None => RouteLabel::of(request.extensions().get::<MatchedPath>()).name(),
+    let Tracked { route, started } = match request.extensions().get::<Tracked>() {
+        Some(tracked) => *tracked,
+        None => Tracked {
+            route: RouteLabel::of(request.extensions().get::<MatchedPath>()),
+            started: Instant::now(),
+        },
     };
-    let Some((resource, class)) = app.guarded.get(route) else {
+    let Some((resource, class)) = app.guarded.get(route.name()) else {
         return next.run(request).await;
     };
-    let started = Instant::now();
     let peer = request
         .extensions()
         .get::<axum::extract::ConnectInfo<hold::Peer>>()
         .map(|axum::extract::ConnectInfo(peer)| peer.clone());
-    let mut admission = match app.guard.admit(resource, class) {
+    let admitted = app.guard.admit(resource, class).and_then(|admission| {
+        match &peer {
+            Some(peer) => client_admits(&app, resource, peer, request.headers()),
+            None => Ok(()),
+        }
+        // Dropped on a refusal: not in flight while its answer waits for a hold.
+        .map(|()| admission)
+    });
+    let mut admission = match admitted {
         Ok(admission) => admission,
         Err(rejection) => {
-            return refused(
-                &app,
-                started,
-                peer.as_ref(),
-                ApiError::from(rejection).into_response(),
-            )
-            .await;
+            let response = ApiError::from(rejection).into_response();
+            return refused(&app, started, peer.as_ref(), response).await;
         }
     };
-    if let Some(peer) = &peer {
-        let (ip, headers) = (peer.addr.ip(), request.headers());
-        let client = app.proxies.client_ip(ip, headers);
-        if let Err(rejection) = app.guard.check_hot(resource, Param::ClientIp, &client) {
-            // Not in flight while its answer waits for a hold.
-            drop(admission);
-            return refused(
-                &app,
-                started,
-                Some(peer),
-                ApiError::from(rejection).into_response(),
-            )
-            .await;
-        }
-        if let Some(tenant) = app.proxies.tenant(ip, headers)
-            && let Err(rejection) = app.guard.check_hot(resource, Param::Tenant, tenant)
-        {
-            drop(admission);
-            return refused(
-                &app,
-                started,
-                Some(peer),
-                ApiError::from(rejection).into_response(),
-            )
-            .await;
-        }
-    }
     if !admission.wait.is_zero() {
         tokio::time::sleep(admission.wait).await;
     }
@@ -339,8 +325,24 @@ async fn protect(
     response
 }
 
+/// The per-client-IP and per-tenant hot keys, for a request that came from `peer`.
+fn client_admits(
+    app: &App,
+    resource: &stampede_guard::Resource,
+    peer: &hold::Peer,
+    headers: &axum::http::HeaderMap,
+) -> Result<(), stampede_guard::Rejection> {
+    let ip = peer.addr.ip();
+    let client = app.proxies.client_ip(ip, headers);
+    app.guard.check_hot(resource, Param::ClientIp, &client)?;
+    match app.proxies.tenant(ip, headers) {
+        Some(tenant) => app.guard.check_hot(resource, Param::Tenant, tenant),
+        None => Ok(()),
+    }
+}
+
 /// A refusal with `Retry-After`: recorded in `stampede_guard_refusal_seconds` (from the
-/// guard's first look at the request to the decision), then answered at once, unless
+/// router's first look at the request to the decision), then answered at once, unless
 /// the same connection was refused within `guard.system.hold_refused` before: then it is
 /// answered when that hold ends ([`hold`]). Never for trusted proxies, which carry many
 /// clients.

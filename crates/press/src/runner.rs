@@ -416,6 +416,8 @@ impl Worker {
                 for v in 0..mine {
                     let global = (v * self.threads + self.index) as u64;
                     let delay = ramp.mul_f64(global as f64 / vus.max(1) as f64);
+                    // Its own connection when there is one per user; else the pool.
+                    let lane = self.pool.lanes.is_some().then_some(v);
                     let me = self.clone();
                     let permit = sessions
                         .clone()
@@ -427,7 +429,7 @@ impl Worker {
                         let mut n = global;
                         while Instant::now() < end {
                             me.started.set(me.started.get() + 1);
-                            let back_off = me.session(n, Instant::now(), Some(v)).await;
+                            let back_off = me.session(n, Instant::now(), lane).await;
                             me.finished.set(me.finished.get() + 1);
                             n += vus as u64;
                             if let Some(pause) = back_off {
@@ -669,9 +671,9 @@ impl Worker {
 
     async fn send(&self, request: Request<Full<Bytes>>, lane: Option<usize>) -> Outcome {
         // A user with a lane of its own has one request at a time on it: no permit.
-        let _permit = match (&self.pool.lanes, lane) {
-            (Some(_), Some(_)) => None,
-            _ => Some(self.pool.permits.acquire().await.expect("never closed")),
+        let _permit = match lane {
+            Some(_) => None,
+            None => Some(self.pool.permits.acquire().await.expect("never closed")),
         };
         let mut sender = match self.pool.take(lane) {
             Some(sender) => sender,
