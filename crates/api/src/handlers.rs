@@ -2,8 +2,9 @@
 
 use axum::Json;
 use axum::body::Bytes;
-use axum::extract::{FromRequest, Path, Request, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::extract::{FromRequest, FromRequestParts, Path, Request, State};
+use axum::http::request::Parts;
+use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde::de::DeserializeOwned;
@@ -264,6 +265,18 @@ impl From<&Placed> for PurchaseBody {
     }
 }
 
+/// The request's `Idempotency-Key` header, if any: one value taken from the headers
+/// instead of a copy of them all (axum's `HeaderMap` extractor clones the map). It never
+/// refuses, so a request with a bad body and no key is still told about its body first.
+pub struct KeyHeader(Option<HeaderValue>);
+
+impl<S: Send + Sync> FromRequestParts<S> for KeyHeader {
+    type Rejection = std::convert::Infallible;
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        Ok(Self(parts.headers.get("idempotency-key").cloned()))
+    }
+}
+
 #[utoipa::path(post, path = "/v1/flash-sales/{id}/purchase", request_body = PurchaseRequest,
     params(("id" = String, Path), ("Idempotency-Key" = String, Header)), security(("shopper" = [])),
     responses((status = 201, description = "order placed and durable", body = PurchaseBody),
@@ -277,10 +290,10 @@ pub async fn purchase(
     State(app): State<AppState>,
     Shopper(user): Shopper,
     Path(id): Path<String>,
-    headers: HeaderMap,
+    KeyHeader(key): KeyHeader,
     JsonBody(body): JsonBody<PurchaseRequest>,
 ) -> Result<Response, ApiError> {
-    let key = headers.get("idempotency-key").ok_or_else(|| {
+    let key = key.ok_or_else(|| {
         ApiError::bad_request("missing_idempotency_key", "send an Idempotency-Key header")
     })?;
     let key = IdempotencyKey::parse(key.to_str().map_err(|_| {
