@@ -1,13 +1,14 @@
 # Stampede's container image: `docker build -t stampede .`
-# The binary is built once in a Rust image and copied into a small Debian one; the
-# process runs as an unprivileged user and listens on 0.0.0.0:8080.
+# The binary is built once in a Rust image (the `production` profile: link-time
+# optimised) and copied into a small Debian one; the process runs as an unprivileged
+# user and listens on 0.0.0.0:8080.
 FROM rust:1.95-bookworm AS build
 WORKDIR /src
 COPY . .
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
-    cargo build --release --locked -p stampede \
-    && cp target/release/stampede /usr/local/bin/stampede
+    cargo build --profile production --locked -p stampede \
+    && cp target/production/stampede /usr/local/bin/stampede
 
 FROM debian:bookworm-slim
 # CA certificates for TLS to the database (`?sslmode=require`, `?ssl-mode=required`).

@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# Capacity ratio: the most durable purchases per second the server reaches against the
+# most /healthz it answers, each found over the same sweep of connection counts with
+# the same load generator (wrk, 1 thread), in one run. Group commit needs purchases in
+# flight to fill its batches, so a single connection count can understate one side;
+# the sweep shows every row and the ratio is of the two maxima.
+#
+# /healthz is measured twice: a static request (wrk's cheapest path, no Lua) and one
+# built per request by the same Lua script that builds the purchases
+# (bench/server/load.lua, TARGET=healthz), so the generator spends about the same per
+# request on both sides of the second ratio. Both ratios are printed.
+#
+#   cargo build --profile production -p stampede && PROFILE=production bench/server/capacity.sh
+#
+# Then, when RATE_CHECK is not 0, the open model at half the durable maximum:
+# `stampede press --rate <half>/s` against a fresh server, latency from each request's
+# scheduled send, so a slow answer cannot slow the arrivals down.
+#
+# Environment: DURATION (default 8s), SWEEP (default "64 256 512 1024"), ROUNDS
+# (default 1: the sweep is repeated, alternating healthz and purchases), RATE_CHECK
+# (default 1), HALF_RATE (default: half the durable maximum), STAMPEDE_BIN, SERVE_ARGS.
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+# shellcheck source=../lib.sh
+source "$here/../lib.sh"
+needs_wrk
+duration=${DURATION:-8s}
+sweep=${SWEEP:-64 256 512 1024}
+rounds=${ROUNDS:-1}
+port=${PORT:-18181}
+base=http://127.0.0.1:$port
+# wrk opens one socket per connection; the server one more each.
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+with_workdir
+with_shoppers
+
+wrk_rps() { # connections, wrk args... -> requests/s (and the whole RESULT line on stderr)
+  local c=$1; shift
+  local out line
+  out=$(wrk -t1 -c"$c" -d"$duration" "$@")
+  line=$(grep '^RESULT' <<<"$out" || echo "RESULT rps=$(awk '/Requests\/sec/ {printf "%.0f", $2}' <<<"$out")")
+  echo "$line" >&2
+  sed -E 's/.* rps=([0-9]+).*/\1/' <<<"$line"
+}
+
+best_static=0 best_lua=0 best_durable=0
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN {printf "%.2f", a / b}'; }
+printf '%-6s %-12s %14s %12s %10s %8s %8s\n' round connections "healthz static" "healthz Lua" durable "÷static" "÷Lua"
+for round in $(seq "$rounds"); do
+  for c in $sweep; do
+    # shellcheck disable=SC2086 # SERVE_ARGS is a list of flags
+    start_with_sale durable ${SERVE_ARGS:-}
+    h=$(wrk_rps "$c" "$base/healthz" 2>/dev/null)
+    l=$(TARGET=healthz wrk_rps "$c" -s "$here/load.lua" "$base/healthz" 2>/dev/null)
+    # A fresh server for the purchases: its maps start as empty as they would at 00:00.
+    # shellcheck disable=SC2086
+    start_with_sale durable ${SERVE_ARGS:-}
+    d=$(TARGET=purchase wrk_rps "$c" -s "$here/load.lua" "$base/healthz" 2>"$work/line")
+    audit=$(curl -sf "$base/v1/flash-sales/$SALE/audit" -H "Authorization: Bearer $STAMPEDE_ADMIN_TOKEN")
+    grep -q '"consistent":true' <<<"$audit" || { echo "audit not consistent: $audit" >&2; exit 1; }
+    printf '%-6s %-12s %14s %12s %10s %8s %8s   durable %s\n' "$round" "$c" "$h" "$l" "$d" \
+      "$(ratio "$d" "$h")" "$(ratio "$d" "$l")" \
+      "$(sed -E 's/.*(p50_ms=[^ ]+).*(p99_ms=[^ ]+).*/\1 \2/' "$work/line")"
+    [ "$h" -gt "$best_static" ] && best_static=$h
+    [ "$l" -gt "$best_lua" ] && best_lua=$l
+    [ "$d" -gt "$best_durable" ] && best_durable=$d
+  done
+done
+echo "maximum: healthz $best_static/s static, $best_lua/s Lua-built; durable purchases $best_durable/s"
+echo "ratio of maxima: $(ratio "$best_durable" "$best_static") to static healthz, $(ratio "$best_durable" "$best_lua") to Lua-built healthz"
+
+[ "${RATE_CHECK:-1}" = 0 ] && exit 0
+half=${HALF_RATE:-$((best_durable / 2))}
+# shellcheck disable=SC2086
+start_with_sale durable ${SERVE_ARGS:-}
+echo "open model at $half/s (half the durable maximum), durable purchases:"
+"$bin" press --target "$base" --scenario "$here/purchase.toml" --rate "$half/s" \
+  --duration "${RATE_DURATION:-10s}" --connections 256 --secrets-from "$work/data" 2>&1 |
+  grep -E 'req/s|sessions:|latency from scheduled send|books' || true
