@@ -389,8 +389,9 @@ impl Shared {
         let previous = {
             let mut entries = self.idem_shard(user, key).lock();
             match &outcome {
-                // The entry is there (in flight) on every path but recovery's: replace it
-                // in place, so a full shard is not grown for a key it already holds.
+                // The entry is there (in flight, or already answered under `--ack
+                // reserved`) on every path but recovery's: replace it in place, so a full
+                // shard is not grown for a key it already holds.
                 Ok(placed) => match entries.get_mut(&id) {
                     Some(entry) => Some(std::mem::replace(entry, IdemEntry::Done(placed.clone()))),
                     None => entries.insert(id, IdemEntry::Done(placed.clone())),
