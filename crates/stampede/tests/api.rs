@@ -981,6 +981,16 @@ async fn wait_expired(app: &TestApp, token: &str, order_id: &str) {
     .await;
 }
 
+/// Waits for the sale's remaining stock to read `units`. The writer hands an expired
+/// order's units back once its commit returns, so a reader on another connection can see
+/// the order `expired` a moment before the stock is back.
+async fn wait_remaining(app: &TestApp, sale: &str, units: u64, what: &str) {
+    eventually(what, || async {
+        (app.remaining(sale).await == units).then_some(())
+    })
+    .await;
+}
+
 async fn an_unpaid_order_expires_and_its_stock_returns(backend: Backend) {
     let app = spawn_app_on_with(backend, short_window).await;
     let sale = app.live_sale("FAN-1", 5, 2).await;
@@ -1004,7 +1014,7 @@ async fn an_unpaid_order_expires_and_its_stock_returns(backend: Backend) {
     assert_eq!(app.remaining(&sale).await, 3);
 
     wait_expired(&app, &wes, &order_id).await;
-    assert_eq!(app.remaining(&sale).await, 5, "stock returns on expiry");
+    wait_remaining(&app, &sale, 5, "stock returns on expiry").await;
     assert_error(&app.pay(&wes, &order_id).await, 409, "order_expired");
     assert_error(&app.cancel(&wes, &order_id).await, 409, "order_expired");
     assert!(
@@ -1109,7 +1119,7 @@ async fn expiry_survives_a_graceful_restart(backend: Backend) {
     app.restart().await;
 
     wait_expired(&app, &xena, &expiring).await;
-    assert_eq!(app.remaining(&sale).await, 4);
+    wait_remaining(&app, &sale, 4, "the expired order's stock to return").await;
     assert_eq!(
         app.order_status(&xena, &paid).await,
         "paid",
