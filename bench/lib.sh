@@ -14,15 +14,22 @@ needs_wrk() { command -v wrk >/dev/null || { echo "needs wrk (Debian/Ubuntu: apt
 # start_with_sale ACK [serve args...]: (re)starts `stampede serve` on 127.0.0.1:$port with a
 # fresh data directory under $work, waits for /healthz, then creates a product and a sale
 # of 10^9 units (at most 1,000 per shopper) running for two hours. Sets $pid and exports
-# $SALE. Needs $work, $port, STAMPEDE_ADMIN_TOKEN and STAMPEDE_JWT_SECRET.
+# $SALE. Needs $work, $port, STAMPEDE_ADMIN_TOKEN and STAMPEDE_JWT_SECRET. A caller that
+# sets the array serve_wrapper (e.g. to valgrind and its flags) has the server run under
+# it; the wait for /healthz lasts while the process lives, up to a minute.
 start_with_sale() {
   local ack=$1; shift
   local base=http://127.0.0.1:$port now ends
   if [ -n "${pid:-}" ]; then kill "$pid"; wait "$pid" 2>/dev/null || true; fi
   rm -rf "$work/data"
-  "$bin" serve --listen "127.0.0.1:$port" --data-dir "$work/data" --ack "$ack" --log warn "$@" >/dev/null &
+  ${serve_wrapper[@]+"${serve_wrapper[@]}"} \
+    "$bin" serve --listen "127.0.0.1:$port" --data-dir "$work/data" --ack "$ack" --log warn "$@" >/dev/null &
   pid=$!
-  for _ in $(seq 100); do curl -sf "$base/healthz" >/dev/null && break; sleep 0.1; done
+  for _ in $(seq 600); do
+    curl -sf "$base/healthz" >/dev/null && break
+    kill -0 "$pid" 2>/dev/null || { echo "stampede serve exited before it answered" >&2; return 1; }
+    sleep 0.1
+  done
   now=$(date -u +%Y-%m-%dT%H:%M:%SZ); ends=$(date -u -d '+2 hours' +%Y-%m-%dT%H:%M:%SZ)
   curl -sf -X POST "$base/v1/products" -H "Authorization: Bearer $STAMPEDE_ADMIN_TOKEN" \
     -H 'Content-Type: application/json' \

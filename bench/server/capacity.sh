@@ -34,13 +34,17 @@ ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 with_workdir
 with_shoppers
 
-wrk_rps() { # connections, wrk args... -> requests/s (and the whole RESULT line on stderr)
+# wrk_rps CONNECTIONS WRK_ARGS...: one wrk run; its requests/s. The load.lua runs also
+# leave their RESULT line (latency percentiles) in $work/line.
+wrk_rps() {
   local c=$1; shift
-  local out line
+  local out
   out=$(wrk -t1 -c"$c" -d"$duration" "$@")
-  line=$(grep '^RESULT' <<<"$out" || echo "RESULT rps=$(awk '/Requests\/sec/ {printf "%.0f", $2}' <<<"$out")")
-  echo "$line" >&2
-  sed -E 's/.* rps=([0-9]+).*/\1/' <<<"$line"
+  if grep '^RESULT' <<<"$out" > "$work/line"; then
+    sed -E 's/.* rps=([0-9]+).*/\1/' "$work/line"
+  else # the static request: wrk's own summary
+    awk '/Requests\/sec/ {printf "%.0f\n", $2}' <<<"$out"
+  fi
 }
 
 best_static=0 best_lua=0 best_durable=0
@@ -48,14 +52,13 @@ ratio() { awk -v a="$1" -v b="$2" 'BEGIN {printf "%.2f", a / b}'; }
 printf '%-6s %-12s %14s %12s %10s %8s %8s\n' round connections "healthz static" "healthz Lua" durable "÷static" "÷Lua"
 for round in $(seq "$rounds"); do
   for c in $sweep; do
+    # A fresh server per row: its maps start as empty as they would at 00:00 (/healthz
+    # touches none of them).
     # shellcheck disable=SC2086 # SERVE_ARGS is a list of flags
     start_with_sale durable ${SERVE_ARGS:-}
-    h=$(wrk_rps "$c" "$base/healthz" 2>/dev/null)
-    l=$(TARGET=healthz wrk_rps "$c" -s "$here/load.lua" "$base/healthz" 2>/dev/null)
-    # A fresh server for the purchases: its maps start as empty as they would at 00:00.
-    # shellcheck disable=SC2086
-    start_with_sale durable ${SERVE_ARGS:-}
-    d=$(TARGET=purchase wrk_rps "$c" -s "$here/load.lua" "$base/healthz" 2>"$work/line")
+    h=$(wrk_rps "$c" "$base/healthz")
+    l=$(TARGET=healthz wrk_rps "$c" -s "$here/load.lua" "$base/healthz")
+    d=$(TARGET=purchase wrk_rps "$c" -s "$here/load.lua" "$base/healthz")
     audit=$(curl -sf "$base/v1/flash-sales/$SALE/audit" -H "Authorization: Bearer $STAMPEDE_ADMIN_TOKEN")
     grep -q '"consistent":true' <<<"$audit" || { echo "audit not consistent: $audit" >&2; exit 1; }
     printf '%-6s %-12s %14s %12s %10s %8s %8s   durable %s\n' "$round" "$c" "$h" "$l" "$d" \
@@ -75,5 +78,5 @@ half=${HALF_RATE:-$((best_durable / 2))}
 start_with_sale durable ${SERVE_ARGS:-}
 echo "open model at $half/s (half the durable maximum), durable purchases:"
 "$bin" press --target "$base" --scenario "$here/purchase.toml" --rate "$half/s" \
-  --duration "${RATE_DURATION:-10s}" --connections 256 --secrets-from "$work/data" 2>&1 |
+  --duration "${RATE_DURATION:-10s}" --connections 256 2>&1 |
   grep -E 'req/s|sessions:|latency from scheduled send|books' || true

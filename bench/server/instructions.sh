@@ -27,27 +27,16 @@ with_workdir
 with_shoppers
 
 for target in ${TARGETS:-healthz purchase}; do
-  if [ -n "$pid" ]; then kill "$pid"; wait "$pid" 2>/dev/null || true; fi
-  rm -rf "$work/data" "$work"/callgrind.out*
-  valgrind --tool=callgrind --callgrind-out-file="$work/callgrind.out" \
-    "$bin" serve --listen "127.0.0.1:$port" --data-dir "$work/data" --log warn >/dev/null 2>"$work/valgrind.log" &
-  pid=$!
-  for _ in $(seq 600); do curl -sf "$base/healthz" >/dev/null && break; sleep 0.1; done
-  now=$(date -u +%Y-%m-%dT%H:%M:%SZ); ends=$(date -u -d '+2 hours' +%Y-%m-%dT%H:%M:%SZ)
-  curl -sf -X POST "$base/v1/products" -H "Authorization: Bearer $STAMPEDE_ADMIN_TOKEN" \
-    -H 'Content-Type: application/json' \
-    -d '{"sku":"BENCH","name":"bench","price_cents":100,"stock":1000000000}' >/dev/null
-  SALE=$(curl -sf -X POST "$base/v1/flash-sales" -H "Authorization: Bearer $STAMPEDE_ADMIN_TOKEN" \
-    -H 'Content-Type: application/json' \
-    -d "{\"sku\":\"BENCH\",\"price_cents\":50,\"quantity\":1000000000,\"per_user_limit\":1000,\"starts_at\":\"$now\",\"ends_at\":\"$ends\"}" \
-    | sed -E 's/.*"id":"([^"]+)".*/\1/')
-  export SALE
+  # shellcheck disable=SC2034 # read by start_with_sale
+  serve_wrapper=(valgrind --tool=callgrind --callgrind-out-file="$work/callgrind-$target.out"
+    --log-file="$work/valgrind.log")
+  start_with_sale durable
   # Warm up (connections, the runtime's threads, the writer's statements), then count.
   TARGET=$target wrk -t1 -c"${CONNECTIONS:-16}" -d4s -s "$here/load.lua" "$base/healthz" >/dev/null
   callgrind_control --zero "$pid" >/dev/null 2>&1
   line=$(TARGET=$target wrk -t1 -c"${CONNECTIONS:-16}" -d"${DURATION:-10s}" -s "$here/load.lua" "$base/healthz" | grep '^RESULT')
   callgrind_control --dump "$pid" >/dev/null 2>&1
   requests=$(sed -E 's/.*requests=([0-9]+).*/\1/' <<<"$line")
-  instructions=$(awk '/^(summary|totals):/ {print $2}' "$work"/callgrind.out.* | sort -n | tail -1)
+  instructions=$(awk '/^(summary|totals):/ {print $2}' "$work/callgrind-$target.out".* | sort -n | tail -1)
   echo "$target: $requests requests, $((instructions / requests)) instructions per request"
 done
