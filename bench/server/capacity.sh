@@ -6,9 +6,11 @@
 # the sweep shows every row and the ratio is of the two maxima.
 #
 # /healthz is measured twice: a static request (wrk's cheapest path, no Lua) and one
-# built per request by the same Lua script that builds the purchases
-# (bench/server/load.lua, TARGET=healthz), so the generator spends about the same per
-# request on both sides of the second ratio. Both ratios are printed.
+# handed over by the same Lua script that hands over the purchases
+# (bench/server/load.lua, TARGET=healthz), so the generator spends the same per request
+# on both sides of the second ratio. The script builds its requests before the run, so
+# a purchase costs the generator about what a static request does. Both ratios are
+# printed.
 #
 #   cargo build --profile production -p stampede && PROFILE=production bench/server/capacity.sh
 #

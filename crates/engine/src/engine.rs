@@ -652,6 +652,18 @@ impl Engine {
         self.shared.clock.now_ms()
     }
 
+    /// How many entries the idempotency map holds before one of its shards must grow,
+    /// summed over the shards. For tests: a sale's orders fit in the room made for them
+    /// when it opened.
+    #[doc(hidden)]
+    pub fn idempotency_capacity(&self) -> usize {
+        self.shared
+            .idem_shards
+            .iter()
+            .map(|shard| shard.lock().capacity())
+            .sum()
+    }
+
     /// Puts the writer's commits under `breaker`: it hears of every commit, and while it
     /// is open purchases are refused before they take stock. Set once; later calls are
     /// ignored.

@@ -1,0 +1,59 @@
+//! The engine's memory during a sale, over the embedded store: the idempotency map has
+//! room for a sale's orders from the moment it opens, so no purchase waits while a shard
+//! of it doubles and moves its entries (BENCHMARKS.md, "Room for the orders before the
+//! sale").
+
+use std::sync::Arc;
+
+use stampede_engine::testing::{live_sale, one};
+use stampede_engine::{Engine, EngineConfig, SystemClock};
+use stampede_store::testing::{Backend, TestDatabase};
+use stampede_types::{IdempotencyKey, UserId};
+
+const UNITS: u64 = 20_000;
+const AT_ONCE: u64 = 1_000;
+
+#[tokio::test]
+async fn a_sale_makes_room_for_its_orders_before_it_sells() {
+    let dir = tempfile::tempdir().unwrap();
+    let database = TestDatabase::create(Backend::Sqlite).await;
+    let engine = Arc::new(
+        Engine::open(
+            database.open(dir.path()).await,
+            Arc::new(SystemClock),
+            EngineConfig::default(),
+        )
+        .await
+        .unwrap(),
+    );
+    let sale = live_sale(&engine, "ROOM", UNITS, UNITS, 50, 1).await;
+    let room = engine.idempotency_capacity();
+    assert!(
+        room >= UNITS as usize,
+        "room for {room} orders, not {UNITS}"
+    );
+
+    // Every unit sold, a thousand shoppers at a time, each with a key of their own.
+    for wave in 0..UNITS / AT_ONCE {
+        let buyers: Vec<_> = (0..AT_ONCE)
+            .map(|i| {
+                let engine = engine.clone();
+                let n = wave * AT_ONCE + i;
+                tokio::spawn(async move {
+                    let user = UserId::parse(&format!("shopper-{n}")).unwrap();
+                    let key = IdempotencyKey::parse(&format!("key-{n}")).unwrap();
+                    engine.purchase(user, key, sale, one()).await
+                })
+            })
+            .collect();
+        for buyer in buyers {
+            buyer.await.unwrap().expect("a unit for every shopper");
+        }
+    }
+    assert_eq!(engine.sale(sale).unwrap().remaining, 0);
+    assert_eq!(
+        engine.idempotency_capacity(),
+        room,
+        "a shard grew while the sale sold"
+    );
+}
