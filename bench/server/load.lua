@@ -50,19 +50,23 @@ function init(args)
 end
 
 local sent = 0
-function request()
-  sent = sent + 1
-  if target == "healthz" and prebuilt_count > 0 then
-    -- Any healthz request may go twice: start over rather than build more.
-    return prebuilt[(sent - 1) % prebuilt_count + 1]
+if target == "healthz" and prebuilt_count > 0 then
+  -- Any healthz request may go twice: start over rather than build more.
+  function request()
+    sent = sent % prebuilt_count + 1
+    return prebuilt[sent]
   end
-  local r = prebuilt[sent]
-  if r then
-    prebuilt[sent] = nil
-    return r
+else
+  function request()
+    sent = sent + 1
+    local r = prebuilt[sent]
+    if r then
+      prebuilt[sent] = nil
+      return r
+    end
+    live = live + 1
+    return build()
   end
-  live = live + 1
-  return build()
 end
 
 if delay_ms > 0 then

@@ -338,9 +338,9 @@ pub(crate) struct ProductState {
 
 const IDEM_SHARDS: usize = 64;
 
-/// Most orders a sale's opening makes room for in the idempotency map at once: 7,168 a
-/// shard, the most a table of 8,192 slots holds (hashbrown keeps 1/8 free), about 50 MiB
-/// of entries in all. A sale of more units grows the map as it sells past that.
+/// Most orders the idempotency map makes room for ahead of the sales: 7,168 a shard, the
+/// most a table of 8,192 slots holds (hashbrown keeps 1/8 free), about 50 MiB of entries
+/// in all. Sales that sell more grow the map past that.
 const IDEM_ROOM_MAX: u64 = 7_168 * IDEM_SHARDS as u64;
 
 pub(crate) struct Shared {
@@ -411,13 +411,34 @@ impl Shared {
         }
     }
 
-    /// Makes room in the idempotency map for the orders a sale of `units` can still take
-    /// (at most `IDEM_ROOM_MAX`), so the map is not rehashed while it sells. Each shard
-    /// doubled 13 times on the way to 250,000 orders, and every doubling moved all its
-    /// entries into freshly faulted pages under the shard's lock, in the middle of a
-    /// purchase: 6% of the server's CPU in a durable run (BENCHMARKS.md, "Room for the
-    /// orders before the sale").
-    pub(crate) fn make_room_for_orders(&self, units: u64) {
+    /// Units `sale` can still sell, as far as this node knows: a cluster node's lease is
+    /// a slice of the sale and an outside gate keeps the stock elsewhere, so for them the
+    /// last count seen.
+    pub(crate) fn unsold(&self, sale: &SaleState) -> u64 {
+        let inner = sale.inner.lock();
+        if self.cluster || self.gate.is_some() {
+            inner.unsold_hint
+        } else {
+            inner.remaining
+        }
+    }
+
+    /// Makes room in the idempotency map, beside the entries it holds, for every order
+    /// the running sales can still take (at most `IDEM_ROOM_MAX`), so the map is not
+    /// rehashed while they sell. Each shard doubled 13 times on the way to 250,000
+    /// orders, and every doubling moved all its entries into freshly faulted pages under
+    /// the shard's lock, in the middle of a purchase: 6% of the server's CPU in a durable
+    /// run (BENCHMARKS.md, "Room for the orders before the sale"). Bounded by the stock
+    /// of the running sales, so room for sales that ended is not kept on top.
+    pub(crate) fn make_room_for_orders(&self) {
+        let now_ms = self.clock.now_ms();
+        let units: u64 = self
+            .sales
+            .read()
+            .values()
+            .filter(|sale| sale.record.ends_at_ms > now_ms)
+            .map(|sale| self.unsold(sale))
+            .sum();
         let per_shard = (units.min(IDEM_ROOM_MAX) as usize).div_ceil(IDEM_SHARDS);
         for shard in &self.idem_shards {
             shard.lock().reserve(per_shard);
@@ -619,9 +640,6 @@ impl Engine {
                     .map_err(|error| OpenError::Gate(error.to_string()))?;
             }
             let in_memory = if cluster || gate.is_some() { 0 } else { unsold };
-            if sale.ends_at_ms > shared.clock.now_ms() {
-                shared.make_room_for_orders(unsold);
-            }
             let state = SaleState::new(sale, in_memory, users, unsold, gate.clone());
             shared
                 .sales
@@ -634,6 +652,8 @@ impl Engine {
             )));
         }
 
+        // Room for what the running sales can still sell, once, with every sale known.
+        shared.make_room_for_orders();
         let shared = Arc::new(shared);
 
         let (jobs, receiver) = mpsc::channel(config.queue_capacity);
@@ -848,7 +868,7 @@ impl Engine {
             Ok(Ok(())) => {
                 // Here rather than on the writer: a shard that must move its entries to
                 // make room holds up only the purchases that hash to it, not every commit.
-                self.shared.make_room_for_orders(record.quantity);
+                self.shared.make_room_for_orders();
                 Ok(self.sale(record.id).expect("sale is visible after commit"))
             }
             _ => Err(AdminError::Unavailable),
@@ -857,16 +877,7 @@ impl Engine {
 
     pub fn sale(&self, id: SaleId) -> Option<SaleView> {
         let sale = self.shared.sale(id)?;
-        let remaining = {
-            let inner = sale.inner.lock();
-            // A node's lease is a slice of the sale, and an outside gate keeps the stock
-            // elsewhere: show the last count seen instead.
-            if self.shared.cluster || self.shared.gate.is_some() {
-                inner.unsold_hint
-            } else {
-                inner.remaining
-            }
-        };
+        let remaining = self.shared.unsold(&sale);
         let record = &sale.record;
         Some(SaleView {
             status: SaleStatus::at(
