@@ -74,11 +74,14 @@ async fn checkpoint_forever(mut connection: SqliteConnection, tail: Arc<AtomicBo
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
+        let started = std::time::Instant::now();
         match sqlx::query_as::<_, (i64, i64, i64)>("PRAGMA wal_checkpoint(PASSIVE)")
             .fetch_one(&mut connection)
             .await
         {
             Ok((_busy, frames, _copied)) => {
+                metrics::histogram!("stampede_sqlite_checkpoint_seconds")
+                    .record(started.elapsed().as_secs_f64());
                 metrics::gauge!("stampede_sqlite_wal_frames").set(frames as f64);
                 // `frames` is the WAL as this pass found it: whatever was committed while
                 // it copied is not counted, so any pass over a WAL in use leaves a tail.
