@@ -18,6 +18,10 @@
 # `stampede press --rate <half>/s` against a fresh server, latency from each request's
 # scheduled send, so a slow answer cannot slow the arrivals down.
 #
+# PIN=1 runs the server on CPU 0 alone (one request worker) and the generators on CPU 1
+# (taskset), standing in for a generator on another machine: neither takes the other's
+# CPU in bursts.
+#
 # Environment: DURATION (default 8s), SWEEP (default "64 256 512 1024"), ROUNDS
 # (default 1: the sweep is repeated, alternating healthz and purchases), RATE_CHECK
 # (default 1), HALF_RATE (default: half the durable maximum), STAMPEDE_BIN, SERVE_ARGS.
@@ -35,13 +39,22 @@ base=http://127.0.0.1:$port
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 with_workdir
 with_shoppers
+gen=() press_args=()
+if [ "${PIN:-0}" = 1 ]; then
+  command -v taskset >/dev/null || { echo "PIN=1 needs taskset (util-linux)" >&2; exit 2; }
+  # shellcheck disable=SC2034 # read by start_with_sale in lib.sh
+  serve_wrapper=(taskset -c 0)
+  gen=(taskset -c 1)
+  press_args=(--threads 1)
+  SERVE_ARGS="--worker-threads 1 ${SERVE_ARGS:-}"
+fi
 
 # wrk_rps CONNECTIONS WRK_ARGS...: one wrk run; its requests/s. The load.lua runs also
 # leave their RESULT line (latency percentiles) in $work/line.
 wrk_rps() {
   local c=$1; shift
   local out
-  out=$(wrk -t1 -c"$c" -d"$duration" "$@")
+  out=$(${gen[@]+"${gen[@]}"} wrk -t1 -c"$c" -d"$duration" "$@")
   if grep '^RESULT' <<<"$out" > "$work/line"; then
     sed -E 's/.* rps=([0-9]+).*/\1/' "$work/line"
   else # the static request: wrk's own summary
@@ -79,6 +92,6 @@ half=${HALF_RATE:-$((best_durable / 2))}
 # shellcheck disable=SC2086
 start_with_sale durable ${SERVE_ARGS:-}
 echo "open model at $half/s (half the durable maximum), durable purchases:"
-"$bin" press --target "$base" --scenario "$here/purchase.toml" --rate "$half/s" \
-  --duration "${RATE_DURATION:-10s}" --connections 256 2>&1 |
+${gen[@]+"${gen[@]}"} "$bin" press --target "$base" --scenario "$here/purchase.toml" --rate "$half/s" \
+  --duration "${RATE_DURATION:-10s}" --connections 256 ${press_args[@]+"${press_args[@]}"} 2>&1 |
   grep -E 'req/s|sessions:|latency from scheduled send|books' || true
