@@ -77,6 +77,24 @@ print(f"{sys.argv[2]:<34} goodput {ok/d:>8.0f}/s  admitted p99 {by.get('201', {}
 PY
 }
 
+# summary PREFIX: the overload ratios of the PREFIX server against the mean of its
+# capacity runs before and after the overload (and against the first alone).
+summary() {
+  python3 - "$work" "$1" <<'PY'
+import sys
+def read(label):
+    g, p = open(f"{sys.argv[1]}/{sys.argv[2]}_{label}.json.line").read().split()
+    return float(g), float(p)
+(g0, p0), (g1, p1) = read("64vus_capacity"), read("64vus_after_overload")
+cap, unloaded = (g0 + g1) / 2, (p0 + p1) / 2
+print(f"{sys.argv[2]} summary: capacity {cap:.0f}/s, admitted p99 {unloaded:.2f} ms (mean of the runs before and after)")
+for label, name in (("2048vus_retry_at_once", "retry at once"), ("2048vus_honour_retry_after", "honour Retry-After")):
+    g, p = read(label)
+    print(f"  {name:<18} goodput ÷ capacity {g / cap:.2f} (÷ first run {g / g0:.2f}), "
+          f"admitted p99 ÷ unloaded {p / unloaded:.2f} (÷ first run {p / p0:.2f})")
+PY
+}
+
 want() { [ -z "${ONLY:-}" ] || [[ $1 == "$ONLY"* ]]; }
 if want guarded; then
   printf '[guard.system]\nmax_inflight = %s\n%s' "$max_inflight" "${GUARD_EXTRA:-}" > "$work/guard.toml"
@@ -85,19 +103,7 @@ if want guarded; then
   run "guarded_2048vus_retry_at_once" 2048 ignore
   run "guarded_2048vus_honour_retry_after" 2048 honor
   run "guarded_64vus_after_overload" 64 ignore
-  python3 - "$work" <<'PY'
-import sys
-def read(label):
-    g, p = open(f"{sys.argv[1]}/guarded_{label}.json.line").read().split()
-    return float(g), float(p)
-(g0, p0), (g1, p1) = read("64vus_capacity"), read("64vus_after_overload")
-cap, unloaded = (g0 + g1) / 2, (p0 + p1) / 2
-print(f"guarded summary: capacity {cap:.0f}/s, admitted p99 {unloaded:.2f} ms (mean of the runs before and after)")
-for label, name in (("2048vus_retry_at_once", "retry at once"), ("2048vus_honour_retry_after", "honour Retry-After")):
-    g, p = read(label)
-    print(f"  {name:<18} goodput ÷ capacity {g / cap:.2f} (÷ first run {g / g0:.2f}), "
-          f"admitted p99 ÷ unloaded {p / unloaded:.2f} (÷ first run {p / p0:.2f})")
-PY
+  summary guarded
 fi
 if want not_held; then
   printf '[guard.system]\nmax_inflight = %s\nhold_refused = "0s"\n' "$max_inflight" > "$work/not_held.toml"
@@ -112,6 +118,8 @@ if want adaptive; then
   run "adaptive_64vus_capacity" 64 ignore
   run "adaptive_2048vus_retry_at_once" 2048 ignore
   run "adaptive_2048vus_honour_retry_after" 2048 honor
+  run "adaptive_64vus_after_overload" 64 ignore
+  summary adaptive
 fi
 if want unguarded; then
   start 18202
