@@ -24,7 +24,8 @@
 #
 # Environment: DURATION (default 8s), SWEEP (default "64 256 512 1024"), ROUNDS
 # (default 1: the sweep is repeated, alternating healthz and purchases), RATE_CHECK
-# (default 1), HALF_RATE (default: half the durable maximum), STAMPEDE_BIN, SERVE_ARGS.
+# (default 1), HALF_RATE (default: half the durable maximum), PIN (default 0),
+# STAMPEDE_BIN, SERVE_ARGS.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 # shellcheck source=../lib.sh
