@@ -16,7 +16,7 @@ use crate::clock::Clock;
 use crate::gate::{GateRefusal, StockGate};
 use crate::payment::{PaymentError, PaymentGateway};
 use crate::store::{OrderRecord, ProductRecord, SaleRecord, SaleTally, Store, StoreError};
-use crate::writer::{Job, TransitionResult, Writer};
+use crate::writer::{Job, Queue, TransitionResult, Writer};
 
 /// When a purchase is answered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -515,6 +515,8 @@ impl Shared {
 pub struct Engine {
     shared: Arc<Shared>,
     jobs: mpsc::Sender<Job>,
+    /// The queue's receiving end; the writer holds it while it runs (see `Queue`).
+    queue: Arc<tokio::sync::Mutex<mpsc::Receiver<Job>>>,
     shutdown: Mutex<Option<oneshot::Sender<()>>>,
     writer: tokio::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
@@ -657,12 +659,20 @@ impl Engine {
         let shared = Arc::new(shared);
 
         let (jobs, receiver) = mpsc::channel(config.queue_capacity);
+        let queue = Arc::new(tokio::sync::Mutex::new(receiver));
+        let held = Queue(
+            queue
+                .clone()
+                .try_lock_owned()
+                .expect("a new queue is held by nobody"),
+        );
         let (shutdown_tx, shutdown_rx) = oneshot::channel();
-        let writer = Writer::new(shared.clone(), receiver, shutdown_rx, expiries);
+        let writer = Writer::new(shared.clone(), held, shutdown_rx, expiries);
         let handle = tokio::spawn(writer.run());
         Ok(Engine {
             shared,
             jobs,
+            queue,
             shutdown: Mutex::new(Some(shutdown_tx)),
             writer: tokio::sync::Mutex::new(Some(handle)),
         })
@@ -724,6 +734,17 @@ impl Engine {
             handle.abort();
             let _ = handle.await;
         }
+        // Jobs pushed by callers that had their place in the queue as the writer stopped:
+        // a dead process answers none of them (their callers get `Unavailable`).
+        {
+            let mut queue = self.queue.lock().await;
+            queue.close();
+            while queue.recv().await.is_some() {}
+        }
+        // A commit the store had begun may outlive the task (SQLite's runs on a thread of
+        // its own). A killed process writes nothing more; nor, once this returns, does
+        // this engine: an engine opened next loads everything it wrote.
+        self.shared.store.stop_writes().await;
     }
 
     /// Whether the writer stopped for good because the store fenced it off or lost a

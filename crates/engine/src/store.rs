@@ -211,6 +211,12 @@ pub trait Store: Send + Sync + 'static {
         per_user_limit: u32,
     ) -> Result<PendingTally, StoreError>;
     async fn ping(&self) -> Result<(), StoreError>;
+    /// Stops this store's writes as a killed process's writes stop: returns once no write
+    /// it began can still land; later writes fail. `Engine::crash` (crash tests) calls it,
+    /// so a store opened next on the same database loads all the dead one wrote. The
+    /// server databases keep the default: a new owner takes the owner lock only once the
+    /// dead writer's session, and with it its last statement, has ended.
+    async fn stop_writes(&self) {}
 
     // ---- several writing nodes ------------------------------------------------------
     //

@@ -68,9 +68,38 @@ pub(crate) enum TransitionResult {
 
 type AuditRequest = (SaleId, oneshot::Sender<Result<Audit, ()>>);
 
+/// The writer's end of the job queue. The receiver itself belongs to the engine and
+/// outlives the writer's task: dropping a tokio receiver drops the jobs queued, but not
+/// one whose sender already had its permit and pushes it just after; that job's caller
+/// would wait for an answer as long as the engine lives. So a writer stopped where it
+/// stands (`Engine::crash`, a panic) closes and empties the queue here, and
+/// `Engine::crash` then waits out the stragglers.
+pub(crate) struct Queue(pub(crate) tokio::sync::OwnedMutexGuard<mpsc::Receiver<Job>>);
+
+impl Drop for Queue {
+    fn drop(&mut self) {
+        // A writer that ended normally closed and emptied it already.
+        self.0.close();
+        while self.0.try_recv().is_ok() {}
+    }
+}
+
+impl std::ops::Deref for Queue {
+    type Target = mpsc::Receiver<Job>;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Queue {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.0
+    }
+}
+
 pub(crate) struct Writer {
     shared: Arc<Shared>,
-    jobs: mpsc::Receiver<Job>,
+    jobs: Queue,
     shutdown: oneshot::Receiver<()>,
     /// Pending orders by the time they may be expired. Bounded by the number of pending
     /// orders, itself bounded by the stock of all sales.
@@ -86,7 +115,7 @@ fn target(event: OrderEvent) -> OrderStatus {
 impl Writer {
     pub(crate) fn new(
         shared: Arc<Shared>,
-        jobs: mpsc::Receiver<Job>,
+        jobs: Queue,
         shutdown: oneshot::Receiver<()>,
         expiries: Vec<(i64, OrderId)>,
     ) -> Self {

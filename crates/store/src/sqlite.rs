@@ -312,6 +312,10 @@ impl Store for SqliteStore {
         }))
     }
 
+    async fn stop_writes(&self) {
+        self.writer.stop().await;
+    }
+
     async fn ping(&self) -> Result<(), StoreError> {
         sqlx::query("SELECT 1")
             .execute(&self.readers)

@@ -26,6 +26,12 @@ use crate::sqlite::{BUSY_TIMEOUT, CONNECTION_PRAGMAS};
 
 type Task = Box<dyn FnOnce(&mut Connection) + Send>;
 
+enum Message {
+    Run(Task),
+    /// Close the connection and end the thread, then say so.
+    Stop(tokio::sync::oneshot::Sender<()>),
+}
+
 /// How many calls may wait for the write thread. The engine has one writer, which waits
 /// for each commit; settings and outbox removals are rare. A full queue makes callers
 /// wait (async), it never grows.
@@ -38,7 +44,7 @@ const WAL_SIZE_LIMIT_BYTES: i64 = 64 * 1024 * 1024;
 /// queued ones whose callers are gone, closes the connection and ends. Nothing waits for
 /// it, so a drop on a runtime worker never blocks behind a commit.
 pub(crate) struct WriteConnection {
-    tasks: tokio::sync::mpsc::Sender<Task>,
+    tasks: tokio::sync::mpsc::Sender<Message>,
 }
 
 pub(crate) fn sql(error: rusqlite::Error) -> StoreError {
@@ -86,19 +92,34 @@ impl WriteConnection {
             )
             .map_err(sql)?;
         connection.set_prepared_statement_cache_capacity(64);
-        let (tasks, mut queue) = tokio::sync::mpsc::channel::<Task>(QUEUE_BOUND);
+        let (tasks, mut queue) = tokio::sync::mpsc::channel::<Message>(QUEUE_BOUND);
         std::thread::Builder::new()
             .name("sqlite-writer".into())
             .spawn(move || {
-                while let Some(task) = queue.blocking_recv() {
-                    // A panic inside a task drops its transaction (rolled back) and its
-                    // reply (the caller gets `Unavailable`); the thread goes on.
-                    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                        task(&mut connection)
-                    }));
-                    if tail.swap(false, Ordering::Acquire) {
-                        copy_tail(&connection);
+                let stopped = loop {
+                    match queue.blocking_recv() {
+                        Some(Message::Run(task)) => {
+                            // A panic inside a task drops its transaction (rolled back)
+                            // and its reply (the caller gets `Unavailable`); the thread
+                            // goes on.
+                            let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                                task(&mut connection)
+                            }));
+                            if tail.swap(false, Ordering::Acquire) {
+                                copy_tail(&connection);
+                            }
+                        }
+                        Some(Message::Stop(done)) => break Some(done),
+                        None => break None,
                     }
+                };
+                // Closed before anyone hears of the stop: nothing of this thread's lands
+                // after. Calls still queued are dropped with `queue`: their callers get
+                // `stopped()`.
+                drop(connection);
+                drop(queue);
+                if let Some(done) = stopped {
+                    let _ = done.send(());
                 }
             })
             .map_err(|e| StoreError::Unavailable(format!("spawn the SQLite write thread: {e}")))?;
@@ -118,8 +139,21 @@ impl WriteConnection {
                 let _ = tell.send(work(connection));
             }
         });
-        self.tasks.send(task).await.map_err(|_| stopped())?;
+        self.tasks
+            .send(Message::Run(task))
+            .await
+            .map_err(|_| stopped())?;
         told.await.map_err(|_| stopped())?
+    }
+
+    /// Ends the thread as a killed process's writes end: returns once the call it is
+    /// running (a commit whose caller was aborted still runs to its end) and the ones
+    /// queued before have finished and the connection is closed. Every later call fails.
+    pub(crate) async fn stop(&self) {
+        let (done, stopped) = tokio::sync::oneshot::channel();
+        if self.tasks.send(Message::Stop(done)).await.is_ok() {
+            let _ = stopped.await;
+        }
     }
 }
 
@@ -359,6 +393,56 @@ mod tests {
         assert_eq!(rows, 0, "the abandoned insert ran");
         // A caller that stays gets its answer.
         writer.call(insert(2)).await.unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn stop_returns_after_the_running_call_has_landed_and_refuses_later_calls() {
+        let (_dir, path, writer) = writer_on_a_fresh_table(Arc::default());
+        let writer = Arc::new(writer);
+        // A commit under way when its caller is aborted (a crashed engine's writer).
+        let (release, held) = std::sync::mpsc::channel::<()>();
+        let (started, running) = tokio::sync::oneshot::channel::<()>();
+        let abandoned = tokio::spawn({
+            let writer = writer.clone();
+            async move {
+                writer
+                    .call(move |c| {
+                        let _ = started.send(());
+                        held.recv().unwrap();
+                        insert(7)(c)
+                    })
+                    .await
+            }
+        });
+        running.await.unwrap();
+        abandoned.abort();
+        assert!(abandoned.await.unwrap_err().is_cancelled());
+        let stop = tokio::spawn({
+            let writer = writer.clone();
+            async move { writer.stop().await }
+        });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(
+            !stop.is_finished(),
+            "stop returned while a call was running"
+        );
+        release.send(()).unwrap();
+        stop.await.unwrap();
+        // Whatever the stopped thread began is on disk once `stop` returns.
+        let rows: i64 = Connection::open(&path)
+            .unwrap()
+            .query_row("SELECT COUNT(*) FROM t", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(
+            rows, 1,
+            "the running call had not landed when stop returned"
+        );
+        assert!(matches!(
+            writer.call(insert(8)).await,
+            Err(StoreError::Unavailable(_))
+        ));
+        // Stopping twice waits for nothing.
+        writer.stop().await;
     }
 
     /// A WAL with a tail the checkpointer could not copy (commits it did not see), then

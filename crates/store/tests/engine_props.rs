@@ -24,6 +24,9 @@ const SALE_QUANTITY: u64 = 12;
 const PER_USER_LIMIT: u32 = 4;
 const PAYMENT_WINDOW_MS: i64 = 10_000;
 const N_USERS: u8 = 5;
+/// Far beyond what any step takes (a few commits and reads); a step that takes longer is
+/// waiting for something that will never come.
+const STEP_LIMIT: std::time::Duration = std::time::Duration::from_secs(20);
 
 /// A provider that always charges; the property is about the books, not the provider.
 struct AlwaysPays;
@@ -206,107 +209,123 @@ async fn run(steps: Vec<Step>, backend: Backend) {
     let sale = live_sale(&engine, "SKU-1", 100, SALE_QUANTITY, 300, PER_USER_LIMIT).await;
     let mut acked: Vec<Acked> = Vec::new();
 
-    for step in steps {
-        match step {
-            Step::Burst(requests) => {
-                for handle in burst(&engine, sale, &requests).await {
-                    let (u, k, q, result) = handle.await.unwrap();
-                    record(&mut acked, u, k, q, &result);
+    for (index, step) in steps.into_iter().enumerate() {
+        // A hang is a bug (a waiter nobody wakes): name the step that hung instead of
+        // stalling CI or leaving only the whole case to shrink.
+        let label = format!("{step:?}");
+        let (clock, database) = (clock.clone(), &database);
+        let this_step = async move {
+            match step {
+                Step::Burst(requests) => {
+                    for handle in burst(&engine, sale, &requests).await {
+                        let (u, k, q, result) = handle.await.unwrap();
+                        record(&mut acked, u, k, q, &result);
+                    }
                 }
-            }
-            Step::Replay(i) if !acked.is_empty() => {
-                let a = acked[i % acked.len()].clone();
-                let again = engine
-                    .purchase(a.user.clone(), a.key.clone(), sale, a.quantity)
-                    .await
-                    .unwrap();
-                assert!(again.replay);
-                assert_eq!(again.placed.order_id, a.order_id);
-                // Same key, other body.
-                let other = Quantity::parse(i64::from(a.quantity.get() % 3 + 1)).unwrap();
-                if other != a.quantity {
-                    let refused = engine
-                        .purchase(a.user.clone(), a.key.clone(), sale, other)
+                Step::Replay(i) if !acked.is_empty() => {
+                    let a = acked[i % acked.len()].clone();
+                    let again = engine
+                        .purchase(a.user.clone(), a.key.clone(), sale, a.quantity)
+                        .await
+                        .unwrap();
+                    assert!(again.replay);
+                    assert_eq!(again.placed.order_id, a.order_id);
+                    // Same key, other body.
+                    let other = Quantity::parse(i64::from(a.quantity.get() % 3 + 1)).unwrap();
+                    if other != a.quantity {
+                        let refused = engine
+                            .purchase(a.user.clone(), a.key.clone(), sale, other)
+                            .await;
+                        assert_eq!(refused, Err(PurchaseError::KeyReused));
+                    }
+                }
+                Step::Pay(i) if !acked.is_empty() => {
+                    let a = &acked[i % acked.len()];
+                    let before = engine.order(&Actor::Admin, a.order_id).await.unwrap();
+                    let result = engine.pay(&a.user, a.order_id, Arc::new(AlwaysPays)).await;
+                    match (before.status, &result) {
+                        (OrderStatus::PendingPayment, Ok(OrderStatus::Paid)) => {}
+                        (OrderStatus::PendingPayment, Err(OrderError::Expired)) => {
+                            assert!(clock.now_ms_for_test() >= before.expires_at_ms)
+                        }
+                        (OrderStatus::Paid, Ok(OrderStatus::Paid)) => {}
+                        (OrderStatus::Cancelled, Err(OrderError::Cancelled)) => {}
+                        (OrderStatus::Expired, Err(OrderError::Expired)) => {}
+                        other => panic!("pay: {other:?}"),
+                    }
+                }
+                Step::Cancel(i) if !acked.is_empty() => {
+                    let a = &acked[i % acked.len()];
+                    let before = engine.order(&Actor::Admin, a.order_id).await.unwrap();
+                    let result = engine
+                        .cancel(&Actor::Shopper(a.user.clone()), a.order_id)
                         .await;
-                    assert_eq!(refused, Err(PurchaseError::KeyReused));
-                }
-            }
-            Step::Pay(i) if !acked.is_empty() => {
-                let a = &acked[i % acked.len()];
-                let before = engine.order(&Actor::Admin, a.order_id).await.unwrap();
-                let result = engine.pay(&a.user, a.order_id, Arc::new(AlwaysPays)).await;
-                match (before.status, &result) {
-                    (OrderStatus::PendingPayment, Ok(OrderStatus::Paid)) => {}
-                    (OrderStatus::PendingPayment, Err(OrderError::Expired)) => {
-                        assert!(clock.now_ms_for_test() >= before.expires_at_ms)
-                    }
-                    (OrderStatus::Paid, Ok(OrderStatus::Paid)) => {}
-                    (OrderStatus::Cancelled, Err(OrderError::Cancelled)) => {}
-                    (OrderStatus::Expired, Err(OrderError::Expired)) => {}
-                    other => panic!("pay: {other:?}"),
-                }
-            }
-            Step::Cancel(i) if !acked.is_empty() => {
-                let a = &acked[i % acked.len()];
-                let before = engine.order(&Actor::Admin, a.order_id).await.unwrap();
-                let result = engine
-                    .cancel(&Actor::Shopper(a.user.clone()), a.order_id)
-                    .await;
-                match (before.status, &result) {
-                    (
-                        OrderStatus::PendingPayment | OrderStatus::Cancelled,
-                        Ok(OrderStatus::Cancelled),
-                    ) => {}
-                    (OrderStatus::Paid, Err(OrderError::Paid)) => {}
-                    (OrderStatus::Expired, Err(OrderError::Expired)) => {}
-                    other => panic!("cancel: {other:?}"),
-                }
-            }
-            Step::Replay(_) | Step::Pay(_) | Step::Cancel(_) => {}
-            Step::Advance(ms) => clock.advance_ms(ms),
-            Step::ExpireDue => {
-                engine.expire_due().await.unwrap();
-                let now = clock.now_ms_for_test();
-                for a in &acked {
-                    let order = engine.order(&Actor::Admin, a.order_id).await.unwrap();
-                    if order.expires_at_ms <= now {
-                        assert_ne!(
-                            order.status,
-                            OrderStatus::PendingPayment,
-                            "overdue order still pending"
-                        );
+                    match (before.status, &result) {
+                        (
+                            OrderStatus::PendingPayment | OrderStatus::Cancelled,
+                            Ok(OrderStatus::Cancelled),
+                        ) => {}
+                        (OrderStatus::Paid, Err(OrderError::Paid)) => {}
+                        (OrderStatus::Expired, Err(OrderError::Expired)) => {}
+                        other => panic!("cancel: {other:?}"),
                     }
                 }
-            }
-            Step::Restart => {
-                engine.shutdown().await;
-                drop(engine);
-                engine = Arc::new(open(&database, path, clock.clone()).await);
-            }
-            Step::CrashDuringBurst(requests) => {
-                let handles = burst(&engine, sale, &requests).await;
-                tokio::task::yield_now().await;
-                engine.crash().await;
-                for handle in handles {
-                    let (u, k, q, result) = handle.await.unwrap();
-                    record(&mut acked, u, k, q, &result);
+                Step::Replay(_) | Step::Pay(_) | Step::Cancel(_) => {}
+                Step::Advance(ms) => clock.advance_ms(ms),
+                Step::ExpireDue => {
+                    engine.expire_due().await.unwrap();
+                    let now = clock.now_ms_for_test();
+                    for a in &acked {
+                        let order = engine.order(&Actor::Admin, a.order_id).await.unwrap();
+                        if order.expires_at_ms <= now {
+                            assert_ne!(
+                                order.status,
+                                OrderStatus::PendingPayment,
+                                "overdue order still pending"
+                            );
+                        }
+                    }
                 }
-                drop(engine);
-                engine = Arc::new(open(&database, path, clock.clone()).await);
+                Step::Restart => {
+                    engine.shutdown().await;
+                    drop(engine);
+                    engine = Arc::new(open(database, path, clock.clone()).await);
+                }
+                Step::CrashDuringBurst(requests) => {
+                    let handles = burst(&engine, sale, &requests).await;
+                    tokio::task::yield_now().await;
+                    engine.crash().await;
+                    for handle in handles {
+                        let (u, k, q, result) = handle.await.unwrap();
+                        record(&mut acked, u, k, q, &result);
+                    }
+                    drop(engine);
+                    engine = Arc::new(open(database, path, clock.clone()).await);
+                }
             }
+            check_books(&engine, sale, &acked).await;
+            (engine, acked)
+        };
+        match tokio::time::timeout(STEP_LIMIT, this_step).await {
+            Ok(state) => (engine, acked) = state,
+            Err(_) => panic!("step {index} hung for {STEP_LIMIT:?}: {label}"),
         }
-        check_books(&engine, sale, &acked).await;
     }
 
     // After everything, every acknowledged key still answers the same order.
-    for a in &acked {
-        let again = engine
-            .purchase(a.user.clone(), a.key.clone(), sale, a.quantity)
-            .await
-            .unwrap();
-        assert_eq!(again.placed.order_id, a.order_id);
+    let last = async {
+        for a in &acked {
+            let again = engine
+                .purchase(a.user.clone(), a.key.clone(), sale, a.quantity)
+                .await
+                .unwrap();
+            assert_eq!(again.placed.order_id, a.order_id);
+        }
+        engine.shutdown().await;
+    };
+    if tokio::time::timeout(STEP_LIMIT, last).await.is_err() {
+        panic!("the final replays or the shutdown hung for {STEP_LIMIT:?}");
     }
-    engine.shutdown().await;
 }
 
 trait NowForTest {
@@ -325,12 +344,7 @@ fn check(steps: Vec<Step>, backend: Backend) {
         .enable_all()
         .build()
         .unwrap();
-    // A hang is a bug (a waiter nobody wakes): fail instead of stalling CI.
-    runtime
-        .block_on(async {
-            tokio::time::timeout(std::time::Duration::from_secs(60), run(steps, backend)).await
-        })
-        .expect("an interleaving hung");
+    runtime.block_on(run(steps, backend));
 }
 
 proptest! {
