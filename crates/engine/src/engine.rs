@@ -511,6 +511,20 @@ impl Shared {
     }
 }
 
+/// For crash tests: a place held in the writer's queue (`Engine::take_queue_place`).
+#[doc(hidden)]
+pub struct QueuePlace(mpsc::OwnedPermit<Job>);
+
+impl QueuePlace {
+    /// Fills the place with a job that only asks for an answer, and waits for it: true if
+    /// the writer answered, false if the job was dropped unanswered.
+    pub async fn fill(self) -> bool {
+        let (reply, answer) = oneshot::channel();
+        self.0.send(Job::ExpireDue { reply });
+        answer.await.is_ok()
+    }
+}
+
 /// The inventory engine. Cheap to share behind an `Arc`.
 pub struct Engine {
     shared: Arc<Shared>,
@@ -745,6 +759,19 @@ impl Engine {
         // its own). A killed process writes nothing more; nor, once this returns, does
         // this engine: an engine opened next loads everything it wrote.
         self.shared.store.stop_writes().await;
+    }
+
+    /// For crash tests: takes a place in the writer's queue without filling it yet, as a
+    /// caller does between taking its permit and pushing its job.
+    #[doc(hidden)]
+    pub async fn take_queue_place(&self) -> QueuePlace {
+        QueuePlace(
+            self.jobs
+                .clone()
+                .reserve_owned()
+                .await
+                .expect("the writer's queue is open"),
+        )
     }
 
     /// Whether the writer stopped for good because the store fenced it off or lost a

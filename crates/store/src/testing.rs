@@ -465,6 +465,9 @@ impl<I: Interceptor> stampede_engine::Store for Intercepted<I> {
         self.hooks.before(Call::Read).await?;
         self.inner.ping().await
     }
+    async fn stop_writes(&self) {
+        self.inner.stop_writes().await
+    }
     fn node(&self) -> Option<&str> {
         self.inner.node()
     }
