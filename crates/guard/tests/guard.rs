@@ -139,24 +139,36 @@ fn pacing_spaces_requests_and_refuses_beyond_the_queue_bound() {
     .unwrap();
     let pay = guard.resource("pay");
     let mut waits = Vec::new();
+    // When each admitted request may go: the instant it was admitted plus its wait, so
+    // a test thread descheduled between two calls does not move the spacing.
+    let mut slots = Vec::new();
     let mut refused = 0;
     let mut held = Vec::new();
+    let started = Instant::now();
     for _ in 0..50 {
         match guard.admit(&pay, Class::Pay) {
             Ok(a) => {
                 waits.push(a.wait);
+                slots.push(Instant::now() + a.wait);
                 held.push(a);
             }
             Err(Rejection::Throttled { .. }) => refused += 1,
             Err(other) => panic!("{other:?}"),
         }
     }
-    // 10 ms apart, the longest wait at most 200 ms: 21 admitted, the rest refused.
-    assert_eq!(waits.len(), 21, "{waits:?}");
-    assert_eq!(refused, 29);
+    // 10 ms apart, the longest wait at most 200 ms: 21 admitted, the rest refused (one
+    // more for each 10 ms the loop itself took, on a busy machine).
+    let late = (started.elapsed().as_millis() / 10) as usize;
+    assert!(
+        (21..=21 + late).contains(&waits.len()),
+        "{} admitted in {:?}: {waits:?}",
+        waits.len(),
+        started.elapsed()
+    );
+    assert_eq!(refused, 50 - waits.len());
     assert!(waits.iter().all(|w| *w <= Duration::from_millis(200)));
-    for pair in waits.windows(2) {
-        let gap = pair[1].saturating_sub(pair[0]);
+    for pair in slots.windows(2) {
+        let gap = pair[1].saturating_duration_since(pair[0]);
         assert!(
             gap >= Duration::from_millis(9) && gap <= Duration::from_millis(11),
             "{gap:?}"
@@ -291,7 +303,14 @@ fn an_open_breaker_refuses_outbound_calls_at_once() {
     }
     let t = Instant::now();
     let refused = guard.outbound("payment").err().expect("open");
-    assert!(t.elapsed() < Duration::from_millis(1));
+    // At once: not after waiting out the open spell (200 ms). The bound leaves room for
+    // a test thread descheduled on a busy CI machine; the cost of the check itself is
+    // measured by the criterion benchmark, not here.
+    assert!(
+        t.elapsed() < Duration::from_millis(100),
+        "{:?}",
+        t.elapsed()
+    );
     assert!(matches!(refused, Rejection::CircuitOpen { .. }));
     assert!(refused.retry_after() <= Duration::from_millis(200));
     let state = guard.stats().breakers;
