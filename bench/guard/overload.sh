@@ -16,8 +16,13 @@
 # measured at capacity before and after the overload, and its summary line gives each
 # ratio against the mean of the two (and against the first alone).
 #
+# PIN=1 runs the server on CPU 0 alone (one request worker) and the pressure tool on CPU
+# 1 (taskset, one thread), standing in for clients on other machines: the 2,048
+# connections' client work then cannot delay the server's answers, nor the server the
+# client's reading of them (what the admitted p99 measures).
+#
 # Environment: DURATION (default 8s), MAX_INFLIGHT (default 72), ONLY (a label prefix:
-# run only those servers, e.g. ONLY=guarded), STAMPEDE_BIN.
+# run only those servers, e.g. ONLY=guarded), PIN (default 0), STAMPEDE_BIN.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 # shellcheck source=../lib.sh
@@ -31,6 +36,12 @@ files_ok || { echo "needs $need_files open files (ulimit -n); the hard limit is 
 duration=${DURATION:-8s}
 max_inflight=${MAX_INFLIGHT:-72}
 scenario=$here/../server/purchase.toml
+server_on=() press_on=() press_args=() serve_args=()
+if [ "${PIN:-0}" = 1 ]; then
+  command -v taskset >/dev/null || { echo "PIN=1 needs taskset (util-linux)" >&2; exit 2; }
+  server_on=(taskset -c 0) press_on=(taskset -c 1) press_args=(--threads 1)
+  serve_args=(--worker-threads 1)
+fi
 work=$(mktemp -d)
 pid=
 cleanup() { [ -n "$pid" ] && kill "$pid" 2>/dev/null; wait 2>/dev/null; rm -rf "$work"; }
@@ -40,7 +51,8 @@ start() { # port, extra serve args...
   [ -n "$pid" ] && { kill "$pid"; wait "$pid" 2>/dev/null || true; }
   local port=$1; shift
   rm -rf "$work/data"
-  "$bin" serve --listen 127.0.0.1:$port --data-dir "$work/data" --log warn "$@" >/dev/null &
+  ${server_on[@]+"${server_on[@]}"} "$bin" serve --listen 127.0.0.1:$port --data-dir "$work/data" --log warn \
+    ${serve_args[@]+"${serve_args[@]}"} "$@" >/dev/null &
   pid=$!
   base=http://127.0.0.1:$port
   for _ in $(seq 100); do curl -sf $base/healthz >/dev/null && break; sleep 0.1; done
@@ -56,8 +68,9 @@ run() { # label, vus, retry-after
   local json=$work/$1.json before after refused_before refused_after
   before=$(mem)
   refused_before=$(refusals)
-  "$bin" press --target "$base" --scenario "$scenario" --secrets-from "$work/data" --quiet \
-    --duration "$duration" --vus "$2" --connections "$2" --retry-after "$3" --json "$json" >/dev/null || true
+  ${press_on[@]+"${press_on[@]}"} "$bin" press --target "$base" --scenario "$scenario" --secrets-from "$work/data" --quiet \
+    --duration "$duration" --vus "$2" --connections "$2" --retry-after "$3" --json "$json" \
+    ${press_args[@]+"${press_args[@]}"} >/dev/null || true
   after=$(mem)
   refused_after=$(refusals)
   python3 - "$json" "$1" "$before" "$after" "$(curl -sf -o /dev/null -w '%{http_code}' $base/healthz)" \
@@ -69,6 +82,11 @@ rej = {k: v for k, v in by.items() if k in ("429", "503")}
 rej_p = " ".join(f"{k}: p50 {v['p50']:.2f} p99 {v['p99']:.2f} ms" for k, v in rej.items()) or "none"
 (all0, fast0), (all1, fast1) = (map(int, a.split()) for a in sys.argv[6:8])
 server = f"server: {100 * (fast1 - fast0) / (all1 - all0):.2f}% of {all1 - all0} within 1 ms" if all1 > all0 else "server: none"
+# Refusals second by second: the first second is every connection's first request at once.
+secs = [(x["t"], x["refused"]) for x in r.get("timeline", []) if x.get("refused")]
+later = [x["latency_ms"]["p99"] for t, x in secs if t > 1 and x["count"] >= 100]
+if later:
+    server += f"; client p99 per second after the first: {min(later):.2f}–{max(later):.2f} ms"
 print(f"{sys.argv[2]:<34} goodput {ok/d:>8.0f}/s  admitted p99 {by.get('201', {}).get('p99', 0):>7.2f} ms  "
       f"refused {sum(s['statuses'].get(k, 0) for k in ('429', '503')):>7}  (client: {rej_p}; {server})  "
       f"RSS {sys.argv[3]}→{sys.argv[4]} MiB  healthz {sys.argv[5]}  books {'OK' if r['books']['ok'] else 'FAILED'}")

@@ -25,7 +25,9 @@ use hyper::header::HeaderValue;
 
 use crate::books::{Books, HttpLedger, SaleRef};
 use crate::capacity::{Capacity, Probe, SearchLimits};
-use crate::report::{Generator, Report, Second, Sessions, StepReport, ThresholdResult};
+use crate::report::{
+    Generator, RefusedSecond, Report, Second, Sessions, StepReport, ThresholdResult,
+};
 use crate::runner::{Inputs, RunSpec, Target, slot};
 use crate::scenario::{Auth, Plan, Thresholds};
 use crate::schedule::Model;
@@ -586,7 +588,15 @@ async fn execute(args: &PressArgs, p: Prepared, progress: bool) -> anyhow::Resul
         // Seconds still waiting for some thread's interval; a complete second is reduced
         // to its summary at once, so memory does not grow with histograms per second.
         let mut pending: BTreeMap<u64, (Interval, usize)> = BTreeMap::new();
-        let mut done: BTreeMap<u64, (u64, u64, LatencyMs)> = BTreeMap::new();
+        type Summary = (u64, u64, LatencyMs, Option<RefusedSecond>);
+        let summary = |all: &Interval| -> Summary {
+            let refused = all.refused.as_ref().map(|h| RefusedSecond {
+                count: h.len(),
+                latency_ms: LatencyMs::of(h),
+            });
+            (all.requests, all.errors, LatencyMs::of(&all.hist), refused)
+        };
+        let mut done: BTreeMap<u64, Summary> = BTreeMap::new();
         while let Some(interval) = rx.recv().await {
             let second = interval.second;
             let entry = pending
@@ -602,11 +612,11 @@ async fn execute(args: &PressArgs, p: Prepared, progress: bool) -> anyhow::Resul
                     "{} req/s  p99 {:.1} ms  errors {}",
                     all.requests, l.p99, all.errors
                 ));
-                done.insert(second, (all.requests, all.errors, l));
+                done.insert(second, summary(&all));
             }
         }
         for (second, (all, _)) in pending {
-            done.insert(second, (all.requests, all.errors, LatencyMs::of(&all.hist)));
+            done.insert(second, summary(&all));
         }
         done
     });
@@ -682,12 +692,13 @@ async fn execute(args: &PressArgs, p: Prepared, progress: bool) -> anyhow::Resul
         .collect();
     let timeline: Vec<Second> = seconds
         .into_iter()
-        .map(|(t, (requests, errors, latency_ms))| Second {
+        .map(|(t, (requests, errors, latency_ms, refused))| Second {
             t,
             requests,
             rps: requests as f64 / (elapsed.min(t as f64) - (t as f64 - 1.0)).clamp(0.001, 1.0),
             errors,
             latency_ms,
+            refused,
         })
         .collect();
 

@@ -84,6 +84,15 @@ pub struct Second {
     pub rps: f64,
     pub errors: u64,
     pub latency_ms: LatencyMs,
+    /// The refusals (429 and 503) of this second and their latency, when there were any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refused: Option<RefusedSecond>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RefusedSecond {
+    pub count: u64,
+    pub latency_ms: LatencyMs,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -240,6 +249,7 @@ pub(crate) fn sample_report() -> Report {
             rps: 3.0,
             errors: 0,
             latency_ms: LatencyMs::default(),
+            refused: None,
         }],
         server: vec![ServerSample {
             t: 1.0,

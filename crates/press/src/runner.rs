@@ -742,6 +742,12 @@ impl Worker {
         interval.requests += 1;
         interval.errors += u64::from(error);
         record(&mut interval.hist, micros);
+        if let Outcome::Answer {
+            status: 429 | 503, ..
+        } = outcome
+        {
+            interval.refusal(micros);
+        }
     }
 }
 

@@ -101,6 +101,10 @@ impl StepStats {
     }
 }
 
+fn interval_histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 3_600_000_000, 2).expect("valid histogram bounds")
+}
+
 /// One second of one thread (or, merged, of all threads).
 #[derive(Debug, Clone)]
 pub struct Interval {
@@ -108,6 +112,10 @@ pub struct Interval {
     pub requests: u64,
     pub errors: u64,
     pub hist: Histogram<u64>,
+    /// Latency of the refusals (429 and 503) alone, made at the first one: whether a
+    /// guard answers its refusals fast, second by second (the first second of a closed
+    /// model is every connection's first request at once).
+    pub refused: Option<Histogram<u64>>,
 }
 
 impl Interval {
@@ -118,14 +126,26 @@ impl Interval {
             second,
             requests: 0,
             errors: 0,
-            hist: Histogram::new_with_bounds(1, 3_600_000_000, 2).expect("valid histogram bounds"),
+            hist: interval_histogram(),
+            refused: None,
         }
+    }
+
+    /// Counts one refusal's latency, in µs.
+    pub fn refusal(&mut self, micros: u64) {
+        record(self.refused.get_or_insert_with(interval_histogram), micros);
     }
 
     pub fn merge(&mut self, other: &Interval) {
         self.requests += other.requests;
         self.errors += other.errors;
         self.hist.add(&other.hist).expect("same histogram bounds");
+        if let Some(theirs) = &other.refused {
+            self.refused
+                .get_or_insert_with(interval_histogram)
+                .add(theirs)
+                .expect("same histogram bounds");
+        }
     }
 }
 

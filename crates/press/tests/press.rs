@@ -10,6 +10,7 @@ use std::time::Duration;
 use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
+use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use clap::Parser;
 use parking_lot::Mutex;
@@ -149,6 +150,60 @@ async fn a_one_second_stall_shows_in_the_tail() {
         .map(|s| s.latency_ms.max)
         .fold(0.0, f64::max);
     assert!(worst >= 900.0, "{:?}", report.timeline);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_show_on_the_timeline_with_their_own_latency() {
+    // Every third request is refused after 30 ms; the others are answered at once.
+    let hits = Arc::new(AtomicU64::new(0));
+    let router = axum::Router::new()
+        .route(
+            "/healthz",
+            get(|State(hits): State<Arc<AtomicU64>>| async move {
+                if hits.fetch_add(1, Ordering::Relaxed) % 3 == 0 {
+                    tokio::time::sleep(Duration::from_millis(30)).await;
+                    (StatusCode::SERVICE_UNAVAILABLE, [("retry-after", "1")], "busy")
+                        .into_response()
+                } else {
+                    "ok".into_response()
+                }
+            }),
+        )
+        .with_state(hits.clone());
+    let base = serve(router).await;
+    let report = stampede_press::press(&args(
+        &base,
+        &[
+            "--scenario",
+            "healthz",
+            "--rate",
+            "300/s",
+            "--duration",
+            "2s",
+            "--connections",
+            "16",
+        ],
+    ))
+    .await
+    .unwrap();
+    let refusals = report.steps[0].statuses["503"];
+    assert!(refusals > 100, "{}", report.summary());
+    let on_timeline: Vec<_> = report
+        .timeline
+        .iter()
+        .filter_map(|s| s.refused.as_ref())
+        .collect();
+    assert_eq!(
+        on_timeline.iter().map(|r| r.count).sum::<u64>(),
+        refusals,
+        "{:?}",
+        report.timeline
+    );
+    // Their own latency, not the mix's: every refusal took its 30 ms.
+    for refused in &on_timeline {
+        assert!(refused.latency_ms.p50 >= 29.0, "{:?}", report.timeline);
+    }
+    assert!(report.latency_ms.p50 < 29.0, "{:?}", report.latency_ms);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
