@@ -162,7 +162,11 @@ async fn refusals_show_on_the_timeline_with_their_own_latency() {
             get(|State(hits): State<Arc<AtomicU64>>| async move {
                 if hits.fetch_add(1, Ordering::Relaxed) % 3 == 0 {
                     tokio::time::sleep(Duration::from_millis(30)).await;
-                    (StatusCode::SERVICE_UNAVAILABLE, [("retry-after", "1")], "busy")
+                    (
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        [("retry-after", "1")],
+                        "busy",
+                    )
                         .into_response()
                 } else {
                     "ok".into_response()
