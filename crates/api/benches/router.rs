@@ -7,13 +7,11 @@
 //!   cargo bench -p stampede-api --bench router
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::body::Body;
-use axum::extract::ConnectInfo;
 use axum::http::{Request, header};
 use criterion::{Criterion, criterion_group, criterion_main};
-use stampede_api::{App, AppState, Auth, GuardedRoutes, Secret, mint_shopper_token};
+use stampede_api::{Secret, mint_shopper_token};
 use stampede_engine::{AckMode, Engine, EngineConfig, NewProduct, NewSale, SystemClock};
 use stampede_types::{Cents, Sku};
 use tower::ServiceExt;
@@ -65,32 +63,11 @@ fn router(c: &mut Criterion) {
             })
             .await
             .unwrap();
-        let guard = stampede_guard::Guard::new(stampede_guard::GuardRules::default()).unwrap();
-        let app = stampede_api::router(
-            AppState(Arc::new(App {
-                engine,
-                auth: Auth::new(Secret::new("bench-admin"), &jwt),
-                payments: Arc::new(stampede_api::payment::HttpPayments::new(
-                    "http://127.0.0.1:9",
-                    Duration::from_secs(1),
-                )),
-                metrics: stampede_api::metrics_handle(),
-                openapi: Arc::from("{}"),
-                guarded: GuardedRoutes::new(&guard),
-                guard,
-                rules_change: tokio::sync::Mutex::new(()),
-                proxies: stampede_api::client::TrustedProxies::parse("").unwrap(),
-            })),
-            stampede_api::BODY_LIMIT_BYTES_DEFAULT,
-        );
+        let app = stampede_api::testing::router(engine, &jwt);
         (app, sale.record.id.to_string())
     });
-    // As the server's connections give them: the peer, for the client-IP checks, and
-    // its hold (one per connection: here one connection carries every request).
-    let peer = ConnectInfo(stampede_api::hold::Peer::new(std::net::SocketAddr::from((
-        [127, 0, 0, 1],
-        40_000,
-    ))));
+    // As the server's connections give them (one connection carries every request).
+    let peer = stampede_api::testing::peer();
     let tokens: Vec<String> = (0..20_000)
         .map(|i| {
             format!(

@@ -16,6 +16,7 @@ pub mod handlers;
 pub mod hold;
 pub mod payment;
 pub mod payment_sim;
+pub mod testing;
 
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};

@@ -3,12 +3,10 @@
 //! test binary, so the process-wide recorder counts only these requests.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::body::Body;
-use axum::extract::ConnectInfo;
 use axum::http::{Request, StatusCode, header};
-use stampede_api::{App, AppState, Auth, GuardedRoutes, Secret, mint_shopper_token};
+use stampede_api::{Secret, mint_shopper_token};
 use stampede_engine::testing::live_sale;
 use stampede_engine::{AckMode, Engine, EngineConfig, SystemClock};
 use tower::ServiceExt;
@@ -31,29 +29,9 @@ async fn request_latency_is_kept_apart_by_status_class() {
     );
     let sale = live_sale(&engine, "METRICS-1", 10, 10, 100, 5).await;
     let jwt = Secret::new("metrics-jwt-secret");
-    let guard = stampede_guard::Guard::new(stampede_guard::GuardRules::default()).unwrap();
+    let app = stampede_api::testing::router(engine, &jwt);
     let metrics = stampede_api::metrics_handle();
-    let app = stampede_api::router(
-        AppState(Arc::new(App {
-            engine,
-            auth: Auth::new(Secret::new("metrics-admin"), &jwt),
-            payments: Arc::new(stampede_api::payment::HttpPayments::new(
-                "http://127.0.0.1:9",
-                Duration::from_secs(1),
-            )),
-            metrics: metrics.clone(),
-            openapi: Arc::from("{}"),
-            guarded: GuardedRoutes::new(&guard),
-            guard,
-            rules_change: tokio::sync::Mutex::new(()),
-            proxies: stampede_api::client::TrustedProxies::parse("").unwrap(),
-        })),
-        stampede_api::BODY_LIMIT_BYTES_DEFAULT,
-    );
-    let peer = ConnectInfo(stampede_api::hold::Peer::new(std::net::SocketAddr::from((
-        [127, 0, 0, 1],
-        40_000,
-    ))));
+    let peer = stampede_api::testing::peer();
     let token = format!("Bearer {}", mint_shopper_token(&jwt, "shopper-1", None));
     let purchase = |key: Option<&str>| {
         let mut request = Request::post(format!("/v1/flash-sales/{sale}/purchase"))
