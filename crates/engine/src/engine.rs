@@ -16,7 +16,7 @@ use crate::clock::Clock;
 use crate::gate::{GateRefusal, StockGate};
 use crate::payment::{PaymentError, PaymentGateway};
 use crate::store::{OrderRecord, ProductRecord, SaleRecord, SaleTally, Store, StoreError};
-use crate::writer::{Job, Queue, TransitionResult, Writer};
+use crate::writer::{Job, TransitionResult, Writer};
 
 /// When a purchase is answered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -511,25 +511,11 @@ impl Shared {
     }
 }
 
-/// For crash tests: a place held in the writer's queue (`Engine::take_queue_place`).
-#[doc(hidden)]
-pub struct QueuePlace(mpsc::OwnedPermit<Job>);
-
-impl QueuePlace {
-    /// Fills the place with a job that only asks for an answer, and waits for it: true if
-    /// the writer answered, false if the job was dropped unanswered.
-    pub async fn fill(self) -> bool {
-        let (reply, answer) = oneshot::channel();
-        self.0.send(Job::ExpireDue { reply });
-        answer.await.is_ok()
-    }
-}
-
 /// The inventory engine. Cheap to share behind an `Arc`.
 pub struct Engine {
     shared: Arc<Shared>,
-    jobs: mpsc::Sender<Job>,
-    /// The queue's receiving end; the writer holds it while it runs (see `Queue`).
+    pub(crate) jobs: mpsc::Sender<Job>,
+    /// The queue's receiving end; the writer holds it while it runs (see `Writer`).
     queue: Arc<tokio::sync::Mutex<mpsc::Receiver<Job>>>,
     shutdown: Mutex<Option<oneshot::Sender<()>>>,
     writer: tokio::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
@@ -674,12 +660,10 @@ impl Engine {
 
         let (jobs, receiver) = mpsc::channel(config.queue_capacity);
         let queue = Arc::new(tokio::sync::Mutex::new(receiver));
-        let held = Queue(
-            queue
-                .clone()
-                .try_lock_owned()
-                .expect("a new queue is held by nobody"),
-        );
+        let held = queue
+            .clone()
+            .try_lock_owned()
+            .expect("a new queue is held by nobody");
         let (shutdown_tx, shutdown_rx) = oneshot::channel();
         let writer = Writer::new(shared.clone(), held, shutdown_rx, expiries);
         let handle = tokio::spawn(writer.run());
@@ -759,19 +743,6 @@ impl Engine {
         // its own). A killed process writes nothing more; nor, once this returns, does
         // this engine: an engine opened next loads everything it wrote.
         self.shared.store.stop_writes().await;
-    }
-
-    /// For crash tests: takes a place in the writer's queue without filling it yet, as a
-    /// caller does between taking its permit and pushing its job.
-    #[doc(hidden)]
-    pub async fn take_queue_place(&self) -> QueuePlace {
-        QueuePlace(
-            self.jobs
-                .clone()
-                .reserve_owned()
-                .await
-                .expect("the writer's queue is open"),
-        )
     }
 
     /// Whether the writer stopped for good because the store fenced it off or lost a

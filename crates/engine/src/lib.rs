@@ -27,7 +27,7 @@ pub use breaker::CommitBreaker;
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use engine::{
     AckMode, Actor, AdminError, Audit, Engine, EngineConfig, NewProduct, NewSale, OrderError,
-    Placed, ProductView, Purchase, PurchaseError, QueuePlace, SaleView,
+    Placed, ProductView, Purchase, PurchaseError, SaleView,
 };
 pub use gate::{GateRefusal, StockGate};
 pub use payment::{PaymentError, PaymentGateway};

@@ -58,3 +58,29 @@ pub fn key(name: &str) -> IdempotencyKey {
 pub fn one() -> Quantity {
     Quantity::parse(1).expect("1 is a quantity")
 }
+
+/// For crash tests: a place taken in the writer's queue and not yet filled, as a caller
+/// holds one between taking its permit and pushing its job (`take_queue_place`).
+pub struct QueuePlace(tokio::sync::mpsc::OwnedPermit<crate::writer::Job>);
+
+impl QueuePlace {
+    /// Fills the place with a job that only asks for an answer, and waits for it: true if
+    /// the writer answered, false if the job was dropped unanswered.
+    pub async fn fill(self) -> bool {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        self.0.send(crate::writer::Job::ExpireDue { reply });
+        answer.await.is_ok()
+    }
+}
+
+/// Takes a place in `engine`'s writer queue without filling it yet.
+pub async fn take_queue_place(engine: &Engine) -> QueuePlace {
+    QueuePlace(
+        engine
+            .jobs
+            .clone()
+            .reserve_owned()
+            .await
+            .expect("the writer's queue is open"),
+    )
+}

@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use stampede_types::{OrderEvent, OrderId, OrderStatus, SaleId};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{OwnedMutexGuard, mpsc, oneshot};
 use tokio::time::MissedTickBehavior;
 
 /// After a node found a sale's pool empty, how long it answers sold out before asking
@@ -68,38 +68,15 @@ pub(crate) enum TransitionResult {
 
 type AuditRequest = (SaleId, oneshot::Sender<Result<Audit, ()>>);
 
-/// The writer's end of the job queue. The receiver itself belongs to the engine and
-/// outlives the writer's task: dropping a tokio receiver drops the jobs queued, but not
-/// one whose sender already had its permit and pushes it just after; that job's caller
+/// The receiver of the job queue belongs to the engine and outlives the writer's task,
+/// which holds it through `jobs`. Dropping a tokio receiver drops the jobs queued, but
+/// not one whose sender already had its permit and pushes it just after: that caller
 /// would wait for an answer as long as the engine lives. So a writer stopped where it
-/// stands (`Engine::crash`, a panic) closes and empties the queue here, and
+/// stands (`Engine::crash`, a panic) closes and empties the queue as it is dropped, and
 /// `Engine::crash` then waits out the stragglers.
-pub(crate) struct Queue(pub(crate) tokio::sync::OwnedMutexGuard<mpsc::Receiver<Job>>);
-
-impl Drop for Queue {
-    fn drop(&mut self) {
-        // A writer that ended normally closed and emptied it already.
-        self.0.close();
-        while self.0.try_recv().is_ok() {}
-    }
-}
-
-impl std::ops::Deref for Queue {
-    type Target = mpsc::Receiver<Job>;
-    fn deref(&self) -> &Self::Target {
-        &self.0
-    }
-}
-
-impl std::ops::DerefMut for Queue {
-    fn deref_mut(&mut self) -> &mut Self::Target {
-        &mut self.0
-    }
-}
-
 pub(crate) struct Writer {
     shared: Arc<Shared>,
-    jobs: Queue,
+    jobs: OwnedMutexGuard<mpsc::Receiver<Job>>,
     shutdown: oneshot::Receiver<()>,
     /// Pending orders by the time they may be expired. Bounded by the number of pending
     /// orders, itself bounded by the stock of all sales.
@@ -112,10 +89,18 @@ fn target(event: OrderEvent) -> OrderStatus {
         .expect("pending orders accept every event")
 }
 
+impl Drop for Writer {
+    fn drop(&mut self) {
+        // A writer that ended normally closed and emptied the queue already.
+        self.jobs.close();
+        while self.jobs.try_recv().is_ok() {}
+    }
+}
+
 impl Writer {
     pub(crate) fn new(
         shared: Arc<Shared>,
-        jobs: Queue,
+        jobs: OwnedMutexGuard<mpsc::Receiver<Job>>,
         shutdown: oneshot::Receiver<()>,
         expiries: Vec<(i64, OrderId)>,
     ) -> Self {

@@ -7,6 +7,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use stampede_engine::testing::take_queue_place;
 use stampede_engine::{Engine, EngineConfig, SystemClock};
 use stampede_store::testing::{Backend, TestDatabase};
 
@@ -20,7 +21,7 @@ async fn a_job_pushed_into_the_queue_as_the_writer_stops_is_dropped_unanswered()
             .await
             .unwrap(),
     );
-    let place = engine.take_queue_place().await;
+    let place = take_queue_place(&engine).await;
     let crash = tokio::spawn({
         let engine = engine.clone();
         async move { engine.crash().await }
