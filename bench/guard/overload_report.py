@@ -1,0 +1,114 @@
+"""Reads the overload bench's runs for bench/guard/overload.sh.
+
+Each run LABEL leaves in WORK: LABEL.json (the pressure tool's report) and LABEL.before /
+LABEL.after (the server's /metrics just before and after it).
+
+    overload_report.py run WORK LABEL HEALTHZ_STATUS   one line for the run
+    overload_report.py summary WORK PREFIX             the PREFIX server's ratios
+"""
+import json
+import re
+import sys
+
+SERIES = re.compile(r"^([a-z_]+)(\{[^}]*\})? (\S+)$")
+
+
+def scrape(path):
+    """The series of one /metrics text: {name + labels: value}."""
+    values = {}
+    for line in open(path):
+        m = SERIES.match(line.strip())
+        if m:
+            values[m.group(1) + (m.group(2) or "")] = float(m.group(3))
+    return values
+
+
+def served_p99(work, label):
+    """The server's own p99 (ms) of the purchases it served during the run: the
+    difference of its 2xx bucket counts, interpolated within the bucket (coarse edges:
+    1, 2.5, 5, 10, 25 ms)."""
+    before, after = scrape(f"{work}/{label}.before"), scrape(f"{work}/{label}.after")
+    prefix = 'stampede_http_request_seconds_bucket{route="purchase",class="2xx",le="'
+    edges = sorted(
+        (float(key[len(prefix):-2]), n - before.get(key, 0))
+        for key, n in after.items()
+        if key.startswith(prefix)
+    )
+    if not edges or edges[-1][1] <= 0:
+        return 0.0
+    want, low, below = 0.99 * edges[-1][1], 0.0, 0
+    for le, n in edges:
+        if n >= want:
+            if le == float("inf"):
+                return 1000 * low
+            return 1000 * (low + (le - low) * (want - below) / max(n - below, 1))
+        low, below = le, n
+    return 0.0
+
+
+def report(work, label):
+    r = json.load(open(f"{work}/{label}.json"))
+    return r, r["steps"][0]
+
+
+def goodput_and_p99(work, label):
+    """Goodput (201/s) and the client's admitted p99 (ms), from the run's own report."""
+    r, s = report(work, label)
+    return (
+        s["statuses"].get("201", 0) / r["duration_s"],
+        s.get("latency_by_status", {}).get("201", {}).get("p99", 0),
+    )
+
+
+def run(work, label, healthz):
+    r, s = report(work, label)
+    before, after = scrape(f"{work}/{label}.before"), scrape(f"{work}/{label}.after")
+    by = s.get("latency_by_status", {})
+    goodput, admitted_p99 = goodput_and_p99(work, label)
+    rejected = {k: v for k, v in by.items() if k in ("429", "503")}
+    client = " ".join(f"{k}: p50 {v['p50']:.2f} p99 {v['p99']:.2f} ms" for k, v in rejected.items()) or "none"
+    # The server's own count of refusals, and of those decided within 1 ms of the router's
+    # first look (stampede_guard_refusal_seconds).
+    def delta(key):
+        return after.get(key, 0) - before.get(key, 0)
+    refused = delta("stampede_guard_refusal_seconds_count")
+    fast = delta('stampede_guard_refusal_seconds_bucket{le="0.001"}')
+    server = f"server: {100 * fast / refused:.2f}% of {refused:.0f} within 1 ms" if refused > 0 else "server: none"
+    # Refusals second by second: the first second is every connection's first request at once.
+    later = [
+        x["refused"]["latency_ms"]["p99"]
+        for x in r.get("timeline", [])
+        if x.get("refused") and x["t"] > 1 and x["refused"]["count"] >= 100
+    ]
+    if later:
+        server += f"; client p99 per second after the first: {min(later):.2f}–{max(later):.2f} ms"
+    mib = lambda m: f"{m.get('process_resident_memory_bytes', 0) / 1048576:.0f}"
+    print(
+        f"{label:<34} goodput {goodput:>8.0f}/s  admitted p99 {admitted_p99:>7.2f} ms (server ~{served_p99(work, label):.2f})  "
+        f"refused {sum(s['statuses'].get(k, 0) for k in ('429', '503')):>7}  (client: {client}; {server})  "
+        f"RSS {mib(before)}→{mib(after)} MiB  healthz {healthz}  books {'OK' if r['books']['ok'] else 'FAILED'}"
+    )
+
+
+def summary(work, prefix):
+    """The overload ratios against the mean of the capacity runs before and after the
+    overload (and against the first alone)."""
+    label = lambda name: f"{prefix}_{name}"
+    (g0, p0), (g1, p1) = goodput_and_p99(work, label("64vus_capacity")), goodput_and_p99(work, label("64vus_after_overload"))
+    capacity, unloaded = (g0 + g1) / 2, (p0 + p1) / 2
+    served_unloaded = (served_p99(work, label("64vus_capacity")) + served_p99(work, label("64vus_after_overload"))) / 2
+    print(f"{prefix} summary: capacity {capacity:.0f}/s, admitted p99 {unloaded:.2f} ms (mean of the runs before and after)")
+    for name, title in (("2048vus_retry_at_once", "retry at once"), ("2048vus_honour_retry_after", "honour Retry-After")):
+        g, p = goodput_and_p99(work, label(name))
+        server = f"; server side {served_p99(work, label(name)) / served_unloaded:.2f}" if served_unloaded > 0 else ""
+        print(
+            f"  {title:<18} goodput ÷ capacity {g / capacity:.2f} (÷ first run {g / g0:.2f}), "
+            f"admitted p99 ÷ unloaded {p / unloaded:.2f} (÷ first run {p / p0:.2f}{server})"
+        )
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "run":
+        run(sys.argv[2], sys.argv[3], sys.argv[4])
+    else:
+        summary(sys.argv[2], sys.argv[3])
