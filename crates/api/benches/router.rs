@@ -6,13 +6,11 @@
 //!
 //!   cargo bench -p stampede-api --bench router
 
-use std::sync::Arc;
-
 use axum::body::Body;
 use axum::http::{Request, header};
 use criterion::{Criterion, criterion_group, criterion_main};
 use stampede_api::{Secret, mint_shopper_token};
-use stampede_engine::{AckMode, Engine, EngineConfig, NewProduct, NewSale, SystemClock};
+use stampede_engine::{NewProduct, NewSale};
 use stampede_types::{Cents, Sku};
 use tower::ServiceExt;
 
@@ -25,19 +23,8 @@ fn router(c: &mut Criterion) {
     let dir = tempfile::tempdir().unwrap();
     let jwt = Secret::new("bench-jwt-secret");
     let (app, sale) = runtime.block_on(async {
-        let store = stampede_store::SqliteStore::open(&dir.path().join("bench.db"))
-            .await
-            .unwrap()
-            .into_arc();
-        let config = EngineConfig {
-            ack: AckMode::Reserved,
-            ..EngineConfig::default()
-        };
-        let engine = Arc::new(
-            Engine::open(store, Arc::new(SystemClock), config)
-                .await
-                .unwrap(),
-        );
+        let engine =
+            stampede_store::testing::reserved_sqlite_engine(&dir.path().join("bench.db")).await;
         let sku = Sku::parse("BENCH").unwrap();
         engine
             .create_product(NewProduct {

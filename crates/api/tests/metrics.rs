@@ -2,31 +2,17 @@
 //! second on purpose) never blurs the time of the requests that were served. Its own
 //! test binary, so the process-wide recorder counts only these requests.
 
-use std::sync::Arc;
-
 use axum::body::Body;
 use axum::http::{Request, StatusCode, header};
 use stampede_api::{Secret, mint_shopper_token};
 use stampede_engine::testing::live_sale;
-use stampede_engine::{AckMode, Engine, EngineConfig, SystemClock};
 use tower::ServiceExt;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn request_latency_is_kept_apart_by_status_class() {
     let dir = tempfile::tempdir().unwrap();
-    let store = stampede_store::SqliteStore::open(&dir.path().join("metrics.db"))
-        .await
-        .unwrap()
-        .into_arc();
-    let config = EngineConfig {
-        ack: AckMode::Reserved,
-        ..EngineConfig::default()
-    };
-    let engine = Arc::new(
-        Engine::open(store, Arc::new(SystemClock), config)
-            .await
-            .unwrap(),
-    );
+    let engine =
+        stampede_store::testing::reserved_sqlite_engine(&dir.path().join("metrics.db")).await;
     let sale = live_sale(&engine, "METRICS-1", 10, 10, 100, 5).await;
     let jwt = Secret::new("metrics-jwt-secret");
     let app = stampede_api::testing::router(engine, &jwt);

@@ -536,3 +536,27 @@ impl<I: Interceptor> stampede_engine::Store for Intercepted<I> {
         self.inner.save_setting(key, value).await
     }
 }
+
+/// An engine on a fresh SQLite file at `path` that answers purchases once reserved, for
+/// benchmarks and tests of the request path (not of the fsync).
+pub async fn reserved_sqlite_engine(
+    path: &std::path::Path,
+) -> std::sync::Arc<stampede_engine::Engine> {
+    let store = crate::SqliteStore::open(path)
+        .await
+        .expect("open the SQLite store")
+        .into_arc();
+    let config = stampede_engine::EngineConfig {
+        ack: stampede_engine::AckMode::Reserved,
+        ..stampede_engine::EngineConfig::default()
+    };
+    std::sync::Arc::new(
+        stampede_engine::Engine::open(
+            store,
+            std::sync::Arc::new(stampede_engine::SystemClock),
+            config,
+        )
+        .await
+        .expect("open the engine"),
+    )
+}
