@@ -26,7 +26,7 @@ use axum::extract::{DefaultBodyLimit, MatchedPath, Request};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use stampede_engine::{Engine, PaymentGateway};
 use stampede_guard::{Class, Guard, Param};
 use tower_http::catch_panic::CatchPanicLayer;
@@ -152,6 +152,15 @@ pub fn metrics_handle() -> PrometheusHandle {
                     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
                     0.5, 1.0, 2.5, 5.0,
                 ])
+                .expect("static buckets are valid")
+                // A count of operations, not seconds: the time buckets above would put
+                // every batch of more than five into +Inf.
+                .set_buckets_for_metric(
+                    Matcher::Full("stampede_writer_batch_ops".into()),
+                    &[
+                        1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0,
+                    ],
+                )
                 .expect("static buckets are valid")
                 .install_recorder()
                 .expect("no other metrics recorder is installed");

@@ -1161,6 +1161,7 @@ impl Engine {
             order,
             sale: sale.clone(),
             reply,
+            queued_at: std::time::Instant::now(),
         };
         if let Err(refused) = self.jobs.try_send(job) {
             let error = match refused {

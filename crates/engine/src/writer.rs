@@ -32,6 +32,8 @@ pub(crate) enum Job {
         order: OrderRecord,
         sale: Arc<SaleState>,
         reply: oneshot::Sender<Outcome>,
+        /// When it joined the queue: the writer reports how long purchases waited for it.
+        queued_at: Instant,
     },
     CreateProduct {
         record: ProductRecord,
@@ -382,9 +384,16 @@ impl Writer {
         }
         let now_ms = self.shared.clock.now_ms();
         let mut ops = Vec::with_capacity(batch.len());
+        let picked_up = Instant::now();
+        let queue_wait = metrics::histogram!("stampede_writer_queue_wait_seconds");
         for job in batch.iter() {
             match job {
-                Job::Purchase { order, .. } => ops.push(WriteOp::InsertOrder(order.clone())),
+                Job::Purchase {
+                    order, queued_at, ..
+                } => {
+                    queue_wait.record(picked_up.saturating_duration_since(*queued_at));
+                    ops.push(WriteOp::InsertOrder(order.clone()))
+                }
                 Job::CreateProduct { record, .. } => {
                     ops.push(WriteOp::InsertProduct(record.clone()))
                 }
@@ -495,7 +504,9 @@ impl Writer {
         let mut outcomes = outcomes.iter();
         for job in batch.drain(..) {
             match job {
-                Job::Purchase { order, sale, reply } => {
+                Job::Purchase {
+                    order, sale, reply, ..
+                } => {
                     // On a cluster store, another node may have been first with this
                     // shopper's key or limit: the order was not inserted.
                     let refusal = match outcomes.next() {
@@ -616,7 +627,9 @@ impl Writer {
     fn refused(&mut self, batch: &mut Vec<Job>, undo: bool) {
         for job in batch.drain(..) {
             match job {
-                Job::Purchase { order, sale, reply } => {
+                Job::Purchase {
+                    order, sale, reply, ..
+                } => {
                     if undo {
                         sale.give_back(&order.user_id, order.quantity.get(), true);
                     }
