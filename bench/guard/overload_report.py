@@ -7,43 +7,19 @@ LABEL.after (the server's /metrics just before and after it).
     overload_report.py summary WORK PREFIX             the PREFIX server's ratios
 """
 import json
-import re
+import os
 import sys
 
-SERIES = re.compile(r"^([a-z_]+)(\{[^}]*\})? (\S+)$")
-
-
-def scrape(path):
-    """The series of one /metrics text: {name + labels: value}."""
-    values = {}
-    for line in open(path):
-        m = SERIES.match(line.strip())
-        if m:
-            values[m.group(1) + (m.group(2) or "")] = float(m.group(3))
-    return values
+# No __pycache__ left in the checkout by a benchmark run.
+sys.dont_write_bytecode = True
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from server_side import PURCHASES, quantile, scrape  # noqa: E402
 
 
 def served_p99(work, label):
-    """The server's own p99 (ms) of the purchases it served during the run: the
-    difference of its 2xx bucket counts, interpolated within the bucket (coarse edges:
-    1, 2.5, 5, 10, 25 ms)."""
+    """The server's own p99 (ms) of the purchases it served during the run."""
     before, after = scrape(f"{work}/{label}.before"), scrape(f"{work}/{label}.after")
-    prefix = 'stampede_http_request_seconds_bucket{route="purchase",class="2xx",le="'
-    edges = sorted(
-        (float(key[len(prefix):-2]), n - before.get(key, 0))
-        for key, n in after.items()
-        if key.startswith(prefix)
-    )
-    if not edges or edges[-1][1] <= 0:
-        return 0.0
-    want, low, below = 0.99 * edges[-1][1], 0.0, 0
-    for le, n in edges:
-        if n >= want:
-            if le == float("inf"):
-                return 1000 * low
-            return 1000 * (low + (le - low) * (want - below) / max(n - below, 1))
-        low, below = le, n
-    return 0.0
+    return 1000 * quantile(before, after, PURCHASES, 0.99)
 
 
 def report(work, label):

@@ -16,7 +16,10 @@
 #
 # Then, when RATE_CHECK is not 0, the open model at half the durable maximum:
 # `stampede press --rate <half>/s` against a fresh server, latency from each request's
-# scheduled send, so a slow answer cannot slow the arrivals down.
+# scheduled send, so a slow answer cannot slow the arrivals down. Beside it, the server's
+# own view of the same purchases (bench/server_side.py, from its /metrics before and
+# after): the time it took to serve them, their wait for the writer and the commits, so
+# a tail made by the generator sharing the machine can be told from one the server made.
 #
 # PIN=1 runs the server on CPU 0 alone (one request worker) and the generators on CPU 1
 # (taskset), standing in for a generator on another machine: neither takes the other's
@@ -93,6 +96,10 @@ half=${HALF_RATE:-$((best_durable / 2))}
 # shellcheck disable=SC2086
 start_with_sale durable ${SERVE_ARGS:-}
 echo "open model at $half/s (half the durable maximum), durable purchases:"
+curl -sf "$base/metrics" > "$work/open.before"
 ${gen[@]+"${gen[@]}"} "$bin" press --target "$base" --scenario "$here/purchase.toml" --rate "$half/s" \
   --duration "${RATE_DURATION:-10s}" --connections 256 ${press_args[@]+"${press_args[@]}"} 2>&1 |
   grep -E 'req/s|sessions:|latency from scheduled send|books' || true
+curl -sf "$base/metrics" > "$work/open.after"
+printf '  '
+PYTHONDONTWRITEBYTECODE=1 python3 "$here/../server_side.py" "$work/open.before" "$work/open.after"
