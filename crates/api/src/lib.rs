@@ -203,18 +203,9 @@ const ROUTES: [(&str, &str); 18] = [
     ("", "unmatched"),
 ];
 
-/// A request's route: its index in `ROUTES`, worked out once by `track` for the layers
-/// inside it.
+/// A request's route: its index in `ROUTES`, worked out once per request by `guard_and_time`.
 #[derive(Clone, Copy)]
 struct RouteLabel(usize);
-
-/// What `track` notes on a request for the layers inside it: its route, and when the
-/// router first saw it (the start of its `stampede_http_request_seconds`).
-#[derive(Clone, Copy)]
-struct Tracked {
-    route: RouteLabel,
-    started: Instant,
-}
 
 impl RouteLabel {
     fn of(path: Option<&MatchedPath>) -> RouteLabel {
@@ -264,11 +255,18 @@ fn route_metrics(route: RouteLabel) -> &'static RouteMetrics {
     &table[route.0]
 }
 
-async fn track(mut request: Request, next: Next) -> Response {
+/// The one middleware of every route, the fallbacks included: the request's route from
+/// the path the router matched, the guard for guarded routes, then the answer counted
+/// and timed by status class. One layer, inside the routing, so a request pays for one
+/// boxed service level here, not one per concern.
+async fn guard_and_time(
+    axum::extract::State(app): axum::extract::State<AppState>,
+    request: Request,
+    next: Next,
+) -> Response {
     let route = RouteLabel::of(request.extensions().get::<MatchedPath>());
     let started = Instant::now();
-    request.extensions_mut().insert(Tracked { route, started });
-    let response = next.run(request).await;
+    let response = protect(&app, route, started, request, next).await;
     let class = match response.status().as_u16() {
         200..=299 => 0,
         400..=499 => 1,
@@ -286,17 +284,12 @@ async fn track(mut request: Request, next: Next) -> Response {
 /// for them exist. Refusals answer 429 `throttled` or 503 `overloaded`, `degraded` with
 /// `Retry-After`, before any other work.
 async fn protect(
-    axum::extract::State(app): axum::extract::State<AppState>,
+    app: &AppState,
+    route: RouteLabel,
+    started: Instant,
     request: Request,
     next: Next,
 ) -> Response {
-    let Tracked { route, started } = match request.extensions().get::<Tracked>() {
-        Some(tracked) => *tracked,
-        None => Tracked {
-            route: RouteLabel::of(request.extensions().get::<MatchedPath>()),
-            started: Instant::now(),
-        },
-    };
     let Some((resource, class)) = app.guarded.get(route.name()) else {
         return next.run(request).await;
     };
@@ -306,7 +299,7 @@ async fn protect(
         .map(|axum::extract::ConnectInfo(peer)| peer.clone());
     let admitted = app.guard.admit(resource, class).and_then(|admission| {
         match &peer {
-            Some(peer) => client_admits(&app, resource, peer, request.headers()),
+            Some(peer) => client_admits(app, resource, peer, request.headers()),
             None => Ok(()),
         }
         // Dropped on a refusal: not in flight while its answer waits for a hold.
@@ -316,7 +309,7 @@ async fn protect(
         Ok(admission) => admission,
         Err(rejection) => {
             let response = ApiError::from(rejection).into_response();
-            return refused(&app, started, peer.as_ref(), response).await;
+            return refused(app, started, peer.as_ref(), response).await;
         }
     };
     if !admission.wait.is_zero() {
@@ -334,7 +327,7 @@ async fn protect(
         .headers()
         .contains_key(axum::http::header::RETRY_AFTER)
     {
-        return refused(&app, started, peer.as_ref(), response).await;
+        return refused(app, started, peer.as_ref(), response).await;
     }
     response
 }
@@ -401,7 +394,7 @@ async fn method_not_allowed() -> ApiError {
 
 pub fn router(state: AppState, body_limit_bytes: usize) -> Router {
     use handlers::*;
-    Router::new()
+    let routes = Router::new()
         .route("/v1/products", post(create_product))
         .route("/v1/products/{sku}", get(get_product))
         .route("/v1/flash-sales", post(create_sale))
@@ -419,13 +412,27 @@ pub fn router(state: AppState, body_limit_bytes: usize) -> Router {
         .route("/v1/guard/rules", get(get_guard_rules).put(put_guard_rules))
         .route("/v1/guard/degrade", post(degrade))
         .route("/v1/guard/stats", get(guard_stats))
-        .route_layer(middleware::from_fn_with_state(state.clone(), protect))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .layer(middleware::from_fn(track))
-        .layer(DefaultBodyLimit::max(body_limit_bytes))
-        .layer(CatchPanicLayer::custom(panic_response))
-        .with_state(state)
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            guard_and_time,
+        ))
+        .with_state(state);
+    around_routes(routes, body_limit_bytes)
+}
+
+/// What holds for every request before routing: a panic anywhere becomes a 500
+/// `internal` (never a dropped connection), and bodies are capped. Around the whole
+/// router, not each route: `Router::layer` wraps every route in another boxed service,
+/// which each request clones on its way in (an allocation per level).
+fn around_routes(routes: Router, body_limit_bytes: usize) -> Router {
+    Router::new().fallback_service(
+        tower::ServiceBuilder::new()
+            .layer(CatchPanicLayer::custom(panic_response))
+            .layer(DefaultBodyLimit::max(body_limit_bytes))
+            .service(routes),
+    )
 }
 
 /// Serves until `shutdown` resolves, then stops taking connections, lets in-flight
@@ -459,3 +466,52 @@ pub async fn serve(
 
 /// How long a graceful shutdown waits for open requests before draining the writer.
 pub const DRAIN_DEADLINE: Duration = Duration::from_secs(10);
+
+#[cfg(test)]
+mod tests {
+    use axum::body::Body;
+    use axum::http::StatusCode;
+    use tower::ServiceExt;
+
+    use super::*;
+
+    async fn answer(app: Router, request: Request) -> (StatusCode, serde_json::Value) {
+        let response = app.oneshot(request).await.unwrap();
+        let status = response.status();
+        let body = axum::body::to_bytes(response.into_body(), 1 << 16)
+            .await
+            .unwrap();
+        (status, serde_json::from_slice(&body).unwrap())
+    }
+
+    async fn boom() -> &'static str {
+        panic!("a handler's bug")
+    }
+
+    #[tokio::test]
+    async fn a_panicking_handler_answers_500_internal_and_an_oversized_body_413() {
+        let routes = Router::new()
+            .route("/boom", get(boom))
+            .route("/echo", post(|body: axum::body::Bytes| async move { body }));
+        let app = around_routes(routes, 8);
+
+        let (status, body) = answer(
+            app.clone(),
+            Request::get("/boom").body(Body::empty()).unwrap(),
+        )
+        .await;
+        assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
+        assert_eq!(body["error"]["code"], "internal", "{body}");
+
+        // The cap reaches extractors inside the routes.
+        let response = app
+            .oneshot(
+                Request::post("/echo")
+                    .body(Body::from("more than eight bytes"))
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    }
+}
