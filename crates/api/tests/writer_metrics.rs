@@ -3,10 +3,8 @@
 //! seconds). Its own test binary, so the process-wide recorder counts only these
 //! purchases.
 
-use std::sync::Arc;
-
 use stampede_engine::testing::live_sale;
-use stampede_engine::{AckMode, Engine, EngineConfig, SystemClock};
+use stampede_engine::{AckMode, EngineConfig};
 use stampede_types::{IdempotencyKey, Quantity, UserId};
 
 fn value(text: &str, series: &str) -> Option<f64> {
@@ -19,17 +17,12 @@ fn value(text: &str, series: &str) -> Option<f64> {
 async fn the_writer_reports_queue_waits_and_batch_sizes_in_buckets_of_their_own() {
     let metrics = stampede_api::metrics_handle();
     let dir = tempfile::tempdir().unwrap();
-    let store = stampede_store::SqliteStore::open(&dir.path().join("writer.db"))
-        .await
-        .unwrap()
-        .into_arc();
     let config = EngineConfig {
         ack: AckMode::Durable,
         ..EngineConfig::default()
     };
-    let engine = Engine::open(store, Arc::new(SystemClock), config)
-        .await
-        .unwrap();
+    let engine =
+        stampede_store::testing::sqlite_engine(&dir.path().join("writer.db"), config).await;
     let sale = live_sale(&engine, "WRITER-1", 100, 100, 100, 10).await;
     // Durable: each answer comes after its commit, so the writer has recorded it.
     for i in 0..3 {

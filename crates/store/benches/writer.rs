@@ -11,8 +11,7 @@ use std::time::{Duration, Instant};
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use stampede_engine::testing::live_sale;
-use stampede_engine::{AckMode, Engine, EngineConfig, SystemClock};
-use stampede_store::SqliteStore;
+use stampede_engine::{AckMode, Engine, EngineConfig};
 use stampede_types::SaleId;
 
 mod common;
@@ -20,18 +19,12 @@ mod common;
 use common::{BUYERS, purchase_round_on};
 
 async fn setup(dir: &std::path::Path, batch_size_max: usize) -> (Arc<Engine>, SaleId) {
-    let store = SqliteStore::open(&dir.join("bench.db"))
-        .await
-        .unwrap()
-        .into_arc();
     let config = EngineConfig {
         batch_size_max,
         ack: AckMode::Durable,
         ..EngineConfig::default()
     };
-    let engine = Engine::open(store, Arc::new(SystemClock), config)
-        .await
-        .unwrap();
+    let engine = stampede_store::testing::sqlite_engine(&dir.join("bench.db"), config).await;
     let sale = live_sale(&engine, "BENCH", 1_000_000_000, 1_000_000_000, 50, 1_000).await;
     (Arc::new(engine), sale)
 }

@@ -542,21 +542,28 @@ impl<I: Interceptor> stampede_engine::Store for Intercepted<I> {
 pub async fn reserved_sqlite_engine(
     path: &std::path::Path,
 ) -> std::sync::Arc<stampede_engine::Engine> {
-    let store = crate::SqliteStore::open(path)
-        .await
-        .expect("open the SQLite store")
-        .into_arc();
     let config = stampede_engine::EngineConfig {
         ack: stampede_engine::AckMode::Reserved,
         ..stampede_engine::EngineConfig::default()
     };
-    std::sync::Arc::new(
-        stampede_engine::Engine::open(
-            store,
-            std::sync::Arc::new(stampede_engine::SystemClock),
-            config,
-        )
+    std::sync::Arc::new(sqlite_engine(path, config).await)
+}
+
+/// An engine with `config` on a fresh SQLite file at `path`, on the system clock.
+/// Panics on failure: for tests and benchmarks only.
+pub async fn sqlite_engine(
+    path: &std::path::Path,
+    config: stampede_engine::EngineConfig,
+) -> stampede_engine::Engine {
+    let store = crate::SqliteStore::open(path)
         .await
-        .expect("open the engine"),
+        .expect("open the SQLite store")
+        .into_arc();
+    stampede_engine::Engine::open(
+        store,
+        std::sync::Arc::new(stampede_engine::SystemClock),
+        config,
     )
+    .await
+    .expect("open the engine")
 }
