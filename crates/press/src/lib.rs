@@ -606,13 +606,13 @@ async fn execute(args: &PressArgs, p: Prepared, progress: bool) -> anyhow::Resul
             entry.1 += 1;
             if entry.1 == threads {
                 let (all, _) = pending.remove(&second).expect("just updated");
-                let l = LatencyMs::of(&all.hist);
+                let reduced = summary(&all);
                 reporter_bar.set_position(second.min(reporter_bar.length().unwrap_or(0)));
                 reporter_bar.set_message(format!(
                     "{} req/s  p99 {:.1} ms  errors {}",
-                    all.requests, l.p99, all.errors
+                    reduced.0, reduced.2.p99, reduced.1
                 ));
-                done.insert(second, summary(&all));
+                done.insert(second, reduced);
             }
         }
         for (second, (all, _)) in pending {

@@ -44,6 +44,31 @@ async fn serve(router: axum::Router) -> String {
     format!("http://{addr}")
 }
 
+/// The built-in `healthz` scenario, open model: `rate` arrivals per second for
+/// `duration`, over `connections`.
+async fn open_healthz(
+    base: &str,
+    rate: &str,
+    duration: &str,
+    connections: &str,
+) -> stampede_press::report::Report {
+    stampede_press::press(&args(
+        base,
+        &[
+            "--scenario",
+            "healthz",
+            "--rate",
+            rate,
+            "--duration",
+            duration,
+            "--connections",
+            connections,
+        ],
+    ))
+    .await
+    .unwrap()
+}
+
 fn write_scenario(dir: &tempfile::TempDir, text: &str) -> String {
     let path = dir.path().join("scenario.toml");
     std::fs::write(&path, text).unwrap();
@@ -53,21 +78,7 @@ fn write_scenario(dir: &tempfile::TempDir, text: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_open_model_holds_its_arrival_rate_within_two_percent() {
     let base = serve(axum::Router::new().route("/healthz", get(|| async { "ok" }))).await;
-    let report = stampede_press::press(&args(
-        &base,
-        &[
-            "--scenario",
-            "healthz",
-            "--rate",
-            "1000/s",
-            "--duration",
-            "5s",
-            "--connections",
-            "16",
-        ],
-    ))
-    .await
-    .unwrap();
+    let report = open_healthz(&base, "1000/s", "5s", "16").await;
     assert_eq!(report.errors, 0, "{}", report.summary());
     assert_eq!(report.sessions.scheduled, Some(5000));
     let ratio = report.achieved_rps / 1000.0;
@@ -121,21 +132,7 @@ async fn a_one_second_stall_shows_in_the_tail() {
         )
         .with_state(first);
     let base = serve(router).await;
-    let report = stampede_press::press(&args(
-        &base,
-        &[
-            "--scenario",
-            "healthz",
-            "--rate",
-            "200/s",
-            "--duration",
-            "5s",
-            "--connections",
-            "8",
-        ],
-    ))
-    .await
-    .unwrap();
+    let report = open_healthz(&base, "200/s", "5s", "8").await;
     // About a fifth of the arrivals were due during the stall and waited up to 1 s.
     // Measured from when each request was sent, only the 8 requests on the wire would
     // look slow and p90 would be under a millisecond.
@@ -175,21 +172,7 @@ async fn refusals_show_on_the_timeline_with_their_own_latency() {
         )
         .with_state(hits.clone());
     let base = serve(router).await;
-    let report = stampede_press::press(&args(
-        &base,
-        &[
-            "--scenario",
-            "healthz",
-            "--rate",
-            "300/s",
-            "--duration",
-            "2s",
-            "--connections",
-            "16",
-        ],
-    ))
-    .await
-    .unwrap();
+    let report = open_healthz(&base, "300/s", "2s", "16").await;
     let refusals = report.steps[0].statuses["503"];
     assert!(refusals > 100, "{}", report.summary());
     let on_timeline: Vec<_> = report
