@@ -11,6 +11,10 @@ bin=${STAMPEDE_BIN:-$target_dir/${PROFILE:-release}/stampede}
 # needs_wrk: stops with an install hint when wrk is missing.
 needs_wrk() { command -v wrk >/dev/null || { echo "needs wrk (Debian/Ubuntu: apt-get install wrk)" >&2; exit 2; }; }
 
+# needs_python3: stops with an install hint when python3 (which reads the runs' reports
+# and /metrics) is missing, before a run that would need it at its end.
+needs_python3() { command -v python3 >/dev/null || { echo "needs python3 (Debian/Ubuntu: apt-get install python3)" >&2; exit 2; }; }
+
 # start_with_sale ACK [serve args...]: (re)starts `stampede serve` on 127.0.0.1:$port with a
 # fresh data directory under $work, waits for /healthz, then creates a product and a sale
 # of 10^9 units (at most 1,000 per shopper) running for two hours. Sets $pid and exports

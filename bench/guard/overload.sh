@@ -32,6 +32,7 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 # shellcheck source=../lib.sh
 source "$here/../lib.sh"
+needs_python3
 # 2,048 connections open at both ends on one machine: raise the soft limit on open files
 # to the hard one when it is lower than that needs (1,024 is a common default).
 need_files=5000

@@ -34,6 +34,7 @@ here=$(cd "$(dirname "$0")" && pwd)
 # shellcheck source=../lib.sh
 source "$here/../lib.sh"
 needs_wrk
+needs_python3
 duration=${DURATION:-8s}
 sweep=${SWEEP:-64 256 512 1024}
 rounds=${ROUNDS:-1}
