@@ -536,22 +536,42 @@ pub const GUARD_RULES_KEY: &str = "guard_rules";
 
 /// Validates, persists, then swaps in new rules (in that order, one change at a time):
 /// rules that answer 200 survive a restart.
+/// Which versions a change may carry.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum NextVersion {
+    /// Exactly the current + 1: the admin API's compare-and-swap, so two admins cannot
+    /// overwrite each other's change unseen.
+    Exact,
+    /// Any higher one: a configuration file states the version it was written as.
+    Newer,
+}
+
 async fn change_rules(
     app: &AppState,
+    next: NextVersion,
     change: impl FnOnce(&mut stampede_guard::GuardRules),
 ) -> Result<stampede_guard::GuardRules, ApiError> {
     let _one = app.rules_change.lock().await;
     let mut rules = app.guard.rules();
     let current = rules.version;
     change(&mut rules);
-    if rules.version != current + 1 {
+    let fits = match next {
+        NextVersion::Exact => rules.version == current + 1,
+        NextVersion::Newer => rules.version > current,
+    };
+    if !fits {
         return Err(ApiError::new(
             StatusCode::CONFLICT,
             "version_conflict",
-            format!(
-                "version must be {} (the current version is {current})",
-                current + 1
-            ),
+            match next {
+                NextVersion::Exact => format!(
+                    "version must be {} (the current version is {current})",
+                    current + 1
+                ),
+                NextVersion::Newer => {
+                    format!("version must be above {current}, the current version")
+                }
+            },
         ));
     }
     rules.validate().map_err(rule_errors)?;
@@ -580,12 +600,21 @@ fn rule_errors(errors: Vec<stampede_guard::RuleError>) -> ApiError {
 }
 
 /// Replaces the rules with `rules` (which must carry the current version + 1): validated,
-/// kept in the store, then live. Used by `PUT /v1/guard/rules` and the file reload.
+/// kept in the store, then live. Used by `PUT /v1/guard/rules`.
 pub async fn apply_rules(
     app: &AppState,
     rules: stampede_guard::GuardRules,
 ) -> Result<stampede_guard::GuardRules, ApiError> {
-    change_rules(app, move |current| *current = rules).await
+    change_rules(app, NextVersion::Exact, move |current| *current = rules).await
+}
+
+/// Replaces the rules with those of a configuration file, which may carry any newer
+/// version: validated, kept in the store, then live, as an API change.
+pub async fn reload_rules(
+    app: &AppState,
+    rules: stampede_guard::GuardRules,
+) -> Result<stampede_guard::GuardRules, ApiError> {
+    change_rules(app, NextVersion::Newer, move |current| *current = rules).await
 }
 
 #[utoipa::path(get, path = "/v1/guard/rules",
@@ -624,7 +653,7 @@ pub async fn degrade(
     _admin: Admin,
     JsonBody(body): JsonBody<DegradeRequest>,
 ) -> Result<Response, ApiError> {
-    let rules = change_rules(&app, move |rules| {
+    let rules = change_rules(&app, NextVersion::Exact, move |rules| {
         rules.version += 1;
         rules.degraded.retain(|c| *c != body.class);
         if body.off {

@@ -5,8 +5,8 @@
 //! slots. A key whose TAT has passed holds no state (a new key would start the same), so
 //! its slot is free for reuse. Only when every slot of a set is busy with keys still
 //! inside their limit is the one nearest to replenished evicted; that key's next request
-//! starts fresh (counted in `evictions`). With the default 2^20 slots that takes over a
-//! million keys active within one emission interval.
+//! starts fresh (counted in `evictions`). With the guard's 2^18 slots (`HOT_SLOTS`) that
+//! takes over 262,144 keys active within one emission interval.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 

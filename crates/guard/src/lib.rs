@@ -190,15 +190,27 @@ struct Flow {
     /// Names used in rejections, made once.
     rate_name: Arc<str>,
     concurrency_name: Arc<str>,
+    /// Carried into the next rules while this rule stays the same.
+    limiter: Arc<FlowLimiter>,
+    /// Requests of the resource in flight: carried into the next rules whatever they
+    /// say, since the requests admitted under these rules give their slot back to it.
+    inflight: Arc<AtomicU64>,
+}
+
+/// A flow rule's limiter state: the GCRA's theoretical arrival time and the warm-up's
+/// progress.
+#[derive(Default)]
+struct FlowLimiter {
     gcra: Gcra,
-    inflight: AtomicU64,
     warm_start: AtomicU64,
     last_pass: AtomicU64,
 }
 
 struct Hot {
     rule: HotRule,
-    table: HotTable,
+    /// Carried into the next rules while this rule stays the same: a scalper's
+    /// allowance does not come back with a rules change.
+    table: Arc<HotTable>,
     interval: u64,
     /// `hot:<name>`: its counters and the name used in rejections.
     resource: Resource,
@@ -215,7 +227,12 @@ struct Compiled {
 }
 
 impl Compiled {
-    fn new(rules: GuardRules, registry: &Registry) -> Compiled {
+    /// Compiles `rules`. What a rule has learned (a flow rule's limiter, a hot rule's
+    /// table, a breaker's state) is taken over from `previous` where the same rule is
+    /// there unchanged, so a rules change (or a degradation switch) does not hand every
+    /// limit a fresh burst, start warm-up rules cold again mid-peak or close open
+    /// breakers. Requests in flight are counted on across any change.
+    fn new(rules: GuardRules, registry: &Registry, previous: Option<&Compiled>) -> Compiled {
         let mut flows: Vec<Option<Flow>> = Vec::new();
         let mut hot: Vec<Vec<Hot>> = Vec::new();
         for r in &rules.flow {
@@ -223,14 +240,15 @@ impl Compiled {
             if flows.len() <= id {
                 flows.resize_with(id + 1, || None);
             }
+            let before = previous.and_then(|p| p.flow(id));
             flows[id] = Some(Flow {
                 rule: r.clone(),
                 rate_name: Arc::from(format!("flow:{}", r.resource)),
                 concurrency_name: Arc::from(format!("flow:{}:concurrency", r.resource)),
-                gcra: Gcra::new(),
-                inflight: AtomicU64::new(0),
-                warm_start: AtomicU64::new(0),
-                last_pass: AtomicU64::new(0),
+                limiter: before
+                    .filter(|b| b.rule == *r)
+                    .map_or_else(Arc::default, |b| b.limiter.clone()),
+                inflight: before.map_or_else(Arc::default, |b| b.inflight.clone()),
             });
         }
         for r in &rules.hot {
@@ -238,9 +256,13 @@ impl Compiled {
             if hot.len() <= id {
                 hot.resize_with(id + 1, Vec::new);
             }
+            let table = previous
+                .and_then(|p| p.hot.get(id))
+                .and_then(|before| before.iter().find(|h| h.rule == *r))
+                .map_or_else(|| Arc::new(HotTable::new(HOT_SLOTS)), |h| h.table.clone());
             hot[id].push(Hot {
                 rule: r.clone(),
-                table: HotTable::new(HOT_SLOTS),
+                table,
                 interval: interval_ns(r.qps),
                 resource: registry.resolve(&format!("hot:{}", r.name)),
             });
@@ -250,10 +272,11 @@ impl Compiled {
             .iter()
             .map(|r| {
                 let resource = registry.resolve(&format!("outbound:{}", r.name));
-                (
-                    r.name.clone(),
-                    (Arc::new(Breaker::new(r.clone())), resource),
-                )
+                let breaker = previous
+                    .and_then(|p| p.breakers.get(&r.name))
+                    .filter(|(b, _)| b.rule == *r)
+                    .map_or_else(|| Arc::new(Breaker::new(r.clone())), |(b, _)| b.clone());
+                (r.name.clone(), (breaker, resource))
             })
             .collect();
         Compiled {
@@ -417,8 +440,9 @@ pub struct Guard {
 pub struct Admission<'a> {
     guard: &'a Guard,
     resource: &'a Resource,
-    /// Held only when the resource has a concurrency limit to give back.
-    concurrency: Option<Arc<Compiled>>,
+    /// Held only when the resource has a concurrency limit: the count its slot goes
+    /// back to, whatever rules are in force by then.
+    concurrency: Option<Arc<AtomicU64>>,
     start: u64,
     /// Pacing: send after this long.
     pub wait: Duration,
@@ -438,12 +462,8 @@ impl Drop for Admission<'_> {
         let rt = now.saturating_sub(self.start);
         self.guard.system.inflight.fetch_sub(1, Ordering::Relaxed);
         self.guard.system.record(now, rt);
-        if let Some(flow) = self
-            .concurrency
-            .as_ref()
-            .and_then(|c| c.flow(self.resource.id))
-        {
-            flow.inflight.fetch_sub(1, Ordering::Relaxed);
+        if let Some(inflight) = &self.concurrency {
+            inflight.fetch_sub(1, Ordering::Relaxed);
         }
         self.resource.counters.finished(rt, self.error);
     }
@@ -488,7 +508,7 @@ impl Guard {
         let registry = Registry::default();
         let adaptive = rules.system.adaptive.clone().map(adaptive::Gradient2::new);
         let adaptive_limit = adaptive.as_ref().map_or(f64::MAX, |a| a.limit());
-        let compiled = Compiled::new(rules, &registry);
+        let compiled = Compiled::new(rules, &registry, None);
         let guard = Arc::new(Guard {
             base: Instant::now(),
             compiled: ArcSwap::from_pointee(compiled),
@@ -532,18 +552,20 @@ impl Guard {
         self.registry.resolve(name)
     }
 
-    /// Replaces the rules if `rules.version` is the current version + 1. Limiter state
-    /// starts fresh; counters carry on.
+    /// Replaces the rules if `rules.version` is newer than the current version (the
+    /// admin API asks for exactly the next one; a reloaded file may skip). A rule that is
+    /// the same in both keeps its limiter state (see `Compiled::new`); a changed or new
+    /// one starts fresh; counters carry on.
     pub fn replace(&self, rules: GuardRules) -> Result<u64, Vec<RuleError>> {
         rules.validate()?;
         // One writer at a time; readers never wait.
         static REPLACING: parking_lot::Mutex<()> = parking_lot::Mutex::new(());
         let _one = REPLACING.lock();
         let current = self.compiled.load().rules.version;
-        if rules.version != current + 1 {
+        if rules.version <= current {
             return Err(vec![RuleError {
                 field: "version".into(),
-                message: format!("must be {} (the current version is {current})", current + 1),
+                message: format!("must be above {current}, the current version"),
             }]);
         }
         let version = rules.version;
@@ -554,8 +576,9 @@ impl Guard {
             self.adaptive_limit
                 .store(limit.to_bits(), Ordering::Relaxed);
         }
-        self.compiled
-            .store(Arc::new(Compiled::new(rules, &self.registry)));
+        let previous = self.compiled.load();
+        let next = Compiled::new(rules, &self.registry, Some(&previous));
+        self.compiled.store(Arc::new(next));
         Ok(version)
     }
 
@@ -652,7 +675,7 @@ impl Guard {
                 // Counted even when a dry run lets an over-limit request through, so the
                 // drop that gives it back stays balanced.
                 let current = flow.inflight.fetch_add(1, Ordering::Relaxed);
-                concurrency = Some(arc_swap::Guard::into_inner(self.compiled.load()));
+                concurrency = Some(flow.inflight.clone());
                 if current >= u64::from(max)
                     && let Some(r) = refuse(
                         Rejection::Throttled {
@@ -666,9 +689,10 @@ impl Guard {
                     return Err(r);
                 }
             }
+            let limiter = &flow.limiter;
             if let Some(qps) = rule.qps {
                 let verdict = match &rule.behavior {
-                    Behavior::Reject => flow
+                    Behavior::Reject => limiter
                         .gcra
                         .try_admit(now, interval_ns(qps), rule.burst)
                         .map(|_| 0),
@@ -677,25 +701,26 @@ impl Guard {
                         period,
                     } => {
                         let period = period.as_nanos() as u64;
-                        let last = flow.last_pass.load(Ordering::Relaxed);
+                        let last = limiter.last_pass.load(Ordering::Relaxed);
                         if last == 0 || now.saturating_sub(last) > period {
-                            flow.warm_start.store(now, Ordering::Relaxed);
+                            limiter.warm_start.store(now, Ordering::Relaxed);
                         }
-                        let warm = flow.warm_start.load(Ordering::Relaxed);
+                        let warm = limiter.warm_start.load(Ordering::Relaxed);
                         let progress = (now.saturating_sub(warm) as f64 / period as f64).min(1.0);
                         let cold = qps / cold_factor;
                         let rate = cold + (qps - cold) * progress;
-                        let result = flow
+                        let result = limiter
                             .gcra
                             .try_admit(now, interval_ns(rate), rule.burst)
                             .map(|_| 0);
                         if result.is_ok() {
-                            flow.last_pass.store(now, Ordering::Relaxed);
+                            limiter.last_pass.store(now, Ordering::Relaxed);
                         }
                         result
                     }
                     Behavior::Pace { max_queue } => {
-                        flow.gcra
+                        limiter
+                            .gcra
                             .reserve(now, interval_ns(qps), max_queue.as_nanos() as u64)
                     }
                 };

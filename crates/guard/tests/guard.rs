@@ -352,7 +352,7 @@ fn the_shipped_default_limits_each_shopper_to_ten_a_second_with_a_burst_of_twent
 fn rules_are_replaced_by_version_and_dry_run_blocks_nothing() {
     let guard = Guard::new(GuardRules::default()).unwrap();
     let mut next = rules_with(vec![flow("purchase", 1.0, 1, Behavior::Reject)]);
-    next.version = 5;
+    next.version = 0;
     let err = guard.replace(next.clone()).unwrap_err();
     assert_eq!(err[0].field, "version");
     next.version = 1;
@@ -380,6 +380,104 @@ fn rules_are_replaced_by_version_and_dry_run_blocks_nothing() {
     bad.flow[0].qps = Some(-1.0);
     assert!(guard.replace(bad).is_err());
     assert_eq!(guard.rules().version, 1);
+    // Versions only go forward, by one or by more.
+    next.version = 4;
+    assert_eq!(guard.replace(next.clone()), Ok(4));
+    next.version = 3;
+    assert_eq!(guard.replace(next).unwrap_err()[0].field, "version");
+}
+
+#[test]
+fn a_slot_taken_before_a_rules_change_goes_back_to_the_same_count() {
+    let mut rule = flow("pay", 1.0, 1, Behavior::Reject);
+    rule.qps = None;
+    rule.max_concurrency = Some(1);
+    let guard = Guard::new(rules_with(vec![rule.clone()])).unwrap();
+    let pay = guard.resource("pay");
+    let before = guard.admit(&pay, Class::Pay).unwrap();
+    // The same limit, and then a higher one, while the request is in flight.
+    for (version, max) in [(1, 1), (2, 2)] {
+        let mut next = rules_with(vec![rule.clone()]);
+        next.version = version;
+        next.flow[0].max_concurrency = Some(max);
+        guard.replace(next).unwrap();
+    }
+    // The request admitted before still counts against the new limit of 2 ...
+    let second = guard.admit(&pay, Class::Pay).unwrap();
+    assert!(matches!(
+        guard.admit(&pay, Class::Pay),
+        Err(Rejection::Throttled { .. })
+    ));
+    // ... and gives its slot back to it, not to a count that would wrap below zero and
+    // refuse the resource for good.
+    drop(before);
+    let third = guard.admit(&pay, Class::Pay).unwrap();
+    drop((second, third));
+    let again: Vec<_> = (0..2).map(|_| guard.admit(&pay, Class::Pay)).collect();
+    assert!(again.iter().all(Result::is_ok));
+}
+
+#[test]
+fn a_rules_change_keeps_what_unchanged_rules_have_learned() {
+    let scalper = HotRule {
+        name: "per-shopper".into(),
+        resource: "purchase".into(),
+        param: Param::Shopper,
+        qps: 1.0,
+        burst: 3,
+        dry_run: false,
+    };
+    let rules = GuardRules {
+        flow: vec![
+            flow("purchase", 1.0, 5, Behavior::Reject),
+            flow("browse", 1.0, 5, Behavior::Reject),
+        ],
+        hot: vec![scalper],
+        breakers: vec![BreakerRule {
+            min_calls: 5,
+            open_for: Duration::from_secs(60),
+            ..BreakerRule::payment_default()
+        }],
+        ..GuardRules::default()
+    };
+    let guard = Guard::new(rules.clone()).unwrap();
+    let (purchase, browse) = (guard.resource("purchase"), guard.resource("browse"));
+    let admitted = |resource| {
+        (0..10)
+            .filter(|_| guard.admit(resource, Class::Purchase).is_ok())
+            .count()
+    };
+    let shopper = |guard: &Guard| {
+        (0..10)
+            .filter(|_| {
+                guard
+                    .check_hot(&guard.resource("purchase"), Param::Shopper, "bot")
+                    .is_ok()
+            })
+            .count()
+    };
+    assert_eq!((admitted(&purchase), admitted(&browse)), (5, 5));
+    assert_eq!(shopper(&guard), 3);
+    for _ in 0..5 {
+        guard.outbound("payment").unwrap().unwrap().finish(false);
+    }
+    assert_eq!(guard.stats().breakers[0].1, BreakerState::Open);
+
+    // Degrade tracking (a change elsewhere) and double browse's burst.
+    let mut next = rules.clone();
+    next.version = 1;
+    next.degraded = vec![Class::Stats];
+    next.flow[1].burst = 10;
+    guard.replace(next).unwrap();
+    // The unchanged purchase rule, scalper rule and breaker carry on where they were:
+    // no fresh burst, no closed breaker. Browse's changed rule starts over.
+    assert_eq!(admitted(&purchase), 0);
+    assert_eq!(shopper(&guard), 0);
+    assert!(matches!(
+        guard.outbound("payment"),
+        Err(Rejection::CircuitOpen { .. })
+    ));
+    assert_eq!(admitted(&browse), 10);
 }
 
 #[test]

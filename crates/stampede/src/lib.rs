@@ -628,7 +628,7 @@ async fn watch_guard_rules(path: PathBuf, state: AppState) {
             tracing::info!(file = %path.display(), file_version = rules.version, current, "the file's guard rules are not newer; unchanged");
             continue;
         }
-        match stampede_api::handlers::apply_rules(&state, rules).await {
+        match stampede_api::handlers::reload_rules(&state, rules).await {
             Ok(rules) => tracing::info!(
                 version = rules.version,
                 "guard rules reloaded from the file"

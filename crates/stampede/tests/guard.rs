@@ -478,10 +478,21 @@ async fn a_newer_guard_section_in_the_config_file_is_reloaded_live() {
     std::fs::write(&file, "[guard]\nversion = 2\nbogus = 1\n").unwrap();
     tokio::time::sleep(Duration::from_millis(2_500)).await;
     assert_eq!(rules(&app).await["version"], 1);
+    // A file may skip versions: it is newer, so it is applied as the version it says.
+    std::fs::write(&file, "[guard]\nversion = 5\ndry_run = true\n").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while rules(&app).await["version"] != 5 {
+        assert!(
+            Instant::now() < deadline,
+            "a skipped version was not reloaded"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(rules(&app).await["dry_run"], true);
     // What was reloaded is kept in the store like an API change.
     std::fs::write(&file, "[guard]\nversion = 0\n").unwrap();
     app.restart().await;
-    assert_eq!(rules(&app).await["version"], 1);
+    assert_eq!(rules(&app).await["version"], 5);
 }
 
 /// A stalled PostgreSQL: the statement timeout set in the database URL (as the README
