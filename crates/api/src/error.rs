@@ -29,7 +29,15 @@ pub struct ApiError {
     pub code: &'static str,
     pub message: String,
     pub retry_after_s: Option<u32>,
+    /// A per-key limit (one shopper, one sale) refused it after the route's own rules
+    /// admitted it; the response carries [`PerKeyRefusal`] so the guard's middleware
+    /// gives the route's rate slot back.
+    pub per_key: bool,
 }
+
+/// Response extension: the request was refused by a per-key limit inside its handler.
+#[derive(Clone, Copy, Debug)]
+pub struct PerKeyRefusal;
 
 impl ApiError {
     pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
@@ -38,7 +46,14 @@ impl ApiError {
             code,
             message: message.into(),
             retry_after_s: None,
+            per_key: false,
         }
+    }
+    /// A per-key limit's refusal (see [`ApiError::per_key`]).
+    pub fn per_key(rejection: stampede_guard::Rejection) -> Self {
+        let mut error = ApiError::from(rejection);
+        error.per_key = true;
+        error
     }
     pub fn retry_after(mut self, seconds: u32) -> Self {
         self.retry_after_s = Some(seconds);
@@ -74,6 +89,9 @@ impl IntoResponse for ApiError {
             response
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        }
+        if self.per_key {
+            response.extensions_mut().insert(PerKeyRefusal);
         }
         if self.status == StatusCode::PAYLOAD_TOO_LARGE {
             // The rest of the body is never read, so this connection cannot carry another
@@ -215,6 +233,10 @@ impl From<OrderError> for ApiError {
             }
             OrderError::PaymentCircuitOpen(retry_after_ms) => {
                 ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "circuit_open", message)
+                    .retry_after(retry_after_ms.div_ceil(1000).clamp(1, 3600) as u32)
+            }
+            OrderError::PaymentThrottled(retry_after_ms) => {
+                ApiError::new(StatusCode::TOO_MANY_REQUESTS, "throttled", message)
                     .retry_after(retry_after_ms.div_ceil(1000).clamp(1, 3600) as u32)
             }
             OrderError::Overloaded => ApiError::overloaded(message),

@@ -304,10 +304,15 @@ pub async fn purchase(
     // Per-shopper and per-sale limits before anything costs: a scalper's 21st attempt
     // in a second gets 429 without touching the engine.
     let resource = &app.guarded.purchase;
+    // The sale by its parsed id: the path may spell one id several ways (case, braces),
+    // and each spelling must not get an allowance of its own. A refusal here gives the
+    // purchase route's rate slot back (`ApiError::per_key`).
     app.guard
-        .check_hot(resource, stampede_guard::Param::Shopper, user.as_str())?;
+        .check_hot(resource, stampede_guard::Param::Shopper, user.as_str())
+        .map_err(ApiError::per_key)?;
     app.guard
-        .check_hot(resource, stampede_guard::Param::Sale, id.as_str())?;
+        .check_hot(resource, stampede_guard::Param::Sale, &sale_id)
+        .map_err(ApiError::per_key)?;
     let purchase = app.engine.purchase(user, key, sale_id, quantity).await?;
     let status = if purchase.replay {
         StatusCode::OK
@@ -575,6 +580,7 @@ async fn change_rules(
         ));
     }
     rules.validate().map_err(rule_errors)?;
+    crate::check_rule_targets(&rules).map_err(rule_errors)?;
     let json = serde_json::to_string(&rules).expect("rules serialise");
     app.engine
         .store()

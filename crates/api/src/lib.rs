@@ -80,6 +80,78 @@ pub const GUARDED: &[(&str, Class)] = &[
     ("guard_stats", Class::Stats),
 ];
 
+/// Resources the code asks the guard about besides the routes: `payment` is each call
+/// to the payment provider, so a flow rule on it limits the calls' rate and how many
+/// are in flight at once (the third party's capacity, not ours).
+pub const NAMED_RESOURCES: &[&str] = &["payment"];
+
+/// The outbound dependencies that ask their breaker before each call.
+pub const DEPENDENCIES: &[&str] = &["payment", "database"];
+
+/// Refuses rules that nothing would ever ask: a flow rule on a resource that is neither
+/// a guarded route nor a named resource, a shopper or sale limit anywhere but on
+/// `purchase` (the handler that knows them), a client or tenant limit on a route the
+/// guard does not decide, a breaker for a dependency that has none. Accepted, such a
+/// rule would look in force and protect nothing.
+pub fn check_rule_targets(
+    rules: &stampede_guard::GuardRules,
+) -> Result<(), Vec<stampede_guard::RuleError>> {
+    let route = |name: &str| GUARDED.iter().any(|(r, _)| *r == name);
+    let named = |name: &str| NAMED_RESOURCES.contains(&name);
+    let known = || {
+        GUARDED
+            .iter()
+            .map(|(r, _)| *r)
+            .chain(NAMED_RESOURCES.iter().copied())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let mut errors = Vec::new();
+    let mut err =
+        |field: String, message: String| errors.push(stampede_guard::RuleError { field, message });
+    for (i, rule) in rules.flow.iter().enumerate() {
+        if !route(&rule.resource) && !named(&rule.resource) {
+            err(
+                format!("flow[{i}].resource"),
+                format!("no such resource; one of {}", known()),
+            );
+        }
+    }
+    for (i, rule) in rules.hot.iter().enumerate() {
+        match rule.param {
+            Param::Shopper | Param::Sale if rule.resource != "purchase" => err(
+                format!("hot[{i}].resource"),
+                "shopper and sale limits apply to purchase only".into(),
+            ),
+            Param::ClientIp | Param::Tenant if !route(&rule.resource) => err(
+                format!("hot[{i}].resource"),
+                format!(
+                    "no such route; one of {}",
+                    GUARDED
+                        .iter()
+                        .map(|(r, _)| *r)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            ),
+            _ => {}
+        }
+    }
+    for (i, rule) in rules.breakers.iter().enumerate() {
+        if !DEPENDENCIES.contains(&rule.name.as_str()) {
+            err(
+                format!("breakers[{i}].name"),
+                format!("no such dependency; one of {}", DEPENDENCIES.join(", ")),
+            );
+        }
+    }
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(errors)
+    }
+}
+
 impl GuardedRoutes {
     pub fn new(guard: &Guard) -> GuardedRoutes {
         GuardedRoutes {
@@ -297,14 +369,13 @@ async fn protect(
         .extensions()
         .get::<axum::extract::ConnectInfo<hold::Peer>>()
         .map(|axum::extract::ConnectInfo(peer)| peer.clone());
-    let admitted = app.guard.admit(resource, class).and_then(|admission| {
-        match &peer {
-            Some(peer) => client_admits(app, resource, peer, request.headers()),
-            None => Ok(()),
-        }
-        // Dropped on a refusal: not in flight while its answer waits for a hold.
-        .map(|()| admission)
-    });
+    // The client's own limits first: a client refused by them must not use up the rate
+    // the route's clients share.
+    let admitted = match &peer {
+        Some(peer) => client_admits(app, resource, peer, request.headers()),
+        None => Ok(()),
+    }
+    .and_then(|()| app.guard.admit(resource, class));
     let mut admission = match admitted {
         Ok(admission) => admission,
         Err(rejection) => {
@@ -318,6 +389,13 @@ async fn protect(
     let response = next.run(request).await;
     if response.status().is_server_error() {
         admission.failed();
+    }
+    if response
+        .extensions()
+        .get::<error::PerKeyRefusal>()
+        .is_some()
+    {
+        admission.give_back();
     }
     // The request is finished: no longer in flight, whether or not its answer waits.
     drop(admission);

@@ -97,11 +97,39 @@ impl PaymentGateway for HttpPayments {
 pub struct GuardedPayments {
     pub inner: std::sync::Arc<dyn PaymentGateway>,
     pub guard: std::sync::Arc<stampede_guard::Guard>,
+    /// The `payment` resource: its flow rule (rate, pacing, calls in flight) applies to
+    /// each charge.
+    pub resource: stampede_guard::Resource,
+}
+
+impl GuardedPayments {
+    pub fn new(
+        inner: std::sync::Arc<dyn PaymentGateway>,
+        guard: std::sync::Arc<stampede_guard::Guard>,
+    ) -> GuardedPayments {
+        let resource = guard.resource("payment");
+        GuardedPayments {
+            inner,
+            guard,
+            resource,
+        }
+    }
 }
 
 #[async_trait]
 impl PaymentGateway for GuardedPayments {
     async fn charge(&self, idempotency_key: &str, amount: Cents) -> Result<(), PaymentError> {
+        // The flow rule first (a refused charge never reaches the breaker's counts),
+        // held for the whole call so `max_concurrency` counts calls in flight.
+        let mut admission = self
+            .guard
+            .admit_named(&self.resource)
+            .map_err(|rejection| PaymentError::Throttled {
+                retry_after_ms: rejection.retry_after().as_millis() as u64,
+            })?;
+        if !admission.wait.is_zero() {
+            tokio::time::sleep(admission.wait).await;
+        }
         let call =
             self.guard
                 .outbound("payment")
@@ -109,8 +137,12 @@ impl PaymentGateway for GuardedPayments {
                     retry_after_ms: rejection.retry_after().as_millis() as u64,
                 })?;
         let result = self.inner.charge(idempotency_key, amount).await;
+        let ok = matches!(result, Ok(()) | Err(PaymentError::Declined(_)));
         if let Some(call) = call {
-            call.finish(matches!(result, Ok(()) | Err(PaymentError::Declined(_))));
+            call.finish(ok);
+        }
+        if !ok {
+            admission.failed();
         }
         result
     }

@@ -156,6 +156,10 @@ pub enum OrderError {
     /// The provider was not called (its breaker is open); the order stays payable.
     #[error("payment provider unavailable, retry in {0} ms")]
     PaymentCircuitOpen(u64),
+    /// The provider was not called (its calls are at their limit); the order stays
+    /// payable.
+    #[error("too many payments in progress, retry in {0} ms")]
+    PaymentThrottled(u64),
     #[error("the write queue is full")]
     Overloaded,
     #[error("storage unavailable")]
@@ -1325,6 +1329,10 @@ impl Engine {
                     // Not even called: nothing was charged.
                     engine.shared.payment_attempts.lock().remove(&id);
                     OrderError::PaymentCircuitOpen(retry_after_ms)
+                }
+                PaymentError::Throttled { retry_after_ms } => {
+                    engine.shared.payment_attempts.lock().remove(&id);
+                    OrderError::PaymentThrottled(retry_after_ms)
                 }
                 other => OrderError::PaymentFailed(other.to_string()),
             })?;

@@ -15,6 +15,10 @@ pub enum PaymentError {
     /// Not called: the provider's circuit breaker is open. Nothing was charged.
     #[error("payment provider unavailable (circuit open), retry in {retry_after_ms} ms")]
     CircuitOpen { retry_after_ms: u64 },
+    /// Not called: the calls to the provider are at their configured limit (rate or
+    /// in flight). Nothing was charged.
+    #[error("too many payments in progress, retry in {retry_after_ms} ms")]
+    Throttled { retry_after_ms: u64 },
 }
 
 #[async_trait]

@@ -40,6 +40,16 @@ impl Gcra {
         }
     }
 
+    /// Returns one request's slot (`interval` ns) taken by `try_admit` or `reserve`, for
+    /// a request that a later check refused: as if it had never been admitted.
+    pub fn give_back(&self, interval: u64) {
+        let _ = self
+            .tat
+            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |tat| {
+                Some(tat.saturating_sub(interval))
+            });
+    }
+
     /// Reserves the next free slot for a paced request: `Ok(wait)` to send after `wait`
     /// ns, or `Err(excess)` when the wait would pass `max_wait` (nothing is reserved).
     pub fn reserve(&self, now: u64, interval: u64, max_wait: u64) -> Result<u64, u64> {
@@ -91,6 +101,22 @@ mod tests {
         // One more every 100 ms afterwards.
         assert!(g.try_admit(now + t, t, 20).is_ok());
         assert!(g.try_admit(now + t, t, 20).is_err());
+    }
+
+    #[test]
+    fn a_slot_given_back_admits_another_request() {
+        let g = Gcra::new();
+        let t = interval_ns(10.0);
+        let now = 10 * S;
+        for _ in 0..5 {
+            assert!(g.try_admit(now, t, 5).is_ok());
+        }
+        assert!(g.try_admit(now, t, 5).is_err());
+        g.give_back(t);
+        g.give_back(t);
+        assert!(g.try_admit(now, t, 5).is_ok());
+        assert!(g.try_admit(now, t, 5).is_ok());
+        assert!(g.try_admit(now, t, 5).is_err());
     }
 
     #[test]

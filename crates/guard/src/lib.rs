@@ -122,6 +122,18 @@ pub struct CounterValues {
 }
 
 impl Counters {
+    /// A refusal of this resource: counted as blocked by its reason and returned, or in
+    /// dry run counted as would-block and let through (`None`).
+    fn refusal(&self, rejection: Rejection, dry_run: bool) -> Option<Rejection> {
+        if dry_run {
+            self.would_block.fetch_add(1, Ordering::Relaxed);
+            None
+        } else {
+            self.blocked[rejection.reason() as usize].fetch_add(1, Ordering::Relaxed);
+            Some(rejection)
+        }
+    }
+
     /// One call of the resource finished after `rt_ns`, failed or not.
     fn finished(&self, rt_ns: u64, error: bool) {
         self.completed.fetch_add(1, Ordering::Relaxed);
@@ -382,7 +394,8 @@ impl System {
         })
     }
 
-    /// max completions per second × min mean response time, over the last second.
+    /// max completions per second × min mean response time, over the last second; at
+    /// least `MIN_BBR_LIMIT`, which is also the limit while nothing completes.
     fn bbr_limit(&self, now: u64) -> f64 {
         let epoch = now / SYS_BUCKET_NS;
         let mut max_qps: f64 = 0.0;
@@ -401,7 +414,9 @@ impl System {
             min_rt = min_rt.min(b.rt_sum.load(Ordering::Relaxed) as f64 / count as f64 / 1e9);
         }
         if min_rt == f64::MAX {
-            return f64::MAX;
+            // Nothing finished in the last second: a stall (or a start under pressure)
+            // is no reason to admit without bound. The floor holds until answers come.
+            return MIN_BBR_LIMIT;
         }
         (max_qps * min_rt).max(MIN_BBR_LIMIT)
     }
@@ -443,6 +458,11 @@ pub struct Admission<'a> {
     /// Held only when the resource has a concurrency limit: the count its slot goes
     /// back to, whatever rules are in force by then.
     concurrency: Option<Arc<AtomicU64>>,
+    /// Counted in the system's requests in flight and response times (a request, not a
+    /// named resource's call).
+    system: bool,
+    /// The rate slot it took (the limiter and the interval), for [`Admission::give_back`].
+    rate: Option<(Arc<FlowLimiter>, u64)>,
     start: u64,
     /// Pacing: send after this long.
     pub wait: Duration,
@@ -454,14 +474,25 @@ impl Admission<'_> {
     pub fn failed(&mut self) {
         self.error = true;
     }
+
+    /// Returns the resource's rate slot this request took, when a check after the
+    /// admission (a per-shopper or per-sale limit) refused it: a scalper's refused
+    /// attempts must not use up the rate everyone shares. At most once.
+    pub fn give_back(&mut self) {
+        if let Some((limiter, interval)) = self.rate.take() {
+            limiter.gcra.give_back(interval);
+        }
+    }
 }
 
 impl Drop for Admission<'_> {
     fn drop(&mut self) {
         let now = self.guard.now();
         let rt = now.saturating_sub(self.start);
-        self.guard.system.inflight.fetch_sub(1, Ordering::Relaxed);
-        self.guard.system.record(now, rt);
+        if self.system {
+            self.guard.system.inflight.fetch_sub(1, Ordering::Relaxed);
+            self.guard.system.record(now, rt);
+        }
         if let Some(inflight) = &self.concurrency {
             inflight.fetch_sub(1, Ordering::Relaxed);
         }
@@ -473,29 +504,37 @@ impl Drop for Admission<'_> {
 #[must_use]
 pub struct Outbound {
     breaker: Arc<Breaker>,
+    /// None for a call a dry run let through an open breaker: counted, not recorded.
     call: Option<Call>,
+    /// `outbound:<name>`: the call's time and failure go to its counters.
+    resource: Resource,
     start: u64,
     guard: Arc<Guard>,
+    done: bool,
 }
 
 impl Outbound {
-    /// Reports the call's result to its breaker.
+    /// Reports the call's result to its breaker and its resource's counters.
     pub fn finish(mut self, ok: bool) {
+        self.record(ok);
+    }
+
+    fn record(&mut self, ok: bool) {
+        self.done = true;
         let now = self.guard.now();
+        let rt = now.saturating_sub(self.start);
         if let Some(call) = self.call.take() {
-            self.breaker
-                .record(call, now, ok, now.saturating_sub(self.start));
+            self.breaker.record(call, now, ok, rt);
         }
+        self.resource.counters.finished(rt, !ok);
     }
 }
 
 impl Drop for Outbound {
     fn drop(&mut self) {
         // Dropped without a result (the caller gave up): count it as failed.
-        if let Some(call) = self.call.take() {
-            let now = self.guard.now();
-            self.breaker
-                .record(call, now, false, now.saturating_sub(self.start));
+        if !self.done {
+            self.record(false);
         }
     }
 }
@@ -618,14 +657,8 @@ impl Guard {
         let compiled = self.compiled.load();
         let counters = &resource.counters;
         let dry_run = compiled.rules.dry_run;
-        let refuse = |rejection: Rejection, rule_dry_run: bool| -> Option<Rejection> {
-            if dry_run || rule_dry_run {
-                counters.would_block.fetch_add(1, Ordering::Relaxed);
-                None
-            } else {
-                counters.blocked[rejection.reason() as usize].fetch_add(1, Ordering::Relaxed);
-                Some(rejection)
-            }
+        let refuse = |rejection: Rejection, rule_dry_run: bool| {
+            counters.refusal(rejection, dry_run || rule_dry_run)
         };
 
         if self.degraded(&compiled, class)
@@ -665,10 +698,35 @@ impl Guard {
             }
         }
 
-        // The resource's flow rule.
+        self.flow_admission(&compiled, resource, now, true)
+    }
+
+    /// Decides one call of a named resource (such as `payment`, the calls to the payment
+    /// provider) by its flow rule alone: the request that makes the call was already
+    /// through degradation and system protection, and is already counted in flight.
+    pub fn admit_named<'a>(&'a self, resource: &'a Resource) -> Result<Admission<'a>, Rejection> {
+        let compiled = self.compiled.load();
+        self.flow_admission(&compiled, resource, self.now(), false)
+    }
+
+    /// The resource's flow rule; then the admission, counted in the system's in-flight
+    /// requests and response times when `system`.
+    fn flow_admission<'a>(
+        &'a self,
+        compiled: &Compiled,
+        resource: &'a Resource,
+        now: u64,
+        system: bool,
+    ) -> Result<Admission<'a>, Rejection> {
+        let counters = &resource.counters;
+        let dry_run = compiled.rules.dry_run;
+        let refuse = |rejection: Rejection, rule_dry_run: bool| {
+            counters.refusal(rejection, dry_run || rule_dry_run)
+        };
         let mut wait = Duration::ZERO;
         let flow = compiled.flow(resource.id);
         let mut concurrency = None;
+        let mut rate = None;
         if let Some(flow) = flow {
             let rule = &flow.rule;
             if let Some(max) = rule.max_concurrency {
@@ -691,11 +749,12 @@ impl Guard {
             }
             let limiter = &flow.limiter;
             if let Some(qps) = rule.qps {
-                let verdict = match &rule.behavior {
-                    Behavior::Reject => limiter
-                        .gcra
-                        .try_admit(now, interval_ns(qps), rule.burst)
-                        .map(|_| 0),
+                let (verdict, interval) = match &rule.behavior {
+                    Behavior::Reject => {
+                        let interval = interval_ns(qps);
+                        let verdict = limiter.gcra.try_admit(now, interval, rule.burst);
+                        (verdict.map(|_| 0), interval)
+                    }
                     Behavior::WarmUp {
                         cold_factor,
                         period,
@@ -708,24 +767,24 @@ impl Guard {
                         let warm = limiter.warm_start.load(Ordering::Relaxed);
                         let progress = (now.saturating_sub(warm) as f64 / period as f64).min(1.0);
                         let cold = qps / cold_factor;
-                        let rate = cold + (qps - cold) * progress;
-                        let result = limiter
-                            .gcra
-                            .try_admit(now, interval_ns(rate), rule.burst)
-                            .map(|_| 0);
-                        if result.is_ok() {
+                        let interval = interval_ns(cold + (qps - cold) * progress);
+                        let verdict = limiter.gcra.try_admit(now, interval, rule.burst);
+                        if verdict.is_ok() {
                             limiter.last_pass.store(now, Ordering::Relaxed);
                         }
-                        result
+                        (verdict.map(|_| 0), interval)
                     }
                     Behavior::Pace { max_queue } => {
-                        limiter
-                            .gcra
-                            .reserve(now, interval_ns(qps), max_queue.as_nanos() as u64)
+                        let interval = interval_ns(qps);
+                        let max_wait = max_queue.as_nanos() as u64;
+                        (limiter.gcra.reserve(now, interval, max_wait), interval)
                     }
                 };
                 match verdict {
-                    Ok(w) => wait = Duration::from_nanos(w),
+                    Ok(w) => {
+                        wait = Duration::from_nanos(w);
+                        rate = Some((limiter.clone(), interval));
+                    }
                     Err(retry) => {
                         if let Some(r) = refuse(
                             Rejection::Throttled {
@@ -745,11 +804,15 @@ impl Guard {
         }
 
         counters.passed.fetch_add(1, Ordering::Relaxed);
-        self.system.inflight.fetch_add(1, Ordering::Relaxed);
+        if system {
+            self.system.inflight.fetch_add(1, Ordering::Relaxed);
+        }
         Ok(Admission {
             guard: self,
             resource,
+            system,
             concurrency,
+            rate,
             start: now,
             wait,
             error: false,
@@ -793,27 +856,30 @@ impl Guard {
         let Some((breaker, resource)) = compiled.breakers.get(dependency) else {
             return Ok(None);
         };
-        let breaker = breaker.clone();
         let counters = &resource.counters;
         let now = self.now();
-        match breaker.try_call(now) {
-            Ok(call) => {
-                counters.passed.fetch_add(1, Ordering::Relaxed);
-                Ok(Some(Outbound {
-                    breaker,
-                    call: Some(call),
-                    start: now,
-                    guard: self.clone(),
-                }))
-            }
+        let call = match breaker.try_call(now) {
+            Ok(call) => Some(call),
             Err(retry) => {
-                counters.blocked[3].fetch_add(1, Ordering::Relaxed);
-                Err(Rejection::CircuitOpen {
+                let rejection = Rejection::CircuitOpen {
                     name: dependency.to_owned(),
                     retry_after: Duration::from_nanos(retry),
-                })
+                };
+                if let Some(rejection) = counters.refusal(rejection, compiled.rules.dry_run) {
+                    return Err(rejection);
+                }
+                None
             }
-        }
+        };
+        counters.passed.fetch_add(1, Ordering::Relaxed);
+        Ok(Some(Outbound {
+            breaker: breaker.clone(),
+            call,
+            resource: resource.clone(),
+            start: now,
+            guard: self.clone(),
+            done: false,
+        }))
     }
 
     /// For the database breaker, asked before a purchase joins the writer's queue:
@@ -826,19 +892,15 @@ impl Guard {
         };
         match breaker.admits(|| self.now()) {
             Ok(()) => Ok(()),
-            Err(_) if compiled.rules.dry_run => {
-                resource
-                    .counters
-                    .would_block
-                    .fetch_add(1, Ordering::Relaxed);
-                Ok(())
-            }
             Err(retry) => {
-                resource.counters.blocked[3].fetch_add(1, Ordering::Relaxed);
-                Err(Rejection::CircuitOpen {
+                let rejection = Rejection::CircuitOpen {
                     name: dependency.to_owned(),
                     retry_after: Duration::from_nanos(retry),
-                })
+                };
+                match resource.counters.refusal(rejection, compiled.rules.dry_run) {
+                    Some(rejection) => Err(rejection),
+                    None => Ok(()),
+                }
             }
         }
     }

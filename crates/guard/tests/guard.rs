@@ -251,10 +251,22 @@ fn the_bbr_check_applies_only_under_cpu_pressure() {
     let guard = Guard::new(rules).unwrap();
     let x = guard.resource("x");
     guard.pin_cpu(0.95);
-    // With no completions measured yet there is no estimate: nothing is refused.
-    let mut held: Vec<_> = (0..100)
-        .map(|_| guard.admit(&x, Class::Purchase).unwrap())
-        .collect();
+    // With no completions in the last second (a stall, or a start under pressure) the
+    // estimate is its floor: requests pile up only that far.
+    let mut held = Vec::new();
+    let refused_at = (0..100)
+        .position(|_| match guard.admit(&x, Class::Purchase) {
+            Ok(a) => {
+                held.push(a);
+                false
+            }
+            Err(_) => true,
+        })
+        .expect("refused while nothing completes") as f64;
+    assert!(
+        (refused_at - stampede_guard::MIN_BBR_LIMIT * 0.9).abs() <= 1.0,
+        "refused at {refused_at}"
+    );
     held.clear();
     // Teach it a rate: many short requests over a few hundred milliseconds.
     let start = Instant::now();
@@ -321,6 +333,59 @@ fn an_open_breaker_refuses_outbound_calls_at_once() {
     assert_eq!(guard.stats().breakers[0].1, BreakerState::Closed);
     // A dependency without a breaker is never refused.
     assert!(guard.outbound("nowhere").unwrap().is_none());
+    // Every call is counted on `outbound:payment`: the six made, the one failure
+    // reported, the one refused.
+    let stats = guard.stats();
+    let outbound = &stats
+        .resources
+        .iter()
+        .find(|r| r.resource == "outbound:payment")
+        .unwrap()
+        .total;
+    assert_eq!(
+        (
+            outbound.passed,
+            outbound.completed,
+            outbound.errors,
+            outbound.blocked_circuit_open
+        ),
+        (6, 6, 5, 1)
+    );
+}
+
+#[test]
+fn a_dry_run_lets_calls_through_an_open_breaker_and_counts_them() {
+    let rules = GuardRules {
+        breakers: vec![BreakerRule {
+            min_calls: 5,
+            open_for: Duration::from_secs(60),
+            ..BreakerRule::payment_default()
+        }],
+        ..GuardRules::default()
+    };
+    let guard = Guard::new(rules.clone()).unwrap();
+    for _ in 0..5 {
+        guard.outbound("payment").unwrap().unwrap().finish(false);
+    }
+    assert!(guard.outbound("payment").is_err());
+    let mut dry = rules;
+    dry.version = 1;
+    dry.dry_run = true;
+    guard.replace(dry).unwrap();
+    // Still open (an unchanged rule keeps its state), but the call goes ahead.
+    assert_eq!(guard.stats().breakers[0].1, BreakerState::Open);
+    guard.outbound("payment").unwrap().unwrap().finish(true);
+    let stats = guard.stats();
+    let outbound = &stats
+        .resources
+        .iter()
+        .find(|r| r.resource == "outbound:payment")
+        .unwrap()
+        .total;
+    assert_eq!(
+        (outbound.would_block, outbound.blocked_circuit_open),
+        (1, 1)
+    );
 }
 
 #[test]

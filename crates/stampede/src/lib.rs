@@ -512,23 +512,25 @@ pub async fn start(
             .context("rebuild state from the store")?,
     );
     let rules = guard_rules(config, &engine).await?;
-    let guard = stampede_guard::Guard::new(rules).map_err(|errors| {
-        let all: Vec<String> = errors.iter().map(ToString::to_string).collect();
-        anyhow::anyhow!("invalid guard rules: {}", all.join("; "))
-    })?;
+    let guard = stampede_api::check_rule_targets(&rules)
+        .and_then(|()| stampede_guard::Guard::new(rules))
+        .map_err(|errors| {
+            let all: Vec<String> = errors.iter().map(ToString::to_string).collect();
+            anyhow::anyhow!("invalid guard rules: {}", all.join("; "))
+        })?;
     engine.guard_commits(Arc::new(stampede_api::database::GuardedDatabase {
         guard: guard.clone(),
     }));
     let state = AppState(Arc::new(stampede_api::App {
         engine: engine.clone(),
         auth: Auth::new(admin_token.clone(), &jwt_secret),
-        payments: Arc::new(stampede_api::payment::GuardedPayments {
-            inner: Arc::new(stampede_api::payment::HttpPayments::new(
+        payments: Arc::new(stampede_api::payment::GuardedPayments::new(
+            Arc::new(stampede_api::payment::HttpPayments::new(
                 &config.payment_url,
                 config.payment_timeout,
             )),
-            guard: guard.clone(),
-        }),
+            guard.clone(),
+        )),
         metrics,
         openapi: Arc::from(stampede_api::openapi_json()),
         guarded: stampede_api::GuardedRoutes::new(&guard),

@@ -28,7 +28,20 @@ async fn rules(app: &TestApp) -> Value {
 async fn a_scalper_gets_429s_and_other_shoppers_do_not_notice() {
     // Every attempt must reach the limiter at once, so no held connection here (a held
     // retry would arrive after tokens came back; holds have their own test below).
-    let app = spawn_app_with(|config| config.guard.system.hold_refused = Duration::ZERO).await;
+    // And a purchase rate everyone shares, with room for the scalper's 20 and a few
+    // more: the scalper's refused attempts must not use it up.
+    let app = spawn_app_with(|config| {
+        config.guard.system.hold_refused = Duration::ZERO;
+        config.guard.flow = vec![stampede_guard::FlowRule {
+            resource: "purchase".into(),
+            qps: Some(0.1),
+            burst: 25,
+            behavior: stampede_guard::Behavior::Reject,
+            max_concurrency: None,
+            dry_run: false,
+        }];
+    })
+    .await;
     let sale = app.live_sale("GUARD-SCALP", 1_000, 1_000).await;
     let scalper = app.shopper("scalper");
     let mut statuses = Vec::new();
@@ -52,14 +65,53 @@ async fn a_scalper_gets_429s_and_other_shoppers_do_not_notice() {
     let throttled = statuses.iter().filter(|s| **s == 429).count();
     assert!((20..=21).contains(&ok), "{statuses:?}");
     assert_eq!(ok + throttled, 30, "{statuses:?}");
-    // A person buying next to the scalper is not affected.
+    // A person buying next to the scalper is not affected: the shared rate still has
+    // room, since only the scalper's admitted attempts took from it.
     let (status, _) = app.purchase(&app.shopper("person"), &sale, "p-1", 1).await;
     assert_eq!(status, 201);
+    let purchase = resource_totals(&app, "purchase").await;
+    assert_eq!(purchase["blocked_throttled"], 0, "{purchase}");
     // Throttled attempts took no stock.
     let audit = app
         .get(&format!("/v1/flash-sales/{sale}/audit"), Some(&app.admin))
         .await;
     assert_eq!(audit.body["pending_payment"], ok as u64 + 1);
+}
+
+#[tokio::test]
+async fn a_per_sale_limit_counts_every_spelling_of_the_sale_as_one() {
+    let app = spawn_app_with(|config| {
+        config.guard.system.hold_refused = Duration::ZERO;
+        config.guard.hot.push(stampede_guard::HotRule {
+            name: "per-sale".into(),
+            resource: "purchase".into(),
+            param: stampede_guard::Param::Sale,
+            qps: 0.1,
+            burst: 2,
+            dry_run: false,
+        });
+    })
+    .await;
+    let sale = app.live_sale("GUARD-SPELL", 1_000, 1_000).await;
+    let uuid = sale.strip_prefix("sale_").unwrap().to_owned();
+    let spellings = [
+        sale.clone(),
+        format!("sale_{}", uuid.to_uppercase()),
+        format!(
+            "sale_{}-{}-{}-{}-{}",
+            &uuid[..8],
+            &uuid[8..12],
+            &uuid[12..16],
+            &uuid[16..20],
+            &uuid[20..]
+        ),
+    ];
+    let mut statuses = Vec::new();
+    for (i, spelling) in spellings.iter().enumerate() {
+        let buyer = app.shopper(&format!("spelling-{i}"));
+        statuses.push(app.purchase(&buyer, spelling, &format!("s-{i}"), 1).await.0);
+    }
+    assert_eq!(statuses, [201, 201, 429]);
 }
 
 #[tokio::test]
@@ -95,6 +147,19 @@ async fn rule_changes_are_validated_versioned_and_survive_a_restart() {
         message.contains("flow[0].qps") && message.contains("flow[0].burst"),
         "{message}"
     );
+    // Rules that nothing would ask are refused too, each naming its field: a flow rule
+    // on no resource, a shopper limit on a route that does not know the shopper, a
+    // breaker on no dependency.
+    let mut unasked = next.clone();
+    unasked["flow"] = json!([{"resource": "checkout", "qps": 5.0}]);
+    unasked["hot"] = json!([{"name": "x", "resource": "get_sale", "param": "shopper", "qps": 1.0}]);
+    unasked["breakers"][0]["name"] = json!("inventory");
+    let reply = put_rules(&app, Some(&app.admin), &unasked).await;
+    assert_error(&reply, 400, "invalid_rules");
+    let message = reply.body["error"]["message"].as_str().unwrap();
+    for field in ["flow[0].resource", "hot[0].resource", "breakers[0].name"] {
+        assert!(message.contains(field), "{field}: {message}");
+    }
     let mut unknown = next.clone();
     unknown["flow"][0]["bogus"] = json!(1);
     assert_error(
@@ -225,6 +290,54 @@ async fn an_open_payment_breaker_answers_at_once_and_closes_when_the_provider_he
     assert_eq!(app.pay(&buyer, &orders[4]).await.status, 200);
     assert_eq!(app.pay(&buyer, &orders[5]).await.status, 200);
     assert_eq!(breaker(&app, "payment").await, "closed");
+}
+
+#[tokio::test]
+async fn a_flow_rule_on_payment_limits_the_calls_to_the_provider() {
+    let app = spawn_app_with(|config| {
+        config.guard.flow = vec![stampede_guard::FlowRule {
+            resource: "payment".into(),
+            qps: Some(0.1),
+            burst: 2,
+            behavior: stampede_guard::Behavior::Reject,
+            max_concurrency: None,
+            dry_run: false,
+        }];
+    })
+    .await;
+    let sale = app.live_sale("GUARD-PAY-FLOW", 20, 10).await;
+    let buyer = app.shopper("payer");
+    let mut orders = Vec::new();
+    for i in 0..3 {
+        let (status, body) = app.purchase(&buyer, &sale, &format!("p{i}"), 1).await;
+        assert_eq!(status, 201);
+        orders.push(body["order_id"].as_str().unwrap().to_owned());
+    }
+    let calls_before = app.sim.stats().await;
+    assert_eq!(app.pay(&buyer, &orders[0]).await.status, 200);
+    assert_eq!(app.pay(&buyer, &orders[1]).await.status, 200);
+    // The third call would pass the provider's allowance: refused before it is made,
+    // with Retry-After, and the order stays payable.
+    let reply = app.pay(&buyer, &orders[2]).await;
+    assert_error(&reply, 429, "throttled");
+    assert!(reply.headers.contains_key("retry-after"));
+    let calls = app.sim.stats().await;
+    assert_eq!(
+        calls["attempts"].as_u64().unwrap(),
+        calls_before["attempts"].as_u64().unwrap() + 2,
+        "the third charge never reached the provider: {calls}"
+    );
+    let order = app
+        .get(&format!("/v1/orders/{}", orders[2]), Some(&buyer))
+        .await;
+    assert_eq!(order.body["status"], "pending_payment");
+    let payment = resource_totals(&app, "payment").await;
+    assert_eq!(payment["passed"], 2, "{payment}");
+    assert_eq!(payment["blocked_throttled"], 1, "{payment}");
+    // The provider's calls are timed and counted on the breaker's resource.
+    let outbound = resource_totals(&app, "outbound:payment").await;
+    assert_eq!(outbound["passed"], 2, "{outbound}");
+    assert_eq!(outbound["errors"], 0, "{outbound}");
 }
 
 /// The state of the breaker on `dependency`, from the stats endpoint.
