@@ -14,7 +14,7 @@
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use stampede_types::{OrderEvent, OrderId, OrderStatus, SaleId};
 use tokio::sync::{OwnedMutexGuard, mpsc, oneshot};
@@ -83,7 +83,17 @@ pub(crate) struct Writer {
     /// Pending orders by the time they may be expired. Bounded by the number of pending
     /// orders, itself bounded by the stock of all sales.
     expiries: BinaryHeap<Reverse<(i64, OrderId)>>,
+    /// When the writer last tried a probe write after failed commits.
+    last_probe: Option<Instant>,
 }
+
+/// While commits fail and nothing is queued, a probe write at most this often: a node
+/// that is not ready gets no purchases, so without it a store that healed would never
+/// see the commit that makes the node ready again.
+const PROBE_EVERY: Duration = Duration::from_secs(1);
+
+/// The setting the probe writes (the time of the probe).
+pub const WRITER_PROBE_KEY: &str = "writer_probe";
 
 fn target(event: OrderEvent) -> OrderStatus {
     OrderStatus::PendingPayment
@@ -111,6 +121,33 @@ impl Writer {
             jobs,
             shutdown,
             expiries: expiries.into_iter().map(Reverse).collect(),
+            last_probe: None,
+        }
+    }
+
+    /// After failed commits, with nothing to commit: one small durable write through the
+    /// same store (a setting), at most every `PROBE_EVERY`. When it lands the store takes
+    /// writes again and the node is ready; a store that keeps no settings stays not
+    /// ready until a real commit lands.
+    async fn probe_after_failures(&mut self, now_ms: i64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        if self.shared.commit_failures_in_a_row.load(Relaxed) == 0
+            || self.last_probe.is_some_and(|t| t.elapsed() < PROBE_EVERY)
+        {
+            return;
+        }
+        self.last_probe = Some(Instant::now());
+        match self
+            .shared
+            .store
+            .save_setting(WRITER_PROBE_KEY, &now_ms.to_string())
+            .await
+        {
+            Ok(()) => {
+                self.shared.commit_failures_in_a_row.store(0, Relaxed);
+                tracing::info!("a probe write landed after failed commits; ready again");
+            }
+            Err(error) => tracing::debug!(%error, "probe write after failed commits failed"),
         }
     }
 
@@ -426,6 +463,7 @@ impl Writer {
         }
 
         let outcomes = if ops.is_empty() {
+            self.probe_after_failures(now_ms).await;
             Ok(Vec::new())
         } else {
             let started = Instant::now();
@@ -441,9 +479,13 @@ impl Writer {
 
         match outcomes {
             Ok(outcomes) => {
-                self.shared
-                    .commit_failures_in_a_row
-                    .store(0, std::sync::atomic::Ordering::Relaxed);
+                if !ops.is_empty() {
+                    // Only a commit that landed says the store takes writes again; an
+                    // idle tick with nothing to commit says nothing.
+                    self.shared
+                        .commit_failures_in_a_row
+                        .store(0, std::sync::atomic::Ordering::Relaxed);
+                }
                 assert_eq!(
                     outcomes.len(),
                     ops.len(),

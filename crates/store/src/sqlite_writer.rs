@@ -11,7 +11,8 @@
 //!
 //! **Invariant:** this thread is the only writer of the database file; a commit either
 //! lands whole (fsync'd: WAL, `synchronous=FULL`) or not at all (the transaction rolls
-//! back when it is dropped on an error).
+//! back when it is dropped on an error), and a `COMMIT` that fails is answered
+//! `Indeterminate`, never "nothing written" (see [`committed`]).
 
 use std::path::Path;
 use std::sync::Arc;
@@ -205,8 +206,18 @@ pub(crate) fn commit(
         }
     }
     // On any error above `tx` is dropped and rolled back: nothing half-written.
-    tx.commit().map_err(sql)?;
+    committed(tx.commit())?;
     Ok(outcomes)
+}
+
+/// The outcome of `COMMIT`. An error there is not a clean rollback: the batch's frames
+/// may already be in the WAL when writing the commit frame or its fsync fails, and WAL
+/// recovery at the next open replays every frame up to a valid commit frame. Answered
+/// as "failed" with its stock returned, the batch could come back after a crash and
+/// oversell what was sold again meanwhile; `Indeterminate` keeps the stock taken and
+/// halts the writer, and a restart rebuilds from what is durable.
+fn committed(result: rusqlite::Result<()>) -> Result<(), StoreError> {
+    result.map_err(|error| StoreError::Indeterminate(format!("COMMIT failed: {error}")))
 }
 
 fn apply(tx: &rusqlite::Transaction<'_>, ops: &[WriteOp]) -> Result<Vec<OpOutcome>, StoreError> {
@@ -493,5 +504,29 @@ mod tests {
             frames_after > frames,
             "the WAL started over without the tail copy: {frames_after} after {frames}"
         );
+    }
+
+    #[test]
+    fn a_failed_commit_is_indeterminate_not_a_rollback() {
+        // A real COMMIT that fails after its statements ran: a deferred foreign key is
+        // checked only then.
+        let mut connection = rusqlite::Connection::open_in_memory().unwrap();
+        connection
+            .execute_batch(
+                "PRAGMA foreign_keys = ON;
+                 CREATE TABLE parent (id INTEGER PRIMARY KEY);
+                 CREATE TABLE child (parent INTEGER REFERENCES parent (id)
+                     DEFERRABLE INITIALLY DEFERRED);",
+            )
+            .unwrap();
+        let tx = connection.transaction().unwrap();
+        tx.execute("INSERT INTO child (parent) VALUES (7)", [])
+            .unwrap();
+        match committed(tx.commit()) {
+            Err(StoreError::Indeterminate(message)) => assert!(message.contains("COMMIT")),
+            other => panic!("{other:?}"),
+        }
+        // And the engine halts on it instead of handing the stock back.
+        assert!(StoreError::Indeterminate(String::new()).halts());
     }
 }

@@ -26,7 +26,8 @@ struct Flaky {
 #[async_trait]
 impl Interceptor for Flaky {
     async fn before(&self, call: Call<'_>) -> Result<(), StoreError> {
-        if matches!(call, Call::Commit(_)) && self.fail.load(Ordering::SeqCst) {
+        // A full disk fails every write: the batches and the writer's probe (a setting).
+        if matches!(call, Call::Commit(_) | Call::Setting) && self.fail.load(Ordering::SeqCst) {
             return Err(StoreError::Unavailable("disk full (injected)".into()));
         }
         Ok(())
@@ -100,8 +101,23 @@ async fn failed_commit_returns_stock_and_answers_unavailable(backend: Backend) {
         engine.orders_of(&alice, 10).await.unwrap().is_empty(),
         "nothing was written"
     );
+    // Not ready while commits fail, however many idle ticks (with nothing to commit)
+    // the writer runs meanwhile: only a commit that lands makes it ready again.
+    assert!(!engine.ready().await);
+    tokio::time::sleep(std::time::Duration::from_millis(1_500)).await;
+    assert!(
+        !engine.ready().await,
+        "an idle tick is not a successful commit"
+    );
 
+    // Once the store takes writes again the writer's probe makes the node ready, with
+    // no purchase to commit (a node that is not ready gets none).
     flaky.hooks.fail.store(false, Ordering::SeqCst);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while !engine.ready().await {
+        assert!(std::time::Instant::now() < deadline, "never ready again");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
     let placed = engine
         .purchase(alice.clone(), key.clone(), sale, q(3))
         .await
@@ -111,6 +127,7 @@ async fn failed_commit_returns_stock_and_answers_unavailable(backend: Backend) {
         "the failed attempt left no idempotency record"
     );
     assert_eq!(engine.sale(sale).unwrap().remaining, 2);
+    assert!(engine.ready().await);
     let audit = engine.audit(sale).await.unwrap().unwrap();
     assert!(audit.consistent);
     assert_eq!(audit.tally.pending_payment, 3);
