@@ -263,6 +263,7 @@ impl Config {
                 "config file {} does not exist",
                 path.display()
             );
+            refuse_unknown_keys(path)?;
             figment = figment.merge(Toml::file(path));
         }
         figment = figment
@@ -332,6 +333,34 @@ impl Config {
     }
 }
 
+/// A key of the configuration file that no setting has (a typo such as
+/// `queue_capactiy`) is refused, naming it, instead of leaving the default silently in
+/// force. Only the file: the environment carries other programs' `STAMPEDE_*` too.
+fn refuse_unknown_keys(path: &Path) -> anyhow::Result<()> {
+    let known = serde_json::to_value(Config::default()).expect("the defaults serialise");
+    let known = known.as_object().expect("settings are a table");
+    let file: std::collections::BTreeMap<String, figment::value::Value> =
+        Figment::from(Toml::file(path))
+            .extract()
+            .with_context(|| format!("read {}", path.display()))?;
+    let unknown: Vec<&str> = file
+        .keys()
+        .map(String::as_str)
+        .filter(|key| !known.contains_key(*key))
+        .collect();
+    anyhow::ensure!(
+        unknown.is_empty(),
+        "{}: unknown setting {} (see `stampede serve --help` and the README's configuration table)",
+        path.display(),
+        unknown
+            .iter()
+            .map(|key| format!("`{key}`"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    Ok(())
+}
+
 fn random_hex(bytes: usize) -> String {
     use rand::RngCore;
     let mut buffer = vec![0u8; bytes];
@@ -351,16 +380,27 @@ fn secret(configured: Option<&str>, data_dir: &Path, file: &str) -> anyhow::Resu
         anyhow::ensure!(!existing.is_empty(), "{} is empty", path.display());
         return Ok((Secret::new(existing), false));
     }
+    // Written whole under a temporary name, synced, then renamed into place and the
+    // directory synced: a kill at any moment leaves either no secret (the next start
+    // makes one) or the whole one, never an empty file that stops every later start.
     let value = random_hex(32);
+    let temporary = data_dir.join(format!(".{file}.tmp"));
+    let _ = std::fs::remove_file(&temporary); // left by a start killed mid-write
     let mut options = std::fs::OpenOptions::new();
     options.write(true).create_new(true);
     #[cfg(unix)]
     std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
     let mut out = options
-        .open(&path)
-        .with_context(|| format!("create {}", path.display()))?;
+        .open(&temporary)
+        .with_context(|| format!("create {}", temporary.display()))?;
     std::io::Write::write_all(&mut out, value.as_bytes())?;
     out.sync_all()?;
+    drop(out);
+    std::fs::rename(&temporary, &path)
+        .with_context(|| format!("move the new secret to {}", path.display()))?;
+    std::fs::File::open(data_dir)
+        .and_then(|dir| dir.sync_all())
+        .with_context(|| format!("sync {}", data_dir.display()))?;
     Ok((Secret::new(value), true))
 }
 
@@ -762,6 +802,20 @@ mod tests {
                     .to_string()
                     .contains("queue_capacity")
             );
+            jail.create_file(
+                "typo.toml",
+                "queue_capactiy = 64\nlisten = \"127.0.0.1:9001\"\n[guard]\nversion = 0\n",
+            )?;
+            let typo = ServeArgs {
+                config: Some("typo.toml".into()),
+                ..ServeArgs::default()
+            };
+            let error = load(&typo).unwrap_err().to_string();
+            assert!(error.contains("`queue_capactiy`"), "{error}");
+            assert!(
+                !error.contains("`listen`") && !error.contains("`guard`"),
+                "{error}"
+            );
             jail.set_env("STAMPEDE_PAYMENT_WINDOW", "soon");
             let error = load(&ServeArgs::default()).unwrap_err().to_string();
             assert!(error.to_lowercase().contains("payment_window"), "{error}");
@@ -846,5 +900,36 @@ mod tests {
             "image rust {image:?} < rust-version {needed:?}"
         );
         assert!(dockerfile.contains("STAMPEDE_LISTEN=0.0.0.0:8080"));
+    }
+}
+
+#[cfg(test)]
+mod secrets {
+    use super::*;
+
+    #[test]
+    fn a_generated_secret_is_kept_whole_private_and_reused() {
+        let dir = tempfile::tempdir().unwrap();
+        // What a start killed mid-write leaves: a partial temporary file. It is no
+        // obstacle, and no empty secret file is ever left.
+        std::fs::write(dir.path().join(".jwt-secret.tmp"), "3f").unwrap();
+        let (first, generated) = secret(None, dir.path(), "jwt-secret").unwrap();
+        assert!(generated);
+        assert_eq!(first.expose().len(), 64);
+        assert!(!dir.path().join(".jwt-secret.tmp").exists());
+        let kept = dir.path().join("jwt-secret");
+        assert_eq!(std::fs::read_to_string(&kept).unwrap(), first.expose());
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&kept).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600);
+        }
+        // The next start reads it; a configured one wins and is not written.
+        let (again, generated) = secret(None, dir.path(), "jwt-secret").unwrap();
+        assert_eq!((again.expose(), generated), (first.expose(), false));
+        let (configured, generated) = secret(Some("set"), dir.path(), "jwt-secret").unwrap();
+        assert_eq!((configured.expose(), generated), ("set", false));
+        assert_eq!(std::fs::read_to_string(&kept).unwrap(), first.expose());
     }
 }
