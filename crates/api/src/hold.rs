@@ -24,10 +24,6 @@ use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use axum::extract::connect_info::Connected;
-use axum::serve::IncomingStream;
-use tokio::net::TcpListener;
-
 /// One connection's hold: its end, in nanoseconds after [`epoch`] + 1 (0: none yet).
 #[derive(Clone, Debug, Default)]
 pub struct Hold(Arc<AtomicU64>);
@@ -58,7 +54,7 @@ impl Hold {
 }
 
 /// What each request knows of its connection: the peer's address and the connection's
-/// hold (the request's `ConnectInfo`).
+/// hold (the request's `ConnectInfo`, set by `serve` for each connection).
 #[derive(Clone, Debug)]
 pub struct Peer {
     pub addr: SocketAddr,
@@ -72,12 +68,6 @@ impl Peer {
             addr,
             hold: Hold::default(),
         }
-    }
-}
-
-impl Connected<IncomingStream<'_, TcpListener>> for Peer {
-    fn connect_info(stream: IncomingStream<'_, TcpListener>) -> Self {
-        Peer::new(*stream.remote_addr())
     }
 }
 

@@ -17,6 +17,7 @@ pub mod hold;
 pub mod payment;
 pub mod payment_sim;
 pub mod testing;
+pub mod watch;
 
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
@@ -513,30 +514,100 @@ fn around_routes(routes: Router, body_limit_bytes: usize) -> Router {
     )
 }
 
+/// What one server lets its clients' connections hold.
+#[derive(Clone, Copy, Debug)]
+pub struct ConnectionLimits {
+    /// Largest request body, in bytes.
+    pub body_limit_bytes: usize,
+    /// Connections served at once; beyond it new ones wait in the kernel's accept queue.
+    pub max_connections: usize,
+    /// A connection whose request is still arriving or unanswered this long after its
+    /// first byte, or that is idle this long, is closed ([`watch`]).
+    pub client_timeout: Duration,
+}
+
+/// A connection's read buffer never grows past this: headers beyond it are refused
+/// (431), and bodies are capped far below it. With `max_connections`, this bounds what
+/// clients can make the server hold.
+pub const READ_BUFFER_MAX_BYTES: usize = 64 * 1024;
+
 /// Serves until `shutdown` resolves, then stops taking connections, lets in-flight
 /// requests finish, and drains the engine's writer.
+///
+/// The loop is hyper's HTTP/1 connection with a bound on connections and on each one's
+/// read buffer, a watchdog that closes slow and idle connections, and a graceful drain,
+/// so no client can make the server hold memory without bound (at most
+/// `max_connections` × `READ_BUFFER_MAX_BYTES` of unread requests) or hold a connection
+/// slot by trickling a request.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: AppState,
-    body_limit_bytes: usize,
+    limits: ConnectionLimits,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    use hyper_util::rt::TokioIo;
+    use tower::ServiceExt;
+
     let engine = state.engine.clone();
-    let app = router(state, body_limit_bytes).into_make_service_with_connect_info::<hold::Peer>();
-    let (draining, mut drain_started) = tokio::sync::watch::channel(false);
-    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
-        shutdown.await;
-        let _ = draining.send(true);
-    });
+    let app = router(state, limits.body_limit_bytes);
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.max_buf_size(READ_BUFFER_MAX_BYTES);
+    let watchdog = watch::Watchdog::new();
+    tokio::spawn(watchdog.clone().run(limits.client_timeout));
+    let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections.max(1)));
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let slot = tokio::select! {
+            slot = slots.clone().acquire_owned() => slot.expect("the semaphore is never closed"),
+            () = &mut shutdown => break,
+        };
+        let (stream, addr) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    // Out of descriptors, or a connection reset before it was taken:
+                    // the listener stays; wait a moment rather than spin.
+                    tracing::warn!(%error, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let peer = axum::extract::ConnectInfo(hold::Peer::new(addr));
+        let service = app
+            .clone()
+            .map_request(move |request: Request<hyper::body::Incoming>| {
+                let mut request = request.map(axum::body::Body::new);
+                request.extensions_mut().insert(peer.clone());
+                request
+            });
+        let (stream, registration) = watchdog.watch(stream);
+        let connection = http.serve_connection(
+            TokioIo::new(stream),
+            hyper_util::service::TowerToHyperService::new(service),
+        );
+        let connection = graceful.watch(connection);
+        tokio::spawn(async move {
+            tokio::select! {
+                result = connection => if let Err(error) = result {
+                    tracing::trace!(%error, "connection ended with an error");
+                },
+                () = registration.marks.close.notified() => {
+                    tracing::debug!(%addr, "connection closed: a request too slow, or idle too long");
+                }
+            }
+            drop(registration);
+            drop(slot);
+        });
+    }
+    drop(listener);
     // Connections get `DRAIN_DEADLINE` to finish once shutdown starts; a client that
     // never finishes its request must not keep the writer from draining.
-    let deadline = async move {
-        let _ = drain_started.wait_for(|started| *started).await;
-        tokio::time::sleep(DRAIN_DEADLINE).await;
-    };
     tokio::select! {
-        result = server => result?,
-        _ = deadline => tracing::warn!(?DRAIN_DEADLINE, "connections still open after the drain deadline; closing them"),
+        () = graceful.shutdown() => {}
+        () = tokio::time::sleep(DRAIN_DEADLINE) => tracing::warn!(?DRAIN_DEADLINE, "connections still open after the drain deadline; closing them"),
     }
     engine.shutdown().await;
     Ok(())

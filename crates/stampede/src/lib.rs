@@ -73,6 +73,13 @@ pub struct Config {
     pub queue_capacity: usize,
     pub batch_size_max: usize,
     pub body_limit_bytes: usize,
+    /// Client connections served at once; more wait in the kernel's accept queue.
+    pub max_connections: usize,
+    /// A connection whose request is still arriving or unanswered this long after its
+    /// first byte, or that is idle this long, is closed: a client trickling a request
+    /// cannot hold a connection slot.
+    #[serde(with = "humantime_serde")]
+    pub client_timeout: Duration,
     /// Comma-separated addresses and CIDR blocks of the load balancers or gateways in
     /// front: only they may name the client (`X-Forwarded-For`) and the tenant
     /// (`X-Tenant`) for the guard's hot-key rules. Empty: nobody.
@@ -118,6 +125,8 @@ impl Default for Config {
             queue_capacity: 16_384,
             batch_size_max: 1_024,
             body_limit_bytes: stampede_api::BODY_LIMIT_BYTES_DEFAULT,
+            max_connections: 16_384,
+            client_timeout: Duration::from_secs(30),
             trusted_proxies: String::new(),
             admin_token: None,
             jwt_secret: None,
@@ -215,6 +224,14 @@ pub struct ServeArgs {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub body_limit_bytes: Option<usize>,
+    /// Client connections served at once; more wait to be accepted [default: 16384].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_connections: Option<usize>,
+    /// A connection whose request is still arriving or unanswered this long after its first byte, or idle this long, is closed, e.g. 30s [default: 30s].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_timeout: Option<String>,
     /// Load balancers or gateways in front, e.g. 10.0.0.0/8,192.0.2.1: only they may name the client (X-Forwarded-For) and tenant (X-Tenant) [default: none].
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -328,6 +345,14 @@ impl Config {
         anyhow::ensure!(
             (256..=1 << 20).contains(&self.body_limit_bytes),
             "body_limit_bytes must be within 256..=1048576"
+        );
+        anyhow::ensure!(
+            (1..=1 << 20).contains(&self.max_connections),
+            "max_connections must be within 1..=1048576"
+        );
+        anyhow::ensure!(
+            self.client_timeout >= Duration::from_secs(1),
+            "client_timeout must be at least 1s"
         );
         Ok(())
     }
@@ -603,18 +628,17 @@ pub async fn start(
         (stop, task)
     });
     let (stop, stopped) = oneshot::channel::<()>();
-    let body_limit = config.body_limit_bytes;
-    let task = tokio::spawn(stampede_api::serve(
-        listener,
-        state,
-        body_limit,
-        async move {
-            tokio::select! {
-                _ = stopped => {}
-                _ = shutdown => {}
-            }
-        },
-    ));
+    let limits = stampede_api::ConnectionLimits {
+        body_limit_bytes: config.body_limit_bytes,
+        max_connections: config.max_connections,
+        client_timeout: config.client_timeout,
+    };
+    let task = tokio::spawn(stampede_api::serve(listener, state, limits, async move {
+        tokio::select! {
+            _ = stopped => {}
+            _ = shutdown => {}
+        }
+    }));
     Ok((
         Running {
             addr,

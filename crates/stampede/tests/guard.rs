@@ -895,3 +895,85 @@ fn a_hold_longer_than_any_retry_after_is_refused() {
     rules.system.hold_refused = Duration::ZERO;
     rules.validate().unwrap();
 }
+
+/// Whether the server has closed `conn`: a read that returns end of file (or a reset).
+async fn closed_within(conn: &mut tokio::net::TcpStream, wait: Duration) -> bool {
+    use tokio::io::AsyncReadExt;
+    let mut byte = [0u8; 1];
+    matches!(
+        tokio::time::timeout(wait, conn.read(&mut byte)).await,
+        Ok(Ok(0) | Err(_))
+    )
+}
+
+#[tokio::test]
+async fn a_client_trickling_its_request_or_idle_is_cut_off_and_connections_are_bounded() {
+    use tokio::io::AsyncWriteExt;
+    let app = spawn_app_with(|config| {
+        config.client_timeout = Duration::from_secs(1);
+        config.max_connections = 3;
+    })
+    .await;
+    let address = app.base.trim_start_matches("http://").to_owned();
+    let connect = || tokio::net::TcpStream::connect(address.clone());
+
+    // Headers trickled a byte at a time, each well inside the timeout: the request as a
+    // whole is not, so the connection is closed.
+    let mut slow = connect().await.unwrap();
+    let started = Instant::now();
+    let mut cut = false;
+    for byte in b"GET /healthz HTTP/1.1\r\nHost: stampede\r\nX-Slow: "
+        .iter()
+        .cycle()
+    {
+        if slow.write_all(&[*byte]).await.is_err()
+            || closed_within(&mut slow, Duration::from_millis(200)).await
+        {
+            cut = true;
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(5), "never cut off");
+    }
+    assert!(cut);
+    assert!(
+        started.elapsed() >= Duration::from_millis(900),
+        "{:?}",
+        started.elapsed()
+    );
+
+    // A keep-alive connection that asks now and then is served throughout; one that
+    // goes quiet past the timeout is closed.
+    let mut steady = connect().await.unwrap();
+    for _ in 0..4 {
+        assert_eq!(exchange(&mut steady, "/healthz").await.0, 200);
+        tokio::time::sleep(Duration::from_millis(400)).await;
+    }
+    assert!(
+        closed_within(&mut steady, Duration::from_secs(4)).await,
+        "idle, not closed"
+    );
+
+    // At most three connections are served at once: a fourth is answered only when one
+    // of the three closes.
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        let mut conn = connect().await.unwrap();
+        assert_eq!(exchange(&mut conn, "/healthz").await.0, 200);
+        held.push(conn);
+    }
+    let mut fourth = connect().await.unwrap();
+    let waiting = tokio::spawn(async move {
+        let started = Instant::now();
+        let status = exchange(&mut fourth, "/healthz").await.0;
+        (status, started.elapsed())
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !waiting.is_finished(),
+        "a fourth connection was served while three were open"
+    );
+    held.pop();
+    let (status, waited) = waiting.await.unwrap();
+    assert_eq!(status, 200);
+    assert!(waited >= Duration::from_millis(300), "{waited:?}");
+}
