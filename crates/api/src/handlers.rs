@@ -21,9 +21,24 @@ use crate::auth::{Admin, Caller, Shopper};
 use crate::error::{ApiError, ErrorBody, from_bytes_rejection, from_serde};
 
 /// Orders returned by `GET /v1/orders`, newest first.
-pub const ORDER_LIST_LEN_MAX: u32 = 100;
+pub const ORDER_LIST_LEN_MAX: u32 = stampede_engine::ORDERS_LISTED_MAX as u32;
 /// Latest accepted per-user limit of a sale.
 pub const PER_USER_LIMIT_MAX: i64 = 1_000;
+
+/// The route's one path parameter, percent-decoded. axum's own `Path` answers a path
+/// that does not decode (`%FF`) with plain text and no code; this answers it as every
+/// other bad input: 400 `invalid_path`, JSON.
+pub struct PathText(pub String);
+
+impl<S: Send + Sync> FromRequestParts<S> for PathText {
+    type Rejection = ApiError;
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        Path::<String>::from_request_parts(parts, state)
+            .await
+            .map(|Path(text)| PathText(text))
+            .map_err(|rejection| ApiError::bad_request("invalid_path", rejection.body_text()))
+    }
+}
 
 pub fn rfc3339(ms: i64) -> String {
     DateTime::<Utc>::from_timestamp_millis(ms)
@@ -129,7 +144,7 @@ pub async fn create_product(
     responses((status = 200, body = ProductBody), (status = 404, body = ErrorBody)))]
 pub async fn get_product(
     State(app): State<AppState>,
-    Path(sku): Path<String>,
+    PathText(sku): PathText,
 ) -> Result<Json<ProductBody>, ApiError> {
     app.engine
         .product(&sku)
@@ -223,7 +238,7 @@ fn parse_sale_id(id: &str) -> Result<SaleId, ApiError> {
     responses((status = 200, body = SaleBody), (status = 404, body = ErrorBody)))]
 pub async fn get_sale(
     State(app): State<AppState>,
-    Path(id): Path<String>,
+    PathText(id): PathText,
 ) -> Result<Json<SaleBody>, ApiError> {
     let id = parse_sale_id(&id)?;
     app.engine
@@ -289,7 +304,7 @@ impl<S: Send + Sync> FromRequestParts<S> for KeyHeader {
 pub async fn purchase(
     State(app): State<AppState>,
     Shopper(user): Shopper,
-    Path(id): Path<String>,
+    PathText(id): PathText,
     KeyHeader(key): KeyHeader,
     JsonBody(body): JsonBody<PurchaseRequest>,
 ) -> Result<Response, ApiError> {
@@ -375,7 +390,7 @@ fn parse_order_id(id: &str) -> Result<OrderId, ApiError> {
 pub async fn get_order(
     State(app): State<AppState>,
     Caller(actor): Caller,
-    Path(id): Path<String>,
+    PathText(id): PathText,
 ) -> Result<Json<OrderBody>, ApiError> {
     let id = parse_order_id(&id)?;
     Ok(Json(app.engine.order(&actor, id).await?.into()))
@@ -401,7 +416,7 @@ pub async fn list_orders(
 pub async fn pay_order(
     State(app): State<AppState>,
     Shopper(user): Shopper,
-    Path(id): Path<String>,
+    PathText(id): PathText,
 ) -> Result<Json<StatusBody>, ApiError> {
     let id = parse_order_id(&id)?;
     let status = app.engine.pay(&user, id, app.payments.clone()).await?;
@@ -413,7 +428,7 @@ pub async fn pay_order(
 pub async fn cancel_order(
     State(app): State<AppState>,
     Caller(actor): Caller,
-    Path(id): Path<String>,
+    PathText(id): PathText,
 ) -> Result<Json<StatusBody>, ApiError> {
     let id = parse_order_id(&id)?;
     let status = app.engine.cancel(&actor, id).await?;
@@ -442,7 +457,7 @@ pub struct AuditBody {
 pub async fn audit_sale(
     State(app): State<AppState>,
     _admin: Admin,
-    Path(id): Path<String>,
+    PathText(id): PathText,
 ) -> Result<Json<AuditBody>, ApiError> {
     let id = parse_sale_id(&id)?;
     let audit = app

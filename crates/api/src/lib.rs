@@ -204,9 +204,40 @@ impl std::ops::Deref for AppState {
         handlers::degrade,
         handlers::guard_stats,
     ),
-    components(schemas(error::ErrorBody, error::ErrorDetail))
+    components(schemas(error::ErrorBody, error::ErrorDetail)),
+    modifiers(&BearerSchemes)
 )]
 pub struct ApiDoc;
+
+/// Declares the two bearer schemes the paths require: `admin` (the admin token) and
+/// `shopper` (an HS256 JWT with `sub` and `exp`).
+struct BearerSchemes;
+
+impl utoipa::Modify for BearerSchemes {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "admin",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .description(Some("The admin token (admin_token)."))
+                    .build(),
+            ),
+        );
+        components.add_security_scheme(
+            "shopper",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .bearer_format("JWT")
+                    .description(Some("A shopper token: HS256 JWT with sub and exp."))
+                    .build(),
+            ),
+        );
+    }
+}
 
 /// The OpenAPI document, generated from the handlers' annotations.
 pub fn openapi_json() -> String {
@@ -618,6 +649,30 @@ pub const DRAIN_DEADLINE: Duration = Duration::from_secs(10);
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn every_security_scheme_the_paths_require_is_declared() {
+        let document: serde_json::Value = serde_json::from_str(&super::openapi_json()).unwrap();
+        let declared = document["components"]["securitySchemes"]
+            .as_object()
+            .expect("securitySchemes");
+        let mut required = std::collections::BTreeSet::new();
+        for path in document["paths"].as_object().unwrap().values() {
+            for operation in path.as_object().unwrap().values() {
+                for requirement in operation["security"].as_array().into_iter().flatten() {
+                    required.extend(requirement.as_object().unwrap().keys().cloned());
+                }
+            }
+        }
+        assert_eq!(
+            required.iter().collect::<Vec<_>>(),
+            ["admin", "shopper"],
+            "the paths' requirements"
+        );
+        for scheme in &required {
+            assert_eq!(declared[scheme]["scheme"], "bearer", "{scheme}");
+        }
+    }
+
     use axum::body::Body;
     use axum::http::StatusCode;
     use tower::ServiceExt;

@@ -342,6 +342,10 @@ pub(crate) struct ProductState {
 
 const IDEM_SHARDS: usize = 64;
 
+/// Most orders `orders_of` lists for one shopper (newest first); older ones are in the
+/// store, not in memory.
+pub const ORDERS_LISTED_MAX: usize = 100;
+
 /// Most orders the idempotency map makes room for ahead of the sales: 7,168 a shard, the
 /// most a table of 8,192 slots holds (hashbrown keeps 1/8 free), about 50 MiB of entries
 /// in all. Sales that sell more grow the map past that.
@@ -355,8 +359,9 @@ pub(crate) struct Shared {
     pub sales: RwLock<HashMap<SaleId, Arc<SaleState>>>,
     idem_shards: Vec<Mutex<FastMap<(UserId, IdempotencyKey), IdemEntry>>>,
     idem_hasher: foldhash::fast::RandomState,
-    /// Each shopper's durable order ids, oldest first. Bounded like the orders
-    /// themselves (by the stock of all sales).
+    /// Each shopper's newest durable order ids, oldest first: at most
+    /// `2 × ORDERS_LISTED_MAX` a shopper (the older half is dropped when it fills), so a
+    /// shopper who buys and cancels over and over does not grow it.
     user_orders: Vec<Mutex<FastMap<UserId, Vec<OrderId>>>>,
     /// Orders whose charge was attempted and not (yet) recorded as paid, with the amount.
     /// If such an order is cancelled or expires, the charge may have landed anyway (a
@@ -454,11 +459,12 @@ impl Shared {
     }
 
     pub(crate) fn remember_order(&self, user: &UserId, id: OrderId) {
-        self.user_orders_shard(user)
-            .lock()
-            .entry(user.clone())
-            .or_default()
-            .push(id);
+        let mut shard = self.user_orders_shard(user).lock();
+        let ids = shard.entry(user.clone()).or_default();
+        if ids.len() >= 2 * ORDERS_LISTED_MAX {
+            ids.drain(..ids.len() - ORDERS_LISTED_MAX);
+        }
+        ids.push(id);
     }
 
     /// Refunds, in the background, a charge that may have been made for an order that is
@@ -1228,6 +1234,16 @@ impl Engine {
         }
     }
 
+    /// How many of `user`'s order ids the engine keeps in memory for `orders_of` (at
+    /// most `2 × ORDERS_LISTED_MAX`): for tests and the memory bound's checks.
+    pub fn orders_remembered(&self, user: &UserId) -> usize {
+        self.shared
+            .user_orders_shard(user)
+            .lock()
+            .get(user)
+            .map_or(0, Vec::len)
+    }
+
     pub async fn orders_of(
         &self,
         user: &UserId,
@@ -1247,7 +1263,12 @@ impl Engine {
         let ids: Vec<OrderId> = {
             let shard = self.shared.user_orders_shard(user).lock();
             match shard.get(user) {
-                Some(ids) => ids.iter().rev().take(limit as usize).copied().collect(),
+                Some(ids) => ids
+                    .iter()
+                    .rev()
+                    .take((limit as usize).min(ORDERS_LISTED_MAX))
+                    .copied()
+                    .collect(),
                 None => return Ok(Vec::new()),
             }
         };

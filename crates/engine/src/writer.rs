@@ -103,6 +103,18 @@ fn target(event: OrderEvent) -> OrderStatus {
 
 impl Drop for Writer {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            // A bug, not a store's answer: whatever the panic interrupted, memory may
+            // no longer match the store. Halted, the node fails `/healthz` and its
+            // orchestrator restarts it, which rebuilds from what is durable; its queue's
+            // purchases are refused below instead of waiting for a writer that is gone.
+            tracing::error!(
+                "the writer panicked; halting: restart the node to rebuild its state from the store"
+            );
+            self.shared
+                .halted
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+        }
         // A writer that ended normally closed and emptied the queue already.
         self.jobs.close();
         while self.jobs.try_recv().is_ok() {}

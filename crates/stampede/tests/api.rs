@@ -1230,6 +1230,15 @@ async fn operations_endpoints_answer(backend: Backend) {
     let reply = send(app.client.delete(app.url("/v1/products"))).await;
     assert_eq!(reply.status, 405, "{}", reply.body);
     assert_error_shape(&reply.body);
+    // A path parameter that does not decode is bad input like any other: JSON, a code.
+    for path in [
+        "/v1/products/%FF",
+        "/v1/flash-sales/%C3%28",
+        "/v1/orders/%FF",
+    ] {
+        let reply = app.get(path, Some(&app.admin)).await;
+        assert_error(&reply, 400, "invalid_path");
+    }
 }
 
 // ---- restart ---------------------------------------------------------------------------------

@@ -21,11 +21,16 @@ use stampede_types::{Cents, IdempotencyKey, OrderId, OrderStatus, Quantity, Sale
 struct Flaky {
     fail: AtomicBool,
     unknown: AtomicBool,
+    /// A bug in the writer's path: the commit panics.
+    panic: AtomicBool,
 }
 
 #[async_trait]
 impl Interceptor for Flaky {
     async fn before(&self, call: Call<'_>) -> Result<(), StoreError> {
+        if matches!(call, Call::Commit(_)) && self.panic.load(Ordering::SeqCst) {
+            panic!("a bug in the commit path (injected)");
+        }
         // A full disk fails every write: the batches and the writer's probe (a setting).
         if matches!(call, Call::Commit(_) | Call::Setting) && self.fail.load(Ordering::SeqCst) {
             return Err(StoreError::Unavailable("disk full (injected)".into()));
@@ -54,6 +59,7 @@ on_every_backend!(
     failed_commit_returns_stock_and_answers_unavailable,
     a_batch_that_fails_midway_leaves_nothing,
     a_commit_of_unknown_outcome_halts_the_writer_and_keeps_the_stock_taken,
+    a_writer_that_panics_halts_the_node,
 );
 
 async fn failed_commit_returns_stock_and_answers_unavailable(backend: Backend) {
@@ -284,4 +290,45 @@ async fn a_commit_of_unknown_outcome_halts_the_writer_and_keeps_the_stock_taken(
     assert_eq!(engine.sale(sale).unwrap().remaining, 3);
     assert!(engine.audit(sale).await.unwrap().unwrap().consistent);
     engine.shutdown().await;
+}
+
+async fn a_writer_that_panics_halts_the_node(backend: Backend) {
+    let dir = tempfile::tempdir().unwrap();
+    let database = TestDatabase::create(backend).await;
+    let flaky = Arc::new(Intercepted {
+        inner: database.open(dir.path()).await,
+        hooks: Flaky::default(),
+    });
+    let engine = Engine::open(
+        flaky.clone(),
+        Arc::new(SystemClock),
+        EngineConfig::default(),
+    )
+    .await
+    .unwrap();
+    let sale = live_sale(&engine, "PANIC", 10, 5, 50, 5).await;
+    assert!(!engine.halted());
+    flaky.hooks.panic.store(true, Ordering::SeqCst);
+    let alice = UserId::parse("alice").unwrap();
+    let refused = engine
+        .purchase(
+            alice.clone(),
+            IdempotencyKey::parse("k").unwrap(),
+            sale,
+            q(1),
+        )
+        .await;
+    assert!(refused.is_err(), "{refused:?}");
+    // The node says so (liveness fails) as the writer's task unwinds (the refusal above
+    // may reach the buyer a moment before), and refuses what comes next at once.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    while !engine.halted() {
+        assert!(std::time::Instant::now() < deadline, "not halted");
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    assert!(!engine.ready().await);
+    let next = engine
+        .purchase(alice, IdempotencyKey::parse("k2").unwrap(), sale, q(1))
+        .await;
+    assert!(next.is_err(), "{next:?}");
 }

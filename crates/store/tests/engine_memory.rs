@@ -1,12 +1,13 @@
 //! The engine's memory during a sale, over the embedded store: the idempotency map has
 //! room for the running sales' orders from the moment each opens, so no purchase waits
 //! while a shard of it doubles and moves its entries (BENCHMARKS.md, "Room for the
-//! orders before the sale").
+//! orders before the sale"). And a shopper's order list in memory stays bounded however
+//! many orders they place and cancel.
 
 use std::sync::Arc;
 
 use stampede_engine::testing::{live_sale, one};
-use stampede_engine::{Engine, EngineConfig, SystemClock};
+use stampede_engine::{Actor, Engine, EngineConfig, ORDERS_LISTED_MAX, SystemClock};
 use stampede_store::testing::{Backend, TestDatabase};
 use stampede_types::{IdempotencyKey, UserId};
 
@@ -64,4 +65,68 @@ async fn a_sale_makes_room_for_its_orders_before_it_sells() {
         room,
         "a shard grew while the sale sold"
     );
+}
+
+#[tokio::test]
+async fn a_shopper_who_buys_and_cancels_over_and_over_is_listed_from_bounded_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let database = TestDatabase::create(Backend::Sqlite).await;
+    let open = || async {
+        Engine::open(
+            database.open(dir.path()).await,
+            Arc::new(SystemClock),
+            EngineConfig::default(),
+        )
+        .await
+        .unwrap()
+    };
+    let engine = open().await;
+    // One unit, one per shopper: each cancel gives both back, so the same shopper can
+    // place order after order.
+    let sale = live_sale(&engine, "CHURN", 1, 1, 50, 1).await;
+    let user = UserId::parse("churner").unwrap();
+    let rounds = 2 * ORDERS_LISTED_MAX + 50;
+    let mut placed = Vec::new();
+    for round in 0..rounds {
+        let key = IdempotencyKey::parse(&format!("churn-{round}")).unwrap();
+        let order = engine
+            .purchase(user.clone(), key, sale, one())
+            .await
+            .unwrap();
+        let id = order.placed.order_id;
+        engine
+            .cancel(&Actor::Shopper(user.clone()), id)
+            .await
+            .unwrap();
+        placed.push(id);
+        assert!(engine.orders_remembered(&user) <= 2 * ORDERS_LISTED_MAX);
+    }
+    // The newest are listed, newest first, as before.
+    let newest: Vec<_> = placed
+        .iter()
+        .rev()
+        .take(ORDERS_LISTED_MAX)
+        .copied()
+        .collect();
+    let listed: Vec<_> = engine
+        .orders_of(&user, ORDERS_LISTED_MAX as u32)
+        .await
+        .unwrap()
+        .iter()
+        .map(|o| o.id)
+        .collect();
+    assert_eq!(listed, newest);
+    // A restart rebuilds the list from every stored order within the same bound.
+    engine.shutdown().await;
+    let engine = open().await;
+    assert!(engine.orders_remembered(&user) <= 2 * ORDERS_LISTED_MAX);
+    let listed: Vec<_> = engine
+        .orders_of(&user, ORDERS_LISTED_MAX as u32)
+        .await
+        .unwrap()
+        .iter()
+        .map(|o| o.id)
+        .collect();
+    assert_eq!(listed, newest);
+    engine.shutdown().await;
 }
