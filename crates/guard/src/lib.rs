@@ -216,6 +216,38 @@ struct FlowLimiter {
     gcra: Gcra,
     warm_start: AtomicU64,
     last_pass: AtomicU64,
+    /// Warm-up's traffic: the second (on the guard's clock, + 1; 0: none) whose passes
+    /// `passes` counts, the passes of the second before it when that one was whole
+    /// (`u64::MAX`: not known), and the first second of the current run of busy seconds.
+    second: AtomicU64,
+    passes: AtomicU64,
+    previous: AtomicU64,
+    run_start: AtomicU64,
+}
+
+impl FlowLimiter {
+    /// Moves the per-second count on to `now`'s second; returns the passes of the last
+    /// whole second before it, if there was one (traffic in it and in the one before).
+    fn last_whole_second(&self, now: u64) -> Option<u64> {
+        let second = now / 1_000_000_000 + 1;
+        let current = self.second.load(Ordering::Relaxed);
+        if current != second
+            && self
+                .second
+                .compare_exchange(current, second, Ordering::AcqRel, Ordering::Relaxed)
+                .is_ok()
+        {
+            let passes = self.passes.swap(0, Ordering::Relaxed);
+            let next = current != 0 && second == current + 1;
+            let whole = next && self.run_start.load(Ordering::Relaxed) < current;
+            self.previous
+                .store(if whole { passes } else { u64::MAX }, Ordering::Relaxed);
+            if !next {
+                self.run_start.store(second, Ordering::Relaxed);
+            }
+        }
+        Some(self.previous.load(Ordering::Relaxed)).filter(|&n| n != u64::MAX)
+    }
 }
 
 struct Hot {
@@ -421,6 +453,10 @@ impl System {
         (max_qps * min_rt).max(MIN_BBR_LIMIT)
     }
 }
+
+/// A warm-up rule cools down after a whole second in which it passed fewer than this
+/// share of its cold rate (qps / cold_factor).
+const COOL_BELOW: f64 = 0.8;
 
 /// The BBR estimate never goes below this many requests in flight.
 pub const MIN_BBR_LIMIT: f64 = 16.0;
@@ -761,16 +797,23 @@ impl Guard {
                     } => {
                         let period = period.as_nanos() as u64;
                         let last = limiter.last_pass.load(Ordering::Relaxed);
-                        if last == 0 || now.saturating_sub(last) > period {
+                        let cold = qps / cold_factor;
+                        // Cold again after a pause longer than the period, or after a
+                        // whole second of traffic well under the cold rate: a trickle
+                        // does not keep the rule warm for the spike that follows it.
+                        let trickle = limiter
+                            .last_whole_second(now)
+                            .is_some_and(|passes| (passes as f64) < cold * COOL_BELOW);
+                        if last == 0 || now.saturating_sub(last) > period || trickle {
                             limiter.warm_start.store(now, Ordering::Relaxed);
                         }
                         let warm = limiter.warm_start.load(Ordering::Relaxed);
                         let progress = (now.saturating_sub(warm) as f64 / period as f64).min(1.0);
-                        let cold = qps / cold_factor;
                         let interval = interval_ns(cold + (qps - cold) * progress);
                         let verdict = limiter.gcra.try_admit(now, interval, rule.burst);
                         if verdict.is_ok() {
                             limiter.last_pass.store(now, Ordering::Relaxed);
+                            limiter.passes.fetch_add(1, Ordering::Relaxed);
                         }
                         (verdict.map(|_| 0), interval)
                     }
@@ -782,7 +825,10 @@ impl Guard {
                 };
                 match verdict {
                     Ok(w) => {
-                        wait = Duration::from_nanos(w);
+                        // A dry run changes nothing, pacing included: no wait.
+                        if !(dry_run || rule.dry_run) {
+                            wait = Duration::from_nanos(w);
+                        }
                         rate = Some((limiter.clone(), interval));
                     }
                     Err(retry) => {
@@ -1080,6 +1126,18 @@ fn sampler(guard: Weak<Guard>) {
                 },
             );
             previous.insert(name.clone(), now);
+        }
+        if guard.compiled.load().rules.dry_run || views.values().any(|v| v.would_block > 0) {
+            for (resource, view) in &views {
+                if view.would_block > 0 {
+                    // Dry run logs what it would block, once a second per resource.
+                    tracing::info!(
+                        resource = %resource,
+                        would_block = view.would_block,
+                        "dry run: these requests would have been refused in the last second"
+                    );
+                }
+            }
         }
         *guard.last_second.write() = views;
         // Automatic degradation of browse and stats under sustained pressure.

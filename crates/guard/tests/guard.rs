@@ -124,6 +124,21 @@ fn warm_up_starts_at_a_third_and_reaches_the_rate() {
     // The curve rises in between.
     let middle = count(1_000, 1_500);
     assert!(first < middle && middle < last, "{first} {middle} {last}");
+
+    // Then a trickle well under the cold rate (50/s against 200/s) for a second and a
+    // half, never pausing as long as the period: it does not keep the rule warm, so the
+    // spike after it starts cold again.
+    let purchase = guard.resource("purchase");
+    let trickle = Instant::now();
+    while trickle.elapsed() < Duration::from_millis(1_500) {
+        drop(guard.admit(&purchase, Class::Purchase).unwrap());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let again = hammer(&guard, "purchase", Duration::from_millis(500)).len() as f64;
+    assert!(
+        (100.0..=170.0).contains(&again),
+        "after the trickle: {again}"
+    );
 }
 
 #[test]
@@ -608,4 +623,39 @@ fn the_adaptive_limit_bounds_requests_in_flight() {
     assert_eq!(held.len(), 18);
     assert!(guard.admit(&guard.resource("pay"), Class::Pay).is_ok());
     assert_eq!(guard.stats().adaptive_limit, Some(20.0));
+}
+
+#[test]
+fn a_dry_run_pacing_rule_delays_nothing_and_counts_what_it_would_refuse() {
+    let mut rule = flow(
+        "pay",
+        100.0,
+        1,
+        Behavior::Pace {
+            max_queue: Duration::from_millis(200),
+        },
+    );
+    rule.dry_run = true;
+    let guard = Guard::new(rules_with(vec![rule])).unwrap();
+    let pay = guard.resource("pay");
+    for _ in 0..50 {
+        let admission = guard
+            .admit(&pay, Class::Pay)
+            .expect("a dry run refuses nothing");
+        assert_eq!(admission.wait, Duration::ZERO);
+    }
+    let stats = guard.stats();
+    let total = &stats
+        .resources
+        .iter()
+        .find(|r| r.resource == "pay")
+        .unwrap()
+        .total;
+    // The paced queue holds about 21 (200 ms at 10 ms apart); the rest would be refused.
+    assert!(
+        (25..=29).contains(&total.would_block),
+        "{}",
+        total.would_block
+    );
+    assert_eq!(total.blocked_throttled, 0);
 }
