@@ -847,6 +847,33 @@ mod tests {
         });
     }
 
+    /// Every setting is in the README's configuration table, and every one that may be
+    /// given as a flag (all but the secrets, and the `[guard]` section) is in
+    /// `stampede serve --help`, so neither can fall behind the code.
+    #[test]
+    fn every_setting_is_documented_in_the_readme_and_in_help() {
+        use clap::Args;
+        let defaults = serde_json::to_value(Config::default()).unwrap();
+        let settings: Vec<&String> = defaults.as_object().unwrap().keys().collect();
+        assert!(settings.len() > 20, "{settings:?}");
+        let readme = repo_file("README.md");
+        let help = ServeArgs::augment_args(clap::Command::new("serve"))
+            .render_long_help()
+            .to_string();
+        for key in settings {
+            if key != "guard" {
+                assert!(
+                    readme.contains(&format!("| `{key}` |")),
+                    "README's table lacks `{key}`"
+                );
+            }
+            if !matches!(key.as_str(), "guard" | "admin_token" | "jwt_secret") {
+                let flag = format!("--{}", key.replace('_', "-"));
+                assert!(help.contains(&flag), "`serve --help` lacks {flag}");
+            }
+        }
+    }
+
     fn repo_file(path: &str) -> String {
         let path = Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("../..")
