@@ -28,6 +28,17 @@ fn flow(resource: &str, qps: f64, burst: u32, behavior: Behavior) -> FlowRule {
     }
 }
 
+/// One resource's totals, from the guard's stats.
+fn totals(guard: &Guard, resource: &str) -> stampede_guard::CounterValues {
+    guard
+        .stats()
+        .resources
+        .into_iter()
+        .find(|r| r.resource == resource)
+        .unwrap_or_else(|| panic!("no resource {resource}"))
+        .total
+}
+
 /// Two threads ask as fast as they can for `for_how_long`; returns admission times.
 fn hammer(guard: &Arc<Guard>, resource: &str, for_how_long: Duration) -> Vec<Duration> {
     let start = Instant::now();
@@ -83,14 +94,9 @@ fn a_qps_limit_holds_within_five_percent_over_five_seconds() {
             "{in_window} in the second from {start_ms} ms"
         );
     }
-    let stats = guard.stats();
-    let purchase = stats
-        .resources
-        .iter()
-        .find(|r| r.resource == "purchase")
-        .unwrap();
-    assert_eq!(purchase.total.passed, admitted.len() as u64);
-    assert!(purchase.total.blocked_throttled > 0);
+    let purchase = totals(&guard, "purchase");
+    assert_eq!(purchase.passed, admitted.len() as u64);
+    assert!(purchase.blocked_throttled > 0);
 }
 
 #[test]
@@ -350,13 +356,7 @@ fn an_open_breaker_refuses_outbound_calls_at_once() {
     assert!(guard.outbound("nowhere").unwrap().is_none());
     // Every call is counted on `outbound:payment`: the six made, the one failure
     // reported, the one refused.
-    let stats = guard.stats();
-    let outbound = &stats
-        .resources
-        .iter()
-        .find(|r| r.resource == "outbound:payment")
-        .unwrap()
-        .total;
+    let outbound = totals(&guard, "outbound:payment");
     assert_eq!(
         (
             outbound.passed,
@@ -390,13 +390,7 @@ fn a_dry_run_lets_calls_through_an_open_breaker_and_counts_them() {
     // Still open (an unchanged rule keeps its state), but the call goes ahead.
     assert_eq!(guard.stats().breakers[0].1, BreakerState::Open);
     guard.outbound("payment").unwrap().unwrap().finish(true);
-    let stats = guard.stats();
-    let outbound = &stats
-        .resources
-        .iter()
-        .find(|r| r.resource == "outbound:payment")
-        .unwrap()
-        .total;
+    let outbound = totals(&guard, "outbound:payment");
     assert_eq!(
         (outbound.would_block, outbound.blocked_circuit_open),
         (1, 1)
@@ -446,14 +440,9 @@ fn rules_are_replaced_by_version_and_dry_run_blocks_nothing() {
                 .unwrap(),
         );
     }
-    let stats = guard.stats();
-    let purchase = stats
-        .resources
-        .iter()
-        .find(|r| r.resource == "purchase")
-        .unwrap();
-    assert_eq!(purchase.total.would_block, 9);
-    assert_eq!(purchase.total.blocked_throttled, 0);
+    let purchase = totals(&guard, "purchase");
+    assert_eq!(purchase.would_block, 9);
+    assert_eq!(purchase.blocked_throttled, 0);
     // An invalid change is refused whole and the old rules stay.
     let mut bad = next.clone();
     bad.version = 2;
@@ -644,13 +633,7 @@ fn a_dry_run_pacing_rule_delays_nothing_and_counts_what_it_would_refuse() {
             .expect("a dry run refuses nothing");
         assert_eq!(admission.wait, Duration::ZERO);
     }
-    let stats = guard.stats();
-    let total = &stats
-        .resources
-        .iter()
-        .find(|r| r.resource == "pay")
-        .unwrap()
-        .total;
+    let total = totals(&guard, "pay");
     // The paced queue holds about 21 (200 ms at 10 ms apart); the rest would be refused.
     assert!(
         (25..=29).contains(&total.would_block),

@@ -51,6 +51,37 @@ impl Interceptor for Flaky {
     }
 }
 
+/// An engine over a real store of `backend` wrapped in `Flaky`; the directory and the
+/// database live as long as it does.
+struct Rig {
+    flaky: Arc<Intercepted<Flaky>>,
+    engine: Engine,
+    _database: TestDatabase,
+    _dir: tempfile::TempDir,
+}
+
+async fn rig(backend: Backend) -> Rig {
+    let dir = tempfile::tempdir().unwrap();
+    let database = TestDatabase::create(backend).await;
+    let flaky = Arc::new(Intercepted {
+        inner: database.open(dir.path()).await,
+        hooks: Flaky::default(),
+    });
+    let engine = Engine::open(
+        flaky.clone(),
+        Arc::new(SystemClock),
+        EngineConfig::default(),
+    )
+    .await
+    .unwrap();
+    Rig {
+        flaky,
+        engine,
+        _database: database,
+        _dir: dir,
+    }
+}
+
 fn q(n: i64) -> Quantity {
     Quantity::parse(n).unwrap()
 }
@@ -63,21 +94,13 @@ on_every_backend!(
 );
 
 async fn failed_commit_returns_stock_and_answers_unavailable(backend: Backend) {
-    let dir = tempfile::tempdir().unwrap();
-    let database = TestDatabase::create(backend).await;
-    let flaky = Arc::new(Intercepted {
-        inner: database.open(dir.path()).await,
-        hooks: Flaky::default(),
-    });
-    let engine = Arc::new(
-        Engine::open(
-            flaky.clone(),
-            Arc::new(SystemClock),
-            EngineConfig::default(),
-        )
-        .await
-        .unwrap(),
-    );
+    let Rig {
+        flaky,
+        engine,
+        _database,
+        _dir,
+    } = rig(backend).await;
+    let engine = Arc::new(engine);
     let sale = live_sale(&engine, "P", 10, 5, 50, 5).await;
     let alice = UserId::parse("alice").unwrap();
     let key = IdempotencyKey::parse("k1").unwrap();
@@ -238,19 +261,12 @@ async fn a_batch_that_fails_midway_leaves_nothing(backend: Backend) {
 }
 
 async fn a_commit_of_unknown_outcome_halts_the_writer_and_keeps_the_stock_taken(backend: Backend) {
-    let dir = tempfile::tempdir().unwrap();
-    let database = TestDatabase::create(backend).await;
-    let flaky = Arc::new(Intercepted {
-        inner: database.open(dir.path()).await,
-        hooks: Flaky::default(),
-    });
-    let engine = Engine::open(
-        flaky.clone(),
-        Arc::new(SystemClock),
-        EngineConfig::default(),
-    )
-    .await
-    .unwrap();
+    let Rig {
+        flaky,
+        engine,
+        _database: database,
+        _dir: dir,
+    } = rig(backend).await;
     let sale = live_sale(&engine, "P", 10, 5, 50, 5).await;
     let alice = UserId::parse("alice").unwrap();
     let key = IdempotencyKey::parse("k1").unwrap();
@@ -293,19 +309,12 @@ async fn a_commit_of_unknown_outcome_halts_the_writer_and_keeps_the_stock_taken(
 }
 
 async fn a_writer_that_panics_halts_the_node(backend: Backend) {
-    let dir = tempfile::tempdir().unwrap();
-    let database = TestDatabase::create(backend).await;
-    let flaky = Arc::new(Intercepted {
-        inner: database.open(dir.path()).await,
-        hooks: Flaky::default(),
-    });
-    let engine = Engine::open(
-        flaky.clone(),
-        Arc::new(SystemClock),
-        EngineConfig::default(),
-    )
-    .await
-    .unwrap();
+    let Rig {
+        flaky,
+        engine,
+        _database,
+        _dir,
+    } = rig(backend).await;
     let sale = live_sale(&engine, "PANIC", 10, 5, 50, 5).await;
     assert!(!engine.halted());
     flaky.hooks.panic.store(true, Ordering::SeqCst);

@@ -108,25 +108,22 @@ async fn a_shopper_who_buys_and_cancels_over_and_over_is_listed_from_bounded_mem
         .take(ORDERS_LISTED_MAX)
         .copied()
         .collect();
-    let listed: Vec<_> = engine
-        .orders_of(&user, ORDERS_LISTED_MAX as u32)
-        .await
-        .unwrap()
-        .iter()
-        .map(|o| o.id)
-        .collect();
-    assert_eq!(listed, newest);
+    let listed = |engine: Engine| {
+        let user = user.clone();
+        async move {
+            let ids: Vec<_> = engine
+                .orders_of(&user, ORDERS_LISTED_MAX as u32)
+                .await
+                .unwrap()
+                .iter()
+                .map(|o| o.id)
+                .collect();
+            assert!(engine.orders_remembered(&user) <= 2 * ORDERS_LISTED_MAX);
+            engine.shutdown().await;
+            ids
+        }
+    };
+    assert_eq!(listed(engine).await, newest);
     // A restart rebuilds the list from every stored order within the same bound.
-    engine.shutdown().await;
-    let engine = open().await;
-    assert!(engine.orders_remembered(&user) <= 2 * ORDERS_LISTED_MAX);
-    let listed: Vec<_> = engine
-        .orders_of(&user, ORDERS_LISTED_MAX as u32)
-        .await
-        .unwrap()
-        .iter()
-        .map(|o| o.id)
-        .collect();
-    assert_eq!(listed, newest);
-    engine.shutdown().await;
+    assert_eq!(listed(open().await).await, newest);
 }
