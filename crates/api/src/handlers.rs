@@ -596,6 +596,17 @@ async fn change_rules(
     }
     rules.validate().map_err(rule_errors)?;
     crate::check_rule_targets(&rules).map_err(rule_errors)?;
+    let longest = crate::longest_answer(&rules, app.payment_timeout);
+    if longest > app.client_timeout {
+        return Err(ApiError::bad_request(
+            "invalid_rules",
+            format!(
+                "flow: these pacing waits make the longest answer {longest:?}, beyond the \
+                 server's client_timeout of {:?}: shorten max_queue or raise client_timeout",
+                app.client_timeout
+            ),
+        ));
+    }
     let json = serde_json::to_string(&rules).expect("rules serialise");
     app.engine
         .store()

@@ -56,6 +56,40 @@ pub struct App {
     pub rules_change: tokio::sync::Mutex<()>,
     /// Proxies allowed to name the client (`X-Forwarded-For`) and tenant (`X-Tenant`).
     pub proxies: client::TrustedProxies,
+    /// The connection watchdog's timeout and the payment provider's: a rules change
+    /// whose longest answer (`longest_answer`) would not fit is refused.
+    pub client_timeout: Duration,
+    pub payment_timeout: Duration,
+}
+
+/// The longest a well-behaved request may wait for its answer on the server's own
+/// account under `rules`: a pay request paced by its route's rule and again by the
+/// `payment` resource's, the provider's `payment_timeout`, and a held refusal, with a
+/// second to spare. The connection watchdog's `client_timeout` must be longer, or it
+/// would cut such requests off.
+pub fn longest_answer(rules: &stampede_guard::GuardRules, payment_timeout: Duration) -> Duration {
+    let paced = |resource: &str| {
+        rules
+            .flow
+            .iter()
+            .filter(|rule| rule.resource == resource)
+            .filter_map(|rule| match rule.behavior {
+                stampede_guard::Behavior::Pace { max_queue } => Some(max_queue),
+                _ => None,
+            })
+            .max()
+            .unwrap_or_default()
+    };
+    let longest_route = GUARDED
+        .iter()
+        .map(|(route, _)| paced(route))
+        .max()
+        .unwrap_or_default();
+    longest_route
+        + paced("payment")
+        + payment_timeout
+        + rules.system.hold_refused
+        + Duration::from_secs(1)
 }
 
 /// The guard's resources for each guarded route, resolved once.
@@ -401,13 +435,18 @@ async fn protect(
         .extensions()
         .get::<axum::extract::ConnectInfo<hold::Peer>>()
         .map(|axum::extract::ConnectInfo(peer)| peer.clone());
-    // The client's own limits first: a client refused by them must not use up the rate
-    // the route's clients share.
-    let admitted = match &peer {
-        Some(peer) => client_admits(app, resource, peer, request.headers()),
-        None => Ok(()),
-    }
-    .and_then(|()| app.guard.admit(resource, class));
+    // The route's rules, then the client's own limits; a client refused by those gives
+    // the route's rate slot back, so it cannot use up the rate the route's clients
+    // share, and a request the route refuses costs the client none of its allowance.
+    let admitted = app.guard.admit(resource, class).and_then(|mut admission| {
+        match &peer {
+            Some(peer) => client_admits(app, resource, peer, request.headers()),
+            None => Ok(()),
+        }
+        .inspect_err(|_| admission.give_back())
+        // Dropped on a refusal: not in flight while its answer waits for a hold.
+        .map(|()| admission)
+    });
     let mut admission = match admitted {
         Ok(admission) => admission,
         Err(rejection) => {
@@ -568,7 +607,7 @@ pub const READ_BUFFER_MAX_BYTES: usize = 64 * 1024;
 /// The loop is hyper's HTTP/1 connection with a bound on connections and on each one's
 /// read buffer, a watchdog that closes slow and idle connections, and a graceful drain,
 /// so no client can make the server hold memory without bound (at most
-/// `max_connections` × `READ_BUFFER_MAX_BYTES` of unread requests) or hold a connection
+/// `max_connections` × (`READ_BUFFER_MAX_BYTES` + the body limit) of requests) or hold a connection
 /// slot by trickling a request.
 pub async fn serve(
     listener: tokio::net::TcpListener,

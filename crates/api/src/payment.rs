@@ -130,12 +130,16 @@ impl PaymentGateway for GuardedPayments {
         if !admission.wait.is_zero() {
             tokio::time::sleep(admission.wait).await;
         }
-        let call =
-            self.guard
-                .outbound("payment")
-                .map_err(|rejection| PaymentError::CircuitOpen {
+        let call = match self.guard.outbound("payment") {
+            Ok(call) => call,
+            Err(rejection) => {
+                // Not called: the rate slot goes back, as for any request never made.
+                admission.give_back();
+                return Err(PaymentError::CircuitOpen {
                     retry_after_ms: rejection.retry_after().as_millis() as u64,
-                })?;
+                });
+            }
+        };
         let result = self.inner.charge(idempotency_key, amount).await;
         let ok = matches!(result, Ok(()) | Err(PaymentError::Declined(_)));
         if let Some(call) = call {

@@ -28,6 +28,8 @@ pub fn router(engine: Arc<Engine>, jwt: &Secret) -> axum::Router {
             guard,
             rules_change: tokio::sync::Mutex::new(()),
             proxies: crate::client::TrustedProxies::parse("").expect("no proxies"),
+            client_timeout: Duration::from_secs(150),
+            payment_timeout: Duration::from_secs(3),
         })),
         crate::BODY_LIMIT_BYTES_DEFAULT,
     )

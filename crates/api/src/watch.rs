@@ -12,8 +12,9 @@
 //! **Invariant:** a connection is closed only when a request of it has been in progress
 //! (read from, not yet answered) or it has been idle for longer than the timeout, give
 //! or take the sweep's second. Nothing a well-behaved client does is cut off: the
-//! longest answer the server gives (a payment, bounded by its own timeout, or a held
-//! refusal, at most a second) is far inside it.
+//! server refuses to start, and refuses a rules change, when the timeout is shorter than
+//! the longest answer it may take on its own account under the rules (paced waits, the
+//! payment provider's timeout, a held refusal; `longest_answer`).
 
 use std::io;
 use std::pin::Pin;

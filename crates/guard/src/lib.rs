@@ -216,17 +216,18 @@ struct FlowLimiter {
     gcra: Gcra,
     warm_start: AtomicU64,
     last_pass: AtomicU64,
-    /// Warm-up's traffic: the second (on the guard's clock, + 1; 0: none) whose passes
-    /// `passes` counts, the passes of the second before it when that one was whole
+    /// Warm-up's demand: the second (on the guard's clock, + 1; 0: none) whose requests
+    /// `attempts` counts (admitted or not: a rule that refuses is under demand, however
+    /// few it passes), the count of the second before it when that one was whole
     /// (`u64::MAX`: not known), and the first second of the current run of busy seconds.
     second: AtomicU64,
-    passes: AtomicU64,
+    attempts: AtomicU64,
     previous: AtomicU64,
     run_start: AtomicU64,
 }
 
 impl FlowLimiter {
-    /// Moves the per-second count on to `now`'s second; returns the passes of the last
+    /// Moves the per-second count on to `now`'s second; returns the requests of the last
     /// whole second before it, if there was one (traffic in it and in the one before).
     fn last_whole_second(&self, now: u64) -> Option<u64> {
         let second = now / 1_000_000_000 + 1;
@@ -237,7 +238,7 @@ impl FlowLimiter {
                 .compare_exchange(current, second, Ordering::AcqRel, Ordering::Relaxed)
                 .is_ok()
         {
-            let passes = self.passes.swap(0, Ordering::Relaxed);
+            let passes = self.attempts.swap(0, Ordering::Relaxed);
             let next = current != 0 && second == current + 1;
             let whole = next && self.run_start.load(Ordering::Relaxed) < current;
             self.previous
@@ -454,8 +455,8 @@ impl System {
     }
 }
 
-/// A warm-up rule cools down after a whole second in which it passed fewer than this
-/// share of its cold rate (qps / cold_factor).
+/// A warm-up rule cools down after a whole second in which fewer requests than this
+/// share of its cold rate (qps / cold_factor) asked for it.
 const COOL_BELOW: f64 = 0.8;
 
 /// The BBR estimate never goes below this many requests in flight.
@@ -799,11 +800,12 @@ impl Guard {
                         let last = limiter.last_pass.load(Ordering::Relaxed);
                         let cold = qps / cold_factor;
                         // Cold again after a pause longer than the period, or after a
-                        // whole second of traffic well under the cold rate: a trickle
+                        // whole second of demand well under the cold rate: a trickle
                         // does not keep the rule warm for the spike that follows it.
                         let trickle = limiter
                             .last_whole_second(now)
-                            .is_some_and(|passes| (passes as f64) < cold * COOL_BELOW);
+                            .is_some_and(|asked| (asked as f64) < cold * COOL_BELOW);
+                        limiter.attempts.fetch_add(1, Ordering::Relaxed);
                         if last == 0 || now.saturating_sub(last) > period || trickle {
                             limiter.warm_start.store(now, Ordering::Relaxed);
                         }
@@ -813,7 +815,6 @@ impl Guard {
                         let verdict = limiter.gcra.try_admit(now, interval, rule.burst);
                         if verdict.is_ok() {
                             limiter.last_pass.store(now, Ordering::Relaxed);
-                            limiter.passes.fetch_add(1, Ordering::Relaxed);
                         }
                         (verdict.map(|_| 0), interval)
                     }

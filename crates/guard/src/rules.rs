@@ -298,6 +298,9 @@ pub struct RuleError {
     pub message: String,
 }
 
+/// The longest a paced request may be made to wait (`behavior.max_queue`).
+pub const PACE_MAX_QUEUE: Duration = Duration::from_secs(60);
+
 /// Most rules of each kind (the tables behind them are allocated per rule).
 pub const MAX_RULES: usize = 256;
 
@@ -358,7 +361,7 @@ impl GuardRules {
                     }
                 }
                 Behavior::Pace { max_queue } => {
-                    if *max_queue > Duration::from_secs(60) {
+                    if *max_queue > PACE_MAX_QUEUE {
                         err(f("behavior.max_queue"), "at most 60s");
                     }
                     if r.qps.is_none() {

@@ -642,3 +642,30 @@ fn a_dry_run_pacing_rule_delays_nothing_and_counts_what_it_would_refuse() {
     );
     assert_eq!(total.blocked_throttled, 0);
 }
+
+#[test]
+fn a_low_rate_warm_up_rule_warms_up_under_demand() {
+    // A cold rate of 5/3 per second admits 1 or 2 a second, under 0.8 × the cold rate
+    // every other second: the demand, not the few it passes, says whether the rule is
+    // in use.
+    let guard = Guard::new(rules_with(vec![flow(
+        "purchase",
+        5.0,
+        1,
+        Behavior::WarmUp {
+            cold_factor: 3.0,
+            period: Duration::from_secs(2),
+        },
+    )]))
+    .unwrap();
+    let admitted = hammer(&guard, "purchase", Duration::from_millis(4_500));
+    let last = admitted
+        .iter()
+        .filter(|t| **t >= Duration::from_millis(3_500))
+        .count();
+    // Warm by then: 5/s, 5 in the last second (1 or 2 had it stayed cold).
+    assert!(
+        (4..=6).contains(&last),
+        "{last} in the last second: {admitted:?}"
+    );
+}

@@ -126,7 +126,7 @@ impl Default for Config {
             batch_size_max: 1_024,
             body_limit_bytes: stampede_api::BODY_LIMIT_BYTES_DEFAULT,
             max_connections: 16_384,
-            client_timeout: Duration::from_secs(30),
+            client_timeout: Duration::from_secs(150),
             trusted_proxies: String::new(),
             admin_token: None,
             jwt_secret: None,
@@ -228,7 +228,7 @@ pub struct ServeArgs {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_connections: Option<usize>,
-    /// A connection whose request is still arriving or unanswered this long after its first byte, or idle this long, is closed, e.g. 30s [default: 30s].
+    /// A connection whose request is still arriving or unanswered this long after its first byte, or idle this long, is closed; longer than the guard rules' longest answer (paced waits + payment_timeout + held refusal + 1s) [default: 150s].
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub client_timeout: Option<String>,
@@ -405,7 +405,7 @@ fn secret(configured: Option<&str>, data_dir: &Path, file: &str) -> anyhow::Resu
         anyhow::ensure!(!existing.is_empty(), "{} is empty", path.display());
         return Ok((Secret::new(existing), false));
     }
-    // Written whole under a temporary name, synced, then renamed into place and the
+    // Written whole under a temporary name, synced, then linked into place and the
     // directory synced: a kill at any moment leaves either no secret (the next start
     // makes one) or the whole one, never an empty file that stops every later start.
     let value = random_hex(32);
@@ -421,8 +421,19 @@ fn secret(configured: Option<&str>, data_dir: &Path, file: &str) -> anyhow::Resu
     std::io::Write::write_all(&mut out, value.as_bytes())?;
     out.sync_all()?;
     drop(out);
-    std::fs::rename(&temporary, &path)
-        .with_context(|| format!("move the new secret to {}", path.display()))?;
+    // A hard link fails if the name exists: a second start that made its own secret
+    // meanwhile keeps it, and this one reads it back instead of replacing it.
+    let linked = std::fs::hard_link(&temporary, &path);
+    let _ = std::fs::remove_file(&temporary);
+    match linked {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            return secret(None, data_dir, file);
+        }
+        Err(e) => {
+            return Err(e).with_context(|| format!("keep the new secret in {}", path.display()));
+        }
+    }
     std::fs::File::open(data_dir)
         .and_then(|dir| dir.sync_all())
         .with_context(|| format!("sync {}", data_dir.display()))?;
@@ -577,6 +588,14 @@ pub async fn start(
             .context("rebuild state from the store")?,
     );
     let rules = guard_rules(config, &engine).await?;
+    let longest = stampede_api::longest_answer(&rules, config.payment_timeout);
+    anyhow::ensure!(
+        longest <= config.client_timeout,
+        "client_timeout ({:?}) must be at least {longest:?}, the longest a request may wait \
+         for its answer on the server's own account under the guard rules (paced waits, \
+         payment_timeout, a held refusal), so no such request is cut off",
+        config.client_timeout
+    );
     let guard = stampede_api::check_rule_targets(&rules)
         .and_then(|()| stampede_guard::Guard::new(rules))
         .map_err(|errors| {
@@ -602,6 +621,8 @@ pub async fn start(
         guard,
         rules_change: tokio::sync::Mutex::new(()),
         proxies: stampede_api::client::TrustedProxies::parse(&config.trusted_proxies)?,
+        client_timeout: config.client_timeout,
+        payment_timeout: config.payment_timeout,
     }));
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
@@ -720,7 +741,16 @@ async fn guard_rules(
     let stored = match stored.map(|json| serde_json::from_str::<stampede_guard::GuardRules>(&json))
     {
         None => None,
-        Some(Ok(rules)) => Some(rules),
+        Some(Ok(rules)) => match stampede_api::check_rule_targets(&rules) {
+            Ok(()) => Some(rules),
+            // Kept by an earlier version that accepted rules nothing asks: starting with
+            // the configured ones beats refusing to start at all.
+            Err(errors) => {
+                let all: Vec<String> = errors.iter().map(ToString::to_string).collect();
+                tracing::error!(errors = %all.join("; "), "the stored guard rules name what nothing asks; using the configured ones");
+                None
+            }
+        },
         Some(Err(e)) => {
             tracing::error!(error = %e, "the stored guard rules cannot be read; using the configured ones");
             None
@@ -840,6 +870,10 @@ mod tests {
                 !error.contains("`listen`") && !error.contains("`guard`"),
                 "{error}"
             );
+            jail.set_env("STAMPEDE_CLIENT_TIMEOUT", "0s");
+            let error = load(&ServeArgs::default()).unwrap_err().to_string();
+            assert!(error.contains("client_timeout must be at least"), "{error}");
+            jail.set_env("STAMPEDE_CLIENT_TIMEOUT", "150s");
             jail.set_env("STAMPEDE_PAYMENT_WINDOW", "soon");
             let error = load(&ServeArgs::default()).unwrap_err().to_string();
             assert!(error.to_lowercase().contains("payment_window"), "{error}");

@@ -909,11 +909,25 @@ async fn closed_within(conn: &mut tokio::net::TcpStream, wait: Duration) -> bool
 #[tokio::test]
 async fn a_client_trickling_its_request_or_idle_is_cut_off_and_connections_are_bounded() {
     use tokio::io::AsyncWriteExt;
+    // The shortest client timeout the rules allow: no pacing, no holds, a 100 ms
+    // provider timeout, and the second to spare make 1.1 s.
     let app = spawn_app_with(|config| {
-        config.client_timeout = Duration::from_secs(1);
+        config.client_timeout = Duration::from_secs(2);
+        config.payment_timeout = Duration::from_millis(100);
+        config.guard.system.hold_refused = Duration::ZERO;
         config.max_connections = 3;
     })
     .await;
+    // A rules change whose paced wait would outlast the timeout is refused: a request
+    // waiting its turn would be cut off.
+    let mut paced = rules(&app).await;
+    paced["version"] = json!(1);
+    paced["flow"] = json!([{"resource": "pay", "qps": 1.0,
+        "behavior": {"kind": "pace", "max_queue": "5s"}}]);
+    let reply = put_rules(&app, Some(&app.admin), &paced).await;
+    assert_error(&reply, 400, "invalid_rules");
+    let message = reply.body["error"]["message"].as_str().unwrap();
+    assert!(message.contains("client_timeout"), "{message}");
     let address = app.base.trim_start_matches("http://").to_owned();
     let connect = || tokio::net::TcpStream::connect(address.clone());
 
@@ -932,11 +946,11 @@ async fn a_client_trickling_its_request_or_idle_is_cut_off_and_connections_are_b
             cut = true;
             break;
         }
-        assert!(started.elapsed() < Duration::from_secs(5), "never cut off");
+        assert!(started.elapsed() < Duration::from_secs(7), "never cut off");
     }
     assert!(cut);
     assert!(
-        started.elapsed() >= Duration::from_millis(900),
+        started.elapsed() >= Duration::from_millis(1_900),
         "{:?}",
         started.elapsed()
     );
@@ -949,7 +963,7 @@ async fn a_client_trickling_its_request_or_idle_is_cut_off_and_connections_are_b
         tokio::time::sleep(Duration::from_millis(400)).await;
     }
     assert!(
-        closed_within(&mut steady, Duration::from_secs(4)).await,
+        closed_within(&mut steady, Duration::from_secs(5)).await,
         "idle, not closed"
     );
 
@@ -976,4 +990,28 @@ async fn a_client_trickling_its_request_or_idle_is_cut_off_and_connections_are_b
     let (status, waited) = waiting.await.unwrap();
     assert_eq!(status, 200);
     assert!(waited >= Duration::from_millis(300), "{waited:?}");
+}
+
+#[tokio::test]
+async fn stored_rules_that_name_what_nothing_asks_give_way_to_the_configured_ones() {
+    let mut app = spawn_app().await;
+    // What an earlier version could have kept: a shopper limit on `pay`, which nothing
+    // asks. Starting must not fail on it.
+    let mut stored = rules(&app).await;
+    stored["version"] = json!(7);
+    stored["hot"] = json!([{"name": "x", "resource": "pay", "param": "shopper", "qps": 1.0}]);
+    let engine = app.running.as_ref().unwrap().engine.clone();
+    engine
+        .store()
+        .save_setting(
+            stampede_api::handlers::GUARD_RULES_KEY,
+            &serde_json::to_string(&stored).unwrap(),
+        )
+        .await
+        .unwrap();
+    drop(engine);
+    app.restart().await;
+    let running = rules(&app).await;
+    assert_eq!(running["version"], 0, "{running}");
+    assert_eq!(running["hot"][0]["resource"], "purchase");
 }
