@@ -84,10 +84,16 @@ impl Watchdog {
         )
     }
 
-    /// Advances the clock and closes the connections over `timeout`; returns how many.
-    pub fn sweep(&self, timeout: Duration) -> usize {
+    /// Advances the coarse clock to now; returns it.
+    fn tick(&self) -> u64 {
         let now = self.started.elapsed().as_millis() as u64 + 1;
         self.now_ms.store(now, Ordering::Relaxed);
+        now
+    }
+
+    /// Advances the clock and closes the connections over `timeout`; returns how many.
+    pub fn sweep(&self, timeout: Duration) -> usize {
+        let now = self.tick();
         let limit = timeout.as_millis() as u64;
         let mut closed = 0;
         for marks in self.open.lock().values() {
@@ -121,8 +127,7 @@ impl Watchdog {
                         .increment(closed as u64);
                 }
             } else {
-                let now = self.started.elapsed().as_millis() as u64 + 1;
-                self.now_ms.store(now, Ordering::Relaxed);
+                self.tick();
             }
         }
     }

@@ -498,8 +498,9 @@ pub struct Admission<'a> {
     /// Counted in the system's requests in flight and response times (a request, not a
     /// named resource's call).
     system: bool,
-    /// The rate slot it took (the limiter and the interval), for [`Admission::give_back`].
-    rate: Option<(Arc<FlowLimiter>, u64)>,
+    /// The interval of the rate slot it took, for [`Admission::give_back`] (which finds
+    /// the limiter then: only a refused request pays for the lookup).
+    rate: Option<u64>,
     start: u64,
     /// Pacing: send after this long.
     pub wait: Duration,
@@ -516,8 +517,10 @@ impl Admission<'_> {
     /// admission (a per-shopper or per-sale limit) refused it: a scalper's refused
     /// attempts must not use up the rate everyone shares. At most once.
     pub fn give_back(&mut self) {
-        if let Some((limiter, interval)) = self.rate.take() {
-            limiter.gcra.give_back(interval);
+        if let Some(interval) = self.rate.take()
+            && let Some(flow) = self.guard.compiled.load().flow(self.resource.id)
+        {
+            flow.limiter.gcra.give_back(interval);
         }
     }
 }
@@ -830,7 +833,7 @@ impl Guard {
                         if !(dry_run || rule.dry_run) {
                             wait = Duration::from_nanos(w);
                         }
-                        rate = Some((limiter.clone(), interval));
+                        rate = Some(interval);
                     }
                     Err(retry) => {
                         if let Some(r) = refuse(
@@ -1128,17 +1131,13 @@ fn sampler(guard: Weak<Guard>) {
             );
             previous.insert(name.clone(), now);
         }
-        if guard.compiled.load().rules.dry_run || views.values().any(|v| v.would_block > 0) {
-            for (resource, view) in &views {
-                if view.would_block > 0 {
-                    // Dry run logs what it would block, once a second per resource.
-                    tracing::info!(
-                        resource = %resource,
-                        would_block = view.would_block,
-                        "dry run: these requests would have been refused in the last second"
-                    );
-                }
-            }
+        // Dry run logs what it would block, once a second per resource.
+        for (resource, view) in views.iter().filter(|(_, v)| v.would_block > 0) {
+            tracing::info!(
+                resource = %resource,
+                would_block = view.would_block,
+                "dry run: these requests would have been refused in the last second"
+            );
         }
         *guard.last_second.write() = views;
         // Automatic degradation of browse and stats under sustained pressure.

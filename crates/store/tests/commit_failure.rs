@@ -55,7 +55,7 @@ impl Interceptor for Flaky {
 /// database live as long as it does.
 struct Rig {
     flaky: Arc<Intercepted<Flaky>>,
-    engine: Engine,
+    engine: Arc<Engine>,
     _database: TestDatabase,
     _dir: tempfile::TempDir,
 }
@@ -76,7 +76,7 @@ async fn rig(backend: Backend) -> Rig {
     .unwrap();
     Rig {
         flaky,
-        engine,
+        engine: Arc::new(engine),
         _database: database,
         _dir: dir,
     }
@@ -94,13 +94,8 @@ on_every_backend!(
 );
 
 async fn failed_commit_returns_stock_and_answers_unavailable(backend: Backend) {
-    let Rig {
-        flaky,
-        engine,
-        _database,
-        _dir,
-    } = rig(backend).await;
-    let engine = Arc::new(engine);
+    let rig = rig(backend).await;
+    let (flaky, engine) = (&rig.flaky, rig.engine.clone());
     let sale = live_sale(&engine, "P", 10, 5, 50, 5).await;
     let alice = UserId::parse("alice").unwrap();
     let key = IdempotencyKey::parse("k1").unwrap();
@@ -309,13 +304,9 @@ async fn a_commit_of_unknown_outcome_halts_the_writer_and_keeps_the_stock_taken(
 }
 
 async fn a_writer_that_panics_halts_the_node(backend: Backend) {
-    let Rig {
-        flaky,
-        engine,
-        _database,
-        _dir,
-    } = rig(backend).await;
-    let sale = live_sale(&engine, "PANIC", 10, 5, 50, 5).await;
+    let rig = rig(backend).await;
+    let (flaky, engine) = (&rig.flaky, &rig.engine);
+    let sale = live_sale(engine, "PANIC", 10, 5, 50, 5).await;
     assert!(!engine.halted());
     flaky.hooks.panic.store(true, Ordering::SeqCst);
     let alice = UserId::parse("alice").unwrap();
