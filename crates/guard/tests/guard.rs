@@ -131,12 +131,12 @@ fn warm_up_starts_at_a_third_and_reaches_the_rate() {
     let middle = count(1_000, 1_500);
     assert!(first < middle && middle < last, "{first} {middle} {last}");
 
-    // Then a trickle well under the cold rate (50/s against 200/s) for a second and a
-    // half, never pausing as long as the period: it does not keep the rule warm, so the
-    // spike after it starts cold again.
+    // Then a trickle well under the cold rate (50/s against 200/s) for 2.2 s, so that a
+    // whole second of the guard's clock holds nothing else, never pausing as long as
+    // the period: it does not keep the rule warm, so the spike after it starts cold.
     let purchase = guard.resource("purchase");
     let trickle = Instant::now();
-    while trickle.elapsed() < Duration::from_millis(1_500) {
+    while trickle.elapsed() < Duration::from_millis(2_200) {
         // The first may meet the bucket the spike above left full: refused or not,
         // each is demand of 50/s.
         drop(guard.admit(&purchase, Class::Purchase));
