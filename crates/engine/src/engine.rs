@@ -276,6 +276,10 @@ pub(crate) struct SaleState {
     pub refilled: tokio::sync::Notify,
     /// With an outside stock gate, stock is taken and handed back there.
     pub gate: Option<Arc<dyn StockGate>>,
+    /// Set once the sale is past `Shared::answers_kept_until`: its orders' idempotency
+    /// answers have left memory (or were never loaded), and a replay is answered from
+    /// the store.
+    pub answers_forgotten: std::sync::atomic::AtomicBool,
 }
 
 impl SaleState {
@@ -297,7 +301,13 @@ impl SaleState {
             record,
             refilled: tokio::sync::Notify::new(),
             gate,
+            answers_forgotten: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    fn answers_forgotten(&self) -> bool {
+        self.answers_forgotten
+            .load(std::sync::atomic::Ordering::Acquire)
     }
 }
 
@@ -351,6 +361,10 @@ pub const ORDERS_LISTED_MAX: usize = 100;
 /// in all. Sales that sell more grow the map past that.
 const IDEM_ROOM_MAX: u64 = 7_168 * IDEM_SHARDS as u64;
 
+/// How many replays of purchases whose answers left memory the store is asked about at
+/// once. Each is one read of at most `2 × ORDERS_LISTED_MAX` orders by primary key.
+const REPLAY_LOOKUPS_AT_ONCE: usize = 4;
+
 pub(crate) struct Shared {
     pub store: Arc<dyn Store>,
     pub clock: Arc<dyn Clock>,
@@ -381,6 +395,10 @@ pub(crate) struct Shared {
     pub cluster: bool,
     /// Stock is taken in an outside gate (Redis + Lua), not in memory.
     pub gate: Option<Arc<dyn StockGate>>,
+    /// Replays the store answers at once (`REPLAY_LOOKUPS_AT_ONCE`): a purchase of a
+    /// sale whose answers left memory; more at the same moment are answered
+    /// `Overloaded`.
+    replay_lookups: tokio::sync::Semaphore,
 }
 
 impl Shared {
@@ -420,6 +438,84 @@ impl Shared {
         }
     }
 
+    /// Tells the duplicates waiting on `(user, key)` the answer and removes the entry,
+    /// whatever the answer: for a sale whose answers are no longer kept in memory.
+    pub(crate) fn answer_and_forget(&self, user: &UserId, key: &IdempotencyKey, outcome: Outcome) {
+        let previous = self
+            .idem_shard(user, key)
+            .lock()
+            .remove(&(user.clone(), key.clone()));
+        if let Some(IdemEntry::InFlight { waiters }) = previous {
+            for waiter in waiters {
+                let _ = waiter.send(outcome.clone());
+            }
+        }
+    }
+
+    /// Until when a sale's orders' idempotency answers stay in memory: its end, then a
+    /// payment window and the expiry grace, by which time every order of it is paid or
+    /// closed. Afterwards a replay is answered from the store
+    /// (`Engine::replay_from_store`), so memory holds the answers of the sales that are
+    /// running or just ended, not of every order ever placed.
+    pub(crate) fn answers_kept_until(&self, sale: &SaleRecord) -> i64 {
+        sale.ends_at_ms
+            .saturating_add(self.config.payment_window_ms)
+            .saturating_add(self.config.expiry_grace_ms)
+    }
+
+    /// Removes from memory the idempotency answers of every sale past
+    /// `answers_kept_until` whose answers are still there, and gives the emptied room
+    /// back (keeping the room the running sales still need). Returns how many answers
+    /// were removed. Walks every shard once, a shard's lock at a time: call it off the
+    /// writer (`spawn_blocking`).
+    pub(crate) fn forget_ended_sales(&self) -> usize {
+        let now_ms = self.clock.now_ms();
+        let retired: Vec<SaleId> = self
+            .sales
+            .read()
+            .values()
+            .filter(|sale| self.answers_kept_until(&sale.record) <= now_ms)
+            .filter(|sale| {
+                // Set before the walk: a purchase that finds no entry then finds the flag
+                // (the shard's lock orders the two), and asks the store.
+                !sale
+                    .answers_forgotten
+                    .swap(true, std::sync::atomic::Ordering::AcqRel)
+            })
+            .map(|sale| sale.record.id)
+            .collect();
+        if retired.is_empty() {
+            return 0;
+        }
+        let room = self.room_per_shard();
+        let mut removed = 0;
+        for shard in &self.idem_shards {
+            let mut entries = shard.lock();
+            let before = entries.len();
+            entries.retain(|_, entry| {
+                !matches!(entry, IdemEntry::Done(placed) if retired.contains(&placed.sale_id))
+            });
+            removed += before - entries.len();
+            let keep = entries.len() + room;
+            entries.shrink_to(keep);
+        }
+        metrics::counter!("stampede_idempotency_answers_forgotten_total").increment(removed as u64);
+        tracing::info!(
+            sales = retired.len(),
+            answers = removed,
+            "idempotency answers of ended sales left memory; replays are answered from the store"
+        );
+        removed
+    }
+
+    /// Whether a sale is past `answers_kept_until` with its answers still in memory.
+    pub(crate) fn has_answers_to_forget(&self) -> bool {
+        let now_ms = self.clock.now_ms();
+        self.sales.read().values().any(|sale| {
+            !sale.answers_forgotten() && self.answers_kept_until(&sale.record) <= now_ms
+        })
+    }
+
     /// Units `sale` can still sell, as far as this node knows: a cluster node's lease is
     /// a slice of the sale and an outside gate keeps the stock elsewhere, so for them the
     /// last count seen.
@@ -440,6 +536,14 @@ impl Shared {
     /// run (BENCHMARKS.md, "Room for the orders before the sale"). Bounded by the stock
     /// of the running sales, so room for sales that ended is not kept on top.
     pub(crate) fn make_room_for_orders(&self) {
+        let per_shard = self.room_per_shard();
+        for shard in &self.idem_shards {
+            shard.lock().reserve(per_shard);
+        }
+    }
+
+    /// The room each shard keeps for the orders the running sales can still take.
+    fn room_per_shard(&self) -> usize {
         let now_ms = self.clock.now_ms();
         let units: u64 = self
             .sales
@@ -448,10 +552,7 @@ impl Shared {
             .filter(|sale| sale.record.ends_at_ms > now_ms)
             .map(|sale| self.unsold(sale))
             .sum();
-        let per_shard = (units.min(IDEM_ROOM_MAX) as usize).div_ceil(IDEM_SHARDS);
-        for shard in &self.idem_shards {
-            shard.lock().reserve(per_shard);
-        }
+        (units.min(IDEM_ROOM_MAX) as usize).div_ceil(IDEM_SHARDS)
     }
 
     pub(crate) fn user_orders_shard(&self, user: &UserId) -> &Mutex<FastMap<UserId, Vec<OrderId>>> {
@@ -596,7 +697,17 @@ impl Engine {
             gateway: Default::default(),
             cluster,
             gate: gate.clone(),
+            replay_lookups: tokio::sync::Semaphore::new(REPLAY_LOOKUPS_AT_ONCE),
         };
+        // Sales whose answers are no longer kept: their orders rebuild stock and counts,
+        // not idempotency answers.
+        let now_ms = shared.clock.now_ms();
+        let retired: std::collections::HashSet<SaleId> = snapshot
+            .sales
+            .iter()
+            .filter(|sale| shared.answers_kept_until(sale) <= now_ms)
+            .map(|sale| sale.id)
+            .collect();
 
         let mut held_units: HashMap<SaleId, u64> = HashMap::new();
         let mut held_by_user: HashMap<SaleId, FastMap<UserId, u32>> = HashMap::new();
@@ -614,11 +725,13 @@ impl Engine {
                 expiries.push((order.expires_at_ms + config.expiry_grace_ms, order.id));
             }
             shared.remember_order(&order.user_id, order.id);
-            shared.settle(
-                &order.user_id,
-                &order.idempotency_key,
-                Ok(Placed::of(order)),
-            );
+            if !retired.contains(&order.sale_id) {
+                shared.settle(
+                    &order.user_id,
+                    &order.idempotency_key,
+                    Ok(Placed::of(order)),
+                );
+            }
         }
 
         for sale in snapshot.sales {
@@ -653,6 +766,11 @@ impl Engine {
             }
             let in_memory = if cluster || gate.is_some() { 0 } else { unsold };
             let state = SaleState::new(sale, in_memory, users, unsold, gate.clone());
+            if retired.contains(&state.record.id) {
+                state
+                    .answers_forgotten
+                    .store(true, std::sync::atomic::Ordering::Release);
+            }
             shared
                 .sales
                 .write()
@@ -688,6 +806,17 @@ impl Engine {
 
     pub fn now_ms(&self) -> i64 {
         self.shared.clock.now_ms()
+    }
+
+    /// How many idempotency answers (and keys being decided) memory holds. For tests:
+    /// an ended sale's answers leave memory.
+    #[doc(hidden)]
+    pub fn idempotency_answers(&self) -> usize {
+        self.shared
+            .idem_shards
+            .iter()
+            .map(|shard| shard.lock().len())
+            .sum()
     }
 
     /// How many entries the idempotency map holds before one of its shards must grow,
@@ -923,8 +1052,9 @@ impl Engine {
     // ---- the hot path ----------------------------------------------------------------
 
     /// Takes stock for one purchase and, in `AckMode::Durable`, waits until its order is
-    /// committed. Never touches the store on the way in; sold-out answers never reach
-    /// the writer.
+    /// committed. Never touches the store on the way in, but for a late replay of a
+    /// sale whose answers left memory (`replay_from_store`); sold-out answers never
+    /// reach the writer.
     pub async fn purchase(
         &self,
         user: UserId,
@@ -950,6 +1080,51 @@ impl Engine {
         }
         count_purchase("overloaded");
         Err(PurchaseError::Overloaded)
+    }
+
+    /// Answers a purchase of a sale whose idempotency answers left memory
+    /// (`Shared::answers_kept_until`): the shopper's order under this key, found among
+    /// their newest orders (at most `2 × ORDERS_LISTED_MAX`, read by id), is replayed;
+    /// the key on another request is `KeyReused`; no such order means a new purchase of
+    /// an ended sale. At most `REPLAY_LOOKUPS_AT_ONCE` at once, the rest `Overloaded`.
+    async fn replay_from_store(
+        &self,
+        user: &UserId,
+        key: &IdempotencyKey,
+        sale_id: SaleId,
+        quantity: Quantity,
+    ) -> Result<Purchase, PurchaseError> {
+        let Ok(_permit) = self.shared.replay_lookups.try_acquire() else {
+            return Err(PurchaseError::Overloaded);
+        };
+        let ids: Vec<OrderId> = self
+            .shared
+            .user_orders_shard(user)
+            .lock()
+            .get(user)
+            .cloned()
+            .unwrap_or_default();
+        if ids.is_empty() {
+            return Err(PurchaseError::Ended);
+        }
+        metrics::counter!("stampede_idempotency_store_lookups_total").increment(1);
+        let orders = self
+            .shared
+            .store
+            .orders_by_id(&ids)
+            .await
+            .map_err(|_| PurchaseError::Unavailable)?;
+        match orders
+            .iter()
+            .find(|order| &order.user_id == user && &order.idempotency_key == key)
+        {
+            Some(order) if order.sale_id == sale_id && order.quantity == quantity => Ok(Purchase {
+                placed: Placed::of(order),
+                replay: true,
+            }),
+            Some(_) => Err(PurchaseError::KeyReused),
+            None => Err(PurchaseError::Ended),
+        }
     }
 
     async fn try_purchase(
@@ -1036,7 +1211,21 @@ impl Engine {
             return refuse(PurchaseError::NotStarted);
         }
         if now_ms >= record.ends_at_ms {
-            return refuse(PurchaseError::Ended);
+            if !sale.answers_forgotten() {
+                return refuse(PurchaseError::Ended);
+            }
+            // The sale's answers left memory: this may be a late replay.
+            holder.disarm();
+            let answer = self.replay_from_store(user, key, sale_id, quantity).await;
+            self.shared.answer_and_forget(
+                user,
+                key,
+                answer
+                    .as_ref()
+                    .map(|p| p.placed.clone())
+                    .map_err(Clone::clone),
+            );
+            return Attempt::Answer(answer);
         }
         // A failing database: refuse before taking stock or joining the queue.
         if let Some(breaker) = self.shared.commit_breaker.get()

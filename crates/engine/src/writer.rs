@@ -92,6 +92,9 @@ pub(crate) struct Writer {
 /// see the commit that makes the node ready again.
 const PROBE_EVERY: Duration = Duration::from_secs(1);
 
+/// How often the writer looks for ended sales whose idempotency answers may leave memory.
+const FORGET_EVERY: Duration = Duration::from_secs(1);
+
 /// The setting the probe writes (the time of the probe).
 pub const WRITER_PROBE_KEY: &str = "writer_probe";
 
@@ -175,6 +178,7 @@ impl Writer {
         let mut next_upkeep = Instant::now() + upkeep_every;
         let mut closing = false;
         let mut batch = Vec::with_capacity(batch_size_max);
+        let mut next_forget = Instant::now();
         loop {
             tokio::select! {
                 biased;
@@ -206,6 +210,15 @@ impl Writer {
                 }
             }
             self.process(&mut batch).await;
+            if Instant::now() >= next_forget {
+                // Once a second: the answers of sales that ended long enough ago leave
+                // memory, walked off this task so no commit waits for it.
+                next_forget = Instant::now() + FORGET_EVERY;
+                if self.shared.has_answers_to_forget() {
+                    let shared = self.shared.clone();
+                    tokio::task::spawn_blocking(move || shared.forget_ended_sales());
+                }
+            }
             if cluster && !self.is_halted() && Instant::now() >= next_upkeep {
                 // A queue that never empties must not starve the heartbeat, the reclaim
                 // of dead nodes' leases or the catalogue.

@@ -2,14 +2,18 @@
 //! room for the running sales' orders from the moment each opens, so no purchase waits
 //! while a shard of it doubles and moves its entries (BENCHMARKS.md, "Room for the
 //! orders before the sale"). And a shopper's order list in memory stays bounded however
-//! many orders they place and cancel.
+//! many orders they place and cancel. And an ended sale's idempotency answers leave
+//! memory once its payment window is over, while its replays are still answered.
 
 use std::sync::Arc;
 
 use stampede_engine::testing::{live_sale, one};
-use stampede_engine::{Actor, Engine, EngineConfig, ORDERS_LISTED_MAX, SystemClock};
+use stampede_engine::{
+    Actor, Engine, EngineConfig, ManualClock, NewProduct, NewSale, ORDERS_LISTED_MAX,
+    PurchaseError, SystemClock,
+};
 use stampede_store::testing::{Backend, TestDatabase};
-use stampede_types::{IdempotencyKey, UserId};
+use stampede_types::{Cents, IdempotencyKey, Quantity, Sku, UserId};
 
 const UNITS: u64 = 20_000;
 const AT_ONCE: u64 = 1_000;
@@ -126,4 +130,152 @@ async fn a_shopper_who_buys_and_cancels_over_and_over_is_listed_from_bounded_mem
     assert_eq!(listed(engine).await, newest);
     // A restart rebuilds the list from every stored order within the same bound.
     assert_eq!(listed(open().await).await, newest);
+}
+
+#[tokio::test]
+async fn an_ended_sales_answers_leave_memory_and_its_replays_are_still_answered() {
+    let dir = tempfile::tempdir().unwrap();
+    let database = TestDatabase::create(Backend::Sqlite).await;
+    let clock = Arc::new(ManualClock::new(1_800_000_000_000));
+    let config = EngineConfig {
+        payment_window_ms: 60_000,
+        expiry_grace_ms: 5_000,
+        ..EngineConfig::default()
+    };
+    let open = || async {
+        Engine::open(
+            database.open(dir.path()).await,
+            clock.clone(),
+            config.clone(),
+        )
+        .await
+        .unwrap()
+    };
+    let engine = open().await;
+    let sku = Sku::parse("SHORT").unwrap();
+    let price = Cents::parse("price_cents", 50).unwrap();
+    engine
+        .create_product(NewProduct {
+            sku: sku.clone(),
+            name: Arc::from("short sale"),
+            price,
+            stock: 100,
+        })
+        .await
+        .unwrap();
+    let start = engine.now_ms();
+    let short = engine
+        .create_sale(NewSale {
+            sku,
+            price,
+            quantity: 100,
+            per_user_limit: 2,
+            starts_at_ms: start - 1_000,
+            ends_at_ms: start + 10_000,
+        })
+        .await
+        .unwrap()
+        .record
+        .id;
+    let shopper = |n: usize| UserId::parse(&format!("shopper-{n}")).unwrap();
+    let key = |n: usize| IdempotencyKey::parse(&format!("key-{n}")).unwrap();
+    let mut placed = Vec::new();
+    for n in 0..50 {
+        let order = engine
+            .purchase(shopper(n), key(n), short, one())
+            .await
+            .unwrap();
+        assert!(!order.replay);
+        placed.push(order.placed);
+    }
+    assert_eq!(engine.idempotency_answers(), 50);
+
+    // Ended, but within the payment window: still answered from memory.
+    clock.advance_ms(10_000);
+    let again = engine
+        .purchase(shopper(0), key(0), short, one())
+        .await
+        .unwrap();
+    assert!(again.replay);
+    assert_eq!(again.placed, placed[0]);
+    tokio::time::sleep(std::time::Duration::from_millis(1_500)).await;
+    assert_eq!(
+        engine.idempotency_answers(),
+        50,
+        "answers left memory too early"
+    );
+
+    // A sale still running keeps its answers when the short one's leave.
+    clock.advance_ms(60_000 + 5_000);
+    let running = live_sale(&engine, "LONG", 10, 10, 50, 1).await;
+    let kept = engine
+        .purchase(shopper(0), key(1_000), running, one())
+        .await
+        .unwrap();
+    let forgotten = async {
+        while engine.idempotency_answers() != 1 {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(10), forgotten)
+        .await
+        .expect("the ended sale's answers leave memory within seconds");
+
+    let check = |engine: Engine| {
+        let placed = placed.clone();
+        let kept = kept.placed.clone();
+        async move {
+            // A late replay is the same order, read from the store.
+            for n in [0, 17, 49] {
+                let again = engine
+                    .purchase(shopper(n), key(n), short, one())
+                    .await
+                    .unwrap();
+                assert!(again.replay);
+                assert_eq!(again.placed, placed[n]);
+            }
+            // The same key on another request is still refused as reused.
+            let two = Quantity::parse(2).unwrap();
+            assert_eq!(
+                engine
+                    .purchase(shopper(3), key(3), short, two)
+                    .await
+                    .unwrap_err(),
+                PurchaseError::KeyReused
+            );
+            // A new key, or a shopper who never bought, finds the sale ended.
+            assert_eq!(
+                engine
+                    .purchase(shopper(3), key(77), short, one())
+                    .await
+                    .unwrap_err(),
+                PurchaseError::Ended
+            );
+            assert_eq!(
+                engine
+                    .purchase(shopper(99), key(99), short, one())
+                    .await
+                    .unwrap_err(),
+                PurchaseError::Ended
+            );
+            // The running sale's answer is still in memory.
+            let again = engine
+                .purchase(shopper(0), key(1_000), running, one())
+                .await
+                .unwrap();
+            assert!(again.replay);
+            assert_eq!(again.placed, kept);
+            assert_eq!(
+                engine.idempotency_answers(),
+                1,
+                "lookups left nothing behind"
+            );
+            engine.shutdown().await;
+        }
+    };
+    check(engine).await;
+    // A restart loads the running sale's answers only, and answers the same.
+    let engine = open().await;
+    assert_eq!(engine.idempotency_answers(), 1);
+    check(engine).await;
 }
