@@ -365,6 +365,14 @@ const IDEM_ROOM_MAX: u64 = 7_168 * IDEM_SHARDS as u64;
 /// once. Each is one read of at most `2 × ORDERS_LISTED_MAX` orders by primary key.
 const REPLAY_LOOKUPS_AT_ONCE: usize = 4;
 
+/// How long a store ping's answer stands for `ready`: probes (a load balancer's, every
+/// node's, a flood of them) between two pings are answered from memory, so `/readyz`
+/// asks the store at most about once this often, whoever calls it.
+const STORE_PING_FRESH: Duration = Duration::from_secs(1);
+/// A ping the store has not answered by then counts as not ready: a probe never hangs
+/// on a database that accepted the connection and stopped answering.
+const STORE_PING_TIMEOUT: Duration = Duration::from_secs(2);
+
 pub(crate) struct Shared {
     pub store: Arc<dyn Store>,
     pub clock: Arc<dyn Clock>,
@@ -399,6 +407,11 @@ pub(crate) struct Shared {
     /// sale whose answers left memory; more at the same moment are answered
     /// `Overloaded`.
     replay_lookups: tokio::sync::Semaphore,
+    /// The store's last ping: when it was answered (`None` before the first) and
+    /// whether it succeeded. `ready` reuses it for `STORE_PING_FRESH`.
+    store_ping: Mutex<(Option<std::time::Instant>, bool)>,
+    /// One ping at a time: callers that find one in flight take the last answer.
+    pinging: std::sync::atomic::AtomicBool,
 }
 
 impl Shared {
@@ -698,6 +711,9 @@ impl Engine {
             cluster,
             gate: gate.clone(),
             replay_lookups: tokio::sync::Semaphore::new(REPLAY_LOOKUPS_AT_ONCE),
+            // The store answered the load a moment ago.
+            store_ping: Mutex::new((None, true)),
+            pinging: Default::default(),
         };
         // Sales whose answers are no longer kept: their orders rebuild stock and counts,
         // not idempotency answers.
@@ -892,7 +908,10 @@ impl Engine {
             .load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// Whether the writer is running and the store answers.
+    /// Whether the writer is running and the store answers. The writer's state is read
+    /// live; the store's answer is at most `STORE_PING_FRESH` old, from one ping at a
+    /// time (`store_answers`), so however many probes arrive the store sees about one
+    /// ping a second.
     pub async fn ready(&self) -> bool {
         !self.jobs.is_closed()
             && self
@@ -900,7 +919,38 @@ impl Engine {
                 .commit_failures_in_a_row
                 .load(std::sync::atomic::Ordering::Relaxed)
                 == 0
-            && self.shared.store.ping().await.is_ok()
+            && self.store_answers().await
+    }
+
+    async fn store_answers(&self) -> bool {
+        use std::sync::atomic::Ordering;
+        let last = {
+            let (at, ok) = *self.shared.store_ping.lock();
+            if at.is_some_and(|at| at.elapsed() < STORE_PING_FRESH) {
+                return ok;
+            }
+            ok
+        };
+        if self.shared.pinging.swap(true, Ordering::AcqRel) {
+            // Another probe is asking the store right now: the last answer stands.
+            return last;
+        }
+        // Lets the next caller ping even if this future is dropped mid-ping.
+        struct Pinging<'a>(&'a std::sync::atomic::AtomicBool);
+        impl Drop for Pinging<'_> {
+            fn drop(&mut self) {
+                self.0.store(false, Ordering::Release);
+            }
+        }
+        let _pinging = Pinging(&self.shared.pinging);
+        let ok = matches!(
+            tokio::time::timeout(STORE_PING_TIMEOUT, self.shared.store.ping()).await,
+            Ok(Ok(()))
+        );
+        *self.shared.store_ping.lock() = (Some(std::time::Instant::now()), ok);
+        metrics::counter!("stampede_store_pings_total", "ok" => if ok { "true" } else { "false" })
+            .increment(1);
+        ok
     }
 
     // ---- catalogue -------------------------------------------------------------------

@@ -381,6 +381,8 @@ pub enum Call<'a> {
     Load,
     Commit(&'a [stampede_engine::WriteOp]),
     Read,
+    /// `ping`, the readiness check.
+    Ping,
     Lease,
     Release,
     Heartbeat,
@@ -462,7 +464,7 @@ impl<I: Interceptor> stampede_engine::Store for Intercepted<I> {
         self.inner.snapshot_tally(sale, per_user_limit).await
     }
     async fn ping(&self) -> Result<(), stampede_engine::StoreError> {
-        self.hooks.before(Call::Read).await?;
+        self.hooks.before(Call::Ping).await?;
         self.inner.ping().await
     }
     async fn stop_writes(&self) {

@@ -1,0 +1,140 @@
+//! Readiness asks the store at most about once a second, one ping at a time, however
+//! many probes arrive; a ping that fails or hangs makes the node not ready, and a store
+//! that answers again makes it ready again.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use stampede_engine::{Engine, EngineConfig, StoreError, SystemClock};
+use stampede_store::testing::{Call, Intercepted, Interceptor};
+
+/// Counts the pings that reach the store; `down` fails them, `hang` holds them.
+#[derive(Default)]
+struct Pings {
+    seen: AtomicU32,
+    down: AtomicBool,
+    hang: AtomicBool,
+}
+
+#[async_trait]
+impl Interceptor for Pings {
+    async fn before(&self, call: Call<'_>) -> Result<(), StoreError> {
+        if matches!(call, Call::Ping) {
+            self.seen.fetch_add(1, Ordering::SeqCst);
+            if self.hang.load(Ordering::SeqCst) {
+                tokio::time::sleep(Duration::from_secs(60)).await;
+            }
+            if self.down.load(Ordering::SeqCst) {
+                return Err(StoreError::Unavailable("database down (injected)".into()));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Waits until `engine.ready()` says `want`, asking every 50 ms, for at most `within`.
+async fn until_ready_is(engine: &Engine, want: bool, within: Duration) -> Duration {
+    let start = Instant::now();
+    loop {
+        if engine.ready().await == want {
+            return start.elapsed();
+        }
+        assert!(
+            start.elapsed() < within,
+            "ready() never became {want} within {within:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_probes_pings_the_store_once_a_second_and_follows_its_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(Intercepted {
+        inner: stampede_store::SqliteStore::open(&dir.path().join("r.db"))
+            .await
+            .unwrap()
+            .into_arc(),
+        hooks: Pings::default(),
+    });
+    let engine = Arc::new(
+        Engine::open(
+            store.clone(),
+            Arc::new(SystemClock),
+            EngineConfig::default(),
+        )
+        .await
+        .unwrap(),
+    );
+
+    // 2,000 probes at once: all ready, from one ping.
+    let probes: Vec<_> = (0..2_000)
+        .map(|_| {
+            let engine = engine.clone();
+            tokio::spawn(async move { engine.ready().await })
+        })
+        .collect();
+    for probe in probes {
+        assert!(probe.await.unwrap());
+    }
+    assert_eq!(
+        store.hooks.seen.load(Ordering::SeqCst),
+        1,
+        "one ping for the flood"
+    );
+
+    // Probes for 1.5 s, every millisecond: two or three pings, not 1,500.
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_millis(1_500) {
+        assert!(engine.ready().await);
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let pings = store.hooks.seen.load(Ordering::SeqCst);
+    assert!((2..=3).contains(&pings), "{pings} pings in 1.5 s of probes");
+
+    // The database goes away: not ready within a ping's freshness.
+    store.hooks.down.store(true, Ordering::SeqCst);
+    let took = until_ready_is(&engine, false, Duration::from_secs(3)).await;
+    // Bounded by the answer's freshness (1 s), not the ping's timeout (2 s).
+    assert!(
+        took < Duration::from_millis(1_900),
+        "noticed after {took:?}"
+    );
+    // And back.
+    store.hooks.down.store(false, Ordering::SeqCst);
+    until_ready_is(&engine, true, Duration::from_secs(3)).await;
+
+    // A database that accepts the ping and never answers: the probe is not held past
+    // the ping's timeout, and the probes meanwhile answer at once from the last ping.
+    store.hooks.hang.store(true, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    let pinging = {
+        let engine = engine.clone();
+        tokio::spawn(async move {
+            let start = Instant::now();
+            (engine.ready().await, start.elapsed())
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let start = Instant::now();
+    assert!(
+        engine.ready().await,
+        "the last answer stands while a ping is out"
+    );
+    assert!(
+        start.elapsed() < Duration::from_secs(1),
+        "a probe waited {:?} behind the hung ping",
+        start.elapsed()
+    );
+    let (ready, took) = pinging.await.unwrap();
+    assert!(!ready, "a ping that never comes back is not ready");
+    assert!(
+        took >= Duration::from_millis(1_900) && took < Duration::from_secs(4),
+        "the hung ping was given up after {took:?}"
+    );
+    assert!(!engine.ready().await);
+    store.hooks.hang.store(false, Ordering::SeqCst);
+    until_ready_is(&engine, true, Duration::from_secs(3)).await;
+}
