@@ -495,7 +495,13 @@ impl Shared {
                     .answers_forgotten
                     .swap(true, std::sync::atomic::Ordering::AcqRel)
             })
-            .map(|sale| sale.record.id)
+            .map(|sale| {
+                // Its per-shopper counts go too: a purchase of it is refused as ended
+                // before they are read, and a unit handed back later (a writer stalled
+                // past the grace) finds no count to lower, which is harmless.
+                sale.inner.lock().held_by_user = FastMap::default();
+                sale.record.id
+            })
             .collect();
         if retired.is_empty() {
             return 0;
@@ -781,6 +787,12 @@ impl Engine {
                     .map_err(|error| OpenError::Gate(error.to_string()))?;
             }
             let in_memory = if cluster || gate.is_some() { 0 } else { unsold };
+            // A retired sale's per-shopper counts are not kept (`forget_ended_sales`).
+            let users = if retired.contains(&sale.id) {
+                FastMap::default()
+            } else {
+                users
+            };
             let state = SaleState::new(sale, in_memory, users, unsold, gate.clone());
             if retired.contains(&state.record.id) {
                 state
@@ -832,6 +844,18 @@ impl Engine {
             .idem_shards
             .iter()
             .map(|shard| shard.lock().len())
+            .sum()
+    }
+
+    /// How many (sale, shopper) unit counts memory holds for the per-shopper limits. For
+    /// tests: an ended sale's counts leave memory with its answers.
+    #[doc(hidden)]
+    pub fn shopper_counts(&self) -> usize {
+        self.shared
+            .sales
+            .read()
+            .values()
+            .map(|sale| sale.inner.lock().held_by_user.len())
             .sum()
     }
 
@@ -909,9 +933,10 @@ impl Engine {
     }
 
     /// Whether the writer is running and the store answers. The writer's state is read
-    /// live; the store's answer is at most `STORE_PING_FRESH` old, from one ping at a
-    /// time (`store_answers`), so however many probes arrive the store sees about one
-    /// ping a second.
+    /// live; the store's answer is at most `STORE_PING_FRESH` old (plus
+    /// `STORE_PING_TIMEOUT` while a ping is out), from one ping at a time
+    /// (`store_answers`), so however many probes arrive the store sees about one ping a
+    /// second.
     pub async fn ready(&self) -> bool {
         !self.jobs.is_closed()
             && self
@@ -935,22 +960,30 @@ impl Engine {
             // Another probe is asking the store right now: the last answer stands.
             return last;
         }
-        // Lets the next caller ping even if this future is dropped mid-ping.
-        struct Pinging<'a>(&'a std::sync::atomic::AtomicBool);
-        impl Drop for Pinging<'_> {
-            fn drop(&mut self) {
-                self.0.store(false, Ordering::Release);
+        // The ping runs in a task of its own, so its answer is recorded even when the
+        // probe that started it gives up first (a kubelet's probe times out after 1 s by
+        // default, before the ping's 2 s): otherwise a hung database would never be
+        // recorded as down, and every other probe would go on reading "ready".
+        let shared = self.shared.clone();
+        let ping = tokio::spawn(async move {
+            // Lets the next caller ping even if this task panics.
+            struct Pinging<'a>(&'a std::sync::atomic::AtomicBool);
+            impl Drop for Pinging<'_> {
+                fn drop(&mut self) {
+                    self.0.store(false, Ordering::Release);
+                }
             }
-        }
-        let _pinging = Pinging(&self.shared.pinging);
-        let ok = matches!(
-            tokio::time::timeout(STORE_PING_TIMEOUT, self.shared.store.ping()).await,
-            Ok(Ok(()))
-        );
-        *self.shared.store_ping.lock() = (Some(std::time::Instant::now()), ok);
-        metrics::counter!("stampede_store_pings_total", "ok" => if ok { "true" } else { "false" })
-            .increment(1);
-        ok
+            let _pinging = Pinging(&shared.pinging);
+            let ok = matches!(
+                tokio::time::timeout(STORE_PING_TIMEOUT, shared.store.ping()).await,
+                Ok(Ok(()))
+            );
+            *shared.store_ping.lock() = (Some(std::time::Instant::now()), ok);
+            metrics::counter!("stampede_store_pings_total", "ok" => if ok { "true" } else { "false" })
+                .increment(1);
+            ok
+        });
+        ping.await.unwrap_or(false)
     }
 
     // ---- catalogue -------------------------------------------------------------------
@@ -1164,16 +1197,22 @@ impl Engine {
             .orders_by_id(&ids)
             .await
             .map_err(|_| PurchaseError::Unavailable)?;
-        match orders
+        // A retired key may have been used again on another sale (README, under the API
+        // table), so one key can name several orders: the one this request repeats
+        // answers it, whichever comes first.
+        let mut under_key = orders
             .iter()
-            .find(|order| &order.user_id == user && &order.idempotency_key == key)
-        {
-            Some(order) if order.sale_id == sale_id && order.quantity == quantity => Ok(Purchase {
+            .filter(|order| &order.user_id == user && &order.idempotency_key == key)
+            .peekable();
+        if under_key.peek().is_none() {
+            return Err(PurchaseError::Ended);
+        }
+        match under_key.find(|order| order.sale_id == sale_id && order.quantity == quantity) {
+            Some(order) => Ok(Purchase {
                 placed: Placed::of(order),
                 replay: true,
             }),
-            Some(_) => Err(PurchaseError::KeyReused),
-            None => Err(PurchaseError::Ended),
+            None => Err(PurchaseError::KeyReused),
         }
     }
 
@@ -1264,9 +1303,11 @@ impl Engine {
             if !sale.answers_forgotten() {
                 return refuse(PurchaseError::Ended);
             }
-            // The sale's answers left memory: this may be a late replay.
-            holder.disarm();
+            // The sale's answers left memory: this may be a late replay. The holder stays
+            // armed through the lookup: a client that hangs up meanwhile must not leave
+            // the key in flight for ever, with every retry of it waiting on nobody.
             let answer = self.replay_from_store(user, key, sale_id, quantity).await;
+            holder.disarm();
             self.shared.answer_and_forget(
                 user,
                 key,

@@ -189,6 +189,7 @@ async fn an_ended_sales_answers_leave_memory_and_its_replays_are_still_answered(
         placed.push(order.placed);
     }
     assert_eq!(engine.idempotency_answers(), 50);
+    assert_eq!(engine.shopper_counts(), 50);
 
     // Ended, but within the payment window: still answered from memory.
     clock.advance_ms(10_000);
@@ -220,6 +221,11 @@ async fn an_ended_sales_answers_leave_memory_and_its_replays_are_still_answered(
     tokio::time::timeout(std::time::Duration::from_secs(10), forgotten)
         .await
         .expect("the ended sale's answers leave memory within seconds");
+    assert_eq!(
+        engine.shopper_counts(),
+        1,
+        "the ended sale's per-shopper counts left with its answers"
+    );
 
     let check = |engine: Engine| {
         let placed = placed.clone();
@@ -274,8 +280,125 @@ async fn an_ended_sales_answers_leave_memory_and_its_replays_are_still_answered(
         }
     };
     check(engine).await;
-    // A restart loads the running sale's answers only, and answers the same.
+    // A restart loads the running sale's answers and counts only, and answers the same.
     let engine = open().await;
     assert_eq!(engine.idempotency_answers(), 1);
+    assert_eq!(engine.shopper_counts(), 1);
     check(engine).await;
+}
+
+/// Holds every read of orders while `hold` is set.
+#[derive(Default)]
+struct SlowReads {
+    hold: std::sync::atomic::AtomicBool,
+}
+
+#[async_trait::async_trait]
+impl stampede_store::testing::Interceptor for SlowReads {
+    async fn before(
+        &self,
+        call: stampede_store::testing::Call<'_>,
+    ) -> Result<(), stampede_engine::StoreError> {
+        if matches!(call, stampede_store::testing::Call::Read)
+            && self.hold.load(std::sync::atomic::Ordering::SeqCst)
+        {
+            tokio::time::sleep(std::time::Duration::from_secs(60)).await;
+        }
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn a_replay_given_up_while_the_store_looks_it_up_leaves_the_key_free() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(stampede_store::testing::Intercepted {
+        inner: stampede_store::SqliteStore::open(&dir.path().join("m.db"))
+            .await
+            .unwrap()
+            .into_arc(),
+        hooks: SlowReads::default(),
+    });
+    let clock = Arc::new(ManualClock::new(1_800_000_000_000));
+    let config = EngineConfig {
+        payment_window_ms: 60_000,
+        expiry_grace_ms: 5_000,
+        ..EngineConfig::default()
+    };
+    let engine = Engine::open(store.clone(), clock.clone(), config)
+        .await
+        .unwrap();
+    let sku = Sku::parse("GONE").unwrap();
+    let price = Cents::parse("price_cents", 50).unwrap();
+    engine
+        .create_product(NewProduct {
+            sku: sku.clone(),
+            name: Arc::from("ended sale"),
+            price,
+            stock: 10,
+        })
+        .await
+        .unwrap();
+    let start = engine.now_ms();
+    let sale = engine
+        .create_sale(NewSale {
+            sku,
+            price,
+            quantity: 10,
+            per_user_limit: 1,
+            starts_at_ms: start - 1_000,
+            ends_at_ms: start + 1_000,
+        })
+        .await
+        .unwrap()
+        .record
+        .id;
+    let shopper = UserId::parse("late-buyer").unwrap();
+    let key = IdempotencyKey::parse("late-key").unwrap();
+    let first = engine
+        .purchase(shopper.clone(), key.clone(), sale, one())
+        .await
+        .unwrap();
+    clock.advance_ms(1_000 + 60_000 + 5_000);
+    let forgotten = async {
+        while engine.idempotency_answers() != 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(10), forgotten)
+        .await
+        .expect("the ended sale's answers leave memory within seconds");
+
+    // A client replays and hangs up while the store is slow to look the order up.
+    store
+        .hooks
+        .hold
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let gave_up = tokio::time::timeout(
+        std::time::Duration::from_millis(200),
+        engine.purchase(shopper.clone(), key.clone(), sale, one()),
+    )
+    .await;
+    assert!(gave_up.is_err(), "the lookup was held");
+    assert_eq!(
+        engine.idempotency_answers(),
+        0,
+        "the key was left in flight"
+    );
+
+    // Its retry is answered, not left waiting on the request that went away.
+    store
+        .hooks
+        .hold
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    let again = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        engine.purchase(shopper, key, sale, one()),
+    )
+    .await
+    .expect("the retry waited on a request that had gone away")
+    .unwrap();
+    assert!(again.replay);
+    assert_eq!(again.placed, first.placed);
+    assert_eq!(engine.idempotency_answers(), 0);
+    engine.shutdown().await;
 }

@@ -110,6 +110,7 @@ async fn a_flood_of_probes_pings_the_store_once_a_second_and_follows_its_state()
     // the ping's timeout, and the probes meanwhile answer at once from the last ping.
     store.hooks.hang.store(true, Ordering::SeqCst);
     tokio::time::sleep(Duration::from_millis(1_100)).await;
+    let seen = store.hooks.seen.load(Ordering::SeqCst);
     let pinging = {
         let engine = engine.clone();
         tokio::spawn(async move {
@@ -117,7 +118,7 @@ async fn a_flood_of_probes_pings_the_store_once_a_second_and_follows_its_state()
             (engine.ready().await, start.elapsed())
         })
     };
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    until_pinged(&store.hooks, seen + 1).await;
     let start = Instant::now();
     assert!(
         engine.ready().await,
@@ -137,4 +138,40 @@ async fn a_flood_of_probes_pings_the_store_once_a_second_and_follows_its_state()
     assert!(!engine.ready().await);
     store.hooks.hang.store(false, Ordering::SeqCst);
     until_ready_is(&engine, true, Duration::from_secs(3)).await;
+
+    // The same, with the probe that starts the ping giving up first, as a kubelet's
+    // does after its own timeout (1 s by default): the ping still ends and is recorded,
+    // so the node turns not ready for every prober, without another ping.
+    store.hooks.hang.store(true, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    let seen = store.hooks.seen.load(Ordering::SeqCst);
+    let start = Instant::now();
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), engine.ready())
+            .await
+            .is_err(),
+        "the probe gave up while its ping hung"
+    );
+    until_ready_is(&engine, false, Duration::from_secs(4)).await;
+    let took = start.elapsed();
+    assert!(
+        took >= Duration::from_millis(1_900),
+        "not ready after {took:?}, before the ping's timeout"
+    );
+    assert_eq!(
+        store.hooks.seen.load(Ordering::SeqCst),
+        seen + 1,
+        "the abandoned ping's answer was recorded, not asked again"
+    );
+    store.hooks.hang.store(false, Ordering::SeqCst);
+    until_ready_is(&engine, true, Duration::from_secs(3)).await;
+}
+
+/// Waits until the store has seen `pings` pings.
+async fn until_pinged(hooks: &Pings, pings: u32) {
+    let start = Instant::now();
+    while hooks.seen.load(Ordering::SeqCst) < pings {
+        assert!(start.elapsed() < Duration::from_secs(3), "no ping came");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
 }
