@@ -207,22 +207,31 @@ async fn three_nodes_one_killed(backend: Backend) {
         "{} orders acknowledged for {UNITS} units",
         ids.len()
     );
-    // The killed node was declared dead by a survivor, which took its lease back.
-    let mut reclaimed = 0.0;
-    for node in &nodes {
-        let metrics = node
-            .client
-            .get(node.url("/metrics"))
-            .send()
-            .await
-            .expect("metrics");
-        let text = metrics.text().await.expect("metrics text");
-        reclaimed += text
-            .lines()
-            .filter(|line| line.starts_with("stampede_nodes_reclaimed_total"))
-            .filter_map(|line| line.split_whitespace().last()?.parse::<f64>().ok())
-            .sum::<f64>();
-    }
+    // The killed node was declared dead by a survivor, which took its lease back. When
+    // the first burst sold the sale out, nothing above waited for that (it comes once
+    // the dead node's heartbeat is 2 s old), so wait for it here.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let reclaimed = loop {
+        let mut reclaimed = 0.0;
+        for node in &nodes {
+            let metrics = node
+                .client
+                .get(node.url("/metrics"))
+                .send()
+                .await
+                .expect("metrics");
+            let text = metrics.text().await.expect("metrics text");
+            reclaimed += text
+                .lines()
+                .filter(|line| line.starts_with("stampede_nodes_reclaimed_total"))
+                .filter_map(|line| line.split_whitespace().last()?.parse::<f64>().ok())
+                .sum::<f64>();
+        }
+        if reclaimed >= 1.0 || tokio::time::Instant::now() >= deadline {
+            break reclaimed;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
     assert_eq!(reclaimed, 1.0, "exactly one node was declared dead");
     println!(
         "{} acknowledged before the kill, {} after; {} units held",
