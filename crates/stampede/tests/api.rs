@@ -319,8 +319,15 @@ async fn idempotency_replays_refuses_reuse_and_requires_a_key(backend: Backend) 
     let sale = app.live_sale("BAG-1", 10, 5).await;
     let token = app.shopper("erin");
 
-    let (status, first) = app.purchase(&token, &sale, "erin-key-1", 2).await;
+    let reply = app.purchase_reply(&token, &sale, "erin-key-1", 2).await;
+    let (status, first) = (reply.status, reply.body);
     assert_eq!(status, 201, "{first}");
+    // The answer is written without serde (`PurchaseBody::json`): still JSON, labelled so.
+    assert_eq!(reply.headers["content-type"], "application/json");
+    assert_eq!(first["quantity"], 2);
+    assert_eq!(first["status"], "pending_payment");
+    assert!(first["order_id"].as_str().unwrap().starts_with("ord_"));
+    assert_eq!(first["sale_id"], sale.as_str());
 
     for _ in 0..3 {
         let (status, again) = app.purchase(&token, &sale, "erin-key-1", 2).await;
