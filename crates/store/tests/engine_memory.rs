@@ -152,31 +152,7 @@ async fn an_ended_sales_answers_leave_memory_and_its_replays_are_still_answered(
         .unwrap()
     };
     let engine = open().await;
-    let sku = Sku::parse("SHORT").unwrap();
-    let price = Cents::parse("price_cents", 50).unwrap();
-    engine
-        .create_product(NewProduct {
-            sku: sku.clone(),
-            name: Arc::from("short sale"),
-            price,
-            stock: 100,
-        })
-        .await
-        .unwrap();
-    let start = engine.now_ms();
-    let short = engine
-        .create_sale(NewSale {
-            sku,
-            price,
-            quantity: 100,
-            per_user_limit: 2,
-            starts_at_ms: start - 1_000,
-            ends_at_ms: start + 10_000,
-        })
-        .await
-        .unwrap()
-        .record
-        .id;
+    let short = sale_ending_in(&engine, "SHORT", 100, 2, 10_000).await;
     let shopper = |n: usize| UserId::parse(&format!("shopper-{n}")).unwrap();
     let key = |n: usize| IdempotencyKey::parse(&format!("key-{n}")).unwrap();
     let mut placed = Vec::new();
@@ -327,31 +303,7 @@ async fn a_replay_given_up_while_the_store_looks_it_up_leaves_the_key_free() {
     let engine = Engine::open(store.clone(), clock.clone(), config)
         .await
         .unwrap();
-    let sku = Sku::parse("GONE").unwrap();
-    let price = Cents::parse("price_cents", 50).unwrap();
-    engine
-        .create_product(NewProduct {
-            sku: sku.clone(),
-            name: Arc::from("ended sale"),
-            price,
-            stock: 10,
-        })
-        .await
-        .unwrap();
-    let start = engine.now_ms();
-    let sale = engine
-        .create_sale(NewSale {
-            sku,
-            price,
-            quantity: 10,
-            per_user_limit: 1,
-            starts_at_ms: start - 1_000,
-            ends_at_ms: start + 1_000,
-        })
-        .await
-        .unwrap()
-        .record
-        .id;
+    let sale = sale_ending_in(&engine, "GONE", 10, 1, 1_000).await;
     let shopper = UserId::parse("late-buyer").unwrap();
     let key = IdempotencyKey::parse("late-key").unwrap();
     let first = engine
@@ -401,4 +353,40 @@ async fn a_replay_given_up_while_the_store_looks_it_up_leaves_the_key_free() {
     assert_eq!(again.placed, first.placed);
     assert_eq!(engine.idempotency_answers(), 0);
     engine.shutdown().await;
+}
+
+/// A product of `units` and a sale of all of them, started a second ago and ending
+/// `ends_in_ms` from now by the engine's clock.
+async fn sale_ending_in(
+    engine: &Engine,
+    sku: &str,
+    units: u64,
+    per_user_limit: u32,
+    ends_in_ms: i64,
+) -> stampede_types::SaleId {
+    let sku = Sku::parse(sku).unwrap();
+    let price = Cents::parse("price_cents", 50).unwrap();
+    engine
+        .create_product(NewProduct {
+            sku: sku.clone(),
+            name: Arc::from("a sale that ends"),
+            price,
+            stock: units,
+        })
+        .await
+        .unwrap();
+    let start = engine.now_ms();
+    engine
+        .create_sale(NewSale {
+            sku,
+            price,
+            quantity: units,
+            per_user_limit,
+            starts_at_ms: start - 1_000,
+            ends_at_ms: start + ends_in_ms,
+        })
+        .await
+        .unwrap()
+        .record
+        .id
 }
