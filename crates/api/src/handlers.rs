@@ -11,8 +11,8 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use stampede_engine::{NewProduct, NewSale, OrderRecord, Placed, ProductView, SaleView};
 use stampede_types::{
-    Cents, IdempotencyKey, OrderId, OrderStatus, Quantity, SaleId, SaleStatus, Sku, parse_name,
-    parse_stock,
+    Cents, ID_TEXT_MAX, IdempotencyKey, OrderId, OrderStatus, Quantity, SaleId, SaleStatus, Sku,
+    parse_name, parse_stock,
 };
 use utoipa::ToSchema;
 
@@ -41,9 +41,36 @@ impl<S: Send + Sync> FromRequestParts<S> for PathText {
 }
 
 pub fn rfc3339(ms: i64) -> String {
-    DateTime::<Utc>::from_timestamp_millis(ms)
-        .unwrap_or_default()
-        .to_rfc3339_opts(SecondsFormat::Millis, true)
+    let mut out = Vec::with_capacity(24);
+    push_rfc3339(&mut out, ms);
+    String::from_utf8(out).expect("an RFC 3339 time is ASCII")
+}
+
+/// Appends chrono's `to_rfc3339_opts(SecondsFormat::Millis, true)` of `ms` (the Unix
+/// epoch for a time chrono cannot hold), written digit by digit for the four-digit
+/// years every sale has: chrono's `fmt` path and its `String` were most of the cost of
+/// a purchase's answer. Held to chrono's text by `rfc3339_is_chronos_for_any_time`.
+fn push_rfc3339(out: &mut Vec<u8>, ms: i64) {
+    use chrono::{Datelike, Timelike};
+    let at = DateTime::<Utc>::from_timestamp_millis(ms).unwrap_or_default();
+    if !(0..=9_999).contains(&at.year()) {
+        out.extend_from_slice(at.to_rfc3339_opts(SecondsFormat::Millis, true).as_bytes());
+        return;
+    }
+    for (value, width, then) in [
+        (at.year() as u32, 4, b'-'),
+        (at.month(), 2, b'-'),
+        (at.day(), 2, b'T'),
+        (at.hour(), 2, b':'),
+        (at.minute(), 2, b':'),
+        (at.second(), 2, b'.'),
+        (at.timestamp_subsec_millis(), 3, b'Z'),
+    ] {
+        for place in (0..width).rev() {
+            out.push(b'0' + (value / 10u32.pow(place) % 10) as u8);
+        }
+        out.push(then);
+    }
 }
 
 /// JSON body extractor that rejects unknown fields (via `deny_unknown_fields` on the
@@ -289,80 +316,21 @@ impl PurchaseBody {
     /// ~88,000 (BENCHMARKS.md, "The purchase's answer written directly"). The same bytes
     /// as serde's, for any input: `the_purchase_answer_is_what_serde_would_write`.
     pub fn json(placed: &Placed) -> Vec<u8> {
-        use chrono::{Datelike, Timelike};
-        let Some(expires) = DateTime::<Utc>::from_timestamp_millis(placed.expires_at_ms)
-            .filter(|at| (0..=9_999).contains(&at.year()))
-        else {
-            // A time `rfc3339` renders some other way: let serde write it.
-            return serde_json::to_vec(&Self::from(placed)).unwrap_or_default();
-        };
-        // Pushed byte by byte: `write!` through `fmt` cost more than serde's escaping.
         let mut out = Vec::with_capacity(192);
         out.extend_from_slice(b"{\"order_id\":\"");
-        out.extend_from_slice(OrderId::PREFIX.as_bytes());
-        out.extend_from_slice(
-            placed
-                .order_id
-                .0
-                .simple()
-                .encode_lower(&mut [0; 32])
-                .as_bytes(),
-        );
+        out.extend_from_slice(placed.order_id.encode(&mut [0; ID_TEXT_MAX]).as_bytes());
         out.extend_from_slice(b"\",\"sale_id\":\"");
-        out.extend_from_slice(SaleId::PREFIX.as_bytes());
-        out.extend_from_slice(
-            placed
-                .sale_id
-                .0
-                .simple()
-                .encode_lower(&mut [0; 32])
-                .as_bytes(),
-        );
+        out.extend_from_slice(placed.sale_id.encode(&mut [0; ID_TEXT_MAX]).as_bytes());
         out.extend_from_slice(b"\",\"quantity\":");
-        push_number(&mut out, u64::from(placed.quantity.get()));
+        out.extend_from_slice(itoa::Buffer::new().format(placed.quantity.get()).as_bytes());
         out.extend_from_slice(b",\"amount_cents\":");
-        // `Cents` are never negative.
-        push_number(&mut out, placed.amount.get().unsigned_abs());
+        out.extend_from_slice(itoa::Buffer::new().format(placed.amount.get()).as_bytes());
         out.extend_from_slice(b",\"status\":\"");
         out.extend_from_slice(OrderStatus::PendingPayment.as_str().as_bytes());
         out.extend_from_slice(b"\",\"expires_at\":\"");
-        push_digits(&mut out, expires.year() as u32, 4);
-        out.push(b'-');
-        push_digits(&mut out, expires.month(), 2);
-        out.push(b'-');
-        push_digits(&mut out, expires.day(), 2);
-        out.push(b'T');
-        push_digits(&mut out, expires.hour(), 2);
-        out.push(b':');
-        push_digits(&mut out, expires.minute(), 2);
-        out.push(b':');
-        push_digits(&mut out, expires.second(), 2);
-        out.push(b'.');
-        push_digits(&mut out, expires.timestamp_subsec_millis(), 3);
-        out.extend_from_slice(b"Z\"}");
+        push_rfc3339(&mut out, placed.expires_at_ms);
+        out.extend_from_slice(b"\"}");
         out
-    }
-}
-
-/// `n` in decimal.
-fn push_number(out: &mut Vec<u8>, mut n: u64) {
-    let mut digits = [0u8; 20];
-    let mut at = digits.len();
-    loop {
-        at -= 1;
-        digits[at] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    out.extend_from_slice(&digits[at..]);
-}
-
-/// The last `width` decimal digits of `n`, zero-padded.
-fn push_digits(out: &mut Vec<u8>, n: u32, width: u32) {
-    for place in (0..width).rev() {
-        out.push(b'0' + (n / 10u32.pow(place) % 10) as u8);
     }
 }
 
@@ -802,6 +770,20 @@ mod tests {
     use proptest::prelude::*;
 
     proptest! {
+        #[test]
+        fn rfc3339_is_chronos_for_any_time(ms in prop_oneof![
+            // Times a sale gives (1970 to 2200), and any i64 besides.
+            0i64..7_258_118_400_000,
+            any::<i64>(),
+        ]) {
+            prop_assert_eq!(
+                rfc3339(ms),
+                DateTime::<Utc>::from_timestamp_millis(ms)
+                    .unwrap_or_default()
+                    .to_rfc3339_opts(SecondsFormat::Millis, true)
+            );
+        }
+
         #[test]
         fn the_purchase_answer_is_what_serde_would_write(
             order in any::<u128>(),

@@ -787,14 +787,15 @@ impl Engine {
                     .map_err(|error| OpenError::Gate(error.to_string()))?;
             }
             let in_memory = if cluster || gate.is_some() { 0 } else { unsold };
+            let is_retired = retired.contains(&sale.id);
             // A retired sale's per-shopper counts are not kept (`forget_ended_sales`).
-            let users = if retired.contains(&sale.id) {
+            let users = if is_retired {
                 FastMap::default()
             } else {
                 users
             };
             let state = SaleState::new(sale, in_memory, users, unsold, gate.clone());
-            if retired.contains(&state.record.id) {
+            if is_retired {
                 state
                     .answers_forgotten
                     .store(true, std::sync::atomic::Ordering::Release);

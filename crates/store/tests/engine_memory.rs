@@ -189,14 +189,7 @@ async fn an_ended_sales_answers_leave_memory_and_its_replays_are_still_answered(
         .purchase(shopper(0), key(1_000), running, one())
         .await
         .unwrap();
-    let forgotten = async {
-        while engine.idempotency_answers() != 1 {
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        }
-    };
-    tokio::time::timeout(std::time::Duration::from_secs(10), forgotten)
-        .await
-        .expect("the ended sale's answers leave memory within seconds");
+    until_answers_are(&engine, 1).await;
     assert_eq!(
         engine.shopper_counts(),
         1,
@@ -311,14 +304,7 @@ async fn a_replay_given_up_while_the_store_looks_it_up_leaves_the_key_free() {
         .await
         .unwrap();
     clock.advance_ms(1_000 + 60_000 + 5_000);
-    let forgotten = async {
-        while engine.idempotency_answers() != 0 {
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        }
-    };
-    tokio::time::timeout(std::time::Duration::from_secs(10), forgotten)
-        .await
-        .expect("the ended sale's answers leave memory within seconds");
+    until_answers_are(&engine, 0).await;
 
     // A client replays and hangs up while the store is slow to look the order up.
     store
@@ -389,4 +375,17 @@ async fn sale_ending_in(
         .unwrap()
         .record
         .id
+}
+
+/// Waits (at most 10 s) until memory holds `answers` idempotency answers: the writer
+/// retires an ended sale's within a second of its payment window and grace.
+async fn until_answers_are(engine: &Engine, answers: usize) {
+    let forgotten = async {
+        while engine.idempotency_answers() != answers {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(10), forgotten)
+        .await
+        .expect("the ended sale's answers leave memory within seconds");
 }

@@ -224,8 +224,16 @@ pub fn parse_name(value: &str) -> Result<Arc<str>, InvalidInput> {
     Ok(Arc::from(trimmed))
 }
 
+/// Room for the longest id's text: a prefix of at most 8 bytes and 32 hex digits.
+pub const ID_TEXT_MAX: usize = 40;
+
 macro_rules! uuid_id {
     ($name:ident, $prefix:literal) => {
+        const _: () = assert!(
+            $prefix.len() + 32 <= ID_TEXT_MAX,
+            "the id's text fits its buffer"
+        );
+
         /// Time-ordered identifier (UUID v7), rendered with a type prefix.
         #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
         pub struct $name(pub uuid::Uuid);
@@ -239,6 +247,14 @@ macro_rules! uuid_id {
                 let rest = value.strip_prefix($prefix)?;
                 uuid::Uuid::try_parse(rest).ok().map(Self)
             }
+            /// The id's text (what `Display` writes) in `buf`, without `fmt`: for
+            /// answers written straight into a buffer.
+            pub fn encode<'b>(&self, buf: &'b mut [u8; ID_TEXT_MAX]) -> &'b str {
+                let (prefix, rest) = buf.split_at_mut($prefix.len());
+                prefix.copy_from_slice($prefix.as_bytes());
+                let len = $prefix.len() + self.0.simple().encode_lower(rest).len();
+                std::str::from_utf8(&buf[..len]).expect("a prefix and hex digits are ASCII")
+            }
         }
 
         impl Default for $name {
@@ -249,9 +265,7 @@ macro_rules! uuid_id {
 
         impl fmt::Display for $name {
             fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str($prefix)?;
-                let mut buf = uuid::Uuid::encode_buffer();
-                f.write_str(self.0.simple().encode_lower(&mut buf))
+                f.write_str(self.encode(&mut [0; ID_TEXT_MAX]))
             }
         }
 
