@@ -46,6 +46,11 @@ pub struct Config {
     /// How long to wait at start for the node that owned a server database to let go.
     #[serde(with = "humantime_serde")]
     pub owner_wait: Duration,
+    /// Longest a statement of a server database's writer may run or wait for a lock;
+    /// a stalled database then fails the commit instead of holding the writer. `0s`: no
+    /// deadline of ours.
+    #[serde(with = "humantime_serde")]
+    pub database_timeout: Duration,
     /// A read replica of the server database for order lists; unset: the primary.
     pub replica_url: Option<String>,
     /// Several nodes write the server database, each selling stock leased from it.
@@ -110,6 +115,7 @@ impl Default for Config {
             data_dir: PathBuf::from("./stampede-data"),
             database_url: None,
             owner_wait: stampede_store::OWNER_WAIT_DEFAULT,
+            database_timeout: stampede_store::STATEMENT_TIMEOUT_DEFAULT,
             replica_url: None,
             cluster: false,
             node_ttl: Duration::from_secs(5),
@@ -164,6 +170,10 @@ pub struct ServeArgs {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub owner_wait: Option<String>,
+    /// Longest a statement of a server database's writer may run or wait for a lock (PostgreSQL statement_timeout unless the URL sets one, MariaDB max_statement_time, MySQL innodb_lock_wait_timeout); 0s: none [default: 5s].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub database_timeout: Option<String>,
     /// Read replica of the server database for order lists (same URL forms; not for SQLite) [default: none].
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -266,6 +276,7 @@ impl Config {
             outbox: self.nats_url.is_some(),
             replica_url: self.replica_url.clone(),
             cluster_node_ttl: self.cluster.then_some(self.node_ttl),
+            statement_timeout: Some(self.database_timeout).filter(|t| !t.is_zero()),
         }
     }
 
@@ -337,6 +348,10 @@ impl Config {
         anyhow::ensure!(
             self.payment_window >= Duration::from_millis(100),
             "payment_window must be at least 100ms"
+        );
+        anyhow::ensure!(
+            self.database_timeout.is_zero() || self.database_timeout >= Duration::from_millis(10),
+            "database_timeout must be 0s (none) or at least 10ms"
         );
         anyhow::ensure!(
             self.payment_timeout >= Duration::from_millis(10),
@@ -874,6 +889,24 @@ mod tests {
             let error = load(&ServeArgs::default()).unwrap_err().to_string();
             assert!(error.contains("client_timeout must be at least"), "{error}");
             jail.set_env("STAMPEDE_CLIENT_TIMEOUT", "150s");
+            let too_short = ServeArgs {
+                database_timeout: Some("5ms".into()),
+                ..ServeArgs::default()
+            };
+            let error = load(&too_short).unwrap_err().to_string();
+            assert!(error.contains("database_timeout must be"), "{error}");
+            let none = ServeArgs {
+                database_timeout: Some("0s".into()),
+                ..ServeArgs::default()
+            };
+            assert_eq!(load(&none).unwrap().store_options().statement_timeout, None);
+            assert_eq!(
+                load(&ServeArgs::default())
+                    .unwrap()
+                    .store_options()
+                    .statement_timeout,
+                Some(Duration::from_secs(5))
+            );
             jail.set_env("STAMPEDE_PAYMENT_WINDOW", "soon");
             let error = load(&ServeArgs::default()).unwrap_err().to_string();
             assert!(error.to_lowercase().contains("payment_window"), "{error}");

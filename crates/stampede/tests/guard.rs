@@ -608,14 +608,15 @@ async fn a_newer_guard_section_in_the_config_file_is_reloaded_live() {
     assert_eq!(rules(&app).await["version"], 5);
 }
 
-/// A stalled PostgreSQL: the statement timeout set in the database URL (as the README
-/// says) turns each stalled commit into a failed one, and the database breaker opens.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_stalled_database_times_out_and_opens_the_breaker() {
-    let app = spawn_app_on_with(Backend::Postgres, |config| {
-        let url = config.database_url.clone().expect("a PostgreSQL URL");
-        let joiner = if url.contains('?') { '&' } else { '?' };
-        config.database_url = Some(format!("{url}{joiner}options=-c%20statement_timeout%3D300"));
+/// A stalled database (every order insert sleeps 5 s): the writer's statement deadline
+/// turns each stalled commit into a failed one, and the database breaker opens. Nothing
+/// waits out the stall, and the order before it stays.
+async fn a_stalled_database_times_out_and_opens_the_breaker(
+    backend: Backend,
+    configure: impl FnOnce(&mut stampede::Config),
+) {
+    let app = spawn_app_on_with(backend, |config| {
+        configure(config);
         database_breaker(config).min_calls = 3;
     })
     .await;
@@ -629,7 +630,7 @@ async fn a_stalled_database_times_out_and_opens_the_breaker() {
         let reply = app
             .purchase_reply(&buyer, &sale, &format!("stalled-{i}"), 1)
             .await;
-        // Never the five-second stall: the timeout (300 ms) or the open breaker answers.
+        // Never the five-second stall: the deadline (300 ms) or the open breaker answers.
         assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
         codes.push(reply.error_code().to_owned());
         if codes.last().is_some_and(|c| c == "circuit_open") {
@@ -645,6 +646,37 @@ async fn a_stalled_database_times_out_and_opens_the_breaker() {
     let audit = app.audit(&sale).await;
     assert_eq!(audit["pending_payment"], 1, "{audit}");
     assert_eq!(audit["consistent"], true, "{audit}");
+}
+
+/// `database_timeout`, Stampede's own deadline on the writer's statements.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_postgres_times_out_at_database_timeout() {
+    a_stalled_database_times_out_and_opens_the_breaker(Backend::Postgres, |config| {
+        config.database_timeout = Duration::from_millis(300);
+    })
+    .await;
+}
+
+/// MariaDB's `max_statement_time`, set from `database_timeout`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_mariadb_times_out_at_database_timeout() {
+    a_stalled_database_times_out_and_opens_the_breaker(Backend::MySql, |config| {
+        config.database_timeout = Duration::from_millis(300);
+    })
+    .await;
+}
+
+/// A `statement_timeout` in the PostgreSQL URL (what the README offered before
+/// `database_timeout`) wins over the 5 s default.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_postgres_times_out_at_the_urls_statement_timeout() {
+    a_stalled_database_times_out_and_opens_the_breaker(Backend::Postgres, |config| {
+        let url = config.database_url.clone().expect("a PostgreSQL URL");
+        let joiner = if url.contains('?') { '&' } else { '?' };
+        config.database_url = Some(format!("{url}{joiner}options=-c%20statement_timeout%3D300"));
+        assert_eq!(config.database_timeout, Duration::from_secs(5));
+    })
+    .await;
 }
 
 /// Hot-key rules on the client address and the tenant, behind a load balancer: only a

@@ -35,7 +35,16 @@ pub struct StoreOptions {
     /// Join the cluster of nodes writing this server database, selling leased stock,
     /// with this heartbeat time to live (not for SQLite). `None`: one node owns it.
     pub cluster_node_ttl: Option<Duration>,
+    /// Longest a statement of a server database's writer may run or wait for a lock
+    /// (PostgreSQL `statement_timeout`; MariaDB `max_statement_time`; MySQL only
+    /// `innodb_lock_wait_timeout`), so a stalled database fails a commit rather than
+    /// hold the writer. Left to the URL when it sets `statement_timeout` itself. `None`:
+    /// no deadline of ours. SQLite has its own (`busy_timeout`, 5 s).
+    pub statement_timeout: Option<Duration>,
 }
+
+/// The writer's statement deadline unless configured otherwise.
+pub const STATEMENT_TIMEOUT_DEFAULT: Duration = Duration::from_secs(5);
 
 impl Default for StoreOptions {
     fn default() -> Self {
@@ -44,6 +53,7 @@ impl Default for StoreOptions {
             outbox: false,
             replica_url: None,
             cluster_node_ttl: None,
+            statement_timeout: Some(STATEMENT_TIMEOUT_DEFAULT),
         }
     }
 }
@@ -57,6 +67,10 @@ pub async fn open(
     options: &StoreOptions,
 ) -> Result<Arc<dyn Store>, StoreError> {
     let outbox = options.outbox;
+    // A URL that sets its own statement_timeout (PostgreSQL's `options=-c …`) keeps it.
+    let deadline = options
+        .statement_timeout
+        .filter(|_| !database_url.is_some_and(|url| url.contains("statement_timeout")));
     let replica = options.replica_url.as_deref().filter(|url| !url.is_empty());
     let is_sqlite = database_url.is_none_or(|url| url.is_empty() || url.starts_with("sqlite:"));
     if replica.is_some() && is_sqlite {
@@ -83,7 +97,9 @@ pub async fn open(
                 Some(ttl) => PostgresStore::open_cluster(url, ttl).await?,
                 None => PostgresStore::open(url, options.owner_wait).await?,
             }
-            .with_outbox(outbox);
+            .with_outbox(outbox)
+            .with_statement_timeout(deadline)
+            .await?;
             let store = match replica {
                 Some(replica) => store.with_replica(replica)?,
                 None => store,
@@ -96,7 +112,9 @@ pub async fn open(
                 Some(ttl) => MySqlStore::open_cluster(&url, ttl).await?,
                 None => MySqlStore::open(&url, options.owner_wait).await?,
             }
-            .with_outbox(outbox);
+            .with_outbox(outbox)
+            .with_statement_timeout(deadline)
+            .await?;
             let store = match replica {
                 Some(replica) => {
                     store.with_replica(&replica.replacen("mariadb://", "mysql://", 1))?

@@ -138,6 +138,12 @@ struct Dialect {
     add_to_lease: &'static str,
     /// Ends a multi-row insert into `sale_holdings` so existing rows add the units.
     add_holdings: &'static str,
+    /// Bounds how long each of the session's statements may wait for a lock, or run
+    /// (see `StoreOptions::statement_timeout`).
+    deadline: fn(Duration) -> String,
+    /// Bounds how long each statement may run, where the server knows how (MariaDB's
+    /// `max_statement_time`; MySQL has none for writes).
+    deadline_where_known: Option<fn(Duration) -> String>,
 }
 
 const POSTGRES: Dialect = Dialect {
@@ -164,6 +170,9 @@ const POSTGRES: Dialect = Dialect {
     add_to_lease: "INSERT INTO stock_leases (sale_id, node, units) VALUES (?, ?, ?) \
                    ON CONFLICT (sale_id, node) DO UPDATE SET units = stock_leases.units + EXCLUDED.units",
     add_holdings: " ON CONFLICT (sale_id, user_id) DO UPDATE SET units = sale_holdings.units + EXCLUDED.units",
+    // Covers lock waits too; a session setting, so it outlives the transactions.
+    deadline: |d| format!("SET statement_timeout = {}", d.as_millis().max(1)),
+    deadline_where_known: None,
 };
 
 const MYSQL: Dialect = Dialect {
@@ -187,6 +196,22 @@ const MYSQL: Dialect = Dialect {
     add_to_lease: "INSERT INTO stock_leases (sale_id, node, units) VALUES (?, ?, ?) \
                    ON DUPLICATE KEY UPDATE units = units + VALUES(units)",
     add_holdings: " ON DUPLICATE KEY UPDATE units = units + VALUES(units)",
+    // Whole seconds, at least one.
+    deadline: |d| {
+        format!(
+            "SET SESSION innodb_lock_wait_timeout = {}",
+            d.as_millis().div_ceil(1000).max(1)
+        )
+    },
+    // Seconds, to the millisecond.
+    deadline_where_known: Some(|d| {
+        let ms = d.as_millis().max(1);
+        format!(
+            "SET SESSION max_statement_time = {}.{:03}",
+            ms / 1000,
+            ms % 1000
+        )
+    }),
 };
 
 /// Every statement with parameters, in the store's dialect, built once at open.
@@ -398,6 +423,8 @@ macro_rules! server_store {
             node: Option<String>,
             /// In a cluster: a node whose heartbeat is older than this is dead.
             node_ttl_ms: i64,
+            /// Longest a writer's statement may run (`with_statement_timeout`).
+            deadline: Option<Duration>,
         }
 
         impl $store {
@@ -475,6 +502,7 @@ macro_rules! server_store {
                     replica: None,
                     node,
                     node_ttl_ms: node_ttl.as_millis() as i64,
+                    deadline: None,
                 }
             }
 
@@ -629,6 +657,52 @@ macro_rules! server_store {
                 self
             }
 
+            /// Bounds each statement of the writer (a batch's inserts and updates, its
+            /// `COMMIT`, leases, heartbeats) to `deadline`, on the writer connection now
+            /// and on every one made later, so a stalled database fails a commit instead
+            /// of holding the writer. Readers are not bounded: an audit or the load at
+            /// start may rightly take long on a big table. `None`: no deadline of ours.
+            pub async fn with_statement_timeout(
+                mut self,
+                deadline: Option<Duration>,
+            ) -> Result<Self, StoreError> {
+                self.deadline = deadline;
+                if let (Some(deadline), Some(writer)) = (deadline, self.writer.get_mut().as_mut()) {
+                    if !Self::bound_statements(writer, deadline).await? {
+                        tracing::warn!(
+                            ?deadline,
+                            "this server has no max_statement_time (MySQL): only the writer's lock waits are bounded, to whole seconds"
+                        );
+                    }
+                }
+                Ok(self)
+            }
+
+            /// Sets the writer's deadline on `writer`; whether the server bounds whole
+            /// statements, not only lock waits.
+            async fn bound_statements(writer: &mut $conn, deadline: Duration) -> Result<bool, StoreError> {
+                let dialect = &$dialect;
+                sqlx::query(AssertSqlSafe((dialect.deadline)(deadline)))
+                    .execute(&mut *writer)
+                    .await
+                    .map_err(unavailable)?;
+                let Some(where_known) = dialect.deadline_where_known else {
+                    return Ok(true);
+                };
+                Ok(sqlx::query(AssertSqlSafe(where_known(deadline)))
+                    .execute(&mut *writer)
+                    .await
+                    .is_ok())
+            }
+
+            /// A writer connection as `reconnect` hands it out: with the deadline.
+            async fn deadlined(&self, mut writer: $conn) -> Result<$conn, StoreError> {
+                if let Some(deadline) = self.deadline {
+                    Self::bound_statements(&mut writer, deadline).await?;
+                }
+                Ok(writer)
+            }
+
             /// Sends order-list reads to a read replica at `url`, in read-only
             /// transactions. Connects lazily: a replica that is down at start, or later,
             /// only sends the reads back to the primary.
@@ -662,7 +736,7 @@ macro_rules! server_store {
                             "node {node} was declared dead and its leases reclaimed"
                         )));
                     }
-                    return Ok(writer);
+                    return self.deadlined(writer).await;
                 }
                 if self.epoch < 0 {
                     return Err(StoreError::Fenced("opened read-only".into()));
@@ -680,7 +754,7 @@ macro_rules! server_store {
                         self.epoch
                     )));
                 }
-                Ok(writer)
+                self.deadlined(writer).await
             }
 
             /// After a failed `COMMIT`: did batch `seq` land? Keeps trying to ask until

@@ -271,23 +271,28 @@ impl TestDatabase {
         self.execute_all(data_dir, statements).await;
     }
 
-    /// Makes every insert into orders take `seconds` (PostgreSQL only), with a trigger
-    /// that sleeps, the way a database stalled on a lock or a slow disk would.
+    /// Makes every insert into orders take `seconds` (a server database), with a
+    /// trigger that sleeps, the way a database stalled on a lock or a slow disk would.
     pub async fn slow_order_inserts(&self, seconds: f64) {
-        assert_eq!(self.backend, Backend::Postgres, "PostgreSQL only");
-        let function = format!(
-            "CREATE FUNCTION stampede_t_broken() RETURNS trigger LANGUAGE plpgsql AS \
-             $$ BEGIN PERFORM pg_sleep({seconds}); RETURN NULL; END $$"
-        );
-        self.execute_all(
-            std::path::Path::new(""),
-            &[
-                &function,
+        let statements = match self.backend {
+            Backend::Postgres => vec![
+                format!(
+                    "CREATE FUNCTION stampede_t_broken() RETURNS trigger LANGUAGE plpgsql AS \
+                     $$ BEGIN PERFORM pg_sleep({seconds}); RETURN NULL; END $$"
+                ),
                 "CREATE TRIGGER stampede_t_broken BEFORE INSERT ON orders \
-                 FOR EACH STATEMENT EXECUTE FUNCTION stampede_t_broken()",
+                 FOR EACH STATEMENT EXECUTE FUNCTION stampede_t_broken()"
+                    .to_owned(),
             ],
-        )
-        .await;
+            Backend::MySql => vec![format!(
+                "CREATE TRIGGER stampede_t_broken BEFORE INSERT ON orders \
+                 FOR EACH ROW SET @stampede_stalled = SLEEP({seconds})"
+            )],
+            Backend::Sqlite => panic!("a server database only"),
+        };
+        let statements: Vec<&str> = statements.iter().map(String::as_str).collect();
+        self.execute_all(std::path::Path::new(""), &statements)
+            .await;
     }
 
     /// Undoes [`TestDatabase::break_order_inserts`] and [`TestDatabase::slow_order_inserts`].
