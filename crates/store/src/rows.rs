@@ -30,8 +30,9 @@ pub(crate) fn count_units(
     Ok(())
 }
 
-/// An order's values in the column order of `order_columns!`: what every backend inserts
-/// (as bound parameters, or, for the MySQL protocol, as a JSON array per row).
+/// An order's values in the column order of `order_columns!`: what the MySQL protocol's
+/// insert carries as a JSON array per row. The embedded store binds the same values
+/// itself (`sqlite_writer::bind_order`).
 pub(crate) type OrderValues<'a> = (
     String,
     &'a str,

@@ -19,10 +19,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior};
-use stampede_engine::{OpOutcome, StoreError, WriteOp};
-use stampede_types::OrderStatus;
+use stampede_engine::{OpOutcome, OrderRecord, StoreError, WriteOp};
+use stampede_types::{ID_TEXT_MAX, OrderStatus};
 
-use crate::rows::{corrupt, order_values, outbox_events, transitioned};
+use crate::rows::{corrupt, outbox_events, transitioned};
 use crate::sqlite::{BUSY_TIMEOUT, CONNECTION_PRAGMAS};
 
 type Task = Box<dyn FnOnce(&mut Connection) + Send>;
@@ -220,27 +220,101 @@ fn committed(result: rusqlite::Result<()>) -> Result<(), StoreError> {
     result.map_err(|error| StoreError::Indeterminate(format!("COMMIT failed: {error}")))
 }
 
+/// Orders one multi-row `INSERT` carries. A statement's run has a fixed cost (SQLite's
+/// `sqlite3VdbeHalt` and reset, rusqlite's call) that a single-row insert paid per
+/// order; 32 rows of 11 parameters are well within SQLite's 32,766.
+const ORDERS_PER_INSERT: usize = 32;
+
+/// `INSERT INTO orders (…) VALUES (?, …), … ` with `rows` rows, numbered in order.
+fn insert_orders_sql(rows: usize) -> String {
+    let mut sql = String::from(concat!(
+        "INSERT INTO orders (",
+        order_columns!(),
+        ") VALUES "
+    ));
+    for row in 0..rows {
+        sql.push_str(if row == 0 { "(" } else { ", (" });
+        for column in 0..ORDER_COLUMNS {
+            if column > 0 {
+                sql.push_str(", ");
+            }
+            sql.push_str(&format!("?{}", row * ORDER_COLUMNS + column + 1));
+        }
+        sql.push(')');
+    }
+    sql
+}
+
+/// Columns of `order_columns!`.
+const ORDER_COLUMNS: usize = 11;
+
+/// Binds `order`'s values in the column order of `order_columns!` (as `order_values`
+/// gives them to the server backends) to parameters `first..first + 11`. The ids are
+/// written into stack buffers: SQLite copies text it is given.
+fn bind_order(
+    insert: &mut rusqlite::CachedStatement<'_>,
+    first: usize,
+    order: &OrderRecord,
+) -> rusqlite::Result<()> {
+    let (mut id, mut sale) = ([0; ID_TEXT_MAX], [0; ID_TEXT_MAX]);
+    insert.raw_bind_parameter(first, order.id.encode(&mut id))?;
+    insert.raw_bind_parameter(first + 1, order.user_id.as_str())?;
+    insert.raw_bind_parameter(first + 2, order.sale_id.encode(&mut sale))?;
+    insert.raw_bind_parameter(first + 3, order.sku.as_str())?;
+    insert.raw_bind_parameter(first + 4, i64::from(order.quantity.get()))?;
+    insert.raw_bind_parameter(first + 5, order.amount.get())?;
+    insert.raw_bind_parameter(first + 6, order.status.as_str())?;
+    insert.raw_bind_parameter(first + 7, order.idempotency_key.as_str())?;
+    insert.raw_bind_parameter(first + 8, order.created_at_ms)?;
+    insert.raw_bind_parameter(first + 9, order.expires_at_ms)?;
+    insert.raw_bind_parameter(first + 10, order.updated_at_ms)
+}
+
+/// Inserts `orders` (a run of consecutive `InsertOrder`s of the batch) and empties it:
+/// [`ORDERS_PER_INSERT`] a statement, the rest one by one.
+fn insert_orders(
+    tx: &rusqlite::Transaction<'_>,
+    orders: &mut Vec<&OrderRecord>,
+) -> Result<(), StoreError> {
+    static MANY: std::sync::LazyLock<String> =
+        std::sync::LazyLock::new(|| insert_orders_sql(ORDERS_PER_INSERT));
+    static ONE: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| insert_orders_sql(1));
+    let mut chunks = orders.chunks_exact(ORDERS_PER_INSERT);
+    if chunks.len() > 0 {
+        let mut insert = tx.prepare_cached(&MANY).map_err(sql)?;
+        for chunk in &mut chunks {
+            for (row, order) in chunk.iter().enumerate() {
+                bind_order(&mut insert, row * ORDER_COLUMNS + 1, order).map_err(sql)?;
+            }
+            insert.raw_execute().map_err(sql)?;
+        }
+    }
+    let rest = chunks.remainder();
+    if !rest.is_empty() {
+        let mut insert = tx.prepare_cached(&ONE).map_err(sql)?;
+        for order in rest {
+            bind_order(&mut insert, 1, order).map_err(sql)?;
+            insert.raw_execute().map_err(sql)?;
+        }
+    }
+    orders.clear();
+    Ok(())
+}
+
 fn apply(tx: &rusqlite::Transaction<'_>, ops: &[WriteOp]) -> Result<Vec<OpOutcome>, StoreError> {
     let mut outcomes = Vec::with_capacity(ops.len());
-    // Prepared (from the connection's cache) once per commit, not once per order.
-    let mut insert_order = None;
+    // Consecutive orders go in together; anything else first writes the orders before
+    // it, so a transition of an order of the same batch finds it.
+    let mut orders: Vec<&OrderRecord> = Vec::with_capacity(ops.len());
     for op in ops {
+        if let WriteOp::InsertOrder(order) = op {
+            orders.push(order);
+            outcomes.push(OpOutcome::Written);
+            continue;
+        }
+        insert_orders(tx, &mut orders)?;
         let outcome = match op {
-            WriteOp::InsertOrder(order) => {
-                let insert = match &mut insert_order {
-                    Some(insert) => insert,
-                    None => insert_order.insert(
-                        tx.prepare_cached(concat!(
-                            "INSERT INTO orders (",
-                            order_columns!(),
-                            ") VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)"
-                        ))
-                        .map_err(sql)?,
-                    ),
-                };
-                insert.execute(order_values(order)).map_err(sql)?;
-                OpOutcome::Written
-            }
+            WriteOp::InsertOrder(_) => unreachable!("orders are gathered above"),
             WriteOp::InsertProduct(product) => {
                 tx.execute(
                     "INSERT INTO products (sku, name, price_cents, available, created_at_ms) \
@@ -333,6 +407,7 @@ fn apply(tx: &rusqlite::Transaction<'_>, ops: &[WriteOp]) -> Result<Vec<OpOutcom
         };
         outcomes.push(outcome);
     }
+    insert_orders(tx, &mut orders)?;
     Ok(outcomes)
 }
 
@@ -364,6 +439,19 @@ mod tests {
             .unwrap();
         let writer = WriteConnection::open(&path, tail).unwrap();
         (dir, path, writer)
+    }
+
+    #[test]
+    fn a_multi_row_insert_numbers_every_column_of_every_row() {
+        assert_eq!(order_columns!().split(", ").count(), ORDER_COLUMNS);
+        let sql = insert_orders_sql(2);
+        assert!(
+            sql.ends_with(
+                "VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11), \
+                 (?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22)"
+            ),
+            "{sql}"
+        );
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

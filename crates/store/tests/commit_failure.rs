@@ -89,6 +89,7 @@ fn q(n: i64) -> Quantity {
 on_every_backend!(
     failed_commit_returns_stock_and_answers_unavailable,
     a_batch_that_fails_midway_leaves_nothing,
+    a_large_batch_reads_back_order_for_order,
     a_commit_of_unknown_outcome_halts_the_writer_and_keeps_the_stock_taken,
     a_writer_that_panics_halts_the_node,
 );
@@ -174,10 +175,18 @@ async fn failed_commit_returns_stock_and_answers_unavailable(backend: Backend) {
     engine.shutdown().await;
 }
 
-async fn a_batch_that_fails_midway_leaves_nothing(backend: Backend) {
-    let dir = tempfile::tempdir().unwrap();
+/// A store with a product and a sale of 4 units on it, for batches of orders.
+async fn store_with_a_sale(
+    backend: Backend,
+    dir: &std::path::Path,
+) -> (
+    TestDatabase,
+    Arc<dyn stampede_engine::Store>,
+    Sku,
+    stampede_engine::SaleRecord,
+) {
     let database = TestDatabase::create(backend).await;
-    let store = database.open(dir.path()).await;
+    let store = database.open(dir).await;
     let sku = Sku::parse("P").unwrap();
     store
         .commit(&[WriteOp::InsertProduct(stampede_engine::ProductRecord {
@@ -203,6 +212,12 @@ async fn a_batch_that_fails_midway_leaves_nothing(backend: Backend) {
         .commit(&[WriteOp::InsertSale(sale.clone())])
         .await
         .unwrap();
+    (database, store, sku, sale)
+}
+
+async fn a_batch_that_fails_midway_leaves_nothing(backend: Backend) {
+    let dir = tempfile::tempdir().unwrap();
+    let (_database, store, sku, sale) = store_with_a_sale(backend, dir.path()).await;
     let order = |id: OrderId, key: &str| OrderRecord {
         id,
         user_id: UserId::parse("u").unwrap(),
@@ -253,6 +268,73 @@ async fn a_batch_that_fails_midway_leaves_nothing(backend: Backend) {
         "the sale lacks stock, so the whole batch fails"
     );
     assert_eq!(store.order(first).await.unwrap(), None);
+    // A batch larger than the embedded store's multi-row insert (32 orders a
+    // statement) whose 51st order repeats the 1st's id: the first 32 went in, the
+    // statement of the next 32 fails, and all of it is rolled back.
+    let ids: Vec<OrderId> = (0..70).map(|_| OrderId::new()).collect();
+    let batch: Vec<WriteOp> = ids
+        .iter()
+        .enumerate()
+        .map(|(i, id)| {
+            let id = if i == 50 { ids[0] } else { *id };
+            WriteOp::InsertOrder(order(id, &format!("many-{i}")))
+        })
+        .collect();
+    assert!(store.commit(&batch).await.is_err());
+    assert!(store.orders_by_id(&ids).await.unwrap().is_empty());
+}
+
+/// A batch of 100 orders, with a transition of one of them and other writes between
+/// them (so the inserts go in as runs: 40, then 60 = one multi-row statement of 32 and
+/// the rest one by one on the embedded store), reads back order for order, field for
+/// field.
+async fn a_large_batch_reads_back_order_for_order(backend: Backend) {
+    let dir = tempfile::tempdir().unwrap();
+    let (_database, store, sku, sale) = store_with_a_sale(backend, dir.path()).await;
+    let orders: Vec<OrderRecord> = (0..100)
+        .map(|i| OrderRecord {
+            id: OrderId::new(),
+            user_id: UserId::parse(&format!("user-{}", i % 7)).unwrap(),
+            sale_id: sale.id,
+            sku: sku.clone(),
+            quantity: Quantity::parse(1 + i % 3).unwrap(),
+            amount: Cents::parse("a", 100 + i).unwrap(),
+            status: OrderStatus::PendingPayment,
+            idempotency_key: IdempotencyKey::parse(&format!("key-{i}")).unwrap(),
+            created_at_ms: 1_000 + i,
+            expires_at_ms: 900_000 + i,
+            updated_at_ms: 1_000 + i,
+        })
+        .collect();
+    let mut batch: Vec<WriteOp> = orders[..40]
+        .iter()
+        .cloned()
+        .map(WriteOp::InsertOrder)
+        .collect();
+    batch.push(WriteOp::Transition {
+        order_id: orders[10].id,
+        to: OrderStatus::Cancelled,
+        at_ms: 5_000,
+    });
+    batch.extend(orders[40..].iter().cloned().map(WriteOp::InsertOrder));
+    let outcomes = store.commit(&batch).await.unwrap();
+    assert_eq!(outcomes.len(), 101);
+    assert!(
+        outcomes
+            .iter()
+            .enumerate()
+            .all(|(i, o)| (i == 40) != matches!(o, OpOutcome::Written)),
+        "{outcomes:?}"
+    );
+    assert!(matches!(outcomes[40], OpOutcome::Transitioned { .. }));
+    let ids: Vec<OrderId> = orders.iter().map(|o| o.id).collect();
+    let mut stored = store.orders_by_id(&ids).await.unwrap();
+    stored.sort_by_key(|o| o.id);
+    let mut expected = orders.clone();
+    expected[10].status = OrderStatus::Cancelled;
+    expected[10].updated_at_ms = 5_000;
+    expected.sort_by_key(|o| o.id);
+    assert_eq!(stored, expected);
 }
 
 async fn a_commit_of_unknown_outcome_halts_the_writer_and_keeps_the_stock_taken(backend: Backend) {
