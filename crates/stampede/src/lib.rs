@@ -170,7 +170,7 @@ pub struct ServeArgs {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub owner_wait: Option<String>,
-    /// Longest a statement of a server database's writer may run or wait for a lock (PostgreSQL statement_timeout unless the URL sets one, MariaDB max_statement_time, MySQL innodb_lock_wait_timeout); 0s: none [default: 5s].
+    /// Longest a statement of a server database's writer may run or wait for a lock (PostgreSQL statement_timeout unless the URL sets one, or lock_timeout when COMMIT waits for a synchronous standby; MariaDB max_statement_time; MySQL its lock wait timeouts); 0s: none [default: 5s].
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub database_timeout: Option<String>,

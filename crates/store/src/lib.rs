@@ -36,9 +36,9 @@ pub struct StoreOptions {
     /// with this heartbeat time to live (not for SQLite). `None`: one node owns it.
     pub cluster_node_ttl: Option<Duration>,
     /// Longest a statement of a server database's writer may run or wait for a lock
-    /// (PostgreSQL `statement_timeout`; MariaDB `max_statement_time`; MySQL only
-    /// `innodb_lock_wait_timeout`), so a stalled database fails a commit rather than
-    /// hold the writer. Left to the URL when it sets `statement_timeout` itself. `None`:
+    /// (PostgreSQL `statement_timeout`, or only `lock_timeout` when `COMMIT` waits for a
+    /// synchronous standby; MariaDB `max_statement_time`; MySQL only its lock wait
+    /// timeouts), so a stalled database fails a commit rather than hold the writer. Left to the URL when it sets `statement_timeout` itself. `None`:
     /// no deadline of ours. SQLite has its own (`busy_timeout`, 5 s).
     pub statement_timeout: Option<Duration>,
 }
@@ -67,10 +67,15 @@ pub async fn open(
     options: &StoreOptions,
 ) -> Result<Arc<dyn Store>, StoreError> {
     let outbox = options.outbox;
-    // A URL that sets its own statement_timeout (PostgreSQL's `options=-c …`) keeps it.
-    let deadline = options
-        .statement_timeout
-        .filter(|_| !database_url.is_some_and(|url| url.contains("statement_timeout")));
+    // A URL that sets its own statement_timeout (PostgreSQL's `options=-c …`, its
+    // underscore written plainly or percent-encoded) keeps it.
+    let deadline = options.statement_timeout.filter(|_| {
+        !database_url.is_some_and(|url| {
+            url.to_ascii_lowercase()
+                .replace("%5f", "_")
+                .contains("statement_timeout")
+        })
+    });
     let replica = options.replica_url.as_deref().filter(|url| !url.is_empty());
     let is_sqlite = database_url.is_none_or(|url| url.is_empty() || url.starts_with("sqlite:"));
     if replica.is_some() && is_sqlite {

@@ -138,12 +138,27 @@ struct Dialect {
     add_to_lease: &'static str,
     /// Ends a multi-row insert into `sale_holdings` so existing rows add the units.
     add_holdings: &'static str,
-    /// Bounds how long each of the session's statements may wait for a lock, or run
-    /// (see `StoreOptions::statement_timeout`).
-    deadline: fn(Duration) -> String,
+    /// Bounds each of the session's statements (see `StoreOptions::statement_timeout`):
+    /// given whether `COMMIT` waits for a synchronous standby, the statement that bounds
+    /// them, and whether it bounds a whole statement's run or only its lock waits.
+    deadline: fn(Duration, bool) -> (String, Bound),
+    /// Answers one boolean, `waits`: whether `COMMIT` waits for a synchronous standby.
+    /// A deadline must not cut that wait short: PostgreSQL would keep the commit locally
+    /// (with a warning) and answer success for orders the standby lacks.
+    commit_waits_on_standby: Option<&'static str>,
     /// Bounds how long each statement may run, where the server knows how (MariaDB's
-    /// `max_statement_time`; MySQL has none for writes).
+    /// `max_statement_time`; MySQL has none for writes, and answers "Unknown system
+    /// variable").
     deadline_where_known: Option<fn(Duration) -> String>,
+}
+
+/// What a writer's deadline bounds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Bound {
+    /// Every statement's whole run, lock waits included.
+    Statements,
+    /// Only its waits for locks.
+    LockWaits,
 }
 
 const POSTGRES: Dialect = Dialect {
@@ -170,8 +185,21 @@ const POSTGRES: Dialect = Dialect {
     add_to_lease: "INSERT INTO stock_leases (sale_id, node, units) VALUES (?, ?, ?) \
                    ON CONFLICT (sale_id, node) DO UPDATE SET units = stock_leases.units + EXCLUDED.units",
     add_holdings: " ON CONFLICT (sale_id, user_id) DO UPDATE SET units = sale_holdings.units + EXCLUDED.units",
-    // Covers lock waits too; a session setting, so it outlives the transactions.
-    deadline: |d| format!("SET statement_timeout = {}", d.as_millis().max(1)),
+    // Session settings, so they outlive the transactions. `statement_timeout` covers
+    // lock waits too, but it also cuts short `COMMIT`'s wait for a synchronous standby:
+    // with one, only lock waits are bounded.
+    deadline: |d, commit_waits_on_standby| {
+        let ms = d.as_millis().max(1);
+        if commit_waits_on_standby {
+            (format!("SET lock_timeout = {ms}"), Bound::LockWaits)
+        } else {
+            (format!("SET statement_timeout = {ms}"), Bound::Statements)
+        }
+    },
+    commit_waits_on_standby: Some(
+        "SELECT current_setting('synchronous_standby_names') <> '' \
+         AND current_setting('synchronous_commit') IN ('on', 'remote_write', 'remote_apply') AS waits",
+    ),
     deadline_where_known: None,
 };
 
@@ -196,13 +224,16 @@ const MYSQL: Dialect = Dialect {
     add_to_lease: "INSERT INTO stock_leases (sale_id, node, units) VALUES (?, ?, ?) \
                    ON DUPLICATE KEY UPDATE units = units + VALUES(units)",
     add_holdings: " ON DUPLICATE KEY UPDATE units = units + VALUES(units)",
-    // Whole seconds, at least one.
-    deadline: |d| {
-        format!(
-            "SET SESSION innodb_lock_wait_timeout = {}",
-            d.as_millis().div_ceil(1000).max(1)
+    // Row locks (InnoDB) and metadata locks (another session's `ALTER TABLE` or `LOCK
+    // TABLES`), in whole seconds, at least one; `deadline_where_known` bounds the rest.
+    deadline: |d, _| {
+        let s = d.as_millis().div_ceil(1000).max(1);
+        (
+            format!("SET SESSION innodb_lock_wait_timeout = {s}, lock_wait_timeout = {s}"),
+            Bound::LockWaits,
         )
     },
+    commit_waits_on_standby: None,
     // Seconds, to the millisecond.
     deadline_where_known: Some(|d| {
         let ms = d.as_millis().max(1);
@@ -668,35 +699,48 @@ macro_rules! server_store {
             ) -> Result<Self, StoreError> {
                 self.deadline = deadline;
                 if let (Some(deadline), Some(writer)) = (deadline, self.writer.get_mut().as_mut()) {
-                    if !Self::bound_statements(writer, deadline).await? {
+                    if Self::bound_statements(writer, deadline).await? == Bound::LockWaits {
                         tracing::warn!(
                             ?deadline,
-                            "this server has no max_statement_time (MySQL): only the writer's lock waits are bounded, to whole seconds"
+                            backend = $dialect.name,
+                            "database_timeout bounds only the writer's lock waits here: MySQL has no deadline for a write's run, and on PostgreSQL a COMMIT that waits for a synchronous standby must not be cut short"
                         );
                     }
                 }
                 Ok(self)
             }
 
-            /// Sets the writer's deadline on `writer`; whether the server bounds whole
-            /// statements, not only lock waits.
-            async fn bound_statements(writer: &mut $conn, deadline: Duration) -> Result<bool, StoreError> {
+            /// Sets the writer's deadline on `writer`; what it bounds.
+            async fn bound_statements(writer: &mut $conn, deadline: Duration) -> Result<Bound, StoreError> {
                 let dialect = &$dialect;
-                sqlx::query(AssertSqlSafe((dialect.deadline)(deadline)))
+                let waits = match dialect.commit_waits_on_standby {
+                    Some(query) => sqlx::query_scalar::<_, bool>(query)
+                        .fetch_one(&mut *writer)
+                        .await
+                        .map_err(unavailable)?,
+                    None => false,
+                };
+                let (set, bound) = (dialect.deadline)(deadline, waits);
+                sqlx::query(AssertSqlSafe(set))
                     .execute(&mut *writer)
                     .await
                     .map_err(unavailable)?;
                 let Some(where_known) = dialect.deadline_where_known else {
-                    return Ok(true);
+                    return Ok(bound);
                 };
-                Ok(sqlx::query(AssertSqlSafe(where_known(deadline)))
+                match sqlx::query(AssertSqlSafe(where_known(deadline)))
                     .execute(&mut *writer)
                     .await
-                    .is_ok())
+                {
+                    Ok(_) => Ok(Bound::Statements),
+                    Err(error) if error.to_string().contains("Unknown system variable") => Ok(bound),
+                    Err(error) => Err(unavailable(error)),
+                }
             }
 
-            /// A writer connection as `reconnect` hands it out: with the deadline.
-            async fn deadlined(&self, mut writer: $conn) -> Result<$conn, StoreError> {
+            /// A new writer connection with the deadline, before anything runs on it.
+            async fn connect_deadlined(&self) -> Result<$conn, StoreError> {
+                let mut writer = Self::connect_writer(&self.options).await?;
                 if let Some(deadline) = self.deadline {
                     Self::bound_statements(&mut writer, deadline).await?;
                 }
@@ -725,7 +769,7 @@ macro_rules! server_store {
             /// a cluster: while this node is still a member).
             async fn reconnect(&self) -> Result<$conn, StoreError> {
                 if let Some(node) = &self.node {
-                    let mut writer = Self::connect_writer(&self.options).await?;
+                    let mut writer = self.connect_deadlined().await?;
                     let member: Option<i64> = sqlx::query_scalar(q(&self.sql.node_batch_seq))
                         .bind(node)
                         .fetch_optional(&mut writer)
@@ -736,13 +780,13 @@ macro_rules! server_store {
                             "node {node} was declared dead and its leases reclaimed"
                         )));
                     }
-                    return self.deadlined(writer).await;
+                    return Ok(writer);
                 }
                 if self.epoch < 0 {
                     return Err(StoreError::Fenced("opened read-only".into()));
                 }
                 let dialect = &$dialect;
-                let mut writer = Self::connect_writer(&self.options).await?;
+                let mut writer = self.connect_deadlined().await?;
                 take_owner_lock!(&mut writer, dialect, Duration::ZERO);
                 let epoch: i64 = sqlx::query_scalar("SELECT epoch FROM stampede_owner WHERE id = 1")
                     .fetch_one(&mut writer)
@@ -754,7 +798,7 @@ macro_rules! server_store {
                         self.epoch
                     )));
                 }
-                self.deadlined(writer).await
+                Ok(writer)
             }
 
             /// After a failed `COMMIT`: did batch `seq` land? Keeps trying to ask until
@@ -1130,10 +1174,13 @@ macro_rules! server_store {
                         tx.commit().await.map_err(unavailable)?;
                     }
                     if reclaimed.nodes > 0 {
+                        // On a reader: the scan reads the whole table, which may rightly
+                        // take longer than the writer's deadline, and the nodes are already
+                        // gone, so a scan cut short would lose their pending orders' expiry.
                         let rows = sqlx::query(
                             "SELECT id, expires_at_ms FROM orders WHERE status = 'pending_payment'",
                         )
-                        .fetch_all(&mut *writer)
+                        .fetch_all(&self.readers)
                         .await
                         .map_err(unavailable)?;
                         for row in rows {
@@ -1871,6 +1918,41 @@ server_store!(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn deadlines_bound_what_each_server_can_without_cutting_a_standbys_commit_short() {
+        let d = Duration::from_millis(300);
+        assert_eq!(
+            (POSTGRES.deadline)(d, false),
+            ("SET statement_timeout = 300".to_owned(), Bound::Statements)
+        );
+        // With a synchronous standby, `statement_timeout` would cancel `COMMIT`'s wait
+        // for it and keep the commit locally: only lock waits are bounded.
+        assert_eq!(
+            (POSTGRES.deadline)(d, true),
+            ("SET lock_timeout = 300".to_owned(), Bound::LockWaits)
+        );
+        // MySQL's lock timeouts are whole seconds, row and metadata locks alike.
+        assert_eq!(
+            (MYSQL.deadline)(d, false),
+            (
+                "SET SESSION innodb_lock_wait_timeout = 1, lock_wait_timeout = 1".to_owned(),
+                Bound::LockWaits
+            )
+        );
+        assert_eq!(
+            (MYSQL.deadline)(Duration::from_millis(5_001), false).0,
+            "SET SESSION innodb_lock_wait_timeout = 6, lock_wait_timeout = 6"
+        );
+        let mariadb = MYSQL
+            .deadline_where_known
+            .expect("MariaDB's max_statement_time");
+        assert_eq!(mariadb(d), "SET SESSION max_statement_time = 0.300");
+        assert_eq!(
+            mariadb(Duration::from_millis(5_000)),
+            "SET SESSION max_statement_time = 5.000"
+        );
+    }
 
     #[test]
     fn postgres_placeholders_are_numbered_in_order() {
