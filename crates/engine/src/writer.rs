@@ -92,11 +92,11 @@ pub(crate) struct Writer {
 /// see the commit that makes the node ready again.
 const PROBE_EVERY: Duration = Duration::from_secs(1);
 
-/// How often the writer looks for ended sales whose idempotency answers may leave memory.
-const FORGET_EVERY: Duration = Duration::from_secs(1);
-
 /// The setting the probe writes (the time of the probe).
 pub const WRITER_PROBE_KEY: &str = "writer_probe";
+
+/// How often the writer looks for ended sales whose idempotency answers may leave memory.
+const FORGET_EVERY: Duration = Duration::from_secs(1);
 
 fn target(event: OrderEvent) -> OrderStatus {
     OrderStatus::PendingPayment
@@ -140,10 +140,14 @@ impl Writer {
         }
     }
 
-    /// After failed commits, with nothing to commit: one small durable write through the
-    /// same store (a setting), at most every `PROBE_EVERY`. When it lands the store takes
-    /// writes again and the node is ready; a store that keeps no settings stays not
-    /// ready until a real commit lands.
+    /// After failed commits, with nothing to commit: at most every `PROBE_EVERY`, an
+    /// empty batch through the same commit path the orders take, then a small durable
+    /// write (a setting). On a server database the batch is the writer's own connection
+    /// (reconnected, holding the owner lock, under our epoch) writing the batch stamp: a
+    /// probe through any other connection could call the node ready while its writer
+    /// still cannot commit. On SQLite an empty batch writes no page, and the setting,
+    /// through the same write thread, is what finds a full disk. When both land the node
+    /// is ready again; a probe that finds the node fenced halts it, as a batch would.
     async fn probe_after_failures(&mut self, now_ms: i64) {
         use std::sync::atomic::Ordering::Relaxed;
         if self.shared.commit_failures_in_a_row.load(Relaxed) == 0
@@ -152,17 +156,22 @@ impl Writer {
             return;
         }
         self.last_probe = Some(Instant::now());
-        match self
-            .shared
-            .store
-            .save_setting(WRITER_PROBE_KEY, &now_ms.to_string())
-            .await
-        {
+        let store = &self.shared.store;
+        let probed = match store.commit(&[]).await {
+            Ok(_) => {
+                store
+                    .save_setting(WRITER_PROBE_KEY, &now_ms.to_string())
+                    .await
+            }
+            Err(error) => Err(error),
+        };
+        match probed {
             Ok(()) => {
                 self.shared.commit_failures_in_a_row.store(0, Relaxed);
-                tracing::info!("a probe write landed after failed commits; ready again");
+                tracing::info!("a probe commit landed after failed commits; ready again");
             }
-            Err(error) => tracing::debug!(%error, "probe write after failed commits failed"),
+            Err(error) if error.halts() => self.halt(&error),
+            Err(error) => tracing::debug!(%error, "probe commit after failed commits failed"),
         }
     }
 

@@ -73,17 +73,32 @@ async fn a_node_that_lost_ownership_is_fenced_and_halts(backend: Backend) {
         Err(PurchaseError::Unavailable)
     );
     assert!(!old.halted());
+    // Nor does it read ready meanwhile, whatever its writer's probes (one a second)
+    // find: they go through the writer's own connection, which cannot take the owner
+    // lock. A probe through any other connection would answer, and the node would be
+    // sent purchases it cannot commit.
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    assert!(
+        !old.ready().await,
+        "ready while another node owns the database"
+    );
+    assert!(!old.halted());
     new.shutdown().await;
     drop(new);
-    // ...and once it could, the epoch tells it another node has owned the stock since:
-    // it is fenced off and halts instead of selling from stale memory.
+    // ...and once it could, the epoch tells its next probe that another node has owned
+    // the stock since: it is fenced off and halts on its own, before any purchase,
+    // instead of selling from stale memory.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !old.halted() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the old node never learned it was fenced off"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     assert_eq!(
         old.purchase(user("d"), key("k4"), sale, one()).await,
         Err(PurchaseError::Unavailable)
-    );
-    assert!(
-        old.halted(),
-        "the old node halts once it learns it was fenced off"
     );
     drop(old);
 
