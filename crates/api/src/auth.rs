@@ -120,16 +120,83 @@ impl Hs256 {
         mac.update(message.as_bytes());
         mac.verify_slice(&signature)
             .map_err(|_| Refused::Invalid("bad signature"))?;
-        let claims: Claims = b64
+        let checked: Checked = b64
             .decode(payload)
             .ok()
+            .filter(|json| json.trim_ascii_start().first() == Some(&b'{'))
             .and_then(|json| serde_json::from_slice(&json).ok())
             .ok_or(Refused::Invalid("malformed claims"))?;
-        match claims.exp {
+        match checked.exp {
             Some(exp) if exp < now_s => Err(Refused::Expired),
-            _ => Ok(claims),
+            exp => Ok(Claims {
+                sub: checked.sub,
+                exp,
+            }),
         }
     }
+}
+
+/// The claims as jsonwebtoken's `decode` reads them: an object (never an array read by
+/// position), `sub` a string, `exp` absent or a whole number. `aud`, `iss` and `nbf`
+/// are not checked, but named, so a duplicate of one is refused as jsonwebtoken refuses
+/// it; `nbf` is refused when it is an array or an object with anything in it, which
+/// jsonwebtoken's reading of it cannot get past.
+#[derive(Deserialize)]
+struct Checked {
+    sub: String,
+    #[serde(default, deserialize_with = "present_seconds")]
+    exp: Option<u64>,
+    #[serde(default, rename = "aud")]
+    _aud: Option<serde::de::IgnoredAny>,
+    #[serde(default, rename = "iss")]
+    _iss: Option<serde::de::IgnoredAny>,
+    #[serde(default, rename = "nbf", deserialize_with = "flat_value")]
+    _nbf: (),
+}
+
+/// Any value but an array or object that holds something.
+fn flat_value<'de, D: serde::Deserializer<'de>>(d: D) -> Result<(), D::Error> {
+    struct Flat;
+    impl<'de> serde::de::Visitor<'de> for Flat {
+        type Value = ();
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a number, string, boolean, null, [] or {}")
+        }
+        fn visit_bool<E>(self, _: bool) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_i64<E>(self, _: i64) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_u64<E>(self, _: u64) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_f64<E>(self, _: f64) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_str<E>(self, _: &str) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_unit<E>(self) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_none<E>(self) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+            match seq.next_element::<serde::de::IgnoredAny>()? {
+                None => Ok(()),
+                Some(_) => Err(serde::de::Error::custom("a non-empty array")),
+            }
+        }
+        fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+            match map.next_key::<serde::de::IgnoredAny>()? {
+                None => Ok(()),
+                Some(_) => Err(serde::de::Error::custom("a non-empty object")),
+            }
+        }
+    }
+    d.deserialize_any(Flat)
 }
 
 pub struct Auth {
@@ -373,17 +440,31 @@ mod tests {
             Just(String::new()),
             Just(r#""aud":"shop","iss":"idp""#.to_owned()),
             Just(r#""aud":5"#.to_owned()),
+            Just(r#""aud":["a",{"b":[1]}]"#.to_owned()),
+            Just(r#""aud":"a","aud":"b""#.to_owned()),
+            Just(r#""iss":"a","iss":"b""#.to_owned()),
+            Just(r#""x":1,"x":2"#.to_owned()),
             Just(r#""nbf":"soon""#.to_owned()),
             Just(format!(r#""nbf":{}"#, now + 3_600)),
+            Just(r#""nbf":1,"nbf":2"#.to_owned()),
+            Just(r#""nbf":null"#.to_owned()),
+            Just(r#""nbf":true"#.to_owned()),
+            Just(r#""nbf":-1.5"#.to_owned()),
+            Just(r#""nbf":[]"#.to_owned()),
+            Just(r#""nbf":[1]"#.to_owned()),
+            Just(r#""nbf":{}"#.to_owned()),
+            Just(r#""nbf":{"a":1}"#.to_owned()),
         ];
-        (sub, exp, other, any::<u8>()).prop_map(|(sub, exp, other, shape)| {
+        (sub, exp, other, any::<u8>()).prop_map(move |(sub, exp, other, shape)| {
             let fields: Vec<&str> = [sub.as_str(), exp.as_str(), other.as_str()]
                 .into_iter()
                 .filter(|f| !f.is_empty())
                 .collect();
             match shape % 16 {
-                0 => format!("[{}]", fields.join(",")),
+                // What a struct could read by position: `sub`, then `exp`.
+                0 => format!(r#"["alice",{}]"#, now + 600),
                 1 => "null".to_owned(),
+                2 => format!(" \n{{{}}}", fields.join(",")),
                 _ => format!("{{{}}}", fields.join(",")),
             }
         })
