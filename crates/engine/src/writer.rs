@@ -143,11 +143,13 @@ impl Writer {
     /// After failed commits, with nothing to commit: at most every `PROBE_EVERY`, an
     /// empty batch through the same commit path the orders take, then a small durable
     /// write (a setting). On a server database the batch is the writer's own connection
-    /// (reconnected, holding the owner lock, under our epoch) writing the batch stamp: a
-    /// probe through any other connection could call the node ready while its writer
-    /// still cannot commit. On SQLite an empty batch writes no page, and the setting,
-    /// through the same write thread, is what finds a full disk. When both land the node
-    /// is ready again; a probe that finds the node fenced halts it, as a batch would.
+    /// (reconnected, holding the owner lock under our epoch, or, in a cluster, with the
+    /// node's membership row) writing the batch stamp: a probe through any other
+    /// connection could call the node ready while its writer still cannot commit. On
+    /// SQLite an empty batch writes no page, and the setting, through the same write
+    /// thread, is what finds a full disk. When both land the node is ready again; a
+    /// probe that finds the node fenced halts it, as a batch would (an empty batch whose
+    /// `COMMIT` is lost is not resolved, so it never reads as indeterminate).
     async fn probe_after_failures(&mut self, now_ms: i64) {
         use std::sync::atomic::Ordering::Relaxed;
         if self.shared.commit_failures_in_a_row.load(Relaxed) == 0
@@ -498,7 +500,13 @@ impl Writer {
 
         let outcomes = if ops.is_empty() {
             self.probe_after_failures(now_ms).await;
-            Ok(Vec::new())
+            if self.is_halted() {
+                // The probe found the node fenced: nothing in this batch (an audit) is
+                // answered from memory that no longer matches the store.
+                Err(StoreError::Unavailable("the writer has halted".into()))
+            } else {
+                Ok(Vec::new())
+            }
         } else {
             let started = Instant::now();
             let result = self.shared.store.commit(&ops).await;

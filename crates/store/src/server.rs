@@ -957,6 +957,15 @@ macro_rules! server_store {
                             *guard = Some(writer);
                             true
                         }
+                        Err(error) if ops.is_empty() => {
+                            // The writer's probe: nothing at stake, so nothing to resolve
+                            // (resolving could only halt the node for a batch that held no
+                            // orders). Its number is used up whether or not it landed, so
+                            // the next batch's stamp is new either way.
+                            drop(writer);
+                            self.batch_seq.store(seq, std::sync::atomic::Ordering::Relaxed);
+                            return Err(unavailable(error));
+                        }
                         Err(error) => {
                             drop(writer);
                             tracing::warn!(%error, seq, "COMMIT failed; finding out whether the batch landed");
