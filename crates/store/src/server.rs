@@ -67,6 +67,12 @@ pub const OWNER_WAIT_DEFAULT: Duration = Duration::from_secs(15);
 /// primary instead.
 const REPLICA_ACQUIRE_TIMEOUT: Duration = Duration::from_secs(1);
 
+/// Longest a writer connection may take to connect and log in. sqlx sets none for a
+/// single connection, and a server that accepts the TCP connection but never answers
+/// (hung, or a proxy in front of a dead one) would hold the writer task, and every
+/// purchase behind it, for ever: at start, at each reconnect and at each probe.
+const WRITER_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// How long a commit whose outcome is unknown keeps trying to reach the database to find
 /// out before it gives up with `Indeterminate`.
 const RESOLVE_DEADLINE: Duration = Duration::from_secs(10);
@@ -472,9 +478,16 @@ macro_rules! server_store {
                 Self::open_as(url, None).await
             }
 
-            /// A writer connection, with TCP_NODELAY set.
+            /// A writer connection, with TCP_NODELAY set, within `WRITER_CONNECT_TIMEOUT`.
             async fn connect_writer(options: &$options) -> Result<$conn, StoreError> {
-                let writer = <$conn>::connect_with(options).await.map_err(unavailable)?;
+                let writer = tokio::time::timeout(WRITER_CONNECT_TIMEOUT, <$conn>::connect_with(options))
+                    .await
+                    .map_err(|_| {
+                        StoreError::Unavailable(format!(
+                            "the database did not answer a new connection within {WRITER_CONNECT_TIMEOUT:?}"
+                        ))
+                    })?
+                    .map_err(unavailable)?;
                 crate::nodelay::set_on_connections_to(options.get_port());
                 Ok(writer)
             }
