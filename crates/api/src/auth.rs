@@ -38,19 +38,17 @@ impl fmt::Debug for Secret {
     }
 }
 
+/// What a shopper token says: minted with these, and what a verified one yields (read
+/// through `Checked`, which refuses what jsonwebtoken refuses).
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Claims {
     pub sub: String,
-    /// Absent, or a whole number of seconds: `null` is refused, as jsonwebtoken's
-    /// validation refuses it.
-    #[serde(
-        default,
-        skip_serializing_if = "Option::is_none",
-        deserialize_with = "present_seconds"
-    )]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub exp: Option<u64>,
 }
 
+/// `exp` when present: a whole number of seconds, never `null` (jsonwebtoken's
+/// validation refuses `null`).
 fn present_seconds<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
     u64::deserialize(d).map(Some)
 }
@@ -76,9 +74,9 @@ struct Verified {
 /// same checks with more work (it keys a new HMAC behind a box, decodes and parses the
 /// header twice and the claims twice): 0.61× the time for a token first seen
 /// (BENCHMARKS.md, "A new shopper's token verified keyed once"), which every purchase
-/// pays in a sale where each shopper buys once. The checks are jsonwebtoken's, for the validation `Auth`
-/// asks of it (HS256 only, no leeway, `exp` checked when present, nothing else
-/// required), in its order: the header as its `Header` type with `alg` HS256, the
+/// pays in a sale where each shopper buys once. The checks are jsonwebtoken's, for the
+/// validation `Auth` asked of it (HS256 only, no leeway, `exp` checked when present,
+/// nothing else required), in its order: the header as its `Header` type with `alg` HS256, the
 /// signature in constant time (`hmac`'s `verify_slice`), then the claims and `exp`. A
 /// property test holds the two to the same verdict for any token.
 #[derive(Clone)]
@@ -213,6 +211,15 @@ fn now_s() -> u64 {
         .unwrap_or(0)
 }
 
+/// 401 `token_expired`, whether the token is verified now or was found in the cache.
+fn expired() -> ApiError {
+    ApiError::new(
+        axum::http::StatusCode::UNAUTHORIZED,
+        "token_expired",
+        "the token has expired",
+    )
+}
+
 /// Compares without an early exit, so the time taken does not reveal the prefix.
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
@@ -243,11 +250,7 @@ impl Auth {
         let shard = &self.cache[(self.hasher.hash_one(token) as usize) % TOKEN_CACHE_SHARDS];
         if let Some(verified) = shard.lock().get(token) {
             return match verified.exp {
-                Some(exp) if exp < now_s() => Err(ApiError::new(
-                    axum::http::StatusCode::UNAUTHORIZED,
-                    "token_expired",
-                    "the token has expired",
-                )),
+                Some(exp) if exp < now_s() => Err(expired()),
                 _ => Ok(verified.user.clone()),
             };
         }
@@ -255,11 +258,7 @@ impl Auth {
             .hs256
             .verify(token, now_s())
             .map_err(|refused| match refused {
-                Refused::Expired => ApiError::new(
-                    axum::http::StatusCode::UNAUTHORIZED,
-                    "token_expired",
-                    "the token has expired",
-                ),
+                Refused::Expired => expired(),
                 Refused::Invalid(why) => {
                     ApiError::unauthorized(format!("invalid shopper token: {why}"))
                 }

@@ -92,11 +92,11 @@ pub(crate) struct Writer {
 /// see the commit that makes the node ready again.
 const PROBE_EVERY: Duration = Duration::from_secs(1);
 
-/// The setting the probe writes (the time of the probe).
-pub const WRITER_PROBE_KEY: &str = "writer_probe";
-
 /// How often the writer looks for ended sales whose idempotency answers may leave memory.
 const FORGET_EVERY: Duration = Duration::from_secs(1);
+
+/// The setting the probe writes (the time of the probe).
+pub const WRITER_PROBE_KEY: &str = "writer_probe";
 
 fn target(event: OrderEvent) -> OrderStatus {
     OrderStatus::PendingPayment
@@ -159,15 +159,13 @@ impl Writer {
         }
         self.last_probe = Some(Instant::now());
         let store = &self.shared.store;
-        let probed = match store.commit(&[]).await {
-            Ok(_) => {
-                store
-                    .save_setting(WRITER_PROBE_KEY, &now_ms.to_string())
-                    .await
-            }
-            Err(error) => Err(error),
+        let probed = async {
+            store.commit(&[]).await?;
+            store
+                .save_setting(WRITER_PROBE_KEY, &now_ms.to_string())
+                .await
         };
-        match probed {
+        match probed.await {
             Ok(()) => {
                 self.shared.commit_failures_in_a_row.store(0, Relaxed);
                 tracing::info!("a probe commit landed after failed commits; ready again");

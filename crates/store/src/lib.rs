@@ -38,8 +38,9 @@ pub struct StoreOptions {
     /// Longest a statement of a server database's writer may run or wait for a lock
     /// (PostgreSQL `statement_timeout`, or only `lock_timeout` when `COMMIT` waits for a
     /// synchronous standby; MariaDB `max_statement_time`; MySQL only its lock wait
-    /// timeouts), so a stalled database fails a commit rather than hold the writer. Left to the URL when it sets `statement_timeout` itself. `None`:
-    /// no deadline of ours. SQLite has its own (`busy_timeout`, 5 s).
+    /// timeouts), so a stalled database fails a commit rather than hold the writer.
+    /// Left to the URL when it sets `statement_timeout` itself. `None`: no deadline of
+    /// ours. SQLite has its own (`busy_timeout`, 5 s).
     pub statement_timeout: Option<Duration>,
 }
 

@@ -262,6 +262,12 @@ struct SlowReads {
     hold: std::sync::atomic::AtomicBool,
 }
 
+impl SlowReads {
+    fn hold(&self, on: bool) {
+        self.hold.store(on, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
 #[async_trait::async_trait]
 impl stampede_store::testing::Interceptor for SlowReads {
     async fn before(
@@ -307,10 +313,7 @@ async fn a_replay_given_up_while_the_store_looks_it_up_leaves_the_key_free() {
     until_answers_are(&engine, 0).await;
 
     // A client replays and hangs up while the store is slow to look the order up.
-    store
-        .hooks
-        .hold
-        .store(true, std::sync::atomic::Ordering::SeqCst);
+    store.hooks.hold(true);
     let gave_up = tokio::time::timeout(
         std::time::Duration::from_millis(200),
         engine.purchase(shopper.clone(), key.clone(), sale, one()),
@@ -324,10 +327,7 @@ async fn a_replay_given_up_while_the_store_looks_it_up_leaves_the_key_free() {
     );
 
     // Its retry is answered, not left waiting on the request that went away.
-    store
-        .hooks
-        .hold
-        .store(false, std::sync::atomic::Ordering::SeqCst);
+    store.hooks.hold(false);
     let again = tokio::time::timeout(
         std::time::Duration::from_secs(10),
         engine.purchase(shopper, key, sale, one()),
