@@ -43,7 +43,9 @@ pub struct Sessions {
     pub started: u64,
     pub finished: u64,
     pub abandoned: u64,
-    /// Started sessions per second, against `scheduled_rps`.
+    /// Sessions started within the schedule's window, per second of it, against
+    /// `scheduled_rps`; sessions a lagging generator started after the window are not
+    /// counted here (they are in `started`).
     pub achieved_per_s: f64,
 }
 
@@ -124,7 +126,7 @@ impl Report {
         if let Some(scheduled) = self.scheduled_rps {
             let _ = writeln!(
                 out,
-                "  sessions: {:.0}/s started of {scheduled:.0}/s scheduled; {} finished, {} abandoned",
+                "  sessions: {:.0}/s started in time of {scheduled:.0}/s scheduled; {} finished, {} abandoned",
                 self.sessions.achieved_per_s, self.sessions.finished, self.sessions.abandoned
             );
         }

@@ -6,6 +6,7 @@
 //! second, never one per request).
 
 use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::{Arc, Barrier, OnceLock};
@@ -294,8 +295,22 @@ struct Worker {
     receipts_dropped: Cell<u64>,
     dispatch_lag: RefCell<hdrhistogram::Histogram<u64>>,
     started: Cell<u64>,
+    started_in_time: Cell<u64>,
     finished: Cell<u64>,
     abandoned: Cell<u64>,
+    /// Requests sent and not yet answered, so those still out at the drain deadline are
+    /// counted (as failed, and as unanswered purchases for the books) instead of
+    /// vanishing with their tasks: they are the slowest of the run.
+    in_flight: RefCell<HashMap<u64, InFlight>>,
+    next_request: Cell<u64>,
+}
+
+/// A request on its way, as the drain deadline would have to account it.
+struct InFlight {
+    step: usize,
+    due: Instant,
+    /// For a purchase kept for the books: who sent it, its key and its body.
+    purchase: Option<(usize, Option<String>, Bytes)>,
 }
 
 fn split(total: usize, parts: usize, index: usize) -> usize {
@@ -369,8 +384,11 @@ impl Worker {
             receipts_dropped: Cell::new(0),
             dispatch_lag: RefCell::new(new_histogram()),
             started: Cell::new(0),
+            started_in_time: Cell::new(0),
             finished: Cell::new(0),
             abandoned: Cell::new(0),
+            in_flight: RefCell::new(HashMap::new()),
+            next_request: Cell::new(0),
             inputs,
         })
     }
@@ -381,6 +399,7 @@ impl Worker {
         let end = match &self.model {
             Model::Open { stages } => {
                 let schedule = Schedule::new(stages);
+                let end = start + schedule_end(stages);
                 let mut n = self.index as u64;
                 while let Some(offset) = schedule.time_of(n) {
                     let at = start + offset;
@@ -392,10 +411,14 @@ impl Worker {
                         .acquire_owned()
                         .await
                         .expect("never closed");
-                    let lag = Instant::now().saturating_duration_since(at);
+                    let now = Instant::now();
+                    let lag = now.saturating_duration_since(at);
                     record(&mut self.dispatch_lag.borrow_mut(), lag.as_micros() as u64);
                     let me = self.clone();
                     self.started.set(self.started.get() + 1);
+                    if now <= end {
+                        self.started_in_time.set(self.started_in_time.get() + 1);
+                    }
                     tokio::task::spawn_local(async move {
                         let _ = me.session(n, at, None).await;
                         me.finished.set(me.finished.get() + 1);
@@ -403,7 +426,7 @@ impl Worker {
                     });
                     n += self.threads as u64;
                 }
-                start + schedule_end(stages)
+                end
             }
             Model::Closed {
                 vus,
@@ -429,6 +452,7 @@ impl Worker {
                         let mut n = global;
                         while Instant::now() < end {
                             me.started.set(me.started.get() + 1);
+                            me.started_in_time.set(me.started_in_time.get() + 1);
                             let back_off = me.session(n, Instant::now(), lane).await;
                             me.finished.set(me.finished.get() + 1);
                             n += vus as u64;
@@ -458,6 +482,7 @@ impl Worker {
         {
             self.abandoned
                 .set(self.started.get().saturating_sub(self.finished.get()));
+            self.account_abandoned();
         }
         ticker.abort();
         // The last partial second.
@@ -480,10 +505,37 @@ impl Worker {
         }
     }
 
+    /// At the drain deadline: every request still out failed ("abandoned"), its latency
+    /// what it had waited so far; a purchase kept for the books is unanswered.
+    fn account_abandoned(&self) {
+        let now = Instant::now();
+        let plan = &*self.inputs.plan;
+        for (_, request) in self.in_flight.take() {
+            let Some(step) = plan
+                .flows
+                .iter()
+                .flat_map(|f| &f.steps)
+                .find(|s| s.id == request.step)
+            else {
+                continue;
+            };
+            let micros = now.saturating_duration_since(request.due).as_micros() as u64;
+            self.account(step, &Outcome::Failed("abandoned"), micros);
+            if let Some((user_index, idempotency_key, body)) = request.purchase {
+                self.keep_receipt(Receipt::unanswered(
+                    &self.inputs.users[user_index],
+                    idempotency_key,
+                    requested_quantity(&body),
+                ));
+            }
+        }
+    }
+
     fn finish(&self) -> ThreadTotals {
         ThreadTotals {
             steps: self.steps.take(),
             sessions_started: self.started.get(),
+            sessions_started_in_time: self.started_in_time.get(),
             sessions_finished: self.finished.get(),
             sessions_abandoned: self.abandoned.get(),
             dispatch_lag: Some(self.dispatch_lag.borrow().clone()),
@@ -522,13 +574,14 @@ impl Worker {
                 }
                 tokio::time::sleep_until(due).await;
             }
-            let request = match self.build(step, &values, user_index, &mut path, &mut scratch) {
-                Ok(request) => request,
-                Err(_missing) => {
-                    self.steps.borrow_mut()[step.id].skipped += 1;
-                    continue;
-                }
-            };
+            let (request, body) =
+                match self.build(step, &values, user_index, &mut path, &mut scratch) {
+                    Ok(built) => built,
+                    Err(_missing) => {
+                        self.steps.borrow_mut()[step.id].skipped += 1;
+                        continue;
+                    }
+                };
             // Only steps kept for the books need the key afterwards: no copy otherwise.
             let idempotency_key = step.book.and_then(|_| {
                 request
@@ -537,7 +590,22 @@ impl Worker {
                     .and_then(|v| v.to_str().ok())
                     .map(str::to_owned)
             });
+            // What the books need if no answer comes: the units the purchase asked for.
+            let asked = (step.book == Some(BookKind::Purchase)).then_some(body);
+            let id = self.next_request.get();
+            self.next_request.set(id + 1);
+            self.in_flight.borrow_mut().insert(
+                id,
+                InFlight {
+                    step: step.id,
+                    due,
+                    purchase: asked
+                        .clone()
+                        .map(|body| (user_index, idempotency_key.clone(), body)),
+                },
+            );
             let outcome = self.send(request, lane).await;
+            self.in_flight.borrow_mut().remove(&id);
             let now = Instant::now();
             let micros = now.saturating_duration_since(due).as_micros() as u64;
             self.account(step, &outcome, micros);
@@ -586,6 +654,7 @@ impl Worker {
                 self.keep_receipt(Receipt::unanswered(
                     &inputs.users[user_index],
                     idempotency_key,
+                    asked.as_deref().map_or(0, requested_quantity),
                 ));
             }
             if self.honor_retry_after
@@ -618,7 +687,7 @@ impl Worker {
         user_index: usize,
         path: &mut String,
         scratch: &mut String,
-    ) -> Result<Request<Full<Bytes>>, usize> {
+    ) -> Result<(Request<Full<Bytes>>, Bytes), usize> {
         let pre = &self.prebuilt[step.id];
         path.clear();
         let uri = match &pre.uri {
@@ -666,23 +735,26 @@ impl Worker {
         if step.body.is_some() {
             builder = builder.header(CONTENT_TYPE, HeaderValue::from_static("application/json"));
         }
-        builder.body(Full::new(body)).map_err(|_| usize::MAX)
+        let request = builder
+            .body(Full::new(body.clone()))
+            .map_err(|_| usize::MAX)?;
+        Ok((request, body))
     }
 
+    /// One request within `--timeout`, the wait for a connection included: a request
+    /// queued behind a full pool, or reconnecting to a server that does not accept, has
+    /// been waiting as long for its answer as one on the wire.
     async fn send(&self, request: Request<Full<Bytes>>, lane: Option<usize>) -> Outcome {
-        // A user with a lane of its own has one request at a time on it: no permit.
-        let _permit = match lane {
-            Some(_) => None,
-            None => Some(self.pool.permits.acquire().await.expect("never closed")),
-        };
-        let mut sender = match self.pool.take(lane) {
-            Some(sender) => sender,
-            None => match self.pool.connect().await {
-                Ok(sender) => sender,
-                Err(_) => return Outcome::Failed("connect"),
-            },
-        };
         let exchange = async {
+            // A user with a lane of its own has one request at a time on it: no permit.
+            let _permit = match lane {
+                Some(_) => None,
+                None => Some(self.pool.permits.acquire().await.expect("never closed")),
+            };
+            let mut sender = match self.pool.take(lane) {
+                Some(sender) => sender,
+                None => self.pool.connect().await.map_err(|_| "connect")?,
+            };
             sender.ready().await.map_err(|_| "io")?;
             let response = sender.send_request(request).await.map_err(|_| "io")?;
             let status = response.status().as_u16();
@@ -698,10 +770,10 @@ impl Worker {
                 .await
                 .map_err(|_| "io")?
                 .to_bytes();
-            Ok::<_, &'static str>((status, body, retry_after))
+            Ok::<_, &'static str>((sender, status, body, retry_after))
         };
         match tokio::time::timeout(self.timeout, exchange).await {
-            Ok(Ok((status, body, retry_after))) => {
+            Ok(Ok((sender, status, body, retry_after))) => {
                 self.pool.give_back(lane, sender);
                 Outcome::Answer {
                     status,
@@ -749,6 +821,15 @@ impl Worker {
             interval.refusal(micros);
         }
     }
+}
+
+/// The units a purchase's JSON body asks for; 0 when it cannot be read (the books then
+/// assume the most a shopper may hold).
+fn requested_quantity(body: &[u8]) -> u64 {
+    serde_json::from_slice::<serde_json::Value>(body)
+        .ok()
+        .and_then(|json| json.get("quantity")?.as_u64())
+        .unwrap_or(0)
 }
 
 fn schedule_end(stages: &[crate::schedule::Stage]) -> Duration {

@@ -154,6 +154,9 @@ impl Interval {
 pub struct ThreadTotals {
     pub steps: Vec<StepStats>,
     pub sessions_started: u64,
+    /// Sessions started before the schedule ended (all of them in the closed model): a
+    /// generator that falls behind starts the rest late, after the run's window.
+    pub sessions_started_in_time: u64,
     pub sessions_finished: u64,
     /// Sessions still running when the drain deadline passed.
     pub sessions_abandoned: u64,

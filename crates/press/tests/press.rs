@@ -517,3 +517,91 @@ async fn closed_model_users_keep_a_connection_each_when_there_are_enough() {
     let ports: HashSet<u16> = shared.lock().values().flatten().copied().collect();
     assert_eq!(ports.len(), 2, "{:?}", shared.lock());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_started_after_the_schedule_do_not_count_as_kept() {
+    // One session at a time against answers that take 100 ms: at most ~10 of the 100
+    // arrivals due in the second can start within it; the rest start late.
+    let router = axum::Router::new().route(
+        "/healthz",
+        get(|| async {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            "ok"
+        }),
+    );
+    let base = serve(router).await;
+    let report = stampede_press::press(&args(
+        &base,
+        &[
+            "--scenario",
+            "healthz",
+            "--rate",
+            "100/s",
+            "--duration",
+            "1s",
+            "--max-sessions",
+            "1",
+            "--threads",
+            "1",
+        ],
+    ))
+    .await
+    .unwrap();
+    assert_eq!(report.sessions.started, 100, "{}", report.summary());
+    assert!(
+        report.sessions.achieved_per_s <= 15.0,
+        "{}",
+        report.summary()
+    );
+    assert!(
+        report
+            .generator
+            .warnings
+            .iter()
+            .any(|w| w.contains("started late")),
+        "{:?}",
+        report.generator.warnings
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_still_out_at_the_drain_deadline_counts_as_failed() {
+    // The first request is answered; every later one hangs for good.
+    let hits = Arc::new(AtomicU64::new(0));
+    let router = axum::Router::new()
+        .route(
+            "/healthz",
+            get(|State(hits): State<Arc<AtomicU64>>| async move {
+                if hits.fetch_add(1, Ordering::SeqCst) > 0 {
+                    std::future::pending::<()>().await;
+                }
+                "ok"
+            }),
+        )
+        .with_state(hits);
+    let base = serve(router).await;
+    let report = stampede_press::press(&args(
+        &base,
+        &[
+            "--scenario",
+            "healthz",
+            "--rate",
+            "2/s",
+            "--duration",
+            "1s",
+            "--timeout",
+            "60s",
+            "--drain",
+            "1s",
+        ],
+    ))
+    .await
+    .unwrap();
+    assert_eq!(report.requests, 2, "{}", report.summary());
+    assert_eq!(report.errors, 1, "{}", report.summary());
+    assert_eq!(report.steps[0].transport_errors.get("abandoned"), Some(&1));
+    // It waited from its schedule to the deadline: the tail shows it.
+    assert!(report.latency_ms.max >= 900.0, "{:?}", report.latency_ms);
+    assert_eq!(report.sessions.abandoned, 1);
+    assert!(!report.passed, "{}", report.summary());
+}
