@@ -25,6 +25,10 @@ impl HttpPayments {
             .timeout(timeout)
             .connect_timeout(timeout)
             .pool_max_idle_per_host(64)
+            // A charge is never followed elsewhere: a 301/302/303 would be re-sent as a
+            // GET without its body, and a 2xx to that would read as paid with nothing
+            // charged. A redirect is the provider failing to answer (502).
+            .redirect(reqwest::redirect::Policy::none())
             .build()
             .expect("reqwest client builds without TLS");
         Self {
@@ -57,9 +61,10 @@ impl HttpPayments {
             }
         };
         let status = response.status();
-        // Read the body under the same timeout: a provider that stalls mid-body is a timeout.
-        let body = match response.text().await {
-            Ok(body) => body,
+        // Read the body under the same timeout (a provider that stalls mid-body is a
+        // timeout), and no more of it than a decline's reason needs.
+        let body = match read_prefix(response, BODY_READ_MAX).await {
+            Ok(body) => String::from_utf8_lossy(&body).into_owned(),
             Err(e) if e.is_timeout() => return Err(PaymentError::Timeout),
             Err(e) => return Err(PaymentError::Unavailable(e.to_string())),
         };
@@ -76,6 +81,21 @@ impl HttpPayments {
             )))
         }
     }
+}
+
+/// The most of a provider's answer read: its decline reason is cut to 200 characters.
+const BODY_READ_MAX: usize = 4 * 1024;
+
+/// Up to `max` bytes of the body; the rest is not read.
+async fn read_prefix(mut response: reqwest::Response, max: usize) -> reqwest::Result<Vec<u8>> {
+    let mut body = Vec::new();
+    while body.len() < max {
+        let Some(chunk) = response.chunk().await? else {
+            break;
+        };
+        body.extend_from_slice(&chunk[..chunk.len().min(max - body.len())]);
+    }
+    Ok(body)
 }
 
 #[async_trait]
@@ -153,5 +173,81 @@ impl PaymentGateway for GuardedPayments {
 
     async fn refund(&self, idempotency_key: &str, amount: Cents) -> Result<(), PaymentError> {
         self.inner.refund(idempotency_key, amount).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    /// A provider at `router`'s address.
+    async fn provider(router: axum::Router) -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
+        format!("http://{addr}")
+    }
+
+    #[tokio::test]
+    async fn a_redirected_charge_is_a_failure_not_a_payment() {
+        // The provider redirects the charge to a page that answers any GET with 200.
+        let followed = Arc::new(AtomicU32::new(0));
+        let seen = followed.clone();
+        let router = axum::Router::new()
+            .route(
+                "/v1/charges",
+                axum::routing::post(|| async { axum::response::Redirect::to("/elsewhere") }),
+            )
+            .route(
+                "/elsewhere",
+                axum::routing::get(move || async move {
+                    seen.fetch_add(1, Ordering::SeqCst);
+                    "ok"
+                }),
+            );
+        let payments = HttpPayments::new(&provider(router).await, Duration::from_secs(5));
+        let charged = payments
+            .charge("ord_1", Cents::parse("amount", 50).unwrap())
+            .await;
+        assert!(
+            matches!(charged, Err(PaymentError::Unavailable(ref why)) if why.contains("303")),
+            "{charged:?}"
+        );
+        assert_eq!(
+            followed.load(Ordering::SeqCst),
+            0,
+            "the redirect was followed"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_decline_reads_no_more_than_its_reason_needs() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        // A provider that declines with a body that never ends: reading it whole would
+        // wait out the timeout (and hold ever more memory meanwhile).
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            let mut request = [0u8; 4096];
+            let _ = socket.read(&mut request).await;
+            let head = "HTTP/1.1 402 Payment Required\r\ntransfer-encoding: chunked\r\n\r\n";
+            socket.write_all(head.as_bytes()).await.unwrap();
+            let chunk = format!("{:x}\r\n{}\r\n", 1400, "card declined ".repeat(100));
+            while socket.write_all(chunk.as_bytes()).await.is_ok() {}
+        });
+        let payments = HttpPayments::new(&format!("http://{addr}"), Duration::from_secs(5));
+        match payments
+            .charge("ord_1", Cents::parse("amount", 50).unwrap())
+            .await
+        {
+            Err(PaymentError::Declined(reason)) => {
+                assert!(reason.starts_with("card declined"), "{reason}");
+                assert!(reason.chars().count() <= 200);
+            }
+            other => panic!("{other:?}"),
+        }
     }
 }
