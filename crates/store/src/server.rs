@@ -270,6 +270,8 @@ struct Sql {
     stamp_node: Arc<str>,
     heartbeat: Arc<str>,
     node_batch_seq: Arc<str>,
+    /// The same, waiting for a transaction that holds the row (a batch still committing).
+    node_batch_seq_locked: Arc<str>,
     live_nodes: Arc<str>,
     dead_nodes: Arc<str>,
     remove_dead_node: Arc<str>,
@@ -362,6 +364,9 @@ impl Sql {
                 dialect.now_ms
             )),
             node_batch_seq: sql("SELECT batch_seq FROM stampede_nodes WHERE node = ?"),
+            node_batch_seq_locked: sql(
+                "SELECT batch_seq FROM stampede_nodes WHERE node = ? FOR UPDATE",
+            ),
             live_nodes: sql(&format!(
                 "SELECT COUNT(*) AS n FROM stampede_nodes WHERE heartbeat_ms >= {} - ?",
                 dialect.now_ms
@@ -815,14 +820,19 @@ macro_rules! server_store {
             }
 
             /// After a failed `COMMIT`: did batch `seq` land? Keeps trying to ask until
-            /// `RESOLVE_DEADLINE`.
+            /// `RESOLVE_DEADLINE`. The stamp is read where a `COMMIT` still on its way
+            /// cannot be overtaken: a single owner's under the owner lock, which the old
+            /// session holds until its transaction ends; a cluster node's with a locking
+            /// read, which waits for the transaction that stamped the row. A plain read
+            /// could see the old stamp, call a batch that then lands failed, and give its
+            /// stock back.
             async fn resolve(&self, seq: i64) -> Result<(bool, $conn), StoreError> {
                 let deadline = tokio::time::Instant::now() + RESOLVE_DEADLINE;
                 loop {
                     let asked = async {
                         let mut writer = self.reconnect().await?;
                         let landed: i64 = match &self.node {
-                            Some(node) => sqlx::query_scalar(q(&self.sql.node_batch_seq))
+                            Some(node) => sqlx::query_scalar(q(&self.sql.node_batch_seq_locked))
                                 .bind(node)
                                 .fetch_one(&mut writer)
                                 .await
@@ -985,6 +995,10 @@ macro_rules! server_store {
                             let (landed, writer) = self.resolve(seq).await?;
                             *guard = Some(writer);
                             if !landed {
+                                // Its number is used up: were the next batch to reuse it
+                                // and lose its COMMIT too, a stamp of this one's could
+                                // read as the next one landing.
+                                self.batch_seq.store(seq, std::sync::atomic::Ordering::Relaxed);
                                 return Err(unavailable(error));
                             }
                             true

@@ -574,3 +574,179 @@ pub async fn sqlite_engine(
     .await
     .expect("open the engine")
 }
+
+/// A TCP link between a store and its test database that a test can break, as a network
+/// or a failover would. The link carries the database's protocol in clear (TLS off), so
+/// it can see statements go by.
+pub struct Link {
+    /// The database's URL through the link.
+    pub url: String,
+    state: std::sync::Arc<LinkState>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum LinkMode {
+    Up,
+    /// Every open connection cut, new ones refused.
+    Down,
+    /// Traffic passes until a client sends `COMMIT`; it is forwarded, then every
+    /// connection is cut before the answer comes back and the link stays down for the
+    /// given time, so the client cannot learn whether the commit landed.
+    LoseNextCommit {
+        then_down_for: std::time::Duration,
+    },
+    /// Down until then, then up.
+    DownUntil(std::time::Instant),
+    /// The next `COMMIT` of a transaction that inserted orders is held back for the given
+    /// time while its client's connection is cut at once; then it reaches the database
+    /// (and lands). Meanwhile the link is up for everyone else: the client finds out
+    /// what happened over a new connection while the commit is still on its way.
+    DelayNextOrderCommit {
+        by: std::time::Duration,
+    },
+}
+
+struct LinkState {
+    mode: std::sync::Mutex<LinkMode>,
+    /// Bumped to cut every open connection.
+    cuts: tokio::sync::watch::Sender<u64>,
+    commits_caught: AtomicU32,
+}
+
+impl Link {
+    /// A link to `database` (a server database), and its URL through the link.
+    pub async fn in_front_of(database: &TestDatabase) -> Link {
+        let url = database.url.as_deref().expect("a server database");
+        let start = url.find("://").expect("a URL") + 3;
+        let end = start + url[start..].find('/').unwrap_or(url.len() - start);
+        let host_start = start + url[start..end].rfind('@').map_or(0, |at| at + 1);
+        let upstream = tokio::net::lookup_host(&url[host_start..end])
+            .await
+            .expect("the database's address")
+            .next()
+            .expect("an address");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut through = format!("{}{addr}{}", &url[..host_start], &url[end..]);
+        if database.backend == Backend::Postgres {
+            through.push(if through.contains('?') { '&' } else { '?' });
+            through.push_str("sslmode=disable");
+        }
+        let state = std::sync::Arc::new(LinkState {
+            mode: std::sync::Mutex::new(LinkMode::Up),
+            cuts: tokio::sync::watch::channel(0).0,
+            commits_caught: AtomicU32::new(0),
+        });
+        tokio::spawn(accept(listener, upstream, state.clone()));
+        Link {
+            url: through,
+            state,
+        }
+    }
+
+    pub fn mode(&self) -> LinkMode {
+        self.state.mode()
+    }
+
+    pub fn set(&self, mode: LinkMode) {
+        self.state.set(mode)
+    }
+
+    /// How many `COMMIT`s the link has lost or held back.
+    pub fn commits_caught(&self) -> u32 {
+        self.state.commits_caught.load(Ordering::SeqCst)
+    }
+}
+
+impl LinkState {
+    fn mode(&self) -> LinkMode {
+        let mut mode = self.mode.lock().unwrap();
+        if let LinkMode::DownUntil(until) = *mode
+            && std::time::Instant::now() >= until
+        {
+            *mode = LinkMode::Up;
+        }
+        *mode
+    }
+
+    fn set(&self, mode: LinkMode) {
+        *self.mode.lock().unwrap() = mode;
+        if matches!(mode, LinkMode::Down | LinkMode::DownUntil(_)) {
+            self.cuts.send_modify(|n| *n += 1);
+        }
+    }
+}
+
+async fn accept(
+    listener: tokio::net::TcpListener,
+    upstream: std::net::SocketAddr,
+    state: std::sync::Arc<LinkState>,
+) {
+    while let Ok((client, _)) = listener.accept().await {
+        if matches!(state.mode(), LinkMode::Down | LinkMode::DownUntil(_)) {
+            continue; // dropped: the client's connection is reset
+        }
+        tokio::spawn(carry(client, upstream, state.clone()));
+    }
+}
+
+/// One connection through the link.
+async fn carry(
+    mut client: tokio::net::TcpStream,
+    upstream: std::net::SocketAddr,
+    state: std::sync::Arc<LinkState>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut cuts = state.cuts.subscribe();
+    let Ok(mut server) = tokio::net::TcpStream::connect(upstream).await else {
+        return;
+    };
+    let (mut up, mut down) = (vec![0u8; 64 * 1024], vec![0u8; 64 * 1024]);
+    let contains = |chunk: &[u8], word: &[u8]| chunk.windows(word.len()).any(|w| w == word);
+    let mut inserted_orders = false;
+    loop {
+        tokio::select! {
+            read = client.read(&mut up) => {
+                let Ok(n @ 1..) = read else { return };
+                let chunk = &up[..n];
+                inserted_orders |= contains(chunk, b"INSERT INTO orders");
+                if contains(chunk, b"COMMIT") {
+                    match state.mode() {
+                        LinkMode::LoseNextCommit { then_down_for } => {
+                            let _ = server.write_all(chunk).await;
+                            state.commits_caught.fetch_add(1, Ordering::SeqCst);
+                            state.set(LinkMode::DownUntil(std::time::Instant::now() + then_down_for));
+                            return;
+                        }
+                        LinkMode::DelayNextOrderCommit { by } if inserted_orders => {
+                            state.commits_caught.fetch_add(1, Ordering::SeqCst);
+                            state.set(LinkMode::Up);
+                            drop(client);
+                            tokio::time::sleep(by).await;
+                            let _ = server.write_all(chunk).await;
+                            // Let the database answer (and finish the commit) before the
+                            // connection goes.
+                            let _ = tokio::time::timeout(
+                                std::time::Duration::from_secs(5),
+                                server.read(&mut down),
+                            )
+                            .await;
+                            return;
+                        }
+                        _ => inserted_orders = false,
+                    }
+                }
+                if server.write_all(chunk).await.is_err() {
+                    return;
+                }
+            }
+            read = server.read(&mut down) => {
+                let Ok(n @ 1..) = read else { return };
+                if client.write_all(&down[..n]).await.is_err() {
+                    return;
+                }
+            }
+            _ = cuts.changed() => return,
+        }
+    }
+}

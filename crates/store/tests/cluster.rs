@@ -13,7 +13,9 @@ use stampede_engine::{
     WriteOp,
 };
 use stampede_store::on_server_backends;
-use stampede_store::testing::{Backend, Call, Intercepted, Interceptor, TestDatabase};
+use stampede_store::testing::{
+    Backend, Call, Intercepted, Interceptor, Link, LinkMode, TestDatabase,
+};
 use stampede_types::{OrderId, OrderStatus, SaleId};
 
 const NODE_TTL: Duration = Duration::from_millis(1_500);
@@ -405,4 +407,57 @@ on_server_backends!(
     a_buyer_who_hangs_up_while_waiting_for_a_lease_frees_its_key,
     a_node_returns_what_it_does_not_use,
     a_single_owner_and_a_cluster_never_share_a_database,
+    a_commit_still_on_its_way_when_its_answer_is_lost_is_not_called_failed,
 );
+
+/// A batch's `COMMIT` is held up on its way to the database while the node's connection
+/// breaks, so the node asks over a new connection whether the batch landed before it
+/// has. It must wait for the answer rather than read the old stamp, call the batch
+/// failed and give its stock back (the orders would then land unacknowledged, and the
+/// node's memory would hold more stock than its lease).
+async fn a_commit_still_on_its_way_when_its_answer_is_lost_is_not_called_failed(backend: Backend) {
+    let database = TestDatabase::create(backend).await;
+    let link = Link::in_front_of(&database).await;
+    let store = stampede_store::open(
+        Some(&link.url),
+        std::path::Path::new("."),
+        &cluster_options(),
+    )
+    .await
+    .unwrap();
+    let config = EngineConfig {
+        cluster_tick_ms: 100,
+        expiry_tick_ms: 100,
+        ..EngineConfig::default()
+    };
+    let engine = Engine::open(store, Arc::new(SystemClock), config)
+        .await
+        .unwrap();
+    let sale = live_sale(&engine, "P", 10, 10, 50, 5).await;
+
+    // The first purchase on the writer's connection (the link knows an order batch by
+    // its statement's text, which a connection sends only the first time).
+    link.set(LinkMode::DelayNextOrderCommit {
+        by: Duration::from_millis(1_500),
+    });
+    let answered = engine.purchase(user("a"), key("k1"), sale, one()).await;
+    assert_eq!(
+        link.commits_caught(),
+        1,
+        "the purchase's COMMIT was held up"
+    );
+    let placed = answered.expect("the batch landed: its purchase is answered 201");
+    assert!(!placed.replay);
+    let audit = engine.audit(sale).await.unwrap().unwrap();
+    assert_eq!(audit.tally.pending_payment, 1, "{audit:?}");
+    assert!(audit.consistent, "{audit:?}");
+    // And the node sells on.
+    engine
+        .purchase(user("b"), key("k2"), sale, one())
+        .await
+        .unwrap();
+    let audit = engine.audit(sale).await.unwrap().unwrap();
+    assert_eq!(audit.tally.pending_payment, 2, "{audit:?}");
+    assert!(audit.consistent, "{audit:?}");
+    engine.shutdown().await;
+}

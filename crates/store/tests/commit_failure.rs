@@ -11,7 +11,9 @@ use stampede_engine::{
     Actor, Engine, EngineConfig, OpOutcome, OrderRecord, PurchaseError, SaleTally, StoreError,
     SystemClock, WriteOp,
 };
-use stampede_store::testing::{Backend, Call, Intercepted, Interceptor, TestDatabase};
+use stampede_store::testing::{
+    Backend, Call, Intercepted, Interceptor, Link, LinkMode, TestDatabase,
+};
 use stampede_store::{on_every_backend, on_server_backends};
 use stampede_types::{Cents, IdempotencyKey, OrderId, OrderStatus, Quantity, SaleId, Sku, UserId};
 
@@ -418,149 +420,15 @@ async fn a_writer_that_panics_halts_the_node(backend: Backend) {
     assert!(next.is_err(), "{next:?}");
 }
 
-/// A TCP link between the store and its database that the test can break, as a network
-/// or a failover would: `down` cuts every open connection and refuses new ones;
-/// `lose_next_commit` passes traffic until a client sends `COMMIT`, forwards it, then
-/// cuts every connection before the answer comes back and stays down for a while, so
-/// the client cannot learn whether the commit landed.
-struct Link {
-    addr: std::net::SocketAddr,
-    state: Arc<LinkState>,
-}
-
-#[derive(Clone, Copy, PartialEq, Debug)]
-enum LinkMode {
-    Up,
-    Down,
-    LoseNextCommit { then_down_for: Duration },
-    DownUntil(std::time::Instant),
-}
-
-struct LinkState {
-    mode: std::sync::Mutex<LinkMode>,
-    /// Bumped to cut every open connection.
-    cuts: tokio::sync::watch::Sender<u64>,
-    commits_lost: std::sync::atomic::AtomicU32,
-}
-
-impl LinkState {
-    fn mode(&self) -> LinkMode {
-        let mut mode = self.mode.lock().unwrap();
-        if let LinkMode::DownUntil(until) = *mode
-            && std::time::Instant::now() >= until
-        {
-            *mode = LinkMode::Up;
-        }
-        *mode
-    }
-
-    fn set(&self, mode: LinkMode) {
-        *self.mode.lock().unwrap() = mode;
-        if matches!(mode, LinkMode::Down | LinkMode::DownUntil(_)) {
-            self.cuts.send_modify(|n| *n += 1);
-        }
-    }
-}
-
-impl Link {
-    async fn to(upstream: std::net::SocketAddr) -> Link {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let state = Arc::new(LinkState {
-            mode: std::sync::Mutex::new(LinkMode::Up),
-            cuts: tokio::sync::watch::channel(0).0,
-            commits_lost: Default::default(),
-        });
-        let shared = state.clone();
-        tokio::spawn(async move {
-            while let Ok((mut client, _)) = listener.accept().await {
-                if matches!(shared.mode(), LinkMode::Down | LinkMode::DownUntil(_)) {
-                    continue; // dropped: the client's connection is reset
-                }
-                let state = shared.clone();
-                let mut cuts = state.cuts.subscribe();
-                tokio::spawn(async move {
-                    let Ok(mut server) = tokio::net::TcpStream::connect(upstream).await else {
-                        return;
-                    };
-                    let (mut up, mut down) = ([0u8; 16 * 1024], [0u8; 16 * 1024]);
-                    loop {
-                        tokio::select! {
-                            read = client.read(&mut up) => {
-                                let Ok(n @ 1..) = read else { return };
-                                let chunk = &up[..n];
-                                let commit = chunk.windows(6).any(|w| w == b"COMMIT");
-                                if server.write_all(chunk).await.is_err() {
-                                    return;
-                                }
-                                if commit
-                                    && let LinkMode::LoseNextCommit { then_down_for } = state.mode()
-                                {
-                                    state.commits_lost.fetch_add(1, Ordering::SeqCst);
-                                    state.set(LinkMode::DownUntil(
-                                        std::time::Instant::now() + then_down_for,
-                                    ));
-                                    return;
-                                }
-                            }
-                            read = server.read(&mut down) => {
-                                let Ok(n @ 1..) = read else { return };
-                                if client.write_all(&down[..n]).await.is_err() {
-                                    return;
-                                }
-                            }
-                            _ = cuts.changed() => return,
-                        }
-                    }
-                });
-            }
-        });
-        Link { addr, state }
-    }
-
-    /// `url` with its host and port replaced by this link's.
-    fn in_front_of(&self, url: &str) -> String {
-        let start = url.find("://").unwrap() + 3;
-        let end = start + url[start..].find('/').unwrap_or(url.len() - start);
-        let authority = &url[start..end];
-        let host_start = authority.rfind('@').map_or(0, |at| at + 1);
-        format!(
-            "{}{}{}{}",
-            &url[..start],
-            &authority[..host_start],
-            self.addr,
-            &url[end..]
-        )
-    }
-}
-
-/// The `host:port` a database URL names.
-fn upstream_of(url: &str) -> std::net::SocketAddr {
-    use std::net::ToSocketAddrs;
-    let start = url.find("://").unwrap() + 3;
-    let end = start + url[start..].find('/').unwrap_or(url.len() - start);
-    let authority = &url[start..end];
-    let host = &authority[authority.rfind('@').map_or(0, |at| at + 1)..];
-    host.to_socket_addrs().unwrap().next().unwrap()
-}
-
 /// After failed commits the writer probes with an empty batch. If that probe's `COMMIT`
 /// is lost and the database then stays out of reach for longer than a batch's outcome
 /// is looked for, the node must not halt as if orders were at stake: the probe held
 /// none. It stays up, not ready, and sells again once the database is back.
 async fn a_lost_commit_of_the_writers_probe_does_not_halt_the_node(backend: Backend) {
     let database = TestDatabase::create(backend).await;
-    let url = database.url.clone().expect("a server database");
-    let link = Link::to(upstream_of(&url)).await;
+    let link = Link::in_front_of(&database).await;
     let dir = tempfile::tempdir().unwrap();
-    let mut through_link = link.in_front_of(&url);
-    if backend == Backend::Postgres {
-        // In clear, so the link can see the COMMIT.
-        through_link.push(if through_link.contains('?') { '&' } else { '?' });
-        through_link.push_str("sslmode=disable");
-    }
-    let store = stampede_store::open(Some(&through_link), dir.path(), &Default::default())
+    let store = stampede_store::open(Some(&link.url), dir.path(), &Default::default())
         .await
         .unwrap();
     let engine = Engine::open(store, Arc::new(SystemClock), EngineConfig::default())
@@ -578,7 +446,7 @@ async fn a_lost_commit_of_the_writers_probe_does_not_halt_the_node(backend: Back
     buy("alice", "k1").await.unwrap();
 
     // The database goes out of reach: the next batch fails, and the writer starts probing.
-    link.state.set(LinkMode::Down);
+    link.set(LinkMode::Down);
     assert_eq!(buy("bob", "k2").await, Err(PurchaseError::Unavailable));
     assert_eq!(
         engine.sale(sale).unwrap().remaining,
@@ -588,18 +456,18 @@ async fn a_lost_commit_of_the_writers_probe_does_not_halt_the_node(backend: Back
 
     // It comes back just long enough for a probe to send COMMIT, and the answer is lost.
     // The link then stays down past the 10 s a batch's lost COMMIT is looked into.
-    link.state.set(LinkMode::LoseNextCommit {
+    link.set(LinkMode::LoseNextCommit {
         then_down_for: Duration::from_secs(12),
     });
     let waited = std::time::Instant::now();
-    while link.state.commits_lost.load(Ordering::SeqCst) == 0 {
+    while link.commits_caught() == 0 {
         assert!(
             waited.elapsed() < Duration::from_secs(10),
             "no probe sent COMMIT"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    while link.state.mode() != LinkMode::Up {
+    while link.mode() != LinkMode::Up {
         assert!(!engine.halted(), "a lost probe halted the node");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
