@@ -1,7 +1,8 @@
 //! An adaptive concurrency limit after Netflix's Gradient2: the limit follows the ratio
 //! of the long-term response time to the recent one. When requests start queueing the
 //! recent time rises above the long-term one and the limit shrinks; while they do not,
-//! the limit grows by a queue allowance of √limit per update.
+//! the limit grows by a queue allowance of √limit per update, smoothed (`smoothing` ×
+//! √limit when response times hold).
 
 use serde::{Deserialize, Serialize};
 
@@ -138,6 +139,10 @@ mod tests {
         for _ in 0..50 {
             let limit = g.limit();
             g.update(1.0, limit, false);
+            // Each update adds smoothing × √limit (the README's rate).
+            let step = g.limit() - limit;
+            let expected = 0.2 * limit.sqrt();
+            assert!((step - expected).abs() < 1e-9, "{limit} grew by {step}");
         }
         assert!(g.limit() > 100.0, "{}", g.limit());
     }

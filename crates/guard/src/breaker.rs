@@ -33,6 +33,8 @@ struct Inner {
     opened_at: u64,
     probes_in_flight: u32,
     probes_ok: u32,
+    /// Half-open spells so far: which spell a probe belongs to.
+    spell: u64,
     buckets: [Bucket; BUCKETS],
 }
 
@@ -50,6 +52,9 @@ pub struct Breaker {
 #[must_use]
 pub struct Call {
     probe: bool,
+    /// The half-open spell a probe was let through in: a probe still running when its
+    /// spell ended (another probe failed) is no probe of the next one.
+    spell: u64,
 }
 
 impl Breaker {
@@ -64,6 +69,7 @@ impl Breaker {
                 opened_at: 0,
                 probes_in_flight: 0,
                 probes_ok: 0,
+                spell: 0,
                 buckets: [Bucket::default(); BUCKETS],
             }),
         }
@@ -83,6 +89,7 @@ impl Breaker {
             self.open_until.store(0, Ordering::Relaxed);
             inner.probes_in_flight = 0;
             inner.probes_ok = 0;
+            inner.spell += 1;
         }
     }
 
@@ -91,7 +98,10 @@ impl Breaker {
         let mut inner = self.inner.lock();
         self.advance(&mut inner, now);
         match inner.state {
-            State::Closed => Ok(Call { probe: false }),
+            State::Closed => Ok(Call {
+                probe: false,
+                spell: inner.spell,
+            }),
             State::Open => {
                 let until = inner.opened_at + self.rule.open_for.as_nanos() as u64;
                 Err(until.saturating_sub(now).max(1))
@@ -99,7 +109,10 @@ impl Breaker {
             State::HalfOpen => {
                 if inner.probes_in_flight + inner.probes_ok < self.rule.half_open_probes {
                     inner.probes_in_flight += 1;
-                    Ok(Call { probe: true })
+                    Ok(Call {
+                        probe: true,
+                        spell: inner.spell,
+                    })
                 } else {
                     Err(self.bucket_ns)
                 }
@@ -127,14 +140,17 @@ impl Breaker {
     /// Records a call made without [`Breaker::try_call`] (see [`Breaker::admits`]). While
     /// half-open it is a probe: enough good ones close the breaker, one bad one opens it.
     pub fn observe(&self, now: u64, ok: bool, rt_ns: u64) {
-        let probe = {
+        let call = {
             let mut inner = self.inner.lock();
             self.advance(&mut inner, now);
             let probe = inner.state == State::HalfOpen;
             inner.probes_in_flight += u32::from(probe);
-            probe
+            Call {
+                probe,
+                spell: inner.spell,
+            }
         };
-        self.record(Call { probe }, now, ok, rt_ns);
+        self.record(call, now, ok, rt_ns);
     }
 
     /// Records a finished call: `ok` false for an error or timeout, `rt_ns` its time.
@@ -152,6 +168,11 @@ impl Breaker {
         b.calls += 1;
         b.errors += u64::from(!ok);
         b.slow += u64::from(slow);
+        if call.probe && call.spell != inner.spell {
+            // A probe of an earlier half-open spell: that spell's verdict is in (the
+            // breaker opened again since); it counts for nothing in this one.
+            return;
+        }
         if call.probe {
             inner.probes_in_flight = inner.probes_in_flight.saturating_sub(1);
             if inner.state == State::HalfOpen {
@@ -255,6 +276,32 @@ mod tests {
         // Closed again with a clean window.
         call(&b, 530 * MS, false, MS);
         assert_eq!(b.state(530 * MS), State::Closed);
+    }
+
+    #[test]
+    fn a_probe_of_an_earlier_half_open_spell_counts_for_nothing() {
+        let b = Breaker::new(rule());
+        for i in 0..10 {
+            call(&b, i * MS, false, MS);
+        }
+        // First half-open spell: two probes; the second fails and opens it again while
+        // the first is still out.
+        let p1 = b.try_call(510 * MS).unwrap();
+        let p2 = b.try_call(510 * MS).unwrap();
+        b.record(p2, 520 * MS, false, MS);
+        assert_eq!(b.state(520 * MS), State::Open);
+        // Second spell: one probe out, then the first spell's probe comes back fine.
+        let p3 = b.try_call(1_030 * MS).unwrap();
+        b.record(p1, 1_040 * MS, true, 50 * MS);
+        b.record(p3, 1_040 * MS, true, MS);
+        // One real probe of two has passed: still half-open, one more let through.
+        assert_eq!(b.state(1_040 * MS), State::HalfOpen);
+        let p4 = b
+            .try_call(1_040 * MS)
+            .expect("a second probe of this spell");
+        assert!(b.try_call(1_040 * MS).is_err(), "no third");
+        b.record(p4, 1_050 * MS, true, MS);
+        assert_eq!(b.state(1_050 * MS), State::Closed);
     }
 
     #[test]

@@ -50,6 +50,19 @@ impl Gcra {
             });
     }
 
+    /// Returns a paced slot whose reservation left the schedule at `end`, if no later
+    /// reservation has been made since: then the next request takes its place. A slot
+    /// with later ones booked after it stays spent (sending its successor early would
+    /// send two requests at once).
+    pub fn give_back_last(&self, end: u64, interval: u64) {
+        let _ = self.tat.compare_exchange(
+            end,
+            end.saturating_sub(interval),
+            Ordering::AcqRel,
+            Ordering::Relaxed,
+        );
+    }
+
     /// Reserves the next free slot for a paced request: `Ok(wait)` to send after `wait`
     /// ns, or `Err(excess)` when the wait would pass `max_wait` (nothing is reserved).
     pub fn reserve(&self, now: u64, interval: u64, max_wait: u64) -> Result<u64, u64> {

@@ -218,36 +218,35 @@ struct FlowLimiter {
     last_pass: AtomicU64,
     /// Warm-up's demand: the second (on the guard's clock, + 1; 0: none) whose requests
     /// `attempts` counts (admitted or not: a rule that refuses is under demand, however
-    /// few it passes), the count of the second before it when that one was whole
-    /// (`u64::MAX`: not known), and the first second of the current run of busy seconds.
+    /// few it passes), and the first second of the current run of busy seconds.
     second: AtomicU64,
     attempts: AtomicU64,
-    previous: AtomicU64,
     run_start: AtomicU64,
 }
 
 impl FlowLimiter {
-    /// Moves the per-second count on to `now`'s second; returns the requests of the last
-    /// whole second before it, if there was one (traffic in it and in the one before).
-    fn last_whole_second(&self, now: u64) -> Option<u64> {
+    /// Moves the per-second count on to `now`'s second. For the one call that moves it,
+    /// returns the requests of the whole second just finished, if it was one (traffic in
+    /// it and in the one before); every other call gets `None`, so what follows from that
+    /// second is decided once, at its end.
+    fn second_just_finished(&self, now: u64) -> Option<u64> {
         let second = now / 1_000_000_000 + 1;
         let current = self.second.load(Ordering::Relaxed);
-        if current != second
-            && self
+        if current == second
+            || self
                 .second
                 .compare_exchange(current, second, Ordering::AcqRel, Ordering::Relaxed)
-                .is_ok()
+                .is_err()
         {
-            let passes = self.attempts.swap(0, Ordering::Relaxed);
-            let next = current != 0 && second == current + 1;
-            let whole = next && self.run_start.load(Ordering::Relaxed) < current;
-            self.previous
-                .store(if whole { passes } else { u64::MAX }, Ordering::Relaxed);
-            if !next {
-                self.run_start.store(second, Ordering::Relaxed);
-            }
+            return None;
         }
-        Some(self.previous.load(Ordering::Relaxed)).filter(|&n| n != u64::MAX)
+        let passes = self.attempts.swap(0, Ordering::Relaxed);
+        let next = current != 0 && second == current + 1;
+        let whole = next && self.run_start.load(Ordering::Relaxed) < current;
+        if !next {
+            self.run_start.store(second, Ordering::Relaxed);
+        }
+        whole.then_some(passes)
     }
 }
 
@@ -352,8 +351,10 @@ impl Resource {
 }
 
 /// Every resource name the guard has seen, with its counters. Names come from code
-/// (routes, dependencies) and from rules (at most `MAX_RULES` of each kind), so the
-/// registry is bounded.
+/// (routes, dependencies) and from rules (at most `MAX_RULES` of each kind, each name at
+/// most 64 characters), never from requests. A name stays for the process's life (ids
+/// index the compiled rules), so only an admin who keeps introducing new rule names
+/// grows it, by a few hundred bytes and six metric series a name; a restart resets it.
 #[derive(Default)]
 struct Registry {
     by_name: RwLock<HashMap<Arc<str>, Resource, foldhash::fast::RandomState>>,
@@ -498,9 +499,9 @@ pub struct Admission<'a> {
     /// Counted in the system's requests in flight and response times (a request, not a
     /// named resource's call).
     system: bool,
-    /// The interval of the rate slot it took, for [`Admission::give_back`] (which finds
-    /// the limiter then: only a refused request pays for the lookup).
-    rate: Option<u64>,
+    /// The rate slot it took, for [`Admission::give_back`] (which finds the limiter
+    /// then: only a refused request pays for the lookup).
+    rate: Option<RateSlot>,
     start: u64,
     /// Pacing: send after this long.
     pub wait: Duration,
@@ -517,12 +518,25 @@ impl Admission<'_> {
     /// admission (a per-shopper or per-sale limit) refused it: a scalper's refused
     /// attempts must not use up the rate everyone shares. At most once.
     pub fn give_back(&mut self) {
-        if let Some(interval) = self.rate.take()
+        if let Some(slot) = self.rate.take()
             && let Some(flow) = self.guard.compiled.load().flow(self.resource.id)
         {
-            flow.limiter.gcra.give_back(interval);
+            match slot.paced_to {
+                // A paced slot only while no later request was given the one after it:
+                // else two would be sent at the same moment.
+                Some(end) => flow.limiter.gcra.give_back_last(end, slot.interval),
+                None => flow.limiter.gcra.give_back(slot.interval),
+            }
         }
     }
+}
+
+/// A rate slot an admission took.
+#[derive(Clone, Copy)]
+struct RateSlot {
+    interval: u64,
+    /// Pacing: where the schedule stood after this slot (its send time + interval).
+    paced_to: Option<u64>,
 }
 
 impl Drop for Admission<'_> {
@@ -805,8 +819,10 @@ impl Guard {
                         // Cold again after a pause longer than the period, or after a
                         // whole second of demand well under the cold rate: a trickle
                         // does not keep the rule warm for the spike that follows it.
+                        // The warm-up then starts once, with the first request after
+                        // that second, and rises from there.
                         let trickle = limiter
-                            .last_whole_second(now)
+                            .second_just_finished(now)
                             .is_some_and(|asked| (asked as f64) < cold * COOL_BELOW);
                         limiter.attempts.fetch_add(1, Ordering::Relaxed);
                         if last == 0 || now.saturating_sub(last) > period || trickle {
@@ -833,7 +849,11 @@ impl Guard {
                         if !(dry_run || rule.dry_run) {
                             wait = Duration::from_nanos(w);
                         }
-                        rate = Some(interval);
+                        rate = Some(RateSlot {
+                            interval,
+                            paced_to: matches!(rule.behavior, Behavior::Pace { .. })
+                                .then(|| now + w + interval),
+                        });
                     }
                     Err(retry) => {
                         if let Some(r) = refuse(

@@ -373,11 +373,13 @@ impl GuardRules {
         let mut names = std::collections::HashSet::new();
         for (i, r) in self.hot.iter().enumerate() {
             let f = |name: &str| format!("hot[{i}].{name}");
-            if r.name.is_empty() || !names.insert(r.name.clone()) {
-                err(f("name"), "must be present and unique");
+            // Each distinct name registers its counters and metric series for the
+            // process's life: short names keep that small.
+            if r.name.is_empty() || r.name.len() > 64 || !names.insert(r.name.clone()) {
+                err(f("name"), "must be 1..=64 characters and unique");
             }
-            if r.resource.is_empty() {
-                err(f("resource"), "must be present");
+            if r.resource.is_empty() || r.resource.len() > 64 {
+                err(f("resource"), "must be 1..=64 characters");
             }
             if !rate_ok(r.qps) {
                 err(f("qps"), "must be within (0, 10000000]");
@@ -389,8 +391,20 @@ impl GuardRules {
         let mut names = std::collections::HashSet::new();
         for (i, r) in self.breakers.iter().enumerate() {
             let f = |name: &str| format!("breakers[{i}].{name}");
-            if r.name.is_empty() || !names.insert(r.name.clone()) {
-                err(f("name"), "must be present and unique");
+            if r.name.is_empty() || r.name.len() > 64 || !names.insert(r.name.clone()) {
+                err(f("name"), "must be 1..=64 characters and unique");
+            }
+            if r.slow_call.is_zero() {
+                err(
+                    f("slow_call"),
+                    "must be longer than 0 (else every call is slow)",
+                );
+            }
+            if r.error_count == Some(0) {
+                err(
+                    f("error_count"),
+                    "must be at least 1 (else any call opens the breaker)",
+                );
             }
             for (field, ratio) in [("slow_ratio", r.slow_ratio), ("error_ratio", r.error_ratio)] {
                 if let Some(x) = ratio
@@ -475,7 +489,11 @@ mod tests {
                 {"resource": "purchase", "qps": 5.0, "burst": 0},
                 {"resource": "pay", "behavior": {"kind": "warm_up", "cold_factor": 0.5, "period": "0s"}}
             ],
-            "breakers": [{"name": "payment", "slow_call": "1s", "window": "1ms"}],
+            "breakers": [
+                {"name": "payment", "slow_call": "1s", "window": "1ms"},
+                {"name": "database", "slow_call": "0s", "error_count": 0}
+            ],
+            "hot": [{"name": "n".repeat(65), "resource": "purchase", "param": "shopper", "qps": 1.0}],
             "system": {"cpu_threshold": 1.5, "class_shares": [0.5, 0.9, 0.7, 0.5]}
         }))
         .unwrap();
@@ -491,6 +509,9 @@ mod tests {
             "flow[2].behavior",
             "breakers[0].error_ratio",
             "breakers[0].window",
+            "breakers[1].slow_call",
+            "breakers[1].error_count",
+            "hot[0].name",
             "system.cpu_threshold",
             "system.class_shares",
         ] {

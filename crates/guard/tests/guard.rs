@@ -150,6 +150,79 @@ fn warm_up_starts_at_a_third_and_reaches_the_rate() {
 }
 
 #[test]
+fn after_a_trickle_the_warm_up_takes_its_period_not_a_second_more() {
+    let guard = Guard::new(rules_with(vec![flow(
+        "purchase",
+        600.0,
+        5,
+        Behavior::WarmUp {
+            cold_factor: 3.0,
+            period: Duration::from_secs(2),
+        },
+    )]))
+    .unwrap();
+    // A trickle (50/s against a cold rate of 200/s) for over two seconds, kept up until
+    // just after a second of the guard's clock begins: the spike then starts early in a
+    // second, as long before its end as it can.
+    let purchase = guard.resource("purchase");
+    let trickle = Instant::now();
+    let mut sent = Instant::now() - Duration::from_secs(1);
+    while trickle.elapsed() < Duration::from_millis(2_200)
+        || !(10_000_000..40_000_000).contains(&(guard.now() % 1_000_000_000))
+    {
+        if sent.elapsed() >= Duration::from_millis(20) {
+            drop(guard.admit(&purchase, Class::Purchase));
+            sent = Instant::now();
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    // The warm-up starts with the spike and is done a period later: the last half second
+    // of period + 0.5 s runs at the full 600/s.
+    let admitted = hammer(&guard, "purchase", Duration::from_millis(2_500));
+    let last = admitted
+        .iter()
+        .filter(|t| **t >= Duration::from_millis(2_000))
+        .count() as f64;
+    assert!((270.0..=315.0).contains(&last), "last half second: {last}");
+}
+
+#[test]
+fn a_paced_slot_given_back_never_sends_two_requests_at_once() {
+    let guard = Guard::new(rules_with(vec![flow(
+        "pay",
+        10.0,
+        1,
+        Behavior::Pace {
+            max_queue: Duration::from_secs(1),
+        },
+    )]))
+    .unwrap();
+    let pay = guard.resource("pay");
+    // When each admitted request may go (admitted now, plus its wait).
+    let slot = |a: &stampede_guard::Admission<'_>| Instant::now() + a.wait;
+    let mut a = guard.admit(&pay, Class::Pay).unwrap();
+    let b = guard.admit(&pay, Class::Pay).unwrap();
+    let c = guard.admit(&pay, Class::Pay).unwrap();
+    let c_at = slot(&c);
+    // A is refused by a later check after B and C were booked behind it: its slot stays
+    // spent, and D goes 100 ms after C, not with it.
+    a.give_back();
+    let mut d = guard.admit(&pay, Class::Pay).unwrap();
+    let d_at = slot(&d);
+    let gap = d_at.saturating_duration_since(c_at);
+    assert!(
+        gap >= Duration::from_millis(95) && gap <= Duration::from_millis(105),
+        "{gap:?}"
+    );
+    // D, the last booked, given back: E takes its place.
+    d.give_back();
+    let e = guard.admit(&pay, Class::Pay).unwrap();
+    let gap = slot(&e).saturating_duration_since(d_at);
+    assert!(gap <= Duration::from_millis(5), "{gap:?}");
+    drop((b, c, e));
+}
+
+#[test]
 fn pacing_spaces_requests_and_refuses_beyond_the_queue_bound() {
     let guard = Guard::new(rules_with(vec![flow(
         "pay",
@@ -291,13 +364,29 @@ fn the_bbr_check_applies_only_under_cpu_pressure() {
         "refused at {refused_at}"
     );
     held.clear();
-    // Teach it a rate: many short requests over a few hundred milliseconds.
+    // Teach it a rate with no CPU pressure (no check): 32 clients each holding a
+    // request for 5 ms, over a few hundred milliseconds. About 6,400 completions a
+    // second of 5 ms each: an estimate of ~32 in flight, twice the floor.
+    guard.pin_cpu(0.1);
     let start = Instant::now();
-    while start.elapsed() < Duration::from_millis(350) {
-        drop(guard.admit(&x, Class::Pay).unwrap());
-    }
+    std::thread::scope(|scope| {
+        for _ in 0..32 {
+            scope.spawn(|| {
+                let x = guard.resource("x");
+                while start.elapsed() < Duration::from_millis(400) {
+                    let admitted = guard.admit(&x, Class::Pay).unwrap();
+                    std::thread::sleep(Duration::from_millis(5));
+                    drop(admitted);
+                }
+            });
+        }
+    });
+    guard.pin_cpu(0.95);
     let limit = guard.stats().bbr_limit;
-    assert!(limit >= stampede_guard::MIN_BBR_LIMIT, "{limit}");
+    assert!(
+        limit >= 1.5 * stampede_guard::MIN_BBR_LIMIT && limit <= 40.0,
+        "max completions/s × min response time: {limit}"
+    );
     // Hold requests until refusals start: at about the limit × the class share.
     let mut refused_at = None;
     for i in 0..100_000 {

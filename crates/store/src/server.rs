@@ -870,7 +870,13 @@ macro_rules! server_store {
         #[async_trait]
         impl Store for $store {
             async fn load(&self) -> Result<Snapshot, StoreError> {
-                let mut connection = self.readers.acquire().await.map_err(unavailable)?;
+                // One snapshot for the three reads: a node starting while others sell must
+                // not see orders of a sale created after it read the sales.
+                let mut connection = self
+                    .readers
+                    .begin_with($dialect.begin_snapshot)
+                    .await
+                    .map_err(unavailable)?;
                 let products = fetch_products!(&mut *connection)?;
                 let sales = sqlx::query(
                     "SELECT id, sku, price_cents, quantity, per_user_limit, starts_at_ms, ends_at_ms, \
