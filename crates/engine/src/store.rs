@@ -264,7 +264,9 @@ pub trait Store: Send + Sync + 'static {
         let _ = (user, limit);
         Ok(None)
     }
-    /// Leaves the cluster on a clean shutdown: every lease goes back to its sale.
+    /// Leaves the cluster on a clean shutdown: every lease goes back to its sale, and the
+    /// node's pending orders pass to the survivors (their next `reclaim` adopts them, as
+    /// a dead node's).
     async fn leave(&self) -> Result<(), StoreError> {
         Ok(())
     }

@@ -349,7 +349,7 @@ impl Writer {
                 tracing::warn!(
                     nodes = reclaimed.nodes,
                     units = reclaimed.units,
-                    "reclaimed the leases of nodes that stopped heartbeating"
+                    "took over from nodes that left or stopped heartbeating: their leases and their pending orders' expiry"
                 );
                 metrics::counter!("stampede_nodes_reclaimed_total").increment(reclaimed.nodes);
                 metrics::counter!("stampede_lease_units_reclaimed_total")

@@ -276,6 +276,9 @@ struct Sql {
     dead_nodes: Arc<str>,
     remove_dead_node: Arc<str>,
     remove_node: Arc<str>,
+    /// A clean leave: the row stays, as a node whose heartbeat stopped long ago, so the
+    /// next survivor's reclaim removes it and takes over its pending orders' expiry.
+    depart_node: Arc<str>,
     add_to_lease: Arc<str>,
     take_from_lease: Arc<str>,
     node_leases: Arc<str>,
@@ -380,6 +383,7 @@ impl Sql {
                 dialect.now_ms
             )),
             remove_node: sql("DELETE FROM stampede_nodes WHERE node = ?"),
+            depart_node: sql("UPDATE stampede_nodes SET heartbeat_ms = 0 WHERE node = ?"),
             add_to_lease: sql(dialect.add_to_lease),
             take_from_lease: sql(
                 "UPDATE stock_leases SET units = units - ? WHERE sale_id = ? AND node = ? AND units >= ?",
@@ -1211,7 +1215,7 @@ macro_rules! server_store {
                         if removed.rows_affected() == 1 {
                             reclaimed.units += return_leases!(&mut *tx, &self.sql, dead);
                             reclaimed.nodes += 1;
-                            tracing::warn!(node = %dead, "declared a node dead and reclaimed its leases");
+                            tracing::warn!(node = %dead, "removed a node that left or stopped heartbeating, and reclaimed its leases");
                         }
                         tx.commit().await.map_err(unavailable)?;
                     }
@@ -1291,7 +1295,11 @@ macro_rules! server_store {
                         return Ok(());
                     }
                     return_leases!(&mut *tx, &self.sql, node);
-                    sqlx::query(q(&self.sql.remove_node))
+                    // Its pending orders still need someone to expire them (and return
+                    // their stock): the row stays as a departed node's, which the next
+                    // reclaim on any survivor removes, adopting those orders' expiry as
+                    // it does a dead node's.
+                    sqlx::query(q(&self.sql.depart_node))
                         .bind(node)
                         .execute(&mut *tx)
                         .await

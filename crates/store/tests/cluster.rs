@@ -408,6 +408,7 @@ on_server_backends!(
     a_node_returns_what_it_does_not_use,
     a_single_owner_and_a_cluster_never_share_a_database,
     a_commit_still_on_its_way_when_its_answer_is_lost_is_not_called_failed,
+    a_node_that_leaves_cleanly_hands_its_pending_orders_to_the_survivors,
 );
 
 /// A batch's `COMMIT` is held up on its way to the database while the node's connection
@@ -460,4 +461,44 @@ async fn a_commit_still_on_its_way_when_its_answer_is_lost_is_not_called_failed(
     assert_eq!(audit.tally.pending_payment, 2, "{audit:?}");
     assert!(audit.consistent, "{audit:?}");
     engine.shutdown().await;
+}
+
+/// A node that stops cleanly (a scale-in, a rolling update) hands its leases back at once,
+/// and its unpaid orders still expire and return their stock: a survivor takes them
+/// over as it would a dead node's.
+async fn a_node_that_leaves_cleanly_hands_its_pending_orders_to_the_survivors(backend: Backend) {
+    let database = TestDatabase::create(backend).await;
+    // A's orders wait 1 s for payment.
+    let (_, a) = join_with(&database, 1_000, 300).await;
+    let (_, b) = join(&database).await;
+    let sale = live_sale(&a, "P", 1, 1, 50, 1).await;
+    learns_of(&b, sale).await;
+    let first = a
+        .purchase(user("first"), key("k1"), sale, one())
+        .await
+        .unwrap();
+    a.shutdown().await;
+    drop(a);
+
+    // Once A's order is past its window, B expires it and sells its unit.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        match b.purchase(user("second"), key("k2"), sale, one()).await {
+            Ok(_) => break,
+            Err(PurchaseError::SoldOut { .. }) => {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "the departed node's order never expired"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(other) => panic!("unexpected refusal: {other:?}"),
+        }
+    }
+    let expired = b.order(&Actor::Admin, first.placed.order_id).await.unwrap();
+    assert_eq!(expired.status, OrderStatus::Expired);
+    let audit = b.audit(sale).await.unwrap().unwrap();
+    assert!(audit.consistent, "{audit:?}");
+    assert_eq!((audit.tally.pending_payment, audit.tally.expired), (1, 1));
+    b.shutdown().await;
 }
