@@ -1661,9 +1661,21 @@ impl Engine {
     }
 
     /// Cancels a pending order and returns its stock. Cancelling twice is not an error.
+    ///
+    /// Once the payment window is over the order can only expire (pay already answers
+    /// `Expired` then, and the writer expires it a grace later, after charges begun in
+    /// time could finish): a cancel in that grace expires it at once and answers
+    /// `Expired`, so no shopper is told "expired" about an order that ends "cancelled".
     pub async fn cancel(&self, actor: &Actor, id: OrderId) -> Result<OrderStatus, OrderError> {
-        self.order(actor, id).await?;
-        match self.transition(id, OrderEvent::Cancel, false).await? {
+        let order = self.order(actor, id).await?;
+        let window_over = self.now_ms() >= order.expires_at_ms;
+        let event = if window_over {
+            OrderEvent::Expire
+        } else {
+            OrderEvent::Cancel
+        };
+        match self.transition(id, event, false).await? {
+            TransitionResult::Applied if window_over => Err(OrderError::Expired),
             TransitionResult::Applied | TransitionResult::Refused(OrderStatus::Cancelled) => {
                 Ok(OrderStatus::Cancelled)
             }

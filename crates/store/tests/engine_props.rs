@@ -260,13 +260,18 @@ async fn run(steps: Vec<Step>, backend: Backend) {
                     let result = engine
                         .cancel(&Actor::Shopper(a.user.clone()), a.order_id)
                         .await;
-                    match (before.status, &result) {
-                        (
-                            OrderStatus::PendingPayment | OrderStatus::Cancelled,
-                            Ok(OrderStatus::Cancelled),
-                        ) => {}
-                        (OrderStatus::Paid, Err(OrderError::Paid)) => {}
-                        (OrderStatus::Expired, Err(OrderError::Expired)) => {}
+                    // Past its window a pending order can only expire: a cancel then
+                    // expires it, and says so, as pay would.
+                    let window_over = clock.now_ms_for_test() >= before.expires_at_ms;
+                    match (before.status, window_over, &result) {
+                        (OrderStatus::PendingPayment, false, Ok(OrderStatus::Cancelled))
+                        | (OrderStatus::Cancelled, _, Ok(OrderStatus::Cancelled)) => {}
+                        (OrderStatus::PendingPayment, true, Err(OrderError::Expired)) => {
+                            let after = engine.order(&Actor::Admin, a.order_id).await.unwrap();
+                            assert_eq!(after.status, OrderStatus::Expired);
+                        }
+                        (OrderStatus::Paid, _, Err(OrderError::Paid)) => {}
+                        (OrderStatus::Expired, _, Err(OrderError::Expired)) => {}
                         other => panic!("cancel: {other:?}"),
                     }
                 }
@@ -370,4 +375,39 @@ proptest! {
     fn books_hold_under_any_interleaving_on_mysql(steps in prop::collection::vec(step_strategy(), 1..40)) {
         check(steps, Backend::MySql);
     }
+}
+
+/// Pay, cancel and expire race for an order whose payment window is just over, before
+/// the writer has expired it: pay answers "expired", and so must a cancel, which expires
+/// the order there and then (a shopper told "expired" never finds it "cancelled").
+#[tokio::test]
+async fn a_cancel_after_the_payment_window_expires_the_order_as_pay_says() {
+    let database = TestDatabase::create(Backend::Sqlite).await;
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(ManualClock::new(1_800_000_000_000));
+    let engine = Arc::new(open(&database, dir.path(), clock.clone()).await);
+    let sale = live_sale(&engine, "SKU-1", 100, 5, 300, 5).await;
+    let placed = engine
+        .purchase(user(1), key(1, 1), sale, Quantity::parse(2).unwrap())
+        .await
+        .unwrap()
+        .placed;
+    clock.advance_ms(PAYMENT_WINDOW_MS);
+    assert_eq!(
+        engine
+            .pay(&user(1), placed.order_id, Arc::new(AlwaysPays))
+            .await,
+        Err(OrderError::Expired)
+    );
+    assert_eq!(
+        engine
+            .cancel(&Actor::Shopper(user(1)), placed.order_id)
+            .await,
+        Err(OrderError::Expired)
+    );
+    let order = engine.order(&Actor::Admin, placed.order_id).await.unwrap();
+    assert_eq!(order.status, OrderStatus::Expired);
+    let audit = engine.audit(sale).await.unwrap().unwrap();
+    assert_eq!((audit.remaining, audit.tally.expired), (5, 2), "{audit:?}");
+    assert!(audit.consistent);
 }
