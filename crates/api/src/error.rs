@@ -162,7 +162,7 @@ impl From<PurchaseError> for ApiError {
             PurchaseError::SoldOut { .. } => {
                 ApiError::new(StatusCode::CONFLICT, "sold_out", message)
             }
-            PurchaseError::LimitExceeded { .. } => {
+            PurchaseError::LimitExceeded { .. } | PurchaseError::ClosedLimitExceeded { .. } => {
                 ApiError::new(StatusCode::CONFLICT, "limit_exceeded", message)
             }
             PurchaseError::KeyReused => ApiError::new(

@@ -112,6 +112,12 @@ pub enum PurchaseError {
     SoldOut { remaining: u64, requested: u32 },
     #[error("per-user limit of {limit} reached ({held} held)")]
     LimitExceeded { limit: u32, held: u32 },
+    /// The shopper's orders of this sale were cancelled or expired `max` times: no more
+    /// (each one's answer stays in memory while the sale runs).
+    #[error(
+        "{max} of this shopper's orders of this sale were cancelled or expired: no more orders"
+    )]
+    ClosedLimitExceeded { max: u32 },
     #[error("idempotency key was used with a different request")]
     KeyReused,
     #[error("the order queue is full")]
@@ -246,6 +252,10 @@ pub(crate) struct SaleInner {
     pub in_flight: u64,
     /// Units held (pending + paid + in flight) by each shopper.
     pub held_by_user: FastMap<UserId, u32>,
+    /// Orders of each shopper cancelled or expired, up to `CLOSED_ORDERS_PER_SHOPPER_MAX`:
+    /// buying and cancelling over and over would otherwise keep adding idempotency
+    /// answers for as long as the sale runs.
+    pub closed_by_user: FastMap<UserId, u32>,
     /// What the sale's view shows as left when the stock is not all in this node's
     /// memory (a cluster node's lease is a slice of it; an outside gate keeps it
     /// elsewhere): the last count read from where it is.
@@ -282,11 +292,29 @@ pub(crate) struct SaleState {
     pub answers_forgotten: std::sync::atomic::AtomicBool,
 }
 
+/// How many of one shopper's orders of one sale may be cancelled or expired before the
+/// shopper may place no more in it. Each order's idempotency answer stays in memory
+/// while the sale runs, so this bounds what buying and cancelling over and over can
+/// hold: at most this many closed orders per shopper, plus those that hold stock.
+pub const CLOSED_ORDERS_PER_SHOPPER_MAX: u32 = 32;
+
 impl SaleState {
+    /// Whether `user` has had `CLOSED_ORDERS_PER_SHOPPER_MAX` orders of this sale closed.
+    pub(crate) fn closed_too_often(&self, user: &UserId) -> bool {
+        self.inner
+            .lock()
+            .closed_by_user
+            .get(user)
+            .copied()
+            .unwrap_or(0)
+            >= CLOSED_ORDERS_PER_SHOPPER_MAX
+    }
+
     pub(crate) fn new(
         record: SaleRecord,
         remaining: u64,
         held_by_user: FastMap<UserId, u32>,
+        closed_by_user: FastMap<UserId, u32>,
         unsold_hint: u64,
         gate: Option<Arc<dyn StockGate>>,
     ) -> Self {
@@ -295,6 +323,7 @@ impl SaleState {
                 remaining,
                 in_flight: 0,
                 held_by_user,
+                closed_by_user,
                 unsold_hint,
                 lease: LeaseState::default(),
             }),
@@ -338,6 +367,11 @@ impl SaleState {
             if *held.get() == 0 {
                 held.remove();
             }
+        }
+        if !was_in_flight {
+            // A durable order closed (cancelled or expired).
+            let closed = inner.closed_by_user.entry(user.clone()).or_default();
+            *closed = (*closed + 1).min(CLOSED_ORDERS_PER_SHOPPER_MAX);
         }
         assert!(
             inner.remaining + inner.in_flight <= self.record.quantity,
@@ -396,6 +430,9 @@ pub(crate) struct Shared {
     pub commit_breaker: std::sync::OnceLock<Arc<dyn CommitBreaker>>,
     /// Set by the writer: 0 after a successful commit. `/readyz` fails while it is not.
     pub commit_failures_in_a_row: std::sync::atomic::AtomicU32,
+    /// Entries in the writer's expiry heap, as of its last batch (for tests and the
+    /// `stampede_writer_expiry_entries` gauge).
+    pub expiry_entries: std::sync::atomic::AtomicUsize,
     /// Set by the writer when the store says its memory can no longer be trusted
     /// (`StoreError::halts`): the writer stops for good and the node must restart.
     pub halted: std::sync::atomic::AtomicBool,
@@ -499,7 +536,10 @@ impl Shared {
                 // Its per-shopper counts go too: a purchase of it is refused as ended
                 // before they are read, and a unit handed back later (a writer stalled
                 // past the grace) finds no count to lower, which is harmless.
-                sale.inner.lock().held_by_user = FastMap::default();
+                let mut inner = sale.inner.lock();
+                inner.held_by_user = FastMap::default();
+                inner.closed_by_user = FastMap::default();
+                drop(inner);
                 sale.record.id
             })
             .collect();
@@ -711,6 +751,7 @@ impl Engine {
                 .collect(),
             commit_breaker: Default::default(),
             commit_failures_in_a_row: Default::default(),
+            expiry_entries: Default::default(),
             halted: Default::default(),
             payment_attempts: Default::default(),
             gateway: Default::default(),
@@ -733,8 +774,17 @@ impl Engine {
 
         let mut held_units: HashMap<SaleId, u64> = HashMap::new();
         let mut held_by_user: HashMap<SaleId, FastMap<UserId, u32>> = HashMap::new();
+        let mut closed_by_user: HashMap<SaleId, FastMap<UserId, u32>> = HashMap::new();
         let mut expiries = Vec::new();
         for order in &snapshot.orders {
+            if matches!(order.status, OrderStatus::Cancelled | OrderStatus::Expired) {
+                let closed = closed_by_user
+                    .entry(order.sale_id)
+                    .or_default()
+                    .entry(order.user_id.clone())
+                    .or_default();
+                *closed = (*closed + 1).min(CLOSED_ORDERS_PER_SHOPPER_MAX);
+            }
             if order.status.holds_stock() {
                 *held_units.entry(order.sale_id).or_default() += u64::from(order.quantity.get());
                 *held_by_user
@@ -789,12 +839,13 @@ impl Engine {
             let in_memory = if cluster || gate.is_some() { 0 } else { unsold };
             let is_retired = retired.contains(&sale.id);
             // A retired sale's per-shopper counts are not kept (`forget_ended_sales`).
-            let users = if is_retired {
-                FastMap::default()
+            let closed = closed_by_user.remove(&sale.id).unwrap_or_default();
+            let (users, closed) = if is_retired {
+                (FastMap::default(), FastMap::default())
             } else {
-                users
+                (users, closed)
             };
-            let state = SaleState::new(sale, in_memory, users, unsold, gate.clone());
+            let state = SaleState::new(sale, in_memory, users, closed, unsold, gate.clone());
             if is_retired {
                 state
                     .answers_forgotten
@@ -846,6 +897,15 @@ impl Engine {
             .iter()
             .map(|shard| shard.lock().len())
             .sum()
+    }
+
+    /// Entries in the writer's expiry heap after its last batch. For tests: bounded by
+    /// the pending orders, not by how many were ever placed.
+    #[doc(hidden)]
+    pub fn expiry_entries(&self) -> usize {
+        self.shared
+            .expiry_entries
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// How many (sale, shopper) unit counts memory holds for the per-shopper limits. For
@@ -1328,6 +1388,11 @@ impl Engine {
             });
         }
         let units = quantity.get();
+        if self.shared.gate.is_some() && sale.closed_too_often(user) {
+            return refuse(PurchaseError::ClosedLimitExceeded {
+                max: CLOSED_ORDERS_PER_SHOPPER_MAX,
+            });
+        }
         if let Some(gate) = &self.shared.gate {
             match gate.take(sale_id, user, units, record.per_user_limit).await {
                 Ok(remaining) => {
@@ -1366,7 +1431,13 @@ impl Engine {
                     let held = inner.held_by_user.get(user).copied().unwrap_or(0);
                     // A cluster node's counts miss orders placed or closed on other nodes:
                     // there the database's holdings decide (at commit).
-                    if held + units > record.per_user_limit && !cluster {
+                    if inner.closed_by_user.get(user).copied().unwrap_or(0)
+                        >= CLOSED_ORDERS_PER_SHOPPER_MAX
+                    {
+                        Step::Refuse(PurchaseError::ClosedLimitExceeded {
+                            max: CLOSED_ORDERS_PER_SHOPPER_MAX,
+                        })
+                    } else if held + units > record.per_user_limit && !cluster {
                         Step::Refuse(PurchaseError::LimitExceeded {
                             limit: record.per_user_limit,
                             held,
@@ -1782,7 +1853,9 @@ impl PurchaseError {
             PurchaseError::NotStarted => "not_started",
             PurchaseError::Ended => "ended",
             PurchaseError::SoldOut { .. } => "sold_out",
-            PurchaseError::LimitExceeded { .. } => "limit_exceeded",
+            PurchaseError::LimitExceeded { .. } | PurchaseError::ClosedLimitExceeded { .. } => {
+                "limit_exceeded"
+            }
             PurchaseError::KeyReused => "idempotency_key_reused",
             PurchaseError::Overloaded => "overloaded",
             PurchaseError::Unavailable => "unavailable",

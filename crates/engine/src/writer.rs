@@ -12,7 +12,7 @@
 //! the writer's time; at light load batches are small and latency is one fsync.
 
 use std::cmp::Reverse;
-use std::collections::BinaryHeap;
+use std::collections::{BinaryHeap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -80,9 +80,14 @@ pub(crate) struct Writer {
     shared: Arc<Shared>,
     jobs: OwnedMutexGuard<mpsc::Receiver<Job>>,
     shutdown: oneshot::Receiver<()>,
-    /// Pending orders by the time they may be expired. Bounded by the number of pending
-    /// orders, itself bounded by the stock of all sales.
+    /// Pending orders by the time they may be expired. An order paid or cancelled
+    /// leaves `pending` at once and its entry here is skipped when due; the heap is
+    /// compacted whenever it holds more than twice `pending` (plus `EXPIRIES_SLACK`), so
+    /// it stays bounded by the pending orders, themselves bounded by the stock of all
+    /// sales, whatever the churn of buying and cancelling.
     expiries: BinaryHeap<Reverse<(i64, OrderId)>>,
+    /// The orders this writer knows to be pending (its own, and those it adopted).
+    pending: HashSet<OrderId>,
     /// When the writer last tried a probe write after failed commits.
     last_probe: Option<Instant>,
 }
@@ -91,6 +96,10 @@ pub(crate) struct Writer {
 /// that is not ready gets no purchases, so without it a store that healed would never
 /// see the commit that makes the node ready again.
 const PROBE_EVERY: Duration = Duration::from_secs(1);
+
+/// Entries the expiry heap may hold beyond twice the pending orders before it is
+/// compacted.
+const EXPIRIES_SLACK: usize = 256;
 
 /// How often the writer looks for ended sales whose idempotency answers may leave memory.
 const FORGET_EVERY: Duration = Duration::from_secs(1);
@@ -135,6 +144,7 @@ impl Writer {
             shared,
             jobs,
             shutdown,
+            pending: expiries.iter().map(|(_, id)| *id).collect(),
             expiries: expiries.into_iter().map(Reverse).collect(),
             last_probe: None,
         }
@@ -355,12 +365,12 @@ impl Writer {
                 metrics::counter!("stampede_lease_units_reclaimed_total")
                     .increment(reclaimed.units);
                 let grace_ms = self.shared.config.expiry_grace_ms;
-                self.expiries.extend(
-                    reclaimed
-                        .pending
-                        .into_iter()
-                        .map(|(id, expires_at_ms)| Reverse((expires_at_ms + grace_ms, id))),
-                );
+                for (id, expires_at_ms) in reclaimed.pending {
+                    // Every pending order of the database: ours are known already.
+                    if self.pending.insert(id) {
+                        self.expiries.push(Reverse((expires_at_ms + grace_ms, id)));
+                    }
+                }
                 for sale in self.shared.sales.read().values() {
                     sale.inner.lock().lease.dry_until_ms = 0;
                 }
@@ -425,7 +435,14 @@ impl Writer {
                     let id = record.id;
                     sales.insert(
                         id,
-                        Arc::new(SaleState::new(record, 0, Default::default(), unsold, None)),
+                        Arc::new(SaleState::new(
+                            record,
+                            0,
+                            Default::default(),
+                            Default::default(),
+                            unsold,
+                            None,
+                        )),
                     );
                 }
             }
@@ -485,6 +502,9 @@ impl Writer {
             match self.expiries.peek() {
                 Some(Reverse((due_ms, _))) if *due_ms <= now_ms => {
                     let Reverse((due_ms, order_id)) = self.expiries.pop().expect("peeked");
+                    if !self.pending.contains(&order_id) {
+                        continue; // paid or cancelled since
+                    }
                     ops.push(WriteOp::Transition {
                         order_id,
                         to: OrderStatus::Expired,
@@ -534,6 +554,9 @@ impl Writer {
                 let audits = self.committed(batch, &outcomes[..n_job_ops]);
                 let mut n_expired = 0;
                 for (outcome, (_, order_id)) in outcomes[n_job_ops..].iter().zip(&expiring) {
+                    // Expired now, or found paid or cancelled (on another node): either
+                    // way no longer pending.
+                    self.pending.remove(order_id);
                     if let OpOutcome::Transitioned {
                         sale_id,
                         user_id,
@@ -548,6 +571,7 @@ impl Writer {
                     }
                 }
                 metrics::counter!("stampede_orders_expired_total").increment(n_expired);
+                self.compact_expiries();
                 // Audits run after every effect of the batch is applied, so the durable
                 // counts and the in-memory stock describe the same instant.
                 for (sale_id, reply) in audits {
@@ -576,6 +600,21 @@ impl Writer {
                 }
             }
         }
+    }
+
+    /// Drops the heap's entries of orders no longer pending once they are as many as the
+    /// pending ones (plus some slack): amortised O(1) a push, and the heap never holds
+    /// more than about twice the pending orders.
+    fn compact_expiries(&mut self) {
+        if self.expiries.len() > 2 * self.pending.len() + EXPIRIES_SLACK {
+            let pending = &self.pending;
+            self.expiries
+                .retain(|Reverse((_, id))| pending.contains(id));
+        }
+        self.shared
+            .expiry_entries
+            .store(self.expiries.len(), std::sync::atomic::Ordering::Relaxed);
+        metrics::gauge!("stampede_writer_expiry_entries").set(self.expiries.len() as f64);
     }
 
     /// Applies the effects of a committed batch and answers its jobs; returns the audits,
@@ -623,6 +662,7 @@ impl Writer {
                         .settle(&order.user_id, &order.idempotency_key, Ok(placed.clone()));
                     self.shared.remember_order(&order.user_id, order.id);
                     let _ = reply.send(Ok(placed));
+                    self.pending.insert(order.id);
                     self.expiries
                         .push(Reverse((order.expires_at_ms + grace_ms, order.id)));
                 }
@@ -649,8 +689,14 @@ impl Writer {
                         record.quantity
                     };
                     let quantity = record.quantity;
-                    let state =
-                        SaleState::new(record, remaining, Default::default(), quantity, gate);
+                    let state = SaleState::new(
+                        record,
+                        remaining,
+                        Default::default(),
+                        Default::default(),
+                        quantity,
+                        gate,
+                    );
                     self.shared
                         .sales
                         .write()
@@ -662,7 +708,15 @@ impl Writer {
                     event,
                     reply,
                 } => {
-                    let result = match outcomes.next().expect("one outcome per op") {
+                    let outcome = outcomes.next().expect("one outcome per op");
+                    if matches!(
+                        outcome,
+                        OpOutcome::Transitioned { .. } | OpOutcome::Refused { .. }
+                    ) {
+                        // Paid, cancelled or expired now, or already: not pending.
+                        self.pending.remove(&order_id);
+                    }
+                    let result = match outcome {
                         OpOutcome::Transitioned {
                             sale_id,
                             user_id,

@@ -384,7 +384,7 @@ fn the_bbr_check_applies_only_under_cpu_pressure() {
     guard.pin_cpu(0.95);
     let limit = guard.stats().bbr_limit;
     assert!(
-        limit >= 1.5 * stampede_guard::MIN_BBR_LIMIT && limit <= 40.0,
+        (1.5 * stampede_guard::MIN_BBR_LIMIT..=40.0).contains(&limit),
         "max completions/s × min response time: {limit}"
     );
     // Hold requests until refusals start: at about the limit × the class share.

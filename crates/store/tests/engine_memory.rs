@@ -9,8 +9,8 @@ use std::sync::Arc;
 
 use stampede_engine::testing::{live_sale, one};
 use stampede_engine::{
-    Actor, Engine, EngineConfig, ManualClock, NewProduct, NewSale, ORDERS_LISTED_MAX,
-    PurchaseError, SystemClock,
+    Actor, CLOSED_ORDERS_PER_SHOPPER_MAX, Engine, EngineConfig, ManualClock, NewProduct, NewSale,
+    ORDERS_LISTED_MAX, PurchaseError, SystemClock,
 };
 use stampede_store::testing::{Backend, TestDatabase};
 use stampede_types::{Cents, IdempotencyKey, Quantity, Sku, UserId};
@@ -86,12 +86,18 @@ async fn a_shopper_who_buys_and_cancels_over_and_over_is_listed_from_bounded_mem
     };
     let engine = open().await;
     // One unit, one per shopper: each cancel gives both back, so the same shopper can
-    // place order after order.
-    let sale = live_sale(&engine, "CHURN", 1, 1, 50, 1).await;
-    let user = UserId::parse("churner").unwrap();
+    // place order after order (in a sale at most CLOSED_ORDERS_PER_SHOPPER_MAX, so
+    // over several sales).
+    let per_sale = CLOSED_ORDERS_PER_SHOPPER_MAX as usize;
     let rounds = 2 * ORDERS_LISTED_MAX + 50;
+    let mut sales = Vec::new();
+    for n in 0..rounds.div_ceil(per_sale) {
+        sales.push(live_sale(&engine, &format!("CHURN-{n}"), 1, 1, 50, 1).await);
+    }
+    let user = UserId::parse("churner").unwrap();
     let mut placed = Vec::new();
     for round in 0..rounds {
+        let sale = sales[round / per_sale];
         let key = IdempotencyKey::parse(&format!("churn-{round}")).unwrap();
         let order = engine
             .purchase(user.clone(), key, sale, one())
@@ -388,4 +394,85 @@ async fn until_answers_are(engine: &Engine, answers: usize) {
     tokio::time::timeout(std::time::Duration::from_secs(10), forgotten)
         .await
         .expect("the ended sale's answers leave memory within seconds");
+}
+
+/// Buying and cancelling over and over keeps the memory of a running sale bounded: a
+/// shopper may have `CLOSED_ORDERS_PER_SHOPPER_MAX` orders of a sale cancelled (or
+/// expired), then places no more in it, also after a restart; the writer's expiry heap
+/// drops the entries of closed orders instead of keeping one per order ever placed.
+#[tokio::test]
+async fn buying_and_cancelling_over_and_over_is_held_in_bounded_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let database = TestDatabase::create(Backend::Sqlite).await;
+    let open = || async {
+        Engine::open(
+            database.open(dir.path()).await,
+            Arc::new(SystemClock),
+            EngineConfig::default(),
+        )
+        .await
+        .unwrap()
+    };
+    let engine = open().await;
+    let sale = live_sale(&engine, "CHURN", 1, 1, 50, 1).await;
+    let max = CLOSED_ORDERS_PER_SHOPPER_MAX as usize;
+    // Twenty shoppers churn the one unit to their cap: 640 orders placed and cancelled.
+    for shopper in 0..20 {
+        let user = UserId::parse(&format!("churner-{shopper}")).unwrap();
+        for round in 0..max {
+            let key = IdempotencyKey::parse(&format!("churn-{round}")).unwrap();
+            let order = engine
+                .purchase(user.clone(), key, sale, one())
+                .await
+                .unwrap();
+            engine
+                .cancel(&Actor::Shopper(user.clone()), order.placed.order_id)
+                .await
+                .unwrap();
+        }
+        let key = IdempotencyKey::parse("one-more").unwrap();
+        assert_eq!(
+            engine.purchase(user.clone(), key, sale, one()).await,
+            Err(PurchaseError::ClosedLimitExceeded {
+                max: CLOSED_ORDERS_PER_SHOPPER_MAX
+            })
+        );
+        // An earlier key still answers its (cancelled) order.
+        let again = engine
+            .purchase(user, IdempotencyKey::parse("churn-0").unwrap(), sale, one())
+            .await
+            .unwrap();
+        assert!(again.replay);
+    }
+    // Answers: one per order placed, at most the cap per shopper.
+    assert!(engine.idempotency_answers() <= 20 * max);
+    // No order is pending: the heap holds at most its compaction slack, not 640.
+    assert!(
+        engine.expiry_entries() <= 256,
+        "{} expiry entries",
+        engine.expiry_entries()
+    );
+    engine.shutdown().await;
+    // The cap holds across a restart: the closed orders are counted from the store.
+    let engine = open().await;
+    let user = UserId::parse("churner-0").unwrap();
+    assert_eq!(
+        engine
+            .purchase(user, IdempotencyKey::parse("after").unwrap(), sale, one())
+            .await,
+        Err(PurchaseError::ClosedLimitExceeded {
+            max: CLOSED_ORDERS_PER_SHOPPER_MAX
+        })
+    );
+    // Others still buy.
+    engine
+        .purchase(
+            UserId::parse("newcomer").unwrap(),
+            IdempotencyKey::parse("k").unwrap(),
+            sale,
+            one(),
+        )
+        .await
+        .unwrap();
+    engine.shutdown().await;
 }

@@ -192,6 +192,7 @@ fn record(
         Err(
             PurchaseError::SoldOut { .. }
             | PurchaseError::LimitExceeded { .. }
+            | PurchaseError::ClosedLimitExceeded { .. }
             | PurchaseError::KeyReused
             | PurchaseError::Ended
             | PurchaseError::Unavailable,
