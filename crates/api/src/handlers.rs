@@ -381,7 +381,12 @@ pub async fn purchase(
         .map_err(ApiError::per_key)?;
     app.guard
         .check_hot(resource, stampede_guard::Param::Sale, &sale_id)
-        .map_err(ApiError::per_key)?;
+        .map_err(|rejection| {
+            // Refused for the sale: the shopper's allowance taken above goes back.
+            app.guard
+                .give_back_hot(resource, stampede_guard::Param::Shopper, user.as_str());
+            ApiError::per_key(rejection)
+        })?;
     let purchase = app.engine.purchase(user, key, sale_id, quantity).await?;
     let status = if purchase.replay {
         StatusCode::OK

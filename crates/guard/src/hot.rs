@@ -78,6 +78,21 @@ impl HotTable {
         slot.tat = new_tat;
         Ok(())
     }
+
+    /// Returns one request's allowance that `try_admit` took for `key`, for a request a
+    /// later check refused. Nothing if the key has left the table meanwhile.
+    pub fn give_back(&self, key: u64, interval: u64) {
+        let key = key.max(1);
+        let shard = (key as usize) % SHARDS;
+        let set = ((key >> 32) as usize) % self.sets_per_shard;
+        let mut slots = self.shards[shard].lock();
+        if let Some(slot) = slots[set * WAYS..(set + 1) * WAYS]
+            .iter_mut()
+            .find(|s| s.key == key)
+        {
+            slot.tat = slot.tat.saturating_sub(interval);
+        }
+    }
 }
 
 #[cfg(test)]

@@ -903,7 +903,13 @@ impl Guard {
         let now = self.now();
 
         let hash = self.hasher.hash_one(key);
-        for hot in rules.iter().filter(|h| h.rule.param == param) {
+        // Which of the rules (at most `MAX_HOT_RULES`, 16) admitted it so far.
+        let mut admitted = 0u64;
+        for (i, hot) in rules
+            .iter()
+            .enumerate()
+            .filter(|(_, h)| h.rule.param == param)
+        {
             if let Err(retry) = hot.table.try_admit(hash, now, hot.interval, hot.rule.burst) {
                 let counters = &hot.resource.counters;
                 if compiled.rules.dry_run || hot.rule.dry_run {
@@ -911,13 +917,37 @@ impl Guard {
                     continue;
                 }
                 counters.blocked[0].fetch_add(1, Ordering::Relaxed);
+                // The rules before it that admitted this request give their allowance
+                // back: a refused request costs nothing.
+                for (_, earlier) in rules
+                    .iter()
+                    .enumerate()
+                    .filter(|(j, _)| admitted & (1 << j) != 0)
+                {
+                    earlier.table.give_back(hash, earlier.interval);
+                }
                 return Err(Rejection::Throttled {
                     rule: hot.resource.name.clone(),
                     retry_after: Duration::from_nanos(retry),
                 });
             }
+            admitted |= 1 << i;
         }
         Ok(())
+    }
+
+    /// Gives back what [`Guard::check_hot`] took for `key` under `param` on `resource`,
+    /// for a request a later check refused (a per-sale limit after the per-shopper one):
+    /// a refused request must not spend the shopper's allowance.
+    pub fn give_back_hot<K: Hash + ?Sized>(&self, resource: &Resource, param: Param, key: &K) {
+        let compiled = self.compiled.load();
+        let Some(rules) = compiled.hot.get(resource.id) else {
+            return;
+        };
+        let hash = self.hasher.hash_one(key);
+        for hot in rules.iter().filter(|h| h.rule.param == param) {
+            hot.table.give_back(hash, hot.interval);
+        }
     }
 
     /// Asks the breaker of `dependency` for a call. Without a breaker for it, always yes.

@@ -304,6 +304,11 @@ pub const PACE_MAX_QUEUE: Duration = Duration::from_secs(60);
 /// Most rules of each kind (the tables behind them are allocated per rule).
 pub const MAX_RULES: usize = 256;
 
+/// Most hot-parameter rules: each has a table of its own (4 MiB, allocated and written
+/// when the rule is made), so 16 hold at most 64 MiB, and 128 MiB while a change that
+/// replaces them all builds the new tables beside the old.
+pub const MAX_HOT_RULES: usize = 16;
+
 impl GuardRules {
     /// Checks every rule; all problems are reported, not just the first.
     pub fn validate(&self) -> Result<(), Vec<RuleError>> {
@@ -315,11 +320,14 @@ impl GuardRules {
             })
         };
         let rate_ok = |q: f64| q.is_finite() && q > 0.0 && q <= 10_000_000.0;
-        if self.flow.len() > MAX_RULES
-            || self.hot.len() > MAX_RULES
-            || self.breakers.len() > MAX_RULES
-        {
+        if self.flow.len() > MAX_RULES || self.breakers.len() > MAX_RULES {
             err("rules".into(), "at most 256 rules of each kind");
+        }
+        if self.hot.len() > MAX_HOT_RULES {
+            err(
+                "hot".into(),
+                "at most 16 hot-parameter rules (each holds a 4 MiB table)",
+            );
         }
         let mut seen = std::collections::HashSet::new();
         for (i, r) in self.flow.iter().enumerate() {
@@ -493,7 +501,9 @@ mod tests {
                 {"name": "payment", "slow_call": "1s", "window": "1ms"},
                 {"name": "database", "slow_call": "0s", "error_count": 0}
             ],
-            "hot": [{"name": "n".repeat(65), "resource": "purchase", "param": "shopper", "qps": 1.0}],
+            "hot": (0..17)
+                .map(|i| serde_json::json!({"name": if i == 0 { "n".repeat(65) } else { format!("h{i}") }, "resource": "purchase", "param": "shopper", "qps": 1.0}))
+                .collect::<Vec<_>>(),
             "system": {"cpu_threshold": 1.5, "class_shares": [0.5, 0.9, 0.7, 0.5]}
         }))
         .unwrap();
@@ -512,6 +522,7 @@ mod tests {
             "breakers[1].slow_call",
             "breakers[1].error_count",
             "hot[0].name",
+            "hot",
             "system.cpu_threshold",
             "system.class_shares",
         ] {

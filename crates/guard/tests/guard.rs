@@ -760,3 +760,45 @@ fn a_low_rate_warm_up_rule_warms_up_under_demand() {
         "{last} in the last second: {admitted:?}"
     );
 }
+
+#[test]
+fn a_request_a_later_hot_rule_refuses_spends_no_earlier_allowance() {
+    let hot = |name: &str, param: Param, qps: f64, burst: u32| HotRule {
+        name: name.into(),
+        resource: "purchase".into(),
+        param,
+        qps,
+        burst,
+        dry_run: false,
+    };
+    let guard = Guard::new(GuardRules {
+        hot: vec![
+            hot("wide", Param::Shopper, 1.0, 5),
+            hot("narrow", Param::Shopper, 1.0, 1),
+            hot("per-sale", Param::Sale, 1.0, 1),
+        ],
+        ..GuardRules::default()
+    })
+    .unwrap();
+    let purchase = guard.resource("purchase");
+    let refused_by = |shopper: &str| match guard.check_hot(&purchase, Param::Shopper, shopper) {
+        Ok(()) => None,
+        Err(Rejection::Throttled { rule, .. }) => Some(rule.to_string()),
+        Err(other) => panic!("{other:?}"),
+    };
+    // Within one check: the narrow rule refuses every attempt after the first, and the
+    // wide one, asked first, gets its allowance back each time: it never refuses.
+    assert_eq!(refused_by("a"), None);
+    for _ in 0..20 {
+        assert_eq!(refused_by("a").as_deref(), Some("hot:narrow"));
+    }
+    // Across checks: B is refused for the sale A bought from; the handler gives B's
+    // shopper allowance back, so B's next attempt is refused for the sale again, not
+    // for having spent its own.
+    assert_eq!(refused_by("b"), None);
+    guard.check_hot(&purchase, Param::Sale, "s").unwrap();
+    assert_eq!(refused_by("c"), None);
+    assert!(guard.check_hot(&purchase, Param::Sale, "s").is_err());
+    guard.give_back_hot(&purchase, Param::Shopper, "c");
+    assert_eq!(refused_by("c"), None, "c's allowance came back");
+}
