@@ -301,9 +301,11 @@ fn bearer(parts: &Parts) -> Result<&str, ApiError> {
     let value = value
         .to_str()
         .map_err(|_| ApiError::unauthorized("Authorization is not ASCII"))?;
+    // The scheme is case-insensitive (RFC 9110 11.1): `bearer` is `Bearer`.
     value
-        .strip_prefix("Bearer ")
-        .map(str::trim)
+        .get(..7)
+        .filter(|scheme| scheme.eq_ignore_ascii_case("bearer "))
+        .map(|_| value[7..].trim())
         .filter(|t| !t.is_empty())
         .ok_or_else(|| ApiError::unauthorized("expected Authorization: Bearer <token>"))
 }

@@ -84,7 +84,7 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for JsonBody<T> {
             .headers()
             .get(axum::http::header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| v.starts_with("application/json"));
+            .is_some_and(is_json_media_type);
         if !is_json {
             return Err(ApiError::new(
                 StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -115,6 +115,41 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for JsonBody<T> {
         serde_json::from_slice(&bytes)
             .map(JsonBody)
             .map_err(from_serde)
+    }
+}
+
+/// `application/json`, with any parameters (`; charset=utf-8`), in any case (media
+/// types are case-insensitive); not `application/jsonx`.
+fn is_json_media_type(value: &str) -> bool {
+    value
+        .split(';')
+        .next()
+        .is_some_and(|essence| essence.trim().eq_ignore_ascii_case("application/json"))
+}
+
+/// For the routes that take no body (pay, cancel): none, or an empty JSON object. A
+/// field is unknown there as anywhere (400), rather than silently ignored.
+pub struct NoBody;
+
+impl<S: Send + Sync> FromRequest<S> for NoBody {
+    type Rejection = ApiError;
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Empty {}
+        let bytes = Bytes::from_request(req, state)
+            .await
+            .map_err(from_bytes_rejection)?;
+        match bytes.iter().find(|b| !b.is_ascii_whitespace()) {
+            None => Ok(NoBody),
+            Some(b'{') => serde_json::from_slice::<Empty>(&bytes)
+                .map(|_| NoBody)
+                .map_err(from_serde),
+            Some(_) => Err(ApiError::bad_request(
+                "invalid_body",
+                "this route takes no body (or an empty JSON object)",
+            )),
+        }
     }
 }
 
@@ -484,6 +519,7 @@ pub async fn pay_order(
     State(app): State<AppState>,
     Shopper(user): Shopper,
     PathText(id): PathText,
+    _: NoBody,
 ) -> Result<Json<StatusBody>, ApiError> {
     let id = parse_order_id(&id)?;
     let status = app.engine.pay(&user, id, app.payments.clone()).await?;
@@ -496,6 +532,7 @@ pub async fn cancel_order(
     State(app): State<AppState>,
     Caller(actor): Caller,
     PathText(id): PathText,
+    _: NoBody,
 ) -> Result<Json<StatusBody>, ApiError> {
     let id = parse_order_id(&id)?;
     let status = app.engine.cancel(&actor, id).await?;
@@ -772,6 +809,14 @@ pub async fn guard_stats(State(app): State<AppState>) -> Response {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn json_is_recognised_in_any_case_with_parameters_only() {
+        assert!(is_json_media_type("application/json"));
+        assert!(is_json_media_type("Application/JSON; charset=utf-8"));
+        assert!(!is_json_media_type("application/jsonfoo"));
+        assert!(!is_json_media_type("text/json"));
+    }
     use proptest::prelude::*;
 
     proptest! {

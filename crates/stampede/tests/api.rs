@@ -1408,3 +1408,70 @@ async fn a_declined_payment_is_not_refunded(backend: Backend) {
     );
     assert_eq!(app.sim.stats().await["charges"], 0);
 }
+
+/// Pay and cancel take no body: a field there is refused (400), not ignored, and changes
+/// nothing. The `Bearer` scheme and the JSON media type are read in any case, with
+/// parameters; a SKU of dots alone, which clients would read as a path step, is refused.
+#[tokio::test]
+async fn bodies_schemes_media_types_and_skus_are_read_as_the_standards_say() {
+    let app = spawn_app().await;
+    let sale = app.live_sale("STD-1", 20, 5).await;
+    let token = app.shopper("stan");
+    let order = app.buy(&token, &sale, "std-1", 1).await;
+
+    for (path, body) in [
+        (format!("/v1/orders/{order}/pay"), r#"{"amount_cents": 1}"#),
+        (
+            format!("/v1/orders/{order}/cancel"),
+            r#"{"reason": "changed my mind"}"#,
+        ),
+        (format!("/v1/orders/{order}/cancel"), "[]"),
+    ] {
+        let reply = app.post_raw(&path, Some(&token), None, body).await;
+        assert_error(&reply, 400, "invalid_body");
+    }
+    assert_eq!(app.order_status(&token, &order).await, "pending_payment");
+
+    // `bearer`, lower case, is the same scheme.
+    let listed = send(
+        app.client
+            .get(app.url("/v1/orders"))
+            .header("authorization", format!("bearer {token}")),
+    )
+    .await;
+    assert_eq!(listed.status, 200, "{}", listed.body);
+    // JSON by any case, with a charset; not a type that only starts like it.
+    let purchase = |content_type: &'static str, key: &'static str| {
+        send(
+            app.client
+                .post(app.url(&format!("/v1/flash-sales/{sale}/purchase")))
+                .bearer_auth(&token)
+                .header("idempotency-key", key)
+                .header("content-type", content_type)
+                .body(r#"{"quantity": 1}"#),
+        )
+    };
+    assert_eq!(
+        purchase("Application/JSON; charset=utf-8", "std-2")
+            .await
+            .status,
+        201
+    );
+    assert_error(
+        &purchase("application/jsonx", "std-3").await,
+        415,
+        "unsupported_media_type",
+    );
+    // A cancel with no body, or an empty object, still works.
+    let cancelled = app
+        .post_raw(
+            &format!("/v1/orders/{order}/cancel"),
+            Some(&token),
+            None,
+            "{}",
+        )
+        .await;
+    assert_eq!(cancelled.status, 200, "{}", cancelled.body);
+
+    assert_error(&app.post_product("..", 5).await, 400, "invalid_field");
+}

@@ -68,6 +68,11 @@ pub struct Sku(Arc<str>);
 impl Sku {
     pub fn parse(value: &str) -> Result<Self, InvalidInput> {
         check_token("sku", value, SKU_LEN_MAX)?;
+        // A path segment of dots alone is read as "this" or "up" by clients that
+        // normalise URLs: `/v1/products/..` would never reach the product.
+        if value.bytes().all(|b| b == b'.') {
+            return Err(InvalidInput::new("sku", "must not be dots alone"));
+        }
         Ok(Self(Arc::from(value)))
     }
     pub fn as_str(&self) -> &str {
@@ -393,6 +398,10 @@ mod tests {
         assert!(Sku::parse("").is_err());
         assert!(Sku::parse("has space").is_err());
         assert!(Sku::parse(&"x".repeat(65)).is_err());
+        assert!(Sku::parse(".").is_err());
+        assert!(Sku::parse("..").is_err());
+        assert!(Sku::parse("...").is_err());
+        assert!(Sku::parse(".5").is_ok());
         assert_eq!(
             Sku::parse("PHONE-128.blue").unwrap().as_str(),
             "PHONE-128.blue"
