@@ -1095,6 +1095,7 @@ impl Engine {
                 price: record.price,
                 available: record.available,
             }),
+            Ok(Err(Some(refusal))) => Err(refusal),
             _ => Err(AdminError::Unavailable),
         }
     }
@@ -1173,6 +1174,7 @@ impl Engine {
                 self.shared.make_room_for_orders();
                 Ok(self.sale(record.id).expect("sale is visible after commit"))
             }
+            Ok(Err(Some(refusal))) => Err(refusal),
             _ => Err(AdminError::Unavailable),
         }
     }

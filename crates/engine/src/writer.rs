@@ -24,7 +24,9 @@ use tokio::time::MissedTickBehavior;
 /// again (a dead node's lease may be reclaimed, an idle one returned).
 const LEASE_RETRY_MS: i64 = 500;
 
-use crate::engine::{Audit, Outcome, Placed, PurchaseError, SaleState, Shared, duration_ms};
+use crate::engine::{
+    AdminError, Audit, Outcome, Placed, PurchaseError, SaleState, Shared, duration_ms,
+};
 use crate::store::{OpOutcome, OrderRecord, ProductRecord, SaleRecord, StoreError, WriteOp};
 
 pub(crate) enum Job {
@@ -35,13 +37,15 @@ pub(crate) enum Job {
         /// When it joined the queue: the writer reports how long purchases waited for it.
         queued_at: Instant,
     },
+    /// Answered `Err(None)` when the commit failed, `Err(Some(_))` when another node's
+    /// product or sale came first (a cluster store's conflict): a client error.
     CreateProduct {
         record: ProductRecord,
-        reply: oneshot::Sender<Result<(), ()>>,
+        reply: oneshot::Sender<Result<(), Option<AdminError>>>,
     },
     CreateSale {
         record: SaleRecord,
-        reply: oneshot::Sender<Result<(), ()>>,
+        reply: oneshot::Sender<Result<(), Option<AdminError>>>,
     },
     Transition {
         order_id: OrderId,
@@ -668,8 +672,11 @@ impl Writer {
                 }
                 Job::CreateProduct { record, reply } => {
                     if let Some(OpOutcome::Conflict) = outcomes.next() {
-                        // Another node created it first: ours was not written.
-                        self.failed(&mut vec![Job::CreateProduct { record, reply }]);
+                        // Another node created it first: ours was not written. Our
+                        // record of it goes (its name and stock are the other node's);
+                        // the next catalogue read brings the real one.
+                        self.shared.products.write().remove(&record.sku);
+                        let _ = reply.send(Err(Some(AdminError::SkuExists)));
                         continue;
                     }
                     let _ = reply.send(Ok(()));
@@ -677,7 +684,13 @@ impl Writer {
                 Job::CreateSale { record, reply } => {
                     if let Some(OpOutcome::Conflict) = outcomes.next() {
                         // Another node's sale took the stock first: ours was not written.
-                        self.failed(&mut vec![Job::CreateSale { record, reply }]);
+                        // What this node believed available was stale: none is, until
+                        // the next catalogue read says how much.
+                        if let Some(product) = self.shared.products.read().get(&record.sku) {
+                            product.lock().record.available = 0;
+                        }
+                        let _ =
+                            reply.send(Err(Some(AdminError::InsufficientStock { available: 0 })));
                         continue;
                     }
                     // On a cluster store the stock sits in the sale's pool until leased.
@@ -780,13 +793,13 @@ impl Writer {
                     if undo {
                         self.shared.products.write().remove(&record.sku);
                     }
-                    let _ = reply.send(Err(()));
+                    let _ = reply.send(Err(None));
                 }
                 Job::CreateSale { record, reply } => {
                     if undo && let Some(product) = self.shared.products.read().get(&record.sku) {
                         product.lock().record.available += record.quantity;
                     }
-                    let _ = reply.send(Err(()));
+                    let _ = reply.send(Err(None));
                 }
                 Job::Transition { reply, .. } => {
                     let _ = reply.send(Err(()));

@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use stampede_engine::testing::{key, live_sale, one, user};
 use stampede_engine::{
-    Actor, Engine, EngineConfig, OrderRecord, PurchaseError, Store, StoreError, SystemClock,
-    WriteOp,
+    Actor, AdminError, Engine, EngineConfig, NewProduct, NewSale, OrderRecord, PurchaseError,
+    Store, StoreError, SystemClock, WriteOp,
 };
 use stampede_store::on_server_backends;
 use stampede_store::testing::{
@@ -409,6 +409,7 @@ on_server_backends!(
     a_single_owner_and_a_cluster_never_share_a_database,
     a_commit_still_on_its_way_when_its_answer_is_lost_is_not_called_failed,
     a_node_that_leaves_cleanly_hands_its_pending_orders_to_the_survivors,
+    a_product_or_sale_another_node_made_first_is_a_conflict_not_a_failure,
 );
 
 /// A batch's `COMMIT` is held up on its way to the database while the node's connection
@@ -501,4 +502,82 @@ async fn a_node_that_leaves_cleanly_hands_its_pending_orders_to_the_survivors(ba
     assert!(audit.consistent, "{audit:?}");
     assert_eq!((audit.tally.pending_payment, audit.tally.expired), (1, 1));
     b.shutdown().await;
+}
+
+/// Two nodes make the same product, or carve the same stock, before either has read the
+/// other's catalogue: the second is told what happened (409 `sku_exists`,
+/// `insufficient_stock`), not to retry a failure (503), and learns the real catalogue.
+async fn a_product_or_sale_another_node_made_first_is_a_conflict_not_a_failure(backend: Backend) {
+    let database = TestDatabase::create(backend).await;
+    // B reads the catalogue rarely (every 3 s): it has not seen A's product when it
+    // makes its own. Nodes wait 10 s for a heartbeat here, so B is not declared dead.
+    let node = |tick_ms: u64| {
+        let database = &database;
+        async move {
+            let options = stampede_store::StoreOptions {
+                cluster_node_ttl: Some(Duration::from_secs(10)),
+                ..Default::default()
+            };
+            let store = database
+                .open_with(std::path::Path::new("."), &options)
+                .await;
+            let config = EngineConfig {
+                cluster_tick_ms: tick_ms,
+                ..EngineConfig::default()
+            };
+            Engine::open(store, Arc::new(SystemClock), config)
+                .await
+                .unwrap()
+        }
+    };
+    let a = node(100).await;
+    let b = node(3_000).await;
+    product(&a, "A's").await.unwrap();
+    assert_eq!(product(&b, "B's").await, Err(AdminError::SkuExists));
+    // Once B has read the catalogue, it knows A's product, not its own attempt.
+    let mut learnt = None;
+    for _ in 0..200 {
+        learnt = b.product("DUP");
+        if learnt.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(&*learnt.expect("B learnt the product").name, "A's");
+
+    // Both carve all ten units: A first; B still believes ten are free.
+    sale(&a).await.unwrap();
+    assert!(matches!(
+        sale(&b).await,
+        Err(AdminError::InsufficientStock { .. })
+    ));
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+/// Product `DUP` (10 units) made on `engine`.
+async fn product(engine: &Engine, name: &str) -> Result<stampede_engine::ProductView, AdminError> {
+    engine
+        .create_product(NewProduct {
+            sku: stampede_types::Sku::parse("DUP").unwrap(),
+            name: Arc::from(name),
+            price: stampede_types::Cents::parse("price_cents", 50).unwrap(),
+            stock: 10,
+        })
+        .await
+}
+
+/// A sale of all ten units of `DUP`, made on `engine`.
+async fn sale(engine: &Engine) -> Result<stampede_engine::SaleView, AdminError> {
+    let now = engine.now_ms();
+    engine
+        .create_sale(NewSale {
+            sku: stampede_types::Sku::parse("DUP").unwrap(),
+            price: stampede_types::Cents::parse("price_cents", 50).unwrap(),
+            quantity: 10,
+            per_user_limit: 1,
+            starts_at_ms: now,
+            ends_at_ms: now + 3_600_000,
+        })
+        .await
 }
