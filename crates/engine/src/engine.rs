@@ -1243,6 +1243,15 @@ impl Engine {
         let Ok(_permit) = self.shared.replay_lookups.try_acquire() else {
             return Err(PurchaseError::Overloaded);
         };
+        if self.shared.cluster {
+            // Any node may have placed it: the key's order, from the database.
+            metrics::counter!("stampede_idempotency_store_lookups_total").increment(1);
+            return match self.shared.store.order_by_key(user, key).await {
+                Ok(Some(order)) => replayed(&order, sale_id, quantity),
+                Ok(None) => Err(PurchaseError::Ended),
+                Err(_) => Err(PurchaseError::Unavailable),
+            };
+        }
         let ids: Vec<OrderId> = self
             .shared
             .user_orders_shard(user)
@@ -1277,6 +1286,40 @@ impl Engine {
             }),
             None => Err(PurchaseError::KeyReused),
         }
+    }
+
+    /// A cluster node about to refuse a key it does not know (sold out here, or the sale
+    /// ended) first asks the database whether another node placed an order under it: a
+    /// retry that a load balancer sent elsewhere gets its order (200), not a refusal for
+    /// an order it owns. At most `REPLAY_LOOKUPS_AT_ONCE` lookups at once; beyond that,
+    /// or when the database cannot say, the refusal stands, as it would without the
+    /// lookup (so a flood of refusals never queues on the database).
+    async fn refuse_unless_placed_elsewhere(
+        &self,
+        holder: &KeyHolder<'_>,
+        (user, key, sale_id, quantity): (&UserId, &IdempotencyKey, SaleId, Quantity),
+        refusal: PurchaseError,
+    ) -> Attempt {
+        let answer = match self.shared.replay_lookups.try_acquire() {
+            Ok(_permit) => {
+                metrics::counter!("stampede_idempotency_store_lookups_total").increment(1);
+                match self.shared.store.order_by_key(user, key).await {
+                    Ok(Some(order)) => replayed(&order, sale_id, quantity),
+                    Ok(None) | Err(_) => Err(refusal),
+                }
+            }
+            Err(_) => Err(refusal),
+        };
+        holder.disarm();
+        self.shared.settle(
+            user,
+            key,
+            answer
+                .as_ref()
+                .map(|p| p.placed.clone())
+                .map_err(Clone::clone),
+        );
+        Attempt::Answer(answer)
     }
 
     async fn try_purchase(
@@ -1364,6 +1407,15 @@ impl Engine {
         }
         if now_ms >= record.ends_at_ms {
             if !sale.answers_forgotten() {
+                if self.shared.cluster {
+                    return self
+                        .refuse_unless_placed_elsewhere(
+                            &holder,
+                            (user, key, sale_id, quantity),
+                            PurchaseError::Ended,
+                        )
+                        .await;
+                }
                 return refuse(PurchaseError::Ended);
             }
             // The sale's answers left memory: this may be a late replay. The holder stays
@@ -1481,6 +1533,15 @@ impl Engine {
                     }
                 };
                 match step {
+                    Step::Refuse(error @ PurchaseError::SoldOut { .. }) if cluster => {
+                        return self
+                            .refuse_unless_placed_elsewhere(
+                                &holder,
+                                (user, key, sale_id, quantity),
+                                error,
+                            )
+                            .await;
+                    }
                     Step::Refuse(error) => return refuse(error),
                     Step::Taken { refill } => break refill,
                     Step::WaitForLease { refilled, ask } => {
@@ -1841,6 +1902,23 @@ enum Seen {
     New,
     Done(Placed),
     InFlight(oneshot::Receiver<Outcome>),
+}
+
+/// The answer to a repeated request from the order its key names: the order, if the
+/// request is the same (sale and quantity); else the key is reused.
+fn replayed(
+    order: &OrderRecord,
+    sale_id: SaleId,
+    quantity: Quantity,
+) -> Result<Purchase, PurchaseError> {
+    if order.sale_id == sale_id && order.quantity == quantity {
+        Ok(Purchase {
+            placed: Placed::of(order),
+            replay: true,
+        })
+    } else {
+        Err(PurchaseError::KeyReused)
+    }
 }
 
 enum Attempt {

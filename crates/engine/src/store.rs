@@ -264,6 +264,19 @@ pub trait Store: Send + Sync + 'static {
         let _ = (user, limit);
         Ok(None)
     }
+    /// A cluster store: the shopper's order under this key, whichever node placed it (on
+    /// a cluster a key names at most one order). A node that would refuse a purchase
+    /// before its commit (sold out, ended) asks this first: the request may be a retry
+    /// of an order another node placed. Other stores answer `None` (their engine holds
+    /// every key it placed).
+    async fn order_by_key(
+        &self,
+        user: &UserId,
+        key: &IdempotencyKey,
+    ) -> Result<Option<OrderRecord>, StoreError> {
+        let _ = (user, key);
+        Ok(None)
+    }
     /// Leaves the cluster on a clean shutdown: every lease goes back to its sale, and the
     /// node's pending orders pass to the survivors (their next `reclaim` adopts them, as
     /// a dead node's).

@@ -294,6 +294,7 @@ struct Sql {
     rebase_holdings: Arc<str>,
     sale_limit: Arc<str>,
     orders_of_user: Arc<str>,
+    order_by_key: Arc<str>,
     product_available: Arc<str>,
 }
 
@@ -434,6 +435,11 @@ impl Sql {
                 "SELECT ",
                 order_columns!(),
                 " FROM orders WHERE user_id = ? ORDER BY created_at_ms DESC, id DESC LIMIT ?"
+            )),
+            order_by_key: sql(concat!(
+                "SELECT ",
+                order_columns!(),
+                " FROM orders WHERE user_id = ? AND idempotency_key = ?"
             )),
         }
     }
@@ -1276,6 +1282,26 @@ macro_rules! server_store {
                     .map(|row| order_from_row!(row))
                     .collect::<Result<Vec<_>, _>>()?;
                 Ok(Some(orders))
+            }
+
+            async fn order_by_key(
+                &self,
+                user: &UserId,
+                key: &IdempotencyKey,
+            ) -> Result<Option<OrderRecord>, StoreError> {
+                if self.node.is_none() {
+                    return Ok(None);
+                }
+                // The cluster's unique (user_id, idempotency_key) index serves this.
+                sqlx::query(q(&self.sql.order_by_key))
+                    .bind(user.as_str())
+                    .bind(key.as_str())
+                    .fetch_optional(&self.readers)
+                    .await
+                    .map_err(unavailable)?
+                    .as_ref()
+                    .map(|row| order_from_row!(row))
+                    .transpose()
             }
 
             async fn leave(&self) -> Result<(), StoreError> {

@@ -515,6 +515,14 @@ impl<I: Interceptor> stampede_engine::Store for Intercepted<I> {
         self.hooks.before(Call::Read).await?;
         self.inner.orders_of_user(user, limit).await
     }
+    async fn order_by_key(
+        &self,
+        user: &stampede_types::UserId,
+        key: &stampede_types::IdempotencyKey,
+    ) -> Result<Option<stampede_engine::OrderRecord>, stampede_engine::StoreError> {
+        self.hooks.before(Call::Read).await?;
+        self.inner.order_by_key(user, key).await
+    }
     async fn leave(&self) -> Result<(), stampede_engine::StoreError> {
         self.hooks.before(Call::Leave).await?;
         self.inner.leave().await

@@ -410,6 +410,7 @@ on_server_backends!(
     a_commit_still_on_its_way_when_its_answer_is_lost_is_not_called_failed,
     a_node_that_leaves_cleanly_hands_its_pending_orders_to_the_survivors,
     a_product_or_sale_another_node_made_first_is_a_conflict_not_a_failure,
+    a_retry_on_another_node_of_a_sold_out_or_ended_sale_gets_its_order,
 );
 
 /// A batch's `COMMIT` is held up on its way to the database while the node's connection
@@ -580,4 +581,72 @@ async fn sale(engine: &Engine) -> Result<stampede_engine::SaleView, AdminError> 
             ends_at_ms: now + 3_600_000,
         })
         .await
+}
+
+/// The order went through on A but its answer was lost; the shopper's retry reaches B,
+/// which never saw the key and has nothing to sell (the sale is sold out, later over).
+/// B finds the order the key names in the database and answers it (200), rather than
+/// telling the shopper it has no order.
+async fn a_retry_on_another_node_of_a_sold_out_or_ended_sale_gets_its_order(backend: Backend) {
+    let database = TestDatabase::create(backend).await;
+    let (_, a) = join(&database).await;
+    let (_, b) = join(&database).await;
+    // Two units, selling for two seconds.
+    a.create_product(NewProduct {
+        sku: stampede_types::Sku::parse("ONE").unwrap(),
+        name: Arc::from("one"),
+        price: stampede_types::Cents::parse("price_cents", 50).unwrap(),
+        stock: 2,
+    })
+    .await
+    .unwrap();
+    let now = a.now_ms();
+    let sale = a
+        .create_sale(NewSale {
+            sku: stampede_types::Sku::parse("ONE").unwrap(),
+            price: stampede_types::Cents::parse("price_cents", 50).unwrap(),
+            quantity: 2,
+            per_user_limit: 1,
+            starts_at_ms: now - 1_000,
+            ends_at_ms: now + 2_000,
+        })
+        .await
+        .unwrap()
+        .record
+        .id;
+    learns_of(&b, sale).await;
+    let first = a.purchase(user("x"), key("k1"), sale, one()).await.unwrap();
+    let other = a.purchase(user("w"), key("k2"), sale, one()).await.unwrap();
+
+    // Sold out everywhere: B's answer is the order.
+    let retry = b.purchase(user("x"), key("k1"), sale, one()).await.unwrap();
+    assert!(retry.replay);
+    assert_eq!(retry.placed.order_id, first.placed.order_id);
+    // The same key on another request is still a reused key; a new key is sold out.
+    assert_eq!(
+        b.purchase(
+            user("x"),
+            key("k1"),
+            sale,
+            stampede_types::Quantity::parse(2).unwrap()
+        )
+        .await,
+        Err(PurchaseError::KeyReused)
+    );
+    assert!(matches!(
+        b.purchase(user("y"), key("k1"), sale, one()).await,
+        Err(PurchaseError::SoldOut { .. })
+    ));
+
+    // Over: another shopper, whose retry first lands on B after the end, gets its order.
+    tokio::time::sleep(Duration::from_millis(2_200)).await;
+    let late = b.purchase(user("w"), key("k2"), sale, one()).await.unwrap();
+    assert!(late.replay);
+    assert_eq!(late.placed.order_id, other.placed.order_id);
+    assert_eq!(
+        b.purchase(user("z"), key("k9"), sale, one()).await,
+        Err(PurchaseError::Ended)
+    );
+    a.shutdown().await;
+    b.shutdown().await;
 }
