@@ -1369,14 +1369,10 @@ impl Engine {
                         replay: true,
                     })),
                     Ok(Ok(_)) => Attempt::Answer(Err(PurchaseError::KeyReused)),
-                    // The first attempt could not be recorded: this one may try afresh.
-                    Ok(Err(
-                        PurchaseError::Overloaded
-                        | PurchaseError::Unavailable
-                        | PurchaseError::CircuitOpen { .. },
-                    )) => Attempt::RetryAfterDuplicateFailed,
-                    // A business answer (sold out, limit, ...) is the answer to the duplicate too.
-                    Ok(Err(error)) => Attempt::Answer(Err(error)),
+                    // The first attempt was refused, which forgot the key: this one is
+                    // decided afresh, on its own request (its sale or quantity may differ
+                    // from the first's, so the first's refusal need not be its answer).
+                    Ok(Err(_)) => Attempt::RetryAfterDuplicateFailed,
                     // The writer went away without answering the first attempt.
                     Err(_) => Attempt::Answer(Err(PurchaseError::Unavailable)),
                 };
@@ -1448,7 +1444,27 @@ impl Engine {
             });
         }
         if let Some(gate) = &self.shared.gate {
-            match gate.take(sale_id, user, units, record.per_user_limit).await {
+            // The take runs in a task of its own: a client that hangs up while it is on
+            // its way must not leave units taken in the gate with nobody to hand them
+            // back; the task gives them back itself when nobody awaits its answer.
+            let (tell, told) = oneshot::channel();
+            let (taker, owner) = (gate.clone(), user.clone());
+            let limit = record.per_user_limit;
+            tokio::spawn(async move {
+                let taken = taker.take(sale_id, &owner, units, limit).await;
+                if let Err(Ok(_)) = tell.send(taken) {
+                    if let Err(error) = taker.give_back(sale_id, &owner, units).await {
+                        tracing::error!(%sale_id, %error, units, "could not hand back units taken for a purchase whose client left");
+                        metrics::counter!("stampede_gate_give_back_failures_total").increment(1);
+                    }
+                }
+            });
+            let taken = told.await.unwrap_or_else(|_| {
+                Err(GateRefusal::Unavailable(
+                    "the gate's task ended without an answer".into(),
+                ))
+            });
+            match taken {
                 Ok(remaining) => {
                     let mut inner = sale.inner.lock();
                     inner.in_flight += u64::from(units);

@@ -5,10 +5,13 @@
 //!
 //! **What it gives up.** The gate and the database are two systems: a crash after the
 //! gate took stock and before the order's batch committed leaves the gate short (it
-//! undersells until reloaded), and a gate that fails over loses decrements (it
-//! oversells what the database will refuse to record only if the audit is ignored).
-//! `Engine::open` reloads the gate from the durable orders, and the audit compares the
-//! two.
+//! undersells until reloaded), so does a take whose reply was lost (the engine answers
+//! 503 and cannot know whether to hand units back), and a gate that fails over loses
+//! decrements: it then sells more than the sale holds, and nothing in the database
+//! refuses those orders. The audit shows it (`consistent: false`), and `Engine::open`
+//! refuses to start on such books. `Engine::open` reloads the gate from the durable
+//! orders. A client that hangs up while a take is on its way costs nothing: the take
+//! runs in a task of its own, which hands the units back when nobody awaits it.
 
 use async_trait::async_trait;
 use stampede_types::{SaleId, UserId};

@@ -1,7 +1,10 @@
 //! `stock_gate = "redis"`: the conventional design (stock and shoppers' counts in Redis,
 //! taken by a Lua script) behind the same engine, writer and durable log, against the
 //! real Redis. It must sell exactly the stock, keep the limit, take back what a
-//! cancellation returns, and be reloaded from the durable orders at start.
+//! cancellation returns, and be reloaded from the durable orders at start. With a gate
+//! that answers slowly (a stand-in, not Redis): a client that hangs up during the take
+//! leaves no units taken, and a duplicate whose first attempt was refused is decided on
+//! its own request.
 
 use std::sync::Arc;
 
@@ -156,4 +159,149 @@ async fn a_cancellation_returns_its_unit_to_redis_and_a_restart_reloads_it() {
     let audit = engine.audit(sale).await.unwrap().unwrap();
     assert!(audit.consistent, "{audit:?}");
     engine.shutdown().await;
+}
+
+/// A gate in memory whose takes land at once and answer `delay` later, as a Redis whose
+/// reply is slow to come back.
+struct SlowGate {
+    delay: std::time::Duration,
+    stock: std::sync::Mutex<std::collections::HashMap<stampede_types::SaleId, u64>>,
+    held: std::sync::Mutex<std::collections::HashMap<UserId, u32>>,
+}
+
+#[async_trait::async_trait]
+impl StockGate for SlowGate {
+    async fn load(
+        &self,
+        sale: stampede_types::SaleId,
+        remaining: u64,
+        _: &[(UserId, u32)],
+    ) -> Result<(), stampede_engine::GateRefusal> {
+        self.stock.lock().unwrap().insert(sale, remaining);
+        Ok(())
+    }
+    async fn take(
+        &self,
+        sale: stampede_types::SaleId,
+        user: &UserId,
+        units: u32,
+        limit: u32,
+    ) -> Result<u64, stampede_engine::GateRefusal> {
+        // Decided at once, as the script runs; the answer takes `delay` to come back.
+        let answer = {
+            let mut stock = self.stock.lock().unwrap();
+            let mut held = self.held.lock().unwrap();
+            let mine = held.entry(user.clone()).or_default();
+            let left = stock.entry(sale).or_default();
+            if *mine + units > limit {
+                Err(stampede_engine::GateRefusal::LimitExceeded { held: *mine })
+            } else if *left < u64::from(units) {
+                Err(stampede_engine::GateRefusal::SoldOut { remaining: *left })
+            } else {
+                *left -= u64::from(units);
+                *mine += units;
+                Ok(*left)
+            }
+        };
+        tokio::time::sleep(self.delay).await;
+        answer
+    }
+    async fn give_back(
+        &self,
+        sale: stampede_types::SaleId,
+        user: &UserId,
+        units: u32,
+    ) -> Result<(), stampede_engine::GateRefusal> {
+        *self.stock.lock().unwrap().entry(sale).or_default() += u64::from(units);
+        let mut held = self.held.lock().unwrap();
+        let mine = held.entry(user.clone()).or_default();
+        *mine = mine.saturating_sub(units);
+        Ok(())
+    }
+    async fn remaining(
+        &self,
+        sale: stampede_types::SaleId,
+    ) -> Result<u64, stampede_engine::GateRefusal> {
+        Ok(self.stock.lock().unwrap().get(&sale).copied().unwrap_or(0))
+    }
+}
+
+async fn slow_gate_engine(dir: &std::path::Path) -> (Arc<SlowGate>, Arc<Engine>) {
+    let gate = Arc::new(SlowGate {
+        delay: std::time::Duration::from_millis(100),
+        stock: Default::default(),
+        held: Default::default(),
+    });
+    let database = TestDatabase::create(Backend::Sqlite).await;
+    let engine = Arc::new(
+        Engine::open_with_gate(
+            database.open(dir).await,
+            Arc::new(SystemClock),
+            EngineConfig::default(),
+            Some(gate.clone() as Arc<dyn StockGate>),
+        )
+        .await
+        .unwrap(),
+    );
+    (gate, engine)
+}
+
+#[tokio::test]
+async fn a_client_that_hangs_up_during_the_gates_take_leaves_no_units_taken() {
+    let dir = tempfile::tempdir().unwrap();
+    let (gate, engine) = slow_gate_engine(dir.path()).await;
+    let sale = live_sale(&engine, "SLOW", 5, 5, 50, 2).await;
+    let user = UserId::parse("leaver").unwrap();
+    let gave_up = tokio::time::timeout(
+        std::time::Duration::from_millis(20),
+        engine.purchase(
+            user.clone(),
+            IdempotencyKey::parse("k").unwrap(),
+            sale,
+            one(),
+        ),
+    )
+    .await;
+    assert!(gave_up.is_err(), "the client left before the gate answered");
+    // The take landed in the gate; its answer came after the client left. Its units
+    // come back.
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert_eq!(gate.remaining(sale).await.unwrap(), 5);
+    assert_eq!(
+        gate.held.lock().unwrap().get(&user).copied().unwrap_or(0),
+        0
+    );
+    // The shopper may buy again with the same key.
+    let placed = engine
+        .purchase(user, IdempotencyKey::parse("k").unwrap(), sale, one())
+        .await
+        .unwrap();
+    assert!(!placed.replay);
+}
+
+#[tokio::test]
+async fn a_duplicate_is_decided_on_its_own_request_when_the_first_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_gate, engine) = slow_gate_engine(dir.path()).await;
+    let sale = live_sale(&engine, "SLOW", 5, 5, 50, 2).await;
+    let user = UserId::parse("twice").unwrap();
+    let key = IdempotencyKey::parse("same").unwrap();
+    // Over the limit of 2, under way in the gate...
+    let first = {
+        let (engine, user, key) = (engine.clone(), user.clone(), key.clone());
+        tokio::spawn(async move {
+            engine
+                .purchase(user, key, sale, stampede_types::Quantity::parse(3).unwrap())
+                .await
+        })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    // ...when the same key comes for one unit: it waits for the first, which is refused.
+    let second = engine.purchase(user, key, sale, one()).await;
+    assert!(matches!(
+        first.await.unwrap(),
+        Err(PurchaseError::LimitExceeded { .. })
+    ));
+    let second = second.expect("one unit is within the limit");
+    assert!(!second.replay);
 }
