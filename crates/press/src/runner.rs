@@ -6,7 +6,6 @@
 //! second, never one per request).
 
 use std::cell::{Cell, RefCell};
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::{Arc, Barrier, OnceLock};
@@ -301,16 +300,20 @@ struct Worker {
     /// Requests sent and not yet answered, so those still out at the drain deadline are
     /// counted (as failed, and as unanswered purchases for the books) instead of
     /// vanishing with their tasks: they are the slowest of the run.
-    in_flight: RefCell<HashMap<u64, InFlight>>,
-    next_request: Cell<u64>,
+    /// Slots reused through `free_slots`: no hashing, and no allocation once the run
+    /// has as many slots as it ever has requests out at once.
+    in_flight: RefCell<Vec<Option<InFlight>>>,
+    free_slots: RefCell<Vec<usize>>,
 }
 
 /// A request on its way, as the drain deadline would have to account it.
 struct InFlight {
     step: usize,
     due: Instant,
-    /// For a purchase kept for the books: who sent it, its key and its body.
-    purchase: Option<(usize, Option<String>, Bytes)>,
+    /// The idempotency key of a step kept for the books.
+    idempotency_key: Option<String>,
+    /// For a purchase kept for the books: who sent it, and its body.
+    purchase: Option<(usize, Bytes)>,
 }
 
 fn split(total: usize, parts: usize, index: usize) -> usize {
@@ -387,8 +390,8 @@ impl Worker {
             started_in_time: Cell::new(0),
             finished: Cell::new(0),
             abandoned: Cell::new(0),
-            in_flight: RefCell::new(HashMap::new()),
-            next_request: Cell::new(0),
+            in_flight: RefCell::new(Vec::new()),
+            free_slots: RefCell::new(Vec::new()),
             inputs,
         })
     }
@@ -505,12 +508,35 @@ impl Worker {
         }
     }
 
+    fn hold(&self, request: InFlight) -> usize {
+        let mut in_flight = self.in_flight.borrow_mut();
+        match self.free_slots.borrow_mut().pop() {
+            Some(slot) => {
+                in_flight[slot] = Some(request);
+                slot
+            }
+            None => {
+                in_flight.push(Some(request));
+                in_flight.len() - 1
+            }
+        }
+    }
+
+    fn release(&self, slot: usize) -> InFlight {
+        let request = self.in_flight.borrow_mut()[slot]
+            .take()
+            .expect("a slot held by this request");
+        self.free_slots.borrow_mut().push(slot);
+        request
+    }
+
     /// At the drain deadline: every request still out failed ("abandoned"), its latency
     /// what it had waited so far; a purchase kept for the books is unanswered.
     fn account_abandoned(&self) {
         let now = Instant::now();
         let plan = &*self.inputs.plan;
-        for (_, request) in self.in_flight.take() {
+        self.free_slots.take();
+        for request in self.in_flight.take().into_iter().flatten() {
             let Some(step) = plan
                 .flows
                 .iter()
@@ -521,10 +547,10 @@ impl Worker {
             };
             let micros = now.saturating_duration_since(request.due).as_micros() as u64;
             self.account(step, &Outcome::Failed("abandoned"), micros);
-            if let Some((user_index, idempotency_key, body)) = request.purchase {
+            if let Some((user_index, body)) = request.purchase {
                 self.keep_receipt(Receipt::unanswered(
                     &self.inputs.users[user_index],
-                    idempotency_key,
+                    request.idempotency_key,
                     requested_quantity(&body),
                 ));
             }
@@ -592,20 +618,18 @@ impl Worker {
             });
             // What the books need if no answer comes: the units the purchase asked for.
             let asked = (step.book == Some(BookKind::Purchase)).then_some(body);
-            let id = self.next_request.get();
-            self.next_request.set(id + 1);
-            self.in_flight.borrow_mut().insert(
-                id,
-                InFlight {
-                    step: step.id,
-                    due,
-                    purchase: asked
-                        .clone()
-                        .map(|body| (user_index, idempotency_key.clone(), body)),
-                },
-            );
+            // Registered while it is out (with the key and body moved in, taken back
+            // after), so the drain deadline can account it.
+            let slot = self.hold(InFlight {
+                step: step.id,
+                due,
+                idempotency_key,
+                purchase: asked.map(|body| (user_index, body)),
+            });
             let outcome = self.send(request, lane).await;
-            self.in_flight.borrow_mut().remove(&id);
+            let held = self.release(slot);
+            let (idempotency_key, asked) =
+                (held.idempotency_key, held.purchase.map(|(_, body)| body));
             let now = Instant::now();
             let micros = now.saturating_duration_since(due).as_micros() as u64;
             self.account(step, &outcome, micros);
