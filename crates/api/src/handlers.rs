@@ -514,6 +514,8 @@ pub async fn list_orders(
     responses((status = 200, body = StatusBody),
               (status = 409, description = "order_expired, order_cancelled", body = ErrorBody),
               (status = 502, description = "payment_failed; the order stays payable", body = ErrorBody),
+              (status = 429, description = "throttled: the payment resource's rule refused the call; nothing was charged", body = ErrorBody),
+              (status = 503, description = "circuit_open, or overloaded/unavailable when the charge could not be noted in the store first; nothing was charged and the order stays payable", body = ErrorBody),
               (status = 504, description = "payment_timeout; the order stays payable", body = ErrorBody)))]
 pub async fn pay_order(
     State(app): State<AppState>,

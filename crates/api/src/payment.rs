@@ -71,6 +71,11 @@ impl HttpPayments {
         if status.is_success() {
             metrics::counter!("stampede_payment_calls_total", "outcome" => "ok").increment(1);
             Ok(())
+        } else if path == REFUNDS && status.as_u16() == 404 {
+            // The provider's own answer: no charge under this key (yet).
+            metrics::counter!("stampede_payment_calls_total", "outcome" => "not_charged")
+                .increment(1);
+            Err(PaymentError::NotCharged)
         } else if status.as_u16() == 402 {
             metrics::counter!("stampede_payment_calls_total", "outcome" => "declined").increment(1);
             Err(PaymentError::Declined(body.chars().take(200).collect()))
@@ -82,6 +87,8 @@ impl HttpPayments {
         }
     }
 }
+
+const REFUNDS: &str = "/v1/refunds";
 
 /// The most of a provider's answer read: its decline reason is cut to 200 characters.
 const BODY_READ_MAX: usize = 4 * 1024;
@@ -105,7 +112,7 @@ impl PaymentGateway for HttpPayments {
     }
 
     async fn refund(&self, idempotency_key: &str, amount: Cents) -> Result<(), PaymentError> {
-        self.post("/v1/refunds", idempotency_key, amount).await
+        self.post(REFUNDS, idempotency_key, amount).await
     }
 }
 

@@ -15,7 +15,7 @@ use crate::breaker::CommitBreaker;
 use crate::clock::Clock;
 use crate::gate::{GateRefusal, StockGate};
 use crate::payment::{PaymentError, PaymentGateway};
-use crate::store::{OrderRecord, ProductRecord, SaleRecord, SaleTally, Store, StoreError};
+use crate::store::{OrderRecord, ProductRecord, SaleRecord, SaleTally, Store, StoreError, WriteOp};
 use crate::writer::{Job, TransitionResult, Writer};
 
 /// When a purchase is answered.
@@ -399,6 +399,11 @@ const IDEM_ROOM_MAX: u64 = 7_168 * IDEM_SHARDS as u64;
 /// once. Each is one read of at most `2 × ORDERS_LISTED_MAX` orders by primary key.
 const REPLAY_LOOKUPS_AT_ONCE: usize = 4;
 
+/// Refund calls to the provider in flight at once: a restart that finds many refunds
+/// owed, or a sale whose many paid-for-but-unrecorded orders expire together, does not
+/// flood the provider.
+const REFUNDS_AT_ONCE: usize = 16;
+
 /// How long a store ping's answer stands for `ready`: probes (a load balancer's, every
 /// node's, a flood of them) between two pings are answered from memory, so `/readyz`
 /// asks the store at most about once this often, whoever calls it.
@@ -423,9 +428,18 @@ pub(crate) struct Shared {
     /// If such an order is cancelled or expires, the charge may have landed anyway (a
     /// timeout, a lost race, a crash between charge and record): it is refunded. Bounded
     /// by the pending orders.
+    /// Each has an entry in the store's charge ledger (`WriteOp::ChargeAttempt`), written
+    /// before the provider is called, so a restart finds them again.
     pub payment_attempts: Mutex<FastMap<OrderId, Cents>>,
     /// The provider pays go through, kept for those refunds.
     pub gateway: std::sync::OnceLock<Arc<dyn PaymentGateway>>,
+    /// Refunds the ledger says are owed (the order closed unpaid after a charge attempt,
+    /// and no refund was recorded): made once the provider is known (`Engine::use_payments`).
+    refunds_owed: Mutex<Vec<(OrderId, Cents)>>,
+    refunds: tokio::sync::Semaphore,
+    /// The writer's queue, for ledger entries settled in the background; weak, so it
+    /// does not keep the queue open.
+    ledger: std::sync::OnceLock<mpsc::WeakSender<Job>>,
     /// Watches the writer's commits and refuses purchases while the database fails.
     pub commit_breaker: std::sync::OnceLock<Arc<dyn CommitBreaker>>,
     /// Set by the writer: 0 after a successful commit. `/readyz` fails while it is not.
@@ -628,33 +642,87 @@ impl Shared {
     }
 
     /// Refunds, in the background, a charge that may have been made for an order that is
-    /// now cancelled or expired. The provider refunds by the same idempotency key, so a
-    /// refund of a charge that never happened is harmless.
-    pub(crate) fn refund_if_charged(&self, order_id: OrderId) {
+    /// now cancelled or expired. The provider refunds by the same idempotency key; a
+    /// charge that never happened answers `NotCharged`. The ledger entry is settled once
+    /// the provider has refunded or says there is nothing to refund; if it cannot be
+    /// reached, the entry stays and the next start tries again.
+    pub(crate) fn refund_if_charged(self: &Arc<Self>, order_id: OrderId) {
         let Some(amount) = self.payment_attempts.lock().remove(&order_id) else {
             return;
         };
         let Some(gateway) = self.gateway.get().cloned() else {
+            // No pay went through this process yet: the refund is made once the provider
+            // is known (`Engine::use_payments`).
+            self.refunds_owed.lock().push((order_id, amount));
             return;
         };
         metrics::counter!("stampede_refunds_total", "reason" => "unpaid_order_closed").increment(1);
+        let shared = self.clone();
         tokio::spawn(async move {
             // A charge that timed out may still land after we gave up on it: try again a
-            // few times before handing it to reconciliation.
+            // few times; if it still fails, the ledger entry stays for the next start.
             let key = order_id.to_string();
             let mut last_error = None;
             for delay_s in [0, 1, 2, 4, 8] {
                 tokio::time::sleep(std::time::Duration::from_secs(delay_s)).await;
+                let Ok(_permit) = shared.refunds.acquire().await else {
+                    return;
+                };
                 match gateway.refund(&key, amount).await {
-                    Ok(()) => return,
+                    Ok(()) => {
+                        shared.settle_charge(order_id);
+                        return;
+                    }
                     Err(error) => last_error = Some(error),
                 }
             }
-            if let Some(error) = last_error {
-                tracing::info!(%order_id, %error, "no charge to refund found for a closed unpaid order; reconcile with the provider");
-                metrics::counter!("stampede_refund_failures_total").increment(1);
+            match last_error {
+                Some(PaymentError::NotCharged) => {
+                    tracing::info!(%order_id, "no charge to refund found for a closed unpaid order");
+                    shared.settle_charge(order_id);
+                }
+                Some(error) => {
+                    tracing::warn!(%order_id, %error, "refund for a closed unpaid order failed; the next start tries again");
+                    metrics::counter!("stampede_refund_failures_total").increment(1);
+                }
+                None => {}
             }
         });
+    }
+
+    /// Removes the order's charge-ledger entry, in the background. If that fails, the
+    /// entry stays and the next start settles it again, which is harmless.
+    pub(crate) fn settle_charge(&self, order_id: OrderId) {
+        let Some(jobs) = self.ledger.get().and_then(mpsc::WeakSender::upgrade) else {
+            return;
+        };
+        tokio::spawn(async move {
+            let (reply, answer) = oneshot::channel();
+            let job = Job::Ledger {
+                op: WriteOp::ChargeSettled { order_id },
+                reply,
+            };
+            if jobs.send(job).await.is_ok() && !matches!(answer.await, Ok(Ok(()))) {
+                tracing::debug!(%order_id, "charge ledger entry not settled; the next start settles it");
+            }
+        });
+    }
+
+    /// Remembers the provider and makes the refunds the ledger says are owed.
+    pub(crate) fn use_payments(self: &Arc<Self>, gateway: Arc<dyn PaymentGateway>) {
+        let _ = self.gateway.set(gateway);
+        let owed = std::mem::take(&mut *self.refunds_owed.lock());
+        if owed.is_empty() {
+            return;
+        }
+        tracing::info!(
+            orders = owed.len(),
+            "refunding charges of orders that closed unpaid before this start"
+        );
+        for (order_id, amount) in owed {
+            self.payment_attempts.lock().insert(order_id, amount);
+            self.refund_if_charged(order_id);
+        }
     }
 
     /// Marks the key `Done` only if nobody decided it yet.
@@ -755,6 +823,9 @@ impl Engine {
             halted: Default::default(),
             payment_attempts: Default::default(),
             gateway: Default::default(),
+            refunds_owed: Default::default(),
+            refunds: tokio::sync::Semaphore::new(REFUNDS_AT_ONCE),
+            ledger: Default::default(),
             cluster,
             gate: gate.clone(),
             replay_lookups: tokio::sync::Semaphore::new(REPLAY_LOOKUPS_AT_ONCE),
@@ -862,11 +933,31 @@ impl Engine {
             )));
         }
 
+        // The charge ledger: a pending order keeps its entry until it is paid or closes; a
+        // closed one is owed its refund; a paid one only needs its entry removed.
+        let mut settled = Vec::new();
+        for attempt in &snapshot.charge_attempts {
+            match attempt.status {
+                OrderStatus::PendingPayment => {
+                    shared
+                        .payment_attempts
+                        .lock()
+                        .insert(attempt.order_id, attempt.amount);
+                }
+                OrderStatus::Paid => settled.push(attempt.order_id),
+                OrderStatus::Cancelled | OrderStatus::Expired => shared
+                    .refunds_owed
+                    .lock()
+                    .push((attempt.order_id, attempt.amount)),
+            }
+        }
+
         // Room for what the running sales can still sell, once, with every sale known.
         shared.make_room_for_orders();
         let shared = Arc::new(shared);
 
         let (jobs, receiver) = mpsc::channel(config.queue_capacity);
+        let _ = shared.ledger.set(jobs.downgrade());
         let queue = Arc::new(tokio::sync::Mutex::new(receiver));
         let held = queue
             .clone()
@@ -875,6 +966,9 @@ impl Engine {
         let (shutdown_tx, shutdown_rx) = oneshot::channel();
         let writer = Writer::new(shared.clone(), held, shutdown_rx, expiries);
         let handle = tokio::spawn(writer.run());
+        for order_id in settled {
+            shared.settle_charge(order_id);
+        }
         Ok(Engine {
             shared,
             jobs,
@@ -1452,11 +1546,11 @@ impl Engine {
             let limit = record.per_user_limit;
             tokio::spawn(async move {
                 let taken = taker.take(sale_id, &owner, units, limit).await;
-                if let Err(Ok(_)) = tell.send(taken) {
-                    if let Err(error) = taker.give_back(sale_id, &owner, units).await {
-                        tracing::error!(%sale_id, %error, units, "could not hand back units taken for a purchase whose client left");
-                        metrics::counter!("stampede_gate_give_back_failures_total").increment(1);
-                    }
+                if let Err(Ok(_)) = tell.send(taken)
+                    && let Err(error) = taker.give_back(sale_id, &owner, units).await
+                {
+                    tracing::error!(%sale_id, %error, units, "could not hand back units taken for a purchase whose client left");
+                    metrics::counter!("stampede_gate_give_back_failures_total").increment(1);
                 }
             });
             let taken = told.await.unwrap_or_else(|_| {
@@ -1763,27 +1857,45 @@ impl Engine {
             }
             OrderStatus::PendingPayment => {}
         }
+        self.shared.use_payments(gateway.clone());
+        // Durably noted before the provider is called: if this process dies between the
+        // charge and its record, the next start still knows the order may be charged,
+        // and refunds it if it closes unpaid. No note, no charge.
+        self.shared.payment_attempts.lock().insert(id, order.amount);
+        if let Err(error) = self
+            .ledger(WriteOp::ChargeAttempt {
+                order_id: id,
+                amount: order.amount,
+                at_ms: self.now_ms(),
+            })
+            .await
+        {
+            self.shared.payment_attempts.lock().remove(&id);
+            return Err(error);
+        }
         // From the charge on, the work runs in its own task: a client that hangs up must
         // not leave money taken and the order unpaid.
-        let _ = self.shared.gateway.set(gateway.clone());
-        self.shared.payment_attempts.lock().insert(id, order.amount);
         let engine = self.clone();
         tokio::spawn(async move {
             let key = id.to_string();
+            let not_charged = |engine: &Engine| {
+                engine.shared.payment_attempts.lock().remove(&id);
+                engine.shared.settle_charge(id);
+            };
             gateway.charge(&key, order.amount).await.map_err(|error| match error {
                 PaymentError::Timeout => OrderError::PaymentTimeout,
                 PaymentError::Declined(reason) => {
                     // A decline is definite: nothing was charged, nothing to refund.
-                    engine.shared.payment_attempts.lock().remove(&id);
+                    not_charged(&engine);
                     OrderError::PaymentFailed(reason)
                 }
                 PaymentError::CircuitOpen { retry_after_ms } => {
                     // Not even called: nothing was charged.
-                    engine.shared.payment_attempts.lock().remove(&id);
+                    not_charged(&engine);
                     OrderError::PaymentCircuitOpen(retry_after_ms)
                 }
                 PaymentError::Throttled { retry_after_ms } => {
-                    engine.shared.payment_attempts.lock().remove(&id);
+                    not_charged(&engine);
                     OrderError::PaymentThrottled(retry_after_ms)
                 }
                 other => OrderError::PaymentFailed(other.to_string()),
@@ -1791,15 +1903,23 @@ impl Engine {
             let lost_to = match engine.transition(id, OrderEvent::Pay, true).await? {
                 TransitionResult::Applied | TransitionResult::Refused(OrderStatus::Paid) => {
                     engine.shared.payment_attempts.lock().remove(&id);
+                    engine.shared.settle_charge(id);
                     return Ok(OrderStatus::Paid);
                 }
                 TransitionResult::Refused(status) => status,
                 TransitionResult::NotFound => return Err(OrderError::NotFound),
             };
+            // Charged, but a cancel or the expiry came first: the charge goes back before
+            // the answer. If the provider cannot take it now, it is retried in the
+            // background, and at the next start while its ledger entry stays.
             engine.shared.payment_attempts.lock().remove(&id);
-            if let Err(error) = gateway.refund(&key, order.amount).await {
-                tracing::error!(order_id = %id, %error, "refund after a lost pay race failed; reconcile by hand");
-                metrics::counter!("stampede_refund_failures_total").increment(1);
+            match gateway.refund(&key, order.amount).await {
+                Ok(()) | Err(PaymentError::NotCharged) => engine.shared.settle_charge(id),
+                Err(error) => {
+                    tracing::warn!(order_id = %id, %error, "refund after a lost pay race failed; retrying in the background");
+                    engine.shared.payment_attempts.lock().insert(id, order.amount);
+                    engine.shared.refund_if_charged(id);
+                }
             }
             Err(match lost_to {
                 OrderStatus::Cancelled => OrderError::Cancelled,
@@ -1808,6 +1928,32 @@ impl Engine {
         })
         .await
         .map_err(|_| OrderError::Unavailable)?
+    }
+
+    /// Writes or removes a charge-ledger entry through the writer: `Overloaded` when
+    /// its queue is full, `Unavailable` when the commit failed.
+    async fn ledger(&self, op: WriteOp) -> Result<(), OrderError> {
+        let (reply, answer) = oneshot::channel();
+        self.jobs
+            .try_send(Job::Ledger { op, reply })
+            .map_err(|_| OrderError::Overloaded)?;
+        answer
+            .await
+            .map_err(|_| OrderError::Unavailable)?
+            .map_err(|_| OrderError::Unavailable)
+    }
+
+    /// The provider refunds go through, for refunds owed from before this start (the
+    /// charge ledger's closed orders). A pay passes its provider too; call this at start
+    /// so owed refunds do not wait for the first pay.
+    pub fn use_payments(&self, gateway: Arc<dyn PaymentGateway>) {
+        self.shared.use_payments(gateway);
+    }
+
+    /// Orders in the charge ledger this process knows of, pending ones only (for tests).
+    #[doc(hidden)]
+    pub fn charge_attempts(&self) -> usize {
+        self.shared.payment_attempts.lock().len()
     }
 
     /// Cancels a pending order and returns its stock. Cancelling twice is not an error.

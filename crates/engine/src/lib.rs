@@ -33,6 +33,7 @@ pub use engine::{
 pub use gate::{GateRefusal, StockGate};
 pub use payment::{PaymentError, PaymentGateway};
 pub use store::{
-    Catalog, LeaseGrant, OpOutcome, OrderRecord, OutboxEvent, PendingTally, ProductRecord,
-    Reclaimed, SaleRecord, SaleTally, Snapshot, Store, StoreError, WriteOp, lease_size,
+    Catalog, ChargeAttempt, LeaseGrant, OpOutcome, OrderRecord, OutboxEvent, PendingTally,
+    ProductRecord, Reclaimed, SaleRecord, SaleTally, Snapshot, Store, StoreError, WriteOp,
+    lease_size,
 };

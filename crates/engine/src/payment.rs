@@ -19,6 +19,10 @@ pub enum PaymentError {
     /// in flight). Nothing was charged.
     #[error("too many payments in progress, retry in {retry_after_ms} ms")]
     Throttled { retry_after_ms: u64 },
+    /// A refund's answer: the provider holds no charge under the key (never charged,
+    /// or not yet: a charge that timed out may still land).
+    #[error("the provider holds no charge under this key")]
+    NotCharged,
 }
 
 #[async_trait]
@@ -26,6 +30,7 @@ pub trait PaymentGateway: Send + Sync + 'static {
     /// Charges `amount` once per `idempotency_key`: a retry with the same key must not
     /// charge again.
     async fn charge(&self, idempotency_key: &str, amount: Cents) -> Result<(), PaymentError>;
-    /// Refunds the charge made under `idempotency_key`.
+    /// Refunds the charge made under `idempotency_key`; `NotCharged` when there is none.
+    /// Refunding twice refunds once.
     async fn refund(&self, idempotency_key: &str, amount: Cents) -> Result<(), PaymentError>;
 }

@@ -58,6 +58,18 @@ pub enum WriteOp {
         to: OrderStatus,
         at_ms: i64,
     },
+    /// Records, before the provider is called, that money may move for this order: the
+    /// charge ledger. A second record of the same order changes nothing.
+    ChargeAttempt {
+        order_id: OrderId,
+        amount: Cents,
+        at_ms: i64,
+    },
+    /// Removes the order's ledger entry: it was paid, nothing was charged, or the charge
+    /// was refunded. Removing an entry that is not there changes nothing.
+    ChargeSettled {
+        order_id: OrderId,
+    },
 }
 
 /// What a `WriteOp` did, in the same order as the batch.
@@ -95,6 +107,18 @@ pub struct Snapshot {
     /// Every order, in any state: stock and per-user counts come from those holding
     /// stock, idempotency answers from all of them.
     pub orders: Vec<OrderRecord>,
+    /// The charge ledger: orders the provider may have charged that are not settled,
+    /// with their state now. A pending one is refunded if it closes unpaid; a closed one
+    /// is owed its refund; a paid one only needs settling.
+    pub charge_attempts: Vec<ChargeAttempt>,
+}
+
+/// One entry of the charge ledger (`WriteOp::ChargeAttempt`), with its order's state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChargeAttempt {
+    pub order_id: OrderId,
+    pub amount: Cents,
+    pub status: OrderStatus,
 }
 
 /// One order event waiting in the transactional outbox: written in the same transaction
@@ -141,6 +165,9 @@ pub struct Reclaimed {
     /// Every pending order with its deadline, so a survivor expires what the dead node
     /// would have (empty when nothing was reclaimed).
     pub pending: Vec<(OrderId, i64)>,
+    /// The charge ledger's pending orders (with their amounts), so a survivor that
+    /// expires one refunds what a pay on the dead node may have charged.
+    pub charge_attempts: Vec<(OrderId, Cents)>,
 }
 
 /// The catalogue as the database has it, for nodes that learn of products and sales

@@ -55,6 +55,12 @@ pub(crate) enum Job {
     ExpireDue {
         reply: oneshot::Sender<()>,
     },
+    /// An entry of the charge ledger written or removed (`WriteOp::ChargeAttempt`,
+    /// `WriteOp::ChargeSettled`); answered `Err(())` when the commit failed.
+    Ledger {
+        op: WriteOp,
+        reply: oneshot::Sender<Result<(), ()>>,
+    },
     Audit {
         sale_id: SaleId,
         reply: oneshot::Sender<Result<Audit, ()>>,
@@ -375,6 +381,12 @@ impl Writer {
                         self.expiries.push(Reverse((expires_at_ms + grace_ms, id)));
                     }
                 }
+                // A pay on the dead node may have charged an order this node now expires.
+                let mut attempts = self.shared.payment_attempts.lock();
+                for (id, amount) in reclaimed.charge_attempts {
+                    attempts.entry(id).or_insert(amount);
+                }
+                drop(attempts);
                 for sale in self.shared.sales.read().values() {
                     sale.inner.lock().lease.dry_until_ms = 0;
                 }
@@ -497,6 +509,7 @@ impl Writer {
                     to: target(*event),
                     at_ms: now_ms,
                 }),
+                Job::Ledger { op, .. } => ops.push(op.clone()),
                 Job::ExpireDue { .. } | Job::Audit { .. } | Job::Lease { .. } => {}
             }
         }
@@ -751,6 +764,10 @@ impl Writer {
                 Job::ExpireDue { reply } => {
                     let _ = reply.send(());
                 }
+                Job::Ledger { reply, .. } => {
+                    outcomes.next().expect("one outcome per op");
+                    let _ = reply.send(Ok(()));
+                }
                 Job::Audit { sale_id, reply } => audits.push((sale_id, reply)),
                 Job::Lease { sale } => {
                     sale.inner.lock().lease.asked = false;
@@ -802,6 +819,9 @@ impl Writer {
                     let _ = reply.send(Err(None));
                 }
                 Job::Transition { reply, .. } => {
+                    let _ = reply.send(Err(()));
+                }
+                Job::Ledger { reply, .. } => {
                     let _ = reply.send(Err(()));
                 }
                 Job::ExpireDue { reply } => {

@@ -620,16 +620,21 @@ pub async fn start(
     engine.guard_commits(Arc::new(stampede_api::database::GuardedDatabase {
         guard: guard.clone(),
     }));
-    let state = AppState(Arc::new(stampede_api::App {
-        engine: engine.clone(),
-        auth: Auth::new(admin_token.clone(), &jwt_secret),
-        payments: Arc::new(stampede_api::payment::GuardedPayments::new(
+    let payments: Arc<stampede_api::payment::GuardedPayments> =
+        Arc::new(stampede_api::payment::GuardedPayments::new(
             Arc::new(stampede_api::payment::HttpPayments::new(
                 &config.payment_url,
                 config.payment_timeout,
             )),
             guard.clone(),
-        )),
+        ));
+    // Refunds the charge ledger says are owed (orders that closed unpaid after a charge
+    // attempt, before this start) are made now, not at the first pay.
+    engine.use_payments(payments.clone());
+    let state = AppState(Arc::new(stampede_api::App {
+        engine: engine.clone(),
+        auth: Auth::new(admin_token.clone(), &jwt_secret),
+        payments,
         metrics,
         openapi: Arc::from(stampede_api::openapi_json()),
         guarded: stampede_api::GuardedRoutes::new(&guard),

@@ -306,3 +306,157 @@ async fn kill9_halfway_through_the_sale_on_postgres() {
 async fn kill9_halfway_through_the_sale_on_mysql() {
     kill9_halfway_on(Backend::MySql).await;
 }
+
+async fn buy(server: &Server, sale: &str, who: &str) -> (String, String) {
+    let token = shopper(who);
+    let reply = server.purchase(&token, sale, &format!("{who}-key")).await;
+    assert_eq!(reply.status, 201, "{}", reply.body);
+    let order = reply.body["order_id"]
+        .as_str()
+        .expect("order id")
+        .to_owned();
+    (token, order)
+}
+
+async fn pay(server: &Server, token: &str, order: &str) -> Reply {
+    send(
+        server
+            .client
+            .post(server.url(&format!("/v1/orders/{order}/pay")))
+            .bearer_auth(token),
+    )
+    .await
+}
+
+async fn order_status(server: &Server, order: String) -> String {
+    let reply = server.admin_get(&format!("/v1/orders/{order}")).await;
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    reply.body["status"].as_str().expect("status").to_owned()
+}
+
+/// The charge ledger across kill -9: a charge the provider made for an order whose pay
+/// timed out, or whose refund could not be made yet, is not forgotten with the process.
+/// Order B closes unpaid while the provider refuses refunds and the server dies before it
+/// could refund; order A's pay times out, the server dies at once and the charge lands
+/// while it is down. After each restart the shopper gets the money back: the refund owed
+/// for B is made at start, A's when it expires. A paid order C is never refunded.
+async fn kill9_keeps_no_money_for_unpaid_orders_on(backend: Backend) {
+    let sim = PaymentSim::spawn().await;
+    let data_dir = tempfile::tempdir().expect("data directory");
+    let database = TestDatabase::create(backend).await;
+    let mut args = vec![
+        "--payment-url",
+        sim.url.as_str(),
+        "--payment-timeout",
+        "300ms",
+        "--payment-window",
+        "3s",
+    ];
+    if let Some(url) = &database.url {
+        args.extend(["--database-url", url.as_str()]);
+    }
+    let server = Server::start(data_dir.path(), &args).await;
+    let reply = server
+        .admin_post(
+            "/v1/products",
+            &json!({"sku": "LEDGER-1", "name": "Ledger lamp", "price_cents": 2_000, "stock": 10}),
+        )
+        .await;
+    assert_eq!(reply.status, 201, "{}", reply.body);
+    let now = chrono::Utc::now();
+    let reply = server
+        .admin_post(
+            "/v1/flash-sales",
+            &json!({
+                "sku": "LEDGER-1", "price_cents": 1_500, "quantity": 10, "per_user_limit": 1,
+                "starts_at": (now - chrono::Duration::seconds(1)).to_rfc3339(),
+                "ends_at": (now + chrono::Duration::hours(1)).to_rfc3339(),
+            }),
+        )
+        .await;
+    assert_eq!(reply.status, 201, "{}", reply.body);
+    let sale = reply.body["id"].as_str().expect("sale id").to_owned();
+    // B: the charge lands after our timeout; the order expires while every refund call
+    // fails, and the server is killed before its retries get through.
+    let (token_b, order_b) = buy(&server, &sale, "bea").await;
+    sim.configure(1_000, 0.0).await;
+    assert_error(
+        &pay(&server, &token_b, &order_b).await,
+        504,
+        "payment_timeout",
+    );
+    eventually("B's late charge to land", || async {
+        sim.charge(&order_b).await.filter(|c| c["charged"] == 1)
+    })
+    .await;
+    sim.configure(0, 1.0).await;
+    eventually("B to expire", || async {
+        (order_status(&server, order_b.clone()).await == "expired").then_some(())
+    })
+    .await;
+    server.kill9().await;
+    assert_eq!(sim.charge(&order_b).await.expect("B")["refunded"], false);
+
+    // The provider heals; the restart makes the refund the ledger says is owed.
+    sim.configure(0, 0.0).await;
+    let server = Server::start(data_dir.path(), &args).await;
+    let charge = eventually(
+        "the refund owed for B to be made after the restart",
+        || async { sim.charge(&order_b).await.filter(|c| c["refunded"] == true) },
+    )
+    .await;
+    assert_eq!(charge["charged"], 1, "{charge}");
+
+    // A: the pay times out and the server dies at once; the charge lands while it is down.
+    let (token_a, order_a) = buy(&server, &sale, "abe").await;
+    sim.configure(1_000, 0.0).await;
+    assert_error(
+        &pay(&server, &token_a, &order_a).await,
+        504,
+        "payment_timeout",
+    );
+    server.kill9().await;
+    eventually("A's late charge to land", || async {
+        sim.charge(&order_a).await.filter(|c| c["charged"] == 1)
+    })
+    .await;
+    sim.configure(0, 0.0).await;
+
+    // The restarted server expires A (its window is over) and refunds the charge; C, paid
+    // meanwhile, keeps its charge.
+    let server = Server::start(data_dir.path(), &args).await;
+    let (token_c, order_c) = buy(&server, &sale, "cyd").await;
+    let reply = pay(&server, &token_c, &order_c).await;
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    eventually("A to expire after the restart", || async {
+        (order_status(&server, order_a.clone()).await == "expired").then_some(())
+    })
+    .await;
+    eventually("A's charge to be refunded", || async {
+        sim.charge(&order_a).await.filter(|c| c["refunded"] == true)
+    })
+    .await;
+    let charge_c = sim.charge(&order_c).await.expect("C charged");
+    assert_eq!(charge_c["refunded"], false, "{charge_c}");
+    assert_eq!(order_status(&server, order_c.clone()).await, "paid");
+    let stats = sim.stats().await;
+    assert_eq!(stats["charges"], 3, "{stats}");
+    assert_eq!(stats["refunds"], 2, "{stats}");
+    assert_books(&server.audit(&sale).await);
+    server.kill9().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill9_keeps_no_money_for_unpaid_orders() {
+    kill9_keeps_no_money_for_unpaid_orders_on(Backend::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill9_keeps_no_money_for_unpaid_orders_on_postgres() {
+    kill9_keeps_no_money_for_unpaid_orders_on(Backend::Postgres).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill9_keeps_no_money_for_unpaid_orders_on_mysql() {
+    kill9_keeps_no_money_for_unpaid_orders_on(Backend::MySql).await;
+}

@@ -120,6 +120,35 @@ macro_rules! order_from_row {
     }};
 }
 
+/// The charge ledger joined with its orders' states, on `$executor`.
+macro_rules! fetch_charge_attempts {
+    ($executor:expr) => {
+        sqlx::query(
+            "SELECT a.order_id, a.amount_cents, o.status FROM charge_attempts a \
+             JOIN orders o ON o.id = a.order_id",
+        )
+        .fetch_all($executor)
+        .await
+        .map_err(unavailable)?
+        .iter()
+        .map(
+            |row| -> Result<stampede_engine::ChargeAttempt, StoreError> {
+                let id: String = row.try_get("order_id").map_err(unavailable)?;
+                let status: String = row.try_get("status").map_err(unavailable)?;
+                let amount: i64 = row.try_get("amount_cents").map_err(unavailable)?;
+                Ok(stampede_engine::ChargeAttempt {
+                    order_id: OrderId::parse(&id).ok_or_else(|| corrupt("order id", &id))?,
+                    amount: Cents::parse_amount("amount_cents", amount)
+                        .map_err(|e| corrupt("amount", &e.to_string()))?,
+                    status: OrderStatus::parse(&status)
+                        .ok_or_else(|| corrupt("status", &status))?,
+                })
+            },
+        )
+        .collect::<Result<Vec<_>, StoreError>>()
+    };
+}
+
 /// Every product, by sku, on `$executor`.
 macro_rules! fetch_products {
     ($executor:expr) => {

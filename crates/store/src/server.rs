@@ -131,6 +131,8 @@ struct Dialect {
     /// `SUM(quantity)` as a 64-bit integer (both servers widen it to a decimal).
     sum_quantity: &'static str,
     save_setting: &'static str,
+    /// Writes a charge-ledger entry unless the order has one.
+    record_charge: &'static str,
     /// Reads the durability settings: one row of (name, value) per setting that must hold.
     durability: &'static [(&'static str, &'static str, &'static [&'static str])],
     /// Gives the owner lock back (a cluster node only checks that nobody holds it).
@@ -177,6 +179,8 @@ const POSTGRES: Dialect = Dialect {
     sum_quantity: "CAST(SUM(quantity) AS BIGINT)",
     save_setting: "INSERT INTO settings (name, value, updated_at_ms) VALUES (?, ?, ?) \
                    ON CONFLICT (name) DO UPDATE SET value = EXCLUDED.value, updated_at_ms = EXCLUDED.updated_at_ms",
+    record_charge: "INSERT INTO charge_attempts (order_id, amount_cents, attempted_at_ms) VALUES (?, ?, ?) \
+                    ON CONFLICT (order_id) DO NOTHING",
     durability: &[
         ("SHOW fsync", "fsync", &["on"]),
         (
@@ -219,6 +223,8 @@ const MYSQL: Dialect = Dialect {
     sum_quantity: "CAST(SUM(quantity) AS SIGNED)",
     save_setting: "INSERT INTO settings (name, value, updated_at_ms) VALUES (?, ?, ?) \
                    ON DUPLICATE KEY UPDATE value = VALUES(value), updated_at_ms = VALUES(updated_at_ms)",
+    record_charge: "INSERT INTO charge_attempts (order_id, amount_cents, attempted_at_ms) VALUES (?, ?, ?) \
+                    ON DUPLICATE KEY UPDATE order_id = order_id",
     durability: &[(
         "SELECT CAST(@@innodb_flush_log_at_trx_commit AS CHAR)",
         "innodb_flush_log_at_trx_commit",
@@ -263,6 +269,8 @@ struct Sql {
     users_over_limit: Arc<str>,
     load_setting: Arc<str>,
     save_setting: Arc<str>,
+    record_charge: Arc<str>,
+    settle_charge: Arc<str>,
     stamp_owner: Arc<str>,
     claim_owner: Arc<str>,
     // Cluster (several writing nodes).
@@ -350,6 +358,8 @@ impl Sql {
             ),
             load_setting: sql("SELECT value FROM settings WHERE name = ?"),
             save_setting: sql(dialect.save_setting),
+            record_charge: sql(dialect.record_charge),
+            settle_charge: sql("DELETE FROM charge_attempts WHERE order_id = ?"),
             stamp_owner: sql("UPDATE stampede_owner SET batch_seq = ? WHERE id = 1 AND epoch = ?"),
             claim_owner: sql(
                 "UPDATE stampede_owner SET epoch = ?, node = ?, since_ms = ?, batch_seq = 0 WHERE id = 1",
@@ -905,7 +915,8 @@ macro_rules! server_store {
                     .iter()
                     .map(|row| order_from_row!(row))
                     .collect::<Result<_, _>>()?;
-                Ok(Snapshot { products, sales, orders })
+                let charge_attempts = fetch_charge_attempts!(&mut *connection)?;
+                Ok(Snapshot { products, sales, orders, charge_attempts })
             }
 
             async fn commit(&self, ops: &[WriteOp]) -> Result<Vec<OpOutcome>, StoreError> {
@@ -1243,6 +1254,12 @@ macro_rules! server_store {
                                 expires_at_ms,
                             ));
                         }
+                        // A pay on a dead node may have charged one of them.
+                        reclaimed.charge_attempts = fetch_charge_attempts!(&self.readers)?
+                            .into_iter()
+                            .filter(|attempt| attempt.status == OrderStatus::PendingPayment)
+                            .map(|attempt| (attempt.order_id, attempt.amount))
+                            .collect();
                     }
                     Ok(reclaimed)
                 })
@@ -1916,6 +1933,28 @@ macro_rules! apply {
                         .bind(sale.ends_at_ms)
                         .bind(sale.created_at_ms)
                         .bind(sale.quantity as i64)
+                        .execute(&mut *$conn)
+                        .await
+                        .map_err(unavailable)?;
+                    outcomes.push(OpOutcome::Written);
+                }
+                WriteOp::ChargeAttempt {
+                    order_id,
+                    amount,
+                    at_ms,
+                } => {
+                    sqlx::query(q(&sql.record_charge))
+                        .bind(order_id.to_string())
+                        .bind(amount.get())
+                        .bind(*at_ms)
+                        .execute(&mut *$conn)
+                        .await
+                        .map_err(unavailable)?;
+                    outcomes.push(OpOutcome::Written);
+                }
+                WriteOp::ChargeSettled { order_id } => {
+                    sqlx::query(q(&sql.settle_charge))
+                        .bind(order_id.to_string())
                         .execute(&mut *$conn)
                         .await
                         .map_err(unavailable)?;

@@ -239,10 +239,12 @@ impl Store for SqliteStore {
         .iter()
         .map(order_from_row)
         .collect::<Result<_, _>>()?;
+        let charge_attempts = fetch_charge_attempts!(&mut *conn)?;
         Ok(Snapshot {
             products,
             sales,
             orders,
+            charge_attempts,
         })
     }
 

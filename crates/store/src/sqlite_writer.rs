@@ -404,6 +404,27 @@ fn apply(tx: &rusqlite::Transaction<'_>, ops: &[WriteOp]) -> Result<Vec<OpOutcom
                     }
                 }
             }
+            WriteOp::ChargeAttempt {
+                order_id,
+                amount,
+                at_ms,
+            } => {
+                tx.prepare_cached(
+                    "INSERT INTO charge_attempts (order_id, amount_cents, attempted_at_ms) \
+                     VALUES (?1, ?2, ?3) ON CONFLICT (order_id) DO NOTHING",
+                )
+                .map_err(sql)?
+                .execute((order_id.to_string(), amount.get(), *at_ms))
+                .map_err(sql)?;
+                OpOutcome::Written
+            }
+            WriteOp::ChargeSettled { order_id } => {
+                tx.prepare_cached("DELETE FROM charge_attempts WHERE order_id = ?1")
+                    .map_err(sql)?
+                    .execute([order_id.to_string()])
+                    .map_err(sql)?;
+                OpOutcome::Written
+            }
         };
         outcomes.push(outcome);
     }

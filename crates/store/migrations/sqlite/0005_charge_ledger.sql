@@ -1,0 +1,8 @@
+-- The charge ledger: an order the payment provider may have charged, written before the
+-- provider is called and removed once the order is paid, nothing was charged, or the
+-- charge was refunded. A restart refunds the entries whose orders closed unpaid.
+CREATE TABLE charge_attempts (
+    order_id      TEXT PRIMARY KEY NOT NULL,
+    amount_cents  INTEGER NOT NULL,
+    attempted_at_ms INTEGER NOT NULL
+);
