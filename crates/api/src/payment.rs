@@ -71,8 +71,9 @@ impl HttpPayments {
         if status.is_success() {
             metrics::counter!("stampede_payment_calls_total", "outcome" => "ok").increment(1);
             Ok(())
-        } else if path == REFUNDS && status.as_u16() == 404 {
-            // The provider's own answer: no charge under this key (yet).
+        } else if path == REFUNDS && status.as_u16() == 404 && says_no_charge(&body) {
+            // The provider's own answer: no charge under this key (yet). A bare 404 (a
+            // wrong URL, a proxy) is a failure: it must not settle the ledger entry.
             metrics::counter!("stampede_payment_calls_total", "outcome" => "not_charged")
                 .increment(1);
             Err(PaymentError::NotCharged)
@@ -89,6 +90,13 @@ impl HttpPayments {
 }
 
 const REFUNDS: &str = "/v1/refunds";
+
+/// Whether a refund's 404 is the provider saying it holds no charge under the key
+/// (`{"error": {"code": "no_charge"}}`).
+fn says_no_charge(body: &str) -> bool {
+    serde_json::from_str::<serde_json::Value>(body)
+        .is_ok_and(|body| body["error"]["code"] == "no_charge")
+}
 
 /// The most of a provider's answer read: its decline reason is cut to 200 characters.
 const BODY_READ_MAX: usize = 4 * 1024;
@@ -195,6 +203,35 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
         format!("http://{addr}")
+    }
+
+    /// Only the provider's own "no charge under this key" settles a refund as nothing to
+    /// give back; a bare 404 (a wrong URL, a proxy) is a failure, retried later.
+    #[tokio::test]
+    async fn only_the_providers_no_charge_answer_means_nothing_to_refund() {
+        let answer = |body: &'static str| {
+            axum::Router::new().route(
+                "/v1/refunds",
+                axum::routing::post(
+                    move || async move { (axum::http::StatusCode::NOT_FOUND, body) },
+                ),
+            )
+        };
+        let amount = Cents::parse("amount", 50).unwrap();
+        let said = HttpPayments::new(
+            &provider(answer(r#"{"error":{"code":"no_charge","message":"none"}}"#)).await,
+            Duration::from_secs(5),
+        )
+        .refund("ord_1", amount)
+        .await;
+        assert_eq!(said, Err(PaymentError::NotCharged));
+        let bare = HttpPayments::new(&provider(answer("Not Found")).await, Duration::from_secs(5))
+            .refund("ord_1", amount)
+            .await;
+        assert!(
+            matches!(bare, Err(PaymentError::Unavailable(_))),
+            "{bare:?}"
+        );
     }
 
     #[tokio::test]

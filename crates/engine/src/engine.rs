@@ -15,7 +15,9 @@ use crate::breaker::CommitBreaker;
 use crate::clock::Clock;
 use crate::gate::{GateRefusal, StockGate};
 use crate::payment::{PaymentError, PaymentGateway};
-use crate::store::{OrderRecord, ProductRecord, SaleRecord, SaleTally, Store, StoreError, WriteOp};
+use crate::store::{
+    OpOutcome, OrderRecord, ProductRecord, SaleRecord, SaleTally, Store, StoreError, WriteOp,
+};
 use crate::writer::{Job, TransitionResult, Writer};
 
 /// When a purchase is answered.
@@ -399,6 +401,15 @@ const IDEM_ROOM_MAX: u64 = 7_168 * IDEM_SHARDS as u64;
 /// once. Each is one read of at most `2 × ORDERS_LISTED_MAX` orders by primary key.
 const REPLAY_LOOKUPS_AT_ONCE: usize = 4;
 
+/// A refund answered `NotCharged` (or failing) is retried for at least this long: a
+/// charge that timed out may still land.
+const REFUND_PATIENCE_MIN_MS: u64 = 15_000;
+/// The longest pause between two tries of a refund.
+const REFUND_RETRY_MAX: std::time::Duration = std::time::Duration::from_secs(8);
+
+/// The longest a pay waits for room in the writer's queue to note its charge attempt.
+const LEDGER_QUEUE_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Refund calls to the provider in flight at once: a restart that finds many refunds
 /// owed, or a sale whose many paid-for-but-unrecorded orders expire together, does not
 /// flood the provider.
@@ -424,19 +435,16 @@ pub(crate) struct Shared {
     /// `2 × ORDERS_LISTED_MAX` a shopper (the older half is dropped when it fills), so a
     /// shopper who buys and cancels over and over does not grow it.
     user_orders: Vec<Mutex<FastMap<UserId, Vec<OrderId>>>>,
-    /// Orders whose charge was attempted and not (yet) recorded as paid, with the amount.
-    /// If such an order is cancelled or expires, the charge may have landed anyway (a
-    /// timeout, a lost race, a crash between charge and record): it is refunded. Bounded
-    /// by the pending orders.
-    /// Each has an entry in the store's charge ledger (`WriteOp::ChargeAttempt`), written
-    /// before the provider is called, so a restart finds them again.
-    pub payment_attempts: Mutex<FastMap<OrderId, Cents>>,
     /// The provider pays go through, kept for those refunds.
     pub gateway: std::sync::OnceLock<Arc<dyn PaymentGateway>>,
-    /// Refunds the ledger says are owed (the order closed unpaid after a charge attempt,
-    /// and no refund was recorded): made once the provider is known (`Engine::use_payments`).
+    /// Refunds owed before the provider is known (`Engine::use_payments`): ledger entries
+    /// of orders that closed unpaid, found at start or on a dead node's reclaim. Bounded
+    /// by the charge ledger.
     refunds_owed: Mutex<Vec<(OrderId, Cents)>>,
+    /// Refund calls in flight (`REFUNDS_AT_ONCE`).
     refunds: tokio::sync::Semaphore,
+    /// Refunds started and not finished (retries included), owed ones too.
+    refunds_open: std::sync::atomic::AtomicUsize,
     /// The writer's queue, for ledger entries settled in the background; weak, so it
     /// does not keep the queue open.
     ledger: std::sync::OnceLock<mpsc::WeakSender<Job>>,
@@ -642,36 +650,56 @@ impl Shared {
     }
 
     /// Refunds, in the background, a charge that may have been made for an order that is
-    /// now cancelled or expired. The provider refunds by the same idempotency key; a
-    /// charge that never happened answers `NotCharged`. The ledger entry is settled once
-    /// the provider has refunded or says there is nothing to refund; if it cannot be
-    /// reached, the entry stays and the next start tries again.
-    pub(crate) fn refund_if_charged(self: &Arc<Self>, order_id: OrderId) {
-        let Some(amount) = self.payment_attempts.lock().remove(&order_id) else {
-            return;
+    /// now cancelled or expired: the store found a charge-ledger entry for it when it
+    /// closed (`OpOutcome::Transitioned::charge`), or at start. The provider refunds by
+    /// the order id as idempotency key; a charge that never happened answers
+    /// `NotCharged`. The ledger entry is settled once the provider has refunded or still
+    /// says there is nothing to refund after the retries (a charge that timed out may
+    /// land late); if it cannot be reached, the entry stays and the next start tries
+    /// again.
+    pub(crate) fn refund_if_charged(self: &Arc<Self>, order_id: OrderId, amount: Cents) {
+        let gateway = {
+            // Checked under the lock `use_payments` drains: an owed refund is never
+            // pushed after the drain.
+            let mut owed = self.refunds_owed.lock();
+            match self.gateway.get().cloned() {
+                Some(gateway) => gateway,
+                None => {
+                    owed.push((order_id, amount));
+                    self.refunds_open
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    return;
+                }
+            }
         };
-        let Some(gateway) = self.gateway.get().cloned() else {
-            // No pay went through this process yet: the refund is made once the provider
-            // is known (`Engine::use_payments`).
-            self.refunds_owed.lock().push((order_id, amount));
-            return;
-        };
+        self.refunds_open
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         metrics::counter!("stampede_refunds_total", "reason" => "unpaid_order_closed").increment(1);
         let shared = self.clone();
+        // A charge in flight lands within one provider timeout (which the expiry grace
+        // covers): `NotCharged` is believed only once that has surely passed.
+        let patience = std::time::Duration::from_millis(
+            (2 * self.config.expiry_grace_ms.max(0) as u64).max(REFUND_PATIENCE_MIN_MS),
+        );
         tokio::spawn(async move {
-            // A charge that timed out may still land after we gave up on it: try again a
-            // few times; if it still fails, the ledger entry stays for the next start.
             let key = order_id.to_string();
+            let started = tokio::time::Instant::now();
             let mut last_error = None;
-            for delay_s in [0, 1, 2, 4, 8] {
-                tokio::time::sleep(std::time::Duration::from_secs(delay_s)).await;
+            let mut delay = std::time::Duration::ZERO;
+            loop {
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).clamp(std::time::Duration::from_secs(1), REFUND_RETRY_MAX);
+                if started.elapsed() > patience {
+                    break;
+                }
                 let Ok(_permit) = shared.refunds.acquire().await else {
-                    return;
+                    break;
                 };
                 match gateway.refund(&key, amount).await {
                     Ok(()) => {
+                        last_error = None;
                         shared.settle_charge(order_id);
-                        return;
+                        break;
                     }
                     Err(error) => last_error = Some(error),
                 }
@@ -687,6 +715,9 @@ impl Shared {
                 }
                 None => {}
             }
+            shared
+                .refunds_open
+                .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
         });
     }
 
@@ -702,7 +733,7 @@ impl Shared {
                 op: WriteOp::ChargeSettled { order_id },
                 reply,
             };
-            if jobs.send(job).await.is_ok() && !matches!(answer.await, Ok(Ok(()))) {
+            if jobs.send(job).await.is_ok() && !matches!(answer.await, Ok(Ok(_))) {
                 tracing::debug!(%order_id, "charge ledger entry not settled; the next start settles it");
             }
         });
@@ -717,11 +748,12 @@ impl Shared {
         }
         tracing::info!(
             orders = owed.len(),
-            "refunding charges of orders that closed unpaid before this start"
+            "refunding charges of orders that closed unpaid before the provider was known"
         );
         for (order_id, amount) in owed {
-            self.payment_attempts.lock().insert(order_id, amount);
-            self.refund_if_charged(order_id);
+            self.refunds_open
+                .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+            self.refund_if_charged(order_id, amount);
         }
     }
 
@@ -821,10 +853,10 @@ impl Engine {
             commit_failures_in_a_row: Default::default(),
             expiry_entries: Default::default(),
             halted: Default::default(),
-            payment_attempts: Default::default(),
             gateway: Default::default(),
             refunds_owed: Default::default(),
             refunds: tokio::sync::Semaphore::new(REFUNDS_AT_ONCE),
+            refunds_open: Default::default(),
             ledger: Default::default(),
             cluster,
             gate: gate.clone(),
@@ -933,22 +965,23 @@ impl Engine {
             )));
         }
 
-        // The charge ledger: a pending order keeps its entry until it is paid or closes; a
-        // closed one is owed its refund; a paid one only needs its entry removed.
+        // The charge ledger: a pending order keeps its entry until it is paid or closes
+        // (the close finds it); a closed one is owed its refund; a paid one only needs
+        // its entry removed.
         let mut settled = Vec::new();
         for attempt in &snapshot.charge_attempts {
             match attempt.status {
-                OrderStatus::PendingPayment => {
-                    shared
-                        .payment_attempts
-                        .lock()
-                        .insert(attempt.order_id, attempt.amount);
-                }
+                OrderStatus::PendingPayment => {}
                 OrderStatus::Paid => settled.push(attempt.order_id),
-                OrderStatus::Cancelled | OrderStatus::Expired => shared
-                    .refunds_owed
-                    .lock()
-                    .push((attempt.order_id, attempt.amount)),
+                OrderStatus::Cancelled | OrderStatus::Expired => {
+                    shared
+                        .refunds_owed
+                        .lock()
+                        .push((attempt.order_id, attempt.amount));
+                    shared
+                        .refunds_open
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
             }
         }
 
@@ -1858,85 +1891,87 @@ impl Engine {
             OrderStatus::PendingPayment => {}
         }
         self.shared.use_payments(gateway.clone());
-        // Durably noted before the provider is called: if this process dies between the
-        // charge and its record, the next start still knows the order may be charged,
-        // and refunds it if it closes unpaid. No note, no charge.
-        self.shared.payment_attempts.lock().insert(id, order.amount);
-        if let Err(error) = self
+        // Durably noted before the provider is called, and only while the order is
+        // pending: a close after this finds the note and refunds, and if this process
+        // dies between the charge and its record, the next start still finds it. No
+        // note, no charge.
+        match self
             .ledger(WriteOp::ChargeAttempt {
                 order_id: id,
                 amount: order.amount,
                 at_ms: self.now_ms(),
             })
-            .await
+            .await?
         {
-            self.shared.payment_attempts.lock().remove(&id);
-            return Err(error);
+            OpOutcome::Written => {}
+            OpOutcome::Refused {
+                current: OrderStatus::Paid,
+            } => return Ok(OrderStatus::Paid),
+            OpOutcome::Refused {
+                current: OrderStatus::Cancelled,
+            } => return Err(OrderError::Cancelled),
+            OpOutcome::Refused { .. } => return Err(OrderError::Expired),
+            _ => return Err(OrderError::NotFound),
         }
         // From the charge on, the work runs in its own task: a client that hangs up must
         // not leave money taken and the order unpaid.
         let engine = self.clone();
         tokio::spawn(async move {
             let key = id.to_string();
-            let not_charged = |engine: &Engine| {
-                engine.shared.payment_attempts.lock().remove(&id);
-                engine.shared.settle_charge(id);
-            };
-            gateway.charge(&key, order.amount).await.map_err(|error| match error {
-                PaymentError::Timeout => OrderError::PaymentTimeout,
-                PaymentError::Declined(reason) => {
-                    // A decline is definite: nothing was charged, nothing to refund.
-                    not_charged(&engine);
-                    OrderError::PaymentFailed(reason)
-                }
-                PaymentError::CircuitOpen { retry_after_ms } => {
-                    // Not even called: nothing was charged.
-                    not_charged(&engine);
-                    OrderError::PaymentCircuitOpen(retry_after_ms)
-                }
-                PaymentError::Throttled { retry_after_ms } => {
-                    not_charged(&engine);
-                    OrderError::PaymentThrottled(retry_after_ms)
-                }
-                other => OrderError::PaymentFailed(other.to_string()),
-            })?;
-            let lost_to = match engine.transition(id, OrderEvent::Pay, true).await? {
+            // A decline, an open breaker or a throttled call charged nothing now, but an
+            // earlier pay of the order that timed out may have: the ledger entry stays
+            // until the order is paid or closes (then a refund finds out).
+            gateway
+                .charge(&key, order.amount)
+                .await
+                .map_err(|error| match error {
+                    PaymentError::Timeout => OrderError::PaymentTimeout,
+                    PaymentError::Declined(reason) => OrderError::PaymentFailed(reason),
+                    PaymentError::CircuitOpen { retry_after_ms } => {
+                        OrderError::PaymentCircuitOpen(retry_after_ms)
+                    }
+                    PaymentError::Throttled { retry_after_ms } => {
+                        OrderError::PaymentThrottled(retry_after_ms)
+                    }
+                    other => OrderError::PaymentFailed(other.to_string()),
+                })?;
+            match engine.transition(id, OrderEvent::Pay, true).await? {
                 TransitionResult::Applied | TransitionResult::Refused(OrderStatus::Paid) => {
-                    engine.shared.payment_attempts.lock().remove(&id);
                     engine.shared.settle_charge(id);
-                    return Ok(OrderStatus::Paid);
+                    Ok(OrderStatus::Paid)
                 }
-                TransitionResult::Refused(status) => status,
-                TransitionResult::NotFound => return Err(OrderError::NotFound),
-            };
-            // Charged, but a cancel or the expiry came first: the charge goes back before
-            // the answer. If the provider cannot take it now, it is retried in the
-            // background, and at the next start while its ledger entry stays.
-            engine.shared.payment_attempts.lock().remove(&id);
-            match gateway.refund(&key, order.amount).await {
-                Ok(()) | Err(PaymentError::NotCharged) => engine.shared.settle_charge(id),
-                Err(error) => {
-                    tracing::warn!(order_id = %id, %error, "refund after a lost pay race failed; retrying in the background");
-                    engine.shared.payment_attempts.lock().insert(id, order.amount);
-                    engine.shared.refund_if_charged(id);
+                TransitionResult::Refused(status) => {
+                    // Charged, but a cancel or the expiry came first. The close found this
+                    // pay's ledger entry and refunds in the background (retrying while the
+                    // provider fails); the charge has landed, so it goes back here too,
+                    // before the answer (the provider refunds a key once).
+                    match gateway.refund(&key, order.amount).await {
+                        Ok(()) => engine.shared.settle_charge(id),
+                        Err(error) => {
+                            tracing::warn!(order_id = %id, %error, "refund after a lost pay race failed; the close's refund retries it");
+                        }
+                    }
+                    Err(match status {
+                        OrderStatus::Cancelled => OrderError::Cancelled,
+                        _ => OrderError::Expired,
+                    })
                 }
+                TransitionResult::NotFound => Err(OrderError::NotFound),
             }
-            Err(match lost_to {
-                OrderStatus::Cancelled => OrderError::Cancelled,
-                _ => OrderError::Expired,
-            })
         })
         .await
         .map_err(|_| OrderError::Unavailable)?
     }
 
-    /// Writes or removes a charge-ledger entry through the writer: `Overloaded` when
-    /// its queue is full, `Unavailable` when the commit failed.
-    async fn ledger(&self, op: WriteOp) -> Result<(), OrderError> {
+    /// Writes a charge-ledger entry through the writer and answers what the store did.
+    /// A pay outranks purchases, so it waits for room in the queue, but at most
+    /// `LEDGER_QUEUE_WAIT` (`Overloaded`); `Unavailable` when the commit failed.
+    async fn ledger(&self, op: WriteOp) -> Result<OpOutcome, OrderError> {
         let (reply, answer) = oneshot::channel();
-        self.jobs
-            .try_send(Job::Ledger { op, reply })
-            .map_err(|_| OrderError::Overloaded)?;
+        tokio::time::timeout(LEDGER_QUEUE_WAIT, self.jobs.send(Job::Ledger { op, reply }))
+            .await
+            .map_err(|_| OrderError::Overloaded)?
+            .map_err(|_| OrderError::Unavailable)?;
         answer
             .await
             .map_err(|_| OrderError::Unavailable)?
@@ -1950,10 +1985,12 @@ impl Engine {
         self.shared.use_payments(gateway);
     }
 
-    /// Orders in the charge ledger this process knows of, pending ones only (for tests).
+    /// Refunds of closed unpaid orders started or owed and not yet finished (for tests).
     #[doc(hidden)]
-    pub fn charge_attempts(&self) -> usize {
-        self.shared.payment_attempts.lock().len()
+    pub fn refunds_open(&self) -> usize {
+        self.shared
+            .refunds_open
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Cancels a pending order and returns its stock. Cancelling twice is not an error.

@@ -59,7 +59,10 @@ pub enum WriteOp {
         at_ms: i64,
     },
     /// Records, before the provider is called, that money may move for this order: the
-    /// charge ledger. A second record of the same order changes nothing.
+    /// charge ledger. Only for a pending order (`Written`): a closed or paid one answers
+    /// `Refused` with its status and records nothing, decided under the same lock as
+    /// `Transition`, so a charge is never attempted for an order already closed. A second
+    /// record of the same order changes nothing.
     ChargeAttempt {
         order_id: OrderId,
         amount: Cents,
@@ -80,6 +83,10 @@ pub enum OpOutcome {
         sale_id: SaleId,
         user_id: UserId,
         quantity: Quantity,
+        /// For a move to cancelled or expired: the amount of the order's charge-ledger
+        /// entry, if it has one (a pay may have charged it, and the caller refunds it).
+        /// Read in the transaction that closed the order.
+        charge: Option<Cents>,
     },
     /// The order was no longer pending; nothing changed.
     Refused {
@@ -108,8 +115,8 @@ pub struct Snapshot {
     /// stock, idempotency answers from all of them.
     pub orders: Vec<OrderRecord>,
     /// The charge ledger: orders the provider may have charged that are not settled,
-    /// with their state now. A pending one is refunded if it closes unpaid; a closed one
-    /// is owed its refund; a paid one only needs settling.
+    /// with their state now. A pending one is refunded if it closes unpaid (the close
+    /// finds the entry); a closed one is owed its refund; a paid one only needs settling.
     pub charge_attempts: Vec<ChargeAttempt>,
 }
 
@@ -165,9 +172,10 @@ pub struct Reclaimed {
     /// Every pending order with its deadline, so a survivor expires what the dead node
     /// would have (empty when nothing was reclaimed).
     pub pending: Vec<(OrderId, i64)>,
-    /// The charge ledger's pending orders (with their amounts), so a survivor that
-    /// expires one refunds what a pay on the dead node may have charged.
-    pub charge_attempts: Vec<(OrderId, Cents)>,
+    /// The charge ledger's entries of closed orders (with their amounts): refunds the
+    /// dead node may not have made. (A pending order's entry is found by whoever closes
+    /// it.)
+    pub refunds_owed: Vec<(OrderId, Cents)>,
 }
 
 /// The catalogue as the database has it, for nodes that learn of products and sales

@@ -84,3 +84,40 @@ pub async fn take_queue_place(engine: &Engine) -> QueuePlace {
             .expect("the writer's queue is open"),
     )
 }
+
+/// A payment provider in memory that keeps its books: which keys were charged and how
+/// often each was refunded. With `time_out` set, a charge is made and answered
+/// `Timeout`, as a reply lost on the way back would be. A refund of a key never charged
+/// answers `NotCharged`, as the provider would.
+#[derive(Default)]
+pub struct RecordingProvider {
+    pub charged: parking_lot::Mutex<std::collections::HashMap<String, Cents>>,
+    pub refunds: parking_lot::Mutex<std::collections::HashMap<String, u32>>,
+    pub time_out: std::sync::atomic::AtomicBool,
+}
+
+impl RecordingProvider {
+    /// Whether the key holds a charge not refunded.
+    pub fn keeps(&self, key: &str) -> bool {
+        self.charged.lock().contains_key(key) && !self.refunds.lock().contains_key(key)
+    }
+}
+
+#[async_trait::async_trait]
+impl crate::PaymentGateway for RecordingProvider {
+    async fn charge(&self, key: &str, amount: Cents) -> Result<(), crate::PaymentError> {
+        self.charged.lock().entry(key.to_owned()).or_insert(amount);
+        if self.time_out.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(crate::PaymentError::Timeout);
+        }
+        Ok(())
+    }
+
+    async fn refund(&self, key: &str, _: Cents) -> Result<(), crate::PaymentError> {
+        if !self.charged.lock().contains_key(key) {
+            return Err(crate::PaymentError::NotCharged);
+        }
+        *self.refunds.lock().entry(key.to_owned()).or_default() += 1;
+        Ok(())
+    }
+}

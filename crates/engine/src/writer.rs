@@ -56,10 +56,11 @@ pub(crate) enum Job {
         reply: oneshot::Sender<()>,
     },
     /// An entry of the charge ledger written or removed (`WriteOp::ChargeAttempt`,
-    /// `WriteOp::ChargeSettled`); answered `Err(())` when the commit failed.
+    /// `WriteOp::ChargeSettled`), answered with what the store did; `Err(())` when the
+    /// commit failed.
     Ledger {
         op: WriteOp,
-        reply: oneshot::Sender<Result<(), ()>>,
+        reply: oneshot::Sender<Result<OpOutcome, ()>>,
     },
     Audit {
         sale_id: SaleId,
@@ -381,12 +382,11 @@ impl Writer {
                         self.expiries.push(Reverse((expires_at_ms + grace_ms, id)));
                     }
                 }
-                // A pay on the dead node may have charged an order this node now expires.
-                let mut attempts = self.shared.payment_attempts.lock();
-                for (id, amount) in reclaimed.charge_attempts {
-                    attempts.entry(id).or_insert(amount);
+                // Refunds the dead node may not have made (idempotent at the provider if
+                // it did, or if another node is making them).
+                for (id, amount) in reclaimed.refunds_owed {
+                    self.shared.refund_if_charged(id, amount);
                 }
-                drop(attempts);
                 for sale in self.shared.sales.read().values() {
                     sale.inner.lock().lease.dry_until_ms = 0;
                 }
@@ -578,12 +578,15 @@ impl Writer {
                         sale_id,
                         user_id,
                         quantity,
+                        charge,
                     } = outcome
                     {
                         if let Some(sale) = self.shared.sale(*sale_id) {
                             sale.give_back(user_id, quantity.get(), false);
                         }
-                        self.shared.refund_if_charged(*order_id);
+                        if let Some(amount) = charge {
+                            self.shared.refund_if_charged(*order_id, *amount);
+                        }
                         n_expired += 1;
                     }
                 }
@@ -747,12 +750,15 @@ impl Writer {
                             sale_id,
                             user_id,
                             quantity,
+                            charge,
                         } => {
                             if event != OrderEvent::Pay {
                                 if let Some(sale) = self.shared.sale(*sale_id) {
                                     sale.give_back(user_id, quantity.get(), false);
                                 }
-                                self.shared.refund_if_charged(order_id);
+                                if let Some(amount) = charge {
+                                    self.shared.refund_if_charged(order_id, *amount);
+                                }
                             }
                             TransitionResult::Applied
                         }
@@ -765,8 +771,8 @@ impl Writer {
                     let _ = reply.send(());
                 }
                 Job::Ledger { reply, .. } => {
-                    outcomes.next().expect("one outcome per op");
-                    let _ = reply.send(Ok(()));
+                    let outcome = outcomes.next().expect("one outcome per op");
+                    let _ = reply.send(Ok(outcome.clone()));
                 }
                 Job::Audit { sale_id, reply } => audits.push((sale_id, reply)),
                 Job::Lease { sale } => {

@@ -4,7 +4,7 @@
 //! columns, in the order every backend inserts them.
 
 use stampede_engine::{SaleTally, StoreError};
-use stampede_types::OrderStatus;
+use stampede_types::{Cents, OrderStatus};
 
 pub(crate) fn unavailable(error: sqlx::Error) -> StoreError {
     StoreError::Unavailable(error.to_string())
@@ -68,12 +68,19 @@ pub(crate) fn transitioned(
     sale_id: &str,
     user_id: &str,
     quantity: i64,
+    charge_cents: Option<i64>,
 ) -> Result<stampede_engine::OpOutcome, StoreError> {
     use stampede_types::{Quantity, SaleId, UserId};
     Ok(stampede_engine::OpOutcome::Transitioned {
         sale_id: SaleId::parse(sale_id).ok_or_else(|| corrupt("sale id", sale_id))?,
         user_id: UserId::parse(user_id).map_err(|_| corrupt("user id", user_id))?,
         quantity: Quantity::parse(quantity).map_err(|e| corrupt("quantity", &e.to_string()))?,
+        charge: charge_cents
+            .map(|cents| {
+                Cents::parse_amount("amount_cents", cents)
+                    .map_err(|e| corrupt("charge amount", &e.to_string()))
+            })
+            .transpose()?,
     })
 }
 

@@ -271,6 +271,7 @@ struct Sql {
     save_setting: Arc<str>,
     record_charge: Arc<str>,
     settle_charge: Arc<str>,
+    charge_of: Arc<str>,
     stamp_owner: Arc<str>,
     claim_owner: Arc<str>,
     // Cluster (several writing nodes).
@@ -360,6 +361,7 @@ impl Sql {
             save_setting: sql(dialect.save_setting),
             record_charge: sql(dialect.record_charge),
             settle_charge: sql("DELETE FROM charge_attempts WHERE order_id = ?"),
+            charge_of: sql("SELECT amount_cents FROM charge_attempts WHERE order_id = ?"),
             stamp_owner: sql("UPDATE stampede_owner SET batch_seq = ? WHERE id = 1 AND epoch = ?"),
             claim_owner: sql(
                 "UPDATE stampede_owner SET epoch = ?, node = ?, since_ms = ?, batch_seq = 0 WHERE id = 1",
@@ -1254,10 +1256,11 @@ macro_rules! server_store {
                                 expires_at_ms,
                             ));
                         }
-                        // A pay on a dead node may have charged one of them.
-                        reclaimed.charge_attempts = fetch_charge_attempts!(&self.readers)?
+                        // Refunds the dead node may not have made (a pending order's
+                        // entry is found by whoever closes it).
+                        reclaimed.refunds_owed = fetch_charge_attempts!(&self.readers)?
                             .into_iter()
-                            .filter(|attempt| attempt.status == OrderStatus::PendingPayment)
+                            .filter(|attempt| !attempt.status.holds_stock())
                             .map(|attempt| (attempt.order_id, attempt.amount))
                             .collect();
                     }
@@ -1492,6 +1495,7 @@ macro_rules! settle_cluster {
                         sale_id,
                         user_id,
                         quantity,
+                        ..
                     },
                 ) if !to.holds_stock() => {
                     *holdings.entry((*sale_id, user_id)).or_default() -= i64::from(quantity.get());
@@ -1943,14 +1947,35 @@ macro_rules! apply {
                     amount,
                     at_ms,
                 } => {
-                    sqlx::query(q(&sql.record_charge))
-                        .bind(order_id.to_string())
-                        .bind(amount.get())
-                        .bind(*at_ms)
-                        .execute(&mut *$conn)
+                    let id = order_id.to_string();
+                    // The order's row lock, as a close takes it: a close on another node
+                    // either committed first (refused here) or waits and finds the entry.
+                    let found = sqlx::query(q(&sql.lock_order))
+                        .bind(&id)
+                        .fetch_optional(&mut *$conn)
                         .await
                         .map_err(unavailable)?;
-                    outcomes.push(OpOutcome::Written);
+                    let outcome = match found {
+                        None => OpOutcome::NotFound,
+                        Some(row) => {
+                            let status: String = row.try_get("status").map_err(unavailable)?;
+                            let current = OrderStatus::parse(&status)
+                                .ok_or_else(|| corrupt("status", &status))?;
+                            if current == OrderStatus::PendingPayment {
+                                sqlx::query(q(&sql.record_charge))
+                                    .bind(&id)
+                                    .bind(amount.get())
+                                    .bind(*at_ms)
+                                    .execute(&mut *$conn)
+                                    .await
+                                    .map_err(unavailable)?;
+                                OpOutcome::Written
+                            } else {
+                                OpOutcome::Refused { current }
+                            }
+                        }
+                    };
+                    outcomes.push(outcome);
                 }
                 WriteOp::ChargeSettled { order_id } => {
                     sqlx::query(q(&sql.settle_charge))
@@ -1993,7 +2018,18 @@ macro_rules! apply {
                                 let user_id: String =
                                     row.try_get("user_id").map_err(unavailable)?;
                                 let quantity: i64 = row.try_get("quantity").map_err(unavailable)?;
-                                transitioned(&sale_id, &user_id, quantity)?
+                                // Closed unpaid: a pay may have charged it (the ledger
+                                // says; its entry was written under this row's lock).
+                                let charge: Option<i64> = if to.holds_stock() {
+                                    None
+                                } else {
+                                    sqlx::query_scalar(q(&sql.charge_of))
+                                        .bind(&id)
+                                        .fetch_optional(&mut *$conn)
+                                        .await
+                                        .map_err(unavailable)?
+                                };
+                                transitioned(&sale_id, &user_id, quantity, charge)?
                             }
                         }
                     };

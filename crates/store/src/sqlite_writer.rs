@@ -301,6 +301,22 @@ fn insert_orders(
     Ok(())
 }
 
+/// The order's status, read in the open transaction.
+fn order_status(
+    tx: &rusqlite::Transaction<'_>,
+    id: &str,
+) -> Result<Option<OrderStatus>, StoreError> {
+    let status: Option<String> = tx
+        .prepare_cached("SELECT status FROM orders WHERE id = ?1")
+        .map_err(sql)?
+        .query_row([id], |row| row.get(0))
+        .optional()
+        .map_err(sql)?;
+    status
+        .map(|status| OrderStatus::parse(&status).ok_or_else(|| corrupt("status", &status)))
+        .transpose()
+}
+
 fn apply(tx: &rusqlite::Transaction<'_>, ops: &[WriteOp]) -> Result<Vec<OpOutcome>, StoreError> {
     let mut outcomes = Vec::with_capacity(ops.len());
     // Consecutive orders go in together; anything else first writes the orders before
@@ -385,23 +401,24 @@ fn apply(tx: &rusqlite::Transaction<'_>, ops: &[WriteOp]) -> Result<Vec<OpOutcom
                     .map_err(sql)?;
                 match moved {
                     Some((sale_id, user_id, quantity)) => {
-                        transitioned(&sale_id, &user_id, quantity)?
-                    }
-                    None => {
-                        let status: Option<String> = tx
-                            .prepare_cached("SELECT status FROM orders WHERE id = ?1")
+                        // Closed unpaid: a pay may have charged it (the ledger says).
+                        let charge = if to.holds_stock() {
+                            None
+                        } else {
+                            tx.prepare_cached(
+                                "SELECT amount_cents FROM charge_attempts WHERE order_id = ?1",
+                            )
                             .map_err(sql)?
-                            .query_row([&id], |row| row.get(0))
+                            .query_row([&id], |row| row.get::<_, i64>(0))
                             .optional()
-                            .map_err(sql)?;
-                        match status {
-                            Some(status) => OpOutcome::Refused {
-                                current: OrderStatus::parse(&status)
-                                    .ok_or_else(|| corrupt("status", &status))?,
-                            },
-                            None => OpOutcome::NotFound,
-                        }
+                            .map_err(sql)?
+                        };
+                        transitioned(&sale_id, &user_id, quantity, charge)?
                     }
+                    None => match order_status(tx, &id)? {
+                        Some(current) => OpOutcome::Refused { current },
+                        None => OpOutcome::NotFound,
+                    },
                 }
             }
             WriteOp::ChargeAttempt {
@@ -409,14 +426,23 @@ fn apply(tx: &rusqlite::Transaction<'_>, ops: &[WriteOp]) -> Result<Vec<OpOutcom
                 amount,
                 at_ms,
             } => {
-                tx.prepare_cached(
-                    "INSERT INTO charge_attempts (order_id, amount_cents, attempted_at_ms) \
-                     VALUES (?1, ?2, ?3) ON CONFLICT (order_id) DO NOTHING",
-                )
-                .map_err(sql)?
-                .execute((order_id.to_string(), amount.get(), *at_ms))
-                .map_err(sql)?;
-                OpOutcome::Written
+                let id = order_id.to_string();
+                // This thread is the only writer: the status read here cannot change
+                // before the insert.
+                match order_status(tx, &id)? {
+                    Some(OrderStatus::PendingPayment) => {
+                        tx.prepare_cached(
+                            "INSERT INTO charge_attempts (order_id, amount_cents, attempted_at_ms) \
+                             VALUES (?1, ?2, ?3) ON CONFLICT (order_id) DO NOTHING",
+                        )
+                        .map_err(sql)?
+                        .execute((&id, amount.get(), *at_ms))
+                        .map_err(sql)?;
+                        OpOutcome::Written
+                    }
+                    Some(current) => OpOutcome::Refused { current },
+                    None => OpOutcome::NotFound,
+                }
             }
             WriteOp::ChargeSettled { order_id } => {
                 tx.prepare_cached("DELETE FROM charge_attempts WHERE order_id = ?1")

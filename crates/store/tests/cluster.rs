@@ -7,10 +7,10 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use stampede_engine::testing::{key, live_sale, one, user};
+use stampede_engine::testing::{RecordingProvider, key, live_sale, one, user};
 use stampede_engine::{
-    Actor, AdminError, Engine, EngineConfig, NewProduct, NewSale, OrderRecord, PurchaseError,
-    Store, StoreError, SystemClock, WriteOp,
+    Actor, AdminError, Engine, EngineConfig, NewProduct, NewSale, OrderError, OrderRecord,
+    PurchaseError, Store, StoreError, SystemClock, WriteOp,
 };
 use stampede_store::on_server_backends;
 use stampede_store::testing::{
@@ -200,6 +200,60 @@ async fn a_cancelled_order_returns_its_unit_to_the_cancelling_nodes_lease(backen
     let audit = a.audit(sale).await.unwrap().unwrap();
     assert!(audit.consistent, "{audit:?}");
     assert_eq!((audit.remaining, audit.tally.cancelled), (3, 1));
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+/// A pay on one node times out after the provider charged; a load balancer sends the
+/// shopper's cancel to another node. The closing node finds the charge in the ledger (in
+/// the transaction that closed the order) and refunds it; a pay that comes after the
+/// close charges nothing.
+async fn a_charge_made_through_one_node_is_refunded_by_the_node_that_closes_the_order(
+    backend: Backend,
+) {
+    let database = TestDatabase::create(backend).await;
+    let (_, a) = join(&database).await;
+    let (_, b) = join(&database).await;
+    let (a, b) = (Arc::new(a), Arc::new(b));
+    let provider = Arc::new(RecordingProvider::default());
+    b.use_payments(provider.clone());
+    let sale = live_sale(&a, "P", 3, 3, 50, 3).await;
+    learns_of(&b, sale).await;
+    let order = a.purchase(user("x"), key("k"), sale, one()).await.unwrap();
+    let id = order.placed.order_id;
+
+    provider
+        .time_out
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(
+        a.pay(&user("x"), id, provider.clone()).await,
+        Err(OrderError::PaymentTimeout)
+    );
+    provider
+        .time_out
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    assert!(provider.keeps(&id.to_string()), "the provider charged");
+
+    b.cancel(&Actor::Shopper(user("x")), id).await.unwrap();
+    for _ in 0..100 {
+        if !provider.keeps(&id.to_string()) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        !provider.keeps(&id.to_string()),
+        "the node that closed the order refunded the charge made through the other"
+    );
+    assert_eq!(
+        a.pay(&user("x"), id, provider.clone()).await,
+        Err(OrderError::Cancelled)
+    );
+    assert_eq!(
+        provider.charged.lock().len(),
+        1,
+        "nothing charged after the close"
+    );
     a.shutdown().await;
     b.shutdown().await;
 }
@@ -403,6 +457,7 @@ on_server_backends!(
     three_nodes_sell_a_sale_out_exactly,
     a_dead_nodes_lease_is_reclaimed_and_it_can_never_commit_again,
     a_cancelled_order_returns_its_unit_to_the_cancelling_nodes_lease,
+    a_charge_made_through_one_node_is_refunded_by_the_node_that_closes_the_order,
     idempotency_keys_and_per_user_limits_hold_across_nodes,
     a_buyer_who_hangs_up_while_waiting_for_a_lease_frees_its_key,
     a_node_returns_what_it_does_not_use,

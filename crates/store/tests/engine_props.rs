@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use proptest::prelude::*;
-use stampede_engine::testing::live_sale;
+use stampede_engine::testing::{RecordingProvider as Provider, live_sale};
 use stampede_engine::{
     AckMode, Actor, Engine, EngineConfig, ManualClock, OrderError, PaymentError, PaymentGateway,
     PurchaseError,
@@ -48,6 +48,8 @@ enum Step {
     /// Replays the request of an earlier acknowledged purchase.
     Replay(usize),
     Pay(usize),
+    /// A pay whose charge is made but whose answer is lost (`Timeout`).
+    PayTimesOut(usize),
     Cancel(usize),
     Advance(i64),
     ExpireDue,
@@ -65,6 +67,7 @@ fn step_strategy() -> impl Strategy<Value = Step> {
         4 => prop::collection::vec(purchase_strategy(), 1..6).prop_map(Step::Burst),
         2 => any::<prop::sample::Index>().prop_map(|i| Step::Replay(i.index(1 << 16))),
         2 => any::<prop::sample::Index>().prop_map(|i| Step::Pay(i.index(1 << 16))),
+        1 => any::<prop::sample::Index>().prop_map(|i| Step::PayTimesOut(i.index(1 << 16))),
         2 => any::<prop::sample::Index>().prop_map(|i| Step::Cancel(i.index(1 << 16))),
         1 => (1_000i64..12_000).prop_map(Step::Advance),
         1 => Just(Step::ExpireDue),
@@ -90,6 +93,16 @@ fn key(user: u8, n: u8) -> IdempotencyKey {
 }
 
 async fn open(database: &TestDatabase, dir: &Path, clock: Arc<ManualClock>) -> Engine {
+    open_with(database, dir, clock, None).await
+}
+
+/// Opens the engine; with a provider, as the server does at start (refunds owed go out).
+async fn open_with(
+    database: &TestDatabase,
+    dir: &Path,
+    clock: Arc<ManualClock>,
+    provider: Option<Arc<Provider>>,
+) -> Engine {
     let store = database.open(dir).await;
     let config = EngineConfig {
         queue_capacity: 64,
@@ -101,7 +114,11 @@ async fn open(database: &TestDatabase, dir: &Path, clock: Arc<ManualClock>) -> E
         ack: AckMode::Durable,
         ..EngineConfig::default()
     };
-    Engine::open(store, clock, config).await.unwrap()
+    let engine = Engine::open(store, clock, config).await.unwrap();
+    if let Some(provider) = provider {
+        engine.use_payments(provider);
+    }
+    engine
 }
 
 async fn check_books(engine: &Engine, sale: SaleId, acked: &[Acked]) {
@@ -206,7 +223,10 @@ async fn run(steps: Vec<Step>, backend: Backend) {
     let path = dir.path();
     let database = TestDatabase::create(backend).await;
     let clock = Arc::new(ManualClock::new(1_800_000_000_000));
-    let mut engine = Arc::new(open(&database, path, clock.clone()).await);
+    let provider = Arc::new(Provider::default());
+    let reopen =
+        |clock: Arc<ManualClock>| open_with(&database, path, clock, Some(provider.clone()));
+    let mut engine = Arc::new(reopen(clock.clone()).await);
     let sale = live_sale(&engine, "SKU-1", 100, SALE_QUANTITY, 300, PER_USER_LIMIT).await;
     let mut acked: Vec<Acked> = Vec::new();
 
@@ -214,7 +234,7 @@ async fn run(steps: Vec<Step>, backend: Backend) {
         // A hang is a bug (a waiter nobody wakes): name the step that hung instead of
         // stalling CI or leaving only the whole case to shrink.
         let label = format!("{step:?}");
-        let (clock, database) = (clock.clone(), &database);
+        let (clock, provider, reopen) = (clock.clone(), provider.clone(), &reopen);
         let this_step = async move {
             match step {
                 Step::Burst(requests) => {
@@ -243,7 +263,7 @@ async fn run(steps: Vec<Step>, backend: Backend) {
                 Step::Pay(i) if !acked.is_empty() => {
                     let a = &acked[i % acked.len()];
                     let before = engine.order(&Actor::Admin, a.order_id).await.unwrap();
-                    let result = engine.pay(&a.user, a.order_id, Arc::new(AlwaysPays)).await;
+                    let result = engine.pay(&a.user, a.order_id, provider.clone()).await;
                     match (before.status, &result) {
                         (OrderStatus::PendingPayment, Ok(OrderStatus::Paid)) => {}
                         (OrderStatus::PendingPayment, Err(OrderError::Expired)) => {
@@ -276,7 +296,28 @@ async fn run(steps: Vec<Step>, backend: Backend) {
                         other => panic!("cancel: {other:?}"),
                     }
                 }
-                Step::Replay(_) | Step::Pay(_) | Step::Cancel(_) => {}
+                Step::PayTimesOut(i) if !acked.is_empty() => {
+                    let a = &acked[i % acked.len()];
+                    let before = engine.order(&Actor::Admin, a.order_id).await.unwrap();
+                    provider
+                        .time_out
+                        .store(true, std::sync::atomic::Ordering::SeqCst);
+                    let result = engine.pay(&a.user, a.order_id, provider.clone()).await;
+                    provider
+                        .time_out
+                        .store(false, std::sync::atomic::Ordering::SeqCst);
+                    match (before.status, &result) {
+                        (OrderStatus::PendingPayment, Err(OrderError::PaymentTimeout)) => {}
+                        (OrderStatus::PendingPayment, Err(OrderError::Expired)) => {
+                            assert!(clock.now_ms_for_test() >= before.expires_at_ms)
+                        }
+                        (OrderStatus::Paid, Ok(OrderStatus::Paid)) => {}
+                        (OrderStatus::Cancelled, Err(OrderError::Cancelled)) => {}
+                        (OrderStatus::Expired, Err(OrderError::Expired)) => {}
+                        other => panic!("pay that times out: {other:?}"),
+                    }
+                }
+                Step::Replay(_) | Step::Pay(_) | Step::PayTimesOut(_) | Step::Cancel(_) => {}
                 Step::Advance(ms) => clock.advance_ms(ms),
                 Step::ExpireDue => {
                     engine.expire_due().await.unwrap();
@@ -295,7 +336,7 @@ async fn run(steps: Vec<Step>, backend: Backend) {
                 Step::Restart => {
                     engine.shutdown().await;
                     drop(engine);
-                    engine = Arc::new(open(database, path, clock.clone()).await);
+                    engine = Arc::new(reopen(clock.clone()).await);
                 }
                 Step::CrashDuringBurst(requests) => {
                     let handles = burst(&engine, sale, &requests).await;
@@ -306,7 +347,7 @@ async fn run(steps: Vec<Step>, backend: Backend) {
                         record(&mut acked, u, k, q, &result);
                     }
                     drop(engine);
-                    engine = Arc::new(open(database, path, clock.clone()).await);
+                    engine = Arc::new(reopen(clock.clone()).await);
                 }
             }
             check_books(&engine, sale, &acked).await;
@@ -327,10 +368,40 @@ async fn run(steps: Vec<Step>, backend: Backend) {
                 .unwrap();
             assert_eq!(again.placed.order_id, a.order_id);
         }
+        // Money: once every window is over, the provider holds a charge for exactly the
+        // paid orders. Every other charge (a pay that timed out, one that lost to a
+        // cancel or the expiry, across restarts and crashes) is refunded (the provider
+        // refunds a key once, however often asked), and no paid order is.
+        clock.advance_ms(PAYMENT_WINDOW_MS);
+        engine.expire_due().await.unwrap();
+        let mut waited = 0;
+        loop {
+            let mut wrong = Vec::new();
+            for a in &acked {
+                let order = engine.order(&Actor::Admin, a.order_id).await.unwrap();
+                let key = a.order_id.to_string();
+                if provider.keeps(&key) != (order.status == OrderStatus::Paid) {
+                    let charged = provider.charged.lock().contains_key(&key);
+                    let refunds = provider.refunds.lock().get(&key).copied().unwrap_or(0);
+                    wrong.push((order.status, charged, refunds));
+                }
+            }
+            if wrong.is_empty() && engine.refunds_open() == 0 {
+                break;
+            }
+            waited += 1;
+            assert!(
+                waited < 500,
+                "money kept does not match the paid orders (status, charged, refunds): {wrong:?}; \
+                 {} refunds unfinished",
+                engine.refunds_open()
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
         engine.shutdown().await;
     };
     if tokio::time::timeout(STEP_LIMIT, last).await.is_err() {
-        panic!("the final replays or the shutdown hung for {STEP_LIMIT:?}");
+        panic!("the final replays, the money check or the shutdown hung for {STEP_LIMIT:?}");
     }
 }
 
