@@ -64,7 +64,8 @@ pub struct App {
 
 /// The longest a well-behaved request may wait for its answer on the server's own
 /// account under `rules`: a pay request paced by its route's rule and again by the
-/// `payment` resource's, the provider's `payment_timeout`, and a held refusal, with a
+/// `payment` resource's, its wait for room to note the charge attempt
+/// (`LEDGER_QUEUE_WAIT`), the provider's `payment_timeout`, and a held refusal, with a
 /// second to spare. The connection watchdog's `client_timeout` must be longer, or it
 /// would cut such requests off.
 pub fn longest_answer(rules: &stampede_guard::GuardRules, payment_timeout: Duration) -> Duration {
@@ -87,6 +88,7 @@ pub fn longest_answer(rules: &stampede_guard::GuardRules, payment_timeout: Durat
         .unwrap_or_default();
     longest_route
         + paced("payment")
+        + stampede_engine::LEDGER_QUEUE_WAIT
         + payment_timeout
         + rules.system.hold_refused
         + Duration::from_secs(1)

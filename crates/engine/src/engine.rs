@@ -408,7 +408,7 @@ const REFUND_PATIENCE_MIN_MS: u64 = 15_000;
 const REFUND_RETRY_MAX: std::time::Duration = std::time::Duration::from_secs(8);
 
 /// The longest a pay waits for room in the writer's queue to note its charge attempt.
-const LEDGER_QUEUE_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+pub const LEDGER_QUEUE_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Refund calls to the provider in flight at once: a restart that finds many refunds
 /// owed, or a sale whose many paid-for-but-unrecorded orders expire together, does not

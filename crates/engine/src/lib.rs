@@ -27,8 +27,8 @@ pub use breaker::CommitBreaker;
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use engine::{
     AckMode, Actor, AdminError, Audit, CLOSED_ORDERS_PER_SHOPPER_MAX, Engine, EngineConfig,
-    NewProduct, NewSale, ORDERS_LISTED_MAX, OrderError, Placed, ProductView, Purchase,
-    PurchaseError, SaleView,
+    LEDGER_QUEUE_WAIT, NewProduct, NewSale, ORDERS_LISTED_MAX, OrderError, Placed, ProductView,
+    Purchase, PurchaseError, SaleView,
 };
 pub use gate::{GateRefusal, StockGate};
 pub use payment::{PaymentError, PaymentGateway};

@@ -238,7 +238,7 @@ pub struct ServeArgs {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_connections: Option<usize>,
-    /// A connection whose request is still arriving or unanswered this long after its first byte, or idle this long, is closed; longer than the guard rules' longest answer (paced waits + payment_timeout + held refusal + 1s) [default: 150s].
+    /// A connection whose request is still arriving or unanswered this long after its first byte, or idle this long, is closed; longer than the guard rules' longest answer (paced waits + 1s for room to note a charge attempt + payment_timeout + held refusal + 1s) [default: 150s].
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub client_timeout: Option<String>,
