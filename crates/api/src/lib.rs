@@ -442,14 +442,14 @@ async fn protect(
     // share, and a request the route refuses costs the client none of its allowance.
     let admitted = app.guard.admit(resource, class).and_then(|mut admission| {
         match &peer {
-            Some(peer) => client_admits(app, resource, peer, request.headers()),
-            None => Ok(()),
+            Some(peer) => client_admits(app, resource, peer, request.headers()).map(Some),
+            None => Ok(None),
         }
         .inspect_err(|_| admission.give_back())
         // Dropped on a refusal: not in flight while its answer waits for a hold.
-        .map(|()| admission)
+        .map(|client| (admission, client))
     });
-    let mut admission = match admitted {
+    let (mut admission, client) = match admitted {
         Ok(admission) => admission,
         Err(rejection) => {
             let response = ApiError::from(rejection).into_response();
@@ -468,7 +468,13 @@ async fn protect(
         .get::<error::PerKeyRefusal>()
         .is_some()
     {
+        // Refused by a shopper's or a sale's own limit: it costs the route's shared
+        // rate nothing, nor its client's or tenant's allowance (a scalper must not use
+        // up what others behind the same address or tenant share).
         admission.give_back();
+        if let Some(client) = &client {
+            client.give_back(app, resource);
+        }
     }
     // The request is finished: no longer in flight, whether or not its answer waits.
     drop(admission);
@@ -483,20 +489,46 @@ async fn protect(
     response
 }
 
-/// The per-client-IP and per-tenant hot keys, for a request that came from `peer`.
+/// The client's keys a request was admitted under, so a later refusal can give their
+/// allowance back.
+struct ClientKeys {
+    ip: std::net::IpAddr,
+    /// Only behind a trusted proxy that names one.
+    tenant: Option<axum::http::HeaderValue>,
+}
+
+impl ClientKeys {
+    fn give_back(&self, app: &App, resource: &stampede_guard::Resource) {
+        app.guard.give_back_hot(resource, Param::ClientIp, &self.ip);
+        if let Some(tenant) = &self.tenant {
+            app.guard
+                .give_back_hot(resource, Param::Tenant, tenant.as_bytes());
+        }
+    }
+}
+
+/// The per-client-IP and per-tenant hot keys, for a request that came from `peer`. A
+/// tenant's refusal gives the client's allowance back.
 fn client_admits(
     app: &App,
     resource: &stampede_guard::Resource,
     peer: &hold::Peer,
     headers: &axum::http::HeaderMap,
-) -> Result<(), stampede_guard::Rejection> {
-    let ip = peer.addr.ip();
-    let client = app.proxies.client_ip(ip, headers);
-    app.guard.check_hot(resource, Param::ClientIp, &client)?;
-    match app.proxies.tenant(ip, headers) {
-        Some(tenant) => app.guard.check_hot(resource, Param::Tenant, tenant),
-        None => Ok(()),
+) -> Result<ClientKeys, stampede_guard::Rejection> {
+    let peer_ip = peer.addr.ip();
+    let ip = app.proxies.client_ip(peer_ip, headers);
+    app.guard.check_hot(resource, Param::ClientIp, &ip)?;
+    let tenant = app.proxies.tenant(peer_ip, headers);
+    if let Some(tenant) = tenant
+        && let Err(rejection) = app.guard.check_hot(resource, Param::Tenant, tenant)
+    {
+        app.guard.give_back_hot(resource, Param::ClientIp, &ip);
+        return Err(rejection);
     }
+    Ok(ClientKeys {
+        ip,
+        tenant: tenant.and_then(|tenant| axum::http::HeaderValue::from_bytes(tenant).ok()),
+    })
 }
 
 /// A refusal with `Retry-After`: recorded in `stampede_guard_refusal_seconds` (from the

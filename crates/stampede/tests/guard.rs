@@ -777,6 +777,71 @@ async fn client_and_tenant_limits_believe_only_trusted_proxies() {
     }
 }
 
+/// Shoppers behind one address (a shop's till network, a campus NAT) share its allowance:
+/// a scalper's attempts refused by the scalper's own limit must not spend it, nor may a
+/// request its tenant refuses spend its client's.
+#[tokio::test]
+async fn a_request_refused_by_a_later_limit_spends_nothing_of_its_clients() {
+    use stampede_guard::Param;
+    let app = spawn_app_with(|config| {
+        config.guard.system.hold_refused = Duration::ZERO;
+        config.trusted_proxies = "127.0.0.1/32".into();
+        for (resource, param, burst) in [
+            ("purchase", Param::ClientIp, 25),
+            ("get_sale", Param::ClientIp, 3),
+            ("get_sale", Param::Tenant, 1),
+        ] {
+            config.guard.hot.push(stampede_guard::HotRule {
+                name: format!("{resource}-{param:?}"),
+                resource: resource.into(),
+                param,
+                qps: 0.001,
+                burst,
+                dry_run: false,
+            });
+        }
+    })
+    .await;
+    let sale = app.live_sale("GUARD-NAT", 1_000, 1_000).await;
+
+    // The scalper's 30 attempts: the shipped per-shopper burst of 20 admits 20, which
+    // the address's 25 covers; the 10 the shopper limit refuses cost the address nothing.
+    let scalper = app.shopper("scalper");
+    let mut statuses = Vec::new();
+    for i in 0..30 {
+        let reply = app
+            .purchase_reply(&scalper, &sale, &format!("nat-{i}"), 1)
+            .await;
+        statuses.push(reply.status);
+    }
+    let ok = statuses.iter().filter(|s| **s == 201).count();
+    assert!((20..=21).contains(&ok), "{statuses:?}");
+    // Another shopper at the same address still buys.
+    let (status, body) = app
+        .purchase(&app.shopper("neighbour"), &sale, "n-1", 1)
+        .await;
+    assert_eq!(status, 201, "{body}");
+
+    // A client's request that its tenant refuses gives the client's allowance back.
+    let get = |tenant: &str| {
+        let request = app
+            .client
+            .get(app.url(&format!("/v1/flash-sales/{sale}")))
+            .header("x-forwarded-for", "198.51.100.7")
+            .header("x-tenant", tenant);
+        async move { send(request).await.status }
+    };
+    assert_eq!(get("acme").await, 200);
+    assert_eq!(get("acme").await, 429, "tenant over its burst");
+    assert_eq!(get("globex").await, 200);
+    assert_eq!(
+        get("initech").await,
+        200,
+        "the refused request cost the client nothing"
+    );
+    assert_eq!(get("umbrella").await, 429, "client over its burst of 3");
+}
+
 /// One HTTP/1.1 exchange on a raw keep-alive connection: the status and the body.
 async fn exchange(conn: &mut tokio::net::TcpStream, path: &str) -> (u16, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
