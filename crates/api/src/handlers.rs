@@ -714,11 +714,25 @@ async fn change_rules(
         ));
     }
     let json = serde_json::to_string(&rules).expect("rules serialise");
-    app.engine
-        .store()
-        .save_setting(GUARD_RULES_KEY, &json)
-        .await
-        .map_err(|e| ApiError::unavailable(format!("the rules could not be saved: {e}")))?;
+    // Bounded: a stalled database answers 503 and the rules stay as they were, rather
+    // than hold the admin's request until the connection is cut.
+    let store = app.engine.store();
+    let save = store.save_setting(GUARD_RULES_KEY, &json);
+    let saved = if app.database_timeout.is_zero() {
+        save.await
+    } else {
+        tokio::time::timeout(app.database_timeout, save)
+            .await
+            .map_err(|_| {
+                ApiError::unavailable(format!(
+                    "the rules could not be saved within database_timeout ({:?}): the rules in \
+                     force are unchanged, but the stored copy may still be replaced when the \
+                     database answers, so send the change again",
+                    app.database_timeout
+                ))
+            })?
+    };
+    saved.map_err(|e| ApiError::unavailable(format!("the rules could not be saved: {e}")))?;
     app.guard.replace(rules.clone()).map_err(rule_errors)?;
     tracing::info!(
         version = rules.version,

@@ -60,6 +60,9 @@ pub struct App {
     /// whose longest answer (`longest_answer`) would not fit is refused.
     pub client_timeout: Duration,
     pub payment_timeout: Duration,
+    /// Bounds the admin's writes to the store outside the writer (the guard's rules);
+    /// zero: none.
+    pub database_timeout: Duration,
 }
 
 /// The longest a well-behaved request may wait for its answer on the server's own

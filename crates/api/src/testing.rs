@@ -30,6 +30,7 @@ pub fn router(engine: Arc<Engine>, jwt: &Secret) -> axum::Router {
             proxies: crate::client::TrustedProxies::parse("").expect("no proxies"),
             client_timeout: Duration::from_secs(150),
             payment_timeout: Duration::from_secs(3),
+            database_timeout: Duration::from_secs(5),
         })),
         crate::BODY_LIMIT_BYTES_DEFAULT,
     )

@@ -170,7 +170,7 @@ pub struct ServeArgs {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub owner_wait: Option<String>,
-    /// Longest a statement of a server database's writer may run or wait for a lock (PostgreSQL statement_timeout unless the URL sets one, or lock_timeout when COMMIT waits for a synchronous standby; MariaDB max_statement_time; MySQL its lock wait timeouts); 0s: none [default: 5s].
+    /// Longest a statement of a server database's writer may run or wait for a lock (PostgreSQL statement_timeout unless the URL sets one, or lock_timeout when COMMIT waits for a synchronous standby; MariaDB max_statement_time; MySQL its lock wait timeouts), and the longest a guard rules change waits for its save; 0s: none [default: 5s].
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub database_timeout: Option<String>,
@@ -643,6 +643,7 @@ pub async fn start(
         proxies: stampede_api::client::TrustedProxies::parse(&config.trusted_proxies)?,
         client_timeout: config.client_timeout,
         payment_timeout: config.payment_timeout,
+        database_timeout: config.database_timeout,
     }));
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await

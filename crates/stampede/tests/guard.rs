@@ -682,6 +682,47 @@ async fn a_stalled_mariadb_times_out_at_database_timeout() {
     .await;
 }
 
+/// A rules change while the database stalls: answered 503 within `database_timeout`,
+/// the rules in force unchanged, and the same change goes through once it heals.
+async fn a_rules_change_on_a_stalled_database_is_refused_in_time(backend: Backend) {
+    let app = spawn_app_on_with(backend, |config| {
+        config.database_timeout = Duration::from_millis(300);
+    })
+    .await;
+    let mut next = rules(&app).await;
+    let version = next["version"].as_u64().unwrap();
+    next["version"] = json!(version + 1);
+    next["dry_run"] = json!(true);
+    app.database.slow_setting_saves(5.0).await;
+    let started = Instant::now();
+    let reply = put_rules(&app, Some(&app.admin), &next).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_error(&reply, 503, "unavailable");
+    assert_eq!(
+        rules(&app).await["version"],
+        version,
+        "the rules in force are unchanged"
+    );
+    app.database.heal_setting_saves().await;
+    let reply = put_rules(&app, Some(&app.admin), &next).await;
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    assert_eq!(rules(&app).await["version"], version + 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rules_change_on_a_stalled_postgres_is_refused_in_time() {
+    a_rules_change_on_a_stalled_database_is_refused_in_time(Backend::Postgres).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rules_change_on_a_stalled_mariadb_is_refused_in_time() {
+    a_rules_change_on_a_stalled_database_is_refused_in_time(Backend::MySql).await;
+}
+
 /// A `statement_timeout` in the PostgreSQL URL (what the README offered before
 /// `database_timeout`) wins over the 5 s default.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

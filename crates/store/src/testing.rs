@@ -274,18 +274,31 @@ impl TestDatabase {
     /// Makes every insert into orders take `seconds` (a server database), with a
     /// trigger that sleeps, the way a database stalled on a lock or a slow disk would.
     pub async fn slow_order_inserts(&self, seconds: f64) {
+        self.slow_inserts("orders", "stampede_t_broken", seconds)
+            .await;
+    }
+
+    /// Makes every save of a setting (the guard's rules) take `seconds` (a server
+    /// database), the same way.
+    pub async fn slow_setting_saves(&self, seconds: f64) {
+        self.slow_inserts("settings", "stampede_t_slow_settings", seconds)
+            .await;
+    }
+
+    async fn slow_inserts(&self, table: &str, trigger: &str, seconds: f64) {
         let statements = match self.backend {
             Backend::Postgres => vec![
                 format!(
-                    "CREATE FUNCTION stampede_t_broken() RETURNS trigger LANGUAGE plpgsql AS \
+                    "CREATE FUNCTION {trigger}() RETURNS trigger LANGUAGE plpgsql AS \
                      $$ BEGIN PERFORM pg_sleep({seconds}); RETURN NULL; END $$"
                 ),
-                "CREATE TRIGGER stampede_t_broken BEFORE INSERT ON orders \
-                 FOR EACH STATEMENT EXECUTE FUNCTION stampede_t_broken()"
-                    .to_owned(),
+                format!(
+                    "CREATE TRIGGER {trigger} BEFORE INSERT ON {table} \
+                     FOR EACH STATEMENT EXECUTE FUNCTION {trigger}()"
+                ),
             ],
             Backend::MySql => vec![format!(
-                "CREATE TRIGGER stampede_t_broken BEFORE INSERT ON orders \
+                "CREATE TRIGGER {trigger} BEFORE INSERT ON {table} \
                  FOR EACH ROW SET @stampede_stalled = SLEEP({seconds})"
             )],
             Backend::Sqlite => panic!("a server database only"),
@@ -305,6 +318,18 @@ impl TestDatabase {
             Backend::Sqlite | Backend::MySql => &["DROP TRIGGER stampede_t_broken"],
         };
         self.execute_all(data_dir, statements).await;
+    }
+
+    /// Undoes [`TestDatabase::slow_setting_saves`].
+    pub async fn heal_setting_saves(&self) {
+        let statements: &[&str] = match self.backend {
+            Backend::Postgres => &[
+                "DROP TRIGGER stampede_t_slow_settings ON settings",
+                "DROP FUNCTION stampede_t_slow_settings()",
+            ],
+            Backend::Sqlite | Backend::MySql => &["DROP TRIGGER stampede_t_slow_settings"],
+        };
+        self.execute_all(std::path::Path::new(""), statements).await;
     }
 
     /// Runs `statements` on this database, from a connection of its own.
