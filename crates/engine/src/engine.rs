@@ -642,7 +642,10 @@ impl Shared {
 
     pub(crate) fn remember_order(&self, user: &UserId, id: OrderId) {
         let mut shard = self.user_orders_shard(user).lock();
-        let ids = shard.entry(user.clone()).or_default();
+        // Most shoppers of a flash sale place one order: room for one, not four.
+        let ids = shard
+            .entry(user.clone())
+            .or_insert_with(|| Vec::with_capacity(1));
         if ids.len() >= 2 * ORDERS_LISTED_MAX {
             ids.drain(..ids.len() - ORDERS_LISTED_MAX);
         }
