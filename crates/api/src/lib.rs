@@ -530,7 +530,8 @@ fn client_admits(
     }
     Ok(ClientKeys {
         ip,
-        tenant: tenant.and_then(|tenant| axum::http::HeaderValue::from_bytes(tenant).ok()),
+        // The header itself (a reference-counted copy), the value the rule counted.
+        tenant: tenant.and_then(|_| headers.get("x-tenant").cloned()),
     })
 }
 

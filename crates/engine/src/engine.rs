@@ -55,6 +55,10 @@ pub struct EngineConfig {
     /// On a cluster store: how often the writer heartbeats, reclaims dead nodes' leases,
     /// learns of products and sales created elsewhere and returns idle leases.
     pub cluster_tick_ms: u64,
+    /// How often the charge ledger is swept for refunds still owed (closed orders'
+    /// entries): a refund that failed, a node that died while refunding, a close that
+    /// could not see its entry.
+    pub charge_sweep_ms: u64,
 }
 
 impl Default for EngineConfig {
@@ -69,6 +73,7 @@ impl Default for EngineConfig {
             lease_max: 16_384,
             lease_idle_ms: 2_000,
             cluster_tick_ms: 500,
+            charge_sweep_ms: 60_000,
         }
     }
 }
@@ -445,6 +450,9 @@ pub(crate) struct Shared {
     refunds: tokio::sync::Semaphore,
     /// Refunds started and not finished (retries included), owed ones too.
     refunds_open: std::sync::atomic::AtomicUsize,
+    /// Orders whose refund runs on this node now, with the time until which it keeps
+    /// trying while the provider says nothing was charged. Bounded by `refunds_open`.
+    refunding: Mutex<FastMap<OrderId, tokio::time::Instant>>,
     /// The writer's queue, for ledger entries settled in the background; weak, so it
     /// does not keep the queue open.
     ledger: std::sync::OnceLock<mpsc::WeakSender<Job>>,
@@ -675,30 +683,38 @@ impl Shared {
                 }
             }
         };
+        // A charge in flight lands within one provider timeout after its pay noted it
+        // (the expiry grace covers that): `NotCharged` is believed only once twice that,
+        // and at least `REFUND_PATIENCE_MIN_MS`, has passed, with a last try then.
+        let patience = std::time::Duration::from_millis(
+            (2 * self.config.expiry_grace_ms.max(0) as u64).max(REFUND_PATIENCE_MIN_MS),
+        );
+        let deadline = tokio::time::Instant::now() + patience;
+        // One refund of an order at a time on this node (a close, a pay that timed out
+        // and the sweep may all ask): a later ask extends the running one's patience.
+        {
+            let mut refunding = self.refunding.lock();
+            if let Some(running) = refunding.get_mut(&order_id) {
+                *running = (*running).max(deadline);
+                return;
+            }
+            refunding.insert(order_id, deadline);
+        }
         self.refunds_open
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         metrics::counter!("stampede_refunds_total", "reason" => "unpaid_order_closed").increment(1);
         let shared = self.clone();
-        // A charge in flight lands within one provider timeout (which the expiry grace
-        // covers): `NotCharged` is believed only once that has surely passed.
-        let patience = std::time::Duration::from_millis(
-            (2 * self.config.expiry_grace_ms.max(0) as u64).max(REFUND_PATIENCE_MIN_MS),
-        );
         tokio::spawn(async move {
             let key = order_id.to_string();
-            let started = tokio::time::Instant::now();
             let mut last_error = None;
-            let mut delay = std::time::Duration::ZERO;
+            let mut delay = std::time::Duration::from_secs(1);
             loop {
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).clamp(std::time::Duration::from_secs(1), REFUND_RETRY_MAX);
-                if started.elapsed() > patience {
-                    break;
-                }
-                let Ok(_permit) = shared.refunds.acquire().await else {
+                let Ok(permit) = shared.refunds.acquire().await else {
                     break;
                 };
-                match gateway.refund(&key, amount).await {
+                let answer = gateway.refund(&key, amount).await;
+                drop(permit);
+                match answer {
                     Ok(()) => {
                         last_error = None;
                         shared.settle_charge(order_id);
@@ -706,6 +722,18 @@ impl Shared {
                     }
                     Err(error) => last_error = Some(error),
                 }
+                let now = tokio::time::Instant::now();
+                let deadline = shared
+                    .refunding
+                    .lock()
+                    .get(&order_id)
+                    .copied()
+                    .unwrap_or(now);
+                if now >= deadline {
+                    break;
+                }
+                tokio::time::sleep(delay.min(deadline - now)).await;
+                delay = (delay * 2).min(REFUND_RETRY_MAX);
             }
             match last_error {
                 Some(PaymentError::NotCharged) => {
@@ -713,11 +741,12 @@ impl Shared {
                     shared.settle_charge(order_id);
                 }
                 Some(error) => {
-                    tracing::warn!(%order_id, %error, "refund for a closed unpaid order failed; the next start tries again");
+                    tracing::warn!(%order_id, %error, "refund for a closed unpaid order failed; the ledger's sweep tries again");
                     metrics::counter!("stampede_refund_failures_total").increment(1);
                 }
                 None => {}
             }
+            shared.refunding.lock().remove(&order_id);
             shared
                 .refunds_open
                 .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
@@ -792,6 +821,8 @@ pub struct Engine {
     queue: Arc<tokio::sync::Mutex<mpsc::Receiver<Job>>>,
     shutdown: Mutex<Option<oneshot::Sender<()>>>,
     writer: tokio::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// The charge ledger's sweep (`sweep_closed_charges`), stopped with the writer.
+    sweep: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -860,6 +891,7 @@ impl Engine {
             refunds_owed: Default::default(),
             refunds: tokio::sync::Semaphore::new(REFUNDS_AT_ONCE),
             refunds_open: Default::default(),
+            refunding: Default::default(),
             ledger: Default::default(),
             cluster,
             gate: gate.clone(),
@@ -1005,12 +1037,17 @@ impl Engine {
         for order_id in settled {
             shared.settle_charge(order_id);
         }
+        let sweep = tokio::spawn(sweep_closed_charges(
+            Arc::downgrade(&shared),
+            std::time::Duration::from_millis(shared.config.charge_sweep_ms.max(1)),
+        ));
         Ok(Engine {
             shared,
             jobs,
             queue,
             shutdown: Mutex::new(Some(shutdown_tx)),
             writer: tokio::sync::Mutex::new(Some(handle)),
+            sweep: Mutex::new(Some(sweep)),
         })
     }
 
@@ -1087,6 +1124,9 @@ impl Engine {
     /// Stops accepting writes, commits everything already queued, and waits for the
     /// writer to finish. Idempotent.
     pub async fn shutdown(&self) {
+        if let Some(sweep) = self.sweep.lock().take() {
+            sweep.abort();
+        }
         if let Some(signal) = self.shutdown.lock().take() {
             let _ = signal.send(());
         }
@@ -1098,6 +1138,9 @@ impl Engine {
     /// Stops the writer where it is, as a `kill -9` would: queued jobs are dropped and an
     /// uncommitted batch is rolled back by the store. For crash tests.
     pub async fn crash(&self) {
+        if let Some(sweep) = self.sweep.lock().take() {
+            sweep.abort();
+        }
         if let Some(handle) = self.writer.lock().await.take() {
             handle.abort();
             let _ = handle.await;
@@ -1928,7 +1971,12 @@ impl Engine {
                 .charge(&key, order.amount)
                 .await
                 .map_err(|error| match error {
-                    PaymentError::Timeout => OrderError::PaymentTimeout,
+                    PaymentError::Timeout => {
+                        // The charge may still land. If the order closed while it was
+                        // out, its refund (started by the close) waits for it from now.
+                        engine.refund_if_closed(id, order.amount);
+                        OrderError::PaymentTimeout
+                    }
                     PaymentError::Declined(reason) => OrderError::PaymentFailed(reason),
                     PaymentError::CircuitOpen { retry_after_ms } => {
                         OrderError::PaymentCircuitOpen(retry_after_ms)
@@ -1964,6 +2012,19 @@ impl Engine {
         })
         .await
         .map_err(|_| OrderError::Unavailable)?
+    }
+
+    /// In the background: if the order is closed now, refunds (or keeps refunding) the
+    /// charge a pay that just timed out may still land.
+    fn refund_if_closed(&self, id: OrderId, amount: Cents) {
+        let shared = self.shared.clone();
+        tokio::spawn(async move {
+            if let Ok(Some(order)) = shared.store.order(id).await
+                && !order.status.holds_stock()
+            {
+                shared.refund_if_charged(id, amount);
+            }
+        });
     }
 
     /// Writes a charge-ledger entry through the writer and answers what the store did.
@@ -2191,4 +2252,34 @@ const LEASE_WAIT: Duration = Duration::from_secs(2);
 
 pub(crate) fn duration_ms(ms: u64) -> Duration {
     Duration::from_millis(ms.max(1))
+}
+
+/// Every `EngineConfig::charge_sweep_ms`, refunds the charge ledger's entries of closed
+/// orders (`Store::closed_charges`) this node is not refunding already: a close that
+/// could not see its entry (a consistent read on MySQL, isolated from a pay another node
+/// committed meanwhile), a refund that failed, a node that died while refunding. Ends
+/// with the engine.
+async fn sweep_closed_charges(shared: std::sync::Weak<Shared>, every: std::time::Duration) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
+        if shared.gateway.get().is_none() {
+            continue;
+        }
+        match shared.store.closed_charges().await {
+            Ok(owed) => {
+                for (order_id, amount) in owed {
+                    shared.refund_if_charged(order_id, amount);
+                }
+            }
+            Err(error) => {
+                tracing::warn!(%error, "could not read the charge ledger; the next sweep tries again");
+            }
+        }
+    }
 }

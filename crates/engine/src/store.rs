@@ -329,6 +329,12 @@ pub trait Store: Send + Sync + 'static {
         let _ = through_seq;
         Ok(())
     }
+    /// The charge ledger's entries of closed orders, with their amounts: refunds that a
+    /// close did not start or that did not get through (for the engine's periodic
+    /// sweep). A store that writes nothing durable keeps no ledger.
+    async fn closed_charges(&self) -> Result<Vec<(OrderId, Cents)>, StoreError> {
+        Ok(Vec::new())
+    }
     /// A small named document kept beside the orders (e.g. the guard's rules), durable
     /// when `save_setting` returns. Stores that keep none say `None` and refuse saves.
     async fn load_setting(&self, key: &str) -> Result<Option<String>, StoreError> {

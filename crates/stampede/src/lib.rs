@@ -575,9 +575,13 @@ pub async fn start(
         queue_capacity: config.queue_capacity,
         batch_size_max: config.batch_size_max,
         payment_window_ms: config.payment_window.as_millis() as i64,
-        // A payment may start until expires_at and lasts at most one provider timeout;
-        // expiry waits for it (plus a second for the writer) so the payer is not robbed.
-        expiry_grace_ms: config.payment_timeout.as_millis() as i64 + 1_000,
+        // A payment may start until expires_at and lasts at most its wait to note the
+        // charge attempt and one provider timeout; expiry waits for it (plus a second
+        // for the writer) so the payer is not robbed. (A pacing rule on `payment` can
+        // hold a charge longer; its refund is then made, not lost.)
+        expiry_grace_ms: (stampede_engine::LEDGER_QUEUE_WAIT + config.payment_timeout).as_millis()
+            as i64
+            + 1_000,
         expiry_tick_ms: (config.payment_window.as_millis() as u64 / 20).clamp(10, 1_000),
         ack: match config.ack {
             Ack::Durable => AckMode::Durable,
@@ -587,6 +591,7 @@ pub async fn start(
         lease_idle_ms: config.lease_idle.as_millis() as i64,
         // Heartbeats well inside the time to live.
         cluster_tick_ms: (config.node_ttl.as_millis() as u64 / 5).clamp(100, 1_000),
+        ..EngineConfig::default()
     };
     let relay_store = store.clone();
     let gate: Option<Arc<dyn stampede_engine::StockGate>> = match config.stock_gate {

@@ -127,6 +127,17 @@ macro_rules! order_from_row {
     }};
 }
 
+/// The ledger entries of closed orders (cancelled or expired): refunds owed.
+pub(crate) fn closed(
+    attempts: Vec<stampede_engine::ChargeAttempt>,
+) -> Vec<(stampede_types::OrderId, Cents)> {
+    attempts
+        .into_iter()
+        .filter(|attempt| !attempt.status.holds_stock())
+        .map(|attempt| (attempt.order_id, attempt.amount))
+        .collect()
+}
+
 /// The charge ledger joined with its orders' states, on `$executor`.
 macro_rules! fetch_charge_attempts {
     ($executor:expr) => {

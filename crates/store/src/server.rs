@@ -52,7 +52,9 @@ use stampede_engine::{
 use stampede_types::{Cents, IdempotencyKey, OrderId, OrderStatus, Quantity, SaleId, Sku, UserId};
 use tokio::sync::Mutex;
 
-use crate::rows::{corrupt, count_units, order_values, outbox_events, transitioned, unavailable};
+use crate::rows::{
+    closed, corrupt, count_units, order_values, outbox_events, transitioned, unavailable,
+};
 
 /// Shoppers per holdings upsert in a cluster commit (4 parameters each).
 const HOLDINGS_CHUNK_ROWS: usize = 1024;
@@ -1258,11 +1260,7 @@ macro_rules! server_store {
                         }
                         // Refunds the dead node may not have made (a pending order's
                         // entry is found by whoever closes it).
-                        reclaimed.refunds_owed = fetch_charge_attempts!(&self.readers)?
-                            .into_iter()
-                            .filter(|attempt| !attempt.status.holds_stock())
-                            .map(|attempt| (attempt.order_id, attempt.amount))
-                            .collect();
+                        reclaimed.refunds_owed = closed(fetch_charge_attempts!(&self.readers)?);
                     }
                     Ok(reclaimed)
                 })
@@ -1361,6 +1359,10 @@ macro_rules! server_store {
 
             async fn outbox_remove(&self, through_seq: i64) -> Result<(), StoreError> {
                 remove_outbox!(&self.readers, $db, through_seq)
+            }
+
+            async fn closed_charges(&self) -> Result<Vec<(OrderId, Cents)>, StoreError> {
+                Ok(closed(fetch_charge_attempts!(&self.readers)?))
             }
 
             async fn load_setting(&self, key: &str) -> Result<Option<String>, StoreError> {

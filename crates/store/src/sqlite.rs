@@ -21,7 +21,7 @@ use stampede_engine::{
 };
 use stampede_types::{Cents, IdempotencyKey, OrderId, OrderStatus, Quantity, SaleId, Sku, UserId};
 
-use crate::rows::{corrupt, count_units, unavailable};
+use crate::rows::{closed, corrupt, count_units, unavailable};
 use crate::sqlite_writer::{self, WriteConnection, sql};
 
 pub struct SqliteStore {
@@ -324,6 +324,10 @@ impl Store for SqliteStore {
             .await
             .map_err(unavailable)?;
         Ok(())
+    }
+
+    async fn closed_charges(&self) -> Result<Vec<(OrderId, Cents)>, StoreError> {
+        Ok(closed(fetch_charge_attempts!(&self.readers)?))
     }
 
     async fn load_setting(&self, key: &str) -> Result<Option<String>, StoreError> {

@@ -563,6 +563,12 @@ impl<I: Interceptor> stampede_engine::Store for Intercepted<I> {
         self.hooks.before(Call::OutboxRemove).await?;
         self.inner.outbox_remove(through_seq).await
     }
+    async fn closed_charges(
+        &self,
+    ) -> Result<Vec<(stampede_types::OrderId, stampede_types::Cents)>, stampede_engine::StoreError>
+    {
+        self.inner.closed_charges().await
+    }
     async fn load_setting(&self, key: &str) -> Result<Option<String>, stampede_engine::StoreError> {
         self.hooks.before(Call::Setting).await?;
         self.inner.load_setting(key).await

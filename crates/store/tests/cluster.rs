@@ -46,6 +46,7 @@ async fn join_with(
         payment_window_ms,
         expiry_grace_ms: 0,
         expiry_tick_ms: 100,
+        charge_sweep_ms: 200,
         ..EngineConfig::default()
     };
     let engine = Engine::open(store.clone(), Arc::new(SystemClock), config)
@@ -258,6 +259,44 @@ async fn a_charge_made_through_one_node_is_refunded_by_the_node_that_closes_the_
     b.shutdown().await;
 }
 
+/// The node that closes an order cannot refund it (it has never talked to the provider,
+/// or its refund failed): the ledger's sweep on another node makes the refund.
+async fn a_refund_the_closing_node_cannot_make_is_made_by_the_sweep(backend: Backend) {
+    let database = TestDatabase::create(backend).await;
+    let (_, a) = join(&database).await;
+    let (_, b) = join(&database).await;
+    let (a, b) = (Arc::new(a), Arc::new(b));
+    let provider = Arc::new(RecordingProvider::default());
+    let sale = live_sale(&a, "P", 3, 3, 50, 3).await;
+    learns_of(&b, sale).await;
+    let order = a.purchase(user("x"), key("k"), sale, one()).await.unwrap();
+    let id = order.placed.order_id;
+    provider
+        .time_out
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(
+        a.pay(&user("x"), id, provider.clone()).await,
+        Err(OrderError::PaymentTimeout)
+    );
+    provider
+        .time_out
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    // b knows no provider: its close owes the refund and cannot make it.
+    b.cancel(&Actor::Shopper(user("x")), id).await.unwrap();
+    for _ in 0..100 {
+        if !provider.keeps(&id.to_string()) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        !provider.keeps(&id.to_string()),
+        "the sweep on the node that knows the provider refunded the charge"
+    );
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
 async fn idempotency_keys_and_per_user_limits_hold_across_nodes(backend: Backend) {
     let database = TestDatabase::create(backend).await;
     let (_, a) = join(&database).await;
@@ -458,6 +497,7 @@ on_server_backends!(
     a_dead_nodes_lease_is_reclaimed_and_it_can_never_commit_again,
     a_cancelled_order_returns_its_unit_to_the_cancelling_nodes_lease,
     a_charge_made_through_one_node_is_refunded_by_the_node_that_closes_the_order,
+    a_refund_the_closing_node_cannot_make_is_made_by_the_sweep,
     idempotency_keys_and_per_user_limits_hold_across_nodes,
     a_buyer_who_hangs_up_while_waiting_for_a_lease_frees_its_key,
     a_node_returns_what_it_does_not_use,
