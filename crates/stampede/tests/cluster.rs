@@ -48,26 +48,7 @@ async fn three_nodes_one_killed(backend: Backend) {
         nodes.push(Server::start(dir.path(), &args).await);
     }
 
-    let reply = nodes[0]
-        .admin_post(
-            "/v1/products",
-            &json!({"sku": "CLUSTER-1", "name": "Shared phone", "price_cents": 1_000, "stock": UNITS}),
-        )
-        .await;
-    assert_eq!(reply.status, 201, "{}", reply.body);
-    let now = chrono::Utc::now();
-    let reply = nodes[0]
-        .admin_post(
-            "/v1/flash-sales",
-            &json!({
-                "sku": "CLUSTER-1", "price_cents": 500, "quantity": UNITS, "per_user_limit": 1,
-                "starts_at": (now - chrono::Duration::seconds(1)).to_rfc3339(),
-                "ends_at": (now + chrono::Duration::hours(1)).to_rfc3339(),
-            }),
-        )
-        .await;
-    assert_eq!(reply.status, 201, "{}", reply.body);
-    let sale = reply.body["id"].as_str().expect("sale id").to_owned();
+    let sale = nodes[0].live_sale("CLUSTER-1", UNITS as usize).await;
     for node in &nodes[1..] {
         eventually("the other nodes learn of the sale", || async {
             let view = send(

@@ -36,26 +36,7 @@ async fn crash_mid_stampede(kill_after_acks: usize, extra_args: &[&str]) {
     let data_dir = tempfile::tempdir().expect("data directory");
     let server = Server::start(data_dir.path(), extra_args).await;
 
-    let reply = server
-        .admin_post(
-            "/v1/products",
-            &json!({"sku": "CRASH-1", "name": "Crash phone", "price_cents": 1_000, "stock": UNITS}),
-        )
-        .await;
-    assert_eq!(reply.status, 201, "{}", reply.body);
-    let now = chrono::Utc::now();
-    let reply = server
-        .admin_post(
-            "/v1/flash-sales",
-            &json!({
-                "sku": "CRASH-1", "price_cents": 500, "quantity": UNITS, "per_user_limit": 1,
-                "starts_at": (now - chrono::Duration::seconds(1)).to_rfc3339(),
-                "ends_at": (now + chrono::Duration::hours(1)).to_rfc3339(),
-            }),
-        )
-        .await;
-    assert_eq!(reply.status, 201, "{}", reply.body);
-    let sale = reply.body["id"].as_str().expect("sale id").to_owned();
+    let sale = server.live_sale("CRASH-1", UNITS).await;
 
     let tokens: Arc<Vec<String>> = Arc::new(
         (0..SHOPPERS)
@@ -356,26 +337,7 @@ async fn kill9_keeps_no_money_for_unpaid_orders_on(backend: Backend) {
         args.extend(["--database-url", url.as_str()]);
     }
     let server = Server::start(data_dir.path(), &args).await;
-    let reply = server
-        .admin_post(
-            "/v1/products",
-            &json!({"sku": "LEDGER-1", "name": "Ledger lamp", "price_cents": 2_000, "stock": 10}),
-        )
-        .await;
-    assert_eq!(reply.status, 201, "{}", reply.body);
-    let now = chrono::Utc::now();
-    let reply = server
-        .admin_post(
-            "/v1/flash-sales",
-            &json!({
-                "sku": "LEDGER-1", "price_cents": 1_500, "quantity": 10, "per_user_limit": 1,
-                "starts_at": (now - chrono::Duration::seconds(1)).to_rfc3339(),
-                "ends_at": (now + chrono::Duration::hours(1)).to_rfc3339(),
-            }),
-        )
-        .await;
-    assert_eq!(reply.status, 201, "{}", reply.body);
-    let sale = reply.body["id"].as_str().expect("sale id").to_owned();
+    let sale = server.live_sale("LEDGER-1", 10).await;
     // B: the charge lands after our timeout; the order expires while every refund call
     // fails, and the server is killed before its retries get through.
     let (token_b, order_b) = buy(&server, &sale, "bea").await;

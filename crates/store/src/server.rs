@@ -1881,6 +1881,29 @@ macro_rules! insert_orders_json_table {
     }};
 }
 
+/// Locks order `$id`'s row for the rest of the transaction (a close and a charge attempt
+/// take the same lock): `Ok(row)` when the order is pending, else `Err` with the outcome
+/// that refuses the op (`NotFound`, or `Refused` with its status).
+macro_rules! lock_pending {
+    ($conn:expr, $sql:expr, $id:expr) => {
+        match sqlx::query(q(&$sql.lock_order))
+            .bind($id)
+            .fetch_optional(&mut *$conn)
+            .await
+            .map_err(unavailable)?
+        {
+            None => Err(OpOutcome::NotFound),
+            Some(row) => {
+                let status: String = row.try_get("status").map_err(unavailable)?;
+                match OrderStatus::parse(&status).ok_or_else(|| corrupt("status", &status))? {
+                    OrderStatus::PendingPayment => Ok(row),
+                    current => Err(OpOutcome::Refused { current }),
+                }
+            }
+        }
+    };
+}
+
 macro_rules! apply {
     ($conn:expr, $ops:expr, $sql:expr, $db:ty, $insert_orders:ident) => {{
         let ops: &[WriteOp] = $ops;
@@ -1952,29 +1975,17 @@ macro_rules! apply {
                     let id = order_id.to_string();
                     // The order's row lock, as a close takes it: a close on another node
                     // either committed first (refused here) or waits and finds the entry.
-                    let found = sqlx::query(q(&sql.lock_order))
-                        .bind(&id)
-                        .fetch_optional(&mut *$conn)
-                        .await
-                        .map_err(unavailable)?;
-                    let outcome = match found {
-                        None => OpOutcome::NotFound,
-                        Some(row) => {
-                            let status: String = row.try_get("status").map_err(unavailable)?;
-                            let current = OrderStatus::parse(&status)
-                                .ok_or_else(|| corrupt("status", &status))?;
-                            if current == OrderStatus::PendingPayment {
-                                sqlx::query(q(&sql.record_charge))
-                                    .bind(&id)
-                                    .bind(amount.get())
-                                    .bind(*at_ms)
-                                    .execute(&mut *$conn)
-                                    .await
-                                    .map_err(unavailable)?;
-                                OpOutcome::Written
-                            } else {
-                                OpOutcome::Refused { current }
-                            }
+                    let outcome = match lock_pending!($conn, sql, &id) {
+                        Err(refused) => refused,
+                        Ok(_) => {
+                            sqlx::query(q(&sql.record_charge))
+                                .bind(&id)
+                                .bind(amount.get())
+                                .bind(*at_ms)
+                                .execute(&mut *$conn)
+                                .await
+                                .map_err(unavailable)?;
+                            OpOutcome::Written
                         }
                     };
                     outcomes.push(outcome);
@@ -1994,45 +2005,31 @@ macro_rules! apply {
                 } => {
                     let id = order_id.to_string();
                     // MariaDB has no UPDATE … RETURNING: lock the row, read it, move it.
-                    let found = sqlx::query(q(&sql.lock_order))
-                        .bind(&id)
-                        .fetch_optional(&mut *$conn)
-                        .await
-                        .map_err(unavailable)?;
-                    let outcome = match found {
-                        None => OpOutcome::NotFound,
-                        Some(row) => {
-                            let status: String = row.try_get("status").map_err(unavailable)?;
-                            let current = OrderStatus::parse(&status)
-                                .ok_or_else(|| corrupt("status", &status))?;
-                            if current != OrderStatus::PendingPayment {
-                                OpOutcome::Refused { current }
+                    let outcome = match lock_pending!($conn, sql, &id) {
+                        Err(refused) => refused,
+                        Ok(row) => {
+                            sqlx::query(q(&sql.move_order))
+                                .bind(to.as_str())
+                                .bind(*at_ms)
+                                .bind(&id)
+                                .execute(&mut *$conn)
+                                .await
+                                .map_err(unavailable)?;
+                            let sale_id: String = row.try_get("sale_id").map_err(unavailable)?;
+                            let user_id: String = row.try_get("user_id").map_err(unavailable)?;
+                            let quantity: i64 = row.try_get("quantity").map_err(unavailable)?;
+                            // Closed unpaid: a pay may have charged it (the ledger says;
+                            // its entry was written under this row's lock).
+                            let charge: Option<i64> = if to.holds_stock() {
+                                None
                             } else {
-                                sqlx::query(q(&sql.move_order))
-                                    .bind(to.as_str())
-                                    .bind(*at_ms)
+                                sqlx::query_scalar(q(&sql.charge_of))
                                     .bind(&id)
-                                    .execute(&mut *$conn)
+                                    .fetch_optional(&mut *$conn)
                                     .await
-                                    .map_err(unavailable)?;
-                                let sale_id: String =
-                                    row.try_get("sale_id").map_err(unavailable)?;
-                                let user_id: String =
-                                    row.try_get("user_id").map_err(unavailable)?;
-                                let quantity: i64 = row.try_get("quantity").map_err(unavailable)?;
-                                // Closed unpaid: a pay may have charged it (the ledger
-                                // says; its entry was written under this row's lock).
-                                let charge: Option<i64> = if to.holds_stock() {
-                                    None
-                                } else {
-                                    sqlx::query_scalar(q(&sql.charge_of))
-                                        .bind(&id)
-                                        .fetch_optional(&mut *$conn)
-                                        .await
-                                        .map_err(unavailable)?
-                                };
-                                transitioned(&sale_id, &user_id, quantity, charge)?
-                            }
+                                    .map_err(unavailable)?
+                            };
+                            transitioned(&sale_id, &user_id, quantity, charge)?
                         }
                     };
                     outcomes.push(outcome);

@@ -205,24 +205,24 @@ async fn a_cancelled_order_returns_its_unit_to_the_cancelling_nodes_lease(backen
     b.shutdown().await;
 }
 
-/// A pay on one node times out after the provider charged; a load balancer sends the
-/// shopper's cancel to another node. The closing node finds the charge in the ledger (in
-/// the transaction that closed the order) and refunds it; a pay that comes after the
-/// close charges nothing.
-async fn a_charge_made_through_one_node_is_refunded_by_the_node_that_closes_the_order(
-    backend: Backend,
-) {
-    let database = TestDatabase::create(backend).await;
-    let (_, a) = join(&database).await;
-    let (_, b) = join(&database).await;
-    let (a, b) = (Arc::new(a), Arc::new(b));
+/// Two nodes, a sale, and an order placed on node `a` whose pay through `a` timed out
+/// after the provider charged it.
+struct ChargedThroughA {
+    a: Arc<Engine>,
+    b: Engine,
+    provider: Arc<RecordingProvider>,
+    id: OrderId,
+}
+
+async fn a_pay_through_a_that_timed_out(database: &TestDatabase) -> ChargedThroughA {
+    let (_, a) = join(database).await;
+    let (_, b) = join(database).await;
     let provider = Arc::new(RecordingProvider::default());
-    b.use_payments(provider.clone());
     let sale = live_sale(&a, "P", 3, 3, 50, 3).await;
     learns_of(&b, sale).await;
     let order = a.purchase(user("x"), key("k"), sale, one()).await.unwrap();
     let id = order.placed.order_id;
-
+    let a = Arc::new(a);
     provider
         .time_out
         .store(true, std::sync::atomic::Ordering::SeqCst);
@@ -234,16 +234,33 @@ async fn a_charge_made_through_one_node_is_refunded_by_the_node_that_closes_the_
         .time_out
         .store(false, std::sync::atomic::Ordering::SeqCst);
     assert!(provider.keeps(&id.to_string()), "the provider charged");
+    ChargedThroughA { a, b, provider, id }
+}
 
-    b.cancel(&Actor::Shopper(user("x")), id).await.unwrap();
+/// Waits up to 5 s for the provider to no longer keep the order's charge.
+async fn refunded(provider: &RecordingProvider, id: OrderId) -> bool {
     for _ in 0..100 {
         if !provider.keeps(&id.to_string()) {
-            break;
+            return true;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    false
+}
+
+/// A pay on one node times out after the provider charged; a load balancer sends the
+/// shopper's cancel to another node. The closing node finds the charge in the ledger (in
+/// the transaction that closed the order) and refunds it; a pay that comes after the
+/// close charges nothing.
+async fn a_charge_made_through_one_node_is_refunded_by_the_node_that_closes_the_order(
+    backend: Backend,
+) {
+    let database = TestDatabase::create(backend).await;
+    let ChargedThroughA { a, b, provider, id } = a_pay_through_a_that_timed_out(&database).await;
+    b.use_payments(provider.clone());
+    b.cancel(&Actor::Shopper(user("x")), id).await.unwrap();
     assert!(
-        !provider.keeps(&id.to_string()),
+        refunded(&provider, id).await,
         "the node that closed the order refunded the charge made through the other"
     );
     assert_eq!(
@@ -263,34 +280,11 @@ async fn a_charge_made_through_one_node_is_refunded_by_the_node_that_closes_the_
 /// or its refund failed): the ledger's sweep on another node makes the refund.
 async fn a_refund_the_closing_node_cannot_make_is_made_by_the_sweep(backend: Backend) {
     let database = TestDatabase::create(backend).await;
-    let (_, a) = join(&database).await;
-    let (_, b) = join(&database).await;
-    let (a, b) = (Arc::new(a), Arc::new(b));
-    let provider = Arc::new(RecordingProvider::default());
-    let sale = live_sale(&a, "P", 3, 3, 50, 3).await;
-    learns_of(&b, sale).await;
-    let order = a.purchase(user("x"), key("k"), sale, one()).await.unwrap();
-    let id = order.placed.order_id;
-    provider
-        .time_out
-        .store(true, std::sync::atomic::Ordering::SeqCst);
-    assert_eq!(
-        a.pay(&user("x"), id, provider.clone()).await,
-        Err(OrderError::PaymentTimeout)
-    );
-    provider
-        .time_out
-        .store(false, std::sync::atomic::Ordering::SeqCst);
+    let ChargedThroughA { a, b, provider, id } = a_pay_through_a_that_timed_out(&database).await;
     // b knows no provider: its close owes the refund and cannot make it.
     b.cancel(&Actor::Shopper(user("x")), id).await.unwrap();
-    for _ in 0..100 {
-        if !provider.keeps(&id.to_string()) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
     assert!(
-        !provider.keeps(&id.to_string()),
+        refunded(&provider, id).await,
         "the sweep on the node that knows the provider refunded the charge"
     );
     a.shutdown().await;

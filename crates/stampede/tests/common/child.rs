@@ -122,6 +122,31 @@ impl Server {
         panic!("purchase still overloaded after 100 attempts");
     }
 
+    /// A product of `units` and a sale of all of them at one per shopper, live for an
+    /// hour: the sale's id.
+    pub async fn live_sale(&self, sku: &str, units: usize) -> String {
+        let reply = self
+            .admin_post(
+                "/v1/products",
+                &json!({"sku": sku, "name": "test product", "price_cents": 1_000, "stock": units}),
+            )
+            .await;
+        assert_eq!(reply.status, 201, "{}", reply.body);
+        let now = chrono::Utc::now();
+        let reply = self
+            .admin_post(
+                "/v1/flash-sales",
+                &json!({
+                    "sku": sku, "price_cents": 500, "quantity": units, "per_user_limit": 1,
+                    "starts_at": (now - chrono::Duration::seconds(1)).to_rfc3339(),
+                    "ends_at": (now + chrono::Duration::hours(1)).to_rfc3339(),
+                }),
+            )
+            .await;
+        assert_eq!(reply.status, 201, "{}", reply.body);
+        reply.body["id"].as_str().expect("sale id").to_owned()
+    }
+
     pub async fn audit(&self, sale: &str) -> Value {
         let reply = self
             .admin_get(&format!("/v1/flash-sales/{sale}/audit"))
