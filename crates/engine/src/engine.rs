@@ -669,6 +669,17 @@ impl Shared {
     /// land late); if it cannot be reached, the entry stays and the next start tries
     /// again.
     pub(crate) fn refund_if_charged(self: &Arc<Self>, order_id: OrderId, amount: Cents) {
+        self.refund(order_id, amount, false);
+    }
+
+    /// As `refund_if_charged`, for a charge that may land later than a running refund
+    /// of the order would wait (a pay that timed out just now): that refund keeps trying
+    /// a full patience from now.
+    pub(crate) fn refund_late_charge(self: &Arc<Self>, order_id: OrderId, amount: Cents) {
+        self.refund(order_id, amount, true);
+    }
+
+    fn refund(self: &Arc<Self>, order_id: OrderId, amount: Cents, extend: bool) {
         let gateway = {
             // Checked under the lock `use_payments` drains: an owed refund is never
             // pushed after the drain.
@@ -691,11 +702,14 @@ impl Shared {
         );
         let deadline = tokio::time::Instant::now() + patience;
         // One refund of an order at a time on this node (a close, a pay that timed out
-        // and the sweep may all ask): a later ask extends the running one's patience.
+        // and the sweep may all ask): only a late charge's ask extends the running one's
+        // patience (the sweep's must not, or a refund that finds nothing would never end).
         {
             let mut refunding = self.refunding.lock();
             if let Some(running) = refunding.get_mut(&order_id) {
-                *running = (*running).max(deadline);
+                if extend {
+                    *running = (*running).max(deadline);
+                }
                 return;
             }
             refunding.insert(order_id, deadline);
@@ -710,6 +724,7 @@ impl Shared {
             let mut delay = std::time::Duration::from_secs(1);
             loop {
                 let Ok(permit) = shared.refunds.acquire().await else {
+                    shared.refunding.lock().remove(&order_id);
                     break;
                 };
                 let answer = gateway.refund(&key, amount).await;
@@ -718,21 +733,29 @@ impl Shared {
                     Ok(()) => {
                         last_error = None;
                         shared.settle_charge(order_id);
+                        shared.refunding.lock().remove(&order_id);
                         break;
                     }
                     Err(error) => last_error = Some(error),
                 }
                 let now = tokio::time::Instant::now();
-                let deadline = shared
-                    .refunding
-                    .lock()
-                    .get(&order_id)
-                    .copied()
-                    .unwrap_or(now);
-                if now >= deadline {
+                let wait = {
+                    // Decided and given up under one lock: an ask that extends the
+                    // deadline either comes before (and is seen) or finds no refund
+                    // running and starts one.
+                    let mut refunding = shared.refunding.lock();
+                    let deadline = refunding.get(&order_id).copied().unwrap_or(now);
+                    if now >= deadline {
+                        refunding.remove(&order_id);
+                        None
+                    } else {
+                        Some(deadline - now)
+                    }
+                };
+                let Some(wait) = wait else {
                     break;
-                }
-                tokio::time::sleep(delay.min(deadline - now)).await;
+                };
+                tokio::time::sleep(delay.min(wait)).await;
                 delay = (delay * 2).min(REFUND_RETRY_MAX);
             }
             match last_error {
@@ -741,12 +764,13 @@ impl Shared {
                     shared.settle_charge(order_id);
                 }
                 Some(error) => {
-                    tracing::warn!(%order_id, %error, "refund for a closed unpaid order failed; the ledger's sweep tries again");
+                    tracing::warn!(%order_id, %error, "refund for a closed unpaid order failed; the ledger's sweep tries again while the order's entry stays");
                     metrics::counter!("stampede_refund_failures_total").increment(1);
                 }
                 None => {}
             }
-            shared.refunding.lock().remove(&order_id);
+            // This refund's entry in `refunding` is gone (removed where the loop ended);
+            // one removed here could be a newer refund's.
             shared
                 .refunds_open
                 .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
@@ -1999,7 +2023,7 @@ impl Engine {
                     match gateway.refund(&key, order.amount).await {
                         Ok(()) => engine.shared.settle_charge(id),
                         Err(error) => {
-                            tracing::warn!(order_id = %id, %error, "refund after a lost pay race failed; the close's refund retries it");
+                            tracing::warn!(order_id = %id, %error, "refund after a lost pay race failed; the close's refund (or the ledger's sweep, while the order's entry stays) retries it");
                         }
                     }
                     Err(match status {
@@ -2022,7 +2046,7 @@ impl Engine {
             if let Ok(Some(order)) = shared.store.order(id).await
                 && !order.status.holds_stock()
             {
-                shared.refund_if_charged(id, amount);
+                shared.refund_late_charge(id, amount);
             }
         });
     }
