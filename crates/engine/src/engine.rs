@@ -442,13 +442,13 @@ pub(crate) struct Shared {
     user_orders: Vec<Mutex<FastMap<UserId, Vec<OrderId>>>>,
     /// The provider pays go through, kept for those refunds.
     pub gateway: std::sync::OnceLock<Arc<dyn PaymentGateway>>,
-    /// Refunds owed before the provider is known (`Engine::use_payments`): ledger entries
-    /// of orders that closed unpaid, found at start or on a dead node's reclaim. Bounded
-    /// by the charge ledger.
-    refunds_owed: Mutex<Vec<(OrderId, Cents)>>,
+    /// Wakes the ledger's sweep (`sweep_charges`) before its next tick: once the provider
+    /// is known (`Engine::use_payments`, so a start refunds what closed unpaid before
+    /// it), and after a dead node's orders were reclaimed.
+    pub(crate) sweep_now: Arc<tokio::sync::Notify>,
     /// Refund calls in flight (`REFUNDS_AT_ONCE`).
     refunds: tokio::sync::Semaphore,
-    /// Refunds started and not finished (retries included), owed ones too.
+    /// Refunds started and not finished (retries included).
     refunds_open: std::sync::atomic::AtomicUsize,
     /// Orders whose refund runs on this node now, with the time until which it keeps
     /// trying while the provider says nothing was charged. Bounded by `refunds_open`.
@@ -680,19 +680,9 @@ impl Shared {
     }
 
     fn refund(self: &Arc<Self>, order_id: OrderId, amount: Cents, extend: bool) {
-        let gateway = {
-            // Checked under the lock `use_payments` drains: an owed refund is never
-            // pushed after the drain.
-            let mut owed = self.refunds_owed.lock();
-            match self.gateway.get().cloned() {
-                Some(gateway) => gateway,
-                None => {
-                    owed.push((order_id, amount));
-                    self.refunds_open
-                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    return;
-                }
-            }
+        // No provider known yet: the ledger's sweep makes the refund once it is.
+        let Some(gateway) = self.gateway.get().cloned() else {
+            return;
         };
         // A charge in flight lands within one provider timeout after its pay noted it
         // (the expiry grace covers that): `NotCharged` is believed only once twice that,
@@ -795,21 +785,11 @@ impl Shared {
         });
     }
 
-    /// Remembers the provider and makes the refunds the ledger says are owed.
-    pub(crate) fn use_payments(self: &Arc<Self>, gateway: Arc<dyn PaymentGateway>) {
-        let _ = self.gateway.set(gateway);
-        let owed = std::mem::take(&mut *self.refunds_owed.lock());
-        if owed.is_empty() {
-            return;
-        }
-        tracing::info!(
-            orders = owed.len(),
-            "refunding charges of orders that closed unpaid before the provider was known"
-        );
-        for (order_id, amount) in owed {
-            self.refunds_open
-                .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-            self.refund_if_charged(order_id, amount);
+    /// Remembers the provider; the first time, the ledger's sweep runs at once, so the
+    /// refunds owed from before (orders that closed unpaid) are made now.
+    pub(crate) fn use_payments(&self, gateway: &Arc<dyn PaymentGateway>) {
+        if self.gateway.get().is_none() && self.gateway.set(gateway.clone()).is_ok() {
+            self.sweep_now.notify_one();
         }
     }
 
@@ -845,7 +825,7 @@ pub struct Engine {
     queue: Arc<tokio::sync::Mutex<mpsc::Receiver<Job>>>,
     shutdown: Mutex<Option<oneshot::Sender<()>>>,
     writer: tokio::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
-    /// The charge ledger's sweep (`sweep_closed_charges`), stopped with the writer.
+    /// The charge ledger's sweep (`sweep_charges`), stopped with the writer.
     sweep: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
@@ -912,7 +892,7 @@ impl Engine {
             expiry_entries: Default::default(),
             halted: Default::default(),
             gateway: Default::default(),
-            refunds_owed: Default::default(),
+            sweep_now: Default::default(),
             refunds: tokio::sync::Semaphore::new(REFUNDS_AT_ONCE),
             refunds_open: Default::default(),
             refunding: Default::default(),
@@ -1024,26 +1004,6 @@ impl Engine {
             )));
         }
 
-        // The charge ledger: a pending order keeps its entry until it is paid or closes
-        // (the close finds it); a closed one is owed its refund; a paid one only needs
-        // its entry removed.
-        let mut settled = Vec::new();
-        for attempt in &snapshot.charge_attempts {
-            match attempt.status {
-                OrderStatus::PendingPayment => {}
-                OrderStatus::Paid => settled.push(attempt.order_id),
-                OrderStatus::Cancelled | OrderStatus::Expired => {
-                    shared
-                        .refunds_owed
-                        .lock()
-                        .push((attempt.order_id, attempt.amount));
-                    shared
-                        .refunds_open
-                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                }
-            }
-        }
-
         // Room for what the running sales can still sell, once, with every sale known.
         shared.make_room_for_orders();
         let shared = Arc::new(shared);
@@ -1058,11 +1018,11 @@ impl Engine {
         let (shutdown_tx, shutdown_rx) = oneshot::channel();
         let writer = Writer::new(shared.clone(), held, shutdown_rx, expiries);
         let handle = tokio::spawn(writer.run());
-        for order_id in settled {
-            shared.settle_charge(order_id);
-        }
-        let sweep = tokio::spawn(sweep_closed_charges(
+        // The charge ledger is not loaded: a pending order's entry is found by its close,
+        // and the sweep settles the rest once the provider is known.
+        let sweep = tokio::spawn(sweep_charges(
             Arc::downgrade(&shared),
+            shared.sweep_now.clone(),
             std::time::Duration::from_millis(shared.config.charge_sweep_ms.max(1)),
         ));
         Ok(Engine {
@@ -1960,7 +1920,7 @@ impl Engine {
             }
             OrderStatus::PendingPayment => {}
         }
-        self.shared.use_payments(gateway.clone());
+        self.shared.use_payments(&gateway);
         // Durably noted before the provider is called, and only while the order is
         // pending: a close after this finds the note and refunds, and if this process
         // dies between the charge and its record, the next start still finds it. No
@@ -2067,13 +2027,14 @@ impl Engine {
     }
 
     /// The provider refunds go through, for refunds owed from before this start (the
-    /// charge ledger's closed orders). A pay passes its provider too; call this at start
-    /// so owed refunds do not wait for the first pay.
+    /// charge ledger's closed orders), made at once by the ledger's sweep. A pay passes
+    /// its provider too; call this at start so owed refunds do not wait for the first
+    /// pay.
     pub fn use_payments(&self, gateway: Arc<dyn PaymentGateway>) {
-        self.shared.use_payments(gateway);
+        self.shared.use_payments(&gateway);
     }
 
-    /// Refunds of closed unpaid orders started or owed and not yet finished (for tests).
+    /// Refunds of closed unpaid orders started and not yet finished (for tests).
     #[doc(hidden)]
     pub fn refunds_open(&self) -> usize {
         self.shared
@@ -2278,27 +2239,43 @@ pub(crate) fn duration_ms(ms: u64) -> Duration {
     Duration::from_millis(ms.max(1))
 }
 
-/// Every `EngineConfig::charge_sweep_ms`, refunds the charge ledger's entries of closed
-/// orders (`Store::closed_charges`) this node is not refunding already: a close that
-/// could not see its entry (a consistent read on MySQL, isolated from a pay another node
-/// committed meanwhile), a refund that failed, a node that died while refunding. Ends
-/// with the engine.
-async fn sweep_closed_charges(shared: std::sync::Weak<Shared>, every: std::time::Duration) {
+/// Every `EngineConfig::charge_sweep_ms`, and when woken (`Shared::sweep_now`), settles
+/// the charge ledger's entries whose orders are no longer pending
+/// (`Store::charges_to_settle`): a paid order's entry is removed, a closed order's is
+/// refunded unless this node is refunding it already. These are the refunds a close
+/// could not see (a consistent read on MySQL, isolated from a pay another node committed
+/// meanwhile), that failed, that a node dying or a restart cut short, or that closed
+/// before the provider was known; and the entries a crash left after a pay. Only once
+/// the provider is known. Ends with the engine.
+async fn sweep_charges(
+    shared: std::sync::Weak<Shared>,
+    now: Arc<tokio::sync::Notify>,
+    every: std::time::Duration,
+) {
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tick.tick().await;
     loop {
-        tick.tick().await;
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = now.notified() => {}
+        }
         let Some(shared) = shared.upgrade() else {
             return;
         };
         if shared.gateway.get().is_none() {
             continue;
         }
-        match shared.store.closed_charges().await {
-            Ok(owed) => {
-                for (order_id, amount) in owed {
-                    shared.refund_if_charged(order_id, amount);
+        match shared.store.charges_to_settle().await {
+            Ok(entries) => {
+                for entry in entries {
+                    match entry.status {
+                        OrderStatus::Paid => shared.settle_charge(entry.order_id),
+                        OrderStatus::Cancelled | OrderStatus::Expired => {
+                            shared.refund_if_charged(entry.order_id, entry.amount);
+                        }
+                        OrderStatus::PendingPayment => {}
+                    }
                 }
             }
             Err(error) => {

@@ -114,10 +114,6 @@ pub struct Snapshot {
     /// Every order, in any state: stock and per-user counts come from those holding
     /// stock, idempotency answers from all of them.
     pub orders: Vec<OrderRecord>,
-    /// The charge ledger: orders the provider may have charged that are not settled,
-    /// with their state now. A pending one is refunded if it closes unpaid (the close
-    /// finds the entry); a closed one is owed its refund; a paid one only needs settling.
-    pub charge_attempts: Vec<ChargeAttempt>,
 }
 
 /// One entry of the charge ledger (`WriteOp::ChargeAttempt`), with its order's state.
@@ -172,10 +168,6 @@ pub struct Reclaimed {
     /// Every pending order with its deadline, so a survivor expires what the dead node
     /// would have (empty when nothing was reclaimed).
     pub pending: Vec<(OrderId, i64)>,
-    /// The charge ledger's entries of closed orders (with their amounts): refunds the
-    /// dead node may not have made. (A pending order's entry is found by whoever closes
-    /// it.)
-    pub refunds_owed: Vec<(OrderId, Cents)>,
 }
 
 /// The catalogue as the database has it, for nodes that learn of products and sales
@@ -329,10 +321,11 @@ pub trait Store: Send + Sync + 'static {
         let _ = through_seq;
         Ok(())
     }
-    /// The charge ledger's entries of closed orders, with their amounts: refunds that a
-    /// close did not start or that did not get through (for the engine's periodic
-    /// sweep). A store that writes nothing durable keeps no ledger.
-    async fn closed_charges(&self) -> Result<Vec<(OrderId, Cents)>, StoreError> {
+    /// The charge ledger's entries whose orders are no longer pending, for the engine's
+    /// sweep: paid ones only need removing, closed ones are refunds a close did not
+    /// start or that did not get through. A store that writes nothing durable keeps no
+    /// ledger.
+    async fn charges_to_settle(&self) -> Result<Vec<ChargeAttempt>, StoreError> {
         Ok(Vec::new())
     }
     /// A small named document kept beside the orders (e.g. the guard's rules), durable

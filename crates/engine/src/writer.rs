@@ -383,10 +383,8 @@ impl Writer {
                     }
                 }
                 // Refunds the dead node may not have made (idempotent at the provider if
-                // it did, or if another node is making them).
-                for (id, amount) in reclaimed.refunds_owed {
-                    self.shared.refund_if_charged(id, amount);
-                }
+                // it did, or if another node is making them): the ledger's sweep, now.
+                self.shared.sweep_now.notify_one();
                 for sale in self.shared.sales.read().values() {
                     sale.inner.lock().lease.dry_until_ms = 0;
                 }

@@ -127,23 +127,13 @@ macro_rules! order_from_row {
     }};
 }
 
-/// The ledger entries of closed orders (cancelled or expired): refunds owed.
-pub(crate) fn closed(
-    attempts: Vec<stampede_engine::ChargeAttempt>,
-) -> Vec<(stampede_types::OrderId, Cents)> {
-    attempts
-        .into_iter()
-        .filter(|attempt| !attempt.status.holds_stock())
-        .map(|attempt| (attempt.order_id, attempt.amount))
-        .collect()
-}
-
-/// The charge ledger joined with its orders' states, on `$executor`.
-macro_rules! fetch_charge_attempts {
+/// The charge ledger's entries whose orders are no longer pending, with their
+/// states, on `$executor`.
+macro_rules! fetch_charges_to_settle {
     ($executor:expr) => {
         sqlx::query(
             "SELECT a.order_id, a.amount_cents, o.status FROM charge_attempts a \
-             JOIN orders o ON o.id = a.order_id",
+             JOIN orders o ON o.id = a.order_id WHERE o.status <> 'pending_payment'",
         )
         .fetch_all($executor)
         .await

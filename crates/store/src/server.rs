@@ -46,15 +46,14 @@ use std::time::Duration;
 use async_trait::async_trait;
 use sqlx::{AssertSqlSafe, Connection, QueryBuilder, Row};
 use stampede_engine::{
-    Catalog, LeaseGrant, OpOutcome, OrderRecord, OutboxEvent, PendingTally, ProductRecord,
-    Reclaimed, SaleRecord, SaleTally, Snapshot, Store, StoreError, WriteOp, lease_size,
+    Catalog, ChargeAttempt, LeaseGrant, OpOutcome, OrderRecord, OutboxEvent, PendingTally,
+    ProductRecord, Reclaimed, SaleRecord, SaleTally, Snapshot, Store, StoreError, WriteOp,
+    lease_size,
 };
 use stampede_types::{Cents, IdempotencyKey, OrderId, OrderStatus, Quantity, SaleId, Sku, UserId};
 use tokio::sync::Mutex;
 
-use crate::rows::{
-    closed, corrupt, count_units, order_values, outbox_events, transitioned, unavailable,
-};
+use crate::rows::{corrupt, count_units, order_values, outbox_events, transitioned, unavailable};
 
 /// Shoppers per holdings upsert in a cluster commit (4 parameters each).
 const HOLDINGS_CHUNK_ROWS: usize = 1024;
@@ -919,8 +918,7 @@ macro_rules! server_store {
                     .iter()
                     .map(|row| order_from_row!(row))
                     .collect::<Result<_, _>>()?;
-                let charge_attempts = fetch_charge_attempts!(&mut *connection)?;
-                Ok(Snapshot { products, sales, orders, charge_attempts })
+                Ok(Snapshot { products, sales, orders })
             }
 
             async fn commit(&self, ops: &[WriteOp]) -> Result<Vec<OpOutcome>, StoreError> {
@@ -1258,9 +1256,6 @@ macro_rules! server_store {
                                 expires_at_ms,
                             ));
                         }
-                        // Refunds the dead node may not have made (a pending order's
-                        // entry is found by whoever closes it).
-                        reclaimed.refunds_owed = closed(fetch_charge_attempts!(&self.readers)?);
                     }
                     Ok(reclaimed)
                 })
@@ -1361,8 +1356,8 @@ macro_rules! server_store {
                 remove_outbox!(&self.readers, $db, through_seq)
             }
 
-            async fn closed_charges(&self) -> Result<Vec<(OrderId, Cents)>, StoreError> {
-                Ok(closed(fetch_charge_attempts!(&self.readers)?))
+            async fn charges_to_settle(&self) -> Result<Vec<ChargeAttempt>, StoreError> {
+                fetch_charges_to_settle!(&self.readers)
             }
 
             async fn load_setting(&self, key: &str) -> Result<Option<String>, StoreError> {

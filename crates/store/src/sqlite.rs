@@ -16,12 +16,12 @@ use sqlx::sqlite::{
 };
 use sqlx::{Connection, QueryBuilder, Row, Sqlite, SqlitePool};
 use stampede_engine::{
-    OpOutcome, OrderRecord, OutboxEvent, PendingTally, ProductRecord, SaleRecord, SaleTally,
-    Snapshot, Store, StoreError, WriteOp,
+    ChargeAttempt, OpOutcome, OrderRecord, OutboxEvent, PendingTally, ProductRecord, SaleRecord,
+    SaleTally, Snapshot, Store, StoreError, WriteOp,
 };
 use stampede_types::{Cents, IdempotencyKey, OrderId, OrderStatus, Quantity, SaleId, Sku, UserId};
 
-use crate::rows::{closed, corrupt, count_units, unavailable};
+use crate::rows::{corrupt, count_units, unavailable};
 use crate::sqlite_writer::{self, WriteConnection, sql};
 
 pub struct SqliteStore {
@@ -239,12 +239,10 @@ impl Store for SqliteStore {
         .iter()
         .map(order_from_row)
         .collect::<Result<_, _>>()?;
-        let charge_attempts = fetch_charge_attempts!(&mut *conn)?;
         Ok(Snapshot {
             products,
             sales,
             orders,
-            charge_attempts,
         })
     }
 
@@ -326,8 +324,8 @@ impl Store for SqliteStore {
         Ok(())
     }
 
-    async fn closed_charges(&self) -> Result<Vec<(OrderId, Cents)>, StoreError> {
-        Ok(closed(fetch_charge_attempts!(&self.readers)?))
+    async fn charges_to_settle(&self) -> Result<Vec<ChargeAttempt>, StoreError> {
+        fetch_charges_to_settle!(&self.readers)
     }
 
     async fn load_setting(&self, key: &str) -> Result<Option<String>, StoreError> {

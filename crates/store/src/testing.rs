@@ -563,11 +563,11 @@ impl<I: Interceptor> stampede_engine::Store for Intercepted<I> {
         self.hooks.before(Call::OutboxRemove).await?;
         self.inner.outbox_remove(through_seq).await
     }
-    async fn closed_charges(
+    async fn charges_to_settle(
         &self,
-    ) -> Result<Vec<(stampede_types::OrderId, stampede_types::Cents)>, stampede_engine::StoreError>
-    {
-        self.inner.closed_charges().await
+    ) -> Result<Vec<stampede_engine::ChargeAttempt>, stampede_engine::StoreError> {
+        self.hooks.before(Call::Read).await?;
+        self.inner.charges_to_settle().await
     }
     async fn load_setting(&self, key: &str) -> Result<Option<String>, stampede_engine::StoreError> {
         self.hooks.before(Call::Setting).await?;

@@ -9,9 +9,9 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicIsize, Ordering};
 
+use stampede_engine::EngineConfig;
 use stampede_engine::testing::{live_sale, one};
-use stampede_engine::{Engine, EngineConfig, SystemClock};
-use stampede_store::testing::{Backend, TestDatabase};
+use stampede_store::testing::sqlite_engine;
 use stampede_types::{IdempotencyKey, UserId};
 
 /// The system allocator, counting the bytes requested and not yet freed.
@@ -41,16 +41,8 @@ const BYTES_PER_ORDER_MAX: isize = 280;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_order_held_costs_the_engine_a_bounded_few_hundred_bytes() {
     let dir = tempfile::tempdir().unwrap();
-    let database = TestDatabase::create(Backend::Sqlite).await;
-    let engine = Arc::new(
-        Engine::open(
-            database.open(dir.path()).await,
-            Arc::new(SystemClock),
-            EngineConfig::default(),
-        )
-        .await
-        .unwrap(),
-    );
+    let engine =
+        Arc::new(sqlite_engine(&dir.path().join("memory.db"), EngineConfig::default()).await);
     const N: u64 = 50_000;
     let sale = live_sale(&engine, "MEM", 1_000_000_000, 1_000_000_000, 50, 1000).await;
     let before = LIVE.load(Ordering::Relaxed);
