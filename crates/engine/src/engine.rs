@@ -59,6 +59,10 @@ pub struct EngineConfig {
     /// entries): a refund that failed, a node that died while refunding, a close that
     /// could not see its entry.
     pub charge_sweep_ms: u64,
+    /// A refund that the provider answers `NotCharged` (or fails) keeps trying for at
+    /// least this long, and twice the expiry grace if that is longer: a charge that
+    /// timed out may still land. Only then is `NotCharged` believed.
+    pub refund_patience_min_ms: u64,
 }
 
 impl Default for EngineConfig {
@@ -74,6 +78,7 @@ impl Default for EngineConfig {
             lease_idle_ms: 2_000,
             cluster_tick_ms: 500,
             charge_sweep_ms: 60_000,
+            refund_patience_min_ms: 15_000,
         }
     }
 }
@@ -406,9 +411,6 @@ const IDEM_ROOM_MAX: u64 = 7_168 * IDEM_SHARDS as u64;
 /// once. Each is one read of at most `2 × ORDERS_LISTED_MAX` orders by primary key.
 const REPLAY_LOOKUPS_AT_ONCE: usize = 4;
 
-/// A refund answered `NotCharged` (or failing) is retried for at least this long: a
-/// charge that timed out may still land.
-const REFUND_PATIENCE_MIN_MS: u64 = 15_000;
 /// The longest pause between two tries of a refund.
 const REFUND_RETRY_MAX: std::time::Duration = std::time::Duration::from_secs(8);
 
@@ -666,8 +668,8 @@ impl Shared {
     /// the order id as idempotency key; a charge that never happened answers
     /// `NotCharged`. The ledger entry is settled once the provider has refunded or still
     /// says there is nothing to refund after the retries (a charge that timed out may
-    /// land late); if it cannot be reached, the entry stays and the next start tries
-    /// again.
+    /// land late); if it cannot be reached, the entry is written again if it had gone
+    /// (`WriteOp::ChargeOwed`) and the ledger's sweep tries again.
     pub(crate) fn refund_if_charged(self: &Arc<Self>, order_id: OrderId, amount: Cents) {
         self.refund(order_id, amount, false);
     }
@@ -686,9 +688,9 @@ impl Shared {
         };
         // A charge in flight lands within one provider timeout after its pay noted it
         // (the expiry grace covers that): `NotCharged` is believed only once twice that,
-        // and at least `REFUND_PATIENCE_MIN_MS`, has passed, with a last try then.
+        // and at least `EngineConfig::refund_patience_min_ms`, has passed, with a last try then.
         let patience = std::time::Duration::from_millis(
-            (2 * self.config.expiry_grace_ms.max(0) as u64).max(REFUND_PATIENCE_MIN_MS),
+            (2 * self.config.expiry_grace_ms.max(0) as u64).max(self.config.refund_patience_min_ms),
         );
         let deadline = tokio::time::Instant::now() + patience;
         // One refund of an order at a time on this node (a close, a pay that timed out
@@ -754,8 +756,12 @@ impl Shared {
                     shared.settle_charge(order_id);
                 }
                 Some(error) => {
-                    tracing::warn!(%order_id, %error, "refund for a closed unpaid order failed; the ledger's sweep tries again while the order's entry stays");
+                    tracing::warn!(%order_id, %error, "refund for a closed unpaid order failed; the ledger's sweep tries again");
                     metrics::counter!("stampede_refund_failures_total").increment(1);
+                    // The entry may be gone: a late charge's refund can outlive the
+                    // close's, which settled it on `NotCharged`. Written again, so the
+                    // sweep keeps refunding (an entry still there stays as it is).
+                    shared.record_owed(order_id, amount).await;
                 }
                 None => {}
             }
@@ -765,6 +771,50 @@ impl Shared {
                 .refunds_open
                 .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
         });
+    }
+
+    /// Durably notes that the closed order `order_id` may hold a charge to refund
+    /// (`WriteOp::ChargeOwed`), then refunds it, keeping at it a full patience from now:
+    /// for a charge that may land, or has landed, after the close, whose own refund may
+    /// already have settled the order's ledger entry. Only a paid order is left alone.
+    pub(crate) fn owe_refund(self: &Arc<Self>, order_id: OrderId, amount: Cents) {
+        let shared = self.clone();
+        tokio::spawn(async move {
+            if shared.record_owed(order_id, amount).await {
+                shared.refund_late_charge(order_id, amount);
+            }
+        });
+    }
+
+    /// Writes `WriteOp::ChargeOwed` for the order through the writer; false only when
+    /// the order turned out paid (nothing to refund). A write that fails is logged and
+    /// answered true: the refund is tried all the same.
+    async fn record_owed(&self, order_id: OrderId, amount: Cents) -> bool {
+        let Some(jobs) = self.ledger.get().and_then(mpsc::WeakSender::upgrade) else {
+            return true;
+        };
+        let (reply, answer) = oneshot::channel();
+        let job = Job::Ledger {
+            op: WriteOp::ChargeOwed {
+                order_id,
+                amount,
+                at_ms: self.clock.now_ms(),
+            },
+            reply,
+        };
+        if jobs.send(job).await.is_err() {
+            return true;
+        }
+        match answer.await {
+            Ok(Ok(OpOutcome::Refused {
+                current: OrderStatus::Paid,
+            })) => false,
+            Ok(Ok(_)) => true,
+            _ => {
+                tracing::warn!(%order_id, "refund owed for a closed order not written to the charge ledger; only this process's retries make it");
+                true
+            }
+        }
     }
 
     /// Removes the order's charge-ledger entry, in the background. If that fails, the
@@ -1977,13 +2027,17 @@ impl Engine {
                 }
                 TransitionResult::Refused(status) => {
                     // Charged, but a cancel or the expiry came first. The close found this
-                    // pay's ledger entry and refunds in the background (retrying while the
-                    // provider fails); the charge has landed, so it goes back here too,
-                    // before the answer (the provider refunds a key once).
+                    // pay's ledger entry and refunds in the background, but if the charge
+                    // took longer than that refund's patience, the refund may have settled
+                    // the entry on `NotCharged` already: the refund owed is noted again
+                    // (durably, before anything else), and made here before the answer
+                    // (the provider refunds a key once).
+                    engine.shared.record_owed(id, order.amount).await;
                     match gateway.refund(&key, order.amount).await {
                         Ok(()) => engine.shared.settle_charge(id),
                         Err(error) => {
-                            tracing::warn!(order_id = %id, %error, "refund after a lost pay race failed; the close's refund (or the ledger's sweep, while the order's entry stays) retries it");
+                            tracing::warn!(order_id = %id, %error, "refund after a lost pay race failed; retried in the background, then by the ledger's sweep");
+                            engine.shared.refund_late_charge(id, order.amount);
                         }
                     }
                     Err(match status {
@@ -1998,15 +2052,16 @@ impl Engine {
         .map_err(|_| OrderError::Unavailable)?
     }
 
-    /// In the background: if the order is closed now, refunds (or keeps refunding) the
-    /// charge a pay that just timed out may still land.
+    /// In the background: if the order is closed now, notes the refund owed in the
+    /// charge ledger and refunds (or keeps refunding) the charge a pay that just timed
+    /// out may still land.
     fn refund_if_closed(&self, id: OrderId, amount: Cents) {
         let shared = self.shared.clone();
         tokio::spawn(async move {
             if let Ok(Some(order)) = shared.store.order(id).await
                 && !order.status.holds_stock()
             {
-                shared.refund_late_charge(id, amount);
+                shared.owe_refund(id, amount);
             }
         });
     }

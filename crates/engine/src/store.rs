@@ -68,6 +68,18 @@ pub enum WriteOp {
         amount: Cents,
         at_ms: i64,
     },
+    /// Records, for an order that is closed (or still pending), that a refund is owed
+    /// for a charge that may have landed after the close: a pay that timed out or lost
+    /// its race to the close, or a refund that gave up while the provider failed. Unlike
+    /// `ChargeAttempt` it is written for a cancelled or expired order, so the ledger's
+    /// sweep keeps refunding even if the close's own refund had already settled the
+    /// entry. A paid order answers `Refused` (its charge is the sale's) and records
+    /// nothing; a second record changes nothing.
+    ChargeOwed {
+        order_id: OrderId,
+        amount: Cents,
+        at_ms: i64,
+    },
     /// Removes the order's ledger entry: it was paid, nothing was charged, or the charge
     /// was refunded. Removing an entry that is not there changes nothing.
     ChargeSettled {

@@ -1985,6 +1985,34 @@ macro_rules! apply {
                     };
                     outcomes.push(outcome);
                 }
+                WriteOp::ChargeOwed {
+                    order_id,
+                    amount,
+                    at_ms,
+                } => {
+                    let id = order_id.to_string();
+                    // The same row lock: a pay on another node either committed its
+                    // `paid` first (refused here) or cannot commit it now (closed).
+                    let outcome = match lock_pending!($conn, sql, &id) {
+                        Err(OpOutcome::Refused {
+                            current: OrderStatus::Paid,
+                        }) => OpOutcome::Refused {
+                            current: OrderStatus::Paid,
+                        },
+                        Err(OpOutcome::NotFound) => OpOutcome::NotFound,
+                        Ok(_) | Err(_) => {
+                            sqlx::query(q(&sql.record_charge))
+                                .bind(&id)
+                                .bind(amount.get())
+                                .bind(*at_ms)
+                                .execute(&mut *$conn)
+                                .await
+                                .map_err(unavailable)?;
+                            OpOutcome::Written
+                        }
+                    };
+                    outcomes.push(outcome);
+                }
                 WriteOp::ChargeSettled { order_id } => {
                     sqlx::query(q(&sql.settle_charge))
                         .bind(order_id.to_string())

@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior};
 use stampede_engine::{OpOutcome, OrderRecord, StoreError, WriteOp};
-use stampede_types::{ID_TEXT_MAX, OrderStatus};
+use stampede_types::{Cents, ID_TEXT_MAX, OrderStatus};
 
 use crate::rows::{corrupt, outbox_events, transitioned};
 use crate::sqlite::{BUSY_TIMEOUT, CONNECTION_PRAGMAS};
@@ -317,6 +317,23 @@ fn order_status(
         .transpose()
 }
 
+/// Writes a charge-ledger entry for order `id`; an entry already there stays as it is.
+fn record_charge(
+    tx: &rusqlite::Transaction<'_>,
+    id: &str,
+    amount: Cents,
+    at_ms: i64,
+) -> Result<(), StoreError> {
+    tx.prepare_cached(
+        "INSERT INTO charge_attempts (order_id, amount_cents, attempted_at_ms) \
+         VALUES (?1, ?2, ?3) ON CONFLICT (order_id) DO NOTHING",
+    )
+    .map_err(sql)?
+    .execute((id, amount.get(), at_ms))
+    .map_err(sql)?;
+    Ok(())
+}
+
 fn apply(tx: &rusqlite::Transaction<'_>, ops: &[WriteOp]) -> Result<Vec<OpOutcome>, StoreError> {
     let mut outcomes = Vec::with_capacity(ops.len());
     // Consecutive orders go in together; anything else first writes the orders before
@@ -431,16 +448,27 @@ fn apply(tx: &rusqlite::Transaction<'_>, ops: &[WriteOp]) -> Result<Vec<OpOutcom
                 // before the insert.
                 match order_status(tx, &id)? {
                     Some(OrderStatus::PendingPayment) => {
-                        tx.prepare_cached(
-                            "INSERT INTO charge_attempts (order_id, amount_cents, attempted_at_ms) \
-                             VALUES (?1, ?2, ?3) ON CONFLICT (order_id) DO NOTHING",
-                        )
-                        .map_err(sql)?
-                        .execute((&id, amount.get(), *at_ms))
-                        .map_err(sql)?;
+                        record_charge(tx, &id, *amount, *at_ms)?;
                         OpOutcome::Written
                     }
                     Some(current) => OpOutcome::Refused { current },
+                    None => OpOutcome::NotFound,
+                }
+            }
+            WriteOp::ChargeOwed {
+                order_id,
+                amount,
+                at_ms,
+            } => {
+                let id = order_id.to_string();
+                match order_status(tx, &id)? {
+                    Some(OrderStatus::Paid) => OpOutcome::Refused {
+                        current: OrderStatus::Paid,
+                    },
+                    Some(_) => {
+                        record_charge(tx, &id, *amount, *at_ms)?;
+                        OpOutcome::Written
+                    }
                     None => OpOutcome::NotFound,
                 }
             }

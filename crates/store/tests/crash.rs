@@ -2,14 +2,21 @@
 //! leaves nobody waiting: every job that reached its queue is dropped unanswered, even one
 //! whose caller had its place in the queue as the writer stopped and pushed it after.
 //! (A tokio receiver, dropped, drops what is queued but not such a straggler: its caller
-//! waited as long as the engine lived, and the property test hung on it once.)
+//! waited as long as the engine lived, and the property test hung on it once.) And a
+//! refund owed when a crash comes is still owed after it.
 
+use std::collections::HashSet;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::Duration;
 
-use stampede_engine::testing::take_queue_place;
-use stampede_engine::{Engine, EngineConfig, SystemClock};
+use stampede_engine::testing::{key, live_sale, one, take_queue_place, user};
+use stampede_engine::{
+    Actor, Engine, EngineConfig, OrderError, PaymentError, PaymentGateway, SystemClock,
+};
+use stampede_store::on_every_backend;
 use stampede_store::testing::{Backend, TestDatabase};
+use stampede_types::Cents;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_pushed_into_the_queue_as_the_writer_stops_is_dropped_unanswered() {
@@ -42,3 +49,164 @@ async fn a_job_pushed_into_the_queue_as_the_writer_stops_is_dropped_unanswered()
         .expect("the crash returned once the place was filled")
         .unwrap();
 }
+
+/// A provider whose charge lands late: a charge waits for `land`, is then made and
+/// answered `Timeout` (its reply lost) or, with `answers` set, success. While `down` is
+/// set, every refund fails.
+#[derive(Default)]
+struct LateProvider {
+    answers: bool,
+    charging: tokio::sync::Notify,
+    land: tokio::sync::Notify,
+    charged: std::sync::Mutex<HashSet<String>>,
+    refunded: std::sync::Mutex<HashSet<String>>,
+    down: AtomicBool,
+    refunds_failed: AtomicU32,
+}
+
+#[async_trait::async_trait]
+impl PaymentGateway for LateProvider {
+    async fn charge(&self, key: &str, _: Cents) -> Result<(), PaymentError> {
+        self.charging.notify_one();
+        self.land.notified().await;
+        self.charged.lock().unwrap().insert(key.to_owned());
+        if self.answers {
+            Ok(())
+        } else {
+            Err(PaymentError::Timeout)
+        }
+    }
+
+    async fn refund(&self, key: &str, _: Cents) -> Result<(), PaymentError> {
+        if self.down.load(Ordering::SeqCst) {
+            self.refunds_failed.fetch_add(1, Ordering::SeqCst);
+            return Err(PaymentError::Unavailable("down".into()));
+        }
+        if !self.charged.lock().unwrap().contains(key) {
+            return Err(PaymentError::NotCharged);
+        }
+        self.refunded.lock().unwrap().insert(key.to_owned());
+        Ok(())
+    }
+}
+
+/// Polls `done` every 20 ms for at most 10 s.
+async fn eventually<F: Future<Output = bool>>(what: &str, mut done: impl FnMut() -> F) {
+    for _ in 0..500 {
+        if done().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("not within 10 s: {what}");
+}
+
+/// A pay's charge lands only after its order was cancelled, and after the cancel's
+/// refund, finding nothing for its whole patience, settled the order's ledger entry. The
+/// provider then fails every refund until the process crashes. The refund is owed in the
+/// ledger all the same (written again when the late charge timed out), and the next start
+/// makes it.
+async fn a_charge_that_lands_after_its_close_gave_up_is_refunded_after_a_crash(backend: Backend) {
+    late_charge_then_crash(backend, false).await;
+}
+
+/// As above, with the late charge answered: the pay loses its race to the cancel and its
+/// own refund fails.
+async fn a_charge_that_lost_to_a_close_that_gave_up_is_refunded_after_a_crash(backend: Backend) {
+    late_charge_then_crash(backend, true).await;
+}
+
+async fn late_charge_then_crash(backend: Backend, answers: bool) {
+    let dir = tempfile::tempdir().unwrap();
+    let database = TestDatabase::create(backend).await;
+    let config = EngineConfig {
+        expiry_grace_ms: 0,
+        refund_patience_min_ms: 300,
+        charge_sweep_ms: 200,
+        ..EngineConfig::default()
+    };
+    let engine = Arc::new(
+        Engine::open(
+            database.open(dir.path()).await,
+            Arc::new(SystemClock),
+            config.clone(),
+        )
+        .await
+        .unwrap(),
+    );
+    let provider = Arc::new(LateProvider {
+        answers,
+        ..LateProvider::default()
+    });
+    let sale = live_sale(&engine, "LATE", 10, 10, 500, 1).await;
+    let id = engine
+        .purchase(user("x"), key("k"), sale, one())
+        .await
+        .unwrap()
+        .placed
+        .order_id;
+    let pay = tokio::spawn({
+        let (engine, provider) = (engine.clone(), provider.clone());
+        async move { engine.pay(&user("x"), id, provider).await }
+    });
+    tokio::time::timeout(Duration::from_secs(10), provider.charging.notified())
+        .await
+        .expect("the pay called the provider");
+    engine.cancel(&Actor::Shopper(user("x")), id).await.unwrap();
+    // The cancel's refund finds no charge for its patience and settles the entry.
+    let store = engine.store();
+    eventually("the close's refund settled the ledger entry", || {
+        let (store, engine) = (store.clone(), engine.clone());
+        async move { store.charges_to_settle().await.unwrap().is_empty() && engine.refunds_open() == 0 }
+    })
+    .await;
+    // Now the charge lands, and the provider fails every refund.
+    provider.down.store(true, Ordering::SeqCst);
+    provider.land.notify_one();
+    let lost = if answers {
+        OrderError::Cancelled
+    } else {
+        OrderError::PaymentTimeout
+    };
+    assert_eq!(pay.await.unwrap(), Err(lost));
+    eventually("the late charge's refund was tried", || {
+        let provider = provider.clone();
+        async move { provider.refunds_failed.load(Ordering::SeqCst) >= 1 }
+    })
+    .await;
+    // Past that refund's patience: it has given up.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert!(provider.refunded.lock().unwrap().is_empty());
+    engine.crash().await;
+    drop((engine, store));
+
+    provider.down.store(false, Ordering::SeqCst);
+    let engine = Engine::open(
+        database.open(dir.path()).await,
+        Arc::new(SystemClock),
+        config,
+    )
+    .await
+    .unwrap();
+    engine.use_payments(provider.clone());
+    eventually(
+        "the charge that landed late was refunded after the restart",
+        || {
+            let provider = provider.clone();
+            async move { provider.refunded.lock().unwrap().contains(&id.to_string()) }
+        },
+    )
+    .await;
+    let store = engine.store();
+    eventually("the refunded charge's entry was settled", || {
+        let store = store.clone();
+        async move { store.charges_to_settle().await.unwrap().is_empty() }
+    })
+    .await;
+    engine.shutdown().await;
+}
+
+on_every_backend!(
+    a_charge_that_lands_after_its_close_gave_up_is_refunded_after_a_crash,
+    a_charge_that_lost_to_a_close_that_gave_up_is_refunded_after_a_crash,
+);
