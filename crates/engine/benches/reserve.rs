@@ -12,8 +12,8 @@ use async_trait::async_trait;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use stampede_engine::testing::live_sale;
 use stampede_engine::{
-    AckMode, Engine, EngineConfig, OpOutcome, OrderRecord, PendingTally, SaleTally, Snapshot,
-    Store, StoreError, SystemClock, WriteOp,
+    AckMode, Engine, EngineConfig, OpOutcome, OrderRecord, PendingTally, Rebuild, SaleTally, Store,
+    StoreError, SystemClock, WriteOp,
 };
 use stampede_types::{IdempotencyKey, OrderId, Quantity, SaleId, UserId};
 
@@ -22,8 +22,8 @@ struct Discard;
 
 #[async_trait]
 impl Store for Discard {
-    async fn load(&self) -> Result<Snapshot, StoreError> {
-        Ok(Snapshot::default())
+    async fn load(&self, _: &mut dyn Rebuild) -> Result<(), StoreError> {
+        Ok(())
     }
     async fn commit(&self, ops: &[WriteOp]) -> Result<Vec<OpOutcome>, StoreError> {
         Ok(ops.iter().map(|_| OpOutcome::Written).collect())

@@ -16,7 +16,8 @@ use crate::clock::Clock;
 use crate::gate::{GateRefusal, StockGate};
 use crate::payment::{PaymentError, PaymentGateway};
 use crate::store::{
-    OpOutcome, OrderRecord, ProductRecord, SaleRecord, SaleTally, Store, StoreError, WriteOp,
+    OpOutcome, OrderRecord, ProductRecord, Rebuild, SaleRecord, SaleTally, Store, StoreError,
+    WriteOp,
 };
 use crate::writer::{Job, TransitionResult, Writer};
 
@@ -908,7 +909,6 @@ impl Engine {
         gate: Option<Arc<dyn StockGate>>,
     ) -> Result<Engine, OpenError> {
         assert!(config.queue_capacity > 0 && config.batch_size_max > 0);
-        let snapshot = store.load().await?;
         let cluster = store.node().is_some();
         if cluster && gate.is_some() {
             return Err(OpenError::Invariant(
@@ -916,19 +916,11 @@ impl Engine {
             ));
         }
 
-        let mut products = HashMap::new();
-        for product in snapshot.products {
-            products.insert(
-                product.sku.clone(),
-                Arc::new(Mutex::new(ProductState { record: product })),
-            );
-        }
-
         let shared = Shared {
             store,
             clock,
             config: config.clone(),
-            products: RwLock::new(products),
+            products: RwLock::new(HashMap::new()),
             sales: RwLock::new(HashMap::new()),
             idem_shards: (0..IDEM_SHARDS)
                 .map(|_| Mutex::new(FastMap::default()))
@@ -954,51 +946,29 @@ impl Engine {
             store_ping: Mutex::new((None, true)),
             pinging: Default::default(),
         };
-        // Sales whose answers are no longer kept: their orders rebuild stock and counts,
-        // not idempotency answers.
-        let now_ms = shared.clock.now_ms();
-        let retired: std::collections::HashSet<SaleId> = snapshot
-            .sales
-            .iter()
-            .filter(|sale| shared.answers_kept_until(sale) <= now_ms)
-            .map(|sale| sale.id)
-            .collect();
+        // The orders are folded into the state as the store reads them.
+        let mut loaded = Loaded {
+            shared: &shared,
+            now_ms: shared.clock.now_ms(),
+            sales: Vec::new(),
+            retired: Default::default(),
+            held_units: HashMap::new(),
+            held_by_user: HashMap::new(),
+            closed_by_user: HashMap::new(),
+            expiries: Vec::new(),
+        };
+        shared.store.load(&mut loaded).await?;
+        let Loaded {
+            sales,
+            retired,
+            mut held_units,
+            mut held_by_user,
+            mut closed_by_user,
+            expiries,
+            ..
+        } = loaded;
 
-        let mut held_units: HashMap<SaleId, u64> = HashMap::new();
-        let mut held_by_user: HashMap<SaleId, FastMap<UserId, u32>> = HashMap::new();
-        let mut closed_by_user: HashMap<SaleId, FastMap<UserId, u32>> = HashMap::new();
-        let mut expiries = Vec::new();
-        for order in &snapshot.orders {
-            if matches!(order.status, OrderStatus::Cancelled | OrderStatus::Expired) {
-                let closed = closed_by_user
-                    .entry(order.sale_id)
-                    .or_default()
-                    .entry(order.user_id.clone())
-                    .or_default();
-                *closed = (*closed + 1).min(CLOSED_ORDERS_PER_SHOPPER_MAX);
-            }
-            if order.status.holds_stock() {
-                *held_units.entry(order.sale_id).or_default() += u64::from(order.quantity.get());
-                *held_by_user
-                    .entry(order.sale_id)
-                    .or_default()
-                    .entry(order.user_id.clone())
-                    .or_default() += order.quantity.get();
-            }
-            if order.status == OrderStatus::PendingPayment {
-                expiries.push((order.expires_at_ms + config.expiry_grace_ms, order.id));
-            }
-            shared.remember_order(&order.user_id, order.id);
-            if !retired.contains(&order.sale_id) {
-                shared.settle(
-                    &order.user_id,
-                    &order.idempotency_key,
-                    Ok(Placed::of(order)),
-                );
-            }
-        }
-
-        for sale in snapshot.sales {
+        for sale in sales {
             let held = held_units.remove(&sale.id).unwrap_or(0);
             if held > sale.quantity {
                 return Err(OpenError::Invariant(format!(
@@ -2292,6 +2262,78 @@ const LEASE_WAIT: Duration = Duration::from_secs(2);
 
 pub(crate) fn duration_ms(ms: u64) -> Duration {
     Duration::from_millis(ms.max(1))
+}
+
+/// The state an opening engine folds the store's orders into, one at a time as they are
+/// read (`Store::load`), so the orders themselves are never all in memory.
+struct Loaded<'a> {
+    shared: &'a Shared,
+    now_ms: i64,
+    sales: Vec<SaleRecord>,
+    /// Sales whose answers are no longer kept (`answers_kept_until`): their orders
+    /// rebuild stock and shoppers' order lists, not idempotency answers or per-shopper
+    /// counts (`forget_ended_sales` has removed both from a running engine).
+    retired: std::collections::HashSet<SaleId>,
+    held_units: HashMap<SaleId, u64>,
+    held_by_user: HashMap<SaleId, FastMap<UserId, u32>>,
+    closed_by_user: HashMap<SaleId, FastMap<UserId, u32>>,
+    expiries: Vec<(i64, OrderId)>,
+}
+
+impl Rebuild for Loaded<'_> {
+    fn catalog(&mut self, products: Vec<ProductRecord>, sales: Vec<SaleRecord>) {
+        let mut known = self.shared.products.write();
+        for product in products {
+            known.insert(
+                product.sku.clone(),
+                Arc::new(Mutex::new(ProductState { record: product })),
+            );
+        }
+        self.retired = sales
+            .iter()
+            .filter(|sale| self.shared.answers_kept_until(sale) <= self.now_ms)
+            .map(|sale| sale.id)
+            .collect();
+        self.sales = sales;
+    }
+
+    fn order(&mut self, order: OrderRecord) {
+        let retired = self.retired.contains(&order.sale_id);
+        if !retired && matches!(order.status, OrderStatus::Cancelled | OrderStatus::Expired) {
+            let closed = self
+                .closed_by_user
+                .entry(order.sale_id)
+                .or_default()
+                .entry(order.user_id.clone())
+                .or_default();
+            *closed = (*closed + 1).min(CLOSED_ORDERS_PER_SHOPPER_MAX);
+        }
+        if order.status.holds_stock() {
+            *self.held_units.entry(order.sale_id).or_default() += u64::from(order.quantity.get());
+            if !retired {
+                *self
+                    .held_by_user
+                    .entry(order.sale_id)
+                    .or_default()
+                    .entry(order.user_id.clone())
+                    .or_default() += order.quantity.get();
+            }
+        }
+        if order.status == OrderStatus::PendingPayment {
+            self.expiries.push((
+                order.expires_at_ms + self.shared.config.expiry_grace_ms,
+                order.id,
+            ));
+        }
+        self.shared.remember_order(&order.user_id, order.id);
+        if !retired {
+            self.shared.settle(
+                &order.user_id,
+                &order.idempotency_key,
+                Ok(Placed::of(&order)),
+            );
+        }
+    }
 }
 
 /// Every `EngineConfig::charge_sweep_ms`, and when woken (`Shared::sweep_now`), settles

@@ -34,6 +34,6 @@ pub use gate::{GateRefusal, StockGate};
 pub use payment::{PaymentError, PaymentGateway};
 pub use store::{
     Catalog, ChargeAttempt, LeaseGrant, OpOutcome, OrderRecord, OutboxEvent, PendingTally,
-    ProductRecord, Reclaimed, SaleRecord, SaleTally, Snapshot, Store, StoreError, WriteOp,
+    ProductRecord, Rebuild, Reclaimed, SaleRecord, SaleTally, Snapshot, Store, StoreError, WriteOp,
     lease_size,
 };

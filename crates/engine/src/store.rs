@@ -118,14 +118,34 @@ pub enum OpOutcome {
     Conflict,
 }
 
-/// Everything a restart needs to rebuild the in-memory state.
+/// What `Store::load` hands the durable state to, as it reads it: the catalog first,
+/// then every order, one at a time. The engine rebuilds its state from each order as it
+/// comes, so a restart never holds every order ever taken in memory at once.
+pub trait Rebuild: Send {
+    /// The products and sales, before any order.
+    fn catalog(&mut self, products: Vec<ProductRecord>, sales: Vec<SaleRecord>);
+    /// One order, in any state, in id order (time order): stock and per-user counts come
+    /// from those holding stock, idempotency answers and shoppers' order lists from all.
+    fn order(&mut self, order: OrderRecord);
+}
+
+/// Everything a restart reads, held in memory at once (`Store::snapshot`): for tests and
+/// tools, not for the engine.
 #[derive(Debug, Clone, Default)]
 pub struct Snapshot {
     pub products: Vec<ProductRecord>,
     pub sales: Vec<SaleRecord>,
-    /// Every order, in any state: stock and per-user counts come from those holding
-    /// stock, idempotency answers from all of them.
     pub orders: Vec<OrderRecord>,
+}
+
+impl Rebuild for Snapshot {
+    fn catalog(&mut self, products: Vec<ProductRecord>, sales: Vec<SaleRecord>) {
+        self.products = products;
+        self.sales = sales;
+    }
+    fn order(&mut self, order: OrderRecord) {
+        self.orders.push(order);
+    }
 }
 
 /// One entry of the charge ledger (`WriteOp::ChargeAttempt`), with its order's state.
@@ -230,8 +250,16 @@ impl StoreError {
 
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
-    /// Reads everything needed to rebuild the engine after a restart.
-    async fn load(&self) -> Result<Snapshot, StoreError>;
+    /// Reads everything needed to rebuild the engine after a restart, on one read
+    /// snapshot, and hands it to `into` as it is read (`Rebuild`): the orders are
+    /// streamed, never collected.
+    async fn load(&self, into: &mut dyn Rebuild) -> Result<(), StoreError>;
+    /// All of `load`, collected in memory.
+    async fn snapshot(&self) -> Result<Snapshot, StoreError> {
+        let mut snapshot = Snapshot::default();
+        self.load(&mut snapshot).await?;
+        Ok(snapshot)
+    }
     /// Applies `ops` in one durable transaction (fsync'd before returning `Ok`).
     async fn commit(&self, ops: &[WriteOp]) -> Result<Vec<OpOutcome>, StoreError>;
     async fn order(&self, id: OrderId) -> Result<Option<OrderRecord>, StoreError>;

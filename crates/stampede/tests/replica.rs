@@ -28,7 +28,7 @@ async fn replicate_by_hand(
     let primary = stampede_store::open_read_only(Some(primary_url), Path::new("."))
         .await
         .unwrap();
-    let snapshot = primary.load().await.unwrap();
+    let snapshot = primary.snapshot().await.unwrap();
     for product in &snapshot.products {
         // The sales below carve their quantity out of the product again.
         let carved: u64 = snapshot

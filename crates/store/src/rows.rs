@@ -6,7 +6,7 @@
 use stampede_engine::{SaleTally, StoreError};
 use stampede_types::{Cents, OrderStatus};
 
-pub(crate) fn unavailable(error: sqlx::Error) -> StoreError {
+pub(crate) fn unavailable(error: impl std::fmt::Display) -> StoreError {
     StoreError::Unavailable(error.to_string())
 }
 

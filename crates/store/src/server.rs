@@ -44,10 +44,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use futures::TryStreamExt;
 use sqlx::{AssertSqlSafe, Connection, QueryBuilder, Row};
 use stampede_engine::{
     Catalog, ChargeAttempt, LeaseGrant, OpOutcome, OrderRecord, OutboxEvent, PendingTally,
-    ProductRecord, Reclaimed, SaleRecord, SaleTally, Snapshot, Store, StoreError, WriteOp,
+    ProductRecord, Rebuild, Reclaimed, SaleRecord, SaleTally, Store, StoreError, WriteOp,
     lease_size,
 };
 use stampede_types::{Cents, IdempotencyKey, OrderId, OrderStatus, Quantity, SaleId, Sku, UserId};
@@ -892,7 +893,7 @@ macro_rules! server_store {
 
         #[async_trait]
         impl Store for $store {
-            async fn load(&self) -> Result<Snapshot, StoreError> {
+            async fn load(&self, into: &mut dyn Rebuild) -> Result<(), StoreError> {
                 // One snapshot for the three reads: a node starting while others sell must
                 // not see orders of a sale created after it read the sales.
                 let mut connection = self
@@ -911,14 +912,15 @@ macro_rules! server_store {
                 .iter()
                 .map(|row| sale_from_row!(row))
                 .collect::<Result<_, _>>()?;
-                let orders = sqlx::query(concat!("SELECT ", order_columns!(), " FROM orders ORDER BY id"))
-                    .fetch_all(&mut *connection)
-                    .await
-                    .map_err(unavailable)?
-                    .iter()
-                    .map(|row| order_from_row!(row))
-                    .collect::<Result<_, _>>()?;
-                Ok(Snapshot { products, sales, orders })
+                into.catalog(products, sales);
+                // Streamed: each order is handed over as its row arrives.
+                let mut orders =
+                    sqlx::query(concat!("SELECT ", order_columns!(), " FROM orders ORDER BY id"))
+                        .fetch(&mut *connection);
+                while let Some(row) = orders.try_next().await.map_err(unavailable)? {
+                    into.order(order_from_row!(&row)?);
+                }
+                Ok(())
             }
 
             async fn commit(&self, ops: &[WriteOp]) -> Result<Vec<OpOutcome>, StoreError> {

@@ -451,9 +451,12 @@ pub struct Intercepted<I> {
 
 #[async_trait::async_trait]
 impl<I: Interceptor> stampede_engine::Store for Intercepted<I> {
-    async fn load(&self) -> Result<stampede_engine::Snapshot, stampede_engine::StoreError> {
+    async fn load(
+        &self,
+        into: &mut dyn stampede_engine::Rebuild,
+    ) -> Result<(), stampede_engine::StoreError> {
         self.hooks.before(Call::Load).await?;
-        self.inner.load().await
+        self.inner.load(into).await
     }
     async fn commit(
         &self,

@@ -2,8 +2,9 @@
 //! leaves nobody waiting: every job that reached its queue is dropped unanswered, even one
 //! whose caller had its place in the queue as the writer stopped and pushed it after.
 //! (A tokio receiver, dropped, drops what is queued but not such a straggler: its caller
-//! waited as long as the engine lived, and the property test hung on it once.) And a
-//! refund owed when a crash comes is still owed after it.
+//! waited as long as the engine lived, and the property test hung on it once.) A
+//! refund owed when a crash comes is still owed after it. And a restart that reads
+//! thousands of orders (streamed, in chunks) rebuilds what the engine had.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -12,11 +13,12 @@ use std::time::Duration;
 
 use stampede_engine::testing::{key, live_sale, one, take_queue_place, user};
 use stampede_engine::{
-    Actor, Engine, EngineConfig, OrderError, PaymentError, PaymentGateway, SystemClock,
+    Actor, Engine, EngineConfig, ManualClock, NewProduct, NewSale, OrderError, PaymentError,
+    PaymentGateway, PurchaseError, SystemClock,
 };
 use stampede_store::on_every_backend;
 use stampede_store::testing::{Backend, TestDatabase};
-use stampede_types::Cents;
+use stampede_types::{Cents, SaleId, Sku};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_pushed_into_the_queue_as_the_writer_stops_is_dropped_unanswered() {
@@ -206,7 +208,147 @@ async fn late_charge_then_crash(backend: Backend, answers: bool) {
     engine.shutdown().await;
 }
 
+/// Buys one unit for each of `shoppers` (named `s{n}`, key `{keys}{n}`), 500 at once.
+async fn buy_for(engine: &Arc<Engine>, sale: SaleId, keys: &str, shoppers: usize) {
+    for wave in (0..shoppers).step_by(500) {
+        let buyers: Vec<_> = (wave..(wave + 500).min(shoppers))
+            .map(|n| {
+                let engine = engine.clone();
+                let (shopper, key) = (user(&format!("s{n}")), key(&format!("{keys}{n}")));
+                tokio::spawn(
+                    async move { engine.purchase(shopper, key, sale, one()).await.unwrap() },
+                )
+            })
+            .collect();
+        for buyer in buyers {
+            buyer.await.unwrap();
+        }
+    }
+}
+
+/// Several load chunks' worth of orders, of a sale that ended long ago and of one still
+/// running, some cancelled: the engine opened next has the same books, answers, order
+/// lists and per-shopper limits, and the store hands every order over once, in id order.
+async fn a_restart_rebuilds_thousands_of_orders(backend: Backend) {
+    const ENDED: usize = 1_300;
+    const RUNNING: usize = 2_500;
+    const CANCELLED: usize = 10;
+    let dir = tempfile::tempdir().unwrap();
+    let database = TestDatabase::create(backend).await;
+    let clock = Arc::new(ManualClock::new(1_800_000_000_000));
+    let config = EngineConfig {
+        payment_window_ms: 60_000,
+        expiry_grace_ms: 1_000,
+        ..EngineConfig::default()
+    };
+    let open = || async {
+        Arc::new(
+            Engine::open(
+                database.open(dir.path()).await,
+                clock.clone(),
+                config.clone(),
+            )
+            .await
+            .unwrap(),
+        )
+    };
+    let engine = open().await;
+    let price = Cents::parse("price_cents", 50).unwrap();
+    let sku = Sku::parse("ENDED").unwrap();
+    engine
+        .create_product(NewProduct {
+            sku: sku.clone(),
+            name: Arc::from("ended"),
+            price,
+            stock: ENDED as u64,
+        })
+        .await
+        .unwrap();
+    let ended = engine
+        .create_sale(NewSale {
+            sku,
+            price,
+            quantity: ENDED as u64,
+            per_user_limit: 1,
+            starts_at_ms: engine.now_ms() - 1_000,
+            ends_at_ms: engine.now_ms() + 10_000,
+        })
+        .await
+        .unwrap()
+        .record
+        .id;
+    buy_for(&engine, ended, "e", ENDED).await;
+    // Its payment window and grace pass: the ended sale's orders expire, and it retires.
+    clock.advance_ms(10_000 + 60_000 + 1_000 + 1);
+    let running = live_sale(&engine, "RUNNING", 5_000, 5_000, 50, 2).await;
+    buy_for(&engine, running, "r", RUNNING).await;
+    for n in 0..CANCELLED {
+        let shopper = user(&format!("s{n}"));
+        let listed = engine.orders_of(&shopper, 10).await.unwrap();
+        let order = listed.iter().find(|o| o.sale_id == running).unwrap();
+        engine
+            .cancel(&Actor::Shopper(shopper), order.id)
+            .await
+            .unwrap();
+    }
+    let before = engine.audit(running).await.unwrap().unwrap();
+    engine.shutdown().await;
+    drop(engine);
+
+    let orders = database
+        .open(dir.path())
+        .await
+        .snapshot()
+        .await
+        .unwrap()
+        .orders;
+    assert_eq!(orders.len(), ENDED + RUNNING, "every order, once");
+    assert!(
+        orders.windows(2).all(|pair| pair[0].id < pair[1].id),
+        "in id order"
+    );
+    let engine = open().await;
+    let after = engine.audit(running).await.unwrap().unwrap();
+    assert!(after.consistent, "{after:?}");
+    assert_eq!(
+        (after.remaining, after.tally),
+        (before.remaining, before.tally)
+    );
+    assert_eq!(after.remaining, 5_000 - (RUNNING - CANCELLED) as u64);
+    // The running sale's answers and counts are back; the ended one's are not kept.
+    assert_eq!(engine.idempotency_answers(), RUNNING);
+    assert_eq!(engine.shopper_counts(), RUNNING - CANCELLED);
+    let last = user(&format!("s{}", RUNNING - 1));
+    let again = engine
+        .purchase(
+            last.clone(),
+            key(&format!("r{}", RUNNING - 1)),
+            running,
+            one(),
+        )
+        .await
+        .unwrap();
+    assert!(again.replay, "the last order read is answered as a replay");
+    // Each shopper's list holds both sales' orders, newest first.
+    let listed = engine.orders_of(&user("s20"), 10).await.unwrap();
+    assert_eq!(
+        listed.iter().map(|o| o.sale_id).collect::<Vec<_>>(),
+        [running, ended]
+    );
+    // The per-shopper limit counts the unit held from before the restart.
+    engine
+        .purchase(last.clone(), key("second"), running, one())
+        .await
+        .unwrap();
+    assert!(matches!(
+        engine.purchase(last, key("third"), running, one()).await,
+        Err(PurchaseError::LimitExceeded { limit: 2, held: 2 })
+    ));
+    engine.shutdown().await;
+}
+
 on_every_backend!(
+    a_restart_rebuilds_thousands_of_orders,
     a_charge_that_lands_after_its_close_gave_up_is_refunded_after_a_crash,
     a_charge_that_lost_to_a_close_that_gave_up_is_refunded_after_a_crash,
 );

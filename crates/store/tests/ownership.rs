@@ -35,7 +35,7 @@ async fn a_second_owner_is_refused_while_the_first_holds_the_database(backend: B
     let reader = stampede_store::open_read_only(url, std::path::Path::new("."))
         .await
         .unwrap();
-    assert!(reader.load().await.unwrap().sales.is_empty());
+    assert!(reader.snapshot().await.unwrap().sales.is_empty());
     drop(reader);
     let sale = live_sale(&first, "P", 10, 5, 50, 5).await;
     first
