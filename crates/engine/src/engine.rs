@@ -357,8 +357,17 @@ impl SaleState {
     /// Hands back units of an order that will not be (or no longer is) held.
     pub(crate) fn give_back(&self, user: &UserId, quantity: u32, was_in_flight: bool) {
         if let Some(gate) = &self.gate {
-            if was_in_flight {
-                self.inner.lock().in_flight -= u64::from(quantity);
+            {
+                let mut inner = self.inner.lock();
+                if was_in_flight {
+                    inner.in_flight -= u64::from(quantity);
+                } else {
+                    // A durable order closed: counted here as without a gate, so the
+                    // closed-orders limit holds while the server runs, not only once a
+                    // restart has counted the stored orders.
+                    let closed = inner.closed_by_user.entry(user.clone()).or_default();
+                    *closed = (*closed + 1).min(CLOSED_ORDERS_PER_SHOPPER_MAX);
+                }
             }
             let (gate, sale, user) = (gate.clone(), self.record.id, user.clone());
             tokio::spawn(async move {
@@ -1293,6 +1302,14 @@ impl Engine {
         if new.ends_at_ms <= new.starts_at_ms {
             return Err(AdminError::Invalid(
                 "ends_at must be after starts_at".into(),
+            ));
+        }
+        // A sale that could never sell would still take its stock out of the product for
+        // good (nothing hands an ended sale's unsold units back): a typo'd year, refused.
+        if new.ends_at_ms <= self.now_ms() {
+            return Err(AdminError::Invalid(
+                "ends_at must be in the future: the sale would take its stock and never sell"
+                    .into(),
             ));
         }
         if new.quantity == 0 {

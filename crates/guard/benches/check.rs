@@ -15,7 +15,7 @@ fn checks(c: &mut Criterion) {
             // the bench measuring admissions, not refusals, however fast they get.
             qps: Some(1e7),
             burst: 1_000_000,
-            behavior: Behavior::Reject,
+            behavior: Behavior::Reject {},
             max_concurrency: Some(1_000_000),
             dry_run: false,
         }],

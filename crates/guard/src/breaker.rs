@@ -103,7 +103,7 @@ impl Breaker {
                 spell: inner.spell,
             }),
             State::Open => {
-                let until = inner.opened_at + self.rule.open_for.as_nanos() as u64;
+                let until = inner.opened_at.saturating_add(nanos(self.rule.open_for));
                 Err(until.saturating_sub(now).max(1))
             }
             State::HalfOpen => {
@@ -221,7 +221,7 @@ impl Breaker {
         inner.state = State::Open;
         inner.opened_at = now;
         self.open_until.store(
-            (now + self.rule.open_for.as_nanos() as u64).max(1),
+            now.saturating_add(nanos(self.rule.open_for)).max(1),
             Ordering::Relaxed,
         );
     }
@@ -374,4 +374,10 @@ mod tests {
         }
         assert_eq!(b.state(70 * MS), State::Open);
     }
+}
+
+/// A duration in nanoseconds, saturating (validation bounds the rules' durations well
+/// below; this keeps an unvalidated one from wrapping).
+fn nanos(duration: std::time::Duration) -> u64 {
+    u64::try_from(duration.as_nanos()).unwrap_or(u64::MAX)
 }

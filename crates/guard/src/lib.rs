@@ -804,7 +804,7 @@ impl Guard {
             let limiter = &flow.limiter;
             if let Some(qps) = rule.qps {
                 let (verdict, interval) = match &rule.behavior {
-                    Behavior::Reject => {
+                    Behavior::Reject {} => {
                         let interval = interval_ns(qps);
                         let verdict = limiter.gcra.try_admit(now, interval, rule.burst);
                         (verdict.map(|_| 0), interval)

@@ -109,12 +109,13 @@ fn one() -> u32 {
     1
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Behavior {
-    /// Over the rate: 429 at once.
-    #[default]
-    Reject,
+    /// Over the rate: 429 at once. (A struct variant, not a unit one: serde lets a unit
+    /// variant of an internally tagged enum ignore unknown fields, so `{"kind":
+    /// "reject", "max_queue": "5s"}`, a pacing rule mistyped, would be taken silently.)
+    Reject {},
     /// After an idle spell the rate starts at qps / cold_factor and rises linearly to
     /// qps over `period`, so a cold cache is not hit with the full rate at once.
     WarmUp {
@@ -129,6 +130,17 @@ pub enum Behavior {
         #[serde(with = "humantime_serde")]
         max_queue: Duration,
     },
+}
+
+/// The longest a warm-up period, a breaker's open spell or slow-call bound, or the
+/// automatic degradation's delay may be: longer is a typo (and a few hundred years would
+/// overflow the guard's nanosecond clock).
+const DURATION_MAX: Duration = Duration::from_secs(3_600);
+
+impl Default for Behavior {
+    fn default() -> Self {
+        Behavior::Reject {}
+    }
 }
 
 fn cold_factor() -> f64 {
@@ -353,7 +365,7 @@ impl GuardRules {
                 err(f("max_concurrency"), "must be at least 1");
             }
             match &r.behavior {
-                Behavior::Reject => {}
+                Behavior::Reject {} => {}
                 Behavior::WarmUp {
                     cold_factor,
                     period,
@@ -361,8 +373,8 @@ impl GuardRules {
                     if !(cold_factor.is_finite() && *cold_factor >= 1.0 && *cold_factor <= 100.0) {
                         err(f("behavior.cold_factor"), "must be within 1..=100");
                     }
-                    if period.is_zero() {
-                        err(f("behavior.period"), "must be longer than 0");
+                    if period.is_zero() || *period > DURATION_MAX {
+                        err(f("behavior.period"), "must be within (0, 1h]");
                     }
                     if r.qps.is_none() {
                         err(f("behavior"), "warm-up needs qps");
@@ -407,6 +419,8 @@ impl GuardRules {
                     f("slow_call"),
                     "must be longer than 0 (else every call is slow)",
                 );
+            } else if r.slow_call > DURATION_MAX {
+                err(f("slow_call"), "at most 1h");
             }
             if r.error_count == Some(0) {
                 err(
@@ -430,8 +444,8 @@ impl GuardRules {
             if r.window < Duration::from_millis(100) || r.window > Duration::from_secs(600) {
                 err(f("window"), "must be within 100ms..=600s");
             }
-            if r.open_for.is_zero() {
-                err(f("open_for"), "must be longer than 0");
+            if r.open_for.is_zero() || r.open_for > DURATION_MAX {
+                err(f("open_for"), "must be within (0, 1h]");
             }
             if r.half_open_probes == 0 || r.half_open_probes > 1000 {
                 err(f("half_open_probes"), "must be within 1..=1000");
@@ -442,6 +456,11 @@ impl GuardRules {
             && !(c > 0.0 && c <= 1.0)
         {
             err("system.cpu_threshold".into(), "must be within (0, 1]");
+        }
+        if let Some(after) = s.auto_degrade_after
+            && (after.is_zero() || after > DURATION_MAX)
+        {
+            err("system.auto_degrade_after".into(), "must be within (0, 1h]");
         }
         if s.max_inflight == Some(0) {
             err("system.max_inflight".into(), "must be at least 1");
@@ -540,5 +559,41 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.to_string().contains("nope"));
+        // Also beside a behaviour without fields: a pacing rule mistyped as reject.
+        let err = serde_json::from_value::<GuardRules>(serde_json::json!({"flow": [
+            {"resource": "x", "qps": 1, "behavior": {"kind": "reject", "max_queue": "5s"}}
+        ]}))
+        .unwrap_err();
+        assert!(err.to_string().contains("max_queue"), "{err}");
+        let rules: GuardRules = serde_json::from_value(serde_json::json!({"flow": [
+            {"resource": "x", "qps": 1, "behavior": {"kind": "reject"}}
+        ]}))
+        .unwrap();
+        assert_eq!(rules.flow[0].behavior, Behavior::Reject {});
+    }
+
+    #[test]
+    fn durations_past_an_hour_are_refused() {
+        let rules: GuardRules = serde_json::from_value(serde_json::json!({
+            "flow": [
+                {"resource": "pay", "qps": 5.0, "behavior": {"kind": "warm_up", "period": "18446744073s"}}
+            ],
+            "breakers": [
+                {"name": "payment", "slow_call": "2h", "error_ratio": 0.5, "open_for": "18446744073s"}
+            ],
+            "system": {"auto_degrade_after": "600years"}
+        }))
+        .unwrap();
+        let errors = rules.validate().unwrap_err();
+        let fields: Vec<&str> = errors.iter().map(|e| e.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            [
+                "flow[0].behavior.period",
+                "breakers[0].slow_call",
+                "breakers[0].open_for",
+                "system.auto_degrade_after"
+            ]
+        );
     }
 }

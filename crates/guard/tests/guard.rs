@@ -75,7 +75,7 @@ fn a_qps_limit_holds_within_five_percent_over_five_seconds() {
         "purchase",
         1000.0,
         10,
-        Behavior::Reject,
+        Behavior::Reject {},
     )]))
     .unwrap();
     let admitted = hammer(&guard, "purchase", Duration::from_secs(5));
@@ -274,7 +274,7 @@ fn pacing_spaces_requests_and_refuses_beyond_the_queue_bound() {
 
 #[test]
 fn a_concurrency_limit_counts_requests_in_flight() {
-    let mut rule = flow("pay", 1.0, 1, Behavior::Reject);
+    let mut rule = flow("pay", 1.0, 1, Behavior::Reject {});
     rule.qps = None;
     rule.max_concurrency = Some(2);
     let guard = Guard::new(rules_with(vec![rule])).unwrap();
@@ -516,7 +516,7 @@ fn the_shipped_default_limits_each_shopper_to_ten_a_second_with_a_burst_of_twent
 #[test]
 fn rules_are_replaced_by_version_and_dry_run_blocks_nothing() {
     let guard = Guard::new(GuardRules::default()).unwrap();
-    let mut next = rules_with(vec![flow("purchase", 1.0, 1, Behavior::Reject)]);
+    let mut next = rules_with(vec![flow("purchase", 1.0, 1, Behavior::Reject {})]);
     next.version = 0;
     let err = guard.replace(next.clone()).unwrap_err();
     assert_eq!(err[0].field, "version");
@@ -549,7 +549,7 @@ fn rules_are_replaced_by_version_and_dry_run_blocks_nothing() {
 
 #[test]
 fn a_slot_taken_before_a_rules_change_goes_back_to_the_same_count() {
-    let mut rule = flow("pay", 1.0, 1, Behavior::Reject);
+    let mut rule = flow("pay", 1.0, 1, Behavior::Reject {});
     rule.qps = None;
     rule.max_concurrency = Some(1);
     let guard = Guard::new(rules_with(vec![rule.clone()])).unwrap();
@@ -589,8 +589,8 @@ fn a_rules_change_keeps_what_unchanged_rules_have_learned() {
     };
     let rules = GuardRules {
         flow: vec![
-            flow("purchase", 1.0, 5, Behavior::Reject),
-            flow("browse", 1.0, 5, Behavior::Reject),
+            flow("purchase", 1.0, 5, Behavior::Reject {}),
+            flow("browse", 1.0, 5, Behavior::Reject {}),
         ],
         hot: vec![scalper],
         breakers: vec![BreakerRule {

@@ -204,6 +204,22 @@ async fn flash_sale_carves_stock_out_of_the_product(backend: Backend) {
             .await;
         assert_error(&reply, 400, "invalid_field");
     }
+    // A sale that ended before it was made (a typo'd year) would take the stock for good.
+    let reply = app
+        .post_sale(&json!({
+            "sku": "TV-2", "price_cents": 500, "quantity": 5, "per_user_limit": 1,
+            "starts_at": "2020-01-01T00:00:00Z", "ends_at": "2020-01-02T00:00:00Z",
+        }))
+        .await;
+    assert_error(&reply, 400, "invalid_field");
+    assert!(
+        reply.body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("ends_at"),
+        "{}",
+        reply.body
+    );
     assert_eq!(app.product("TV-2").await["available"], 10);
 
     // Unknown and garbage sale ids.
@@ -230,9 +246,12 @@ async fn flash_sale_status_and_purchases_outside_the_window(backend: Backend) {
     let live = app
         .create_sale_between("CAM-1", 1, 1, chrono::Duration::seconds(-1), hour)
         .await;
+    // A sale cannot be made already ended (its stock would be taken for good): this one
+    // ends a moment after it is made.
     let ended = app
-        .create_sale_between("CAM-1", 10, 1, -hour * 2, -hour)
+        .create_sale_between("CAM-1", 10, 1, -hour, chrono::Duration::milliseconds(1_500))
         .await;
+    tokio::time::sleep(std::time::Duration::from_millis(1_600)).await;
 
     assert_eq!(app.sale(&scheduled).await["status"], "scheduled");
     assert_eq!(app.sale(&live).await["status"], "live");

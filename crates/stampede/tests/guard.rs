@@ -36,7 +36,7 @@ async fn a_scalper_gets_429s_and_other_shoppers_do_not_notice() {
             resource: "purchase".into(),
             qps: Some(0.1),
             burst: 25,
-            behavior: stampede_guard::Behavior::Reject,
+            behavior: stampede_guard::Behavior::Reject {},
             max_concurrency: None,
             dry_run: false,
         }];
@@ -299,7 +299,7 @@ async fn a_flow_rule_on_payment_limits_the_calls_to_the_provider() {
             resource: "payment".into(),
             qps: Some(0.1),
             burst: 2,
-            behavior: stampede_guard::Behavior::Reject,
+            behavior: stampede_guard::Behavior::Reject {},
             max_concurrency: None,
             dry_run: false,
         }];
@@ -474,7 +474,7 @@ async fn dry_run_counts_what_it_would_block_and_blocks_nothing() {
             resource: "get_sale".into(),
             qps: Some(1.0),
             burst: 1,
-            behavior: stampede_guard::Behavior::Reject,
+            behavior: stampede_guard::Behavior::Reject {},
             max_concurrency: None,
             dry_run: false,
         }];

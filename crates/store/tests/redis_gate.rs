@@ -1,7 +1,9 @@
 //! `stock_gate = "redis"`: the conventional design (stock and shoppers' counts in Redis,
 //! taken by a Lua script) behind the same engine, writer and durable log, against the
 //! real Redis. It must sell exactly the stock, keep the limit, take back what a
-//! cancellation returns, and be reloaded from the durable orders at start. With a gate
+//! cancellation returns, and be reloaded from the durable orders at start; a shopper who
+//! buys and cancels over and over is stopped at the closed-orders limit, before and
+//! after a restart alike. With a gate
 //! that answers slowly (a stand-in, not Redis): a client that hangs up during the take
 //! leaves no units taken, and a duplicate whose first attempt was refused is decided on
 //! its own request.
@@ -9,7 +11,10 @@
 use std::sync::Arc;
 
 use stampede_engine::testing::{live_sale, one};
-use stampede_engine::{Actor, Engine, EngineConfig, PurchaseError, StockGate, Store, SystemClock};
+use stampede_engine::{
+    Actor, CLOSED_ORDERS_PER_SHOPPER_MAX, Engine, EngineConfig, PurchaseError, StockGate, Store,
+    SystemClock,
+};
 use stampede_store::RedisGate;
 use stampede_store::testing::{Backend, TestDatabase};
 use stampede_types::{IdempotencyKey, UserId};
@@ -74,6 +79,60 @@ async fn the_redis_gate_sells_exactly_the_stock_within_the_limit() {
     let audit = engine.audit(sale).await.unwrap().unwrap();
     assert!(audit.consistent, "{audit:?}");
     assert_eq!(audit.tally.users_over_limit, 0);
+    engine.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn buying_and_cancelling_over_and_over_stops_at_the_closed_orders_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let database = TestDatabase::create(Backend::Sqlite).await;
+    let prefix = prefix("churn");
+    let engine = open(database.open(dir.path()).await, gate(&prefix).await).await;
+    let sale = live_sale(&engine, "P", 1, 1, 50, 1).await;
+    let user = UserId::parse("churner").unwrap();
+    let buy = |engine: Arc<Engine>, n: u32| {
+        let user = user.clone();
+        async move {
+            let key = IdempotencyKey::parse(&format!("churn-{n}")).unwrap();
+            engine.purchase(user, key, sale, one()).await
+        }
+    };
+    for n in 0..CLOSED_ORDERS_PER_SHOPPER_MAX {
+        // The cancel's unit (and the shopper's count) go back to Redis asynchronously:
+        // wait for them.
+        let mut placed = buy(engine.clone(), n).await;
+        for _ in 0..100 {
+            if !matches!(
+                placed,
+                Err(PurchaseError::SoldOut { .. } | PurchaseError::LimitExceeded { .. })
+            ) {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            placed = buy(engine.clone(), n).await;
+        }
+        let id = placed.unwrap().placed.order_id;
+        engine
+            .cancel(&Actor::Shopper(user.clone()), id)
+            .await
+            .unwrap();
+    }
+    let refused = PurchaseError::ClosedLimitExceeded {
+        max: CLOSED_ORDERS_PER_SHOPPER_MAX,
+    };
+    assert_eq!(
+        buy(engine.clone(), 1_000).await.unwrap_err(),
+        refused,
+        "while the server runs"
+    );
+    engine.shutdown().await;
+    drop(engine);
+    let engine = open(database.open(dir.path()).await, gate(&prefix).await).await;
+    assert_eq!(
+        buy(engine.clone(), 1_001).await.unwrap_err(),
+        refused,
+        "after a restart"
+    );
     engine.shutdown().await;
 }
 
