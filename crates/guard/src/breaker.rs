@@ -227,6 +227,12 @@ impl Breaker {
     }
 }
 
+/// A duration in nanoseconds, saturating (validation bounds the rules' durations well
+/// below; this keeps an unvalidated one from wrapping).
+fn nanos(duration: std::time::Duration) -> u64 {
+    u64::try_from(duration.as_nanos()).unwrap_or(u64::MAX)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -374,10 +380,4 @@ mod tests {
         }
         assert_eq!(b.state(70 * MS), State::Open);
     }
-}
-
-/// A duration in nanoseconds, saturating (validation bounds the rules' durations well
-/// below; this keeps an unvalidated one from wrapping).
-fn nanos(duration: std::time::Duration) -> u64 {
-    u64::try_from(duration.as_nanos()).unwrap_or(u64::MAX)
 }
