@@ -3,11 +3,24 @@
 //! A value that does not parse is `StoreError::Corrupt`, never a panic. Also the order
 //! columns, in the order every backend inserts them.
 
-use stampede_engine::{SaleTally, StoreError};
+use stampede_engine::{OpOutcome, SaleTally, StoreError};
 use stampede_types::{Cents, OrderStatus};
 
 pub(crate) fn unavailable(error: impl std::fmt::Display) -> StoreError {
     StoreError::Unavailable(error.to_string())
+}
+
+/// Whether a charge-ledger entry (`WriteOp::ChargeAttempt`, or with `owed`
+/// `WriteOp::ChargeOwed`) is written for an order in state `current` (`None`: no such
+/// order): `None` when it is, else the outcome that refuses it. An attempt only for a
+/// pending order; a refund owed for any order but a paid one.
+pub(crate) fn charge_refusal(owed: bool, current: Option<OrderStatus>) -> Option<OpOutcome> {
+    match current {
+        None => Some(OpOutcome::NotFound),
+        Some(OrderStatus::PendingPayment) => None,
+        Some(current) if owed && current != OrderStatus::Paid => None,
+        Some(current) => Some(OpOutcome::Refused { current }),
+    }
 }
 
 pub(crate) fn corrupt(what: &str, value: &str) -> StoreError {

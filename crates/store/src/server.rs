@@ -54,7 +54,9 @@ use stampede_engine::{
 use stampede_types::{Cents, IdempotencyKey, OrderId, OrderStatus, Quantity, SaleId, Sku, UserId};
 use tokio::sync::Mutex;
 
-use crate::rows::{corrupt, count_units, order_values, outbox_events, transitioned, unavailable};
+use crate::rows::{
+    charge_refusal, corrupt, count_units, order_values, outbox_events, transitioned, unavailable,
+};
 
 /// Shoppers per holdings upsert in a cluster commit (4 parameters each).
 const HOLDINGS_CHUNK_ROWS: usize = 1024;
@@ -1968,41 +1970,24 @@ macro_rules! apply {
                     order_id,
                     amount,
                     at_ms,
-                } => {
-                    let id = order_id.to_string();
-                    // The order's row lock, as a close takes it: a close on another node
-                    // either committed first (refused here) or waits and finds the entry.
-                    let outcome = match lock_pending!($conn, sql, &id) {
-                        Err(refused) => refused,
-                        Ok(_) => {
-                            sqlx::query(q(&sql.record_charge))
-                                .bind(&id)
-                                .bind(amount.get())
-                                .bind(*at_ms)
-                                .execute(&mut *$conn)
-                                .await
-                                .map_err(unavailable)?;
-                            OpOutcome::Written
-                        }
-                    };
-                    outcomes.push(outcome);
                 }
-                WriteOp::ChargeOwed {
+                | WriteOp::ChargeOwed {
                     order_id,
                     amount,
                     at_ms,
                 } => {
                     let id = order_id.to_string();
-                    // The same row lock: a pay on another node either committed its
-                    // `paid` first (refused here) or cannot commit it now (closed).
-                    let outcome = match lock_pending!($conn, sql, &id) {
-                        Err(OpOutcome::Refused {
-                            current: OrderStatus::Paid,
-                        }) => OpOutcome::Refused {
-                            current: OrderStatus::Paid,
-                        },
-                        Err(OpOutcome::NotFound) => OpOutcome::NotFound,
-                        Ok(_) | Err(_) => {
+                    let owed = matches!(&ops[index], WriteOp::ChargeOwed { .. });
+                    // The order's row lock, as a close and a pay take it: a close on
+                    // another node either committed first or waits and finds the entry.
+                    let current = match lock_pending!($conn, sql, &id) {
+                        Ok(_) => Some(OrderStatus::PendingPayment),
+                        Err(OpOutcome::Refused { current }) => Some(current),
+                        Err(_) => None,
+                    };
+                    let outcome = match charge_refusal(owed, current) {
+                        Some(refused) => refused,
+                        None => {
                             sqlx::query(q(&sql.record_charge))
                                 .bind(&id)
                                 .bind(amount.get())

@@ -22,7 +22,7 @@ use rusqlite::{Connection, OptionalExtension, TransactionBehavior};
 use stampede_engine::{OpOutcome, OrderRecord, StoreError, WriteOp};
 use stampede_types::{Cents, ID_TEXT_MAX, OrderStatus};
 
-use crate::rows::{corrupt, outbox_events, transitioned};
+use crate::rows::{charge_refusal, corrupt, outbox_events, transitioned};
 use crate::sqlite::{BUSY_TIMEOUT, CONNECTION_PRAGMAS};
 
 type Task = Box<dyn FnOnce(&mut Connection) + Send>;
@@ -442,34 +442,22 @@ fn apply(tx: &rusqlite::Transaction<'_>, ops: &[WriteOp]) -> Result<Vec<OpOutcom
                 order_id,
                 amount,
                 at_ms,
-            } => {
-                let id = order_id.to_string();
-                // This thread is the only writer: the status read here cannot change
-                // before the insert.
-                match order_status(tx, &id)? {
-                    Some(OrderStatus::PendingPayment) => {
-                        record_charge(tx, &id, *amount, *at_ms)?;
-                        OpOutcome::Written
-                    }
-                    Some(current) => OpOutcome::Refused { current },
-                    None => OpOutcome::NotFound,
-                }
             }
-            WriteOp::ChargeOwed {
+            | WriteOp::ChargeOwed {
                 order_id,
                 amount,
                 at_ms,
             } => {
                 let id = order_id.to_string();
-                match order_status(tx, &id)? {
-                    Some(OrderStatus::Paid) => OpOutcome::Refused {
-                        current: OrderStatus::Paid,
-                    },
-                    Some(_) => {
+                let owed = matches!(op, WriteOp::ChargeOwed { .. });
+                // This thread is the only writer: the status read here cannot change
+                // before the insert.
+                match charge_refusal(owed, order_status(tx, &id)?) {
+                    Some(refused) => refused,
+                    None => {
                         record_charge(tx, &id, *amount, *at_ms)?;
                         OpOutcome::Written
                     }
-                    None => OpOutcome::NotFound,
                 }
             }
             WriteOp::ChargeSettled { order_id } => {
