@@ -39,6 +39,15 @@ fn totals(guard: &Guard, resource: &str) -> stampede_guard::CounterValues {
         .total
 }
 
+/// Tests whose counts depend on their threads getting the CPU when they ask take this
+/// first, so they never run beside each other: on two cores, two of them hammering at
+/// once left each thread off the CPU long enough to miss slots (a CI run counted 225
+/// where 270-315 were due).
+fn exclusive() -> std::sync::MutexGuard<'static, ()> {
+    static CPU: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    CPU.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 /// Two threads ask as fast as they can for `for_how_long`; returns admission times.
 fn hammer(guard: &Arc<Guard>, resource: &str, for_how_long: Duration) -> Vec<Duration> {
     let start = Instant::now();
@@ -69,6 +78,7 @@ fn hammer(guard: &Arc<Guard>, resource: &str, for_how_long: Duration) -> Vec<Dur
 
 #[test]
 fn a_qps_limit_holds_within_five_percent_over_five_seconds() {
+    let _cpu = exclusive();
     // A burst of 10 banks 10 ms of slots, so a caller thread descheduled for a few
     // milliseconds on a busy machine does not lose any.
     let guard = Guard::new(rules_with(vec![flow(
@@ -101,6 +111,7 @@ fn a_qps_limit_holds_within_five_percent_over_five_seconds() {
 
 #[test]
 fn warm_up_starts_at_a_third_and_reaches_the_rate() {
+    let _cpu = exclusive();
     let guard = Guard::new(rules_with(vec![flow(
         "purchase",
         600.0,
@@ -151,6 +162,7 @@ fn warm_up_starts_at_a_third_and_reaches_the_rate() {
 
 #[test]
 fn after_a_trickle_the_warm_up_takes_its_period_not_a_second_more() {
+    let _cpu = exclusive();
     let guard = Guard::new(rules_with(vec![flow(
         "purchase",
         600.0,
@@ -188,6 +200,7 @@ fn after_a_trickle_the_warm_up_takes_its_period_not_a_second_more() {
 
 #[test]
 fn a_paced_slot_given_back_never_sends_two_requests_at_once() {
+    let _cpu = exclusive();
     let guard = Guard::new(rules_with(vec![flow(
         "pay",
         10.0,
@@ -224,6 +237,7 @@ fn a_paced_slot_given_back_never_sends_two_requests_at_once() {
 
 #[test]
 fn pacing_spaces_requests_and_refuses_beyond_the_queue_bound() {
+    let _cpu = exclusive();
     let guard = Guard::new(rules_with(vec![flow(
         "pay",
         100.0,
@@ -337,6 +351,7 @@ fn lower_classes_are_shed_first() {
 
 #[test]
 fn the_bbr_check_applies_only_under_cpu_pressure() {
+    let _cpu = exclusive();
     let rules = GuardRules {
         system: stampede_guard::rules::SystemRule {
             cpu_threshold: Some(0.8),
@@ -736,6 +751,7 @@ fn a_dry_run_pacing_rule_delays_nothing_and_counts_what_it_would_refuse() {
 
 #[test]
 fn a_low_rate_warm_up_rule_warms_up_under_demand() {
+    let _cpu = exclusive();
     // A cold rate of 5/3 per second admits 1 or 2 a second, under 0.8 × the cold rate
     // every other second: the demand, not the few it passes, says whether the rule is
     // in use.
