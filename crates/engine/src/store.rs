@@ -197,9 +197,6 @@ pub struct Reclaimed {
     pub nodes: u64,
     /// Leased units returned to their sales' unleased pools.
     pub units: u64,
-    /// Every pending order with its deadline, so a survivor expires what the dead node
-    /// would have (empty when nothing was reclaimed).
-    pub pending: Vec<(OrderId, i64)>,
 }
 
 /// The catalogue as the database has it, for nodes that learn of products and sales
@@ -316,6 +313,12 @@ pub trait Store: Send + Sync + 'static {
     /// returns their leases to the sales.
     async fn reclaim(&self) -> Result<Reclaimed, StoreError> {
         Ok(Reclaimed::default())
+    }
+    /// A cluster store: every pending order in the database with its deadline, so a
+    /// survivor of a reclaim expires what the removed nodes would have. Other stores
+    /// answer nothing (their writer knows each pending order already).
+    async fn pending_orders(&self) -> Result<Vec<(OrderId, i64)>, StoreError> {
+        Ok(Vec::new())
     }
     async fn catalog(&self) -> Result<Catalog, StoreError> {
         Ok(Catalog::default())

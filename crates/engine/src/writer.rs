@@ -101,6 +101,11 @@ pub(crate) struct Writer {
     pending: HashSet<OrderId>,
     /// When the writer last tried a probe write after failed commits.
     last_probe: Option<Instant>,
+    /// A reclaim removed nodes (or failed, perhaps after removing some): their pending
+    /// orders are this writer's to expire, and it reads them at every cluster tick until
+    /// a read succeeds. Without the retry one failed read left them pending for good,
+    /// their units held and a charge for them never refunded.
+    adopt_pending: bool,
 }
 
 /// While commits fail and nothing is queued, a probe write at most this often: a node
@@ -158,6 +163,7 @@ impl Writer {
             pending: expiries.iter().map(|(_, id)| *id).collect(),
             expiries: expiries.into_iter().map(Reverse).collect(),
             last_probe: None,
+            adopt_pending: false,
         }
     }
 
@@ -375,22 +381,40 @@ impl Writer {
                 metrics::counter!("stampede_nodes_reclaimed_total").increment(reclaimed.nodes);
                 metrics::counter!("stampede_lease_units_reclaimed_total")
                     .increment(reclaimed.units);
-                let grace_ms = self.shared.config.expiry_grace_ms;
-                for (id, expires_at_ms) in reclaimed.pending {
-                    // Every pending order of the database: ours are known already.
-                    if self.pending.insert(id) {
-                        self.expiries.push(Reverse((expires_at_ms + grace_ms, id)));
-                    }
-                }
-                // Refunds the dead node may not have made (idempotent at the provider if
-                // it did, or if another node is making them): the ledger's sweep, now.
-                self.shared.sweep_now.notify_one();
+                self.adopt_pending = true;
                 for sale in self.shared.sales.read().values() {
                     sale.inner.lock().lease.dry_until_ms = 0;
                 }
             }
             Ok(_) => {}
-            Err(error) => tracing::warn!(%error, "reclaiming dead nodes' leases failed"),
+            Err(error) => {
+                // Each node's removal commits on its own: one may have been removed
+                // before the error, and its pending orders are ours now.
+                tracing::warn!(%error, "reclaiming dead nodes' leases failed");
+                self.adopt_pending = true;
+            }
+        }
+        if self.adopt_pending {
+            match store.pending_orders().await {
+                Ok(pending) => {
+                    self.adopt_pending = false;
+                    let grace_ms = self.shared.config.expiry_grace_ms;
+                    for (id, expires_at_ms) in pending {
+                        // Every pending order of the database: ours are known already.
+                        if self.pending.insert(id) {
+                            self.expiries.push(Reverse((expires_at_ms + grace_ms, id)));
+                        }
+                    }
+                    // Refunds the removed nodes may not have made (idempotent at the
+                    // provider if they did, or if another node is making them): the
+                    // ledger's sweep, now.
+                    self.shared.sweep_now.notify_one();
+                }
+                Err(error) => tracing::warn!(
+                    %error,
+                    "reading the pending orders of removed nodes failed; trying again next tick"
+                ),
+            }
         }
         match store.catalog().await {
             Ok(catalog) => self.learn(catalog),

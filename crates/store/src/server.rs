@@ -1242,27 +1242,28 @@ macro_rules! server_store {
                         }
                         tx.commit().await.map_err(unavailable)?;
                     }
-                    if reclaimed.nodes > 0 {
-                        // On a reader: the scan reads the whole table, which may rightly
-                        // take longer than the writer's deadline, and the nodes are already
-                        // gone, so a scan cut short would lose their pending orders' expiry.
-                        let rows = sqlx::query(
-                            "SELECT id, expires_at_ms FROM orders WHERE status = 'pending_payment'",
-                        )
-                        .fetch_all(&self.readers)
-                        .await
-                        .map_err(unavailable)?;
-                        for row in rows {
-                            let id: String = row.try_get("id").map_err(unavailable)?;
-                            let expires_at_ms: i64 = row.try_get("expires_at_ms").map_err(unavailable)?;
-                            reclaimed.pending.push((
-                                OrderId::parse(&id).ok_or_else(|| corrupt("order id", &id))?,
-                                expires_at_ms,
-                            ));
-                        }
-                    }
                     Ok(reclaimed)
                 })
+            }
+
+            async fn pending_orders(&self) -> Result<Vec<(OrderId, i64)>, StoreError> {
+                // On a reader: the scan reads the whole table, which may rightly take
+                // longer than the writer's deadline. The writer asks again until a scan
+                // succeeds, since the nodes it adopts from are already gone.
+                let mut rows = sqlx::query(
+                    "SELECT id, expires_at_ms FROM orders WHERE status = 'pending_payment'",
+                )
+                .fetch(&self.readers);
+                let mut pending = Vec::new();
+                while let Some(row) = rows.try_next().await.map_err(unavailable)? {
+                    let id: String = row.try_get("id").map_err(unavailable)?;
+                    let expires_at_ms: i64 = row.try_get("expires_at_ms").map_err(unavailable)?;
+                    pending.push((
+                        OrderId::parse(&id).ok_or_else(|| corrupt("order id", &id))?,
+                        expires_at_ms,
+                    ));
+                }
+                Ok(pending)
             }
 
             async fn catalog(&self) -> Result<Catalog, StoreError> {

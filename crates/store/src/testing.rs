@@ -417,6 +417,8 @@ pub enum Call<'a> {
     Release,
     Heartbeat,
     Reclaim,
+    /// `pending_orders`, the survivors' scan after a reclaim.
+    PendingOrders,
     Catalog,
     Leave,
     OutboxRead,
@@ -530,6 +532,12 @@ impl<I: Interceptor> stampede_engine::Store for Intercepted<I> {
     async fn reclaim(&self) -> Result<stampede_engine::Reclaimed, stampede_engine::StoreError> {
         self.hooks.before(Call::Reclaim).await?;
         self.inner.reclaim().await
+    }
+    async fn pending_orders(
+        &self,
+    ) -> Result<Vec<(stampede_types::OrderId, i64)>, stampede_engine::StoreError> {
+        self.hooks.before(Call::PendingOrders).await?;
+        self.inner.pending_orders().await
     }
     async fn catalog(&self) -> Result<stampede_engine::Catalog, stampede_engine::StoreError> {
         self.hooks.before(Call::Catalog).await?;

@@ -498,6 +498,7 @@ on_server_backends!(
     a_single_owner_and_a_cluster_never_share_a_database,
     a_commit_still_on_its_way_when_its_answer_is_lost_is_not_called_failed,
     a_node_that_leaves_cleanly_hands_its_pending_orders_to_the_survivors,
+    a_survivor_that_fails_to_read_the_pending_orders_reads_them_again,
     a_product_or_sale_another_node_made_first_is_a_conflict_not_a_failure,
     a_retry_on_another_node_of_a_sold_out_or_ended_sale_gets_its_order,
 );
@@ -591,6 +592,84 @@ async fn a_node_that_leaves_cleanly_hands_its_pending_orders_to_the_survivors(ba
     let audit = b.audit(sale).await.unwrap().unwrap();
     assert!(audit.consistent, "{audit:?}");
     assert_eq!((audit.tally.pending_payment, audit.tally.expired), (1, 1));
+    b.shutdown().await;
+}
+
+/// Fails the first `failures` reads of the pending orders, as a reader connection lost
+/// just after a reclaim committed would.
+struct PendingReadsFail {
+    failures: std::sync::atomic::AtomicU32,
+}
+
+#[async_trait::async_trait]
+impl Interceptor for PendingReadsFail {
+    async fn before(&self, call: Call<'_>) -> Result<(), StoreError> {
+        use std::sync::atomic::Ordering::Relaxed;
+        if matches!(call, Call::PendingOrders)
+            && self
+                .failures
+                .fetch_update(Relaxed, Relaxed, |left| left.checked_sub(1))
+                .is_ok()
+        {
+            return Err(StoreError::Unavailable("reader connection lost".into()));
+        }
+        Ok(())
+    }
+}
+
+/// The survivor removes the departed node (committed), then fails to read its pending
+/// orders: it must read them again at a later tick, not leave them pending for good with
+/// their units held.
+async fn a_survivor_that_fails_to_read_the_pending_orders_reads_them_again(backend: Backend) {
+    let database = TestDatabase::create(backend).await;
+    let (_, a) = join_with(&database, 1_000, 300).await;
+    let store = database
+        .open_with(std::path::Path::new("."), &cluster_options())
+        .await;
+    let b = Engine::open(
+        Arc::new(Intercepted {
+            inner: store,
+            hooks: PendingReadsFail { failures: 3.into() },
+        }),
+        Arc::new(SystemClock),
+        EngineConfig {
+            cluster_tick_ms: 100,
+            lease_idle_ms: 300,
+            payment_window_ms: 1_000,
+            expiry_grace_ms: 0,
+            expiry_tick_ms: 100,
+            ..EngineConfig::default()
+        },
+    )
+    .await
+    .unwrap();
+    let sale = live_sale(&a, "P", 1, 1, 50, 1).await;
+    learns_of(&b, sale).await;
+    let first = a
+        .purchase(user("first"), key("k1"), sale, one())
+        .await
+        .unwrap();
+    a.shutdown().await;
+    drop(a);
+
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        match b.purchase(user("second"), key("k2"), sale, one()).await {
+            Ok(_) => break,
+            Err(PurchaseError::SoldOut { .. }) => {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "the departed node's order never expired"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(other) => panic!("unexpected refusal: {other:?}"),
+        }
+    }
+    let expired = b.order(&Actor::Admin, first.placed.order_id).await.unwrap();
+    assert_eq!(expired.status, OrderStatus::Expired);
+    let audit = b.audit(sale).await.unwrap().unwrap();
+    assert!(audit.consistent, "{audit:?}");
     b.shutdown().await;
 }
 
