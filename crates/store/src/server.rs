@@ -141,6 +141,10 @@ struct Dialect {
     durability: &'static [(&'static str, &'static str, &'static [&'static str])],
     /// Gives the owner lock back (a cluster node only checks that nobody holds it).
     unlock: &'static str,
+    /// Drops a cluster's unique index on the orders' idempotency keys.
+    drop_key_index: &'static str,
+    /// Part of the error `drop_key_index` answers when there is no such index.
+    no_such_index: &'static str,
     /// The database's clock in milliseconds since the epoch: heartbeats and their
     /// deadlines use it, so the nodes' clocks never matter.
     now_ms: &'static str,
@@ -194,6 +198,8 @@ const POSTGRES: Dialect = Dialect {
         ),
     ],
     unlock: "SELECT pg_advisory_unlock(7261346573)",
+    drop_key_index: "DROP INDEX orders_idempotency",
+    no_such_index: "does not exist",
     now_ms: "CAST(EXTRACT(EPOCH FROM clock_timestamp()) * 1000 AS BIGINT)",
     sum_units: "CAST(SUM(units) AS BIGINT)",
     add_to_lease: "INSERT INTO stock_leases (sale_id, node, units) VALUES (?, ?, ?) \
@@ -235,6 +241,8 @@ const MYSQL: Dialect = Dialect {
         &["1"],
     )],
     unlock: "SELECT RELEASE_LOCK(CONCAT('stampede.owner.', DATABASE()))",
+    drop_key_index: "DROP INDEX orders_idempotency ON orders",
+    no_such_index: "; check that",
     now_ms: "CAST(UNIX_TIMESTAMP(NOW(3)) * 1000 AS SIGNED)",
     sum_units: "CAST(SUM(units) AS SIGNED)",
     add_to_lease: "INSERT INTO stock_leases (sale_id, node, units) VALUES (?, ?, ?) \
@@ -610,6 +618,15 @@ macro_rules! server_store {
                 // recounts the unleased stock from the orders.
                 sqlx::query("DELETE FROM stock_leases").execute(&mut writer).await.map_err(unavailable)?;
                 sqlx::query("DELETE FROM stampede_nodes").execute(&mut writer).await.map_err(unavailable)?;
+                // A cluster's unique index on the keys goes with it. A single owner keeps
+                // keys unique itself, lets a retired key be used again in another sale (see
+                // the README), which the index would turn into a failed batch, and keeps
+                // the hot insert to one index.
+                if let Err(error) = sqlx::query(dialect.drop_key_index).execute(&mut writer).await
+                    && !error.to_string().contains(dialect.no_such_index)
+                {
+                    return Err(unavailable(error));
+                }
                 // Bump the epoch: from here on, a node still holding the old one is fenced.
                 let epoch = {
                     let mut tx = writer.begin().await.map_err(unavailable)?;
@@ -658,7 +675,7 @@ macro_rules! server_store {
                         || text.contains("pg_class_relname_nsp_index"))
                     {
                         return Err(StoreError::Unavailable(format!(
-                            "cannot index idempotency keys for a cluster: {error}"
+                            "cannot index idempotency keys for a cluster (a single owner lets a shopper use a retired idempotency key again in another sale, and a cluster needs each key to name one order: see the README): {error}"
                         )));
                     }
                 }

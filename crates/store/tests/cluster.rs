@@ -9,14 +9,14 @@ use std::time::Duration;
 
 use stampede_engine::testing::{RecordingProvider, key, live_sale, one, user};
 use stampede_engine::{
-    Actor, AdminError, Engine, EngineConfig, NewProduct, NewSale, OrderError, OrderRecord,
-    PurchaseError, Store, StoreError, SystemClock, WriteOp,
+    Actor, AdminError, Engine, EngineConfig, ManualClock, NewProduct, NewSale, OrderError,
+    OrderRecord, PurchaseError, Store, StoreError, SystemClock, WriteOp,
 };
 use stampede_store::on_server_backends;
 use stampede_store::testing::{
     Backend, Call, Intercepted, Interceptor, Link, LinkMode, TestDatabase,
 };
-use stampede_types::{OrderId, OrderStatus, SaleId};
+use stampede_types::{Cents, OrderId, OrderStatus, SaleId, Sku};
 
 const NODE_TTL: Duration = Duration::from_millis(1_500);
 
@@ -486,6 +486,85 @@ async fn a_single_owner_and_a_cluster_never_share_a_database(backend: Backend) {
     drop(owner);
 }
 
+/// A cluster leaves a unique index on the orders' keys behind. A single owner after it
+/// lets a retired key be used again for a purchase in another sale (as on a database no
+/// cluster ever used): that purchase must land, not fail the batch it is in. A cluster
+/// after such a reuse is refused with a reason, not half-started.
+async fn a_single_owner_after_a_cluster_takes_a_retired_key_in_another_sale(backend: Backend) {
+    let database = TestDatabase::create(backend).await;
+    let here = std::path::Path::new(".");
+    let (_, member) = join(&database).await;
+    member.shutdown().await;
+    drop(member);
+
+    let clock = Arc::new(ManualClock::new(1_800_000_000_000));
+    let config = EngineConfig {
+        payment_window_ms: 60_000,
+        expiry_grace_ms: 5_000,
+        ..EngineConfig::default()
+    };
+    let engine = Engine::open(database.open(here).await, clock.clone(), config)
+        .await
+        .unwrap();
+    let sku = Sku::parse("SHORT").unwrap();
+    let price = Cents::parse("price_cents", 50).unwrap();
+    engine
+        .create_product(NewProduct {
+            sku: sku.clone(),
+            name: Arc::from("a sale that ends"),
+            price,
+            stock: 10,
+        })
+        .await
+        .unwrap();
+    let now = engine.now_ms();
+    let short = engine
+        .create_sale(NewSale {
+            sku,
+            price,
+            quantity: 10,
+            per_user_limit: 1,
+            starts_at_ms: now - 1_000,
+            ends_at_ms: now + 10_000,
+        })
+        .await
+        .unwrap()
+        .record
+        .id;
+    let first = engine
+        .purchase(user("a"), key("k"), short, one())
+        .await
+        .unwrap();
+    // Ended and past its payment window: its answers leave memory.
+    clock.advance_ms(10_000 + 60_000 + 5_000 + 1);
+    let long = live_sale(&engine, "LONG", 10, 10, 50, 1).await;
+    for _ in 0..100 {
+        if engine.idempotency_answers() == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(engine.idempotency_answers(), 0, "the answer never retired");
+    let second = engine
+        .purchase(user("a"), key("k"), long, one())
+        .await
+        .expect("a retired key buys in another sale");
+    assert!(!second.replay);
+    assert_ne!(second.placed.order_id, first.placed.order_id);
+    let audit = engine.audit(long).await.unwrap().unwrap();
+    assert!(audit.consistent, "{audit:?}");
+    assert_eq!(audit.tally.pending_payment, 1, "{audit:?}");
+    engine.shutdown().await;
+    drop(engine);
+
+    let joining = stampede_store::open(database.url.as_deref(), here, &cluster_options()).await;
+    let refusal = joining
+        .err()
+        .expect("a cluster is refused while a key names two orders")
+        .to_string();
+    assert!(refusal.contains("idempotency key"), "{refusal}");
+}
+
 on_server_backends!(
     three_nodes_sell_a_sale_out_exactly,
     a_dead_nodes_lease_is_reclaimed_and_it_can_never_commit_again,
@@ -496,6 +575,7 @@ on_server_backends!(
     a_buyer_who_hangs_up_while_waiting_for_a_lease_frees_its_key,
     a_node_returns_what_it_does_not_use,
     a_single_owner_and_a_cluster_never_share_a_database,
+    a_single_owner_after_a_cluster_takes_a_retired_key_in_another_sale,
     a_commit_still_on_its_way_when_its_answer_is_lost_is_not_called_failed,
     a_node_that_leaves_cleanly_hands_its_pending_orders_to_the_survivors,
     a_survivor_that_fails_to_read_the_pending_orders_reads_them_again,
