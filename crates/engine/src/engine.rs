@@ -1547,14 +1547,27 @@ impl Engine {
         };
         match seen {
             Seen::Done(placed) => {
-                return Attempt::Answer(if same_request(&placed) {
-                    Ok(Purchase {
+                if same_request(&placed) {
+                    return Attempt::Answer(Ok(Purchase {
                         placed,
                         replay: true,
-                    })
-                } else {
-                    Err(PurchaseError::KeyReused)
-                });
+                    }));
+                }
+                // A retired key may have bought again in another sale (README, under the
+                // API table), whose answer memory now holds: a late replay of the purchase
+                // it first made is answered from the store, with that purchase's order.
+                // The entry stays the other sale's.
+                if placed.sale_id != sale_id
+                    && self
+                        .shared
+                        .sale(sale_id)
+                        .is_some_and(|sale| sale.answers_forgotten())
+                {
+                    return Attempt::Answer(
+                        self.replay_from_store(user, key, sale_id, quantity).await,
+                    );
+                }
+                return Attempt::Answer(Err(PurchaseError::KeyReused));
             }
             Seen::InFlight(first) => {
                 return match first.await {

@@ -262,6 +262,81 @@ async fn an_ended_sales_answers_leave_memory_and_its_replays_are_still_answered(
     check(engine).await;
 }
 
+/// The README lets a retired key buy again in another, running sale: each purchase keeps
+/// its own order, and a late replay of the first is answered with the first's order
+/// (before, the running sale's answer in memory refused it as a reused key until that
+/// sale retired too).
+#[tokio::test]
+async fn a_retired_key_used_again_in_another_sale_leaves_each_purchase_its_own_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let database = TestDatabase::create(Backend::Sqlite).await;
+    let clock = Arc::new(ManualClock::new(1_800_000_000_000));
+    let config = EngineConfig {
+        payment_window_ms: 60_000,
+        expiry_grace_ms: 5_000,
+        ..EngineConfig::default()
+    };
+    let open = || async {
+        Engine::open(
+            database.open(dir.path()).await,
+            clock.clone(),
+            config.clone(),
+        )
+        .await
+        .unwrap()
+    };
+    let engine = open().await;
+    let short = sale_ending_in(&engine, "SHORT", 10, 1, 10_000).await;
+    let shopper = UserId::parse("shopper").unwrap();
+    let key = IdempotencyKey::parse("k").unwrap();
+    let first = engine
+        .purchase(shopper.clone(), key.clone(), short, one())
+        .await
+        .unwrap();
+    clock.advance_ms(10_000 + 60_000 + 5_000);
+    let running = live_sale(&engine, "LONG", 10, 10, 50, 1).await;
+    until_answers_are(&engine, 0).await;
+    let second = engine
+        .purchase(shopper.clone(), key.clone(), running, one())
+        .await
+        .unwrap();
+    assert!(!second.replay);
+    assert_ne!(second.placed.order_id, first.placed.order_id);
+
+    let check = |engine: Engine| {
+        let (shopper, key) = (shopper.clone(), key.clone());
+        let (first, second) = (first.placed.clone(), second.placed.clone());
+        async move {
+            let again = engine
+                .purchase(shopper.clone(), key.clone(), short, one())
+                .await
+                .unwrap();
+            assert!(again.replay);
+            assert_eq!(again.placed, first);
+            let again = engine
+                .purchase(shopper.clone(), key.clone(), running, one())
+                .await
+                .unwrap();
+            assert!(again.replay);
+            assert_eq!(again.placed, second);
+            // Another request under the key is still refused, in either sale.
+            let two = Quantity::parse(2).unwrap();
+            for sale in [short, running] {
+                assert_eq!(
+                    engine
+                        .purchase(shopper.clone(), key.clone(), sale, two)
+                        .await
+                        .unwrap_err(),
+                    PurchaseError::KeyReused
+                );
+            }
+            engine.shutdown().await;
+        }
+    };
+    check(engine).await;
+    check(open().await).await;
+}
+
 /// Holds every read of orders while `hold` is set.
 #[derive(Default)]
 struct SlowReads {
