@@ -466,7 +466,12 @@ async fn protect(
     if response.status().is_server_error() {
         admission.failed();
     }
-    if response
+    if response.status() == axum::http::StatusCode::UNAUTHORIZED {
+        // No valid token: it costs the route's shared rate nothing, so requests without
+        // one cannot use up what the shoppers share. Its client's allowance stays spent:
+        // a flood of them from one address is still that address's to answer for.
+        admission.give_back();
+    } else if response
         .extensions()
         .get::<error::PerKeyRefusal>()
         .is_some()

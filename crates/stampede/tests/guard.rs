@@ -79,6 +79,46 @@ async fn a_scalper_gets_429s_and_other_shoppers_do_not_notice() {
 }
 
 #[tokio::test]
+async fn requests_without_a_valid_token_spend_nothing_of_the_routes_rate() {
+    // A purchase rate of 3 at once for everyone: a flood without a token (or with a
+    // forged one) must not use it up before a shopper's request arrives.
+    let app = spawn_app_with(|config| {
+        config.guard.system.hold_refused = Duration::ZERO;
+        config.guard.flow = vec![stampede_guard::FlowRule {
+            resource: "purchase".into(),
+            qps: Some(0.1),
+            burst: 3,
+            behavior: stampede_guard::Behavior::Reject {},
+            max_concurrency: None,
+            dry_run: false,
+        }];
+    })
+    .await;
+    let sale = app.live_sale("GUARD-ANON", 100, 100).await;
+    for i in 0..10 {
+        let mut request = app
+            .client
+            .post(app.url(&format!("/v1/flash-sales/{sale}/purchase")))
+            .header("idempotency-key", format!("anon-{i}"))
+            .json(&json!({"quantity": 1}));
+        if i % 2 == 1 {
+            request = request.bearer_auth("not.a.token");
+        }
+        let reply = send(request).await;
+        assert_eq!(reply.status, 401, "{}", reply.body);
+    }
+    for i in 0..3 {
+        let reply = app
+            .purchase_reply(&app.shopper(&format!("s{i}")), &sale, "k", 1)
+            .await;
+        assert_eq!(reply.status, 201, "{}", reply.body);
+    }
+    // The rate itself still holds.
+    let reply = app.purchase_reply(&app.shopper("s3"), &sale, "k", 1).await;
+    assert_error(&reply, 429, "throttled");
+}
+
+#[tokio::test]
 async fn a_per_sale_limit_counts_every_spelling_of_the_sale_as_one() {
     let app = spawn_app_with(|config| {
         config.guard.system.hold_refused = Duration::ZERO;
