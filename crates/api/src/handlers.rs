@@ -702,6 +702,7 @@ async fn change_rules(
     }
     rules.validate().map_err(rule_errors)?;
     crate::check_rule_targets(&rules).map_err(rule_errors)?;
+    app.guard.check_room(&rules).map_err(rule_errors)?;
     let longest = crate::longest_answer(&rules, app.payment_timeout);
     if longest > app.client_timeout {
         return Err(ApiError::bad_request(

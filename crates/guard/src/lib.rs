@@ -360,7 +360,21 @@ struct Registry {
     by_name: RwLock<HashMap<Arc<str>, Resource, foldhash::fast::RandomState>>,
 }
 
+/// Most resources the guard tracks. Every name a rule ever used stays registered, with
+/// its counters, its stats row and its metrics series, for the process's life (ids index
+/// the compiled rules); a rules change that would register more is refused, so repeated
+/// admin changes with new names cannot grow memory without bound.
+pub const RESOURCES_MAX: usize = 4_096;
+
 impl Registry {
+    fn len(&self) -> usize {
+        self.by_name.read().len()
+    }
+
+    fn contains(&self, name: &str) -> bool {
+        self.by_name.read().contains_key(name)
+    }
+
     fn resolve(&self, name: &str) -> Resource {
         if let Some(r) = self.by_name.read().get(name) {
             return r.clone();
@@ -645,6 +659,41 @@ impl Guard {
         self.registry.resolve(name)
     }
 
+    /// Refuses rules whose new resource and rule names would make the guard track more
+    /// than `RESOURCES_MAX` resources. `replace` asks it too; a caller that stores the
+    /// rules first asks it before, so it never stores rules the guard then refuses.
+    pub fn check_room(&self, rules: &GuardRules) -> Result<(), Vec<RuleError>> {
+        let unseen: std::collections::HashSet<String> = rules
+            .flow
+            .iter()
+            .map(|r| r.resource.clone())
+            .chain(
+                rules
+                    .hot
+                    .iter()
+                    .flat_map(|r| [r.resource.clone(), format!("hot:{}", r.name)]),
+            )
+            .chain(
+                rules
+                    .breakers
+                    .iter()
+                    .map(|r| format!("outbound:{}", r.name)),
+            )
+            .filter(|name| !self.registry.contains(name))
+            .collect();
+        let known = self.registry.len();
+        if known + unseen.len() > RESOURCES_MAX {
+            return Err(vec![RuleError {
+                field: "rules".into(),
+                message: format!(
+                    "{} new resource or rule names would make the guard track more than {RESOURCES_MAX} (it tracks {known}, and keeps every name a rule used until a restart): reuse names",
+                    unseen.len()
+                ),
+            }]);
+        }
+        Ok(())
+    }
+
     /// Replaces the rules if `rules.version` is newer than the current version (the
     /// admin API asks for exactly the next one; a reloaded file may skip). A rule that is
     /// the same in both keeps its limiter state (see `Compiled::new`); a changed or new
@@ -661,6 +710,7 @@ impl Guard {
                 message: format!("must be above {current}, the current version"),
             }]);
         }
+        self.check_room(&rules)?;
         let version = rules.version;
         let mut adaptive = self.adaptive.lock();
         if rules.system.adaptive != self.compiled.load().rules.system.adaptive {

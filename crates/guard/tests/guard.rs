@@ -593,6 +593,38 @@ fn a_slot_taken_before_a_rules_change_goes_back_to_the_same_count() {
 }
 
 #[test]
+fn rules_changes_with_ever_new_names_stop_at_the_resource_bound() {
+    let guard = Guard::new(GuardRules::default()).unwrap();
+    let named = |version: u64, names: std::ops::Range<usize>| GuardRules {
+        version,
+        flow: names
+            .map(|i| flow(&format!("r-{i}"), 100.0, 5, Behavior::Reject {}))
+            .collect(),
+        ..GuardRules::default()
+    };
+    // 256 new names a change (the most rules of a kind), until the bound refuses one.
+    let mut version = 1;
+    let refusal = loop {
+        let from = version as usize * 256;
+        match guard.replace(named(version, from..from + 256)) {
+            Ok(_) => version += 1,
+            Err(errors) => break errors,
+        }
+        assert!(version < 100, "never refused");
+    };
+    assert_eq!(refusal[0].field, "rules", "{refusal:?}");
+    assert!(refusal[0].message.contains("4096"), "{refusal:?}");
+    let tracked = guard.stats().resources.len();
+    assert!(
+        tracked <= stampede_guard::RESOURCES_MAX && tracked > stampede_guard::RESOURCES_MAX - 256,
+        "{tracked}"
+    );
+    // Names the guard knows still change freely.
+    guard.replace(named(version, 256..512)).unwrap();
+    assert_eq!(guard.stats().resources.len(), tracked);
+}
+
+#[test]
 fn a_rules_change_keeps_what_unchanged_rules_have_learned() {
     let scalper = HotRule {
         name: "per-shopper".into(),
