@@ -121,3 +121,40 @@ impl crate::PaymentGateway for RecordingProvider {
         Ok(())
     }
 }
+
+/// Creates product `sku` with `units` units and a sale of all of them at 50 cents, started
+/// a second ago and ending `ends_in_ms` from now by the engine's clock. Panics on
+/// failure: for tests only.
+pub async fn sale_ending_in(
+    engine: &Engine,
+    sku: &str,
+    units: u64,
+    per_user_limit: u32,
+    ends_in_ms: i64,
+) -> SaleId {
+    let sku = Sku::parse(sku).expect("valid sku");
+    let price = Cents::parse("price_cents", 50).expect("valid price");
+    engine
+        .create_product(NewProduct {
+            sku: sku.clone(),
+            name: Arc::from("a sale that ends"),
+            price,
+            stock: units,
+        })
+        .await
+        .expect("create product");
+    let start = engine.now_ms();
+    engine
+        .create_sale(NewSale {
+            sku,
+            price,
+            quantity: units,
+            per_user_limit,
+            starts_at_ms: start - 1_000,
+            ends_at_ms: start + ends_in_ms,
+        })
+        .await
+        .expect("create sale")
+        .record
+        .id
+}

@@ -7,7 +7,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use stampede_engine::testing::{RecordingProvider, key, live_sale, one, user};
+use stampede_engine::testing::{RecordingProvider, key, live_sale, one, sale_ending_in, user};
 use stampede_engine::{
     Actor, AdminError, Engine, EngineConfig, ManualClock, NewProduct, NewSale, OrderError,
     OrderRecord, PurchaseError, Store, StoreError, SystemClock, WriteOp,
@@ -16,7 +16,7 @@ use stampede_store::on_server_backends;
 use stampede_store::testing::{
     Backend, Call, Intercepted, Interceptor, Link, LinkMode, TestDatabase,
 };
-use stampede_types::{Cents, OrderId, OrderStatus, SaleId, Sku};
+use stampede_types::{OrderId, OrderStatus, SaleId};
 
 const NODE_TTL: Duration = Duration::from_millis(1_500);
 
@@ -506,31 +506,7 @@ async fn a_single_owner_after_a_cluster_takes_a_retired_key_in_another_sale(back
     let engine = Engine::open(database.open(here).await, clock.clone(), config)
         .await
         .unwrap();
-    let sku = Sku::parse("SHORT").unwrap();
-    let price = Cents::parse("price_cents", 50).unwrap();
-    engine
-        .create_product(NewProduct {
-            sku: sku.clone(),
-            name: Arc::from("a sale that ends"),
-            price,
-            stock: 10,
-        })
-        .await
-        .unwrap();
-    let now = engine.now_ms();
-    let short = engine
-        .create_sale(NewSale {
-            sku,
-            price,
-            quantity: 10,
-            per_user_limit: 1,
-            starts_at_ms: now - 1_000,
-            ends_at_ms: now + 10_000,
-        })
-        .await
-        .unwrap()
-        .record
-        .id;
+    let short = sale_ending_in(&engine, "SHORT", 10, 1, 10_000).await;
     let first = engine
         .purchase(user("a"), key("k"), short, one())
         .await
@@ -635,6 +611,33 @@ async fn a_commit_still_on_its_way_when_its_answer_is_lost_is_not_called_failed(
     engine.shutdown().await;
 }
 
+/// Waits (at most 15 s) until `survivor` has expired the departed node's order `first`
+/// and sold its one unit again; the sale's books then hold one order of each.
+async fn expires_then_sells(survivor: &Engine, sale: SaleId, first: OrderId) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        match survivor
+            .purchase(user("second"), key("k2"), sale, one())
+            .await
+        {
+            Ok(_) => break,
+            Err(PurchaseError::SoldOut { .. }) => {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "the departed node's order never expired"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(other) => panic!("unexpected refusal: {other:?}"),
+        }
+    }
+    let expired = survivor.order(&Actor::Admin, first).await.unwrap();
+    assert_eq!(expired.status, OrderStatus::Expired);
+    let audit = survivor.audit(sale).await.unwrap().unwrap();
+    assert!(audit.consistent, "{audit:?}");
+    assert_eq!((audit.tally.pending_payment, audit.tally.expired), (1, 1));
+}
+
 /// A node that stops cleanly (a scale-in, a rolling update) hands its leases back at once,
 /// and its unpaid orders still expire and return their stock: a survivor takes them
 /// over as it would a dead node's.
@@ -653,25 +656,7 @@ async fn a_node_that_leaves_cleanly_hands_its_pending_orders_to_the_survivors(ba
     drop(a);
 
     // Once A's order is past its window, B expires it and sells its unit.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
-    loop {
-        match b.purchase(user("second"), key("k2"), sale, one()).await {
-            Ok(_) => break,
-            Err(PurchaseError::SoldOut { .. }) => {
-                assert!(
-                    tokio::time::Instant::now() < deadline,
-                    "the departed node's order never expired"
-                );
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            Err(other) => panic!("unexpected refusal: {other:?}"),
-        }
-    }
-    let expired = b.order(&Actor::Admin, first.placed.order_id).await.unwrap();
-    assert_eq!(expired.status, OrderStatus::Expired);
-    let audit = b.audit(sale).await.unwrap().unwrap();
-    assert!(audit.consistent, "{audit:?}");
-    assert_eq!((audit.tally.pending_payment, audit.tally.expired), (1, 1));
+    expires_then_sells(&b, sale, first.placed.order_id).await;
     b.shutdown().await;
 }
 
@@ -732,24 +717,7 @@ async fn a_survivor_that_fails_to_read_the_pending_orders_reads_them_again(backe
     a.shutdown().await;
     drop(a);
 
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
-    loop {
-        match b.purchase(user("second"), key("k2"), sale, one()).await {
-            Ok(_) => break,
-            Err(PurchaseError::SoldOut { .. }) => {
-                assert!(
-                    tokio::time::Instant::now() < deadline,
-                    "the departed node's order never expired"
-                );
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            Err(other) => panic!("unexpected refusal: {other:?}"),
-        }
-    }
-    let expired = b.order(&Actor::Admin, first.placed.order_id).await.unwrap();
-    assert_eq!(expired.status, OrderStatus::Expired);
-    let audit = b.audit(sale).await.unwrap().unwrap();
-    assert!(audit.consistent, "{audit:?}");
+    expires_then_sells(&b, sale, first.placed.order_id).await;
     b.shutdown().await;
 }
 

@@ -7,13 +7,13 @@
 
 use std::sync::Arc;
 
-use stampede_engine::testing::{live_sale, one};
+use stampede_engine::testing::{live_sale, one, sale_ending_in};
 use stampede_engine::{
-    Actor, CLOSED_ORDERS_PER_SHOPPER_MAX, Engine, EngineConfig, ManualClock, NewProduct, NewSale,
-    ORDERS_LISTED_MAX, PurchaseError, SystemClock,
+    Actor, CLOSED_ORDERS_PER_SHOPPER_MAX, Engine, EngineConfig, ManualClock, ORDERS_LISTED_MAX,
+    PurchaseError, SystemClock,
 };
 use stampede_store::testing::{Backend, TestDatabase};
-use stampede_types::{Cents, IdempotencyKey, Quantity, Sku, UserId};
+use stampede_types::{IdempotencyKey, Quantity, UserId};
 
 const UNITS: u64 = 20_000;
 const AT_ONCE: u64 = 1_000;
@@ -140,23 +140,9 @@ async fn a_shopper_who_buys_and_cancels_over_and_over_is_listed_from_bounded_mem
 
 #[tokio::test]
 async fn an_ended_sales_answers_leave_memory_and_its_replays_are_still_answered() {
-    let dir = tempfile::tempdir().unwrap();
-    let database = TestDatabase::create(Backend::Sqlite).await;
-    let clock = Arc::new(ManualClock::new(1_800_000_000_000));
-    let config = EngineConfig {
-        payment_window_ms: 60_000,
-        expiry_grace_ms: 5_000,
-        ..EngineConfig::default()
-    };
-    let open = || async {
-        Engine::open(
-            database.open(dir.path()).await,
-            clock.clone(),
-            config.clone(),
-        )
-        .await
-        .unwrap()
-    };
+    let retiring = Retiring::new().await;
+    let clock = &retiring.clock;
+    let open = || retiring.open();
     let engine = open().await;
     let short = sale_ending_in(&engine, "SHORT", 100, 2, 10_000).await;
     let shopper = |n: usize| UserId::parse(&format!("shopper-{n}")).unwrap();
@@ -268,23 +254,9 @@ async fn an_ended_sales_answers_leave_memory_and_its_replays_are_still_answered(
 /// sale retired too).
 #[tokio::test]
 async fn a_retired_key_used_again_in_another_sale_leaves_each_purchase_its_own_order() {
-    let dir = tempfile::tempdir().unwrap();
-    let database = TestDatabase::create(Backend::Sqlite).await;
-    let clock = Arc::new(ManualClock::new(1_800_000_000_000));
-    let config = EngineConfig {
-        payment_window_ms: 60_000,
-        expiry_grace_ms: 5_000,
-        ..EngineConfig::default()
-    };
-    let open = || async {
-        Engine::open(
-            database.open(dir.path()).await,
-            clock.clone(),
-            config.clone(),
-        )
-        .await
-        .unwrap()
-    };
+    let retiring = Retiring::new().await;
+    let clock = &retiring.clock;
+    let open = || retiring.open();
     let engine = open().await;
     let short = sale_ending_in(&engine, "SHORT", 10, 1, 10_000).await;
     let shopper = UserId::parse("shopper").unwrap();
@@ -422,40 +394,37 @@ async fn a_replay_given_up_while_the_store_looks_it_up_leaves_the_key_free() {
     engine.shutdown().await;
 }
 
-/// A product of `units` and a sale of all of them, started a second ago and ending
-/// `ends_in_ms` from now by the engine's clock.
-async fn sale_ending_in(
-    engine: &Engine,
-    sku: &str,
-    units: u64,
-    per_user_limit: u32,
-    ends_in_ms: i64,
-) -> stampede_types::SaleId {
-    let sku = Sku::parse(sku).unwrap();
-    let price = Cents::parse("price_cents", 50).unwrap();
-    engine
-        .create_product(NewProduct {
-            sku: sku.clone(),
-            name: Arc::from("a sale that ends"),
-            price,
-            stock: units,
-        })
-        .await
-        .unwrap();
-    let start = engine.now_ms();
-    engine
-        .create_sale(NewSale {
-            sku,
-            price,
-            quantity: units,
-            per_user_limit,
-            starts_at_ms: start - 1_000,
-            ends_at_ms: start + ends_in_ms,
-        })
+/// Engines on one SQLite database under a manual clock, with a 60 s payment window and a
+/// 5 s grace: an ended sale's answers retire once the clock is 65 s past its end.
+struct Retiring {
+    dir: tempfile::TempDir,
+    database: TestDatabase,
+    clock: Arc<ManualClock>,
+}
+
+impl Retiring {
+    async fn new() -> Self {
+        Retiring {
+            dir: tempfile::tempdir().unwrap(),
+            database: TestDatabase::create(Backend::Sqlite).await,
+            clock: Arc::new(ManualClock::new(1_800_000_000_000)),
+        }
+    }
+
+    async fn open(&self) -> Engine {
+        let config = EngineConfig {
+            payment_window_ms: 60_000,
+            expiry_grace_ms: 5_000,
+            ..EngineConfig::default()
+        };
+        Engine::open(
+            self.database.open(self.dir.path()).await,
+            self.clock.clone(),
+            config,
+        )
         .await
         .unwrap()
-        .record
-        .id
+    }
 }
 
 /// Waits (at most 10 s) until memory holds `answers` idempotency answers: the writer
