@@ -17,6 +17,32 @@ pub async fn live_sale(
     price_cents: i64,
     per_user_limit: u32,
 ) -> SaleId {
+    let ends_in_ms = 365 * 24 * 3_600_000;
+    let sale = (quantity, price_cents, per_user_limit, ends_in_ms);
+    product_and_sale(engine, sku, stock, sale).await
+}
+
+/// Creates product `sku` with `units` units and a sale of all of them at 50 cents, started
+/// a second ago and ending `ends_in_ms` from now by the engine's clock. Panics on
+/// failure: for tests only.
+pub async fn sale_ending_in(
+    engine: &Engine,
+    sku: &str,
+    units: u64,
+    per_user_limit: u32,
+    ends_in_ms: i64,
+) -> SaleId {
+    product_and_sale(engine, sku, units, (units, 50, per_user_limit, ends_in_ms)).await
+}
+
+/// Product `sku` of `stock` units, and a sale of (quantity, price in cents, per-user
+/// limit, ends in ms) started a second ago by the engine's clock.
+async fn product_and_sale(
+    engine: &Engine,
+    sku: &str,
+    stock: u64,
+    (quantity, price_cents, per_user_limit, ends_in_ms): (u64, i64, u32, i64),
+) -> SaleId {
     let sku = Sku::parse(sku).expect("valid sku");
     let price = Cents::parse("price_cents", price_cents).expect("valid price");
     engine
@@ -36,7 +62,7 @@ pub async fn live_sale(
             quantity,
             per_user_limit,
             starts_at_ms: now - 1_000,
-            ends_at_ms: now + 365 * 24 * 3_600_000,
+            ends_at_ms: now + ends_in_ms,
         })
         .await
         .expect("create sale")
@@ -120,41 +146,4 @@ impl crate::PaymentGateway for RecordingProvider {
         *self.refunds.lock().entry(key.to_owned()).or_default() += 1;
         Ok(())
     }
-}
-
-/// Creates product `sku` with `units` units and a sale of all of them at 50 cents, started
-/// a second ago and ending `ends_in_ms` from now by the engine's clock. Panics on
-/// failure: for tests only.
-pub async fn sale_ending_in(
-    engine: &Engine,
-    sku: &str,
-    units: u64,
-    per_user_limit: u32,
-    ends_in_ms: i64,
-) -> SaleId {
-    let sku = Sku::parse(sku).expect("valid sku");
-    let price = Cents::parse("price_cents", 50).expect("valid price");
-    engine
-        .create_product(NewProduct {
-            sku: sku.clone(),
-            name: Arc::from("a sale that ends"),
-            price,
-            stock: units,
-        })
-        .await
-        .expect("create product");
-    let start = engine.now_ms();
-    engine
-        .create_sale(NewSale {
-            sku,
-            price,
-            quantity: units,
-            per_user_limit,
-            starts_at_ms: start - 1_000,
-            ends_at_ms: start + ends_in_ms,
-        })
-        .await
-        .expect("create sale")
-        .record
-        .id
 }
