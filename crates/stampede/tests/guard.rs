@@ -45,6 +45,7 @@ async fn a_scalper_gets_429s_and_other_shoppers_do_not_notice() {
     let sale = app.live_sale("GUARD-SCALP", 1_000, 1_000).await;
     let scalper = app.shopper("scalper");
     let mut statuses = Vec::new();
+    let started = Instant::now();
     for i in 0..30 {
         let reply = app
             .purchase_reply(&scalper, &sale, &format!("scalp-{i}"), 1)
@@ -60,10 +61,12 @@ async fn a_scalper_gets_429s_and_other_shoppers_do_not_notice() {
         }
         statuses.push(reply.status);
     }
-    // The shipped default: a burst of 20 at once (then 10/s).
+    // The shipped default: a burst of 20 at once, then 10/s, so a slow run (a busy
+    // machine) earns one more for each 100 ms the attempts took.
+    let refilled = (started.elapsed().as_millis() / 100) as usize;
     let ok = statuses.iter().filter(|s| **s == 201).count();
     let throttled = statuses.iter().filter(|s| **s == 429).count();
-    assert!((20..=21).contains(&ok), "{statuses:?}");
+    assert!((20..=21 + refilled).contains(&ok), "{statuses:?}");
     assert_eq!(ok + throttled, 30, "{statuses:?}");
     // A person buying next to the scalper is not affected: the shared rate still has
     // room, since only the scalper's admitted attempts took from it.
