@@ -77,8 +77,10 @@ struct Verified {
 /// pays in a sale where each shopper buys once. The checks are jsonwebtoken's, for the
 /// validation `Auth` asked of it (HS256 only, no leeway, `exp` checked when present,
 /// nothing else required), in its order: the header as its `Header` type with `alg` HS256, the
-/// signature in constant time (`hmac`'s `verify_slice`), then the claims and `exp`. A
-/// property test holds the two to the same verdict for any token.
+/// signature in constant time (`hmac`'s `verify_slice`), then the claims and `exp`. One
+/// check more than jsonwebtoken's: a header naming critical extensions (`crit`) is
+/// refused, as RFC 7515 asks of a verifier that understands none. A property test holds
+/// the two to the same verdict for any token but those.
 #[derive(Clone)]
 struct Hs256(Hmac<Sha256>);
 
@@ -110,6 +112,14 @@ impl Hs256 {
             .ok_or(Refused::Invalid("malformed header"))?;
         if header.alg != Algorithm::HS256 {
             return Err(Refused::Invalid("algorithm is not HS256"));
+        }
+        // RFC 7515 §4.1.11: a token that names critical extensions must be refused by a
+        // verifier that does not understand them, and this one understands none
+        // (jsonwebtoken reads `crit` and ignores it).
+        if header.crit.is_some() {
+            return Err(Refused::Invalid(
+                "critical header extensions are not understood",
+            ));
         }
         let signature = b64
             .decode(signature)
@@ -383,6 +393,27 @@ mod tests {
         }
     }
 
+    /// jsonwebtoken's verdict, but a token whose header names critical extensions is
+    /// refused (jsonwebtoken ignores `crit`; RFC 7515 says refuse).
+    fn expected_verdict(token: &str, secret: &str) -> Verdict {
+        use base64::Engine as _;
+        let critical = token
+            .rsplit_once('.')
+            .and_then(|(message, _)| message.rsplit_once('.'))
+            .and_then(|(header, _)| {
+                base64::engine::general_purpose::URL_SAFE_NO_PAD
+                    .decode(header)
+                    .ok()
+            })
+            .and_then(|json| serde_json::from_slice::<Header>(&json).ok())
+            .is_some_and(|header| header.alg == Algorithm::HS256 && header.crit.is_some());
+        if critical {
+            Verdict::Invalid
+        } else {
+            jsonwebtoken_verdict(token, secret)
+        }
+    }
+
     fn our_verdict(token: &str, secret: &str) -> Verdict {
         match Hs256::new(secret.as_bytes()).verify(token, now_s()) {
             Ok(claims) => Verdict::Accepted(claims.sub, claims.exp),
@@ -509,16 +540,17 @@ mod tests {
 
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(4_000))]
-        /// Our verifier accepts exactly the tokens jsonwebtoken accepts, with the same
-        /// claims, and calls expired exactly those it calls expired.
+        /// Our verifier accepts exactly the tokens jsonwebtoken accepts (but those
+        /// naming critical extensions), with the same claims, and calls expired exactly
+        /// those it calls expired.
         #[test]
         fn a_token_gets_jsonwebtokens_verdict(token in tokens()) {
-            prop_assert_eq!(our_verdict(&token, "jwt-secret"), jsonwebtoken_verdict(&token, "jwt-secret"));
+            prop_assert_eq!(our_verdict(&token, "jwt-secret"), expected_verdict(&token, "jwt-secret"));
         }
 
         #[test]
         fn any_text_gets_jsonwebtokens_verdict(token in "[A-Za-z0-9_.=+/-]{0,120}") {
-            prop_assert_eq!(our_verdict(&token, "jwt-secret"), jsonwebtoken_verdict(&token, "jwt-secret"));
+            prop_assert_eq!(our_verdict(&token, "jwt-secret"), expected_verdict(&token, "jwt-secret"));
         }
     }
 
@@ -576,5 +608,24 @@ mod tests {
         let at = token(serde_json::json!({"sub": "dan", "exp": 1_000}), "jwt");
         assert_eq!(hs256.verify(&at, 1_000).unwrap().sub, "dan");
         assert_eq!(hs256.verify(&at, 1_001).unwrap_err(), Refused::Expired);
+    }
+
+    /// RFC 7515 §4.1.11: critical extensions this verifier does not understand (it
+    /// understands none) make the token invalid, even when signed with the right key.
+    #[test]
+    fn a_token_naming_critical_extensions_is_refused() {
+        let auth = Auth::new(Secret::new("admin"), &Secret::new("jwt"));
+        let claims = serde_json::json!({"sub": "alice", "exp": now_s() + 60});
+        let mut header = Header::new(Algorithm::HS256);
+        header.crit = Some(vec!["b64".to_owned()]);
+        let critical =
+            jsonwebtoken::encode(&header, &claims, &EncodingKey::from_secret(b"jwt")).unwrap();
+        assert_eq!(
+            jsonwebtoken_verdict(&critical, "jwt"),
+            Verdict::Accepted("alice".into(), claims["exp"].as_u64())
+        );
+        assert_eq!(auth.shopper(&critical).unwrap_err().code, "unauthorized");
+        let plain = token(claims, "jwt");
+        assert_eq!(auth.shopper(&plain).unwrap().as_str(), "alice");
     }
 }
