@@ -718,7 +718,7 @@ impl Shared {
         }
         self.refunds_open
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        metrics::counter!("stampede_refunds_total", "reason" => "unpaid_order_closed").increment(1);
+        metrics::counter!("stampede_refunds_started_total").increment(1);
         let shared = self.clone();
         tokio::spawn(async move {
             let key = order_id.to_string();
@@ -734,6 +734,8 @@ impl Shared {
                 match answer {
                     Ok(()) => {
                         last_error = None;
+                        metrics::counter!("stampede_refunds_total", "outcome" => "refunded")
+                            .increment(1);
                         shared.settle_charge(order_id);
                         shared.refunding.lock().remove(&order_id);
                         break;
@@ -763,10 +765,13 @@ impl Shared {
             match last_error {
                 Some(PaymentError::NotCharged) => {
                     tracing::info!(%order_id, "no charge to refund found for a closed unpaid order");
+                    metrics::counter!("stampede_refunds_total", "outcome" => "nothing_charged")
+                        .increment(1);
                     shared.settle_charge(order_id);
                 }
                 Some(error) => {
                     tracing::warn!(%order_id, %error, "refund for a closed unpaid order failed; the ledger's sweep tries again");
+                    metrics::counter!("stampede_refunds_total", "outcome" => "failed").increment(1);
                     metrics::counter!("stampede_refund_failures_total").increment(1);
                     // The entry may be gone: a late charge's refund can outlive the
                     // close's, which settled it on `NotCharged`. Written again, so the

@@ -1407,6 +1407,15 @@ async fn a_charge_that_lands_after_a_timeout_is_refunded_when_the_order_is_cance
     .await;
     assert_eq!(charge["charged"], 1, "{charge}");
     assert_books(&app.audit(&sale).await);
+    // `/metrics` counts it among the refunds that gave money back (the recorder is the
+    // process's, so other tests' refunds may be in the count too, never fewer).
+    let metrics = app.get("/metrics", None).await;
+    let text = metrics.body.as_str().expect("metrics are text");
+    let refunded = text
+        .lines()
+        .find_map(|line| line.strip_prefix(r#"stampede_refunds_total{outcome="refunded"} "#))
+        .and_then(|count| count.trim().parse::<f64>().ok());
+    assert!(refunded.is_some_and(|n| n >= 1.0), "{text}");
 }
 
 async fn a_declined_payment_is_not_refunded(backend: Backend) {
