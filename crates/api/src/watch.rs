@@ -1,6 +1,8 @@
 //! Connections that take too long: a request whose answer has not started within
 //! `request_timeout` of its first byte (headers or body trickled in, the slowloris and
-//! the slow POST), or a connection idle that long, is closed.
+//! the slow POST), an answer the client has not taken whole within it of the write that
+//! first found the connection full (a slow reader, holding the answer in memory as it
+//! reads a byte now and then), or a connection idle that long, is closed.
 //!
 //! Why not hyper's `header_read_timeout`: it needs hyper's timer, which allocates and
 //! registers a sleep for every request a keep-alive connection waits for; measured,
@@ -10,8 +12,8 @@
 //! does not.
 //!
 //! **Invariant:** a connection is closed only when a request of it has been in progress
-//! (read from, not yet answered) or it has been idle for longer than the timeout, give
-//! or take the sweep's second. Nothing a well-behaved client does is cut off: the
+//! (read from, not yet answered), an answer has waited for the client to take it, or it
+//! has been idle, for longer than the timeout, give or take the sweep's second. Nothing a well-behaved client does is cut off: the
 //! server refuses to start, and refuses a rules change, when the timeout is shorter than
 //! the longest answer it may take on its own account under the rules (paced waits, the
 //! payment provider's timeout, a held refusal; `longest_answer`).
@@ -42,6 +44,10 @@ pub struct Marks {
     request_since: AtomicU64,
     /// The last byte written, or the connection's opening.
     last_write: AtomicU64,
+    /// The write that first found the connection full since everything written was last
+    /// handed over whole (hyper flushes only then); 0: nothing waiting. Bytes the client
+    /// takes a few at a time do not move it.
+    write_blocked_since: AtomicU64,
     /// Wakes the connection's task to close it.
     pub close: Notify,
 }
@@ -65,6 +71,7 @@ impl Watchdog {
         let marks = Arc::new(Marks {
             request_since: AtomicU64::new(0),
             last_write: AtomicU64::new(self.now()),
+            write_blocked_since: AtomicU64::new(0),
             close: Notify::new(),
         });
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
@@ -103,7 +110,10 @@ impl Watchdog {
             } else {
                 marks.last_write.load(Ordering::Relaxed)
             };
-            if now.saturating_sub(since) > limit {
+            let blocked = marks.write_blocked_since.load(Ordering::Relaxed);
+            if now.saturating_sub(since) > limit
+                || (blocked != 0 && now.saturating_sub(blocked) > limit)
+            {
                 marks.close.notify_one();
                 closed += 1;
             }
@@ -172,6 +182,23 @@ impl<T> Watched<T> {
             .last_write
             .store(self.watchdog.now(), Ordering::Relaxed);
     }
+
+    fn write_blocked(&self) {
+        if self.marks.write_blocked_since.load(Ordering::Relaxed) == 0 {
+            self.marks
+                .write_blocked_since
+                .store(self.watchdog.now(), Ordering::Relaxed);
+        }
+    }
+
+    /// Marks what a write call did: progress, or a full connection.
+    fn wrote<E>(&self, result: &Poll<Result<usize, E>>) {
+        match result {
+            Poll::Ready(Ok(n)) if *n > 0 => self.wrote_some(),
+            Poll::Pending => self.write_blocked(),
+            _ => {}
+        }
+    }
 }
 
 impl<T: AsyncRead + Unpin> AsyncRead for Watched<T> {
@@ -196,9 +223,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Watched<T> {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let result = Pin::new(&mut self.io).poll_write(cx, buf);
-        if matches!(result, Poll::Ready(Ok(n)) if n > 0) {
-            self.wrote_some();
-        }
+        self.wrote(&result);
         result
     }
 
@@ -208,9 +233,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Watched<T> {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let result = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
-        if matches!(result, Poll::Ready(Ok(n)) if n > 0) {
-            self.wrote_some();
-        }
+        self.wrote(&result);
         result
     }
 
@@ -218,8 +241,13 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Watched<T> {
         self.io.is_write_vectored()
     }
 
+    /// hyper flushes once its buffer is written whole: nothing waits for the client.
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_flush(cx)
+        let result = Pin::new(&mut self.io).poll_flush(cx);
+        if matches!(result, Poll::Ready(Ok(()))) {
+            self.marks.write_blocked_since.store(0, Ordering::Relaxed);
+        }
+        result
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -273,5 +301,54 @@ mod tests {
         assert_eq!(watchdog.open(), 1);
         drop(registration);
         assert_eq!(watchdog.open(), 0);
+    }
+
+    /// An answer larger than the connection takes at once, read a few bytes at a time:
+    /// every read lets a write through (the last write stays recent), yet the answer
+    /// still waits, so the connection is closed once it has waited past the timeout. An
+    /// answer taken whole in time leaves nothing to close.
+    #[tokio::test]
+    async fn a_slow_reader_of_a_large_answer_is_closed_after_the_timeout() {
+        let watchdog = Watchdog::new();
+        let timeout = Duration::from_millis(100);
+        let (client, server) = tokio::io::duplex(64);
+        let (io, registration) = watchdog.watch(server);
+        let (mut client_read, _client_write) = tokio::io::split(client);
+        let mut io = Box::pin(io);
+        // Taken whole at once: flushed, nothing waits.
+        let writer = async {
+            io.write_all(&[b'a'; 200]).await.unwrap();
+            io.flush().await.unwrap();
+        };
+        let reader = async {
+            let mut buf = [0u8; 200];
+            client_read.read_exact(&mut buf).await.unwrap();
+        };
+        tokio::join!(writer, reader);
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        assert_eq!(watchdog.sweep(timeout), 0);
+        // Read a byte at a time, 40 ms apart: the answer waits for 200+ ms.
+        let writer = tokio::spawn(async move {
+            let _ = io.write_all(&[b'b'; 4096]).await;
+            let _ = io.flush().await;
+            io
+        });
+        let mut closed = 0;
+        for _ in 0..6 {
+            let mut byte = [0u8; 1];
+            client_read.read_exact(&mut byte).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(40)).await;
+            closed += watchdog.sweep(timeout);
+        }
+        assert!(closed >= 1, "the slow reader's connection was never closed");
+        assert!(
+            tokio::time::timeout(
+                Duration::from_millis(10),
+                registration.marks.close.notified()
+            )
+            .await
+            .is_ok()
+        );
+        writer.abort();
     }
 }
