@@ -294,9 +294,22 @@ impl Config {
             refuse_unknown_keys(path)?;
             figment = figment.merge(Toml::file(path));
         }
-        figment = figment
-            .merge(Env::prefixed("STAMPEDE_"))
-            .merge(Serialized::globals(args));
+        // The secrets are text, taken as given: figment would read an all-digit token as
+        // a number (and refuse it), or strip quotes and spaces from one.
+        figment = figment.merge(Env::prefixed("STAMPEDE_").ignore(&["admin_token", "jwt_secret"]));
+        for (key, variable) in [
+            ("admin_token", "STAMPEDE_ADMIN_TOKEN"),
+            ("jwt_secret", "STAMPEDE_JWT_SECRET"),
+        ] {
+            match std::env::var(variable) {
+                Ok(value) => figment = figment.merge(Serialized::default(key, value)),
+                Err(std::env::VarError::NotUnicode(_)) => {
+                    anyhow::bail!("invalid configuration: {variable} is not UTF-8 text")
+                }
+                Err(std::env::VarError::NotPresent) => {}
+            }
+        }
+        figment = figment.merge(Serialized::globals(args));
         let mut config: Config = figment.extract().context("invalid configuration")?;
         config.config_file = args.config.clone();
         config.validate()?;
@@ -415,10 +428,16 @@ fn secret(configured: Option<&str>, data_dir: &Path, file: &str) -> anyhow::Resu
         return Ok((Secret::new(value), false));
     }
     let path = data_dir.join(file);
-    if let Ok(existing) = std::fs::read_to_string(&path) {
-        let existing = existing.trim();
-        anyhow::ensure!(!existing.is_empty(), "{} is empty", path.display());
-        return Ok((Secret::new(existing), false));
+    // Only a file that is not there is made: one that cannot be read (its owner, a
+    // directory, bytes that are not text) is named in the error, never replaced.
+    match std::fs::read_to_string(&path) {
+        Ok(existing) => {
+            let existing = existing.trim();
+            anyhow::ensure!(!existing.is_empty(), "{} is empty", path.display());
+            return Ok((Secret::new(existing), false));
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("read {}", path.display())),
     }
     // Written whole under a temporary name, synced, then linked into place and the
     // directory synced: a kill at any moment leaves either no secret (the next start
@@ -859,6 +878,25 @@ mod tests {
         });
     }
 
+    /// A secret in the environment is the text as given: digits stay a string, quotes
+    /// and spaces stay in it.
+    #[test]
+    fn secrets_in_the_environment_are_taken_as_text() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("STAMPEDE_ADMIN_TOKEN", "20241111");
+            jail.set_env("STAMPEDE_JWT_SECRET", "\"quoted\" secret ");
+            let config = load(&ServeArgs::default())?;
+            assert_eq!(config.admin_token.as_deref(), Some("20241111"));
+            assert_eq!(config.jwt_secret.as_deref(), Some("\"quoted\" secret "));
+            jail.set_env("STAMPEDE_ADMIN_TOKEN", "true");
+            jail.set_env("STAMPEDE_JWT_SECRET", "[1, 2]");
+            let config = load(&ServeArgs::default())?;
+            assert_eq!(config.admin_token.as_deref(), Some("true"));
+            assert_eq!(config.jwt_secret.as_deref(), Some("[1, 2]"));
+            Ok(())
+        });
+    }
+
     #[test]
     fn bad_configuration_is_refused_with_the_key_named() {
         figment::Jail::expect_with(|jail| {
@@ -1060,5 +1098,22 @@ mod secrets {
         let (configured, generated) = secret(Some("set"), dir.path(), "jwt-secret").unwrap();
         assert_eq!((configured.expose(), generated), ("set", false));
         assert_eq!(std::fs::read_to_string(&kept).unwrap(), first.expose());
+    }
+
+    /// A secret file that is there but cannot be read is an error naming it, never
+    /// replaced (the start used to retry its own creation without end).
+    #[test]
+    fn an_unreadable_secret_file_is_an_error_not_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let kept = dir.path().join("jwt-secret");
+        std::fs::write(&kept, [0xff, 0xfe, 0x00]).unwrap();
+        let error = format!("{:#}", secret(None, dir.path(), "jwt-secret").unwrap_err());
+        assert!(error.contains("jwt-secret"), "{error}");
+        assert_eq!(std::fs::read(&kept).unwrap(), [0xff, 0xfe, 0x00]);
+        std::fs::remove_file(&kept).unwrap();
+        std::fs::create_dir(&kept).unwrap();
+        let error = format!("{:#}", secret(None, dir.path(), "jwt-secret").unwrap_err());
+        assert!(error.contains("jwt-secret"), "{error}");
+        assert!(kept.is_dir());
     }
 }
