@@ -313,6 +313,10 @@ pub struct RuleError {
 /// The longest a paced request may be made to wait (`behavior.max_queue`).
 pub const PACE_MAX_QUEUE: Duration = Duration::from_secs(60);
 
+/// The highest rules version: the largest whole number a JSON number carries exactly,
+/// so the next version (the admin API's `current + 1`) never overflows.
+pub const VERSION_MAX: u64 = (1 << 53) - 1;
+
 /// Most rules of each kind (the tables behind them are allocated per rule).
 pub const MAX_RULES: usize = 256;
 
@@ -332,6 +336,9 @@ impl GuardRules {
             })
         };
         let rate_ok = |q: f64| q.is_finite() && q > 0.0 && q <= 10_000_000.0;
+        if self.version > VERSION_MAX {
+            err("version".into(), "must be at most 9007199254740991");
+        }
         if self.flow.len() > MAX_RULES || self.breakers.len() > MAX_RULES {
             err("rules".into(), "at most 256 rules of each kind");
         }
@@ -511,6 +518,7 @@ mod tests {
     #[test]
     fn every_problem_is_named_by_its_field() {
         let rules: GuardRules = serde_json::from_value(serde_json::json!({
+            "version": u64::MAX,
             "flow": [
                 {"resource": "purchase", "qps": -1.0},
                 {"resource": "purchase", "qps": 5.0, "burst": 0},
@@ -544,6 +552,7 @@ mod tests {
             "hot",
             "system.cpu_threshold",
             "system.class_shares",
+            "version",
         ] {
             assert!(
                 fields.contains(&expected),
