@@ -389,6 +389,8 @@ impl<S: Send + Sync> FromRequestParts<S> for KeyHeader {
               (status = 422, description = "idempotency_key_reused", body = ErrorBody),
               (status = 400, description = "missing_idempotency_key, malformed_json, invalid_body, invalid_field", body = ErrorBody),
               (status = 401, body = ErrorBody),
+              (status = 404, description = "sale_not_found", body = ErrorBody),
+              (status = 429, description = "throttled, with Retry-After: a rule of the guard (the shipped one: a shopper's 10 purchases a second, burst 20)", body = ErrorBody),
               (status = 503, description = "overloaded, unavailable, circuit_open (the database breaker), degraded; all with Retry-After", body = ErrorBody)))]
 pub async fn purchase(
     State(app): State<AppState>,
@@ -397,7 +399,8 @@ pub async fn purchase(
     KeyHeader(key): KeyHeader,
     JsonBody(body): JsonBody<PurchaseRequest>,
 ) -> Result<Response, ApiError> {
-    let key = key.ok_or_else(|| {
+    // An empty header (HTTP trims the spaces around a value) is no key.
+    let key = key.filter(|key| !key.is_empty()).ok_or_else(|| {
         ApiError::bad_request("missing_idempotency_key", "send an Idempotency-Key header")
     })?;
     let key = IdempotencyKey::parse(key.to_str().map_err(|_| {
@@ -488,7 +491,7 @@ fn parse_order_id(id: &str) -> Result<OrderId, ApiError> {
 }
 
 #[utoipa::path(get, path = "/v1/orders/{id}", params(("id" = String, Path)), security(("shopper" = []), ("admin" = [])),
-    responses((status = 200, body = OrderBody), (status = 404, description = "also for another shopper's order", body = ErrorBody)))]
+    responses((status = 200, body = OrderBody), (status = 401, body = ErrorBody), (status = 404, description = "also for another shopper's order", body = ErrorBody)))]
 pub async fn get_order(
     State(app): State<AppState>,
     Caller(actor): Caller,
@@ -499,7 +502,7 @@ pub async fn get_order(
 }
 
 #[utoipa::path(get, path = "/v1/orders", security(("shopper" = [])),
-    responses((status = 200, description = "the caller's newest 100 orders", body = OrderList)))]
+    responses((status = 200, description = "the caller's newest 100 orders", body = OrderList), (status = 401, body = ErrorBody)))]
 pub async fn list_orders(
     State(app): State<AppState>,
     Shopper(user): Shopper,
@@ -512,10 +515,12 @@ pub async fn list_orders(
 
 #[utoipa::path(post, path = "/v1/orders/{id}/pay", params(("id" = String, Path)), security(("shopper" = [])),
     responses((status = 200, body = StatusBody),
+              (status = 401, body = ErrorBody),
+              (status = 404, description = "also for another shopper's order", body = ErrorBody),
               (status = 409, description = "order_expired, order_cancelled", body = ErrorBody),
               (status = 502, description = "payment_failed; the order stays payable", body = ErrorBody),
               (status = 429, description = "throttled: the payment resource's rule refused the call; nothing was charged", body = ErrorBody),
-              (status = 503, description = "circuit_open, or overloaded/unavailable when the charge could not be noted in the store first; nothing was charged and the order stays payable", body = ErrorBody),
+              (status = 503, description = "circuit_open, or overloaded/unavailable when the charge could not be noted in the store first (nothing was charged), or unavailable when the store could not record the order paid after the charge (the order stays payable, and paying again charges nothing more: the provider is called with the order's key)", body = ErrorBody),
               (status = 504, description = "payment_timeout; the order stays payable", body = ErrorBody)))]
 pub async fn pay_order(
     State(app): State<AppState>,
@@ -529,7 +534,7 @@ pub async fn pay_order(
 }
 
 #[utoipa::path(post, path = "/v1/orders/{id}/cancel", params(("id" = String, Path)), security(("shopper" = []), ("admin" = [])),
-    responses((status = 200, body = StatusBody), (status = 409, description = "order_paid, order_expired", body = ErrorBody)))]
+    responses((status = 200, body = StatusBody), (status = 401, body = ErrorBody), (status = 404, description = "also for another shopper's order", body = ErrorBody), (status = 409, description = "order_paid, order_expired", body = ErrorBody)))]
 pub async fn cancel_order(
     State(app): State<AppState>,
     Caller(actor): Caller,
@@ -559,7 +564,7 @@ pub struct AuditBody {
 }
 
 #[utoipa::path(get, path = "/v1/flash-sales/{id}/audit", params(("id" = String, Path)), security(("admin" = [])),
-    responses((status = 200, body = AuditBody), (status = 404, body = ErrorBody)))]
+    responses((status = 200, body = AuditBody), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)))]
 pub async fn audit_sale(
     State(app): State<AppState>,
     _admin: Admin,

@@ -383,6 +383,18 @@ async fn idempotency_replays_refuses_reuse_and_requires_a_key(backend: Backend) 
         )
         .await;
     assert_error(&reply, 400, "missing_idempotency_key");
+    // An empty key (or one of spaces, which HTTP trims away) is no key.
+    for empty in ["", "   "] {
+        let reply = app
+            .post_raw(
+                &format!("/v1/flash-sales/{sale}/purchase"),
+                Some(&token),
+                Some(empty),
+                r#"{"quantity": 1}"#,
+            )
+            .await;
+        assert_error(&reply, 400, "missing_idempotency_key");
+    }
     assert_eq!(
         snapshot(&app, &sale, &token).await,
         before,
@@ -1245,6 +1257,44 @@ async fn operations_endpoints_answer(backend: Backend) {
         "/v1/flash-sales/{id}/audit",
     ] {
         assert!(paths.contains_key(path), "openapi.json lacks {path}");
+    }
+    // Every answer the contract names for a route is in its document, so a generated
+    // client models each of them.
+    for (path, method, statuses) in [
+        (
+            "/v1/flash-sales/{id}/purchase",
+            "post",
+            &[
+                "200", "201", "400", "401", "404", "409", "422", "429", "503",
+            ][..],
+        ),
+        ("/v1/orders/{id}", "get", &["200", "401", "404"][..]),
+        ("/v1/orders", "get", &["200", "401"][..]),
+        (
+            "/v1/orders/{id}/pay",
+            "post",
+            &["200", "401", "404", "409", "502", "504"][..],
+        ),
+        (
+            "/v1/orders/{id}/cancel",
+            "post",
+            &["200", "401", "404", "409"][..],
+        ),
+        (
+            "/v1/flash-sales/{id}/audit",
+            "get",
+            &["200", "401", "404"][..],
+        ),
+    ] {
+        let responses = paths[path][method]["responses"]
+            .as_object()
+            .unwrap_or_else(|| panic!("openapi.json: {method} {path} has no responses"));
+        for status in statuses {
+            assert!(
+                responses.contains_key(*status),
+                "openapi.json: {method} {path} lacks {status}"
+            );
+        }
     }
 
     let reply = app.get("/v1/nothing-here", None).await;
