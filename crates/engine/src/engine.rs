@@ -38,7 +38,9 @@ pub enum AckMode {
 pub struct EngineConfig {
     /// Bound of the writer's queue; a full queue answers `overloaded`.
     pub queue_capacity: usize,
-    /// Most operations committed in one transaction.
+    /// Most operations committed in one transaction, expiries included (when orders are
+    /// due, at most half are taken from the queue). One more only when it is 1: a batch
+    /// of one job still expires one order.
     pub batch_size_max: usize,
     /// How long an order waits for payment.
     pub payment_window_ms: i64,

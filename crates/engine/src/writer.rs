@@ -239,7 +239,19 @@ impl Writer {
                     continue;
                 }
             }
-            while batch.len() < batch_size_max {
+            // Orders falling due keep at least half the batch: a queue that stays full
+            // never starves the expiry (stock going back), and the transaction stays
+            // within `batch_size_max` operations with them.
+            let expiry_due = self
+                .expiries
+                .peek()
+                .is_some_and(|Reverse((due_ms, _))| *due_ms <= self.shared.clock.now_ms());
+            let room = if expiry_due {
+                (batch_size_max / 2).max(1)
+            } else {
+                batch_size_max
+            };
+            while batch.len() < room {
                 match self.jobs.try_recv() {
                     Ok(job) => batch.push(job),
                     Err(_) => break,
@@ -537,7 +549,15 @@ impl Writer {
         }
         let n_job_ops = ops.len();
         let mut expiring = Vec::new();
-        while expiring.len() < self.shared.config.batch_size_max {
+        // What the jobs left of `batch_size_max`, and one at least (a batch of one job
+        // still expires one order).
+        let expiries_max = self
+            .shared
+            .config
+            .batch_size_max
+            .saturating_sub(n_job_ops)
+            .max(1);
+        while expiring.len() < expiries_max {
             match self.expiries.peek() {
                 Some(Reverse((due_ms, _))) if *due_ms <= now_ms => {
                     let Reverse((due_ms, order_id)) = self.expiries.pop().expect("peeked");

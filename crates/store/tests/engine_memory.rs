@@ -3,7 +3,8 @@
 //! while a shard of it doubles and moves its entries (BENCHMARKS.md, "Room for the
 //! orders before the sale"). And a shopper's order list in memory stays bounded however
 //! many orders they place and cancel. And an ended sale's idempotency answers leave
-//! memory once its payment window is over, while its replays are still answered.
+//! memory once its payment window is over, while its replays are still answered. And
+//! a transaction stays within `batch_size_max` when orders fall due under a full queue.
 
 use std::sync::Arc;
 
@@ -519,4 +520,112 @@ async fn buying_and_cancelling_over_and_over_is_held_in_bounded_memory() {
         .await
         .unwrap();
     engine.shutdown().await;
+}
+
+/// Counts what each commit holds: the most operations, and the commits that carried
+/// expiries beside other writes. Commits wait `slow` each while set, so the writer's
+/// queue stays full.
+#[derive(Default)]
+struct Batches {
+    slow: std::sync::atomic::AtomicBool,
+    most_ops: std::sync::atomic::AtomicUsize,
+    mixed: std::sync::atomic::AtomicUsize,
+}
+
+#[async_trait::async_trait]
+impl stampede_store::testing::Interceptor for Batches {
+    async fn before(
+        &self,
+        call: stampede_store::testing::Call<'_>,
+    ) -> Result<(), stampede_engine::StoreError> {
+        use std::sync::atomic::Ordering::SeqCst;
+        if let stampede_store::testing::Call::Commit(ops) = call {
+            self.most_ops.fetch_max(ops.len(), SeqCst);
+            let expiring = ops
+                .iter()
+                .filter(|op| {
+                    matches!(
+                        op,
+                        stampede_engine::WriteOp::Transition {
+                            to: stampede_types::OrderStatus::Expired,
+                            ..
+                        }
+                    )
+                })
+                .count();
+            if expiring > 0 && expiring < ops.len() {
+                self.mixed.fetch_add(1, SeqCst);
+            }
+            if self.slow.load(SeqCst) {
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Orders falling due while the writer's queue is full: each transaction stays within
+/// `batch_size_max` operations, expiries and purchases together, and batches carry
+/// expiries while the queue is still full (they are not left for after the flood).
+#[tokio::test]
+async fn expiries_and_a_full_queue_share_a_batch_within_its_bound() {
+    use std::sync::atomic::Ordering::SeqCst;
+    const BATCH: usize = 8;
+    const UNPAID: u64 = 40;
+    const FLOOD: u64 = 400;
+    let dir = tempfile::tempdir().unwrap();
+    let database = TestDatabase::create(Backend::Sqlite).await;
+    let store = Arc::new(stampede_store::testing::Intercepted {
+        inner: database.open(dir.path()).await,
+        hooks: Batches::default(),
+    });
+    let clock = Arc::new(ManualClock::new(1_800_000_000_000));
+    let config = EngineConfig {
+        batch_size_max: BATCH,
+        queue_capacity: 1_024,
+        payment_window_ms: 60_000,
+        expiry_grace_ms: 0,
+        expiry_tick_ms: 5,
+        ..EngineConfig::default()
+    };
+    let engine = Arc::new(
+        Engine::open(store.clone(), clock.clone(), config)
+            .await
+            .unwrap(),
+    );
+    let units = UNPAID + FLOOD;
+    let sale = live_sale(&engine, "DUE-1", units, units, 50, 1).await;
+    let shopper = |n: u64| UserId::parse(&format!("shopper-{n}")).unwrap();
+    let key = |n: u64| IdempotencyKey::parse(&format!("key-{n}")).unwrap();
+    for n in 0..UNPAID {
+        engine
+            .purchase(shopper(n), key(n), sale, one())
+            .await
+            .unwrap();
+    }
+    // Half a window later, slow commits and a flood of purchases: the queue fills, then
+    // the first orders fall due (the flood's are half a window from it).
+    clock.advance_ms(30_000);
+    store.hooks.slow.store(true, SeqCst);
+    let flood: Vec<_> = (UNPAID..UNPAID + FLOOD)
+        .map(|n| {
+            let engine = engine.clone();
+            tokio::spawn(async move { engine.purchase(shopper(n), key(n), sale, one()).await })
+        })
+        .collect();
+    tokio::time::sleep(std::time::Duration::from_millis(30)).await;
+    clock.advance_ms(30_001);
+    for buyer in flood {
+        buyer.await.unwrap().expect("a unit for every shopper");
+    }
+    store.hooks.slow.store(false, SeqCst);
+    let most = store.hooks.most_ops.load(SeqCst);
+    assert!(most <= BATCH, "a transaction of {most} operations");
+    assert!(
+        store.hooks.mixed.load(SeqCst) > 0,
+        "no batch carried expiries beside purchases: the test did not fill the queue"
+    );
+    let books = engine.audit(sale).await.unwrap().expect("the sale's books");
+    assert_eq!(books.tally.expired, UNPAID, "{:?}", books.tally);
+    assert_eq!(books.tally.pending_payment, FLOOD, "{:?}", books.tally);
 }
