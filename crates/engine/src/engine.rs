@@ -2025,6 +2025,16 @@ impl Engine {
                     PaymentError::Throttled { retry_after_ms } => {
                         OrderError::PaymentThrottled(retry_after_ms)
                     }
+                    PaymentError::Unavailable(reason) => {
+                        // Sent, but its outcome unknown: a connection lost after the
+                        // request went out, or a 5xx (a gateway in front of the provider
+                        // may answer 502/504 while the provider goes on charging). Owed
+                        // the same watch as a timeout.
+                        engine.refund_if_closed(id, order.amount);
+                        OrderError::PaymentFailed(
+                            PaymentError::Unavailable(reason).to_string(),
+                        )
+                    }
                     other => OrderError::PaymentFailed(other.to_string()),
                 })?;
             match engine.transition(id, OrderEvent::Pay, true).await? {
@@ -2060,16 +2070,30 @@ impl Engine {
     }
 
     /// In the background: if the order is closed now, notes the refund owed in the
-    /// charge ledger and refunds (or keeps refunding) the charge a pay that just timed
-    /// out may still land.
+    /// charge ledger and refunds (or keeps refunding) the charge a pay whose outcome is
+    /// unknown (timed out, lost its connection, answered 5xx) may still land.
     fn refund_if_closed(&self, id: OrderId, amount: Cents) {
         let shared = self.shared.clone();
         tokio::spawn(async move {
-            if let Ok(Some(order)) = shared.store.order(id).await
-                && !order.status.holds_stock()
-            {
-                shared.owe_refund(id, amount);
+            // A read that fails is tried again for a while: given up, a charge landing
+            // after the close's refund settled the ledger entry would go unrefunded.
+            let mut delay = std::time::Duration::from_millis(250);
+            for _ in 0..8 {
+                match shared.store.order(id).await {
+                    Ok(Some(order)) => {
+                        if !order.status.holds_stock() {
+                            shared.owe_refund(id, amount);
+                        }
+                        return;
+                    }
+                    Ok(None) => return,
+                    Err(_) => {
+                        tokio::time::sleep(delay).await;
+                        delay = (delay * 2).min(REFUND_RETRY_MAX);
+                    }
+                }
             }
+            tracing::warn!(order_id = %id, "could not read the order after a charge of unknown outcome; a refund it may be owed is left to the ledger");
         });
     }
 

@@ -57,7 +57,7 @@ async fn a_job_pushed_into_the_queue_as_the_writer_stops_is_dropped_unanswered()
 /// set, every refund fails.
 #[derive(Default)]
 struct LateProvider {
-    answers: bool,
+    answer: LateAnswer,
     charging: tokio::sync::Notify,
     land: tokio::sync::Notify,
     charged: std::sync::Mutex<HashSet<String>>,
@@ -72,10 +72,12 @@ impl PaymentGateway for LateProvider {
         self.charging.notify_one();
         self.land.notified().await;
         self.charged.lock().unwrap().insert(key.to_owned());
-        if self.answers {
-            Ok(())
-        } else {
-            Err(PaymentError::Timeout)
+        match self.answer {
+            LateAnswer::Charged => Ok(()),
+            LateAnswer::TimedOut => Err(PaymentError::Timeout),
+            LateAnswer::GatewayFailed => Err(PaymentError::Unavailable(
+                "provider answered 504 Gateway Timeout".into(),
+            )),
         }
     }
 
@@ -109,16 +111,35 @@ async fn eventually<F: Future<Output = bool>>(what: &str, mut done: impl FnMut()
 /// ledger all the same (written again when the late charge timed out), and the next start
 /// makes it.
 async fn a_charge_that_lands_after_its_close_gave_up_is_refunded_after_a_crash(backend: Backend) {
-    late_charge_then_crash(backend, false).await;
+    late_charge_then_crash(backend, LateAnswer::TimedOut).await;
+}
+
+/// As above, with the charge answered by a gateway's 5xx in front of the provider (it
+/// charged all the same): an error whose outcome is unknown is owed a refund as a
+/// timeout is.
+async fn a_charge_behind_a_failing_gateway_is_refunded_after_a_crash(backend: Backend) {
+    late_charge_then_crash(backend, LateAnswer::GatewayFailed).await;
 }
 
 /// As above, with the late charge answered: the pay loses its race to the cancel and its
 /// own refund fails.
 async fn a_charge_that_lost_to_a_close_that_gave_up_is_refunded_after_a_crash(backend: Backend) {
-    late_charge_then_crash(backend, true).await;
+    late_charge_then_crash(backend, LateAnswer::Charged).await;
 }
 
-async fn late_charge_then_crash(backend: Backend, answers: bool) {
+/// What the late charge's call answers once the charge has landed.
+#[derive(Default, Clone, Copy)]
+enum LateAnswer {
+    /// Charged, answered in time.
+    Charged,
+    /// The caller stopped waiting.
+    #[default]
+    TimedOut,
+    /// A gateway in front of the provider answered 5xx.
+    GatewayFailed,
+}
+
+async fn late_charge_then_crash(backend: Backend, answer: LateAnswer) {
     let dir = tempfile::tempdir().unwrap();
     let database = TestDatabase::create(backend).await;
     let config = EngineConfig {
@@ -137,7 +158,7 @@ async fn late_charge_then_crash(backend: Backend, answers: bool) {
         .unwrap(),
     );
     let provider = Arc::new(LateProvider {
-        answers,
+        answer,
         ..LateProvider::default()
     });
     let sale = live_sale(&engine, "LATE", 10, 10, 500, 1).await;
@@ -165,10 +186,12 @@ async fn late_charge_then_crash(backend: Backend, answers: bool) {
     // Now the charge lands, and the provider fails every refund.
     provider.down.store(true, Ordering::SeqCst);
     provider.land.notify_one();
-    let lost = if answers {
-        OrderError::Cancelled
-    } else {
-        OrderError::PaymentTimeout
+    let lost = match answer {
+        LateAnswer::Charged => OrderError::Cancelled,
+        LateAnswer::TimedOut => OrderError::PaymentTimeout,
+        LateAnswer::GatewayFailed => OrderError::PaymentFailed(
+            "payment provider failed: provider answered 504 Gateway Timeout".into(),
+        ),
     };
     assert_eq!(pay.await.unwrap(), Err(lost));
     eventually("the late charge's refund was tried", || {
@@ -351,4 +374,5 @@ on_every_backend!(
     a_restart_rebuilds_thousands_of_orders,
     a_charge_that_lands_after_its_close_gave_up_is_refunded_after_a_crash,
     a_charge_that_lost_to_a_close_that_gave_up_is_refunded_after_a_crash,
+    a_charge_behind_a_failing_gateway_is_refunded_after_a_crash,
 );
