@@ -493,14 +493,34 @@ pub struct Running {
     reload: Option<tokio::task::JoinHandle<()>>,
     /// The outbox relay to NATS, when configured: its stop signal and task.
     relay: Option<(oneshot::Sender<()>, tokio::task::JoinHandle<()>)>,
-    /// Held for the server's life: a second process on the same data directory would
-    /// keep its own stock in memory and oversell.
-    _data_dir_lock: std::fs::File,
+    /// Held for the server's life: a second process on the same data directory (or
+    /// SQLite file) would keep its own stock in memory and oversell.
+    _locks: Vec<std::fs::File>,
 }
 
 /// Takes an exclusive lock on `data_dir/LOCK`, or says who holds the directory.
 pub fn lock_data_dir(data_dir: &Path) -> anyhow::Result<std::fs::File> {
-    let path = data_dir.join("LOCK");
+    lock_file(&data_dir.join("LOCK"), data_dir)
+}
+
+/// Takes the locks a writer of this configuration holds for its life: the data
+/// directory's, and for SQLite the database file's (`<file>.lock` beside it), so two
+/// servers with data directories of their own cannot write one `sqlite://` file.
+pub fn lock_for_writing(config: &Config) -> anyhow::Result<Vec<std::fs::File>> {
+    let mut locks = vec![lock_data_dir(&config.data_dir)?];
+    if let Some(file) =
+        stampede_store::sqlite_file(config.database_url.as_deref(), &config.data_dir)
+    {
+        let mut name = file.clone().into_os_string();
+        name.push(".lock");
+        locks.push(lock_file(Path::new(&name), &file)?);
+    }
+    Ok(locks)
+}
+
+/// An exclusive lock on `path`, held while the file is open, or an error saying that
+/// another process serves `what`.
+fn lock_file(path: &Path, what: &Path) -> anyhow::Result<std::fs::File> {
     let file = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
@@ -511,7 +531,7 @@ pub fn lock_data_dir(data_dir: &Path) -> anyhow::Result<std::fs::File> {
         Ok(()) => Ok(file),
         Err(std::fs::TryLockError::WouldBlock) => anyhow::bail!(
             "another stampede process is serving {}; two writers on one database would oversell",
-            data_dir.display()
+            what.display()
         ),
         Err(std::fs::TryLockError::Error(error)) => {
             Err(error).with_context(|| format!("lock {}", path.display()))
@@ -572,7 +592,7 @@ pub async fn start(
 ) -> anyhow::Result<(Running, bool)> {
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("create data directory {}", config.data_dir.display()))?;
-    let data_dir_lock = lock_data_dir(&config.data_dir)?;
+    let locks = lock_for_writing(config)?;
     // Before anything records: the engine and the API register some metrics once per
     // process, and handles taken before the recorder exists would count nowhere.
     let metrics = stampede_api::metrics_handle();
@@ -715,7 +735,7 @@ pub async fn start(
             task,
             reload,
             relay,
-            _data_dir_lock: data_dir_lock,
+            _locks: locks,
         },
         admin_generated,
     ))

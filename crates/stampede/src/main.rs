@@ -138,7 +138,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let config = Config::load(&args)?;
             init_tracing(&config.log);
             std::fs::create_dir_all(&config.data_dir)?;
-            let _lock = stampede::lock_data_dir(&config.data_dir)?;
+            let _locks = stampede::lock_for_writing(&config)?;
             stampede_store::open(
                 config.database_url.as_deref(),
                 &config.data_dir,

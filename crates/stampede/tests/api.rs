@@ -1390,6 +1390,39 @@ async fn a_second_server_on_the_same_data_directory_is_refused(backend: Backend)
     assert_eq!(status, 201);
 }
 
+/// Two servers with data directories of their own, given one `sqlite://` file: the
+/// second is refused (each would sell the whole stock from its own memory). A
+/// read-only `stampede audit`-style open beside the first is not a writer and goes on.
+#[tokio::test]
+async fn a_second_server_on_the_same_sqlite_file_is_refused() {
+    let shared = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", shared.path().join("shop.db").display());
+    let app = spawn_app_on_with(Backend::Sqlite, |config| {
+        config.database_url = Some(url.clone())
+    })
+    .await;
+    let other_dir = tempfile::tempdir().unwrap();
+    let mut second = app.config.clone();
+    second.listen = "127.0.0.1:0".parse().unwrap();
+    second.data_dir = other_dir.path().to_path_buf();
+    let error = stampede::start(&second, std::future::pending())
+        .await
+        .err()
+        .expect("two writers on one SQLite file must be refused");
+    let error = format!("{error:#}");
+    assert!(
+        error.contains("another stampede process") && error.contains("shop.db"),
+        "{error}"
+    );
+    let sale = app.live_sale("LOCK-2", 5, 1).await;
+    let (status, _) = app.purchase(&app.shopper("ann"), &sale, "k", 1).await;
+    assert_eq!(status, 201);
+    let reader = stampede_store::open_read_only(Some(&url), other_dir.path())
+        .await
+        .expect("a reader beside the writer");
+    reader.ping().await.expect("the reader reads");
+}
+
 async fn the_largest_orders_survive_a_restart(backend: Backend) {
     let mut app = spawn_app_on(backend).await;
     // A price of 600,000,000 cents (a realistic IDR price) times 2 units exceeds one

@@ -59,6 +59,22 @@ impl Default for StoreOptions {
     }
 }
 
+/// The SQLite database file a `--database-url` names (the embedded `stampede.db` in
+/// `data_dir` when it is empty), or `None` for a server database. A server locks the
+/// file's `.lock` beside it, so two processes with data directories of their own cannot
+/// both write one file (each would sell the whole stock from its memory).
+pub fn sqlite_file(database_url: Option<&str>, data_dir: &Path) -> Option<std::path::PathBuf> {
+    match database_url {
+        None | Some("") => Some(data_dir.join("stampede.db")),
+        Some(url) if url.starts_with("sqlite:") => {
+            <sqlx::sqlite::SqliteConnectOptions as std::str::FromStr>::from_str(url)
+                .ok()
+                .map(|options| options.get_filename().to_path_buf())
+        }
+        Some(_) => None,
+    }
+}
+
 /// Opens the store a `--database-url` names: `sqlite://PATH`, `postgres://…` (also
 /// `postgresql://`) or `mysql://…` (MariaDB, MySQL, TiDB, PolarDB-X). An empty URL means
 /// the embedded SQLite file `stampede.db` in `data_dir`.
