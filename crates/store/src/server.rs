@@ -235,11 +235,20 @@ const MYSQL: Dialect = Dialect {
                    ON DUPLICATE KEY UPDATE value = VALUES(value), updated_at_ms = VALUES(updated_at_ms)",
     record_charge: "INSERT INTO charge_attempts (order_id, amount_cents, attempted_at_ms) VALUES (?, ?, ?) \
                     ON DUPLICATE KEY UPDATE order_id = order_id",
-    durability: &[(
-        "SELECT CAST(@@innodb_flush_log_at_trx_commit AS CHAR)",
-        "innodb_flush_log_at_trx_commit",
-        &["1"],
-    )],
+    durability: &[
+        (
+            "SELECT CAST(@@innodb_flush_log_at_trx_commit AS CHAR)",
+            "innodb_flush_log_at_trx_commit",
+            &["1"],
+        ),
+        // With the binary log on, crash recovery keeps a prepared transaction only if
+        // its entry reached the binary log: that log must be synced at each commit too.
+        (
+            "SELECT CASE WHEN @@log_bin = 0 THEN 'off' ELSE CAST(@@sync_binlog AS CHAR) END",
+            "sync_binlog (the binary log is on)",
+            &["off", "1"],
+        ),
+    ],
     unlock: "SELECT RELEASE_LOCK(CONCAT('stampede.owner.', DATABASE()))",
     drop_key_index: "DROP INDEX orders_idempotency ON orders",
     no_such_index: "; check that",

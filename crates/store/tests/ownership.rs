@@ -116,3 +116,24 @@ on_server_backends!(
     a_second_owner_is_refused_while_the_first_holds_the_database,
     a_node_that_lost_ownership_is_fenced_and_halts,
 );
+
+/// A database whose commits would not be durable when the node answers 201 is refused at
+/// open, with the setting named: here PostgreSQL with `synchronous_commit = off` set
+/// for the connection in the URL. (MariaDB's settings are the server's own, shared by
+/// every test, so its checks, `innodb_flush_log_at_trx_commit` and `sync_binlog` with
+/// the binary log on, are read the same way but not changed here.)
+#[tokio::test]
+async fn a_database_that_would_not_make_commits_durable_is_refused() {
+    let database = TestDatabase::create(Backend::Postgres).await;
+    let url = database.url.as_deref().expect("a PostgreSQL URL");
+    let separator = if url.contains('?') { '&' } else { '?' };
+    let lazy = format!("{url}{separator}options=-c%20synchronous_commit%3Doff");
+    let refusal = stampede_store::open(Some(&lazy), std::path::Path::new("."), &Default::default())
+        .await
+        .err()
+        .expect("a database that would lose acknowledged commits is refused")
+        .to_string();
+    assert!(refusal.contains("synchronous_commit = off"), "{refusal}");
+    // The same database with its settings as they are opens.
+    drop(open_engine(&database).await);
+}
