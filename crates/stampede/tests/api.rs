@@ -1423,6 +1423,49 @@ async fn a_second_server_on_the_same_sqlite_file_is_refused() {
     reader.ping().await.expect("the reader reads");
 }
 
+/// `stampede audit` reads the books beside a live server and writes nothing: given a data
+/// directory with no database it fails and leaves no database behind.
+#[tokio::test]
+async fn stampede_audit_reads_beside_a_live_server_and_creates_nothing() {
+    let app = spawn_app_on(Backend::Sqlite).await;
+    let sale = app.live_sale("AUD-1", 5, 2).await;
+    app.buy(&app.shopper("ada"), &sale, "a-1", 2).await;
+    let audit = |data_dir: &std::path::Path| {
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_stampede"))
+            .args(["audit", "--data-dir"])
+            .arg(data_dir)
+            .env_remove("STAMPEDE_DATABASE_URL")
+            .output()
+    };
+    let output = audit(app.data_dir.path())
+        .await
+        .expect("run stampede audit");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        stdout.contains(&format!(
+            "{sale} quantity=5 remaining=3 pending_payment=2 paid=0"
+        )) && stdout.contains("consistent=true"),
+        "{stdout}"
+    );
+    // The server still sells after the audit.
+    app.buy(&app.shopper("bea"), &sale, "b-1", 1).await;
+
+    let empty = tempfile::tempdir().unwrap();
+    let output = audit(empty.path()).await.expect("run stampede audit");
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("no database"), "{stderr}");
+    assert!(
+        std::fs::read_dir(empty.path()).unwrap().next().is_none(),
+        "the audit wrote into an empty data directory"
+    );
+}
+
 async fn the_largest_orders_survive_a_restart(backend: Backend) {
     let mut app = spawn_app_on(backend).await;
     // A price of 600,000,000 cents (a realistic IDR price) times 2 units exceeds one

@@ -154,9 +154,10 @@ pub async fn open(
     }
 }
 
-/// Opens the store for reading only, beside a live node (`stampede audit`): a server
-/// database is neither migrated nor taken over. SQLite opens as `open` does (its WAL
-/// lets a reader run beside the writer).
+/// Opens the store for reading only, beside a live node (`stampede audit`): a database
+/// is neither migrated nor taken over, nothing is written, and a SQLite file that is not
+/// there is an error rather than a new empty database (its WAL lets a reader run beside
+/// the writer).
 pub async fn open_read_only(
     database_url: Option<&str>,
     data_dir: &Path,
@@ -170,11 +171,20 @@ pub async fn open_read_only(
             Ok(MySqlStore::open_read_only(&url).await?.into_arc())
         }
         _ => {
-            let options = StoreOptions {
-                owner_wait: Duration::ZERO,
-                ..StoreOptions::default()
+            let path = sqlite_file(database_url, data_dir).ok_or_else(|| {
+                StoreError::Unavailable(format!(
+                    "unknown database URL {:?}: use sqlite://, postgres:// or mysql://",
+                    database_url.unwrap_or_default()
+                ))
+            })?;
+            let options = match database_url {
+                Some(url) if url.starts_with("sqlite:") => {
+                    <sqlx::sqlite::SqliteConnectOptions as std::str::FromStr>::from_str(url)
+                        .map_err(|e| StoreError::Unavailable(e.to_string()))?
+                }
+                _ => sqlx::sqlite::SqliteConnectOptions::new().filename(&path),
             };
-            open(database_url, data_dir, &options).await
+            Ok(SqliteStore::open_read_only(options).await?.into_arc())
         }
     }
 }

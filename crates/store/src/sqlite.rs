@@ -27,16 +27,20 @@ use crate::sqlite_writer::{self, WriteConnection, sql};
 pub struct SqliteStore {
     /// The database file (`load` reads it on a connection of its own).
     path: std::path::PathBuf,
-    writer: WriteConnection,
+    /// `None` when opened read-only (`open_read_only`): every write is refused.
+    writer: Option<WriteConnection>,
     readers: SqlitePool,
-    checkpointer: tokio::task::JoinHandle<()>,
+    /// `None` when opened read-only: the live writer's process copies the WAL.
+    checkpointer: Option<tokio::task::JoinHandle<()>>,
     /// Whether commits also write order events to the outbox (a relay publishes them).
     outbox: bool,
 }
 
 impl Drop for SqliteStore {
     fn drop(&mut self) {
-        self.checkpointer.abort();
+        if let Some(checkpointer) = &self.checkpointer {
+            checkpointer.abort();
+        }
     }
 }
 
@@ -157,10 +161,48 @@ impl SqliteStore {
         let checkpointer = tokio::spawn(checkpoint_forever(checkpoint_connection, tail));
         Ok(SqliteStore {
             path,
-            writer,
+            writer: Some(writer),
             readers,
-            checkpointer,
+            checkpointer: Some(checkpointer),
             outbox: false,
+        })
+    }
+
+    /// Opens an existing database file to read it only (`stampede audit`, beside a live
+    /// server or not): no migration, no write connection, no checkpoints, and a missing
+    /// file is an error, never created. Every write answers `Unavailable`.
+    pub async fn open_read_only(options: SqliteConnectOptions) -> Result<SqliteStore, StoreError> {
+        let path = options.get_filename().to_owned();
+        if !path.is_file() {
+            return Err(StoreError::Unavailable(format!(
+                "no database at {}: nothing to read",
+                path.display()
+            )));
+        }
+        // Not SQLite's read-only mode: a WAL database's shared-memory file may have to be
+        // made by the first reader when no server runs. These connections only read.
+        let options = options
+            .create_if_missing(false)
+            .busy_timeout(BUSY_TIMEOUT)
+            .statement_cache_capacity(64);
+        let readers = SqlitePoolOptions::new()
+            .max_connections(2)
+            .min_connections(1)
+            .connect_with(options)
+            .await
+            .map_err(unavailable)?;
+        Ok(SqliteStore {
+            path,
+            writer: None,
+            readers,
+            checkpointer: None,
+            outbox: false,
+        })
+    }
+
+    fn writer(&self) -> Result<&WriteConnection, StoreError> {
+        self.writer.as_ref().ok_or_else(|| {
+            StoreError::Unavailable(format!("{} is open read-only", self.path.display()))
         })
     }
 
@@ -331,7 +373,7 @@ impl Store for SqliteStore {
 
     async fn commit(&self, ops: &[WriteOp]) -> Result<Vec<OpOutcome>, StoreError> {
         let (ops, outbox) = (ops.to_vec(), self.outbox);
-        self.writer
+        self.writer()?
             .call(move |connection| sqlite_writer::commit(connection, &ops, outbox))
             .await
     }
@@ -342,7 +384,7 @@ impl Store for SqliteStore {
 
     async fn outbox_remove(&self, through_seq: i64) -> Result<(), StoreError> {
         // The readers are read-only; between the writer's batches.
-        self.writer
+        self.writer()?
             .call(move |connection| {
                 connection
                     .execute("DELETE FROM outbox WHERE seq <= ?1", [through_seq])
@@ -396,7 +438,9 @@ impl Store for SqliteStore {
     }
 
     async fn stop_writes(&self) {
-        self.writer.stop().await;
+        if let Some(writer) = &self.writer {
+            writer.stop().await;
+        }
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
@@ -426,7 +470,7 @@ impl Store for SqliteStore {
         let now_ms = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as i64);
-        self.writer
+        self.writer()?
             .call(move |connection| {
                 connection
                     .execute(
