@@ -317,6 +317,7 @@ impl Config {
     }
 
     pub fn validate(&self) -> anyhow::Result<()> {
+        const JWT_SECRET_MIN_BYTES: usize = 32;
         let token = |s: &str, extra: char| {
             !s.is_empty()
                 && s.chars()
@@ -331,6 +332,13 @@ impl Config {
                 && !self.nats_subject_prefix.starts_with('.')
                 && !self.nats_subject_prefix.ends_with('.'),
             "nats_subject_prefix must be dot-separated tokens of letters, digits, '_' or '-'"
+        );
+        // RFC 7518 §3.2: an HS256 key must be at least as long as the hash, 256 bits.
+        anyhow::ensure!(
+            self.jwt_secret
+                .as_deref()
+                .is_none_or(|secret| secret.is_empty() || secret.len() >= JWT_SECRET_MIN_BYTES),
+            "jwt_secret must be at least {JWT_SECRET_MIN_BYTES} bytes: HS256 needs a key as long as its hash (RFC 7518); leave it unset and one is generated"
         );
         anyhow::ensure!(
             self.node_ttl >= Duration::from_millis(500),
@@ -904,15 +912,31 @@ mod tests {
     fn secrets_in_the_environment_are_taken_as_text() {
         figment::Jail::expect_with(|jail| {
             jail.set_env("STAMPEDE_ADMIN_TOKEN", "20241111");
-            jail.set_env("STAMPEDE_JWT_SECRET", "\"quoted\" secret ");
+            jail.set_env(
+                "STAMPEDE_JWT_SECRET",
+                "\"quoted\" secret of 32 bytes or more ",
+            );
             let config = load(&ServeArgs::default())?;
             assert_eq!(config.admin_token.as_deref(), Some("20241111"));
-            assert_eq!(config.jwt_secret.as_deref(), Some("\"quoted\" secret "));
+            assert_eq!(
+                config.jwt_secret.as_deref(),
+                Some("\"quoted\" secret of 32 bytes or more ")
+            );
+            // Shorter than HS256's hash: refused, with the reason.
+            jail.set_env("STAMPEDE_JWT_SECRET", "short");
+            let error = load(&ServeArgs::default()).unwrap_err().to_string();
+            assert!(
+                error.contains("jwt_secret must be at least 32 bytes"),
+                "{error}"
+            );
             jail.set_env("STAMPEDE_ADMIN_TOKEN", "true");
-            jail.set_env("STAMPEDE_JWT_SECRET", "[1, 2]");
+            jail.set_env("STAMPEDE_JWT_SECRET", "[1, 2] and enough bytes to be a key");
             let config = load(&ServeArgs::default())?;
             assert_eq!(config.admin_token.as_deref(), Some("true"));
-            assert_eq!(config.jwt_secret.as_deref(), Some("[1, 2]"));
+            assert_eq!(
+                config.jwt_secret.as_deref(),
+                Some("[1, 2] and enough bytes to be a key")
+            );
             Ok(())
         });
     }
@@ -1043,7 +1067,7 @@ mod tests {
             let value = match lines.get(i + 1).and_then(|l| l.strip_prefix("value: ")) {
                 Some(value) => value.trim_matches('"').to_owned(),
                 None if name == "DATABASE_URL" => "postgres://stampede@db.example/stampede".into(),
-                None => "a-test-secret-0123456789abcdef".into(),
+                None => "a-test-secret-0123456789abcdef-0123456789".into(),
             };
             env.push((format!("STAMPEDE_{name}"), value));
         }
