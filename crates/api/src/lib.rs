@@ -436,6 +436,15 @@ async fn protect(
     let Some((resource, class)) = app.guarded.get(route.name()) else {
         return next.run(request).await;
     };
+    // The body first: a request counts against the route's concurrency and the system's
+    // requests in flight only once it has arrived whole. Read by the handler instead, a
+    // body trickled in a byte at a time would hold a slot until the connection
+    // watchdog's `client_timeout`, and a few dozen such connections would lock a route's
+    // shoppers out.
+    let request = match whole_body(request).await {
+        Ok(request) => request,
+        Err(error) => return error.into_response(),
+    };
     let peer = request
         .extensions()
         .get::<axum::extract::ConnectInfo<hold::Peer>>()
@@ -495,6 +504,21 @@ async fn protect(
         return refused(app, started, peer.as_ref(), response).await;
     }
     response
+}
+
+/// The request with its body read (within the route's body limit, as the handler's
+/// extractor would read it); a request without one passes as it is.
+async fn whole_body(request: Request) -> Result<Request, ApiError> {
+    use axum::extract::FromRequest;
+    use axum::body::HttpBody as _;
+    if request.body().size_hint().exact() == Some(0) {
+        return Ok(request);
+    }
+    let (parts, body) = request.into_parts();
+    let bytes = axum::body::Bytes::from_request(Request::from_parts(parts.clone(), body), &())
+        .await
+        .map_err(error::from_bytes_rejection)?;
+    Ok(Request::from_parts(parts, axum::body::Body::from(bytes)))
 }
 
 /// The client's keys a request was admitted under, so a later refusal can give their

@@ -121,6 +121,62 @@ async fn requests_without_a_valid_token_spend_nothing_of_the_routes_rate() {
     assert_error(&reply, 429, "throttled");
 }
 
+/// A purchase whose body is still arriving holds none of the route's concurrency: with
+/// one purchase at a time allowed, a connection trickling its body does not lock the
+/// shoppers out, and is itself admitted once its body is whole.
+#[tokio::test]
+async fn a_body_still_arriving_holds_no_concurrency_slot() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let app = spawn_app_with(|config| {
+        config.guard.flow = vec![stampede_guard::FlowRule {
+            resource: "purchase".into(),
+            qps: None,
+            burst: 1,
+            behavior: stampede_guard::Behavior::Reject {},
+            max_concurrency: Some(1),
+            dry_run: false,
+        }];
+    })
+    .await;
+    let sale = app.live_sale("GUARD-TRICKLE", 10, 10).await;
+    let slow = app.shopper("slow");
+    let body = r#"{"quantity": 1}"#;
+    let mut trickler = tokio::net::TcpStream::connect(app.base.trim_start_matches("http://"))
+        .await
+        .unwrap();
+    trickler
+        .write_all(
+            format!(
+                "POST /v1/flash-sales/{sale}/purchase HTTP/1.1\r\nHost: x\r\n\
+                 Authorization: Bearer {slow}\r\nIdempotency-Key: slow-1\r\n\
+                 Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{}",
+                body.len(),
+                &body[..1]
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Meanwhile shoppers buy, one at a time, as the rule allows.
+    for i in 0..3 {
+        let reply = app
+            .purchase_reply(&app.shopper(&format!("quick-{i}")), &sale, "k", 1)
+            .await;
+        assert_eq!(reply.status, 201, "{}", reply.body);
+    }
+    // The rest of the body: the slow purchase is admitted and placed too.
+    trickler.write_all(&body.as_bytes()[1..]).await.unwrap();
+    let mut answer = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(10), trickler.read(&mut answer))
+        .await
+        .expect("an answer to the slow purchase")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer[..n]);
+    assert!(answer.starts_with("HTTP/1.1 201"), "{answer}");
+    assert_eq!(app.remaining(&sale).await, 6);
+}
+
 #[tokio::test]
 async fn a_per_sale_limit_counts_every_spelling_of_the_sale_as_one() {
     let app = spawn_app_with(|config| {
