@@ -41,12 +41,14 @@ impl Gcra {
     }
 
     /// Returns one request's slot (`interval` ns) taken by `try_admit` or `reserve`, for
-    /// a request that a later check refused: as if it had never been admitted.
-    pub fn give_back(&self, interval: u64) {
+    /// a request that a later check refused: as if it had never been admitted. Never
+    /// below `now`: a limiter that has caught up holds no slot to give back, so slots
+    /// taken in a quiet spell and returned later cannot add to a busy one's rate.
+    pub fn give_back(&self, now: u64, interval: u64) {
         let _ = self
             .tat
             .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |tat| {
-                Some(tat.saturating_sub(interval))
+                (tat > now).then(|| tat.saturating_sub(interval).max(now))
             });
     }
 
@@ -125,11 +127,40 @@ mod tests {
             assert!(g.try_admit(now, t, 5).is_ok());
         }
         assert!(g.try_admit(now, t, 5).is_err());
-        g.give_back(t);
-        g.give_back(t);
+        g.give_back(now, t);
+        g.give_back(now, t);
         assert!(g.try_admit(now, t, 5).is_ok());
         assert!(g.try_admit(now, t, 5).is_ok());
         assert!(g.try_admit(now, t, 5).is_err());
+    }
+
+    /// Slots taken in a quiet spell and given back during a busy one add at most what
+    /// the limiter holds now (its burst), not one each: a client cannot bank slots.
+    #[test]
+    fn slots_whose_time_has_passed_are_not_given_back() {
+        let g = Gcra::new();
+        let t = interval_ns(10.0);
+        for i in 0..100 {
+            assert!(g.try_admit(S + i * t, t, 5).is_ok());
+        }
+        // Much later, the burst is spent, then the hundred old slots come back.
+        let busy = 100 * S;
+        let admitted = |g: &Gcra| {
+            (0..1_000)
+                .filter(|_| g.try_admit(busy, t, 5).is_ok())
+                .count()
+        };
+        assert_eq!(admitted(&g), 5);
+        for _ in 0..100 {
+            g.give_back(busy, t);
+        }
+        assert_eq!(admitted(&g), 5, "at most one burst more, never a hundred");
+        // And a limiter that has caught up gives nothing back at all.
+        let idle = Gcra::new();
+        assert!(idle.try_admit(S, t, 1).is_ok());
+        idle.give_back(2 * S, t);
+        assert!(idle.try_admit(2 * S, t, 1).is_ok());
+        assert!(idle.try_admit(2 * S, t, 1).is_err());
     }
 
     #[test]

@@ -80,8 +80,9 @@ impl HotTable {
     }
 
     /// Returns one request's allowance that `try_admit` took for `key`, for a request a
-    /// later check refused. Nothing if the key has left the table meanwhile.
-    pub fn give_back(&self, key: u64, interval: u64) {
+    /// later check refused. Nothing if the key has left the table meanwhile, and never
+    /// below `now` (an allowance whose time has passed is not owed).
+    pub fn give_back(&self, key: u64, now: u64, interval: u64) {
         let key = key.max(1);
         let shard = (key as usize) % SHARDS;
         let set = ((key >> 32) as usize) % self.sets_per_shard;
@@ -90,7 +91,9 @@ impl HotTable {
             .iter_mut()
             .find(|s| s.key == key)
         {
-            slot.tat = slot.tat.saturating_sub(interval);
+            if slot.tat > now {
+                slot.tat = slot.tat.saturating_sub(interval).max(now);
+            }
         }
     }
 }
@@ -113,6 +116,28 @@ mod tests {
         }
         // A tenth of a second later each may buy one more.
         assert!(t.try_admit(11, S + interval, interval, 20).is_ok());
+    }
+
+    /// An allowance given back counts only while it still weighs on the key: returned
+    /// long after, it adds at most the key's burst, not one each.
+    #[test]
+    fn allowances_whose_time_has_passed_are_not_given_back() {
+        let t = HotTable::new(1024);
+        let interval = S / 10;
+        for i in 0..100 {
+            assert!(t.try_admit(7, S + i * interval, interval, 20).is_ok());
+        }
+        let busy = 100 * S;
+        let admitted = |t: &HotTable| {
+            (0..1_000)
+                .filter(|_| t.try_admit(7, busy, interval, 20).is_ok())
+                .count()
+        };
+        assert_eq!(admitted(&t), 20);
+        for _ in 0..100 {
+            t.give_back(7, busy, interval);
+        }
+        assert_eq!(admitted(&t), 20, "at most one burst more, never a hundred");
     }
 
     /// Counts this thread's allocations (other tests run on other threads).

@@ -539,7 +539,7 @@ impl Admission<'_> {
                 // A paced slot only while no later request was given the one after it:
                 // else two would be sent at the same moment.
                 Some(end) => flow.limiter.gcra.give_back_last(end, slot.interval),
-                None => flow.limiter.gcra.give_back(slot.interval),
+                None => flow.limiter.gcra.give_back(self.guard.now(), slot.interval),
             }
         }
     }
@@ -974,7 +974,7 @@ impl Guard {
                     .enumerate()
                     .filter(|(j, _)| admitted & (1 << j) != 0)
                 {
-                    earlier.table.give_back(hash, earlier.interval);
+                    earlier.table.give_back(hash, now, earlier.interval);
                 }
                 return Err(Rejection::Throttled {
                     rule: hot.resource.name.clone(),
@@ -995,8 +995,9 @@ impl Guard {
             return;
         };
         let hash = self.hasher.hash_one(key);
+        let now = self.now();
         for hot in rules.iter().filter(|h| h.rule.param == param) {
-            hot.table.give_back(hash, hot.interval);
+            hot.table.give_back(hash, now, hot.interval);
         }
     }
 
