@@ -313,6 +313,9 @@ pub struct RuleError {
 /// The longest a paced request may be made to wait (`behavior.max_queue`).
 pub const PACE_MAX_QUEUE: Duration = Duration::from_secs(60);
 
+/// The lowest rate a rule may set, requests per second (a warm-up's cold rate included).
+pub const RATE_MIN: f64 = 0.001;
+
 /// The highest rules version: the largest whole number a JSON number carries exactly,
 /// so the next version (the admin API's `current + 1`) never overflows.
 pub const VERSION_MAX: u64 = (1 << 53) - 1;
@@ -335,7 +338,10 @@ impl GuardRules {
                 message: message.to_owned(),
             })
         };
-        let rate_ok = |q: f64| q.is_finite() && q > 0.0 && q <= 10_000_000.0;
+        // At least one request in about 17 minutes: a rate's interval times the largest
+        // burst then stays far inside the limiter's 64-bit nanoseconds, which a smaller
+        // one would overflow and so admit everything.
+        let rate_ok = |q: f64| q.is_finite() && (RATE_MIN..=10_000_000.0).contains(&q);
         if self.version > VERSION_MAX {
             err("version".into(), "must be at most 9007199254740991");
         }
@@ -363,7 +369,7 @@ impl GuardRules {
             if let Some(q) = r.qps
                 && !rate_ok(q)
             {
-                err(f("qps"), "must be within (0, 10000000]");
+                err(f("qps"), "must be within [0.001, 10000000]");
             }
             if r.burst == 0 || r.burst > 1_000_000 {
                 err(f("burst"), "must be within 1..=1000000");
@@ -385,6 +391,16 @@ impl GuardRules {
                     }
                     if r.qps.is_none() {
                         err(f("behavior"), "warm-up needs qps");
+                    }
+                    if let Some(q) = r.qps
+                        && cold_factor.is_finite()
+                        && *cold_factor >= 1.0
+                        && q / cold_factor < RATE_MIN
+                    {
+                        err(
+                            f("behavior.cold_factor"),
+                            "qps / cold_factor (the cold rate) must be at least 0.001",
+                        );
                     }
                 }
                 Behavior::Pace { max_queue } => {
@@ -409,7 +425,7 @@ impl GuardRules {
                 err(f("resource"), "must be 1..=64 characters");
             }
             if !rate_ok(r.qps) {
-                err(f("qps"), "must be within (0, 10000000]");
+                err(f("qps"), "must be within [0.001, 10000000]");
             }
             if r.burst == 0 || r.burst > 1_000_000 {
                 err(f("burst"), "must be within 1..=1000000");
@@ -559,6 +575,28 @@ mod tests {
                 "{expected} missing from {fields:?}"
             );
         }
+    }
+
+    /// Rates too small for the limiter's nanoseconds (they would overflow and admit
+    /// everything) are refused, a warm-up's cold rate included.
+    #[test]
+    fn rates_below_one_in_a_thousand_seconds_are_refused() {
+        let rules: GuardRules = serde_json::from_value(serde_json::json!({
+            "flow": [
+                {"resource": "purchase", "qps": 1e-9, "burst": 20},
+                {"resource": "pay", "qps": 0.002, "behavior": {"kind": "warm_up", "cold_factor": 3.0, "period": "10s"}},
+                {"resource": "browse", "qps": 0.001, "burst": 1000000}
+            ],
+            "hot": [{"name": "h", "resource": "purchase", "param": "shopper", "qps": 1e-11, "burst": 20}]
+        }))
+        .unwrap();
+        let errors = rules.validate().unwrap_err();
+        let fields: Vec<&str> = errors.iter().map(|e| e.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            ["flow[0].qps", "flow[1].behavior.cold_factor", "hot[0].qps"],
+            "{errors:?}"
+        );
     }
 
     #[test]
