@@ -403,13 +403,13 @@ fn route_metrics(route: RouteLabel) -> &'static RouteMetrics {
 /// and timed by status class. One layer, inside the routing, so a request pays for one
 /// boxed service level here, not one per concern.
 async fn guard_and_time(
-    axum::extract::State(app): axum::extract::State<AppState>,
+    axum::extract::State((app, body_limit)): axum::extract::State<(AppState, usize)>,
     request: Request,
     next: Next,
 ) -> Response {
     let route = RouteLabel::of(request.extensions().get::<MatchedPath>());
     let started = Instant::now();
-    let response = protect(&app, route, started, request, next).await;
+    let response = protect(&app, route, started, body_limit, request, next).await;
     let class = match response.status().as_u16() {
         200..=299 => 0,
         400..=499 => 1,
@@ -430,6 +430,7 @@ async fn protect(
     app: &AppState,
     route: RouteLabel,
     started: Instant,
+    body_limit: usize,
     request: Request,
     next: Next,
 ) -> Response {
@@ -441,7 +442,7 @@ async fn protect(
     // body trickled in a byte at a time would hold a slot until the connection
     // watchdog's `client_timeout`, and a few dozen such connections would lock a route's
     // shoppers out.
-    let request = match whole_body(request).await {
+    let request = match whole_body(request, body_limit).await {
         Ok(request) => request,
         Err(error) => return error.into_response(),
     };
@@ -506,19 +507,30 @@ async fn protect(
     response
 }
 
-/// The request with its body read (within the route's body limit, as the handler's
-/// extractor would read it); a request without one passes as it is.
-async fn whole_body(request: Request) -> Result<Request, ApiError> {
-    use axum::extract::FromRequest;
+/// The request with its body read within `limit` (the 413 and 400 the handler's
+/// extractor would give); a request without one passes as it is.
+async fn whole_body(request: Request, limit: usize) -> Result<Request, ApiError> {
     use axum::body::HttpBody as _;
+    use http_body_util::BodyExt as _;
     if request.body().size_hint().exact() == Some(0) {
         return Ok(request);
     }
     let (parts, body) = request.into_parts();
-    let bytes = axum::body::Bytes::from_request(Request::from_parts(parts.clone(), body), &())
-        .await
-        .map_err(error::from_bytes_rejection)?;
-    Ok(Request::from_parts(parts, axum::body::Body::from(bytes)))
+    match http_body_util::Limited::new(body, limit).collect().await {
+        Ok(collected) => Ok(Request::from_parts(
+            parts,
+            axum::body::Body::from(collected.to_bytes()),
+        )),
+        Err(error) if error.is::<http_body_util::LengthLimitError>() => Err(ApiError::new(
+            axum::http::StatusCode::PAYLOAD_TOO_LARGE,
+            "body_too_large",
+            format!("the body is over {limit} bytes"),
+        )),
+        Err(error) => Err(ApiError::bad_request(
+            "invalid_body",
+            format!("the body could not be read: {error}"),
+        )),
+    }
 }
 
 /// The client's keys a request was admitted under, so a later refusal can give their
@@ -631,7 +643,7 @@ pub fn router(state: AppState, body_limit_bytes: usize) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn_with_state(
-            state.clone(),
+            (state.clone(), body_limit_bytes),
             guard_and_time,
         ))
         .with_state(state);
