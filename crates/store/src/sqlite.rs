@@ -507,7 +507,8 @@ mod tests {
         let store = SqliteStore::open_url(&url).await.unwrap();
         // The write connection is as durable as the sqlx ones: WAL, FULL (2), keys on.
         let settings = store
-            .writer
+            .writer()
+            .unwrap()
             .call(|c| {
                 let get = |pragma: &str| {
                     c.query_row(&format!("PRAGMA {pragma}"), [], |r| {
