@@ -90,10 +90,9 @@ impl HotTable {
         if let Some(slot) = slots[set * WAYS..(set + 1) * WAYS]
             .iter_mut()
             .find(|s| s.key == key)
+            && slot.tat > now
         {
-            if slot.tat > now {
-                slot.tat = slot.tat.saturating_sub(interval).max(now);
-            }
+            slot.tat = slot.tat.saturating_sub(interval).max(now);
         }
     }
 }
