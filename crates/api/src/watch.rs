@@ -261,6 +261,16 @@ mod tests {
 
     use super::*;
 
+    /// Whether the connection's task has been told to close it.
+    async fn told_to_close(registration: &Registration) -> bool {
+        tokio::time::timeout(
+            Duration::from_millis(10),
+            registration.marks.close.notified(),
+        )
+        .await
+        .is_ok()
+    }
+
     #[tokio::test]
     async fn a_request_in_progress_or_an_idle_connection_is_closed_after_the_timeout() {
         let watchdog = Watchdog::new();
@@ -278,14 +288,7 @@ mod tests {
         // Idle past the timeout: closed.
         tokio::time::sleep(Duration::from_millis(150)).await;
         assert_eq!(watchdog.sweep(timeout), 1);
-        assert!(
-            tokio::time::timeout(
-                Duration::from_millis(10),
-                registration.marks.close.notified()
-            )
-            .await
-            .is_ok()
-        );
+        assert!(told_to_close(&registration).await);
         // Bytes trickling in keep the request in progress from its first byte: closed
         // although the last byte is recent.
         io.write_all(b"200").await.unwrap();
@@ -341,14 +344,7 @@ mod tests {
             closed += watchdog.sweep(timeout);
         }
         assert!(closed >= 1, "the slow reader's connection was never closed");
-        assert!(
-            tokio::time::timeout(
-                Duration::from_millis(10),
-                registration.marks.close.notified()
-            )
-            .await
-            .is_ok()
-        );
+        assert!(told_to_close(&registration).await);
         writer.abort();
     }
 }
