@@ -414,15 +414,20 @@ pub async fn purchase(
     // The sale by its parsed id: the path may spell one id several ways (case, braces),
     // and each spelling must not get an allowance of its own. A refusal here gives the
     // purchase route's rate slot back (`ApiError::per_key`).
-    app.guard
+    let shopper_taken = app
+        .guard
         .check_hot(resource, stampede_guard::Param::Shopper, user.as_str())
         .map_err(ApiError::per_key)?;
     app.guard
         .check_hot(resource, stampede_guard::Param::Sale, &sale_id)
         .map_err(|rejection| {
             // Refused for the sale: the shopper's allowance taken above goes back.
-            app.guard
-                .give_back_hot(resource, stampede_guard::Param::Shopper, user.as_str());
+            app.guard.give_back_hot(
+                resource,
+                stampede_guard::Param::Shopper,
+                user.as_str(),
+                shopper_taken,
+            );
             ApiError::per_key(rejection)
         })?;
     let purchase = app.engine.purchase(user, key, sale_id, quantity).await?;

@@ -29,7 +29,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use stampede_engine::{Engine, PaymentGateway};
-use stampede_guard::{Class, Guard, Param};
+use stampede_guard::{Class, Guard, HotTaken, Param};
 use tower_http::catch_panic::CatchPanicLayer;
 use utoipa::OpenApi;
 
@@ -537,16 +537,18 @@ async fn whole_body(request: Request, limit: usize) -> Result<Request, ApiError>
 /// allowance back.
 struct ClientKeys {
     ip: std::net::IpAddr,
+    ip_taken: HotTaken,
     /// Only behind a trusted proxy that names one.
-    tenant: Option<axum::http::HeaderValue>,
+    tenant: Option<(axum::http::HeaderValue, HotTaken)>,
 }
 
 impl ClientKeys {
     fn give_back(&self, app: &App, resource: &stampede_guard::Resource) {
-        app.guard.give_back_hot(resource, Param::ClientIp, &self.ip);
-        if let Some(tenant) = &self.tenant {
+        app.guard
+            .give_back_hot(resource, Param::ClientIp, &self.ip, self.ip_taken);
+        if let Some((tenant, taken)) = &self.tenant {
             app.guard
-                .give_back_hot(resource, Param::Tenant, tenant.as_bytes());
+                .give_back_hot(resource, Param::Tenant, tenant.as_bytes(), *taken);
         }
     }
 }
@@ -561,18 +563,23 @@ fn client_admits(
 ) -> Result<ClientKeys, stampede_guard::Rejection> {
     let peer_ip = peer.addr.ip();
     let ip = app.proxies.client_ip(peer_ip, headers);
-    app.guard.check_hot(resource, Param::ClientIp, &ip)?;
-    let tenant = app.proxies.tenant(peer_ip, headers);
-    if let Some(tenant) = tenant
-        && let Err(rejection) = app.guard.check_hot(resource, Param::Tenant, tenant)
-    {
-        app.guard.give_back_hot(resource, Param::ClientIp, &ip);
-        return Err(rejection);
+    let ip_taken = app.guard.check_hot(resource, Param::ClientIp, &ip)?;
+    let mut tenant_taken = None;
+    if let Some(tenant) = app.proxies.tenant(peer_ip, headers) {
+        match app.guard.check_hot(resource, Param::Tenant, tenant) {
+            Ok(taken) => tenant_taken = Some(taken),
+            Err(rejection) => {
+                app.guard
+                    .give_back_hot(resource, Param::ClientIp, &ip, ip_taken);
+                return Err(rejection);
+            }
+        }
     }
     Ok(ClientKeys {
         ip,
+        ip_taken,
         // The header itself (a reference-counted copy), the value the rule counted.
-        tenant: tenant.and_then(|_| headers.get("x-tenant").cloned()),
+        tenant: tenant_taken.and_then(|taken| Some((headers.get("x-tenant").cloned()?, taken))),
     })
 }
 

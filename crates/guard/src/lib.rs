@@ -106,6 +106,10 @@ pub struct Counters {
     pub errors: AtomicU64,
     pub completed: AtomicU64,
     pub rt_ns: AtomicU64,
+    /// Requests admitted under a concurrency limit and still in flight. Kept with the
+    /// resource, not the rule: a rule removed and added again (or changed) counts the
+    /// requests admitted under the one before, which give their place back here.
+    held: AtomicU64,
 }
 
 #[derive(Debug, Clone, Copy, Default, Serialize)]
@@ -204,9 +208,6 @@ struct Flow {
     concurrency_name: Arc<str>,
     /// Carried into the next rules while this rule stays the same.
     limiter: Arc<FlowLimiter>,
-    /// Requests of the resource in flight: carried into the next rules whatever they
-    /// say, since the requests admitted under these rules give their slot back to it.
-    inflight: Arc<AtomicU64>,
 }
 
 /// A flow rule's limiter state: the GCRA's theoretical arrival time and the warm-up's
@@ -292,7 +293,6 @@ impl Compiled {
                 limiter: before
                     .filter(|b| b.rule == *r)
                     .map_or_else(Arc::default, |b| b.limiter.clone()),
-                inflight: before.map_or_else(Arc::default, |b| b.inflight.clone()),
             });
         }
         for r in &rules.hot {
@@ -507,9 +507,9 @@ pub struct Guard {
 pub struct Admission<'a> {
     guard: &'a Guard,
     resource: &'a Resource,
-    /// Held only when the resource has a concurrency limit: the count its slot goes
-    /// back to, whatever rules are in force by then.
-    concurrency: Option<Arc<AtomicU64>>,
+    /// Counted in the resource's requests held under a concurrency limit: its place
+    /// goes back there, whatever rules are in force by then.
+    concurrency: bool,
     /// Counted in the system's requests in flight and response times (a request, not a
     /// named resource's call).
     system: bool,
@@ -545,6 +545,15 @@ impl Admission<'_> {
     }
 }
 
+/// What [`Guard::check_hot`] took from the hot-parameter rules for one key: the rules
+/// (by their place among the resource's rules, in the rules of `version`) that admitted
+/// it. Handed to [`Guard::give_back_hot`] when a later check refuses the request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HotTaken {
+    version: u64,
+    taken: u64,
+}
+
 /// A rate slot an admission took.
 #[derive(Clone, Copy)]
 struct RateSlot {
@@ -561,8 +570,8 @@ impl Drop for Admission<'_> {
             self.guard.system.inflight.fetch_sub(1, Ordering::Relaxed);
             self.guard.system.record(now, rt);
         }
-        if let Some(inflight) = &self.concurrency {
-            inflight.fetch_sub(1, Ordering::Relaxed);
+        if self.concurrency {
+            self.resource.counters.held.fetch_sub(1, Ordering::Relaxed);
         }
         self.resource.counters.finished(rt, self.error);
     }
@@ -771,8 +780,13 @@ impl Guard {
             return Err(r);
         }
 
-        // System protection, scaled by the class's share.
-        let inflight = self.system.inflight.load(Ordering::Relaxed);
+        // System protection, scaled by the class's share. The request's place in flight
+        // is taken before it is checked, so workers deciding at the same moment each see
+        // the others: a bound can never be passed by requests admitted side by side.
+        let inflight = self.system.inflight.fetch_add(1, Ordering::Relaxed);
+        let release = || {
+            self.system.inflight.fetch_sub(1, Ordering::Relaxed);
+        };
         let sys = &compiled.rules.system;
         let share = sys.class_shares[class.index()];
         let mut over = sys
@@ -798,11 +812,16 @@ impl Guard {
                 },
                 false,
             ) {
+                release();
                 return Err(r);
             }
         }
 
-        self.flow_admission(&compiled, resource, now, true)
+        let admission = self.flow_admission(&compiled, resource, now, true);
+        if admission.is_err() {
+            release();
+        }
+        admission
     }
 
     /// Decides one call of a named resource (such as `payment`, the calls to the payment
@@ -813,8 +832,9 @@ impl Guard {
         self.flow_admission(&compiled, resource, self.now(), false)
     }
 
-    /// The resource's flow rule; then the admission, counted in the system's in-flight
-    /// requests and response times when `system`.
+    /// The resource's flow rule; then the admission, whose drop gives back the system's
+    /// in-flight place (taken by [`Guard::admit`]) and records its response time when
+    /// `system`.
     fn flow_admission<'a>(
         &'a self,
         compiled: &Compiled,
@@ -829,15 +849,15 @@ impl Guard {
         };
         let mut wait = Duration::ZERO;
         let flow = compiled.flow(resource.id);
-        let mut concurrency = None;
+        let mut concurrency = false;
         let mut rate = None;
         if let Some(flow) = flow {
             let rule = &flow.rule;
             if let Some(max) = rule.max_concurrency {
                 // Counted even when a dry run lets an over-limit request through, so the
                 // drop that gives it back stays balanced.
-                let current = flow.inflight.fetch_add(1, Ordering::Relaxed);
-                concurrency = Some(flow.inflight.clone());
+                let current = counters.held.fetch_add(1, Ordering::Relaxed);
+                concurrency = true;
                 if current >= u64::from(max)
                     && let Some(r) = refuse(
                         Rejection::Throttled {
@@ -847,7 +867,7 @@ impl Guard {
                         rule.dry_run,
                     )
                 {
-                    flow.inflight.fetch_sub(1, Ordering::Relaxed);
+                    counters.held.fetch_sub(1, Ordering::Relaxed);
                     return Err(r);
                 }
             }
@@ -913,8 +933,8 @@ impl Guard {
                             },
                             rule.dry_run,
                         ) {
-                            if concurrency.is_some() {
-                                flow.inflight.fetch_sub(1, Ordering::Relaxed);
+                            if concurrency {
+                                counters.held.fetch_sub(1, Ordering::Relaxed);
                             }
                             return Err(r);
                         }
@@ -923,10 +943,8 @@ impl Guard {
             }
         }
 
+        // A system admission's place in flight was taken by `admit`.
         counters.passed.fetch_add(1, Ordering::Relaxed);
-        if system {
-            self.system.inflight.fetch_add(1, Ordering::Relaxed);
-        }
         Ok(Admission {
             guard: self,
             resource,
@@ -945,10 +963,11 @@ impl Guard {
         resource: &Resource,
         param: Param,
         key: &K,
-    ) -> Result<(), Rejection> {
+    ) -> Result<HotTaken, Rejection> {
         let compiled = self.compiled.load();
+        let version = compiled.rules.version;
         let Some(rules) = compiled.hot.get(resource.id).filter(|r| !r.is_empty()) else {
-            return Ok(());
+            return Ok(HotTaken { version, taken: 0 });
         };
         let now = self.now();
 
@@ -983,20 +1002,38 @@ impl Guard {
             }
             admitted |= 1 << i;
         }
-        Ok(())
+        Ok(HotTaken {
+            version,
+            taken: admitted,
+        })
     }
 
-    /// Gives back what [`Guard::check_hot`] took for `key` under `param` on `resource`,
-    /// for a request a later check refused (a per-sale limit after the per-shopper one):
-    /// a refused request must not spend the shopper's allowance.
-    pub fn give_back_hot<K: Hash + ?Sized>(&self, resource: &Resource, param: Param, key: &K) {
+    /// Gives back what [`Guard::check_hot`] took for `key` under `param` on `resource`
+    /// (its answer, `taken`), for a request a later check refused (a per-sale limit after
+    /// the per-shopper one): a refused request must not spend the shopper's allowance.
+    /// Only the rules that took something give back: a dry-run rule that would have
+    /// refused took nothing. Rules replaced in between give nothing back.
+    pub fn give_back_hot<K: Hash + ?Sized>(
+        &self,
+        resource: &Resource,
+        param: Param,
+        key: &K,
+        taken: HotTaken,
+    ) {
         let compiled = self.compiled.load();
+        if compiled.rules.version != taken.version || taken.taken == 0 {
+            return;
+        }
         let Some(rules) = compiled.hot.get(resource.id) else {
             return;
         };
         let hash = self.hasher.hash_one(key);
         let now = self.now();
-        for hot in rules.iter().filter(|h| h.rule.param == param) {
+        for (_, hot) in rules
+            .iter()
+            .enumerate()
+            .filter(|(i, h)| h.rule.param == param && taken.taken & (1 << i) != 0)
+        {
             hot.table.give_back(hash, now, hot.interval);
         }
     }

@@ -306,6 +306,31 @@ fn a_concurrency_limit_counts_requests_in_flight() {
 }
 
 #[test]
+fn a_concurrency_rule_removed_and_added_again_still_counts_its_requests() {
+    let mut rule = flow("pay", 1.0, 1, Behavior::Reject {});
+    rule.qps = None;
+    rule.max_concurrency = Some(1);
+    let mut rules = rules_with(vec![rule]);
+    let guard = Guard::new(rules.clone()).unwrap();
+    let pay = guard.resource("pay");
+    let held = guard.admit(&pay, Class::Pay).unwrap();
+    let flows = std::mem::take(&mut rules.flow);
+    rules.version = 2;
+    guard.replace(rules.clone()).unwrap();
+    rules.flow = flows;
+    rules.version = 3;
+    guard.replace(rules).unwrap();
+    // The request admitted under the first rule is still in flight: the limit of one
+    // is reached.
+    assert!(matches!(
+        guard.admit(&pay, Class::Pay),
+        Err(Rejection::Throttled { .. })
+    ));
+    drop(held);
+    drop(guard.admit(&pay, Class::Pay).unwrap());
+}
+
+#[test]
 fn lower_classes_are_shed_first() {
     let rules = GuardRules {
         system: stampede_guard::rules::SystemRule {
@@ -347,6 +372,61 @@ fn lower_classes_are_shed_first() {
     ));
     held.clear();
     assert!(guard.admit(&probe, Class::Stats).is_ok());
+}
+
+#[test]
+fn requests_admitted_side_by_side_never_pass_the_inflight_bound() {
+    // Eight threads admit, hold and release as fast as they can against a bound of 3.
+    // Each counts itself in while it holds an admission: were the bound's check and the
+    // count two steps, two threads could both see 2 and both be let in.
+    const BOUND: u64 = 3;
+    let rules = GuardRules {
+        system: stampede_guard::rules::SystemRule {
+            max_inflight: Some(BOUND),
+            ..Default::default()
+        },
+        ..GuardRules::default()
+    };
+    let guard = Guard::new(rules).unwrap();
+    let held = std::sync::atomic::AtomicU64::new(0);
+    let most = std::sync::atomic::AtomicU64::new(0);
+    let (admitted, refused) = (
+        std::sync::atomic::AtomicU64::new(0),
+        std::sync::atomic::AtomicU64::new(0),
+    );
+    let start = std::sync::Barrier::new(8);
+    std::thread::scope(|s| {
+        for _ in 0..8 {
+            s.spawn(|| {
+                let hold = guard.resource("hold");
+                start.wait();
+                for _ in 0..20_000 {
+                    match guard.admit(&hold, Class::Pay) {
+                        Ok(admission) => {
+                            use std::sync::atomic::Ordering::SeqCst;
+                            let now = held.fetch_add(1, SeqCst) + 1;
+                            most.fetch_max(now, SeqCst);
+                            std::hint::spin_loop();
+                            held.fetch_sub(1, SeqCst);
+                            drop(admission);
+                            admitted.fetch_add(1, SeqCst);
+                        }
+                        Err(Rejection::Overloaded { .. }) => {
+                            refused.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        }
+                        Err(other) => panic!("{other:?}"),
+                    }
+                }
+            });
+        }
+    });
+    let most = most.into_inner();
+    assert!(
+        most <= BOUND,
+        "{most} held at once against a bound of {BOUND}"
+    );
+    assert_eq!(admitted.into_inner() + refused.into_inner(), 8 * 20_000);
+    assert_eq!(guard.inflight(), 0, "every refusal gave its place back");
 }
 
 #[test]
@@ -830,7 +910,7 @@ fn a_request_a_later_hot_rule_refuses_spends_no_earlier_allowance() {
     .unwrap();
     let purchase = guard.resource("purchase");
     let refused_by = |shopper: &str| match guard.check_hot(&purchase, Param::Shopper, shopper) {
-        Ok(()) => None,
+        Ok(_) => None,
         Err(Rejection::Throttled { rule, .. }) => Some(rule.to_string()),
         Err(other) => panic!("{other:?}"),
     };
@@ -845,8 +925,46 @@ fn a_request_a_later_hot_rule_refuses_spends_no_earlier_allowance() {
     // for having spent its own.
     assert_eq!(refused_by("b"), None);
     guard.check_hot(&purchase, Param::Sale, "s").unwrap();
-    assert_eq!(refused_by("c"), None);
+    let taken = guard.check_hot(&purchase, Param::Shopper, "c").unwrap();
     assert!(guard.check_hot(&purchase, Param::Sale, "s").is_err());
-    guard.give_back_hot(&purchase, Param::Shopper, "c");
+    guard.give_back_hot(&purchase, Param::Shopper, "c", taken);
     assert_eq!(refused_by("c"), None, "c's allowance came back");
+}
+
+#[test]
+fn a_dry_run_hot_rule_that_would_refuse_gets_nothing_back() {
+    let hot = |name: &str, burst: u32, dry_run: bool| HotRule {
+        name: name.into(),
+        resource: "purchase".into(),
+        param: Param::Shopper,
+        qps: 0.001,
+        burst,
+        dry_run,
+    };
+    let guard = Guard::new(GuardRules {
+        hot: vec![hot("watch", 1, true), hot("enforced", 10, false)],
+        ..GuardRules::default()
+    })
+    .unwrap();
+    let purchase = guard.resource("purchase");
+    let would_block = || totals(&guard, "hot:watch").would_block;
+    guard.check_hot(&purchase, Param::Shopper, "d").unwrap();
+    // The watch rule's one allowance is spent: it only counts from here.
+    let taken = guard.check_hot(&purchase, Param::Shopper, "d").unwrap();
+    assert_eq!(would_block(), 1);
+    // A later check refuses the request; the enforced rule gets its allowance back, the
+    // watch rule took nothing and gets nothing: it still would refuse, and says so.
+    guard.give_back_hot(&purchase, Param::Shopper, "d", taken);
+    guard.check_hot(&purchase, Param::Shopper, "d").unwrap();
+    assert_eq!(
+        would_block(),
+        2,
+        "the watch rule was credited what it never took"
+    );
+    // The enforced rule did get its allowance back: of its burst of 10, three were
+    // taken and one given back, so eight more pass and the next is refused.
+    for _ in 0..8 {
+        guard.check_hot(&purchase, Param::Shopper, "d").unwrap();
+    }
+    assert!(guard.check_hot(&purchase, Param::Shopper, "d").is_err());
 }
