@@ -135,7 +135,9 @@ impl Hs256 {
             .and_then(|json| serde_json::from_slice(&json).ok())
             .ok_or(Refused::Invalid("malformed claims"))?;
         match checked.exp {
-            Some(exp) if exp < now_s => Err(Refused::Expired),
+            // RFC 7519 §4.1.4: accepted only while the time is before `exp`; a
+            // whole-second clock at `exp` may already be past it.
+            Some(exp) if exp <= now_s => Err(Refused::Expired),
             exp => Ok(Claims {
                 sub: checked.sub,
                 exp,
@@ -260,7 +262,7 @@ impl Auth {
         let shard = &self.cache[(self.hasher.hash_one(token) as usize) % TOKEN_CACHE_SHARDS];
         if let Some(verified) = shard.lock().get(token) {
             return match verified.exp {
-                Some(exp) if exp < now_s() => Err(expired()),
+                Some(exp) if exp <= now_s() => Err(expired()),
                 _ => Ok(verified.user.clone()),
             };
         }
@@ -603,11 +605,12 @@ mod tests {
         assert_eq!(auth.shopper(&anonymous).unwrap_err().code, "unauthorized");
         let expired = token(serde_json::json!({"sub": "carol", "exp": 1}), "jwt");
         assert_eq!(auth.shopper(&expired).unwrap_err().code, "token_expired");
-        // As jsonwebtoken with no leeway: a token is good through its `exp` second.
+        // RFC 7519: good only before its `exp`. At the `exp` second itself the time may
+        // already be past it (jsonwebtoken with no leeway accepts it; we do not).
         let hs256 = Hs256::new(b"jwt");
         let at = token(serde_json::json!({"sub": "dan", "exp": 1_000}), "jwt");
-        assert_eq!(hs256.verify(&at, 1_000).unwrap().sub, "dan");
-        assert_eq!(hs256.verify(&at, 1_001).unwrap_err(), Refused::Expired);
+        assert_eq!(hs256.verify(&at, 999).unwrap().sub, "dan");
+        assert_eq!(hs256.verify(&at, 1_000).unwrap_err(), Refused::Expired);
     }
 
     /// RFC 7515 §4.1.11: critical extensions this verifier does not understand (it
