@@ -57,7 +57,7 @@ with_workdir() {
 # through them, so a run longer than $SHOPPERS requests reuses tokens, which the server
 # has verified and cached; a flash sale of shoppers who each buy once verifies every one.
 with_shoppers() {
-  export STAMPEDE_ADMIN_TOKEN=bench-admin-token STAMPEDE_JWT_SECRET=bench-jwt-secret-0123456789abcdef
+  export STAMPEDE_ADMIN_TOKEN=bench-admin-token-0123456789 STAMPEDE_JWT_SECRET=bench-jwt-secret-0123456789abcdef
   "$bin" token --sub shopper --count "${SHOPPERS:-20000}" --data-dir "$work/tokens-dir" > "$work/tokens"
   export TOKENS=$work/tokens
 }

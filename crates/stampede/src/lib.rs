@@ -318,6 +318,7 @@ impl Config {
 
     pub fn validate(&self) -> anyhow::Result<()> {
         const JWT_SECRET_MIN_BYTES: usize = 32;
+        const ADMIN_TOKEN_MIN_BYTES: usize = 16;
         let token = |s: &str, extra: char| {
             !s.is_empty()
                 && s.chars()
@@ -339,6 +340,14 @@ impl Config {
                 .as_deref()
                 .is_none_or(|secret| secret.is_empty() || secret.len() >= JWT_SECRET_MIN_BYTES),
             "jwt_secret must be at least {JWT_SECRET_MIN_BYTES} bytes: HS256 needs a key as long as its hash (RFC 7518); leave it unset and one is generated"
+        );
+        // The admin token opens every merchant call: 128 bits at least, so it cannot be
+        // guessed in the time a promotion runs.
+        anyhow::ensure!(
+            self.admin_token
+                .as_deref()
+                .is_none_or(|token| token.is_empty() || token.len() >= ADMIN_TOKEN_MIN_BYTES),
+            "admin_token must be at least {ADMIN_TOKEN_MIN_BYTES} bytes; leave it unset and one is generated"
         );
         anyhow::ensure!(
             self.node_ttl >= Duration::from_millis(500),
@@ -911,13 +920,13 @@ mod tests {
     #[test]
     fn secrets_in_the_environment_are_taken_as_text() {
         figment::Jail::expect_with(|jail| {
-            jail.set_env("STAMPEDE_ADMIN_TOKEN", "20241111");
+            jail.set_env("STAMPEDE_ADMIN_TOKEN", "2024111120241111");
             jail.set_env(
                 "STAMPEDE_JWT_SECRET",
                 "\"quoted\" secret of 32 bytes or more ",
             );
             let config = load(&ServeArgs::default())?;
-            assert_eq!(config.admin_token.as_deref(), Some("20241111"));
+            assert_eq!(config.admin_token.as_deref(), Some("2024111120241111"));
             assert_eq!(
                 config.jwt_secret.as_deref(),
                 Some("\"quoted\" secret of 32 bytes or more ")
@@ -929,10 +938,17 @@ mod tests {
                 error.contains("jwt_secret must be at least 32 bytes"),
                 "{error}"
             );
-            jail.set_env("STAMPEDE_ADMIN_TOKEN", "true");
             jail.set_env("STAMPEDE_JWT_SECRET", "[1, 2] and enough bytes to be a key");
+            // An admin token under 128 bits: refused, with the reason.
+            jail.set_env("STAMPEDE_ADMIN_TOKEN", "letmein");
+            let error = load(&ServeArgs::default()).unwrap_err().to_string();
+            assert!(
+                error.contains("admin_token must be at least 16 bytes"),
+                "{error}"
+            );
+            jail.set_env("STAMPEDE_ADMIN_TOKEN", "1.50000000000000");
             let config = load(&ServeArgs::default())?;
-            assert_eq!(config.admin_token.as_deref(), Some("true"));
+            assert_eq!(config.admin_token.as_deref(), Some("1.50000000000000"));
             assert_eq!(
                 config.jwt_secret.as_deref(),
                 Some("[1, 2] and enough bytes to be a key")
