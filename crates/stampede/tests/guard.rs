@@ -299,6 +299,54 @@ async fn rule_changes_are_validated_versioned_and_survive_a_restart() {
 }
 
 #[tokio::test]
+async fn rule_changes_that_keep_naming_new_rules_are_refused_at_the_resource_bound() {
+    // Every name a rule used stays tracked until a restart: an admin script that names
+    // its hot rules afresh at every change would grow the guard without end. At
+    // `RESOURCES_MAX` names it is refused, the rules in force stay, and a change that
+    // reuses names still goes through.
+    let app = spawn_app().await;
+    let mut next = rules(&app).await;
+    let hot = |version: u64| -> Value {
+        (0..stampede_guard::rules::MAX_HOT_RULES)
+            .map(|i| json!({"name": format!("v{version}-{i}"), "resource": "purchase", "param": "shopper", "qps": 10.0, "burst": 20}))
+            .collect()
+    };
+    let most = (stampede_guard::RESOURCES_MAX / stampede_guard::rules::MAX_HOT_RULES) as u64 + 1;
+    let mut refused_at = None;
+    for version in 1..=most {
+        next["version"] = json!(version);
+        next["hot"] = hot(version);
+        let reply = put_rules(&app, Some(&app.admin), &next).await;
+        if reply.status == 400 {
+            assert_error(&reply, 400, "invalid_rules");
+            let message = reply.body["error"]["message"].as_str().unwrap();
+            assert!(message.contains("reuse names"), "{message}");
+            refused_at = Some(version);
+            break;
+        }
+        assert_eq!(reply.status, 200, "{}", reply.body);
+    }
+    let refused_at = refused_at.expect("new names were taken past the bound");
+    let kept = rules(&app).await;
+    assert_eq!(
+        kept["version"],
+        refused_at - 1,
+        "the refused change left nothing"
+    );
+    assert_eq!(kept["hot"][0]["name"], format!("v{}-0", refused_at - 1));
+    // The names in force, reused: accepted.
+    next["version"] = json!(refused_at);
+    next["hot"] = hot(refused_at - 1);
+    next["hot"][0]["qps"] = json!(5.0);
+    let reply = put_rules(&app, Some(&app.admin), &next).await;
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    // Still serving, its stats bounded by the same count.
+    let stats = app.get("/v1/guard/stats", Some(&app.admin)).await;
+    assert_eq!(stats.status, 200);
+    assert!(stats.body["resources"].as_array().unwrap().len() <= stampede_guard::RESOURCES_MAX);
+}
+
+#[tokio::test]
 async fn a_degraded_class_answers_503_and_the_rest_carries_on() {
     let app = spawn_app().await;
     let sale = app.live_sale("GUARD-DEGRADE", 10, 1).await;
