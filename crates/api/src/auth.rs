@@ -134,15 +134,13 @@ impl Hs256 {
             .filter(|json| json.trim_ascii_start().first() == Some(&b'{'))
             .and_then(|json| serde_json::from_slice(&json).ok())
             .ok_or(Refused::Invalid("malformed claims"))?;
-        match checked.exp {
-            // RFC 7519 §4.1.4: accepted only while the time is before `exp`; a
-            // whole-second clock at `exp` may already be past it.
-            Some(exp) if exp <= now_s => Err(Refused::Expired),
-            exp => Ok(Claims {
-                sub: checked.sub,
-                exp,
-            }),
+        if is_past(checked.exp, now_s) {
+            return Err(Refused::Expired);
         }
+        Ok(Claims {
+            sub: checked.sub,
+            exp: checked.exp,
+        })
     }
 }
 
@@ -223,6 +221,13 @@ fn now_s() -> u64 {
         .unwrap_or(0)
 }
 
+/// Whether a token with this `exp` has expired at `now_s`. RFC 7519 §4.1.4: accepted
+/// only while the time is before `exp`; a whole-second clock at `exp` may already be
+/// past it. The one rule for a token verified now and for one found in the cache.
+fn is_past(exp: Option<u64>, now_s: u64) -> bool {
+    exp.is_some_and(|exp| exp <= now_s)
+}
+
 /// 401 `token_expired`, whether the token is verified now or was found in the cache.
 fn expired() -> ApiError {
     ApiError::new(
@@ -261,9 +266,10 @@ impl Auth {
     pub fn shopper(&self, token: &str) -> Result<UserId, ApiError> {
         let shard = &self.cache[(self.hasher.hash_one(token) as usize) % TOKEN_CACHE_SHARDS];
         if let Some(verified) = shard.lock().get(token) {
-            return match verified.exp {
-                Some(exp) if exp <= now_s() => Err(expired()),
-                _ => Ok(verified.user.clone()),
+            return if is_past(verified.exp, now_s()) {
+                Err(expired())
+            } else {
+                Ok(verified.user.clone())
             };
         }
         let claims = self

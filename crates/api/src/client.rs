@@ -9,7 +9,7 @@
 
 use std::net::IpAddr;
 
-use axum::http::HeaderMap;
+use axum::http::{HeaderMap, HeaderValue};
 use ipnet::IpNet;
 
 #[derive(Debug, Clone, Default)]
@@ -75,13 +75,12 @@ impl TrustedProxies {
     }
 
     /// The tenant a trusted proxy named, if any.
-    pub fn tenant<'a>(&self, peer: IpAddr, headers: &'a HeaderMap) -> Option<&'a [u8]> {
+    pub fn tenant<'a>(&self, peer: IpAddr, headers: &'a HeaderMap) -> Option<&'a HeaderValue> {
         if !self.is_trusted(peer) {
             return None;
         }
         headers
             .get("x-tenant")
-            .map(|v| v.as_bytes())
             .filter(|t| !t.is_empty() && t.len() <= TENANT_MAX)
     }
 }
@@ -128,7 +127,10 @@ mod tests {
             proxies.client_ip(peer, &h),
             "198.51.100.7".parse::<IpAddr>().unwrap()
         );
-        assert_eq!(proxies.tenant(peer, &h), Some(&b"acme"[..]));
+        assert_eq!(
+            proxies.tenant(peer, &h).map(HeaderValue::as_bytes),
+            Some(&b"acme"[..])
+        );
         // No header: the proxy itself.
         assert_eq!(proxies.client_ip(peer, &HeaderMap::new()), peer);
         // Garbage stops the walk at the last good address.

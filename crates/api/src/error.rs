@@ -68,6 +68,10 @@ impl ApiError {
     pub fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, code, message)
     }
+    /// 413 `body_too_large`: whoever read the body found it over the limit.
+    pub fn body_too_large(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::PAYLOAD_TOO_LARGE, "body_too_large", message)
+    }
     pub fn overloaded(message: impl Into<String>) -> Self {
         Self::new(StatusCode::SERVICE_UNAVAILABLE, "overloaded", message).retry_after(1)
     }
@@ -130,11 +134,7 @@ impl From<JsonRejection> for ApiError {
 
 pub fn from_bytes_rejection(rejection: BytesRejection) -> ApiError {
     if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-        ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "body_too_large",
-            rejection.body_text(),
-        )
+        ApiError::body_too_large(rejection.body_text())
     } else {
         ApiError::bad_request("invalid_body", rejection.body_text())
     }

@@ -422,12 +422,8 @@ pub async fn purchase(
         .check_hot(resource, stampede_guard::Param::Sale, &sale_id)
         .map_err(|rejection| {
             // Refused for the sale: the shopper's allowance taken above goes back.
-            app.guard.give_back_hot(
-                resource,
-                stampede_guard::Param::Shopper,
-                user.as_str(),
-                shopper_taken,
-            );
+            app.guard
+                .give_back_hot(resource, user.as_str(), shopper_taken);
             ApiError::per_key(rejection)
         })?;
     let purchase = app.engine.purchase(user, key, sale_id, quantity).await?;

@@ -521,11 +521,9 @@ async fn whole_body(request: Request, limit: usize) -> Result<Request, ApiError>
             parts,
             axum::body::Body::from(collected.to_bytes()),
         )),
-        Err(error) if error.is::<http_body_util::LengthLimitError>() => Err(ApiError::new(
-            axum::http::StatusCode::PAYLOAD_TOO_LARGE,
-            "body_too_large",
-            format!("the body is over {limit} bytes"),
-        )),
+        Err(error) if error.is::<http_body_util::LengthLimitError>() => Err(
+            ApiError::body_too_large(format!("the body is over {limit} bytes")),
+        ),
         Err(error) => Err(ApiError::bad_request(
             "invalid_body",
             format!("the body could not be read: {error}"),
@@ -544,11 +542,9 @@ struct ClientKeys {
 
 impl ClientKeys {
     fn give_back(&self, app: &App, resource: &stampede_guard::Resource) {
-        app.guard
-            .give_back_hot(resource, Param::ClientIp, &self.ip, self.ip_taken);
+        app.guard.give_back_hot(resource, &self.ip, self.ip_taken);
         if let Some((tenant, taken)) = &self.tenant {
-            app.guard
-                .give_back_hot(resource, Param::Tenant, tenant.as_bytes(), *taken);
+            app.guard.give_back_hot(resource, tenant.as_bytes(), *taken);
         }
     }
 }
@@ -564,22 +560,24 @@ fn client_admits(
     let peer_ip = peer.addr.ip();
     let ip = app.proxies.client_ip(peer_ip, headers);
     let ip_taken = app.guard.check_hot(resource, Param::ClientIp, &ip)?;
-    let mut tenant_taken = None;
-    if let Some(tenant) = app.proxies.tenant(peer_ip, headers) {
-        match app.guard.check_hot(resource, Param::Tenant, tenant) {
-            Ok(taken) => tenant_taken = Some(taken),
+    let tenant = match app.proxies.tenant(peer_ip, headers) {
+        None => None,
+        Some(value) => match app
+            .guard
+            .check_hot(resource, Param::Tenant, value.as_bytes())
+        {
+            // The header itself (a reference-counted copy), the value the rule counted.
+            Ok(taken) => Some((value.clone(), taken)),
             Err(rejection) => {
-                app.guard
-                    .give_back_hot(resource, Param::ClientIp, &ip, ip_taken);
+                app.guard.give_back_hot(resource, &ip, ip_taken);
                 return Err(rejection);
             }
-        }
-    }
+        },
+    };
     Ok(ClientKeys {
         ip,
         ip_taken,
-        // The header itself (a reference-counted copy), the value the rule counted.
-        tenant: tenant_taken.and_then(|taken| Some((headers.get("x-tenant").cloned()?, taken))),
+        tenant,
     })
 }
 

@@ -554,6 +554,17 @@ pub struct HotTaken {
     taken: u64,
 }
 
+/// Gives `hash`'s allowance back to each of `rules` whose bit is set in `taken`.
+fn give_back_taken(rules: &[Hot], hash: u64, now: u64, taken: u64) {
+    for (_, hot) in rules
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| taken & (1 << i) != 0)
+    {
+        hot.table.give_back(hash, now, hot.interval);
+    }
+}
+
 /// A rate slot an admission took.
 #[derive(Clone, Copy)]
 struct RateSlot {
@@ -817,11 +828,8 @@ impl Guard {
             }
         }
 
-        let admission = self.flow_admission(&compiled, resource, now, true);
-        if admission.is_err() {
-            release();
-        }
-        admission
+        self.flow_admission(&compiled, resource, now, true)
+            .inspect_err(|_| release())
     }
 
     /// Decides one call of a named resource (such as `payment`, the calls to the payment
@@ -988,13 +996,7 @@ impl Guard {
                 counters.blocked[0].fetch_add(1, Ordering::Relaxed);
                 // The rules before it that admitted this request give their allowance
                 // back: a refused request costs nothing.
-                for (_, earlier) in rules
-                    .iter()
-                    .enumerate()
-                    .filter(|(j, _)| admitted & (1 << j) != 0)
-                {
-                    earlier.table.give_back(hash, now, earlier.interval);
-                }
+                give_back_taken(rules, hash, now, admitted);
                 return Err(Rejection::Throttled {
                     rule: hot.resource.name.clone(),
                     retry_after: Duration::from_nanos(retry),
@@ -1008,33 +1010,18 @@ impl Guard {
         })
     }
 
-    /// Gives back what [`Guard::check_hot`] took for `key` under `param` on `resource`
-    /// (its answer, `taken`), for a request a later check refused (a per-sale limit after
-    /// the per-shopper one): a refused request must not spend the shopper's allowance.
-    /// Only the rules that took something give back: a dry-run rule that would have
-    /// refused took nothing. Rules replaced in between give nothing back.
-    pub fn give_back_hot<K: Hash + ?Sized>(
-        &self,
-        resource: &Resource,
-        param: Param,
-        key: &K,
-        taken: HotTaken,
-    ) {
+    /// Gives back what [`Guard::check_hot`] took for `key` on `resource` (its answer,
+    /// `taken`, names the rules), for a request a later check refused (a per-sale limit
+    /// after the per-shopper one): a refused request must not spend the shopper's
+    /// allowance. Only the rules that took something give back: a dry-run rule that would
+    /// have refused took nothing. Rules replaced in between give nothing back.
+    pub fn give_back_hot<K: Hash + ?Sized>(&self, resource: &Resource, key: &K, taken: HotTaken) {
         let compiled = self.compiled.load();
         if compiled.rules.version != taken.version || taken.taken == 0 {
             return;
         }
-        let Some(rules) = compiled.hot.get(resource.id) else {
-            return;
-        };
-        let hash = self.hasher.hash_one(key);
-        let now = self.now();
-        for (_, hot) in rules
-            .iter()
-            .enumerate()
-            .filter(|(i, h)| h.rule.param == param && taken.taken & (1 << i) != 0)
-        {
-            hot.table.give_back(hash, now, hot.interval);
+        if let Some(rules) = compiled.hot.get(resource.id) {
+            give_back_taken(rules, self.hasher.hash_one(key), self.now(), taken.taken);
         }
     }
 

@@ -927,7 +927,7 @@ fn a_request_a_later_hot_rule_refuses_spends_no_earlier_allowance() {
     guard.check_hot(&purchase, Param::Sale, "s").unwrap();
     let taken = guard.check_hot(&purchase, Param::Shopper, "c").unwrap();
     assert!(guard.check_hot(&purchase, Param::Sale, "s").is_err());
-    guard.give_back_hot(&purchase, Param::Shopper, "c", taken);
+    guard.give_back_hot(&purchase, "c", taken);
     assert_eq!(refused_by("c"), None, "c's allowance came back");
 }
 
@@ -954,7 +954,7 @@ fn a_dry_run_hot_rule_that_would_refuse_gets_nothing_back() {
     assert_eq!(would_block(), 1);
     // A later check refuses the request; the enforced rule gets its allowance back, the
     // watch rule took nothing and gets nothing: it still would refuse, and says so.
-    guard.give_back_hot(&purchase, Param::Shopper, "d", taken);
+    guard.give_back_hot(&purchase, "d", taken);
     guard.check_hot(&purchase, Param::Shopper, "d").unwrap();
     assert_eq!(
         would_block(),

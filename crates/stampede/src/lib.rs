@@ -334,19 +334,21 @@ impl Config {
                 && !self.nats_subject_prefix.ends_with('.'),
             "nats_subject_prefix must be dot-separated tokens of letters, digits, '_' or '-'"
         );
+        // Unset or empty: one is generated.
+        let long_enough = |secret: &Option<String>, min: usize| {
+            secret
+                .as_deref()
+                .is_none_or(|secret| secret.is_empty() || secret.len() >= min)
+        };
         // RFC 7518 §3.2: an HS256 key must be at least as long as the hash, 256 bits.
         anyhow::ensure!(
-            self.jwt_secret
-                .as_deref()
-                .is_none_or(|secret| secret.is_empty() || secret.len() >= JWT_SECRET_MIN_BYTES),
+            long_enough(&self.jwt_secret, JWT_SECRET_MIN_BYTES),
             "jwt_secret must be at least {JWT_SECRET_MIN_BYTES} bytes: HS256 needs a key as long as its hash (RFC 7518); leave it unset and one is generated"
         );
         // The admin token opens every merchant call: 128 bits at least, so it cannot be
         // guessed in the time a promotion runs.
         anyhow::ensure!(
-            self.admin_token
-                .as_deref()
-                .is_none_or(|token| token.is_empty() || token.len() >= ADMIN_TOKEN_MIN_BYTES),
+            long_enough(&self.admin_token, ADMIN_TOKEN_MIN_BYTES),
             "admin_token must be at least {ADMIN_TOKEN_MIN_BYTES} bytes; leave it unset and one is generated"
         );
         anyhow::ensure!(
@@ -931,21 +933,17 @@ mod tests {
                 config.jwt_secret.as_deref(),
                 Some("\"quoted\" secret of 32 bytes or more ")
             );
+            let refused_saying = |reason: &str| {
+                let error = load(&ServeArgs::default()).unwrap_err().to_string();
+                assert!(error.contains(reason), "{error}");
+            };
             // Shorter than HS256's hash: refused, with the reason.
             jail.set_env("STAMPEDE_JWT_SECRET", "short");
-            let error = load(&ServeArgs::default()).unwrap_err().to_string();
-            assert!(
-                error.contains("jwt_secret must be at least 32 bytes"),
-                "{error}"
-            );
+            refused_saying("jwt_secret must be at least 32 bytes");
             jail.set_env("STAMPEDE_JWT_SECRET", "[1, 2] and enough bytes to be a key");
             // An admin token under 128 bits: refused, with the reason.
             jail.set_env("STAMPEDE_ADMIN_TOKEN", "letmein");
-            let error = load(&ServeArgs::default()).unwrap_err().to_string();
-            assert!(
-                error.contains("admin_token must be at least 16 bytes"),
-                "{error}"
-            );
+            refused_saying("admin_token must be at least 16 bytes");
             jail.set_env("STAMPEDE_ADMIN_TOKEN", "1.50000000000000");
             let config = load(&ServeArgs::default())?;
             assert_eq!(config.admin_token.as_deref(), Some("1.50000000000000"));
