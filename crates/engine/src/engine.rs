@@ -683,41 +683,83 @@ impl Shared {
     /// land late); if it cannot be reached, the entry is written again if it had gone
     /// (`WriteOp::ChargeOwed`) and the ledger's sweep tries again.
     pub(crate) fn refund_if_charged(self: &Arc<Self>, order_id: OrderId, amount: Cents) {
-        self.refund(order_id, amount, false);
-    }
-
-    /// As `refund_if_charged`, for a charge that may land later than a running refund
-    /// of the order would wait (a pay that timed out just now): that refund keeps trying
-    /// a full patience from now.
-    pub(crate) fn refund_late_charge(self: &Arc<Self>, order_id: OrderId, amount: Cents) {
-        self.refund(order_id, amount, true);
-    }
-
-    fn refund(self: &Arc<Self>, order_id: OrderId, amount: Cents, extend: bool) {
+        if let Some(gateway) = self.gateway.get().cloned()
+            && self.watch_refund(order_id, false)
+        {
+            self.spawn_refund(order_id, amount, gateway);
+        }
         // No provider known yet: the ledger's sweep makes the refund once it is.
-        let Some(gateway) = self.gateway.get().cloned() else {
-            return;
-        };
-        // A charge in flight lands within one provider timeout after its pay noted it
-        // (the expiry grace covers that): `NotCharged` is believed only once twice that,
-        // and at least `EngineConfig::refund_patience_min_ms`, has passed, with a last try then.
+    }
+
+    /// How long a refund keeps trying while the provider says nothing was charged. A
+    /// charge in flight lands within one provider timeout after its pay noted it (the
+    /// expiry grace covers that): `NotCharged` is believed only once twice that, and at
+    /// least `EngineConfig::refund_patience_min_ms`, has passed, with a last try then.
+    fn refund_deadline(&self) -> tokio::time::Instant {
         let patience = std::time::Duration::from_millis(
             (2 * self.config.expiry_grace_ms.max(0) as u64).max(self.config.refund_patience_min_ms),
         );
-        let deadline = tokio::time::Instant::now() + patience;
-        // One refund of an order at a time on this node (a close, a pay that timed out
-        // and the sweep may all ask): only a late charge's ask extends the running one's
-        // patience (the sweep's must not, or a refund that finds nothing would never end).
-        {
-            let mut refunding = self.refunding.lock();
-            if let Some(running) = refunding.get_mut(&order_id) {
-                if extend {
-                    *running = (*running).max(deadline);
-                }
-                return;
+        tokio::time::Instant::now() + patience
+    }
+
+    /// Registers a refund of `order_id` on this node, one at a time (a close, a late
+    /// charge and the sweep may all ask): true when this call registered it and must
+    /// run it (`spawn_refund`). With `late` (a charge that may land after the close, or
+    /// has), a running refund keeps trying a full patience from now; the sweep's and a
+    /// close's asks must not extend it, or a refund that finds nothing would never end.
+    ///
+    /// A refund ends (`end_refund`) under the same lock, queueing the ledger entry's
+    /// removal there: a late charge registered here either extends the refund before it
+    /// ends, or finds it ended and its removal already queued, so the entry the late
+    /// charge then writes (`owe_refund_now`) lands after that removal, never before it.
+    fn watch_refund(&self, order_id: OrderId, late: bool) -> bool {
+        let deadline = self.refund_deadline();
+        let mut refunding = self.refunding.lock();
+        if let Some(running) = refunding.get_mut(&order_id) {
+            if late {
+                *running = (*running).max(deadline);
             }
-            refunding.insert(order_id, deadline);
+            return false;
         }
+        refunding.insert(order_id, deadline);
+        true
+    }
+
+    /// Ends this node's refund of `order_id` (`watch_refund`); with `settle`, queues the
+    /// removal of the order's ledger entry under the same lock. A removal the queue has
+    /// no room for is not made: the entry stays, and the sweep refunds (finding nothing,
+    /// or the charge) and settles it later.
+    fn end_refund(
+        &self,
+        refunding: &mut FastMap<OrderId, tokio::time::Instant>,
+        order_id: OrderId,
+        settle: bool,
+    ) {
+        refunding.remove(&order_id);
+        if !settle {
+            return;
+        }
+        let Some(jobs) = self.ledger.get().and_then(mpsc::WeakSender::upgrade) else {
+            return;
+        };
+        // The answer is not awaited: an entry not removed is removed by a later sweep.
+        let (reply, _) = oneshot::channel();
+        let job = Job::Ledger {
+            op: WriteOp::ChargeSettled { order_id },
+            reply,
+        };
+        if jobs.try_send(job).is_err() {
+            tracing::debug!(%order_id, "charge ledger entry not settled (queue full); the sweep settles it");
+        }
+    }
+
+    /// Runs the refund `watch_refund` registered, in the background.
+    fn spawn_refund(
+        self: &Arc<Self>,
+        order_id: OrderId,
+        amount: Cents,
+        gateway: Arc<dyn PaymentGateway>,
+    ) {
         self.refunds_open
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         metrics::counter!("stampede_refunds_started_total").increment(1);
@@ -728,7 +770,7 @@ impl Shared {
             let mut delay = std::time::Duration::from_secs(1);
             loop {
                 let Ok(permit) = shared.refunds.acquire().await else {
-                    shared.refunding.lock().remove(&order_id);
+                    shared.end_refund(&mut shared.refunding.lock(), order_id, false);
                     break;
                 };
                 let answer = gateway.refund(&key, amount).await;
@@ -738,21 +780,21 @@ impl Shared {
                         last_error = None;
                         metrics::counter!("stampede_refunds_total", "outcome" => "refunded")
                             .increment(1);
-                        shared.settle_charge(order_id);
-                        shared.refunding.lock().remove(&order_id);
+                        shared.end_refund(&mut shared.refunding.lock(), order_id, true);
                         break;
                     }
                     Err(error) => last_error = Some(error),
                 }
                 let now = tokio::time::Instant::now();
                 let wait = {
-                    // Decided and given up under one lock: an ask that extends the
-                    // deadline either comes before (and is seen) or finds no refund
-                    // running and starts one.
+                    // Decided, given up and the entry's removal queued under one lock: a
+                    // late charge's ask either comes before (and extends the deadline)
+                    // or finds no refund running, and writes its entry after the removal.
                     let mut refunding = shared.refunding.lock();
                     let deadline = refunding.get(&order_id).copied().unwrap_or(now);
                     if now >= deadline {
-                        refunding.remove(&order_id);
+                        let settle = matches!(last_error, Some(PaymentError::NotCharged));
+                        shared.end_refund(&mut refunding, order_id, settle);
                         None
                     } else {
                         Some(deadline - now)
@@ -769,15 +811,14 @@ impl Shared {
                     tracing::info!(%order_id, "no charge to refund found for a closed unpaid order");
                     metrics::counter!("stampede_refunds_total", "outcome" => "nothing_charged")
                         .increment(1);
-                    shared.settle_charge(order_id);
                 }
                 Some(error) => {
                     tracing::warn!(%order_id, %error, "refund for a closed unpaid order failed; the ledger's sweep tries again");
                     metrics::counter!("stampede_refunds_total", "outcome" => "failed").increment(1);
                     metrics::counter!("stampede_refund_failures_total").increment(1);
-                    // The entry may be gone: a late charge's refund can outlive the
-                    // close's, which settled it on `NotCharged`. Written again, so the
-                    // sweep keeps refunding (an entry still there stays as it is).
+                    // The entry may be gone: a refund of the order that ended earlier may
+                    // have settled it on `NotCharged`. Written again, so the sweep keeps
+                    // refunding (an entry still there stays as it is).
                     shared.record_owed(order_id, amount).await;
                 }
                 None => {}
@@ -790,17 +831,31 @@ impl Shared {
         });
     }
 
-    /// Durably notes that the closed order `order_id` may hold a charge to refund
-    /// (`WriteOp::ChargeOwed`), then refunds it, keeping at it a full patience from now:
-    /// for a charge that may land, or has landed, after the close, whose own refund may
-    /// already have settled the order's ledger entry. Only a paid order is left alone.
+    /// In the background: `owe_refund_now`.
     pub(crate) fn owe_refund(self: &Arc<Self>, order_id: OrderId, amount: Cents) {
         let shared = self.clone();
-        tokio::spawn(async move {
-            if shared.record_owed(order_id, amount).await {
-                shared.refund_late_charge(order_id, amount);
-            }
-        });
+        tokio::spawn(async move { shared.owe_refund_now(order_id, amount).await });
+    }
+
+    /// For a charge that may land, or has landed, after the close of `order_id`, whose
+    /// close's refund may already have settled the order's ledger entry: registers a
+    /// refund first (or extends the running one a full patience from now), then durably
+    /// notes the refund owed (`WriteOp::ChargeOwed`) before returning, then refunds in
+    /// the background. In that order, a refund that gives up on `NotCharged` meanwhile
+    /// cannot remove the note after it is written (`watch_refund`). Only a paid order is
+    /// left alone.
+    pub(crate) async fn owe_refund_now(self: &Arc<Self>, order_id: OrderId, amount: Cents) {
+        let gateway = self.gateway.get().cloned();
+        let started = gateway.is_some() && self.watch_refund(order_id, true);
+        let owed = self.record_owed(order_id, amount).await;
+        match gateway {
+            Some(gateway) if started && owed => self.spawn_refund(order_id, amount, gateway),
+            // Paid: nothing to refund; the registration is given back unused.
+            _ if started => self.end_refund(&mut self.refunding.lock(), order_id, false),
+            // Running already (and now kept at it), or no provider known yet (the
+            // sweep refunds once it is).
+            _ => {}
+        }
     }
 
     /// Writes `WriteOp::ChargeOwed` for the order through the writer; false only when
@@ -2031,9 +2086,7 @@ impl Engine {
                         // may answer 502/504 while the provider goes on charging). Owed
                         // the same watch as a timeout.
                         engine.refund_if_closed(id, order.amount);
-                        OrderError::PaymentFailed(
-                            PaymentError::Unavailable(reason).to_string(),
-                        )
+                        OrderError::PaymentFailed(PaymentError::Unavailable(reason).to_string())
                     }
                     other => OrderError::PaymentFailed(other.to_string()),
                 })?;
@@ -2047,16 +2100,9 @@ impl Engine {
                     // pay's ledger entry and refunds in the background, but if the charge
                     // took longer than that refund's patience, the refund may have settled
                     // the entry on `NotCharged` already: the refund owed is noted again
-                    // (durably, before anything else), and made here before the answer
+                    // (durably, before the answer), and made at once in the background
                     // (the provider refunds a key once).
-                    engine.shared.record_owed(id, order.amount).await;
-                    match gateway.refund(&key, order.amount).await {
-                        Ok(()) => engine.shared.settle_charge(id),
-                        Err(error) => {
-                            tracing::warn!(order_id = %id, %error, "refund after a lost pay race failed; retried in the background, then by the ledger's sweep");
-                            engine.shared.refund_late_charge(id, order.amount);
-                        }
-                    }
+                    engine.shared.owe_refund_now(id, order.amount).await;
                     Err(match status {
                         OrderStatus::Cancelled => OrderError::Cancelled,
                         _ => OrderError::Expired,

@@ -13,12 +13,13 @@ use std::time::Duration;
 
 use stampede_engine::testing::{key, live_sale, one, take_queue_place, user};
 use stampede_engine::{
-    Actor, Engine, EngineConfig, ManualClock, NewProduct, NewSale, OrderError, PaymentError,
-    PaymentGateway, PurchaseError, SystemClock,
+    Actor, ChargeAttempt, Engine, EngineConfig, ManualClock, NewProduct, NewSale, OpOutcome,
+    OrderError, OrderRecord, PaymentError, PaymentGateway, PendingTally, PurchaseError, Rebuild,
+    SaleTally, Store, StoreError, SystemClock, WriteOp,
 };
 use stampede_store::on_every_backend;
 use stampede_store::testing::{Backend, TestDatabase};
-use stampede_types::{Cents, SaleId, Sku};
+use stampede_types::{Cents, OrderId, SaleId, Sku};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_pushed_into_the_queue_as_the_writer_stops_is_dropped_unanswered() {
@@ -370,9 +371,187 @@ async fn a_restart_rebuilds_thousands_of_orders(backend: Backend) {
     engine.shutdown().await;
 }
 
+/// A store that holds every commit writing a `ChargeOwed` for `OWED_COMMIT_HELD` before
+/// making it, and says when one begins: the race of a late charge's note with a refund
+/// that gives up, widened from a commit's milliseconds to something a test can hit.
+struct SlowOwedStore {
+    inner: Arc<dyn Store>,
+    owed_commit: tokio::sync::Notify,
+}
+
+const OWED_COMMIT_HELD: Duration = Duration::from_millis(300);
+
+#[async_trait::async_trait]
+impl Store for SlowOwedStore {
+    async fn load(&self, into: &mut dyn Rebuild) -> Result<(), StoreError> {
+        self.inner.load(into).await
+    }
+    async fn commit(&self, ops: &[WriteOp]) -> Result<Vec<OpOutcome>, StoreError> {
+        if ops
+            .iter()
+            .any(|op| matches!(op, WriteOp::ChargeOwed { .. }))
+        {
+            self.owed_commit.notify_one();
+            tokio::time::sleep(OWED_COMMIT_HELD).await;
+        }
+        self.inner.commit(ops).await
+    }
+    async fn order(&self, id: OrderId) -> Result<Option<OrderRecord>, StoreError> {
+        self.inner.order(id).await
+    }
+    async fn orders_by_id(&self, ids: &[OrderId]) -> Result<Vec<OrderRecord>, StoreError> {
+        self.inner.orders_by_id(ids).await
+    }
+    async fn tally(&self, sale: SaleId, per_user_limit: u32) -> Result<SaleTally, StoreError> {
+        self.inner.tally(sale, per_user_limit).await
+    }
+    async fn snapshot_tally(
+        &self,
+        sale: SaleId,
+        per_user_limit: u32,
+    ) -> Result<PendingTally, StoreError> {
+        self.inner.snapshot_tally(sale, per_user_limit).await
+    }
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.inner.ping().await
+    }
+    async fn stop_writes(&self) {
+        self.inner.stop_writes().await
+    }
+    async fn charges_to_settle(&self) -> Result<Vec<ChargeAttempt>, StoreError> {
+        self.inner.charges_to_settle().await
+    }
+}
+
+/// A provider whose first refund is held until `release` (its answer decided when it was
+/// asked, before the charge landed), whose charge lands on `land` and answers `Timeout`,
+/// and whose refunds fail while `down` is set.
+#[derive(Default)]
+struct HeldRefundProvider {
+    charging: tokio::sync::Notify,
+    land: tokio::sync::Notify,
+    refund_held: tokio::sync::Notify,
+    release: tokio::sync::Notify,
+    held_once: AtomicBool,
+    charged: AtomicBool,
+    down: AtomicBool,
+    refunded: AtomicBool,
+}
+
+#[async_trait::async_trait]
+impl PaymentGateway for HeldRefundProvider {
+    async fn charge(&self, _: &str, _: Cents) -> Result<(), PaymentError> {
+        self.charging.notify_one();
+        self.land.notified().await;
+        self.charged.store(true, Ordering::SeqCst);
+        Err(PaymentError::Timeout)
+    }
+
+    async fn refund(&self, _: &str, _: Cents) -> Result<(), PaymentError> {
+        if self.down.load(Ordering::SeqCst) {
+            return Err(PaymentError::Unavailable("down".into()));
+        }
+        let charged = self.charged.load(Ordering::SeqCst);
+        if !self.held_once.swap(true, Ordering::SeqCst) {
+            self.refund_held.notify_one();
+            self.release.notified().await;
+        }
+        if !charged {
+            return Err(PaymentError::NotCharged);
+        }
+        self.refunded.store(true, Ordering::SeqCst);
+        Ok(())
+    }
+}
+
+/// The close's refund is asking the provider one last time, past its patience, when the
+/// pay's charge lands and times out: the late charge notes the refund owed while that
+/// last ask is still out, and the ask then comes back `NotCharged`. The refund that gave
+/// up must not remove the ledger entry after the late charge's note is written: here the
+/// note's commit is held, so a removal queued when the refund gives up lands after it.
+/// A crash while the provider is down then leaves the refund owed, and the next start
+/// makes it.
+async fn a_refund_giving_up_as_a_late_charge_is_noted_leaves_the_refund_owed(backend: Backend) {
+    let dir = tempfile::tempdir().unwrap();
+    let database = TestDatabase::create(backend).await;
+    let config = EngineConfig {
+        expiry_grace_ms: 0,
+        refund_patience_min_ms: 300,
+        charge_sweep_ms: 60_000,
+        ..EngineConfig::default()
+    };
+    let store = Arc::new(SlowOwedStore {
+        inner: database.open(dir.path()).await,
+        owed_commit: tokio::sync::Notify::new(),
+    });
+    let engine = Arc::new(
+        Engine::open(store.clone(), Arc::new(SystemClock), config.clone())
+            .await
+            .unwrap(),
+    );
+    let provider = Arc::new(HeldRefundProvider::default());
+    let sale = live_sale(&engine, "HELD", 10, 10, 500, 1).await;
+    let id = engine
+        .purchase(user("x"), key("k"), sale, one())
+        .await
+        .unwrap()
+        .placed
+        .order_id;
+    let pay = tokio::spawn({
+        let (engine, provider) = (engine.clone(), provider.clone());
+        async move { engine.pay(&user("x"), id, provider).await }
+    });
+    let wait = Duration::from_secs(10);
+    tokio::time::timeout(wait, provider.charging.notified())
+        .await
+        .expect("the pay called the provider");
+    engine.cancel(&Actor::Shopper(user("x")), id).await.unwrap();
+    tokio::time::timeout(wait, provider.refund_held.notified())
+        .await
+        .expect("the close's refund asked the provider");
+    // Past the close's refund's patience while its ask is out.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    provider.land.notify_one();
+    assert_eq!(pay.await.unwrap(), Err(OrderError::PaymentTimeout));
+    tokio::time::timeout(wait, store.owed_commit.notified())
+        .await
+        .expect("the late charge noted the refund owed");
+    // The note's commit is held; the close's refund hears `NotCharged` now.
+    provider.down.store(true, Ordering::SeqCst);
+    provider.release.notify_one();
+    // The note lands, then whatever the close's refund queued; a crash follows while the
+    // refunds still try (the provider is down).
+    tokio::time::sleep(OWED_COMMIT_HELD + Duration::from_millis(150)).await;
+    assert!(!provider.refunded.load(Ordering::SeqCst));
+    engine.crash().await;
+    drop((engine, store));
+
+    provider.down.store(false, Ordering::SeqCst);
+    let engine = Engine::open(
+        database.open(dir.path()).await,
+        Arc::new(SystemClock),
+        config,
+    )
+    .await
+    .unwrap();
+    let owed = engine.store().charges_to_settle().await.unwrap();
+    assert!(
+        owed.iter().any(|entry| entry.order_id == id),
+        "the refund owed for the late charge was removed from the ledger: {owed:?}"
+    );
+    engine.use_payments(provider.clone());
+    eventually("the late charge was refunded after the restart", || {
+        let provider = provider.clone();
+        async move { provider.refunded.load(Ordering::SeqCst) }
+    })
+    .await;
+    engine.shutdown().await;
+}
+
 on_every_backend!(
     a_restart_rebuilds_thousands_of_orders,
     a_charge_that_lands_after_its_close_gave_up_is_refunded_after_a_crash,
     a_charge_that_lost_to_a_close_that_gave_up_is_refunded_after_a_crash,
     a_charge_behind_a_failing_gateway_is_refunded_after_a_crash,
+    a_refund_giving_up_as_a_late_charge_is_noted_leaves_the_refund_owed,
 );
