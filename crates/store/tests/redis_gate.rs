@@ -6,18 +6,19 @@
 //! after a restart alike. With a gate
 //! that answers slowly (a stand-in, not Redis): a client that hangs up during the take
 //! leaves no units taken, and a duplicate whose first attempt was refused is decided on
-//! its own request.
+//! its own request. A give-back or take from a process replaced since the sale was
+//! loaded again is refused, so nothing is counted twice.
 
 use std::sync::Arc;
 
 use stampede_engine::testing::{live_sale, one};
 use stampede_engine::{
-    Actor, CLOSED_ORDERS_PER_SHOPPER_MAX, Engine, EngineConfig, PurchaseError, StockGate, Store,
-    SystemClock,
+    Actor, CLOSED_ORDERS_PER_SHOPPER_MAX, Engine, EngineConfig, GateRefusal, PurchaseError,
+    StockGate, Store, SystemClock,
 };
 use stampede_store::RedisGate;
 use stampede_store::testing::{Backend, TestDatabase};
-use stampede_types::{IdempotencyKey, UserId};
+use stampede_types::{IdempotencyKey, SaleId, UserId};
 
 fn redis_url() -> String {
     std::env::var("STAMPEDE_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
@@ -134,6 +135,41 @@ async fn buying_and_cancelling_over_and_over_stops_at_the_closed_orders_limit() 
         "after a restart"
     );
     engine.shutdown().await;
+}
+
+/// A process replaced while its give-back was still on its way: the next process loaded
+/// the sale from the durable orders (which count the order closed), so the old process's
+/// give-back, landing after, would count the unit twice. It is refused, and so is the old
+/// process's take; the new process sells from what it loaded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_give_back_from_a_process_replaced_since_is_not_counted_twice() {
+    let prefix = prefix("fenced");
+    let (old, new) = (gate(&prefix).await, gate(&prefix).await);
+    let sale = SaleId::new();
+    let user = UserId::parse("x").unwrap();
+    old.load(sale, 10, &[]).await.unwrap();
+    assert_eq!(old.take(sale, &user, 1, 5).await.unwrap(), 9);
+    // The order closed and the process died; the next one loads the durable state.
+    new.load(sale, 10, &[]).await.unwrap();
+    let late = old.give_back(sale, &user, 1).await;
+    assert!(
+        matches!(late, Err(GateRefusal::Unavailable(_))),
+        "a replaced process's give-back was taken: {late:?}"
+    );
+    assert_eq!(new.remaining(sale).await.unwrap(), 10);
+    assert!(matches!(
+        old.take(sale, &user, 1, 5).await,
+        Err(GateRefusal::Unavailable(_))
+    ));
+    assert_eq!(new.remaining(sale).await.unwrap(), 10);
+    assert_eq!(new.take(sale, &user, 2, 5).await.unwrap(), 8);
+    new.give_back(sale, &user, 2).await.unwrap();
+    assert_eq!(new.remaining(sale).await.unwrap(), 10);
+    // A gate that never loaded the sale neither sells nor hands back.
+    let stranger = gate(&prefix).await;
+    assert!(stranger.take(sale, &user, 1, 5).await.is_err());
+    assert!(stranger.give_back(sale, &user, 1).await.is_err());
+    assert_eq!(new.remaining(sale).await.unwrap(), 10);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
