@@ -680,9 +680,10 @@ pub struct ConnectionLimits {
     pub client_timeout: Duration,
 }
 
-/// A connection's read buffer never grows past this: headers beyond it are refused
-/// (431), and bodies are capped far below it. With `max_connections`, this bounds what
-/// clients can make the server hold.
+/// A request head is refused (431) once this much of it is buffered without its end;
+/// reads of at most `watch::READ_CHUNK_MAX_BYTES` keep what a connection holds of one
+/// under this plus that. Bodies have their own cap (`body_limit_bytes`). With
+/// `max_connections`, this bounds what clients can make the server hold.
 pub const READ_BUFFER_MAX_BYTES: usize = 64 * 1024;
 
 /// Serves until `shutdown` resolves, then stops taking connections, lets in-flight

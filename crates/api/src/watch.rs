@@ -201,6 +201,13 @@ impl<T> Watched<T> {
     }
 }
 
+/// The most one read hands hyper. hyper checks its `max_buf_size` only between reads
+/// and offers each read all the room its buffer has (which it grows by doubling), so
+/// unbounded reads let a request head grow well past that size before it is refused
+/// (measured: a 100 KB head served under a 64 KiB cap). With reads this small, a head
+/// is refused before more than `max_buf_size` + this much of it is held.
+pub const READ_CHUNK_MAX_BYTES: usize = 8 * 1024;
+
 impl<T: AsyncRead + Unpin> AsyncRead for Watched<T> {
     fn poll_read(
         mut self: Pin<&mut Self>,
@@ -208,7 +215,15 @@ impl<T: AsyncRead + Unpin> AsyncRead for Watched<T> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let before = buf.filled().len();
-        let result = Pin::new(&mut self.io).poll_read(cx, buf);
+        let result = if buf.remaining() <= READ_CHUNK_MAX_BYTES {
+            Pin::new(&mut self.io).poll_read(cx, buf)
+        } else {
+            let mut chunk = [std::mem::MaybeUninit::<u8>::uninit(); READ_CHUNK_MAX_BYTES];
+            let mut chunk = ReadBuf::uninit(&mut chunk);
+            let result = Pin::new(&mut self.io).poll_read(cx, &mut chunk);
+            buf.put_slice(chunk.filled());
+            result
+        };
         if matches!(result, Poll::Ready(Ok(()))) && buf.filled().len() > before {
             self.read_some();
         }

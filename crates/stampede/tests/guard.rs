@@ -1294,6 +1294,59 @@ async fn a_client_trickling_its_request_or_idle_is_cut_off_and_connections_are_b
     assert!(waited >= Duration::from_millis(300), "{waited:?}");
 }
 
+/// Sends `head` (a request head without its end) in writes of `write` bytes, then its
+/// end; answers the status the server gave, or 0 when it closed without one. The
+/// server may refuse and close while the head is still being written.
+async fn send_head(address: &str, head: &[u8], write: usize) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut conn = tokio::net::TcpStream::connect(address).await.unwrap();
+    for part in head.chunks(write).chain([&b"\r\n\r\n"[..]]) {
+        if conn.write_all(part).await.is_err() {
+            break;
+        }
+    }
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), conn.read_to_end(&mut answer)).await;
+    std::str::from_utf8(answer.get(9..12).unwrap_or_default())
+        .ok()
+        .and_then(|status| status.parse().ok())
+        .unwrap_or(0)
+}
+
+/// A request head longer than `READ_BUFFER_MAX_BYTES` and one read's chunk is refused
+/// with 431 however it arrives: in one write (where unbounded reads once let a 100 KB
+/// head through a 64 KiB cap) or trickled. One under the cap is served, and the server
+/// goes on serving.
+#[tokio::test]
+async fn a_request_head_over_the_cap_is_refused_however_it_arrives() {
+    let app = spawn_app().await;
+    let address = app.base.trim_start_matches("http://").to_owned();
+    let cap = stampede_api::READ_BUFFER_MAX_BYTES;
+    let head = |len: usize| {
+        let mut head =
+            b"GET /healthz HTTP/1.1\r\nHost: stampede\r\nConnection: close\r\nX-Padding: ".to_vec();
+        head.resize(len, b'a');
+        head
+    };
+    assert_eq!(send_head(&address, &head(cap - 1024), cap).await, 200);
+    // Refused once `cap` bytes are buffered without the head's end; a read brings at
+    // most one chunk more, so a head longer than both never gets through.
+    let over = cap + stampede_api::watch::READ_CHUNK_MAX_BYTES + 1;
+    for (len, write) in [
+        (over, 1 << 20),
+        (100_000, 1 << 20),
+        (4 * cap, 1 << 20),
+        (over, 1000),
+    ] {
+        let status = send_head(&address, &head(len), write).await;
+        assert!(
+            status == 431 || status == 0,
+            "a {len}-byte head in writes of {write} was answered {status}"
+        );
+    }
+    assert_eq!(app.get("/healthz", None).await.status, 200);
+}
+
 #[tokio::test]
 async fn stored_rules_that_name_what_nothing_asks_give_way_to_the_configured_ones() {
     let mut app = spawn_app().await;
