@@ -838,23 +838,39 @@ impl Shared {
     }
 
     /// For a charge that may land, or has landed, after the close of `order_id`, whose
-    /// close's refund may already have settled the order's ledger entry: registers a
-    /// refund first (or extends the running one a full patience from now), then durably
-    /// notes the refund owed (`WriteOp::ChargeOwed`) before returning, then refunds in
-    /// the background. In that order, a refund that gives up on `NotCharged` meanwhile
-    /// cannot remove the note after it is written (`watch_refund`). Only a paid order is
-    /// left alone.
+    /// close's refund may already have settled the order's ledger entry: notes it
+    /// (`note_late_charge`), then refunds in the background.
     pub(crate) async fn owe_refund_now(self: &Arc<Self>, order_id: OrderId, amount: Cents) {
+        if let Some(gateway) = self.note_late_charge(order_id, amount).await {
+            self.spawn_refund(order_id, amount, gateway);
+        }
+    }
+
+    /// Registers a refund of `order_id` first (or extends the running one a full
+    /// patience from now), then durably notes the refund owed (`WriteOp::ChargeOwed`)
+    /// before returning. In that order, a refund that gives up on `NotCharged`
+    /// meanwhile cannot remove the note after it is written (`watch_refund`). Answers the
+    /// provider when this call registered the refund: the caller must then run it
+    /// (`spawn_refund`) or end it (`end_refund`). Only a paid order is left alone.
+    async fn note_late_charge(
+        self: &Arc<Self>,
+        order_id: OrderId,
+        amount: Cents,
+    ) -> Option<Arc<dyn PaymentGateway>> {
         let gateway = self.gateway.get().cloned();
         let started = gateway.is_some() && self.watch_refund(order_id, true);
         let owed = self.record_owed(order_id, amount).await;
         match gateway {
-            Some(gateway) if started && owed => self.spawn_refund(order_id, amount, gateway),
-            // Paid: nothing to refund; the registration is given back unused.
-            _ if started => self.end_refund(&mut self.refunding.lock(), order_id, false),
-            // Running already (and now kept at it), or no provider known yet (the
-            // sweep refunds once it is).
-            _ => {}
+            Some(gateway) if started && owed => Some(gateway),
+            _ => {
+                if started {
+                    // Paid: nothing to refund; the registration is given back unused.
+                    self.end_refund(&mut self.refunding.lock(), order_id, false);
+                }
+                // Otherwise running already (and now kept at it), or no provider known
+                // yet (the sweep refunds once it is).
+                None
+            }
         }
     }
 
@@ -2100,9 +2116,24 @@ impl Engine {
                     // pay's ledger entry and refunds in the background, but if the charge
                     // took longer than that refund's patience, the refund may have settled
                     // the entry on `NotCharged` already: the refund owed is noted again
-                    // (durably, before the answer), and made at once in the background
-                    // (the provider refunds a key once).
-                    engine.shared.owe_refund_now(id, order.amount).await;
+                    // (durably, before anything else), and made here before the answer
+                    // (the provider refunds a key once), in the background if it fails.
+                    let registered = engine.shared.note_late_charge(id, order.amount).await;
+                    match gateway.refund(&key, order.amount).await {
+                        Ok(()) => {
+                            if registered.is_some() {
+                                let mut refunding = engine.shared.refunding.lock();
+                                engine.shared.end_refund(&mut refunding, id, true);
+                            }
+                            // Else the refund already running asks again and settles.
+                        }
+                        Err(error) => {
+                            tracing::warn!(order_id = %id, %error, "refund after a lost pay race failed; retried in the background, then by the ledger's sweep");
+                            if let Some(registered) = registered {
+                                engine.shared.spawn_refund(id, order.amount, registered);
+                            }
+                        }
+                    }
                     Err(match status {
                         OrderStatus::Cancelled => OrderError::Cancelled,
                         _ => OrderError::Expired,
