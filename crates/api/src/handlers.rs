@@ -741,6 +741,8 @@ async fn change_rules(
     };
     saved.map_err(|e| ApiError::unavailable(format!("the rules could not be saved: {e}")))?;
     app.guard.replace(rules.clone()).map_err(rule_errors)?;
+    app.engine
+        .set_payment_wait_max(crate::paced(&rules, "payment"));
     tracing::info!(
         version = rules.version,
         dry_run = rules.dry_run,

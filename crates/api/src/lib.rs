@@ -72,29 +72,33 @@ pub struct App {
 /// second to spare. The connection watchdog's `client_timeout` must be longer, or it
 /// would cut such requests off.
 pub fn longest_answer(rules: &stampede_guard::GuardRules, payment_timeout: Duration) -> Duration {
-    let paced = |resource: &str| {
-        rules
-            .flow
-            .iter()
-            .filter(|rule| rule.resource == resource)
-            .filter_map(|rule| match rule.behavior {
-                stampede_guard::Behavior::Pace { max_queue } => Some(max_queue),
-                _ => None,
-            })
-            .max()
-            .unwrap_or_default()
-    };
     let longest_route = GUARDED
         .iter()
-        .map(|(route, _)| paced(route))
+        .map(|(route, _)| paced(rules, route))
         .max()
         .unwrap_or_default();
     longest_route
-        + paced("payment")
+        + paced(rules, "payment")
         + stampede_engine::LEDGER_QUEUE_WAIT
         + payment_timeout
         + rules.system.hold_refused
         + Duration::from_secs(1)
+}
+
+/// The longest a pacing rule of `rules` on `resource` may hold a call back
+/// (`max_queue`); zero without one. For the `payment` resource, the engine's expiry
+/// waits that much longer (`Engine::set_payment_wait_max`).
+pub fn paced(rules: &stampede_guard::GuardRules, resource: &str) -> Duration {
+    rules
+        .flow
+        .iter()
+        .filter(|rule| rule.resource == resource)
+        .filter_map(|rule| match rule.behavior {
+            stampede_guard::Behavior::Pace { max_queue } => Some(max_queue),
+            _ => None,
+        })
+        .max()
+        .unwrap_or_default()
 }
 
 /// The guard's resources for each guarded route, resolved once.

@@ -464,6 +464,11 @@ pub(crate) struct Shared {
     refunds: tokio::sync::Semaphore,
     /// Refunds started and not finished (retries included).
     refunds_open: std::sync::atomic::AtomicUsize,
+    /// The longest a charge may be held back before it is made (a pacing rule on the
+    /// payment provider): added to `EngineConfig::expiry_grace_ms`
+    /// (`Shared::expiry_grace_ms`), so a pay that started in time is not overtaken by its
+    /// order's expiry while it waits its turn. Follows the rules in force.
+    payment_wait_max_ms: std::sync::atomic::AtomicI64,
     /// Orders whose refund runs on this node now, with the time until which it keeps
     /// trying while the provider says nothing was charged. Bounded by `refunds_open`.
     refunding: Mutex<FastMap<OrderId, tokio::time::Instant>>,
@@ -546,6 +551,16 @@ impl Shared {
         }
     }
 
+    /// How far past its `expires_at` a pending order is expired: the configured grace
+    /// (a pay started by the deadline noting its charge and waiting one provider
+    /// timeout) plus the longest a charge may now be held back (`payment_wait_max_ms`).
+    pub(crate) fn expiry_grace_ms(&self) -> i64 {
+        self.config.expiry_grace_ms.max(0).saturating_add(
+            self.payment_wait_max_ms
+                .load(std::sync::atomic::Ordering::Relaxed),
+        )
+    }
+
     /// Until when a sale's orders' idempotency answers stay in memory: its end, then a
     /// payment window and the expiry grace, by which time every order of it is paid or
     /// closed. Afterwards a replay is answered from the store
@@ -554,7 +569,7 @@ impl Shared {
     pub(crate) fn answers_kept_until(&self, sale: &SaleRecord) -> i64 {
         sale.ends_at_ms
             .saturating_add(self.config.payment_window_ms)
-            .saturating_add(self.config.expiry_grace_ms)
+            .saturating_add(self.expiry_grace_ms())
     }
 
     /// Removes from memory the idempotency answers of every sale past
@@ -697,7 +712,7 @@ impl Shared {
     /// least `EngineConfig::refund_patience_min_ms`, has passed, with a last try then.
     fn refund_deadline(&self) -> tokio::time::Instant {
         let patience = std::time::Duration::from_millis(
-            (2 * self.config.expiry_grace_ms.max(0) as u64).max(self.config.refund_patience_min_ms),
+            (2 * self.expiry_grace_ms() as u64).max(self.config.refund_patience_min_ms),
         );
         tokio::time::Instant::now() + patience
     }
@@ -1024,6 +1039,7 @@ impl Engine {
             sweep_now: Default::default(),
             refunds: tokio::sync::Semaphore::new(REFUNDS_AT_ONCE),
             refunds_open: Default::default(),
+            payment_wait_max_ms: Default::default(),
             refunding: Default::default(),
             ledger: Default::default(),
             cluster,
@@ -1195,6 +1211,19 @@ impl Engine {
     /// ignored.
     pub fn guard_commits(&self, breaker: Arc<dyn CommitBreaker>) {
         let _ = self.shared.commit_breaker.set(breaker);
+    }
+
+    /// Tells the engine the longest a charge may now be held back before it is made
+    /// (the payment provider's pacing rule, `max_queue`; zero without one): pending
+    /// orders then expire that much later than the configured grace, so a pay that
+    /// started before its order's deadline is not overtaken by the expiry (and its
+    /// charge refunded) while it waits its turn. Refunds wait that much longer for a
+    /// charge that may still land. Call again when the rules change.
+    pub fn set_payment_wait_max(&self, wait: Duration) {
+        self.shared.payment_wait_max_ms.store(
+            i64::try_from(wait.as_millis()).unwrap_or(i64::MAX / 4),
+            std::sync::atomic::Ordering::Relaxed,
+        );
     }
 
     /// The store the engine writes to (for settings kept beside the orders).
@@ -2458,10 +2487,7 @@ impl Rebuild for Loaded<'_> {
             }
         }
         if order.status == OrderStatus::PendingPayment {
-            self.expiries.push((
-                order.expires_at_ms + self.shared.config.expiry_grace_ms,
-                order.id,
-            ));
+            self.expiries.push((order.expires_at_ms, order.id));
         }
         self.shared.remember_order(&order.user_id, order.id);
         if !retired {

@@ -91,7 +91,8 @@ pub(crate) struct Writer {
     shared: Arc<Shared>,
     jobs: OwnedMutexGuard<mpsc::Receiver<Job>>,
     shutdown: oneshot::Receiver<()>,
-    /// Pending orders by the time they may be expired. An order paid or cancelled
+    /// Pending orders by their `expires_at` (each is expired once the grace,
+    /// `Shared::expiry_grace_ms`, has passed too). An order paid or cancelled
     /// leaves `pending` at once and its entry here is skipped when due; the heap is
     /// compacted whenever it holds more than twice `pending` (plus `EXPIRIES_SLACK`), so
     /// it stays bounded by the pending orders, themselves bounded by the stock of all
@@ -245,7 +246,9 @@ impl Writer {
             let expiry_due = self
                 .expiries
                 .peek()
-                .is_some_and(|Reverse((due_ms, _))| *due_ms <= self.shared.clock.now_ms());
+                .is_some_and(|Reverse((expires_at_ms, _))| {
+                    *expires_at_ms <= self.shared.clock.now_ms() - self.shared.expiry_grace_ms()
+                });
             let room = if expiry_due {
                 (batch_size_max / 2).max(1)
             } else {
@@ -410,11 +413,10 @@ impl Writer {
             match store.pending_orders().await {
                 Ok(pending) => {
                     self.adopt_pending = false;
-                    let grace_ms = self.shared.config.expiry_grace_ms;
                     for (id, expires_at_ms) in pending {
                         // Every pending order of the database: ours are known already.
                         if self.pending.insert(id) {
-                            self.expiries.push(Reverse((expires_at_ms + grace_ms, id)));
+                            self.expiries.push(Reverse((expires_at_ms, id)));
                         }
                     }
                     // Refunds the removed nodes may not have made (idempotent at the
@@ -557,10 +559,14 @@ impl Writer {
             .batch_size_max
             .saturating_sub(n_job_ops)
             .max(1);
+        // The heap holds each pending order's `expires_at`; the grace is added here, so
+        // a grace that grows (a pacing rule on the payment provider) holds back orders
+        // already waiting too.
+        let expired_before_ms = now_ms - self.shared.expiry_grace_ms();
         while expiring.len() < expiries_max {
             match self.expiries.peek() {
-                Some(Reverse((due_ms, _))) if *due_ms <= now_ms => {
-                    let Reverse((due_ms, order_id)) = self.expiries.pop().expect("peeked");
+                Some(Reverse((expires_at_ms, _))) if *expires_at_ms <= expired_before_ms => {
+                    let Reverse((expires_at_ms, order_id)) = self.expiries.pop().expect("peeked");
                     if !self.pending.contains(&order_id) {
                         continue; // paid or cancelled since
                     }
@@ -569,7 +575,7 @@ impl Writer {
                         to: OrderStatus::Expired,
                         at_ms: now_ms,
                     });
-                    expiring.push((due_ms, order_id));
+                    expiring.push((expires_at_ms, order_id));
                 }
                 _ => break,
             }
@@ -682,7 +688,6 @@ impl Writer {
     /// Applies the effects of a committed batch and answers its jobs; returns the audits,
     /// to be answered once every effect is applied.
     fn committed(&mut self, batch: &mut Vec<Job>, outcomes: &[OpOutcome]) -> Vec<AuditRequest> {
-        let grace_ms = self.shared.config.expiry_grace_ms;
         let mut audits = Vec::new();
         let mut outcomes = outcomes.iter();
         for job in batch.drain(..) {
@@ -725,8 +730,7 @@ impl Writer {
                     self.shared.remember_order(&order.user_id, order.id);
                     let _ = reply.send(Ok(placed));
                     self.pending.insert(order.id);
-                    self.expiries
-                        .push(Reverse((order.expires_at_ms + grace_ms, order.id)));
+                    self.expiries.push(Reverse((order.expires_at_ms, order.id)));
                 }
                 Job::CreateProduct { record, reply } => {
                     if let Some(OpOutcome::Conflict) = outcomes.next() {

@@ -635,8 +635,8 @@ pub async fn start(
         payment_window_ms: config.payment_window.as_millis() as i64,
         // A payment may start until expires_at and lasts at most its wait to note the
         // charge attempt and one provider timeout; expiry waits for it (plus a second
-        // for the writer) so the payer is not robbed. (A pacing rule on `payment` can
-        // hold a charge longer; its refund is then made, not lost.)
+        // for the writer) so the payer is not robbed; a pacing rule on `payment` adds its
+        // longest wait (`Engine::set_payment_wait_max`).
         expiry_grace_ms: (stampede_engine::LEDGER_QUEUE_WAIT + config.payment_timeout).as_millis()
             as i64
             + 1_000,
@@ -674,6 +674,9 @@ pub async fn start(
          payment_timeout, a held refusal), so no such request is cut off",
         config.client_timeout
     );
+    // A charge the payment pacing rule holds back must not be overtaken by its order's
+    // expiry: the grace grows by the rule's longest wait (again on every rules change).
+    engine.set_payment_wait_max(stampede_api::paced(&rules, "payment"));
     let guard = stampede_api::check_rule_targets(&rules)
         .and_then(|()| stampede_guard::Guard::new(rules))
         .map_err(|errors| {

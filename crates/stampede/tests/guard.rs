@@ -1294,6 +1294,70 @@ async fn a_client_trickling_its_request_or_idle_is_cut_off_and_connections_are_b
     assert!(waited >= Duration::from_millis(300), "{waited:?}");
 }
 
+/// A pacing rule on `payment` (one charge a second, a queue of up to 10 s) and five pays
+/// sent together half a second before their orders' deadline, with a provider timeout
+/// of 0.5 s (a configured expiry grace of 2.5 s: a second to note the charge, the
+/// timeout, a second for the writer). The charges are made a second apart, the last
+/// four after the deadline and the last two after that grace: every pay started in
+/// time, so every one is charged and paid, and nothing is refunded. Before the grace
+/// grew by the pacing rule's wait, the fifth was charged after its order had expired
+/// (409 and a refund).
+#[tokio::test]
+async fn a_pay_started_in_time_and_paced_past_the_deadline_is_still_paid() {
+    let window = Duration::from_secs(3);
+    let app = spawn_app_with(|config| {
+        config.payment_window = window;
+        config.payment_timeout = Duration::from_millis(500);
+        config.guard.flow = vec![stampede_guard::FlowRule {
+            resource: "payment".into(),
+            qps: Some(1.0),
+            burst: 1,
+            behavior: stampede_guard::Behavior::Pace {
+                max_queue: Duration::from_secs(10),
+            },
+            max_concurrency: None,
+            dry_run: false,
+        }];
+    })
+    .await;
+    let sale = app.live_sale("GUARD-PACED-PAY", 10, 1).await;
+    let mut orders = Vec::new();
+    for n in 0..5 {
+        let token = app.shopper(&format!("payer-{n}"));
+        let order = app.buy(&token, &sale, "k", 1).await;
+        orders.push((token, order));
+    }
+    let placed = Instant::now();
+    tokio::time::sleep(window - Duration::from_millis(500)).await;
+    assert!(
+        placed.elapsed() < window - Duration::from_millis(200),
+        "the pays would not be sent before the deadline"
+    );
+    let started = Instant::now();
+    let pays: Vec<_> = orders
+        .iter()
+        .map(|(token, order)| {
+            let app = &app;
+            async move { (app.pay(token, order).await, started.elapsed()) }
+        })
+        .collect();
+    let answers = futures::future::join_all(pays).await;
+    let statuses: Vec<u16> = answers.iter().map(|(reply, _)| reply.status).collect();
+    assert_eq!(statuses, [200; 5], "{answers:?}");
+    let last = answers.iter().map(|(_, took)| *took).max().unwrap();
+    assert!(
+        last >= Duration::from_millis(3_500),
+        "the pays were not paced: {last:?}"
+    );
+    for (token, order) in &orders {
+        let charge = app.sim.charge(order).await.expect("charged");
+        assert_eq!(charge["charged"], 1, "{charge}");
+        assert_eq!(charge["refunded"], false, "{charge}");
+        assert_eq!(app.order_status(token, order).await, "paid");
+    }
+    assert_books(&app.audit(&sale).await);
+}
+
 /// Sends `head` (a request head without its end) in writes of `write` bytes, then its
 /// end; answers the status the server gave, or 0 when it closed without one. The
 /// server may refuse and close while the head is still being written.
