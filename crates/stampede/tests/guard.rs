@@ -1304,22 +1304,42 @@ async fn a_client_trickling_its_request_or_idle_is_cut_off_and_connections_are_b
 /// (409 and a refund).
 #[tokio::test]
 async fn a_pay_started_in_time_and_paced_past_the_deadline_is_still_paid() {
+    paced_pays_before_the_deadline(false).await;
+}
+
+/// As above, with the pacing rule added through the admin API while the server runs.
+#[tokio::test]
+async fn a_pacing_rule_added_at_run_time_grows_the_expiry_grace_too() {
+    paced_pays_before_the_deadline(true).await;
+}
+
+async fn paced_pays_before_the_deadline(rule_at_run_time: bool) {
     let window = Duration::from_secs(3);
+    let pacing = stampede_guard::FlowRule {
+        resource: "payment".into(),
+        qps: Some(1.0),
+        burst: 1,
+        behavior: stampede_guard::Behavior::Pace {
+            max_queue: Duration::from_secs(10),
+        },
+        max_concurrency: None,
+        dry_run: false,
+    };
     let app = spawn_app_with(|config| {
         config.payment_window = window;
         config.payment_timeout = Duration::from_millis(500);
-        config.guard.flow = vec![stampede_guard::FlowRule {
-            resource: "payment".into(),
-            qps: Some(1.0),
-            burst: 1,
-            behavior: stampede_guard::Behavior::Pace {
-                max_queue: Duration::from_secs(10),
-            },
-            max_concurrency: None,
-            dry_run: false,
-        }];
+        if !rule_at_run_time {
+            config.guard.flow = vec![pacing.clone()];
+        }
     })
     .await;
+    if rule_at_run_time {
+        let mut next = rules(&app).await;
+        next["version"] = json!(next["version"].as_u64().unwrap() + 1);
+        next["flow"] = json!([pacing]);
+        let reply = put_rules(&app, Some(&app.admin), &next).await;
+        assert_eq!(reply.status, 200, "{}", reply.body);
+    }
     let sale = app.live_sale("GUARD-PACED-PAY", 10, 1).await;
     let mut orders = Vec::new();
     for n in 0..5 {
