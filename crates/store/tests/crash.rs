@@ -19,7 +19,7 @@ use stampede_engine::{
 };
 use stampede_store::on_every_backend;
 use stampede_store::testing::{Backend, TestDatabase};
-use stampede_types::{Cents, OrderId, SaleId, Sku};
+use stampede_types::{Cents, OrderId, OrderStatus, SaleId, Sku};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_pushed_into_the_queue_as_the_writer_stops_is_dropped_unanswered() {
@@ -162,17 +162,7 @@ async fn late_charge_then_crash(backend: Backend, answer: LateAnswer) {
         answer,
         ..LateProvider::default()
     });
-    let sale = live_sale(&engine, "LATE", 10, 10, 500, 1).await;
-    let id = engine
-        .purchase(user("x"), key("k"), sale, one())
-        .await
-        .unwrap()
-        .placed
-        .order_id;
-    let pay = tokio::spawn({
-        let (engine, provider) = (engine.clone(), provider.clone());
-        async move { engine.pay(&user("x"), id, provider).await }
-    });
+    let (id, pay) = pay_in_flight(&engine, "LATE", provider.clone()).await;
     tokio::time::timeout(Duration::from_secs(10), provider.charging.notified())
         .await
         .expect("the pay called the provider");
@@ -207,13 +197,7 @@ async fn late_charge_then_crash(backend: Backend, answer: LateAnswer) {
     drop((engine, store));
 
     provider.down.store(false, Ordering::SeqCst);
-    let engine = Engine::open(
-        database.open(dir.path()).await,
-        Arc::new(SystemClock),
-        config,
-    )
-    .await
-    .unwrap();
+    let engine = reopen(&database, dir.path(), config).await;
     engine.use_payments(provider.clone());
     eventually(
         "the charge that landed late was refunded after the restart",
@@ -230,6 +214,37 @@ async fn late_charge_then_crash(backend: Backend, answer: LateAnswer) {
     })
     .await;
     engine.shutdown().await;
+}
+
+/// Places an order of one unit of a new sale of `sku` for shopper `x` and starts paying
+/// for it through `provider`, in the background.
+async fn pay_in_flight(
+    engine: &Arc<Engine>,
+    sku: &str,
+    provider: Arc<dyn PaymentGateway>,
+) -> (
+    OrderId,
+    tokio::task::JoinHandle<Result<OrderStatus, OrderError>>,
+) {
+    let sale = live_sale(engine, sku, 10, 10, 500, 1).await;
+    let id = engine
+        .purchase(user("x"), key("k"), sale, one())
+        .await
+        .unwrap()
+        .placed
+        .order_id;
+    let engine = engine.clone();
+    (
+        id,
+        tokio::spawn(async move { engine.pay(&user("x"), id, provider).await }),
+    )
+}
+
+/// The engine a restart opens on `database` after a crash (a kill -9) of the last one.
+async fn reopen(database: &TestDatabase, dir: &std::path::Path, config: EngineConfig) -> Engine {
+    Engine::open(database.open(dir).await, Arc::new(SystemClock), config)
+        .await
+        .unwrap()
 }
 
 /// Buys one unit for each of `shoppers` (named `s{n}`, key `{keys}{n}`), 500 at once.
@@ -490,17 +505,7 @@ async fn a_refund_giving_up_as_a_late_charge_is_noted_leaves_the_refund_owed(bac
             .unwrap(),
     );
     let provider = Arc::new(HeldRefundProvider::default());
-    let sale = live_sale(&engine, "HELD", 10, 10, 500, 1).await;
-    let id = engine
-        .purchase(user("x"), key("k"), sale, one())
-        .await
-        .unwrap()
-        .placed
-        .order_id;
-    let pay = tokio::spawn({
-        let (engine, provider) = (engine.clone(), provider.clone());
-        async move { engine.pay(&user("x"), id, provider).await }
-    });
+    let (id, pay) = pay_in_flight(&engine, "HELD", provider.clone()).await;
     let wait = Duration::from_secs(10);
     tokio::time::timeout(wait, provider.charging.notified())
         .await
@@ -527,13 +532,7 @@ async fn a_refund_giving_up_as_a_late_charge_is_noted_leaves_the_refund_owed(bac
     drop((engine, store));
 
     provider.down.store(false, Ordering::SeqCst);
-    let engine = Engine::open(
-        database.open(dir.path()).await,
-        Arc::new(SystemClock),
-        config,
-    )
-    .await
-    .unwrap();
+    let engine = reopen(&database, dir.path(), config).await;
     let owed = engine.store().charges_to_settle().await.unwrap();
     assert!(
         owed.iter().any(|entry| entry.order_id == id),
