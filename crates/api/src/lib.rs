@@ -696,7 +696,8 @@ pub const READ_BUFFER_MAX_BYTES: usize = 64 * 1024;
 /// The loop is hyper's HTTP/1 connection with a bound on connections and on each one's
 /// read buffer, a watchdog that closes slow and idle connections, and a graceful drain,
 /// so no client can make the server hold memory without bound (at most
-/// `max_connections` × (`READ_BUFFER_MAX_BYTES` + the body limit) of requests) or hold a connection
+/// `max_connections` × (`READ_BUFFER_MAX_BYTES` + `watch::READ_CHUNK_MAX_BYTES` + the body
+/// limit) of requests) or hold a connection
 /// slot by trickling a request.
 pub async fn serve(
     listener: tokio::net::TcpListener,
