@@ -54,8 +54,9 @@ async fn a_job_pushed_into_the_queue_as_the_writer_stops_is_dropped_unanswered()
 }
 
 /// A provider whose charge lands late: a charge waits for `land`, is then made and
-/// answered `Timeout` (its reply lost) or, with `answers` set, success. While `down` is
-/// set, every refund fails.
+/// answered as `answer` says. While `down` is set, every refund fails. With
+/// `hold_first_refund`, the first refund asked (its answer decided then) waits for
+/// `release` before it answers, and says so on `refund_held`.
 #[derive(Default)]
 struct LateProvider {
     answer: LateAnswer,
@@ -65,6 +66,10 @@ struct LateProvider {
     refunded: std::sync::Mutex<HashSet<String>>,
     down: AtomicBool,
     refunds_failed: AtomicU32,
+    hold_first_refund: bool,
+    refund_held: tokio::sync::Notify,
+    release: tokio::sync::Notify,
+    held_once: AtomicBool,
 }
 
 #[async_trait::async_trait]
@@ -87,7 +92,12 @@ impl PaymentGateway for LateProvider {
             self.refunds_failed.fetch_add(1, Ordering::SeqCst);
             return Err(PaymentError::Unavailable("down".into()));
         }
-        if !self.charged.lock().unwrap().contains(key) {
+        let charged = self.charged.lock().unwrap().contains(key);
+        if self.hold_first_refund && !self.held_once.swap(true, Ordering::SeqCst) {
+            self.refund_held.notify_one();
+            self.release.notified().await;
+        }
+        if !charged {
             return Err(PaymentError::NotCharged);
         }
         self.refunded.lock().unwrap().insert(key.to_owned());
@@ -438,47 +448,6 @@ impl Store for SlowOwedStore {
     }
 }
 
-/// A provider whose first refund is held until `release` (its answer decided when it was
-/// asked, before the charge landed), whose charge lands on `land` and answers `Timeout`,
-/// and whose refunds fail while `down` is set.
-#[derive(Default)]
-struct HeldRefundProvider {
-    charging: tokio::sync::Notify,
-    land: tokio::sync::Notify,
-    refund_held: tokio::sync::Notify,
-    release: tokio::sync::Notify,
-    held_once: AtomicBool,
-    charged: AtomicBool,
-    down: AtomicBool,
-    refunded: AtomicBool,
-}
-
-#[async_trait::async_trait]
-impl PaymentGateway for HeldRefundProvider {
-    async fn charge(&self, _: &str, _: Cents) -> Result<(), PaymentError> {
-        self.charging.notify_one();
-        self.land.notified().await;
-        self.charged.store(true, Ordering::SeqCst);
-        Err(PaymentError::Timeout)
-    }
-
-    async fn refund(&self, _: &str, _: Cents) -> Result<(), PaymentError> {
-        if self.down.load(Ordering::SeqCst) {
-            return Err(PaymentError::Unavailable("down".into()));
-        }
-        let charged = self.charged.load(Ordering::SeqCst);
-        if !self.held_once.swap(true, Ordering::SeqCst) {
-            self.refund_held.notify_one();
-            self.release.notified().await;
-        }
-        if !charged {
-            return Err(PaymentError::NotCharged);
-        }
-        self.refunded.store(true, Ordering::SeqCst);
-        Ok(())
-    }
-}
-
 /// The close's refund is asking the provider one last time, past its patience, when the
 /// pay's charge lands and times out: the late charge notes the refund owed while that
 /// last ask is still out, and the ask then comes back `NotCharged`. The refund that gave
@@ -504,7 +473,10 @@ async fn a_refund_giving_up_as_a_late_charge_is_noted_leaves_the_refund_owed(bac
             .await
             .unwrap(),
     );
-    let provider = Arc::new(HeldRefundProvider::default());
+    let provider = Arc::new(LateProvider {
+        hold_first_refund: true,
+        ..LateProvider::default()
+    });
     let (id, pay) = pay_in_flight(&engine, "HELD", provider.clone()).await;
     let wait = Duration::from_secs(10);
     tokio::time::timeout(wait, provider.charging.notified())
@@ -527,7 +499,7 @@ async fn a_refund_giving_up_as_a_late_charge_is_noted_leaves_the_refund_owed(bac
     // The note lands, then whatever the close's refund queued; a crash follows while the
     // refunds still try (the provider is down).
     tokio::time::sleep(OWED_COMMIT_HELD + Duration::from_millis(150)).await;
-    assert!(!provider.refunded.load(Ordering::SeqCst));
+    assert!(provider.refunded.lock().unwrap().is_empty());
     engine.crash().await;
     drop((engine, store));
 
@@ -541,7 +513,7 @@ async fn a_refund_giving_up_as_a_late_charge_is_noted_leaves_the_refund_owed(bac
     engine.use_payments(provider.clone());
     eventually("the late charge was refunded after the restart", || {
         let provider = provider.clone();
-        async move { provider.refunded.load(Ordering::SeqCst) }
+        async move { provider.refunded.lock().unwrap().contains(&id.to_string()) }
     })
     .await;
     engine.shutdown().await;
