@@ -726,7 +726,7 @@ impl Shared {
     /// A refund ends (`end_refund`) under the same lock, queueing the ledger entry's
     /// removal there: a late charge registered here either extends the refund before it
     /// ends, or finds it ended and its removal already queued, so the entry the late
-    /// charge then writes (`owe_refund_now`) lands after that removal, never before it.
+    /// charge then writes (`note_late_charge`) lands after that removal, never before it.
     fn watch_refund(&self, order_id: OrderId, late: bool) -> bool {
         let deadline = self.refund_deadline();
         let mut refunding = self.refunding.lock();
@@ -741,9 +741,7 @@ impl Shared {
     }
 
     /// Ends this node's refund of `order_id` (`watch_refund`); with `settle`, queues the
-    /// removal of the order's ledger entry under the same lock. A removal the queue has
-    /// no room for is not made: the entry stays, and the sweep refunds (finding nothing,
-    /// or the charge) and settles it later.
+    /// removal of the order's ledger entry (`settle_charge`) under the same lock.
     fn end_refund(
         &self,
         refunding: &mut FastMap<OrderId, tokio::time::Instant>,
@@ -751,20 +749,8 @@ impl Shared {
         settle: bool,
     ) {
         refunding.remove(&order_id);
-        if !settle {
-            return;
-        }
-        let Some(jobs) = self.ledger.get().and_then(mpsc::WeakSender::upgrade) else {
-            return;
-        };
-        // The answer is not awaited: an entry not removed is removed by a later sweep.
-        let (reply, _) = oneshot::channel();
-        let job = Job::Ledger {
-            op: WriteOp::ChargeSettled { order_id },
-            reply,
-        };
-        if jobs.try_send(job).is_err() {
-            tracing::debug!(%order_id, "charge ledger entry not settled (queue full); the sweep settles it");
+        if settle {
+            self.settle_charge(order_id);
         }
     }
 
@@ -846,19 +832,16 @@ impl Shared {
         });
     }
 
-    /// In the background: `owe_refund_now`.
+    /// In the background, for a charge that may land, or has landed, after the close of
+    /// `order_id`, whose close's refund may already have settled the order's ledger
+    /// entry: notes it (`note_late_charge`), then refunds.
     pub(crate) fn owe_refund(self: &Arc<Self>, order_id: OrderId, amount: Cents) {
         let shared = self.clone();
-        tokio::spawn(async move { shared.owe_refund_now(order_id, amount).await });
-    }
-
-    /// For a charge that may land, or has landed, after the close of `order_id`, whose
-    /// close's refund may already have settled the order's ledger entry: notes it
-    /// (`note_late_charge`), then refunds in the background.
-    pub(crate) async fn owe_refund_now(self: &Arc<Self>, order_id: OrderId, amount: Cents) {
-        if let Some(gateway) = self.note_late_charge(order_id, amount).await {
-            self.spawn_refund(order_id, amount, gateway);
-        }
+        tokio::spawn(async move {
+            if let Some(gateway) = shared.note_late_charge(order_id, amount).await {
+                shared.spawn_refund(order_id, amount, gateway);
+            }
+        });
     }
 
     /// Registers a refund of `order_id` first (or extends the running one a full
@@ -920,22 +903,23 @@ impl Shared {
         }
     }
 
-    /// Removes the order's charge-ledger entry, in the background. If that fails, the
-    /// entry stays and the next start settles it again, which is harmless.
+    /// Queues the removal of the order's charge-ledger entry, without waiting: called
+    /// under the `refunding` lock by a refund that ends (`end_refund`), so it must not
+    /// block. A removal the queue has no room for, or whose commit fails, is not made:
+    /// the entry stays, and the ledger's sweep settles it later (a paid order's at once,
+    /// a closed one's after a refund that finds nothing or the charge).
     pub(crate) fn settle_charge(&self, order_id: OrderId) {
         let Some(jobs) = self.ledger.get().and_then(mpsc::WeakSender::upgrade) else {
             return;
         };
-        tokio::spawn(async move {
-            let (reply, answer) = oneshot::channel();
-            let job = Job::Ledger {
-                op: WriteOp::ChargeSettled { order_id },
-                reply,
-            };
-            if jobs.send(job).await.is_ok() && !matches!(answer.await, Ok(Ok(_))) {
-                tracing::debug!(%order_id, "charge ledger entry not settled; the next start settles it");
-            }
-        });
+        let (reply, _) = oneshot::channel();
+        let job = Job::Ledger {
+            op: WriteOp::ChargeSettled { order_id },
+            reply,
+        };
+        if jobs.try_send(job).is_err() {
+            tracing::debug!(%order_id, "charge ledger entry not settled (queue full); the sweep settles it");
+        }
     }
 
     /// Remembers the provider; the first time, the ledger's sweep runs at once, so the

@@ -13,12 +13,11 @@ use std::time::Duration;
 
 use stampede_engine::testing::{key, live_sale, one, take_queue_place, user};
 use stampede_engine::{
-    Actor, ChargeAttempt, Engine, EngineConfig, ManualClock, NewProduct, NewSale, OpOutcome,
-    OrderError, OrderRecord, PaymentError, PaymentGateway, PendingTally, PurchaseError, Rebuild,
-    SaleTally, Store, StoreError, SystemClock, WriteOp,
+    Actor, Engine, EngineConfig, ManualClock, NewProduct, NewSale, OrderError, PaymentError,
+    PaymentGateway, PurchaseError, StoreError, SystemClock, WriteOp,
 };
 use stampede_store::on_every_backend;
-use stampede_store::testing::{Backend, TestDatabase};
+use stampede_store::testing::{Backend, Call, Intercepted, Interceptor, TestDatabase};
 use stampede_types::{Cents, OrderId, OrderStatus, SaleId, Sku};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -396,55 +395,28 @@ async fn a_restart_rebuilds_thousands_of_orders(backend: Backend) {
     engine.shutdown().await;
 }
 
-/// A store that holds every commit writing a `ChargeOwed` for `OWED_COMMIT_HELD` before
-/// making it, and says when one begins: the race of a late charge's note with a refund
-/// that gives up, widened from a commit's milliseconds to something a test can hit.
-struct SlowOwedStore {
-    inner: Arc<dyn Store>,
+/// Holds every commit writing a `ChargeOwed` for `OWED_COMMIT_HELD` before making it,
+/// and says when one begins: the race of a late charge's note with a refund that gives
+/// up, widened from a commit's milliseconds to something a test can hit.
+#[derive(Default)]
+struct SlowOwed {
     owed_commit: tokio::sync::Notify,
 }
 
 const OWED_COMMIT_HELD: Duration = Duration::from_millis(300);
 
 #[async_trait::async_trait]
-impl Store for SlowOwedStore {
-    async fn load(&self, into: &mut dyn Rebuild) -> Result<(), StoreError> {
-        self.inner.load(into).await
-    }
-    async fn commit(&self, ops: &[WriteOp]) -> Result<Vec<OpOutcome>, StoreError> {
-        if ops
-            .iter()
-            .any(|op| matches!(op, WriteOp::ChargeOwed { .. }))
+impl Interceptor for SlowOwed {
+    async fn before(&self, call: Call<'_>) -> Result<(), StoreError> {
+        if let Call::Commit(ops) = call
+            && ops
+                .iter()
+                .any(|op| matches!(op, WriteOp::ChargeOwed { .. }))
         {
             self.owed_commit.notify_one();
             tokio::time::sleep(OWED_COMMIT_HELD).await;
         }
-        self.inner.commit(ops).await
-    }
-    async fn order(&self, id: OrderId) -> Result<Option<OrderRecord>, StoreError> {
-        self.inner.order(id).await
-    }
-    async fn orders_by_id(&self, ids: &[OrderId]) -> Result<Vec<OrderRecord>, StoreError> {
-        self.inner.orders_by_id(ids).await
-    }
-    async fn tally(&self, sale: SaleId, per_user_limit: u32) -> Result<SaleTally, StoreError> {
-        self.inner.tally(sale, per_user_limit).await
-    }
-    async fn snapshot_tally(
-        &self,
-        sale: SaleId,
-        per_user_limit: u32,
-    ) -> Result<PendingTally, StoreError> {
-        self.inner.snapshot_tally(sale, per_user_limit).await
-    }
-    async fn ping(&self) -> Result<(), StoreError> {
-        self.inner.ping().await
-    }
-    async fn stop_writes(&self) {
-        self.inner.stop_writes().await
-    }
-    async fn charges_to_settle(&self) -> Result<Vec<ChargeAttempt>, StoreError> {
-        self.inner.charges_to_settle().await
+        Ok(())
     }
 }
 
@@ -464,9 +436,9 @@ async fn a_refund_giving_up_as_a_late_charge_is_noted_leaves_the_refund_owed(bac
         charge_sweep_ms: 60_000,
         ..EngineConfig::default()
     };
-    let store = Arc::new(SlowOwedStore {
+    let store = Arc::new(Intercepted {
         inner: database.open(dir.path()).await,
-        owed_commit: tokio::sync::Notify::new(),
+        hooks: SlowOwed::default(),
     });
     let engine = Arc::new(
         Engine::open(store.clone(), Arc::new(SystemClock), config.clone())
@@ -490,7 +462,7 @@ async fn a_refund_giving_up_as_a_late_charge_is_noted_leaves_the_refund_owed(bac
     tokio::time::sleep(Duration::from_millis(400)).await;
     provider.land.notify_one();
     assert_eq!(pay.await.unwrap(), Err(OrderError::PaymentTimeout));
-    tokio::time::timeout(wait, store.owed_commit.notified())
+    tokio::time::timeout(wait, store.hooks.owed_commit.notified())
         .await
         .expect("the late charge noted the refund owed");
     // The note's commit is held; the close's refund hears `NotCharged` now.
