@@ -12,6 +12,7 @@ pub mod auth;
 pub mod client;
 pub mod database;
 pub mod error;
+pub mod explain;
 pub mod handlers;
 pub mod hold;
 pub mod payment;
@@ -745,7 +746,7 @@ pub async fn serve(
             });
         let (stream, registration) = watchdog.watch(stream);
         let connection = http.serve_connection(
-            TokioIo::new(stream),
+            TokioIo::new(explain::Explained::new(stream)),
             hyper_util::service::TowerToHyperService::new(service),
         );
         let connection = graceful.watch(connection);

@@ -1381,7 +1381,9 @@ async fn paced_pays_before_the_deadline(rule_at_run_time: bool) {
 /// Sends `head` (a request head without its end) in writes of `write` bytes, then its
 /// end; answers the status the server gave, or 0 when it closed without one. The
 /// server may refuse and close while the head is still being written.
-async fn send_head(address: &str, head: &[u8], write: usize) -> u16 {
+/// Sends `head` (and the blank line ending it) in writes of at most `write` bytes; the
+/// answer's status (0 if none came) and its head and body.
+async fn send_head(address: &str, head: &[u8], write: usize) -> (u16, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut conn = tokio::net::TcpStream::connect(address).await.unwrap();
     for part in head.chunks(write).chain([&b"\r\n\r\n"[..]]) {
@@ -1391,16 +1393,37 @@ async fn send_head(address: &str, head: &[u8], write: usize) -> u16 {
     }
     let mut answer = Vec::new();
     let _ = tokio::time::timeout(Duration::from_secs(10), conn.read_to_end(&mut answer)).await;
-    std::str::from_utf8(answer.get(9..12).unwrap_or_default())
+    let status = std::str::from_utf8(answer.get(9..12).unwrap_or_default())
         .ok()
         .and_then(|status| status.parse().ok())
-        .unwrap_or(0)
+        .unwrap_or(0);
+    (status, String::from_utf8_lossy(&answer).into_owned())
+}
+
+/// An answer hyper gives itself (the request never reached the router) carries the
+/// API's JSON error body with its stable code, and says the connection closes.
+fn assert_explained(answer: &str, code: &str) {
+    let (head, body) = answer.split_once("\r\n\r\n").expect(answer);
+    let head = head.to_ascii_lowercase();
+    assert!(
+        head.contains("\r\ncontent-type: application/json\r\n"),
+        "{answer}"
+    );
+    assert!(head.contains("\r\nconnection: close\r\n"), "{answer}");
+    let body: Value = serde_json::from_str(body).expect(answer);
+    assert_eq!(body["error"]["code"], code, "{answer}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty()),
+        "{answer}"
+    );
 }
 
 /// A request head longer than `READ_BUFFER_MAX_BYTES` and one read's chunk is refused
-/// with 431 however it arrives: in one write (where unbounded reads once let a 100 KB
-/// head through a 64 KiB cap) or trickled. One under the cap is served, and the server
-/// goes on serving.
+/// with 431 `header_too_large` however it arrives: in one write (where unbounded reads
+/// once let a 100 KB head through a 64 KiB cap) or trickled. One under the cap is
+/// served, and the server goes on serving.
 #[tokio::test]
 async fn a_request_head_over_the_cap_is_refused_however_it_arrives() {
     let app = spawn_app().await;
@@ -1412,22 +1435,60 @@ async fn a_request_head_over_the_cap_is_refused_however_it_arrives() {
         head.resize(len, b'a');
         head
     };
-    assert_eq!(send_head(&address, &head(cap - 1024), cap).await, 200);
+    assert_eq!(send_head(&address, &head(cap - 1024), cap).await.0, 200);
     // Refused once `cap` bytes are buffered without the head's end; a read brings at
-    // most one chunk more, so a head longer than both never gets through.
+    // most one chunk more, so a head longer than both never gets through. A client
+    // still writing when the server closes may see a reset instead of the answer.
     let over = cap + stampede_api::watch::READ_CHUNK_MAX_BYTES + 1;
+    let mut answered = 0;
     for (len, write) in [
         (over, 1 << 20),
         (100_000, 1 << 20),
         (4 * cap, 1 << 20),
         (over, 1000),
     ] {
-        let status = send_head(&address, &head(len), write).await;
+        let (status, answer) = send_head(&address, &head(len), write).await;
         assert!(
             status == 431 || status == 0,
             "a {len}-byte head in writes of {write} was answered {status}"
         );
+        if status == 431 {
+            assert_explained(&answer, "header_too_large");
+            answered += 1;
+        }
     }
+    assert!(answered > 0, "no 431 was read in four tries");
+    assert_eq!(app.get("/healthz", None).await.status, 200);
+}
+
+/// Heads hyper cannot parse are answered 400 `malformed_request` with the API's error
+/// body, not an empty one; the connection is closed and the server goes on serving.
+#[tokio::test]
+async fn a_head_that_is_not_http_gets_the_apis_error_body() {
+    let app = spawn_app().await;
+    let address = app.base.trim_start_matches("http://").to_owned();
+    for head in [
+        &b"GET /healthz HTTP/1.1\r\nHost: stampede\r\nnot a header"[..],
+        b"GET /healthz HTTP/7.0\r\nHost: stampede",
+        b"GET /he\x01lthz HTTP/1.1\r\nHost: stampede",
+        b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03",
+    ] {
+        let (status, answer) = send_head(&address, head, 1 << 20).await;
+        assert_eq!(status, 400, "{:?}: {answer}", String::from_utf8_lossy(head));
+        assert_explained(&answer, "malformed_request");
+    }
+    // A second request on a keep-alive connection is parsed as freshly as the first.
+    let (status, answer) = send_head(
+        &address,
+        b"GET /healthz HTTP/1.1\r\nHost: stampede\r\n\r\nGET /healthz HTTP/1.1\r\nbad",
+        1 << 20,
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+    let second = &answer[answer.find("\r\n\r\n").unwrap()..];
+    let second = &second[second.find("HTTP/1.1 ").expect(&answer)..];
+    assert!(second.starts_with("HTTP/1.1 400 "), "{answer}");
+    assert_explained(second, "malformed_request");
     assert_eq!(app.get("/healthz", None).await.status, 200);
 }
 
