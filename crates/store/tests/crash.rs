@@ -491,10 +491,95 @@ async fn a_refund_giving_up_as_a_late_charge_is_noted_leaves_the_refund_owed(bac
     engine.shutdown().await;
 }
 
+/// On a cluster, another node's refund of the same order can settle its ledger entry
+/// (its provider answered `NotCharged`, say a replica that had not seen the charge yet)
+/// while this node's refund is still failing. A refund that gives up on a failure writes
+/// the entry again, so the refund stays owed: here the other node's removal is made
+/// through the store while the provider is down, and after the refund gives up the entry
+/// is back; a crash follows, and the next start, with the provider up, makes the refund.
+async fn a_refund_giving_up_on_failures_writes_back_an_entry_removed_meanwhile(backend: Backend) {
+    let dir = tempfile::tempdir().unwrap();
+    let database = TestDatabase::create(backend).await;
+    let config = EngineConfig {
+        expiry_grace_ms: 0,
+        refund_patience_min_ms: 1_000,
+        charge_sweep_ms: 60_000,
+        ..EngineConfig::default()
+    };
+    let engine = Arc::new(
+        Engine::open(
+            database.open(dir.path()).await,
+            Arc::new(SystemClock),
+            config.clone(),
+        )
+        .await
+        .unwrap(),
+    );
+    let provider = Arc::new(LateProvider::default());
+    let (id, pay) = pay_in_flight(&engine, "BACK", provider.clone()).await;
+    tokio::time::timeout(Duration::from_secs(10), provider.charging.notified())
+        .await
+        .expect("the pay called the provider");
+    // Charged, but the answer timed out: the order stays payable, the charge owed.
+    provider.land.notify_one();
+    assert_eq!(pay.await.unwrap(), Err(OrderError::PaymentTimeout));
+    provider.down.store(true, Ordering::SeqCst);
+    engine.cancel(&Actor::Shopper(user("x")), id).await.unwrap();
+    eventually("the cancel's refund was tried", || {
+        let provider = provider.clone();
+        async move { provider.refunds_failed.load(Ordering::SeqCst) >= 1 }
+    })
+    .await;
+    let store = engine.store();
+    let owes = |store: Arc<dyn stampede_engine::Store>| async move {
+        store
+            .charges_to_settle()
+            .await
+            .unwrap()
+            .iter()
+            .any(|entry| entry.order_id == id)
+    };
+    assert!(owes(store.clone()).await, "the charge was not owed");
+    assert_eq!(
+        engine.refunds_open(),
+        1,
+        "the refund ended before its patience"
+    );
+    // Another node settles the entry.
+    store
+        .commit(&[WriteOp::ChargeSettled { order_id: id }])
+        .await
+        .unwrap();
+    assert!(!owes(store.clone()).await, "the entry was not removed");
+    eventually("the refund gave up", || {
+        let engine = engine.clone();
+        async move { engine.refunds_open() == 0 }
+    })
+    .await;
+    assert!(
+        owes(store.clone()).await,
+        "a refund that gave up on failures left the charge unowed"
+    );
+    assert!(provider.refunded.lock().unwrap().is_empty());
+    engine.crash().await;
+    drop((engine, store));
+
+    provider.down.store(false, Ordering::SeqCst);
+    let engine = reopen(&database, dir.path(), config).await;
+    engine.use_payments(provider.clone());
+    eventually("the charge was refunded after the restart", || {
+        let provider = provider.clone();
+        async move { provider.refunded.lock().unwrap().contains(&id.to_string()) }
+    })
+    .await;
+    engine.shutdown().await;
+}
+
 on_every_backend!(
     a_restart_rebuilds_thousands_of_orders,
     a_charge_that_lands_after_its_close_gave_up_is_refunded_after_a_crash,
     a_charge_that_lost_to_a_close_that_gave_up_is_refunded_after_a_crash,
     a_charge_behind_a_failing_gateway_is_refunded_after_a_crash,
     a_refund_giving_up_as_a_late_charge_is_noted_leaves_the_refund_owed,
+    a_refund_giving_up_on_failures_writes_back_an_entry_removed_meanwhile,
 );
