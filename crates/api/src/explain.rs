@@ -1,13 +1,14 @@
 //! hyper answers a request it cannot parse itself, before any of our code sees it: a
-//! malformed head (400), a head over the cap (431), a URI too long (414). It sends a
-//! head alone, with `content-length: 0`. Every other error of the API carries
-//! `{"error": {"code", "message"}}` so clients can branch on the code; this connection
-//! wrapper gives hyper's automatic answers that body too, rewriting them on their way
-//! out. hyper offers no hook for them, and the connection's IO is the one place that
-//! sees them.
+//! malformed head (400), a head too large (431: over the cap, or over 100 header
+//! fields), a URI too long (414). It sends a head alone, with `content-length: 0`. Every
+//! other error of the API carries `{"error": {"code", "message"}}` so clients can branch
+//! on the code; this connection wrapper gives hyper's automatic answers that body too,
+//! rewriting them on their way out. hyper offers no hook for them, and the connection's
+//! IO is the one place that sees them. (hyper 1.12 writes such an answer as one write of
+//! the whole head, with `connection: close` on HTTP/1.1, and closes the connection.)
 //!
 //! Only a bodiless 400, 414 or 431 head is rewritten: every answer the router builds
-//! has a JSON body (and so a non-zero length and a content type), so none is touched.
+//! carries a content type (its errors a JSON body), so none is touched.
 
 use std::io;
 use std::pin::Pin;
@@ -18,6 +19,10 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use crate::error::{ErrorBody, ErrorDetail};
 
 /// A connection's IO whose writes of hyper's automatic error answers carry a JSON body.
+///
+/// A rewritten answer is taken whole when hyper writes its head (the write reports
+/// hyper's bytes written, as a `BufWriter` would) and goes out on the next write, flush
+/// or shutdown, before anything else: a `Pending` write has then written nothing.
 pub struct Explained<T> {
     io: T,
     /// An answer being written in place of the head hyper gave.
@@ -27,8 +32,6 @@ pub struct Explained<T> {
 struct Rewritten {
     bytes: Vec<u8>,
     written: usize,
-    /// How many of hyper's bytes it stands for: reported written once all of it is.
-    stands_for: usize,
 }
 
 impl<T> Explained<T> {
@@ -43,16 +46,20 @@ impl<T> Explained<T> {
 /// The answer to send instead of `head`, if `head` is one of hyper's automatic answers
 /// to a request it could not parse.
 pub fn explain(head: &[u8]) -> Option<Vec<u8>> {
-    let (code, message) = match head.get(..13)? {
-        b"HTTP/1.1 400 " => (
+    let version = head.get(..9)?;
+    if version != b"HTTP/1.1 " && version != b"HTTP/1.0 " {
+        return None;
+    }
+    let (code, message) = match head.get(9..13)? {
+        b"400 " => (
             "malformed_request",
             "the request's head is not valid HTTP/1.1".to_owned(),
         ),
-        b"HTTP/1.1 414 " => ("uri_too_long", "the request's URI is too long".to_owned()),
-        b"HTTP/1.1 431 " => (
+        b"414 " => ("uri_too_long", "the request's URI is too long".to_owned()),
+        b"431 " => (
             "header_too_large",
             format!(
-                "the request's head is over {} bytes",
+                "the request's head is too large: over {} bytes, or over 100 header fields",
                 crate::READ_BUFFER_MAX_BYTES
             ),
         ),
@@ -101,16 +108,17 @@ pub fn explain(head: &[u8]) -> Option<Vec<u8>> {
 }
 
 impl<T: AsyncWrite + Unpin> Explained<T> {
-    /// Writes what is left of a rewritten answer; `Ready(Some(n))` once all of it is
-    /// written (standing for `n` of hyper's bytes), `Ready(None)` if there is none.
-    fn drain(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<Option<usize>>> {
-        let Some(rewritten) = self.rewritten.as_mut() else {
-            return Poll::Ready(Ok(None));
-        };
-        while rewritten.written < rewritten.bytes.len() {
-            match ready!(
+    /// Writes what is left of a rewritten answer, if any.
+    fn drain(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while let Some(rewritten) = self.rewritten.as_mut() {
+            if rewritten.written == rewritten.bytes.len() {
+                self.rewritten = None;
+                break;
+            }
+            let wrote = ready!(
                 Pin::new(&mut self.io).poll_write(cx, &rewritten.bytes[rewritten.written..])
-            ) {
+            );
+            match wrote {
                 Ok(0) => {
                     self.rewritten = None;
                     return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
@@ -122,27 +130,19 @@ impl<T: AsyncWrite + Unpin> Explained<T> {
                 }
             }
         }
-        let stands_for = rewritten.stands_for;
-        self.rewritten = None;
-        Poll::Ready(Ok(Some(stands_for)))
+        Poll::Ready(Ok(()))
     }
 
-    /// Starts writing `explain(buf)` in place of `buf` if it is one of hyper's answers.
+    /// Takes `buf` whole, to go out as `explain(buf)`, if it is one of hyper's answers;
+    /// starts writing it at once.
     fn rewrite(&mut self, cx: &mut Context<'_>, buf: &[u8]) -> Option<Poll<io::Result<usize>>> {
-        if self.rewritten.is_none() {
-            let bytes = explain(buf)?;
-            self.rewritten = Some(Rewritten {
-                bytes,
-                written: 0,
-                stands_for: buf.len(),
-            });
-        }
-        // hyper offers the same bytes again after a `Pending`; report no more of them
-        // written than it offers.
-        Some(
-            self.drain(cx)
-                .map_ok(|stands_for| stands_for.unwrap_or(0).min(buf.len())),
-        )
+        let bytes = explain(buf)?;
+        self.rewritten = Some(Rewritten { bytes, written: 0 });
+        Some(match self.drain(cx) {
+            Poll::Ready(Err(error)) => Poll::Ready(Err(error)),
+            // Taken: the rest goes out on the next write, flush or shutdown.
+            _ => Poll::Ready(Ok(buf.len())),
+        })
     }
 }
 
@@ -162,6 +162,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Explained<T> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
+        ready!(self.drain(cx))?;
         if let Some(result) = self.rewrite(cx, buf) {
             return result;
         }
@@ -173,6 +174,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Explained<T> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
+        ready!(self.drain(cx))?;
         // hyper's automatic answer is a head alone: one slice.
         if let Some(first) = bufs.iter().find(|buf| !buf.is_empty())
             && let Some(result) = self.rewrite(cx, first)
@@ -203,7 +205,8 @@ mod tests {
 
     use super::*;
 
-    const HYPERS_431: &[u8] = b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-length: 0\r\ndate: Sun, 06 Dec 2026 05:00:00 GMT\r\n\r\n";
+    /// What hyper 1.12 writes for a head over its cap.
+    const HYPERS_431: &[u8] = b"HTTP/1.1 431 Request Header Fields Too Large\r\nconnection: close\r\ncontent-length: 0\r\ndate: Sun, 06 Dec 2026 05:00:00 GMT\r\n\r\n";
 
     fn split(answer: &[u8]) -> (String, serde_json::Value) {
         let text = std::str::from_utf8(answer).unwrap();
@@ -213,33 +216,40 @@ mod tests {
 
     #[test]
     fn hypers_automatic_answers_get_the_apis_error_body() {
-        for (status, code) in [
-            ("400 Bad Request", "malformed_request"),
-            ("414 URI Too Long", "uri_too_long"),
-            ("431 Request Header Fields Too Large", "header_too_large"),
-        ] {
-            let head = format!(
-                "HTTP/1.1 {status}\r\nconnection: close\r\ncontent-length: 0\r\ndate: Sun, 06 Dec 2026 05:00:00 GMT\r\n\r\n"
-            );
-            let answer = explain(head.as_bytes()).expect(status);
-            let (head, body) = split(&answer);
-            assert!(
-                head.starts_with(&format!("HTTP/1.1 {status}\r\n")),
-                "{head}"
-            );
-            assert_eq!(body["error"]["code"], code, "{body}");
-            let length = head
-                .lines()
-                .find_map(|line| line.strip_prefix("content-length: "))
-                .unwrap();
-            assert_eq!(length.parse::<usize>().unwrap(), body.to_string().len());
-            assert_eq!(head.matches("connection: close").count(), 1, "{head}");
-            assert!(head.contains("\r\ndate: "), "{head}");
-            assert!(
-                head.contains("\r\ncontent-type: application/json"),
-                "{head}"
-            );
+        // hyper answers in HTTP/1.0, without `connection`, on a connection whose last
+        // request was HTTP/1.0 keep-alive.
+        for (version, connection) in [("1.1", "connection: close\r\n"), ("1.0", "")] {
+            for (status, code) in [
+                ("400 Bad Request", "malformed_request"),
+                ("414 URI Too Long", "uri_too_long"),
+                ("431 Request Header Fields Too Large", "header_too_large"),
+            ] {
+                let head = format!(
+                    "HTTP/{version} {status}\r\n{connection}content-length: 0\r\ndate: Sun, 06 Dec 2026 05:00:00 GMT\r\n\r\n"
+                );
+                assert_explained(&head, &format!("HTTP/{version} {status}\r\n"), code);
+            }
         }
+    }
+
+    /// `head` is rewritten: same status line, the API's body with `code`, a content type
+    /// and length, `connection: close` once, hyper's other headers kept.
+    fn assert_explained(head: &str, status_line: &str, code: &str) {
+        let answer = explain(head.as_bytes()).expect(status_line);
+        let (head, body) = split(&answer);
+        assert!(head.starts_with(status_line), "{head}");
+        assert_eq!(body["error"]["code"], code, "{body}");
+        let length = head
+            .lines()
+            .find_map(|line| line.strip_prefix("content-length: "))
+            .unwrap();
+        assert_eq!(length.parse::<usize>().unwrap(), body.to_string().len());
+        assert_eq!(head.matches("connection: close").count(), 1, "{head}");
+        assert!(head.contains("\r\ndate: "), "{head}");
+        assert!(
+            head.contains("\r\ncontent-type: application/json"),
+            "{head}"
+        );
     }
 
     #[test]
@@ -257,6 +267,23 @@ mod tests {
         ] {
             assert_eq!(explain(head), None, "{}", String::from_utf8_lossy(head));
         }
+    }
+
+    /// Through a pipe that takes 7 bytes at a time, the rewritten answer arrives whole
+    /// when only a flush follows the write.
+    #[tokio::test]
+    async fn a_flush_finishes_a_rewritten_answer() {
+        let (near, mut far) = tokio::io::duplex(7);
+        let expected = explain(HYPERS_431).unwrap();
+        let reader = tokio::spawn(async move {
+            let mut got = vec![0; expected.len()];
+            far.read_exact(&mut got).await.unwrap();
+            assert_eq!(got, expected);
+        });
+        let mut io = Explained::new(near);
+        assert_eq!(io.write(HYPERS_431).await.unwrap(), HYPERS_431.len());
+        io.flush().await.unwrap();
+        reader.await.unwrap();
     }
 
     /// Through a pipe that takes 7 bytes at a time, the rewritten answer arrives whole,

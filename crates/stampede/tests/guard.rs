@@ -1489,6 +1489,26 @@ async fn a_head_that_is_not_http_gets_the_apis_error_body() {
     let second = &second[second.find("HTTP/1.1 ").expect(&answer)..];
     assert!(second.starts_with("HTTP/1.1 400 "), "{answer}");
     assert_explained(second, "malformed_request");
+    // After an HTTP/1.0 keep-alive request, hyper answers in HTTP/1.0.
+    let (status, answer) = send_head(
+        &address,
+        b"GET /healthz HTTP/1.0\r\nConnection: keep-alive\r\n\r\nGET /healthz HTTP/1.1\r\nbad",
+        1 << 20,
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+    let second = &answer[answer.find("\r\n\r\n").unwrap()..];
+    let second = &second[second.find("HTTP/1.").expect(&answer)..];
+    assert!(second.starts_with("HTTP/1.0 400 "), "{answer}");
+    assert_explained(second, "malformed_request");
+    // A small head with more header fields than hyper parses (100) is too large too.
+    let mut many = b"GET /healthz HTTP/1.1\r\nHost: stampede".to_vec();
+    for n in 0..120 {
+        many.extend_from_slice(format!("\r\nX-{n}: a").as_bytes());
+    }
+    let (status, answer) = send_head(&address, &many, 1 << 20).await;
+    assert_eq!(status, 431, "{answer}");
+    assert_explained(&answer, "header_too_large");
     assert_eq!(app.get("/healthz", None).await.status, 200);
 }
 
