@@ -43,20 +43,26 @@ impl<T> Explained<T> {
     }
 }
 
-/// The answer to send instead of `head`, if `head` is one of hyper's automatic answers
-/// to a request it could not parse.
-pub fn explain(head: &[u8]) -> Option<Vec<u8>> {
+/// The status and the answer to send instead of `head`, if `head` is one of hyper's
+/// automatic answers to a request it could not parse.
+pub fn explain(head: &[u8]) -> Option<(&'static str, Vec<u8>)> {
     let version = head.get(..9)?;
     if version != b"HTTP/1.1 " && version != b"HTTP/1.0 " {
         return None;
     }
-    let (code, message) = match head.get(9..13)? {
+    let (status, code, message) = match head.get(9..13)? {
         b"400 " => (
+            "400",
             "malformed_request",
             "the request's head is not valid HTTP/1.1".to_owned(),
         ),
-        b"414 " => ("uri_too_long", "the request's URI is too long".to_owned()),
+        b"414 " => (
+            "414",
+            "uri_too_long",
+            "the request's URI is too long".to_owned(),
+        ),
         b"431 " => (
+            "431",
             "header_too_large",
             format!(
                 "the request's head is too large: over {} bytes, or over 100 header fields",
@@ -104,7 +110,7 @@ pub fn explain(head: &[u8]) -> Option<Vec<u8>> {
     }
     answer.extend_from_slice(b"\r\n");
     answer.extend_from_slice(&body);
-    Some(answer)
+    Some((status, answer))
 }
 
 impl<T: AsyncWrite + Unpin> Explained<T> {
@@ -136,7 +142,9 @@ impl<T: AsyncWrite + Unpin> Explained<T> {
     /// Takes `buf` whole, to go out as `explain(buf)`, if it is one of hyper's answers;
     /// starts writing it at once.
     fn rewrite(&mut self, cx: &mut Context<'_>, buf: &[u8]) -> Option<Poll<io::Result<usize>>> {
-        let bytes = explain(buf)?;
+        let (status, bytes) = explain(buf)?;
+        // These requests never reach the router's counters.
+        metrics::counter!("stampede_http_unparsable_total", "status" => status).increment(1);
         self.rewritten = Some(Rewritten { bytes, written: 0 });
         Some(match self.drain(cx) {
             Poll::Ready(Err(error)) => Poll::Ready(Err(error)),
@@ -235,7 +243,7 @@ mod tests {
     /// `head` is rewritten: same status line, the API's body with `code`, a content type
     /// and length, `connection: close` once, hyper's other headers kept.
     fn assert_explained(head: &str, status_line: &str, code: &str) {
-        let answer = explain(head.as_bytes()).expect(status_line);
+        let (_, answer) = explain(head.as_bytes()).expect(status_line);
         let (head, body) = split(&answer);
         assert!(head.starts_with(status_line), "{head}");
         assert_eq!(body["error"]["code"], code, "{body}");
@@ -274,7 +282,7 @@ mod tests {
     #[tokio::test]
     async fn a_flush_finishes_a_rewritten_answer() {
         let (near, mut far) = tokio::io::duplex(7);
-        let expected = explain(HYPERS_431).unwrap();
+        let (_, expected) = explain(HYPERS_431).unwrap();
         let reader = tokio::spawn(async move {
             let mut got = vec![0; expected.len()];
             far.read_exact(&mut got).await.unwrap();
@@ -303,7 +311,7 @@ mod tests {
         io.shutdown().await.unwrap();
         drop(io);
         let got = reader.await.unwrap();
-        let expected = [explain(HYPERS_431).unwrap(), b"after".to_vec()].concat();
+        let expected = [explain(HYPERS_431).unwrap().1, b"after".to_vec()].concat();
         assert_eq!(got, expected);
     }
 }

@@ -1509,6 +1509,23 @@ async fn a_head_that_is_not_http_gets_the_apis_error_body() {
     let (status, answer) = send_head(&address, &many, 1 << 20).await;
     assert_eq!(status, 431, "{answer}");
     assert_explained(&answer, "header_too_large");
+    // None reached the router's counters; they have their own. (The metrics are the
+    // process's: counted here, but not only by this app.)
+    let metrics = app.get("/metrics", None).await;
+    let metrics = metrics.body.as_str().expect("metrics are text");
+    for (status, at_least) in [("400", 6.0), ("431", 1.0)] {
+        let counted: f64 = metrics
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix(&format!(
+                    "stampede_http_unparsable_total{{status=\"{status}\"}} "
+                ))
+            })
+            .unwrap_or_else(|| panic!("no {status} counted: {metrics}"))
+            .parse()
+            .unwrap();
+        assert!(counted >= at_least, "{status}: {counted}");
+    }
     assert_eq!(app.get("/healthz", None).await.status, 200);
 }
 
