@@ -158,15 +158,7 @@ async fn late_charge_then_crash(backend: Backend, answer: LateAnswer) {
         charge_sweep_ms: 200,
         ..EngineConfig::default()
     };
-    let engine = Arc::new(
-        Engine::open(
-            database.open(dir.path()).await,
-            Arc::new(SystemClock),
-            config.clone(),
-        )
-        .await
-        .unwrap(),
-    );
+    let engine = Arc::new(open(&database, dir.path(), config.clone()).await);
     let provider = Arc::new(LateProvider {
         answer,
         ..LateProvider::default()
@@ -206,7 +198,7 @@ async fn late_charge_then_crash(backend: Backend, answer: LateAnswer) {
     drop((engine, store));
 
     provider.down.store(false, Ordering::SeqCst);
-    let engine = reopen(&database, dir.path(), config).await;
+    let engine = open(&database, dir.path(), config).await;
     engine.use_payments(provider.clone());
     eventually(
         "the charge that landed late was refunded after the restart",
@@ -249,8 +241,9 @@ async fn pay_in_flight(
     )
 }
 
-/// The engine a restart opens on `database` after a crash (a kill -9) of the last one.
-async fn reopen(database: &TestDatabase, dir: &std::path::Path, config: EngineConfig) -> Engine {
+/// An engine on `database`: the first start, or the restart after a crash (a kill -9)
+/// of the last one.
+async fn open(database: &TestDatabase, dir: &std::path::Path, config: EngineConfig) -> Engine {
     Engine::open(database.open(dir).await, Arc::new(SystemClock), config)
         .await
         .unwrap()
@@ -476,7 +469,7 @@ async fn a_refund_giving_up_as_a_late_charge_is_noted_leaves_the_refund_owed(bac
     drop((engine, store));
 
     provider.down.store(false, Ordering::SeqCst);
-    let engine = reopen(&database, dir.path(), config).await;
+    let engine = open(&database, dir.path(), config).await;
     let owed = engine.store().charges_to_settle().await.unwrap();
     assert!(
         owed.iter().any(|entry| entry.order_id == id),
@@ -506,15 +499,7 @@ async fn a_refund_giving_up_on_failures_writes_back_an_entry_removed_meanwhile(b
         charge_sweep_ms: 60_000,
         ..EngineConfig::default()
     };
-    let engine = Arc::new(
-        Engine::open(
-            database.open(dir.path()).await,
-            Arc::new(SystemClock),
-            config.clone(),
-        )
-        .await
-        .unwrap(),
-    );
+    let engine = Arc::new(open(&database, dir.path(), config.clone()).await);
     let provider = Arc::new(LateProvider::default());
     let (id, pay) = pay_in_flight(&engine, "BACK", provider.clone()).await;
     tokio::time::timeout(Duration::from_secs(10), provider.charging.notified())
@@ -565,7 +550,7 @@ async fn a_refund_giving_up_on_failures_writes_back_an_entry_removed_meanwhile(b
     drop((engine, store));
 
     provider.down.store(false, Ordering::SeqCst);
-    let engine = reopen(&database, dir.path(), config).await;
+    let engine = open(&database, dir.path(), config).await;
     engine.use_payments(provider.clone());
     eventually("the charge was refunded after the restart", || {
         let provider = provider.clone();
