@@ -359,9 +359,18 @@ pub trait Store: Send + Sync + 'static {
         let _ = limit;
         Ok(Vec::new())
     }
-    /// Removes the events up to and including `seq` (they have been published).
-    async fn outbox_remove(&self, through_seq: i64) -> Result<(), StoreError> {
-        let _ = through_seq;
+    /// Whether this node's relay should publish the outbox now. In a cluster every node
+    /// may run a relay but one publishes at a time: the oldest live member, so the
+    /// stream is not fed the same events by every node and a node that stops
+    /// heartbeating hands the turn on. A store with one writer: always.
+    async fn relay_turn(&self) -> Result<bool, StoreError> {
+        Ok(true)
+    }
+    /// Removes exactly these events (they have been published). Not "everything up to
+    /// the highest": with several nodes committing at once a lower `seq` can commit
+    /// after a higher one was read, and must stay until it is published itself.
+    async fn outbox_remove(&self, seqs: &[i64]) -> Result<(), StoreError> {
+        let _ = seqs;
         Ok(())
     }
     /// The charge ledger's entries whose orders are no longer pending, for the engine's

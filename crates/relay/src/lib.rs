@@ -8,11 +8,17 @@
 //!   reports (`Store::commit`), and removed from the outbox only after JetStream has
 //!   acknowledged it. A crash anywhere in between leaves it in the outbox, and the next
 //!   relay (after a restart) publishes it again: at-least-once, resuming where it stopped.
+//!   A round removes exactly the events it published: cluster nodes commit concurrently,
+//!   so an event with a lower `seq` can become visible after a higher one was read, and
+//!   it stays for the next round.
+//! - **One publisher.** Every node may run a relay; it publishes only on its node's turn
+//!   (`Store::relay_turn`: the oldest live cluster member), so the stream is fed once.
 //! - **Deduplicated.** Every message carries `Nats-Msg-Id: <order id>.<event>`; JetStream
 //!   drops a repeat inside the stream's duplicate window (`duplicate_window`, default
 //!   2 min, which must cover a restart). Consumers that need exactly-once dedupe on the
 //!   same id.
-//! - **Per-order order.** Events are read in commit order; one publishing round holds at
+//! - **Per-order order.** Events are read in `seq` order (an order's next event is
+//!   written only after its previous one committed); one publishing round holds at
 //!   most one event per order, and a round is acknowledged in full before the next
 //!   starts, so an order's "paid" is never stored before its "created".
 //! - **Bounded.** A round publishes at most `batch_max` events; the outbox is bounded by
@@ -40,8 +46,14 @@ pub struct RelayConfig {
     pub duplicate_window: Duration,
     /// Most events in one publishing round.
     pub batch_max: usize,
-    /// How long to wait when the outbox is empty, or after a failure.
+    /// How long to wait when the outbox is empty, and after a first failure.
     pub idle_wait: Duration,
+    /// Longest wait between retries while rounds keep failing (the wait doubles).
+    pub retry_max: Duration,
+    /// How often a node asks whether it is its turn to publish (`Store::relay_turn`);
+    /// a cluster's standby relays take over within this after the publisher's node
+    /// stops heartbeating.
+    pub turn_check: Duration,
 }
 
 impl RelayConfig {
@@ -53,6 +65,8 @@ impl RelayConfig {
             duplicate_window: Duration::from_secs(120),
             batch_max: 256,
             idle_wait: Duration::from_millis(50),
+            retry_max: Duration::from_secs(5),
+            turn_check: Duration::from_secs(1),
         }
     }
 }
@@ -128,7 +142,7 @@ impl Relay {
             .await
             .map_err(nats)?;
         let jetstream = jetstream::new(client);
-        jetstream
+        let stream = jetstream
             .get_or_create_stream(jetstream::stream::Config {
                 name: config.stream.clone(),
                 subjects: vec![format!("{}.>", config.subject_prefix)],
@@ -137,6 +151,16 @@ impl Relay {
             })
             .await
             .map_err(nats)?;
+        // An existing stream is the operator's: say so rather than change it.
+        let existing = stream.cached_info().config.duplicate_window;
+        if existing != config.duplicate_window {
+            tracing::warn!(
+                stream = %config.stream,
+                existing = ?existing,
+                configured = ?config.duplicate_window,
+                "the stream's duplicate window is not the configured one; it applies"
+            );
+        }
         Ok(Relay {
             store,
             config,
@@ -156,9 +180,9 @@ impl Relay {
             .iter()
             .take_while(|event| orders.insert(event.order.id))
             .collect();
-        let Some(last) = round.last() else {
+        if round.is_empty() {
             return Ok(0);
-        };
+        }
         let mut acks = Vec::with_capacity(round.len());
         for event in &round {
             let subject = format!("{}.{}", self.config.subject_prefix, event_name(event.event));
@@ -179,46 +203,79 @@ impl Relay {
         {
             ack.map_err(nats)?;
         }
-        self.store.outbox_remove(last.seq).await?;
+        // Exactly what was acknowledged: a lower seq another node committed after this
+        // read is not in the round and stays for the next.
+        let published: Vec<i64> = round.iter().map(|event| event.seq).collect();
+        self.store.outbox_remove(&published).await?;
         metrics::counter!("stampede_relay_published_total").increment(round.len() as u64);
         Ok(round.len())
     }
 
-    /// Connects (retrying every `idle_wait`×20 while NATS is unreachable: orders keep
-    /// selling, their events wait in the outbox) and publishes until `shutdown` resolves.
+    /// Connects (retrying, with the waits of `retry_wait`, while NATS is unreachable:
+    /// orders keep selling, their events wait in the outbox) and publishes until
+    /// `shutdown` resolves.
     pub async fn connect_and_run(
         store: Arc<dyn Store>,
         config: RelayConfig,
         shutdown: impl std::future::Future<Output = ()>,
     ) {
         tokio::pin!(shutdown);
+        let mut failures = 0u32;
         loop {
             match Relay::connect(store.clone(), config.clone()).await {
                 Ok(relay) => return relay.run(shutdown).await,
                 Err(error) => {
+                    failures = failures.saturating_add(1);
                     metrics::counter!("stampede_relay_failures_total").increment(1);
-                    tracing::warn!(%error, url = %config.nats_url, "outbox relay cannot reach NATS; retrying");
+                    tracing::warn!(%error, url = %config.nats_url, failures, "outbox relay cannot reach NATS; retrying");
                 }
             }
+            let wait = retry_wait(config.idle_wait, config.retry_max, failures);
             tokio::select! {
                 _ = &mut shutdown => return,
-                _ = tokio::time::sleep(config.idle_wait * 20) => {}
+                _ = tokio::time::sleep(wait) => {}
             }
         }
     }
 
-    /// Publishes until `shutdown` resolves. Failures are logged and retried after
-    /// `idle_wait`; nothing is removed from the outbox that JetStream has not stored.
+    /// Publishes until `shutdown` resolves, while it is this node's turn
+    /// (`Store::relay_turn`, asked every `turn_check`). Failures are logged and retried
+    /// after a wait that doubles from `idle_wait` up to `retry_max`, back to `idle_wait`
+    /// after a round succeeds; nothing is removed from the outbox that JetStream has not
+    /// stored.
     pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) {
         tokio::pin!(shutdown);
+        let mut turn = Turn::default();
+        let mut failures = 0u32;
         loop {
-            let wait = match self.publish_round().await {
-                Ok(0) => self.config.idle_wait,
-                Ok(_) => Duration::ZERO,
-                Err(error) => {
-                    metrics::counter!("stampede_relay_failures_total").increment(1);
-                    tracing::warn!(%error, "outbox relay round failed; retrying");
-                    self.config.idle_wait
+            if turn.due(self.config.turn_check) {
+                let mine = match self.store.relay_turn().await {
+                    Ok(mine) => mine,
+                    Err(error) => {
+                        tracing::warn!(%error, "outbox relay cannot ask whose turn it is");
+                        false
+                    }
+                };
+                turn.set(mine);
+            }
+            let wait = if !turn.mine {
+                self.config.turn_check
+            } else {
+                match self.publish_round().await {
+                    Ok(n) => {
+                        failures = 0;
+                        if n == 0 {
+                            self.config.idle_wait
+                        } else {
+                            Duration::ZERO
+                        }
+                    }
+                    Err(error) => {
+                        failures = failures.saturating_add(1);
+                        metrics::counter!("stampede_relay_failures_total").increment(1);
+                        tracing::warn!(%error, failures, "outbox relay round failed; retrying");
+                        retry_wait(self.config.idle_wait, self.config.retry_max, failures)
+                    }
                 }
             };
             tokio::select! {
@@ -226,6 +283,60 @@ impl Relay {
                 _ = tokio::time::sleep(wait) => {}
             }
         }
+        metrics::gauge!("stampede_relay_publishing").set(0.0);
         tracing::info!("outbox relay stopped");
+    }
+}
+
+/// Whether this node publishes, and when that was last asked.
+#[derive(Default)]
+struct Turn {
+    mine: bool,
+    asked: Option<std::time::Instant>,
+}
+
+impl Turn {
+    fn due(&self, every: Duration) -> bool {
+        self.asked.is_none_or(|asked| asked.elapsed() >= every)
+    }
+
+    fn set(&mut self, mine: bool) {
+        if mine != self.mine || self.asked.is_none() {
+            if mine {
+                tracing::info!("outbox relay publishing: this node's turn");
+            } else {
+                tracing::info!("outbox relay standing by: another node publishes");
+            }
+        }
+        metrics::gauge!("stampede_relay_publishing").set(if mine { 1.0 } else { 0.0 });
+        self.mine = mine;
+        self.asked = Some(std::time::Instant::now());
+    }
+}
+
+/// The wait after the `failures`-th failure in a row: `first`, doubling, at most `max`.
+pub fn retry_wait(first: Duration, max: Duration, failures: u32) -> Duration {
+    let doublings = failures.saturating_sub(1).min(16);
+    first
+        .saturating_mul(1 << doublings)
+        .min(max)
+        .max(first.min(max))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failing_relay_backs_off_doubling_up_to_the_cap() {
+        let (first, max) = (Duration::from_millis(50), Duration::from_secs(5));
+        let waits: Vec<u128> = (1..=10)
+            .map(|n| retry_wait(first, max, n).as_millis())
+            .collect();
+        assert_eq!(
+            waits,
+            [50, 100, 200, 400, 800, 1600, 3200, 5000, 5000, 5000]
+        );
+        assert_eq!(retry_wait(first, max, u32::MAX), max, "no overflow");
     }
 }

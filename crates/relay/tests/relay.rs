@@ -1,7 +1,9 @@
 //! The relay against a real NATS JetStream server (`STAMPEDE_TEST_NATS_URL`, default
 //! `nats://127.0.0.1:4222`) and the real SQLite store with its outbox: every committed
 //! order event reaches the stream once, in commit order per order, even when the relay
-//! dies between JetStream's acknowledgement and the outbox clean-up.
+//! dies between JetStream's acknowledgement and the outbox clean-up, and (against the
+//! PostgreSQL and MariaDB servers) when another node's event with a lower sequence
+//! number commits while a round is in flight.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -10,7 +12,7 @@ use async_trait::async_trait;
 use stampede_engine::testing::live_sale;
 use stampede_engine::{Actor, Engine, EngineConfig, Store, StoreError, SystemClock};
 use stampede_relay::{Relay, RelayConfig};
-use stampede_store::testing::{Call, Intercepted, Interceptor};
+use stampede_store::testing::{Backend, Call, Intercepted, Interceptor, TestDatabase};
 use stampede_types::{IdempotencyKey, Quantity, UserId};
 
 fn nats_url() -> String {
@@ -156,6 +158,266 @@ async fn every_event_reaches_the_stream_once_in_order_even_after_a_crash_before_
     for id in &order_ids {
         assert!(seen.contains(&(id.to_string(), "created".to_owned())));
     }
+    jetstream.delete_stream(&config.stream).await.unwrap();
+    engine.shutdown().await;
+}
+
+/// Another node's transaction, begun (its outbox row holds a sequence number) but not
+/// yet committed.
+enum OtherNode {
+    Postgres(sqlx::PgConnection),
+    MySql(sqlx::MySqlConnection),
+}
+
+impl OtherNode {
+    async fn connect(database: &TestDatabase) -> OtherNode {
+        use sqlx::Connection;
+        let url = database.url.as_deref().expect("a server database");
+        match database.backend {
+            Backend::Postgres => {
+                OtherNode::Postgres(sqlx::PgConnection::connect(url).await.unwrap())
+            }
+            Backend::MySql => OtherNode::MySql(sqlx::MySqlConnection::connect(url).await.unwrap()),
+            Backend::Sqlite => unreachable!("one writer: sequence numbers commit in order"),
+        }
+    }
+
+    async fn execute(&mut self, sql: &'static str) {
+        match self {
+            OtherNode::Postgres(connection) => {
+                sqlx::query(sql).execute(connection).await.unwrap();
+            }
+            OtherNode::MySql(connection) => {
+                sqlx::query(sql).execute(connection).await.unwrap();
+            }
+        }
+    }
+
+    /// Writes `event` for `order` into the outbox, in an open transaction when `commit`
+    /// is false.
+    async fn add_event(&mut self, order: &str, event: &str, commit: bool) {
+        self.execute("BEGIN").await;
+        let at_ms = 1_i64;
+        let inserted = match self {
+            OtherNode::Postgres(connection) => {
+                sqlx::query("INSERT INTO outbox (order_id, event, at_ms) VALUES ($1, $2, $3)")
+                    .bind(order)
+                    .bind(event)
+                    .bind(at_ms)
+                    .execute(connection)
+                    .await
+                    .unwrap()
+                    .rows_affected()
+            }
+            OtherNode::MySql(connection) => {
+                sqlx::query("INSERT INTO outbox (order_id, event, at_ms) VALUES (?, ?, ?)")
+                    .bind(order)
+                    .bind(event)
+                    .bind(at_ms)
+                    .execute(connection)
+                    .await
+                    .unwrap()
+                    .rows_affected()
+            }
+        };
+        assert_eq!(inserted, 1);
+        if commit {
+            self.execute("COMMIT").await;
+        }
+    }
+}
+
+/// Commits the other node's open transaction just before the relay removes its round:
+/// the late event, with the lower sequence number, becomes visible after the round was
+/// read.
+struct CommitsLate {
+    other: tokio::sync::Mutex<Option<OtherNode>>,
+}
+
+#[async_trait]
+impl Interceptor for CommitsLate {
+    async fn before(&self, call: Call<'_>) -> Result<(), StoreError> {
+        if matches!(call, Call::OutboxRemove)
+            && let Some(mut other) = self.other.lock().await.take()
+        {
+            other.execute("COMMIT").await;
+        }
+        Ok(())
+    }
+}
+
+/// With several nodes committing to one database, sequence numbers do not become
+/// visible in order. A round removes exactly the events it published, so an event that
+/// commits late with a lower number is published by the next round, never dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_committed_late_by_another_node_is_published_not_dropped() {
+    for backend in [Backend::Postgres, Backend::MySql] {
+        let database = TestDatabase::create(backend).await;
+        let dir = tempfile::tempdir().unwrap();
+        let options = stampede_store::StoreOptions {
+            outbox: true,
+            ..Default::default()
+        };
+        let store = Arc::new(Intercepted {
+            inner: database.open_with(dir.path(), &options).await,
+            hooks: CommitsLate {
+                other: tokio::sync::Mutex::new(None),
+            },
+        });
+        let engine = Engine::open(
+            store.clone(),
+            Arc::new(SystemClock),
+            EngineConfig::default(),
+        )
+        .await
+        .unwrap();
+        let sale = live_sale(&engine, "EV-2", 10, 10, 100, 5).await;
+        let mut order_ids = Vec::new();
+        for user in ["ann", "bob"] {
+            let placed = engine
+                .purchase(
+                    UserId::parse(user).unwrap(),
+                    IdempotencyKey::parse("k").unwrap(),
+                    sale,
+                    Quantity::parse(1).unwrap(),
+                )
+                .await
+                .unwrap();
+            order_ids.push(placed.placed.order_id.to_string());
+        }
+        let config = test_config();
+        let relay = Relay::connect(store.clone(), config.clone()).await.unwrap();
+        while relay.publish_round().await.unwrap() > 0 {}
+
+        // Node A takes the lower sequence number for ann's "paid" but has not committed;
+        // node B commits bob's "paid" with the higher one.
+        let mut late = OtherNode::connect(&database).await;
+        late.add_event(&order_ids[0], "paid", false).await;
+        let mut early = OtherNode::connect(&database).await;
+        early.add_event(&order_ids[1], "paid", true).await;
+        *store.hooks.other.lock().await = Some(late);
+
+        assert_eq!(
+            relay.publish_round().await.unwrap(),
+            1,
+            "{}: the round read only the committed event",
+            backend.name()
+        );
+        assert_eq!(
+            relay.publish_round().await.unwrap(),
+            1,
+            "{}: the event committed during the round is still there, published next",
+            backend.name()
+        );
+        assert_eq!(relay.publish_round().await.unwrap(), 0);
+
+        let client = async_nats::connect(nats_url()).await.unwrap();
+        let jetstream = async_nats::jetstream::new(client);
+        let mut stream = jetstream.get_stream(&config.stream).await.unwrap();
+        let n_messages = stream.info().await.unwrap().state.messages;
+        assert_eq!(n_messages, 4, "2 created + 2 paid, each stored once");
+        let mut paid = Vec::new();
+        for sequence in 1..=n_messages {
+            let message = stream.get_raw_message(sequence).await.unwrap();
+            let body: serde_json::Value = serde_json::from_slice(&message.payload).unwrap();
+            if body["event"] == "paid" {
+                paid.push(body["order_id"].as_str().unwrap().to_owned());
+            }
+        }
+        paid.sort();
+        let mut expected = order_ids.clone();
+        expected.sort();
+        assert_eq!(
+            paid,
+            expected,
+            "{}: both payments reached the stream",
+            backend.name()
+        );
+        jetstream.delete_stream(&config.stream).await.unwrap();
+        engine.shutdown().await;
+    }
+}
+
+/// Fails the question "is it this node's turn?" while `standby` is set, as a node whose
+/// database cannot answer (or that is not the oldest member) would be told no.
+struct NotMyTurn {
+    standby: AtomicBool,
+}
+
+#[async_trait]
+impl Interceptor for NotMyTurn {
+    async fn before(&self, call: Call<'_>) -> Result<(), StoreError> {
+        if matches!(call, Call::Read) && self.standby.load(Ordering::SeqCst) {
+            return Err(StoreError::Unavailable(
+                "not this node's turn (injected)".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// A relay publishes only on its node's turn, and starts within `turn_check` of getting
+/// it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_publishes_only_on_its_nodes_turn() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = stampede_store::StoreOptions {
+        outbox: true,
+        ..Default::default()
+    };
+    let store = Arc::new(Intercepted {
+        inner: stampede_store::open(None, dir.path(), &options)
+            .await
+            .unwrap(),
+        hooks: NotMyTurn {
+            standby: AtomicBool::new(true),
+        },
+    });
+    let engine = Engine::open(
+        store.clone(),
+        Arc::new(SystemClock),
+        EngineConfig::default(),
+    )
+    .await
+    .unwrap();
+    let sale = live_sale(&engine, "EV-3", 10, 10, 100, 5).await;
+    engine
+        .purchase(
+            UserId::parse("ann").unwrap(),
+            IdempotencyKey::parse("k").unwrap(),
+            sale,
+            Quantity::parse(1).unwrap(),
+        )
+        .await
+        .unwrap();
+    let config = RelayConfig {
+        turn_check: std::time::Duration::from_millis(100),
+        ..test_config()
+    };
+    let relay = Relay::connect(store.clone(), config.clone()).await.unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let running = tokio::spawn(relay.run(async move {
+        let _ = stopped.await;
+    }));
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    assert_eq!(
+        store.inner.outbox_read(100).await.unwrap().len(),
+        1,
+        "a standing-by relay publishes nothing"
+    );
+    store.hooks.standby.store(false, Ordering::SeqCst);
+    let mut waited = 0;
+    while !store.inner.outbox_read(100).await.unwrap().is_empty() {
+        assert!(waited < 100, "the relay never took its turn");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        waited += 1;
+    }
+    stop.send(()).unwrap();
+    running.await.unwrap();
+    let client = async_nats::connect(nats_url()).await.unwrap();
+    let jetstream = async_nats::jetstream::new(client);
+    let mut stream = jetstream.get_stream(&config.stream).await.unwrap();
+    assert_eq!(stream.info().await.unwrap().state.messages, 1);
     jetstream.delete_stream(&config.stream).await.unwrap();
     engine.shutdown().await;
 }

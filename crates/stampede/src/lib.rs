@@ -100,6 +100,10 @@ pub struct Config {
     pub nats_stream: String,
     /// Order events are published on `<nats_subject_prefix>.<event>`.
     pub nats_subject_prefix: String,
+    /// How long JetStream remembers an event's id to drop a repeat (set when the stream
+    /// is created).
+    #[serde(with = "humantime_serde")]
+    pub nats_duplicate_window: Duration,
     /// The guard's rules (`[guard]` in the TOML file). Rules changed through the admin
     /// API are kept in the store and win over these unless these carry a higher version.
     pub guard: stampede_guard::GuardRules,
@@ -141,6 +145,7 @@ impl Default for Config {
             nats_url: None,
             nats_stream: "STAMPEDE_ORDERS".into(),
             nats_subject_prefix: "stampede.orders".into(),
+            nats_duplicate_window: Duration::from_secs(120),
             guard: stampede_guard::GuardRules::default(),
             config_file: None,
         }
@@ -266,6 +271,10 @@ pub struct ServeArgs {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub nats_subject_prefix: Option<String>,
+    /// How long JetStream drops a repeated order event; applies when the stream is created, must cover a relay's restart or hand-over [default: 2m].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nats_duplicate_window: Option<String>,
 }
 
 impl Config {
@@ -333,6 +342,13 @@ impl Config {
                 && !self.nats_subject_prefix.starts_with('.')
                 && !self.nats_subject_prefix.ends_with('.'),
             "nats_subject_prefix must be dot-separated tokens of letters, digits, '_' or '-'"
+        );
+        anyhow::ensure!(
+            self.nats_url.is_none()
+                || (self.nats_duplicate_window >= Duration::from_secs(10)
+                    && self.nats_duplicate_window > self.node_ttl + Duration::from_secs(5)),
+            "nats_duplicate_window must be at least 10s and longer than node_ttl + 5s (a \
+             relay's hand-over)"
         );
         // Unset or empty: one is generated.
         let long_enough = |secret: &Option<String>, min: usize| {
@@ -723,6 +739,7 @@ pub async fn start(
         let relay_config = stampede_relay::RelayConfig {
             stream: config.nats_stream.clone(),
             subject_prefix: config.nats_subject_prefix.clone(),
+            duplicate_window: config.nats_duplicate_window,
             ..stampede_relay::RelayConfig::new(url.clone())
         };
         let (stop, stopped) = oneshot::channel::<()>();
@@ -1020,6 +1037,28 @@ mod tests {
             jail.set_env("STAMPEDE_PAYMENT_WINDOW", "soon");
             let error = load(&ServeArgs::default()).unwrap_err().to_string();
             assert!(error.to_lowercase().contains("payment_window"), "{error}");
+            jail.set_env("STAMPEDE_PAYMENT_WINDOW", "15m");
+            // The duplicate window must outlast a relay's hand-over; it only matters
+            // with a stream to publish to.
+            let short_window = ServeArgs {
+                nats_duplicate_window: Some("5s".into()),
+                ..ServeArgs::default()
+            };
+            assert!(
+                load(&short_window).is_ok(),
+                "no NATS, no stream to configure"
+            );
+            jail.set_env("STAMPEDE_NATS_URL", "nats://127.0.0.1:4222");
+            let error = load(&short_window).unwrap_err().to_string();
+            assert!(error.contains("nats_duplicate_window must be"), "{error}");
+            let window = ServeArgs {
+                nats_duplicate_window: Some("10m".into()),
+                ..ServeArgs::default()
+            };
+            assert_eq!(
+                load(&window).unwrap().nats_duplicate_window,
+                Duration::from_secs(600)
+            );
             Ok(())
         });
     }

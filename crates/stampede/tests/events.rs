@@ -38,7 +38,9 @@ fn with_events(config: &mut stampede::Config, url: &str) -> (String, String) {
     )
 }
 
-/// Every message of `stream` as (order id, event), in stream order, once it holds `n`.
+/// Every message of `stream` as (order id, event), in stream order, once it holds `n`
+/// and still holds `n` a few relay rounds later (a repeat would arrive after the first
+/// copies).
 async fn events_in(stream_name: &str, n: u64) -> Vec<(String, String)> {
     let client = async_nats::connect(nats_url()).await.unwrap_or_else(|e| {
         panic!(
@@ -58,7 +60,13 @@ async fn events_in(stream_name: &str, n: u64) -> Vec<(String, String)> {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(stored, n, "messages in {stream_name}");
-    let stream = jetstream.get_stream(stream_name).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut stream = jetstream.get_stream(stream_name).await.unwrap();
+    assert_eq!(
+        stream.info().await.unwrap().state.messages,
+        n,
+        "no more messages arrive in {stream_name}"
+    );
     let mut events = Vec::new();
     for sequence in 1..=n {
         let message = stream.get_raw_message(sequence).await.unwrap();

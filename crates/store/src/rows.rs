@@ -306,16 +306,26 @@ macro_rules! read_outbox {
     }};
 }
 
-/// Removes the outbox events up to `$through_seq`, on `$executor`.
+/// Removes exactly the outbox events `$seqs`, on `$executor` (one statement per chunk
+/// of 256, each its own transaction: a removal cut short leaves published events, which
+/// the next round publishes again and JetStream drops as repeats).
 macro_rules! remove_outbox {
-    ($executor:expr, $db:ty, $through_seq:expr) => {{
-        let mut query: QueryBuilder<$db> = QueryBuilder::new("DELETE FROM outbox WHERE seq <= ");
-        query.push_bind($through_seq);
-        query
-            .build()
-            .execute($executor)
-            .await
-            .map_err(unavailable)?;
+    ($executor:expr, $db:ty, $seqs:expr) => {{
+        let seqs: &[i64] = $seqs;
+        for chunk in seqs.chunks(256) {
+            let mut query: QueryBuilder<$db> =
+                QueryBuilder::new("DELETE FROM outbox WHERE seq IN (");
+            let mut list = query.separated(", ");
+            for seq in chunk {
+                list.push_bind(*seq);
+            }
+            query.push(")");
+            query
+                .build()
+                .execute($executor)
+                .await
+                .map_err(unavailable)?;
+        }
         Ok(())
     }};
 }

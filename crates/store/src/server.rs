@@ -303,6 +303,8 @@ struct Sql {
     /// The same, waiting for a transaction that holds the row (a batch still committing).
     node_batch_seq_locked: Arc<str>,
     live_nodes: Arc<str>,
+    /// The live member that joined first (the relay's publisher).
+    oldest_live_node: Arc<str>,
     dead_nodes: Arc<str>,
     remove_dead_node: Arc<str>,
     remove_node: Arc<str>,
@@ -406,6 +408,11 @@ impl Sql {
             ),
             live_nodes: sql(&format!(
                 "SELECT COUNT(*) AS n FROM stampede_nodes WHERE heartbeat_ms >= {} - ?",
+                dialect.now_ms
+            )),
+            oldest_live_node: sql(&format!(
+                "SELECT node FROM stampede_nodes WHERE heartbeat_ms >= {} - ? \
+                 ORDER BY joined_ms, node LIMIT 1",
                 dialect.now_ms
             )),
             dead_nodes: sql(&format!(
@@ -1383,8 +1390,20 @@ macro_rules! server_store {
                 read_outbox!(&self.readers, $db, limit)
             }
 
-            async fn outbox_remove(&self, through_seq: i64) -> Result<(), StoreError> {
-                remove_outbox!(&self.readers, $db, through_seq)
+            async fn relay_turn(&self) -> Result<bool, StoreError> {
+                let Some(node) = self.node.as_deref() else {
+                    return Ok(true);
+                };
+                let oldest: Option<String> = sqlx::query_scalar(q(&self.sql.oldest_live_node))
+                    .bind(self.node_ttl_ms)
+                    .fetch_optional(&self.readers)
+                    .await
+                    .map_err(unavailable)?;
+                Ok(oldest.as_deref() == Some(node))
+            }
+
+            async fn outbox_remove(&self, seqs: &[i64]) -> Result<(), StoreError> {
+                remove_outbox!(&self.readers, $db, seqs)
             }
 
             async fn charges_to_settle(&self) -> Result<Vec<ChargeAttempt>, StoreError> {

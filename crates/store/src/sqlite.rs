@@ -382,14 +382,21 @@ impl Store for SqliteStore {
         read_outbox!(&self.readers, Sqlite, limit)
     }
 
-    async fn outbox_remove(&self, through_seq: i64) -> Result<(), StoreError> {
+    async fn outbox_remove(&self, seqs: &[i64]) -> Result<(), StoreError> {
         // The readers are read-only; between the writer's batches.
+        let seqs = seqs.to_vec();
         self.writer()?
             .call(move |connection| {
-                connection
-                    .execute("DELETE FROM outbox WHERE seq <= ?1", [through_seq])
-                    .map(drop)
-                    .map_err(sql)
+                for chunk in seqs.chunks(256) {
+                    let list = vec!["?"; chunk.len()].join(", ");
+                    connection
+                        .execute(
+                            &format!("DELETE FROM outbox WHERE seq IN ({list})"),
+                            rusqlite::params_from_iter(chunk),
+                        )
+                        .map_err(sql)?;
+                }
+                Ok(())
             })
             .await
     }

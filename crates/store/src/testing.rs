@@ -570,9 +570,13 @@ impl<I: Interceptor> stampede_engine::Store for Intercepted<I> {
         self.hooks.before(Call::OutboxRead).await?;
         self.inner.outbox_read(limit).await
     }
-    async fn outbox_remove(&self, through_seq: i64) -> Result<(), stampede_engine::StoreError> {
+    async fn relay_turn(&self) -> Result<bool, stampede_engine::StoreError> {
+        self.hooks.before(Call::Read).await?;
+        self.inner.relay_turn().await
+    }
+    async fn outbox_remove(&self, seqs: &[i64]) -> Result<(), stampede_engine::StoreError> {
         self.hooks.before(Call::OutboxRemove).await?;
-        self.inner.outbox_remove(through_seq).await
+        self.inner.outbox_remove(seqs).await
     }
     async fn charges_to_settle(
         &self,

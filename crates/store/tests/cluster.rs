@@ -557,7 +557,43 @@ on_server_backends!(
     a_survivor_that_fails_to_read_the_pending_orders_reads_them_again,
     a_product_or_sale_another_node_made_first_is_a_conflict_not_a_failure,
     a_retry_on_another_node_of_a_sold_out_or_ended_sale_gets_its_order,
+    one_node_at_a_time_publishes_the_outbox_and_the_turn_passes_on,
 );
+
+/// Every node may run the outbox relay, but only the oldest live member publishes (one
+/// copy of each event on the stream, not one per node); when it leaves, the next oldest
+/// takes over, and a node that joins later stands by.
+async fn one_node_at_a_time_publishes_the_outbox_and_the_turn_passes_on(backend: Backend) {
+    let database = TestDatabase::create(backend).await;
+    let (a_store, a) = join(&database).await;
+    // Joined in a later millisecond than A.
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let (b_store, b) = join(&database).await;
+    assert!(
+        a_store.relay_turn().await.unwrap(),
+        "the oldest member publishes"
+    );
+    assert!(
+        !b_store.relay_turn().await.unwrap(),
+        "a younger one stands by"
+    );
+
+    a.shutdown().await;
+    drop(a);
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let (c_store, c) = join(&database).await;
+    assert!(
+        !a_store.relay_turn().await.unwrap(),
+        "a node that left publishes no more"
+    );
+    assert!(
+        b_store.relay_turn().await.unwrap(),
+        "the next oldest took over"
+    );
+    assert!(!c_store.relay_turn().await.unwrap(), "a newcomer stands by");
+    b.shutdown().await;
+    c.shutdown().await;
+}
 
 /// A batch's `COMMIT` is held up on its way to the database while the node's connection
 /// breaks, so the node asks over a new connection whether the batch landed before it
