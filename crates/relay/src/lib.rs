@@ -18,9 +18,11 @@
 //!   2 min, which must cover a restart). Consumers that need exactly-once dedupe on the
 //!   same id.
 //! - **Per-order order.** Events are read in `seq` order (an order's next event is
-//!   written only after its previous one committed); one publishing round holds at
-//!   most one event per order, and a round is acknowledged in full before the next
-//!   starts, so an order's "paid" is never stored before its "created".
+//!   written only after its previous one committed), and an order has at most one
+//!   event on its way to JetStream at a time: a round skips every event of an order
+//!   after its first (and goes on with the other orders'), and is acknowledged in full
+//!   before the next is read, so an order's "paid" is never stored before its
+//!   "created", even when a failed send goes again.
 //! - **Bounded.** A round publishes at most `batch_max` events; the outbox is bounded by
 //!   the orders themselves.
 //!
@@ -63,7 +65,7 @@ impl RelayConfig {
             stream: "STAMPEDE_ORDERS".into(),
             subject_prefix: "stampede.orders".into(),
             duplicate_window: Duration::from_secs(120),
-            batch_max: 256,
+            batch_max: 1_024,
             idle_wait: Duration::from_millis(50),
             retry_max: Duration::from_secs(5),
             turn_check: Duration::from_secs(1),
@@ -169,22 +171,21 @@ impl Relay {
     }
 
     /// One publishing round: reads the oldest events (at most one per order), publishes
-    /// them, waits for every acknowledgement, then removes them. Answers how many were
-    /// published; 0 means the outbox was empty.
+    /// them, waits for every acknowledgement, then removes exactly them. Answers how many
+    /// were published; 0 means the outbox was empty.
     pub async fn publish_round(&self) -> Result<usize, RelayError> {
         let events = self.store.outbox_read(self.config.batch_max).await?;
         let mut orders = HashSet::with_capacity(events.len());
-        // Stop before an order's second event: it goes in the next round, after the
-        // first is acknowledged.
-        let round: Vec<&OutboxEvent> = events
-            .iter()
-            .take_while(|event| orders.insert(event.order.id))
-            .collect();
-        if round.is_empty() {
-            return Ok(0);
-        }
-        let mut acks = Vec::with_capacity(round.len());
-        for event in &round {
+        let mut acks = Vec::with_capacity(events.len());
+        let mut published = Vec::with_capacity(events.len());
+        for event in &events {
+            // Events are read in `seq` order, an order's in the order they happened: its
+            // second waits for the next round, after the first is acknowledged (so a
+            // failed send that goes again can never land after it); the other orders'
+            // events go on.
+            if !orders.insert(event.order.id) {
+                continue;
+            }
             let subject = format!("{}.{}", self.config.subject_prefix, event_name(event.event));
             let body = serde_json::to_vec(&EventBody::of(event)).map_err(nats)?;
             let publish = jetstream::message::PublishMessage::build()
@@ -196,6 +197,10 @@ impl Relay {
                     .await
                     .map_err(nats)?,
             );
+            published.push(event.seq);
+        }
+        if published.is_empty() {
+            return Ok(0);
         }
         for ack in
             futures::future::join_all(acks.into_iter().map(std::future::IntoFuture::into_future))
@@ -205,10 +210,20 @@ impl Relay {
         }
         // Exactly what was acknowledged: a lower seq another node committed after this
         // read is not in the round and stays for the next.
-        let published: Vec<i64> = round.iter().map(|event| event.seq).collect();
         self.store.outbox_remove(&published).await?;
-        metrics::counter!("stampede_relay_published_total").increment(round.len() as u64);
-        Ok(round.len())
+        metrics::counter!("stampede_relay_published_total").increment(published.len() as u64);
+        Ok(published.len())
+    }
+
+    /// Publishes rounds until the outbox is empty; answers how many events.
+    pub async fn publish_all(&self) -> Result<u64, RelayError> {
+        let mut published = 0;
+        loop {
+            match self.publish_round().await? {
+                0 => return Ok(published),
+                n => published += n as u64,
+            }
+        }
     }
 
     /// Connects (retrying, with the waits of `retry_wait`, while NATS is unreachable:
@@ -262,12 +277,12 @@ impl Relay {
                 self.config.turn_check
             } else {
                 match self.publish_round().await {
-                    Ok(n) => {
+                    Ok(published) => {
                         failures = 0;
-                        if n == 0 {
-                            self.config.idle_wait
-                        } else {
+                        if published > 0 {
                             Duration::ZERO
+                        } else {
+                            self.config.idle_wait
                         }
                     }
                     Err(error) => {

@@ -421,3 +421,81 @@ async fn a_relay_publishes_only_on_its_nodes_turn() {
     jetstream.delete_stream(&config.stream).await.unwrap();
     engine.shutdown().await;
 }
+
+/// An engine whose outbox holds, in order: ann, bob and cyd created, bob cancelled, dan
+/// created. Answers the engine, its store and bob's order id.
+async fn five_events(dir: &std::path::Path) -> (Engine, Arc<dyn Store>, String) {
+    let options = stampede_store::StoreOptions {
+        outbox: true,
+        ..Default::default()
+    };
+    let store = stampede_store::open(None, dir, &options).await.unwrap();
+    let engine = Engine::open(
+        store.clone(),
+        Arc::new(SystemClock),
+        EngineConfig::default(),
+    )
+    .await
+    .unwrap();
+    let sale = live_sale(&engine, "EV-4", 10, 10, 100, 5).await;
+    let mut bob = None;
+    for user in ["ann", "bob", "cyd", "dan"] {
+        if user == "dan" {
+            engine.cancel(&Actor::Admin, bob.unwrap()).await.unwrap();
+        }
+        let placed = engine
+            .purchase(
+                UserId::parse(user).unwrap(),
+                IdempotencyKey::parse("k").unwrap(),
+                sale,
+                Quantity::parse(1).unwrap(),
+            )
+            .await
+            .unwrap();
+        if user == "bob" {
+            bob = Some(placed.placed.order_id);
+        }
+    }
+    assert_eq!(store.outbox_read(100).await.unwrap().len(), 5);
+    (engine, store, bob.unwrap().to_string())
+}
+
+/// The stream's messages as (order id, event), in stream order; deletes the stream.
+async fn stored(config: &RelayConfig) -> Vec<(String, String)> {
+    let client = async_nats::connect(nats_url()).await.unwrap();
+    let jetstream = async_nats::jetstream::new(client);
+    let mut stream = jetstream.get_stream(&config.stream).await.unwrap();
+    let n = stream.info().await.unwrap().state.messages;
+    let mut seen = Vec::new();
+    for sequence in 1..=n {
+        let message = stream.get_raw_message(sequence).await.unwrap();
+        let body: serde_json::Value = serde_json::from_slice(&message.payload).unwrap();
+        seen.push((
+            body["order_id"].as_str().unwrap().to_owned(),
+            body["event"].as_str().unwrap().to_owned(),
+        ));
+    }
+    jetstream.delete_stream(&config.stream).await.unwrap();
+    seen
+}
+
+/// A round skips an order's second event (it waits for the first to be acknowledged)
+/// but goes on with the other orders' events after it, instead of stopping there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_round_skips_an_orders_second_event_and_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let (engine, store, bob) = five_events(dir.path()).await;
+    let config = test_config();
+    let relay = Relay::connect(store.clone(), config.clone()).await.unwrap();
+    assert_eq!(
+        relay.publish_round().await.unwrap(),
+        4,
+        "ann, bob, cyd and dan created; bob's cancel waits"
+    );
+    assert_eq!(relay.publish_round().await.unwrap(), 1, "bob cancelled");
+    assert_eq!(relay.publish_round().await.unwrap(), 0);
+    let seen = stored(&config).await;
+    assert_eq!(seen.len(), 5);
+    assert_eq!(seen[4], (bob, "cancelled".to_owned()), "{seen:?}");
+    engine.shutdown().await;
+}

@@ -34,8 +34,9 @@ enum Message {
 }
 
 /// How many calls may wait for the write thread. The engine has one writer, which waits
-/// for each commit; settings and outbox removals are rare. A full queue makes callers
-/// wait (async), it never grows.
+/// for each commit; the relay removes at most one round of published events at a time
+/// (one call), and settings are rare. A full queue makes callers wait (async), it never
+/// grows.
 const QUEUE_BOUND: usize = 16;
 
 /// The WAL file is cut back to this size when it starts over after a burst grew it.

@@ -12,6 +12,7 @@ pub const BUYERS: u64 = 512;
 /// `buyers` concurrent purchases of one unit spread over `engines` (one, or the nodes of
 /// a cluster), each answered only once durable; `counter` numbers them so every key is
 /// new.
+#[allow(dead_code)] // the store's benches'; the relay's drain bench includes this module too
 pub async fn purchase_round_on(
     engines: &[Arc<Engine>],
     sale: SaleId,
@@ -33,7 +34,7 @@ pub async fn purchase_round_on(
 /// `total` purchases kept at `concurrency` in flight the whole time, spread over the
 /// nodes: each buyer places its next purchase as soon as its last is answered (constant
 /// pressure, as during a stampede, rather than waves that drain between rounds).
-#[allow(dead_code)] // the backends bench's; the writer bench includes this module too
+#[allow(dead_code)] // not the writer bench's, which includes this module too
 pub async fn purchase_stream_on(
     engines: &[Arc<Engine>],
     sale: SaleId,
