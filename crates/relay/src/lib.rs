@@ -175,6 +175,14 @@ impl Relay {
     /// were published; 0 means the outbox was empty.
     pub async fn publish_round(&self) -> Result<usize, RelayError> {
         let events = self.store.outbox_read(self.config.batch_max).await?;
+        // How far the stream is behind the orders: the oldest event still waiting.
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |now| now.as_millis() as i64);
+        let lag_ms = events
+            .first()
+            .map_or(0, |oldest| now_ms.saturating_sub(oldest.at_ms).max(0));
+        metrics::gauge!("stampede_relay_lag_seconds").set(lag_ms as f64 / 1_000.0);
         let mut orders = HashSet::with_capacity(events.len());
         let mut acks = Vec::with_capacity(events.len());
         let mut published = Vec::with_capacity(events.len());

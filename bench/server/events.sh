@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# What the order-event stream costs the sale, and whether it keeps up: durable
+# purchases per second through `stampede serve` without and with `--nats-url` (the
+# transactional outbox plus the relay publishing to JetStream in the same process),
+# alternating, same generator (wrk + bench/server/load.lua), one run. With NATS it also
+# reads, from /metrics, how many of the sold orders' events were still unpublished when
+# the load stopped and how long the relay took to publish the rest.
+#
+#   cargo build --release -p stampede && bench/server/events.sh
+#
+# Environment: DURATION (default 10s), CONNECTIONS (default "256 1024"), ROUNDS
+# (default 2), NATS_URL (default nats://127.0.0.1:4222, JetStream on), STAMPEDE_BIN,
+# PROFILE.
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+# shellcheck source=../lib.sh
+source "$here/../lib.sh"
+needs_wrk
+needs_python3
+duration=${DURATION:-10s}
+connections=${CONNECTIONS:-256 1024}
+rounds=${ROUNDS:-2}
+nats_url=${NATS_URL:-nats://127.0.0.1:4222}
+port=${PORT:-18183}
+base=http://127.0.0.1:$port
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+with_workdir
+with_shoppers
+
+# metric NAME: the value of a counter in /metrics (0 when absent).
+metric() {
+  curl -sf "$base/metrics" | awk -v name="$1" '$1 == name {print $2; found = 1} END {if (!found) print 0}'
+}
+# sold: orders placed so far (every purchase is one unit), from the sale's audit.
+sold() {
+  curl -sf "$base/v1/flash-sales/$SALE/audit" -H "Authorization: Bearer $STAMPEDE_ADMIN_TOKEN" |
+    python3 -c 'import json, sys; a = json.load(sys.stdin); assert a["consistent"], a; print(a["pending_payment"] + a["paid"])'
+}
+
+# delete_stream NAME: removes a JetStream stream through the NATS protocol itself (the
+# JetStream API subject), best effort, so the runs leave nothing in the server.
+delete_stream() {
+  local hostport=${nats_url#nats://}
+  {
+    exec 3<>"/dev/tcp/${hostport%:*}/${hostport##*:}" &&
+      printf 'CONNECT {"verbose":false}\r\nPUB $JS.API.STREAM.DELETE.%s 0\r\n\r\nPING\r\n' "$1" >&3 &&
+      timeout 2 grep -q -m1 PONG <&3
+    exec 3>&-
+  } 2>/dev/null || true
+}
+
+printf '%-6s %-12s %12s %12s %8s %22s %14s\n' round connections "no events/s" "events/s" "÷" "unpublished at stop" "published in"
+for round in $(seq "$rounds"); do
+  for c in $connections; do
+    start_with_sale durable
+    plain=$(TARGET=purchase wrk -t1 -c"$c" -d"$duration" -s "$here/load.lua" "$base/healthz" |
+      sed -nE 's/^RESULT.* rps=([0-9]+).*/\1/p')
+    # A stream of this run's own, removed at the end.
+    stream="STAMPEDE_BENCH_$$_${round}_$c"
+    start_with_sale durable --nats-url "$nats_url" --nats-stream "$stream" --nats-subject-prefix "bench_$$_${round}_$c.orders"
+    events=$(TARGET=purchase wrk -t1 -c"$c" -d"$duration" -s "$here/load.lua" "$base/healthz" |
+      sed -nE 's/^RESULT.* rps=([0-9]+).*/\1/p')
+    stopped=$(date +%s.%N)
+    orders=$(sold)
+    published=$(metric stampede_relay_published_total)
+    # The products' and sale's events are not order events: only orders are counted.
+    waiting=$(awk -v o="$orders" -v p="$published" 'BEGIN {print (o > p ? o - p : 0)}')
+    while awk -v o="$orders" -v p="$(metric stampede_relay_published_total)" 'BEGIN {exit !(p < o)}'; do
+      sleep 0.05
+    done
+    took=$(awk -v s="$stopped" -v e="$(date +%s.%N)" 'BEGIN {printf "%.2f s", e - s}')
+    printf '%-6s %-12s %12s %12s %8s %22s %14s\n' "$round" "$c" "$plain" "$events" \
+      "$(awk -v a="$events" -v b="$plain" 'BEGIN {printf "%.2f", a / b}')" \
+      "$waiting of $orders" "$took"
+    delete_stream "$stream"
+  done
+done
