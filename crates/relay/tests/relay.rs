@@ -13,7 +13,7 @@ use stampede_engine::testing::live_sale;
 use stampede_engine::{Actor, Engine, EngineConfig, Store, StoreError, SystemClock};
 use stampede_relay::{Relay, RelayConfig};
 use stampede_store::testing::{Backend, Call, Intercepted, Interceptor, TestDatabase};
-use stampede_types::{IdempotencyKey, Quantity, UserId};
+use stampede_types::{IdempotencyKey, OrderId, Quantity, SaleId, UserId};
 
 fn nats_url() -> String {
     std::env::var("STAMPEDE_TEST_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into())
@@ -31,6 +31,66 @@ fn test_config() -> RelayConfig {
         subject_prefix: format!("stampede_{tag}.orders"),
         ..RelayConfig::new(nats_url())
     }
+}
+
+fn with_outbox() -> stampede_store::StoreOptions {
+    stampede_store::StoreOptions {
+        outbox: true,
+        ..Default::default()
+    }
+}
+
+/// The embedded store with its outbox, in `dir`.
+async fn sqlite_outbox(dir: &std::path::Path) -> Arc<dyn Store> {
+    stampede_store::open(None, dir, &with_outbox())
+        .await
+        .unwrap()
+}
+
+/// An engine on `store` and a live sale of 10 units (5 a shopper).
+async fn engine_with_sale(store: Arc<dyn Store>, sku: &str) -> (Engine, SaleId) {
+    let engine = Engine::open(store, Arc::new(SystemClock), EngineConfig::default())
+        .await
+        .unwrap();
+    let sale = live_sale(&engine, sku, 10, 10, 100, 5).await;
+    (engine, sale)
+}
+
+/// One unit of `sale` bought by `user`; the order's id.
+async fn buy(engine: &Engine, sale: SaleId, user: &str) -> OrderId {
+    engine
+        .purchase(
+            UserId::parse(user).unwrap(),
+            IdempotencyKey::parse("k").unwrap(),
+            sale,
+            Quantity::parse(1).unwrap(),
+        )
+        .await
+        .unwrap()
+        .placed
+        .order_id
+}
+
+/// The stream's messages as (order id, event), in stream order, each on its event's
+/// subject; deletes the stream.
+async fn stored(config: &RelayConfig) -> Vec<(String, String)> {
+    let client = async_nats::connect(nats_url()).await.unwrap();
+    let jetstream = async_nats::jetstream::new(client);
+    let mut stream = jetstream.get_stream(&config.stream).await.unwrap();
+    let n = stream.info().await.unwrap().state.messages;
+    let mut seen = Vec::new();
+    for sequence in 1..=n {
+        let message = stream.get_raw_message(sequence).await.unwrap();
+        let body: serde_json::Value = serde_json::from_slice(&message.payload).unwrap();
+        let event = body["event"].as_str().unwrap().to_owned();
+        assert_eq!(
+            message.subject.as_str(),
+            format!("{}.{event}", config.subject_prefix)
+        );
+        seen.push((body["order_id"].as_str().unwrap().to_owned(), event));
+    }
+    jetstream.delete_stream(&config.stream).await.unwrap();
+    seen
 }
 
 /// Makes `outbox_remove` fail once, as a relay killed after JetStream acknowledged a
@@ -54,39 +114,16 @@ impl Interceptor for DiesBeforeRemoval {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_event_reaches_the_stream_once_in_order_even_after_a_crash_before_removal() {
     let dir = tempfile::tempdir().unwrap();
-    let options = stampede_store::StoreOptions {
-        outbox: true,
-        ..Default::default()
-    };
     let store = Arc::new(Intercepted {
-        inner: stampede_store::open(None, dir.path(), &options)
-            .await
-            .unwrap(),
+        inner: sqlite_outbox(dir.path()).await,
         hooks: DiesBeforeRemoval {
             die: AtomicBool::new(true),
         },
     });
-    let engine = Engine::open(
-        store.clone(),
-        Arc::new(SystemClock),
-        EngineConfig::default(),
-    )
-    .await
-    .unwrap();
-    let sale = live_sale(&engine, "EV-1", 10, 10, 100, 5).await;
-    let one = Quantity::parse(1).unwrap();
+    let (engine, sale) = engine_with_sale(store.clone(), "EV-1").await;
     let mut order_ids = Vec::new();
     for user in ["ann", "bob", "cyd"] {
-        let placed = engine
-            .purchase(
-                UserId::parse(user).unwrap(),
-                IdempotencyKey::parse("k").unwrap(),
-                sale,
-                one,
-            )
-            .await
-            .unwrap();
-        order_ids.push(placed.placed.order_id);
+        order_ids.push(buy(&engine, sale, user).await);
     }
     // bob's order is cancelled: created and cancelled are both in the outbox, in order.
     engine.cancel(&Actor::Admin, order_ids[1]).await.unwrap();
@@ -103,16 +140,9 @@ async fn every_event_reaches_the_stream_once_in_order_even_after_a_crash_before_
     // A new relay resumes from the outbox: it publishes the same round again (JetStream
     // drops the repeats by message id), then the rest.
     let relay = Relay::connect(store.clone(), config.clone()).await.unwrap();
-    let mut published = 0;
-    loop {
-        let n = relay.publish_round().await.unwrap();
-        if n == 0 {
-            break;
-        }
-        published += n;
-    }
     assert_eq!(
-        published, 4,
+        relay.publish_all().await.unwrap(),
+        4,
         "3 created + 1 cancelled, the round after the crash included"
     );
     assert!(
@@ -120,28 +150,8 @@ async fn every_event_reaches_the_stream_once_in_order_even_after_a_crash_before_
         "the outbox is empty"
     );
 
-    let client = async_nats::connect(nats_url()).await.unwrap();
-    let jetstream = async_nats::jetstream::new(client);
-    let mut stream = jetstream.get_stream(&config.stream).await.unwrap();
-    let n_messages = stream.info().await.unwrap().state.messages;
-    assert_eq!(n_messages, 4, "each event stored once");
-    let mut seen = Vec::new();
-    for sequence in 1..=n_messages {
-        let message = stream.get_raw_message(sequence).await.unwrap();
-        let body: serde_json::Value = serde_json::from_slice(&message.payload).unwrap();
-        assert_eq!(
-            message.subject.as_str(),
-            format!(
-                "{}.{}",
-                config.subject_prefix,
-                body["event"].as_str().unwrap()
-            )
-        );
-        seen.push((
-            body["order_id"].as_str().unwrap().to_owned(),
-            body["event"].as_str().unwrap().to_owned(),
-        ));
-    }
+    let seen = stored(&config).await;
+    assert_eq!(seen.len(), 4, "each event stored once: {seen:?}");
     let bob = order_ids[1].to_string();
     let created = seen
         .iter()
@@ -158,7 +168,6 @@ async fn every_event_reaches_the_stream_once_in_order_even_after_a_crash_before_
     for id in &order_ids {
         assert!(seen.contains(&(id.to_string(), "created".to_owned())));
     }
-    jetstream.delete_stream(&config.stream).await.unwrap();
     engine.shutdown().await;
 }
 
@@ -254,36 +263,16 @@ async fn an_event_committed_late_by_another_node_is_published_not_dropped() {
     for backend in [Backend::Postgres, Backend::MySql] {
         let database = TestDatabase::create(backend).await;
         let dir = tempfile::tempdir().unwrap();
-        let options = stampede_store::StoreOptions {
-            outbox: true,
-            ..Default::default()
-        };
         let store = Arc::new(Intercepted {
-            inner: database.open_with(dir.path(), &options).await,
+            inner: database.open_with(dir.path(), &with_outbox()).await,
             hooks: CommitsLate {
                 other: tokio::sync::Mutex::new(None),
             },
         });
-        let engine = Engine::open(
-            store.clone(),
-            Arc::new(SystemClock),
-            EngineConfig::default(),
-        )
-        .await
-        .unwrap();
-        let sale = live_sale(&engine, "EV-2", 10, 10, 100, 5).await;
+        let (engine, sale) = engine_with_sale(store.clone(), "EV-2").await;
         let mut order_ids = Vec::new();
         for user in ["ann", "bob"] {
-            let placed = engine
-                .purchase(
-                    UserId::parse(user).unwrap(),
-                    IdempotencyKey::parse("k").unwrap(),
-                    sale,
-                    Quantity::parse(1).unwrap(),
-                )
-                .await
-                .unwrap();
-            order_ids.push(placed.placed.order_id.to_string());
+            order_ids.push(buy(&engine, sale, user).await.to_string());
         }
         let config = test_config();
         let relay = Relay::connect(store.clone(), config.clone()).await.unwrap();
@@ -311,19 +300,13 @@ async fn an_event_committed_late_by_another_node_is_published_not_dropped() {
         );
         assert_eq!(relay.publish_round().await.unwrap(), 0);
 
-        let client = async_nats::connect(nats_url()).await.unwrap();
-        let jetstream = async_nats::jetstream::new(client);
-        let mut stream = jetstream.get_stream(&config.stream).await.unwrap();
-        let n_messages = stream.info().await.unwrap().state.messages;
-        assert_eq!(n_messages, 4, "2 created + 2 paid, each stored once");
-        let mut paid = Vec::new();
-        for sequence in 1..=n_messages {
-            let message = stream.get_raw_message(sequence).await.unwrap();
-            let body: serde_json::Value = serde_json::from_slice(&message.payload).unwrap();
-            if body["event"] == "paid" {
-                paid.push(body["order_id"].as_str().unwrap().to_owned());
-            }
-        }
+        let seen = stored(&config).await;
+        assert_eq!(seen.len(), 4, "2 created + 2 paid, each stored once");
+        let mut paid: Vec<String> = seen
+            .into_iter()
+            .filter(|(_, event)| event == "paid")
+            .map(|(order, _)| order)
+            .collect();
         paid.sort();
         let mut expected = order_ids.clone();
         expected.sort();
@@ -333,7 +316,6 @@ async fn an_event_committed_late_by_another_node_is_published_not_dropped() {
             "{}: both payments reached the stream",
             backend.name()
         );
-        jetstream.delete_stream(&config.stream).await.unwrap();
         engine.shutdown().await;
     }
 }
@@ -361,35 +343,14 @@ impl Interceptor for NotMyTurn {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_relay_publishes_only_on_its_nodes_turn() {
     let dir = tempfile::tempdir().unwrap();
-    let options = stampede_store::StoreOptions {
-        outbox: true,
-        ..Default::default()
-    };
     let store = Arc::new(Intercepted {
-        inner: stampede_store::open(None, dir.path(), &options)
-            .await
-            .unwrap(),
+        inner: sqlite_outbox(dir.path()).await,
         hooks: NotMyTurn {
             standby: AtomicBool::new(true),
         },
     });
-    let engine = Engine::open(
-        store.clone(),
-        Arc::new(SystemClock),
-        EngineConfig::default(),
-    )
-    .await
-    .unwrap();
-    let sale = live_sale(&engine, "EV-3", 10, 10, 100, 5).await;
-    engine
-        .purchase(
-            UserId::parse("ann").unwrap(),
-            IdempotencyKey::parse("k").unwrap(),
-            sale,
-            Quantity::parse(1).unwrap(),
-        )
-        .await
-        .unwrap();
+    let (engine, sale) = engine_with_sale(store.clone(), "EV-3").await;
+    buy(&engine, sale, "ann").await;
     let config = RelayConfig {
         turn_check: std::time::Duration::from_millis(100),
         ..test_config()
@@ -414,69 +375,27 @@ async fn a_relay_publishes_only_on_its_nodes_turn() {
     }
     stop.send(()).unwrap();
     running.await.unwrap();
-    let client = async_nats::connect(nats_url()).await.unwrap();
-    let jetstream = async_nats::jetstream::new(client);
-    let mut stream = jetstream.get_stream(&config.stream).await.unwrap();
-    assert_eq!(stream.info().await.unwrap().state.messages, 1);
-    jetstream.delete_stream(&config.stream).await.unwrap();
+    assert_eq!(stored(&config).await.len(), 1);
     engine.shutdown().await;
 }
 
 /// An engine whose outbox holds, in order: ann, bob and cyd created, bob cancelled, dan
 /// created. Answers the engine, its store and bob's order id.
 async fn five_events(dir: &std::path::Path) -> (Engine, Arc<dyn Store>, String) {
-    let options = stampede_store::StoreOptions {
-        outbox: true,
-        ..Default::default()
-    };
-    let store = stampede_store::open(None, dir, &options).await.unwrap();
-    let engine = Engine::open(
-        store.clone(),
-        Arc::new(SystemClock),
-        EngineConfig::default(),
-    )
-    .await
-    .unwrap();
-    let sale = live_sale(&engine, "EV-4", 10, 10, 100, 5).await;
+    let store = sqlite_outbox(dir).await;
+    let (engine, sale) = engine_with_sale(store.clone(), "EV-4").await;
     let mut bob = None;
     for user in ["ann", "bob", "cyd", "dan"] {
         if user == "dan" {
             engine.cancel(&Actor::Admin, bob.unwrap()).await.unwrap();
         }
-        let placed = engine
-            .purchase(
-                UserId::parse(user).unwrap(),
-                IdempotencyKey::parse("k").unwrap(),
-                sale,
-                Quantity::parse(1).unwrap(),
-            )
-            .await
-            .unwrap();
+        let order = buy(&engine, sale, user).await;
         if user == "bob" {
-            bob = Some(placed.placed.order_id);
+            bob = Some(order);
         }
     }
     assert_eq!(store.outbox_read(100).await.unwrap().len(), 5);
     (engine, store, bob.unwrap().to_string())
-}
-
-/// The stream's messages as (order id, event), in stream order; deletes the stream.
-async fn stored(config: &RelayConfig) -> Vec<(String, String)> {
-    let client = async_nats::connect(nats_url()).await.unwrap();
-    let jetstream = async_nats::jetstream::new(client);
-    let mut stream = jetstream.get_stream(&config.stream).await.unwrap();
-    let n = stream.info().await.unwrap().state.messages;
-    let mut seen = Vec::new();
-    for sequence in 1..=n {
-        let message = stream.get_raw_message(sequence).await.unwrap();
-        let body: serde_json::Value = serde_json::from_slice(&message.payload).unwrap();
-        seen.push((
-            body["order_id"].as_str().unwrap().to_owned(),
-            body["event"].as_str().unwrap().to_owned(),
-        ));
-    }
-    jetstream.delete_stream(&config.stream).await.unwrap();
-    seen
 }
 
 /// A round skips an order's second event (it waits for the first to be acknowledged)

@@ -553,8 +553,15 @@ pub fn lock_for_writing(config: &Config) -> anyhow::Result<Vec<std::fs::File>> {
     Ok(locks)
 }
 
+/// How long a start waits for a lock another holder may be about to let go: a server
+/// of the same process that just stopped, whose lock a child being spawned elsewhere in
+/// the process still holds until it executes its program (the lock belongs to the open
+/// file, which the child's copy of the descriptors keeps open that long), or a previous
+/// process still exiting.
+const LOCK_WAIT: Duration = Duration::from_secs(2);
+
 /// An exclusive lock on `path`, held while the file is open, or an error saying that
-/// another process serves `what`.
+/// another process serves `what` (still held after `LOCK_WAIT`).
 fn lock_file(path: &Path, what: &Path) -> anyhow::Result<std::fs::File> {
     let file = std::fs::OpenOptions::new()
         .create(true)
@@ -562,14 +569,22 @@ fn lock_file(path: &Path, what: &Path) -> anyhow::Result<std::fs::File> {
         .write(true)
         .open(path)
         .with_context(|| format!("open {}", path.display()))?;
-    match file.try_lock() {
-        Ok(()) => Ok(file),
-        Err(std::fs::TryLockError::WouldBlock) => anyhow::bail!(
-            "another stampede process is serving {}; two writers on one database would oversell",
-            what.display()
-        ),
-        Err(std::fs::TryLockError::Error(error)) => {
-            Err(error).with_context(|| format!("lock {}", path.display()))
+    let started = std::time::Instant::now();
+    loop {
+        match file.try_lock() {
+            Ok(()) => return Ok(file),
+            Err(std::fs::TryLockError::WouldBlock) if started.elapsed() < LOCK_WAIT => {
+                // Blocks the caller's thread, only while contended and at most
+                // LOCK_WAIT, once at start.
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(std::fs::TryLockError::WouldBlock) => anyhow::bail!(
+                "another stampede process is serving {}; two writers on one database would oversell",
+                what.display()
+            ),
+            Err(std::fs::TryLockError::Error(error)) => {
+                return Err(error).with_context(|| format!("lock {}", path.display()));
+            }
         }
     }
 }
