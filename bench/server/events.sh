@@ -6,10 +6,16 @@
 # reads, from /metrics, how many of the sold orders' events were still unpublished when
 # the load stopped and how long the relay took to publish the rest.
 #
+# Then, with NATS, the open model at fixed rates (`stampede press --rate`, default half
+# the best rate without events measured above): whether the stream keeps up at a rate
+# the server carries with room to spare, by the relay's lag (`stampede_relay_lag_seconds`,
+# the age of the oldest event still waiting) and the events unpublished when the load
+# stopped.
+#
 #   cargo build --release -p stampede && bench/server/events.sh
 #
 # Environment: DURATION (default 10s), CONNECTIONS (default "256 1024"), ROUNDS
-# (default 2), NATS_URL (default nats://127.0.0.1:4222, JetStream on), STAMPEDE_BIN,
+# (default 2), RATES (default: half the best rate without events), NATS_URL (default nats://127.0.0.1:4222, JetStream on), STAMPEDE_BIN,
 # PROFILE.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -36,6 +42,15 @@ sold() {
   curl -sf "$base/v1/flash-sales/$SALE/audit" -H "Authorization: Bearer $STAMPEDE_ADMIN_TOKEN" |
     python3 -c 'import json, sys; a = json.load(sys.stdin); assert a["consistent"], a; print(a["pending_payment"] + a["paid"])'
 }
+# catch_up ORDERS: waits until the relay has published ORDERS events; prints how long.
+catch_up() {
+  local from
+  from=$(date +%s.%N)
+  while awk -v o="$1" -v p="$(metric stampede_relay_published_total)" 'BEGIN {exit !(p < o)}'; do
+    sleep 0.05
+  done
+  awk -v s="$from" -v e="$(date +%s.%N)" 'BEGIN {printf "%.2f s", e - s}'
+}
 
 # delete_stream NAME: removes a JetStream stream through the NATS protocol itself (the
 # JetStream API subject), best effort, so the runs leave nothing in the server.
@@ -60,18 +75,44 @@ for round in $(seq "$rounds"); do
     start_with_sale durable --nats-url "$nats_url" --nats-stream "$stream" --nats-subject-prefix "bench_$$_${round}_$c.orders"
     events=$(TARGET=purchase wrk -t1 -c"$c" -d"$duration" -s "$here/load.lua" "$base/healthz" |
       sed -nE 's/^RESULT.* rps=([0-9]+).*/\1/p')
-    stopped=$(date +%s.%N)
     orders=$(sold)
     published=$(metric stampede_relay_published_total)
-    # The products' and sale's events are not order events: only orders are counted.
     waiting=$(awk -v o="$orders" -v p="$published" 'BEGIN {print (o > p ? o - p : 0)}')
-    while awk -v o="$orders" -v p="$(metric stampede_relay_published_total)" 'BEGIN {exit !(p < o)}'; do
-      sleep 0.05
-    done
-    took=$(awk -v s="$stopped" -v e="$(date +%s.%N)" 'BEGIN {printf "%.2f s", e - s}')
+    took=$(catch_up "$orders")
     printf '%-6s %-12s %12s %12s %8s %22s %14s\n' "$round" "$c" "$plain" "$events" \
       "$(awk -v a="$events" -v b="$plain" 'BEGIN {printf "%.2f", a / b}')" \
       "$waiting of $orders" "$took"
     delete_stream "$stream"
+    [ "$plain" -gt "${best_plain:-0}" ] && best_plain=$plain
   done
+done
+
+rates=${RATES:-$((best_plain / 2))}
+echo
+# press_at RATE: the open model at RATE against the server on $base; sets $achieved
+# (requests/s) and $p99 (ms from the scheduled send).
+press_at() {
+  "$bin" press --target "$base" --scenario "$here/purchase.toml" --rate "$1/s" \
+    --duration "$duration" --connections 256 > "$work/press.out" 2>&1 || true
+  achieved=$(sed -nE 's/.* ([0-9.]+) req\/s.*/\1/p' "$work/press.out" | head -1)
+  p99=$(sed -nE 's/^  latency from scheduled send:.* p99 ([0-9.]+),.*/\1/p' "$work/press.out")
+}
+
+printf '%-8s %22s %22s %12s %22s %14s\n' rate/s "no events: /s, p99 ms" "events: /s, p99 ms" "lag at stop" "unpublished at stop" "published in"
+for rate in $rates; do
+  start_with_sale durable
+  press_at "$rate"
+  plain="$achieved, ${p99:-?}"
+  stream="STAMPEDE_BENCH_$$_rate_$rate"
+  start_with_sale durable --nats-url "$nats_url" --nats-stream "$stream" --nats-subject-prefix "bench_$$_rate_$rate.orders"
+  # The lag is read once press is done: after its drain when the server fell behind the
+  # schedule (then the achieved rate is below the scheduled one).
+  press_at "$rate"
+  lag=$(metric stampede_relay_lag_seconds)
+  orders=$(metric 'stampede_purchases_total{outcome="placed"}')
+  published=$(metric stampede_relay_published_total)
+  waiting=$(awk -v o="$orders" -v p="$published" 'BEGIN {print (o > p ? o - p : 0)}')
+  took=$(catch_up "$orders")
+  printf '%-8s %22s %22s %12s %22s %14s\n' "$rate" "$plain" "$achieved, ${p99:-?}" "${lag} s" "$waiting of $orders" "$took"
+  delete_stream "$stream"
 done

@@ -332,6 +332,10 @@ impl Turn {
             }
         }
         metrics::gauge!("stampede_relay_publishing").set(if mine { 1.0 } else { 0.0 });
+        if !mine {
+            // The lag is the publishing node's to report.
+            metrics::gauge!("stampede_relay_lag_seconds").set(0.0);
+        }
         self.mine = mine;
         self.asked = Some(std::time::Instant::now());
     }
