@@ -359,11 +359,15 @@ pub trait Store: Send + Sync + 'static {
         let _ = limit;
         Ok(Vec::new())
     }
-    /// Whether this node's relay should publish the outbox now. In a cluster every node
-    /// may run a relay but one publishes at a time: the oldest live member, so the
-    /// stream is not fed the same events by every node and a node that stops
-    /// heartbeating hands the turn on. A store with one writer: always.
-    async fn relay_turn(&self) -> Result<bool, StoreError> {
+    /// Whether this node's relay should publish the outbox now, given whether it is
+    /// `ready` (connected to NATS, no recent failure; a ready relay's claim lasts the
+    /// cluster's node time to live). In a cluster every node may run a relay but one
+    /// publishes at a time: the oldest live member whose relay is ready, so the stream
+    /// is not fed the same events by every node, and a node that stops heartbeating or
+    /// whose relay cannot publish (no NATS, failing rounds) hands the turn on. A store
+    /// with one writer: always.
+    async fn relay_turn(&self, ready: bool) -> Result<bool, StoreError> {
+        let _ = ready;
         Ok(true)
     }
     /// Removes exactly these events (they have been published). Not "everything up to

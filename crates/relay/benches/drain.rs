@@ -188,8 +188,8 @@ fn drain(c: &mut Criterion) {
                     let started = Instant::now();
                     setup.sell(iters * EVENTS).await;
                     let elapsed = started.elapsed();
-                    let waiting = setup.waiting().await;
                     let caught_up = Instant::now();
+                    let waiting = setup.waiting().await;
                     while !setup.store.outbox_read(1).await.unwrap().is_empty() {
                         tokio::time::sleep(Duration::from_millis(10)).await;
                     }

@@ -12,7 +12,9 @@
 //!   so an event with a lower `seq` can become visible after a higher one was read, and
 //!   it stays for the next round.
 //! - **One publisher.** Every node may run a relay; it publishes only on its node's turn
-//!   (`Store::relay_turn`: the oldest live cluster member), so the stream is fed once.
+//!   (`Store::relay_turn`: the oldest live cluster member whose relay is ready, i.e.
+//!   connected and not failing), so the stream is fed once, and a node that cannot
+//!   publish never holds the turn.
 //! - **Deduplicated.** Every message carries `Nats-Msg-Id: <order id>.<event>`; JetStream
 //!   drops a repeat inside the stream's duplicate window (`duplicate_window`, default
 //!   2 min, which must cover a restart). Consumers that need exactly-once dedupe on the
@@ -132,6 +134,8 @@ pub fn message_id(event: &OutboxEvent) -> String {
 pub struct Relay {
     store: Arc<dyn Store>,
     config: RelayConfig,
+    /// The connection, asked whether it is up before the relay claims the turn.
+    client: async_nats::Client,
     jetstream: jetstream::Context,
 }
 
@@ -143,7 +147,7 @@ impl Relay {
             .connect(config.nats_url.as_str())
             .await
             .map_err(nats)?;
-        let jetstream = jetstream::new(client);
+        let jetstream = jetstream::new(client.clone());
         let stream = jetstream
             .get_or_create_stream(jetstream::stream::Config {
                 name: config.stream.clone(),
@@ -166,6 +170,7 @@ impl Relay {
         Ok(Relay {
             store,
             config,
+            client,
             jetstream,
         })
     }
@@ -175,14 +180,7 @@ impl Relay {
     /// were published; 0 means the outbox was empty.
     pub async fn publish_round(&self) -> Result<usize, RelayError> {
         let events = self.store.outbox_read(self.config.batch_max).await?;
-        // How far the stream is behind the orders: the oldest event still waiting.
-        let now_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |now| now.as_millis() as i64);
-        let lag_ms = events
-            .first()
-            .map_or(0, |oldest| now_ms.saturating_sub(oldest.at_ms).max(0));
-        metrics::gauge!("stampede_relay_lag_seconds").set(lag_ms as f64 / 1_000.0);
+        report_lag(events.first());
         let mut orders = HashSet::with_capacity(events.len());
         let mut acks = Vec::with_capacity(events.len());
         let mut published = Vec::with_capacity(events.len());
@@ -251,6 +249,10 @@ impl Relay {
                     failures = failures.saturating_add(1);
                     metrics::counter!("stampede_relay_failures_total").increment(1);
                     tracing::warn!(%error, url = %config.nats_url, failures, "outbox relay cannot reach NATS; retrying");
+                    // The lag goes on growing while NATS is out of reach: say how much.
+                    if let Ok(oldest) = store.outbox_read(1).await {
+                        report_lag(oldest.first());
+                    }
                 }
             }
             let wait = retry_wait(config.idle_wait, config.retry_max, failures);
@@ -262,7 +264,8 @@ impl Relay {
     }
 
     /// Publishes until `shutdown` resolves, while it is this node's turn
-    /// (`Store::relay_turn`, asked every `turn_check`). Failures are logged and retried
+    /// (`Store::relay_turn`, asked every `turn_check`, ready while connected and no
+    /// round failed in the last 2 × `retry_max`). Failures are logged and retried
     /// after a wait that doubles from `idle_wait` up to `retry_max`, back to `idle_wait`
     /// after a round succeeds; nothing is removed from the outbox that JetStream has not
     /// stored.
@@ -270,9 +273,15 @@ impl Relay {
         tokio::pin!(shutdown);
         let mut turn = Turn::default();
         let mut failures = 0u32;
+        let mut last_failure: Option<std::time::Instant> = None;
         loop {
             if turn.due(self.config.turn_check) {
-                let mine = match self.store.relay_turn().await {
+                // Ready to publish: connected, and no round failed lately (a relay that
+                // keeps failing lets another node's take over, and asks again later).
+                let ready = self.client.connection_state()
+                    == async_nats::connection::State::Connected
+                    && last_failure.is_none_or(|at| at.elapsed() >= self.config.retry_max * 2);
+                let mine = match self.store.relay_turn(ready).await {
                     Ok(mine) => mine,
                     Err(error) => {
                         tracing::warn!(%error, "outbox relay cannot ask whose turn it is");
@@ -295,6 +304,7 @@ impl Relay {
                     }
                     Err(error) => {
                         failures = failures.saturating_add(1);
+                        last_failure = Some(std::time::Instant::now());
                         metrics::counter!("stampede_relay_failures_total").increment(1);
                         tracing::warn!(%error, failures, "outbox relay round failed; retrying");
                         retry_wait(self.config.idle_wait, self.config.retry_max, failures)
@@ -307,8 +317,19 @@ impl Relay {
             }
         }
         metrics::gauge!("stampede_relay_publishing").set(0.0);
+        metrics::gauge!("stampede_relay_lag_seconds").set(0.0);
         tracing::info!("outbox relay stopped");
     }
+}
+
+/// Sets `stampede_relay_lag_seconds`: how far the stream is behind the orders, the age
+/// of the oldest event still waiting (0 when none is).
+fn report_lag(oldest: Option<&OutboxEvent>) {
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |now| now.as_millis() as i64);
+    let lag_ms = oldest.map_or(0, |oldest| now_ms.saturating_sub(oldest.at_ms).max(0));
+    metrics::gauge!("stampede_relay_lag_seconds").set(lag_ms as f64 / 1_000.0);
 }
 
 /// Whether this node publishes, and when that was last asked.

@@ -194,10 +194,10 @@ impl OtherNode {
     async fn execute(&mut self, sql: &'static str) {
         match self {
             OtherNode::Postgres(connection) => {
-                sqlx::query(sql).execute(connection).await.unwrap();
+                sqlx::raw_sql(sql).execute(connection).await.unwrap();
             }
             OtherNode::MySql(connection) => {
-                sqlx::query(sql).execute(connection).await.unwrap();
+                sqlx::raw_sql(sql).execute(connection).await.unwrap();
             }
         }
     }
@@ -329,7 +329,7 @@ struct NotMyTurn {
 #[async_trait]
 impl Interceptor for NotMyTurn {
     async fn before(&self, call: Call<'_>) -> Result<(), StoreError> {
-        if matches!(call, Call::Read) && self.standby.load(Ordering::SeqCst) {
+        if matches!(call, Call::RelayTurn) && self.standby.load(Ordering::SeqCst) {
             return Err(StoreError::Unavailable(
                 "not this node's turn (injected)".into(),
             ));

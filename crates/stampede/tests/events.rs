@@ -39,8 +39,8 @@ fn with_events(config: &mut stampede::Config, url: &str) -> (String, String) {
 }
 
 /// Every message of `stream` as (order id, event), in stream order, once it holds `n`
-/// and still holds `n` a few relay rounds later (a repeat would arrive after the first
-/// copies).
+/// and still holds `n` a few relay rounds later (an event published late, under an id
+/// of its own, would arrive after the first `n`; a repeat of an id JetStream drops).
 async fn events_in(stream_name: &str, n: u64) -> Vec<(String, String)> {
     let client = async_nats::connect(nats_url()).await.unwrap_or_else(|e| {
         panic!(

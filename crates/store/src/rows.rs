@@ -308,7 +308,9 @@ macro_rules! read_outbox {
 
 /// Removes exactly the outbox events `$seqs`, on `$executor` (one statement per chunk
 /// of 256, each its own transaction: a removal cut short leaves published events, which
-/// the next round publishes again and JetStream drops as repeats).
+/// the next round publishes again and JetStream drops as repeats). Not kept prepared:
+/// the list's length changes from round to round, and every length would take a place
+/// in the connection's statement cache.
 macro_rules! remove_outbox {
     ($executor:expr, $db:ty, $seqs:expr) => {{
         let seqs: &[i64] = $seqs;
@@ -322,6 +324,7 @@ macro_rules! remove_outbox {
             query.push(")");
             query
                 .build()
+                .persistent(false)
                 .execute($executor)
                 .await
                 .map_err(unavailable)?;

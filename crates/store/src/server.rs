@@ -303,8 +303,10 @@ struct Sql {
     /// The same, waiting for a transaction that holds the row (a batch still committing).
     node_batch_seq_locked: Arc<str>,
     live_nodes: Arc<str>,
-    /// The live member that joined first (the relay's publisher).
+    /// The live member with a ready relay that joined first (the relay's publisher).
     oldest_live_node: Arc<str>,
+    /// A node's relay says it can publish.
+    relay_ready: Arc<str>,
     dead_nodes: Arc<str>,
     remove_dead_node: Arc<str>,
     remove_node: Arc<str>,
@@ -411,8 +413,12 @@ impl Sql {
                 dialect.now_ms
             )),
             oldest_live_node: sql(&format!(
-                "SELECT node FROM stampede_nodes WHERE heartbeat_ms >= {} - ? \
-                 ORDER BY joined_ms, node LIMIT 1",
+                "SELECT node FROM stampede_nodes WHERE heartbeat_ms >= {now} - ? \
+                 AND relay_ms >= {now} - ? ORDER BY joined_ms, node LIMIT 1",
+                now = dialect.now_ms
+            )),
+            relay_ready: sql(&format!(
+                "UPDATE stampede_nodes SET relay_ms = {} WHERE node = ?",
                 dialect.now_ms
             )),
             dead_nodes: sql(&format!(
@@ -1390,11 +1396,21 @@ macro_rules! server_store {
                 read_outbox!(&self.readers, $db, limit)
             }
 
-            async fn relay_turn(&self) -> Result<bool, StoreError> {
+            async fn relay_turn(&self, ready: bool) -> Result<bool, StoreError> {
                 let Some(node) = self.node.as_deref() else {
                     return Ok(true);
                 };
+                if !ready {
+                    // Its last claim lapses after the node time to live.
+                    return Ok(false);
+                }
+                sqlx::query(q(&self.sql.relay_ready))
+                    .bind(node)
+                    .execute(&self.readers)
+                    .await
+                    .map_err(unavailable)?;
                 let oldest: Option<String> = sqlx::query_scalar(q(&self.sql.oldest_live_node))
+                    .bind(self.node_ttl_ms)
                     .bind(self.node_ttl_ms)
                     .fetch_optional(&self.readers)
                     .await

@@ -423,6 +423,8 @@ pub enum Call<'a> {
     Leave,
     OutboxRead,
     OutboxRemove,
+    /// `relay_turn`, the relay's question whether it publishes.
+    RelayTurn,
     Setting,
 }
 
@@ -570,9 +572,9 @@ impl<I: Interceptor> stampede_engine::Store for Intercepted<I> {
         self.hooks.before(Call::OutboxRead).await?;
         self.inner.outbox_read(limit).await
     }
-    async fn relay_turn(&self) -> Result<bool, stampede_engine::StoreError> {
-        self.hooks.before(Call::Read).await?;
-        self.inner.relay_turn().await
+    async fn relay_turn(&self, ready: bool) -> Result<bool, stampede_engine::StoreError> {
+        self.hooks.before(Call::RelayTurn).await?;
+        self.inner.relay_turn(ready).await
     }
     async fn outbox_remove(&self, seqs: &[i64]) -> Result<(), stampede_engine::StoreError> {
         self.hooks.before(Call::OutboxRemove).await?;

@@ -560,9 +560,11 @@ on_server_backends!(
     one_node_at_a_time_publishes_the_outbox_and_the_turn_passes_on,
 );
 
-/// Every node may run the outbox relay, but only the oldest live member publishes (one
-/// copy of each event on the stream, not one per node); when it leaves, the next oldest
-/// takes over, and a node that joins later stands by.
+/// Every node may run the outbox relay, but only the oldest live member whose relay is
+/// ready publishes (one copy of each event on the stream, not one per node). A node
+/// whose relay is not ready (no NATS, failing rounds) never holds the turn, and loses it
+/// once its last claim lapses; when the publisher leaves, the next oldest takes over,
+/// and a node that joins later stands by.
 async fn one_node_at_a_time_publishes_the_outbox_and_the_turn_passes_on(backend: Backend) {
     let database = TestDatabase::create(backend).await;
     let (a_store, a) = join(&database).await;
@@ -570,12 +572,29 @@ async fn one_node_at_a_time_publishes_the_outbox_and_the_turn_passes_on(backend:
     tokio::time::sleep(Duration::from_millis(20)).await;
     let (b_store, b) = join(&database).await;
     assert!(
-        a_store.relay_turn().await.unwrap(),
-        "the oldest member publishes"
+        !a_store.relay_turn(false).await.unwrap(),
+        "A's relay is not ready"
     );
     assert!(
-        !b_store.relay_turn().await.unwrap(),
+        b_store.relay_turn(true).await.unwrap(),
+        "the oldest member with a ready relay publishes, however old the others"
+    );
+    assert!(
+        a_store.relay_turn(true).await.unwrap(),
+        "ready, A is the oldest"
+    );
+    assert!(
+        !b_store.relay_turn(true).await.unwrap(),
         "a younger one stands by"
+    );
+
+    // A's relay stops being ready (say NATS went away): once its claim lapses, B.
+    assert!(!a_store.relay_turn(false).await.unwrap());
+    tokio::time::sleep(NODE_TTL + Duration::from_millis(300)).await;
+    assert!(b_store.relay_turn(true).await.unwrap(), "A's claim lapsed");
+    assert!(
+        a_store.relay_turn(true).await.unwrap(),
+        "ready again, A is the oldest"
     );
 
     a.shutdown().await;
@@ -583,14 +602,17 @@ async fn one_node_at_a_time_publishes_the_outbox_and_the_turn_passes_on(backend:
     tokio::time::sleep(Duration::from_millis(20)).await;
     let (c_store, c) = join(&database).await;
     assert!(
-        !a_store.relay_turn().await.unwrap(),
+        !a_store.relay_turn(true).await.unwrap(),
         "a node that left publishes no more"
     );
     assert!(
-        b_store.relay_turn().await.unwrap(),
+        b_store.relay_turn(true).await.unwrap(),
         "the next oldest took over"
     );
-    assert!(!c_store.relay_turn().await.unwrap(), "a newcomer stands by");
+    assert!(
+        !c_store.relay_turn(true).await.unwrap(),
+        "a newcomer stands by"
+    );
     b.shutdown().await;
     c.shutdown().await;
 }
