@@ -6,15 +6,15 @@
 # reads, from /metrics, how many of the sold orders' events were still unpublished when
 # the load stopped and how long the relay took to publish the rest.
 #
-# Then, with NATS, the open model at fixed rates (`stampede press --rate`, default half
-# the best rate without events measured above): whether the stream keeps up at a rate
-# the server carries with room to spare, by the relay's lag (`stampede_relay_lag_seconds`,
-# the age of the oldest event still waiting) and the events unpublished when the load
-# stopped.
+# Then the open model at fixed rates (`stampede press --rate`, default half the best
+# rate without events measured above), without and with NATS: whether the stream keeps
+# up at a rate the server carries, by the relay's largest lag while the load ran
+# (`stampede_relay_lag_seconds`, the age of the oldest event still waiting, sampled
+# every 0.5 s) and the events unpublished at the scheduled end of the load.
 #
 #   cargo build --release -p stampede && bench/server/events.sh
 #
-# Environment: DURATION (default 10s), CONNECTIONS (default "256 1024"), ROUNDS
+# Environment: DURATION (default 10s; seconds, with the s), CONNECTIONS (default "256 1024"), ROUNDS
 # (default 2), RATES (default: half the best rate without events), NATS_URL (default nats://127.0.0.1:4222, JetStream on), STAMPEDE_BIN,
 # PROFILE.
 set -euo pipefail
@@ -90,29 +90,41 @@ done
 rates=${RATES:-$((best_plain / 2))}
 echo
 # press_at RATE: the open model at RATE against the server on $base; sets $achieved
-# (requests/s) and $p99 (ms from the scheduled send).
+# (requests/s) and $p99 (ms from the scheduled send). While it runs, samples the relay's
+# lag every 0.5 s into $max_lag (seconds), and at the scheduled end of the load (press
+# may drain longer when the server fell behind) the events not yet published into
+# $waiting_at_end ("n of orders").
 press_at() {
+  local seconds=${duration%s} started press_pid lag orders
+  max_lag=0 waiting_at_end=
+  started=$(date +%s.%N)
   "$bin" press --target "$base" --scenario "$here/purchase.toml" --rate "$1/s" \
-    --duration "$duration" --connections 256 > "$work/press.out" 2>&1 || true
+    --duration "$duration" --connections 256 > "$work/press.out" 2>&1 &
+  press_pid=$!
+  while kill -0 "$press_pid" 2>/dev/null; do
+    lag=$(metric stampede_relay_lag_seconds)
+    max_lag=$(awk -v a="$max_lag" -v b="$lag" 'BEGIN {print (b > a ? b : a)}')
+    if [ -z "$waiting_at_end" ] && awk -v s="$started" -v n="$(date +%s.%N)" -v d="$seconds" 'BEGIN {exit !(n - s >= d)}'; then
+      orders=$(metric 'stampede_purchases_total{outcome="placed"}')
+      waiting_at_end="$(awk -v o="$orders" -v p="$(metric stampede_relay_published_total)" 'BEGIN {print (o > p ? o - p : 0)}') of $orders"
+    fi
+    sleep 0.5
+  done
+  wait "$press_pid" || true
   achieved=$(sed -nE 's/.* ([0-9.]+) req\/s.*/\1/p' "$work/press.out" | head -1)
   p99=$(sed -nE 's/^  latency from scheduled send:.* p99 ([0-9.]+),.*/\1/p' "$work/press.out")
 }
 
-printf '%-8s %22s %22s %12s %22s %14s\n' rate/s "no events: /s, p99 ms" "events: /s, p99 ms" "lag at stop" "unpublished at stop" "published in"
+printf '%-8s %22s %22s %14s %26s %14s\n' rate/s "no events: /s, p99 ms" "events: /s, p99 ms" "lag, at most" "unpublished at the end" "all published"
 for rate in $rates; do
   start_with_sale durable
   press_at "$rate"
   plain="$achieved, ${p99:-?}"
   stream="STAMPEDE_BENCH_$$_rate_$rate"
   start_with_sale durable --nats-url "$nats_url" --nats-stream "$stream" --nats-subject-prefix "bench_$$_rate_$rate.orders"
-  # The lag is read once press is done: after its drain when the server fell behind the
-  # schedule (then the achieved rate is below the scheduled one).
   press_at "$rate"
-  lag=$(metric stampede_relay_lag_seconds)
   orders=$(metric 'stampede_purchases_total{outcome="placed"}')
-  published=$(metric stampede_relay_published_total)
-  waiting=$(awk -v o="$orders" -v p="$published" 'BEGIN {print (o > p ? o - p : 0)}')
   took=$(catch_up "$orders")
-  printf '%-8s %22s %22s %12s %22s %14s\n' "$rate" "$plain" "$achieved, ${p99:-?}" "${lag} s" "$waiting of $orders" "$took"
+  printf '%-8s %22s %22s %14s %26s %14s\n' "$rate" "$plain" "$achieved, ${p99:-?}" "${max_lag} s" "${waiting_at_end:-?}" "$took later"
   delete_stream "$stream"
 done
