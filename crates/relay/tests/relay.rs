@@ -93,33 +93,56 @@ async fn stored(config: &RelayConfig) -> Vec<(String, String)> {
     seen
 }
 
-/// Makes `outbox_remove` fail once, as a relay killed after JetStream acknowledged a
-/// round but before it removed the round from the outbox.
-struct DiesBeforeRemoval {
-    die: AtomicBool,
+/// Fails the calls `picks` chooses while `armed` (only the first one with `once`).
+struct Fails {
+    picks: fn(&Call<'_>) -> bool,
+    armed: AtomicBool,
+    once: bool,
 }
 
 #[async_trait]
-impl Interceptor for DiesBeforeRemoval {
+impl Interceptor for Fails {
     async fn before(&self, call: Call<'_>) -> Result<(), StoreError> {
-        if matches!(call, Call::OutboxRemove) && self.die.swap(false, Ordering::SeqCst) {
-            return Err(StoreError::Unavailable(
-                "killed before removal (injected)".into(),
-            ));
+        if !(self.picks)(&call) {
+            return Ok(());
+        }
+        let armed = if self.once {
+            self.armed.swap(false, Ordering::SeqCst)
+        } else {
+            self.armed.load(Ordering::SeqCst)
+        };
+        if armed {
+            return Err(StoreError::Unavailable("injected".into()));
         }
         Ok(())
     }
 }
 
+/// The embedded store with its outbox in `dir`, behind `hooks`.
+async fn sqlite_outbox_with<I: Interceptor>(
+    dir: &std::path::Path,
+    hooks: I,
+) -> Arc<Intercepted<I>> {
+    Arc::new(Intercepted {
+        inner: sqlite_outbox(dir).await,
+        hooks,
+    })
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_event_reaches_the_stream_once_in_order_even_after_a_crash_before_removal() {
     let dir = tempfile::tempdir().unwrap();
-    let store = Arc::new(Intercepted {
-        inner: sqlite_outbox(dir.path()).await,
-        hooks: DiesBeforeRemoval {
-            die: AtomicBool::new(true),
+    // `outbox_remove` fails once: a relay killed after JetStream acknowledged a round
+    // but before it removed the round from the outbox.
+    let store = sqlite_outbox_with(
+        dir.path(),
+        Fails {
+            picks: |call| matches!(call, Call::OutboxRemove),
+            armed: AtomicBool::new(true),
+            once: true,
         },
-    });
+    )
+    .await;
     let (engine, sale) = engine_with_sale(store.clone(), "EV-1").await;
     let mut order_ids = Vec::new();
     for user in ["ann", "bob", "cyd"] {
@@ -320,35 +343,22 @@ async fn an_event_committed_late_by_another_node_is_published_not_dropped() {
     }
 }
 
-/// Fails the question "is it this node's turn?" while `standby` is set, as a node whose
-/// database cannot answer (or that is not the oldest member) would be told no.
-struct NotMyTurn {
-    standby: AtomicBool,
-}
-
-#[async_trait]
-impl Interceptor for NotMyTurn {
-    async fn before(&self, call: Call<'_>) -> Result<(), StoreError> {
-        if matches!(call, Call::RelayTurn) && self.standby.load(Ordering::SeqCst) {
-            return Err(StoreError::Unavailable(
-                "not this node's turn (injected)".into(),
-            ));
-        }
-        Ok(())
-    }
-}
-
 /// A relay publishes only on its node's turn, and starts within `turn_check` of getting
 /// it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_relay_publishes_only_on_its_nodes_turn() {
     let dir = tempfile::tempdir().unwrap();
-    let store = Arc::new(Intercepted {
-        inner: sqlite_outbox(dir.path()).await,
-        hooks: NotMyTurn {
-            standby: AtomicBool::new(true),
+    // The question "is it this node's turn?" fails while armed, as a node whose
+    // database cannot answer would be told no.
+    let store = sqlite_outbox_with(
+        dir.path(),
+        Fails {
+            picks: |call| matches!(call, Call::RelayTurn),
+            armed: AtomicBool::new(true),
+            once: false,
         },
-    });
+    )
+    .await;
     let (engine, sale) = engine_with_sale(store.clone(), "EV-3").await;
     buy(&engine, sale, "ann").await;
     let config = RelayConfig {
@@ -366,7 +376,7 @@ async fn a_relay_publishes_only_on_its_nodes_turn() {
         1,
         "a standing-by relay publishes nothing"
     );
-    store.hooks.standby.store(false, Ordering::SeqCst);
+    store.hooks.armed.store(false, Ordering::SeqCst);
     let mut waited = 0;
     while !store.inner.outbox_read(100).await.unwrap().is_empty() {
         assert!(waited < 100, "the relay never took its turn");
