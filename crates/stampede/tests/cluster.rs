@@ -2,7 +2,8 @@
 //! MariaDB) database as a cluster, each selling stock it leased. One is SIGKILLed in the
 //! middle of the stampede. Nothing may be oversold, every acknowledged order must be
 //! there, the dead node's lease must come back to the survivors, and the sale must sell
-//! out exactly.
+//! out exactly. And two nodes with `--nats-url` feed the order-event stream once, one
+//! publishing at a time, the survivor taking over when the publisher is killed.
 
 mod common;
 
@@ -233,4 +234,129 @@ async fn three_nodes_on_postgres_one_killed_sell_out_exactly() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_nodes_on_mysql_one_killed_sell_out_exactly() {
     three_nodes_one_killed(Backend::MySql).await;
+}
+
+/// A counter or gauge from `node`'s `/metrics` (0 when absent).
+async fn metric(node: &Server, name: &str) -> f64 {
+    let text = node
+        .client
+        .get(node.url("/metrics"))
+        .send()
+        .await
+        .expect("GET /metrics")
+        .text()
+        .await
+        .expect("metrics text");
+    text.lines()
+        .find_map(|line| {
+            line.strip_prefix(name)?
+                .strip_prefix(' ')?
+                .trim()
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0.0)
+}
+
+/// How many messages `stream` holds (0 before it exists).
+async fn messages_in(jetstream: &async_nats::jetstream::Context, stream: &str) -> u64 {
+    match jetstream.get_stream(stream).await {
+        Ok(mut stream) => stream.info().await.expect("stream info").state.messages,
+        Err(_) => 0,
+    }
+}
+
+/// Two cluster nodes, both publishing order events: only the older one's relay
+/// publishes (the nodes' published counters add up to the events, not twice that);
+/// when it is killed, the survivor takes the turn within `node_ttl` + 1 s and the
+/// orders it sells after reach the stream too.
+async fn two_nodes_feed_the_stream_once_and_the_survivor_takes_over(backend: Backend) {
+    let nats_url =
+        std::env::var("STAMPEDE_TEST_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into());
+    let tag = format!("C{}_{}", std::process::id(), backend.name());
+    let (stream, prefix) = (format!("STAMPEDE_{tag}"), format!("stampede_{tag}.orders"));
+    let database = TestDatabase::create(backend).await;
+    let url = database.url.clone().expect("a server database has a URL");
+    let args = [
+        "--database-url",
+        url.as_str(),
+        "--cluster",
+        "--node-ttl",
+        "2s",
+        "--nats-url",
+        nats_url.as_str(),
+        "--nats-stream",
+        stream.as_str(),
+        "--nats-subject-prefix",
+        prefix.as_str(),
+    ];
+    let dirs: Vec<tempfile::TempDir> = (0..2)
+        .map(|_| tempfile::tempdir().expect("data directory"))
+        .collect();
+    let older = Server::start(dirs[0].path(), &args).await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let younger = Server::start(dirs[1].path(), &args).await;
+    eventually("the older node's relay to publish", || async {
+        (metric(&older, "stampede_relay_publishing").await == 1.0).then_some(())
+    })
+    .await;
+    assert_eq!(metric(&younger, "stampede_relay_publishing").await, 0.0);
+
+    let sale = older.live_sale("CLUSTER-EV", 20).await;
+    eventually("the younger node to learn of the sale", || async {
+        let view = send(
+            younger
+                .client
+                .get(younger.url(&format!("/v1/flash-sales/{sale}"))),
+        )
+        .await;
+        (view.status == 200).then_some(())
+    })
+    .await;
+    for i in 0..8 {
+        let node = if i % 2 == 0 { &older } else { &younger };
+        let reply = node
+            .purchase_decided(&shopper(&format!("ev-{i}")), &sale, "k")
+            .await;
+        assert_eq!(reply.status, 201, "{}", reply.body);
+    }
+    let client = async_nats::connect(&nats_url)
+        .await
+        .unwrap_or_else(|e| panic!("NATS does not answer at {nats_url} ({e})"));
+    let jetstream = async_nats::jetstream::new(client);
+    eventually("8 created events on the stream", || async {
+        (messages_in(&jetstream, &stream).await == 8).then_some(())
+    })
+    .await;
+    // Give a second publisher time to show itself.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let published = metric(&older, "stampede_relay_published_total").await
+        + metric(&younger, "stampede_relay_published_total").await;
+    assert_eq!(published, 8.0, "each event published by one node only");
+
+    older.kill9().await;
+    for i in 8..10 {
+        let reply = younger
+            .purchase_decided(&shopper(&format!("ev-{i}")), &sale, "k")
+            .await;
+        assert_eq!(reply.status, 201, "{}", reply.body);
+    }
+    eventually(
+        "the survivor to publish the events sold after the kill",
+        || async { (messages_in(&jetstream, &stream).await == 10).then_some(()) },
+    )
+    .await;
+    assert_eq!(metric(&younger, "stampede_relay_publishing").await, 1.0);
+    let _ = jetstream.delete_stream(&stream).await;
+    younger.kill9().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_on_postgres_feed_the_stream_once_and_the_survivor_takes_over() {
+    two_nodes_feed_the_stream_once_and_the_survivor_takes_over(Backend::Postgres).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_on_mysql_feed_the_stream_once_and_the_survivor_takes_over() {
+    two_nodes_feed_the_stream_once_and_the_survivor_takes_over(Backend::MySql).await;
 }
