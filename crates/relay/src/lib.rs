@@ -36,7 +36,7 @@ use std::time::Duration;
 
 use async_nats::jetstream;
 use serde::Serialize;
-use stampede_engine::{OutboxEvent, Store};
+use stampede_engine::{Clock, OutboxEvent, Store, SystemClock};
 use stampede_types::OrderStatus;
 
 #[derive(Debug, Clone)]
@@ -325,10 +325,9 @@ impl Relay {
 /// Sets `stampede_relay_lag_seconds`: how far the stream is behind the orders, the age
 /// of the oldest event still waiting (0 when none is).
 fn report_lag(oldest: Option<&OutboxEvent>) {
-    let now_ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |now| now.as_millis() as i64);
-    let lag_ms = oldest.map_or(0, |oldest| now_ms.saturating_sub(oldest.at_ms).max(0));
+    let lag_ms = oldest.map_or(0, |oldest| {
+        SystemClock.now_ms().saturating_sub(oldest.at_ms).max(0)
+    });
     metrics::gauge!("stampede_relay_lag_seconds").set(lag_ms as f64 / 1_000.0);
 }
 
@@ -365,10 +364,7 @@ impl Turn {
 /// The wait after the `failures`-th failure in a row: `first`, doubling, at most `max`.
 pub fn retry_wait(first: Duration, max: Duration, failures: u32) -> Duration {
     let doublings = failures.saturating_sub(1).min(16);
-    first
-        .saturating_mul(1 << doublings)
-        .min(max)
-        .max(first.min(max))
+    first.saturating_mul(1 << doublings).min(max)
 }
 
 #[cfg(test)]

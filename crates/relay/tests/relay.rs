@@ -118,14 +118,20 @@ impl Interceptor for Fails {
     }
 }
 
-/// The embedded store with its outbox in `dir`, behind `hooks`.
-async fn sqlite_outbox_with<I: Interceptor>(
+/// The embedded store with its outbox in `dir`, failing the calls `picks` chooses
+/// (armed from the start; only the first with `once`).
+async fn sqlite_outbox_failing(
     dir: &std::path::Path,
-    hooks: I,
-) -> Arc<Intercepted<I>> {
+    picks: fn(&Call<'_>) -> bool,
+    once: bool,
+) -> Arc<Intercepted<Fails>> {
     Arc::new(Intercepted {
         inner: sqlite_outbox(dir).await,
-        hooks,
+        hooks: Fails {
+            picks,
+            armed: AtomicBool::new(true),
+            once,
+        },
     })
 }
 
@@ -134,15 +140,8 @@ async fn every_event_reaches_the_stream_once_in_order_even_after_a_crash_before_
     let dir = tempfile::tempdir().unwrap();
     // `outbox_remove` fails once: a relay killed after JetStream acknowledged a round
     // but before it removed the round from the outbox.
-    let store = sqlite_outbox_with(
-        dir.path(),
-        Fails {
-            picks: |call| matches!(call, Call::OutboxRemove),
-            armed: AtomicBool::new(true),
-            once: true,
-        },
-    )
-    .await;
+    let store =
+        sqlite_outbox_failing(dir.path(), |call| matches!(call, Call::OutboxRemove), true).await;
     let (engine, sale) = engine_with_sale(store.clone(), "EV-1").await;
     let mut order_ids = Vec::new();
     for user in ["ann", "bob", "cyd"] {
@@ -350,15 +349,8 @@ async fn a_relay_publishes_only_on_its_nodes_turn() {
     let dir = tempfile::tempdir().unwrap();
     // The question "is it this node's turn?" fails while armed, as a node whose
     // database cannot answer would be told no.
-    let store = sqlite_outbox_with(
-        dir.path(),
-        Fails {
-            picks: |call| matches!(call, Call::RelayTurn),
-            armed: AtomicBool::new(true),
-            once: false,
-        },
-    )
-    .await;
+    let store =
+        sqlite_outbox_failing(dir.path(), |call| matches!(call, Call::RelayTurn), false).await;
     let (engine, sale) = engine_with_sale(store.clone(), "EV-3").await;
     buy(&engine, sale, "ann").await;
     let config = RelayConfig {

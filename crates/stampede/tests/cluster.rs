@@ -15,6 +15,7 @@ use std::time::Duration;
 use common::child::{Server, shopper};
 use common::*;
 use serde_json::{Value, json};
+use stampede_store::on_server_backends;
 use stampede_store::testing::{Backend, TestDatabase};
 
 const UNITS: u64 = 300;
@@ -28,7 +29,7 @@ fn held(audit: &Value) -> u64 {
     audit["pending_payment"].as_u64().expect("pending") + audit["paid"].as_u64().expect("paid")
 }
 
-async fn three_nodes_one_killed(backend: Backend) {
+async fn three_nodes_one_killed_sell_out_exactly(backend: Backend) {
     raise_fd_limit();
     let database = TestDatabase::create(backend).await;
     let url = database.url.clone().expect("a server database has a URL");
@@ -226,15 +227,10 @@ async fn three_nodes_one_killed(backend: Backend) {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn three_nodes_on_postgres_one_killed_sell_out_exactly() {
-    three_nodes_one_killed(Backend::Postgres).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn three_nodes_on_mysql_one_killed_sell_out_exactly() {
-    three_nodes_one_killed(Backend::MySql).await;
-}
+on_server_backends!(
+    three_nodes_one_killed_sell_out_exactly,
+    two_nodes_feed_the_stream_once_and_the_survivor_takes_over,
+);
 
 /// A counter or gauge from `node`'s `/metrics` (0 when absent).
 async fn metric(node: &Server, name: &str) -> f64 {
@@ -349,14 +345,4 @@ async fn two_nodes_feed_the_stream_once_and_the_survivor_takes_over(backend: Bac
     assert_eq!(metric(&younger, "stampede_relay_publishing").await, 1.0);
     let _ = jetstream.delete_stream(&stream).await;
     younger.kill9().await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_nodes_on_postgres_feed_the_stream_once_and_the_survivor_takes_over() {
-    two_nodes_feed_the_stream_once_and_the_survivor_takes_over(Backend::Postgres).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_nodes_on_mysql_feed_the_stream_once_and_the_survivor_takes_over() {
-    two_nodes_feed_the_stream_once_and_the_survivor_takes_over(Backend::MySql).await;
 }

@@ -306,15 +306,19 @@ macro_rules! read_outbox {
     }};
 }
 
-/// Removes exactly the outbox events `$seqs`, on `$executor` (one statement per chunk
-/// of 256, each its own transaction: a removal cut short leaves published events, which
-/// the next round publishes again and JetStream drops as repeats). Not kept prepared:
-/// the list's length changes from round to round, and every length would take a place
-/// in the connection's statement cache.
+/// How many outbox events one removal statement names: a relay round's default, well
+/// inside every backend's limit on bound parameters.
+pub(crate) const OUTBOX_REMOVE_CHUNK: usize = 1_024;
+
+/// Removes exactly the outbox events `$seqs`, in one transaction on `$pool` (one
+/// statement per `OUTBOX_REMOVE_CHUNK`). Not kept prepared: the list's length changes
+/// from round to round, and every length would take a place in the connection's
+/// statement cache.
 macro_rules! remove_outbox {
-    ($executor:expr, $db:ty, $seqs:expr) => {{
+    ($pool:expr, $db:ty, $seqs:expr) => {{
         let seqs: &[i64] = $seqs;
-        for chunk in seqs.chunks(256) {
+        let mut tx = $pool.begin().await.map_err(unavailable)?;
+        for chunk in seqs.chunks($crate::rows::OUTBOX_REMOVE_CHUNK) {
             let mut query: QueryBuilder<$db> =
                 QueryBuilder::new("DELETE FROM outbox WHERE seq IN (");
             let mut list = query.separated(", ");
@@ -325,10 +329,11 @@ macro_rules! remove_outbox {
             query
                 .build()
                 .persistent(false)
-                .execute($executor)
+                .execute(&mut *tx)
                 .await
                 .map_err(unavailable)?;
         }
+        tx.commit().await.map_err(unavailable)?;
         Ok(())
     }};
 }

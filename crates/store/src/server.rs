@@ -305,8 +305,6 @@ struct Sql {
     live_nodes: Arc<str>,
     /// The live member with a ready relay that joined first (the relay's publisher).
     oldest_live_node: Arc<str>,
-    /// A node's relay says it can publish.
-    relay_ready: Arc<str>,
     dead_nodes: Arc<str>,
     remove_dead_node: Arc<str>,
     remove_node: Arc<str>,
@@ -400,9 +398,12 @@ impl Sql {
                 "UPDATE stampede_nodes SET batch_seq = ?, heartbeat_ms = {} WHERE node = ?",
                 dialect.now_ms
             )),
+            // The relay's readiness rides on the stamp: no write of its own to the row
+            // every commit of the node locks.
             heartbeat: sql(&format!(
-                "UPDATE stampede_nodes SET heartbeat_ms = {} WHERE node = ?",
-                dialect.now_ms
+                "UPDATE stampede_nodes SET heartbeat_ms = {now}, \
+                 relay_ms = CASE WHEN ? THEN {now} ELSE relay_ms END WHERE node = ?",
+                now = dialect.now_ms
             )),
             node_batch_seq: sql("SELECT batch_seq FROM stampede_nodes WHERE node = ?"),
             node_batch_seq_locked: sql(
@@ -416,10 +417,6 @@ impl Sql {
                 "SELECT node FROM stampede_nodes WHERE heartbeat_ms >= {now} - ? \
                  AND relay_ms >= {now} - ? ORDER BY joined_ms, node LIMIT 1",
                 now = dialect.now_ms
-            )),
-            relay_ready: sql(&format!(
-                "UPDATE stampede_nodes SET relay_ms = {} WHERE node = ?",
-                dialect.now_ms
             )),
             dead_nodes: sql(&format!(
                 "SELECT node FROM stampede_nodes WHERE heartbeat_ms < {} - ?",
@@ -521,6 +518,9 @@ macro_rules! server_store {
             node: Option<String>,
             /// In a cluster: a node whose heartbeat is older than this is dead.
             node_ttl_ms: i64,
+            /// In a cluster: whether this node's relay is ready to publish, stamped as
+            /// `relay_ms` with every heartbeat (`Store::relay_turn`).
+            relay_ready: std::sync::atomic::AtomicBool,
             /// Longest a writer's statement may run (`with_statement_timeout`).
             deadline: Option<Duration>,
         }
@@ -607,6 +607,7 @@ macro_rules! server_store {
                     replica: None,
                     node,
                     node_ttl_ms: node_ttl.as_millis() as i64,
+                    relay_ready: std::sync::atomic::AtomicBool::new(false),
                     deadline: None,
                 }
             }
@@ -1179,7 +1180,7 @@ macro_rules! server_store {
                 on_writer!(self, |writer| {
                     let sale_id = sale.to_string();
                     let mut tx = writer.begin().await.map_err(unavailable)?;
-                    still_member!(&mut *tx, &self.sql, node);
+                    still_member!(&mut *tx, self, node);
                     let unleased: Option<i64> = sqlx::query_scalar(q(&self.sql.lock_unleased))
                         .bind(&sale_id)
                         .fetch_optional(&mut *tx)
@@ -1222,7 +1223,7 @@ macro_rules! server_store {
                 on_writer!(self, |writer| {
                     let sale_id = sale.to_string();
                     let mut tx = writer.begin().await.map_err(unavailable)?;
-                    still_member!(&mut *tx, &self.sql, node);
+                    still_member!(&mut *tx, self, node);
                     let taken = sqlx::query(q(&self.sql.take_from_lease))
                         .bind(units as i64)
                         .bind(&sale_id)
@@ -1250,7 +1251,7 @@ macro_rules! server_store {
             async fn heartbeat(&self) -> Result<(), StoreError> {
                 let node = self.cluster_node()?;
                 on_writer!(self, |writer| {
-                    still_member!(&mut *writer, &self.sql, node);
+                    still_member!(&mut *writer, self, node);
                     Ok(())
                 })
             }
@@ -1400,15 +1401,16 @@ macro_rules! server_store {
                 let Some(node) = self.node.as_deref() else {
                     return Ok(true);
                 };
+                let was_ready = self.relay_ready.swap(ready, std::sync::atomic::Ordering::Relaxed);
                 if !ready {
                     // Its last claim lapses after the node time to live.
                     return Ok(false);
                 }
-                sqlx::query(q(&self.sql.relay_ready))
-                    .bind(node)
-                    .execute(&self.readers)
-                    .await
-                    .map_err(unavailable)?;
+                if !was_ready {
+                    // Claimed now rather than at the next heartbeat; from then on every
+                    // heartbeat renews it.
+                    Store::heartbeat(self).await?;
+                }
                 let oldest: Option<String> = sqlx::query_scalar(q(&self.sql.oldest_live_node))
                     .bind(self.node_ttl_ms)
                     .bind(self.node_ttl_ms)
@@ -1505,8 +1507,13 @@ macro_rules! return_leases {
 /// Heartbeats this cluster node's row, row-locking it for the rest of the transaction:
 /// `Fenced` if the node was declared dead.
 macro_rules! still_member {
-    ($conn:expr, $sql:expr, $node:expr) => {{
-        let stamped = sqlx::query(q(&$sql.heartbeat))
+    ($conn:expr, $store:expr, $node:expr) => {{
+        let stamped = sqlx::query(q(&$store.sql.heartbeat))
+            .bind(
+                $store
+                    .relay_ready
+                    .load(std::sync::atomic::Ordering::Relaxed),
+            )
             .bind($node)
             .execute($conn)
             .await

@@ -387,16 +387,18 @@ impl Store for SqliteStore {
         let seqs = seqs.to_vec();
         self.writer()?
             .call(move |connection| {
-                for chunk in seqs.chunks(256) {
+                // One transaction, one fsync, however many chunks: this is the write
+                // thread the orders' commits wait for.
+                let tx = connection.transaction().map_err(sql)?;
+                for chunk in seqs.chunks(crate::rows::OUTBOX_REMOVE_CHUNK) {
                     let list = vec!["?"; chunk.len()].join(", ");
-                    connection
-                        .execute(
-                            &format!("DELETE FROM outbox WHERE seq IN ({list})"),
-                            rusqlite::params_from_iter(chunk),
-                        )
-                        .map_err(sql)?;
+                    tx.execute(
+                        &format!("DELETE FROM outbox WHERE seq IN ({list})"),
+                        rusqlite::params_from_iter(chunk),
+                    )
+                    .map_err(sql)?;
                 }
-                Ok(())
+                tx.commit().map_err(sql)
             })
             .await
     }
