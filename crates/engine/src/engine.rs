@@ -13,7 +13,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::breaker::CommitBreaker;
 use crate::clock::Clock;
-use crate::gate::{GateRefusal, StockGate};
+use crate::gate::{GateCount, GateRefusal, StockGate};
 use crate::payment::{PaymentError, PaymentGateway};
 use crate::store::{
     OpOutcome, OrderRecord, ProductRecord, Rebuild, SaleRecord, SaleTally, Store, StoreError,
@@ -275,6 +275,9 @@ pub(crate) struct SaleInner {
     /// memory (a cluster node's lease is a slice of it; an outside gate keeps it
     /// elsewhere): the last count read from where it is.
     pub unsold_hint: u64,
+    /// With an outside gate: the gate's operation count (`GateCount::seq`) of the count
+    /// in `unsold_hint`, so an answer that comes back late never overwrites a newer one.
+    pub unsold_seq: u64,
     /// Cluster only (`remaining` is then this node's lease).
     pub lease: LeaseState,
 }
@@ -292,6 +295,16 @@ pub(crate) struct LeaseState {
     pub last_grant: u64,
     /// Units buyers waiting for the next lease want: it grants at least that many.
     pub waiting: u64,
+}
+
+impl SaleInner {
+    /// Shows the gate's count in the sale's view unless a later one is already shown.
+    pub(crate) fn see_gate_count(&mut self, count: GateCount) {
+        if count.seq > self.unsold_seq {
+            self.unsold_seq = count.seq;
+            self.unsold_hint = count.remaining;
+        }
+    }
 }
 
 pub(crate) struct SaleState {
@@ -340,6 +353,7 @@ impl SaleState {
                 held_by_user,
                 closed_by_user,
                 unsold_hint,
+                unsold_seq: 0,
                 lease: LeaseState::default(),
             }),
             record,
@@ -357,7 +371,7 @@ impl SaleState {
 
 impl SaleState {
     /// Hands back units of an order that will not be (or no longer is) held.
-    pub(crate) fn give_back(&self, user: &UserId, quantity: u32, was_in_flight: bool) {
+    pub(crate) fn give_back(self: &Arc<Self>, user: &UserId, quantity: u32, was_in_flight: bool) {
         if let Some(gate) = &self.gate {
             {
                 let mut inner = self.inner.lock();
@@ -371,12 +385,18 @@ impl SaleState {
                     *closed = (*closed + 1).min(CLOSED_ORDERS_PER_SHOPPER_MAX);
                 }
             }
-            let (gate, sale, user) = (gate.clone(), self.record.id, user.clone());
+            let (gate, state, user) = (gate.clone(), self.clone(), user.clone());
             tokio::spawn(async move {
-                if let Err(error) = gate.give_back(sale, &user, quantity).await {
-                    // The gate is now short of these units until it is reloaded.
-                    tracing::error!(%sale, %error, quantity, "could not hand stock back to the stock gate");
-                    metrics::counter!("stampede_gate_give_back_failures_total").increment(1);
+                let sale = state.record.id;
+                match gate.give_back(sale, &user, quantity).await {
+                    // The units are for sale again: the sale's view says so.
+                    Ok(Some(count)) => state.inner.lock().see_gate_count(count),
+                    Ok(None) => {}
+                    Err(error) => {
+                        // The gate is now short of these units until it is reloaded.
+                        tracing::error!(%sale, %error, quantity, "could not hand stock back to the stock gate");
+                        metrics::counter!("stampede_gate_give_back_failures_total").increment(1);
+                    }
                 }
             });
             return;
@@ -1763,10 +1783,10 @@ impl Engine {
                 ))
             });
             match taken {
-                Ok(remaining) => {
+                Ok(count) => {
                     let mut inner = sale.inner.lock();
                     inner.in_flight += u64::from(units);
-                    inner.unsold_hint = remaining;
+                    inner.see_gate_count(count);
                 }
                 Err(GateRefusal::SoldOut { remaining }) => {
                     return refuse(PurchaseError::SoldOut {

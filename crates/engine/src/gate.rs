@@ -26,6 +26,17 @@ pub enum GateRefusal {
     Unavailable(String),
 }
 
+/// The gate's stock of a sale right after one of its operations. Takes and give-backs
+/// run side by side and their answers come back in any order, so each carries `seq`, the
+/// sale's operation count in the gate when it ran: a count with a larger `seq` is the
+/// later one, and the sale's view never goes back to an older count (see
+/// `SaleInner::see_gate_count`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GateCount {
+    pub remaining: u64,
+    pub seq: u64,
+}
+
 #[async_trait]
 pub trait StockGate: Send + Sync + 'static {
     /// Sets a sale's remaining stock and the units each shopper holds (at start, from
@@ -44,8 +55,14 @@ pub trait StockGate: Send + Sync + 'static {
         user: &UserId,
         units: u32,
         limit: u32,
-    ) -> Result<u64, GateRefusal>;
-    /// Hands back units of an order that will not be (or no longer is) held.
-    async fn give_back(&self, sale: SaleId, user: &UserId, units: u32) -> Result<(), GateRefusal>;
+    ) -> Result<GateCount, GateRefusal>;
+    /// Hands back units of an order that will not be (or no longer is) held; answers
+    /// what remains after, or `None` for a sale the gate does not hold.
+    async fn give_back(
+        &self,
+        sale: SaleId,
+        user: &UserId,
+        units: u32,
+    ) -> Result<Option<GateCount>, GateRefusal>;
     async fn remaining(&self, sale: SaleId) -> Result<u64, GateRefusal>;
 }

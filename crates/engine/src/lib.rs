@@ -30,7 +30,7 @@ pub use engine::{
     LEDGER_QUEUE_WAIT, NewProduct, NewSale, ORDERS_LISTED_MAX, OrderError, Placed, ProductView,
     Purchase, PurchaseError, SaleView,
 };
-pub use gate::{GateRefusal, StockGate};
+pub use gate::{GateCount, GateRefusal, StockGate};
 pub use payment::{PaymentError, PaymentGateway};
 pub use store::{
     Catalog, ChargeAttempt, LeaseGrant, OpOutcome, OrderRecord, OutboxEvent, PendingTally,

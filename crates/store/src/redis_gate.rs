@@ -5,8 +5,9 @@
 //! for what it gives up.
 //!
 //! Keys: `<prefix>:sale:<id>:stock` (units left), `<prefix>:sale:<id>:held` (a hash of
-//! units per shopper) and `<prefix>:sale:<id>:epoch` (which load of the sale the other
-//! two belong to).
+//! units per shopper), `<prefix>:sale:<id>:epoch` (which load of the sale the other two
+//! belong to) and `<prefix>:sale:<id>:seq` (how many takes and give-backs have changed
+//! the stock: it orders their answers, `GateCount::seq`).
 //!
 //! **Fencing:** each `load` (a start reloading the sale from the durable orders, or the
 //! sale's creation) moves the epoch on, and the scripts take and hand back only under
@@ -17,36 +18,38 @@
 
 use async_trait::async_trait;
 use redis::aio::ConnectionManager;
-use stampede_engine::{GateRefusal, StockGate};
+use stampede_engine::{GateCount, GateRefusal, StockGate};
 use stampede_types::{SaleId, UserId};
 
 /// Takes `ARGV[2]` units for shopper `ARGV[1]` if the stock and the limit `ARGV[3]`
-/// allow. Answers the units left, -1 when sold out (then `left` as a second value), -2
-/// over the limit (then what the shopper holds), -3 for a sale the gate does not know,
-/// -4 when the sale was loaded again since epoch `ARGV[4]`.
+/// allow. Answers the units left and the stock's new operation count, -1 when sold out
+/// (then `left` as a second value), -2 over the limit (then what the shopper holds), -3
+/// for a sale the gate does not know, -4 when the sale was loaded again since epoch
+/// `ARGV[4]`.
 const TAKE: &str = r"
 local left = redis.call('GET', KEYS[1])
-if not left then return {-3, 0} end
-if redis.call('GET', KEYS[3]) ~= ARGV[4] then return {-4, 0} end
+if not left then return {-3, 0, 0} end
+if redis.call('GET', KEYS[3]) ~= ARGV[4] then return {-4, 0, 0} end
 left = tonumber(left)
 local n = tonumber(ARGV[2])
 local held = tonumber(redis.call('HGET', KEYS[2], ARGV[1]) or '0')
-if held + n > tonumber(ARGV[3]) then return {-2, held} end
-if left < n then return {-1, left} end
+if held + n > tonumber(ARGV[3]) then return {-2, held, 0} end
+if left < n then return {-1, left, 0} end
 redis.call('DECRBY', KEYS[1], n)
 redis.call('HINCRBY', KEYS[2], ARGV[1], n)
-return {left - n, 0}
+return {left - n, 0, redis.call('INCR', KEYS[4])}
 ";
 
-/// Hands `ARGV[2]` units of shopper `ARGV[1]` back; 0 (nothing done) for a sale the gate
-/// does not know, -4 when the sale was loaded again since epoch `ARGV[3]`.
+/// Hands `ARGV[2]` units of shopper `ARGV[1]` back; answers 1, the units left and the
+/// stock's new operation count; 0 (nothing done) for a sale the gate does not know, -4
+/// when the sale was loaded again since epoch `ARGV[3]`.
 const GIVE_BACK: &str = r"
-if not redis.call('GET', KEYS[1]) then return 0 end
-if redis.call('GET', KEYS[3]) ~= ARGV[3] then return -4 end
-redis.call('INCRBY', KEYS[1], ARGV[2])
+if not redis.call('GET', KEYS[1]) then return {0, 0, 0} end
+if redis.call('GET', KEYS[3]) ~= ARGV[3] then return {-4, 0, 0} end
+local left = redis.call('INCRBY', KEYS[1], ARGV[2])
 local held = redis.call('HINCRBY', KEYS[2], ARGV[1], -tonumber(ARGV[2]))
 if held <= 0 then redis.call('HDEL', KEYS[2], ARGV[1]) end
-return 1
+return {1, left, redis.call('INCR', KEYS[4])}
 ";
 
 pub struct RedisGate {
@@ -76,9 +79,9 @@ impl RedisGate {
         })
     }
 
-    /// The sale's stock, holders and epoch keys.
-    fn keys(&self, sale: SaleId) -> [String; 3] {
-        ["stock", "held", "epoch"].map(|key| format!("{}:sale:{sale}:{key}", self.prefix))
+    /// The sale's stock, holders, epoch and operation-count keys.
+    fn keys(&self, sale: SaleId) -> [String; 4] {
+        ["stock", "held", "epoch", "seq"].map(|key| format!("{}:sale:{sale}:{key}", self.prefix))
     }
 
     /// The epoch this process loaded `sale` under; a sale it never loaded is not its to
@@ -109,7 +112,7 @@ impl StockGate for RedisGate {
         remaining: u64,
         held: &[(UserId, u32)],
     ) -> Result<(), GateRefusal> {
-        let [stock, holders, epoch] = self.keys(sale);
+        let [stock, holders, epoch, _] = self.keys(sale);
         let mut pipe = redis::pipe();
         pipe.atomic().incr(&epoch, 1).del(&holders).ignore();
         for chunk in held.chunks(1_000) {
@@ -135,15 +138,16 @@ impl StockGate for RedisGate {
         user: &UserId,
         units: u32,
         limit: u32,
-    ) -> Result<u64, GateRefusal> {
+    ) -> Result<GateCount, GateRefusal> {
         let loaded = self.epoch(sale)?;
-        let [stock, holders, epoch] = self.keys(sale);
+        let [stock, holders, epoch, seq] = self.keys(sale);
         let mut connection = self.connection.clone();
-        let (answer, detail): (i64, i64) = self
+        let (answer, detail, seq): (i64, i64, i64) = self
             .take
             .key(stock)
             .key(holders)
             .key(epoch)
+            .key(seq)
             .arg(user.as_str())
             .arg(units)
             .arg(limit)
@@ -162,19 +166,28 @@ impl StockGate for RedisGate {
                 "the stock gate does not know sale {sale}"
             ))),
             -4 => Err(reloaded(sale)),
-            left => Ok(left.max(0) as u64),
+            left => Ok(GateCount {
+                remaining: left.max(0) as u64,
+                seq: seq.max(0) as u64,
+            }),
         }
     }
 
-    async fn give_back(&self, sale: SaleId, user: &UserId, units: u32) -> Result<(), GateRefusal> {
+    async fn give_back(
+        &self,
+        sale: SaleId,
+        user: &UserId,
+        units: u32,
+    ) -> Result<Option<GateCount>, GateRefusal> {
         let loaded = self.epoch(sale)?;
-        let [stock, holders, epoch] = self.keys(sale);
+        let [stock, holders, epoch, seq] = self.keys(sale);
         let mut connection = self.connection.clone();
-        let answer: i64 = self
+        let (answer, left, seq): (i64, i64, i64) = self
             .give_back
             .key(stock)
             .key(holders)
             .key(epoch)
+            .key(seq)
             .arg(user.as_str())
             .arg(units)
             .arg(loaded)
@@ -186,7 +199,10 @@ impl StockGate for RedisGate {
             // durable log; handing its units back too would count them twice.
             return Err(reloaded(sale));
         }
-        Ok(())
+        Ok((answer == 1).then(|| GateCount {
+            remaining: left.max(0) as u64,
+            seq: seq.max(0) as u64,
+        }))
     }
 
     async fn remaining(&self, sale: SaleId) -> Result<u64, GateRefusal> {

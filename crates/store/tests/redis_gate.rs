@@ -7,18 +7,19 @@
 //! that answers slowly (a stand-in, not Redis): a client that hangs up during the take
 //! leaves no units taken, and a duplicate whose first attempt was refused is decided on
 //! its own request. A give-back or take from a process replaced since the sale was
-//! loaded again is refused, so nothing is counted twice.
+//! loaded again is refused, so nothing is counted twice. The sale's view follows the
+//! units handed back.
 
 use std::sync::Arc;
 
 use stampede_engine::testing::{live_sale, one};
 use stampede_engine::{
-    Actor, CLOSED_ORDERS_PER_SHOPPER_MAX, Engine, EngineConfig, GateRefusal, PurchaseError,
-    StockGate, Store, SystemClock,
+    Actor, CLOSED_ORDERS_PER_SHOPPER_MAX, Engine, EngineConfig, GateCount, GateRefusal,
+    PurchaseError, StockGate, Store, SystemClock,
 };
 use stampede_store::RedisGate;
 use stampede_store::testing::{Backend, TestDatabase};
-use stampede_types::{IdempotencyKey, SaleId, UserId};
+use stampede_types::{IdempotencyKey, SaleId, SaleStatus, UserId};
 
 fn redis_url() -> String {
     std::env::var("STAMPEDE_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
@@ -148,7 +149,7 @@ async fn a_give_back_from_a_process_replaced_since_is_not_counted_twice() {
     let sale = SaleId::new();
     let user = UserId::parse("x").unwrap();
     old.load(sale, 10, &[]).await.unwrap();
-    assert_eq!(old.take(sale, &user, 1, 5).await.unwrap(), 9);
+    assert_eq!(old.take(sale, &user, 1, 5).await.unwrap().remaining, 9);
     // The order closed and the process died; the next one loads the durable state.
     new.load(sale, 10, &[]).await.unwrap();
     let late = old.give_back(sale, &user, 1).await;
@@ -162,14 +163,61 @@ async fn a_give_back_from_a_process_replaced_since_is_not_counted_twice() {
         Err(GateRefusal::Unavailable(_))
     ));
     assert_eq!(new.remaining(sale).await.unwrap(), 10);
-    assert_eq!(new.take(sale, &user, 2, 5).await.unwrap(), 8);
-    new.give_back(sale, &user, 2).await.unwrap();
+    let taken = new.take(sale, &user, 2, 5).await.unwrap();
+    assert_eq!(taken.remaining, 8);
+    let back = new.give_back(sale, &user, 2).await.unwrap().unwrap();
+    assert_eq!(back.remaining, 10);
+    assert!(back.seq > taken.seq, "{back:?} after {taken:?}");
     assert_eq!(new.remaining(sale).await.unwrap(), 10);
     // A gate that never loaded the sale neither sells nor hands back.
     let stranger = gate(&prefix).await;
     assert!(stranger.take(sale, &user, 1, 5).await.is_err());
     assert!(stranger.give_back(sale, &user, 1).await.is_err());
     assert_eq!(new.remaining(sale).await.unwrap(), 10);
+}
+
+/// The sale's public view counts what the gate holds: a sale whose only unit was bought
+/// shows sold out, and once the order is cancelled and the unit is back in Redis it shows
+/// the unit for sale again, before anyone buys (the view used to move only with a take,
+/// so a shop front hiding its button on `sold_out` never sold the unit again).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sales_view_shows_units_handed_back_to_the_gate() {
+    let dir = tempfile::tempdir().unwrap();
+    let database = TestDatabase::create(Backend::Sqlite).await;
+    let gate = gate(&prefix("view")).await;
+    let engine = open(database.open(dir.path()).await, gate.clone()).await;
+    let sale = live_sale(&engine, "P", 1, 1, 50, 1).await;
+    let view = engine.sale(sale).unwrap();
+    assert_eq!((view.remaining, view.status), (1, SaleStatus::Live));
+    let placed = engine
+        .purchase(
+            UserId::parse("x").unwrap(),
+            IdempotencyKey::parse("k").unwrap(),
+            sale,
+            one(),
+        )
+        .await
+        .unwrap();
+    let view = engine.sale(sale).unwrap();
+    assert_eq!((view.remaining, view.status), (0, SaleStatus::SoldOut));
+    engine
+        .cancel(&Actor::Admin, placed.placed.order_id)
+        .await
+        .unwrap();
+    // The hand-back is asynchronous: Redis and the database are two systems.
+    let mut view = engine.sale(sale).unwrap();
+    for _ in 0..100 {
+        if view.remaining == 1 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        view = engine.sale(sale).unwrap();
+    }
+    assert_eq!((view.remaining, view.status), (1, SaleStatus::Live));
+    assert_eq!(gate.remaining(sale).await.unwrap(), 1);
+    let audit = engine.audit(sale).await.unwrap().unwrap();
+    assert!(audit.consistent, "{audit:?}");
+    engine.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -262,6 +310,14 @@ struct SlowGate {
     delay: std::time::Duration,
     stock: std::sync::Mutex<std::collections::HashMap<stampede_types::SaleId, u64>>,
     held: std::sync::Mutex<std::collections::HashMap<UserId, u32>>,
+    seq: std::sync::atomic::AtomicU64,
+}
+
+impl SlowGate {
+    fn count(&self, remaining: u64) -> GateCount {
+        let seq = 1 + self.seq.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        GateCount { remaining, seq }
+    }
 }
 
 #[async_trait::async_trait]
@@ -281,7 +337,7 @@ impl StockGate for SlowGate {
         user: &UserId,
         units: u32,
         limit: u32,
-    ) -> Result<u64, stampede_engine::GateRefusal> {
+    ) -> Result<GateCount, stampede_engine::GateRefusal> {
         // Decided at once, as the script runs; the answer takes `delay` to come back.
         let answer = {
             let mut stock = self.stock.lock().unwrap();
@@ -295,7 +351,7 @@ impl StockGate for SlowGate {
             } else {
                 *left -= u64::from(units);
                 *mine += units;
-                Ok(*left)
+                Ok(self.count(*left))
             }
         };
         tokio::time::sleep(self.delay).await;
@@ -306,12 +362,14 @@ impl StockGate for SlowGate {
         sale: stampede_types::SaleId,
         user: &UserId,
         units: u32,
-    ) -> Result<(), stampede_engine::GateRefusal> {
-        *self.stock.lock().unwrap().entry(sale).or_default() += u64::from(units);
+    ) -> Result<Option<GateCount>, stampede_engine::GateRefusal> {
+        let mut stock = self.stock.lock().unwrap();
+        let left = stock.entry(sale).or_default();
+        *left += u64::from(units);
         let mut held = self.held.lock().unwrap();
         let mine = held.entry(user.clone()).or_default();
         *mine = mine.saturating_sub(units);
-        Ok(())
+        Ok(Some(self.count(*left)))
     }
     async fn remaining(
         &self,
@@ -326,6 +384,7 @@ async fn slow_gate_engine(dir: &std::path::Path) -> (Arc<SlowGate>, Arc<Engine>)
         delay: std::time::Duration::from_millis(100),
         stock: Default::default(),
         held: Default::default(),
+        seq: Default::default(),
     });
     let database = TestDatabase::create(Backend::Sqlite).await;
     let engine = Arc::new(
