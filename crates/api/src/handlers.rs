@@ -223,9 +223,25 @@ pub struct CreateSale {
     pub price_cents: i64,
     /// Carved out of the product's available stock.
     pub quantity: i64,
+    #[serde(deserialize_with = "rfc3339_time")]
     pub starts_at: DateTime<Utc>,
+    #[serde(deserialize_with = "rfc3339_time")]
     pub ends_at: DateTime<Utc>,
     pub per_user_limit: i64,
+}
+
+/// A time as the contract says, RFC 3339 (`2026-11-11T00:00:00Z`,
+/// `2026-11-11T08:00:00+08:00`), not whatever chrono's lenient parser takes (`+0800`
+/// offsets, five-digit years that no RFC 3339 reader reads back).
+fn rfc3339_time<'de, D: serde::Deserializer<'de>>(input: D) -> Result<DateTime<Utc>, D::Error> {
+    let text = String::deserialize(input)?;
+    DateTime::parse_from_rfc3339(&text)
+        .map(|at| at.with_timezone(&Utc))
+        .map_err(|error| {
+            serde::de::Error::custom(format!(
+                "not an RFC 3339 time such as 2026-11-11T00:00:00Z or 2026-11-11T08:00:00+08:00 ({error})"
+            ))
+        })
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -372,12 +388,19 @@ impl PurchaseBody {
 /// The request's `Idempotency-Key` header, if any: one value taken from the headers
 /// instead of a copy of them all (axum's `HeaderMap` extractor clones the map). It never
 /// refuses, so a request with a bad body and no key is still told about its body first.
-pub struct KeyHeader(Option<HeaderValue>);
+/// `Err` when the header came more than once: which one is the key is not for the server
+/// to guess (a retry sending only the other would place a second order).
+pub struct KeyHeader(Result<Option<HeaderValue>, ()>);
 
 impl<S: Send + Sync> FromRequestParts<S> for KeyHeader {
     type Rejection = std::convert::Infallible;
     async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
-        Ok(Self(parts.headers.get("idempotency-key").cloned()))
+        let mut values = parts.headers.get_all("idempotency-key").iter();
+        let first = values.next().cloned();
+        Ok(Self(match values.next() {
+            None => Ok(first),
+            Some(_) => Err(()),
+        }))
     }
 }
 
@@ -399,6 +422,12 @@ pub async fn purchase(
     KeyHeader(key): KeyHeader,
     JsonBody(body): JsonBody<PurchaseRequest>,
 ) -> Result<Response, ApiError> {
+    let key = key.map_err(|()| {
+        ApiError::bad_request(
+            "invalid_field",
+            "idempotency_key: send one Idempotency-Key header, not several",
+        )
+    })?;
     // An empty header (HTTP trims the spaces around a value) is no key.
     let key = key.filter(|key| !key.is_empty()).ok_or_else(|| {
         ApiError::bad_request("missing_idempotency_key", "send an Idempotency-Key header")

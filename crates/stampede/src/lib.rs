@@ -215,11 +215,11 @@ pub struct ServeArgs {
     #[arg(long, value_enum)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ack: Option<Ack>,
-    /// How long an order waits for payment before it expires and its stock returns, e.g. 15m, 2s [default: 15m].
+    /// How long an order waits for payment before it expires and its stock returns, e.g. 15m, 2s; 100ms to 30 days [default: 15m].
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub payment_window: Option<String>,
-    /// Base URL of the payment provider [default: http://127.0.0.1:8090].
+    /// Base URL of the payment provider, plain http:// (an https provider goes behind a TLS-originating proxy) [default: http://127.0.0.1:8090].
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub payment_url: Option<String>,
@@ -406,6 +406,11 @@ impl Config {
             "payment_timeout must be at least 10ms"
         );
         anyhow::ensure!(
+            self.payment_window <= Duration::from_secs(PAYMENT_WINDOW_MAX_DAYS * 86_400),
+            "payment_window must be at most {PAYMENT_WINDOW_MAX_DAYS} days"
+        );
+        check_payment_url(&self.payment_url)?;
+        anyhow::ensure!(
             (256..=1 << 20).contains(&self.body_limit_bytes),
             "body_limit_bytes must be within 256..=1048576"
         );
@@ -419,6 +424,32 @@ impl Config {
         );
         Ok(())
     }
+}
+
+/// The longest payment window taken: stock held for a shopper longer than this is stock
+/// not sold, and an order's `expires_at` must stay a time the API can write.
+const PAYMENT_WINDOW_MAX_DAYS: u64 = 30;
+
+/// The payment provider's base URL must be one every pay can reach: `http://host[:port]`
+/// with an optional path. Found wrong at start, not by every shopper's pay answering 502.
+/// This build speaks plain HTTP to the provider (no TLS in the client): an `https://`
+/// provider goes behind a local TLS-originating proxy.
+fn check_payment_url(url: &str) -> anyhow::Result<()> {
+    let parsed = reqwest::Url::parse(url)
+        .map_err(|e| anyhow::anyhow!("payment_url `{url}` is not a URL: {e}"))?;
+    anyhow::ensure!(
+        parsed.scheme() == "http",
+        "payment_url `{url}` must start with http:// (this build has no TLS towards the provider; put a TLS-originating proxy in front of an https provider)"
+    );
+    anyhow::ensure!(
+        parsed.host_str().is_some_and(|host| !host.is_empty()),
+        "payment_url `{url}` has no host"
+    );
+    anyhow::ensure!(
+        parsed.query().is_none() && parsed.fragment().is_none(),
+        "payment_url `{url}` must not have a query or a fragment: the charge's path is added to it"
+    );
+    Ok(())
 }
 
 /// A key of the configuration file that no setting has (a typo such as
@@ -509,11 +540,21 @@ fn secret(configured: Option<&str>, data_dir: &Path, file: &str) -> anyhow::Resu
     Ok((Secret::new(value), true))
 }
 
-/// The JWT secret a server with this configuration uses (configured, or kept in the
-/// data directory, or newly generated and kept there).
+/// The JWT secret a server with this configuration uses: configured, or kept in the
+/// data directory by the server's first start. None is made here: a secret made for a
+/// data directory no server uses (a mistyped `--data-dir`, another working directory)
+/// would sign tokens every server refuses.
 pub fn jwt_secret(config: &Config) -> anyhow::Result<Secret> {
-    std::fs::create_dir_all(&config.data_dir)?;
-    Ok(secret(config.jwt_secret.as_deref(), &config.data_dir, "jwt-secret")?.0)
+    if let Some(value) = config.jwt_secret.as_deref().filter(|v| !v.is_empty()) {
+        return Ok(Secret::new(value));
+    }
+    let path = config.data_dir.join("jwt-secret");
+    anyhow::ensure!(
+        path.exists(),
+        "no JWT secret: {} does not exist. Give the --data-dir of a server that has started once (it keeps its secret there), or set STAMPEDE_JWT_SECRET to the server's",
+        path.display()
+    );
+    Ok(secret(None, &config.data_dir, "jwt-secret")?.0)
 }
 
 /// A running server.
@@ -1052,7 +1093,23 @@ mod tests {
             jail.set_env("STAMPEDE_PAYMENT_WINDOW", "soon");
             let error = load(&ServeArgs::default()).unwrap_err().to_string();
             assert!(error.to_lowercase().contains("payment_window"), "{error}");
+            jail.set_env("STAMPEDE_PAYMENT_WINDOW", "200000000d");
+            let error = load(&ServeArgs::default()).unwrap_err().to_string();
+            assert!(error.contains("payment_window must be at most"), "{error}");
             jail.set_env("STAMPEDE_PAYMENT_WINDOW", "15m");
+            for bad in [
+                "notaurl",
+                "ftp://127.0.0.1:8090",
+                "https://pay.example",
+                "http://127.0.0.1:8090/?x=1",
+            ] {
+                jail.set_env("STAMPEDE_PAYMENT_URL", bad);
+                let error = load(&ServeArgs::default()).unwrap_err().to_string();
+                assert!(error.contains("payment_url"), "{bad}: {error}");
+            }
+            jail.set_env("STAMPEDE_PAYMENT_URL", "http://payments.internal:8090/v2/");
+            assert!(load(&ServeArgs::default()).is_ok());
+            jail.set_env("STAMPEDE_PAYMENT_URL", "http://127.0.0.1:8090");
             // The duplicate window must outlast a relay's hand-over; it only matters
             // with a stream to publish to.
             let short_window = ServeArgs {

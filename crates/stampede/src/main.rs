@@ -193,12 +193,26 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             serve,
         } => {
             let config = Config::load(&serve)?;
-            let secret = stampede::jwt_secret(&config)?;
-            let exp = chrono::Utc::now().timestamp() as u64 + Duration::from(ttl).as_secs();
             anyhow::ensure!(
                 (1..=10_000_000).contains(&count),
                 "--count must be within 1..=10000000"
             );
+            let ttl = Duration::from(ttl);
+            anyhow::ensure!(
+                ttl >= Duration::from_secs(1),
+                "--ttl must be at least 1s: a shorter token has expired when the server reads it"
+            );
+            // The longest id the tokens carry must be one the server takes as `sub`.
+            let longest = if count == 1 {
+                sub.clone()
+            } else {
+                format!("{sub}-{}", count - 1)
+            };
+            stampede_types::UserId::parse(&longest).map_err(|e| {
+                anyhow::anyhow!("--sub {sub:?} makes shopper ids the server refuses: {e}")
+            })?;
+            let secret = stampede::jwt_secret(&config)?;
+            let exp = (chrono::Utc::now().timestamp() as u64).saturating_add(ttl.as_secs());
             let mut out = std::io::BufWriter::new(std::io::stdout().lock());
             for i in 0..count {
                 let sub = if count == 1 {

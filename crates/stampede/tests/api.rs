@@ -221,6 +221,30 @@ async fn flash_sale_carves_stock_out_of_the_product(backend: Backend) {
         reply.body
     );
     assert_eq!(app.product("TV-2").await["available"], 10);
+    // Times as the contract says, RFC 3339: a `+0800` offset or a five-digit year (which
+    // no RFC 3339 reader reads back) is refused.
+    for (starts, ends) in [
+        ("2030-01-01T00:00:00+0800", "2030-01-02T00:00:00+08:00"),
+        ("2030-01-01T00:00:00Z", "+10000-01-01T00:00:00Z"),
+        ("2030-01-01", "2030-01-02T00:00:00Z"),
+    ] {
+        let reply = app
+            .post_sale(&json!({
+                "sku": "TV-2", "price_cents": 500, "quantity": 5, "per_user_limit": 1,
+                "starts_at": starts, "ends_at": ends,
+            }))
+            .await;
+        assert_error(&reply, 400, "invalid_body");
+        assert!(
+            reply.body["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("RFC 3339"),
+            "{starts} {ends}: {}",
+            reply.body
+        );
+    }
+    assert_eq!(app.product("TV-2").await["available"], 10);
 
     // Unknown and garbage sale ids.
     let reply = app
@@ -395,6 +419,18 @@ async fn idempotency_replays_refuses_reuse_and_requires_a_key(backend: Backend) 
             .await;
         assert_error(&reply, 400, "missing_idempotency_key");
     }
+    // Two keys on one request: which is the key is not for the server to guess.
+    let reply = send(
+        app.client
+            .post(app.url(&format!("/v1/flash-sales/{sale}/purchase")))
+            .header("content-type", "application/json")
+            .bearer_auth(&token)
+            .header("idempotency-key", "two-1")
+            .header("idempotency-key", "two-2")
+            .body(r#"{"quantity": 1}"#),
+    )
+    .await;
+    assert_error(&reply, 400, "invalid_field");
     assert_eq!(
         snapshot(&app, &sale, &token).await,
         before,
@@ -1463,6 +1499,56 @@ async fn stampede_audit_reads_beside_a_live_server_and_creates_nothing() {
     assert!(
         std::fs::read_dir(empty.path()).unwrap().next().is_none(),
         "the audit wrote into an empty data directory"
+    );
+}
+
+/// `stampede token` signs with the secret a server keeps in its data directory, and
+/// refuses rather than making one where no server keeps it (a mistyped `--data-dir`
+/// used to get a fresh secret and print tokens every server answers with 401), as it
+/// refuses a shopper id or a lifetime the server would not take.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stampede_token_signs_with_the_kept_secret_and_refuses_what_no_server_takes() {
+    let app = spawn_app_on(Backend::Sqlite).await;
+    let token = |data_dir: &std::path::Path, args: &[&str]| {
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_stampede"))
+            .arg("token")
+            .args(args)
+            .arg("--data-dir")
+            .arg(data_dir)
+            .env_remove("STAMPEDE_JWT_SECRET")
+            .env_remove("STAMPEDE_CONFIG")
+            .output()
+    };
+    // A data directory holding the server's secret, as its first start leaves it.
+    let kept = tempfile::tempdir().unwrap();
+    std::fs::write(kept.path().join("jwt-secret"), common::JWT_SECRET).unwrap();
+    let output = token(kept.path(), &["--sub", "ada"]).await.unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let minted = String::from_utf8(output.stdout).unwrap();
+    let listed = app.get("/v1/orders", Some(minted.trim())).await;
+    assert_eq!(listed.status, 200, "{:?}", listed.body);
+
+    let empty = tempfile::tempdir().unwrap();
+    let refused: [(&std::path::Path, &[&str], &str); 4] = [
+        (empty.path(), &["--sub", "ada"], "no JWT secret"),
+        (kept.path(), &["--sub", ""], "--sub"),
+        (kept.path(), &["--sub", "ada", "--ttl", "0s"], "--ttl"),
+        (kept.path(), &["--sub", &"a".repeat(129)], "--sub"),
+    ];
+    for (data_dir, args, says) in refused {
+        let output = token(data_dir, args).await.unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{args:?} printed a token");
+        assert!(output.stdout.is_empty(), "{args:?}");
+        assert!(stderr.contains(says), "{args:?}: {stderr}");
+    }
+    assert!(
+        std::fs::read_dir(empty.path()).unwrap().next().is_none(),
+        "the token command wrote into a data directory no server uses"
     );
 }
 
