@@ -43,6 +43,15 @@ pub fn cpu_seconds() -> f64 {
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Rate(pub f64);
 
+/// The highest arrival rate a run may ask for: well above what one generator sends
+/// (a few hundred thousand a second), low enough that a typo (`2e30/s`) is refused
+/// instead of scheduling more sessions than a `u64` counts.
+pub const RATE_MAX: f64 = 10_000_000.0;
+
+/// The most connections one run opens: each is a file descriptor here and one on the
+/// server, and all are opened before the clock starts.
+pub const CONNECTIONS_MAX: usize = 65_536;
+
 impl std::str::FromStr for Rate {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
@@ -50,8 +59,10 @@ impl std::str::FromStr for Rate {
         let value: f64 = number
             .parse()
             .map_err(|_| format!("`{s}` is not a rate (e.g. 2000/s)"))?;
-        if !(value > 0.0 && value.is_finite()) {
-            return Err(format!("rate `{s}` must be positive"));
+        if !(value > 0.0 && value <= RATE_MAX) {
+            return Err(format!(
+                "rate `{s}` must be positive and at most {RATE_MAX}/s"
+            ));
         }
         Ok(Rate(value))
     }
@@ -275,13 +286,16 @@ fn model_for(args: &PressArgs, plan: &Plan, rate_override: Option<f64>) -> anyho
         Model::constant_rate(100.0, ramp, duration)
     };
     ensure!(!model.duration().is_zero(), "the run has no duration");
-    if let Model::Open { stages } = &model {
-        for stage in stages {
-            ensure!(
-                stage.target >= 0.0 && stage.target.is_finite(),
-                "stage targets must be non-negative"
-            );
+    match &model {
+        Model::Open { stages } => {
+            for stage in stages {
+                ensure!(
+                    (0.0..=RATE_MAX).contains(&stage.target),
+                    "stage targets must be within 0..={RATE_MAX} per second"
+                );
+            }
         }
+        Model::Closed { vus, .. } => ensure!(*vus > 0, "--vus must be at least 1"),
     }
     Ok(model)
 }
@@ -535,7 +549,10 @@ async fn execute(args: &PressArgs, p: Prepared, progress: bool) -> anyhow::Resul
         .threads
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
         .clamp(1, 256);
-    ensure!(args.connections >= 1, "--connections must be at least 1");
+    ensure!(
+        (1..=CONNECTIONS_MAX).contains(&args.connections),
+        "--connections must be within 1..={CONNECTIONS_MAX} (each is a socket at both ends)"
+    );
     ensure!(args.max_sessions >= 1, "--max-sessions must be at least 1");
     let spec = RunSpec {
         target: p.target.clone(),

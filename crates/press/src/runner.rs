@@ -202,6 +202,10 @@ struct Pool {
     size: usize,
     free: RefCell<Vec<Sender>>,
     permits: Semaphore,
+    /// How long one connection may take to open (the run's per-request timeout): a server
+    /// that stops accepting (its own connection bound reached) must fail the run's start,
+    /// not hang it.
+    connect_timeout: Duration,
     /// One slot per virtual user of this thread; empty until its connection is opened,
     /// and again after a failed exchange (the next send reconnects).
     lanes: Option<RefCell<Vec<Option<Sender>>>>,
@@ -209,12 +213,24 @@ struct Pool {
 
 impl Pool {
     async fn connect(&self) -> std::io::Result<Sender> {
-        let stream = tokio::net::TcpStream::connect(self.target.addr).await?;
-        stream.set_nodelay(true)?;
-        let (sender, conn) =
+        let opened = tokio::time::timeout(self.connect_timeout, async {
+            let stream = tokio::net::TcpStream::connect(self.target.addr).await?;
+            stream.set_nodelay(true)?;
             hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
                 .await
-                .map_err(std::io::Error::other)?;
+                .map_err(std::io::Error::other)
+        })
+        .await
+        .map_err(|_| {
+            std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!(
+                    "the connection did not open within {:?} (the server may accept no more connections)",
+                    self.connect_timeout
+                ),
+            )
+        })?;
+        let (sender, conn) = opened?;
         tokio::task::spawn_local(async move {
             let _ = conn.await;
         });
@@ -377,6 +393,7 @@ impl Worker {
                 size: connections,
                 free: RefCell::new(Vec::with_capacity(connections)),
                 permits: Semaphore::new(connections),
+                connect_timeout: spec.timeout,
                 lanes,
             },
             prebuilt,
@@ -404,16 +421,24 @@ impl Worker {
                 let schedule = Schedule::new(stages);
                 let end = start + schedule_end(stages);
                 let mut n = self.index as u64;
+                // A generator that falls behind starts its late arrivals until the drain
+                // deadline, never after: the run lasts at most its duration and the drain,
+                // whatever the rate asked. Arrivals never started count as not started.
+                let last_start = end + self.drain;
                 while let Some(offset) = schedule.time_of(n) {
                     let at = start + offset;
                     if at > Instant::now() {
                         tokio::time::sleep_until(at).await;
                     }
-                    let permit = sessions
-                        .clone()
-                        .acquire_owned()
-                        .await
-                        .expect("never closed");
+                    let Ok(permit) =
+                        tokio::time::timeout_at(last_start, sessions.clone().acquire_owned()).await
+                    else {
+                        break;
+                    };
+                    let permit = permit.expect("never closed");
+                    if Instant::now() >= last_start {
+                        break;
+                    }
                     let now = Instant::now();
                     let lag = now.saturating_duration_since(at);
                     record(&mut self.dispatch_lag.borrow_mut(), lag.as_micros() as u64);

@@ -416,11 +416,26 @@ fn compile(file: ScenarioFile, base: Option<&Path>) -> anyhow::Result<Plan> {
     }
 
     if let Some(rate) = file.load.rate {
-        ensure!(rate > 0.0 && rate.is_finite(), "load.rate must be positive");
+        ensure!(
+            rate > 0.0 && rate <= crate::RATE_MAX,
+            "load.rate must be positive and at most {}/s",
+            crate::RATE_MAX
+        );
     }
     if let Some(vus) = file.load.vus {
         ensure!(vus > 0, "load.vus must be positive");
     }
+    // One model per scenario, as on the command line: which of two wins is not for the
+    // tool to guess.
+    let models = [
+        file.load.rate.is_some(),
+        file.load.vus.is_some(),
+        !file.load.stages.is_empty(),
+    ];
+    ensure!(
+        models.iter().filter(|given| **given).count() <= 1,
+        "load: give one of rate, vus or stages, not several"
+    );
     if let Some(setup) = &file.setup.sale {
         ensure!(setup.quantity > 0, "setup.sale.quantity must be positive");
         ensure!(
@@ -490,11 +505,25 @@ fn compile_step(
         Ok(t)
     };
     let path = check(Template::compile(&step.path, vars, Escape::None)?)?;
+    // What the file spells itself must make a request: a space in a path or a line break
+    // in a header would fail every session at run time (values put in from variables
+    // are checked as each request is built).
+    ensure!(
+        format!("http://host{}", literal_shape(&step.path))
+            .parse::<hyper::Uri>()
+            .is_ok(),
+        "path `{}` is not a valid request path (spaces and other characters must be percent-encoded)",
+        step.path
+    );
     let mut headers = Vec::new();
     for (name, value) in &step.headers {
         let header: hyper::header::HeaderName = name
             .parse()
             .with_context(|| format!("bad header name `{name}`"))?;
+        ensure!(
+            hyper::header::HeaderValue::from_str(&literal_shape(value)).is_ok(),
+            "header `{name}`: `{value}` is not a valid header value (no line breaks or other control characters)"
+        );
         headers.push((
             header,
             check(Template::compile(value, vars, Escape::None)?)?,
@@ -539,6 +568,28 @@ fn compile_step(
         think: step.think,
         book: step.book,
     })
+}
+
+/// `text` with each `{{variable}}` replaced by a plain letter: the part of a step the
+/// file spells itself, to check before any variable has a value.
+fn literal_shape(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(open) = rest.find("{{") {
+        out.push_str(&rest[..open]);
+        match rest[open..].find("}}") {
+            Some(close) => {
+                out.push('x');
+                rest = &rest[open + close + 2..];
+            }
+            None => {
+                out.push_str(&rest[open..]);
+                rest = "";
+            }
+        }
+    }
+    out.push_str(rest);
+    out
 }
 
 fn read_csv(path: &Path, vars: &mut VarTable) -> anyhow::Result<CsvData> {
@@ -649,6 +700,22 @@ steps = [
             (
                 "name = 'x'\n[data]\nusers = 0\n[[flows]]\nname='f'\nsteps=[{name='s', path='/'}]",
                 "data.users",
+            ),
+            (
+                "name = 'x'\n[[flows]]\nname='f'\nsteps=[{name='s', path='/a b/{{run}}'}]",
+                "not a valid request path",
+            ),
+            (
+                "name = 'x'\n[[flows]]\nname='f'\nsteps=[{name='s', path='/', headers={X-A=\"a\\nb\"}}]",
+                "not a valid header value",
+            ),
+            (
+                "name = 'x'\n[load]\nrate = 10\nvus = 2\n[[flows]]\nname='f'\nsteps=[{name='s', path='/'}]",
+                "not several",
+            ),
+            (
+                "name = 'x'\n[load]\nrate = 1e300\n[[flows]]\nname='f'\nsteps=[{name='s', path='/'}]",
+                "load.rate",
             ),
         ];
         for (text, expected) in cases {

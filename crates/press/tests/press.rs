@@ -564,6 +564,60 @@ async fn sessions_started_after_the_schedule_do_not_count_as_kept() {
     );
 }
 
+/// A generator far behind its schedule stops starting sessions at the drain deadline:
+/// the run lasts at most its duration and the drain, whatever the rate asked (it used to
+/// start every scheduled arrival, however late: a mistyped rate ran until killed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_generator_behind_its_schedule_stops_at_the_drain_deadline() {
+    let router = axum::Router::new().route(
+        "/healthz",
+        get(|| async {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            "ok"
+        }),
+    );
+    let base = serve(router).await;
+    let began = Instant::now();
+    // 1,000 arrivals one at a time at 100 ms each would take 100 s.
+    let report = stampede_press::press(&args(
+        &base,
+        &[
+            "--scenario",
+            "healthz",
+            "--rate",
+            "1000/s",
+            "--duration",
+            "1s",
+            "--drain",
+            "1s",
+            "--max-sessions",
+            "1",
+            "--threads",
+            "1",
+        ],
+    ))
+    .await
+    .unwrap();
+    let took = began.elapsed();
+    assert!(took < Duration::from_secs(10), "ran {took:?}");
+    assert_eq!(report.sessions.scheduled, Some(1000));
+    assert!(
+        (5..=40).contains(&report.sessions.started),
+        "{}",
+        report.summary()
+    );
+    assert_eq!(report.sessions.abandoned, 0, "{}", report.summary());
+}
+
+#[test]
+fn rates_beyond_what_a_run_can_schedule_are_refused() {
+    for rate in ["1e300/s", "inf/s", "0/s", "-5/s", "20000001/s"] {
+        let parsed = Cli::try_parse_from(["press", "--rate", rate]);
+        assert!(parsed.is_err(), "{rate} was taken");
+    }
+    assert!(Cli::try_parse_from(["press", "--rate", "10000000/s"]).is_ok());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_still_out_at_the_drain_deadline_counts_as_failed() {
     // The first request is answered; every later one hangs for good.
