@@ -716,6 +716,15 @@ async fn change_rules(
     let mut rules = app.guard.rules();
     let current = rules.version;
     change(&mut rules);
+    if next == NextVersion::Newer && rules.version > stampede_guard::rules::FILE_VERSION_MAX {
+        return Err(ApiError::bad_request(
+            "invalid_rules",
+            format!(
+                "version: a file's version must be at most {}, leaving room for the changes after it",
+                stampede_guard::rules::FILE_VERSION_MAX
+            ),
+        ));
+    }
     let fits = match next {
         NextVersion::Exact => rules.version == current + 1,
         NextVersion::Newer => rules.version > current,
@@ -735,8 +744,13 @@ async fn change_rules(
             },
         ));
     }
-    rules.validate().map_err(rule_errors)?;
-    crate::check_rule_targets(&rules).map_err(rule_errors)?;
+    // Every problem at once, each with its field: the values', then the resources' and
+    // breakers' names.
+    let mut problems = rules.validate().err().unwrap_or_default();
+    problems.extend(crate::check_rule_targets(&rules).err().unwrap_or_default());
+    if !problems.is_empty() {
+        return Err(rule_errors(problems));
+    }
     app.guard.check_room(&rules).map_err(rule_errors)?;
     let longest = crate::longest_answer(&rules, app.payment_timeout);
     if longest > app.client_timeout {

@@ -312,6 +312,7 @@ pub fn metrics_handle() -> PrometheusHandle {
                 .expect("static buckets are valid")
                 .install_recorder()
                 .expect("no other metrics recorder is installed");
+            export_alerting_counters_at_zero();
             let upkeep = handle.clone();
             std::thread::Builder::new()
                 .name("metrics-upkeep".into())
@@ -325,6 +326,34 @@ pub fn metrics_handle() -> PrometheusHandle {
             handle
         })
         .clone()
+}
+
+/// The counters of things that go wrong, exported at 0 from the start: a counter appears
+/// in `/metrics` only once it is first touched, and an alert on one that has never moved
+/// would see "no data" instead of 0 (and `increase()` misses its first step).
+fn export_alerting_counters_at_zero() {
+    for name in [
+        "stampede_writer_commit_failures_total",
+        "stampede_gate_give_back_failures_total",
+        "stampede_refund_failures_total",
+        "stampede_refunds_started_total",
+        "stampede_relay_failures_total",
+        "stampede_guard_refusals_held_total",
+        "stampede_http_panics_total",
+        "stampede_connections_timed_out_total",
+        "stampede_sqlite_tail_checkpoint_short_total",
+    ] {
+        metrics::counter!(name).increment(0);
+    }
+    for outcome in ["refunded", "nothing_charged", "failed"] {
+        metrics::counter!("stampede_refunds_total", "outcome" => outcome).increment(0);
+    }
+    for outcome in ["ok", "declined", "not_charged", "error", "timeout"] {
+        metrics::counter!("stampede_payment_calls_total", "outcome" => outcome).increment(0);
+    }
+    for status in ["400", "414", "431"] {
+        metrics::counter!("stampede_http_unparsable_total", "status" => status).increment(0);
+    }
 }
 
 /// Every route's matched path and its label, the last one for requests no route

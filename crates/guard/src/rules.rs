@@ -320,6 +320,12 @@ pub const RATE_MIN: f64 = 0.001;
 /// so the next version (the admin API's `current + 1`) never overflows.
 pub const VERSION_MAX: u64 = (1 << 53) - 1;
 
+/// The highest version a configuration file may state. A file's version may jump (it
+/// says which edit of the file it is), so it must leave room for the changes that follow
+/// it one at a time (`VERSION_MAX` is where they stop): at `VERSION_MAX` itself, the admin
+/// API's next change and the degradation switch could never be made again.
+pub const FILE_VERSION_MAX: u64 = 1 << 52;
+
 /// Most rules of each kind (the tables behind them are allocated per rule).
 pub const MAX_RULES: usize = 256;
 

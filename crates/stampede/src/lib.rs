@@ -411,6 +411,11 @@ impl Config {
         );
         check_payment_url(&self.payment_url)?;
         anyhow::ensure!(
+            self.guard.version <= stampede_guard::rules::FILE_VERSION_MAX,
+            "guard.version must be at most {}, leaving room for the admin API's changes after it",
+            stampede_guard::rules::FILE_VERSION_MAX
+        );
+        anyhow::ensure!(
             (256..=1 << 20).contains(&self.body_limit_bytes),
             "body_limit_bytes must be within 256..=1048576"
         );
@@ -856,6 +861,12 @@ async fn watch_guard_rules(path: PathBuf, state: AppState) {
             continue;
         }
         seen = now;
+        // A file the next start would refuse is not half taken now: its rules would be
+        // live until the restart that then fails.
+        if let Err(e) = refuse_unknown_keys(&path) {
+            tracing::error!(file = %path.display(), error = %format!("{e:#}"), "the configuration file would be refused at start; guard rules unchanged");
+            continue;
+        }
         let rules = Figment::from(Serialized::default(
             "guard",
             stampede_guard::GuardRules::default(),
@@ -880,6 +891,12 @@ async fn watch_guard_rules(path: PathBuf, state: AppState) {
                 version = rules.version,
                 "guard rules reloaded from the file"
             ),
+            Err(e) if e.status.as_u16() == 503 => {
+                // The store could not keep them in time: tried again at the next look,
+                // not only once the file changes again.
+                seen = None;
+                tracing::warn!(file = %path.display(), error = %e.message, "the file's guard rules could not be kept; trying again")
+            }
             Err(e) => {
                 tracing::error!(file = %path.display(), error = %e.message, "the file's guard rules were refused; unchanged")
             }
@@ -1068,6 +1085,14 @@ mod tests {
                 !error.contains("`listen`") && !error.contains("`guard`"),
                 "{error}"
             );
+            // A file's guard version leaves room for the admin API's changes after it.
+            jail.create_file("far.toml", "[guard]\nversion = 9007199254740991\n")?;
+            let far = ServeArgs {
+                config: Some("far.toml".into()),
+                ..ServeArgs::default()
+            };
+            let error = load(&far).unwrap_err().to_string();
+            assert!(error.contains("guard.version must be at most"), "{error}");
             jail.set_env("STAMPEDE_CLIENT_TIMEOUT", "0s");
             let error = load(&ServeArgs::default()).unwrap_err().to_string();
             assert!(error.contains("client_timeout must be at least"), "{error}");

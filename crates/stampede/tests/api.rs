@@ -1271,6 +1271,20 @@ async fn operations_endpoints_answer(backend: Backend) {
     assert_eq!(reply.status, 200);
     let text = reply.body.as_str().expect("metrics are text");
     assert!(text.contains("stampede_purchases_total"), "{text}");
+    // Counters of things going wrong are there before anything went wrong, so an alert on
+    // them reads 0, not "no data".
+    for counter in [
+        "stampede_writer_commit_failures_total",
+        "stampede_refund_failures_total",
+        "stampede_refunds_total{outcome=\"failed\"}",
+        "stampede_http_unparsable_total{status=\"431\"}",
+        "stampede_guard_refusals_held_total",
+    ] {
+        assert!(
+            text.lines().any(|line| line.starts_with(counter)),
+            "{counter} is not exported: {text}"
+        );
+    }
 
     let reply = app.get("/openapi.json", None).await;
     assert_eq!(reply.status, 200);

@@ -259,6 +259,15 @@ async fn rule_changes_are_validated_versioned_and_survive_a_restart() {
     for field in ["flow[0].resource", "hot[0].resource", "breakers[0].name"] {
         assert!(message.contains(field), "{field}: {message}");
     }
+    // A bad value and a name nothing asks, in one change: both are reported.
+    let mut both = next.clone();
+    both["flow"] = json!([{"resource": "checkout", "qps": 0.0}]);
+    let reply = put_rules(&app, Some(&app.admin), &both).await;
+    assert_error(&reply, 400, "invalid_rules");
+    let message = reply.body["error"]["message"].as_str().unwrap();
+    for field in ["flow[0].qps", "flow[0].resource"] {
+        assert!(message.contains(field), "{field}: {message}");
+    }
     let mut unknown = next.clone();
     unknown["flow"][0]["bogus"] = json!(1);
     assert_error(
@@ -752,6 +761,14 @@ async fn a_newer_guard_section_in_the_config_file_is_reloaded_live() {
     tokio::time::sleep(Duration::from_millis(2_500)).await;
     assert_eq!(rules(&app).await["dry_run"], false);
     std::fs::write(&file, "[guard]\nversion = 2\nbogus = 1\n").unwrap();
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    assert_eq!(rules(&app).await["version"], 1);
+    // A file the next start would refuse (a mistyped setting outside `[guard]`) is not
+    // half taken now; nor is a version that leaves no room for the admin API's changes.
+    std::fs::write(&file, "listenn = \"x\"\n[guard]\nversion = 2\n").unwrap();
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    assert_eq!(rules(&app).await["version"], 1);
+    std::fs::write(&file, "[guard]\nversion = 9007199254740991\n").unwrap();
     tokio::time::sleep(Duration::from_millis(2_500)).await;
     assert_eq!(rules(&app).await["version"], 1);
     // A file may skip versions: it is newer, so it is applied as the version it says.
