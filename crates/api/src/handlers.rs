@@ -678,6 +678,7 @@ pub async fn metrics(State(app): State<AppState>) -> Response {
         .into_response()
 }
 
+#[utoipa::path(get, path = "/openapi.json", responses((status = 200, description = "this document, OpenAPI 3.1, generated from the code")))]
 pub async fn openapi(State(app): State<AppState>) -> Response {
     (
         [(axum::http::header::CONTENT_TYPE, "application/json")],
@@ -821,16 +822,19 @@ pub async fn reload_rules(
     change_rules(app, NextVersion::Newer, move |current| *current = rules).await
 }
 
-#[utoipa::path(get, path = "/v1/guard/rules",
+#[utoipa::path(get, path = "/v1/guard/rules", security(("admin" = [])),
     responses((status = 200, description = "the guard's rules and their version"), (status = 401, body = ErrorBody)))]
 pub async fn get_guard_rules(State(app): State<AppState>, _admin: Admin) -> Response {
     Json(app.guard.rules()).into_response()
 }
 
-#[utoipa::path(put, path = "/v1/guard/rules",
+#[utoipa::path(put, path = "/v1/guard/rules", security(("admin" = [])),
+    request_body(content = Object, content_type = "application/json",
+                 description = "the whole rules document as GET answers it, with version = the current version + 1"),
     responses((status = 200, description = "rules replaced, persisted and live"),
-              (status = 400, description = "invalid_rules: every problem, each naming its field", body = ErrorBody),
-              (status = 409, description = "version_conflict: send the current version + 1", body = ErrorBody)))]
+              (status = 400, description = "invalid_rules: every problem, each naming its field; invalid_body: not a rules document", body = ErrorBody),
+              (status = 409, description = "version_conflict: send the current version + 1", body = ErrorBody),
+              (status = 503, description = "unavailable: the store did not keep the rules within database_timeout; the rules are unchanged", body = ErrorBody)))]
 pub async fn put_guard_rules(
     State(app): State<AppState>,
     _admin: Admin,
@@ -850,7 +854,7 @@ pub struct DegradeRequest {
     pub off: bool,
 }
 
-#[utoipa::path(post, path = "/v1/guard/degrade", request_body = DegradeRequest,
+#[utoipa::path(post, path = "/v1/guard/degrade", request_body = DegradeRequest, security(("admin" = [])),
     responses((status = 200, description = "the new rules (a new version)"), (status = 401, body = ErrorBody)))]
 pub async fn degrade(
     State(app): State<AppState>,

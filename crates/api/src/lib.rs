@@ -247,9 +247,10 @@ impl std::ops::Deref for AppState {
         handlers::put_guard_rules,
         handlers::degrade,
         handlers::guard_stats,
+        handlers::openapi,
     ),
     components(schemas(error::ErrorBody, error::ErrorDetail)),
-    modifiers(&BearerSchemes)
+    modifiers(&BearerSchemes, &CommonAnswers)
 )]
 pub struct ApiDoc;
 
@@ -280,6 +281,78 @@ impl utoipa::Modify for BearerSchemes {
                     .build(),
             ),
         );
+    }
+}
+
+/// The answers that come from the layers around the handlers rather than from the
+/// handlers themselves, added to every operation they can reach (an answer the
+/// operation's own annotation describes is left as it says): 401 where a token is
+/// required; 400 for a body that is not the JSON asked, 413 and 415 where a request
+/// carries one; 429 and 503 from the guard on the routes it decides.
+struct CommonAnswers;
+
+impl utoipa::Modify for CommonAnswers {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::{ContentBuilder, Ref, ResponseBuilder};
+        let error = |description: &str| {
+            ResponseBuilder::new()
+                .description(description)
+                .content(
+                    "application/json",
+                    ContentBuilder::new()
+                        .schema(Some(Ref::from_schema_name("ErrorBody")))
+                        .build(),
+                )
+                .build()
+        };
+        for (path, item) in openapi.paths.paths.iter_mut() {
+            let route = ROUTES
+                .iter()
+                .find(|(template, _)| template == path)
+                .map(|(_, label)| *label);
+            let guarded = route.is_some_and(|label| GUARDED.iter().any(|(r, _)| *r == label));
+            let operations = [
+                (&mut item.get, false),
+                (&mut item.put, true),
+                (&mut item.post, true),
+                (&mut item.delete, false),
+            ];
+            for (operation, sends) in operations {
+                let Some(operation) = operation.as_mut() else {
+                    continue;
+                };
+                let mut add = |status: &str, description: &str| {
+                    operation
+                        .responses
+                        .responses
+                        .entry(status.to_owned())
+                        .or_insert_with(|| error(description).into());
+                };
+                if operation.security.as_ref().is_some_and(|s| !s.is_empty()) {
+                    add("401", "unauthorized: no token, or a bad or expired one");
+                }
+                if sends {
+                    add(
+                        "400",
+                        "malformed_json, invalid_body (also a body sent where none is taken), invalid_field",
+                    );
+                    add("413", "body_too_large");
+                }
+                if operation.request_body.is_some() {
+                    add(
+                        "415",
+                        "unsupported_media_type: the body must be application/json",
+                    );
+                }
+                if guarded {
+                    add("429", "throttled by a rule of the guard, with Retry-After");
+                    add(
+                        "503",
+                        "overloaded (system protection) or degraded (the route's class switched off), with Retry-After",
+                    );
+                }
+            }
+        }
     }
 }
 

@@ -1323,7 +1323,7 @@ async fn operations_endpoints_answer(backend: Backend) {
         (
             "/v1/orders/{id}/pay",
             "post",
-            &["200", "401", "404", "409", "502", "504"][..],
+            &["200", "400", "401", "404", "409", "502", "504"][..],
         ),
         (
             "/v1/orders/{id}/cancel",
@@ -1333,8 +1333,30 @@ async fn operations_endpoints_answer(backend: Backend) {
         (
             "/v1/flash-sales/{id}/audit",
             "get",
-            &["200", "401", "404"][..],
+            &["200", "401", "404", "429", "503"][..],
         ),
+        // What the layers around the handlers answer is documented too.
+        (
+            "/v1/flash-sales",
+            "post",
+            &["201", "400", "401", "404", "409", "413", "415"][..],
+        ),
+        (
+            "/v1/flash-sales/{id}",
+            "get",
+            &["200", "404", "429", "503"][..],
+        ),
+        (
+            "/v1/guard/rules",
+            "put",
+            &["200", "400", "401", "409", "413", "415", "503"][..],
+        ),
+        (
+            "/v1/guard/degrade",
+            "post",
+            &["200", "400", "401", "413", "415"][..],
+        ),
+        ("/openapi.json", "get", &["200", "429", "503"][..]),
     ] {
         let responses = paths[path][method]["responses"]
             .as_object()
