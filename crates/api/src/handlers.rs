@@ -748,7 +748,18 @@ async fn change_rules(
     // Every problem at once, each with its field: the values', then the resources' and
     // breakers' names.
     let mut problems = rules.validate().err().unwrap_or_default();
-    problems.extend(crate::check_rule_targets(&rules).err().unwrap_or_default());
+    let within_bounds = !problems
+        .iter()
+        .any(|p| p.field == "rules" || p.field == "hot");
+    if within_bounds {
+        // A field already refused for its value is not refused again for its name.
+        let targets = crate::check_rule_targets(&rules).err().unwrap_or_default();
+        let fresh: Vec<_> = targets
+            .into_iter()
+            .filter(|t| !problems.iter().any(|p| p.field == t.field))
+            .collect();
+        problems.extend(fresh);
+    }
     if !problems.is_empty() {
         return Err(rule_errors(problems));
     }
@@ -795,12 +806,23 @@ async fn change_rules(
     Ok(rules)
 }
 
+/// Most rule problems one answer lists: a body of thousands of bad rules gets the first
+/// ones and a count, not a message of megabytes.
+const RULE_ERRORS_LISTED_MAX: usize = 32;
+
 fn rule_errors(errors: Vec<stampede_guard::RuleError>) -> ApiError {
-    let message = errors
+    let mut message = errors
         .iter()
+        .take(RULE_ERRORS_LISTED_MAX)
         .map(ToString::to_string)
         .collect::<Vec<_>>()
         .join("; ");
+    if errors.len() > RULE_ERRORS_LISTED_MAX {
+        message.push_str(&format!(
+            "; and {} more",
+            errors.len() - RULE_ERRORS_LISTED_MAX
+        ));
+    }
     ApiError::bad_request("invalid_rules", message)
 }
 
@@ -855,7 +877,8 @@ pub struct DegradeRequest {
 }
 
 #[utoipa::path(post, path = "/v1/guard/degrade", request_body = DegradeRequest, security(("admin" = [])),
-    responses((status = 200, description = "the new rules (a new version)"), (status = 401, body = ErrorBody)))]
+    responses((status = 200, description = "the new rules (a new version)"), (status = 401, body = ErrorBody),
+              (status = 503, description = "unavailable: the store did not keep the change within database_timeout; nothing changed", body = ErrorBody)))]
 pub async fn degrade(
     State(app): State<AppState>,
     _admin: Admin,

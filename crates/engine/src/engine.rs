@@ -1766,15 +1766,24 @@ impl Engine {
             // its way must not leave units taken in the gate with nobody to hand them
             // back; the task gives them back itself when nobody awaits its answer.
             let (tell, told) = oneshot::channel();
-            let (taker, owner) = (gate.clone(), user.clone());
+            let (taker, owner, state) = (gate.clone(), user.clone(), sale.clone());
             let limit = record.per_user_limit;
             tokio::spawn(async move {
                 let taken = taker.take(sale_id, &owner, units, limit).await;
-                if let Err(Ok(_)) = tell.send(taken)
-                    && let Err(error) = taker.give_back(sale_id, &owner, units).await
-                {
-                    tracing::error!(%sale_id, %error, units, "could not hand back units taken for a purchase whose client left");
-                    metrics::counter!("stampede_gate_give_back_failures_total").increment(1);
+                if let Err(Ok(count)) = tell.send(taken) {
+                    // Nobody awaits the take: its count and the hand-back's are shown
+                    // here, or the view could stay on a count from before the units came
+                    // back (sold out while Redis holds them).
+                    state.inner.lock().see_gate_count(count);
+                    match taker.give_back(sale_id, &owner, units).await {
+                        Ok(Some(count)) => state.inner.lock().see_gate_count(count),
+                        Ok(None) => {}
+                        Err(error) => {
+                            tracing::error!(%sale_id, %error, units, "could not hand back units taken for a purchase whose client left");
+                            metrics::counter!("stampede_gate_give_back_failures_total")
+                                .increment(1);
+                        }
+                    }
                 }
             });
             let taken = told.await.unwrap_or_else(|_| {

@@ -68,6 +68,19 @@ impl std::str::FromStr for Rate {
     }
 }
 
+/// A peak to size a cluster for: any positive rate, since nothing is scheduled at it.
+fn parse_peak(s: &str) -> Result<Rate, String> {
+    let value: f64 = s
+        .trim()
+        .trim_end_matches("/s")
+        .parse()
+        .map_err(|_| format!("`{s}` is not a rate (e.g. 583000/s)"))?;
+    if !(value > 0.0 && value.is_finite()) {
+        return Err(format!("peak `{s}` must be positive"));
+    }
+    Ok(Rate(value))
+}
+
 /// A share such as `0.1%` or `0.001`.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Share(pub f64);
@@ -201,8 +214,9 @@ impl PressArgs {
 pub struct CapacityArgs {
     #[command(flatten)]
     pub press: PressArgs,
-    /// Report how many nodes this peak needs, e.g. 583000/s.
-    #[arg(long)]
+    /// Report how many nodes this peak needs, e.g. 583000/s (only sized for, never
+    /// sent: no cap).
+    #[arg(long, value_parser = parse_peak)]
     pub target_peak: Option<Rate>,
     /// Share of each node's capacity to keep free when sizing.
     #[arg(long, default_value_t = 0.3)]
@@ -741,6 +755,14 @@ async fn execute(args: &PressArgs, p: Prepared, progress: bool) -> anyhow::Resul
             ));
         }
     }
+    let not_started = sessions
+        .scheduled
+        .map_or(0, |scheduled| scheduled.saturating_sub(sessions.started));
+    if not_started > 0 {
+        warnings.push(format!(
+            "{not_started} scheduled sessions never started: the generator was still behind its schedule at the drain deadline; the run does not pass"
+        ));
+    }
     if sessions.abandoned > 0 {
         warnings.push(format!(
             "{} sessions were still running at the drain deadline; their requests in flight count as failed (abandoned) and the run does not pass",
@@ -821,8 +843,10 @@ async fn execute(args: &PressArgs, p: Prepared, progress: bool) -> anyhow::Resul
             ok: false,
         });
     }
-    let passed =
-        thresholds.iter().all(|t| t.ok) && (!books.checked || books.ok) && sessions.abandoned == 0;
+    let passed = thresholds.iter().all(|t| t.ok)
+        && (!books.checked || books.ok)
+        && sessions.abandoned == 0
+        && not_started == 0;
     let scheduled_rps = sessions
         .scheduled
         .map(|n| n as f64 / duration.as_secs_f64());

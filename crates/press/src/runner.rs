@@ -503,7 +503,9 @@ impl Worker {
         };
         // Let sessions in flight finish, up to the drain deadline.
         let all = self.max_sessions as u32;
-        let deadline = end.max(Instant::now()) + self.drain;
+        // The same deadline the open model's last start keeps: the run lasts at most its
+        // duration and the drain.
+        let deadline = end + self.drain;
         if tokio::time::timeout_at(deadline, sessions.acquire_many(all))
             .await
             .is_err()

@@ -795,7 +795,7 @@ pub async fn start(
     let reload = config
         .config_file
         .clone()
-        .map(|path| tokio::spawn(watch_guard_rules(path, state.clone())));
+        .map(|path| tokio::spawn(watch_guard_rules(path, config.clone(), state.clone())));
     let relay = config.nats_url.as_ref().map(|url| {
         let relay_config = stampede_relay::RelayConfig {
             stream: config.nats_stream.clone(),
@@ -851,7 +851,7 @@ pub const GUARD_RELOAD_EVERY: Duration = Duration::from_secs(1);
 /// higher version than the running rules, they are validated, kept in the store and
 /// swapped in, exactly as an admin API change. A lower or equal version is left alone
 /// (the running rules were changed through the API since), and logged.
-async fn watch_guard_rules(path: PathBuf, state: AppState) {
+async fn watch_guard_rules(path: PathBuf, running: Config, state: AppState) {
     let modified = |path: &Path| std::fs::metadata(path).and_then(|m| m.modified()).ok();
     let mut seen = modified(&path);
     loop {
@@ -863,7 +863,7 @@ async fn watch_guard_rules(path: PathBuf, state: AppState) {
         seen = now;
         // A file the next start would refuse is not half taken now: its rules would be
         // live until the restart that then fails.
-        if let Err(e) = refuse_unknown_keys(&path) {
+        if let Err(e) = would_start_with(&path, &running) {
             tracing::error!(file = %path.display(), error = %format!("{e:#}"), "the configuration file would be refused at start; guard rules unchanged");
             continue;
         }
@@ -902,6 +902,18 @@ async fn watch_guard_rules(path: PathBuf, state: AppState) {
             }
         }
     }
+}
+
+/// Whether a server could start with the configuration file at `path` as it now reads:
+/// no unknown setting, every value of the right type and valid. The running
+/// configuration stands in for what the environment and the flags gave at start.
+fn would_start_with(path: &Path, running: &Config) -> anyhow::Result<()> {
+    refuse_unknown_keys(path)?;
+    let config: Config = Figment::from(Serialized::defaults(running))
+        .merge(Toml::file(path))
+        .extract()
+        .context("invalid configuration")?;
+    config.validate()
 }
 
 /// The rules the guard starts with: those kept in the store (changed through the admin

@@ -202,15 +202,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 ttl >= Duration::from_secs(1),
                 "--ttl must be at least 1s: a shorter token has expired when the server reads it"
             );
-            // The longest id the tokens carry must be one the server takes as `sub`.
+            // The id given, and the longest the tokens carry, must be ones the server
+            // takes as `sub`.
             let longest = if count == 1 {
                 sub.clone()
             } else {
                 format!("{sub}-{}", count - 1)
             };
-            stampede_types::UserId::parse(&longest).map_err(|e| {
-                anyhow::anyhow!("--sub {sub:?} makes shopper ids the server refuses: {e}")
-            })?;
+            for id in [&sub, &longest] {
+                stampede_types::UserId::parse(id).map_err(|e| {
+                    anyhow::anyhow!("--sub {sub:?} makes shopper ids the server refuses: {e}")
+                })?;
+            }
             let secret = stampede::jwt_secret(&config)?;
             let exp = (chrono::Utc::now().timestamp() as u64).saturating_add(ttl.as_secs());
             let mut out = std::io::BufWriter::new(std::io::stdout().lock());

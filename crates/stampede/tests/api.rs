@@ -1354,7 +1354,7 @@ async fn operations_endpoints_answer(backend: Backend) {
         (
             "/v1/guard/degrade",
             "post",
-            &["200", "400", "401", "413", "415"][..],
+            &["200", "400", "401", "413", "415", "503"][..],
         ),
         ("/openapi.json", "get", &["200", "429", "503"][..]),
     ] {
@@ -1569,11 +1569,12 @@ async fn stampede_token_signs_with_the_kept_secret_and_refuses_what_no_server_ta
     assert_eq!(listed.status, 200, "{:?}", listed.body);
 
     let empty = tempfile::tempdir().unwrap();
-    let refused: [(&std::path::Path, &[&str], &str); 4] = [
+    let refused: [(&std::path::Path, &[&str], &str); 5] = [
         (empty.path(), &["--sub", "ada"], "no JWT secret"),
         (kept.path(), &["--sub", ""], "--sub"),
         (kept.path(), &["--sub", "ada", "--ttl", "0s"], "--ttl"),
         (kept.path(), &["--sub", &"a".repeat(129)], "--sub"),
+        (kept.path(), &["--sub", "", "--count", "3"], "--sub"),
     ];
     for (data_dir, args, says) in refused {
         let output = token(data_dir, args).await.unwrap();

@@ -268,6 +268,12 @@ async fn rule_changes_are_validated_versioned_and_survive_a_restart() {
     for field in ["flow[0].qps", "flow[0].resource"] {
         assert!(message.contains(field), "{field}: {message}");
     }
+    // A field refused for its value is not refused again for its name.
+    both["flow"] = json!([{"resource": "", "qps": 1.0}]);
+    let reply = put_rules(&app, Some(&app.admin), &both).await;
+    assert_error(&reply, 400, "invalid_rules");
+    let message = reply.body["error"]["message"].as_str().unwrap();
+    assert_eq!(message.matches("flow[0].resource").count(), 1, "{message}");
     let mut unknown = next.clone();
     unknown["flow"][0]["bogus"] = json!(1);
     assert_error(
@@ -765,9 +771,15 @@ async fn a_newer_guard_section_in_the_config_file_is_reloaded_live() {
     assert_eq!(rules(&app).await["version"], 1);
     // A file the next start would refuse (a mistyped setting outside `[guard]`) is not
     // half taken now; nor is a version that leaves no room for the admin API's changes.
-    std::fs::write(&file, "listenn = \"x\"\n[guard]\nversion = 2\n").unwrap();
-    tokio::time::sleep(Duration::from_millis(2_500)).await;
-    assert_eq!(rules(&app).await["version"], 1);
+    for refused in [
+        "listenn = \"x\"\n[guard]\nversion = 2\n",
+        "payment_url = \"https://pay.example\"\n[guard]\nversion = 2\n",
+        "queue_capacity = \"many\"\n[guard]\nversion = 2\n",
+    ] {
+        std::fs::write(&file, refused).unwrap();
+        tokio::time::sleep(Duration::from_millis(2_500)).await;
+        assert_eq!(rules(&app).await["version"], 1, "{refused}");
+    }
     std::fs::write(&file, "[guard]\nversion = 9007199254740991\n").unwrap();
     tokio::time::sleep(Duration::from_millis(2_500)).await;
     assert_eq!(rules(&app).await["version"], 1);

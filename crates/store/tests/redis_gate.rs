@@ -433,6 +433,41 @@ async fn a_client_that_hangs_up_during_the_gates_take_leaves_no_units_taken() {
     assert!(!placed.replay);
 }
 
+/// The units of a client that left during the take come back to the view too: the last
+/// unit's buyer took it after the leaver's take and its answer came back after the
+/// leaver's hand-back, so without the leaver's counts the view would stay sold out.
+#[tokio::test]
+async fn units_of_a_client_that_left_during_the_take_show_in_the_sales_view() {
+    let dir = tempfile::tempdir().unwrap();
+    let (gate, engine) = slow_gate_engine(dir.path()).await;
+    let sale = live_sale(&engine, "SLOW-VIEW", 2, 2, 50, 1).await;
+    let leaver = tokio::time::timeout(
+        std::time::Duration::from_millis(20),
+        engine.purchase(
+            UserId::parse("leaver").unwrap(),
+            IdempotencyKey::parse("k").unwrap(),
+            sale,
+            one(),
+        ),
+    )
+    .await;
+    assert!(leaver.is_err(), "the client left before the gate answered");
+    // The last unit, taken while the leaver's is still out; answered after it is back.
+    let placed = engine
+        .purchase(
+            UserId::parse("buyer").unwrap(),
+            IdempotencyKey::parse("k").unwrap(),
+            sale,
+            one(),
+        )
+        .await
+        .unwrap();
+    assert!(!placed.replay);
+    assert_eq!(gate.remaining(sale).await.unwrap(), 1);
+    let view = engine.sale(sale).unwrap();
+    assert_eq!((view.remaining, view.status), (1, SaleStatus::Live));
+}
+
 #[tokio::test]
 async fn a_duplicate_is_decided_on_its_own_request_when_the_first_is_refused() {
     let dir = tempfile::tempdir().unwrap();
