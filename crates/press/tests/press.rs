@@ -518,10 +518,9 @@ async fn closed_model_users_keep_a_connection_each_when_there_are_enough() {
     assert_eq!(ports.len(), 2, "{:?}", shared.lock());
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sessions_started_after_the_schedule_do_not_count_as_kept() {
-    // One session at a time against answers that take 100 ms: at most ~10 of the 100
-    // arrivals due in the second can start within it; the rest start late.
+/// One session at a time (`--max-sessions 1`, one thread) for one second at `rate`,
+/// against answers that take 100 ms: a generator that cannot keep its schedule.
+async fn behind_schedule(rate: &str, extra: &[&str]) -> stampede_press::report::Report {
     let router = axum::Router::new().route(
         "/healthz",
         get(|| async {
@@ -530,23 +529,27 @@ async fn sessions_started_after_the_schedule_do_not_count_as_kept() {
         }),
     );
     let base = serve(router).await;
-    let report = stampede_press::press(&args(
-        &base,
-        &[
-            "--scenario",
-            "healthz",
-            "--rate",
-            "100/s",
-            "--duration",
-            "1s",
-            "--max-sessions",
-            "1",
-            "--threads",
-            "1",
-        ],
-    ))
-    .await
-    .unwrap();
+    let mut argv = vec![
+        "--scenario",
+        "healthz",
+        "--rate",
+        rate,
+        "--duration",
+        "1s",
+        "--max-sessions",
+        "1",
+        "--threads",
+        "1",
+    ];
+    argv.extend_from_slice(extra);
+    stampede_press::press(&args(&base, &argv)).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_started_after_the_schedule_do_not_count_as_kept() {
+    // At most ~10 of the 100 arrivals due in the second can start within it; the rest
+    // start late.
+    let report = behind_schedule("100/s", &[]).await;
     assert_eq!(report.sessions.started, 100, "{}", report.summary());
     assert!(
         report.sessions.achieved_per_s <= 15.0,
@@ -569,35 +572,9 @@ async fn sessions_started_after_the_schedule_do_not_count_as_kept() {
 /// start every scheduled arrival, however late: a mistyped rate ran until killed).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_generator_behind_its_schedule_stops_at_the_drain_deadline() {
-    let router = axum::Router::new().route(
-        "/healthz",
-        get(|| async {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            "ok"
-        }),
-    );
-    let base = serve(router).await;
     let began = Instant::now();
     // 1,000 arrivals one at a time at 100 ms each would take 100 s.
-    let report = stampede_press::press(&args(
-        &base,
-        &[
-            "--scenario",
-            "healthz",
-            "--rate",
-            "1000/s",
-            "--duration",
-            "1s",
-            "--drain",
-            "1s",
-            "--max-sessions",
-            "1",
-            "--threads",
-            "1",
-        ],
-    ))
-    .await
-    .unwrap();
+    let report = behind_schedule("1000/s", &["--drain", "1s"]).await;
     let took = began.elapsed();
     assert!(took < Duration::from_secs(10), "ran {took:?}");
     assert_eq!(report.sessions.scheduled, Some(1000));
