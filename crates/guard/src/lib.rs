@@ -1004,6 +1004,13 @@ impl Guard {
             }
             admitted |= 1 << i;
         }
+        // Counted once every rule has admitted it: a request a later rule refused did not
+        // pass the earlier ones either (they gave their allowance back).
+        for (i, hot) in rules.iter().enumerate() {
+            if admitted & (1 << i) != 0 {
+                hot.resource.counters.passed.fetch_add(1, Ordering::Relaxed);
+            }
+        }
         Ok(HotTaken {
             version,
             taken: admitted,

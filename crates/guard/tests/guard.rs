@@ -606,6 +606,9 @@ fn the_shipped_default_limits_each_shopper_to_ten_a_second_with_a_burst_of_twent
             .check_hot(&guard.resource("browse"), Param::Shopper, "bot")
             .is_ok()
     );
+    // The rule's own counters show what it let through and what it refused.
+    let rule = totals(&guard, "hot:purchase_per_shopper");
+    assert_eq!((rule.passed, rule.blocked_throttled), (21, 80));
 }
 
 #[test]
