@@ -745,24 +745,7 @@ async fn change_rules(
             },
         ));
     }
-    // Every problem at once, each with its field: the values', then the resources' and
-    // breakers' names.
-    let mut problems = rules.validate().err().unwrap_or_default();
-    let within_bounds = !problems
-        .iter()
-        .any(|p| p.field == "rules" || p.field == "hot");
-    if within_bounds {
-        // A field already refused for its value is not refused again for its name.
-        let targets = crate::check_rule_targets(&rules).err().unwrap_or_default();
-        let fresh: Vec<_> = targets
-            .into_iter()
-            .filter(|t| !problems.iter().any(|p| p.field == t.field))
-            .collect();
-        problems.extend(fresh);
-    }
-    if !problems.is_empty() {
-        return Err(rule_errors(problems));
-    }
+    crate::check_rules(&rules).map_err(rule_errors)?;
     app.guard.check_room(&rules).map_err(rule_errors)?;
     let longest = crate::longest_answer(&rules, app.payment_timeout);
     if longest > app.client_timeout {

@@ -133,6 +133,31 @@ pub const NAMED_RESOURCES: &[&str] = &["payment"];
 /// The outbound dependencies that ask their breaker before each call.
 pub const DEPENDENCIES: &[&str] = &["payment", "database"];
 
+/// Every problem of `rules` at once, each with its field: the values' (`validate`), then
+/// the names nothing asks (`check_rule_targets`), a field refused for its value not
+/// again for its name. Over the bounds on how many rules there may be, only that.
+pub fn check_rules(
+    rules: &stampede_guard::GuardRules,
+) -> Result<(), Vec<stampede_guard::RuleError>> {
+    let mut problems = rules.validate().err().unwrap_or_default();
+    let within_bounds = !problems
+        .iter()
+        .any(|p| p.field == "rules" || p.field == "hot");
+    if within_bounds {
+        let targets = check_rule_targets(rules).err().unwrap_or_default();
+        let fresh: Vec<_> = targets
+            .into_iter()
+            .filter(|t| !problems.iter().any(|p| p.field == t.field))
+            .collect();
+        problems.extend(fresh);
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(problems)
+    }
+}
+
 /// Refuses rules that nothing would ever ask: a flow rule on a resource that is neither
 /// a guarded route nor a named resource, a shopper or sale limit anywhere but on
 /// `purchase` (the handler that knows them), a client or tenant limit on a route the

@@ -370,6 +370,21 @@ impl SaleState {
 }
 
 impl SaleState {
+    /// Hands `units` of `user` back to the outside gate, and shows the count it left in
+    /// the sale's view: the units are for sale again.
+    async fn hand_back_to(&self, gate: &dyn StockGate, user: &UserId, units: u32) {
+        let sale = self.record.id;
+        match gate.give_back(sale, user, units).await {
+            Ok(Some(count)) => self.inner.lock().see_gate_count(count),
+            Ok(None) => {}
+            Err(error) => {
+                // The gate is now short of these units until it is reloaded.
+                tracing::error!(%sale, %error, units, "could not hand stock back to the stock gate");
+                metrics::counter!("stampede_gate_give_back_failures_total").increment(1);
+            }
+        }
+    }
+
     /// Hands back units of an order that will not be (or no longer is) held.
     pub(crate) fn give_back(self: &Arc<Self>, user: &UserId, quantity: u32, was_in_flight: bool) {
         if let Some(gate) = &self.gate {
@@ -386,19 +401,7 @@ impl SaleState {
                 }
             }
             let (gate, state, user) = (gate.clone(), self.clone(), user.clone());
-            tokio::spawn(async move {
-                let sale = state.record.id;
-                match gate.give_back(sale, &user, quantity).await {
-                    // The units are for sale again: the sale's view says so.
-                    Ok(Some(count)) => state.inner.lock().see_gate_count(count),
-                    Ok(None) => {}
-                    Err(error) => {
-                        // The gate is now short of these units until it is reloaded.
-                        tracing::error!(%sale, %error, quantity, "could not hand stock back to the stock gate");
-                        metrics::counter!("stampede_gate_give_back_failures_total").increment(1);
-                    }
-                }
-            });
+            tokio::spawn(async move { state.hand_back_to(&*gate, &user, quantity).await });
             return;
         }
         let mut inner = self.inner.lock();
@@ -1775,15 +1778,7 @@ impl Engine {
                     // here, or the view could stay on a count from before the units came
                     // back (sold out while Redis holds them).
                     state.inner.lock().see_gate_count(count);
-                    match taker.give_back(sale_id, &owner, units).await {
-                        Ok(Some(count)) => state.inner.lock().see_gate_count(count),
-                        Ok(None) => {}
-                        Err(error) => {
-                            tracing::error!(%sale_id, %error, units, "could not hand back units taken for a purchase whose client left");
-                            metrics::counter!("stampede_gate_give_back_failures_total")
-                                .increment(1);
-                        }
-                    }
+                    state.hand_back_to(&*taker, &owner, units).await;
                 }
             });
             let taken = told.await.unwrap_or_else(|_| {

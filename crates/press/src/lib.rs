@@ -52,14 +52,24 @@ pub const RATE_MAX: f64 = 10_000_000.0;
 /// server, and all are opened before the clock starts.
 pub const CONNECTIONS_MAX: usize = 65_536;
 
+/// `2000/s` or `2000`: a positive, finite number of arrivals a second.
+fn positive_rate(s: &str) -> Result<f64, String> {
+    let value: f64 = s
+        .trim()
+        .trim_end_matches("/s")
+        .parse()
+        .map_err(|_| format!("`{s}` is not a rate (e.g. 2000/s)"))?;
+    if !(value > 0.0 && value.is_finite()) {
+        return Err(format!("rate `{s}` must be positive"));
+    }
+    Ok(value)
+}
+
 impl std::str::FromStr for Rate {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let number = s.trim().trim_end_matches("/s");
-        let value: f64 = number
-            .parse()
-            .map_err(|_| format!("`{s}` is not a rate (e.g. 2000/s)"))?;
-        if !(value > 0.0 && value <= RATE_MAX) {
+        let value = positive_rate(s)?;
+        if value > RATE_MAX {
             return Err(format!(
                 "rate `{s}` must be positive and at most {RATE_MAX}/s"
             ));
@@ -70,15 +80,7 @@ impl std::str::FromStr for Rate {
 
 /// A peak to size a cluster for: any positive rate, since nothing is scheduled at it.
 fn parse_peak(s: &str) -> Result<Rate, String> {
-    let value: f64 = s
-        .trim()
-        .trim_end_matches("/s")
-        .parse()
-        .map_err(|_| format!("`{s}` is not a rate (e.g. 583000/s)"))?;
-    if !(value > 0.0 && value.is_finite()) {
-        return Err(format!("peak `{s}` must be positive"));
-    }
-    Ok(Rate(value))
+    positive_rate(s).map(Rate)
 }
 
 /// A share such as `0.1%` or `0.001`.

@@ -509,7 +509,7 @@ fn compile_step(
     // in a header would fail every session at run time (values put in from variables
     // are checked as each request is built).
     ensure!(
-        format!("http://host{}", literal_shape(&step.path))
+        format!("http://host{}", path.literal_shape())
             .parse::<hyper::Uri>()
             .is_ok(),
         "path `{}` is not a valid request path (spaces and other characters must be percent-encoded)",
@@ -520,14 +520,12 @@ fn compile_step(
         let header: hyper::header::HeaderName = name
             .parse()
             .with_context(|| format!("bad header name `{name}`"))?;
+        let template = check(Template::compile(value, vars, Escape::None)?)?;
         ensure!(
-            hyper::header::HeaderValue::from_str(&literal_shape(value)).is_ok(),
+            hyper::header::HeaderValue::from_str(&template.literal_shape()).is_ok(),
             "header `{name}`: `{value}` is not a valid header value (no line breaks or other control characters)"
         );
-        headers.push((
-            header,
-            check(Template::compile(value, vars, Escape::None)?)?,
-        ));
+        headers.push((header, template));
     }
     let body_text = match (step.body, step.body_raw) {
         (Some(_), Some(_)) => bail!("give `body` or `body_raw`, not both"),
@@ -568,28 +566,6 @@ fn compile_step(
         think: step.think,
         book: step.book,
     })
-}
-
-/// `text` with each `{{variable}}` replaced by a plain letter: the part of a step the
-/// file spells itself, to check before any variable has a value.
-fn literal_shape(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    let mut rest = text;
-    while let Some(open) = rest.find("{{") {
-        out.push_str(&rest[..open]);
-        match rest[open..].find("}}") {
-            Some(close) => {
-                out.push('x');
-                rest = &rest[open + close + 2..];
-            }
-            None => {
-                out.push_str(&rest[open..]);
-                rest = "";
-            }
-        }
-    }
-    out.push_str(rest);
-    out
 }
 
 fn read_csv(path: &Path, vars: &mut VarTable) -> anyhow::Result<CsvData> {

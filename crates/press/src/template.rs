@@ -137,6 +137,18 @@ impl Template {
 
     /// Appends the rendering to `out`. `Err(slot)` names a variable that has no value in
     /// this session (for example an `order_id` that an earlier step did not get).
+    /// The template with every variable as one plain letter: the part the scenario
+    /// spells itself, to check before any variable has a value.
+    pub fn literal_shape(&self) -> String {
+        self.segs
+            .iter()
+            .map(|seg| match seg {
+                Seg::Lit(text) => text.as_str(),
+                Seg::Var(_) => "x",
+            })
+            .collect()
+    }
+
     pub fn render(&self, values: &Values, out: &mut String) -> Result<(), usize> {
         for seg in &self.segs {
             match seg {

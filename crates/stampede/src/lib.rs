@@ -754,7 +754,7 @@ pub async fn start(
     // A charge the payment pacing rule holds back must not be overtaken by its order's
     // expiry: the grace grows by the rule's longest wait (again on every rules change).
     engine.set_payment_wait_max(stampede_api::paced(&rules, "payment"));
-    let guard = stampede_api::check_rule_targets(&rules)
+    let guard = stampede_api::check_rules(&rules)
         .and_then(|()| stampede_guard::Guard::new(rules))
         .map_err(|errors| {
             let all: Vec<String> = errors.iter().map(ToString::to_string).collect();
