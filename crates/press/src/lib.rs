@@ -837,9 +837,19 @@ async fn execute(args: &PressArgs, p: Prepared, progress: bool) -> anyhow::Resul
         })
     })
     .collect();
+    // A run that sent nothing, or got no answer its steps expect, measured nothing: it
+    // fails whatever thresholds were given (a server answering 500 to everything would
+    // otherwise pass a run without `--max-error-rate`).
     if overall.requests == 0 {
         thresholds.push(ThresholdResult {
             name: "requests".into(),
+            limit: 1.0,
+            actual: 0.0,
+            ok: false,
+        });
+    } else if overall.errors >= overall.requests {
+        thresholds.push(ThresholdResult {
+            name: "expected_answers".into(),
             limit: 1.0,
             actual: 0.0,
             ok: false,

@@ -193,6 +193,67 @@ async fn refusals_show_on_the_timeline_with_their_own_latency() {
     assert!(report.latency_ms.p50 < 29.0, "{:?}", report.latency_ms);
 }
 
+/// `/healthz` at 200/s for a second, from a scenario that sets no thresholds.
+const NO_THRESHOLDS: &str = r#"
+name = "no-thresholds"
+
+[load]
+rate = 200
+duration = "1s"
+
+[[flows]]
+name = "probe"
+steps = [{ name = "healthz", path = "/healthz", expect = [200] }]
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_without_one_expected_answer_fails_without_thresholds() {
+    let dir = tempfile::tempdir().unwrap();
+    let scenario = write_scenario(&dir, NO_THRESHOLDS);
+    let run = |base: String| {
+        let scenario = scenario.clone();
+        async move {
+            stampede_press::press(&args(
+                &base,
+                &["--scenario", &scenario, "--connections", "4"],
+            ))
+            .await
+            .unwrap()
+        }
+    };
+
+    let failing = axum::Router::new().route(
+        "/healthz",
+        get(|| async { (StatusCode::INTERNAL_SERVER_ERROR, "broken") }),
+    );
+    let report = run(serve(failing).await).await;
+    assert!(report.requests > 100, "{}", report.summary());
+    assert_eq!(report.errors, report.requests, "{}", report.summary());
+    assert!(!report.passed, "{}", report.summary());
+    let names: Vec<_> = report.thresholds.iter().map(|t| (&*t.name, t.ok)).collect();
+    assert_eq!(names, [("expected_answers", false)], "{}", report.summary());
+
+    // One expected answer among the failures is a measurement: with no thresholds, the
+    // run stands.
+    let hits = Arc::new(AtomicU64::new(0));
+    let mostly_failing = axum::Router::new()
+        .route(
+            "/healthz",
+            get(|State(hits): State<Arc<AtomicU64>>| async move {
+                if hits.fetch_add(1, Ordering::Relaxed) == 0 {
+                    StatusCode::OK
+                } else {
+                    StatusCode::INTERNAL_SERVER_ERROR
+                }
+            }),
+        )
+        .with_state(hits);
+    let report = run(serve(mostly_failing).await).await;
+    assert_eq!(report.errors + 1, report.requests, "{}", report.summary());
+    assert!(report.thresholds.is_empty(), "{}", report.summary());
+    assert!(report.passed, "{}", report.summary());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_closed_model_keeps_its_users_busy() {
     let hits = Arc::new(AtomicU64::new(0));
