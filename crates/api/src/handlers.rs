@@ -556,10 +556,17 @@ pub async fn pay_order(
     State(app): State<AppState>,
     Shopper(user): Shopper,
     PathText(id): PathText,
+    arrived: Option<axum::Extension<crate::Arrived>>,
     _: NoBody,
 ) -> Result<Json<StatusBody>, ApiError> {
     let id = parse_order_id(&id)?;
-    let status = app.engine.pay(&user, id, app.payments.clone()).await?;
+    let held = arrived.map_or(std::time::Duration::ZERO, |axum::Extension(at)| {
+        at.0.elapsed()
+    });
+    let status = app
+        .engine
+        .pay_held(&user, id, app.payments.clone(), held)
+        .await?;
     Ok(Json(StatusBody { status }))
 }
 
@@ -779,8 +786,7 @@ async fn change_rules(
     };
     saved.map_err(|e| ApiError::unavailable(format!("the rules could not be saved: {e}")))?;
     app.guard.replace(rules.clone()).map_err(rule_errors)?;
-    app.engine
-        .set_payment_wait_max(crate::paced(&rules, "payment"));
+    app.engine.set_payment_wait_max(crate::pay_held_max(&rules));
     tracing::info!(
         version = rules.version,
         dry_run = rules.dry_run,

@@ -86,9 +86,16 @@ pub fn longest_answer(rules: &stampede_guard::GuardRules, payment_timeout: Durat
         + Duration::from_secs(1)
 }
 
+/// The longest a pay may be held back by pacing between its arrival and its charge:
+/// the `pay` route's rule, then the `payment` resource's. Pending orders expire that
+/// much later (`Engine::set_payment_wait_max`), so a pay that arrived in time is decided
+/// as in time however long the server's own pacing held it.
+pub fn pay_held_max(rules: &stampede_guard::GuardRules) -> Duration {
+    paced(rules, "pay") + paced(rules, "payment")
+}
+
 /// The longest a pacing rule of `rules` on `resource` may hold a call back
-/// (`max_queue`); zero without one. For the `payment` resource, the engine's expiry
-/// waits that much longer (`Engine::set_payment_wait_max`).
+/// (`max_queue`); zero without one.
 pub fn paced(rules: &stampede_guard::GuardRules, resource: &str) -> Duration {
     rules
         .flow
@@ -101,6 +108,11 @@ pub fn paced(rules: &stampede_guard::GuardRules, resource: &str) -> Duration {
         .max()
         .unwrap_or_default()
 }
+
+/// When a request the guard paced arrived whole, before its wait (set only on paced
+/// requests).
+#[derive(Clone, Copy, Debug)]
+pub struct Arrived(pub Instant);
 
 /// The guard's resources for each guarded route, resolved once.
 pub struct GuardedRoutes {
@@ -601,7 +613,11 @@ async fn protect(
             return refused(app, started, peer.as_ref(), response).await;
         }
     };
+    let mut request = request;
     if !admission.wait.is_zero() {
+        // The handler decides deadlines from the arrival, not from the end of the wait
+        // the server itself imposed (a pay paced past its order's deadline is in time).
+        request.extensions_mut().insert(Arrived(Instant::now()));
         tokio::time::sleep(admission.wait).await;
     }
     let response = next.run(request).await;

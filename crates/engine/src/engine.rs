@@ -1221,7 +1221,8 @@ impl Engine {
     }
 
     /// Tells the engine the longest a charge may now be held back before it is made
-    /// (the payment provider's pacing rule, `max_queue`; zero without one): pending
+    /// (the pacing rules of the pay route and the payment provider, their `max_queue`s;
+    /// zero without them): pending
     /// orders then expire that much later than the configured grace, so a pay that
     /// started before its order's deadline is not overtaken by the expiry (and its
     /// charge refunded) while it waits its turn. Refunds wait that much longer for a
@@ -2075,12 +2076,28 @@ impl Engine {
         id: OrderId,
         gateway: Arc<dyn PaymentGateway>,
     ) -> Result<OrderStatus, OrderError> {
+        self.pay_held(user, id, gateway, Duration::ZERO).await
+    }
+
+    /// As [`Engine::pay`], for a pay the server itself held back for `held` after it
+    /// arrived (a pacing rule on the pay route): it is in time if it arrived before its
+    /// order's deadline. The expiry's grace covers the hold (`set_payment_wait_max`).
+    pub async fn pay_held(
+        self: &Arc<Self>,
+        user: &UserId,
+        id: OrderId,
+        gateway: Arc<dyn PaymentGateway>,
+        held: Duration,
+    ) -> Result<OrderStatus, OrderError> {
         let order = self.order(&Actor::Shopper(user.clone()), id).await?;
+        let arrived_ms = self
+            .now_ms()
+            .saturating_sub(i64::try_from(held.as_millis()).unwrap_or(i64::MAX));
         match order.status {
             OrderStatus::Paid => return Ok(OrderStatus::Paid),
             OrderStatus::Cancelled => return Err(OrderError::Cancelled),
             OrderStatus::Expired => return Err(OrderError::Expired),
-            OrderStatus::PendingPayment if self.now_ms() >= order.expires_at_ms => {
+            OrderStatus::PendingPayment if arrived_ms >= order.expires_at_ms => {
                 return Err(OrderError::Expired);
             }
             OrderStatus::PendingPayment => {}

@@ -712,8 +712,8 @@ pub async fn start(
         payment_window_ms: config.payment_window.as_millis() as i64,
         // A payment may start until expires_at and lasts at most its wait to note the
         // charge attempt and one provider timeout; expiry waits for it (plus a second
-        // for the writer) so the payer is not robbed; a pacing rule on `payment` adds its
-        // longest wait (`Engine::set_payment_wait_max`).
+        // for the writer) so the payer is not robbed; pacing rules on the `pay` route and on
+        // `payment` add their longest waits (`Engine::set_payment_wait_max`).
         expiry_grace_ms: (stampede_engine::LEDGER_QUEUE_WAIT + config.payment_timeout).as_millis()
             as i64
             + 1_000,
@@ -751,9 +751,10 @@ pub async fn start(
          payment_timeout, a held refusal), so no such request is cut off",
         config.client_timeout
     );
-    // A charge the payment pacing rule holds back must not be overtaken by its order's
-    // expiry: the grace grows by the rule's longest wait (again on every rules change).
-    engine.set_payment_wait_max(stampede_api::paced(&rules, "payment"));
+    // A pay the pacing rules hold back (the `pay` route's, then the `payment`
+    // resource's) must not be overtaken by its order's expiry: the grace grows by their
+    // longest waits (again on every rules change).
+    engine.set_payment_wait_max(stampede_api::pay_held_max(&rules));
     let guard = stampede_api::check_rules(&rules)
         .and_then(|()| stampede_guard::Guard::new(rules))
         .map_err(|errors| {
