@@ -74,14 +74,22 @@ impl TrustedProxies {
         client
     }
 
-    /// The tenant a trusted proxy named, if any.
-    pub fn tenant<'a>(&self, peer: IpAddr, headers: &'a HeaderMap) -> Option<&'a HeaderValue> {
+    /// The tenant a trusted proxy named, if any: the nearest value (the last header's
+    /// last comma-separated entry), as for `X-Forwarded-For`. A proxy that appends its
+    /// `X-Tenant` to one the client sent leaves the client's first, and the client's
+    /// must not choose the tenant.
+    pub fn tenant(&self, peer: IpAddr, headers: &HeaderMap) -> Option<HeaderValue> {
         if !self.is_trusted(peer) {
             return None;
         }
-        headers
-            .get("x-tenant")
-            .filter(|t| !t.is_empty() && t.len() <= TENANT_MAX)
+        let last = headers.get_all("x-tenant").iter().next_back()?;
+        let nearest = match last.as_bytes().iter().rposition(|&b| b == b',') {
+            None => last.clone(),
+            Some(comma) => {
+                HeaderValue::from_bytes(last.as_bytes()[comma + 1..].trim_ascii()).ok()?
+            }
+        };
+        Some(nearest).filter(|t| !t.is_empty() && t.len() <= TENANT_MAX)
     }
 }
 
@@ -128,9 +136,25 @@ mod tests {
             "198.51.100.7".parse::<IpAddr>().unwrap()
         );
         assert_eq!(
-            proxies.tenant(peer, &h).map(HeaderValue::as_bytes),
-            Some(&b"acme"[..])
+            proxies.tenant(peer, &h),
+            Some(HeaderValue::from_static("acme"))
         );
+        // A proxy that appends its tenant to the one the client sent: its own counts,
+        // as a second header or after a comma.
+        for h in [
+            headers(&[("x-tenant", "evil"), ("x-tenant", "acme")]),
+            headers(&[("x-tenant", "evil, acme")]),
+            headers(&[("x-tenant", "x".repeat(200).leak()), ("x-tenant", "acme")]),
+        ] {
+            assert_eq!(
+                proxies.tenant(peer, &h),
+                Some(HeaderValue::from_static("acme")),
+                "{h:?}"
+            );
+        }
+        // An empty or overlong nearest value names none.
+        let h = headers(&[("x-tenant", "acme"), ("x-tenant", "")]);
+        assert_eq!(proxies.tenant(peer, &h), None);
         // No header: the proxy itself.
         assert_eq!(proxies.client_ip(peer, &HeaderMap::new()), peer);
         // Garbage stops the walk at the last good address.

@@ -714,8 +714,8 @@ fn client_admits(
             .guard
             .check_hot(resource, Param::Tenant, value.as_bytes())
         {
-            // The header itself (a reference-counted copy), the value the rule counted.
-            Ok(taken) => Some((value.clone(), taken)),
+            // The value the rule counted (the header's reference-counted bytes).
+            Ok(taken) => Some((value, taken)),
             Err(rejection) => {
                 app.guard.give_back_hot(resource, &ip, ip_taken);
                 return Err(rejection);
