@@ -602,7 +602,7 @@ async fn protect(
             Some(peer) => client_admits(app, resource, peer, request.headers()).map(Some),
             None => Ok(None),
         }
-        .inspect_err(|_| admission.give_back())
+        .inspect_err(|_| admission.withdraw())
         // Dropped on a refusal: not in flight while its answer waits for a hold.
         .map(|client| (admission, client))
     });
@@ -636,8 +636,9 @@ async fn protect(
     {
         // Refused by a shopper's or a sale's own limit: it costs the route's shared
         // rate nothing, nor its client's or tenant's allowance (a scalper must not use
-        // up what others behind the same address or tenant share).
-        admission.give_back();
+        // up what others behind the same address or tenant share). Counted as blocked
+        // where it was refused, not as passed here.
+        admission.withdraw();
         if let Some(client) = &client {
             client.give_back(app, resource);
         }

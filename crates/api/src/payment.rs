@@ -168,8 +168,9 @@ impl PaymentGateway for GuardedPayments {
         let call = match self.guard.outbound("payment") {
             Ok(call) => call,
             Err(rejection) => {
-                // Not called: the rate slot goes back, as for any request never made.
-                admission.give_back();
+                // Not called: the rate slot goes back, as for any request never made, and
+                // the charge counts as blocked (on `outbound:payment`), not as passed here.
+                admission.withdraw();
                 return Err(PaymentError::CircuitOpen {
                     retry_after_ms: rejection.retry_after().as_millis() as u64,
                 });

@@ -520,6 +520,12 @@ pub struct Admission<'a> {
     /// Pacing: send after this long.
     pub wait: Duration,
     error: bool,
+    /// Refused after all by a later check ([`Admission::withdraw`]): not counted as
+    /// passed or completed.
+    withdrawn: bool,
+    /// A dry run let it through a rule that would have refused it: counted once as
+    /// would-block when it finishes, however many of the resource's checks said so.
+    would_block: bool,
 }
 
 impl Admission<'_> {
@@ -542,6 +548,15 @@ impl Admission<'_> {
                 None => flow.limiter.gcra.give_back(self.guard.now(), slot.interval),
             }
         }
+    }
+
+    /// A check after the admission refused the request after all (a client's, a
+    /// shopper's or a sale's limit, or an open breaker before the call): the rate slot
+    /// goes back ([`Admission::give_back`]) and the request is not counted as passed
+    /// or completed here, only as blocked where it was refused.
+    pub fn withdraw(&mut self) {
+        self.give_back();
+        self.withdrawn = true;
     }
 }
 
@@ -584,7 +599,16 @@ impl Drop for Admission<'_> {
         if self.concurrency {
             self.resource.counters.held.fetch_sub(1, Ordering::Relaxed);
         }
-        self.resource.counters.finished(rt, self.error);
+        if !self.withdrawn {
+            // Counted when it finishes, not when admitted: a later refusal withdraws it
+            // first, and counters never go back (Prometheus would read a reset).
+            let counters = &self.resource.counters;
+            counters.passed.fetch_add(1, Ordering::Relaxed);
+            if self.would_block {
+                counters.would_block.fetch_add(1, Ordering::Relaxed);
+            }
+            counters.finished(rt, self.error);
+        }
     }
 }
 
@@ -781,8 +805,16 @@ impl Guard {
         let compiled = self.compiled.load();
         let counters = &resource.counters;
         let dry_run = compiled.rules.dry_run;
+        // A dry run's would-be refusals are noted here and counted once, when the
+        // request finishes (`Admission::would_block`).
+        let would_block = std::cell::Cell::new(false);
         let refuse = |rejection: Rejection, rule_dry_run: bool| {
-            counters.refusal(rejection, dry_run || rule_dry_run)
+            if dry_run || rule_dry_run {
+                would_block.set(true);
+                None
+            } else {
+                counters.refusal(rejection, false)
+            }
         };
 
         if self.degraded(&compiled, class)
@@ -828,7 +860,7 @@ impl Guard {
             }
         }
 
-        self.flow_admission(&compiled, resource, now, true)
+        self.flow_admission(&compiled, resource, now, true, would_block.get())
             .inspect_err(|_| release())
     }
 
@@ -837,7 +869,7 @@ impl Guard {
     /// through degradation and system protection, and is already counted in flight.
     pub fn admit_named<'a>(&'a self, resource: &'a Resource) -> Result<Admission<'a>, Rejection> {
         let compiled = self.compiled.load();
-        self.flow_admission(&compiled, resource, self.now(), false)
+        self.flow_admission(&compiled, resource, self.now(), false, false)
     }
 
     /// The resource's flow rule; then the admission, whose drop gives back the system's
@@ -849,11 +881,18 @@ impl Guard {
         resource: &'a Resource,
         now: u64,
         system: bool,
+        would_block: bool,
     ) -> Result<Admission<'a>, Rejection> {
         let counters = &resource.counters;
         let dry_run = compiled.rules.dry_run;
+        let would_block = std::cell::Cell::new(would_block);
         let refuse = |rejection: Rejection, rule_dry_run: bool| {
-            counters.refusal(rejection, dry_run || rule_dry_run)
+            if dry_run || rule_dry_run {
+                would_block.set(true);
+                None
+            } else {
+                counters.refusal(rejection, false)
+            }
         };
         let mut wait = Duration::ZERO;
         let flow = compiled.flow(resource.id);
@@ -951,8 +990,8 @@ impl Guard {
             }
         }
 
-        // A system admission's place in flight was taken by `admit`.
-        counters.passed.fetch_add(1, Ordering::Relaxed);
+        // A system admission's place in flight was taken by `admit`. Passed is counted
+        // when it finishes (its drop), unless a later check withdraws it.
         Ok(Admission {
             guard: self,
             resource,
@@ -962,6 +1001,8 @@ impl Guard {
             start: now,
             wait,
             error: false,
+            withdrawn: false,
+            would_block: would_block.get(),
         })
     }
 
@@ -982,6 +1023,8 @@ impl Guard {
         let hash = self.hasher.hash_one(key);
         // Which of the rules (at most `MAX_HOT_RULES`, 16) admitted it so far.
         let mut admitted = 0u64;
+        // Let through by a dry run although over the limit: passed, and would-block.
+        let mut let_through = 0u64;
         for (i, hot) in rules
             .iter()
             .enumerate()
@@ -991,6 +1034,7 @@ impl Guard {
                 let counters = &hot.resource.counters;
                 if compiled.rules.dry_run || hot.rule.dry_run {
                     counters.would_block.fetch_add(1, Ordering::Relaxed);
+                    let_through |= 1 << i;
                     continue;
                 }
                 counters.blocked[0].fetch_add(1, Ordering::Relaxed);
@@ -1007,7 +1051,7 @@ impl Guard {
         // Counted once every rule has admitted it: a request a later rule refused did not
         // pass the earlier ones either (they gave their allowance back).
         for (i, hot) in rules.iter().enumerate() {
-            if admitted & (1 << i) != 0 {
+            if (admitted | let_through) & (1 << i) != 0 {
                 hot.resource.counters.passed.fetch_add(1, Ordering::Relaxed);
             }
         }

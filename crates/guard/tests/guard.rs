@@ -632,6 +632,7 @@ fn rules_are_replaced_by_version_and_dry_run_blocks_nothing() {
     let purchase = totals(&guard, "purchase");
     assert_eq!(purchase.would_block, 9);
     assert_eq!(purchase.blocked_throttled, 0);
+    assert_eq!(purchase.passed, 10, "let through, so passed");
     // An invalid change is refused whole and the old rules stay.
     let mut bad = next.clone();
     bad.version = 2;
@@ -932,6 +933,61 @@ fn a_request_a_later_hot_rule_refuses_spends_no_earlier_allowance() {
     assert!(guard.check_hot(&purchase, Param::Sale, "s").is_err());
     guard.give_back_hot(&purchase, "c", taken);
     assert_eq!(refused_by("c"), None, "c's allowance came back");
+}
+
+#[test]
+fn each_request_counts_once_whatever_its_checks_said() {
+    // A dry run over the system bound, a concurrency limit and a rate at once: each
+    // request that any of them would refuse counts once as would-block, and every one
+    // counts as passed (let through) when it finishes.
+    let mut rules = rules_with(vec![FlowRule {
+        max_concurrency: Some(1),
+        ..flow("purchase", 0.001, 1, Behavior::Reject {})
+    }]);
+    rules.dry_run = true;
+    rules.system.max_inflight = Some(1);
+    let guard = Guard::new(rules).unwrap();
+    let purchase = guard.resource("purchase");
+    let held: Vec<_> = (0..20)
+        .map(|_| guard.admit(&purchase, Class::Purchase).unwrap())
+        .collect();
+    assert_eq!(totals(&guard, "purchase").passed, 0, "none has finished");
+    drop(held);
+    let t = totals(&guard, "purchase");
+    assert_eq!((t.passed, t.would_block, t.completed), (20, 19, 20), "{t:?}");
+
+    // A dry-run hot rule that would refuse lets the request through: passed too.
+    let guard = Guard::new(GuardRules {
+        hot: vec![HotRule {
+            name: "watch".into(),
+            resource: "purchase".into(),
+            param: Param::Shopper,
+            qps: 0.001,
+            burst: 1,
+            dry_run: true,
+        }],
+        ..GuardRules::default()
+    })
+    .unwrap();
+    let purchase = guard.resource("purchase");
+    for _ in 0..5 {
+        guard.check_hot(&purchase, Param::Shopper, "d").unwrap();
+    }
+    let t = totals(&guard, "hot:watch");
+    assert_eq!((t.passed, t.would_block), (5, 4), "{t:?}");
+
+    // An admission a later check withdraws (a shopper's limit, an open breaker) is
+    // neither passed nor completed, and its rate slot goes back.
+    let guard = Guard::new(rules_with(vec![flow("pay", 0.001, 1, Behavior::Reject {})])).unwrap();
+    let pay = guard.resource("pay");
+    let mut admission = guard.admit(&pay, Class::Pay).unwrap();
+    admission.withdraw();
+    drop(admission);
+    let t = totals(&guard, "pay");
+    assert_eq!((t.passed, t.completed), (0, 0), "{t:?}");
+    drop(guard.admit(&pay, Class::Pay).expect("the slot was given back"));
+    let t = totals(&guard, "pay");
+    assert_eq!((t.passed, t.completed), (1, 1), "{t:?}");
 }
 
 #[test]
