@@ -379,6 +379,15 @@ impl GuardRules {
             }
             if r.burst == 0 || r.burst > 1_000_000 {
                 err(f("burst"), "must be within 1..=1000000");
+            } else if r.burst != 1
+                && (r.qps.is_none() || matches!(r.behavior, Behavior::Pace { .. }))
+            {
+                // Pacing spaces every request at the rate (a queue, not a bucket), and a
+                // concurrency limit has no rate: a burst there would be taken and ignored.
+                err(
+                    f("burst"),
+                    "applies to a rate that rejects or warms up; a pacing or concurrency-only rule takes none",
+                );
             }
             if r.max_concurrency == Some(0) {
                 err(f("max_concurrency"), "must be at least 1");
@@ -544,7 +553,9 @@ mod tests {
             "flow": [
                 {"resource": "purchase", "qps": -1.0},
                 {"resource": "purchase", "qps": 5.0, "burst": 0},
-                {"resource": "pay", "behavior": {"kind": "warm_up", "cold_factor": 0.5, "period": "0s"}}
+                {"resource": "pay", "behavior": {"kind": "warm_up", "cold_factor": 0.5, "period": "0s"}},
+                {"resource": "payment", "qps": 1.0, "burst": 5, "behavior": {"kind": "pace", "max_queue": "1s"}},
+                {"resource": "get_sale", "max_concurrency": 4, "burst": 5}
             ],
             "breakers": [
                 {"name": "payment", "slow_call": "1s", "window": "1ms"},
@@ -566,6 +577,8 @@ mod tests {
             "flow[2].behavior.cold_factor",
             "flow[2].behavior.period",
             "flow[2].behavior",
+            "flow[3].burst",
+            "flow[4].burst",
             "breakers[0].error_ratio",
             "breakers[0].window",
             "breakers[1].slow_call",
