@@ -140,13 +140,19 @@ pub fn from_bytes_rejection(rejection: BytesRejection) -> ApiError {
     }
 }
 
-pub fn from_serde(error: serde_json::Error) -> ApiError {
+/// The error for a body `json` that did not deserialize: `malformed_json` when it is
+/// not JSON at all, `invalid_body` when it is but has the wrong shape. serde_json calls
+/// some shape errors syntax (an array where a unit variant's name belongs), so a
+/// syntax error is checked against the body itself (only on this error path).
+pub fn from_serde(error: serde_json::Error, json: &[u8]) -> ApiError {
     use serde_json::error::Category;
     match error.classify() {
-        Category::Syntax | Category::Eof | Category::Io => {
+        Category::Syntax | Category::Eof | Category::Io
+            if serde_json::from_slice::<serde::de::IgnoredAny>(json).is_err() =>
+        {
             ApiError::bad_request("malformed_json", error.to_string())
         }
-        Category::Data => ApiError::bad_request("invalid_body", error.to_string()),
+        _ => ApiError::bad_request("invalid_body", error.to_string()),
     }
 }
 

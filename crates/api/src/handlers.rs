@@ -114,7 +114,7 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for JsonBody<T> {
         }
         serde_json::from_slice(&bytes)
             .map(JsonBody)
-            .map_err(from_serde)
+            .map_err(|e| from_serde(e, &bytes))
     }
 }
 
@@ -144,7 +144,7 @@ impl<S: Send + Sync> FromRequest<S> for NoBody {
             None => Ok(NoBody),
             Some(b'{') => serde_json::from_slice::<Empty>(&bytes)
                 .map(|_| NoBody)
-                .map_err(from_serde),
+                .map_err(|e| from_serde(e, &bytes)),
             Some(_) => Err(ApiError::bad_request(
                 "invalid_body",
                 "this route takes no body (or an empty JSON object)",

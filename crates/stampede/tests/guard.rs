@@ -406,6 +406,22 @@ async fn a_degraded_class_answers_503_and_the_rest_carries_on() {
         )
         .await;
     assert_error(&reply, 400, "invalid_body");
+    // Well-formed JSON of the wrong shape is an invalid body too, not malformed JSON
+    // (serde_json calls an array in a class name's place a syntax error).
+    let reply = app
+        .post_json(
+            "/v1/guard/degrade",
+            Some(&app.admin),
+            &json!({"class": ["stats"], "off": false}),
+        )
+        .await;
+    assert_error(&reply, 400, "invalid_body");
+    assert_eq!(
+        app.get(&format!("/v1/flash-sales/{sale}"), None)
+            .await
+            .status,
+        200
+    );
 }
 
 #[tokio::test]
