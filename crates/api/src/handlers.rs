@@ -232,16 +232,25 @@ pub struct CreateSale {
 
 /// A time as the contract says, RFC 3339 (`2026-11-11T00:00:00Z`,
 /// `2026-11-11T08:00:00+08:00`), not whatever chrono's lenient parser takes (`+0800`
-/// offsets, five-digit years that no RFC 3339 reader reads back).
+/// offsets, five-digit years that no RFC 3339 reader reads back), and in UTC within
+/// the years 0000–9999: the answers give times in UTC, and `9999-12-31T23:59:59-23:59`
+/// would come back as a five-digit year.
 fn rfc3339_time<'de, D: serde::Deserializer<'de>>(input: D) -> Result<DateTime<Utc>, D::Error> {
+    use chrono::Datelike;
     let text = String::deserialize(input)?;
-    DateTime::parse_from_rfc3339(&text)
+    let at = DateTime::parse_from_rfc3339(&text)
         .map(|at| at.with_timezone(&Utc))
         .map_err(|error| {
             serde::de::Error::custom(format!(
                 "not an RFC 3339 time such as 2026-11-11T00:00:00Z or 2026-11-11T08:00:00+08:00 ({error})"
             ))
-        })
+        })?;
+    if !(0..=9_999).contains(&at.year()) {
+        return Err(serde::de::Error::custom(format!(
+            "{text} is in UTC outside the years an RFC 3339 time has (0000-9999)"
+        )));
+    }
+    Ok(at)
 }
 
 #[derive(Debug, Serialize, ToSchema)]

@@ -222,10 +222,13 @@ async fn flash_sale_carves_stock_out_of_the_product(backend: Backend) {
     );
     assert_eq!(app.product("TV-2").await["available"], 10);
     // Times as the contract says, RFC 3339: a `+0800` offset or a five-digit year (which
-    // no RFC 3339 reader reads back) is refused.
+    // no RFC 3339 reader reads back) is refused, and so is a time whose offset moves it
+    // out of the years 0000-9999 in UTC, the form every answer gives.
     for (starts, ends) in [
         ("2030-01-01T00:00:00+0800", "2030-01-02T00:00:00+08:00"),
         ("2030-01-01T00:00:00Z", "+10000-01-01T00:00:00Z"),
+        ("2030-01-01T00:00:00Z", "9999-12-31T23:59:59-23:59"),
+        ("0000-01-01T00:00:00+01:00", "2030-01-02T00:00:00Z"),
         ("2030-01-01", "2030-01-02T00:00:00Z"),
     ] {
         let reply = app
