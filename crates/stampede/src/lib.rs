@@ -289,6 +289,24 @@ impl Config {
         }
     }
 
+    /// The settings whose environment variables are text as given, never read as a
+    /// number or a boolean.
+    pub const TEXT_KEYS: &'static [&'static str] = &[
+        "admin_token",
+        "jwt_secret",
+        "data_dir",
+        "database_url",
+        "replica_url",
+        "redis_url",
+        "redis_prefix",
+        "payment_url",
+        "trusted_proxies",
+        "log",
+        "nats_url",
+        "nats_stream",
+        "nats_subject_prefix",
+    ];
+
     /// Builds the configuration from its layers. Secrets come only from the file or the
     /// environment (`STAMPEDE_ADMIN_TOKEN`, `STAMPEDE_JWT_SECRET`), never from flags
     /// that would show in `ps`.
@@ -303,20 +321,37 @@ impl Config {
             refuse_unknown_keys(path)?;
             figment = figment.merge(Toml::file(path));
         }
-        // The secrets are text, taken as given: figment would read an all-digit token as
-        // a number (and refuse it), or strip quotes and spaces from one.
-        figment = figment.merge(Env::prefixed("STAMPEDE_").ignore(&["admin_token", "jwt_secret"]));
-        for (key, variable) in [
-            ("admin_token", "STAMPEDE_ADMIN_TOKEN"),
-            ("jwt_secret", "STAMPEDE_JWT_SECRET"),
-        ] {
-            match std::env::var(variable) {
+        // Text settings are taken as given: figment would read an all-digit value (a
+        // token, a Redis prefix or NATS stream named `2024`) as a number and refuse it,
+        // or strip quotes and spaces from one.
+        let not_typed = [Self::TEXT_KEYS, &["cluster"]].concat();
+        figment = figment.merge(Env::prefixed("STAMPEDE_").ignore(&not_typed));
+        for key in Self::TEXT_KEYS {
+            let variable = format!("STAMPEDE_{}", key.to_ascii_uppercase());
+            match std::env::var(&variable) {
                 Ok(value) => figment = figment.merge(Serialized::default(key, value)),
                 Err(std::env::VarError::NotUnicode(_)) => {
                     anyhow::bail!("invalid configuration: {variable} is not UTF-8 text")
                 }
                 Err(std::env::VarError::NotPresent) => {}
             }
+        }
+        // A switch, as environments spell them: true/false, 1/0, yes/no, on/off.
+        match std::env::var("STAMPEDE_CLUSTER") {
+            Ok(value) => {
+                let on = match value.trim().to_ascii_lowercase().as_str() {
+                    "true" | "1" | "yes" | "on" => true,
+                    "false" | "0" | "no" | "off" => false,
+                    _ => anyhow::bail!(
+                        "invalid configuration: STAMPEDE_CLUSTER is {value:?}; give true or false (1 or 0)"
+                    ),
+                };
+                figment = figment.merge(Serialized::default("cluster", on));
+            }
+            Err(std::env::VarError::NotUnicode(_)) => {
+                anyhow::bail!("invalid configuration: STAMPEDE_CLUSTER is not UTF-8 text")
+            }
+            Err(std::env::VarError::NotPresent) => {}
         }
         figment = figment.merge(Serialized::globals(args));
         let mut config: Config = figment.extract().context("invalid configuration")?;
@@ -1057,6 +1092,42 @@ mod tests {
                 config.jwt_secret.as_deref(),
                 Some("[1, 2] and enough bytes to be a key")
             );
+            Ok(())
+        });
+    }
+
+    /// Every text setting in the environment is the text as given (a Redis prefix or a
+    /// NATS stream named `2024` used to stop the start: figment read it as a number),
+    /// and the cluster switch takes what environments spell.
+    #[test]
+    fn text_settings_in_the_environment_stay_text() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("STAMPEDE_REDIS_PREFIX", "123");
+            jail.set_env("STAMPEDE_NATS_STREAM", "2024");
+            jail.set_env("STAMPEDE_NATS_SUBJECT_PREFIX", "11.11");
+            jail.set_env("STAMPEDE_DATA_DIR", "2024");
+            jail.set_env("STAMPEDE_LOG", "true");
+            jail.set_env("STAMPEDE_CLUSTER", "1");
+            let config = load(&ServeArgs::default())?;
+            assert_eq!(config.redis_prefix, "123");
+            assert_eq!(config.nats_stream, "2024");
+            assert_eq!(config.nats_subject_prefix, "11.11");
+            assert_eq!(config.data_dir, PathBuf::from("2024"));
+            assert_eq!(config.log, "true");
+            assert!(config.cluster);
+            for (value, on) in [("0", false), ("true", true), ("OFF", false), ("yes", true)] {
+                jail.set_env("STAMPEDE_CLUSTER", value);
+                assert_eq!(load(&ServeArgs::default())?.cluster, on, "{value}");
+            }
+            jail.set_env("STAMPEDE_CLUSTER", "maybe");
+            let error = load(&ServeArgs::default()).unwrap_err().to_string();
+            assert!(error.contains("STAMPEDE_CLUSTER"), "{error}");
+            // Every text key is one of the configuration's (a misspelt one would be
+            // ignored here and read as typed).
+            let keys = serde_json::to_value(Config::default()).unwrap();
+            for key in Config::TEXT_KEYS {
+                assert!(keys.get(key).is_some(), "{key} is not a setting");
+            }
             Ok(())
         });
     }

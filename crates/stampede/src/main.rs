@@ -22,12 +22,26 @@ struct Cli {
     command: Command,
 }
 
+/// How `serve` and `demo` read their settings, for their `--help`.
+const LAYERS: &str = "\
+Settings come in layers, each overriding the one before: the built-in defaults, the \
+--config TOML file (keys as in the README's configuration table, e.g. \
+payment_window = \"2s\"), STAMPEDE_<KEY> environment variables (e.g. \
+STAMPEDE_PAYMENT_WINDOW=2s), then the flags above.
+
+The two secrets have no flag, so they never show in ps: admin_token and jwt_secret in \
+the file, or STAMPEDE_ADMIN_TOKEN and STAMPEDE_JWT_SECRET. Without them a new data \
+directory gets generated ones, kept there (the admin token in <data-dir>/admin-token; \
+`stampede token --data-dir <data-dir>` signs shopper tokens with the kept secret).";
+
 #[derive(Subcommand)]
 enum Command {
     /// Serve the API (embedded SQLite by default).
+    #[command(after_help = LAYERS)]
     Serve(ServeArgs),
     /// Start a server with a demo product, a live flash sale and a payment simulator,
     /// and print how to buy with curl.
+    #[command(after_help = LAYERS)]
     Demo {
         #[command(flatten)]
         serve: ServeArgs,
