@@ -966,16 +966,30 @@ async fn guard_rules(
     let stored = match stored.map(|json| serde_json::from_str::<stampede_guard::GuardRules>(&json))
     {
         None => None,
-        Some(Ok(rules)) => match stampede_api::check_rule_targets(&rules) {
-            Ok(()) => Some(rules),
-            // Kept by an earlier version that accepted rules nothing asks: starting with
-            // the configured ones beats refusing to start at all.
-            Err(errors) => {
-                let all: Vec<String> = errors.iter().map(ToString::to_string).collect();
-                tracing::error!(errors = %all.join("; "), "the stored guard rules name what nothing asks; using the configured ones");
-                None
+        Some(Ok(mut rules)) => {
+            // Kept by an earlier version, which took a burst on a pacing or
+            // concurrency-only rule and ignored it: dropped, the rules act the same.
+            for rule in &mut rules.flow {
+                if rule.burst != 1
+                    && (rule.qps.is_none()
+                        || matches!(rule.behavior, stampede_guard::Behavior::Pace { .. }))
+                {
+                    tracing::warn!(resource = %rule.resource, burst = rule.burst, "the stored guard rules give a burst this rule never used; dropped");
+                    rule.burst = 1;
+                }
             }
-        },
+            match stampede_api::check_rules(&rules) {
+                Ok(()) => Some(rules),
+                // Kept by an earlier version that accepted rules this one refuses (names
+                // nothing asks): starting with the configured ones beats refusing to
+                // start at all.
+                Err(errors) => {
+                    let all: Vec<String> = errors.iter().map(ToString::to_string).collect();
+                    tracing::error!(errors = %all.join("; "), "the stored guard rules are not valid here; using the configured ones");
+                    None
+                }
+            }
+        }
         Some(Err(e)) => {
             tracing::error!(error = %e, "the stored guard rules cannot be read; using the configured ones");
             None

@@ -1601,4 +1601,31 @@ async fn stored_rules_that_name_what_nothing_asks_give_way_to_the_configured_one
     let running = rules(&app).await;
     assert_eq!(running["version"], 0, "{running}");
     assert_eq!(running["hot"][0]["resource"], "purchase");
+
+    // A burst on a pacing rule and on a concurrency-only rule, which an earlier version
+    // took and ignored and this one refuses in a change: the stored rules start, the
+    // bursts dropped.
+    let mut stored = rules(&app).await;
+    stored["version"] = json!(8);
+    stored["flow"] = json!([
+        {"resource": "pay", "qps": 5.0, "burst": 10, "behavior": {"kind": "pace", "max_queue": "1s"}},
+        {"resource": "get_sale", "max_concurrency": 64, "burst": 3}
+    ]);
+    let engine = app.running.as_ref().unwrap().engine.clone();
+    engine
+        .store()
+        .save_setting(
+            stampede_api::handlers::GUARD_RULES_KEY,
+            &serde_json::to_string(&stored).unwrap(),
+        )
+        .await
+        .unwrap();
+    drop(engine);
+    app.restart().await;
+    let running = rules(&app).await;
+    assert_eq!(running["version"], 8, "{running}");
+    assert_eq!(running["flow"][0]["burst"], 1, "{running}");
+    assert_eq!(running["flow"][0]["qps"], 5.0, "{running}");
+    assert_eq!(running["flow"][1]["burst"], 1, "{running}");
+    assert_eq!(running["flow"][1]["max_concurrency"], 64, "{running}");
 }
