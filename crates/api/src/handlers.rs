@@ -454,16 +454,20 @@ pub async fn purchase(
     // purchase route's rate slot back (`ApiError::per_key`).
     let shopper_taken = app
         .guard
-        .check_hot(resource, stampede_guard::Param::Shopper, user.as_str())
+        .check_hot_uncounted(resource, stampede_guard::Param::Shopper, user.as_str())
         .map_err(ApiError::per_key)?;
-    app.guard
-        .check_hot(resource, stampede_guard::Param::Sale, &sale_id)
+    let sale_taken = app
+        .guard
+        .check_hot_uncounted(resource, stampede_guard::Param::Sale, &sale_id)
         .map_err(|rejection| {
-            // Refused for the sale: the shopper's allowance taken above goes back.
+            // Refused for the sale: the shopper's allowance taken above goes back, and
+            // the shopper's rules do not count it as passed.
             app.guard
                 .give_back_hot(resource, user.as_str(), shopper_taken);
             ApiError::per_key(rejection)
         })?;
+    app.guard.hot_passed(resource, shopper_taken);
+    app.guard.hot_passed(resource, sale_taken);
     let purchase = app.engine.purchase(user, key, sale_id, quantity).await?;
     let status = if purchase.replay {
         StatusCode::OK

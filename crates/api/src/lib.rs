@@ -624,16 +624,16 @@ async fn protect(
     if response.status().is_server_error() {
         admission.failed();
     }
+    let per_key = response
+        .extensions()
+        .get::<error::PerKeyRefusal>()
+        .is_some();
     if response.status() == axum::http::StatusCode::UNAUTHORIZED {
         // No valid token: it costs the route's shared rate nothing, so requests without
         // one cannot use up what the shoppers share. Its client's allowance stays spent:
         // a flood of them from one address is still that address's to answer for.
         admission.give_back();
-    } else if response
-        .extensions()
-        .get::<error::PerKeyRefusal>()
-        .is_some()
-    {
+    } else if per_key {
         // Refused by a shopper's or a sale's own limit: it costs the route's shared
         // rate nothing, nor its client's or tenant's allowance (a scalper must not use
         // up what others behind the same address or tenant share). Counted as blocked
@@ -642,6 +642,11 @@ async fn protect(
         if let Some(client) = &client {
             client.give_back(app, resource);
         }
+    }
+    if !per_key && let Some(client) = &client {
+        // Through every limit (a request without a valid token too: its client's
+        // allowance stays spent).
+        client.passed(app, resource);
     }
     // The request is finished: no longer in flight, whether or not its answer waits.
     drop(admission);
@@ -696,6 +701,15 @@ impl ClientKeys {
             app.guard.give_back_hot(resource, tenant.as_bytes(), *taken);
         }
     }
+
+    /// Counts the request as passed by the client's and tenant's rules: no later limit
+    /// refused it.
+    fn passed(&self, app: &App, resource: &stampede_guard::Resource) {
+        app.guard.hot_passed(resource, self.ip_taken);
+        if let Some((_, taken)) = &self.tenant {
+            app.guard.hot_passed(resource, *taken);
+        }
+    }
 }
 
 /// The per-client-IP and per-tenant hot keys, for a request that came from `peer`. A
@@ -708,20 +722,24 @@ fn client_admits(
 ) -> Result<ClientKeys, stampede_guard::Rejection> {
     let peer_ip = peer.addr.ip();
     let ip = app.proxies.client_ip(peer_ip, headers);
-    let ip_taken = app.guard.check_hot(resource, Param::ClientIp, &ip)?;
+    let ip_taken = app
+        .guard
+        .check_hot_uncounted(resource, Param::ClientIp, &ip)?;
     let tenant = match app.proxies.tenant(peer_ip, headers) {
         None => None,
-        Some(value) => match app
-            .guard
-            .check_hot(resource, Param::Tenant, value.as_bytes())
-        {
-            // The value the rule counted (the header's reference-counted bytes).
-            Ok(taken) => Some((value, taken)),
-            Err(rejection) => {
-                app.guard.give_back_hot(resource, &ip, ip_taken);
-                return Err(rejection);
+        Some(value) => {
+            match app
+                .guard
+                .check_hot_uncounted(resource, Param::Tenant, value.as_bytes())
+            {
+                // The value the rule counted (the header's reference-counted bytes).
+                Ok(taken) => Some((value, taken)),
+                Err(rejection) => {
+                    app.guard.give_back_hot(resource, &ip, ip_taken);
+                    return Err(rejection);
+                }
             }
-        },
+        }
     };
     Ok(ClientKeys {
         ip,

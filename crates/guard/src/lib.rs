@@ -524,7 +524,8 @@ pub struct Admission<'a> {
     /// passed or completed.
     withdrawn: bool,
     /// A dry run let it through a rule that would have refused it: counted once as
-    /// would-block when it finishes, however many of the resource's checks said so.
+    /// would-block when it finishes (withdrawn or not), however many of the resource's
+    /// checks said so.
     would_block: bool,
 }
 
@@ -567,6 +568,9 @@ impl Admission<'_> {
 pub struct HotTaken {
     version: u64,
     taken: u64,
+    /// The rules that let it through (those that took, and dry-run rules that would
+    /// have refused), for [`Guard::hot_passed`].
+    passed: u64,
 }
 
 /// Gives `hash`'s allowance back to each of `rules` whose bit is set in `taken`.
@@ -599,14 +603,15 @@ impl Drop for Admission<'_> {
         if self.concurrency {
             self.resource.counters.held.fetch_sub(1, Ordering::Relaxed);
         }
+        let counters = &self.resource.counters;
+        // What a dry run let through counts whatever a later check said.
+        if self.would_block {
+            counters.would_block.fetch_add(1, Ordering::Relaxed);
+        }
         if !self.withdrawn {
             // Counted when it finishes, not when admitted: a later refusal withdraws it
             // first, and counters never go back (Prometheus would read a reset).
-            let counters = &self.resource.counters;
             counters.passed.fetch_add(1, Ordering::Relaxed);
-            if self.would_block {
-                counters.would_block.fetch_add(1, Ordering::Relaxed);
-            }
             counters.finished(rt, self.error);
         }
     }
@@ -1006,17 +1011,46 @@ impl Guard {
         })
     }
 
-    /// Checks the hot-parameter rules of `resource` for `param` = `key`.
+    /// Checks the hot-parameter rules of `resource` for `param` = `key`, and counts the
+    /// request as passed by the rules that let it through.
     pub fn check_hot<K: Hash + ?Sized>(
         &self,
         resource: &Resource,
         param: Param,
         key: &K,
     ) -> Result<HotTaken, Rejection> {
+        self.check_hot_counting(resource, param, key, true)
+    }
+
+    /// As [`Guard::check_hot`], for a request that another limit may still refuse (the
+    /// sale's after the shopper's, the handler's after the client's): the caller counts
+    /// it as passed with [`Guard::hot_passed`] once every limit let it through, or gives
+    /// it back with [`Guard::give_back_hot`]. A request one limit refused then counts
+    /// as passed by none (counters never go back).
+    pub fn check_hot_uncounted<K: Hash + ?Sized>(
+        &self,
+        resource: &Resource,
+        param: Param,
+        key: &K,
+    ) -> Result<HotTaken, Rejection> {
+        self.check_hot_counting(resource, param, key, false)
+    }
+
+    fn check_hot_counting<K: Hash + ?Sized>(
+        &self,
+        resource: &Resource,
+        param: Param,
+        key: &K,
+        count: bool,
+    ) -> Result<HotTaken, Rejection> {
         let compiled = self.compiled.load();
         let version = compiled.rules.version;
         let Some(rules) = compiled.hot.get(resource.id).filter(|r| !r.is_empty()) else {
-            return Ok(HotTaken { version, taken: 0 });
+            return Ok(HotTaken {
+                version,
+                taken: 0,
+                passed: 0,
+            });
         };
         let now = self.now();
 
@@ -1048,17 +1082,41 @@ impl Guard {
             }
             admitted |= 1 << i;
         }
-        // Counted once every rule has admitted it: a request a later rule refused did not
-        // pass the earlier ones either (they gave their allowance back).
-        for (i, hot) in rules.iter().enumerate() {
-            if (admitted | let_through) & (1 << i) != 0 {
-                hot.resource.counters.passed.fetch_add(1, Ordering::Relaxed);
+        // Passed once every rule has admitted it (here, or by `hot_passed`): a request a
+        // later rule refused did not pass the earlier ones either (they gave their
+        // allowance back).
+        let passed = admitted | let_through;
+        if count {
+            for (i, hot) in rules.iter().enumerate() {
+                if passed & (1 << i) != 0 {
+                    hot.resource.counters.passed.fetch_add(1, Ordering::Relaxed);
+                }
             }
         }
         Ok(HotTaken {
             version,
             taken: admitted,
+            passed,
         })
+    }
+
+    /// Counts a request [`Guard::check_hot_uncounted`] let through as passed by those of
+    /// `resource`'s hot rules that let it through (rules replaced since count nothing).
+    pub fn hot_passed(&self, resource: &Resource, taken: HotTaken) {
+        if taken.passed == 0 {
+            return;
+        }
+        let compiled = self.compiled.load();
+        if compiled.rules.version != taken.version {
+            return;
+        }
+        if let Some(rules) = compiled.hot.get(resource.id) {
+            for (i, hot) in rules.iter().enumerate() {
+                if taken.passed & (1 << i) != 0 {
+                    hot.resource.counters.passed.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
     }
 
     /// Gives back what [`Guard::check_hot`] took for `key` on `resource` (its answer,

@@ -954,7 +954,11 @@ fn each_request_counts_once_whatever_its_checks_said() {
     assert_eq!(totals(&guard, "purchase").passed, 0, "none has finished");
     drop(held);
     let t = totals(&guard, "purchase");
-    assert_eq!((t.passed, t.would_block, t.completed), (20, 19, 20), "{t:?}");
+    assert_eq!(
+        (t.passed, t.would_block, t.completed),
+        (20, 19, 20),
+        "{t:?}"
+    );
 
     // A dry-run hot rule that would refuse lets the request through: passed too.
     let guard = Guard::new(GuardRules {
@@ -985,9 +989,25 @@ fn each_request_counts_once_whatever_its_checks_said() {
     drop(admission);
     let t = totals(&guard, "pay");
     assert_eq!((t.passed, t.completed), (0, 0), "{t:?}");
-    drop(guard.admit(&pay, Class::Pay).expect("the slot was given back"));
+    drop(
+        guard
+            .admit(&pay, Class::Pay)
+            .expect("the slot was given back"),
+    );
     let t = totals(&guard, "pay");
     assert_eq!((t.passed, t.completed), (1, 1), "{t:?}");
+
+    // A dry run's would-block counts even when a later check withdraws the request.
+    let mut dry = rules_with(vec![flow("pay", 0.001, 1, Behavior::Reject {})]);
+    dry.dry_run = true;
+    let guard = Guard::new(dry).unwrap();
+    let pay = guard.resource("pay");
+    drop(guard.admit(&pay, Class::Pay).unwrap());
+    let mut second = guard.admit(&pay, Class::Pay).unwrap();
+    second.withdraw();
+    drop(second);
+    let t = totals(&guard, "pay");
+    assert_eq!((t.passed, t.would_block), (1, 1), "{t:?}");
 }
 
 #[test]

@@ -1073,6 +1073,29 @@ async fn a_request_refused_by_a_later_limit_spends_nothing_of_its_clients() {
         "the refused request cost the client nothing"
     );
     assert_eq!(get("umbrella").await, 429, "client over its burst of 3");
+
+    // Each request counts as passed only by the limits it got through whole: one a
+    // later limit refused is blocked there, not passed by the earlier ones.
+    let counted = |name: &'static str| {
+        let app = &app;
+        async move {
+            let t = resource_totals(app, name).await;
+            (
+                t["passed"].as_u64().unwrap(),
+                t["blocked_throttled"].as_u64().unwrap(),
+            )
+        }
+    };
+    let bought = ok as u64 + 1;
+    assert_eq!(counted("purchase").await, (bought, 0));
+    assert_eq!(counted("hot:purchase-ClientIp").await, (bought, 0));
+    assert_eq!(
+        counted("hot:purchase_per_shopper").await,
+        (bought, 30 - ok as u64)
+    );
+    assert_eq!(counted("get_sale").await, (3, 0));
+    assert_eq!(counted("hot:get_sale-ClientIp").await, (3, 1));
+    assert_eq!(counted("hot:get_sale-Tenant").await, (3, 1));
 }
 
 /// One HTTP/1.1 exchange on a raw keep-alive connection: the status and the body.
