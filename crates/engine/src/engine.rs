@@ -487,11 +487,14 @@ pub(crate) struct Shared {
     refunds: tokio::sync::Semaphore,
     /// Refunds started and not finished (retries included).
     refunds_open: std::sync::atomic::AtomicUsize,
-    /// The longest a charge may be held back before it is made (a pacing rule on the
-    /// payment provider): added to `EngineConfig::expiry_grace_ms`
-    /// (`Shared::expiry_grace_ms`), so a pay that started in time is not overtaken by its
-    /// order's expiry while it waits its turn. Follows the rules in force.
+    /// The longest a pay may be held back before its charge is made (the pacing rules of
+    /// the pay route and the payment provider): added to `EngineConfig::expiry_grace_ms`
+    /// (`Shared::expiry_grace_ms`), so a pay that arrived in time is not overtaken by
+    /// its order's expiry while it waits its turn. Follows the rules in force.
     payment_wait_max_ms: std::sync::atomic::AtomicI64,
+    /// The wait of the rules before a change that shortened it, and until when it still
+    /// counts (a pay held under them may wait that long yet): (wait, until), in ms.
+    payment_wait_before: Mutex<(i64, i64)>,
     /// Orders whose refund runs on this node now, with the time until which it keeps
     /// trying while the provider says nothing was charged. Bounded by `refunds_open`.
     refunding: Mutex<FastMap<OrderId, tokio::time::Instant>>,
@@ -578,10 +581,16 @@ impl Shared {
     /// (a pay started by the deadline noting its charge and waiting one provider
     /// timeout) plus the longest a charge may now be held back (`payment_wait_max_ms`).
     pub(crate) fn expiry_grace_ms(&self) -> i64 {
-        self.config.expiry_grace_ms.max(0).saturating_add(
-            self.payment_wait_max_ms
-                .load(std::sync::atomic::Ordering::Relaxed),
-        )
+        let now_wait = self
+            .payment_wait_max_ms
+            .load(std::sync::atomic::Ordering::Relaxed);
+        let (before, until) = *self.payment_wait_before.lock();
+        let wait = if self.clock.now_ms() < until {
+            now_wait.max(before)
+        } else {
+            now_wait
+        };
+        self.config.expiry_grace_ms.max(0).saturating_add(wait)
     }
 
     /// Until when a sale's orders' idempotency answers stay in memory: its end, then a
@@ -1047,6 +1056,7 @@ impl Engine {
             refunds: tokio::sync::Semaphore::new(REFUNDS_AT_ONCE),
             refunds_open: Default::default(),
             payment_wait_max_ms: Default::default(),
+            payment_wait_before: Default::default(),
             refunding: Default::default(),
             ledger: Default::default(),
             cluster,
@@ -1227,11 +1237,26 @@ impl Engine {
     /// started before its order's deadline is not overtaken by the expiry (and its
     /// charge refunded) while it waits its turn. Refunds wait that much longer for a
     /// charge that may still land. Call again when the rules change.
+    ///
+    /// A change that shortens it takes effect for the grace only once a pay held under
+    /// the rules before could have finished its wait.
     pub fn set_payment_wait_max(&self, wait: Duration) {
-        self.shared.payment_wait_max_ms.store(
-            i64::try_from(wait.as_millis()).unwrap_or(i64::MAX / 4),
-            std::sync::atomic::Ordering::Relaxed,
-        );
+        let wait = i64::try_from(wait.as_millis()).unwrap_or(i64::MAX / 4);
+        let shared = &self.shared;
+        let mut before = shared.payment_wait_before.lock();
+        let was = shared
+            .payment_wait_max_ms
+            .swap(wait, std::sync::atomic::Ordering::Relaxed);
+        let now = shared.clock.now_ms();
+        // The longest still owed: the one just replaced, or an earlier one not yet over.
+        let owed = if now < before.1 {
+            before.0.max(was)
+        } else {
+            was
+        };
+        if owed > wait {
+            *before = (owed, now.saturating_add(owed));
+        }
     }
 
     /// The store the engine writes to (for settings kept beside the orders).

@@ -560,8 +560,8 @@ impl Writer {
             .saturating_sub(n_job_ops)
             .max(1);
         // The heap holds each pending order's `expires_at`; the grace is added here, so
-        // a grace that grows (a pacing rule on the payment provider) holds back orders
-        // already waiting too.
+        // a grace that grows (a pacing rule on the pay route or the payment provider)
+        // holds back orders already waiting too.
         let expired_before_ms = now_ms - self.shared.expiry_grace_ms();
         while expiring.len() < expiries_max {
             match self.expiries.peek() {

@@ -1372,25 +1372,37 @@ async fn a_client_trickling_its_request_or_idle_is_cut_off_and_connections_are_b
 /// (409 and a refund).
 #[tokio::test]
 async fn a_pay_started_in_time_and_paced_past_the_deadline_is_still_paid() {
-    paced_pays_before_the_deadline("payment", false).await;
+    paced_pays_before_the_deadline("payment", false, false).await;
 }
 
 /// As above, with the pacing rule added through the admin API while the server runs.
 #[tokio::test]
 async fn a_pacing_rule_added_at_run_time_grows_the_expiry_grace_too() {
-    paced_pays_before_the_deadline("payment", true).await;
+    paced_pays_before_the_deadline("payment", true, false).await;
 }
 
 /// As above, with the pacing rule on the `pay` route: the pays are held before their
 /// handler runs, so the later ones reach it after their orders' deadline. They arrived
-/// in time and are decided as in time. Before, the fourth and fifth were answered 409
+/// in time and are decided as in time. Before, all but the first were answered 409
 /// `order_expired` and their stock went back to the sale.
 #[tokio::test]
 async fn a_pay_the_pay_route_paced_past_the_deadline_is_still_paid() {
-    paced_pays_before_the_deadline("pay", false).await;
+    paced_pays_before_the_deadline("pay", false, false).await;
 }
 
-async fn paced_pays_before_the_deadline(resource: &str, rule_at_run_time: bool) {
+/// As above, with the pacing rule removed through the admin API while the pays are
+/// held under it: the grace stays until they could have finished their wait. Before,
+/// it shrank at once and the last pays' orders expired under them (409).
+#[tokio::test]
+async fn a_pacing_rule_lifted_while_pays_wait_keeps_their_grace() {
+    paced_pays_before_the_deadline("pay", false, true).await;
+}
+
+async fn paced_pays_before_the_deadline(
+    resource: &str,
+    rule_at_run_time: bool,
+    lift_while_held: bool,
+) {
     let window = Duration::from_secs(3);
     let pacing = stampede_guard::FlowRule {
         resource: resource.into(),
@@ -1438,7 +1450,17 @@ async fn paced_pays_before_the_deadline(resource: &str, rule_at_run_time: bool) 
             async move { (app.pay(token, order).await, started.elapsed()) }
         })
         .collect();
-    let answers = futures::future::join_all(pays).await;
+    let lift = async {
+        if lift_while_held {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let mut next = rules(&app).await;
+            next["version"] = json!(next["version"].as_u64().unwrap() + 1);
+            next["flow"] = json!([]);
+            let reply = put_rules(&app, Some(&app.admin), &next).await;
+            assert_eq!(reply.status, 200, "{}", reply.body);
+        }
+    };
+    let (answers, ()) = tokio::join!(futures::future::join_all(pays), lift);
     let statuses: Vec<u16> = answers.iter().map(|(reply, _)| reply.status).collect();
     assert_eq!(statuses, [200; 5], "{answers:?}");
     let last = answers.iter().map(|(_, took)| *took).max().unwrap();
