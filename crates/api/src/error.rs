@@ -143,17 +143,20 @@ pub fn from_bytes_rejection(rejection: BytesRejection) -> ApiError {
 /// The error for a body `json` that did not deserialize: `malformed_json` when it is
 /// not JSON at all, `invalid_body` when it is but has the wrong shape. serde_json calls
 /// some shape errors syntax (an array where a unit variant's name belongs), so a
-/// syntax error is checked against the body itself (only on this error path).
+/// syntax error is checked against the body itself (only on this error path). A body
+/// that is not UTF-8 is not JSON (RFC 8259 §8.1), although serde skims over the bytes
+/// of a string it ignores.
 pub fn from_serde(error: serde_json::Error, json: &[u8]) -> ApiError {
     use serde_json::error::Category;
-    match error.classify() {
-        Category::Syntax | Category::Eof | Category::Io
-            if serde_json::from_slice::<serde::de::IgnoredAny>(json).is_err() =>
-        {
-            ApiError::bad_request("malformed_json", error.to_string())
-        }
-        _ => ApiError::bad_request("invalid_body", error.to_string()),
-    }
+    let malformed = std::str::from_utf8(json).is_err()
+        || (error.classify() != Category::Data
+            && serde_json::from_slice::<serde::de::IgnoredAny>(json).is_err());
+    let code = if malformed {
+        "malformed_json"
+    } else {
+        "invalid_body"
+    };
+    ApiError::bad_request(code, error.to_string())
 }
 
 impl From<PurchaseError> for ApiError {
@@ -264,5 +267,48 @@ impl From<AdminError> for ApiError {
             AdminError::Overloaded => ApiError::overloaded(message),
             AdminError::Unavailable => ApiError::unavailable(message),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Not JSON (cut short, not UTF-8 even inside a string) is `malformed_json`; JSON of
+    /// the wrong shape is `invalid_body`, whichever category serde_json gives it.
+    #[test]
+    fn malformed_is_told_from_misshapen() {
+        #[derive(Debug, serde::Deserialize)]
+        #[allow(dead_code)]
+        enum Class {
+            Browse,
+        }
+        #[derive(Debug, serde::Deserialize)]
+        #[allow(dead_code)]
+        struct Body {
+            class: Class,
+            name: String,
+        }
+        let code = |json: &[u8]| {
+            let error = serde_json::from_slice::<Body>(json).unwrap_err();
+            from_serde(error, json).code
+        };
+        assert_eq!(
+            code(br#"{"class": ["Browse"], "name": "x"}"#),
+            "invalid_body"
+        );
+        assert_eq!(code(br#"{"class": "Browse", "name": 1}"#), "invalid_body");
+        assert_eq!(
+            code(br#"{"class": "Browse", "name": "x""#),
+            "malformed_json"
+        );
+        assert_eq!(
+            code(b"{\"class\": \"Browse\", \"name\": \"\xff\"}"),
+            "malformed_json"
+        );
+        assert_eq!(
+            code(b"{\"class\": \"Browse\", \"other\": \"\xff\"}"),
+            "malformed_json"
+        );
     }
 }
