@@ -289,8 +289,9 @@ impl Config {
         }
     }
 
-    /// The settings whose environment variables are text as given, never read as a
-    /// number or a boolean.
+    /// The settings whose environment variables are text, never read as a number or a
+    /// boolean: names, paths, URLs, the secrets, and the durations (humantime text such
+    /// as `2s`; `0` is a duration too).
     pub const TEXT_KEYS: &'static [&'static str] = &[
         "admin_token",
         "jwt_secret",
@@ -305,6 +306,14 @@ impl Config {
         "nats_url",
         "nats_stream",
         "nats_subject_prefix",
+        "owner_wait",
+        "database_timeout",
+        "node_ttl",
+        "lease_idle",
+        "payment_window",
+        "payment_timeout",
+        "client_timeout",
+        "nats_duplicate_window",
     ];
 
     /// Builds the configuration from its layers. Secrets come only from the file or the
@@ -321,37 +330,42 @@ impl Config {
             refuse_unknown_keys(path)?;
             figment = figment.merge(Toml::file(path));
         }
-        // Text settings are taken as given: figment would read an all-digit value (a
-        // token, a Redis prefix or NATS stream named `2024`) as a number and refuse it,
-        // or strip quotes and spaces from one.
+        // Text settings are taken as text: figment would read an all-digit value (a
+        // token, a Redis prefix or NATS stream named `2024`, a timeout of `0`) as a
+        // number and refuse it. The secrets are taken exactly as given, quotes and
+        // spaces included; the rest trimmed, as figment trims. Names match in any case,
+        // as figment matches them.
         let not_typed = [Self::TEXT_KEYS, &["cluster"]].concat();
         figment = figment.merge(Env::prefixed("STAMPEDE_").ignore(&not_typed));
-        for key in Self::TEXT_KEYS {
-            let variable = format!("STAMPEDE_{}", key.to_ascii_uppercase());
-            match std::env::var(&variable) {
-                Ok(value) => figment = figment.merge(Serialized::default(key, value)),
-                Err(std::env::VarError::NotUnicode(_)) => {
-                    anyhow::bail!("invalid configuration: {variable} is not UTF-8 text")
-                }
-                Err(std::env::VarError::NotPresent) => {}
-            }
-        }
-        // A switch, as environments spell them: true/false, 1/0, yes/no, on/off.
-        match std::env::var("STAMPEDE_CLUSTER") {
-            Ok(value) => {
+        for (name, value) in std::env::vars_os() {
+            let Some(key) = name
+                .to_str()
+                .and_then(|name| name.get(..9).zip(name.get(9..)))
+                .filter(|(prefix, _)| prefix.eq_ignore_ascii_case("STAMPEDE_"))
+                .map(|(_, key)| key.to_ascii_lowercase())
+                .filter(|key| not_typed.contains(&key.as_str()))
+            else {
+                continue;
+            };
+            let variable = name.to_string_lossy();
+            let Some(value) = value.to_str() else {
+                anyhow::bail!("invalid configuration: {variable} is not UTF-8 text");
+            };
+            if key == "cluster" {
+                // A switch, as environments spell them.
                 let on = match value.trim().to_ascii_lowercase().as_str() {
                     "true" | "1" | "yes" | "on" => true,
                     "false" | "0" | "no" | "off" => false,
                     _ => anyhow::bail!(
-                        "invalid configuration: STAMPEDE_CLUSTER is {value:?}; give true or false (1 or 0)"
+                        "invalid configuration: {variable} is {value:?}; give true or false (1 or 0, yes or no, on or off)"
                     ),
                 };
                 figment = figment.merge(Serialized::default("cluster", on));
+            } else if key == "admin_token" || key == "jwt_secret" {
+                figment = figment.merge(Serialized::default(&key, value));
+            } else {
+                figment = figment.merge(Serialized::default(&key, value.trim()));
             }
-            Err(std::env::VarError::NotUnicode(_)) => {
-                anyhow::bail!("invalid configuration: STAMPEDE_CLUSTER is not UTF-8 text")
-            }
-            Err(std::env::VarError::NotPresent) => {}
         }
         figment = figment.merge(Serialized::globals(args));
         let mut config: Config = figment.extract().context("invalid configuration")?;
@@ -1122,7 +1136,11 @@ mod tests {
             jail.set_env("STAMPEDE_DATA_DIR", "2024");
             jail.set_env("STAMPEDE_LOG", "true");
             jail.set_env("STAMPEDE_CLUSTER", "1");
+            jail.set_env("STAMPEDE_DATABASE_TIMEOUT", "0");
+            jail.set_env("stampede_redis_url", " redis://cache.example:6379 ");
             let config = load(&ServeArgs::default())?;
+            assert_eq!(config.database_timeout, Duration::ZERO);
+            assert_eq!(config.redis_url, "redis://cache.example:6379");
             assert_eq!(config.redis_prefix, "123");
             assert_eq!(config.nats_stream, "2024");
             assert_eq!(config.nats_subject_prefix, "11.11");
