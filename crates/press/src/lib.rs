@@ -837,9 +837,10 @@ async fn execute(args: &PressArgs, p: Prepared, progress: bool) -> anyhow::Resul
         })
     })
     .collect();
-    // A run that sent nothing, or got no answer its steps expect, measured nothing: it
-    // fails whatever thresholds were given (a server answering 500 to everything would
-    // otherwise pass a run without `--max-error-rate`).
+    // A run that sent nothing, or a step that sent requests and got no answer it
+    // expects, measured nothing: the run fails whatever thresholds were given (a server
+    // answering 500 to every purchase would otherwise pass a run without
+    // `--max-error-rate`, its browsing steps answered).
     if overall.requests == 0 {
         thresholds.push(ThresholdResult {
             name: "requests".into(),
@@ -847,9 +848,13 @@ async fn execute(args: &PressArgs, p: Prepared, progress: bool) -> anyhow::Resul
             actual: 0.0,
             ok: false,
         });
-    } else if overall.errors >= overall.requests {
+    }
+    for step in step_reports
+        .iter()
+        .filter(|s| s.requests > 0 && s.errors >= s.requests)
+    {
         thresholds.push(ThresholdResult {
-            name: "expected_answers".into(),
+            name: format!("expected_answers:{}", step.name),
             limit: 1.0,
             actual: 0.0,
             ok: false,

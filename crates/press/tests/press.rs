@@ -207,7 +207,7 @@ steps = [{ name = "healthz", path = "/healthz", expect = [200] }]
 "#;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_run_without_one_expected_answer_fails_without_thresholds() {
+async fn a_step_without_one_expected_answer_fails_the_run_without_thresholds() {
     let dir = tempfile::tempdir().unwrap();
     let scenario = write_scenario(&dir, NO_THRESHOLDS);
     let run = |base: String| {
@@ -231,7 +231,12 @@ async fn a_run_without_one_expected_answer_fails_without_thresholds() {
     assert_eq!(report.errors, report.requests, "{}", report.summary());
     assert!(!report.passed, "{}", report.summary());
     let names: Vec<_> = report.thresholds.iter().map(|t| (&*t.name, t.ok)).collect();
-    assert_eq!(names, [("expected_answers", false)], "{}", report.summary());
+    assert_eq!(
+        names,
+        [("expected_answers:probe/healthz", false)],
+        "{}",
+        report.summary()
+    );
 
     // One expected answer among the failures is a measurement: with no thresholds, the
     // run stands.
@@ -252,6 +257,37 @@ async fn a_run_without_one_expected_answer_fails_without_thresholds() {
     assert_eq!(report.errors + 1, report.requests, "{}", report.summary());
     assert!(report.thresholds.is_empty(), "{}", report.summary());
     assert!(report.passed, "{}", report.summary());
+
+    // A step that never got an expected answer fails the run, however well the others
+    // went.
+    let scenario = write_scenario(
+        &dir,
+        &NO_THRESHOLDS.replace(
+            r#"steps = [{ name = "healthz", path = "/healthz", expect = [200] }]"#,
+            r#"steps = [{ name = "healthz", path = "/healthz", expect = [200] }, { name = "buy", path = "/buy", expect = [201] }]"#,
+        ),
+    );
+    let half = axum::Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route(
+            "/buy",
+            get(|| async { (StatusCode::INTERNAL_SERVER_ERROR, "broken") }),
+        );
+    let report = stampede_press::press(&args(
+        &serve(half).await,
+        &["--scenario", &scenario, "--connections", "4"],
+    ))
+    .await
+    .unwrap();
+    assert!(report.errors * 2 >= report.requests, "{}", report.summary());
+    assert!(!report.passed, "{}", report.summary());
+    let names: Vec<_> = report.thresholds.iter().map(|t| &*t.name).collect();
+    assert_eq!(
+        names,
+        ["expected_answers:probe/buy"],
+        "{}",
+        report.summary()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
