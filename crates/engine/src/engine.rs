@@ -1239,7 +1239,7 @@ impl Engine {
     /// charge that may still land. Call again when the rules change.
     ///
     /// A change that shortens it takes effect for the grace only once a pay held under
-    /// the rules before could have finished its wait.
+    /// the rules before could have finished its wait and then its charge.
     pub fn set_payment_wait_max(&self, wait: Duration) {
         let wait = i64::try_from(wait.as_millis()).unwrap_or(i64::MAX / 4);
         let shared = &self.shared;
@@ -1255,7 +1255,12 @@ impl Engine {
             was
         };
         if owed > wait {
-            *before = (owed, now.saturating_add(owed));
+            // A pay released at the end of its wait still notes and makes its charge:
+            // the configured grace covers that, so the longer wait holds until then too.
+            let until = now
+                .saturating_add(owed)
+                .saturating_add(shared.config.expiry_grace_ms.max(0));
+            *before = (owed, until);
         }
     }
 
