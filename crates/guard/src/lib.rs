@@ -267,6 +267,11 @@ struct Compiled {
     /// By resource id; ids registered after this compilation have no rule.
     flows: Vec<Option<Flow>>,
     hot: Vec<Vec<Hot>>,
+    /// Changes only when the hot-parameter rules change (not with every version of the
+    /// rules): a `HotTaken` of the same generation names the same rules by the same
+    /// places, so a flow rule's change or a degradation switch while a request is in
+    /// flight still lets it give back or count what it took.
+    hot_generation: u64,
     /// Each breaker with the `outbound:<name>` resource that counts its calls.
     breakers: HashMap<String, (Arc<Breaker>, Resource), foldhash::fast::RandomState>,
 }
@@ -323,10 +328,16 @@ impl Compiled {
                 (r.name.clone(), (breaker, resource))
             })
             .collect();
+        let hot_generation = match previous {
+            Some(p) if p.rules.hot == rules.hot => p.hot_generation,
+            Some(p) => p.hot_generation + 1,
+            None => 0,
+        };
         Compiled {
             rules,
             flows,
             hot,
+            hot_generation,
             breakers,
         }
     }
@@ -562,11 +573,11 @@ impl Admission<'_> {
 }
 
 /// What [`Guard::check_hot`] took from the hot-parameter rules for one key: the rules
-/// (by their place among the resource's rules, in the rules of `version`) that admitted
-/// it. Handed to [`Guard::give_back_hot`] when a later check refuses the request.
+/// (by their place among the resource's rules, in the hot rules of `generation`) that
+/// admitted it. Handed to [`Guard::give_back_hot`] when a later check refuses the request.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct HotTaken {
-    version: u64,
+    generation: u64,
     taken: u64,
     /// The rules that let it through (those that took, and dry-run rules that would
     /// have refused), for [`Guard::hot_passed`].
@@ -1044,10 +1055,10 @@ impl Guard {
         count: bool,
     ) -> Result<HotTaken, Rejection> {
         let compiled = self.compiled.load();
-        let version = compiled.rules.version;
+        let generation = compiled.hot_generation;
         let Some(rules) = compiled.hot.get(resource.id).filter(|r| !r.is_empty()) else {
             return Ok(HotTaken {
-                version,
+                generation,
                 taken: 0,
                 passed: 0,
             });
@@ -1094,20 +1105,21 @@ impl Guard {
             }
         }
         Ok(HotTaken {
-            version,
+            generation,
             taken: admitted,
             passed,
         })
     }
 
     /// Counts a request [`Guard::check_hot_uncounted`] let through as passed by those of
-    /// `resource`'s hot rules that let it through (rules replaced since count nothing).
+    /// `resource`'s hot rules that let it through (hot rules replaced since count
+    /// nothing; a change of other rules leaves them be).
     pub fn hot_passed(&self, resource: &Resource, taken: HotTaken) {
         if taken.passed == 0 {
             return;
         }
         let compiled = self.compiled.load();
-        if compiled.rules.version != taken.version {
+        if compiled.hot_generation != taken.generation {
             return;
         }
         if let Some(rules) = compiled.hot.get(resource.id) {
@@ -1123,10 +1135,11 @@ impl Guard {
     /// `taken`, names the rules), for a request a later check refused (a per-sale limit
     /// after the per-shopper one): a refused request must not spend the shopper's
     /// allowance. Only the rules that took something give back: a dry-run rule that would
-    /// have refused took nothing. Rules replaced in between give nothing back.
+    /// have refused took nothing. Hot rules replaced in between give nothing back (a
+    /// change of other rules leaves them be).
     pub fn give_back_hot<K: Hash + ?Sized>(&self, resource: &Resource, key: &K, taken: HotTaken) {
         let compiled = self.compiled.load();
-        if compiled.rules.version != taken.version || taken.taken == 0 {
+        if compiled.hot_generation != taken.generation || taken.taken == 0 {
             return;
         }
         if let Some(rules) = compiled.hot.get(resource.id) {

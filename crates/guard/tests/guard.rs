@@ -980,6 +980,36 @@ fn each_request_counts_once_whatever_its_checks_said() {
     let t = totals(&guard, "hot:watch");
     assert_eq!((t.passed, t.would_block), (5, 4), "{t:?}");
 
+    // Checked uncounted, then a change of the flow rules only while the request is in
+    // flight: its pass still counts, and its allowance can still go back.
+    let taken = guard
+        .check_hot_uncounted(&purchase, Param::Shopper, "e")
+        .unwrap();
+    let mut next = guard.rules();
+    next.version += 1;
+    next.flow = vec![flow("get_sale", 5.0, 1, Behavior::Reject {})];
+    guard.replace(next.clone()).unwrap();
+    guard.hot_passed(&purchase, taken);
+    assert_eq!(totals(&guard, "hot:watch").passed, 6);
+    guard.give_back_hot(&purchase, "e", taken);
+    guard
+        .check_hot(&purchase, Param::Shopper, "e")
+        .expect("the allowance came back");
+    assert_eq!(
+        totals(&guard, "hot:watch").would_block,
+        4,
+        "e had its burst again"
+    );
+    // A change of the hot rules themselves: an older check counts nothing.
+    let taken = guard
+        .check_hot_uncounted(&purchase, Param::Shopper, "f")
+        .unwrap();
+    next.version += 1;
+    next.hot[0].qps = 0.002;
+    guard.replace(next).unwrap();
+    guard.hot_passed(&purchase, taken);
+    assert_eq!(totals(&guard, "hot:watch").passed, 7);
+
     // An admission a later check withdraws (a shopper's limit, an open breaker) is
     // neither passed nor completed, and its rate slot goes back.
     let guard = Guard::new(rules_with(vec![flow("pay", 0.001, 1, Behavior::Reject {})])).unwrap();
