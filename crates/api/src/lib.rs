@@ -606,7 +606,7 @@ async fn protect(
         // Dropped on a refusal: not in flight while its answer waits for a hold.
         .map(|client| (admission, client))
     });
-    let (mut admission, client) = match admitted {
+    let (mut admission, mut client) = match admitted {
         Ok(admission) => admission,
         Err(rejection) => {
             let response = ApiError::from(rejection).into_response();
@@ -639,15 +639,12 @@ async fn protect(
         // up what others behind the same address or tenant share). Counted as blocked
         // where it was refused, not as passed here.
         admission.withdraw();
-        if let Some(client) = &client {
-            client.give_back(app, resource);
+        if let Some(client) = &mut client {
+            client.give_back();
         }
     }
-    if !per_key && let Some(client) = &client {
-        // Through every limit (a request without a valid token too: its client's
-        // allowance stays spent).
-        client.passed(app, resource);
-    }
+    // Otherwise through every limit (a request without a valid token too: its client's
+    // allowance stays spent): `client`, dropped, counts it as passed.
     // The request is finished: no longer in flight, whether or not its answer waits.
     drop(admission);
     // The handler's own refusals (a shopper over the hot limit, a full writer queue)
@@ -687,39 +684,51 @@ async fn whole_body(request: Request, limit: usize) -> Result<Request, ApiError>
 
 /// The client's keys a request was admitted under, so a later refusal can give their
 /// allowance back.
-struct ClientKeys {
+/// What the client's and tenant's rules let through. Dropped, it counts the request as
+/// passed by them, however the request ended (answered, its handler panicking, its
+/// client gone), unless a later limit refused it and it gave its allowance back.
+struct ClientKeys<'a> {
+    guard: &'a Guard,
+    resource: &'a stampede_guard::Resource,
     ip: std::net::IpAddr,
     ip_taken: HotTaken,
     /// Only behind a trusted proxy that names one.
     tenant: Option<(axum::http::HeaderValue, HotTaken)>,
+    given_back: bool,
 }
 
-impl ClientKeys {
-    fn give_back(&self, app: &App, resource: &stampede_guard::Resource) {
-        app.guard.give_back_hot(resource, &self.ip, self.ip_taken);
+impl ClientKeys<'_> {
+    fn give_back(&mut self) {
+        self.guard
+            .give_back_hot(self.resource, &self.ip, self.ip_taken);
         if let Some((tenant, taken)) = &self.tenant {
-            app.guard.give_back_hot(resource, tenant.as_bytes(), *taken);
+            self.guard
+                .give_back_hot(self.resource, tenant.as_bytes(), *taken);
         }
+        self.given_back = true;
     }
+}
 
-    /// Counts the request as passed by the client's and tenant's rules: no later limit
-    /// refused it.
-    fn passed(&self, app: &App, resource: &stampede_guard::Resource) {
-        app.guard.hot_passed(resource, self.ip_taken);
+impl Drop for ClientKeys<'_> {
+    fn drop(&mut self) {
+        if self.given_back {
+            return;
+        }
+        self.guard.hot_passed(self.resource, self.ip_taken);
         if let Some((_, taken)) = &self.tenant {
-            app.guard.hot_passed(resource, *taken);
+            self.guard.hot_passed(self.resource, *taken);
         }
     }
 }
 
 /// The per-client-IP and per-tenant hot keys, for a request that came from `peer`. A
 /// tenant's refusal gives the client's allowance back.
-fn client_admits(
-    app: &App,
-    resource: &stampede_guard::Resource,
+fn client_admits<'a>(
+    app: &'a App,
+    resource: &'a stampede_guard::Resource,
     peer: &hold::Peer,
     headers: &axum::http::HeaderMap,
-) -> Result<ClientKeys, stampede_guard::Rejection> {
+) -> Result<ClientKeys<'a>, stampede_guard::Rejection> {
     let peer_ip = peer.addr.ip();
     let ip = app.proxies.client_ip(peer_ip, headers);
     let ip_taken = app
@@ -742,9 +751,12 @@ fn client_admits(
         }
     };
     Ok(ClientKeys {
+        guard: &app.guard,
+        resource,
         ip,
         ip_taken,
         tenant,
+        given_back: false,
     })
 }
 

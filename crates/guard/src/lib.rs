@@ -621,9 +621,10 @@ impl Drop for Admission<'_> {
         }
         if !self.withdrawn {
             // Counted when it finishes, not when admitted: a later refusal withdraws it
-            // first, and counters never go back (Prometheus would read a reset).
+            // first, and counters never go back (Prometheus would read a reset). One
+            // dropped while its handler panics failed.
             counters.passed.fetch_add(1, Ordering::Relaxed);
-            counters.finished(rt, self.error);
+            counters.finished(rt, self.error || std::thread::panicking());
         }
     }
 }
