@@ -337,6 +337,11 @@ impl Config {
         // as figment matches them.
         let not_typed = [Self::TEXT_KEYS, &["cluster"]].concat();
         figment = figment.merge(Env::prefixed("STAMPEDE_").ignore(&not_typed));
+        // Each key once: two spellings of one name that disagree (a stale lower-case
+        // copy of a secret) stop the start rather than one winning by the environment's
+        // order.
+        let mut seen: std::collections::HashMap<String, (String, std::ffi::OsString)> =
+            Default::default();
         for (name, value) in std::env::vars_os() {
             let Some(key) = name
                 .to_str()
@@ -347,7 +352,15 @@ impl Config {
             else {
                 continue;
             };
-            let variable = name.to_string_lossy();
+            let variable = name.to_string_lossy().into_owned();
+            if let Some((other, earlier)) = seen.get(&key) {
+                anyhow::ensure!(
+                    *earlier == value,
+                    "invalid configuration: {other} and {variable} name one setting with different values"
+                );
+                continue;
+            }
+            seen.insert(key.clone(), (variable.clone(), value.clone()));
             let Some(value) = value.to_str() else {
                 anyhow::bail!("invalid configuration: {variable} is not UTF-8 text");
             };
@@ -1138,6 +1151,7 @@ mod tests {
             jail.set_env("STAMPEDE_CLUSTER", "1");
             jail.set_env("STAMPEDE_DATABASE_TIMEOUT", "0");
             jail.set_env("stampede_redis_url", " redis://cache.example:6379 ");
+            jail.set_env("Stampede_Redis_Url", " redis://cache.example:6379 ");
             let config = load(&ServeArgs::default())?;
             assert_eq!(config.database_timeout, Duration::ZERO);
             assert_eq!(config.redis_url, "redis://cache.example:6379");
@@ -1154,6 +1168,21 @@ mod tests {
             jail.set_env("STAMPEDE_CLUSTER", "maybe");
             let error = load(&ServeArgs::default()).unwrap_err().to_string();
             assert!(error.contains("STAMPEDE_CLUSTER"), "{error}");
+            jail.set_env("STAMPEDE_CLUSTER", "0");
+            // Two spellings of one name that disagree stop the start.
+            jail.set_env(
+                "stampede_jwt_secret",
+                "an old secret of thirty-two bytes or more",
+            );
+            jail.set_env(
+                "STAMPEDE_JWT_SECRET",
+                "the new secret of thirty-two bytes or more",
+            );
+            let error = load(&ServeArgs::default()).unwrap_err().to_string();
+            assert!(
+                error.contains("name one setting with different values"),
+                "{error}"
+            );
             // Every text key is one of the configuration's (a misspelt one would be
             // ignored here and read as typed).
             let keys = serde_json::to_value(Config::default()).unwrap();
