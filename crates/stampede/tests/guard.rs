@@ -1624,6 +1624,23 @@ async fn a_head_that_is_not_http_gets_the_apis_error_body() {
     assert_eq!(app.get("/healthz", None).await.status, 200);
 }
 
+/// Keeps `stored` as the rules an earlier version saved, restarts, and answers the
+/// rules the server then runs with.
+async fn restart_with_stored_rules(app: &mut TestApp, stored: &Value) -> Value {
+    let engine = app.running.as_ref().unwrap().engine.clone();
+    engine
+        .store()
+        .save_setting(
+            stampede_api::handlers::GUARD_RULES_KEY,
+            &serde_json::to_string(stored).unwrap(),
+        )
+        .await
+        .unwrap();
+    drop(engine);
+    app.restart().await;
+    rules(app).await
+}
+
 #[tokio::test]
 async fn stored_rules_that_name_what_nothing_asks_give_way_to_the_configured_ones() {
     let mut app = spawn_app().await;
@@ -1632,18 +1649,7 @@ async fn stored_rules_that_name_what_nothing_asks_give_way_to_the_configured_one
     let mut stored = rules(&app).await;
     stored["version"] = json!(7);
     stored["hot"] = json!([{"name": "x", "resource": "pay", "param": "shopper", "qps": 1.0}]);
-    let engine = app.running.as_ref().unwrap().engine.clone();
-    engine
-        .store()
-        .save_setting(
-            stampede_api::handlers::GUARD_RULES_KEY,
-            &serde_json::to_string(&stored).unwrap(),
-        )
-        .await
-        .unwrap();
-    drop(engine);
-    app.restart().await;
-    let running = rules(&app).await;
+    let running = restart_with_stored_rules(&mut app, &stored).await;
     assert_eq!(running["version"], 0, "{running}");
     assert_eq!(running["hot"][0]["resource"], "purchase");
 
@@ -1656,18 +1662,7 @@ async fn stored_rules_that_name_what_nothing_asks_give_way_to_the_configured_one
         {"resource": "pay", "qps": 5.0, "burst": 10, "behavior": {"kind": "pace", "max_queue": "1s"}},
         {"resource": "get_sale", "max_concurrency": 64, "burst": 3}
     ]);
-    let engine = app.running.as_ref().unwrap().engine.clone();
-    engine
-        .store()
-        .save_setting(
-            stampede_api::handlers::GUARD_RULES_KEY,
-            &serde_json::to_string(&stored).unwrap(),
-        )
-        .await
-        .unwrap();
-    drop(engine);
-    app.restart().await;
-    let running = rules(&app).await;
+    let running = restart_with_stored_rules(&mut app, &stored).await;
     assert_eq!(running["version"], 8, "{running}");
     assert_eq!(running["flow"][0]["burst"], 1, "{running}");
     assert_eq!(running["flow"][0]["qps"], 5.0, "{running}");
