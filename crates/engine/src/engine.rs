@@ -1230,6 +1230,13 @@ impl Engine {
         let _ = self.shared.commit_breaker.set(breaker);
     }
 
+    /// How long past its `expires_at` a pending order is expired now: the configured
+    /// grace and the pacing waits of the rules in force (or of rules a change shortened,
+    /// while pays held under them may still be finishing).
+    pub fn expiry_grace(&self) -> Duration {
+        Duration::from_millis(self.shared.expiry_grace_ms().max(0) as u64)
+    }
+
     /// Tells the engine the longest a charge may now be held back before it is made
     /// (the pacing rules of the pay route and the payment provider, their `max_queue`s;
     /// zero without them): pending

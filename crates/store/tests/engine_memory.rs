@@ -629,3 +629,49 @@ async fn expiries_and_a_full_queue_share_a_batch_within_its_bound() {
     assert_eq!(books.tally.expired, UNPAID, "{:?}", books.tally);
     assert_eq!(books.tally.pending_payment, FLOOD, "{:?}", books.tally);
 }
+
+/// The expiry grace follows the pacing waits: it grows at once, and shrinks only once a
+/// pay held under the longer wait could have finished its wait and then its charge (the
+/// configured grace), however often it shrinks in between.
+#[tokio::test]
+async fn the_expiry_grace_shrinks_only_after_pays_held_under_the_old_wait_could_finish() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = stampede_store::SqliteStore::open(&dir.path().join("g.db"))
+        .await
+        .unwrap()
+        .into_arc();
+    let clock = Arc::new(ManualClock::new(1_800_000_000_000));
+    let config = EngineConfig {
+        expiry_grace_ms: 5_000,
+        ..EngineConfig::default()
+    };
+    let engine = Engine::open(store, clock.clone(), config).await.unwrap();
+    let s = std::time::Duration::from_secs;
+    assert_eq!(engine.expiry_grace(), s(5));
+    engine.set_payment_wait_max(s(10));
+    assert_eq!(engine.expiry_grace(), s(15), "grows at once");
+
+    // Lifted: a pay held 10 s from now still needs its 5 s after that.
+    engine.set_payment_wait_max(s(0));
+    assert_eq!(engine.expiry_grace(), s(15));
+    clock.advance_ms(14_999);
+    assert_eq!(engine.expiry_grace(), s(15));
+    clock.advance_ms(1);
+    assert_eq!(
+        engine.expiry_grace(),
+        s(5),
+        "shrinks once they could have finished"
+    );
+
+    // Shortened twice: the longest wait still owed counts until its pays could finish.
+    engine.set_payment_wait_max(s(10));
+    engine.set_payment_wait_max(s(4));
+    clock.advance_ms(2_000);
+    engine.set_payment_wait_max(s(1));
+    assert_eq!(engine.expiry_grace(), s(15));
+    clock.advance_ms(15_000);
+    assert_eq!(engine.expiry_grace(), s(6));
+    // Growing again needs nothing kept.
+    engine.set_payment_wait_max(s(3));
+    assert_eq!(engine.expiry_grace(), s(8));
+}
