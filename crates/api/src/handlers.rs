@@ -456,9 +456,9 @@ pub async fn purchase(
         .guard
         .check_hot_uncounted(resource, stampede_guard::Param::Shopper, user.as_str())
         .map_err(ApiError::per_key)?;
-    let sale_taken = app
-        .guard
-        .check_hot_uncounted(resource, stampede_guard::Param::Sale, &sale_id)
+    // The sale's check is the last: what it lets through it counts at once.
+    app.guard
+        .check_hot(resource, stampede_guard::Param::Sale, &sale_id)
         .map_err(|rejection| {
             // Refused for the sale: the shopper's allowance taken above goes back, and
             // the shopper's rules do not count it as passed.
@@ -467,7 +467,6 @@ pub async fn purchase(
             ApiError::per_key(rejection)
         })?;
     app.guard.hot_passed(resource, shopper_taken);
-    app.guard.hot_passed(resource, sale_taken);
     let purchase = app.engine.purchase(user, key, sale_id, quantity).await?;
     let status = if purchase.replay {
         StatusCode::OK

@@ -683,8 +683,7 @@ async fn whole_body(request: Request, limit: usize) -> Result<Request, ApiError>
 }
 
 /// The client's keys a request was admitted under, so a later refusal can give their
-/// allowance back.
-/// What the client's and tenant's rules let through. Dropped, it counts the request as
+/// allowance back. What the client's and tenant's rules let through. Dropped, it counts the request as
 /// passed by them, however the request ended (answered, its handler panicking, its
 /// client gone), unless a later limit refused it and it gave its allowance back.
 struct ClientKeys<'a> {

@@ -427,6 +427,26 @@ impl SaleState {
     }
 }
 
+/// The longest wait of the pacing rules in force, and of those before a change that
+/// shortened it while pays held under them may still be finishing; in ms.
+#[derive(Default)]
+struct PaymentWait {
+    now: i64,
+    before: i64,
+    before_until: i64,
+}
+
+impl PaymentWait {
+    /// The wait the grace covers at `now_ms`.
+    fn at(&self, now_ms: i64) -> i64 {
+        if now_ms < self.before_until {
+            self.now.max(self.before)
+        } else {
+            self.now
+        }
+    }
+}
+
 pub(crate) struct ProductState {
     pub record: ProductRecord,
 }
@@ -491,10 +511,7 @@ pub(crate) struct Shared {
     /// the pay route and the payment provider): added to `EngineConfig::expiry_grace_ms`
     /// (`Shared::expiry_grace_ms`), so a pay that arrived in time is not overtaken by
     /// its order's expiry while it waits its turn. Follows the rules in force.
-    payment_wait_max_ms: std::sync::atomic::AtomicI64,
-    /// The wait of the rules before a change that shortened it, and until when it still
-    /// counts (a pay held under them may wait that long yet): (wait, until), in ms.
-    payment_wait_before: Mutex<(i64, i64)>,
+    payment_wait: Mutex<PaymentWait>,
     /// Orders whose refund runs on this node now, with the time until which it keeps
     /// trying while the provider says nothing was charged. Bounded by `refunds_open`.
     refunding: Mutex<FastMap<OrderId, tokio::time::Instant>>,
@@ -579,17 +596,9 @@ impl Shared {
 
     /// How far past its `expires_at` a pending order is expired: the configured grace
     /// (a pay started by the deadline noting its charge and waiting one provider
-    /// timeout) plus the longest a charge may now be held back (`payment_wait_max_ms`).
+    /// timeout) plus the longest a charge may now be held back (`payment_wait`).
     pub(crate) fn expiry_grace_ms(&self) -> i64 {
-        let now_wait = self
-            .payment_wait_max_ms
-            .load(std::sync::atomic::Ordering::Relaxed);
-        let (before, until) = *self.payment_wait_before.lock();
-        let wait = if self.clock.now_ms() < until {
-            now_wait.max(before)
-        } else {
-            now_wait
-        };
+        let wait = self.payment_wait.lock().at(self.clock.now_ms());
         self.config.expiry_grace_ms.max(0).saturating_add(wait)
     }
 
@@ -1055,8 +1064,7 @@ impl Engine {
             sweep_now: Default::default(),
             refunds: tokio::sync::Semaphore::new(REFUNDS_AT_ONCE),
             refunds_open: Default::default(),
-            payment_wait_max_ms: Default::default(),
-            payment_wait_before: Default::default(),
+            payment_wait: Default::default(),
             refunding: Default::default(),
             ledger: Default::default(),
             cluster,
@@ -1250,25 +1258,19 @@ impl Engine {
     pub fn set_payment_wait_max(&self, wait: Duration) {
         let wait = i64::try_from(wait.as_millis()).unwrap_or(i64::MAX / 4);
         let shared = &self.shared;
-        let mut before = shared.payment_wait_before.lock();
-        let was = shared
-            .payment_wait_max_ms
-            .swap(wait, std::sync::atomic::Ordering::Relaxed);
         let now = shared.clock.now_ms();
-        // The longest still owed: the one just replaced, or an earlier one not yet over.
-        let owed = if now < before.1 {
-            before.0.max(was)
-        } else {
-            was
-        };
+        let mut waits = shared.payment_wait.lock();
+        // The longest still owed: the one being replaced, or an earlier one not yet over.
+        let owed = waits.at(now);
         if owed > wait {
             // A pay released at the end of its wait still notes and makes its charge:
             // the configured grace covers that, so the longer wait holds until then too.
-            let until = now
+            waits.before = owed;
+            waits.before_until = now
                 .saturating_add(owed)
                 .saturating_add(shared.config.expiry_grace_ms.max(0));
-            *before = (owed, until);
         }
+        waits.now = wait;
     }
 
     /// The store the engine writes to (for settings kept beside the orders).

@@ -513,6 +513,34 @@ pub struct Guard {
     hasher: foldhash::fast::FixedState,
 }
 
+/// One request's refusals while it is decided: counted as blocked, or, in a dry run, noted
+/// and let through; the admission then counts one would-block when it finishes
+/// (`Admission::would_block`), however many of its checks said so.
+struct Refusals<'a> {
+    counters: &'a Counters,
+    dry_run: bool,
+    would_block: std::cell::Cell<bool>,
+}
+
+impl<'a> Refusals<'a> {
+    fn new(compiled: &Compiled, counters: &'a Counters) -> Self {
+        Refusals {
+            counters,
+            dry_run: compiled.rules.dry_run,
+            would_block: Default::default(),
+        }
+    }
+
+    fn refuse(&self, rejection: Rejection, rule_dry_run: bool) -> Option<Rejection> {
+        if self.dry_run || rule_dry_run {
+            self.would_block.set(true);
+            None
+        } else {
+            self.counters.refusal(rejection, false)
+        }
+    }
+}
+
 /// A request the guard let through. Dropping it marks the request finished.
 #[must_use]
 pub struct Admission<'a> {
@@ -820,19 +848,8 @@ impl Guard {
     ) -> Result<Admission<'a>, Rejection> {
         let now = self.now();
         let compiled = self.compiled.load();
-        let counters = &resource.counters;
-        let dry_run = compiled.rules.dry_run;
-        // A dry run's would-be refusals are noted here and counted once, when the
-        // request finishes (`Admission::would_block`).
-        let would_block = std::cell::Cell::new(false);
-        let refuse = |rejection: Rejection, rule_dry_run: bool| {
-            if dry_run || rule_dry_run {
-                would_block.set(true);
-                None
-            } else {
-                counters.refusal(rejection, false)
-            }
-        };
+        let refusals = Refusals::new(&compiled, &resource.counters);
+        let refuse = |rejection, rule_dry_run| refusals.refuse(rejection, rule_dry_run);
 
         if self.degraded(&compiled, class)
             && let Some(r) = refuse(Rejection::Degraded { class }, false)
@@ -877,7 +894,7 @@ impl Guard {
             }
         }
 
-        self.flow_admission(&compiled, resource, now, true, would_block.get())
+        self.flow_admission(&compiled, resource, now, true, refusals)
             .inspect_err(|_| release())
     }
 
@@ -886,7 +903,8 @@ impl Guard {
     /// through degradation and system protection, and is already counted in flight.
     pub fn admit_named<'a>(&'a self, resource: &'a Resource) -> Result<Admission<'a>, Rejection> {
         let compiled = self.compiled.load();
-        self.flow_admission(&compiled, resource, self.now(), false, false)
+        let refusals = Refusals::new(&compiled, &resource.counters);
+        self.flow_admission(&compiled, resource, self.now(), false, refusals)
     }
 
     /// The resource's flow rule; then the admission, whose drop gives back the system's
@@ -898,19 +916,11 @@ impl Guard {
         resource: &'a Resource,
         now: u64,
         system: bool,
-        would_block: bool,
+        refusals: Refusals<'_>,
     ) -> Result<Admission<'a>, Rejection> {
         let counters = &resource.counters;
         let dry_run = compiled.rules.dry_run;
-        let would_block = std::cell::Cell::new(would_block);
-        let refuse = |rejection: Rejection, rule_dry_run: bool| {
-            if dry_run || rule_dry_run {
-                would_block.set(true);
-                None
-            } else {
-                counters.refusal(rejection, false)
-            }
-        };
+        let refuse = |rejection, rule_dry_run| refusals.refuse(rejection, rule_dry_run);
         let mut wait = Duration::ZERO;
         let flow = compiled.flow(resource.id);
         let mut concurrency = false;
@@ -1019,7 +1029,7 @@ impl Guard {
             wait,
             error: false,
             withdrawn: false,
-            would_block: would_block.get(),
+            would_block: refusals.would_block.get(),
         })
     }
 

@@ -109,6 +109,14 @@ fn one() -> u32 {
     1
 }
 
+impl FlowRule {
+    /// Whether the rule has no use for a `burst`: pacing spaces every request at the
+    /// rate (a queue, not a bucket), and a concurrency limit has no rate.
+    pub fn takes_no_burst(&self) -> bool {
+        self.qps.is_none() || matches!(self.behavior, Behavior::Pace { .. })
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Behavior {
@@ -379,11 +387,8 @@ impl GuardRules {
             }
             if r.burst == 0 || r.burst > 1_000_000 {
                 err(f("burst"), "must be within 1..=1000000");
-            } else if r.burst != 1
-                && (r.qps.is_none() || matches!(r.behavior, Behavior::Pace { .. }))
-            {
-                // Pacing spaces every request at the rate (a queue, not a bucket), and a
-                // concurrency limit has no rate: a burst there would be taken and ignored.
+            } else if r.burst != 1 && r.takes_no_burst() {
+                // A burst there would be taken and ignored.
                 err(
                     f("burst"),
                     "applies to a rate that rejects or warms up; a pacing or concurrency-only rule takes none",

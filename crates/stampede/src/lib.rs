@@ -997,10 +997,7 @@ async fn guard_rules(
             // Kept by an earlier version, which took a burst on a pacing or
             // concurrency-only rule and ignored it: dropped, the rules act the same.
             for rule in &mut rules.flow {
-                if rule.burst != 1
-                    && (rule.qps.is_none()
-                        || matches!(rule.behavior, stampede_guard::Behavior::Pace { .. }))
-                {
+                if rule.burst != 1 && rule.takes_no_burst() {
                     tracing::warn!(resource = %rule.resource, burst = rule.burst, "the stored guard rules give a burst this rule never used; dropped");
                     rule.burst = 1;
                 }
