@@ -1283,7 +1283,9 @@ impl Guard {
     /// Writes the counters into the `metrics` registry (call before rendering
     /// `/metrics`): `stampede_guard_passed_total{resource}`,
     /// `stampede_guard_blocked_total{resource,reason}`, `stampede_guard_would_block_total`,
-    /// `stampede_guard_errors_total`, `stampede_guard_rt_seconds_total`, and gauges.
+    /// `stampede_guard_errors_total`, `stampede_guard_completed_total` and
+    /// `stampede_guard_rt_microseconds_total` (their ratio is the mean RT; counters are
+    /// whole numbers, so the time is kept in microseconds), and gauges.
     pub fn export_metrics(&self) {
         for resource in self.registry.by_name.read().values() {
             let v = resource.counters.values();
@@ -1303,8 +1305,10 @@ impl Guard {
                 .absolute(v.would_block);
             metrics::counter!("stampede_guard_errors_total", "resource" => r.clone())
                 .absolute(v.errors);
-            metrics::gauge!("stampede_guard_rt_seconds_total", "resource" => r)
-                .set(v.rt_ns as f64 / 1e9);
+            metrics::counter!("stampede_guard_completed_total", "resource" => r.clone())
+                .absolute(v.completed);
+            metrics::counter!("stampede_guard_rt_microseconds_total", "resource" => r)
+                .absolute(v.rt_ns / 1_000);
         }
         metrics::gauge!("stampede_guard_inflight").set(self.inflight() as f64);
         metrics::gauge!("stampede_guard_cpu_share").set(self.cpu());

@@ -694,6 +694,24 @@ async fn dry_run_counts_what_it_would_block_and_blocks_nothing() {
     );
     assert!(metrics.contains(r#"stampede_guard_passed_total{resource="get_sale"} 5"#));
     assert!(metrics.contains("stampede_guard_blocked_total{"));
+    // The RT is a counter beside the calls it sums, so a rate of one over the other is
+    // the mean (a gauge named `_total` would be neither).
+    assert!(
+        metrics.contains("# TYPE stampede_guard_rt_microseconds_total counter"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(r#"stampede_guard_completed_total{resource="get_sale"} 5"#),
+        "{metrics}"
+    );
+    let rt = metrics
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix(r#"stampede_guard_rt_microseconds_total{resource="get_sale"} "#)
+        })
+        .and_then(|v| v.parse::<u64>().ok())
+        .expect("the RT of get_sale");
+    assert!(rt > 0, "five calls took no time: {rt}");
 }
 
 #[tokio::test]
