@@ -1414,7 +1414,8 @@ fn sampler(guard: Weak<Guard>) {
         }
         match after {
             Some(after) => {
-                let secs = after.as_secs().max(1);
+                // Pressure is judged per whole second: a part of one counts as one.
+                let secs = after.as_millis().div_ceil(1_000) as u64;
                 if pressure_for >= secs {
                     guard.auto_degraded.store(true, Ordering::Relaxed);
                 } else if calm_for >= secs {

@@ -269,7 +269,8 @@ pub struct SystemRule {
     #[serde(default = "shares")]
     pub class_shares: [f64; 4],
     /// Switch `stats` and `browse` off while the system check has refused requests for
-    /// this long, and back on after as long without.
+    /// this long, and back on after as long without. Judged per whole second (a part of
+    /// one counts as one: `"1500ms"` is two seconds).
     #[serde(with = "humantime_serde", default)]
     pub auto_degrade_after: Option<Duration>,
     /// An adaptive concurrency limit (Gradient2) on requests in flight, scaled by the

@@ -375,6 +375,71 @@ fn lower_classes_are_shed_first() {
 }
 
 #[test]
+fn sustained_pressure_turns_browse_and_stats_off_until_a_calm_spell() {
+    let after = Duration::from_secs(1);
+    let rules = GuardRules {
+        system: stampede_guard::rules::SystemRule {
+            max_inflight: Some(10),
+            auto_degrade_after: Some(after),
+            ..Default::default()
+        },
+        ..GuardRules::default()
+    };
+    let guard = Guard::new(rules).unwrap();
+    let (probe, hold) = (guard.resource("probe"), guard.resource("hold"));
+    let held: Vec<_> = (0..10)
+        .map(|_| guard.admit(&hold, Class::Pay).unwrap())
+        .collect();
+    // Under pressure (purchases refused for the bound), browse is refused for the bound
+    // too at first; after a second of it, browse and stats are switched off as such.
+    let started = Instant::now();
+    let degraded_after = loop {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "never degraded under sustained pressure"
+        );
+        assert!(matches!(
+            guard.admit(&probe, Class::Purchase),
+            Err(Rejection::Overloaded { .. })
+        ));
+        match guard.admit(&probe, Class::Browse) {
+            Err(Rejection::Degraded { .. }) => break started.elapsed(),
+            Err(Rejection::Overloaded { .. }) => {}
+            Err(other) => panic!("{other:?}"),
+            Ok(_) => panic!("browse admitted past the bound"),
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(
+        degraded_after >= after / 2,
+        "degraded after {degraded_after:?} of pressure"
+    );
+    // Pay and purchase are never switched off: with the bound free again they pass,
+    // while browse and stats stay off until a calm spell as long.
+    drop(held);
+    assert!(guard.admit(&probe, Class::Pay).is_ok());
+    assert!(guard.admit(&probe, Class::Purchase).is_ok());
+    assert!(matches!(
+        guard.admit(&probe, Class::Stats),
+        Err(Rejection::Degraded { .. })
+    ));
+    let calm = Instant::now();
+    while guard.admit(&probe, Class::Browse).is_err() {
+        assert!(
+            calm.elapsed() < Duration::from_secs(5),
+            "browse never came back after the pressure ended"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        calm.elapsed() >= after / 2,
+        "browse came back after {:?} of calm",
+        calm.elapsed()
+    );
+    assert!(guard.admit(&probe, Class::Stats).is_ok());
+}
+
+#[test]
 fn requests_admitted_side_by_side_never_pass_the_inflight_bound() {
     // Eight threads admit, hold and release as fast as they can against a bound of 3.
     // Each counts itself in while it holds an admission: were the bound's check and the

@@ -424,6 +424,62 @@ async fn a_degraded_class_answers_503_and_the_rest_carries_on() {
     );
 }
 
+/// System protection over HTTP: with the in-flight bound taken by two pays waiting on a
+/// slow provider, a purchase gets 503 `overloaded` with `Retry-After` and takes no
+/// stock, while the probes (not guarded) still answer; once the pays finish, the
+/// purchase goes through.
+#[tokio::test]
+async fn past_the_inflight_bound_a_request_gets_503_overloaded_and_the_probes_still_answer() {
+    let app = spawn_app_with(|config| {
+        config.guard.system.max_inflight = Some(2);
+    })
+    .await;
+    let sale = app.live_sale("GUARD-INFLIGHT", 20, 10).await;
+    let buyer = app.shopper("slow-payer");
+    let mut orders = Vec::new();
+    for i in 0..2 {
+        let (status, body) = app.purchase(&buyer, &sale, &format!("i{i}"), 1).await;
+        assert_eq!(status, 201, "{body}");
+        orders.push(body["order_id"].as_str().unwrap().to_owned());
+    }
+    app.sim.configure(1_500, 0.0).await;
+    let (first, second, ()) = tokio::join!(
+        app.pay(&buyer, &orders[0]),
+        app.pay(&buyer, &orders[1]),
+        async {
+            // Both pays are in flight (pay may use the whole bound; a purchase 0.9 of it).
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let started = Instant::now();
+            let reply = app.purchase_reply(&buyer, &sale, "i-refused", 1).await;
+            assert_error(&reply, 503, "overloaded");
+            assert!(
+                started.elapsed() < Duration::from_millis(500),
+                "the refusal took {:?}",
+                started.elapsed()
+            );
+            let retry_after: u64 = reply.headers["retry-after"]
+                .to_str()
+                .unwrap()
+                .parse()
+                .unwrap();
+            assert!(retry_after >= 1, "Retry-After {retry_after}");
+            for probe in ["/healthz", "/readyz", "/metrics"] {
+                assert_eq!(app.get(probe, None).await.status, 200, "{probe}");
+            }
+        }
+    );
+    assert_eq!(first.status, 200, "{}", first.body);
+    assert_eq!(second.status, 200, "{}", second.body);
+    assert_eq!(app.remaining(&sale).await, 18, "the refusal took stock");
+    app.sim.configure(0, 0.0).await;
+    let (status, body) = app.purchase(&buyer, &sale, "i-after", 1).await;
+    assert_eq!(status, 201, "{body}");
+    assert_eq!(
+        resource_totals(&app, "purchase").await["blocked_overloaded"],
+        1
+    );
+}
+
 #[tokio::test]
 async fn an_open_payment_breaker_answers_at_once_and_closes_when_the_provider_heals() {
     let app = spawn_app_with(|config| {
