@@ -1,20 +1,26 @@
 #!/usr/bin/env bash
-# Overload benchmark: durable purchases at 32× the connections that saturate the
-# server (64 → 2048), with the guard's static in-flight bound (refused connections held,
-# the default, and not held), with its adaptive (Gradient2) limit, and with neither, with
-# clients that retry at once and clients that honour Retry-After. One run, same machine,
-# same binary.
+# Overload benchmark: durable purchases at 32× the connections that saturate the server,
+# with the guard's static in-flight bound (refused connections held, the default, and not
+# held), with its adaptive (Gradient2) limit, and with neither, with clients that retry at
+# once and clients that honour Retry-After. One run, same machine, same binary.
 #
-#   cargo build --release -p stampede && bench/guard/overload.sh
+#   cargo build --profile production -p stampede && PROFILE=production bench/guard/overload.sh
 #
-# The guarded server's bound defaults to 72 requests in flight, so that purchases (0.9
-# of the bound by the class shares) may have the 64 in flight that saturate the server
-# and its capacity run is never refused. More adds queueing, not throughput: the
-# admitted p99 grows with the bound, and goodput falls below the saturating point
-# (BENCHMARKS.md, "The bound against the admitted p99"). A capacity figure from one 8 s
-# run can read half or twice another's on a shared 2-core machine, so each server is
-# measured at capacity before and after the overload, and its summary line gives each
-# ratio against the mean of the two (and against the first alone).
+# First the capacity: a server with no in-flight bound, fresh for each connection count
+# of SWEEP (default "64 256 512"), each count run closed-loop (one request in flight per
+# connection). Group commit needs purchases in flight to fill its batches, so 64
+# connections understate what the server can do (on this machine 0.7–0.8 of the most);
+# the count with the most goodput is the one that saturates the server, N, and that
+# goodput is its capacity. The overload is 32 × N connections (OVERLOAD_VUS overrides).
+#
+# The guarded server's bound defaults to N × 9/8 requests in flight, so that purchases
+# (0.9 of the bound by the class shares) may have the N in flight that saturate the
+# server. More adds queueing, not throughput: the admitted p99 grows with the bound
+# (BENCHMARKS.md, "The bound against the admitted p99"). Each guarded server is run at N
+# connections before and after the overload: the mean of those two is its unloaded p99
+# (and its own capacity, the mean because a capacity figure from one 8 s run can read
+# half or twice another's on a shared 2-core machine). Its summary gives goodput against
+# the swept capacity, the target's yardstick, and against its own runs.
 #
 # Beside the pressure tool's admitted p99, each run gives the server's own p99 of the
 # purchases it served (its 2xx latency buckets, interpolated: coarse), and the summary
@@ -22,25 +28,23 @@
 # waiting to be taken) can be told from one it made.
 #
 # PIN=1 runs the server on CPU 0 alone (one request worker) and the pressure tool on CPU
-# 1 (taskset, one thread), standing in for clients on other machines: the 2,048
-# connections' client work then cannot delay the server's answers, nor the server the
-# client's reading of them (what the admitted p99 measures).
+# 1 (taskset, one thread), standing in for clients on other machines: the overload's
+# client work then cannot delay the server's answers, nor the server the client's
+# reading of them (what the admitted p99 measures).
 #
-# Environment: DURATION (default 8s), MAX_INFLIGHT (default 72), ONLY (a label prefix:
+# Environment: DURATION (default 8s), SWEEP (default "64 256 512"), SATURATING (skip the
+# sweep: this many connections saturate the server; no swept capacity then),
+# OVERLOAD_VUS (default 32 × N), MAX_INFLIGHT (default N × 9/8), ONLY (a label prefix:
 # run only those servers, e.g. ONLY=guarded), PIN (default 0), STAMPEDE_BIN.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 # shellcheck source=../lib.sh
 source "$here/../lib.sh"
 needs_python3
-# 2,048 connections open at both ends on one machine: raise the soft limit on open files
-# to the hard one when it is lower than that needs (1,024 is a common default).
-need_files=5000
-files_ok() { [ "$(ulimit -n)" = unlimited ] || [ "$(ulimit -n)" -ge $need_files ]; }
-files_ok || ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
-files_ok || { echo "needs $need_files open files (ulimit -n); the hard limit is $(ulimit -Hn)" >&2; exit 2; }
+# Connections open at both ends on one machine: the soft limit on open files raised to
+# the hard one (1,024 is a common default); checked below against what the overload needs.
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 duration=${DURATION:-8s}
-max_inflight=${MAX_INFLIGHT:-72}
 scenario=$here/../server/purchase.toml
 server_on=() press_on=() press_args=() serve_args=()
 if [ "${PIN:-0}" = 1 ]; then
@@ -73,40 +77,51 @@ run() {
   curl -sf "$base/metrics" > "$work/$1.after"
   python3 "$here/overload_report.py" run "$work" "$1" "$(curl -sf -o /dev/null -w '%{http_code}' "$base/healthz")"
 }
-# summary PREFIX: the overload ratios of the PREFIX server against the mean of its
-# capacity runs before and after the overload (and against the first alone).
-summary() { python3 "$here/overload_report.py" summary "$work" "$1"; }
 
 want() { [ -z "${ONLY:-}" ] || [[ $1 == "$ONLY"* ]]; }
+
+# The connections that saturate the server, N, and its capacity: the sweep's best row.
+if [ -n "${SATURATING:-}" ]; then
+  n=$SATURATING
+else
+  for c in ${SWEEP:-64 256 512}; do
+    start 18200
+    run "sweep_${c}" "$c" ignore
+  done
+  n=$(python3 "$here/overload_report.py" sweep "$work")
+fi
+overload=${OVERLOAD_VUS:-$((32 * n))}
+max_inflight=${MAX_INFLIGHT:-$(((n * 9 + 7) / 8))}
+echo "saturating: $n connections; overload: $overload connections; guarded bound: $max_inflight in flight"
+need_files=$((overload + 1000))
+[ "$(ulimit -n)" = unlimited ] || [ "$(ulimit -n)" -ge $need_files ] ||
+  { echo "needs $need_files open files (ulimit -n); the hard limit is $(ulimit -Hn)" >&2; exit 2; }
+
+# phases PREFIX: the server just started at N connections, the overload retrying at once
+# and honouring Retry-After, N again, then the summary.
+phases() {
+  run "$1_before" "$n" ignore
+  run "$1_retry_at_once" "$overload" ignore
+  run "$1_honour_retry_after" "$overload" honor
+  run "$1_after" "$n" ignore
+  python3 "$here/overload_report.py" summary "$work" "$1"
+}
 if want guarded; then
   printf '[guard.system]\nmax_inflight = %s\n%s' "$max_inflight" "${GUARD_EXTRA:-}" > "$work/guard.toml"
   start 18201 --config "$work/guard.toml"
-  run "guarded_64vus_capacity" 64 ignore
-  run "guarded_2048vus_retry_at_once" 2048 ignore
-  run "guarded_2048vus_honour_retry_after" 2048 honor
-  run "guarded_64vus_after_overload" 64 ignore
-  summary guarded
+  phases guarded
 fi
 if want not_held; then
   printf '[guard.system]\nmax_inflight = %s\nhold_refused = "0s"\n' "$max_inflight" > "$work/not_held.toml"
   start 18204 --config "$work/not_held.toml"
-  run "not_held_64vus_capacity" 64 ignore
-  run "not_held_2048vus_retry_at_once" 2048 ignore
-  run "not_held_2048vus_honour_retry_after" 2048 honor
-  run "not_held_64vus_after_overload" 64 ignore
-  summary not_held
+  phases not_held
 fi
 if want adaptive; then
-  printf '[guard.system.adaptive]\ninitial_limit = 64\n' > "$work/adaptive.toml"
+  printf '[guard.system.adaptive]\ninitial_limit = %s\n' "$n" > "$work/adaptive.toml"
   start 18203 --config "$work/adaptive.toml"
-  run "adaptive_64vus_capacity" 64 ignore
-  run "adaptive_2048vus_retry_at_once" 2048 ignore
-  run "adaptive_2048vus_honour_retry_after" 2048 honor
-  run "adaptive_64vus_after_overload" 64 ignore
-  summary adaptive
+  phases adaptive
 fi
 if want unguarded; then
   start 18202
-  run "unguarded_64vus_capacity" 64 ignore
-  run "unguarded_2048vus" 2048 ignore
+  phases unguarded
 fi

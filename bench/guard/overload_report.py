@@ -4,6 +4,8 @@ Each run LABEL leaves in WORK: LABEL.json (the pressure tool's report) and LABEL
 LABEL.after (the server's /metrics just before and after it).
 
     overload_report.py run WORK LABEL HEALTHZ_STATUS   one line for the run
+    overload_report.py sweep WORK                      the capacity sweep's best row: prints
+                                                       its connections, keeps it in WORK/capacity
     overload_report.py summary WORK PREFIX             the PREFIX server's ratios
 """
 import json
@@ -66,19 +68,50 @@ def run(work, label, healthz):
     )
 
 
+def sweep(work):
+    """The sweep's row with the most goodput (runs labelled sweep_<connections>): its
+    connection count saturates the server and its goodput is the capacity. Prints the
+    count for the script and keeps both in WORK/capacity for the summaries."""
+    rows = sorted(
+        (int(name[len("sweep_"):-len(".json")]), goodput_and_p99(work, name[: -len(".json")]))
+        for name in os.listdir(work)
+        if name.startswith("sweep_") and name.endswith(".json")
+    )
+    if not rows:
+        sys.exit("no sweep runs")
+    connections, (goodput, p99) = max(rows, key=lambda row: row[1][0])
+    print(
+        "capacity sweep: "
+        + ", ".join(f"{c} connections {g:.0f}/s (p99 {p:.2f} ms)" for c, (g, p) in rows)
+        + f"; saturating {connections}, capacity {goodput:.0f}/s",
+        file=sys.stderr,
+    )
+    with open(f"{work}/capacity", "w") as f:
+        f.write(f"{connections} {goodput}\n")
+    print(connections)
+
+
 def summary(work, prefix):
-    """The overload ratios against the mean of the capacity runs before and after the
-    overload (and against the first alone)."""
+    """The overload ratios against the swept capacity (when there was a sweep) and the
+    mean of this server's runs at the saturating count before and after the overload
+    (and against the first alone); the admitted p99 against those runs' mean."""
     label = lambda name: f"{prefix}_{name}"
-    (g0, p0), (g1, p1) = goodput_and_p99(work, label("64vus_capacity")), goodput_and_p99(work, label("64vus_after_overload"))
-    capacity, unloaded = (g0 + g1) / 2, (p0 + p1) / 2
-    served_unloaded = (served_p99(work, label("64vus_capacity")) + served_p99(work, label("64vus_after_overload"))) / 2
-    print(f"{prefix} summary: capacity {capacity:.0f}/s, admitted p99 {unloaded:.2f} ms (mean of the runs before and after)")
-    for name, title in (("2048vus_retry_at_once", "retry at once"), ("2048vus_honour_retry_after", "honour Retry-After")):
+    (g0, p0), (g1, p1) = goodput_and_p99(work, label("before")), goodput_and_p99(work, label("after"))
+    own, unloaded = (g0 + g1) / 2, (p0 + p1) / 2
+    served_unloaded = (served_p99(work, label("before")) + served_p99(work, label("after"))) / 2
+    swept = None
+    if os.path.exists(f"{work}/capacity"):
+        swept = float(open(f"{work}/capacity").read().split()[1])
+    print(
+        f"{prefix} summary: " + (f"swept capacity {swept:.0f}/s; " if swept else "")
+        + f"own runs {own:.0f}/s, admitted p99 {unloaded:.2f} ms (mean of the runs before and after)"
+    )
+    for name, title in (("retry_at_once", "retry at once"), ("honour_retry_after", "honour Retry-After")):
         g, p = goodput_and_p99(work, label(name))
         server = f"; server side {served_p99(work, label(name)) / served_unloaded:.2f}" if served_unloaded > 0 else ""
+        against_swept = f"goodput ÷ swept capacity {g / swept:.2f}, " if swept else ""
         print(
-            f"  {title:<18} goodput ÷ capacity {g / capacity:.2f} (÷ first run {g / g0:.2f}), "
+            f"  {title:<18} {against_swept}÷ own runs {g / own:.2f} (÷ first run {g / g0:.2f}), "
             f"admitted p99 ÷ unloaded {p / unloaded:.2f} (÷ first run {p / p0:.2f}{server})"
         )
 
@@ -86,5 +119,7 @@ def summary(work, prefix):
 if __name__ == "__main__":
     if sys.argv[1] == "run":
         run(sys.argv[2], sys.argv[3], sys.argv[4])
+    elif sys.argv[1] == "sweep":
+        sweep(sys.argv[2])
     else:
         summary(sys.argv[2], sys.argv[3])

@@ -77,10 +77,11 @@ function done(summary, latency, requests)
   local built_live = 0
   for _, thread in ipairs(threads) do built_live = built_live + (thread:get("live") or 0) end
   io.write(string.format(
-    "RESULT requests=%d non2xx=%d errors=%d rps=%.0f p50_ms=%.3f p90_ms=%.3f p99_ms=%.3f p999_ms=%.3f max_ms=%.3f live=%d\n",
+    "RESULT requests=%d non2xx=%d errors=%d rps=%.0f ok_rps=%.0f p50_ms=%.3f p90_ms=%.3f p99_ms=%.3f p999_ms=%.3f max_ms=%.3f live=%d\n",
     summary.requests, summary.errors.status,
     summary.errors.connect + summary.errors.read + summary.errors.write + summary.errors.timeout,
     summary.requests / (summary.duration / 1e6),
+    (summary.requests - summary.errors.status) / (summary.duration / 1e6),
     latency:percentile(50) / 1000, latency:percentile(90) / 1000, latency:percentile(99) / 1000,
     latency:percentile(99.9) / 1000, latency.max / 1000, built_live))
 end
