@@ -761,9 +761,10 @@ fn client_admits<'a>(
 
 /// A refusal with `Retry-After`: recorded in `stampede_guard_refusal_seconds` (from the
 /// router's first look at the request to the decision), then answered at once, unless
-/// the same connection was refused within `guard.system.hold_refused` before: then it is
-/// answered when that hold ends ([`hold`]). Never for trusted proxies, which carry many
-/// clients.
+/// the same connection is held from its last refusal: then it is answered when that
+/// hold ends ([`hold`]). A refusal's hold lasts its own `Retry-After`, at most
+/// `guard.system.hold_refused`, so a client that honours it never meets the hold. Never
+/// for trusted proxies, which carry many clients.
 async fn refused(
     app: &App,
     started: Instant,
@@ -776,7 +777,14 @@ async fn refused(
     if let Some(peer) = peer
         && !app.proxies.is_trusted(peer.addr.ip())
     {
-        let wait = peer.hold.refused(now, app.guard.hold_refused());
+        let retry_after = response
+            .headers()
+            .get(axum::http::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+            .map_or(Duration::from_secs(1), Duration::from_secs);
+        let wait = peer
+            .hold
+            .refused(now, retry_after.min(app.guard.hold_refused()));
         if !wait.is_zero() {
             metrics::counter!("stampede_guard_refusals_held_total").increment(1);
             tokio::time::sleep(wait).await;

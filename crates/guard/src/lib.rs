@@ -191,6 +191,8 @@ pub struct GuardStats {
     pub bbr_limit: f64,
     /// The adaptive (Gradient2) limit on requests in flight, when enabled.
     pub adaptive_limit: Option<f64>,
+    /// The `Retry-After` (s) system protection answers with now.
+    pub overload_retry_after_s: u64,
     pub degraded: Vec<Class>,
     pub breakers: Vec<(String, BreakerState)>,
     pub hot_evictions: u64,
@@ -510,6 +512,8 @@ pub struct Guard {
     /// limit was in use during the interval, however few are in flight at the sample.
     adaptive_reached: AtomicBool,
     auto_degraded: AtomicBool,
+    /// The `Retry-After` of system-protection refusals, whole seconds (1 when calm).
+    overload_retry_after: AtomicU64,
     hasher: foldhash::fast::FixedState,
 }
 
@@ -718,6 +722,7 @@ impl Guard {
             pressure_seen: AtomicBool::new(false),
             adaptive_reached: AtomicBool::new(false),
             auto_degraded: AtomicBool::new(false),
+            overload_retry_after: AtomicU64::new(1),
             hasher: foldhash::fast::FixedState::with_seed(0x5ca1ab1e),
         });
         let weak = Arc::downgrade(&guard);
@@ -834,6 +839,12 @@ impl Guard {
         self.system.inflight.load(Ordering::Relaxed)
     }
 
+    /// The `Retry-After` system protection answers with now (see
+    /// `system.overload_retry_after_max`).
+    pub fn overload_retry_after(&self) -> Duration {
+        Duration::from_secs(self.overload_retry_after.load(Ordering::Relaxed))
+    }
+
     fn degraded(&self, compiled: &Compiled, class: Class) -> bool {
         compiled.rules.degraded.contains(&class)
             || (self.auto_degraded.load(Ordering::Relaxed)
@@ -885,7 +896,7 @@ impl Guard {
             self.pressure_seen.store(true, Ordering::Relaxed);
             if let Some(r) = refuse(
                 Rejection::Overloaded {
-                    retry_after: Duration::from_secs(1),
+                    retry_after: self.overload_retry_after(),
                 },
                 false,
             ) {
@@ -1269,6 +1280,7 @@ impl Guard {
                 .adaptive
                 .as_ref()
                 .map(|_| self.adaptive_limit()),
+            overload_retry_after_s: self.overload_retry_after().as_secs(),
             degraded,
             breakers,
             hot_evictions: hot_tables
@@ -1312,6 +1324,8 @@ impl Guard {
         }
         metrics::gauge!("stampede_guard_inflight").set(self.inflight() as f64);
         metrics::gauge!("stampede_guard_cpu_share").set(self.cpu());
+        metrics::gauge!("stampede_guard_overload_retry_after_seconds")
+            .set(self.overload_retry_after().as_secs_f64());
         if self.compiled.load().rules.system.adaptive.is_some() {
             metrics::gauge!("stampede_guard_adaptive_limit").set(self.adaptive_limit());
         }
@@ -1320,8 +1334,28 @@ impl Guard {
     }
 }
 
-/// CPU every 100 ms, per-second views, and automatic degradation. Ends when the guard
-/// is dropped.
+/// At most one system-protection refusal per this many requests admitted is what the
+/// growing `Retry-After` aims for: a refusal costs the server about what a cheap request
+/// does, so refusals then take at most about an eighth of what it serves.
+const ADMITTED_PER_REFUSAL: u64 = 8;
+
+/// The next `Retry-After` (whole seconds) of system-protection refusals, after a second
+/// with `refused` of them and `admitted` requests let through, the current one
+/// `current`: long enough that the clients refused, each coming back once per
+/// `Retry-After`, make at most one refusal per [`ADMITTED_PER_REFUSAL`] admissions;
+/// within `1..=most`, and falling by at most half a second, so a calm second after a
+/// storm does not call the storm back at once.
+pub fn next_overload_retry_after(current: u64, refused: u64, admitted: u64, most: u64) -> u64 {
+    let most = most.max(1);
+    let wanted = refused
+        .saturating_mul(current.max(1))
+        .saturating_mul(ADMITTED_PER_REFUSAL)
+        .div_ceil(admitted.max(1));
+    wanted.max(current / 2).clamp(1, most)
+}
+
+/// CPU every 100 ms, per-second views, system protection's `Retry-After`, and automatic
+/// degradation. Ends when the guard is dropped.
 fn sampler(guard: Weak<Guard>) {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
     let mut last_cpu = cpu_time::ProcessTime::now();
@@ -1401,6 +1435,25 @@ fn sampler(guard: Weak<Guard>) {
                 "dry run: these requests would have been refused in the last second"
             );
         }
+        // System protection's Retry-After follows the last second's refusals.
+        let (refused, admitted) = views.values().fold((0, 0), |(r, a), v| {
+            (
+                r + v.blocked.get("overloaded").copied().unwrap_or(0),
+                a + v.passed,
+            )
+        });
+        let most = guard
+            .compiled
+            .load()
+            .rules
+            .system
+            .overload_retry_after_max
+            .as_secs();
+        let current = guard.overload_retry_after.load(Ordering::Relaxed);
+        guard.overload_retry_after.store(
+            next_overload_retry_after(current, refused, admitted, most),
+            Ordering::Relaxed,
+        );
         *guard.last_second.write() = views;
         // Automatic degradation of browse and stats under sustained pressure.
         let after = guard.compiled.load().rules.system.auto_degrade_after;

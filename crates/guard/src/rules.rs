@@ -277,22 +277,36 @@ pub struct SystemRule {
     /// class shares like `max_inflight`; off when unset.
     #[serde(default)]
     pub adaptive: Option<crate::adaptive::AdaptiveRule>,
-    /// A refusal with `Retry-After` starts a hold on the client's connection; refused
-    /// again on it within this long, the client gets that answer when the hold ends (and
-    /// a new hold starts). Admitted requests never wait; a client that honours
-    /// `Retry-After` (at least 1 s) never meets a hold; one that retries at once gets at
-    /// most one refusal per hold instead of taking the server's time from the requests
-    /// it admitted. Connections from trusted proxies are never held: they carry many
-    /// clients. 0s: off. At most 1s.
+    /// A refusal with `Retry-After` starts a hold on the client's connection, as long as
+    /// that `Retry-After` and at most this; refused again on it within the hold, the
+    /// client gets that answer when the hold ends (and a new hold starts). Admitted
+    /// requests never wait; a client that honours `Retry-After` never meets a hold; one
+    /// that retries at once gets at most one refusal per hold instead of taking the
+    /// server's time from the requests it admitted. Connections from trusted proxies are
+    /// never held: they carry many clients. 0s: off. At most 1m.
     #[serde(with = "humantime_serde", default = "hold_refused")]
     pub hold_refused: Duration,
+    /// The longest `Retry-After` of a system-protection refusal (503 `overloaded`). It is
+    /// 1 s while refusals are few, and grows, once a second, while they outnumber an
+    /// eighth of the requests admitted: clients refused and coming back once per
+    /// `Retry-After` then cost the server at most about an eighth of what it serves.
+    /// Whole seconds, 1s to 1m; 1s keeps it fixed.
+    #[serde(with = "humantime_serde", default = "overload_retry_after_max")]
+    pub overload_retry_after_max: Duration,
 }
 
 /// The shipped default for `system.hold_refused`.
-pub const HOLD_REFUSED_DEFAULT: Duration = Duration::from_secs(1);
+pub const HOLD_REFUSED_DEFAULT: Duration = Duration::from_secs(8);
 
 fn hold_refused() -> Duration {
     HOLD_REFUSED_DEFAULT
+}
+
+/// The shipped default for `system.overload_retry_after_max`.
+pub const OVERLOAD_RETRY_AFTER_MAX_DEFAULT: Duration = Duration::from_secs(8);
+
+fn overload_retry_after_max() -> Duration {
+    OVERLOAD_RETRY_AFTER_MAX_DEFAULT
 }
 
 fn shares() -> [f64; 4] {
@@ -308,6 +322,7 @@ impl Default for SystemRule {
             auto_degrade_after: None,
             adaptive: None,
             hold_refused: HOLD_REFUSED_DEFAULT,
+            overload_retry_after_max: OVERLOAD_RETRY_AFTER_MAX_DEFAULT,
         }
     }
 }
@@ -514,10 +529,17 @@ impl GuardRules {
                 err(format!("system.class_shares[{i}]"), "must be within (0, 1]");
             }
         }
-        if s.hold_refused > Duration::from_secs(1) {
+        if s.hold_refused > Duration::from_secs(60) {
+            err("system.hold_refused".into(), "must be at most 1m");
+        }
+        let most = s.overload_retry_after_max;
+        if most < Duration::from_secs(1)
+            || most > Duration::from_secs(60)
+            || most.subsec_nanos() != 0
+        {
             err(
-                "system.hold_refused".into(),
-                "at most 1s: a client honouring Retry-After must never meet it",
+                "system.overload_retry_after_max".into(),
+                "must be whole seconds within [1s, 1m] (Retry-After is in seconds)",
             );
         }
         if let Some(adaptive) = &s.adaptive {

@@ -375,6 +375,70 @@ fn lower_classes_are_shed_first() {
 }
 
 #[test]
+fn the_overload_retry_after_grows_with_the_refusals_and_falls_back_when_calm() {
+    use stampede_guard::next_overload_retry_after as next;
+    // Calm, or refusals within an eighth of the admissions: 1 s.
+    assert_eq!(next(1, 0, 10_000, 8), 1);
+    assert_eq!(next(1, 1_000, 10_000, 8), 1);
+    // 16,000 clients refused once a second against 8,000 admitted: as long as allowed.
+    assert_eq!(next(1, 16_000, 8_000, 8), 8);
+    assert_eq!(next(1, 16_000, 8_000, 4), 4);
+    // At 8 s those clients come back 2,000 a second: 7 s keeps them at an eighth of
+    // 20,000 admissions a second.
+    assert_eq!(next(8, 2_000, 20_000, 8), 7);
+    // Nothing admitted (the bound held by long requests): the longest.
+    assert_eq!(next(1, 50, 0, 8), 8);
+    // The storm over: at most half a second less each second, down to 1 s.
+    assert_eq!(next(8, 0, 20_000, 8), 4);
+    assert_eq!(next(4, 0, 20_000, 8), 2);
+    assert_eq!(next(2, 0, 0, 8), 1);
+    assert_eq!(next(1, 0, 0, 8), 1);
+    // A maximum of 1 s keeps it fixed; a lowered maximum applies at once.
+    assert_eq!(next(1, 16_000, 8_000, 1), 1);
+    assert_eq!(next(8, 16_000, 8_000, 2), 2);
+
+    // Through the guard: refused past the bound, the Retry-After grows once a second.
+    let rules = GuardRules {
+        system: stampede_guard::rules::SystemRule {
+            max_inflight: Some(1),
+            overload_retry_after_max: Duration::from_secs(4),
+            ..Default::default()
+        },
+        ..GuardRules::default()
+    };
+    let guard = Guard::new(rules).unwrap();
+    let (probe, hold) = (guard.resource("probe"), guard.resource("hold"));
+    let held = guard.admit(&hold, Class::Pay).unwrap();
+    let refused = |guard: &Guard| match guard.admit(&probe, Class::Purchase) {
+        Err(Rejection::Overloaded { retry_after }) => retry_after,
+        Err(other) => panic!("{other:?}"),
+        Ok(_) => panic!("admitted past the bound"),
+    };
+    assert_eq!(refused(&guard), Duration::from_secs(1));
+    let started = Instant::now();
+    while refused(&guard) < Duration::from_secs(4) {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "the Retry-After stayed at {:?}",
+            refused(&guard)
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(guard.stats().overload_retry_after_s, 4);
+    // The pressure over, it falls back to 1 s.
+    drop(held);
+    let calm = Instant::now();
+    while guard.overload_retry_after() > Duration::from_secs(1) {
+        assert!(
+            calm.elapsed() < Duration::from_secs(5),
+            "the Retry-After stayed at {:?}",
+            guard.overload_retry_after()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
 fn sustained_pressure_turns_browse_and_stats_off_until_a_calm_spell() {
     let after = Duration::from_secs(1);
     let rules = GuardRules {

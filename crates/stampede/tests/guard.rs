@@ -1198,12 +1198,67 @@ async fn exchange(conn: &mut tokio::net::TcpStream, path: &str) -> (u16, String)
         assert!(n > 0, "the server closed the connection mid-body");
         raw.extend_from_slice(&chunk[..n]);
     }
-    let head = String::from_utf8_lossy(&raw[..head_end]).into_owned();
-    let status = head[9..12].parse().unwrap();
-    (
-        status,
-        String::from_utf8_lossy(&raw[head_end..]).into_owned(),
-    )
+    let status = String::from_utf8_lossy(&raw[9..12]).parse().unwrap();
+    (status, String::from_utf8_lossy(&raw).into_owned())
+}
+
+/// The `Retry-After` of an answer `exchange` returned, in seconds.
+fn retry_after_of(answer: &str) -> u64 {
+    answer
+        .lines()
+        .find_map(|l| {
+            l.to_lowercase()
+                .strip_prefix("retry-after:")
+                .map(|v| v.trim().to_owned())
+        })
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no Retry-After: {answer}"))
+}
+
+/// A hold lasts the refusal's own `Retry-After` (here 2 s, under the shipped cap of 8 s):
+/// a client that asks again at once waits that long, not the cap, and one that honours
+/// it is never held.
+#[tokio::test]
+async fn a_hold_lasts_the_refusals_retry_after_so_a_client_honouring_it_never_waits() {
+    let app = spawn_app_with(|config| {
+        config.guard.flow = vec![stampede_guard::FlowRule {
+            resource: "get_sale".into(),
+            qps: Some(0.5),
+            burst: 1,
+            behavior: stampede_guard::Behavior::Reject {},
+            max_concurrency: None,
+            dry_run: false,
+        }];
+    })
+    .await;
+    let sale = app.live_sale("GUARD-HOLD-RA", 10, 1).await;
+    let address = app.base.trim_start_matches("http://");
+    let mut conn = tokio::net::TcpStream::connect(address).await.unwrap();
+    let path = format!("/v1/flash-sales/{sale}");
+    assert_eq!(exchange(&mut conn, &path).await.0, 200);
+    let (status, answer) = exchange(&mut conn, &path).await;
+    assert_eq!(status, 429, "{answer}");
+    let retry_after = retry_after_of(&answer);
+    assert!(retry_after >= 2, "Retry-After {retry_after}");
+    // Again at once: answered when the hold ends, after the Retry-After and not the cap.
+    let started = Instant::now();
+    let (status, answer) = exchange(&mut conn, &path).await;
+    let waited = started.elapsed();
+    assert_eq!(status, 429, "{answer}");
+    assert!(
+        waited >= Duration::from_secs(retry_after) - Duration::from_millis(100)
+            && waited < Duration::from_secs(retry_after) + Duration::from_millis(900),
+        "held {waited:?} for a Retry-After of {retry_after} s"
+    );
+    // Honouring that answer's Retry-After: not held, whatever the answer.
+    tokio::time::sleep(Duration::from_secs(retry_after_of(&answer))).await;
+    let started = Instant::now();
+    let (status, answer) = exchange(&mut conn, &path).await;
+    assert!(
+        started.elapsed() < Duration::from_millis(500),
+        "a client that honoured Retry-After waited {:?} ({status}: {answer})",
+        started.elapsed()
+    );
 }
 
 #[tokio::test]
@@ -1330,12 +1385,23 @@ async fn a_refusal_waiting_for_its_hold_is_not_in_flight() {
 }
 
 #[test]
-fn a_hold_longer_than_any_retry_after_is_refused() {
+fn holds_and_overload_retry_afters_past_a_minute_are_refused() {
     let mut rules = stampede_guard::GuardRules::default();
-    rules.system.hold_refused = Duration::from_millis(1_500);
+    rules.system.hold_refused = Duration::from_secs(61);
     let errors = rules.validate().unwrap_err();
     assert_eq!(errors[0].field, "system.hold_refused", "{errors:?}");
     rules.system.hold_refused = Duration::ZERO;
+    rules.validate().unwrap();
+    // Retry-After is whole seconds: a fraction, zero or more than a minute is refused.
+    for most in [0, 1_500, 61_000] {
+        rules.system.overload_retry_after_max = Duration::from_millis(most);
+        let errors = rules.validate().unwrap_err();
+        assert_eq!(
+            errors[0].field, "system.overload_retry_after_max",
+            "{most} ms: {errors:?}"
+        );
+    }
+    rules.system.overload_retry_after_max = Duration::from_secs(1);
     rules.validate().unwrap();
 }
 
