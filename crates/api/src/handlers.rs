@@ -771,8 +771,9 @@ async fn change_rules(
         return Err(ApiError::bad_request(
             "invalid_rules",
             format!(
-                "flow: these pacing waits make the longest answer {longest:?}, beyond the \
-                 server's client_timeout of {:?}: shorten max_queue or raise client_timeout",
+                "these pacing waits and system.hold_refused make the longest answer \
+                 {longest:?}, beyond the server's client_timeout of {:?}: shorten max_queue \
+                 or hold_refused, or raise client_timeout",
                 app.client_timeout
             ),
         ));

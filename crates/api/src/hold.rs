@@ -34,8 +34,10 @@ fn epoch() -> Instant {
 }
 
 impl Hold {
-    /// Called on a refusal at `now`: how long its answer must wait (zero when the
-    /// connection was not held), and the hold it leaves, `duration` after the answer.
+    /// Called on a refusal at `now` whose hold is `duration`: how long its answer must
+    /// wait (zero when the connection was not held; never longer than its own hold,
+    /// whatever a longer refusal before it left), and the hold it leaves, `duration`
+    /// after the answer.
     pub fn refused(&self, now: Instant, duration: Duration) -> Duration {
         if duration.is_zero() {
             return Duration::ZERO;
@@ -43,7 +45,8 @@ impl Hold {
         let wait = match self.0.load(Ordering::Relaxed) {
             0 => Duration::ZERO,
             raw => (epoch() + Duration::from_nanos(raw - 1)).saturating_duration_since(now),
-        };
+        }
+        .min(duration);
         let until = (now + wait + duration)
             .saturating_duration_since(epoch())
             .as_nanos() as u64
@@ -93,6 +96,20 @@ mod tests {
             hold.refused(t0 + Duration::from_millis(2_000), HOLD),
             Duration::ZERO
         );
+    }
+
+    #[test]
+    fn a_refusal_never_waits_longer_than_its_own_hold() {
+        let hold = Hold::default();
+        let t0 = Instant::now();
+        // An 8 s hold (a 503 with Retry-After 8), then at once a refusal whose own hold
+        // is 1 s (a 429 with Retry-After 1): it waits 1 s, not the 8 s left.
+        assert_eq!(hold.refused(t0, Duration::from_secs(8)), Duration::ZERO);
+        let wait = hold.refused(t0 + Duration::from_millis(10), Duration::from_secs(1));
+        assert_eq!(wait, Duration::from_secs(1));
+        // The longer hold still stands for a refusal with as long a hold of its own.
+        let wait = hold.refused(t0 + Duration::from_millis(20), Duration::from_secs(8));
+        assert_eq!(wait, Duration::from_millis(7_980));
     }
 
     #[test]

@@ -455,6 +455,20 @@ impl System {
         })
     }
 
+    /// Requests `admit` let through that completed in the whole buckets of the last
+    /// second (nine tenths of it: the current bucket is still filling).
+    fn completed_last_second(&self, now: u64) -> u64 {
+        let epoch = now / SYS_BUCKET_NS;
+        self.buckets
+            .iter()
+            .filter(|b| {
+                let e = b.epoch.load(Ordering::Relaxed);
+                e + SYS_BUCKETS as u64 > epoch && e != epoch
+            })
+            .map(|b| b.count.load(Ordering::Relaxed))
+            .sum()
+    }
+
     /// max completions per second × min mean response time, over the last second; at
     /// least `MIN_BBR_LIMIT`, which is also the limit while nothing completes.
     fn bbr_limit(&self, now: u64) -> f64 {
@@ -1343,15 +1357,15 @@ const ADMITTED_PER_REFUSAL: u64 = 8;
 /// with `refused` of them and `admitted` requests let through, the current one
 /// `current`: long enough that the clients refused, each coming back once per
 /// `Retry-After`, make at most one refusal per [`ADMITTED_PER_REFUSAL`] admissions;
-/// within `1..=most`, and falling by at most half a second, so a calm second after a
-/// storm does not call the storm back at once.
+/// within `1..=most`, and falling by at most a second each second, so the clients a
+/// storm's refusals told to come back later still meet a long `Retry-After` when they do.
 pub fn next_overload_retry_after(current: u64, refused: u64, admitted: u64, most: u64) -> u64 {
     let most = most.max(1);
     let wanted = refused
         .saturating_mul(current.max(1))
         .saturating_mul(ADMITTED_PER_REFUSAL)
         .div_ceil(admitted.max(1));
-    wanted.max(current / 2).clamp(1, most)
+    wanted.max(current.saturating_sub(1)).clamp(1, most)
 }
 
 /// CPU every 100 ms, per-second views, system protection's `Retry-After`, and automatic
@@ -1435,13 +1449,14 @@ fn sampler(guard: Weak<Guard>) {
                 "dry run: these requests would have been refused in the last second"
             );
         }
-        // System protection's Retry-After follows the last second's refusals.
-        let (refused, admitted) = views.values().fold((0, 0), |(r, a), v| {
-            (
-                r + v.blocked.get("overloaded").copied().unwrap_or(0),
-                a + v.passed,
-            )
-        });
+        // System protection's Retry-After follows the last second's refusals (only
+        // `admit` refuses as overloaded) against the requests `admit` let through that
+        // completed (the other resources' passes are parts of those requests).
+        let refused: u64 = views
+            .values()
+            .map(|v| v.blocked.get("overloaded").copied().unwrap_or(0))
+            .sum();
+        let admitted = guard.system.completed_last_second(guard.now());
         let most = guard
             .compiled
             .load()
@@ -1468,7 +1483,7 @@ fn sampler(guard: Weak<Guard>) {
         match after {
             Some(after) => {
                 // Pressure is judged per whole second: a part of one counts as one.
-                let secs = after.as_millis().div_ceil(1_000) as u64;
+                let secs = after.as_nanos().div_ceil(1_000_000_000).max(1) as u64;
                 if pressure_for >= secs {
                     guard.auto_degraded.store(true, Ordering::Relaxed);
                 } else if calm_for >= secs {
