@@ -61,8 +61,9 @@ start() { # port, extra serve args...
   [ -n "$pid" ] && { kill "$pid"; wait "$pid" 2>/dev/null || true; }
   local port=$1; shift
   rm -rf "$work/data"
+  # Room for every connection of the overload (the default bound is 16,384).
   ${server_on[@]+"${server_on[@]}"} "$bin" serve --listen 127.0.0.1:$port --data-dir "$work/data" --log warn \
-    ${serve_args[@]+"${serve_args[@]}"} "$@" >/dev/null &
+    --max-connections $((${overload:-16384} + 1024)) ${serve_args[@]+"${serve_args[@]}"} "$@" >/dev/null &
   pid=$!
   base=http://127.0.0.1:$port
   for _ in $(seq 100); do curl -sf $base/healthz >/dev/null && break; sleep 0.1; done

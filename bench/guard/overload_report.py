@@ -86,6 +86,12 @@ def sweep(work):
         + f"; saturating {connections}, capacity {goodput:.0f}/s",
         file=sys.stderr,
     )
+    if len(rows) > 1 and connections == rows[-1][0]:
+        print(
+            "note: the best row is the sweep's last; more connections might do more, so "
+            "the capacity is a lower bound (extend SWEEP to see)",
+            file=sys.stderr,
+        )
     with open(f"{work}/capacity", "w") as f:
         f.write(f"{connections} {goodput}\n")
     print(connections)
@@ -99,17 +105,21 @@ def summary(work, prefix):
     (g0, p0), (g1, p1) = goodput_and_p99(work, label("before")), goodput_and_p99(work, label("after"))
     own, unloaded = (g0 + g1) / 2, (p0 + p1) / 2
     served_unloaded = (served_p99(work, label("before")) + served_p99(work, label("after"))) / 2
+    if own <= 0 or g0 <= 0 or unloaded <= 0:
+        sys.exit(f"{prefix}: a run at the saturating count served nothing; no ratios")
     swept = None
     if os.path.exists(f"{work}/capacity"):
         swept = float(open(f"{work}/capacity").read().split()[1])
+        if swept <= 0:
+            sys.exit("the capacity sweep served nothing; no ratios")
     print(
-        f"{prefix} summary: " + (f"swept capacity {swept:.0f}/s; " if swept else "")
+        f"{prefix} summary: " + (f"swept capacity {swept:.0f}/s; " if swept is not None else "")
         + f"own runs {own:.0f}/s, admitted p99 {unloaded:.2f} ms (mean of the runs before and after)"
     )
     for name, title in (("retry_at_once", "retry at once"), ("honour_retry_after", "honour Retry-After")):
         g, p = goodput_and_p99(work, label(name))
         server = f"; server side {served_p99(work, label(name)) / served_unloaded:.2f}" if served_unloaded > 0 else ""
-        against_swept = f"goodput ÷ swept capacity {g / swept:.2f}, " if swept else ""
+        against_swept = f"goodput ÷ swept capacity {g / swept:.2f}, " if swept is not None else ""
         print(
             f"  {title:<18} {against_swept}÷ own runs {g / own:.2f} (÷ first run {g / g0:.2f}), "
             f"admitted p99 ÷ unloaded {p / unloaded:.2f} (÷ first run {p / p0:.2f}{server})"
