@@ -10,6 +10,18 @@ use common::*;
 use serde_json::{Value, json};
 use stampede_store::testing::Backend;
 
+/// A flow rule refusing `resource` past `qps` a second, with a burst of `burst`.
+fn reject_past(resource: &str, qps: f64, burst: u32) -> stampede_guard::FlowRule {
+    stampede_guard::FlowRule {
+        resource: resource.into(),
+        qps: Some(qps),
+        burst,
+        behavior: stampede_guard::Behavior::Reject {},
+        max_concurrency: None,
+        dry_run: false,
+    }
+}
+
 async fn put_rules(app: &TestApp, token: Option<&str>, rules: &Value) -> Reply {
     let mut request = app.client.put(app.url("/v1/guard/rules")).json(rules);
     if let Some(token) = token {
@@ -32,14 +44,7 @@ async fn a_scalper_gets_429s_and_other_shoppers_do_not_notice() {
     // more: the scalper's refused attempts must not use it up.
     let app = spawn_app_with(|config| {
         config.guard.system.hold_refused = Duration::ZERO;
-        config.guard.flow = vec![stampede_guard::FlowRule {
-            resource: "purchase".into(),
-            qps: Some(0.1),
-            burst: 25,
-            behavior: stampede_guard::Behavior::Reject {},
-            max_concurrency: None,
-            dry_run: false,
-        }];
+        config.guard.flow = vec![reject_past("purchase", 0.1, 25)];
     })
     .await;
     let sale = app.live_sale("GUARD-SCALP", 1_000, 1_000).await;
@@ -87,14 +92,7 @@ async fn requests_without_a_valid_token_spend_nothing_of_the_routes_rate() {
     // forged one) must not use it up before a shopper's request arrives.
     let app = spawn_app_with(|config| {
         config.guard.system.hold_refused = Duration::ZERO;
-        config.guard.flow = vec![stampede_guard::FlowRule {
-            resource: "purchase".into(),
-            qps: Some(0.1),
-            burst: 3,
-            behavior: stampede_guard::Behavior::Reject {},
-            max_concurrency: None,
-            dry_run: false,
-        }];
+        config.guard.flow = vec![reject_past("purchase", 0.1, 3)];
     })
     .await;
     let sale = app.live_sale("GUARD-ANON", 100, 100).await;
@@ -536,14 +534,7 @@ async fn an_open_payment_breaker_answers_at_once_and_closes_when_the_provider_he
 #[tokio::test]
 async fn a_flow_rule_on_payment_limits_the_calls_to_the_provider() {
     let app = spawn_app_with(|config| {
-        config.guard.flow = vec![stampede_guard::FlowRule {
-            resource: "payment".into(),
-            qps: Some(0.1),
-            burst: 2,
-            behavior: stampede_guard::Behavior::Reject {},
-            max_concurrency: None,
-            dry_run: false,
-        }];
+        config.guard.flow = vec![reject_past("payment", 0.1, 2)];
     })
     .await;
     let sale = app.live_sale("GUARD-PAY-FLOW", 20, 10).await;
@@ -711,14 +702,7 @@ async fn an_open_database_breaker_refuses_purchases_at_once_and_closes_when_the_
 async fn dry_run_counts_what_it_would_block_and_blocks_nothing() {
     let app = spawn_app_with(|config| {
         config.guard.dry_run = true;
-        config.guard.flow = vec![stampede_guard::FlowRule {
-            resource: "get_sale".into(),
-            qps: Some(1.0),
-            burst: 1,
-            behavior: stampede_guard::Behavior::Reject {},
-            max_concurrency: None,
-            dry_run: false,
-        }];
+        config.guard.flow = vec![reject_past("get_sale", 1.0, 1)];
     })
     .await;
     let sale = app.live_sale("GUARD-DRY", 10, 1).await;
@@ -1229,14 +1213,7 @@ fn retry_after_of(answer: &str) -> u64 {
 #[tokio::test]
 async fn a_hold_lasts_the_refusals_retry_after_so_a_client_honouring_it_never_waits() {
     let app = spawn_app_with(|config| {
-        config.guard.flow = vec![stampede_guard::FlowRule {
-            resource: "get_sale".into(),
-            qps: Some(0.5),
-            burst: 1,
-            behavior: stampede_guard::Behavior::Reject {},
-            max_concurrency: None,
-            dry_run: false,
-        }];
+        config.guard.flow = vec![reject_past("get_sale", 0.5, 1)];
     })
     .await;
     let sale = app.live_sale("GUARD-HOLD-RA", 10, 1).await;
