@@ -86,7 +86,9 @@ def sweep(work):
         + f"; saturating {connections}, capacity {goodput:.0f}/s",
         file=sys.stderr,
     )
-    if len(rows) > 1 and connections == rows[-1][0]:
+    if goodput <= 0:
+        sys.exit("the capacity sweep served nothing")
+    if connections == rows[-1][0]:
         print(
             "note: the best row is the sweep's last; more connections might do more, so "
             "the capacity is a lower bound (extend SWEEP to see)",

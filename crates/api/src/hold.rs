@@ -8,12 +8,13 @@
 //!
 //! So a connection refused with `Retry-After` gets a hold. Its next request is read and
 //! decided at once, as any other: admitted, it is served without waiting. Refused again
-//! inside the hold, its refusal is answered when the hold ends, and a new hold starts.
-//! Waiting on a timer, the connection is not in the run queue and sends nothing more; a
-//! client that ignores `Retry-After` gets at most one refusal per hold. A hold lasts the
-//! refusal's own `Retry-After` (at most `hold_refused`), so a client that honours it
-//! never meets a hold; nor does any request the guard admits. Connections from trusted proxies are never held:
-//! they carry many clients.
+//! inside the hold, its refusal is answered when the hold ends or its own hold has
+//! passed, whichever comes first, and a new hold starts. Waiting on a timer, the
+//! connection is not in the run queue and sends nothing more; a client that ignores
+//! `Retry-After` gets at most one refusal per `Retry-After`. A hold lasts the refusal's
+//! own `Retry-After` (at most `hold_refused`), so a client that honours it never meets
+//! a hold; nor does any request the guard admits. Connections from trusted proxies are
+//! never held: they carry many clients.
 //!
 //! **Invariant:** a hold costs one atomic per connection and, while a refusal waits, one
 //! timer; it never delays an admitted request.

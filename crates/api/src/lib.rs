@@ -511,8 +511,8 @@ impl RouteLabel {
 }
 
 /// Response classes of `stampede_http_requests_total` and `stampede_http_request_seconds`:
-/// an answer's time is kept apart by class, so refusals (fast, or held for a second on
-/// purpose) never blur the latency of the requests that were served.
+/// an answer's time is kept apart by class, so refusals (fast, or held on purpose for
+/// up to their `Retry-After`) never blur the latency of the requests that were served.
 const STATUS_CLASSES: [&str; 4] = ["2xx", "4xx", "5xx", "other"];
 
 /// One route's request metrics, registered once: looking a labelled metric up by name
@@ -762,7 +762,7 @@ fn client_admits<'a>(
 /// A refusal with `Retry-After`: recorded in `stampede_guard_refusal_seconds` (from the
 /// router's first look at the request to the decision), then answered at once, unless
 /// the same connection is held from its last refusal: then it is answered when that
-/// hold ends ([`hold`]). A refusal's hold lasts its own `Retry-After`, at most
+/// hold ends or its own hold has passed, whichever comes first ([`hold`]). A refusal's hold lasts its own `Retry-After`, at most
 /// `guard.system.hold_refused`, so a client that honours it never meets the hold. Never
 /// for trusted proxies, which carry many clients.
 async fn refused(

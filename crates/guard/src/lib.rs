@@ -455,18 +455,21 @@ impl System {
         })
     }
 
-    /// Requests `admit` let through that completed in the whole buckets of the last
-    /// second (nine tenths of it: the current bucket is still filling).
+    /// Requests `admit` let through that completed in the last second: the whole
+    /// buckets of it (nine tenths: the current bucket is still filling), scaled to a
+    /// second, as the refusals they are set against are counted.
     fn completed_last_second(&self, now: u64) -> u64 {
         let epoch = now / SYS_BUCKET_NS;
-        self.buckets
+        let whole: u64 = self
+            .buckets
             .iter()
             .filter(|b| {
                 let e = b.epoch.load(Ordering::Relaxed);
                 e + SYS_BUCKETS as u64 > epoch && e != epoch
             })
             .map(|b| b.count.load(Ordering::Relaxed))
-            .sum()
+            .sum();
+        whole * SYS_BUCKETS as u64 / (SYS_BUCKETS as u64 - 1)
     }
 
     /// max completions per second × min mean response time, over the last second; at
@@ -655,7 +658,11 @@ impl Drop for Admission<'_> {
         let rt = now.saturating_sub(self.start);
         if self.system {
             self.guard.system.inflight.fetch_sub(1, Ordering::Relaxed);
-            self.guard.system.record(now, rt);
+            // A request a later limit refused is no completion: it would pass for an
+            // admission in the overload's Retry-After and lower BBR's minimum RT.
+            if !self.withdrawn {
+                self.guard.system.record(now, rt);
+            }
         }
         if self.concurrency {
             self.resource.counters.held.fetch_sub(1, Ordering::Relaxed);

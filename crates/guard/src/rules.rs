@@ -279,10 +279,11 @@ pub struct SystemRule {
     pub adaptive: Option<crate::adaptive::AdaptiveRule>,
     /// A refusal with `Retry-After` starts a hold on the client's connection, as long as
     /// that `Retry-After` and at most this; refused again on it within the hold, the
-    /// client gets that answer when the hold ends (and a new hold starts). Admitted
-    /// requests never wait; a client that honours `Retry-After` never meets a hold; one
-    /// that retries at once gets at most one refusal per hold instead of taking the
-    /// server's time from the requests it admitted. Connections from trusted proxies are
+    /// client gets that answer when the hold ends or its own hold has passed, whichever
+    /// comes first (and a new hold starts). Admitted requests never wait; a client that
+    /// honours `Retry-After` never meets a hold; one that retries at once gets at most
+    /// one refusal per `Retry-After` instead of taking the server's time from the
+    /// requests it admitted. Connections from trusted proxies are
     /// never held: they carry many clients. 0s: off. At most 1m.
     #[serde(with = "humantime_serde", default = "hold_refused")]
     pub hold_refused: Duration,

@@ -430,7 +430,7 @@ fn the_overload_retry_after_grows_with_the_refusals_and_falls_back_when_calm() {
     let calm = Instant::now();
     while guard.overload_retry_after() > Duration::from_secs(1) {
         assert!(
-            calm.elapsed() < Duration::from_secs(6),
+            calm.elapsed() < Duration::from_secs(10),
             "the Retry-After stayed at {:?}",
             guard.overload_retry_after()
         );

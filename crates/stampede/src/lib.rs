@@ -810,7 +810,8 @@ pub async fn start(
         longest <= config.client_timeout,
         "client_timeout ({:?}) must be at least {longest:?}, the longest a request may wait \
          for its answer on the server's own account under the guard rules (paced waits, \
-         payment_timeout, a held refusal), so no such request is cut off",
+         payment_timeout, a refusal held up to guard.system.hold_refused), so no such \
+         request is cut off",
         config.client_timeout
     );
     // A pay the pacing rules hold back (the `pay` route's, then the `payment`

@@ -430,6 +430,9 @@ async fn a_degraded_class_answers_503_and_the_rest_carries_on() {
 async fn past_the_inflight_bound_a_request_gets_503_overloaded_and_the_probes_still_answer() {
     let app = spawn_app_with(|config| {
         config.guard.system.max_inflight = Some(2);
+        // The provider answers in 3 s below: room for that, and the answer's 1 s on top.
+        config.payment_timeout = Duration::from_secs(10);
+        config.client_timeout = Duration::from_secs(60);
     })
     .await;
     let sale = app.live_sale("GUARD-INFLIGHT", 20, 10).await;
@@ -440,7 +443,7 @@ async fn past_the_inflight_bound_a_request_gets_503_overloaded_and_the_probes_st
         assert_eq!(status, 201, "{body}");
         orders.push(body["order_id"].as_str().unwrap().to_owned());
     }
-    app.sim.configure(1_500, 0.0).await;
+    app.sim.configure(3_000, 0.0).await;
     let attempts = |stats: Value| stats["attempts"].as_u64().expect("attempts");
     let before = attempts(app.sim.stats().await);
     let (first, second, ()) = tokio::join!(
@@ -453,7 +456,7 @@ async fn past_the_inflight_bound_a_request_gets_503_overloaded_and_the_probes_st
             let waiting = Instant::now();
             while attempts(app.sim.stats().await) < before + 2 {
                 assert!(
-                    waiting.elapsed() < Duration::from_secs(1),
+                    waiting.elapsed() < Duration::from_secs(5),
                     "the pays never reached the provider"
                 );
                 tokio::time::sleep(Duration::from_millis(10)).await;
@@ -1351,13 +1354,14 @@ async fn a_refusal_waiting_for_its_hold_is_not_in_flight() {
         assert_eq!(reply.status, 201, "{}", reply.body);
     }
     assert!(first_refusal.is_some(), "the scalper was never throttled");
-    // Refused again at once: this answer waits for the hold (1 s by default) ...
+    // Refused again at once: this answer waits for the hold (its Retry-After, 1 s) ...
     let started = Instant::now();
     let held = tokio::spawn(purchase("held-again".into()));
     tokio::time::sleep(Duration::from_millis(300)).await;
     // ... and meanwhile it is not counted in flight, so it takes no one's place: the
     // one request in flight is the stats request itself (a guarded route).
     let stats = app.get("/v1/guard/stats", None).await;
+    assert!(!held.is_finished(), "the repeated refusal was not held");
     assert_eq!(stats.status, 200, "{}", stats.body);
     assert_eq!(stats.body["inflight"], 1, "{}", stats.body);
     let reply = held.await.unwrap();
