@@ -683,8 +683,8 @@ async fn whole_body(request: Request, limit: usize) -> Result<Request, ApiError>
 }
 
 /// The client's keys a request was admitted under, so a later refusal can give their
-/// allowance back. What the client's and tenant's rules let through. Dropped, it counts the request as
-/// passed by them, however the request ended (answered, its handler panicking, its
+/// allowance back. Dropped, it counts the request as passed by the client's and
+/// tenant's rules, however the request ended (answered, its handler panicking, its
 /// client gone), unless a later limit refused it and it gave its allowance back.
 struct ClientKeys<'a> {
     guard: &'a Guard,
@@ -762,9 +762,10 @@ fn client_admits<'a>(
 /// A refusal with `Retry-After`: recorded in `stampede_guard_refusal_seconds` (from the
 /// router's first look at the request to the decision), then answered at once, unless
 /// the same connection is held from its last refusal: then it is answered when that
-/// hold ends or its own hold has passed, whichever comes first ([`hold`]). A refusal's hold lasts its own `Retry-After`, at most
-/// `guard.system.hold_refused`, so a client that honours it never meets the hold. Never
-/// for trusted proxies, which carry many clients.
+/// hold ends or its own hold has passed, whichever comes first ([`hold`]). A refusal's
+/// hold lasts its own `Retry-After`, at most `guard.system.hold_refused`, so a client
+/// that honours it never meets the hold. Never for trusted proxies, which carry many
+/// clients.
 async fn refused(
     app: &App,
     started: Instant,

@@ -459,31 +459,28 @@ impl System {
     /// buckets of it (nine tenths: the current bucket is still filling), scaled to a
     /// second, as the refusals they are set against are counted.
     fn completed_last_second(&self, now: u64) -> u64 {
-        let epoch = now / SYS_BUCKET_NS;
         let whole: u64 = self
-            .buckets
-            .iter()
-            .filter(|b| {
-                let e = b.epoch.load(Ordering::Relaxed);
-                e + SYS_BUCKETS as u64 > epoch && e != epoch
-            })
+            .last_second(now)
             .map(|b| b.count.load(Ordering::Relaxed))
             .sum();
         whole * SYS_BUCKETS as u64 / (SYS_BUCKETS as u64 - 1)
     }
 
+    /// The whole buckets of the last second (not the one still filling).
+    fn last_second(&self, now: u64) -> impl Iterator<Item = &SysBucket> {
+        let epoch = now / SYS_BUCKET_NS;
+        self.buckets.iter().filter(move |b| {
+            let e = b.epoch.load(Ordering::Relaxed);
+            e + SYS_BUCKETS as u64 > epoch && e != epoch
+        })
+    }
+
     /// max completions per second × min mean response time, over the last second; at
     /// least `MIN_BBR_LIMIT`, which is also the limit while nothing completes.
     fn bbr_limit(&self, now: u64) -> f64 {
-        let epoch = now / SYS_BUCKET_NS;
         let mut max_qps: f64 = 0.0;
         let mut min_rt = f64::MAX;
-        for b in &self.buckets {
-            let e = b.epoch.load(Ordering::Relaxed);
-            // Whole buckets of the last second only.
-            if e + SYS_BUCKETS as u64 <= epoch || e == epoch {
-                continue;
-            }
+        for b in self.last_second(now) {
             let count = b.count.load(Ordering::Relaxed);
             if count == 0 {
                 continue;
@@ -631,6 +628,15 @@ pub struct HotTaken {
     /// The rules that let it through (those that took, and dry-run rules that would
     /// have refused), for [`Guard::hot_passed`].
     passed: u64,
+}
+
+/// Counts a request as passed by each of `rules` whose bit is set in `passed`.
+fn count_hot_passed(rules: &[Hot], passed: u64) {
+    for (i, hot) in rules.iter().enumerate() {
+        if passed & (1 << i) != 0 {
+            hot.resource.counters.passed.fetch_add(1, Ordering::Relaxed);
+        }
+    }
 }
 
 /// Gives `hash`'s allowance back to each of `rules` whose bit is set in `taken`.
@@ -1141,11 +1147,7 @@ impl Guard {
         // allowance back).
         let passed = admitted | let_through;
         if count {
-            for (i, hot) in rules.iter().enumerate() {
-                if passed & (1 << i) != 0 {
-                    hot.resource.counters.passed.fetch_add(1, Ordering::Relaxed);
-                }
-            }
+            count_hot_passed(rules, passed);
         }
         Ok(HotTaken {
             generation,
@@ -1166,11 +1168,7 @@ impl Guard {
             return;
         }
         if let Some(rules) = compiled.hot.get(resource.id) {
-            for (i, hot) in rules.iter().enumerate() {
-                if taken.passed & (1 << i) != 0 {
-                    hot.resource.counters.passed.fetch_add(1, Ordering::Relaxed);
-                }
-            }
+            count_hot_passed(rules, taken.passed);
         }
     }
 
@@ -1461,16 +1459,17 @@ fn sampler(guard: Weak<Guard>) {
         // completed (the other resources' passes are parts of those requests).
         let refused: u64 = views
             .values()
-            .map(|v| v.blocked.get("overloaded").copied().unwrap_or(0))
+            .map(|v| {
+                v.blocked
+                    .get(Reason::Overloaded.name())
+                    .copied()
+                    .unwrap_or(0)
+            })
             .sum();
         let admitted = guard.system.completed_last_second(guard.now());
-        let most = guard
-            .compiled
-            .load()
-            .rules
-            .system
-            .overload_retry_after_max
-            .as_secs();
+        let compiled = guard.compiled.load_full();
+        let system = &compiled.rules.system;
+        let most = system.overload_retry_after_max.as_secs();
         let current = guard.overload_retry_after.load(Ordering::Relaxed);
         guard.overload_retry_after.store(
             next_overload_retry_after(current, refused, admitted, most),
@@ -1478,7 +1477,7 @@ fn sampler(guard: Weak<Guard>) {
         );
         *guard.last_second.write() = views;
         // Automatic degradation of browse and stats under sustained pressure.
-        let after = guard.compiled.load().rules.system.auto_degrade_after;
+        let after = system.auto_degrade_after;
         let pressure = guard.pressure_seen.swap(false, Ordering::Relaxed);
         if pressure {
             pressure_for += 1;

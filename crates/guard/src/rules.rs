@@ -283,8 +283,8 @@ pub struct SystemRule {
     /// comes first (and a new hold starts). Admitted requests never wait; a client that
     /// honours `Retry-After` never meets a hold; one that retries at once gets at most
     /// one refusal per `Retry-After` instead of taking the server's time from the
-    /// requests it admitted. Connections from trusted proxies are
-    /// never held: they carry many clients. 0s: off. At most 1m.
+    /// requests it admitted. Connections from trusted proxies are never held: they carry
+    /// many clients. 0s: off. At most 1m.
     #[serde(with = "humantime_serde", default = "hold_refused")]
     pub hold_refused: Duration,
     /// The longest `Retry-After` of a system-protection refusal (503 `overloaded`). It is
