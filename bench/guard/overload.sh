@@ -35,7 +35,8 @@
 # Environment: DURATION (default 8s), SWEEP (default "64 256 512"), SATURATING (skip the
 # sweep: this many connections saturate the server; no swept capacity then),
 # OVERLOAD_VUS (default 32 × N), MAX_INFLIGHT (default N × 9/8), ONLY (a label prefix:
-# run only those servers, e.g. ONLY=guarded), PIN (default 0), STAMPEDE_BIN.
+# run only those servers, e.g. ONLY=guarded), PIN (default 0), KEEP (a directory to keep
+# each run's report and /metrics scrapes in), STAMPEDE_BIN.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 # shellcheck source=../lib.sh
@@ -54,7 +55,13 @@ if [ "${PIN:-0}" = 1 ]; then
 fi
 work=$(mktemp -d)
 pid=
-cleanup() { [ -n "$pid" ] && kill "$pid" 2>/dev/null; wait 2>/dev/null; rm -rf "$work"; }
+cleanup() {
+  [ -n "$pid" ] && kill "$pid" 2>/dev/null
+  wait 2>/dev/null
+  # KEEP: a directory that keeps each run's report and /metrics scrapes.
+  if [ -n "${KEEP:-}" ]; then mkdir -p "$KEEP" && cp "$work"/*.json "$work"/*.before "$work"/*.after "$KEEP"/ 2>/dev/null; fi
+  rm -rf "$work"
+}
 trap cleanup EXIT
 
 start() { # port, extra serve args...

@@ -1206,3 +1206,56 @@ fn a_dry_run_hot_rule_that_would_refuse_gets_nothing_back() {
     }
     assert!(guard.check_hot(&purchase, Param::Shopper, "d").is_err());
 }
+
+#[test]
+fn a_request_counts_as_one_admission_however_many_resources_it_passes() {
+    // Each admitted purchase also passes a shopper rule and a named resource (its
+    // batch's SQL). The overload's Retry-After sets refusals against admissions: one
+    // refusal to six purchases asks for ceil(8 / 6) = 2 s. Counting a purchase once per
+    // resource it passed (16 to one refusal) would keep it at 1 s.
+    let rules = GuardRules {
+        system: stampede_guard::rules::SystemRule {
+            max_inflight: Some(1),
+            ..Default::default()
+        },
+        hot: vec![HotRule {
+            name: "per-shopper".into(),
+            resource: "purchase".into(),
+            param: Param::Shopper,
+            qps: 1_000.0,
+            burst: 1_000,
+            dry_run: false,
+        }],
+        ..GuardRules::default()
+    };
+    let guard = Guard::new(rules).unwrap();
+    let (purchase, sql) = (
+        guard.resource("purchase"),
+        guard.resource("sql:order_batch"),
+    );
+    let started = Instant::now();
+    let mut shopper = 0u64;
+    while guard.overload_retry_after() == Duration::from_secs(1) {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "one refusal to six admissions left the Retry-After at 1 s"
+        );
+        for _ in 0..5 {
+            let admitted = guard.admit(&purchase, Class::Purchase).unwrap();
+            shopper += 1;
+            guard
+                .check_hot(&purchase, Param::Shopper, &shopper)
+                .unwrap();
+            let batch = guard.admit_named(&sql).unwrap();
+            drop((batch, admitted));
+        }
+        let held = guard.admit(&purchase, Class::Purchase).unwrap();
+        assert!(matches!(
+            guard.admit(&purchase, Class::Purchase),
+            Err(Rejection::Overloaded { .. })
+        ));
+        drop(held);
+        std::thread::sleep(Duration::from_micros(50));
+    }
+    assert_eq!(guard.overload_retry_after(), Duration::from_secs(2));
+}
