@@ -30,10 +30,15 @@ def report(work, label):
 
 
 def goodput_and_p99(work, label):
-    """Goodput (201/s) and the client's admitted p99 (ms), from the run's own report."""
+    """Goodput (201/s) and the client's admitted p99 (ms), from the run's own report.
+
+    Goodput is over the schedule, the seconds the clients sent in: after it the pressure
+    tool only waits for the answers still out, which for clients retrying at once are
+    refusals held up to their Retry-After (8 s), so its whole duration would count up
+    to 8 s of waiting as seconds that served nothing."""
     r, s = report(work, label)
     return (
-        s["statuses"].get("201", 0) / r["duration_s"],
+        s["statuses"].get("201", 0) / (r.get("schedule_s") or r["duration_s"]),
         s.get("latency_by_status", {}).get("201", {}).get("p99", 0),
     )
 

@@ -873,6 +873,7 @@ async fn execute(args: &PressArgs, p: Prepared, progress: bool) -> anyhow::Resul
         model: p.model.describe(),
         started_at: started_at.to_rfc3339(),
         duration_s: elapsed,
+        schedule_s: duration.as_secs_f64(),
         requests: overall.requests,
         errors: overall.errors,
         error_rate,

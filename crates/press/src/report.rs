@@ -16,7 +16,14 @@ pub struct Report {
     pub target: String,
     pub model: String,
     pub started_at: String,
+    /// From the start to the last answer: the schedule, then the wait for the answers
+    /// still out at its end (a refusal a server holds for its `Retry-After`, say).
     pub duration_s: f64,
+    /// The schedule's length: requests were sent only within it. A rate of answers
+    /// over the load (goodput) divides by this, not by `duration_s`, whose tail of
+    /// answers still out sends nothing. (0 in reports from before this field.)
+    #[serde(default)]
+    pub schedule_s: f64,
     pub requests: u64,
     pub errors: u64,
     pub error_rate: f64,
@@ -123,6 +130,14 @@ impl Report {
             self.errors,
             self.error_rate * 100.0
         );
+        if self.schedule_s > 0.0 && self.duration_s - self.schedule_s >= 0.5 {
+            let _ = writeln!(
+                out,
+                "  the schedule ran {:.1} s; the last {:.1} s waited for answers still out",
+                self.schedule_s,
+                self.duration_s - self.schedule_s
+            );
+        }
         if let Some(scheduled) = self.scheduled_rps {
             let _ = writeln!(
                 out,
@@ -223,6 +238,7 @@ pub(crate) fn sample_report() -> Report {
         model: "open: 100/s for 1s".into(),
         started_at: "2026-11-22T00:00:00Z".into(),
         duration_s: 1.0,
+        schedule_s: 1.0,
         requests: 3,
         errors: 0,
         error_rate: 0.0,
