@@ -13,7 +13,9 @@
 //! connection is not in the run queue and sends nothing more; a client that ignores
 //! `Retry-After` gets at most one refusal per `Retry-After`. A hold lasts the refusal's
 //! own `Retry-After` (at most `hold_refused`), so a client that honours it never meets
-//! a hold; nor does any request the guard admits. Connections from trusted proxies are
+//! a hold; nor does any request the guard admits. A share of each hold
+//! (`hold_spread`) is cut off at random: a crowd refused together is then answered, and
+//! comes back, spread out, where holds of one length would keep it together for good. Connections from trusted proxies are
 //! never held: they carry many clients.
 //!
 //! **Invariant:** a hold costs one atomic per connection and, while a refusal waits, one
@@ -55,6 +57,14 @@ impl Hold {
         self.0.fetch_max(until, Ordering::Relaxed);
         wait
     }
+}
+
+/// A hold of `duration` with the share `spread` of it cut off at random (`u` uniform in
+/// [0, 1)): a crowd refused in the same moment is answered, and comes back, spread over
+/// that share instead of all at once, where a fixed hold would keep it together for
+/// good. Never longer than `duration`.
+pub fn spread(duration: Duration, spread: f64, u: f64) -> Duration {
+    duration.mul_f64(1.0 - spread * u.clamp(0.0, 1.0))
 }
 
 /// What each request knows of its connection: the peer's address and the connection's
@@ -111,6 +121,25 @@ mod tests {
         // The longer hold still stands for a refusal with as long a hold of its own.
         let wait = hold.refused(t0 + Duration::from_millis(20), Duration::from_secs(8));
         assert_eq!(wait, Duration::from_millis(7_980));
+    }
+
+    #[test]
+    fn a_spread_hold_is_cut_by_at_most_its_share() {
+        let eight = Duration::from_secs(8);
+        assert_eq!(spread(eight, 0.0, 0.7), eight);
+        assert_eq!(spread(eight, 0.25, 0.0), eight);
+        assert_eq!(spread(eight, 0.25, 0.5), Duration::from_secs(7));
+        assert_eq!(spread(eight, 0.25, 1.0), Duration::from_secs(6));
+        // A crowd of holds started together ends spread over the last quarter.
+        let ends: Vec<_> = (0..4)
+            .map(|i| spread(eight, 0.25, i as f64 / 4.0))
+            .collect();
+        assert_eq!(
+            ends,
+            [8_000, 7_500, 7_000, 6_500]
+                .map(Duration::from_millis)
+                .to_vec()
+        );
     }
 
     #[test]

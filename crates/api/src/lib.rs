@@ -763,8 +763,9 @@ fn client_admits<'a>(
 /// router's first look at the request to the decision), then answered at once, unless
 /// the same connection is held from its last refusal: then it is answered when that
 /// hold ends or its own hold has passed, whichever comes first ([`hold`]). A refusal's
-/// hold lasts its own `Retry-After`, at most `guard.system.hold_refused`, so a client
-/// that honours it never meets the hold. Never for trusted proxies, which carry many
+/// hold lasts its own `Retry-After`, at most `guard.system.hold_refused`, less a random
+/// share of at most `guard.system.hold_spread`, so a client that honours it never meets
+/// the hold. Never for trusted proxies, which carry many
 /// clients.
 async fn refused(
     app: &App,
@@ -783,9 +784,9 @@ async fn refused(
             .get(axum::http::header::RETRY_AFTER)
             .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
             .map_or(Duration::from_secs(1), Duration::from_secs);
-        let wait = peer
-            .hold
-            .refused(now, retry_after.min(app.guard.hold_refused()));
+        let (most, share) = app.guard.hold_refused();
+        let duration = hold::spread(retry_after.min(most), share, rand::random::<f64>());
+        let wait = peer.hold.refused(now, duration);
         if !wait.is_zero() {
             metrics::counter!("stampede_guard_refusals_held_total").increment(1);
             tokio::time::sleep(wait).await;

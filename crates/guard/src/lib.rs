@@ -466,6 +466,18 @@ impl System {
         whole * SYS_BUCKETS as u64 / (SYS_BUCKETS as u64 - 1)
     }
 
+    /// Requests `admit` let through that completed in the last second, the bucket still
+    /// filling included (for a look within a second, which the whole buckets alone would
+    /// miss at a storm's start).
+    fn completed_within_second(&self, now: u64) -> u64 {
+        let epoch = now / SYS_BUCKET_NS;
+        self.buckets
+            .iter()
+            .filter(|b| b.epoch.load(Ordering::Relaxed) + SYS_BUCKETS as u64 > epoch)
+            .map(|b| b.count.load(Ordering::Relaxed))
+            .sum()
+    }
+
     /// The whole buckets of the last second (not the one still filling).
     fn last_second(&self, now: u64) -> impl Iterator<Item = &SysBucket> {
         let epoch = now / SYS_BUCKET_NS;
@@ -528,6 +540,11 @@ pub struct Guard {
     auto_degraded: AtomicBool,
     /// The `Retry-After` of system-protection refusals, whole seconds (1 when calm).
     overload_retry_after: AtomicU64,
+    /// The whole second (of [`Guard::now`]) `storm_refused` counts in, and its
+    /// system-protection refusals so far: a crowd refused within a second raises the
+    /// `Retry-After` at once ([`Guard::overload_refusal`]).
+    storm_second: AtomicU64,
+    storm_refused: AtomicU64,
     hasher: foldhash::fast::FixedState,
 }
 
@@ -750,6 +767,8 @@ impl Guard {
             adaptive_reached: AtomicBool::new(false),
             auto_degraded: AtomicBool::new(false),
             overload_retry_after: AtomicU64::new(1),
+            storm_second: AtomicU64::new(0),
+            storm_refused: AtomicU64::new(0),
             hasher: foldhash::fast::FixedState::with_seed(0x5ca1ab1e),
         });
         let weak = Arc::downgrade(&guard);
@@ -769,10 +788,12 @@ impl Guard {
         self.compiled.load().rules.clone()
     }
 
-    /// How long a refusal with `Retry-After` holds the client's connection
-    /// (`system.hold_refused`; zero: off). Asked once per refusal, never on admission.
-    pub fn hold_refused(&self) -> Duration {
-        self.compiled.load().rules.system.hold_refused
+    /// How long a refusal with `Retry-After` holds the client's connection: the most
+    /// (`system.hold_refused`; zero: off) and the share of it cut off at random
+    /// (`system.hold_spread`). Asked once per refusal, never on admission.
+    pub fn hold_refused(&self) -> (Duration, f64) {
+        let system = &self.compiled.load().rules.system;
+        (system.hold_refused, system.hold_spread)
     }
 
     /// Resolves a resource name once; keep the handle and pass it to `admit`.
@@ -872,6 +893,40 @@ impl Guard {
         Duration::from_secs(self.overload_retry_after.load(Ordering::Relaxed))
     }
 
+    /// The `Retry-After` of a system-protection refusal at `now`, counting it. Every
+    /// [`STORM_LOOK_EVERY`] refusals within a second, the ones so far are set against
+    /// the requests completed over the last second (the one filling included), as the
+    /// sampler sets a whole second's: when even these call for a longer `Retry-After`,
+    /// it is raised at once. A storm's opening crowd is then told to come back later in
+    /// its first second, not sent back within a second to be refused again.
+    fn overload_refusal(&self, compiled: &Compiled, now: u64) -> Duration {
+        let second = now / 1_000_000_000;
+        let seen = self.storm_second.load(Ordering::Relaxed);
+        if seen != second
+            && self
+                .storm_second
+                .compare_exchange(seen, second, Ordering::AcqRel, Ordering::Relaxed)
+                .is_ok()
+        {
+            self.storm_refused.store(0, Ordering::Relaxed);
+        }
+        let refused = self.storm_refused.fetch_add(1, Ordering::Relaxed) + 1;
+        if refused.is_multiple_of(STORM_LOOK_EVERY) {
+            let current = self.overload_retry_after.load(Ordering::Relaxed);
+            let wanted = next_overload_retry_after(
+                current,
+                refused,
+                self.system.completed_within_second(now),
+                compiled.rules.system.overload_retry_after_max.as_secs(),
+            );
+            if wanted > current {
+                self.overload_retry_after
+                    .fetch_max(wanted, Ordering::Relaxed);
+            }
+        }
+        self.overload_retry_after()
+    }
+
     fn degraded(&self, compiled: &Compiled, class: Class) -> bool {
         compiled.rules.degraded.contains(&class)
             || (self.auto_degraded.load(Ordering::Relaxed)
@@ -923,7 +978,7 @@ impl Guard {
             self.pressure_seen.store(true, Ordering::Relaxed);
             if let Some(r) = refuse(
                 Rejection::Overloaded {
-                    retry_after: self.overload_retry_after(),
+                    retry_after: self.overload_refusal(&compiled, now),
                 },
                 false,
             ) {
@@ -1353,6 +1408,10 @@ impl Guard {
     }
 }
 
+/// Within a second, the system-protection refusals so far are set against the
+/// admissions once per this many ([`Guard::overload_refusal`]): a crowd, not a few.
+const STORM_LOOK_EVERY: u64 = 64;
+
 /// At most one system-protection refusal per this many requests admitted is what the
 /// growing `Retry-After` aims for: a refusal costs the server about what a cheap request
 /// does, so refusals then take at most about an eighth of what it serves.
@@ -1471,8 +1530,11 @@ fn sampler(guard: Weak<Guard>) {
         let system = &compiled.rules.system;
         let most = system.overload_retry_after_max.as_secs();
         let current = guard.overload_retry_after.load(Ordering::Relaxed);
-        guard.overload_retry_after.store(
+        // Unless a crowd raised it since it was read (kept: it saw more of this second).
+        let _ = guard.overload_retry_after.compare_exchange(
+            current,
             next_overload_retry_after(current, refused, admitted, most),
+            Ordering::Relaxed,
             Ordering::Relaxed,
         );
         *guard.last_second.write() = views;

@@ -287,6 +287,13 @@ pub struct SystemRule {
     /// many clients. 0s: off. At most 1m.
     #[serde(with = "humantime_serde", default = "hold_refused")]
     pub hold_refused: Duration,
+    /// The share of each hold (0 to 0.9) cut off at random, so that a crowd refused in
+    /// the same moment is not answered, and does not come back, in the same moment: a
+    /// hold of 8 s with 0.5 lasts 4 to 8 s. A hold never lasts longer than its
+    /// `Retry-After`, so this never makes a client that honours it meet one. 0: every
+    /// hold lasts its whole length.
+    #[serde(default = "hold_spread")]
+    pub hold_spread: f64,
     /// The longest `Retry-After` of a system-protection refusal (503 `overloaded`). It is
     /// 1 s while refusals are few, and grows, once a second, while they outnumber an
     /// eighth of the requests admitted: clients refused and coming back once per
@@ -301,6 +308,13 @@ pub const HOLD_REFUSED_DEFAULT: Duration = Duration::from_secs(8);
 
 fn hold_refused() -> Duration {
     HOLD_REFUSED_DEFAULT
+}
+
+/// The shipped default for `system.hold_spread`.
+pub const HOLD_SPREAD_DEFAULT: f64 = 0.5;
+
+fn hold_spread() -> f64 {
+    HOLD_SPREAD_DEFAULT
 }
 
 /// The shipped default for `system.overload_retry_after_max`.
@@ -323,6 +337,7 @@ impl Default for SystemRule {
             auto_degrade_after: None,
             adaptive: None,
             hold_refused: HOLD_REFUSED_DEFAULT,
+            hold_spread: HOLD_SPREAD_DEFAULT,
             overload_retry_after_max: OVERLOAD_RETRY_AFTER_MAX_DEFAULT,
         }
     }
@@ -532,6 +547,9 @@ impl GuardRules {
         }
         if s.hold_refused > Duration::from_secs(60) {
             err("system.hold_refused".into(), "must be at most 1m");
+        }
+        if !(0.0..=0.9).contains(&s.hold_spread) {
+            err("system.hold_spread".into(), "must be within [0, 0.9]");
         }
         let most = s.overload_retry_after_max;
         if most < Duration::from_secs(1)

@@ -1259,3 +1259,54 @@ fn a_request_counts_as_one_admission_however_many_resources_it_passes() {
     }
     assert_eq!(guard.overload_retry_after(), Duration::from_secs(2));
 }
+
+#[test]
+fn a_crowd_refused_within_a_second_is_told_the_longer_retry_after_at_once() {
+    let rules = GuardRules {
+        system: stampede_guard::rules::SystemRule {
+            max_inflight: Some(1),
+            overload_retry_after_max: Duration::from_secs(4),
+            ..Default::default()
+        },
+        ..GuardRules::default()
+    };
+    let guard = Guard::new(rules).unwrap();
+    let probe = guard.resource("probe");
+    let retry_after = |guard: &Guard| match guard.admit(&probe, Class::Purchase) {
+        Err(Rejection::Overloaded { retry_after }) => retry_after.as_secs(),
+        Err(other) => panic!("{other:?}"),
+        Ok(_) => panic!("admitted past the bound"),
+    };
+    // A busy server (thousands of requests completed within the second) refusing a
+    // few dozen: no crowd, the shortest Retry-After.
+    for _ in 0..10_000 {
+        drop(guard.admit(&probe, Class::Purchase).unwrap());
+    }
+    let held = guard.admit(&probe, Class::Purchase).unwrap();
+    let busy: Vec<u64> = (0..128).map(|_| retry_after(&guard)).collect();
+    assert!(busy.iter().all(|&s| s == 1), "{busy:?}");
+    drop(held);
+
+    // A storm at an idle server: its first refusals say 1 s, and within the same
+    // moment (long before the once-a-second look), the crowd is told the longest.
+    let guard = Guard::new(GuardRules {
+        system: stampede_guard::rules::SystemRule {
+            max_inflight: Some(1),
+            overload_retry_after_max: Duration::from_secs(4),
+            ..Default::default()
+        },
+        ..GuardRules::default()
+    })
+    .unwrap();
+    let probe = guard.resource("probe");
+    let held = guard.admit(&probe, Class::Purchase).unwrap();
+    let storm: Vec<u64> = (0..128)
+        .map(|_| match guard.admit(&probe, Class::Purchase) {
+            Err(Rejection::Overloaded { retry_after }) => retry_after.as_secs(),
+            other => panic!("{:?}", other.err()),
+        })
+        .collect();
+    assert_eq!(storm[0], 1, "{storm:?}");
+    assert_eq!(storm[127], 4, "{storm:?}");
+    drop(held);
+}

@@ -1217,6 +1217,8 @@ fn retry_after_of(answer: &str) -> u64 {
 async fn a_hold_lasts_the_refusals_retry_after_so_a_client_honouring_it_never_waits() {
     let app = spawn_app_with(|config| {
         config.guard.flow = vec![reject_past("get_sale", 0.5, 1)];
+        // Every hold its whole length (none cut at random), to time it.
+        config.guard.system.hold_spread = 0.0;
     })
     .await;
     let sale = app.live_sale("GUARD-HOLD-RA", 10, 1).await;
@@ -1265,6 +1267,7 @@ async fn a_refusal_repeated_on_one_connection_waits_out_its_hold_and_an_admitted
         let app = spawn_app_with(|config| {
             config.trusted_proxies = trusted.into();
             config.guard.system.hold_refused = HOLD;
+            config.guard.system.hold_spread = 0.0;
         })
         .await;
         let sale = app.live_sale(&format!("GUARD-HOLD-{held}"), 10, 1).await;
@@ -1374,7 +1377,7 @@ async fn a_refusal_waiting_for_its_hold_is_not_in_flight() {
 }
 
 #[test]
-fn holds_and_overload_retry_afters_past_a_minute_are_refused() {
+fn holds_and_overload_retry_afters_past_a_minute_and_spreads_past_nine_tenths_are_refused() {
     let mut rules = stampede_guard::GuardRules::default();
     rules.system.hold_refused = Duration::from_secs(61);
     let errors = rules.validate().unwrap_err();
@@ -1391,6 +1394,14 @@ fn holds_and_overload_retry_afters_past_a_minute_are_refused() {
         );
     }
     rules.system.overload_retry_after_max = Duration::from_secs(1);
+    rules.validate().unwrap();
+    // At most 0.9 of a hold is cut at random.
+    for share in [-0.1, 0.95, f64::NAN] {
+        rules.system.hold_spread = share;
+        let errors = rules.validate().unwrap_err();
+        assert_eq!(errors[0].field, "system.hold_spread", "{share}: {errors:?}");
+    }
+    rules.system.hold_spread = 0.9;
     rules.validate().unwrap();
 }
 
