@@ -59,7 +59,9 @@ cleanup() {
   [ -n "$pid" ] && kill "$pid" 2>/dev/null
   wait 2>/dev/null
   # KEEP: a directory that keeps each run's report and /metrics scrapes.
-  if [ -n "${KEEP:-}" ]; then mkdir -p "$KEEP" && cp "$work"/*.json "$work"/*.before "$work"/*.after "$KEEP"/ 2>/dev/null; fi
+  if [ -n "${KEEP:-}" ]; then
+    mkdir -p "$KEEP" && cp "$work"/*.json "$work"/*.before "$work"/*.after "$work"/capacity "$KEEP"/ 2>/dev/null || true
+  fi
   rm -rf "$work"
 }
 trap cleanup EXIT

@@ -50,7 +50,7 @@ for s in r["steps"]:
     ok = sum(v for k, v in s["statuses"].items() if k.startswith("2"))
     lat = s.get("latency_by_status", {})
     good = lat.get("201") or lat.get("200") or {}
-    line.append(f"{s['name']} {ok / r['duration_s']:.0f}/s (of {sum(s['statuses'].values())}: {s['statuses']}) "
+    line.append(f"{s['name']} {ok / (r.get('schedule_s') or r['duration_s']):.0f}/s (of {sum(s['statuses'].values())}: {s['statuses']}) "
                 f"p50 {good.get('p50', 0):.2f} p99 {good.get('p99', 0):.2f} ms")
 print("  ".join(line))
 PY

@@ -11,7 +11,8 @@
 //! inside the hold, its refusal is answered when the hold ends or its own hold has
 //! passed, whichever comes first, and a new hold starts. Waiting on a timer, the
 //! connection is not in the run queue and sends nothing more; a client that ignores
-//! `Retry-After` gets at most one refusal per `Retry-After`. A hold lasts the refusal's
+//! `Retry-After` gets about one refusal per `Retry-After` (at most 1 / (1 −
+//! `hold_spread`), the share cut off below). A hold lasts the refusal's
 //! own `Retry-After` (at most `hold_refused`), so a client that honours it never meets
 //! a hold; nor does any request the guard admits. A share of each hold
 //! (`hold_spread`) is cut off at random: a crowd refused together is then answered, and

@@ -902,7 +902,9 @@ impl Guard {
     fn overload_refusal(&self, compiled: &Compiled, now: u64) -> Duration {
         let second = now / 1_000_000_000;
         let seen = self.storm_second.load(Ordering::Relaxed);
-        if seen != second
+        // Forward only: a request that read the clock just before the second turned must
+        // not start the count over.
+        if second > seen
             && self
                 .storm_second
                 .compare_exchange(seen, second, Ordering::AcqRel, Ordering::Relaxed)
@@ -978,7 +980,12 @@ impl Guard {
             self.pressure_seen.store(true, Ordering::Relaxed);
             if let Some(r) = refuse(
                 Rejection::Overloaded {
-                    retry_after: self.overload_refusal(&compiled, now),
+                    // A dry run refuses nothing: it moves no Retry-After.
+                    retry_after: if compiled.rules.dry_run {
+                        self.overload_retry_after()
+                    } else {
+                        self.overload_refusal(&compiled, now)
+                    },
                 },
                 false,
             ) {
@@ -1530,13 +1537,17 @@ fn sampler(guard: Weak<Guard>) {
         let system = &compiled.rules.system;
         let most = system.overload_retry_after_max.as_secs();
         let current = guard.overload_retry_after.load(Ordering::Relaxed);
-        // Unless a crowd raised it since it was read (kept: it saw more of this second).
-        let _ = guard.overload_retry_after.compare_exchange(
-            current,
-            next_overload_retry_after(current, refused, admitted, most),
-            Ordering::Relaxed,
-            Ordering::Relaxed,
-        );
+        let next = next_overload_retry_after(current, refused, admitted, most);
+        // A crowd may have raised it since it was read: then it only rises further.
+        if guard
+            .overload_retry_after
+            .compare_exchange(current, next, Ordering::Relaxed, Ordering::Relaxed)
+            .is_err()
+        {
+            guard
+                .overload_retry_after
+                .fetch_max(next, Ordering::Relaxed);
+        }
         *guard.last_second.write() = views;
         // Automatic degradation of browse and stats under sustained pressure.
         let after = system.auto_degrade_after;

@@ -281,9 +281,9 @@ pub struct SystemRule {
     /// that `Retry-After` and at most this; refused again on it within the hold, the
     /// client gets that answer when the hold ends or its own hold has passed, whichever
     /// comes first (and a new hold starts). Admitted requests never wait; a client that
-    /// honours `Retry-After` never meets a hold; one that retries at once gets at most
-    /// one refusal per `Retry-After` instead of taking the server's time from the
-    /// requests it admitted. Connections from trusted proxies are never held: they carry
+    /// honours `Retry-After` never meets a hold; one that retries at once gets about one
+    /// refusal per `Retry-After` (at most 1 / (1 − `hold_spread`)) instead of taking
+    /// the server's time from the requests it admitted. Connections from trusted proxies are never held: they carry
     /// many clients. 0s: off. At most 1m.
     #[serde(with = "humantime_serde", default = "hold_refused")]
     pub hold_refused: Duration,
@@ -295,7 +295,8 @@ pub struct SystemRule {
     #[serde(default = "hold_spread")]
     pub hold_spread: f64,
     /// The longest `Retry-After` of a system-protection refusal (503 `overloaded`). It is
-    /// 1 s while refusals are few, and grows, once a second, while they outnumber an
+    /// 1 s while refusals are few, and grows, once a second (and at once when a crowd
+    /// refused within a second calls for it), while they outnumber an
     /// eighth of the requests admitted: clients refused and coming back once per
     /// `Retry-After` then cost the server at most about an eighth of what it serves.
     /// Whole seconds, 1s to 1m; 1s keeps it fixed.

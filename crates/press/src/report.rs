@@ -27,6 +27,7 @@ pub struct Report {
     pub requests: u64,
     pub errors: u64,
     pub error_rate: f64,
+    /// Requests answered per second over `duration_s`, the whole run.
     pub achieved_rps: f64,
     /// Open model: sessions per second the schedule asked for.
     pub scheduled_rps: Option<f64>,

@@ -1331,7 +1331,8 @@ async fn a_refusal_repeated_on_one_connection_waits_out_its_hold_and_an_admitted
 
 #[tokio::test]
 async fn a_refusal_waiting_for_its_hold_is_not_in_flight() {
-    let app = spawn_app().await;
+    // Every hold its whole length (none cut at random), to time it.
+    let app = spawn_app_with(|config| config.guard.system.hold_spread = 0.0).await;
     let sale = app.live_sale("GUARD-HOLD-INFLIGHT", 1_000, 1_000).await;
     let scalper = app.shopper("held-scalper");
     // One connection, as one browser: the shipped per-shopper burst of 20, then 429s.
