@@ -1317,3 +1317,27 @@ fn a_crowd_refused_within_a_second_is_told_the_longer_retry_after_at_once() {
     assert_eq!(storm[127], 4, "{storm:?}");
     drop(held);
 }
+
+#[test]
+fn a_dry_run_past_the_bound_leaves_the_overload_retry_after_alone() {
+    let guard = Guard::new(GuardRules {
+        dry_run: true,
+        system: stampede_guard::rules::SystemRule {
+            max_inflight: Some(1),
+            ..Default::default()
+        },
+        ..GuardRules::default()
+    })
+    .unwrap();
+    let probe = guard.resource("probe");
+    let held = guard.admit(&probe, Class::Purchase).unwrap();
+    // Would-be refusals of a crowd: let through, and they set no Retry-After, neither at
+    // once nor at the once-a-second look.
+    let passed: Vec<_> = (0..256)
+        .map(|_| guard.admit(&probe, Class::Purchase).unwrap())
+        .collect();
+    assert_eq!(guard.overload_retry_after(), Duration::from_secs(1));
+    std::thread::sleep(Duration::from_millis(1_200));
+    assert_eq!(guard.overload_retry_after(), Duration::from_secs(1));
+    drop((passed, held));
+}
