@@ -5,10 +5,27 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use stampede_guard::rules::SystemRule;
 use stampede_guard::{
     Behavior, BreakerRule, BreakerState, Class, FlowRule, Guard, GuardRules, HotRule, Param,
     Rejection,
 };
+
+/// Rules with this system protection and nothing else.
+fn with_system(system: SystemRule) -> GuardRules {
+    GuardRules {
+        system,
+        ..GuardRules::default()
+    }
+}
+
+/// System protection by a bound on requests in flight alone.
+fn bounded(max_inflight: u64) -> SystemRule {
+    SystemRule {
+        max_inflight: Some(max_inflight),
+        ..Default::default()
+    }
+}
 
 fn rules_with(flow: Vec<FlowRule>) -> GuardRules {
     GuardRules {
@@ -332,13 +349,7 @@ fn a_concurrency_rule_removed_and_added_again_still_counts_its_requests() {
 
 #[test]
 fn lower_classes_are_shed_first() {
-    let rules = GuardRules {
-        system: stampede_guard::rules::SystemRule {
-            max_inflight: Some(100),
-            ..Default::default()
-        },
-        ..GuardRules::default()
-    };
+    let rules = with_system(bounded(100));
     let guard = Guard::new(rules).unwrap();
     let (probe, hold) = (guard.resource("probe"), guard.resource("hold"));
     let mut held = Vec::new();
@@ -399,14 +410,11 @@ fn the_overload_retry_after_grows_with_the_refusals_and_falls_back_when_calm() {
 
     // Through the guard: refused past the bound, the Retry-After grows (once a second,
     // and at once for a crowd: these refusals, 10 ms apart, reach 64 within a second).
-    let rules = GuardRules {
-        system: stampede_guard::rules::SystemRule {
-            max_inflight: Some(1),
-            overload_retry_after_max: Duration::from_secs(4),
-            ..Default::default()
-        },
-        ..GuardRules::default()
-    };
+    let rules = with_system(SystemRule {
+        max_inflight: Some(1),
+        overload_retry_after_max: Duration::from_secs(4),
+        ..Default::default()
+    });
     let guard = Guard::new(rules).unwrap();
     let (probe, hold) = (guard.resource("probe"), guard.resource("hold"));
     let held = guard.admit(&hold, Class::Pay).unwrap();
@@ -442,14 +450,11 @@ fn the_overload_retry_after_grows_with_the_refusals_and_falls_back_when_calm() {
 #[test]
 fn sustained_pressure_turns_browse_and_stats_off_until_a_calm_spell() {
     let after = Duration::from_secs(1);
-    let rules = GuardRules {
-        system: stampede_guard::rules::SystemRule {
-            max_inflight: Some(10),
-            auto_degrade_after: Some(after),
-            ..Default::default()
-        },
-        ..GuardRules::default()
-    };
+    let rules = with_system(SystemRule {
+        max_inflight: Some(10),
+        auto_degrade_after: Some(after),
+        ..Default::default()
+    });
     let guard = Guard::new(rules).unwrap();
     let (probe, hold) = (guard.resource("probe"), guard.resource("hold"));
     let held: Vec<_> = (0..10)
@@ -510,13 +515,7 @@ fn requests_admitted_side_by_side_never_pass_the_inflight_bound() {
     // Each counts itself in while it holds an admission: were the bound's check and the
     // count two steps, two threads could both see 2 and both be let in.
     const BOUND: u64 = 3;
-    let rules = GuardRules {
-        system: stampede_guard::rules::SystemRule {
-            max_inflight: Some(BOUND),
-            ..Default::default()
-        },
-        ..GuardRules::default()
-    };
+    let rules = with_system(bounded(BOUND));
     let guard = Guard::new(rules).unwrap();
     let held = std::sync::atomic::AtomicU64::new(0);
     let most = std::sync::atomic::AtomicU64::new(0);
@@ -562,13 +561,10 @@ fn requests_admitted_side_by_side_never_pass_the_inflight_bound() {
 #[test]
 fn the_bbr_check_applies_only_under_cpu_pressure() {
     let _cpu = exclusive();
-    let rules = GuardRules {
-        system: stampede_guard::rules::SystemRule {
-            cpu_threshold: Some(0.8),
-            ..Default::default()
-        },
-        ..GuardRules::default()
-    };
+    let rules = with_system(SystemRule {
+        cpu_threshold: Some(0.8),
+        ..Default::default()
+    });
     let guard = Guard::new(rules).unwrap();
     let x = guard.resource("x");
     guard.pin_cpu(0.95);
@@ -942,7 +938,7 @@ fn degraded_classes_answer_at_once() {
 #[test]
 fn the_adaptive_limit_bounds_requests_in_flight() {
     let rules = GuardRules {
-        system: stampede_guard::rules::SystemRule {
+        system: SystemRule {
             adaptive: Some(stampede_guard::adaptive::AdaptiveRule {
                 initial_limit: 20.0,
                 min_limit: 20.0,
@@ -1216,10 +1212,7 @@ fn a_request_counts_as_one_admission_however_many_resources_it_passes() {
     // resource it passed (16 to one refusal) would keep it at 1 s. Some 50 refusals a
     // second, under the 64 that make a crowd: only the once-a-second look decides.
     let rules = GuardRules {
-        system: stampede_guard::rules::SystemRule {
-            max_inflight: Some(1),
-            ..Default::default()
-        },
+        system: bounded(1),
         hot: vec![HotRule {
             name: "per-shopper".into(),
             resource: "purchase".into(),
@@ -1264,14 +1257,11 @@ fn a_request_counts_as_one_admission_however_many_resources_it_passes() {
 
 #[test]
 fn a_crowd_refused_within_a_second_is_told_the_longer_retry_after_at_once() {
-    let rules = GuardRules {
-        system: stampede_guard::rules::SystemRule {
-            max_inflight: Some(1),
-            overload_retry_after_max: Duration::from_secs(4),
-            ..Default::default()
-        },
-        ..GuardRules::default()
-    };
+    let rules = with_system(SystemRule {
+        max_inflight: Some(1),
+        overload_retry_after_max: Duration::from_secs(4),
+        ..Default::default()
+    });
     let guard = Guard::new(rules).unwrap();
     let probe = guard.resource("probe");
     let retry_after = |guard: &Guard| match guard.admit(&probe, Class::Purchase) {
@@ -1296,14 +1286,11 @@ fn a_crowd_refused_within_a_second_is_told_the_longer_retry_after_at_once() {
 
     // A storm at an idle server: its first refusals say 1 s, and within the same
     // moment (long before the once-a-second look), the crowd is told the longest.
-    let guard = Guard::new(GuardRules {
-        system: stampede_guard::rules::SystemRule {
-            max_inflight: Some(1),
-            overload_retry_after_max: Duration::from_secs(4),
-            ..Default::default()
-        },
-        ..GuardRules::default()
-    })
+    let guard = Guard::new(with_system(SystemRule {
+        max_inflight: Some(1),
+        overload_retry_after_max: Duration::from_secs(4),
+        ..Default::default()
+    }))
     .unwrap();
     let probe = guard.resource("probe");
     let held = guard.admit(&probe, Class::Purchase).unwrap();
@@ -1322,7 +1309,7 @@ fn a_crowd_refused_within_a_second_is_told_the_longer_retry_after_at_once() {
 fn a_dry_run_past_the_bound_leaves_the_overload_retry_after_alone() {
     let guard = Guard::new(GuardRules {
         dry_run: true,
-        system: stampede_guard::rules::SystemRule {
+        system: SystemRule {
             max_inflight: Some(1),
             ..Default::default()
         },
