@@ -3,6 +3,8 @@
 # and for a 429 `throttled` of a guarded read (a flow rule of 1/s on `get_sale`, no
 # hold, so every answer is a refusal decided and written at once), alternating, the
 # same load generator (wrk, 1 thread) against one server. CPU from /proc/<pid>/stat.
+# It shows what deciding and writing a refusal costs, not what a held 503 to a POST
+# costs on thousands of connections (bench/guard/overload.sh).
 #
 #   cargo build --profile production -p stampede && PROFILE=production bench/guard/refusal_cost.sh
 #
@@ -12,6 +14,7 @@ here=$(cd "$(dirname "$0")" && pwd)
 # shellcheck source=../lib.sh
 source "$here/../lib.sh"
 needs_wrk
+needs_python3
 with_workdir
 port=18310
 export STAMPEDE_ADMIN_TOKEN=bench-admin-token-0123456789 STAMPEDE_JWT_SECRET=bench-jwt-secret-0123456789abcdef

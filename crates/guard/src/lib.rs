@@ -545,6 +545,9 @@ pub struct Guard {
     /// `Retry-After` at once ([`Guard::overload_refusal`]).
     storm_second: AtomicU64,
     storm_refused: AtomicU64,
+    /// The `Retry-After` in force when `storm_second` began: the one this second's
+    /// refusals so far were told (a raise within the second must not compound).
+    storm_base: AtomicU64,
     hasher: foldhash::fast::FixedState,
 }
 
@@ -769,6 +772,7 @@ impl Guard {
             overload_retry_after: AtomicU64::new(1),
             storm_second: AtomicU64::new(0),
             storm_refused: AtomicU64::new(0),
+            storm_base: AtomicU64::new(1),
             hasher: foldhash::fast::FixedState::with_seed(0x5ca1ab1e),
         });
         let weak = Arc::downgrade(&guard);
@@ -911,12 +915,19 @@ impl Guard {
                 .is_ok()
         {
             self.storm_refused.store(0, Ordering::Relaxed);
+            self.storm_base.store(
+                self.overload_retry_after.load(Ordering::Relaxed),
+                Ordering::Relaxed,
+            );
         }
         let refused = self.storm_refused.fetch_add(1, Ordering::Relaxed) + 1;
         if refused.is_multiple_of(STORM_LOOK_EVERY) {
             let current = self.overload_retry_after.load(Ordering::Relaxed);
+            // Set from the value this second began with, as the sampler would set it
+            // from the second's refusals: each look may only find more refusals, never
+            // multiply them again by what an earlier look raised.
             let wanted = next_overload_retry_after(
-                current,
+                self.storm_base.load(Ordering::Relaxed),
                 refused,
                 self.system.completed_within_second(now),
                 compiled.rules.system.overload_retry_after_max.as_secs(),
