@@ -470,21 +470,25 @@ impl System {
     /// filling included (for a look within a second, which the whole buckets alone would
     /// miss at a storm's start).
     fn completed_within_second(&self, now: u64) -> u64 {
-        let epoch = now / SYS_BUCKET_NS;
-        self.buckets
-            .iter()
-            .filter(|b| b.epoch.load(Ordering::Relaxed) + SYS_BUCKETS as u64 > epoch)
-            .map(|b| b.count.load(Ordering::Relaxed))
+        self.within_second(now)
+            .map(|(_, b)| b.count.load(Ordering::Relaxed))
             .sum()
+    }
+
+    /// The buckets of the last second, the one still filling included, each with
+    /// whether it is that one.
+    fn within_second(&self, now: u64) -> impl Iterator<Item = (bool, &SysBucket)> {
+        let epoch = now / SYS_BUCKET_NS;
+        self.buckets.iter().filter_map(move |b| {
+            let e = b.epoch.load(Ordering::Relaxed);
+            (e + SYS_BUCKETS as u64 > epoch).then_some((e == epoch, b))
+        })
     }
 
     /// The whole buckets of the last second (not the one still filling).
     fn last_second(&self, now: u64) -> impl Iterator<Item = &SysBucket> {
-        let epoch = now / SYS_BUCKET_NS;
-        self.buckets.iter().filter(move |b| {
-            let e = b.epoch.load(Ordering::Relaxed);
-            e + SYS_BUCKETS as u64 > epoch && e != epoch
-        })
+        self.within_second(now)
+            .filter_map(|(filling, b)| (!filling).then_some(b))
     }
 
     /// max completions per second × min mean response time, over the last second; at

@@ -1268,22 +1268,22 @@ fn a_crowd_refused_within_a_second_is_told_the_longer_retry_after_at_once() {
         overload_retry_after_max: Duration::from_secs(4),
         ..Default::default()
     });
-    let guard = Guard::new(rules).unwrap();
-    let probe = guard.resource("probe");
-    let retry_after = |guard: &Guard| match guard.admit(&probe, Class::Purchase) {
+    let retry_after = |guard: &Guard, probe| match guard.admit(probe, Class::Purchase) {
         Err(Rejection::Overloaded { retry_after }) => retry_after.as_secs(),
         Err(other) => panic!("{other:?}"),
         Ok(_) => panic!("admitted past the bound"),
     };
     // A busy server (a hundred requests completed to each refusal) refusing 128: a
     // crowd by number, but an eighth of what it serves is not a storm.
+    let guard = Guard::new(rules.clone()).unwrap();
+    let probe = guard.resource("probe");
     let busy: Vec<u64> = (0..128)
         .map(|_| {
             for _ in 0..100 {
                 drop(guard.admit(&probe, Class::Purchase).unwrap());
             }
             let held = guard.admit(&probe, Class::Purchase).unwrap();
-            let refused = retry_after(&guard);
+            let refused = retry_after(&guard, &probe);
             drop(held);
             refused
         })
@@ -1292,20 +1292,10 @@ fn a_crowd_refused_within_a_second_is_told_the_longer_retry_after_at_once() {
 
     // A storm at an idle server: its first refusals say 1 s, and within the same
     // moment (long before the once-a-second look), the crowd is told the longest.
-    let guard = Guard::new(with_system(SystemRule {
-        max_inflight: Some(1),
-        overload_retry_after_max: Duration::from_secs(4),
-        ..Default::default()
-    }))
-    .unwrap();
+    let guard = Guard::new(rules).unwrap();
     let probe = guard.resource("probe");
     let held = guard.admit(&probe, Class::Purchase).unwrap();
-    let storm: Vec<u64> = (0..128)
-        .map(|_| match guard.admit(&probe, Class::Purchase) {
-            Err(Rejection::Overloaded { retry_after }) => retry_after.as_secs(),
-            other => panic!("{:?}", other.err()),
-        })
-        .collect();
+    let storm: Vec<u64> = (0..128).map(|_| retry_after(&guard, &probe)).collect();
     assert_eq!(storm[0], 1, "{storm:?}");
     assert_eq!(storm[127], 4, "{storm:?}");
     drop(held);
