@@ -81,6 +81,13 @@ pub struct ServerSample {
     pub errors_5xx_per_s: Option<f64>,
     /// Resident memory, MiB.
     pub memory_mib: Option<f64>,
+    /// Requests the guard had admitted and not yet answered, at the scrape: below the
+    /// guard's in-flight bound under overload means the server was waiting for work.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guard_inflight: Option<f64>,
+    /// Refusals the server held before answering, per second.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub held_per_s: Option<f64>,
 }
 
 /// Turns two scrapes `dt` apart into one sample.
@@ -117,6 +124,8 @@ pub fn sample(t: f64, before: &Exposition, now: &Exposition, dt: f64) -> ServerS
         memory_mib: now
             .sum("process_resident_memory_bytes")
             .map(|b| b / (1024.0 * 1024.0)),
+        guard_inflight: now.sum("stampede_guard_inflight"),
+        held_per_s: rate("stampede_guard_refusals_held_total", None),
     }
 }
 
@@ -275,6 +284,8 @@ stampede_writer_batch_ops_sum 100
 stampede_writer_batch_ops_count 10
 process_cpu_seconds_total 2.5
 stampede_cpu_cores 2
+stampede_guard_inflight 7
+stampede_guard_refusals_held_total 40
 "#;
 
     #[test]
@@ -299,13 +310,18 @@ stampede_cpu_cores 2
                     "process_cpu_seconds_total 4.5",
                 )
                 .replace("batch_ops_sum 100", "batch_ops_sum 400")
-                .replace("batch_ops_count 10", "batch_ops_count 20"),
+                .replace("batch_ops_count 10", "batch_ops_count 20")
+                .replace("inflight 7", "inflight 288")
+                .replace("held_total 40", "held_total 100"),
         );
         let s = sample(1.0, &before, &after, 2.0);
         assert_eq!(s.cpu_cores, Some(1.0));
         assert_eq!(s.rejections_per_s, Some(10.0));
         assert_eq!(s.batch_mean, Some(30.0));
         assert_eq!(s.queue_capacity, Some(100.0));
+        // The in-flight count is the scrape's own, not a rate.
+        assert_eq!(s.guard_inflight, Some(288.0));
+        assert_eq!(s.held_per_s, Some(30.0));
     }
 
     #[test]
