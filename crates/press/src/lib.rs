@@ -661,10 +661,21 @@ async fn execute(args: &PressArgs, p: Prepared, progress: bool) -> anyhow::Resul
         .context("the generator stopped")??;
     bar.finish_and_clear();
     let _ = stop_scrape.send(());
-    let server_samples = match scraper {
+    let mut server_samples = match scraper {
         Some(handle) => handle.await.unwrap_or_default(),
         None => Vec::new(),
     };
+    // The scrapes began before the connections were opened, the timeline once they all
+    // were: the samples are set on the timeline's clock, so that a server second and a
+    // client second of one `t` are the same second (16,384 connections take seconds
+    // to open, and the server idles meanwhile).
+    let opening = output
+        .started
+        .saturating_duration_since(wall_start)
+        .as_secs_f64();
+    for sample in &mut server_samples {
+        sample.t -= opening;
+    }
     let seconds = reporter.await.unwrap_or_default();
 
     // Merge the threads.

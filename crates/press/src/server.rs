@@ -63,7 +63,8 @@ impl Exposition {
 /// One second of the server, as its metrics tell it.
 #[derive(Debug, Clone, Default, Serialize, serde::Deserialize, PartialEq)]
 pub struct ServerSample {
-    /// Seconds since the run started.
+    /// Seconds since the schedule began, the timeline's clock (negative while the
+    /// connections were still being opened).
     pub t: f64,
     /// CPU cores the server process used over the last interval.
     pub cpu_cores: Option<f64>,
