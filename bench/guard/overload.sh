@@ -27,6 +27,17 @@
 # its ratio too, so a tail the server never saw (a request waiting to be read, an answer
 # waiting to be taken) can be told from one it made.
 #
+# ROUNDS=k repeats the pair of overloads k times on the same server, each pair followed
+# by another run at N: every round is set against the runs just before and after it, and
+# the summary adds the median of the rounds and the ratio of all the overloads' 201s to
+# all the unloaded runs'. One round's ratio moves with the machine's pace over minutes
+# (unloaded runs on one server minutes apart have differed by a fifth or more); runs side
+# by side in rounds let that drift move both sides.
+#
+# Each overload run also reports the guard's in-flight count at the pressure tool's
+# scrapes of /metrics (median and p10 against the bound): a server below its bound under
+# overload waited for requests, so the clients set the pace, not the server.
+#
 # PIN=1 runs the server on CPU 0 alone (one request worker) and the pressure tool on CPU
 # 1 (taskset, one thread), standing in for clients on other machines: the overload's
 # client work then cannot delay the server's answers, nor the server the client's
@@ -34,7 +45,7 @@
 #
 # Environment: DURATION (default 8s), SWEEP (default "64 256 512"), SATURATING (skip the
 # sweep: this many connections saturate the server; no swept capacity then),
-# OVERLOAD_VUS (default 32 × N), MAX_INFLIGHT (default N × 9/8), ONLY (a label prefix:
+# OVERLOAD_VUS (default 32 × N), MAX_INFLIGHT (default N × 9/8), ROUNDS (default 1), ONLY (a label prefix:
 # run only those servers, e.g. ONLY=guarded), PIN (default 0), KEEP (a directory to keep
 # each run's report and /metrics scrapes in), STAMPEDE_BIN.
 set -euo pipefail
@@ -60,7 +71,7 @@ cleanup() {
   wait 2>/dev/null
   # KEEP: a directory that keeps each run's report and /metrics scrapes.
   if [ -n "${KEEP:-}" ]; then
-    mkdir -p "$KEEP" && cp "$work"/*.json "$work"/*.before "$work"/*.after "$work"/capacity "$KEEP"/ 2>/dev/null || true
+    mkdir -p "$KEEP" && cp "$work"/*.json "$work"/*.before "$work"/*.after "$work"/capacity "$work"/bound.* "$KEEP"/ 2>/dev/null || true
   fi
   rm -rf "$work"
 }
@@ -107,22 +118,27 @@ need_files=$((overload + 1000))
 [ "$(ulimit -n)" = unlimited ] || [ "$(ulimit -n)" -ge $need_files ] ||
   { echo "needs $need_files open files (ulimit -n); the hard limit is $(ulimit -Hn)" >&2; exit 2; }
 
-# phases PREFIX: the server just started at N connections, the overload retrying at once
-# and honouring Retry-After, N again, then the summary.
+rounds=${ROUNDS:-1}
+# phases PREFIX: the server just started at N connections, then ROUNDS times the overload
+# retrying at once and honouring Retry-After followed by N again, then the summary.
 phases() {
-  run "$1_before" "$n" ignore
-  run "$1_retry_at_once" "$overload" ignore
-  run "$1_honour_retry_after" "$overload" honor
-  run "$1_after" "$n" ignore
-  python3 "$here/overload_report.py" summary "$work" "$1"
+  run "$1_unloaded_0" "$n" ignore
+  for i in $(seq "$rounds"); do
+    run "$1_retry_at_once_$i" "$overload" ignore
+    run "$1_honour_retry_after_$i" "$overload" honor
+    run "$1_unloaded_$i" "$n" ignore
+  done
+  python3 "$here/overload_report.py" summary "$work" "$1" "$rounds"
 }
 if want guarded; then
   printf '[guard.system]\nmax_inflight = %s\n%s' "$max_inflight" "${GUARD_EXTRA:-}" > "$work/guard.toml"
+  echo "$max_inflight" > "$work/bound.guarded"
   start 18201 --config "$work/guard.toml"
   phases guarded
 fi
 if want not_held; then
   printf '[guard.system]\nmax_inflight = %s\nhold_refused = "0s"\n' "$max_inflight" > "$work/not_held.toml"
+  echo "$max_inflight" > "$work/bound.not_held"
   start 18204 --config "$work/not_held.toml"
   phases not_held
 fi

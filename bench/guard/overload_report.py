@@ -6,10 +6,12 @@ LABEL.after (the server's /metrics just before and after it).
     overload_report.py run WORK LABEL HEALTHZ_STATUS   one line for the run
     overload_report.py sweep WORK                      the capacity sweep's best row: prints
                                                        its connections, keeps it in WORK/capacity
-    overload_report.py summary WORK PREFIX             the PREFIX server's ratios
+    overload_report.py summary WORK PREFIX ROUNDS      the PREFIX server's ratios, round
+                                                       by round and over all ROUNDS
 """
 import json
 import os
+import statistics
 import sys
 
 # No __pycache__ left in the checkout by a benchmark run.
@@ -65,6 +67,28 @@ def run(work, label, healthz):
     ]
     if later:
         server += f"; client p99 per second after the first: {min(later):.2f}–{max(later):.2f} ms"
+    # The guard's in-flight count at each of the pressure tool's scrapes of /metrics
+    # (once a second) while the schedule ran (the samples' `t` is the timeline's clock):
+    # well below the bound under overload means the server waited for requests, so the
+    # clients, not the server, set the pace.
+    schedule = r.get("schedule_s") or r["duration_s"]
+    inflight = [
+        x["guard_inflight"]
+        for x in r.get("server", [])
+        if x.get("guard_inflight") is not None and 0 < x["t"] <= schedule
+    ]
+    if inflight:
+        # The static bound, for the servers that have one (WORK/bound.PREFIX).
+        bounds = [
+            open(f"{work}/{name}").read().strip()
+            for name in os.listdir(work)
+            if name.startswith("bound.") and label.startswith(name[len("bound."):] + "_")
+        ]
+        inflight.sort()
+        server += (
+            f"; in flight at {len(inflight)} scrapes: median {statistics.median(inflight):.0f}, "
+            f"p10 {inflight[len(inflight) // 10]:.0f}" + (f" of a bound of {bounds[0]}" if bounds else "")
+        )
     mib = lambda m: f"{m.get('process_resident_memory_bytes', 0) / 1048576:.0f}"
     print(
         f"{label:<34} goodput {goodput:>8.0f}/s  admitted p99 {admitted_p99:>7.2f} ms (server ~{served_p99(work, label):.2f})  "
@@ -104,33 +128,63 @@ def sweep(work):
     print(connections)
 
 
-def summary(work, prefix):
-    """The overload ratios against the swept capacity (when there was a sweep) and the
-    mean of this server's runs at the saturating count before and after the overload
-    (and against the first alone); the admitted p99 against those runs' mean."""
+def summary(work, prefix, rounds):
+    """The overload ratios against the swept capacity (when there was a sweep) and
+    against this server's own runs at the saturating count: each round's overloads
+    against the mean of the runs just before and just after them (and against the one
+    before alone); the admitted p99 against those runs' mean. With more than one round,
+    also the median of the rounds' ratios and the ratio of all the overloads' 201s to
+    all the unloaded runs': runs side by side on one server, so that a drift of the
+    machine over minutes moves both sides of a ratio."""
     label = lambda name: f"{prefix}_{name}"
-    (g0, p0), (g1, p1) = goodput_and_p99(work, label("before")), goodput_and_p99(work, label("after"))
-    own, unloaded = (g0 + g1) / 2, (p0 + p1) / 2
-    served_unloaded = (served_p99(work, label("before")) + served_p99(work, label("after"))) / 2
-    if own <= 0 or g0 <= 0 or unloaded <= 0:
-        sys.exit(f"{prefix}: a run at the saturating count served nothing; no ratios")
     swept = None
     if os.path.exists(f"{work}/capacity"):
         swept = float(open(f"{work}/capacity").read().split()[1])
         if swept <= 0:
             sys.exit("the capacity sweep served nothing; no ratios")
+    unloaded = [goodput_and_p99(work, label(f"unloaded_{i}")) for i in range(rounds + 1)]
+    served = [served_p99(work, label(f"unloaded_{i}")) for i in range(rounds + 1)]
+    if any(g <= 0 or p <= 0 for g, p in unloaded):
+        sys.exit(f"{prefix}: a run at the saturating count served nothing; no ratios")
     print(
         f"{prefix} summary: " + (f"swept capacity {swept:.0f}/s; " if swept is not None else "")
-        + f"own runs {own:.0f}/s, admitted p99 {unloaded:.2f} ms (mean of the runs before and after)"
+        + "own runs " + ", ".join(f"{g:.0f}/s" for g, _ in unloaded)
+        + " (admitted p99 " + ", ".join(f"{p:.2f}" for _, p in unloaded) + " ms)"
     )
-    for name, title in (("retry_at_once", "retry at once"), ("honour_retry_after", "honour Retry-After")):
-        g, p = goodput_and_p99(work, label(name))
-        server = f"; server side {served_p99(work, label(name)) / served_unloaded:.2f}" if served_unloaded > 0 else ""
-        against_swept = f"goodput ÷ swept capacity {g / swept:.2f}, " if swept is not None else ""
-        print(
-            f"  {title:<18} {against_swept}÷ own runs {g / own:.2f} (÷ first run {g / g0:.2f}), "
-            f"admitted p99 ÷ unloaded {p / unloaded:.2f} (÷ first run {p / p0:.2f}{server})"
-        )
+    kinds = (("retry_at_once", "retry at once"), ("honour_retry_after", "honour Retry-After"))
+    ratios = {name: [] for name, _ in kinds}
+    for i in range(1, rounds + 1):
+        (g0, p0), (g1, p1) = unloaded[i - 1], unloaded[i]
+        own, p_own = (g0 + g1) / 2, (p0 + p1) / 2
+        s_own = (served[i - 1] + served[i]) / 2
+        for name, title in kinds:
+            g, p = goodput_and_p99(work, label(f"{name}_{i}"))
+            ratios[name].append((g / own, p / p_own))
+            server = f"; server side {served_p99(work, label(f'{name}_{i}')) / s_own:.2f}" if s_own > 0 else ""
+            against_swept = f"goodput ÷ swept capacity {g / swept:.2f}, " if swept is not None else ""
+            print(
+                f"  round {i} {title:<18} {against_swept}÷ own runs {g / own:.2f} (÷ the one before {g / g0:.2f}), "
+                f"admitted p99 ÷ unloaded {p / p_own:.2f} (÷ the one before {p / p0:.2f}{server})"
+            )
+    if rounds > 1:
+        # Pooled: every overload second against every unloaded second of this server.
+        def pooled(names):
+            n = t = 0.0
+            for name in names:
+                r, s = report(work, label(name))
+                n += s["statuses"].get("201", 0)
+                t += r.get("schedule_s") or r["duration_s"]
+            return n / t
+        own_all = pooled(f"unloaded_{i}" for i in range(rounds + 1))
+        for name, title in kinds:
+            goodputs = sorted(g for g, _ in ratios[name])
+            p99s = sorted(p for _, p in ratios[name])
+            print(
+                f"  {rounds} rounds, {title:<18} goodput ÷ own runs: median {statistics.median(goodputs):.2f} "
+                f"(range {goodputs[0]:.2f}–{goodputs[-1]:.2f}), pooled "
+                f"{pooled(f'{name}_{i}' for i in range(1, rounds + 1)) / own_all:.2f}; "
+                f"admitted p99 ÷ unloaded: median {statistics.median(p99s):.2f} (range {p99s[0]:.2f}–{p99s[-1]:.2f})"
+            )
 
 
 if __name__ == "__main__":
@@ -139,4 +193,4 @@ if __name__ == "__main__":
     elif sys.argv[1] == "sweep":
         sweep(sys.argv[2])
     else:
-        summary(sys.argv[2], sys.argv[3])
+        summary(sys.argv[2], sys.argv[3], int(sys.argv[4]))
