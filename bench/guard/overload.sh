@@ -34,9 +34,10 @@
 # (unloaded runs on one server minutes apart have differed by a fifth or more); runs side
 # by side in rounds let that drift move both sides.
 #
-# Each overload run also reports the guard's in-flight count at the pressure tool's
-# scrapes of /metrics (median and p10 against the bound): a server below its bound under
-# overload waited for requests, so the clients set the pace, not the server.
+# Each run also reports the guard's in-flight count at the pressure tool's scrapes of
+# /metrics while the schedule ran (median and p10, with the bound): an overload that
+# keeps fewer purchases in flight than the unloaded runs beside it leaves the server
+# short of work; as many, and the server itself does less with them.
 #
 # PIN=1 runs the server on CPU 0 alone (one request worker) and the pressure tool on CPU
 # 1 (taskset, one thread), standing in for clients on other machines: the overload's

@@ -69,8 +69,8 @@ def run(work, label, healthz):
         server += f"; client p99 per second after the first: {min(later):.2f}–{max(later):.2f} ms"
     # The guard's in-flight count at each of the pressure tool's scrapes of /metrics
     # (once a second) while the schedule ran (the samples' `t` is the timeline's clock):
-    # well below the bound under overload means the server waited for requests, so the
-    # clients, not the server, set the pace.
+    # an overload that keeps fewer in flight than the unloaded runs beside it leaves the
+    # server short of work.
     schedule = r.get("schedule_s") or r["duration_s"]
     inflight = [
         x["guard_inflight"]

@@ -82,8 +82,9 @@ pub struct ServerSample {
     pub errors_5xx_per_s: Option<f64>,
     /// Resident memory, MiB.
     pub memory_mib: Option<f64>,
-    /// Requests the guard had admitted and not yet answered, at the scrape: below the
-    /// guard's in-flight bound under overload means the server was waiting for work.
+    /// Requests the guard had admitted and not yet answered, at the scrape. Under
+    /// overload, set against the same server's unloaded runs: fewer in flight than
+    /// those means the guard's refusals left the server short of work.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub guard_inflight: Option<f64>,
     /// Refusals the server held before answering, per second.
