@@ -72,7 +72,7 @@ cleanup() {
   wait 2>/dev/null
   # KEEP: a directory that keeps each run's report and /metrics scrapes.
   if [ -n "${KEEP:-}" ]; then
-    mkdir -p "$KEEP" && cp "$work"/*.json "$work"/*.before "$work"/*.after "$work"/capacity "$work"/bound.* "$KEEP"/ 2>/dev/null || true
+    mkdir -p "$KEEP" && cp "$work"/*.json "$work"/*.before "$work"/*.after "$work"/capacity "$KEEP"/ 2>/dev/null || true
   fi
   rm -rf "$work"
 }
@@ -97,7 +97,7 @@ run() {
     --duration "$duration" --vus "$2" --connections "$2" --retry-after "$3" --json "$work/$1.json" \
     ${press_args[@]+"${press_args[@]}"} >/dev/null || true
   curl -sf "$base/metrics" > "$work/$1.after"
-  python3 "$here/overload_report.py" run "$work" "$1" "$(curl -sf -o /dev/null -w '%{http_code}' "$base/healthz")"
+  python3 "$here/overload_report.py" run "$work" "$1" "$(curl -sf -o /dev/null -w '%{http_code}' "$base/healthz")" ${bound:+"$bound"}
 }
 
 want() { [ -z "${ONLY:-}" ] || [[ $1 == "$ONLY"* ]]; }
@@ -133,16 +133,17 @@ phases() {
 }
 if want guarded; then
   printf '[guard.system]\nmax_inflight = %s\n%s' "$max_inflight" "${GUARD_EXTRA:-}" > "$work/guard.toml"
-  echo "$max_inflight" > "$work/bound.guarded"
+  bound=$max_inflight # the static bound, shown beside the in-flight counts
   start 18201 --config "$work/guard.toml"
   phases guarded
 fi
 if want not_held; then
   printf '[guard.system]\nmax_inflight = %s\nhold_refused = "0s"\n' "$max_inflight" > "$work/not_held.toml"
-  echo "$max_inflight" > "$work/bound.not_held"
+  bound=$max_inflight
   start 18204 --config "$work/not_held.toml"
   phases not_held
 fi
+bound=
 if want adaptive; then
   printf '[guard.system.adaptive]\ninitial_limit = %s\n' "$n" > "$work/adaptive.toml"
   start 18203 --config "$work/adaptive.toml"

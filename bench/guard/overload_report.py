@@ -3,7 +3,9 @@
 Each run LABEL leaves in WORK: LABEL.json (the pressure tool's report) and LABEL.before /
 LABEL.after (the server's /metrics just before and after it).
 
-    overload_report.py run WORK LABEL HEALTHZ_STATUS   one line for the run
+    overload_report.py run WORK LABEL HEALTHZ_STATUS [BOUND]
+                                                       one line for the run (BOUND: the
+                                                       server's static in-flight bound)
     overload_report.py sweep WORK                      the capacity sweep's best row: prints
                                                        its connections, keeps it in WORK/capacity
     overload_report.py summary WORK PREFIX ROUNDS      the PREFIX server's ratios, round
@@ -31,6 +33,11 @@ def report(work, label):
     return r, r["steps"][0]
 
 
+def schedule_s(r):
+    """The seconds the clients sent in (older reports: the whole run)."""
+    return r.get("schedule_s") or r["duration_s"]
+
+
 def goodput_and_p99(work, label):
     """Goodput (201/s) and the client's admitted p99 (ms), from the run's own report.
 
@@ -40,12 +47,12 @@ def goodput_and_p99(work, label):
     to 8 s of waiting as seconds that served nothing."""
     r, s = report(work, label)
     return (
-        s["statuses"].get("201", 0) / (r.get("schedule_s") or r["duration_s"]),
+        s["statuses"].get("201", 0) / schedule_s(r),
         s.get("latency_by_status", {}).get("201", {}).get("p99", 0),
     )
 
 
-def run(work, label, healthz):
+def run(work, label, healthz, bound=None):
     r, s = report(work, label)
     before, after = scrape(f"{work}/{label}.before"), scrape(f"{work}/{label}.after")
     by = s.get("latency_by_status", {})
@@ -71,23 +78,15 @@ def run(work, label, healthz):
     # (once a second) while the schedule ran (the samples' `t` is the timeline's clock):
     # an overload that keeps fewer in flight than the unloaded runs beside it leaves the
     # server short of work.
-    schedule = r.get("schedule_s") or r["duration_s"]
-    inflight = [
+    inflight = sorted(
         x["guard_inflight"]
         for x in r.get("server", [])
-        if x.get("guard_inflight") is not None and 0 < x["t"] <= schedule
-    ]
+        if x.get("guard_inflight") is not None and 0 < x["t"] <= schedule_s(r)
+    )
     if inflight:
-        # The static bound, for the servers that have one (WORK/bound.PREFIX).
-        bounds = [
-            open(f"{work}/{name}").read().strip()
-            for name in os.listdir(work)
-            if name.startswith("bound.") and label.startswith(name[len("bound."):] + "_")
-        ]
-        inflight.sort()
         server += (
             f"; in flight at {len(inflight)} scrapes: median {statistics.median(inflight):.0f}, "
-            f"p10 {inflight[len(inflight) // 10]:.0f}" + (f" of a bound of {bounds[0]}" if bounds else "")
+            f"p10 {inflight[len(inflight) // 10]:.0f}" + (f" of a bound of {bound}" if bound else "")
         )
     mib = lambda m: f"{m.get('process_resident_memory_bytes', 0) / 1048576:.0f}"
     print(
@@ -173,7 +172,7 @@ def summary(work, prefix, rounds):
             for name in names:
                 r, s = report(work, label(name))
                 n += s["statuses"].get("201", 0)
-                t += r.get("schedule_s") or r["duration_s"]
+                t += schedule_s(r)
             return n / t
         own_all = pooled(f"unloaded_{i}" for i in range(rounds + 1))
         for name, title in kinds:
@@ -189,7 +188,7 @@ def summary(work, prefix, rounds):
 
 if __name__ == "__main__":
     if sys.argv[1] == "run":
-        run(sys.argv[2], sys.argv[3], sys.argv[4])
+        run(sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5] if len(sys.argv) > 5 else None)
     elif sys.argv[1] == "sweep":
         sweep(sys.argv[2])
     else:
