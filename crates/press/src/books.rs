@@ -122,6 +122,42 @@ pub trait Ledger {
         &self,
         order_id: &str,
     ) -> impl Future<Output = anyhow::Result<Option<serde_json::Value>>>;
+    /// How many times the server has refused the checker so far (429/503, each retried
+    /// after the wait it asked for). The lookups narrow their window when it grows.
+    fn refusals(&self) -> u64 {
+        0
+    }
+}
+
+/// The lookups of the orders go out in rounds of `window` at once. A guarded server's
+/// in-flight bound covers the checker too: a fixed 32 at once against a bound of 18 had
+/// most of every round refused, each refusal answered late by the server's hold on
+/// that connection, and 25,000 orders took hours to check. So a round the server
+/// refused `r` lookups of sets the window, and its ceiling for the rest of the check, to
+/// `r` fewer (at least one): what the server took at once. A round taken whole widens
+/// it by one, up to the ceiling. (Halving on a refusal and growing back to the most
+/// asked met the bound again every few rounds, and each time waited out a
+/// `Retry-After`: ~100 lookups a second.)
+struct Window {
+    now: usize,
+    max: usize,
+}
+
+impl Window {
+    fn new(max: usize) -> Window {
+        let max = max.max(1);
+        Window { now: max, max }
+    }
+
+    fn after_round(&mut self, refused: u64) {
+        if refused > 0 {
+            let refused = usize::try_from(refused).unwrap_or(usize::MAX);
+            self.now = self.now.saturating_sub(refused).max(1);
+            self.max = self.now;
+        } else {
+            self.now = (self.now + 1).min(self.max);
+        }
+    }
 }
 
 /// Checks receipts against the server's books. `dropped` is how many receipts were not
@@ -280,13 +316,20 @@ pub async fn check<L: Ledger>(
         }
     }
 
-    // Every acknowledged order, looked up one by one.
+    // Every acknowledged order, looked up one by one, as many at once as the server takes.
     let ids: Vec<&str> = orders.keys().copied().collect();
-    for chunk in ids.chunks(max_lookups_in_flight.max(1)) {
-        let lookups = chunk
+    let mut window = Window::new(max_lookups_in_flight);
+    let mut rest = &ids[..];
+    while !rest.is_empty() {
+        let (round, after) = rest.split_at(window.now.min(rest.len()));
+        rest = after;
+        let refusals_before = ledger.refusals();
+        let lookups = round
             .iter()
             .map(|id| async move { (*id, ledger.order(id).await) });
-        for (id, found) in futures::future::join_all(lookups).await {
+        let answers = futures::future::join_all(lookups).await;
+        window.after_round(ledger.refusals().saturating_sub(refusals_before));
+        for (id, found) in answers {
             let mine = orders[id];
             match found {
                 Err(e) => {
@@ -340,12 +383,15 @@ pub struct HttpLedger {
     pub client: reqwest::Client,
     pub base: String,
     pub admin_token: String,
+    /// Refusals met so far ([`Ledger::refusals`]).
+    pub refused: std::sync::atomic::AtomicU64,
 }
 
 impl HttpLedger {
     /// GET with the admin token. A guarded server may refuse the checker too (429/503
     /// with `Retry-After`, e.g. right after the storm it was measured under): wait as
-    /// asked and try again, a bounded number of times.
+    /// asked and try again, a bounded number of times. The whole wait: a request sent
+    /// sooner on that connection would meet the server's hold for the rest of it.
     async fn get(&self, path: &str) -> anyhow::Result<reqwest::Response> {
         const ATTEMPTS: u32 = 30;
         for attempt in 1..=ATTEMPTS {
@@ -359,19 +405,25 @@ impl HttpLedger {
             if !refused || attempt == ATTEMPTS {
                 return Ok(response);
             }
+            self.refused
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let wait = response
                 .headers()
                 .get(reqwest::header::RETRY_AFTER)
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| v.parse::<u64>().ok())
                 .map_or(std::time::Duration::from_millis(200), |s| {
-                    std::time::Duration::from_secs(s.min(2))
+                    std::time::Duration::from_secs(s.min(RETRY_AFTER_MAX_S))
                 });
             tokio::time::sleep(wait).await;
         }
         unreachable!("the last attempt returns")
     }
 }
+
+/// The longest `Retry-After` the checker waits out: the most the server may ask
+/// (`guard.system.overload_retry_after_max` is at most 1 m; 8 s by default).
+const RETRY_AFTER_MAX_S: u64 = 60;
 
 impl Ledger for HttpLedger {
     async fn audit(&self, sale_id: &str) -> anyhow::Result<serde_json::Value> {
@@ -394,6 +446,10 @@ impl Ledger for HttpLedger {
             200 => Ok(Some(response.json().await?)),
             other => anyhow::bail!("order lookup answered {other}: {}", response.text().await?),
         }
+    }
+
+    fn refusals(&self) -> u64 {
+        self.refused.load(std::sync::atomic::Ordering::Relaxed)
     }
 }
 
@@ -545,6 +601,75 @@ mod tests {
         receipts[2].quantity = 0;
         assert!(check(&audit(7), &sale, &receipts, 0, 8).await.ok);
         assert!(!check(&audit(8), &sale, &receipts, 0, 8).await.ok);
+    }
+
+    /// A server that takes at most `bound` lookups at once and refuses the rest, each
+    /// refused lookup answered after a retry as `HttpLedger` does.
+    struct BoundedLedger {
+        inner: FakeLedger,
+        bound: usize,
+        in_flight: std::cell::Cell<usize>,
+        most_in_flight: std::cell::Cell<usize>,
+        refused: std::cell::Cell<u64>,
+    }
+
+    impl Ledger for BoundedLedger {
+        async fn audit(&self, id: &str) -> anyhow::Result<serde_json::Value> {
+            self.inner.audit(id).await
+        }
+        async fn order(&self, id: &str) -> anyhow::Result<Option<serde_json::Value>> {
+            // Every lookup of the round is out before any is answered.
+            self.in_flight.set(self.in_flight.get() + 1);
+            tokio::task::yield_now().await;
+            let now = self.in_flight.get();
+            self.most_in_flight.set(self.most_in_flight.get().max(now));
+            if now > self.bound {
+                self.refused.set(self.refused.get() + 1);
+            }
+            self.in_flight.set(now - 1);
+            self.inner.order(id).await
+        }
+        fn refusals(&self) -> u64 {
+            self.refused.get()
+        }
+    }
+
+    #[tokio::test]
+    async fn lookups_narrow_to_what_a_guarded_server_takes() {
+        let ids: Vec<String> = (0..2_000).map(|i| format!("o{i}")).collect();
+        let receipts: Vec<Receipt> = ids
+            .iter()
+            .enumerate()
+            .map(|(i, id)| purchase(&format!("u{i}"), &format!("k{i}"), id))
+            .collect();
+        let mut inner = ledger(&[], 0);
+        inner.audit = serde_json::json!({"quantity": 2_000, "remaining": 0, "pending_payment": 2_000, "paid": 0, "cancelled": 0, "expired": 0, "consistent": true});
+        inner.orders = ids
+            .iter()
+            .map(|id| {
+                (
+                    id.clone(),
+                    serde_json::json!({"order_id": id, "quantity": 1, "status": "pending_payment"}),
+                )
+            })
+            .collect();
+        let server = BoundedLedger {
+            inner,
+            bound: 8,
+            in_flight: Default::default(),
+            most_in_flight: Default::default(),
+            refused: Default::default(),
+        };
+        let books = check(&server, &sale(2_000), &receipts, 0, 32).await;
+        assert!(books.ok, "{books:?}");
+        assert_eq!(
+            server.most_in_flight.get(),
+            32,
+            "the first round asks the most"
+        );
+        // Rounds of 32 throughout would be refused 24 times each: 1,500 refusals. The
+        // first round's refusals set the window to what the server took.
+        assert_eq!(server.refused.get(), 24, "refusals");
     }
 
     #[tokio::test]

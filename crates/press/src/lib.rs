@@ -813,6 +813,7 @@ async fn execute(args: &PressArgs, p: Prepared, progress: bool) -> anyhow::Resul
                     client: client.clone(),
                     base: p.target.base.clone(),
                     admin_token: token.clone(),
+                    refused: Default::default(),
                 };
                 books::check(&ledger, sale, &receipts, receipts_dropped, 32).await
             }
