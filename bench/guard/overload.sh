@@ -9,9 +9,12 @@
 # First the capacity: a server with no in-flight bound, fresh for each connection count
 # of SWEEP (default "64 256 512"), each count run closed-loop (one request in flight per
 # connection). Group commit needs purchases in flight to fill its batches, so 64
-# connections understate what the server can do (on this machine 0.7–0.8 of the most);
-# the count with the most goodput is the one that saturates the server, N, and that
-# goodput is its capacity. The overload is 32 × N connections (OVERLOAD_VUS overrides).
+# connections understate what the server can do (on this machine 0.7–0.8 of the most).
+# The most goodput of any count is the capacity; the fewest connections that reach
+# KNEE (default 0.95) of it saturate the server, N: past them more connections add
+# queueing, not goodput, and the count with the very most would let a few percent of
+# noise between, say, 256 and 512 double the overload. The overload is 32 × N
+# connections (OVERLOAD_VUS overrides).
 #
 # The guarded server's bound defaults to N × 9/8 requests in flight, so that purchases
 # (0.9 of the bound by the class shares) may have the N in flight that saturate the
@@ -44,8 +47,9 @@
 # client work then cannot delay the server's answers, nor the server the client's
 # reading of them (what the admitted p99 measures).
 #
-# Environment: DURATION (default 8s), SWEEP (default "64 256 512"), SATURATING (skip the
-# sweep: this many connections saturate the server; no swept capacity then),
+# Environment: DURATION (default 8s), SWEEP (default "64 256 512"), KNEE (default 0.95),
+# SATURATING (skip the sweep: this many connections saturate the server; no swept
+# capacity then),
 # OVERLOAD_VUS (default 32 × N), MAX_INFLIGHT (default N × 9/8), ROUNDS (default 1), ONLY (a label prefix:
 # run only those servers, e.g. ONLY=guarded), PIN (default 0), KEEP (a directory to keep
 # each run's report and /metrics scrapes in), STAMPEDE_BIN.
@@ -110,7 +114,7 @@ else
     start 18200
     run "sweep_${c}" "$c" ignore
   done
-  n=$(python3 "$here/overload_report.py" sweep "$work")
+  n=$(python3 "$here/overload_report.py" sweep "$work" "${KNEE:-0.95}")
 fi
 overload=${OVERLOAD_VUS:-$((32 * n))}
 max_inflight=${MAX_INFLIGHT:-$(((n * 9 + 7) / 8))}
