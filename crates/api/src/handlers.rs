@@ -944,6 +944,7 @@ mod tests {
         assert!(!is_json_media_type("application/jsonfoo"));
         assert!(!is_json_media_type("text/json"));
     }
+
     #[test]
     fn the_purchase_answer_fits_the_room_it_starts_with() {
         let placed = Placed {
