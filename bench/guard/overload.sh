@@ -49,10 +49,10 @@
 #
 # Environment: DURATION (default 8s), SWEEP (default "64 256 512"), KNEE (default 0.95),
 # SATURATING (skip the sweep: this many connections saturate the server; no swept
-# capacity then),
-# OVERLOAD_VUS (default 32 × N), MAX_INFLIGHT (default N × 9/8), ROUNDS (default 1), ONLY (a label prefix:
-# run only those servers, e.g. ONLY=guarded), PIN (default 0), KEEP (a directory to keep
-# each run's report and /metrics scrapes in), STAMPEDE_BIN.
+# capacity then), OVERLOAD_VUS (default 32 × N), MAX_INFLIGHT (default N × 9/8), ROUNDS
+# (default 1), ONLY (a label prefix: run only those servers, e.g. ONLY=guarded), PIN
+# (default 0), KEEP (a directory to keep each run's report and /metrics scrapes in),
+# STAMPEDE_BIN.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 # shellcheck source=../lib.sh

@@ -6,8 +6,10 @@ LABEL.after (the server's /metrics just before and after it).
     overload_report.py run WORK LABEL HEALTHZ_STATUS [BOUND]
                                                        one line for the run (BOUND: the
                                                        server's static in-flight bound)
-    overload_report.py sweep WORK                      the capacity sweep's best row: prints
-                                                       its connections, keeps it in WORK/capacity
+    overload_report.py sweep WORK [KNEE]               the capacity sweep: the best row's
+                                                       goodput is the capacity; prints the
+                                                       fewest connections within KNEE (0.95)
+                                                       of it, keeps both in WORK/capacity
     overload_report.py summary WORK PREFIX ROUNDS      the PREFIX server's ratios, round
                                                        by round and over all ROUNDS
 """

@@ -407,23 +407,13 @@ impl HttpLedger {
             }
             self.refused
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            let wait = response
-                .headers()
-                .get(reqwest::header::RETRY_AFTER)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.parse::<u64>().ok())
-                .map_or(std::time::Duration::from_millis(200), |s| {
-                    std::time::Duration::from_secs(s.min(RETRY_AFTER_MAX_S))
-                });
+            let wait = crate::runner::retry_after(response.headers())
+                .unwrap_or(std::time::Duration::from_millis(200));
             tokio::time::sleep(wait).await;
         }
         unreachable!("the last attempt returns")
     }
 }
-
-/// The longest `Retry-After` the checker waits out: the most the server may ask
-/// (`guard.system.overload_retry_after_max` is at most 1 m; 8 s by default).
-const RETRY_AFTER_MAX_S: u64 = 60;
 
 impl Ledger for HttpLedger {
     async fn audit(&self, sale_id: &str) -> anyhow::Result<serde_json::Value> {

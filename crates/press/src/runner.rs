@@ -809,12 +809,7 @@ impl Worker {
             sender.ready().await.map_err(|_| "io")?;
             let response = sender.send_request(request).await.map_err(|_| "io")?;
             let status = response.status().as_u16();
-            let retry_after = response
-                .headers()
-                .get(hyper::header::RETRY_AFTER)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.trim().parse::<u64>().ok())
-                .map(|s| Duration::from_secs(s.min(60)));
+            let retry_after = retry_after(response.headers());
             let body = response
                 .into_body()
                 .collect()
@@ -913,6 +908,18 @@ fn splitmix64(n: u64) -> u64 {
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
     z ^ (z >> 31)
+}
+
+/// The wait a refusal's `Retry-After` asks for (delay-seconds), at most a minute: the
+/// most a Stampede server asks (`guard.system.overload_retry_after_max` and
+/// `hold_refused` are at most 1m). Read the same way by the run's clients and the books
+/// check.
+pub(crate) fn retry_after(headers: &hyper::HeaderMap) -> Option<Duration> {
+    headers
+        .get(hyper::header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map(|s| Duration::from_secs(s.min(60)))
 }
 
 #[cfg(test)]
