@@ -380,14 +380,24 @@ pub async fn check<L: Ledger>(
 
 /// The server's books over HTTP, with the admin token.
 pub struct HttpLedger {
-    pub client: reqwest::Client,
-    pub base: String,
-    pub admin_token: String,
+    client: reqwest::Client,
+    base: String,
+    admin_token: String,
     /// Refusals met so far ([`Ledger::refusals`]).
-    pub refused: std::sync::atomic::AtomicU64,
+    refused: std::sync::atomic::AtomicU64,
 }
 
 impl HttpLedger {
+    /// The books of the server at `base` (no trailing slash), read with `admin_token`.
+    pub fn new(client: reqwest::Client, base: String, admin_token: String) -> HttpLedger {
+        HttpLedger {
+            client,
+            base,
+            admin_token,
+            refused: Default::default(),
+        }
+    }
+
     /// GET with the admin token. A guarded server may refuse the checker too (429/503
     /// with `Retry-After`, e.g. right after the storm it was measured under): wait as
     /// asked and try again, a bounded number of times. The whole wait: a request sent

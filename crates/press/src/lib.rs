@@ -809,12 +809,7 @@ async fn execute(args: &PressArgs, p: Prepared, progress: bool) -> anyhow::Resul
     let books = match (&p.sale, p.plan.has_books()) {
         (Some(sale), true) => match &p.admin_token {
             Some(token) => {
-                let ledger = HttpLedger {
-                    client: client.clone(),
-                    base: p.target.base.clone(),
-                    admin_token: token.clone(),
-                    refused: Default::default(),
-                };
+                let ledger = HttpLedger::new(client.clone(), p.target.base.clone(), token.clone());
                 books::check(&ledger, sale, &receipts, receipts_dropped, 32).await
             }
             None => {
