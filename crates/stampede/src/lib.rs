@@ -14,6 +14,8 @@ use stampede_api::{AppState, Auth, Secret};
 use stampede_engine::{AckMode, Engine, EngineConfig, SystemClock};
 use tokio::sync::oneshot;
 
+pub mod alloc;
+
 /// Where a purchase takes its stock.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]

@@ -9,7 +9,7 @@ use stampede_api::mint_shopper_token;
 use tokio::io::AsyncBufReadExt;
 
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: stampede::alloc::MiMalloc = stampede::alloc::MiMalloc;
 
 #[derive(Parser)]
 #[command(
