@@ -252,6 +252,8 @@ pub(crate) type Outcome = Result<Placed, PurchaseError>;
 /// Hash maps on the hot path use foldhash: keys are ours or bounded, and SipHash showed
 /// in profiles.
 pub(crate) type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+/// A set on the hot path, hashed as [`FastMap`].
+pub(crate) type FastSet<K> = std::collections::HashSet<K, foldhash::fast::RandomState>;
 
 pub(crate) enum IdemEntry {
     /// The first request with this key is being decided; duplicates wait here.
@@ -490,7 +492,7 @@ pub(crate) struct Shared {
     pub clock: Arc<dyn Clock>,
     pub config: EngineConfig,
     pub products: RwLock<HashMap<Sku, Arc<Mutex<ProductState>>>>,
-    pub sales: RwLock<HashMap<SaleId, Arc<SaleState>>>,
+    pub sales: RwLock<FastMap<SaleId, Arc<SaleState>>>,
     idem_shards: Vec<Mutex<FastMap<(UserId, IdempotencyKey), IdemEntry>>>,
     idem_hasher: foldhash::fast::RandomState,
     /// Each shopper's newest durable order ids, oldest first: at most
@@ -1048,7 +1050,7 @@ impl Engine {
             clock,
             config: config.clone(),
             products: RwLock::new(HashMap::new()),
-            sales: RwLock::new(HashMap::new()),
+            sales: RwLock::new(FastMap::default()),
             idem_shards: (0..IDEM_SHARDS)
                 .map(|_| Mutex::new(FastMap::default()))
                 .collect(),

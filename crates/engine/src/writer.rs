@@ -12,7 +12,7 @@
 //! the writer's time; at light load batches are small and latency is one fsync.
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashSet};
+use std::collections::BinaryHeap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -25,7 +25,7 @@ use tokio::time::MissedTickBehavior;
 const LEASE_RETRY_MS: i64 = 500;
 
 use crate::engine::{
-    AdminError, Audit, Outcome, Placed, PurchaseError, SaleState, Shared, duration_ms,
+    AdminError, Audit, FastSet, Outcome, Placed, PurchaseError, SaleState, Shared, duration_ms,
 };
 use crate::store::{OpOutcome, OrderRecord, ProductRecord, SaleRecord, StoreError, WriteOp};
 
@@ -99,7 +99,7 @@ pub(crate) struct Writer {
     /// sales, whatever the churn of buying and cancelling.
     expiries: BinaryHeap<Reverse<(i64, OrderId)>>,
     /// The orders this writer knows to be pending (its own, and those it adopted).
-    pending: HashSet<OrderId>,
+    pending: FastSet<OrderId>,
     /// When the writer last tried a probe write after failed commits.
     last_probe: Option<Instant>,
     /// A reclaim removed nodes (or failed, perhaps after removing some): their pending
