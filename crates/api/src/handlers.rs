@@ -443,6 +443,25 @@ impl<S: Send + Sync> FromRequestParts<S> for KeyHeader {
     }
 }
 
+/// [`purchase`] for a request that did not go through the router (`PurchaseFirst`, in
+/// lib.rs): its extractors in the order axum runs them, each refusal answered as axum
+/// answers it, then the handler. `id` is the path's sale id, spelled plainly.
+pub(crate) async fn purchase_request(app: AppState, id: String, request: Request) -> Response {
+    let (mut parts, body) = request.into_parts();
+    let shopper = match Shopper::from_request_parts(&mut parts, &app).await {
+        Ok(shopper) => shopper,
+        Err(rejection) => return rejection.into_response(),
+    };
+    let Ok(key) = KeyHeader::from_request_parts(&mut parts, &app).await;
+    let body = match JsonBody::from_request(Request::from_parts(parts, body), &app).await {
+        Ok(body) => body,
+        Err(rejection) => return rejection.into_response(),
+    };
+    purchase(State(app), shopper, PathText(id), key, body)
+        .await
+        .into_response()
+}
+
 #[utoipa::path(post, path = "/v1/flash-sales/{id}/purchase", request_body = PurchaseRequest,
     params(("id" = String, Path), ("Idempotency-Key" = String, Header)), security(("shopper" = [])),
     responses((status = 201, description = "order placed and durable", body = PurchaseBody),
