@@ -120,9 +120,13 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for JsonBody<T> {
                 "send Content-Type: application/json",
             ));
         }
-        let bytes = Bytes::from_request(req, state)
-            .await
-            .map_err(from_bytes_rejection)?;
+        // Read already, within the same limit, when the guard waited for the whole body.
+        let bytes = match req.extensions().get::<crate::WholeBody>() {
+            Some(crate::WholeBody(bytes)) => bytes.clone(),
+            None => Bytes::from_request(req, state)
+                .await
+                .map_err(from_bytes_rejection)?,
+        };
         // serde accepts a JSON array for a struct (fields by position); the contract's
         // bodies are objects only.
         match bytes.iter().find(|b| !b.is_ascii_whitespace()) {
