@@ -10,8 +10,6 @@ use axum::body::Body;
 use axum::http::{Request, header};
 use criterion::{Criterion, criterion_group, criterion_main};
 use stampede_api::{Secret, mint_shopper_token};
-use stampede_engine::{NewProduct, NewSale};
-use stampede_types::{Cents, Sku};
 use tower::ServiceExt;
 
 fn router(c: &mut Criterion) {
@@ -25,33 +23,10 @@ fn router(c: &mut Criterion) {
     let (app, sale) = runtime.block_on(async {
         let engine =
             stampede_store::testing::reserved_sqlite_engine(&dir.path().join("bench.db")).await;
-        let sku = Sku::parse("BENCH").unwrap();
-        engine
-            .create_product(NewProduct {
-                sku: sku.clone(),
-                name: "bench".into(),
-                price: Cents::parse("price_cents", 100).unwrap(),
-                stock: 1_000_000_000,
-            })
-            .await
-            .unwrap();
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_millis() as i64;
-        let sale = engine
-            .create_sale(NewSale {
-                sku,
-                price: Cents::parse("price_cents", 50).unwrap(),
-                quantity: 1_000_000_000,
-                per_user_limit: 1_000_000,
-                starts_at_ms: now - 1_000,
-                ends_at_ms: now + 3_600_000,
-            })
-            .await
-            .unwrap();
+        let sale =
+            stampede_api::testing::open_sale(&engine, "BENCH", 1_000_000_000, 1_000_000).await;
         let app = stampede_api::testing::router(engine, &jwt);
-        (app, sale.record.id.to_string())
+        (app, sale)
     });
     // As the server's connections give them (one connection carries every request).
     let peer = stampede_api::testing::peer();

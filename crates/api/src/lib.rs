@@ -1194,40 +1194,10 @@ mod tests {
     /// router reads: same status, same error code, and one order for one key across both.
     #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
     async fn a_purchase_answers_the_same_ahead_of_the_router_and_through_it() {
-        use stampede_engine::{NewProduct, NewSale};
-        use stampede_types::{Cents, Sku};
-
         let dir = tempfile::tempdir().unwrap();
         let engine =
             stampede_store::testing::reserved_sqlite_engine(&dir.path().join("fast.db")).await;
-        let sku = Sku::parse("FAST").unwrap();
-        engine
-            .create_product(NewProduct {
-                sku: sku.clone(),
-                name: "fast".into(),
-                price: Cents::parse("price_cents", 100).unwrap(),
-                stock: 100,
-            })
-            .await
-            .unwrap();
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_millis() as i64;
-        let sale = engine
-            .create_sale(NewSale {
-                sku,
-                price: Cents::parse("price_cents", 50).unwrap(),
-                quantity: 100,
-                per_user_limit: 3,
-                starts_at_ms: now - 1_000,
-                ends_at_ms: now + 3_600_000,
-            })
-            .await
-            .unwrap()
-            .record
-            .id
-            .to_string();
+        let sale = testing::open_sale(&engine, "FAST", 100, 3).await;
         let jwt = Secret::new("fast-path-jwt-secret");
         let app = testing::router(engine, &jwt);
         let token = format!("Bearer {}", mint_shopper_token(&jwt, "shopper-1", None));

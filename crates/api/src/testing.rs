@@ -6,7 +6,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::ConnectInfo;
-use stampede_engine::Engine;
+use stampede_engine::{Engine, NewProduct, NewSale};
+use stampede_types::{Cents, Sku};
 
 use crate::{App, AppState, Auth, GuardedRoutes, Secret};
 
@@ -44,4 +45,38 @@ pub fn peer() -> ConnectInfo<crate::hold::Peer> {
         [127, 0, 0, 1],
         40_000,
     ))))
+}
+
+/// A product of `stock` units under `sku` at 100 cents, and a sale of all of them at 50
+/// cents, at most `per_user_limit` a shopper, started a second ago and open for an
+/// hour: what the benchmarks and tests that drive the router buy from. The sale's id.
+pub async fn open_sale(engine: &Engine, sku: &str, stock: u64, per_user_limit: u32) -> String {
+    let sku = Sku::parse(sku).expect("a valid SKU");
+    engine
+        .create_product(NewProduct {
+            sku: sku.clone(),
+            name: "in process".into(),
+            price: Cents::parse("price_cents", 100).expect("valid"),
+            stock,
+        })
+        .await
+        .expect("the product is created");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("after 1970")
+        .as_millis() as i64;
+    engine
+        .create_sale(NewSale {
+            sku,
+            price: Cents::parse("price_cents", 50).expect("valid"),
+            quantity: stock,
+            per_user_limit,
+            starts_at_ms: now - 1_000,
+            ends_at_ms: now + 3_600_000,
+        })
+        .await
+        .expect("the sale is created")
+        .record
+        .id
+        .to_string()
 }
