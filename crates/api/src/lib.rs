@@ -584,6 +584,9 @@ async fn timed<F: std::future::Future<Output = Response>>(
     response
 }
 
+/// What comes before and after the sale id in a purchase's path.
+const PURCHASE_PATH: (&str, &str) = ("/v1/flash-sales/", "/purchase");
+
 /// The sale id of `POST /v1/flash-sales/{id}/purchase` when the path spells it plainly
 /// (no `%`, which only the router decodes), for [`PurchaseFirst`].
 fn purchase_sale_id(request: &Request) -> Option<&str> {
@@ -593,8 +596,8 @@ fn purchase_sale_id(request: &Request) -> Option<&str> {
     let id = request
         .uri()
         .path()
-        .strip_prefix("/v1/flash-sales/")?
-        .strip_suffix("/purchase")?;
+        .strip_prefix(PURCHASE_PATH.0)?
+        .strip_suffix(PURCHASE_PATH.1)?;
     // Bytes, not chars: a `char` pattern decodes UTF-8 as it goes, several times the cost.
     (!id.is_empty() && !id.bytes().any(|b| b == b'/' || b == b'%')).then_some(id)
 }
@@ -667,9 +670,9 @@ impl tower::Service<Request> for PurchaseRoute {
     fn call(&mut self, request: Request) -> Self::Future {
         let (app, body_limit) = (self.app.clone(), self.body_limit);
         Box::pin(async move {
-            let id = purchase_sale_id(&request)
-                .expect("dispatched here on its path")
-                .to_owned();
+            // `PurchaseFirst` checked the path: the id is what lies between its two ends.
+            let path = request.uri().path();
+            let id = path[PURCHASE_PATH.0.len()..path.len() - PURCHASE_PATH.1.len()].to_owned();
             let handler = app.clone();
             Ok(
                 timed(&app, RouteLabel::PURCHASE, body_limit, request, |request| {
