@@ -13,10 +13,12 @@ fn resident_bytes() -> usize {
 
 #[test]
 fn a_million_distinct_shoppers_do_not_grow_memory_past_the_bound() {
+    // Read before the guard exists: the table is written whole when it is made, so its
+    // own pages count against the bound too.
+    let before = resident_bytes();
     let guard = Guard::new(GuardRules::default()).unwrap();
     let bound = guard.stats().hot_memory_bytes;
     assert_eq!(bound, stampede_guard::HOT_SLOTS * 16);
-    let before = resident_bytes();
     let mut key = String::new();
     for i in 0..1_000_000u32 {
         key.clear();
@@ -25,12 +27,12 @@ fn a_million_distinct_shoppers_do_not_grow_memory_past_the_bound() {
         let _ = guard.check_hot(&guard.resource("purchase"), Param::Shopper, &key);
     }
     let grown = resident_bytes().saturating_sub(before);
-    // The table's pages are touched (at most its size) and nothing else grows.
+    // The table (its stated size) and at most 2 MiB besides: a map keyed by shopper
+    // would have grown by tens of bytes a key, tens of MiB here.
     assert!(
         grown <= bound + (2 << 20),
         "grew {grown} bytes, bound {bound}"
     );
-    assert_eq!(guard.stats().hot_memory_bytes, bound);
     // The limit still holds per shopper after all of that.
     for _ in 0..20 {
         guard
