@@ -141,16 +141,15 @@ pub fn from_bytes_rejection(rejection: BytesRejection) -> ApiError {
 }
 
 /// The error for a body `json` that did not deserialize: `malformed_json` when it is
-/// not JSON at all, `invalid_body` when it is but has the wrong shape. serde_json calls
-/// some shape errors syntax (an array where a unit variant's name belongs), so a
-/// syntax error is checked against the body itself (only on this error path). A body
-/// that is not UTF-8 is not JSON (RFC 8259 §8.1), although serde skims over the bytes
-/// of a string it ignores.
+/// not JSON at all, `invalid_body` when it is but has the wrong shape. serde_json stops
+/// at the first error it meets, and calls it by what it met: a shape error (an unknown
+/// field) in a body cut short after it, or a syntax error where an array stands for a
+/// unit variant's name. So the whole body is checked instead (only on this error path).
+/// A body that is not UTF-8 is not JSON (RFC 8259 §8.1), although serde skims over the
+/// bytes of a string it ignores.
 pub fn from_serde(error: serde_json::Error, json: &[u8]) -> ApiError {
-    use serde_json::error::Category;
     let malformed = std::str::from_utf8(json).is_err()
-        || (error.classify() != Category::Data
-            && serde_json::from_slice::<serde::de::IgnoredAny>(json).is_err());
+        || serde_json::from_slice::<serde::de::IgnoredAny>(json).is_err();
     let code = if malformed {
         "malformed_json"
     } else {
@@ -309,6 +308,7 @@ mod tests {
         assert_eq!(
             code(b"{\"class\": \"Browse\", \"other\": \"\xff\"}"),
             "malformed_json"
-        );
+        ); // A shape error met first, in a body cut short after it: still not JSON.
+        assert_eq!(code(br#"{"class": "Other", "name": "#), "malformed_json");
     }
 }

@@ -129,24 +129,25 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for JsonBody<T> {
         };
         // serde accepts a JSON array for a struct (fields by position); the contract's
         // bodies are objects only.
-        match bytes.iter().find(|b| !b.is_ascii_whitespace()) {
-            Some(b'{') => {}
-            Some(b'[' | b'"' | b't' | b'f' | b'n' | b'-' | b'0'..=b'9') => {
-                return Err(ApiError::bad_request(
-                    "invalid_body",
-                    "the body must be a JSON object",
-                ));
-            }
-            _ => {
-                return Err(ApiError::bad_request(
-                    "malformed_json",
-                    "the body is not JSON",
-                ));
-            }
+        if bytes.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+            return Err(not_an_object(&bytes, "the body must be a JSON object"));
         }
         serde_json::from_slice(&bytes)
             .map(JsonBody)
             .map_err(|e| from_serde(e, &bytes))
+    }
+}
+
+/// A body that is not a JSON object, told apart as [`from_serde`] tells them: JSON of
+/// another kind (an array, a string, a number) is `invalid_body` with `message`;
+/// anything else (cut short, not UTF-8, not JSON at all) is `malformed_json`.
+fn not_an_object(bytes: &[u8], message: &'static str) -> ApiError {
+    let json = std::str::from_utf8(bytes).is_ok()
+        && serde_json::from_slice::<serde::de::IgnoredAny>(bytes).is_ok();
+    if json {
+        ApiError::bad_request("invalid_body", message)
+    } else {
+        ApiError::bad_request("malformed_json", "the body is not JSON")
     }
 }
 
@@ -177,8 +178,8 @@ impl<S: Send + Sync> FromRequest<S> for NoBody {
             Some(b'{') => serde_json::from_slice::<Empty>(&bytes)
                 .map(|_| NoBody)
                 .map_err(|e| from_serde(e, &bytes)),
-            Some(_) => Err(ApiError::bad_request(
-                "invalid_body",
+            Some(_) => Err(not_an_object(
+                &bytes,
                 "this route takes no body (or an empty JSON object)",
             )),
         }
@@ -457,10 +458,7 @@ pub(crate) async fn purchase_request(app: AppState, id: String, request: Request
         Err(rejection) => return rejection.into_response(),
     };
     let Ok(key) = KeyHeader::from_request_parts(&mut parts, &app).await;
-    let body = match JsonBody::from_request(Request::from_parts(parts, body), &app).await {
-        Ok(body) => body,
-        Err(rejection) => return rejection.into_response(),
-    };
+    let body = JsonBody::from_request(Request::from_parts(parts, body), &app).await;
     purchase(State(app), shopper, PathText(id), key, body)
         .await
         .into_response()
@@ -482,34 +480,30 @@ pub async fn purchase(
     Shopper(user): Shopper,
     PathText(id): PathText,
     KeyHeader(key): KeyHeader,
-    JsonBody(body): JsonBody<PurchaseRequest>,
+    body: Result<JsonBody<PurchaseRequest>, ApiError>,
 ) -> Result<Response, ApiError> {
-    let key = key.map_err(|()| {
-        ApiError::bad_request(
-            "invalid_field",
-            "idempotency_key: send one Idempotency-Key header, not several",
-        )
-    })?;
-    // An empty header (HTTP trims the spaces around a value) is no key.
-    let key = key.filter(|key| !key.is_empty()).ok_or_else(|| {
-        ApiError::bad_request("missing_idempotency_key", "send an Idempotency-Key header")
-    })?;
-    let key = IdempotencyKey::parse(key.to_str().map_err(|_| {
-        ApiError::bad_request("invalid_field", "idempotency_key: must be visible ASCII")
-    })?)?;
-    let quantity = Quantity::parse(body.quantity)?;
-    let sale_id = parse_sale_id(&id)?;
-    // Per-shopper and per-sale limits before anything costs: a scalper's 21st attempt
-    // in a second gets 429 without touching the engine.
+    // The shopper's own limit before anything about the request is judged: a shopper's
+    // attempts count against it whether or not they are well formed, so a flood of
+    // malformed ones is refused per key (which gives the route's shared rate slot back,
+    // `ApiError::per_key`) instead of using up the rate every shopper shares. A scalper's
+    // 21st attempt in a second gets 429 without touching the engine.
     let resource = &app.guarded.purchase;
-    // The sale by its parsed id: the path may spell one id several ways (case, braces),
-    // and each spelling must not get an allowance of its own. A refusal here gives the
-    // purchase route's rate slot back (`ApiError::per_key`).
     let shopper_taken = app
         .guard
         .check_hot_uncounted(resource, stampede_guard::Param::Shopper, user.as_str())
         .map_err(ApiError::per_key)?;
-    // The sale's check is the last: what it lets through it counts at once.
+    let valid = purchase_input(key, body, &id);
+    let (key, quantity, sale_id) = match valid {
+        Ok(valid) => valid,
+        Err(error) => {
+            // An attempt all the same: it keeps the allowance it took.
+            app.guard.hot_passed(resource, shopper_taken);
+            return Err(error);
+        }
+    };
+    // The sale by its parsed id: the path may spell one id several ways (case, braces),
+    // and each spelling must not get an allowance of its own. The sale's check is the
+    // last: what it lets through it counts at once.
     app.guard
         .check_hot(resource, stampede_guard::Param::Sale, &sale_id)
         .map_err(|rejection| {
@@ -535,6 +529,32 @@ pub async fn purchase(
         PurchaseBody::json(&purchase.placed),
     )
         .into_response())
+}
+
+/// A purchase's key, quantity and sale id, or the first thing wrong with them: the body
+/// (as its extractor refused it), the key header, the quantity, then the sale id.
+fn purchase_input(
+    key: Result<Option<HeaderValue>, ()>,
+    body: Result<JsonBody<PurchaseRequest>, ApiError>,
+    id: &str,
+) -> Result<(IdempotencyKey, Quantity, SaleId), ApiError> {
+    let JsonBody(body) = body?;
+    let key = key.map_err(|()| {
+        ApiError::bad_request(
+            "invalid_field",
+            "idempotency_key: send one Idempotency-Key header, not several",
+        )
+    })?;
+    // An empty header (HTTP trims the spaces around a value) is no key.
+    let key = key.filter(|key| !key.is_empty()).ok_or_else(|| {
+        ApiError::bad_request("missing_idempotency_key", "send an Idempotency-Key header")
+    })?;
+    let key = IdempotencyKey::parse(key.to_str().map_err(|_| {
+        ApiError::bad_request("invalid_field", "idempotency_key: must be visible ASCII")
+    })?)?;
+    let quantity = Quantity::parse(body.quantity)?;
+    let sale_id = parse_sale_id(id)?;
+    Ok((key, quantity, sale_id))
 }
 
 // ---- orders --------------------------------------------------------------------------

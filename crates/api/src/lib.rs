@@ -25,6 +25,7 @@ use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request};
+use axum::http::Method;
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -75,7 +76,7 @@ pub struct App {
 pub fn longest_answer(rules: &stampede_guard::GuardRules, payment_timeout: Duration) -> Duration {
     let longest_route = GUARDED
         .iter()
-        .map(|(route, _)| paced(rules, route))
+        .map(|(route, _, _)| paced(rules, route))
         .max()
         .unwrap_or_default();
     longest_route
@@ -116,25 +117,32 @@ pub struct Arrived(pub Instant);
 
 /// The guard's resources for each guarded route, resolved once.
 pub struct GuardedRoutes {
-    routes: Vec<(&'static str, stampede_guard::Resource, Class)>,
+    routes: Vec<(
+        &'static str,
+        stampede_guard::Resource,
+        Class,
+        &'static Method,
+    )>,
     pub purchase: stampede_guard::Resource,
 }
 
-/// Routes the guard decides on, and their class. Not listed, and never refused by the
+/// Routes the guard decides on, their class, and the method the route answers (a `GET`
+/// route answers `HEAD` too). Another method on the same path is answered
+/// `405 method_not_allowed` by the router and costs nothing of the route's limits. Not listed, and never refused by the
 /// guard: `/healthz`, `/readyz`, `/metrics` (probes and scrapes must see the truth under
 /// load) and the admin writes (products, sales, guard rules: operators must be able to
 /// act during the surge).
-pub const GUARDED: &[(&str, Class)] = &[
-    ("pay", Class::Pay),
-    ("purchase", Class::Purchase),
-    ("cancel", Class::Purchase),
-    ("get_sale", Class::Browse),
-    ("get_product", Class::Browse),
-    ("get_order", Class::Browse),
-    ("list_orders", Class::Browse),
-    ("audit", Class::Stats),
-    ("openapi", Class::Stats),
-    ("guard_stats", Class::Stats),
+pub const GUARDED: &[(&str, Class, Method)] = &[
+    ("pay", Class::Pay, Method::POST),
+    ("purchase", Class::Purchase, Method::POST),
+    ("cancel", Class::Purchase, Method::POST),
+    ("get_sale", Class::Browse, Method::GET),
+    ("get_product", Class::Browse, Method::GET),
+    ("get_order", Class::Browse, Method::GET),
+    ("list_orders", Class::Browse, Method::GET),
+    ("audit", Class::Stats, Method::GET),
+    ("openapi", Class::Stats, Method::GET),
+    ("guard_stats", Class::Stats, Method::GET),
 ];
 
 /// Resources the code asks the guard about besides the routes: `payment` is each call
@@ -178,12 +186,12 @@ pub fn check_rules(
 pub fn check_rule_targets(
     rules: &stampede_guard::GuardRules,
 ) -> Result<(), Vec<stampede_guard::RuleError>> {
-    let route = |name: &str| GUARDED.iter().any(|(r, _)| *r == name);
+    let route = |name: &str| GUARDED.iter().any(|(r, _, _)| *r == name);
     let named = |name: &str| NAMED_RESOURCES.contains(&name);
     let known = || {
         GUARDED
             .iter()
-            .map(|(r, _)| *r)
+            .map(|(r, _, _)| *r)
             .chain(NAMED_RESOURCES.iter().copied())
             .collect::<Vec<_>>()
             .join(", ")
@@ -211,7 +219,7 @@ pub fn check_rule_targets(
                     "no such route; one of {}",
                     GUARDED
                         .iter()
-                        .map(|(r, _)| *r)
+                        .map(|(r, _, _)| *r)
                         .collect::<Vec<_>>()
                         .join(", ")
                 ),
@@ -239,17 +247,22 @@ impl GuardedRoutes {
         GuardedRoutes {
             routes: GUARDED
                 .iter()
-                .map(|(name, class)| (*name, guard.resource(name), *class))
+                .map(|(name, class, method)| (*name, guard.resource(name), *class, method))
                 .collect(),
             purchase: guard.resource("purchase"),
         }
     }
 
-    fn get(&self, route: &str) -> Option<(&stampede_guard::Resource, Class)> {
+    /// The guard's resource and class of `route`, when the guard decides on `method`
+    /// there.
+    fn get(&self, route: &str, method: &Method) -> Option<(&stampede_guard::Resource, Class)> {
         self.routes
             .iter()
-            .find(|(name, _, _)| *name == route)
-            .map(|(_, resource, class)| (resource, *class))
+            .find(|(name, _, _, _)| *name == route)
+            .filter(|(_, _, _, ours)| {
+                method == *ours || (**ours == Method::GET && method == Method::HEAD)
+            })
+            .map(|(_, resource, class, _)| (resource, *class))
     }
 }
 
@@ -347,14 +360,20 @@ impl utoipa::Modify for CommonAnswers {
                 .iter()
                 .find(|(template, _)| template == path)
                 .map(|(_, label)| *label);
-            let guarded = route.is_some_and(|label| GUARDED.iter().any(|(r, _)| *r == label));
+            // The method the guard decides on at this path, if any.
+            let guarded = route.and_then(|label| {
+                GUARDED
+                    .iter()
+                    .find(|(r, _, _)| *r == label)
+                    .map(|(_, _, method)| method)
+            });
             let operations = [
-                (&mut item.get, false),
-                (&mut item.put, true),
-                (&mut item.post, true),
-                (&mut item.delete, false),
+                (&mut item.get, false, Method::GET),
+                (&mut item.put, true, Method::PUT),
+                (&mut item.post, true, Method::POST),
+                (&mut item.delete, false, Method::DELETE),
             ];
-            for (operation, sends) in operations {
+            for (operation, sends, method) in operations {
                 let Some(operation) = operation.as_mut() else {
                     continue;
                 };
@@ -381,7 +400,7 @@ impl utoipa::Modify for CommonAnswers {
                         "unsupported_media_type: the body must be application/json",
                     );
                 }
-                if guarded {
+                if guarded == Some(&method) {
                     add("429", "throttled by a rule of the guard, with Retry-After");
                     add(
                         "503",
@@ -590,7 +609,7 @@ const PURCHASE_PATH: (&str, &str) = ("/v1/flash-sales/", "/purchase");
 /// The sale id of `POST /v1/flash-sales/{id}/purchase` when the path spells it plainly
 /// (no `%`, which only the router decodes), for [`PurchaseFirst`].
 fn purchase_sale_id(request: &Request) -> Option<&str> {
-    if request.method() != axum::http::Method::POST {
+    if request.method() != Method::POST {
         return None;
     }
     let id = request
@@ -696,7 +715,7 @@ async fn protect<F: std::future::Future<Output = Response>>(
     request: Request,
     next: impl FnOnce(Request) -> F,
 ) -> Response {
-    let Some((resource, class)) = app.guarded.get(route.name()) else {
+    let Some((resource, class)) = app.guarded.get(route.name(), request.method()) else {
         return next(request).await;
     };
     // The body first: a request counts against the route's concurrency and the system's
@@ -1349,23 +1368,26 @@ mod tests {
         );
 
         // One order for one key, whichever way it came; a new key through either way buys.
+        // Another shopper: the refusals above spent most of the first one's burst of 20
+        // attempts (the shipped per-shopper limit counts malformed attempts too).
+        let buyer = format!("Bearer {}", mint_shopper_token(&jwt, "shopper-2", None));
         let one = r#"{"quantity":1}"#;
-        let (status, placed) = ask(&plain, Some(&token), &["k-1"], "application/json", one).await;
+        let (status, placed) = ask(&plain, Some(&buyer), &["k-1"], "application/json", one).await;
         assert_eq!(status, StatusCode::CREATED, "{placed}");
         let (status, replayed) =
-            ask(&encoded, Some(&token), &["k-1"], "application/json", one).await;
+            ask(&encoded, Some(&buyer), &["k-1"], "application/json", one).await;
         assert_eq!((status, &replayed), (StatusCode::OK, &placed));
-        let (status, again) = ask(&plain, Some(&token), &["k-1"], "application/json", one).await;
+        let (status, again) = ask(&plain, Some(&buyer), &["k-1"], "application/json", one).await;
         assert_eq!((status, &again), (StatusCode::OK, &placed));
-        let (status, other) = ask(&encoded, Some(&token), &["k-2"], "application/json", one).await;
+        let (status, other) = ask(&encoded, Some(&buyer), &["k-2"], "application/json", one).await;
         assert_eq!(status, StatusCode::CREATED, "{other}");
         assert_ne!(other["order_id"], placed["order_id"]);
         assert_eq!(other["sale_id"], placed["sale_id"]);
         // The same key with another body: refused the same either way.
         let two = r#"{"quantity":2}"#;
-        let (fast, fast_body) = ask(&plain, Some(&token), &["k-1"], "application/json", two).await;
+        let (fast, fast_body) = ask(&plain, Some(&buyer), &["k-1"], "application/json", two).await;
         let (routed, routed_body) =
-            ask(&encoded, Some(&token), &["k-1"], "application/json", two).await;
+            ask(&encoded, Some(&buyer), &["k-1"], "application/json", two).await;
         assert_eq!(fast, StatusCode::UNPROCESSABLE_ENTITY, "{fast_body}");
         assert_eq!(
             (fast, &fast_body["error"]["code"]),

@@ -87,6 +87,60 @@ async fn a_scalper_gets_429s_and_other_shoppers_do_not_notice() {
 }
 
 #[tokio::test]
+async fn a_shoppers_malformed_attempts_count_against_their_own_limit_not_the_shared_rate() {
+    // A purchase rate everyone shares with room for the scalper's 20 and a few more:
+    // malformed attempts (no key, a bad body) past the shopper's own burst must be
+    // refused per key, which gives the shared rate back, and not use it up.
+    let app = spawn_app_with(|config| {
+        config.guard.system.hold_refused = Duration::ZERO;
+        config.guard.flow = vec![reject_past("purchase", 0.1, 30)];
+    })
+    .await;
+    let sale = app.live_sale("GUARD-MALFORMED", 100, 100).await;
+    let scalper = app.shopper("scalper");
+    let url = app.url(&format!("/v1/flash-sales/{sale}/purchase"));
+    let mut statuses = Vec::new();
+    let started = Instant::now();
+    for i in 0..40 {
+        let request = app.client.post(&url).bearer_auth(&scalper);
+        let request = if i % 2 == 0 {
+            request.json(&json!({"quantity": 1}))
+        } else {
+            request
+                .header("idempotency-key", format!("bad-{i}"))
+                .json(&json!({"quantity": 0}))
+        };
+        let reply = send(request).await;
+        match reply.status {
+            400 => assert_error_shape(&reply.body),
+            _ => assert_error(&reply, 429, "throttled"),
+        }
+        statuses.push(reply.status);
+    }
+    let refilled = (started.elapsed().as_millis() / 100) as usize;
+    let malformed = statuses.iter().filter(|s| **s == 400).count();
+    assert!((20..=21 + refilled).contains(&malformed), "{statuses:?}");
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 429).count(),
+        40 - malformed
+    );
+    // The shared rate kept room for the others, and refused none of the scalper's.
+    for i in 0..3 {
+        let reply = app
+            .purchase_reply(&app.shopper(&format!("p{i}")), &sale, "k", 1)
+            .await;
+        assert_eq!(reply.status, 201, "{}", reply.body);
+    }
+    let purchase = resource_totals(&app, "purchase").await;
+    assert_eq!(purchase["blocked_throttled"], 0, "{purchase}");
+    // Nothing was sold for the malformed attempts.
+    let audit = app
+        .get(&format!("/v1/flash-sales/{sale}/audit"), Some(&app.admin))
+        .await;
+    assert_eq!(audit.body["pending_payment"], 3);
+}
+
+#[tokio::test]
 async fn requests_without_a_valid_token_spend_nothing_of_the_routes_rate() {
     // A purchase rate of 3 at once for everyone: a flood without a token (or with a
     // forged one) must not use it up before a shopper's request arrives.
@@ -117,6 +171,47 @@ async fn requests_without_a_valid_token_spend_nothing_of_the_routes_rate() {
     // The rate itself still holds.
     let reply = app.purchase_reply(&app.shopper("s3"), &sale, "k", 1).await;
     assert_error(&reply, 429, "throttled");
+}
+
+#[tokio::test]
+async fn another_method_on_a_guarded_path_spends_nothing_of_its_rate() {
+    // The same purchase rate of 3 at once: GETs, PUTs and DELETEs on the purchase path
+    // (with a shopper's token, or none) are answered 405 by the router and must not use
+    // it up, nor count as purchases the guard let through.
+    let app = spawn_app_with(|config| {
+        config.guard.system.hold_refused = Duration::ZERO;
+        config.guard.flow = vec![reject_past("purchase", 0.1, 3)];
+    })
+    .await;
+    let sale = app.live_sale("GUARD-METHOD", 100, 100).await;
+    let shopper = app.shopper("browser");
+    let url = app.url(&format!("/v1/flash-sales/{sale}/purchase"));
+    for i in 0..9 {
+        let request = match i % 3 {
+            0 => app.client.get(&url),
+            1 => app.client.put(&url).json(&json!({"quantity": 1})),
+            _ => app.client.delete(&url),
+        };
+        let request = if i < 6 {
+            request.bearer_auth(&shopper)
+        } else {
+            request
+        };
+        let reply = send(request.header("idempotency-key", format!("m-{i}"))).await;
+        assert_error(&reply, 405, "method_not_allowed");
+    }
+    assert_eq!(resource_totals(&app, "purchase").await["passed"], 0);
+    for i in 0..3 {
+        let reply = app
+            .purchase_reply(&app.shopper(&format!("s{i}")), &sale, "k", 1)
+            .await;
+        assert_eq!(reply.status, 201, "{}", reply.body);
+    }
+    let reply = app.purchase_reply(&app.shopper("s3"), &sale, "k", 1).await;
+    assert_error(&reply, 429, "throttled");
+    let purchase = resource_totals(&app, "purchase").await;
+    assert_eq!(purchase["passed"], 3, "{purchase}");
+    assert_eq!(purchase["blocked_throttled"], 1, "{purchase}");
 }
 
 /// A purchase whose body is still arriving holds none of the route's concurrency: with
