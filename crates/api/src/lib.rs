@@ -716,7 +716,7 @@ async fn protect<F: std::future::Future<Output = Response>>(
     next: impl FnOnce(Request) -> F,
 ) -> Response {
     let Some((resource, class)) = app.guarded.get(route.name(), request.method()) else {
-        return next(request).await;
+        return caught(next(request)).await;
     };
     // The body first: a request counts against the route's concurrency and the system's
     // requests in flight only once it has arrived whole. Read by the handler instead, a
@@ -757,7 +757,7 @@ async fn protect<F: std::future::Future<Output = Response>>(
         request.extensions_mut().insert(Arrived(Instant::now()));
         tokio::time::sleep(admission.wait).await;
     }
-    let response = next(request).await;
+    let response = caught(next(request)).await;
     if response.status().is_server_error() {
         admission.failed();
     }
@@ -938,6 +938,20 @@ async fn refused(
         }
     }
     response
+}
+
+/// `answer`'s response, or the 500 `internal` a panic inside it becomes
+/// ([`panic_response`]). Caught here, inside the guard and the timing, so the guard
+/// counts the request as failed and `timed` counts and times it as the 5xx it is. Left
+/// to the router's outer `CatchPanicLayer`, it would unwind past both: counted by
+/// neither, and by the guard as a success once its admission was dropped.
+async fn caught(answer: impl std::future::Future<Output = Response>) -> Response {
+    use futures::FutureExt;
+    // Nothing of the future is used after a panic: it is dropped with its state.
+    match std::panic::AssertUnwindSafe(answer).catch_unwind().await {
+        Ok(response) => response,
+        Err(panic) => panic_response(panic),
+    }
 }
 
 fn panic_response(_: Box<dyn std::any::Any + Send + 'static>) -> Response {
@@ -1187,6 +1201,55 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(response.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    }
+
+    #[tokio::test]
+    async fn a_panic_inside_a_guarded_route_counts_as_its_5xx_and_as_the_guards_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let engine =
+            stampede_store::testing::reserved_sqlite_engine(&dir.path().join("panic.db")).await;
+        let app = testing::state(engine, &Secret::new("panic-jwt-secret"));
+        let route = RouteLabel(
+            ROUTES
+                .iter()
+                .position(|(_, name)| *name == "get_sale")
+                .unwrap(),
+        );
+        let counted = |app: &AppState| {
+            app.guard
+                .stats()
+                .resources
+                .into_iter()
+                .find(|r| r.resource == "get_sale")
+                .map(|r| (r.total.passed, r.total.errors, r.total.completed))
+        };
+        let before = counted(&app).unwrap_or_default();
+        let request = Request::get("/v1/flash-sales/sale_1")
+            .body(Body::empty())
+            .unwrap();
+        let response = timed(&app, route, 1 << 16, request, |_| async {
+            boom().await.into_response()
+        })
+        .await;
+        assert_eq!(response.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        let (passed, errors, completed) = counted(&app).unwrap();
+        assert_eq!(
+            (passed - before.0, errors - before.1, completed - before.2),
+            (1, 1, 1),
+            "passed, errors, completed"
+        );
+        // Counted and timed as a 5xx of its route.
+        let rendered = app.metrics.render();
+        let line = rendered
+            .lines()
+            .find(|l| {
+                l.starts_with("stampede_http_requests_total")
+                    && l.contains(r#"route="get_sale""#)
+                    && l.contains(r#"class="5xx""#)
+            })
+            .unwrap_or_else(|| panic!("no 5xx of get_sale in {rendered}"));
+        let count: f64 = line.rsplit(' ').next().unwrap().parse().unwrap();
+        assert!(count >= 1.0, "{line}");
     }
 
     #[test]

@@ -13,28 +13,30 @@ use crate::{App, AppState, Auth, GuardedRoutes, Secret};
 
 /// The router over `engine`, its shoppers' tokens signed with `jwt`.
 pub fn router(engine: Arc<Engine>, jwt: &Secret) -> axum::Router {
+    crate::router(state(engine, jwt), crate::BODY_LIMIT_BYTES_DEFAULT)
+}
+
+/// What [`router`] serves: the app over `engine` with the guard's shipped rules.
+pub(crate) fn state(engine: Arc<Engine>, jwt: &Secret) -> AppState {
     let guard = stampede_guard::Guard::new(stampede_guard::GuardRules::default())
         .expect("the shipped guard rules are valid");
-    crate::router(
-        AppState(Arc::new(App {
-            engine,
-            auth: Auth::new(Secret::new("in-process-admin"), jwt),
-            payments: Arc::new(crate::payment::HttpPayments::new(
-                "http://127.0.0.1:9",
-                Duration::from_secs(1),
-            )),
-            metrics: crate::metrics_handle(),
-            openapi: Arc::from("{}"),
-            guarded: GuardedRoutes::new(&guard),
-            guard,
-            rules_change: tokio::sync::Mutex::new(()),
-            proxies: crate::client::TrustedProxies::parse("").expect("no proxies"),
-            client_timeout: Duration::from_secs(150),
-            payment_timeout: Duration::from_secs(3),
-            database_timeout: Duration::from_secs(5),
-        })),
-        crate::BODY_LIMIT_BYTES_DEFAULT,
-    )
+    AppState(Arc::new(App {
+        engine,
+        auth: Auth::new(Secret::new("in-process-admin"), jwt),
+        payments: Arc::new(crate::payment::HttpPayments::new(
+            "http://127.0.0.1:9",
+            Duration::from_secs(1),
+        )),
+        metrics: crate::metrics_handle(),
+        openapi: Arc::from("{}"),
+        guarded: GuardedRoutes::new(&guard),
+        guard,
+        rules_change: tokio::sync::Mutex::new(()),
+        proxies: crate::client::TrustedProxies::parse("").expect("no proxies"),
+        client_timeout: Duration::from_secs(150),
+        payment_timeout: Duration::from_secs(3),
+        database_timeout: Duration::from_secs(5),
+    }))
 }
 
 /// What the server's connections give each request: the peer, for the client-IP checks,
