@@ -716,7 +716,7 @@ async fn protect<F: std::future::Future<Output = Response>>(
     next: impl FnOnce(Request) -> F,
 ) -> Response {
     let Some((resource, class)) = app.guarded.get(route.name(), request.method()) else {
-        return caught(next(request)).await;
+        return next(request).await;
     };
     // The body first: a request counts against the route's concurrency and the system's
     // requests in flight only once it has arrived whole. Read by the handler instead, a
@@ -757,7 +757,7 @@ async fn protect<F: std::future::Future<Output = Response>>(
         request.extensions_mut().insert(Arrived(Instant::now()));
         tokio::time::sleep(admission.wait).await;
     }
-    let response = caught(next(request)).await;
+    let response = caught(|| next(request)).await;
     if response.status().is_server_error() {
         admission.failed();
     }
@@ -941,17 +941,26 @@ async fn refused(
 }
 
 /// `answer`'s response, or the 500 `internal` a panic inside it becomes
-/// ([`panic_response`]). Caught here, inside the guard and the timing, so the guard
-/// counts the request as failed and `timed` counts and times it as the 5xx it is. Left
-/// to the router's outer `CatchPanicLayer`, it would unwind past both: counted by
-/// neither, and by the guard as a success once its admission was dropped.
-async fn caught(answer: impl std::future::Future<Output = Response>) -> Response {
-    use futures::FutureExt;
-    // Nothing of the future is used after a panic: it is dropped with its state.
-    match std::panic::AssertUnwindSafe(answer).catch_unwind().await {
-        Ok(response) => response,
-        Err(panic) => panic_response(panic),
-    }
+/// ([`panic_response`]), for a request the guard admitted. Caught here, inside the guard
+/// and the timing, so the guard counts the request as failed (its error ratio and
+/// response times feed the breakers and the BBR check) and `timed` counts and times it
+/// as the 5xx it is. Left to the router's outer `CatchPanicLayer`, it would unwind past
+/// both: counted by neither, and by the guard as a success once its admission was
+/// dropped. Only there: catching around a request's whole answer costs ~250
+/// instructions, which the routes the guard does not decide on (`/healthz` among them)
+/// do not pay; a panic of theirs is the outer layer's 500, counted by
+/// `stampede_http_panics_total` (BENCHMARKS.md, "A handler's panic caught where it is
+/// counted").
+async fn caught<F: std::future::Future<Output = Response>>(answer: impl FnOnce() -> F) -> Response {
+    let mut answer = std::pin::pin!(answer());
+    std::future::poll_fn(|cx| {
+        // Nothing of the future is used after a panic: it is dropped with its state.
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| answer.as_mut().poll(cx))) {
+            Ok(poll) => poll,
+            Err(panic) => std::task::Poll::Ready(panic_response(panic)),
+        }
+    })
+    .await
 }
 
 fn panic_response(_: Box<dyn std::any::Any + Send + 'static>) -> Response {
