@@ -22,6 +22,17 @@ fn reject_past(resource: &str, qps: f64, burst: u32) -> stampede_guard::FlowRule
     }
 }
 
+/// An app whose purchases share a rate of `burst` at once (one more each 10 s), with no
+/// held refusals: every attempt reaches the limiter at once (a held retry would arrive
+/// after tokens came back; holds have their own test below).
+async fn app_with_purchase_burst(burst: u32) -> TestApp {
+    spawn_app_with(|config| {
+        config.guard.system.hold_refused = Duration::ZERO;
+        config.guard.flow = vec![reject_past("purchase", 0.1, burst)];
+    })
+    .await
+}
+
 async fn put_rules(app: &TestApp, token: Option<&str>, rules: &Value) -> Reply {
     let mut request = app.client.put(app.url("/v1/guard/rules")).json(rules);
     if let Some(token) = token {
@@ -38,15 +49,9 @@ async fn rules(app: &TestApp) -> Value {
 
 #[tokio::test]
 async fn a_scalper_gets_429s_and_other_shoppers_do_not_notice() {
-    // Every attempt must reach the limiter at once, so no held connection here (a held
-    // retry would arrive after tokens came back; holds have their own test below).
-    // And a purchase rate everyone shares, with room for the scalper's 20 and a few
-    // more: the scalper's refused attempts must not use it up.
-    let app = spawn_app_with(|config| {
-        config.guard.system.hold_refused = Duration::ZERO;
-        config.guard.flow = vec![reject_past("purchase", 0.1, 25)];
-    })
-    .await;
+    // A purchase rate everyone shares, with room for the scalper's 20 and a few more:
+    // the scalper's refused attempts must not use it up.
+    let app = app_with_purchase_burst(25).await;
     let sale = app.live_sale("GUARD-SCALP", 1_000, 1_000).await;
     let scalper = app.shopper("scalper");
     let mut statuses = Vec::new();
@@ -91,11 +96,7 @@ async fn a_shoppers_malformed_attempts_count_against_their_own_limit_not_the_sha
     // A purchase rate everyone shares with room for the scalper's 20 and a few more:
     // malformed attempts (no key, a bad body) past the shopper's own burst must be
     // refused per key, which gives the shared rate back, and not use it up.
-    let app = spawn_app_with(|config| {
-        config.guard.system.hold_refused = Duration::ZERO;
-        config.guard.flow = vec![reject_past("purchase", 0.1, 30)];
-    })
-    .await;
+    let app = app_with_purchase_burst(30).await;
     let sale = app.live_sale("GUARD-MALFORMED", 100, 100).await;
     let scalper = app.shopper("scalper");
     let url = app.url(&format!("/v1/flash-sales/{sale}/purchase"));
@@ -144,11 +145,7 @@ async fn a_shoppers_malformed_attempts_count_against_their_own_limit_not_the_sha
 async fn requests_without_a_valid_token_spend_nothing_of_the_routes_rate() {
     // A purchase rate of 3 at once for everyone: a flood without a token (or with a
     // forged one) must not use it up before a shopper's request arrives.
-    let app = spawn_app_with(|config| {
-        config.guard.system.hold_refused = Duration::ZERO;
-        config.guard.flow = vec![reject_past("purchase", 0.1, 3)];
-    })
-    .await;
+    let app = app_with_purchase_burst(3).await;
     let sale = app.live_sale("GUARD-ANON", 100, 100).await;
     for i in 0..10 {
         let mut request = app
@@ -178,11 +175,7 @@ async fn another_method_on_a_guarded_path_spends_nothing_of_its_rate() {
     // The same purchase rate of 3 at once: GETs, PUTs and DELETEs on the purchase path
     // (with a shopper's token, or none) are answered 405 by the router and must not use
     // it up, nor count as purchases the guard let through.
-    let app = spawn_app_with(|config| {
-        config.guard.system.hold_refused = Duration::ZERO;
-        config.guard.flow = vec![reject_past("purchase", 0.1, 3)];
-    })
-    .await;
+    let app = app_with_purchase_burst(3).await;
     let sale = app.live_sale("GUARD-METHOD", 100, 100).await;
     let shopper = app.shopper("browser");
     let url = app.url(&format!("/v1/flash-sales/{sale}/purchase"));
