@@ -128,10 +128,10 @@ pub struct GuardedRoutes {
 
 /// Routes the guard decides on, their class, and the method the route answers (a `GET`
 /// route answers `HEAD` too). Another method on the same path is answered
-/// `405 method_not_allowed` by the router and costs nothing of the route's limits. Not listed, and never refused by the
-/// guard: `/healthz`, `/readyz`, `/metrics` (probes and scrapes must see the truth under
-/// load) and the admin writes (products, sales, guard rules: operators must be able to
-/// act during the surge).
+/// `405 method_not_allowed` by the router and costs nothing of the route's limits. Not
+/// listed, and never refused by the guard: `/healthz`, `/readyz`, `/metrics` (probes and
+/// scrapes must see the truth under load) and the admin writes (products, sales, guard
+/// rules: operators must be able to act during the surge).
 pub const GUARDED: &[(&str, Class, Method)] = &[
     ("pay", Class::Pay, Method::POST),
     ("purchase", Class::Purchase, Method::POST),
@@ -946,9 +946,9 @@ async fn refused(
 /// response times feed the breakers and the BBR check) and `timed` counts and times it
 /// as the 5xx it is. Left to the router's outer `CatchPanicLayer`, it would unwind past
 /// both: counted by neither, and by the guard as a success once its admission was
-/// dropped. Only there: catching around a request's whole answer costs ~250
+/// dropped. Only there: catching around every request's answer cost a `healthz` ~250
 /// instructions, which the routes the guard does not decide on (`/healthz` among them)
-/// do not pay; a panic of theirs is the outer layer's 500, counted by
+/// need not pay; a panic of theirs is the outer layer's 500, counted by
 /// `stampede_http_panics_total` (BENCHMARKS.md, "A handler's panic caught where it is
 /// counted").
 async fn caught<F: std::future::Future<Output = Response>>(answer: impl FnOnce() -> F) -> Response {
