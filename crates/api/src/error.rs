@@ -148,14 +148,19 @@ pub fn from_bytes_rejection(rejection: BytesRejection) -> ApiError {
 /// A body that is not UTF-8 is not JSON (RFC 8259 §8.1), although serde skims over the
 /// bytes of a string it ignores.
 pub fn from_serde(error: serde_json::Error, json: &[u8]) -> ApiError {
-    let malformed = std::str::from_utf8(json).is_err()
-        || serde_json::from_slice::<serde::de::IgnoredAny>(json).is_err();
-    let code = if malformed {
-        "malformed_json"
-    } else {
+    let code = if is_json(json) {
         "invalid_body"
+    } else {
+        "malformed_json"
     };
     ApiError::bad_request(code, error.to_string())
+}
+
+/// Whether `json` is JSON at all, of whatever shape: UTF-8 throughout and one value.
+/// What tells `malformed_json` from `invalid_body` wherever a body is refused.
+pub(crate) fn is_json(json: &[u8]) -> bool {
+    std::str::from_utf8(json).is_ok()
+        && serde_json::from_slice::<serde::de::IgnoredAny>(json).is_ok()
 }
 
 impl From<PurchaseError> for ApiError {

@@ -138,13 +138,12 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for JsonBody<T> {
     }
 }
 
-/// A body that is not a JSON object, told apart as [`from_serde`] tells them: JSON of
-/// another kind (an array, a string, a number) is `invalid_body` with `message`;
-/// anything else (cut short, not UTF-8, not JSON at all) is `malformed_json`.
+/// A body that is not a JSON object, told apart as [`from_serde`] tells them
+/// ([`crate::error::is_json`]): JSON of another kind (an array, a string, a number) is
+/// `invalid_body` with `message`; anything else (cut short, not UTF-8, not JSON at all)
+/// is `malformed_json`.
 fn not_an_object(bytes: &[u8], message: &'static str) -> ApiError {
-    let json = std::str::from_utf8(bytes).is_ok()
-        && serde_json::from_slice::<serde::de::IgnoredAny>(bytes).is_ok();
-    if json {
+    if crate::error::is_json(bytes) {
         ApiError::bad_request("invalid_body", message)
     } else {
         ApiError::bad_request("malformed_json", "the body is not JSON")
