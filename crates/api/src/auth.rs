@@ -6,6 +6,7 @@ use std::hash::BuildHasher;
 use std::sync::Arc;
 
 use axum::extract::FromRequestParts;
+use axum::http::HeaderMap;
 use axum::http::header::AUTHORIZATION;
 use axum::http::request::Parts;
 use hmac::{Hmac, Mac};
@@ -311,9 +312,8 @@ pub fn mint_shopper_token(jwt_secret: &Secret, sub: &str, exp: Option<u64>) -> S
     .expect("HS256 encoding cannot fail")
 }
 
-fn bearer(parts: &Parts) -> Result<&str, ApiError> {
-    let value = parts
-        .headers
+fn bearer(headers: &HeaderMap) -> Result<&str, ApiError> {
+    let value = headers
         .get(AUTHORIZATION)
         .ok_or_else(|| ApiError::unauthorized("missing Authorization: Bearer <token>"))?;
     let value = value
@@ -328,17 +328,66 @@ fn bearer(parts: &Parts) -> Result<&str, ApiError> {
         .ok_or_else(|| ApiError::unauthorized("expected Authorization: Bearer <token>"))
 }
 
+/// What a route asks of its caller: the extractor its handler takes first
+/// ([`Admin`], [`Shopper`], [`Caller`]), so the guard can ask the same before it books
+/// anything for the request (see `GUARDED`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Credential {
+    /// Nothing: anyone may ask.
+    Public,
+    /// A shopper token.
+    Shopper,
+    /// A shopper token or the admin token.
+    Caller,
+    /// The admin token.
+    Admin,
+}
+
+impl Auth {
+    fn admin_of(&self, headers: &HeaderMap) -> Result<(), ApiError> {
+        if self.is_admin(bearer(headers)?) {
+            Ok(())
+        } else {
+            Err(ApiError::unauthorized("admin token required"))
+        }
+    }
+
+    fn shopper_of(&self, headers: &HeaderMap) -> Result<UserId, ApiError> {
+        self.shopper(bearer(headers)?)
+    }
+
+    fn caller_of(&self, headers: &HeaderMap) -> Result<Actor, ApiError> {
+        let token = bearer(headers)?;
+        if self.is_admin(token) {
+            return Ok(Actor::Admin);
+        }
+        self.shopper(token).map(Actor::Shopper)
+    }
+
+    /// The refusal the route's handler would answer for `headers`' credential, if any:
+    /// the same check its extractor makes (a verified shopper token is cached, so the
+    /// handler's own check after this one costs a lookup).
+    pub(crate) fn check(
+        &self,
+        credential: Credential,
+        headers: &HeaderMap,
+    ) -> Result<(), ApiError> {
+        match credential {
+            Credential::Public => Ok(()),
+            Credential::Shopper => self.shopper_of(headers).map(drop),
+            Credential::Caller => self.caller_of(headers).map(drop),
+            Credential::Admin => self.admin_of(headers),
+        }
+    }
+}
+
 /// Extractor: the caller holds the admin token.
 pub struct Admin;
 
 impl FromRequestParts<AppState> for Admin {
     type Rejection = ApiError;
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
-        if state.auth.is_admin(bearer(parts)?) {
-            Ok(Admin)
-        } else {
-            Err(ApiError::unauthorized("admin token required"))
-        }
+        state.auth.admin_of(&parts.headers).map(|()| Admin)
     }
 }
 
@@ -348,7 +397,7 @@ pub struct Shopper(pub UserId);
 impl FromRequestParts<AppState> for Shopper {
     type Rejection = ApiError;
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
-        state.auth.shopper(bearer(parts)?).map(Shopper)
+        state.auth.shopper_of(&parts.headers).map(Shopper)
     }
 }
 
@@ -358,14 +407,7 @@ pub struct Caller(pub Actor);
 impl FromRequestParts<AppState> for Caller {
     type Rejection = ApiError;
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
-        let token = bearer(parts)?;
-        if state.auth.is_admin(token) {
-            return Ok(Caller(Actor::Admin));
-        }
-        state
-            .auth
-            .shopper(token)
-            .map(|user| Caller(Actor::Shopper(user)))
+        state.auth.caller_of(&parts.headers).map(Caller)
     }
 }
 

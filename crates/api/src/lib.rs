@@ -35,7 +35,7 @@ use stampede_guard::{Class, Guard, HotTaken, Param};
 use tower_http::catch_panic::CatchPanicLayer;
 use utoipa::OpenApi;
 
-pub use auth::{Auth, Secret, mint_shopper_token};
+pub use auth::{Auth, Credential, Secret, mint_shopper_token};
 use error::ApiError;
 
 /// Request bodies larger than this are refused with 413 `body_too_large`.
@@ -76,7 +76,7 @@ pub struct App {
 pub fn longest_answer(rules: &stampede_guard::GuardRules, payment_timeout: Duration) -> Duration {
     let longest_route = GUARDED
         .iter()
-        .map(|(route, _, _)| paced(rules, route))
+        .map(|route| paced(rules, route.name))
         .max()
         .unwrap_or_default();
     longest_route
@@ -117,12 +117,7 @@ pub struct Arrived(pub Instant);
 
 /// The guard's resources for each guarded route, resolved once.
 pub struct GuardedRoutes {
-    routes: Vec<(
-        &'static str,
-        stampede_guard::Resource,
-        Class,
-        &'static Method,
-    )>,
+    routes: Vec<(&'static GuardedRoute, stampede_guard::Resource)>,
     pub purchase: stampede_guard::Resource,
 }
 
@@ -132,18 +127,56 @@ pub struct GuardedRoutes {
 /// listed, and never refused by the guard: `/healthz`, `/readyz`, `/metrics` (probes and
 /// scrapes must see the truth under load) and the admin writes (products, sales, guard
 /// rules: operators must be able to act during the surge).
-pub const GUARDED: &[(&str, Class, Method)] = &[
-    ("pay", Class::Pay, Method::POST),
-    ("purchase", Class::Purchase, Method::POST),
-    ("cancel", Class::Purchase, Method::POST),
-    ("get_sale", Class::Browse, Method::GET),
-    ("get_product", Class::Browse, Method::GET),
-    ("get_order", Class::Browse, Method::GET),
-    ("list_orders", Class::Browse, Method::GET),
-    ("audit", Class::Stats, Method::GET),
-    ("openapi", Class::Stats, Method::GET),
-    ("guard_stats", Class::Stats, Method::GET),
+pub const GUARDED: &[GuardedRoute] = &[
+    GuardedRoute::new("pay", Class::Pay, Method::POST, Credential::Shopper),
+    GuardedRoute::new(
+        "purchase",
+        Class::Purchase,
+        Method::POST,
+        Credential::Shopper,
+    ),
+    GuardedRoute::new("cancel", Class::Purchase, Method::POST, Credential::Caller),
+    GuardedRoute::new("get_sale", Class::Browse, Method::GET, Credential::Public),
+    GuardedRoute::new(
+        "get_product",
+        Class::Browse,
+        Method::GET,
+        Credential::Public,
+    ),
+    GuardedRoute::new("get_order", Class::Browse, Method::GET, Credential::Caller),
+    GuardedRoute::new(
+        "list_orders",
+        Class::Browse,
+        Method::GET,
+        Credential::Shopper,
+    ),
+    GuardedRoute::new("audit", Class::Stats, Method::GET, Credential::Admin),
+    GuardedRoute::new("openapi", Class::Stats, Method::GET, Credential::Public),
+    GuardedRoute::new("guard_stats", Class::Stats, Method::GET, Credential::Public),
 ];
+
+/// A route the guard decides on (see [`GUARDED`]).
+pub struct GuardedRoute {
+    pub name: &'static str,
+    pub class: Class,
+    /// The method the guard decides on (`HEAD` too for `GET`).
+    pub method: Method,
+    /// What the handler asks of the caller first. On a paced route it is checked before
+    /// the guard books the request a place in the route's queue: a request the handler
+    /// would refuse 401 must not hold a payer's place while it waits.
+    pub credential: Credential,
+}
+
+impl GuardedRoute {
+    const fn new(name: &'static str, class: Class, method: Method, credential: Credential) -> Self {
+        GuardedRoute {
+            name,
+            class,
+            method,
+            credential,
+        }
+    }
+}
 
 /// Resources the code asks the guard about besides the routes: `payment` is each call
 /// to the payment provider, so a flow rule on it limits the calls' rate and how many
@@ -186,12 +219,12 @@ pub fn check_rules(
 pub fn check_rule_targets(
     rules: &stampede_guard::GuardRules,
 ) -> Result<(), Vec<stampede_guard::RuleError>> {
-    let route = |name: &str| GUARDED.iter().any(|(r, _, _)| *r == name);
+    let route = |name: &str| GUARDED.iter().any(|r| r.name == name);
     let named = |name: &str| NAMED_RESOURCES.contains(&name);
     let known = || {
         GUARDED
             .iter()
-            .map(|(r, _, _)| *r)
+            .map(|r| r.name)
             .chain(NAMED_RESOURCES.iter().copied())
             .collect::<Vec<_>>()
             .join(", ")
@@ -219,7 +252,7 @@ pub fn check_rule_targets(
                     "no such route; one of {}",
                     GUARDED
                         .iter()
-                        .map(|(r, _, _)| *r)
+                        .map(|r| r.name)
                         .collect::<Vec<_>>()
                         .join(", ")
                 ),
@@ -247,22 +280,27 @@ impl GuardedRoutes {
         GuardedRoutes {
             routes: GUARDED
                 .iter()
-                .map(|(name, class, method)| (*name, guard.resource(name), *class, method))
+                .map(|route| (route, guard.resource(route.name)))
                 .collect(),
             purchase: guard.resource("purchase"),
         }
     }
 
-    /// The guard's resource and class of `route`, when the guard decides on `method`
-    /// there.
-    fn get(&self, route: &str, method: &Method) -> Option<(&stampede_guard::Resource, Class)> {
+    /// The guarded route named `route` and its resource, when the guard decides on
+    /// `method` there.
+    fn get(
+        &self,
+        route: &str,
+        method: &Method,
+    ) -> Option<(&'static GuardedRoute, &stampede_guard::Resource)> {
         self.routes
             .iter()
-            .find(|(name, _, _, _)| *name == route)
-            .filter(|(_, _, _, ours)| {
-                method == *ours || (**ours == Method::GET && method == Method::HEAD)
+            .find(|(guarded, _)| guarded.name == route)
+            .filter(|(guarded, _)| {
+                *method == guarded.method
+                    || (guarded.method == Method::GET && method == Method::HEAD)
             })
-            .map(|(_, resource, class, _)| (resource, *class))
+            .map(|(guarded, resource)| (*guarded, resource))
     }
 }
 
@@ -361,12 +399,8 @@ impl utoipa::Modify for CommonAnswers {
                 .find(|(template, _)| template == path)
                 .map(|(_, label)| *label);
             // The method the guard decides on at this path, if any.
-            let guarded = route.and_then(|label| {
-                GUARDED
-                    .iter()
-                    .find(|(r, _, _)| *r == label)
-                    .map(|(_, _, method)| method)
-            });
+            let guarded =
+                route.and_then(|label| GUARDED.iter().find(|r| r.name == label).map(|r| &r.method));
             let operations = [
                 (&mut item.get, false, Method::GET),
                 (&mut item.put, true, Method::PUT),
@@ -715,7 +749,7 @@ async fn protect<F: std::future::Future<Output = Response>>(
     request: Request,
     next: impl FnOnce(Request) -> F,
 ) -> Response {
-    let Some((resource, class)) = app.guarded.get(route.name(), request.method()) else {
+    let Some((guarded, resource)) = app.guarded.get(route.name(), request.method()) else {
         return next(request).await;
     };
     // The body first: a request counts against the route's concurrency and the system's
@@ -731,18 +765,38 @@ async fn protect<F: std::future::Future<Output = Response>>(
         .extensions()
         .get::<axum::extract::ConnectInfo<hold::Peer>>()
         .map(|axum::extract::ConnectInfo(peer)| peer.clone());
+    // On a paced route, the credential before the route's rules: a request admitted
+    // there books its place in the route's queue and keeps it while it waits, so one
+    // its handler would refuse 401 would hold a place a shopper could have had (a flood
+    // of them would push payers past `max_queue`). Its client's allowance is spent all
+    // the same, as it is for a 401 on any other route.
+    if guarded.credential != Credential::Public
+        && app.guard.paces(resource)
+        && let Err(error) = app.auth.check(guarded.credential, request.headers())
+    {
+        if let Some(peer) = &peer
+            && let Err(rejection) = client_admits(app, resource, peer, request.headers())
+        {
+            let response = ApiError::from(rejection).into_response();
+            return refused(app, started, Some(peer), response).await;
+        }
+        return error.into_response();
+    }
     // The route's rules, then the client's own limits; a client refused by those gives
     // the route's rate slot back, so it cannot use up the rate the route's clients
     // share, and a request the route refuses costs the client none of its allowance.
-    let admitted = app.guard.admit(resource, class).and_then(|mut admission| {
-        match &peer {
-            Some(peer) => client_admits(app, resource, peer, request.headers()).map(Some),
-            None => Ok(None),
-        }
-        .inspect_err(|_| admission.withdraw())
-        // Dropped on a refusal: not in flight while its answer waits for a hold.
-        .map(|client| (admission, client))
-    });
+    let admitted = app
+        .guard
+        .admit(resource, guarded.class)
+        .and_then(|mut admission| {
+            match &peer {
+                Some(peer) => client_admits(app, resource, peer, request.headers()).map(Some),
+                None => Ok(None),
+            }
+            .inspect_err(|_| admission.withdraw())
+            // Dropped on a refusal: not in flight while its answer waits for a hold.
+            .map(|client| (admission, client))
+        });
     let (mut admission, mut client) = match admitted {
         Ok(admission) => admission,
         Err(rejection) => {
@@ -1163,6 +1217,37 @@ mod tests {
         );
         for scheme in &required {
             assert_eq!(declared[scheme]["scheme"], "bearer", "{scheme}");
+        }
+    }
+
+    /// A guarded route's `credential` is what the guard checks ahead of a paced queue:
+    /// it must be what the route's operation requires, as its handler declares it.
+    #[test]
+    fn each_guarded_routes_credential_is_what_its_operation_requires() {
+        use super::{Credential, GUARDED, ROUTES};
+        let document: serde_json::Value = serde_json::from_str(&super::openapi_json()).unwrap();
+        for route in GUARDED {
+            let (path, _) = ROUTES
+                .iter()
+                .find(|(_, label)| *label == route.name)
+                .unwrap_or_else(|| panic!("{} is a route", route.name));
+            let operation = &document["paths"][path][route.method.as_str().to_lowercase()];
+            assert!(operation.is_object(), "{} {path}", route.method);
+            let mut required: Vec<&str> = operation["security"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .flat_map(|requirement| requirement.as_object().unwrap().keys())
+                .map(String::as_str)
+                .collect();
+            required.sort_unstable();
+            let expected: &[&str] = match route.credential {
+                Credential::Public => &[],
+                Credential::Shopper => &["shopper"],
+                Credential::Caller => &["admin", "shopper"],
+                Credential::Admin => &["admin"],
+            };
+            assert_eq!(required, expected, "{}", route.name);
         }
     }
 

@@ -944,6 +944,20 @@ impl Guard {
         self.overload_retry_after()
     }
 
+    /// Whether `resource`'s flow rule in force paces its requests (holds them back to
+    /// the rate instead of refusing): a request admitted there books a place in the
+    /// queue that is its own until it is sent, so the caller checks what can be checked
+    /// without the guard (the credential) first. A dry run paces nothing.
+    pub fn paces(&self, resource: &Resource) -> bool {
+        let compiled = self.compiled.load();
+        !compiled.rules.dry_run
+            && compiled.flow(resource.id).is_some_and(|flow| {
+                flow.rule.qps.is_some()
+                    && !flow.rule.dry_run
+                    && matches!(flow.rule.behavior, Behavior::Pace { .. })
+            })
+    }
+
     fn degraded(&self, compiled: &Compiled, class: Class) -> bool {
         compiled.rules.degraded.contains(&class)
             || (self.auto_degraded.load(Ordering::Relaxed)

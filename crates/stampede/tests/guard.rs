@@ -170,6 +170,60 @@ async fn requests_without_a_valid_token_spend_nothing_of_the_routes_rate() {
     assert_error(&reply, 429, "throttled");
 }
 
+/// On a paced route, a request without a valid token is refused 401 before the guard
+/// books it a place in the route's queue, so a flood of them cannot fill the queue and
+/// push a payer past `max_queue`. Before, each kept its place for its whole wait: with
+/// one pay a second and two seconds of queue, the first two of the flood held the
+/// queue, the rest of it was refused 429, and so was the payer who came just after.
+#[tokio::test]
+async fn requests_without_a_valid_token_take_no_place_in_a_paced_queue() {
+    let app = spawn_app_with(|config| {
+        config.guard.system.hold_refused = Duration::ZERO;
+        config.guard.flow = vec![stampede_guard::FlowRule {
+            resource: "pay".into(),
+            qps: Some(1.0),
+            burst: 1,
+            behavior: stampede_guard::Behavior::Pace {
+                max_queue: Duration::from_secs(2),
+            },
+            max_concurrency: None,
+            dry_run: false,
+        }];
+    })
+    .await;
+    let sale = app.live_sale("GUARD-PACED-ANON", 10, 1).await;
+    let payers: Vec<_> = (0..2).map(|i| app.shopper(&format!("payer-{i}"))).collect();
+    let mut orders = Vec::new();
+    for payer in &payers {
+        orders.push(app.buy(payer, &sale, "k", 1).await);
+    }
+    // The first payer takes this second's place: whatever comes next waits its turn.
+    let reply = app.pay(&payers[0], &orders[0]).await;
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    let url = app.url(&format!("/v1/orders/{}/pay", orders[1]));
+    // No token, a forged one, and the admin's (pay is a shopper's): all at once.
+    let flood = futures::future::join_all((0..9).map(|i| {
+        let request = app.client.post(&url);
+        send(match i % 3 {
+            0 => request,
+            1 => request.bearer_auth("not.a.token"),
+            _ => request.bearer_auth(&app.admin),
+        })
+    }));
+    let payer = async {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        app.pay(&payers[1], &orders[1]).await
+    };
+    let (flood, reply) = tokio::join!(flood, payer);
+    for refused in flood {
+        assert_error(&refused, 401, "unauthorized");
+    }
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    let pay = resource_totals(&app, "pay").await;
+    assert_eq!(pay["passed"], 2, "{pay}");
+    assert_eq!(pay["blocked_throttled"], 0, "{pay}");
+}
+
 #[tokio::test]
 async fn another_method_on_a_guarded_path_spends_nothing_of_its_rate() {
     // The same purchase rate of 3 at once: GETs, PUTs and DELETEs on the purchase path
