@@ -252,7 +252,7 @@ impl From<OrderError> for ApiError {
                 ApiError::new(StatusCode::TOO_MANY_REQUESTS, "throttled", message)
                     .retry_after(retry_after_ms.div_ceil(1000).clamp(1, 3600) as u32)
             }
-            OrderError::Overloaded => ApiError::overloaded(message),
+            OrderError::Overloaded | OrderError::AuditsBusy => ApiError::overloaded(message),
             OrderError::Unavailable => ApiError::unavailable(message),
         }
     }

@@ -16,8 +16,8 @@ use crate::clock::Clock;
 use crate::gate::{GateCount, GateRefusal, StockGate};
 use crate::payment::{PaymentError, PaymentGateway};
 use crate::store::{
-    OpOutcome, OrderRecord, ProductRecord, Rebuild, SaleRecord, SaleTally, Store, StoreError,
-    WriteOp,
+    AUDITS_AT_ONCE, OpOutcome, OrderRecord, ProductRecord, Rebuild, SaleRecord, SaleTally, Store,
+    StoreError, WriteOp,
 };
 use crate::writer::{Job, TransitionResult, Writer};
 
@@ -183,6 +183,9 @@ pub enum OrderError {
     PaymentThrottled(u64),
     #[error("the write queue is full")]
     Overloaded,
+    /// [`AUDITS_AT_ONCE`] audits are counting already.
+    #[error("{AUDITS_AT_ONCE} audits are counting already; retry when one is done")]
+    AuditsBusy,
     #[error("storage unavailable")]
     Unavailable,
 }
@@ -1007,6 +1010,9 @@ pub struct Engine {
     writer: tokio::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
     /// The charge ledger's sweep (`sweep_charges`), stopped with the writer.
     sweep: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// One permit per audit counting, [`AUDITS_AT_ONCE`] in all: held from before its
+    /// job is queued until its count is done.
+    audits: Arc<tokio::sync::Semaphore>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -1182,6 +1188,7 @@ impl Engine {
             shutdown: Mutex::new(Some(shutdown_tx)),
             writer: tokio::sync::Mutex::new(Some(handle)),
             sweep: Mutex::new(Some(sweep)),
+            audits: Arc::new(tokio::sync::Semaphore::new(AUDITS_AT_ONCE as usize)),
         })
     }
 
@@ -2342,9 +2349,21 @@ impl Engine {
         if self.shared.sale(sale_id).is_none() {
             return Ok(None);
         }
+        // Past the bound, refused at once: a further audit would have the writer wait
+        // for a connection an earlier one holds while it counts, and every purchase
+        // with it.
+        let permit = self
+            .audits
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| OrderError::AuditsBusy)?;
         let (reply, answer) = oneshot::channel();
         self.jobs
-            .try_send(Job::Audit { sale_id, reply })
+            .try_send(Job::Audit {
+                sale_id,
+                reply,
+                permit,
+            })
             .map_err(|_| OrderError::Overloaded)?;
         answer
             .await

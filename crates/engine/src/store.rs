@@ -217,6 +217,12 @@ pub fn lease_size(unleased: u64, live_nodes: u64, wanted: u64, max: u64) -> u64 
     share.max(wanted).clamp(1, max.max(1)).min(unleased)
 }
 
+/// The most audits counting at once. The engine refuses one more (`Overloaded`), and a
+/// store keeps this many connections for [`Store::snapshot_tally`] alone: the writer
+/// pins each audit's snapshot between its batches, and must never wait there for a
+/// connection that shoppers' reads, or audits still counting, hold.
+pub const AUDITS_AT_ONCE: u32 = 2;
+
 /// A tally being counted on a pinned snapshot.
 pub type PendingTally =
     std::pin::Pin<Box<dyn std::future::Future<Output = Result<SaleTally, StoreError>> + Send>>;
@@ -268,7 +274,9 @@ pub trait Store: Send + Sync + 'static {
     /// Pins a read snapshot of the durable state before returning; the returned future
     /// counts the tally on that snapshot, however many commits happen meanwhile. The
     /// writer calls this between batches and awaits the count elsewhere, so an audit of
-    /// a large sale never stalls writes.
+    /// a large sale never stalls writes. A store keeps [`AUDITS_AT_ONCE`] connections
+    /// for this call alone, and the engine never has more audits than that counting at
+    /// once: the writer's call never waits for a connection behind other reads.
     async fn snapshot_tally(
         &self,
         sale: SaleId,

@@ -65,6 +65,9 @@ pub(crate) enum Job {
     Audit {
         sale_id: SaleId,
         reply: oneshot::Sender<Result<Audit, ()>>,
+        /// Its place among the audits counting (`AUDITS_AT_ONCE`): given back when its
+        /// count is done or fails.
+        permit: tokio::sync::OwnedSemaphorePermit,
     },
     /// Cluster only: lease more of the sale's stock for this node.
     Lease {
@@ -79,7 +82,11 @@ pub(crate) enum TransitionResult {
     NotFound,
 }
 
-type AuditRequest = (SaleId, oneshot::Sender<Result<Audit, ()>>);
+type AuditRequest = (
+    SaleId,
+    oneshot::Sender<Result<Audit, ()>>,
+    tokio::sync::OwnedSemaphorePermit,
+);
 
 /// The receiver of the job queue belongs to the engine and outlives the writer's task,
 /// which holds it through `jobs`. Dropping a tokio receiver drops the jobs queued, but
@@ -642,8 +649,8 @@ impl Writer {
                 self.compact_expiries();
                 // Audits run after every effect of the batch is applied, so the durable
                 // counts and the in-memory stock describe the same instant.
-                for (sale_id, reply) in audits {
-                    self.audit(sale_id, reply).await;
+                for (sale_id, reply, permit) in audits {
+                    self.audit(sale_id, reply, permit).await;
                 }
             }
             Err(error) => {
@@ -820,7 +827,11 @@ impl Writer {
                     let outcome = outcomes.next().expect("one outcome per op");
                     let _ = reply.send(Ok(outcome.clone()));
                 }
-                Job::Audit { sale_id, reply } => audits.push((sale_id, reply)),
+                Job::Audit {
+                    sale_id,
+                    reply,
+                    permit,
+                } => audits.push((sale_id, reply, permit)),
                 Job::Lease { sale } => {
                     sale.inner.lock().lease.asked = false;
                     sale.refilled.notify_waiters();
@@ -892,7 +903,12 @@ impl Writer {
 
     /// Reads the in-memory stock and pins a durable snapshot at the same instant
     /// (between batches), then counts the snapshot in its own task: the writer goes on.
-    async fn audit(&self, sale_id: SaleId, reply: oneshot::Sender<Result<Audit, ()>>) {
+    async fn audit(
+        &self,
+        sale_id: SaleId,
+        reply: oneshot::Sender<Result<Audit, ()>>,
+        permit: tokio::sync::OwnedSemaphorePermit,
+    ) {
         let Some(sale) = self.shared.sale(sale_id) else {
             let _ = reply.send(Err(()));
             return;
@@ -926,7 +942,11 @@ impl Writer {
             }
         }
         tokio::spawn(async move {
-            let Ok(tally) = pending.await else {
+            // The count done (its snapshot's connection released), the next audit may
+            // come in.
+            let tally = pending.await;
+            drop(permit);
+            let Ok(tally) = tally else {
                 let _ = reply.send(Err(()));
                 return;
             };

@@ -47,9 +47,9 @@ use async_trait::async_trait;
 use futures::TryStreamExt;
 use sqlx::{AssertSqlSafe, Connection, QueryBuilder, Row};
 use stampede_engine::{
-    Catalog, ChargeAttempt, LeaseGrant, OpOutcome, OrderRecord, OutboxEvent, PendingTally,
-    ProductRecord, Rebuild, Reclaimed, SaleRecord, SaleTally, Store, StoreError, WriteOp,
-    lease_size,
+    AUDITS_AT_ONCE, Catalog, ChargeAttempt, LeaseGrant, OpOutcome, OrderRecord, OutboxEvent,
+    PendingTally, ProductRecord, Rebuild, Reclaimed, SaleRecord, SaleTally, Store, StoreError,
+    WriteOp, lease_size,
 };
 use stampede_types::{Cents, IdempotencyKey, OrderId, OrderStatus, Quantity, SaleId, Sku, UserId};
 use tokio::sync::Mutex;
@@ -503,6 +503,9 @@ macro_rules! server_store {
             /// and takes the owner lock again (or finds it has been fenced off).
             writer: Mutex<Option<$conn>>,
             readers: sqlx::Pool<$db>,
+            /// [`AUDITS_AT_ONCE`] connections for `snapshot_tally` alone, which the
+            /// writer calls between batches: shoppers' reads never make it wait.
+            audits: sqlx::Pool<$db>,
             options: $options,
             sql: Sql,
             /// Our ownership term; batches commit only while the owner row carries it.
@@ -586,10 +589,23 @@ macro_rules! server_store {
                     .map_err(unavailable)
             }
 
+            /// The connections `snapshot_tally` pins audits' snapshots on, all open
+            /// from the start: the writer never waits for one to connect either.
+            async fn audit_pool(options: &$options) -> Result<sqlx::Pool<$db>, StoreError> {
+                Self::pool_options(options.get_port())
+                    .max_connections(AUDITS_AT_ONCE)
+                    .min_connections(AUDITS_AT_ONCE)
+                    .connect_with(options.clone())
+                    .await
+                    .map_err(unavailable)
+            }
+
             /// The store around its connections; `epoch` < 0 never commits (read-only).
+            #[allow(clippy::too_many_arguments)]
             fn assemble(
                 writer: Option<$conn>,
                 readers: sqlx::Pool<$db>,
+                audits: sqlx::Pool<$db>,
                 options: $options,
                 sql: Sql,
                 epoch: i64,
@@ -599,6 +615,7 @@ macro_rules! server_store {
                 $store {
                     writer: Mutex::new(writer),
                     readers,
+                    audits,
                     options,
                     sql,
                     epoch,
@@ -618,8 +635,10 @@ macro_rules! server_store {
                 let sql = Sql::new(dialect);
                 let Some(owner_wait) = owner_wait else {
                     let readers = Self::reader_pool(&options, 2).await?;
+                    // No writer pins snapshots here: the audits share the readers.
+                    let audits = readers.clone();
                     // No owner ever has a negative epoch: commits find no row.
-                    return Ok(Self::assemble(None, readers, options, sql, -1, None, Duration::ZERO));
+                    return Ok(Self::assemble(None, readers, audits, options, sql, -1, None, Duration::ZERO));
                 };
                 let mut writer = Self::migrated_writer(&options).await?;
                 take_owner_lock!(&mut writer, dialect, owner_wait);
@@ -670,8 +689,9 @@ macro_rules! server_store {
                     epoch
                 };
                 let readers = Self::reader_pool(&options, READER_CONNECTIONS_MAX).await?;
+                let audits = Self::audit_pool(&options).await?;
                 tracing::info!(backend = dialect.name, epoch, "took ownership of the database");
-                Ok(Self::assemble(Some(writer), readers, options, sql, epoch, None, Duration::ZERO))
+                Ok(Self::assemble(Some(writer), readers, audits, options, sql, epoch, None, Duration::ZERO))
             }
 
             /// Joins the cluster of nodes writing this database: several nodes each sell
@@ -756,8 +776,9 @@ macro_rules! server_store {
                     )));
                 }
                 let readers = Self::reader_pool(&options, READER_CONNECTIONS_MAX).await?;
+                let audits = Self::audit_pool(&options).await?;
                 tracing::info!(backend = dialect.name, %node, "joined the cluster");
-                Ok(Self::assemble(Some(writer), readers, options, sql, 0, Some(node), node_ttl))
+                Ok(Self::assemble(Some(writer), readers, audits, options, sql, 0, Some(node), node_ttl))
             }
 
             fn cluster_node(&self) -> Result<&str, StoreError> {
@@ -1146,7 +1167,7 @@ macro_rules! server_store {
                 per_user_limit: u32,
             ) -> Result<PendingTally, StoreError> {
                 let mut snapshot = self
-                    .readers
+                    .audits
                     .begin_with($dialect.begin_snapshot)
                     .await
                     .map_err(unavailable)?;

@@ -16,8 +16,8 @@ use sqlx::sqlite::{
 };
 use sqlx::{Connection, QueryBuilder, Row, Sqlite, SqlitePool};
 use stampede_engine::{
-    ChargeAttempt, OpOutcome, OrderRecord, OutboxEvent, PendingTally, ProductRecord, Rebuild,
-    SaleRecord, SaleTally, Store, StoreError, WriteOp,
+    AUDITS_AT_ONCE, ChargeAttempt, OpOutcome, OrderRecord, OutboxEvent, PendingTally,
+    ProductRecord, Rebuild, SaleRecord, SaleTally, Store, StoreError, WriteOp,
 };
 use stampede_types::{Cents, IdempotencyKey, OrderId, OrderStatus, Quantity, SaleId, Sku, UserId};
 
@@ -30,6 +30,9 @@ pub struct SqliteStore {
     /// `None` when opened read-only (`open_read_only`): every write is refused.
     writer: Option<WriteConnection>,
     readers: SqlitePool,
+    /// [`AUDITS_AT_ONCE`] connections for `snapshot_tally` alone, which the writer calls
+    /// between batches: shoppers' reads never make it wait.
+    audits: SqlitePool,
     /// `None` when opened read-only: the live writer's process copies the WAL.
     checkpointer: Option<tokio::task::JoinHandle<()>>,
     /// Whether commits also write order events to the outbox (a relay publishes them).
@@ -155,6 +158,12 @@ impl SqliteStore {
             .connect_with(options.clone().read_only(true))
             .await
             .map_err(unavailable)?;
+        let audits = SqlitePoolOptions::new()
+            .max_connections(AUDITS_AT_ONCE)
+            .min_connections(AUDITS_AT_ONCE)
+            .connect_with(options.clone().read_only(true))
+            .await
+            .map_err(unavailable)?;
         let checkpoint_connection = SqliteConnection::connect_with(&options)
             .await
             .map_err(unavailable)?;
@@ -163,6 +172,7 @@ impl SqliteStore {
             path,
             writer: Some(writer),
             readers,
+            audits,
             checkpointer: Some(checkpointer),
             outbox: false,
         })
@@ -194,6 +204,8 @@ impl SqliteStore {
         Ok(SqliteStore {
             path,
             writer: None,
+            // No writer pins snapshots here: the audits share the readers.
+            audits: readers.clone(),
             readers,
             checkpointer: None,
             outbox: false,
@@ -432,7 +444,7 @@ impl Store for SqliteStore {
         sale: SaleId,
         per_user_limit: u32,
     ) -> Result<PendingTally, StoreError> {
-        let mut snapshot = self.readers.begin().await.map_err(unavailable)?;
+        let mut snapshot = self.audits.begin().await.map_err(unavailable)?;
         // In WAL mode the first read fixes the snapshot the transaction sees.
         sqlx::query("SELECT 1 FROM orders LIMIT 1")
             .fetch_optional(&mut *snapshot)

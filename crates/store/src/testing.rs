@@ -437,6 +437,12 @@ pub trait Interceptor: Send + Sync + 'static {
         let _ = call;
         Ok(())
     }
+    /// Awaited after an audit's snapshot is pinned, before its tally is counted (its
+    /// connection held all the while): a count that takes long, as over a large sale.
+    /// `None` counts at once.
+    fn before_count(&self) -> Option<futures::future::BoxFuture<'static, ()>> {
+        None
+    }
     /// After a commit reached the store: may replace its answer (a lost `COMMIT`).
     fn after_commit(
         &self,
@@ -498,7 +504,14 @@ impl<I: Interceptor> stampede_engine::Store for Intercepted<I> {
         per_user_limit: u32,
     ) -> Result<stampede_engine::PendingTally, stampede_engine::StoreError> {
         self.hooks.before(Call::Read).await?;
-        self.inner.snapshot_tally(sale, per_user_limit).await
+        let pending = self.inner.snapshot_tally(sale, per_user_limit).await?;
+        Ok(match self.hooks.before_count() {
+            None => pending,
+            Some(wait) => Box::pin(async move {
+                wait.await;
+                pending.await
+            }),
+        })
     }
     async fn ping(&self) -> Result<(), stampede_engine::StoreError> {
         self.hooks.before(Call::Ping).await?;

@@ -1,14 +1,18 @@
 //! Readiness asks the store at most about once a second, one ping at a time, however
 //! many probes arrive; a ping that fails or hangs makes the node not ready, and a store
-//! that answers again makes it ready again.
+//! that answers again makes it ready again. Audits that take long to count never hold
+//! the writer up.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use stampede_engine::{Engine, EngineConfig, StoreError, SystemClock};
-use stampede_store::testing::{Call, Intercepted, Interceptor};
+use stampede_engine::testing::live_sale;
+use stampede_engine::{AUDITS_AT_ONCE, Engine, EngineConfig, OrderError, StoreError, SystemClock};
+use stampede_store::on_every_backend;
+use stampede_store::testing::{Backend, Call, Intercepted, Interceptor, TestDatabase};
+use stampede_types::{IdempotencyKey, Quantity, UserId};
 
 /// Counts the pings that reach the store; `down` fails them, `hang` holds them.
 #[derive(Default)]
@@ -174,4 +178,90 @@ async fn until_pinged(hooks: &Pings, pings: u32) {
         assert!(start.elapsed() < Duration::from_secs(3), "no ping came");
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
+}
+
+/// Holds every audit's count, its snapshot's connection taken, until `done` is set: a
+/// count over a sale of millions of orders.
+struct SlowCounts {
+    done: tokio::sync::watch::Sender<bool>,
+}
+
+impl Interceptor for SlowCounts {
+    fn before_count(&self) -> Option<futures::future::BoxFuture<'static, ()>> {
+        let mut done = self.done.subscribe();
+        Some(Box::pin(async move {
+            let _ = done.wait_for(|done| *done).await;
+        }))
+    }
+}
+
+on_every_backend!(audits_that_count_long_never_hold_the_writer_up);
+
+/// The writer pins each audit's snapshot between its batches, on a connection kept for
+/// audits, and at most `AUDITS_AT_ONCE` count at once: one more is refused at once, and
+/// purchases commit while the counts go on. Before, a dozen audits took every reader
+/// connection, and the writer waited for one to pin the next audit's snapshot (up to
+/// the pool's 30 s), every commit behind it.
+async fn audits_that_count_long_never_hold_the_writer_up(backend: Backend) {
+    let dir = tempfile::tempdir().unwrap();
+    let database = TestDatabase::create(backend).await;
+    let store = Arc::new(Intercepted {
+        inner: database.open(dir.path()).await,
+        hooks: SlowCounts {
+            done: tokio::sync::watch::channel(false).0,
+        },
+    });
+    let engine = Arc::new(
+        Engine::open(
+            store.clone(),
+            Arc::new(SystemClock),
+            EngineConfig::default(),
+        )
+        .await
+        .unwrap(),
+    );
+    let sale = live_sale(&engine, "AUDITED", 10, 10, 100, 10).await;
+    let audits: Vec<_> = (0..12)
+        .map(|_| {
+            let engine = engine.clone();
+            tokio::spawn(async move { engine.audit(sale).await })
+        })
+        .collect();
+    // Those past the bound are answered at once, while the others count.
+    let others = audits.len() - AUDITS_AT_ONCE as usize;
+    let start = Instant::now();
+    while audits.iter().filter(|audit| audit.is_finished()).count() < others {
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "the audits past the bound were not answered while the others counted"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let buyer = UserId::parse("buyer").unwrap();
+    let key = IdempotencyKey::parse("k").unwrap();
+    let quantity = Quantity::parse(1).unwrap();
+    let bought = tokio::time::timeout(
+        Duration::from_secs(10),
+        engine.purchase(buyer, key, sale, quantity),
+    )
+    .await
+    .expect("a purchase waited behind the audits' counts");
+    assert!(bought.is_ok(), "{bought:?}");
+    store.hooks.done.send_replace(true);
+    let mut done = 0;
+    for audit in audits {
+        match audit.await.unwrap() {
+            Ok(Some(audit)) => {
+                assert!(audit.consistent, "{audit:?}");
+                done += 1;
+            }
+            Err(OrderError::AuditsBusy) => {}
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(done, AUDITS_AT_ONCE, "the audits let in all counted");
+    // Their places given back: the next audit counts.
+    let audit = engine.audit(sale).await.unwrap().unwrap();
+    assert!(audit.consistent, "{audit:?}");
+    assert_eq!(audit.tally.pending_payment, 1, "{audit:?}");
 }
