@@ -1818,6 +1818,14 @@ impl Engine {
             // its way must not leave units taken in the gate with nobody to hand them
             // back; the task gives them back itself when nobody awaits its answer.
             let (tell, told) = oneshot::channel();
+            let mut told = UnreadTake {
+                told,
+                read: false,
+                gate: gate.clone(),
+                sale: sale.clone(),
+                user: user.clone(),
+                units,
+            };
             let (taker, owner, state) = (gate.clone(), user.clone(), sale.clone());
             let limit = record.per_user_limit;
             tokio::spawn(async move {
@@ -1830,11 +1838,12 @@ impl Engine {
                     state.hand_back_to(&*taker, &owner, units).await;
                 }
             });
-            let taken = told.await.unwrap_or_else(|_| {
+            let taken = (&mut told.told).await.unwrap_or_else(|_| {
                 Err(GateRefusal::Unavailable(
                     "the gate's task ended without an answer".into(),
                 ))
             });
+            told.read = true;
             match taken {
                 Ok(count) => {
                     let mut inner = sale.inner.lock();
@@ -2370,6 +2379,47 @@ impl Engine {
             .map_err(|_| OrderError::Unavailable)?
             .map(Some)
             .map_err(|_| OrderError::Unavailable)
+    }
+}
+
+/// Where a gate's take answers the purchase that asked for it. The take's task hands the
+/// units back itself when nobody is there to be told; but a purchase whose future is
+/// dropped after the answer arrived and before it was read would leave them taken,
+/// with nobody to hand them back: dropped unread, this hands back what the answer took.
+struct UnreadTake {
+    told: oneshot::Receiver<Result<GateCount, GateRefusal>>,
+    read: bool,
+    gate: Arc<dyn StockGate>,
+    sale: Arc<SaleState>,
+    user: UserId,
+    units: u32,
+}
+
+impl Drop for UnreadTake {
+    fn drop(&mut self) {
+        if self.read {
+            return;
+        }
+        // Closed first, so an answer is either here now or refused to the task (which
+        // then hands the units back itself): none lands unread after this.
+        self.told.close();
+        let Ok(Ok(count)) = self.told.try_recv() else {
+            return;
+        };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            tracing::error!(sale = %self.sale.record.id, units = self.units, "units taken in the stock gate for a purchase dropped outside a runtime");
+            return;
+        };
+        let (gate, sale, user, units) = (
+            self.gate.clone(),
+            self.sale.clone(),
+            self.user.clone(),
+            self.units,
+        );
+        runtime.spawn(async move {
+            sale.inner.lock().see_gate_count(count);
+            sale.hand_back_to(&*gate, &user, units).await;
+        });
     }
 }
 

@@ -4,8 +4,8 @@
 //! cancellation returns, and be reloaded from the durable orders at start; a shopper who
 //! buys and cancels over and over is stopped at the closed-orders limit, before and
 //! after a restart alike. With a gate
-//! that answers slowly (a stand-in, not Redis): a client that hangs up during the take
-//! leaves no units taken, and a duplicate whose first attempt was refused is decided on
+//! that answers slowly (a stand-in, not Redis): a client that hangs up during the take,
+//! or after its answer came and before it was read, leaves no units taken, and a duplicate whose first attempt was refused is decided on
 //! its own request. A give-back or take from a process replaced since the sale was
 //! loaded again is refused, so nothing is counted twice. The sale's view follows the
 //! units handed back.
@@ -431,6 +431,41 @@ async fn a_client_that_hangs_up_during_the_gates_take_leaves_no_units_taken() {
         .await
         .unwrap();
     assert!(!placed.replay);
+}
+
+/// A purchase dropped after the gate's answer arrived and before it was read (the
+/// client hung up between the take's answer and the purchase's next turn): its units
+/// come back too. Before, the take's task saw its answer delivered and kept them, and
+/// the gate stayed a unit short until a restart reloaded it.
+#[tokio::test]
+async fn a_purchase_dropped_with_the_gates_answer_unread_leaves_no_units_taken() {
+    let dir = tempfile::tempdir().unwrap();
+    let (gate, engine) = slow_gate_engine(dir.path()).await;
+    let sale = live_sale(&engine, "SLOW-UNREAD", 5, 5, 50, 2).await;
+    let user = UserId::parse("leaver").unwrap();
+    let mut purchase = Box::pin(engine.purchase(
+        user.clone(),
+        IdempotencyKey::parse("k").unwrap(),
+        sale,
+        one(),
+    ));
+    // One turn: the take is sent. Then its answer comes back while the purchase is not
+    // polled again.
+    assert!(futures::poll!(purchase.as_mut()).is_pending());
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert_eq!(gate.remaining(sale).await.unwrap(), 4, "the take landed");
+    drop(purchase);
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    assert_eq!(gate.remaining(sale).await.unwrap(), 5);
+    assert_eq!(
+        gate.held.lock().unwrap().get(&user).copied().unwrap_or(0),
+        0
+    );
+    assert_eq!(
+        engine.sale(sale).unwrap().remaining,
+        5,
+        "the view shows them"
+    );
 }
 
 /// The units of a client that left during the take come back to the view too: the last
