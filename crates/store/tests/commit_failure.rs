@@ -127,10 +127,6 @@ async fn failed_commit_returns_stock_and_answers_unavailable(backend: Backend) {
         assert_eq!(handle.await.unwrap(), Err(PurchaseError::Unavailable));
     }
     assert_eq!(engine.sale(sale).unwrap().remaining, 5);
-    assert!(
-        engine.orders_of(&alice, 10).await.unwrap().is_empty(),
-        "nothing was written"
-    );
     // Not ready while commits fail, however many idle ticks (with nothing to commit)
     // the writer runs meanwhile: only a commit that lands makes it ready again.
     assert!(!engine.ready().await);
@@ -158,9 +154,13 @@ async fn failed_commit_returns_stock_and_answers_unavailable(backend: Backend) {
     );
     assert_eq!(engine.sale(sale).unwrap().remaining, 2);
     assert!(engine.ready().await);
+    // Only the order placed after the store came back is durable: the failed attempts
+    // left none (the injected failure stops their commits before the store, so this is
+    // the engine's word; `a_batch_that_fails_midway_leaves_nothing` fails a real one).
     let audit = engine.audit(sale).await.unwrap().unwrap();
     assert!(audit.consistent);
     assert_eq!(audit.tally.pending_payment, 3);
+    assert_eq!(engine.orders_of(&alice, 10).await.unwrap().len(), 1);
 
     // A cancel whose commit fails changes nothing either.
     flaky.hooks.fail.store(true, Ordering::SeqCst);
