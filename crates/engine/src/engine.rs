@@ -958,6 +958,26 @@ impl Shared {
         let Some(jobs) = self.ledger.get().and_then(mpsc::WeakSender::upgrade) else {
             return;
         };
+        Self::send_settle(&jobs, order_id);
+    }
+
+    /// As `settle_charge`, for the ledger's sweep: only while at least half of the
+    /// writer's queue is free. A sweep may find thousands of entries (paid orders whose
+    /// removal a full queue dropped during the surge) and must not take the room the
+    /// shoppers' purchases need: `false` once the queue is fuller than that, and the
+    /// next sweep settles the rest.
+    fn settle_charge_if_room(&self, order_id: OrderId) -> bool {
+        let Some(jobs) = self.ledger.get().and_then(mpsc::WeakSender::upgrade) else {
+            return false;
+        };
+        if jobs.capacity() < jobs.max_capacity().div_ceil(2) {
+            return false;
+        }
+        Self::send_settle(&jobs, order_id);
+        true
+    }
+
+    fn send_settle(jobs: &mpsc::Sender<Job>, order_id: OrderId) {
         let (reply, _) = oneshot::channel();
         let job = Job::Ledger {
             op: WriteOp::ChargeSettled { order_id },
@@ -2664,9 +2684,12 @@ async fn sweep_charges(
         }
         match shared.store.charges_to_settle().await {
             Ok(entries) => {
+                let mut room = true;
                 for entry in entries {
                     match entry.status {
-                        OrderStatus::Paid => shared.settle_charge(entry.order_id),
+                        OrderStatus::Paid => {
+                            room = room && shared.settle_charge_if_room(entry.order_id);
+                        }
                         OrderStatus::Cancelled | OrderStatus::Expired => {
                             shared.refund_if_charged(entry.order_id, entry.amount);
                         }

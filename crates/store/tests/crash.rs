@@ -4,7 +4,8 @@
 //! (A tokio receiver, dropped, drops what is queued but not such a straggler: its caller
 //! waited as long as the engine lived, and the property test hung on it once.) A
 //! refund owed when a crash comes is still owed after it. And a restart that reads
-//! thousands of orders (streamed, in chunks) rebuilds what the engine had.
+//! thousands of orders (streamed, in chunks) rebuilds what the engine had. The ledger's
+//! sweep of the entries left behind never fills the writer's queue.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -568,3 +569,131 @@ on_every_backend!(
     a_refund_giving_up_as_a_late_charge_is_noted_leaves_the_refund_owed,
     a_refund_giving_up_on_failures_writes_back_an_entry_removed_meanwhile,
 );
+
+/// Holds every commit while `hold` is set, and says when the first one is waiting.
+#[derive(Default)]
+struct HeldCommits {
+    hold: AtomicBool,
+    waiting: tokio::sync::Notify,
+    release: tokio::sync::Notify,
+}
+
+#[async_trait::async_trait]
+impl Interceptor for HeldCommits {
+    async fn before(&self, call: Call<'_>) -> Result<(), StoreError> {
+        if matches!(call, Call::Commit(_)) && self.hold.load(Ordering::SeqCst) {
+            let released = self.release.notified();
+            self.waiting.notify_one();
+            released.await;
+        }
+        Ok(())
+    }
+}
+
+/// A sweep that finds many paid orders' ledger entries (their removals dropped while the
+/// queue was full in the surge, or lost to a crash) takes at most half of the writer's
+/// queue with their removals, so a purchase that comes meanwhile still has room; the
+/// next sweeps settle the rest. Before, the sweep sent a removal for every entry, filled
+/// the queue, and the purchase was refused `Overloaded`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sweep_of_many_ledger_entries_leaves_the_shoppers_room_in_the_queue() {
+    const ENTRIES: u32 = 100;
+    let dir = tempfile::tempdir().unwrap();
+    let database = TestDatabase::create(Backend::Sqlite).await;
+    let store = database.open(dir.path()).await;
+    let engine = Engine::open(
+        store.clone(),
+        Arc::new(SystemClock),
+        EngineConfig::default(),
+    )
+    .await
+    .unwrap();
+    let sale = live_sale(&engine, "SWEPT", 200, 200, 50, 200).await;
+    let mut orders = Vec::new();
+    for n in 0..ENTRIES {
+        let placed = engine
+            .purchase(user("payer"), key(&format!("k{n}")), sale, one())
+            .await
+            .unwrap();
+        orders.push(placed.placed);
+    }
+    engine.shutdown().await;
+    // Paid, each with the ledger entry its charge wrote, and none removed.
+    let now = stampede_engine::Clock::now_ms(&SystemClock);
+    let mut ops: Vec<WriteOp> = orders
+        .iter()
+        .map(|placed| WriteOp::ChargeAttempt {
+            order_id: placed.order_id,
+            amount: placed.amount,
+            at_ms: now,
+        })
+        .collect();
+    ops.extend(orders.iter().map(|placed| WriteOp::Transition {
+        order_id: placed.order_id,
+        to: OrderStatus::Paid,
+        at_ms: now,
+    }));
+    store.commit(&ops).await.unwrap();
+    assert_eq!(
+        store.charges_to_settle().await.unwrap().len(),
+        ENTRIES as usize
+    );
+
+    let held = Arc::new(Intercepted {
+        inner: store.clone(),
+        hooks: HeldCommits::default(),
+    });
+    let queue = 64;
+    let engine = Arc::new(
+        Engine::open(
+            held.clone(),
+            Arc::new(SystemClock),
+            EngineConfig {
+                queue_capacity: queue,
+                // The writer takes one job and holds it: what the sweep sent stays queued.
+                batch_size_max: 1,
+                charge_sweep_ms: 100,
+                ..EngineConfig::default()
+            },
+        )
+        .await
+        .unwrap(),
+    );
+    held.hooks.hold.store(true, Ordering::SeqCst);
+    let waiting = held.hooks.waiting.notified();
+    engine.use_payments(Arc::new(
+        stampede_engine::testing::RecordingProvider::default(),
+    ));
+    waiting.await;
+    // The sweep's turn is over (it sends without waiting).
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let buying = tokio::spawn({
+        let engine = engine.clone();
+        async move {
+            engine
+                .purchase(user("shopper"), key("k"), sale, one())
+                .await
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        !buying.is_finished(),
+        "the purchase was answered while the writer held its first commit: {:?}",
+        buying.await
+    );
+    held.hooks.hold.store(false, Ordering::SeqCst);
+    held.hooks.release.notify_waiters();
+    held.hooks.release.notify_one();
+    let placed = buying.await.unwrap();
+    assert!(placed.is_ok(), "{placed:?}");
+    // The later sweeps settle what the first left.
+    let start = std::time::Instant::now();
+    while !store.charges_to_settle().await.unwrap().is_empty() {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "ledger entries left unsettled"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    engine.shutdown().await;
+}
