@@ -180,6 +180,29 @@ pub async fn check<L: Ledger>(
         ));
     }
 
+    // A purchase answered 2xx must say which order and how many units: one that does
+    // not cannot be looked up or counted, so it would pass for nothing sold.
+    let mut unreadable = 0u64;
+    for r in receipts.iter().filter(|r| {
+        r.kind == BookKind::Purchase
+            && matches!(r.status, Some(200 | 201))
+            && (r.order_id.is_none() || r.quantity == 0)
+    }) {
+        unreadable += 1;
+        if unreadable <= 3 {
+            books.details.push(format!(
+                "a purchase was answered {} without an order id and a quantity (key {:?})",
+                r.status.unwrap_or_default(),
+                r.idempotency_key
+            ));
+        }
+    }
+    if unreadable > 3 {
+        books.details.push(format!(
+            "{unreadable} purchases in all were answered without an order id and a quantity"
+        ));
+    }
+
     // Orders the shoppers were told about, by id.
     let mut orders: BTreeMap<&str, &Receipt> = BTreeMap::new();
     let mut by_key: HashMap<&str, &str> = HashMap::new();
@@ -513,6 +536,32 @@ mod tests {
         let books = check(&ledger(&["o1", "o2"], 0), &sale(2), &receipts, 0, 8).await;
         assert!(books.ok, "{books:?}");
         assert_eq!(books.acknowledged_units, 2);
+    }
+
+    /// A 201 that names no order, or no units, is a failure: before, it was skipped, and
+    /// a server that acknowledged purchases without recording them passed.
+    #[tokio::test]
+    async fn a_purchase_acknowledged_without_an_order_or_a_quantity_fails() {
+        let no_order = Receipt::from_answer(
+            BookKind::Purchase,
+            201,
+            &Arc::from("a"),
+            Some("k1".into()),
+            Some(&serde_json::json!({"sale_id": "sale_1", "quantity": 1})),
+            None,
+        );
+        let books = check(&ledger(&[], 0), &sale(2), &[no_order], 0, 8).await;
+        assert!(!books.ok, "{books:?}");
+        let no_quantity = Receipt::from_answer(
+            BookKind::Purchase,
+            201,
+            &Arc::from("a"),
+            Some("k1".into()),
+            Some(&serde_json::json!({"order_id": "o1", "sale_id": "sale_1"})),
+            None,
+        );
+        let books = check(&ledger(&["o1"], 0), &sale(2), &[no_quantity], 0, 8).await;
+        assert!(!books.ok, "{books:?}");
     }
 
     #[tokio::test]

@@ -140,7 +140,8 @@ pub struct PressArgs {
     /// TCP connections across all threads.
     #[arg(long, default_value_t = 64)]
     pub connections: usize,
-    /// Open model: sessions in flight at most; later arrivals wait, and the wait counts.
+    /// Sessions in flight at most. Open model: later arrivals wait, and the wait counts;
+    /// closed model: at least `--vus` (each user is one session for the whole run).
     #[arg(long, default_value_t = 100_000)]
     pub max_sessions: usize,
     /// Per-request timeout.
@@ -570,6 +571,15 @@ async fn execute(args: &PressArgs, p: Prepared, progress: bool) -> anyhow::Resul
         "--connections must be within 1..={CONNECTIONS_MAX} (each is a socket at both ends)"
     );
     ensure!(args.max_sessions >= 1, "--max-sessions must be at least 1");
+    if let Model::Closed { vus, .. } = &p.model {
+        // Each user is a session for the whole run: those past the bound would wait for
+        // a place until the run was over, and never send.
+        ensure!(
+            *vus <= args.max_sessions,
+            "--vus {vus} is more than --max-sessions {}: each user is a session for the whole run",
+            args.max_sessions
+        );
+    }
     let spec = RunSpec {
         target: p.target.clone(),
         model: p.model.clone(),
@@ -944,11 +954,32 @@ pub async fn capacity(args: &CapacityArgs) -> anyhow::Result<Capacity> {
             for t in report.thresholds.iter().filter(|t| !t.ok) {
                 reasons.push(format!("{} {:.3} over {}", t.name, t.actual, t.limit));
             }
-            if achieved < 0.95 * rate {
-                reasons.push(format!("only {achieved:.0}/s of {rate:.0}/s started"));
+            // Against what the schedule asked for over the whole run: with a ramp, less
+            // than `rate` on average (the ramp climbs to it), so the plateau's rate
+            // would fail every probe.
+            let asked = report.scheduled_rps.unwrap_or(rate);
+            if achieved < 0.95 * asked {
+                reasons.push(format!(
+                    "only {achieved:.0}/s of {asked:.0}/s started (plateau {rate:.0}/s)"
+                ));
             }
             if report.books.checked && !report.books.ok {
                 reasons.push("books failed".into());
+            }
+            // A run that did not pass as `stampede press` does not pass here either:
+            // sessions abandoned at the drain deadline, or never started, are failures
+            // however few (they are not in the error rate the thresholds read).
+            if report.sessions.abandoned > 0 {
+                reasons.push(format!(
+                    "{} sessions abandoned at the drain deadline",
+                    report.sessions.abandoned
+                ));
+            }
+            let never_started = report.sessions.scheduled.map_or(0, |scheduled| {
+                scheduled.saturating_sub(report.sessions.started)
+            });
+            if never_started > 0 {
+                reasons.push(format!("{never_started} scheduled sessions never started"));
             }
             let probe = Probe {
                 rate,

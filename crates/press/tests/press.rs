@@ -710,6 +710,124 @@ fn rates_beyond_what_a_run_can_schedule_are_refused() {
     assert_eq!(sized.capacity.target_peak.unwrap().0, 50_000_000.0);
 }
 
+/// A closed model with more users than `--max-sessions` is refused: the users past the
+/// bound would have waited for a place until the run was over and never sent, without
+/// a word.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn more_users_than_sessions_allowed_is_refused() {
+    let base = serve(axum::Router::new().route("/healthz", get(|| async { "ok" }))).await;
+    let refused = stampede_press::press(&args(
+        &base,
+        &[
+            "--scenario",
+            "healthz",
+            "--vus",
+            "4",
+            "--max-sessions",
+            "2",
+            "--duration",
+            "1s",
+        ],
+    ))
+    .await
+    .expect_err("4 users in 2 sessions");
+    assert!(refused.to_string().contains("--max-sessions"), "{refused}");
+}
+
+/// `stampede press capacity` with `extra` against `target`.
+fn capacity_args(target: &str, extra: &[&str]) -> stampede_press::CapacityArgs {
+    #[derive(Parser)]
+    struct Capacity {
+        #[command(flatten)]
+        capacity: stampede_press::CapacityArgs,
+    }
+    let mut argv = vec![
+        "capacity",
+        "--target",
+        target,
+        "--quiet",
+        "--scrape-every",
+        "0s",
+    ];
+    argv.extend_from_slice(extra);
+    Capacity::parse_from(argv).capacity
+}
+
+/// A probe with a ramp is judged against what its schedule asked for, ramp included.
+/// Before, it was held to the plateau's rate over the whole run: a 2 s ramp before 4 s
+/// at 200/s schedules ~167/s on average, under the 190/s bar, so every probe failed and
+/// the search found no capacity against any server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_capacity_probe_with_a_ramp_is_held_to_its_own_schedule() {
+    let base = serve(axum::Router::new().route("/healthz", get(|| async { "ok" }))).await;
+    let found = stampede_press::capacity(&capacity_args(
+        &base,
+        &[
+            "--scenario",
+            "healthz",
+            "--ramp",
+            "2s",
+            "--step-duration",
+            "4s",
+            "--start-rate",
+            "200/s",
+            "--max-rate",
+            "200/s",
+            "--max-probes",
+            "1",
+        ],
+    ))
+    .await
+    .unwrap();
+    assert_eq!(found.capacity_rps, Some(200.0), "{:?}", found.probes);
+}
+
+/// A probe whose run would not pass as `stampede press` fails: one request abandoned at
+/// the drain deadline is under a 1% error limit, and was taken as a pass before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_capacity_probe_with_a_request_abandoned_at_the_drain_fails() {
+    let hits = Arc::new(AtomicU64::new(0));
+    let router = axum::Router::new()
+        .route(
+            "/healthz",
+            get(|State(hits): State<Arc<AtomicU64>>| async move {
+                // One request in the run hangs for good.
+                if hits.fetch_add(1, Ordering::SeqCst) == 5 {
+                    std::future::pending::<()>().await;
+                }
+                "ok"
+            }),
+        )
+        .with_state(hits);
+    let base = serve(router).await;
+    let found = stampede_press::capacity(&capacity_args(
+        &base,
+        &[
+            "--scenario",
+            "healthz",
+            "--step-duration",
+            "2s",
+            "--start-rate",
+            "200/s",
+            "--max-rate",
+            "200/s",
+            "--max-probes",
+            "1",
+            "--timeout",
+            "60s",
+            "--drain",
+            "1s",
+            "--max-error-rate",
+            "1%",
+        ],
+    ))
+    .await
+    .unwrap();
+    assert_eq!(found.capacity_rps, None, "{:?}", found.probes);
+    let reason = found.probes[0].reason.as_deref().unwrap_or_default();
+    assert!(reason.contains("abandoned"), "{reason}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_still_out_at_the_drain_deadline_counts_as_failed() {
     // The first request is answered; every later one hangs for good.

@@ -385,6 +385,9 @@ impl Config {
         figment = figment.merge(Serialized::globals(args));
         let mut config: Config = figment.extract().context("invalid configuration")?;
         config.config_file = args.config.clone();
+        // Empty is unset, as for the database URLs: `STAMPEDE_NATS_URL=` must not turn
+        // the outbox on with a relay that can never connect.
+        config.nats_url = config.nats_url.take().filter(|url| !url.trim().is_empty());
         config.validate()?;
         Ok(config)
     }
@@ -407,6 +410,29 @@ impl Config {
                 && !self.nats_subject_prefix.ends_with('.'),
             "nats_subject_prefix must be dot-separated tokens of letters, digits, '_' or '-'"
         );
+        if let Some(url) = &self.nats_url {
+            // Found wrong at start, not by a relay retrying for ever while the outbox grows.
+            for server in url.split(',') {
+                server
+                    .trim()
+                    .parse::<async_nats::ServerAddr>()
+                    .map_err(|e| anyhow::anyhow!("nats_url `{url}`: {e}"))?;
+            }
+        }
+        for (name, value) in [
+            ("node_ttl", self.node_ttl),
+            ("lease_idle", self.lease_idle),
+            ("client_timeout", self.client_timeout),
+            ("database_timeout", self.database_timeout),
+            ("payment_timeout", self.payment_timeout),
+            ("nats_duplicate_window", self.nats_duplicate_window),
+        ] {
+            // Longer is a typo, and would overflow the sums the server makes of them.
+            anyhow::ensure!(
+                value <= Duration::from_secs(DURATION_SETTING_MAX_DAYS * 86_400),
+                "{name} must be at most {DURATION_SETTING_MAX_DAYS} day"
+            );
+        }
         anyhow::ensure!(
             self.nats_url.is_none()
                 || (self.nats_duplicate_window >= Duration::from_secs(10)
@@ -498,6 +524,9 @@ impl Config {
 /// The longest payment window taken: stock held for a shopper longer than this is stock
 /// not sold, and an order's `expires_at` must stay a time the API can write.
 const PAYMENT_WINDOW_MAX_DAYS: u64 = 30;
+
+/// The longest timeout, heartbeat TTL, idle lease or duplicate window taken.
+const DURATION_SETTING_MAX_DAYS: u64 = 1;
 
 /// The payment provider's base URL must be one every pay can reach: `http://host[:port]`
 /// with an optional path. Found wrong at start, not by every shopper's pay answering 502.
@@ -1301,6 +1330,27 @@ mod tests {
                 load(&window).unwrap().nats_duplicate_window,
                 Duration::from_secs(600)
             );
+            // A duration past a day is refused, not overflowed into a panic (the
+            // duplicate window's check adds to the node TTL).
+            jail.set_env("STAMPEDE_NODE_TTL", "584542046090y");
+            let error = load(&ServeArgs::default()).unwrap_err().to_string();
+            assert!(error.contains("node_ttl must be at most"), "{error}");
+            jail.set_env("STAMPEDE_NODE_TTL", "5s");
+            jail.set_env("STAMPEDE_PAYMENT_TIMEOUT", "2d");
+            let error = load(&ServeArgs::default()).unwrap_err().to_string();
+            assert!(error.contains("payment_timeout must be at most"), "{error}");
+            jail.set_env("STAMPEDE_PAYMENT_TIMEOUT", "2s");
+            // A NATS URL that is not one is refused at start; several, comma-separated,
+            // are taken; an empty one is unset (no outbox), as an empty database URL is.
+            jail.set_env("STAMPEDE_NATS_URL", "nats://bad host:4222");
+            let error = load(&ServeArgs::default()).unwrap_err().to_string();
+            assert!(error.contains("nats_url"), "{error}");
+            jail.set_env("STAMPEDE_NATS_URL", "nats://a:4222, b:4223");
+            assert!(load(&ServeArgs::default()).is_ok());
+            jail.set_env("STAMPEDE_NATS_URL", "");
+            let config = load(&ServeArgs::default()).unwrap();
+            assert_eq!(config.nats_url, None);
+            assert!(!config.store_options().outbox);
             Ok(())
         });
     }
