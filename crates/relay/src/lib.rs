@@ -88,6 +88,15 @@ fn nats(error: impl std::fmt::Display) -> RelayError {
 }
 
 /// The event name on the wire: an order entering `pending_payment` was created.
+/// Checks `url` as the relay's connection reads it: one NATS server address
+/// (`nats://host:port`, or `host:port`). A server that starts with one it cannot read
+/// would retry it for ever while the outbox grew.
+pub fn check_nats_url(url: &str) -> Result<(), String> {
+    url.parse::<async_nats::ServerAddr>()
+        .map(drop)
+        .map_err(|e| e.to_string())
+}
+
 pub fn event_name(event: OrderStatus) -> &'static str {
     match event {
         OrderStatus::PendingPayment => "created",

@@ -412,12 +412,8 @@ impl Config {
         );
         if let Some(url) = &self.nats_url {
             // Found wrong at start, not by a relay retrying for ever while the outbox grows.
-            for server in url.split(',') {
-                server
-                    .trim()
-                    .parse::<async_nats::ServerAddr>()
-                    .map_err(|e| anyhow::anyhow!("nats_url `{url}`: {e}"))?;
-            }
+            stampede_relay::check_nats_url(url)
+                .map_err(|e| anyhow::anyhow!("nats_url `{url}`: {e}"))?;
         }
         for (name, value) in [
             ("node_ttl", self.node_ttl),
@@ -1340,12 +1336,19 @@ mod tests {
             let error = load(&ServeArgs::default()).unwrap_err().to_string();
             assert!(error.contains("payment_timeout must be at most"), "{error}");
             jail.set_env("STAMPEDE_PAYMENT_TIMEOUT", "2s");
-            // A NATS URL that is not one is refused at start; several, comma-separated,
-            // are taken; an empty one is unset (no outbox), as an empty database URL is.
-            jail.set_env("STAMPEDE_NATS_URL", "nats://bad host:4222");
-            let error = load(&ServeArgs::default()).unwrap_err().to_string();
-            assert!(error.contains("nats_url"), "{error}");
-            jail.set_env("STAMPEDE_NATS_URL", "nats://a:4222, b:4223");
+            // A NATS URL that is not one is refused at start (a list too: the relay
+            // connects to one server); an empty one is unset (no outbox), as an empty
+            // database URL is.
+            for bad in [
+                "nats://bad host:4222",
+                "nats://a:4222,b:4223",
+                "http://a:4222",
+            ] {
+                jail.set_env("STAMPEDE_NATS_URL", bad);
+                let error = load(&ServeArgs::default()).unwrap_err().to_string();
+                assert!(error.contains("nats_url"), "{bad}: {error}");
+            }
+            jail.set_env("STAMPEDE_NATS_URL", "nats.internal:4222");
             assert!(load(&ServeArgs::default()).is_ok());
             jail.set_env("STAMPEDE_NATS_URL", "");
             let config = load(&ServeArgs::default()).unwrap();
