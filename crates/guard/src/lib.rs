@@ -110,6 +110,9 @@ pub struct Counters {
     /// resource, not the rule: a rule removed and added again (or changed) counts the
     /// requests admitted under the one before, which give their place back here.
     held: AtomicU64,
+    /// Whether the rules in force pace this resource ([`Guard::paces`]): set with each
+    /// rules change, so the question costs a request one load, not the rules'.
+    paced: AtomicBool,
 }
 
 #[derive(Debug, Clone, Copy, Default, Serialize)]
@@ -779,6 +782,7 @@ impl Guard {
             storm_base: AtomicU64::new(1),
             hasher: foldhash::fast::FixedState::with_seed(0x5ca1ab1e),
         });
+        guard.mark_paced();
         let weak = Arc::downgrade(&guard);
         std::thread::Builder::new()
             .name("guard-sampler".into())
@@ -872,6 +876,7 @@ impl Guard {
         let previous = self.compiled.load();
         let next = Compiled::new(rules, &self.registry, Some(&previous));
         self.compiled.store(Arc::new(next));
+        self.mark_paced();
         Ok(version)
     }
 
@@ -949,13 +954,22 @@ impl Guard {
     /// queue that is its own until it is sent, so the caller checks what can be checked
     /// without the guard (the credential) first. A dry run paces nothing.
     pub fn paces(&self, resource: &Resource) -> bool {
+        resource.counters.paced.load(Ordering::Relaxed)
+    }
+
+    /// Sets every resource's [`Guard::paces`] from the rules in force (at the start and
+    /// after each change; changes are made one at a time).
+    fn mark_paced(&self) {
         let compiled = self.compiled.load();
-        !compiled.rules.dry_run
-            && compiled.flow(resource.id).is_some_and(|flow| {
-                flow.rule.qps.is_some()
-                    && !flow.rule.dry_run
-                    && matches!(flow.rule.behavior, Behavior::Pace { .. })
-            })
+        for resource in self.registry.by_name.read().values() {
+            let paced = !compiled.rules.dry_run
+                && compiled.flow(resource.id).is_some_and(|flow| {
+                    flow.rule.qps.is_some()
+                        && !flow.rule.dry_run
+                        && matches!(flow.rule.behavior, Behavior::Pace { .. })
+                });
+            resource.counters.paced.store(paced, Ordering::Relaxed);
+        }
     }
 
     fn degraded(&self, compiled: &Compiled, class: Class) -> bool {

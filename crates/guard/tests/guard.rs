@@ -303,6 +303,42 @@ fn pacing_spaces_requests_and_refuses_beyond_the_queue_bound() {
     }
 }
 
+/// `paces` answers for the rules in force: from the start, after a change that adds or
+/// takes away pacing, and never in a dry run (which paces nothing).
+#[test]
+fn paces_follows_the_rules_in_force() {
+    let pace = || {
+        flow(
+            "pay",
+            10.0,
+            1,
+            Behavior::Pace {
+                max_queue: Duration::from_secs(1),
+            },
+        )
+    };
+    let guard = Guard::new(rules_with(vec![pace()])).unwrap();
+    let (pay, purchase) = (guard.resource("pay"), guard.resource("purchase"));
+    assert!(guard.paces(&pay));
+    assert!(!guard.paces(&purchase));
+    let mut next = rules_with(vec![flow("purchase", 10.0, 1, Behavior::Reject {})]);
+    next.version = 1;
+    guard.replace(next).unwrap();
+    assert!(!guard.paces(&pay) && !guard.paces(&purchase));
+    let mut next = rules_with(vec![pace(), {
+        let mut rule = pace();
+        rule.resource = "purchase".into();
+        rule
+    }]);
+    next.version = 2;
+    guard.replace(next.clone()).unwrap();
+    assert!(guard.paces(&pay) && guard.paces(&purchase));
+    next.version = 3;
+    next.dry_run = true;
+    guard.replace(next).unwrap();
+    assert!(!guard.paces(&pay) && !guard.paces(&purchase));
+}
+
 #[test]
 fn a_concurrency_limit_counts_requests_in_flight() {
     let mut rule = flow("pay", 1.0, 1, Behavior::Reject {});
