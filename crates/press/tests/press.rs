@@ -734,6 +734,23 @@ async fn more_users_than_sessions_allowed_is_refused() {
     assert!(refused.to_string().contains("--max-sessions"), "{refused}");
 }
 
+/// A `/healthz` whose `n`th request (from 0) never gets its answer when `hangs(n)`.
+async fn serve_healthz_hanging(hangs: fn(u64) -> bool) -> String {
+    let hits = Arc::new(AtomicU64::new(0));
+    let router = axum::Router::new()
+        .route(
+            "/healthz",
+            get(move |State(hits): State<Arc<AtomicU64>>| async move {
+                if hangs(hits.fetch_add(1, Ordering::SeqCst)) {
+                    std::future::pending::<()>().await;
+                }
+                "ok"
+            }),
+        )
+        .with_state(hits);
+    serve(router).await
+}
+
 /// `stampede press capacity` with `extra` against `target`.
 fn capacity_args(target: &str, extra: &[&str]) -> stampede_press::CapacityArgs {
     #[derive(Parser)]
@@ -786,20 +803,8 @@ async fn a_capacity_probe_with_a_ramp_is_held_to_its_own_schedule() {
 /// the drain deadline is under a 1% error limit, and was taken as a pass before.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_capacity_probe_with_a_request_abandoned_at_the_drain_fails() {
-    let hits = Arc::new(AtomicU64::new(0));
-    let router = axum::Router::new()
-        .route(
-            "/healthz",
-            get(|State(hits): State<Arc<AtomicU64>>| async move {
-                // One request in the run hangs for good.
-                if hits.fetch_add(1, Ordering::SeqCst) == 5 {
-                    std::future::pending::<()>().await;
-                }
-                "ok"
-            }),
-        )
-        .with_state(hits);
-    let base = serve(router).await;
+    // One request in the run hangs for good.
+    let base = serve_healthz_hanging(|n| n == 5).await;
     let found = stampede_press::capacity(&capacity_args(
         &base,
         &[
@@ -831,19 +836,7 @@ async fn a_capacity_probe_with_a_request_abandoned_at_the_drain_fails() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_still_out_at_the_drain_deadline_counts_as_failed() {
     // The first request is answered; every later one hangs for good.
-    let hits = Arc::new(AtomicU64::new(0));
-    let router = axum::Router::new()
-        .route(
-            "/healthz",
-            get(|State(hits): State<Arc<AtomicU64>>| async move {
-                if hits.fetch_add(1, Ordering::SeqCst) > 0 {
-                    std::future::pending::<()>().await;
-                }
-                "ok"
-            }),
-        )
-        .with_state(hits);
-    let base = serve(router).await;
+    let base = serve_healthz_hanging(|n| n > 0).await;
     let report = stampede_press::press(&args(
         &base,
         &[

@@ -38,6 +38,22 @@ impl Interceptor for Pings {
     }
 }
 
+/// An engine, with its default configuration, over `inner` with `hooks` around it.
+async fn engine_over<I: Interceptor>(
+    inner: Arc<dyn stampede_engine::Store>,
+    hooks: I,
+) -> (Arc<Intercepted<I>>, Arc<Engine>) {
+    let store = Arc::new(Intercepted { inner, hooks });
+    let engine = Engine::open(
+        store.clone(),
+        Arc::new(SystemClock),
+        EngineConfig::default(),
+    )
+    .await
+    .unwrap();
+    (store, Arc::new(engine))
+}
+
 /// Waits until `engine.ready()` says `want`, asking every 50 ms, for at most `within`.
 async fn until_ready_is(engine: &Engine, want: bool, within: Duration) -> Duration {
     let start = Instant::now();
@@ -56,22 +72,11 @@ async fn until_ready_is(engine: &Engine, want: bool, within: Duration) -> Durati
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_of_probes_pings_the_store_once_a_second_and_follows_its_state() {
     let dir = tempfile::tempdir().unwrap();
-    let store = Arc::new(Intercepted {
-        inner: stampede_store::SqliteStore::open(&dir.path().join("r.db"))
-            .await
-            .unwrap()
-            .into_arc(),
-        hooks: Pings::default(),
-    });
-    let engine = Arc::new(
-        Engine::open(
-            store.clone(),
-            Arc::new(SystemClock),
-            EngineConfig::default(),
-        )
+    let inner = stampede_store::SqliteStore::open(&dir.path().join("r.db"))
         .await
-        .unwrap(),
-    );
+        .unwrap()
+        .into_arc();
+    let (store, engine) = engine_over(inner, Pings::default()).await;
 
     // 2,000 probes at once: all ready, from one ping.
     let probes: Vec<_> = (0..2_000)
@@ -205,21 +210,10 @@ on_every_backend!(audits_that_count_long_never_hold_the_writer_up);
 async fn audits_that_count_long_never_hold_the_writer_up(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
     let database = TestDatabase::create(backend).await;
-    let store = Arc::new(Intercepted {
-        inner: database.open(dir.path()).await,
-        hooks: SlowCounts {
-            done: tokio::sync::watch::channel(false).0,
-        },
-    });
-    let engine = Arc::new(
-        Engine::open(
-            store.clone(),
-            Arc::new(SystemClock),
-            EngineConfig::default(),
-        )
-        .await
-        .unwrap(),
-    );
+    let slow = SlowCounts {
+        done: tokio::sync::watch::channel(false).0,
+    };
+    let (store, engine) = engine_over(database.open(dir.path()).await, slow).await;
     let sale = live_sale(&engine, "AUDITED", 10, 10, 100, 10).await;
     let audits: Vec<_> = (0..12)
         .map(|_| {
