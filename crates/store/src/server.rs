@@ -765,6 +765,14 @@ macro_rules! server_store {
                 }
                 let refused = async {
                     take_owner_lock!(&mut writer, dialect, Duration::ZERO);
+                    // No single owner is here. One whose connection dropped (the lock went
+                    // with it) may still be running: bumping the epoch under the lock fences
+                    // it, so when it reconnects it halts instead of writing beside the
+                    // cluster. Cluster batches stamp their node's row, not this one.
+                    sqlx::query("UPDATE stampede_owner SET epoch = epoch + 1 WHERE id = 1")
+                        .execute(&mut writer)
+                        .await
+                        .map_err(unavailable)?;
                     sqlx::query(dialect.unlock).execute(&mut writer).await.map_err(unavailable)?;
                     Ok::<_, StoreError>(())
                 }

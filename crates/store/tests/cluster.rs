@@ -486,6 +486,45 @@ async fn a_single_owner_and_a_cluster_never_share_a_database(backend: Backend) {
     drop(owner);
 }
 
+/// A single owner whose connection dropped (and its lock with it) while a cluster node
+/// joined is fenced when it reconnects: it halts, and never sells beside the cluster
+/// from its stale memory. Before, its reconnect took the free lock, found the epoch
+/// unchanged, and went on committing: two writers selling the same units.
+async fn an_owner_whose_connection_dropped_while_a_cluster_joined_is_fenced(backend: Backend) {
+    let database = TestDatabase::create(backend).await;
+    let owner = Engine::open(
+        database.open(std::path::Path::new(".")).await,
+        Arc::new(SystemClock),
+        EngineConfig::default(),
+    )
+    .await
+    .unwrap();
+    let sale = live_sale(&owner, "P", 10, 5, 50, 5).await;
+    owner
+        .purchase(user("a"), key("k1"), sale, one())
+        .await
+        .unwrap();
+    database.kill_owner_connection().await;
+    let (_, member) = join(&database).await;
+    assert_eq!(
+        owner.purchase(user("b"), key("k2"), sale, one()).await,
+        Err(PurchaseError::Unavailable)
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !owner.halted() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the owner never learned a cluster had joined"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The cluster sells what the owner sold before it left, and nothing of it twice.
+    let audit = member.audit(sale).await.unwrap().unwrap();
+    assert!(audit.consistent, "{audit:?}");
+    assert_eq!(audit.tally.pending_payment, 1, "{audit:?}");
+    member.shutdown().await;
+}
+
 /// A cluster leaves a unique index on the orders' keys behind. A single owner after it
 /// lets a retired key be used again for a purchase in another sale (as on a database no
 /// cluster ever used): that purchase must land, not fail the batch it is in. A cluster
@@ -551,6 +590,7 @@ on_server_backends!(
     a_buyer_who_hangs_up_while_waiting_for_a_lease_frees_its_key,
     a_node_returns_what_it_does_not_use,
     a_single_owner_and_a_cluster_never_share_a_database,
+    an_owner_whose_connection_dropped_while_a_cluster_joined_is_fenced,
     a_single_owner_after_a_cluster_takes_a_retired_key_in_another_sale,
     a_commit_still_on_its_way_when_its_answer_is_lost_is_not_called_failed,
     a_node_that_leaves_cleanly_hands_its_pending_orders_to_the_survivors,
