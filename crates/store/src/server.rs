@@ -703,25 +703,6 @@ macro_rules! server_store {
                 let dialect = &$dialect;
                 let sql = Sql::new(dialect);
                 let mut writer = Self::migrated_writer(&options).await?;
-                // Idempotency keys must be unique across nodes: a retry that reaches
-                // another node finds the first order (outside the join transaction:
-                // MySQL commits around DDL).
-                if let Err(error) = sqlx::query(
-                    "CREATE UNIQUE INDEX orders_idempotency ON orders (user_id, idempotency_key)",
-                )
-                .execute(&mut writer)
-                .await
-                {
-                    let text = error.to_string();
-                    if !(text.contains("already exists")
-                        || text.contains("Duplicate key name")
-                        || text.contains("pg_class_relname_nsp_index"))
-                    {
-                        return Err(StoreError::Unavailable(format!(
-                            "cannot index idempotency keys for a cluster (a single owner lets a shopper use a retired idempotency key again in another sale, and a cluster needs each key to name one order: see the README): {error}"
-                        )));
-                    }
-                }
                 let node = new_node_id();
                 {
                     let mut tx = writer.begin().await.map_err(unavailable)?;
@@ -782,6 +763,30 @@ macro_rules! server_store {
                     return Err(StoreError::Unavailable(format!(
                         "a single-owner node uses this database, so no cluster can: {error}"
                     )));
+                }
+                // Idempotency keys must be unique across nodes: a retry that reaches
+                // another node finds the first order (outside the join transaction:
+                // MySQL commits around DDL). Only once no owner holds the database: a
+                // join refused beside a live owner must not leave the index to fail
+                // that owner's batches (it lets a retired key be used again), nor build
+                // it under the owner's inserts. No member commits before its open
+                // returns, so none writes without the index.
+                if let Err(error) = sqlx::query(
+                    "CREATE UNIQUE INDEX orders_idempotency ON orders (user_id, idempotency_key)",
+                )
+                .execute(&mut writer)
+                .await
+                {
+                    let text = error.to_string();
+                    if !(text.contains("already exists")
+                        || text.contains("Duplicate key name")
+                        || text.contains("pg_class_relname_nsp_index"))
+                    {
+                        let _ = sqlx::query(q(&sql.remove_node)).bind(&node).execute(&mut writer).await;
+                        return Err(StoreError::Unavailable(format!(
+                            "cannot index idempotency keys for a cluster (a single owner lets a shopper use a retired idempotency key again in another sale, and a cluster needs each key to name one order: see the README): {error}"
+                        )));
+                    }
                 }
                 let readers = Self::reader_pool(&options, READER_CONNECTIONS_MAX).await?;
                 let audits = Self::audit_pool(&options).await?;

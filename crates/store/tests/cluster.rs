@@ -545,6 +545,15 @@ async fn a_single_owner_after_a_cluster_takes_a_retired_key_in_another_sale(back
     let engine = Engine::open(database.open(here).await, clock.clone(), config)
         .await
         .unwrap();
+    // A cluster node started by mistake beside the owner is refused, and leaves no
+    // unique index behind to fail the owner's batch below (before, it built the index
+    // first and was refused after).
+    let mistaken = stampede_store::open(database.url.as_deref(), here, &cluster_options()).await;
+    let refusal = mistaken
+        .err()
+        .expect("refused beside the owner")
+        .to_string();
+    assert!(refusal.contains("single-owner"), "{refusal}");
     let short = sale_ending_in(&engine, "SHORT", 10, 1, 10_000).await;
     let first = engine
         .purchase(user("a"), key("k"), short, one())
