@@ -432,6 +432,39 @@ proptest! {
     }
 }
 
+/// The failures proptest once shrank to (kept in `engine_props.proptest-regressions`,
+/// two of them a crash or a restart mid-burst), run every time on every backend:
+/// `failure_persistence: None` keeps proptest itself from replaying that file.
+#[test]
+fn the_recorded_regressions_hold() {
+    let cases = || {
+        [
+            vec![
+                Step::Burst(vec![(0, 0, 1)]),
+                Step::Advance(2192),
+                Step::Advance(7808),
+            ],
+            vec![
+                Step::Burst(vec![(0, 0, 1)]),
+                Step::Restart,
+                Step::CrashDuringBurst(vec![(0, 4, 2), (0, 4, 2)]),
+            ],
+            vec![
+                Step::CrashDuringBurst(vec![(3, 4, 1), (3, 4, 1)]),
+                Step::Replay(39677),
+                Step::Burst(vec![(3, 3, 2), (1, 1, 1), (0, 5, 1), (4, 2, 1)]),
+                Step::Cancel(59203),
+                Step::Burst(vec![(3, 4, 3), (3, 0, 3), (3, 0, 2), (3, 1, 2)]),
+            ],
+        ]
+    };
+    for backend in Backend::ALL {
+        for steps in cases() {
+            check(steps, backend);
+        }
+    }
+}
+
 // The server backends cost a database and a network round trip per step: fewer cases,
 // the same properties.
 proptest! {
