@@ -375,6 +375,21 @@ impl SaleState {
 }
 
 impl SaleState {
+    /// Hands back the `units` a take for `user` got from the outside gate while nobody
+    /// was there to read its answer: the take's `count` shown first, so the view does
+    /// not stay on a count from before the units came back (sold out while the gate
+    /// holds them).
+    async fn return_unread_take(
+        &self,
+        gate: &dyn StockGate,
+        user: &UserId,
+        units: u32,
+        count: GateCount,
+    ) {
+        self.inner.lock().see_gate_count(count);
+        self.hand_back_to(gate, user, units).await;
+    }
+
     /// Hands `units` of `user` back to the outside gate, and shows the count it left in
     /// the sale's view: the units are for sale again.
     async fn hand_back_to(&self, gate: &dyn StockGate, user: &UserId, units: u32) {
@@ -1851,11 +1866,10 @@ impl Engine {
             tokio::spawn(async move {
                 let taken = taker.take(sale_id, &owner, units, limit).await;
                 if let Err(Ok(count)) = tell.send(taken) {
-                    // Nobody awaits the take: its count and the hand-back's are shown
-                    // here, or the view could stay on a count from before the units came
-                    // back (sold out while Redis holds them).
-                    state.inner.lock().see_gate_count(count);
-                    state.hand_back_to(&*taker, &owner, units).await;
+                    // Nobody awaits the take.
+                    state
+                        .return_unread_take(&*taker, &owner, units, count)
+                        .await;
                 }
             });
             let taken = (&mut told.told).await.unwrap_or_else(|_| {
@@ -2437,8 +2451,7 @@ impl Drop for UnreadTake {
             self.units,
         );
         runtime.spawn(async move {
-            sale.inner.lock().see_gate_count(count);
-            sale.hand_back_to(&*gate, &user, units).await;
+            sale.return_unread_take(&*gate, &user, units, count).await;
         });
     }
 }

@@ -217,7 +217,8 @@ pub fn lease_size(unleased: u64, live_nodes: u64, wanted: u64, max: u64) -> u64 
     share.max(wanted).clamp(1, max.max(1)).min(unleased)
 }
 
-/// The most audits counting at once. The engine refuses one more (`Overloaded`), and a
+/// The most audits counting at once. The engine refuses one more (`AuditsBusy`, which
+/// the API answers 503 `overloaded`), and a
 /// store keeps this many connections for [`Store::snapshot_tally`] alone: the writer
 /// pins each audit's snapshot between its batches, and must never wait there for a
 /// connection that shoppers' reads, or audits still counting, hold.

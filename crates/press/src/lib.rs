@@ -778,9 +778,7 @@ async fn execute(args: &PressArgs, p: Prepared, progress: bool) -> anyhow::Resul
             ));
         }
     }
-    let not_started = sessions
-        .scheduled
-        .map_or(0, |scheduled| scheduled.saturating_sub(sessions.started));
+    let not_started = sessions.not_started();
     if not_started > 0 {
         warnings.push(format!(
             "{not_started} scheduled sessions never started: the generator was still behind its schedule at the drain deadline; the run does not pass"
@@ -975,9 +973,7 @@ pub async fn capacity(args: &CapacityArgs) -> anyhow::Result<Capacity> {
                     report.sessions.abandoned
                 ));
             }
-            let never_started = report.sessions.scheduled.map_or(0, |scheduled| {
-                scheduled.saturating_sub(report.sessions.started)
-            });
+            let never_started = report.sessions.not_started();
             if never_started > 0 {
                 reasons.push(format!("{never_started} scheduled sessions never started"));
             }

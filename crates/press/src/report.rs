@@ -57,6 +57,15 @@ pub struct Sessions {
     pub achieved_per_s: f64,
 }
 
+impl Sessions {
+    /// Sessions the schedule asked for that never started (the generator was still
+    /// behind at the drain deadline): a run with any does not pass.
+    pub fn not_started(&self) -> u64 {
+        self.scheduled
+            .map_or(0, |scheduled| scheduled.saturating_sub(self.started))
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct StepReport {
     pub name: String,

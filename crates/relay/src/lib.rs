@@ -87,7 +87,6 @@ fn nats(error: impl std::fmt::Display) -> RelayError {
     RelayError::Nats(error.to_string())
 }
 
-/// The event name on the wire: an order entering `pending_payment` was created.
 /// Checks `url` as the relay's connection reads it: one NATS server address
 /// (`nats://host:port`, or `host:port`). A server that starts with one it cannot read
 /// would retry it for ever while the outbox grew.
@@ -97,6 +96,7 @@ pub fn check_nats_url(url: &str) -> Result<(), String> {
         .map_err(|e| e.to_string())
 }
 
+/// The event name on the wire: an order entering `pending_payment` was created.
 pub fn event_name(event: OrderStatus) -> &'static str {
     match event {
         OrderStatus::PendingPayment => "created",

@@ -64,6 +64,12 @@ const HOLDINGS_CHUNK_ROWS: usize = 1024;
 /// Readers in the pool: order lookups, lists, audits, pings.
 const READER_CONNECTIONS_MAX: u32 = 8;
 
+/// The connections kept for audits' snapshots (`snapshot_tally`), all open from the
+/// start so the writer never waits for one to connect: one per audit that may count,
+/// and one more, so an audit let in as another's count ends does not wait for that
+/// connection's rollback to bring it back to the pool.
+const AUDIT_CONNECTIONS: u32 = AUDITS_AT_ONCE + 1;
+
 /// How long `open` waits for the owner lock of a node that is going away.
 pub const OWNER_WAIT_DEFAULT: Duration = Duration::from_secs(15);
 
@@ -577,24 +583,15 @@ macro_rules! server_store {
                 })
             }
 
+            /// A pool of `min`..=`max` connections.
             async fn reader_pool(
                 options: &$options,
+                min: u32,
                 max: u32,
             ) -> Result<sqlx::Pool<$db>, StoreError> {
                 Self::pool_options(options.get_port())
                     .max_connections(max)
-                    .min_connections(1)
-                    .connect_with(options.clone())
-                    .await
-                    .map_err(unavailable)
-            }
-
-            /// The connections `snapshot_tally` pins audits' snapshots on, all open
-            /// from the start: the writer never waits for one to connect either.
-            async fn audit_pool(options: &$options) -> Result<sqlx::Pool<$db>, StoreError> {
-                Self::pool_options(options.get_port())
-                    .max_connections(AUDITS_AT_ONCE)
-                    .min_connections(AUDITS_AT_ONCE)
+                    .min_connections(min)
                     .connect_with(options.clone())
                     .await
                     .map_err(unavailable)
@@ -634,7 +631,7 @@ macro_rules! server_store {
                 let dialect = &$dialect;
                 let sql = Sql::new(dialect);
                 let Some(owner_wait) = owner_wait else {
-                    let readers = Self::reader_pool(&options, 2).await?;
+                    let readers = Self::reader_pool(&options, 1, 2).await?;
                     // No writer pins snapshots here: the audits share the readers.
                     let audits = readers.clone();
                     // No owner ever has a negative epoch: commits find no row.
@@ -688,8 +685,8 @@ macro_rules! server_store {
                     tx.commit().await.map_err(unavailable)?;
                     epoch
                 };
-                let readers = Self::reader_pool(&options, READER_CONNECTIONS_MAX).await?;
-                let audits = Self::audit_pool(&options).await?;
+                let readers = Self::reader_pool(&options, 1, READER_CONNECTIONS_MAX).await?;
+                let audits = Self::reader_pool(&options, AUDIT_CONNECTIONS, AUDIT_CONNECTIONS).await?;
                 tracing::info!(backend = dialect.name, epoch, "took ownership of the database");
                 Ok(Self::assemble(Some(writer), readers, audits, options, sql, epoch, None, Duration::ZERO))
             }
@@ -744,8 +741,18 @@ macro_rules! server_store {
                         .map_err(unavailable)?;
                     tx.commit().await.map_err(unavailable)?;
                 }
-                let refused = async {
+                let owner_lock = async {
                     take_owner_lock!(&mut writer, dialect, Duration::ZERO);
+                    Ok::<_, StoreError>(())
+                }
+                .await;
+                if let Err(error) = owner_lock {
+                    let _ = sqlx::query(q(&sql.remove_node)).bind(&node).execute(&mut writer).await;
+                    return Err(StoreError::Unavailable(format!(
+                        "a single-owner node uses this database, so no cluster can: {error}"
+                    )));
+                }
+                let fenced = async {
                     // No single owner is here. One whose connection dropped (the lock went
                     // with it) may still be running: bumping the epoch under the lock fences
                     // it, so when it reconnects it halts instead of writing beside the
@@ -758,11 +765,9 @@ macro_rules! server_store {
                     Ok::<_, StoreError>(())
                 }
                 .await;
-                if let Err(error) = refused {
+                if let Err(error) = fenced {
                     let _ = sqlx::query(q(&sql.remove_node)).bind(&node).execute(&mut writer).await;
-                    return Err(StoreError::Unavailable(format!(
-                        "a single-owner node uses this database, so no cluster can: {error}"
-                    )));
+                    return Err(error);
                 }
                 // Idempotency keys must be unique across nodes: a retry that reaches
                 // another node finds the first order (outside the join transaction:
@@ -788,8 +793,8 @@ macro_rules! server_store {
                         )));
                     }
                 }
-                let readers = Self::reader_pool(&options, READER_CONNECTIONS_MAX).await?;
-                let audits = Self::audit_pool(&options).await?;
+                let readers = Self::reader_pool(&options, 1, READER_CONNECTIONS_MAX).await?;
+                let audits = Self::reader_pool(&options, AUDIT_CONNECTIONS, AUDIT_CONNECTIONS).await?;
                 tracing::info!(backend = dialect.name, %node, "joined the cluster");
                 Ok(Self::assemble(Some(writer), readers, audits, options, sql, 0, Some(node), node_ttl))
             }

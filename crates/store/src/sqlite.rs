@@ -158,9 +158,11 @@ impl SqliteStore {
             .connect_with(options.clone().read_only(true))
             .await
             .map_err(unavailable)?;
+        // One per audit that may count and one more: an audit let in as another's count
+        // ends does not wait for that connection's rollback to bring it back.
         let audits = SqlitePoolOptions::new()
-            .max_connections(AUDITS_AT_ONCE)
-            .min_connections(AUDITS_AT_ONCE)
+            .max_connections(AUDITS_AT_ONCE + 1)
+            .min_connections(AUDITS_AT_ONCE + 1)
             .connect_with(options.clone().read_only(true))
             .await
             .map_err(unavailable)?;
