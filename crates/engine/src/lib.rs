@@ -33,7 +33,7 @@ pub use engine::{
 pub use gate::{GateCount, GateRefusal, StockGate};
 pub use payment::{PaymentError, PaymentGateway};
 pub use store::{
-    AUDITS_AT_ONCE, Catalog, ChargeAttempt, LeaseGrant, OpOutcome, OrderRecord, OutboxEvent,
-    PendingTally, ProductRecord, Rebuild, Reclaimed, SaleRecord, SaleTally, Snapshot, Store,
-    StoreError, WriteOp, lease_size,
+    AUDIT_CONNECTIONS, AUDITS_AT_ONCE, Catalog, ChargeAttempt, LeaseGrant, OpOutcome, OrderRecord,
+    OutboxEvent, PendingTally, ProductRecord, Rebuild, Reclaimed, SaleRecord, SaleTally, Snapshot,
+    Store, StoreError, WriteOp, lease_size,
 };

@@ -218,11 +218,17 @@ pub fn lease_size(unleased: u64, live_nodes: u64, wanted: u64, max: u64) -> u64 
 }
 
 /// The most audits counting at once. The engine refuses one more (`AuditsBusy`, which
-/// the API answers 503 `overloaded`), and a
-/// store keeps this many connections for [`Store::snapshot_tally`] alone: the writer
-/// pins each audit's snapshot between its batches, and must never wait there for a
-/// connection that shoppers' reads, or audits still counting, hold.
+/// the API answers 503 `overloaded`), and a store keeps [`AUDIT_CONNECTIONS`] for
+/// [`Store::snapshot_tally`] alone: the writer pins each audit's snapshot between its
+/// batches, and must never wait there for a connection that shoppers' reads, or audits
+/// still counting, hold.
 pub const AUDITS_AT_ONCE: u32 = 2;
+
+/// The connections a store keeps for [`Store::snapshot_tally`], all open from the start
+/// so the writer never waits for one to connect: one per audit that may count, and one
+/// more, so an audit let in as another's count ends does not wait for that connection's
+/// rollback to bring it back to its pool.
+pub const AUDIT_CONNECTIONS: u32 = AUDITS_AT_ONCE + 1;
 
 /// A tally being counted on a pinned snapshot.
 pub type PendingTally =
@@ -275,9 +281,9 @@ pub trait Store: Send + Sync + 'static {
     /// Pins a read snapshot of the durable state before returning; the returned future
     /// counts the tally on that snapshot, however many commits happen meanwhile. The
     /// writer calls this between batches and awaits the count elsewhere, so an audit of
-    /// a large sale never stalls writes. A store keeps [`AUDITS_AT_ONCE`] connections
-    /// for this call alone, and the engine never has more audits than that counting at
-    /// once: the writer's call never waits for a connection behind other reads.
+    /// a large sale never stalls writes. A store keeps [`AUDIT_CONNECTIONS`] for this
+    /// call alone, one more than the [`AUDITS_AT_ONCE`] the engine lets count at once:
+    /// the writer's call never waits for a connection behind other reads.
     async fn snapshot_tally(
         &self,
         sale: SaleId,

@@ -77,7 +77,7 @@ fn write_scenario(dir: &tempfile::TempDir, text: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_open_model_holds_its_arrival_rate_within_two_percent() {
-    let base = serve(axum::Router::new().route("/healthz", get(|| async { "ok" }))).await;
+    let base = serve_healthz_hanging(|_| false).await;
     let report = open_healthz(&base, "1000/s", "5s", "16").await;
     assert_eq!(report.errors, 0, "{}", report.summary());
     assert_eq!(report.sessions.scheduled, Some(5000));
@@ -715,7 +715,7 @@ fn rates_beyond_what_a_run_can_schedule_are_refused() {
 /// a word.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn more_users_than_sessions_allowed_is_refused() {
-    let base = serve(axum::Router::new().route("/healthz", get(|| async { "ok" }))).await;
+    let base = serve_healthz_hanging(|_| false).await;
     let refused = stampede_press::press(&args(
         &base,
         &[
@@ -776,7 +776,7 @@ fn capacity_args(target: &str, extra: &[&str]) -> stampede_press::CapacityArgs {
 /// the search found no capacity against any server.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_capacity_probe_with_a_ramp_is_held_to_its_own_schedule() {
-    let base = serve(axum::Router::new().route("/healthz", get(|| async { "ok" }))).await;
+    let base = serve_healthz_hanging(|_| false).await;
     let found = stampede_press::capacity(&capacity_args(
         &base,
         &[

@@ -47,7 +47,7 @@ use async_trait::async_trait;
 use futures::TryStreamExt;
 use sqlx::{AssertSqlSafe, Connection, QueryBuilder, Row};
 use stampede_engine::{
-    AUDITS_AT_ONCE, Catalog, ChargeAttempt, LeaseGrant, OpOutcome, OrderRecord, OutboxEvent,
+    AUDIT_CONNECTIONS, Catalog, ChargeAttempt, LeaseGrant, OpOutcome, OrderRecord, OutboxEvent,
     PendingTally, ProductRecord, Rebuild, Reclaimed, SaleRecord, SaleTally, Store, StoreError,
     WriteOp, lease_size,
 };
@@ -63,12 +63,6 @@ const HOLDINGS_CHUNK_ROWS: usize = 1024;
 
 /// Readers in the pool: order lookups, lists, audits, pings.
 const READER_CONNECTIONS_MAX: u32 = 8;
-
-/// The connections kept for audits' snapshots (`snapshot_tally`), all open from the
-/// start so the writer never waits for one to connect: one per audit that may count,
-/// and one more, so an audit let in as another's count ends does not wait for that
-/// connection's rollback to bring it back to the pool.
-const AUDIT_CONNECTIONS: u32 = AUDITS_AT_ONCE + 1;
 
 /// How long `open` waits for the owner lock of a node that is going away.
 pub const OWNER_WAIT_DEFAULT: Duration = Duration::from_secs(15);
@@ -509,7 +503,7 @@ macro_rules! server_store {
             /// and takes the owner lock again (or finds it has been fenced off).
             writer: Mutex<Option<$conn>>,
             readers: sqlx::Pool<$db>,
-            /// [`AUDITS_AT_ONCE`] connections for `snapshot_tally` alone, which the
+            /// [`AUDIT_CONNECTIONS`] connections for `snapshot_tally` alone, which the
             /// writer calls between batches: shoppers' reads never make it wait.
             audits: sqlx::Pool<$db>,
             options: $options,

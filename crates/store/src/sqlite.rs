@@ -16,7 +16,7 @@ use sqlx::sqlite::{
 };
 use sqlx::{Connection, QueryBuilder, Row, Sqlite, SqlitePool};
 use stampede_engine::{
-    AUDITS_AT_ONCE, ChargeAttempt, OpOutcome, OrderRecord, OutboxEvent, PendingTally,
+    AUDIT_CONNECTIONS, ChargeAttempt, OpOutcome, OrderRecord, OutboxEvent, PendingTally,
     ProductRecord, Rebuild, SaleRecord, SaleTally, Store, StoreError, WriteOp,
 };
 use stampede_types::{Cents, IdempotencyKey, OrderId, OrderStatus, Quantity, SaleId, Sku, UserId};
@@ -30,7 +30,7 @@ pub struct SqliteStore {
     /// `None` when opened read-only (`open_read_only`): every write is refused.
     writer: Option<WriteConnection>,
     readers: SqlitePool,
-    /// [`AUDITS_AT_ONCE`] connections for `snapshot_tally` alone, which the writer calls
+    /// [`AUDIT_CONNECTIONS`] connections for `snapshot_tally` alone, which the writer calls
     /// between batches: shoppers' reads never make it wait.
     audits: SqlitePool,
     /// `None` when opened read-only: the live writer's process copies the WAL.
@@ -158,11 +158,9 @@ impl SqliteStore {
             .connect_with(options.clone().read_only(true))
             .await
             .map_err(unavailable)?;
-        // One per audit that may count and one more: an audit let in as another's count
-        // ends does not wait for that connection's rollback to bring it back.
         let audits = SqlitePoolOptions::new()
-            .max_connections(AUDITS_AT_ONCE + 1)
-            .min_connections(AUDITS_AT_ONCE + 1)
+            .max_connections(AUDIT_CONNECTIONS)
+            .min_connections(AUDIT_CONNECTIONS)
             .connect_with(options.clone().read_only(true))
             .await
             .map_err(unavailable)?;
