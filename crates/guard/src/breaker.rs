@@ -157,6 +157,15 @@ impl Breaker {
     pub fn record(&self, call: Call, now: u64, ok: bool, rt_ns: u64) {
         let slow = rt_ns >= self.rule.slow_call.as_nanos() as u64;
         let mut inner = self.inner.lock();
+        if call.spell != inner.spell {
+            // A call let through before a half-open spell that has begun since: a probe
+            // of an earlier spell (that spell's verdict is in: the breaker opened again)
+            // or a call made while closed, before the breaker opened. Its outcome says
+            // nothing of the dependency now, and counted in the window the breaker
+            // closed with, a batch of calls that hung before it opened would open it
+            // again against a dependency that recovered.
+            return;
+        }
         let epoch = now / self.bucket_ns;
         let b = &mut inner.buckets[(epoch % BUCKETS as u64) as usize];
         if b.epoch != epoch {
@@ -168,11 +177,6 @@ impl Breaker {
         b.calls += 1;
         b.errors += u64::from(!ok);
         b.slow += u64::from(slow);
-        if call.probe && call.spell != inner.spell {
-            // A probe of an earlier half-open spell: that spell's verdict is in (the
-            // breaker opened again since); it counts for nothing in this one.
-            return;
-        }
         if call.probe {
             inner.probes_in_flight = inner.probes_in_flight.saturating_sub(1);
             if inner.state == State::HalfOpen {
@@ -282,6 +286,27 @@ mod tests {
         // Closed again with a clean window.
         call(&b, 530 * MS, false, MS);
         assert_eq!(b.state(530 * MS), State::Closed);
+    }
+
+    #[test]
+    fn calls_made_before_the_breaker_opened_count_for_nothing_once_it_closed() {
+        let b = Breaker::new(rule());
+        // Ten calls go out while closed and hang; ten more fail and open the breaker.
+        let hung: Vec<_> = (0..10).map(|_| b.try_call(0).unwrap()).collect();
+        for _ in 0..10 {
+            call(&b, MS, false, MS);
+        }
+        assert!(b.try_call(2 * MS).is_err(), "open");
+        // Half-open after 500 ms; two good probes close it.
+        call(&b, 600 * MS, true, MS);
+        call(&b, 600 * MS, true, MS);
+        assert_eq!(b.state(600 * MS), State::Closed);
+        // The hung calls time out now, against a dependency that recovered.
+        for c in hung {
+            b.record(c, 700 * MS, false, 600 * MS);
+        }
+        assert_eq!(b.state(700 * MS), State::Closed);
+        assert!(b.try_call(700 * MS).is_ok());
     }
 
     #[test]
