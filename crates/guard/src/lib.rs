@@ -221,7 +221,8 @@ struct Flow {
 struct FlowLimiter {
     gcra: Gcra,
     warm_start: AtomicU64,
-    last_pass: AtomicU64,
+    /// When demand last reached `COOL_BELOW` × the cold rate within a second (0: never).
+    last_busy: AtomicU64,
     /// Warm-up's demand: the second (on the guard's clock, + 1; 0: none) whose requests
     /// `attempts` counts (admitted or not: a rule that refuses is under demand, however
     /// few it passes), and the first second of the current run of busy seconds.
@@ -1101,27 +1102,30 @@ impl Guard {
                         period,
                     } => {
                         let period = period.as_nanos() as u64;
-                        let last = limiter.last_pass.load(Ordering::Relaxed);
+                        let busy = limiter.last_busy.load(Ordering::Relaxed);
                         let cold = qps / cold_factor;
-                        // Cold again after a pause longer than the period, or after a
-                        // whole second of demand well under the cold rate: a trickle
-                        // does not keep the rule warm for the spike that follows it.
-                        // The warm-up then starts once, with the first request after
-                        // that second, and rises from there.
+                        // Cold again once no second of the last period held demand near
+                        // the cold rate (a pause, or a sparse trickle: a request every
+                        // few seconds keeps nothing warm), or after a whole second of
+                        // demand well under it: a trickle does not keep the rule warm
+                        // for the spike that follows it. While cold, the warm-up starts
+                        // over with each request, so it rises from the moment demand
+                        // reaches that mark within a second (at three times the cold
+                        // rate, a quarter of a second into the spike at most).
                         let trickle = limiter
                             .second_just_finished(now)
                             .is_some_and(|asked| (asked as f64) < cold * COOL_BELOW);
-                        limiter.attempts.fetch_add(1, Ordering::Relaxed);
-                        if last == 0 || now.saturating_sub(last) > period || trickle {
+                        let asked = limiter.attempts.fetch_add(1, Ordering::Relaxed) + 1;
+                        if asked as f64 >= cold * COOL_BELOW {
+                            limiter.last_busy.store(now, Ordering::Relaxed);
+                        }
+                        if busy == 0 || now.saturating_sub(busy) > period || trickle {
                             limiter.warm_start.store(now, Ordering::Relaxed);
                         }
                         let warm = limiter.warm_start.load(Ordering::Relaxed);
                         let progress = (now.saturating_sub(warm) as f64 / period as f64).min(1.0);
                         let interval = interval_ns(cold + (qps - cold) * progress);
                         let verdict = limiter.gcra.try_admit(now, interval, rule.burst);
-                        if verdict.is_ok() {
-                            limiter.last_pass.store(now, Ordering::Relaxed);
-                        }
                         (verdict.map(|_| 0), interval)
                     }
                     Behavior::Pace { max_queue } => {

@@ -215,6 +215,43 @@ fn after_a_trickle_the_warm_up_takes_its_period_not_a_second_more() {
     assert!((270.0..=315.0).contains(&last), "last half second: {last}");
 }
 
+/// Sparse requests (one every 2.1 s, each in a second of its own, never a pause as long
+/// as the period) after the rule warmed up: no second near the cold rate in a whole
+/// period, so the spike after them starts cold. Before, a pass within the period kept
+/// the rule warm, and the spike got the full rate at once.
+#[test]
+fn sparse_requests_do_not_keep_a_warm_up_rule_warm() {
+    let _cpu = exclusive();
+    let guard = Guard::new(rules_with(vec![flow(
+        "purchase",
+        600.0,
+        5,
+        Behavior::WarmUp {
+            cold_factor: 3.0,
+            period: Duration::from_millis(2_500),
+        },
+    )]))
+    .unwrap();
+    let warm = hammer(&guard, "purchase", Duration::from_secs(3));
+    let last = warm
+        .iter()
+        .filter(|t| **t >= Duration::from_millis(2_600))
+        .count() as f64;
+    assert!((210.0..=260.0).contains(&last), "warm: {last} in 0.4 s");
+    let purchase = guard.resource("purchase");
+    for _ in 0..3 {
+        std::thread::sleep(Duration::from_millis(2_100));
+        drop(guard.admit(&purchase, Class::Purchase));
+    }
+    // Cold: from 200/s rising towards 600/s over 2.5 s, ~120 in the first half second
+    // (300 had it stayed warm).
+    let again = hammer(&guard, "purchase", Duration::from_millis(500)).len() as f64;
+    assert!(
+        (100.0..=170.0).contains(&again),
+        "after sparse requests: {again}"
+    );
+}
+
 #[test]
 fn a_paced_slot_given_back_never_sends_two_requests_at_once() {
     let _cpu = exclusive();
