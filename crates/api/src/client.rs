@@ -50,7 +50,10 @@ impl TrustedProxies {
     /// The client's address: the peer, or, when the peer is a trusted proxy, the
     /// nearest `X-Forwarded-For` entry that is not one (headers appended by proxies
     /// further out, or by the client itself, are not believed).
+    /// Addresses are taken canonical: an IPv4 client of a listener on `[::]` arrives as
+    /// `::ffff:a.b.c.d`, and is the IPv4 address both here and to `trusted_proxies`.
     pub fn client_ip(&self, peer: IpAddr, headers: &HeaderMap) -> IpAddr {
+        let peer = peer.to_canonical();
         if !self.is_trusted(peer) {
             return peer;
         }
@@ -66,6 +69,7 @@ impl TrustedProxies {
             let Ok(ip) = entry.trim().parse::<IpAddr>() else {
                 break;
             };
+            let ip = ip.to_canonical();
             client = ip;
             if !self.is_trusted(ip) {
                 break;
@@ -79,7 +83,7 @@ impl TrustedProxies {
     /// `X-Tenant` to one the client sent leaves the client's first, and the client's
     /// must not choose the tenant.
     pub fn tenant(&self, peer: IpAddr, headers: &HeaderMap) -> Option<HeaderValue> {
-        if !self.is_trusted(peer) {
+        if !self.is_trusted(peer.to_canonical()) {
             return None;
         }
         let last = headers.get_all("x-tenant").iter().next_back()?;
@@ -93,6 +97,17 @@ impl TrustedProxies {
     }
 }
 
+/// The key a client's address is counted under by the per-client-IP rules: an IPv4
+/// address, or an IPv6 address's /64 network. One subscriber is handed a /64 (or more)
+/// and may send from any of its 2^64 addresses: counted one by one, a client could take
+/// a fresh allowance with each request, and push everyone else's keys out of the table.
+pub fn client_key(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V6(v6) => IpAddr::V6((u128::from(v6) & !(u128::MAX >> 64)).into()),
+        v4 => v4,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -103,6 +118,32 @@ mod tests {
             h.append(*k, v.parse().unwrap());
         }
         h
+    }
+
+    #[test]
+    fn an_ipv6_client_is_counted_by_its_64_network_and_a_mapped_ipv4_as_ipv4() {
+        let a: IpAddr = "2001:db8:1:2:aaaa::1".parse().unwrap();
+        let b: IpAddr = "2001:db8:1:2:ffff:1:2:3".parse().unwrap();
+        let other: IpAddr = "2001:db8:1:3::1".parse().unwrap();
+        assert_eq!(client_key(a), client_key(b));
+        assert_eq!(client_key(a), "2001:db8:1:2::".parse::<IpAddr>().unwrap());
+        assert_ne!(client_key(a), client_key(other));
+        let v4: IpAddr = "203.0.113.9".parse().unwrap();
+        assert_eq!(client_key(v4), v4);
+        // A listener on [::] sees IPv4 clients as mapped addresses: the same client, and
+        // a trusted proxy all the same.
+        let mapped: IpAddr = "::ffff:10.1.2.3".parse().unwrap();
+        assert_eq!(client_key(mapped), "10.1.2.3".parse::<IpAddr>().unwrap());
+        let proxies = TrustedProxies::parse("10.0.0.0/8").unwrap();
+        let h = headers(&[
+            ("x-forwarded-for", "::ffff:198.51.100.7"),
+            ("x-tenant", "acme"),
+        ]);
+        assert_eq!(
+            proxies.client_ip(mapped, &h),
+            "198.51.100.7".parse::<IpAddr>().unwrap()
+        );
+        assert_eq!(proxies.tenant(mapped, &h).unwrap(), "acme");
     }
 
     #[test]

@@ -10,9 +10,10 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use stampede_engine::{NewProduct, NewSale, OrderRecord, Placed, ProductView, SaleView};
+use stampede_guard::HotTaken;
 use stampede_types::{
     Cents, ID_TEXT_MAX, IdempotencyKey, OrderId, OrderStatus, Quantity, SaleId, SaleStatus, Sku,
-    parse_name, parse_stock,
+    UserId, parse_name, parse_stock,
 };
 use utoipa::ToSchema;
 
@@ -457,8 +458,9 @@ pub(crate) async fn purchase_request(app: AppState, id: String, request: Request
         Err(rejection) => return rejection.into_response(),
     };
     let Ok(key) = KeyHeader::from_request_parts(&mut parts, &app).await;
+    let Ok(before) = BeforeQueue::from_request_parts(&mut parts, &app).await;
     let body = JsonBody::from_request(Request::from_parts(parts, body), &app).await;
-    purchase(State(app), shopper, PathText(id), key, body)
+    purchase(State(app), shopper, PathText(id), key, before, body)
         .await
         .into_response()
 }
@@ -479,39 +481,44 @@ pub async fn purchase(
     Shopper(user): Shopper,
     PathText(id): PathText,
     KeyHeader(key): KeyHeader,
+    BeforeQueue(before): BeforeQueue,
     body: Result<JsonBody<PurchaseRequest>, ApiError>,
 ) -> Result<Response, ApiError> {
     // The shopper's own limit before anything about the request is judged: a shopper's
     // attempts count against it whether or not they are well formed, so a flood of
     // malformed ones is refused per key (which gives the route's shared rate slot back,
     // `ApiError::per_key`) instead of using up the rate every shopper shares. A scalper's
-    // 21st attempt in a second gets 429 without touching the engine.
+    // 21st attempt in a second gets 429 without touching the engine. On a paced route
+    // `protect` checked them before the queue ([`PurchaseKeys`]).
     let resource = &app.guarded.purchase;
-    let shopper_taken = app
-        .guard
-        .check_hot_uncounted(resource, stampede_guard::Param::Shopper, user.as_str())
-        .map_err(ApiError::per_key)?;
+    let before = before.filter(|keys| keys.user == user);
+    let shopper_taken = match &before {
+        Some(keys) => keys.shopper,
+        None => app
+            .guard
+            .check_hot_uncounted(resource, stampede_guard::Param::Shopper, user.as_str())
+            .map_err(ApiError::per_key)?,
+    };
     let valid = purchase_input(key, body, &id);
     let (key, quantity, sale_id) = match valid {
         Ok(valid) => valid,
         Err(error) => {
             // An attempt all the same: it keeps the allowance it took.
             app.guard.hot_passed(resource, shopper_taken);
+            if let Some((_, sale_taken)) = before.as_ref().and_then(|keys| keys.sale) {
+                app.guard.hot_passed(resource, sale_taken);
+            }
             return Err(error);
         }
     };
-    // The sale by its parsed id: the path may spell one id several ways (case, braces),
-    // and each spelling must not get an allowance of its own. The sale's check is the
-    // last: what it lets through it counts at once.
-    app.guard
-        .check_hot(resource, stampede_guard::Param::Sale, &sale_id)
-        .map_err(|rejection| {
-            // Refused for the sale: the shopper's allowance taken above goes back, and
-            // the shopper's rules do not count it as passed.
-            app.guard
-                .give_back_hot(resource, user.as_str(), shopper_taken);
-            ApiError::per_key(rejection)
-        })?;
+    match before.as_ref().and_then(|keys| keys.sale) {
+        Some((checked, sale_taken)) if checked == sale_id => {
+            app.guard.hot_passed(resource, sale_taken);
+        }
+        _ => {
+            sale_admits(&app, &user, &sale_id, shopper_taken, true)?;
+        }
+    }
     app.guard.hot_passed(resource, shopper_taken);
     let purchase = app.engine.purchase(user, key, sale_id, quantity).await?;
     let status = if purchase.replay {
@@ -528,6 +535,95 @@ pub async fn purchase(
         PurchaseBody::json(&purchase.placed),
     )
         .into_response())
+}
+
+/// The sale's own limit on a purchase by `user`, checked after the shopper's
+/// (`shopper_taken`): a refusal gives the shopper's allowance back, and the shopper's
+/// rules do not count the request as passed. `counted`: what it lets through it counts
+/// as passed at once (else the caller does, [`stampede_guard::Guard::hot_passed`]).
+fn sale_admits(
+    app: &AppState,
+    user: &UserId,
+    sale_id: &SaleId,
+    shopper_taken: HotTaken,
+    counted: bool,
+) -> Result<HotTaken, ApiError> {
+    let resource = &app.guarded.purchase;
+    let checked = if counted {
+        app.guard
+            .check_hot(resource, stampede_guard::Param::Sale, sale_id)
+    } else {
+        app.guard
+            .check_hot_uncounted(resource, stampede_guard::Param::Sale, sale_id)
+    };
+    checked.map_err(|rejection| {
+        app.guard
+            .give_back_hot(resource, user.as_str(), shopper_taken);
+        ApiError::per_key(rejection)
+    })
+}
+
+/// A purchase's per-key limits (the shopper's, and the sale's when the path spells its
+/// id plainly) taken before a paced route's queue, by `protect`. There a request the
+/// guard admits books a place in the queue that is its own until it is sent, so a
+/// scalper's attempts past the shopper's limit, refused only after their wait, would
+/// have held places the other shoppers' requests could have had: a thousand of them at
+/// once would fill the queue and turn everyone else away. The handler then counts them
+/// as passed where it would have checked them ([`BeforeQueue`]).
+#[derive(Clone, Debug)]
+pub(crate) struct PurchaseKeys {
+    user: UserId,
+    shopper: HotTaken,
+    sale: Option<(SaleId, HotTaken)>,
+}
+
+impl PurchaseKeys {
+    /// Takes the limits for `user`'s purchase in the sale spelled `sale_id`; a refusal
+    /// is the handler's own (429 per key, `Retry-After`).
+    pub(crate) fn take(
+        app: &AppState,
+        user: UserId,
+        sale_id: Option<&str>,
+    ) -> Result<Self, ApiError> {
+        let shopper = app
+            .guard
+            .check_hot_uncounted(
+                &app.guarded.purchase,
+                stampede_guard::Param::Shopper,
+                user.as_str(),
+            )
+            .map_err(ApiError::per_key)?;
+        let sale = match sale_id.and_then(SaleId::parse) {
+            Some(sale_id) => Some((sale_id, sale_admits(app, &user, &sale_id, shopper, false)?)),
+            None => None,
+        };
+        Ok(Self {
+            user,
+            shopper,
+            sale,
+        })
+    }
+
+    /// For a request a later limit refused (the route's, the client's): it spends none
+    /// of the shopper's or the sale's allowance.
+    pub(crate) fn give_back(&self, app: &AppState) {
+        let resource = &app.guarded.purchase;
+        app.guard
+            .give_back_hot(resource, self.user.as_str(), self.shopper);
+        if let Some((sale_id, taken)) = &self.sale {
+            app.guard.give_back_hot(resource, sale_id, *taken);
+        }
+    }
+}
+
+/// Extractor: the [`PurchaseKeys`] `protect` took before the queue, if it did.
+pub struct BeforeQueue(Option<PurchaseKeys>);
+
+impl<S: Send + Sync> FromRequestParts<S> for BeforeQueue {
+    type Rejection = std::convert::Infallible;
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        Ok(Self(parts.extensions.remove::<PurchaseKeys>()))
+    }
 }
 
 /// A purchase's key, quantity and sale id, or the first thing wrong with them: the body

@@ -770,10 +770,8 @@ async fn protect<F: std::future::Future<Output = Response>>(
     // its handler would refuse 401 would hold a place a shopper could have had (a flood
     // of them would push payers past `max_queue`). Its client's allowance is spent all
     // the same, as it is for a 401 on any other route.
-    if guarded.credential != Credential::Public
-        && app.guard.paces(resource)
-        && let Err(error) = app.auth.check(guarded.credential, request.headers())
-    {
+    let paced = guarded.credential != Credential::Public && app.guard.paces(resource);
+    if paced && let Err(error) = app.auth.check(guarded.credential, request.headers()) {
         if let Some(peer) = &peer
             && let Err(rejection) = client_admits(app, resource, peer, request.headers())
         {
@@ -782,6 +780,20 @@ async fn protect<F: std::future::Future<Output = Response>>(
         }
         return error.into_response();
     }
+    // A paced purchase's per-key limits too, for the same reason: a scalper's attempts
+    // past the shopper's limit would each hold a place until their turn came.
+    let keys =
+        match paced && guarded.name == "purchase" {
+            false => None,
+            true => match app.auth.shopper_of(request.headers()).and_then(|user| {
+                handlers::PurchaseKeys::take(app, user, purchase_sale_id(&request))
+            }) {
+                Ok(keys) => Some(keys),
+                Err(error) => {
+                    return refused(app, started, peer.as_ref(), error.into_response()).await;
+                }
+            },
+        };
     // The route's rules, then the client's own limits; a client refused by those gives
     // the route's rate slot back, so it cannot use up the rate the route's clients
     // share, and a request the route refuses costs the client none of its allowance.
@@ -800,11 +812,17 @@ async fn protect<F: std::future::Future<Output = Response>>(
     let (mut admission, mut client) = match admitted {
         Ok(admission) => admission,
         Err(rejection) => {
+            if let Some(keys) = &keys {
+                keys.give_back(app);
+            }
             let response = ApiError::from(rejection).into_response();
             return refused(app, started, peer.as_ref(), response).await;
         }
     };
     let mut request = request;
+    if let Some(keys) = keys {
+        request.extensions_mut().insert(keys);
+    }
     if !admission.wait.is_zero() {
         // The handler decides deadlines from the arrival, not from the end of the wait
         // the server itself imposed (a pay paced past its order's deadline is in time).
@@ -928,7 +946,7 @@ fn client_admits<'a>(
     headers: &axum::http::HeaderMap,
 ) -> Result<ClientKeys<'a>, stampede_guard::Rejection> {
     let peer_ip = peer.addr.ip();
-    let ip = app.proxies.client_ip(peer_ip, headers);
+    let ip = client::client_key(app.proxies.client_ip(peer_ip, headers));
     let ip_taken = app
         .guard
         .check_hot_uncounted(resource, Param::ClientIp, &ip)?;

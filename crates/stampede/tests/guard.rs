@@ -224,6 +224,107 @@ async fn requests_without_a_valid_token_take_no_place_in_a_paced_queue() {
     assert_eq!(pay["blocked_throttled"], 0, "{pay}");
 }
 
+/// An app whose purchases are paced to 20 a second with 3 s of queue (60 places), with
+/// `hot` as its hot-parameter rules besides the shipped one.
+async fn app_with_paced_purchases(hot: Vec<stampede_guard::HotRule>) -> TestApp {
+    spawn_app_with(|config| {
+        config.guard.system.hold_refused = Duration::ZERO;
+        config.guard.flow = vec![stampede_guard::FlowRule {
+            resource: "purchase".into(),
+            qps: Some(20.0),
+            burst: 1,
+            behavior: stampede_guard::Behavior::Pace {
+                max_queue: Duration::from_secs(3),
+            },
+            max_concurrency: None,
+            dry_run: false,
+        }];
+        config.guard.hot.extend(hot);
+    })
+    .await
+}
+
+/// Sixty purchases at once, `buyer(i)`'s each, in `sale`, and a person's purchase in
+/// `person_sale` 300 ms later: the 60 purchases' replies, and the person's, which is
+/// checked to be a 201 served within 2 s. Behind the 20 a second of the flood's that
+/// pass their per-key limits it waits ~0.7 s; behind all 60, ~2.7 s.
+async fn flood_then_a_person(
+    app: &TestApp,
+    buyer: impl Fn(usize) -> String,
+    sale: &str,
+    person_sale: &str,
+) -> Vec<Reply> {
+    let buyers: Vec<_> = (0..60).map(|i| (buyer(i), format!("k-{i}"))).collect();
+    let flood = futures::future::join_all(
+        buyers
+            .iter()
+            .map(|(token, key)| app.purchase_reply(token, sale, key, 1)),
+    );
+    let person = async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let sent = Instant::now();
+        let reply = app
+            .purchase_reply(&app.shopper("person"), person_sale, "p-1", 1)
+            .await;
+        (reply, sent.elapsed())
+    };
+    let (flood, (reply, waited)) = tokio::join!(flood, person);
+    assert_eq!(reply.status, 201, "{}", reply.body);
+    assert!(
+        waited < Duration::from_secs(2),
+        "the person waited {waited:?}"
+    );
+    flood
+}
+
+/// The purchases of `flood` bought, each other one refused 429 `throttled`, and the
+/// route's flow rule passed those and the person's and refused none.
+async fn bought_the_rest_refused_per_key(app: &TestApp, flood: &[Reply]) -> usize {
+    let bought = flood.iter().filter(|r| r.status == 201).count();
+    for refused in flood.iter().filter(|r| r.status != 201) {
+        assert_error(refused, 429, "throttled");
+    }
+    let purchase = resource_totals(app, "purchase").await;
+    assert_eq!(purchase["blocked_throttled"], 0, "{purchase}");
+    assert_eq!(purchase["passed"], bought as u64 + 1, "{purchase}");
+    bought
+}
+
+/// On a paced purchase route, a shopper's attempts past their own limit are refused
+/// before the guard books them a place in the route's queue: before, each waited for its
+/// turn and was refused only then, so a scalper's 60 at once held the whole queue (20 a
+/// second, 3 s of it) and a person who came just after waited behind all of them.
+#[tokio::test]
+async fn a_scalpers_attempts_past_their_limit_take_no_place_in_a_paced_queue() {
+    let app = app_with_paced_purchases(vec![]).await;
+    let sale = app.live_sale("GUARD-PACED-SCALP", 1_000, 1_000).await;
+    let scalper = app.shopper("scalper");
+    let flood = flood_then_a_person(&app, |_| scalper.clone(), &sale, &sale).await;
+    // The shipped shopper limit: a burst of 20, then 10 a second while the flood waits.
+    let bought = bought_the_rest_refused_per_key(&app, &flood).await;
+    assert!((20..=40).contains(&bought), "{bought} of 60 bought");
+}
+
+/// The same for a sale's own limit: a rush on one sale past its limit is refused before
+/// the queue, and a shopper buying in another sale just after is served.
+#[tokio::test]
+async fn a_rush_past_a_sales_limit_takes_no_place_in_a_paced_queue() {
+    let app = app_with_paced_purchases(vec![stampede_guard::HotRule {
+        name: "per-sale".into(),
+        resource: "purchase".into(),
+        param: stampede_guard::Param::Sale,
+        qps: 0.1,
+        burst: 20,
+        dry_run: false,
+    }])
+    .await;
+    let hot = app.live_sale("GUARD-PACED-HOT", 1_000, 1).await;
+    let quiet = app.live_sale("GUARD-PACED-QUIET", 10, 1).await;
+    let flood =
+        flood_then_a_person(&app, |i| app.shopper(&format!("rush-{i}")), &hot, &quiet).await;
+    assert_eq!(bought_the_rest_refused_per_key(&app, &flood).await, 20);
+}
+
 #[tokio::test]
 async fn another_method_on_a_guarded_path_spends_nothing_of_its_rate() {
     // The same purchase rate of 3 at once: GETs, PUTs and DELETEs on the purchase path
