@@ -282,7 +282,8 @@ impl Auth {
                     ApiError::unauthorized(format!("invalid shopper token: {why}"))
                 }
             })?;
-        let user = UserId::parse(&claims.sub).map_err(|e| ApiError::unauthorized(e.to_string()))?;
+        let user =
+            UserId::parse_sub(&claims.sub).map_err(|e| ApiError::unauthorized(e.to_string()))?;
         let mut shard = shard.lock();
         if shard.len() >= TOKEN_CACHE_ENTRIES_MAX / TOKEN_CACHE_SHARDS {
             shard.clear();
@@ -352,7 +353,7 @@ impl Auth {
         }
     }
 
-    fn shopper_of(&self, headers: &HeaderMap) -> Result<UserId, ApiError> {
+    pub(crate) fn shopper_of(&self, headers: &HeaderMap) -> Result<UserId, ApiError> {
         self.shopper(bearer(headers)?)
     }
 

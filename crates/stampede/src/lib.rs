@@ -453,6 +453,16 @@ impl Config {
             long_enough(&self.admin_token, ADMIN_TOKEN_MIN_BYTES),
             "admin_token must be at least {ADMIN_TOKEN_MIN_BYTES} bytes; leave it unset and one is generated"
         );
+        // Sent as `Authorization: Bearer <token>`: a header carries visible ASCII, and
+        // the spaces around a value are not part of it. A token with a trailing newline
+        // (a secret made from a file) or a space would start a server no call can use.
+        anyhow::ensure!(
+            self.admin_token
+                .as_deref()
+                .is_none_or(|token| token.bytes().all(|b| b.is_ascii_graphic())),
+            "admin_token must be visible ASCII, with no spaces or line ends: it is sent as \
+             `Authorization: Bearer <token>`"
+        );
         anyhow::ensure!(
             self.node_ttl >= Duration::from_millis(500),
             "node_ttl must be at least 500ms"
@@ -1151,6 +1161,16 @@ mod tests {
             // An admin token under 128 bits: refused, with the reason.
             jail.set_env("STAMPEDE_ADMIN_TOKEN", "letmein");
             refused_saying("admin_token must be at least 16 bytes");
+            // One no request could present: refused, not a server no call can use.
+            for unusable in [
+                "a-token-of-16-bytes-or-more\n",
+                " a-token-of-16-bytes-or-more",
+                "a token of 16 bytes or more",
+                "a-token-of-16-bytes-or-moré",
+            ] {
+                jail.set_env("STAMPEDE_ADMIN_TOKEN", unusable);
+                refused_saying("admin_token must be visible ASCII");
+            }
             jail.set_env("STAMPEDE_ADMIN_TOKEN", "1.50000000000000");
             let config = load(&ServeArgs::default())?;
             assert_eq!(config.admin_token.as_deref(), Some("1.50000000000000"));

@@ -224,7 +224,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 format!("{sub}-{}", count - 1)
             };
             for id in [&sub, &longest] {
-                stampede_types::UserId::parse(id).map_err(|e| {
+                stampede_types::UserId::parse_sub(id).map_err(|e| {
                     anyhow::anyhow!("--sub {sub:?} makes shopper ids the server refuses: {e}")
                 })?;
             }

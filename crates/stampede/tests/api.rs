@@ -708,6 +708,10 @@ async fn bad_tokens_are_401_and_change_nothing(backend: Backend) {
         Some(now_s() + 3_600),
     );
     let expired = stampede_api::mint_shopper_token(&app.jwt_secret, "mia", Some(now_s() - 60));
+    // Ids the database would take for "mia" (MariaDB ignores trailing spaces): a
+    // shopper of their own to the engine, so refused.
+    let padded = stampede_api::mint_shopper_token(&app.jwt_secret, "mia ", Some(now_s() + 3_600));
+    let leading = stampede_api::mint_shopper_token(&app.jwt_secret, " mia", Some(now_s() + 3_600));
     let mut tampered = token.clone();
     tampered.pop();
     tampered.push(if token.ends_with('A') { 'B' } else { 'A' });
@@ -720,6 +724,8 @@ async fn bad_tokens_are_401_and_change_nothing(backend: Backend) {
         ("expired", Some(expired)),
         ("tampered", Some(tampered)),
         ("admin token is no shopper", Some(app.admin.clone())),
+        ("sub ending in a space", Some(padded)),
+        ("sub beginning with a space", Some(leading)),
     ];
     for (name, bad) in &cases {
         let mut request = app
