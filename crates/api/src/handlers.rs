@@ -901,6 +901,24 @@ async fn change_rules(
     change: impl FnOnce(&mut stampede_guard::GuardRules),
 ) -> Result<stampede_guard::GuardRules, ApiError> {
     let _one = app.rules_change.lock().await;
+    // The stored copy first: nodes sharing a database change the rules through it. One
+    // newer than those in force here (another node's change this node has not followed
+    // yet) is taken up, and the change refused: it was written against older rules.
+    let store = app.engine.store();
+    let stored = bounded(app, store.load_setting(GUARD_RULES_KEY), "read").await?;
+    if let Some(newer) = stored.as_deref().and_then(|json| newer_rules(app, json)) {
+        let version = newer.version;
+        take_up(app, newer)?;
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "version_conflict",
+            format!(
+                "the stored rules were newer than those in force here (another node's \
+                 change, or one of this node's that landed after its request timed out): \
+                 version {version} is in force now; send your change against it"
+            ),
+        ));
+    }
     let mut rules = app.guard.rules();
     let current = rules.version;
     change(&mut rules);
@@ -932,9 +950,65 @@ async fn change_rules(
             },
         ));
     }
-    crate::check_rules(&rules).map_err(rule_errors)?;
-    app.guard.check_room(&rules).map_err(rule_errors)?;
-    let longest = crate::longest_answer(&rules, app.payment_timeout);
+    check_in_force_here(app, &rules)?;
+    let json = serde_json::to_string(&rules).expect("rules serialise");
+    // Only over the copy read above: another node's change saved in between is not
+    // overwritten unseen (it is taken up by the next look, `follow_stored_rules`).
+    let saved = bounded(
+        app,
+        store.save_setting_if(GUARD_RULES_KEY, &json, stored.as_deref()),
+        "saved",
+    )
+    .await?;
+    if !saved {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "version_conflict",
+            "the rules were changed on another node meanwhile: read them and send your \
+             change again",
+        ));
+    }
+    take_up(app, rules.clone())?;
+    tracing::info!(
+        version = rules.version,
+        dry_run = rules.dry_run,
+        "guard rules changed"
+    );
+    Ok(rules)
+}
+
+/// `work` on the store, within `database_timeout`: a stalled database answers 503 and
+/// the rules stay as they were, rather than hold the admin's request until the
+/// connection is cut. `what` the rules could not be (read, saved).
+async fn bounded<T>(
+    app: &AppState,
+    work: impl std::future::Future<Output = Result<T, stampede_engine::StoreError>>,
+    what: &str,
+) -> Result<T, ApiError> {
+    let done = if app.database_timeout.is_zero() {
+        work.await
+    } else {
+        tokio::time::timeout(app.database_timeout, work)
+            .await
+            .map_err(|_| {
+                ApiError::unavailable(format!(
+                    "the rules could not be {what} within database_timeout ({:?}): the rules \
+                     in force are unchanged, but a save may still land when the database \
+                     answers (every node then takes it up), so read them before sending the \
+                     change again",
+                    app.database_timeout
+                ))
+            })?
+    };
+    done.map_err(|e| ApiError::unavailable(format!("the rules could not be {what}: {e}")))
+}
+
+/// Whether `rules` can be in force on this server: valid, within the guard's room, and
+/// with no answer the server may take longer than its `client_timeout`.
+fn check_in_force_here(app: &AppState, rules: &stampede_guard::GuardRules) -> Result<(), ApiError> {
+    crate::check_rules(rules).map_err(rule_errors)?;
+    app.guard.check_room(rules).map_err(rule_errors)?;
+    let longest = crate::longest_answer(rules, app.payment_timeout);
     if longest > app.client_timeout {
         return Err(ApiError::bad_request(
             "invalid_rules",
@@ -946,34 +1020,60 @@ async fn change_rules(
             ),
         ));
     }
-    let json = serde_json::to_string(&rules).expect("rules serialise");
-    // Bounded: a stalled database answers 503 and the rules stay as they were, rather
-    // than hold the admin's request until the connection is cut.
-    let store = app.engine.store();
-    let save = store.save_setting(GUARD_RULES_KEY, &json);
-    let saved = if app.database_timeout.is_zero() {
-        save.await
-    } else {
-        tokio::time::timeout(app.database_timeout, save)
-            .await
-            .map_err(|_| {
-                ApiError::unavailable(format!(
-                    "the rules could not be saved within database_timeout ({:?}): the rules in \
-                     force are unchanged, but the stored copy may still be replaced when the \
-                     database answers, so send the change again",
-                    app.database_timeout
-                ))
-            })?
+    Ok(())
+}
+
+/// Puts `rules` in force here (already kept in the store).
+fn take_up(app: &AppState, rules: stampede_guard::GuardRules) -> Result<(), ApiError> {
+    let limit = crate::pay_held_max(&rules);
+    app.guard.replace(rules).map_err(rule_errors)?;
+    app.engine.set_payment_wait_max(limit);
+    Ok(())
+}
+
+/// The stored rules `json`, if they are newer than those in force here and can be in
+/// force here; a copy this server cannot read or take is logged and left.
+fn newer_rules(app: &AppState, json: &str) -> Option<stampede_guard::GuardRules> {
+    let rules = match serde_json::from_str::<stampede_guard::GuardRules>(json) {
+        Ok(rules) => rules,
+        Err(error) => {
+            tracing::warn!(%error, "the stored guard rules cannot be read here; not followed");
+            return None;
+        }
     };
-    saved.map_err(|e| ApiError::unavailable(format!("the rules could not be saved: {e}")))?;
-    app.guard.replace(rules.clone()).map_err(rule_errors)?;
-    app.engine.set_payment_wait_max(crate::pay_held_max(&rules));
-    tracing::info!(
-        version = rules.version,
-        dry_run = rules.dry_run,
-        "guard rules changed"
-    );
-    Ok(rules)
+    if rules.version <= app.guard.rules().version {
+        return None;
+    }
+    match check_in_force_here(app, &rules) {
+        Ok(()) => Some(rules),
+        Err(error) => {
+            tracing::error!(version = rules.version, error = %error.message, "the stored guard rules cannot be in force here; not followed");
+            None
+        }
+    }
+}
+
+/// How often a server looks at the stored rules for a change another node made.
+pub const RULES_FOLLOWED_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Takes up the stored rules if another node (sharing this database) made them newer
+/// than those in force here: a change through any node's admin API or file reaches every
+/// node within [`RULES_FOLLOWED_EVERY`]. The version taken up, if any.
+pub async fn follow_stored_rules(app: &AppState) -> Result<Option<u64>, ApiError> {
+    let _one = app.rules_change.lock().await;
+    let stored = bounded(
+        app,
+        app.engine.store().load_setting(GUARD_RULES_KEY),
+        "read",
+    )
+    .await?;
+    let Some(newer) = stored.as_deref().and_then(|json| newer_rules(app, json)) else {
+        return Ok(None);
+    };
+    let version = newer.version;
+    take_up(app, newer)?;
+    tracing::info!(version, "guard rules changed on another node taken up");
+    Ok(Some(version))
 }
 
 /// Most rule problems one answer lists: a body of thousands of bad rules gets the first

@@ -411,6 +411,20 @@ pub trait Store: Send + Sync + 'static {
             "this store keeps no settings".into(),
         ))
     }
+    /// Saves `value` under `key` only if the stored one is still `expected` (`None`: no
+    /// value yet), and says whether it did: a compare-and-swap, so that nodes sharing a
+    /// database cannot overwrite each other's change unseen (the guard's rules).
+    async fn save_setting_if(
+        &self,
+        key: &str,
+        value: &str,
+        expected: Option<&str>,
+    ) -> Result<bool, StoreError> {
+        let _ = (key, value, expected);
+        Err(StoreError::Unavailable(
+            "this store keeps no settings".into(),
+        ))
+    }
 }
 
 #[cfg(test)]

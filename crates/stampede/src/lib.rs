@@ -671,6 +671,8 @@ pub struct Running {
     task: tokio::task::JoinHandle<std::io::Result<()>>,
     /// Re-reads the configuration file's `[guard]` section when the file changes.
     reload: Option<tokio::task::JoinHandle<()>>,
+    /// Takes up rules another node sharing the database changed (`follow_stored_rules`).
+    follow: tokio::task::JoinHandle<()>,
     /// The outbox relay to NATS, when configured: its stop signal and task.
     relay: Option<(oneshot::Sender<()>, tokio::task::JoinHandle<()>)>,
     /// Held for the server's life: a second process on the same data directory (or
@@ -773,6 +775,7 @@ impl Drop for Running {
         if let Some(reload) = &self.reload {
             reload.abort();
         }
+        self.follow.abort();
         if let Some((_, relay)) = &self.relay {
             relay.abort();
         }
@@ -897,6 +900,7 @@ pub async fn start(
         .config_file
         .clone()
         .map(|path| tokio::spawn(watch_guard_rules(path, config.clone(), state.clone())));
+    let follow = tokio::spawn(follow_stored_rules(state.clone()));
     let relay = config.nats_url.as_ref().map(|url| {
         let relay_config = stampede_relay::RelayConfig {
             stream: config.nats_stream.clone(),
@@ -935,6 +939,7 @@ pub async fn start(
             stop: Some(stop),
             task,
             reload,
+            follow,
             relay,
             _locks: locks,
         },
@@ -947,6 +952,18 @@ const RELAY_STOP_WAIT: Duration = Duration::from_secs(5);
 
 /// How often the configuration file is checked for a new `[guard]` section.
 pub const GUARD_RELOAD_EVERY: Duration = Duration::from_secs(1);
+
+/// Every `RULES_FOLLOWED_EVERY`, takes up the guard rules kept in the store when another
+/// node sharing the database made them newer (its admin API or its file), so one change
+/// reaches every node of a cluster.
+async fn follow_stored_rules(state: AppState) {
+    loop {
+        tokio::time::sleep(stampede_api::handlers::RULES_FOLLOWED_EVERY).await;
+        if let Err(e) = stampede_api::handlers::follow_stored_rules(&state).await {
+            tracing::debug!(error = %e.message, "could not read the stored guard rules; trying again");
+        }
+    }
+}
 
 /// Hot reload: when the configuration file changes and its `[guard]` section carries a
 /// higher version than the running rules, they are validated, kept in the store and

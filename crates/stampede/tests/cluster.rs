@@ -227,9 +227,67 @@ async fn three_nodes_one_killed_sell_out_exactly(backend: Backend) {
     }
 }
 
+/// A guard rules change made through one node reaches the other, and a change sent to a
+/// node that has not taken up another node's yet does not overwrite it: before, each
+/// node saved its own version over the stored copy, so one switch's change was lost
+/// (the stored rules went back a version), and the other node never heard of either.
+async fn a_rules_change_on_one_node_reaches_the_other_and_overwrites_none(backend: Backend) {
+    let database = TestDatabase::create(backend).await;
+    let url = database.url.clone().expect("a server database has a URL");
+    let args = ["--database-url", url.as_str(), "--cluster"];
+    let dirs: Vec<tempfile::TempDir> = (0..2)
+        .map(|_| tempfile::tempdir().expect("data directory"))
+        .collect();
+    let mut nodes = Vec::new();
+    for dir in &dirs {
+        nodes.push(Server::start(dir.path(), &args).await);
+    }
+    let version = nodes[0].admin_get("/v1/guard/rules").await.body["version"]
+        .as_u64()
+        .unwrap();
+    let degrade = |class: &'static str| json!({"class": class, "off": true});
+    let reply = nodes[0]
+        .admin_post("/v1/guard/degrade", &degrade("stats"))
+        .await;
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    // Sent to the other node at once: either it took up the first change already, or it
+    // does now and refuses this one, which was sent against the older rules.
+    let mut reply = nodes[1]
+        .admin_post("/v1/guard/degrade", &degrade("browse"))
+        .await;
+    if reply.status == 409 {
+        assert_eq!(
+            reply.body["error"]["code"], "version_conflict",
+            "{}",
+            reply.body
+        );
+        reply = nodes[1]
+            .admin_post("/v1/guard/degrade", &degrade("browse"))
+            .await;
+    }
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    assert_eq!(reply.body["version"], version + 2, "{}", reply.body);
+    // Both changes are in force on both nodes.
+    for node in &nodes {
+        eventually("each node runs both changes", || async {
+            let rules = node.admin_get("/v1/guard/rules").await.body;
+            let degraded = rules["degraded"].as_array().cloned().unwrap_or_default();
+            (rules["version"] == version + 2
+                && degraded.contains(&json!("stats"))
+                && degraded.contains(&json!("browse")))
+            .then_some(())
+        })
+        .await;
+    }
+    for node in nodes {
+        node.kill9().await;
+    }
+}
+
 on_server_backends!(
     three_nodes_one_killed_sell_out_exactly,
     two_nodes_feed_the_stream_once_and_the_survivor_takes_over,
+    a_rules_change_on_one_node_reaches_the_other_and_overwrites_none,
 );
 
 /// A counter or gauge from `node`'s `/metrics` (0 when absent).

@@ -290,6 +290,8 @@ struct Sql {
     users_over_limit: Arc<str>,
     load_setting: Arc<str>,
     save_setting: Arc<str>,
+    insert_setting: Arc<str>,
+    swap_setting: Arc<str>,
     record_charge: Arc<str>,
     settle_charge: Arc<str>,
     charge_of: Arc<str>,
@@ -382,6 +384,13 @@ impl Sql {
             ),
             load_setting: sql("SELECT value FROM settings WHERE name = ?"),
             save_setting: sql(dialect.save_setting),
+            insert_setting: sql(
+                "INSERT INTO settings (name, value, updated_at_ms) VALUES (?, ?, ?)",
+            ),
+            // The sessions' client flags make MySQL count rows matched, not changed.
+            swap_setting: sql(
+                "UPDATE settings SET value = ?, updated_at_ms = ? WHERE name = ? AND value = ?",
+            ),
             record_charge: sql(dialect.record_charge),
             settle_charge: sql("DELETE FROM charge_attempts WHERE order_id = ?"),
             charge_of: sql("SELECT amount_cents FROM charge_attempts WHERE order_id = ?"),
@@ -1480,6 +1489,36 @@ macro_rules! server_store {
                     .await
                     .map_err(unavailable)?;
                 Ok(())
+            }
+            async fn save_setting_if(
+                &self,
+                key: &str,
+                value: &str,
+                expected: Option<&str>,
+            ) -> Result<bool, StoreError> {
+                let saved = match expected {
+                    // A plain insert: another node's at the same moment is a unique
+                    // violation, not an update (MySQL's upsert counts a row it found as
+                    // changed, so it could not tell).
+                    None => sqlx::query(q(&self.sql.insert_setting))
+                        .bind(key)
+                        .bind(value)
+                        .bind(now_ms())
+                        .execute(&self.readers)
+                        .await,
+                    Some(expected) => sqlx::query(q(&self.sql.swap_setting))
+                        .bind(value)
+                        .bind(now_ms())
+                        .bind(key)
+                        .bind(expected)
+                        .execute(&self.readers)
+                        .await,
+                };
+                match saved {
+                    Ok(done) => Ok(done.rows_affected() == 1),
+                    Err(sqlx::Error::Database(e)) if e.is_unique_violation() => Ok(false),
+                    Err(e) => Err(unavailable(e)),
+                }
             }
         }
     };

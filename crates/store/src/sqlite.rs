@@ -505,6 +505,39 @@ impl Store for SqliteStore {
             })
             .await
     }
+    async fn save_setting_if(
+        &self,
+        key: &str,
+        value: &str,
+        expected: Option<&str>,
+    ) -> Result<bool, StoreError> {
+        let (key, value, expected) = (
+            key.to_owned(),
+            value.to_owned(),
+            expected.map(str::to_owned),
+        );
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as i64);
+        self.writer()?
+            .call(move |connection| {
+                match expected {
+                    None => connection.execute(
+                        "INSERT INTO settings (key, value, updated_at_ms) VALUES (?1, ?2, ?3) \
+                         ON CONFLICT (key) DO NOTHING",
+                        (key, value, now_ms),
+                    ),
+                    Some(expected) => connection.execute(
+                        "UPDATE settings SET value = ?2, updated_at_ms = ?3 \
+                         WHERE key = ?1 AND value = ?4",
+                        (key, value, now_ms, expected),
+                    ),
+                }
+                .map(|changed| changed == 1)
+                .map_err(sql)
+            })
+            .await
+    }
 }
 
 #[cfg(test)]

@@ -611,6 +611,15 @@ impl<I: Interceptor> stampede_engine::Store for Intercepted<I> {
         self.hooks.before(Call::Setting).await?;
         self.inner.save_setting(key, value).await
     }
+    async fn save_setting_if(
+        &self,
+        key: &str,
+        value: &str,
+        expected: Option<&str>,
+    ) -> Result<bool, stampede_engine::StoreError> {
+        self.hooks.before(Call::Setting).await?;
+        self.inner.save_setting_if(key, value, expected).await
+    }
 }
 
 /// An engine on a fresh SQLite file at `path` that answers purchases once reserved, for
