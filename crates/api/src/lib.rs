@@ -828,6 +828,7 @@ async fn protect<F: std::future::Future<Output = Response>>(
         // the server itself imposed (a pay paced past its order's deadline is in time).
         request.extensions_mut().insert(Arrived(Instant::now()));
         tokio::time::sleep(admission.wait).await;
+        admission.sent();
     }
     let response = caught(|| next(request)).await;
     if response.status().is_server_error() {

@@ -5,8 +5,11 @@
 //! slots. A key whose TAT has passed holds no state (a new key would start the same), so
 //! its slot is free for reuse. Only when every slot of a set is busy with keys still
 //! inside their limit is the one nearest to replenished evicted; that key's next request
-//! starts fresh (counted in `evictions`). With the guard's 2^18 slots (`HOT_SLOTS`) that
-//! takes over 262,144 keys active within one emission interval.
+//! starts fresh (counted in `evictions`). With the guard's 2^18 slots (`HOT_SLOTS`) in
+//! sets of four, a set first overflows when about 20,000 keys are active within one
+//! emission interval (five of them hashed to one set); evictions grow common only as
+//! the active keys near 262,144, and each takes the key nearest to replenished, whose
+//! allowance is then the least lost.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 

@@ -598,6 +598,8 @@ pub struct Admission<'a> {
     /// Counted in the system's requests in flight and response times (a request, not a
     /// named resource's call).
     system: bool,
+    /// A paced request while it waits: counted in flight once sent ([`Admission::sent`]).
+    in_flight_once_sent: bool,
     /// The rate slot it took, for [`Admission::give_back`] (which finds the limiter
     /// then: only a refused request pays for the lookup).
     rate: Option<RateSlot>,
@@ -615,6 +617,17 @@ pub struct Admission<'a> {
 }
 
 impl Admission<'_> {
+    /// The paced wait (`wait`) is over and the request goes on to be served: it counts
+    /// in the system's requests in flight from now on. It was admitted by the system's
+    /// check when it arrived, so it is not checked again (a request told to wait is not
+    /// refused at the end of its wait).
+    pub fn sent(&mut self) {
+        if std::mem::take(&mut self.in_flight_once_sent) {
+            self.guard.system.inflight.fetch_add(1, Ordering::Relaxed);
+            self.system = true;
+        }
+    }
+
     /// Marks the request as failed (a 5xx), for the error counts.
     pub fn failed(&mut self) {
         self.error = true;
@@ -688,6 +701,12 @@ struct RateSlot {
 
 impl Drop for Admission<'_> {
     fn drop(&mut self) {
+        if self.in_flight_once_sent {
+            // Dropped while it waited its paced turn (its client gone): never served, so
+            // neither passed nor completed, and its place goes back if no later request
+            // was given the one after it.
+            self.withdraw();
+        }
         let now = self.guard.now();
         let rt = now.saturating_sub(self.start);
         if self.system {
@@ -1164,15 +1183,24 @@ impl Guard {
             }
         }
 
-        // A system admission's place in flight was taken by `admit`. Passed is counted
-        // when it finishes (its drop), unless a later check withdraws it.
+        // A system admission's place in flight was taken by `admit`. A paced one gives
+        // it up while it waits ([`Admission::sent`] takes it again): a queue of paced
+        // requests, which pacing exists to hold, is no load on the server, and must not
+        // pass for overload and get other classes shed. Nor is its wait response time
+        // (BBR's minimum, the stats'): timed from when it is sent. Passed is counted when
+        // it finishes (its drop), unless a later check withdraws it.
+        let waits = system && !wait.is_zero();
+        if waits {
+            self.system.inflight.fetch_sub(1, Ordering::Relaxed);
+        }
         Ok(Admission {
             guard: self,
             resource,
-            system,
+            system: system && !waits,
+            in_flight_once_sent: waits,
             concurrency,
             rate,
-            start: now,
+            start: now.saturating_add(wait.as_nanos() as u64),
             wait,
             error: false,
             withdrawn: false,

@@ -252,6 +252,59 @@ fn sparse_requests_do_not_keep_a_warm_up_rule_warm() {
     );
 }
 
+/// Paced requests waiting their turn are not in flight, and their wait is not their
+/// response time: before, ten pays queued by a pacing rule filled a bound of five in
+/// flight, so a purchase was shed 503 while the server served nothing, and each pay's
+/// wait counted as the time it took.
+#[test]
+fn paced_requests_are_not_in_flight_while_they_wait() {
+    let mut rules = rules_with(vec![flow(
+        "pay",
+        10.0,
+        1,
+        Behavior::Pace {
+            max_queue: Duration::from_secs(2),
+        },
+    )]);
+    rules.system = bounded(5);
+    let guard = Guard::new(rules).unwrap();
+    let (pay, purchase) = (guard.resource("pay"), guard.resource("purchase"));
+    let mut queued: Vec<_> = (0..11)
+        .map(|_| guard.admit(&pay, Class::Pay).expect("paced, not refused"))
+        .collect();
+    // One whose client gave up while it waited: never served, so not counted as passed
+    // or completed, and the last place it held is free for the next request.
+    drop(queued.pop());
+    assert!(
+        queued[9].wait >= Duration::from_millis(800),
+        "{:?}",
+        queued[9].wait
+    );
+    // Only the first, sent at once, is in flight.
+    assert_eq!(guard.inflight(), 1);
+    drop(
+        guard
+            .admit(&purchase, Class::Purchase)
+            .expect("room in flight"),
+    );
+    // Sent (as the API does once the wait is over), each counts in flight.
+    for admission in &mut queued {
+        admission.sent();
+    }
+    assert_eq!(guard.inflight(), 10);
+    assert!(matches!(
+        guard.admit(&purchase, Class::Purchase),
+        Err(Rejection::Overloaded { .. })
+    ));
+    // Served in no time once sent: the waits of up to 0.9 s are no response time.
+    drop(queued);
+    assert_eq!(guard.inflight(), 0);
+    let pay = totals(&guard, "pay");
+    assert_eq!(pay.completed, 10);
+    assert_eq!(pay.passed, 10);
+    assert!(pay.rt_ns < 100_000_000, "{} ns of response time", pay.rt_ns);
+}
+
 #[test]
 fn a_paced_slot_given_back_never_sends_two_requests_at_once() {
     let _cpu = exclusive();

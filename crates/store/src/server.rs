@@ -146,8 +146,12 @@ struct Dialect {
     /// Part of the error `drop_key_index` answers when there is no such index.
     no_such_index: &'static str,
     /// The database's clock in milliseconds since the epoch: heartbeats and their
-    /// deadlines use it, so the nodes' clocks never matter.
+    /// deadlines use it, so the nodes' clocks never matter. Whatever the session's time
+    /// zone (a URL may name one with summer time, whose hour back would repeat an hour).
     now_ms: &'static str,
+    /// Run on each reader connection as it opens: what the snapshots and consistent
+    /// reads assume of the session, whatever the server's defaults.
+    reader_session: Option<&'static str>,
     /// `SUM(units)` of stock leases as a 64-bit integer.
     sum_units: &'static str,
     /// Adds `(sale_id, node, units)` to a lease, creating it if needed.
@@ -201,6 +205,8 @@ const POSTGRES: Dialect = Dialect {
     drop_key_index: "DROP INDEX orders_idempotency",
     no_such_index: "does not exist",
     now_ms: "CAST(EXTRACT(EPOCH FROM clock_timestamp()) * 1000 AS BIGINT)",
+    // `BEGIN ISOLATION LEVEL REPEATABLE READ` names it per snapshot.
+    reader_session: None,
     sum_units: "CAST(SUM(units) AS BIGINT)",
     add_to_lease: "INSERT INTO stock_leases (sale_id, node, units) VALUES (?, ?, ?) \
                    ON CONFLICT (sale_id, node) DO UPDATE SET units = stock_leases.units + EXCLUDED.units",
@@ -252,7 +258,14 @@ const MYSQL: Dialect = Dialect {
     unlock: "SELECT RELEASE_LOCK(CONCAT('stampede.owner.', DATABASE()))",
     drop_key_index: "DROP INDEX orders_idempotency ON orders",
     no_such_index: "; check that",
-    now_ms: "CAST(UNIX_TIMESTAMP(NOW(3)) * 1000 AS SIGNED)",
+    // Not `UNIX_TIMESTAMP(NOW(3))`: `NOW` is the session's local time, which an hour
+    // back in autumn makes ambiguous.
+    now_ms: "CAST(TIMESTAMPDIFF(MICROSECOND, '1970-01-01 00:00:00', UTC_TIMESTAMP(6)) DIV 1000 AS SIGNED)",
+    // `START TRANSACTION WITH CONSISTENT SNAPSHOT` is one only under REPEATABLE READ,
+    // InnoDB's default, which a server (or a managed database's parameter group) may
+    // have changed to READ COMMITTED: a start's three reads, and an audit's, would then
+    // each see other commits.
+    reader_session: Some("SET SESSION TRANSACTION ISOLATION LEVEL REPEATABLE READ"),
     sum_units: "CAST(SUM(units) AS SIGNED)",
     add_to_lease: "INSERT INTO stock_leases (sale_id, node, units) VALUES (?, ?, ?) \
                    ON DUPLICATE KEY UPDATE units = units + VALUES(units)",
@@ -576,11 +589,15 @@ macro_rules! server_store {
                 Ok(writer)
             }
 
-            /// Pool settings for readers and replicas: TCP_NODELAY on every connection.
+            /// Pool settings for readers and replicas: TCP_NODELAY on every connection,
+            /// and the dialect's `reader_session`.
             fn pool_options(port: u16) -> $pool_options {
-                <$pool_options>::new().after_connect(move |_, _| {
+                <$pool_options>::new().after_connect(move |connection, _| {
                     Box::pin(async move {
                         crate::nodelay::set_on_connections_to(port);
+                        if let Some(setup) = $dialect.reader_session {
+                            sqlx::Executor::execute(&mut *connection, setup).await?;
+                        }
                         Ok(())
                     })
                 })
