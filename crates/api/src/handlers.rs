@@ -489,37 +489,31 @@ pub async fn purchase(
     // malformed ones is refused per key (which gives the route's shared rate slot back,
     // `ApiError::per_key`) instead of using up the rate every shopper shares. A scalper's
     // 21st attempt in a second gets 429 without touching the engine. On a paced route
-    // `protect` checked them before the queue ([`PurchaseKeys`]).
+    // `protect` took them before the queue, and counts them ([`PurchaseKeys`]).
     let resource = &app.guarded.purchase;
     let before = before.filter(|keys| keys.user == user);
     let shopper_taken = match &before {
-        Some(keys) => keys.shopper,
-        None => app
-            .guard
-            .check_hot_uncounted(resource, stampede_guard::Param::Shopper, user.as_str())
-            .map_err(ApiError::per_key)?,
+        Some(_) => None,
+        None => Some(shopper_admits(&app, &user)?),
+    };
+    let shopper_passed = || {
+        if let Some(taken) = shopper_taken {
+            app.guard.hot_passed(resource, taken);
+        }
     };
     let valid = purchase_input(key, body, &id);
     let (key, quantity, sale_id) = match valid {
         Ok(valid) => valid,
         Err(error) => {
             // An attempt all the same: it keeps the allowance it took.
-            app.guard.hot_passed(resource, shopper_taken);
-            if let Some((_, sale_taken)) = before.as_ref().and_then(|keys| keys.sale) {
-                app.guard.hot_passed(resource, sale_taken);
-            }
+            shopper_passed();
             return Err(error);
         }
     };
-    match before.as_ref().and_then(|keys| keys.sale) {
-        Some((checked, sale_taken)) if checked == sale_id => {
-            app.guard.hot_passed(resource, sale_taken);
-        }
-        _ => {
-            sale_admits(&app, &user, &sale_id, shopper_taken, true)?;
-        }
+    if before.and_then(|keys| keys.sale) != Some(sale_id) {
+        sale_admits(&app, &user, &sale_id, shopper_taken, true)?;
     }
-    app.guard.hot_passed(resource, shopper_taken);
+    shopper_passed();
     let purchase = app.engine.purchase(user, key, sale_id, quantity).await?;
     let status = if purchase.replay {
         StatusCode::OK
@@ -537,15 +531,28 @@ pub async fn purchase(
         .into_response())
 }
 
+/// The shopper's own limit on a purchase by `user`, uncounted: the caller counts it as
+/// passed, or gives it back, once the later limits have answered.
+fn shopper_admits(app: &AppState, user: &UserId) -> Result<HotTaken, ApiError> {
+    app.guard
+        .check_hot_uncounted(
+            &app.guarded.purchase,
+            stampede_guard::Param::Shopper,
+            user.as_str(),
+        )
+        .map_err(ApiError::per_key)
+}
+
 /// The sale's own limit on a purchase by `user`, checked after the shopper's
-/// (`shopper_taken`): a refusal gives the shopper's allowance back, and the shopper's
-/// rules do not count the request as passed. `counted`: what it lets through it counts
-/// as passed at once (else the caller does, [`stampede_guard::Guard::hot_passed`]).
+/// (`shopper_taken`, unless `protect` took it and answers for it): a refusal gives the
+/// shopper's allowance back, and the shopper's rules do not count the request as
+/// passed. `counted`: what it lets through it counts as passed at once (else the caller
+/// does, [`stampede_guard::Guard::hot_passed`]).
 fn sale_admits(
     app: &AppState,
     user: &UserId,
     sale_id: &SaleId,
-    shopper_taken: HotTaken,
+    shopper_taken: Option<HotTaken>,
     counted: bool,
 ) -> Result<HotTaken, ApiError> {
     let resource = &app.guarded.purchase;
@@ -557,8 +564,9 @@ fn sale_admits(
             .check_hot_uncounted(resource, stampede_guard::Param::Sale, sale_id)
     };
     checked.map_err(|rejection| {
-        app.guard
-            .give_back_hot(resource, user.as_str(), shopper_taken);
+        if let Some(taken) = shopper_taken {
+            app.guard.give_back_hot(resource, user.as_str(), taken);
+        }
         ApiError::per_key(rejection)
     })
 }
@@ -568,46 +576,68 @@ fn sale_admits(
 /// guard admits books a place in the queue that is its own until it is sent, so a
 /// scalper's attempts past the shopper's limit, refused only after their wait, would
 /// have held places the other shoppers' requests could have had: a thousand of them at
-/// once would fill the queue and turn everyone else away. The handler then counts them
-/// as passed where it would have checked them ([`BeforeQueue`]).
-#[derive(Clone, Debug)]
-pub(crate) struct PurchaseKeys {
+/// once would fill the queue and turn everyone else away. `protect` holds them until
+/// the request is answered: counted as passed then, or given back if a later limit
+/// refused it, it was answered 401, or it never was (its client gone in the wait). The
+/// handler is told which it need not check ([`KeysChecked`]).
+pub(crate) struct PurchaseKeys<'a> {
+    app: &'a AppState,
     user: UserId,
     shopper: HotTaken,
     sale: Option<(SaleId, HotTaken)>,
+    done: bool,
 }
 
-impl PurchaseKeys {
+impl<'a> PurchaseKeys<'a> {
     /// Takes the limits for `user`'s purchase in the sale spelled `sale_id`; a refusal
     /// is the handler's own (429 per key, `Retry-After`).
     pub(crate) fn take(
-        app: &AppState,
+        app: &'a AppState,
         user: UserId,
         sale_id: Option<&str>,
     ) -> Result<Self, ApiError> {
-        let shopper = app
-            .guard
-            .check_hot_uncounted(
-                &app.guarded.purchase,
-                stampede_guard::Param::Shopper,
-                user.as_str(),
-            )
-            .map_err(ApiError::per_key)?;
+        let shopper = shopper_admits(app, &user)?;
         let sale = match sale_id.and_then(SaleId::parse) {
-            Some(sale_id) => Some((sale_id, sale_admits(app, &user, &sale_id, shopper, false)?)),
+            Some(sale_id) => Some((
+                sale_id,
+                sale_admits(app, &user, &sale_id, Some(shopper), false)?,
+            )),
             None => None,
         };
         Ok(Self {
+            app,
             user,
             shopper,
             sale,
+            done: false,
         })
     }
 
-    /// For a request a later limit refused (the route's, the client's): it spends none
-    /// of the shopper's or the sale's allowance.
-    pub(crate) fn give_back(&self, app: &AppState) {
-        let resource = &app.guarded.purchase;
+    /// What the handler need not check again.
+    pub(crate) fn checked(&self) -> KeysChecked {
+        KeysChecked {
+            user: self.user.clone(),
+            sale: self.sale.map(|(sale_id, _)| sale_id),
+        }
+    }
+
+    /// The request was answered: counted as passed by the rules that let it through,
+    /// or, when `refused` (by a later limit, or 401), given back.
+    pub(crate) fn answered(mut self, refused: bool) {
+        if refused {
+            self.give_back();
+        } else {
+            let (app, resource) = (self.app, &self.app.guarded.purchase);
+            app.guard.hot_passed(resource, self.shopper);
+            if let Some((_, taken)) = self.sale {
+                app.guard.hot_passed(resource, taken);
+            }
+        }
+        self.done = true;
+    }
+
+    fn give_back(&self) {
+        let (app, resource) = (self.app, &self.app.guarded.purchase);
         app.guard
             .give_back_hot(resource, self.user.as_str(), self.shopper);
         if let Some((sale_id, taken)) = &self.sale {
@@ -616,13 +646,31 @@ impl PurchaseKeys {
     }
 }
 
-/// Extractor: the [`PurchaseKeys`] `protect` took before the queue, if it did.
-pub struct BeforeQueue(Option<PurchaseKeys>);
+impl Drop for PurchaseKeys<'_> {
+    /// Never answered (the route refused it, or its client went away while it waited):
+    /// it spends none of the shopper's or the sale's allowance.
+    fn drop(&mut self) {
+        if !self.done {
+            self.give_back();
+        }
+    }
+}
+
+/// Which of a purchase's per-key limits `protect` took before the queue
+/// ([`PurchaseKeys`]), for the handler ([`BeforeQueue`]).
+#[derive(Clone, Debug)]
+pub(crate) struct KeysChecked {
+    user: UserId,
+    sale: Option<SaleId>,
+}
+
+/// Extractor: the [`KeysChecked`] `protect` put in the request, if it did.
+pub struct BeforeQueue(Option<KeysChecked>);
 
 impl<S: Send + Sync> FromRequestParts<S> for BeforeQueue {
     type Rejection = std::convert::Infallible;
     async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
-        Ok(Self(parts.extensions.remove::<PurchaseKeys>()))
+        Ok(Self(parts.extensions.remove::<KeysChecked>()))
     }
 }
 
@@ -883,8 +931,6 @@ pub async fn not_found() -> ApiError {
 /// The key the guard's rules are kept under in the store.
 pub const GUARD_RULES_KEY: &str = "guard_rules";
 
-/// Validates, persists, then swaps in new rules (in that order, one change at a time):
-/// rules that answer 200 survive a restart.
 /// Which versions a change may carry.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum NextVersion {
@@ -893,8 +939,18 @@ enum NextVersion {
     Exact,
     /// Any higher one: a configuration file states the version it was written as.
     Newer,
+    /// The current + 1, made on whatever rules are in force: a degradation switch,
+    /// which names no version, is made on rules another node changed too.
+    OnCurrent,
 }
 
+/// 409 `version_conflict`, saying why.
+fn version_conflict(message: impl Into<String>) -> ApiError {
+    ApiError::new(StatusCode::CONFLICT, "version_conflict", message)
+}
+
+/// Validates, persists, then swaps in new rules (in that order, one change at a time):
+/// rules that answer 200 survive a restart.
 async fn change_rules(
     app: &AppState,
     next: NextVersion,
@@ -903,21 +959,22 @@ async fn change_rules(
     let _one = app.rules_change.lock().await;
     // The stored copy first: nodes sharing a database change the rules through it. One
     // newer than those in force here (another node's change this node has not followed
-    // yet) is taken up, and the change refused: it was written against older rules.
+    // yet, or one of this node's that landed after its request timed out) is taken up;
+    // a change written against the older rules is then refused. Nothing is saved over
+    // a newer copy this node cannot take up.
     let store = app.engine.store();
     let stored = bounded(app, store.load_setting(GUARD_RULES_KEY), "read").await?;
-    if let Some(newer) = stored.as_deref().and_then(|json| newer_rules(app, json)) {
-        let version = newer.version;
-        take_up(app, newer)?;
-        return Err(ApiError::new(
-            StatusCode::CONFLICT,
-            "version_conflict",
-            format!(
+    match take_up_newer(app, stored.as_deref()) {
+        Ok(None) => {}
+        Ok(Some(_)) if next == NextVersion::OnCurrent => {}
+        Ok(Some(version)) => {
+            return Err(version_conflict(format!(
                 "the stored rules were newer than those in force here (another node's \
                  change, or one of this node's that landed after its request timed out): \
                  version {version} is in force now; send your change against it"
-            ),
-        ));
+            )));
+        }
+        Err(refused) => return Err(version_conflict(refused)),
     }
     let mut rules = app.guard.rules();
     let current = rules.version;
@@ -932,23 +989,17 @@ async fn change_rules(
         ));
     }
     let fits = match next {
-        NextVersion::Exact => rules.version == current + 1,
+        NextVersion::Exact | NextVersion::OnCurrent => rules.version == current + 1,
         NextVersion::Newer => rules.version > current,
     };
     if !fits {
-        return Err(ApiError::new(
-            StatusCode::CONFLICT,
-            "version_conflict",
-            match next {
-                NextVersion::Exact => format!(
-                    "version must be {} (the current version is {current})",
-                    current + 1
-                ),
-                NextVersion::Newer => {
-                    format!("version must be above {current}, the current version")
-                }
-            },
-        ));
+        return Err(version_conflict(match next {
+            NextVersion::Newer => format!("version must be above {current}, the current version"),
+            _ => format!(
+                "version must be {} (the current version is {current})",
+                current + 1
+            ),
+        }));
     }
     check_in_force_here(app, &rules)?;
     let json = serde_json::to_string(&rules).expect("rules serialise");
@@ -961,9 +1012,7 @@ async fn change_rules(
     )
     .await?;
     if !saved {
-        return Err(ApiError::new(
-            StatusCode::CONFLICT,
-            "version_conflict",
+        return Err(version_conflict(
             "the rules were changed on another node meanwhile: read them and send your \
              change again",
         ));
@@ -1031,26 +1080,35 @@ fn take_up(app: &AppState, rules: stampede_guard::GuardRules) -> Result<(), ApiE
     Ok(())
 }
 
-/// The stored rules `json`, if they are newer than those in force here and can be in
-/// force here; a copy this server cannot read or take is logged and left.
-fn newer_rules(app: &AppState, json: &str) -> Option<stampede_guard::GuardRules> {
+/// Takes up the stored rules `json` if they are newer than those in force here, and
+/// answers their version; or why they cannot be in force here. A copy this server
+/// cannot read (a later release's) is logged and left.
+fn take_up_newer(app: &AppState, json: Option<&str>) -> Result<Option<u64>, String> {
+    let Some(json) = json else {
+        return Ok(None);
+    };
     let rules = match serde_json::from_str::<stampede_guard::GuardRules>(json) {
         Ok(rules) => rules,
         Err(error) => {
             tracing::warn!(%error, "the stored guard rules cannot be read here; not followed");
-            return None;
+            return Ok(None);
         }
     };
-    if rules.version <= app.guard.rules().version {
-        return None;
+    let version = rules.version;
+    if version <= app.guard.rules().version {
+        return Ok(None);
     }
-    match check_in_force_here(app, &rules) {
-        Ok(()) => Some(rules),
-        Err(error) => {
-            tracing::error!(version = rules.version, error = %error.message, "the stored guard rules cannot be in force here; not followed");
-            None
-        }
-    }
+    check_in_force_here(app, &rules)
+        .and_then(|()| take_up(app, rules))
+        .map(|()| Some(version))
+        .map_err(|error| {
+            format!(
+                "the stored rules, version {version}, are newer than those in force here \
+                 but cannot be in force on this node ({}): change them through a node that \
+                 runs them, or this node's settings",
+                error.message
+            )
+        })
 }
 
 /// How often a server looks at the stored rules for a change another node made.
@@ -1067,13 +1125,11 @@ pub async fn follow_stored_rules(app: &AppState) -> Result<Option<u64>, ApiError
         "read",
     )
     .await?;
-    let Some(newer) = stored.as_deref().and_then(|json| newer_rules(app, json)) else {
-        return Ok(None);
-    };
-    let version = newer.version;
-    take_up(app, newer)?;
-    tracing::info!(version, "guard rules changed on another node taken up");
-    Ok(Some(version))
+    let taken = take_up_newer(app, stored.as_deref()).map_err(version_conflict)?;
+    if let Some(version) = taken {
+        tracing::info!(version, "guard rules changed on another node taken up");
+    }
+    Ok(taken)
 }
 
 /// Most rule problems one answer lists: a body of thousands of bad rules gets the first
@@ -1125,8 +1181,8 @@ pub async fn get_guard_rules(State(app): State<AppState>, _admin: Admin) -> Resp
                  description = "the whole rules document as GET answers it, with version = the current version + 1"),
     responses((status = 200, description = "rules replaced, persisted and live"),
               (status = 400, description = "invalid_rules: every problem, each naming its field; invalid_body: not a rules document", body = ErrorBody),
-              (status = 409, description = "version_conflict: send the current version + 1", body = ErrorBody),
-              (status = 503, description = "unavailable: the store did not keep the rules within database_timeout; the rules are unchanged", body = ErrorBody)))]
+              (status = 409, description = "version_conflict: send the current version + 1 (also when another node sharing the database changed them first, or their newer stored copy cannot be in force here)", body = ErrorBody),
+              (status = 503, description = "unavailable: the store did not keep the rules within database_timeout; the rules in force are unchanged, but the save may still land, and every node then takes it up", body = ErrorBody)))]
 pub async fn put_guard_rules(
     State(app): State<AppState>,
     _admin: Admin,
@@ -1148,13 +1204,14 @@ pub struct DegradeRequest {
 
 #[utoipa::path(post, path = "/v1/guard/degrade", request_body = DegradeRequest, security(("admin" = [])),
     responses((status = 200, description = "the new rules (a new version)"), (status = 401, body = ErrorBody),
-              (status = 503, description = "unavailable: the store did not keep the change within database_timeout; nothing changed", body = ErrorBody)))]
+              (status = 409, description = "version_conflict: the stored rules are newer than this node's and cannot be in force here", body = ErrorBody),
+              (status = 503, description = "unavailable: the store did not keep the change within database_timeout; the rules in force are unchanged, but the save may still land, and every node then takes it up", body = ErrorBody)))]
 pub async fn degrade(
     State(app): State<AppState>,
     _admin: Admin,
     JsonBody(body): JsonBody<DegradeRequest>,
 ) -> Result<Response, ApiError> {
-    let rules = change_rules(&app, NextVersion::Exact, move |rules| {
+    let rules = change_rules(&app, NextVersion::OnCurrent, move |rules| {
         rules.version += 1;
         rules.degraded.retain(|c| *c != body.class);
         if body.off {

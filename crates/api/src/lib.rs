@@ -812,16 +812,14 @@ async fn protect<F: std::future::Future<Output = Response>>(
     let (mut admission, mut client) = match admitted {
         Ok(admission) => admission,
         Err(rejection) => {
-            if let Some(keys) = &keys {
-                keys.give_back(app);
-            }
+            // `keys`, dropped, gives the shopper's and the sale's allowance back.
             let response = ApiError::from(rejection).into_response();
             return refused(app, started, peer.as_ref(), response).await;
         }
     };
     let mut request = request;
-    if let Some(keys) = keys {
-        request.extensions_mut().insert(keys);
+    if let Some(keys) = &keys {
+        request.extensions_mut().insert(keys.checked());
     }
     if !admission.wait.is_zero() {
         // The handler decides deadlines from the arrival, not from the end of the wait
@@ -838,7 +836,11 @@ async fn protect<F: std::future::Future<Output = Response>>(
         .extensions()
         .get::<error::PerKeyRefusal>()
         .is_some();
-    if response.status() == axum::http::StatusCode::UNAUTHORIZED {
+    let unauthorized = response.status() == axum::http::StatusCode::UNAUTHORIZED;
+    if let Some(keys) = keys {
+        keys.answered(unauthorized || per_key);
+    }
+    if unauthorized {
         // No valid token: it costs the route's shared rate nothing, so requests without
         // one cannot use up what the shoppers share. Its client's allowance stays spent:
         // a flood of them from one address is still that address's to answer for.

@@ -164,6 +164,7 @@ impl PaymentGateway for GuardedPayments {
             })?;
         if !admission.wait.is_zero() {
             tokio::time::sleep(admission.wait).await;
+            admission.sent();
         }
         let call = match self.guard.outbound("payment") {
             Ok(call) => call,

@@ -520,6 +520,9 @@ impl System {
 /// A warm-up rule cools down after a whole second in which fewer requests than this
 /// share of its cold rate (qps / cold_factor) asked for it.
 const COOL_BELOW: f64 = 0.8;
+/// The most two busy marks of a warm-up rule are apart under steady demand (ns): the mark
+/// is reached once in each second of the guard's clock, anywhere in it.
+const BUSY_SECONDS_APART_MAX: u64 = 2_000_000_000;
 
 /// The BBR estimate never goes below this many requests in flight.
 pub const MIN_BBR_LIMIT: f64 = 16.0;
@@ -598,7 +601,9 @@ pub struct Admission<'a> {
     /// Counted in the system's requests in flight and response times (a request, not a
     /// named resource's call).
     system: bool,
-    /// A paced request while it waits: counted in flight once sent ([`Admission::sent`]).
+    /// Paced, and not yet sent on ([`Admission::sent`]).
+    waiting: bool,
+    /// A paced request's place in flight, taken once it is sent.
     in_flight_once_sent: bool,
     /// The rate slot it took, for [`Admission::give_back`] (which finds the limiter
     /// then: only a refused request pays for the lookup).
@@ -622,6 +627,7 @@ impl Admission<'_> {
     /// check when it arrived, so it is not checked again (a request told to wait is not
     /// refused at the end of its wait).
     pub fn sent(&mut self) {
+        self.waiting = false;
         if std::mem::take(&mut self.in_flight_once_sent) {
             self.guard.system.inflight.fetch_add(1, Ordering::Relaxed);
             self.system = true;
@@ -701,10 +707,10 @@ struct RateSlot {
 
 impl Drop for Admission<'_> {
     fn drop(&mut self) {
-        if self.in_flight_once_sent {
-            // Dropped while it waited its paced turn (its client gone): never served, so
-            // neither passed nor completed, and its place goes back if no later request
-            // was given the one after it.
+        if self.waiting {
+            // Dropped while it waited its paced turn (its client gone, or a pay's
+            // request): never served, so neither passed nor completed, and its place
+            // goes back if no later request was given the one after it.
             self.withdraw();
         }
         let now = self.guard.now();
@@ -1134,11 +1140,16 @@ impl Guard {
                         let trickle = limiter
                             .second_just_finished(now)
                             .is_some_and(|asked| (asked as f64) < cold * COOL_BELOW);
+                        // Busy: the mark reached within a second, by two requests at
+                        // least (a lone request every few seconds is no demand, however
+                        // low the rate). The mark is reached at most 2 s apart under
+                        // steady demand, so a shorter period waits that long.
                         let asked = limiter.attempts.fetch_add(1, Ordering::Relaxed) + 1;
-                        if asked as f64 >= cold * COOL_BELOW {
+                        if asked >= 2 && asked as f64 >= cold * COOL_BELOW {
                             limiter.last_busy.store(now, Ordering::Relaxed);
                         }
-                        if busy == 0 || now.saturating_sub(busy) > period || trickle {
+                        let idle_after = period.max(BUSY_SECONDS_APART_MAX);
+                        if busy == 0 || now.saturating_sub(busy) > idle_after || trickle {
                             limiter.warm_start.store(now, Ordering::Relaxed);
                         }
                         let warm = limiter.warm_start.load(Ordering::Relaxed);
@@ -1197,6 +1208,7 @@ impl Guard {
             guard: self,
             resource,
             system: system && !waits,
+            waiting: !wait.is_zero(),
             in_flight_once_sent: waits,
             concurrency,
             rate,

@@ -1040,12 +1040,14 @@ async fn guard_rules(
     config: &Config,
     engine: &Engine,
 ) -> anyhow::Result<stampede_guard::GuardRules> {
-    let stored = engine
+    let text = engine
         .store()
         .load_setting(stampede_api::handlers::GUARD_RULES_KEY)
         .await
         .context("read the guard rules")?;
-    let stored = match stored.map(|json| serde_json::from_str::<stampede_guard::GuardRules>(&json))
+    let stored = match text
+        .as_deref()
+        .map(serde_json::from_str::<stampede_guard::GuardRules>)
     {
         None => None,
         Some(Ok(mut rules)) => {
@@ -1074,10 +1076,38 @@ async fn guard_rules(
             None
         }
     };
-    Ok(match stored {
-        Some(rules) if rules.version >= config.guard.version => rules,
-        _ => config.guard.clone(),
-    })
+    let stored_version = stored.as_ref().map(|rules| rules.version);
+    if let Some(rules) = stored
+        && rules.version >= config.guard.version
+    {
+        return Ok(rules);
+    }
+    // The file's rules win: kept in the store too, over the copy read (nothing, or an
+    // older version), so that nodes sharing the database take them up and a later
+    // change on another node is made against them. A copy this release cannot read or
+    // run is another release's, and is left.
+    let older = text.is_none() || stored_version.is_some_and(|v| v < config.guard.version);
+    if older {
+        let json = serde_json::to_string(&config.guard).expect("rules serialise");
+        match engine
+            .store()
+            .save_setting_if(
+                stampede_api::handlers::GUARD_RULES_KEY,
+                &json,
+                text.as_deref(),
+            )
+            .await
+        {
+            Ok(true) => {}
+            Ok(false) => tracing::info!(
+                "the guard rules were stored by another node meanwhile; following them"
+            ),
+            Err(error) => {
+                tracing::debug!(%error, "the configured guard rules are not kept in the store")
+            }
+        }
+    }
+    Ok(config.guard.clone())
 }
 
 /// Resolves on SIGINT or SIGTERM.

@@ -325,6 +325,65 @@ async fn a_rush_past_a_sales_limit_takes_no_place_in_a_paced_queue() {
     assert_eq!(bought_the_rest_refused_per_key(&app, &flood).await, 20);
 }
 
+/// A paced purchase whose client gives up while it waits spends nothing of the sale's
+/// limit: the allowance taken before the queue goes back when the request is dropped.
+/// Before, it stayed spent, so buyers who left the queue used up a sale's limit
+/// without buying.
+#[tokio::test]
+async fn a_paced_purchase_given_up_in_the_queue_spends_none_of_the_sales_limit() {
+    let app = spawn_app_with(|config| {
+        config.guard.system.hold_refused = Duration::ZERO;
+        config.guard.flow = vec![stampede_guard::FlowRule {
+            resource: "purchase".into(),
+            qps: Some(2.0),
+            burst: 1,
+            behavior: stampede_guard::Behavior::Pace {
+                max_queue: Duration::from_secs(10),
+            },
+            max_concurrency: None,
+            dry_run: false,
+        }];
+        config.guard.hot.push(stampede_guard::HotRule {
+            name: "per-sale".into(),
+            resource: "purchase".into(),
+            param: stampede_guard::Param::Sale,
+            qps: 0.001,
+            burst: 4,
+            dry_run: false,
+        });
+    })
+    .await;
+    let sale = app.live_sale("GUARD-PACED-GONE", 100, 1).await;
+    // Four at once: the first is sent at once, the others wait 0.5, 1 and 1.5 s, and
+    // their clients stop waiting after 250 ms.
+    let impatient = reqwest::Client::builder()
+        .timeout(Duration::from_millis(250))
+        .build()
+        .unwrap();
+    let url = app.url(&format!("/v1/flash-sales/{sale}/purchase"));
+    let gave_up = futures::future::join_all((0..4).map(|i| {
+        impatient
+            .post(&url)
+            .bearer_auth(app.shopper(&format!("gone-{i}")))
+            .header("idempotency-key", "k")
+            .json(&json!({"quantity": 1}))
+            .send()
+    }))
+    .await;
+    let timed_out = gave_up
+        .iter()
+        .filter(|r| r.as_ref().is_err_and(reqwest::Error::is_timeout))
+        .count();
+    assert!(timed_out >= 3, "{timed_out} of 4 gave up");
+    // The three that left the queue left the sale's allowance: three others buy now.
+    for i in 0..3 {
+        let reply = app
+            .purchase_reply(&app.shopper(&format!("stayed-{i}")), &sale, "k", 1)
+            .await;
+        assert_eq!(reply.status, 201, "{i}: {}", reply.body);
+    }
+}
+
 #[tokio::test]
 async fn another_method_on_a_guarded_path_spends_nothing_of_its_rate() {
     // The same purchase rate of 3 at once: GETs, PUTs and DELETEs on the purchase path
@@ -2062,4 +2121,87 @@ async fn stored_rules_that_name_what_nothing_asks_give_way_to_the_configured_one
     assert_eq!(running["flow"][0]["qps"], 5.0, "{running}");
     assert_eq!(running["flow"][1]["burst"], 1, "{running}");
     assert_eq!(running["flow"][1]["max_concurrency"], 64, "{running}");
+}
+
+/// The stored rules of `app`, as JSON.
+async fn stored_rules(app: &TestApp) -> Option<Value> {
+    let engine = app.running.as_ref().unwrap().engine.clone();
+    let text = engine
+        .store()
+        .load_setting(stampede_api::handlers::GUARD_RULES_KEY)
+        .await
+        .unwrap();
+    text.map(|text| serde_json::from_str(&text).unwrap())
+}
+
+/// A newer stored copy this node cannot run (another node's, with a pacing queue longer
+/// than this node's `client_timeout` allows) is neither taken up nor saved over: a
+/// change sent here is answered 409 saying so. Before, the node saved its own next
+/// version over it, and the other node's change was gone.
+#[tokio::test]
+async fn rules_are_never_saved_over_a_newer_stored_copy_this_node_cannot_run() {
+    let app = spawn_app().await;
+    let ours = rules(&app).await;
+    let version = ours["version"].as_u64().unwrap();
+    let mut theirs: stampede_guard::GuardRules = serde_json::from_value(ours.clone()).unwrap();
+    theirs.version = version + 1;
+    theirs.flow = vec![stampede_guard::FlowRule {
+        resource: "pay".into(),
+        qps: Some(1.0),
+        burst: 1,
+        behavior: stampede_guard::Behavior::Pace {
+            max_queue: Duration::from_secs(600),
+        },
+        max_concurrency: None,
+        dry_run: false,
+    }];
+    let theirs = serde_json::to_value(&theirs).unwrap();
+    let engine = app.running.as_ref().unwrap().engine.clone();
+    engine
+        .store()
+        .save_setting(
+            stampede_api::handlers::GUARD_RULES_KEY,
+            &serde_json::to_string(&theirs).unwrap(),
+        )
+        .await
+        .unwrap();
+    let mut next = ours.clone();
+    next["version"] = json!(version + 1);
+    next["dry_run"] = json!(true);
+    let reply = put_rules(&app, Some(&app.admin), &next).await;
+    assert_error(&reply, 409, "version_conflict");
+    assert!(
+        reply.body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("cannot be in force"),
+        "{}",
+        reply.body
+    );
+    let reply = app
+        .post_json(
+            "/v1/guard/degrade",
+            Some(&app.admin),
+            &json!({"class": "stats", "off": true}),
+        )
+        .await;
+    assert_error(&reply, 409, "version_conflict");
+    assert_eq!(stored_rules(&app).await, Some(theirs));
+    assert_eq!(
+        rules(&app).await,
+        ours,
+        "this node's rules are as they were"
+    );
+}
+
+/// Configured rules that win at a start (a higher version than the stored copy, or
+/// none stored) are stored too, so other nodes sharing the database take them up and
+/// make their changes against them. Before, they were only in force on the node that
+/// started with them.
+#[tokio::test]
+async fn configured_rules_that_win_at_a_start_are_stored() {
+    let app = spawn_app_with(|config| config.guard.version = 5).await;
+    let stored = stored_rules(&app).await.expect("stored at the start");
+    assert_eq!(stored["version"], 5);
+    assert_eq!(stored, rules(&app).await);
 }

@@ -274,18 +274,19 @@ impl TestDatabase {
     /// Makes every insert into orders take `seconds` (a server database), with a
     /// trigger that sleeps, the way a database stalled on a lock or a slow disk would.
     pub async fn slow_order_inserts(&self, seconds: f64) {
-        self.slow_inserts("orders", "stampede_t_broken", seconds)
+        self.slow_writes("orders", "stampede_t_broken", false, seconds)
             .await;
     }
 
-    /// Makes every save of a setting (the guard's rules) take `seconds` (a server
-    /// database), the same way.
+    /// Makes every save of a setting (the guard's rules: a first one inserts, the next
+    /// ones update) take `seconds` (a server database), the same way.
     pub async fn slow_setting_saves(&self, seconds: f64) {
-        self.slow_inserts("settings", "stampede_t_slow_settings", seconds)
+        self.slow_writes("settings", "stampede_t_slow_settings", true, seconds)
             .await;
     }
 
-    async fn slow_inserts(&self, table: &str, trigger: &str, seconds: f64) {
+    /// Inserts into `table`, and with `updates` its updates too, take `seconds`.
+    async fn slow_writes(&self, table: &str, trigger: &str, updates: bool, seconds: f64) {
         let statements = match self.backend {
             Backend::Postgres => vec![
                 format!(
@@ -293,14 +294,22 @@ impl TestDatabase {
                      $$ BEGIN PERFORM pg_sleep({seconds}); RETURN NULL; END $$"
                 ),
                 format!(
-                    "CREATE TRIGGER {trigger} BEFORE INSERT ON {table} \
-                     FOR EACH STATEMENT EXECUTE FUNCTION {trigger}()"
+                    "CREATE TRIGGER {trigger} BEFORE INSERT{} ON {table} \
+                     FOR EACH STATEMENT EXECUTE FUNCTION {trigger}()",
+                    if updates { " OR UPDATE" } else { "" }
                 ),
             ],
-            Backend::MySql => vec![format!(
-                "CREATE TRIGGER {trigger} BEFORE INSERT ON {table} \
-                 FOR EACH ROW SET @stampede_stalled = SLEEP({seconds})"
-            )],
+            // One trigger per event.
+            Backend::MySql => [("INSERT", ""), ("UPDATE", "_u")]
+                .into_iter()
+                .take(if updates { 2 } else { 1 })
+                .map(|(event, suffix)| {
+                    format!(
+                        "CREATE TRIGGER {trigger}{suffix} BEFORE {event} ON {table} \
+                         FOR EACH ROW SET @stampede_stalled = SLEEP({seconds})"
+                    )
+                })
+                .collect(),
             Backend::Sqlite => panic!("a server database only"),
         };
         let statements: Vec<&str> = statements.iter().map(String::as_str).collect();
@@ -327,7 +336,11 @@ impl TestDatabase {
                 "DROP TRIGGER stampede_t_slow_settings ON settings",
                 "DROP FUNCTION stampede_t_slow_settings()",
             ],
-            Backend::Sqlite | Backend::MySql => &["DROP TRIGGER stampede_t_slow_settings"],
+            Backend::MySql => &[
+                "DROP TRIGGER stampede_t_slow_settings",
+                "DROP TRIGGER stampede_t_slow_settings_u",
+            ],
+            Backend::Sqlite => &["DROP TRIGGER stampede_t_slow_settings"],
         };
         self.execute_all(std::path::Path::new(""), statements).await;
     }
