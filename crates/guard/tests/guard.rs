@@ -45,6 +45,21 @@ fn flow(resource: &str, qps: f64, burst: u32, behavior: Behavior) -> FlowRule {
     }
 }
 
+/// A guard whose one rule warms `purchase` up to `qps` (burst `burst`) over `period`,
+/// from a third of it.
+fn warm_up_guard(qps: f64, burst: u32, period: Duration) -> Arc<Guard> {
+    Guard::new(rules_with(vec![flow(
+        "purchase",
+        qps,
+        burst,
+        Behavior::WarmUp {
+            cold_factor: 3.0,
+            period,
+        },
+    )]))
+    .unwrap()
+}
+
 /// One resource's totals, from the guard's stats.
 fn totals(guard: &Guard, resource: &str) -> stampede_guard::CounterValues {
     guard
@@ -129,16 +144,7 @@ fn a_qps_limit_holds_within_five_percent_over_five_seconds() {
 #[test]
 fn warm_up_starts_at_a_third_and_reaches_the_rate() {
     let _cpu = exclusive();
-    let guard = Guard::new(rules_with(vec![flow(
-        "purchase",
-        600.0,
-        5,
-        Behavior::WarmUp {
-            cold_factor: 3.0,
-            period: Duration::from_secs(2),
-        },
-    )]))
-    .unwrap();
+    let guard = warm_up_guard(600.0, 5, Duration::from_secs(2));
     let admitted = hammer(&guard, "purchase", Duration::from_secs(3));
     let count = |from_ms: u64, to_ms: u64| {
         admitted
@@ -180,16 +186,7 @@ fn warm_up_starts_at_a_third_and_reaches_the_rate() {
 #[test]
 fn after_a_trickle_the_warm_up_takes_its_period_not_a_second_more() {
     let _cpu = exclusive();
-    let guard = Guard::new(rules_with(vec![flow(
-        "purchase",
-        600.0,
-        5,
-        Behavior::WarmUp {
-            cold_factor: 3.0,
-            period: Duration::from_secs(2),
-        },
-    )]))
-    .unwrap();
+    let guard = warm_up_guard(600.0, 5, Duration::from_secs(2));
     // A trickle (50/s against a cold rate of 200/s) for over two seconds, kept up until
     // just after a second of the guard's clock begins: the spike then starts early in a
     // second, as long before its end as it can.
@@ -222,16 +219,7 @@ fn after_a_trickle_the_warm_up_takes_its_period_not_a_second_more() {
 #[test]
 fn sparse_requests_do_not_keep_a_warm_up_rule_warm() {
     let _cpu = exclusive();
-    let guard = Guard::new(rules_with(vec![flow(
-        "purchase",
-        600.0,
-        5,
-        Behavior::WarmUp {
-            cold_factor: 3.0,
-            period: Duration::from_millis(2_500),
-        },
-    )]))
-    .unwrap();
+    let guard = warm_up_guard(600.0, 5, Duration::from_millis(2_500));
     let warm = hammer(&guard, "purchase", Duration::from_secs(3));
     let last = warm
         .iter()
@@ -331,6 +319,40 @@ fn a_paced_wait_is_no_response_time() {
         "{} ms of response time in all",
         pay.rt_ns / 1_000_000
     );
+}
+
+/// The same where the cold rate is so low (1/s) that a single request reaches 0.8 of
+/// it: a lone request is no demand, so sparse ones (every 1.5 s, never a whole second
+/// judged between two busy ones) still let the rule cool. Before, each counted as a busy
+/// second and kept it warm.
+#[test]
+fn sparse_requests_do_not_keep_a_low_rate_warm_up_rule_warm() {
+    let _cpu = exclusive();
+    let guard = Guard::new(rules_with(vec![flow(
+        "purchase",
+        30.0,
+        1,
+        Behavior::WarmUp {
+            cold_factor: 30.0,
+            period: Duration::from_secs(3),
+        },
+    )]))
+    .unwrap();
+    let warm = hammer(&guard, "purchase", Duration::from_millis(3_500));
+    let last = warm
+        .iter()
+        .filter(|t| **t >= Duration::from_millis(3_000))
+        .count();
+    assert!((13..=17).contains(&last), "warm: {last} in 0.5 s");
+    let purchase = guard.resource("purchase");
+    for _ in 0..3 {
+        std::thread::sleep(Duration::from_millis(1_500));
+        drop(guard.admit(&purchase, Class::Purchase));
+    }
+    // Cold: from 1/s, rising towards 30/s over 3 s: a handful in the first half second
+    // (15 had it stayed warm).
+    let again = hammer(&guard, "purchase", Duration::from_millis(500)).len();
+    assert!(again <= 7, "after sparse requests: {again}");
 }
 
 #[test]
@@ -1151,16 +1173,7 @@ fn a_low_rate_warm_up_rule_warms_up_under_demand() {
     // A cold rate of 5/3 per second admits 1 or 2 a second, under 0.8 × the cold rate
     // every other second: the demand, not the few it passes, says whether the rule is
     // in use.
-    let guard = Guard::new(rules_with(vec![flow(
-        "purchase",
-        5.0,
-        1,
-        Behavior::WarmUp {
-            cold_factor: 3.0,
-            period: Duration::from_secs(2),
-        },
-    )]))
-    .unwrap();
+    let guard = warm_up_guard(5.0, 1, Duration::from_secs(2));
     let admitted = hammer(&guard, "purchase", Duration::from_millis(4_500));
     let last = admitted
         .iter()
