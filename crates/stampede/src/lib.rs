@@ -844,7 +844,7 @@ pub async fn start(
             .await
             .context("rebuild state from the store")?,
     );
-    let rules = guard_rules(config, &engine).await?;
+    let (rules, keep_over) = guard_rules(config, &engine).await?;
     let longest = stampede_api::longest_answer(&rules, config.payment_timeout);
     anyhow::ensure!(
         longest <= config.client_timeout,
@@ -858,12 +858,15 @@ pub async fn start(
     // resource's) must not be overtaken by its order's expiry: the grace grows by their
     // longest waits (again on every rules change).
     engine.set_payment_wait_max(stampede_api::pay_held_max(&rules));
-    let guard = stampede_api::check_rules(&rules)
-        .and_then(|()| stampede_guard::Guard::new(rules))
-        .map_err(|errors| {
-            let all: Vec<String> = errors.iter().map(ToString::to_string).collect();
-            anyhow::anyhow!("invalid guard rules: {}", all.join("; "))
-        })?;
+    let invalid = |errors: Vec<stampede_guard::RuleError>| {
+        let all: Vec<String> = errors.iter().map(ToString::to_string).collect();
+        anyhow::anyhow!("invalid guard rules: {}", all.join("; "))
+    };
+    stampede_api::check_rules(&rules).map_err(invalid)?;
+    if let Some(over) = keep_over {
+        keep_configured_rules(&engine, &rules, over).await;
+    }
+    let guard = stampede_guard::Guard::new(rules).map_err(invalid)?;
     engine.guard_commits(Arc::new(stampede_api::database::GuardedDatabase {
         guard: guard.clone(),
     }));
@@ -1035,11 +1038,12 @@ fn would_start_with(path: &Path, running: &Config) -> anyhow::Result<()> {
 }
 
 /// The rules the guard starts with: those kept in the store (changed through the admin
-/// API) unless the configuration carries a higher version.
+/// API) unless the configuration carries a higher version; then also the stored copy
+/// the configured ones are to be kept over once checked (`keep_configured_rules`).
 async fn guard_rules(
     config: &Config,
     engine: &Engine,
-) -> anyhow::Result<stampede_guard::GuardRules> {
+) -> anyhow::Result<(stampede_guard::GuardRules, Option<Option<String>>)> {
     let text = engine
         .store()
         .load_setting(stampede_api::handlers::GUARD_RULES_KEY)
@@ -1080,34 +1084,41 @@ async fn guard_rules(
     if let Some(rules) = stored
         && rules.version >= config.guard.version
     {
-        return Ok(rules);
+        return Ok((rules, None));
     }
-    // The file's rules win: kept in the store too, over the copy read (nothing, or an
-    // older version), so that nodes sharing the database take them up and a later
-    // change on another node is made against them. A copy this release cannot read or
-    // run is another release's, and is left.
+    // The file's rules win. Once the start has checked them they are kept in the store
+    // too, over the copy read (nothing, or an older version), so that nodes sharing the
+    // database take them up and a later change on another node is made against them. A
+    // copy this release cannot read or run is another release's, and is left.
     let older = text.is_none() || stored_version.is_some_and(|v| v < config.guard.version);
-    if older {
-        let json = serde_json::to_string(&config.guard).expect("rules serialise");
-        match engine
-            .store()
-            .save_setting_if(
-                stampede_api::handlers::GUARD_RULES_KEY,
-                &json,
-                text.as_deref(),
-            )
-            .await
-        {
-            Ok(true) => {}
-            Ok(false) => tracing::info!(
-                "the guard rules were stored by another node meanwhile; following them"
-            ),
-            Err(error) => {
-                tracing::debug!(%error, "the configured guard rules are not kept in the store")
-            }
+    Ok((config.guard.clone(), older.then_some(text)))
+}
+
+/// Keeps the configured rules `rules`, which won at the start and passed its checks, in
+/// the store over the copy read then (`over`).
+async fn keep_configured_rules(
+    engine: &Engine,
+    rules: &stampede_guard::GuardRules,
+    over: Option<String>,
+) {
+    let json = serde_json::to_string(rules).expect("rules serialise");
+    match engine
+        .store()
+        .save_setting_if(
+            stampede_api::handlers::GUARD_RULES_KEY,
+            &json,
+            over.as_deref(),
+        )
+        .await
+    {
+        Ok(true) => {}
+        Ok(false) => {
+            tracing::info!("the guard rules were stored by another node meanwhile; following them")
+        }
+        Err(error) => {
+            tracing::debug!(%error, "the configured guard rules are not kept in the store")
         }
     }
-    Ok(config.guard.clone())
 }
 
 /// Resolves on SIGINT or SIGTERM.

@@ -2205,3 +2205,34 @@ async fn configured_rules_that_win_at_a_start_are_stored() {
     assert_eq!(stored["version"], 5);
     assert_eq!(stored, rules(&app).await);
 }
+
+/// Configured rules a start refuses are not stored: before, they were kept before the
+/// start checked them, and every node sharing the database then found newer stored
+/// rules it could not run.
+#[tokio::test]
+async fn configured_rules_a_start_refuses_are_not_stored() {
+    let mut app = spawn_app().await;
+    app.stop().await;
+    let good = app.config.clone();
+    app.config.guard.version = 5;
+    // A shopper limit on `pay`, which nothing asks: refused at start.
+    app.config.guard.hot.push(stampede_guard::HotRule {
+        name: "nothing-asks".into(),
+        resource: "pay".into(),
+        param: stampede_guard::Param::Shopper,
+        qps: 1.0,
+        burst: 1,
+        dry_run: false,
+    });
+    let error = stampede::start(&app.config, std::future::pending())
+        .await
+        .err()
+        .expect("refused");
+    assert!(
+        format!("{error:#}").contains("invalid guard rules"),
+        "{error:#}"
+    );
+    app.config = good;
+    app.start().await;
+    assert_eq!(stored_rules(&app).await.expect("stored")["version"], 0);
+}
