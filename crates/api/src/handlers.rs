@@ -585,6 +585,9 @@ pub(crate) struct PurchaseKeys<'a> {
     user: UserId,
     shopper: HotTaken,
     sale: Option<(SaleId, HotTaken)>,
+    /// Handed to the handler, which may have placed the order: a request dropped from
+    /// then on (its client gone while it waits for the commit) spent its allowance.
+    handed_over: bool,
     done: bool,
 }
 
@@ -609,6 +612,7 @@ impl<'a> PurchaseKeys<'a> {
             user,
             shopper,
             sale,
+            handed_over: false,
             done: false,
         })
     }
@@ -621,19 +625,28 @@ impl<'a> PurchaseKeys<'a> {
         }
     }
 
+    /// The request goes on to the handler.
+    pub(crate) fn hand_over(&mut self) {
+        self.handed_over = true;
+    }
+
     /// The request was answered: counted as passed by the rules that let it through,
     /// or, when `refused` (by a later limit, or 401), given back.
     pub(crate) fn answered(mut self, refused: bool) {
         if refused {
             self.give_back();
         } else {
-            let (app, resource) = (self.app, &self.app.guarded.purchase);
-            app.guard.hot_passed(resource, self.shopper);
-            if let Some((_, taken)) = self.sale {
-                app.guard.hot_passed(resource, taken);
-            }
+            self.passed();
         }
         self.done = true;
+    }
+
+    fn passed(&self) {
+        let (app, resource) = (self.app, &self.app.guarded.purchase);
+        app.guard.hot_passed(resource, self.shopper);
+        if let Some((_, taken)) = self.sale {
+            app.guard.hot_passed(resource, taken);
+        }
     }
 
     fn give_back(&self) {
@@ -647,11 +660,14 @@ impl<'a> PurchaseKeys<'a> {
 }
 
 impl Drop for PurchaseKeys<'_> {
-    /// Never answered (the route refused it, or its client went away while it waited):
-    /// it spends none of the shopper's or the sale's allowance.
+    /// Never answered. Refused by the route, or its client gone while it waited in the
+    /// queue: it spends none of the shopper's or the sale's allowance. Its client gone
+    /// once the handler had it: the order may be placed, so it spent them.
     fn drop(&mut self) {
-        if !self.done {
-            self.give_back();
+        match (self.done, self.handed_over) {
+            (true, _) => {}
+            (false, true) => self.passed(),
+            (false, false) => self.give_back(),
         }
     }
 }
@@ -966,7 +982,9 @@ async fn change_rules(
     let stored = bounded(app, store.load_setting(GUARD_RULES_KEY), "read").await?;
     match take_up_newer(app, stored.as_deref()) {
         Ok(None) => {}
-        Ok(Some(_)) if next == NextVersion::OnCurrent => {}
+        // A switch, or a file's rules (whose version says whether they are newer still),
+        // is made on them.
+        Ok(Some(_)) if next != NextVersion::Exact => {}
         Ok(Some(version)) => {
             return Err(version_conflict(format!(
                 "the stored rules were newer than those in force here (another node's \
@@ -1081,19 +1099,18 @@ fn take_up(app: &AppState, rules: stampede_guard::GuardRules) -> Result<(), ApiE
 }
 
 /// Takes up the stored rules `json` if they are newer than those in force here, and
-/// answers their version; or why they cannot be in force here. A copy this server
-/// cannot read (a later release's) is logged and left.
+/// answers their version; or why they cannot be in force here (nor saved over): newer
+/// rules this server cannot run, or a copy it cannot read (another release's).
 fn take_up_newer(app: &AppState, json: Option<&str>) -> Result<Option<u64>, String> {
     let Some(json) = json else {
         return Ok(None);
     };
-    let rules = match serde_json::from_str::<stampede_guard::GuardRules>(json) {
-        Ok(rules) => rules,
-        Err(error) => {
-            tracing::warn!(%error, "the stored guard rules cannot be read here; not followed");
-            return Ok(None);
-        }
-    };
+    let rules = serde_json::from_str::<stampede_guard::GuardRules>(json).map_err(|error| {
+        format!(
+            "the stored rules cannot be read by this release ({error}): another release \
+             keeps them; change them through a node that runs it"
+        )
+    })?;
     let version = rules.version;
     if version <= app.guard.rules().version {
         return Ok(None);

@@ -782,7 +782,7 @@ async fn protect<F: std::future::Future<Output = Response>>(
     }
     // A paced purchase's per-key limits too, for the same reason: a scalper's attempts
     // past the shopper's limit would each hold a place until their turn came.
-    let keys =
+    let mut keys =
         match paced && guarded.name == "purchase" {
             false => None,
             true => match app.auth.shopper_of(request.headers()).and_then(|user| {
@@ -827,6 +827,9 @@ async fn protect<F: std::future::Future<Output = Response>>(
         request.extensions_mut().insert(Arrived(Instant::now()));
         tokio::time::sleep(admission.wait).await;
         admission.sent();
+    }
+    if let Some(keys) = &mut keys {
+        keys.hand_over();
     }
     let response = caught(|| next(request)).await;
     if response.status().is_server_error() {

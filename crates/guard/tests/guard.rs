@@ -294,6 +294,7 @@ fn paced_requests_are_not_in_flight_while_they_wait() {
 /// next to nothing (before, their waits, 1 s in all, were counted as their time).
 #[test]
 fn a_paced_wait_is_no_response_time() {
+    let _cpu = exclusive();
     let guard = Guard::new(rules_with(vec![flow(
         "pay",
         10.0,
@@ -315,7 +316,7 @@ fn a_paced_wait_is_no_response_time() {
     let pay = totals(&guard, "pay");
     assert_eq!(pay.completed, 5);
     assert!(
-        pay.rt_ns < 300_000_000,
+        pay.rt_ns < 500_000_000,
         "{} ms of response time in all",
         pay.rt_ns / 1_000_000
     );
@@ -343,7 +344,7 @@ fn sparse_requests_do_not_keep_a_low_rate_warm_up_rule_warm() {
         .iter()
         .filter(|t| **t >= Duration::from_millis(3_000))
         .count();
-    assert!((13..=17).contains(&last), "warm: {last} in 0.5 s");
+    assert!((10..=17).contains(&last), "warm: {last} in 0.5 s");
     let purchase = guard.resource("purchase");
     for _ in 0..3 {
         std::thread::sleep(Duration::from_millis(1_500));

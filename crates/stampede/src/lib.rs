@@ -962,8 +962,15 @@ pub const GUARD_RELOAD_EVERY: Duration = Duration::from_secs(1);
 async fn follow_stored_rules(state: AppState) {
     loop {
         tokio::time::sleep(stampede_api::handlers::RULES_FOLLOWED_EVERY).await;
-        if let Err(e) = stampede_api::handlers::follow_stored_rules(&state).await {
-            tracing::debug!(error = %e.message, "could not read the stored guard rules; trying again");
+        match stampede_api::handlers::follow_stored_rules(&state).await {
+            Ok(_) => {}
+            // Newer rules this node cannot run: it stays on older ones until they change.
+            Err(e) if e.status.as_u16() == 409 => {
+                tracing::error!(error = %e.message, "not following the stored guard rules")
+            }
+            Err(e) => {
+                tracing::debug!(error = %e.message, "could not read the stored guard rules; trying again")
+            }
         }
     }
 }
@@ -1095,30 +1102,66 @@ async fn guard_rules(
 }
 
 /// Keeps the configured rules `rules`, which won at the start and passed its checks, in
-/// the store over the copy read then (`over`).
+/// the store over the copy read then (`over`). Another node may store rules meanwhile:
+/// while what it stored is older, this node's are saved over it; a newer copy is taken
+/// up by `follow_stored_rules` within 2 s.
 async fn keep_configured_rules(
     engine: &Engine,
     rules: &stampede_guard::GuardRules,
-    over: Option<String>,
+    mut over: Option<String>,
 ) {
     let json = serde_json::to_string(rules).expect("rules serialise");
-    match engine
-        .store()
-        .save_setting_if(
-            stampede_api::handlers::GUARD_RULES_KEY,
-            &json,
-            over.as_deref(),
-        )
-        .await
-    {
-        Ok(true) => {}
-        Ok(false) => {
-            tracing::info!("the guard rules were stored by another node meanwhile; following them")
+    let store = engine.store();
+    for _ in 0..3 {
+        match store
+            .save_setting_if(
+                stampede_api::handlers::GUARD_RULES_KEY,
+                &json,
+                over.as_deref(),
+            )
+            .await
+        {
+            Ok(true) => return,
+            Ok(false) => {}
+            Err(error) => {
+                tracing::debug!(%error, "the configured guard rules are not kept in the store");
+                return;
+            }
         }
-        Err(error) => {
-            tracing::debug!(%error, "the configured guard rules are not kept in the store")
+        over = match store
+            .load_setting(stampede_api::handlers::GUARD_RULES_KEY)
+            .await
+        {
+            Ok(text) => text,
+            Err(error) => {
+                tracing::warn!(%error, "the configured guard rules could not be kept in the store");
+                return;
+            }
+        };
+        match over
+            .as_deref()
+            .map(serde_json::from_str::<stampede_guard::GuardRules>)
+        {
+            None => {}
+            Some(Ok(stored)) if stored.version < rules.version => {}
+            Some(Ok(stored)) => {
+                tracing::warn!(
+                    stored = stored.version,
+                    configured = rules.version,
+                    "another node stored guard rules as new as the configured ones \
+                     meanwhile; a newer version is taken up, the same version is not"
+                );
+                return;
+            }
+            Some(Err(error)) => {
+                tracing::warn!(%error, "another release stored guard rules meanwhile; left");
+                return;
+            }
         }
     }
+    tracing::warn!(
+        "the configured guard rules could not be kept in the store: other nodes kept changing them"
+    );
 }
 
 /// Resolves on SIGINT or SIGTERM.

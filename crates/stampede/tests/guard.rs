@@ -2236,3 +2236,90 @@ async fn configured_rules_a_start_refuses_are_not_stored() {
     app.start().await;
     assert_eq!(stored_rules(&app).await.expect("stored")["version"], 0);
 }
+
+/// A paced purchase whose client hangs up once the handler has it (waiting for a slow
+/// commit) spent the shopper's and the sale's allowance: the order is placed all the
+/// same. Before, they were given back when the request was dropped, so a client that
+/// sent and hung up could buy past a sale's limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paced_purchase_whose_client_hangs_up_in_the_handler_spends_its_allowance() {
+    let app = spawn_app_on_with(Backend::Postgres, |config| {
+        config.guard.system.hold_refused = Duration::ZERO;
+        config.guard.flow = vec![stampede_guard::FlowRule {
+            resource: "purchase".into(),
+            qps: Some(20.0),
+            burst: 1,
+            behavior: stampede_guard::Behavior::Pace {
+                max_queue: Duration::from_secs(3),
+            },
+            max_concurrency: None,
+            dry_run: false,
+        }];
+        config.guard.hot.push(stampede_guard::HotRule {
+            name: "per-sale".into(),
+            resource: "purchase".into(),
+            param: stampede_guard::Param::Sale,
+            qps: 0.001,
+            burst: 1,
+            dry_run: false,
+        });
+    })
+    .await;
+    let sale = app.live_sale("GUARD-PACED-HUNG", 10, 1).await;
+    app.database.slow_order_inserts(1.0).await;
+    let impatient = reqwest::Client::builder()
+        .timeout(Duration::from_millis(300))
+        .build()
+        .unwrap();
+    let gone = impatient
+        .post(app.url(&format!("/v1/flash-sales/{sale}/purchase")))
+        .bearer_auth(app.shopper("gone"))
+        .header("idempotency-key", "k")
+        .json(&json!({"quantity": 1}))
+        .send()
+        .await;
+    assert!(gone.is_err_and(|e| e.is_timeout()), "the client hung up");
+    // Waits for the stalled insert, which then commits.
+    app.database.heal_order_inserts(app.data_dir.path()).await;
+    eventually("the order is placed", || async {
+        (app.remaining(&sale).await == 9).then_some(())
+    })
+    .await;
+    let reply = app
+        .purchase_reply(&app.shopper("next"), &sale, "k", 1)
+        .await;
+    assert_error(&reply, 429, "throttled");
+}
+
+/// A stored copy this release cannot read (another release's) is not saved over: a
+/// change answers 409 saying so. Before, the change was saved over it, whatever the
+/// other release's version.
+#[tokio::test]
+async fn rules_are_never_saved_over_a_stored_copy_this_release_cannot_read() {
+    let app = spawn_app().await;
+    let theirs = r#"{"version": 9, "a_field_of_a_later_release": true}"#;
+    let engine = app.running.as_ref().unwrap().engine.clone();
+    engine
+        .store()
+        .save_setting(stampede_api::handlers::GUARD_RULES_KEY, theirs)
+        .await
+        .unwrap();
+    let mut next = rules(&app).await;
+    next["version"] = json!(next["version"].as_u64().unwrap() + 1);
+    let reply = put_rules(&app, Some(&app.admin), &next).await;
+    assert_error(&reply, 409, "version_conflict");
+    assert!(
+        reply.body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("cannot be read"),
+        "{}",
+        reply.body
+    );
+    let stored = engine
+        .store()
+        .load_setting(stampede_api::handlers::GUARD_RULES_KEY)
+        .await
+        .unwrap();
+    assert_eq!(stored.as_deref(), Some(theirs));
+}
