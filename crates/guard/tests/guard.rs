@@ -60,6 +60,17 @@ fn warm_up_guard(qps: f64, burst: u32, period: Duration) -> Arc<Guard> {
     .unwrap()
 }
 
+/// A guard whose one rule paces `pay` to `qps` with `max_queue` of queue.
+fn paced_pay_guard(qps: f64, max_queue: Duration) -> Arc<Guard> {
+    Guard::new(rules_with(vec![flow(
+        "pay",
+        qps,
+        1,
+        Behavior::Pace { max_queue },
+    )]))
+    .unwrap()
+}
+
 /// One resource's totals, from the guard's stats.
 fn totals(guard: &Guard, resource: &str) -> stampede_guard::CounterValues {
     guard
@@ -295,15 +306,7 @@ fn paced_requests_are_not_in_flight_while_they_wait() {
 #[test]
 fn a_paced_wait_is_no_response_time() {
     let _cpu = exclusive();
-    let guard = Guard::new(rules_with(vec![flow(
-        "pay",
-        10.0,
-        1,
-        Behavior::Pace {
-            max_queue: Duration::from_secs(1),
-        },
-    )]))
-    .unwrap();
+    let guard = paced_pay_guard(10.0, Duration::from_secs(1));
     let pay = guard.resource("pay");
     let told = Instant::now();
     let queued: Vec<_> = (0..5)
@@ -359,15 +362,7 @@ fn sparse_requests_do_not_keep_a_low_rate_warm_up_rule_warm() {
 #[test]
 fn a_paced_slot_given_back_never_sends_two_requests_at_once() {
     let _cpu = exclusive();
-    let guard = Guard::new(rules_with(vec![flow(
-        "pay",
-        10.0,
-        1,
-        Behavior::Pace {
-            max_queue: Duration::from_secs(1),
-        },
-    )]))
-    .unwrap();
+    let guard = paced_pay_guard(10.0, Duration::from_secs(1));
     let pay = guard.resource("pay");
     // When each admitted request may go (admitted now, plus its wait).
     let slot = |a: &stampede_guard::Admission<'_>| Instant::now() + a.wait;
@@ -396,15 +391,7 @@ fn a_paced_slot_given_back_never_sends_two_requests_at_once() {
 #[test]
 fn pacing_spaces_requests_and_refuses_beyond_the_queue_bound() {
     let _cpu = exclusive();
-    let guard = Guard::new(rules_with(vec![flow(
-        "pay",
-        100.0,
-        1,
-        Behavior::Pace {
-            max_queue: Duration::from_millis(200),
-        },
-    )]))
-    .unwrap();
+    let guard = paced_pay_guard(100.0, Duration::from_millis(200));
     let pay = guard.resource("pay");
     let mut waits = Vec::new();
     // When each admitted request may go: the instant it was admitted plus its wait, so

@@ -224,24 +224,39 @@ async fn requests_without_a_valid_token_take_no_place_in_a_paced_queue() {
     assert_eq!(pay["blocked_throttled"], 0, "{pay}");
 }
 
-/// An app whose purchases are paced to 20 a second with 3 s of queue (60 places), with
-/// `hot` as its hot-parameter rules besides the shipped one.
-async fn app_with_paced_purchases(hot: Vec<stampede_guard::HotRule>) -> TestApp {
-    spawn_app_with(|config| {
-        config.guard.system.hold_refused = Duration::ZERO;
-        config.guard.flow = vec![stampede_guard::FlowRule {
+/// Purchases paced to `qps` with `max_queue` of queue, no held refusals, and a per-sale
+/// limit of `sale_burst` at once (and one more each 1,000 s) when given.
+fn pace_purchases(
+    config: &mut stampede::Config,
+    qps: f64,
+    max_queue: Duration,
+    sale_burst: Option<u32>,
+) {
+    config.guard.system.hold_refused = Duration::ZERO;
+    config.guard.flow = vec![stampede_guard::FlowRule {
+        resource: "purchase".into(),
+        qps: Some(qps),
+        burst: 1,
+        behavior: stampede_guard::Behavior::Pace { max_queue },
+        max_concurrency: None,
+        dry_run: false,
+    }];
+    if let Some(burst) = sale_burst {
+        config.guard.hot.push(stampede_guard::HotRule {
+            name: "per-sale".into(),
             resource: "purchase".into(),
-            qps: Some(20.0),
-            burst: 1,
-            behavior: stampede_guard::Behavior::Pace {
-                max_queue: Duration::from_secs(3),
-            },
-            max_concurrency: None,
+            param: stampede_guard::Param::Sale,
+            qps: 0.001,
+            burst,
             dry_run: false,
-        }];
-        config.guard.hot.extend(hot);
-    })
-    .await
+        });
+    }
+}
+
+/// An app whose purchases are paced to 20 a second with 3 s of queue (60 places), with
+/// a per-sale limit of `sale_burst` when given.
+async fn app_with_paced_purchases(sale_burst: Option<u32>) -> TestApp {
+    spawn_app_with(|config| pace_purchases(config, 20.0, Duration::from_secs(3), sale_burst)).await
 }
 
 /// Sixty purchases at once, `buyer(i)`'s each, in `sale`, and a person's purchase in
@@ -296,7 +311,7 @@ async fn bought_the_rest_refused_per_key(app: &TestApp, flood: &[Reply]) -> usiz
 /// second, 3 s of it) and a person who came just after waited behind all of them.
 #[tokio::test]
 async fn a_scalpers_attempts_past_their_limit_take_no_place_in_a_paced_queue() {
-    let app = app_with_paced_purchases(vec![]).await;
+    let app = app_with_paced_purchases(None).await;
     let sale = app.live_sale("GUARD-PACED-SCALP", 1_000, 1_000).await;
     let scalper = app.shopper("scalper");
     let flood = flood_then_a_person(&app, |_| scalper.clone(), &sale, &sale).await;
@@ -309,15 +324,7 @@ async fn a_scalpers_attempts_past_their_limit_take_no_place_in_a_paced_queue() {
 /// the queue, and a shopper buying in another sale just after is served.
 #[tokio::test]
 async fn a_rush_past_a_sales_limit_takes_no_place_in_a_paced_queue() {
-    let app = app_with_paced_purchases(vec![stampede_guard::HotRule {
-        name: "per-sale".into(),
-        resource: "purchase".into(),
-        param: stampede_guard::Param::Sale,
-        qps: 0.1,
-        burst: 20,
-        dry_run: false,
-    }])
-    .await;
+    let app = app_with_paced_purchases(Some(20)).await;
     let hot = app.live_sale("GUARD-PACED-HOT", 1_000, 1).await;
     let quiet = app.live_sale("GUARD-PACED-QUIET", 10, 1).await;
     let flood =
@@ -331,28 +338,9 @@ async fn a_rush_past_a_sales_limit_takes_no_place_in_a_paced_queue() {
 /// without buying.
 #[tokio::test]
 async fn a_paced_purchase_given_up_in_the_queue_spends_none_of_the_sales_limit() {
-    let app = spawn_app_with(|config| {
-        config.guard.system.hold_refused = Duration::ZERO;
-        config.guard.flow = vec![stampede_guard::FlowRule {
-            resource: "purchase".into(),
-            qps: Some(2.0),
-            burst: 1,
-            behavior: stampede_guard::Behavior::Pace {
-                max_queue: Duration::from_secs(10),
-            },
-            max_concurrency: None,
-            dry_run: false,
-        }];
-        config.guard.hot.push(stampede_guard::HotRule {
-            name: "per-sale".into(),
-            resource: "purchase".into(),
-            param: stampede_guard::Param::Sale,
-            qps: 0.001,
-            burst: 4,
-            dry_run: false,
-        });
-    })
-    .await;
+    let app =
+        spawn_app_with(|config| pace_purchases(config, 2.0, Duration::from_secs(10), Some(4)))
+            .await;
     let sale = app.live_sale("GUARD-PACED-GONE", 100, 1).await;
     // Four at once: the first is sent at once, the others wait 0.5, 1 and 1.5 s, and
     // their clients stop waiting after 250 ms.
@@ -2244,25 +2232,7 @@ async fn configured_rules_a_start_refuses_are_not_stored() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_paced_purchase_whose_client_hangs_up_in_the_handler_spends_its_allowance() {
     let app = spawn_app_on_with(Backend::Postgres, |config| {
-        config.guard.system.hold_refused = Duration::ZERO;
-        config.guard.flow = vec![stampede_guard::FlowRule {
-            resource: "purchase".into(),
-            qps: Some(20.0),
-            burst: 1,
-            behavior: stampede_guard::Behavior::Pace {
-                max_queue: Duration::from_secs(3),
-            },
-            max_concurrency: None,
-            dry_run: false,
-        }];
-        config.guard.hot.push(stampede_guard::HotRule {
-            name: "per-sale".into(),
-            resource: "purchase".into(),
-            param: stampede_guard::Param::Sale,
-            qps: 0.001,
-            burst: 1,
-            dry_run: false,
-        });
+        pace_purchases(config, 20.0, Duration::from_secs(3), Some(1))
     })
     .await;
     let sale = app.live_sale("GUARD-PACED-HUNG", 10, 1).await;
