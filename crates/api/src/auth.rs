@@ -353,7 +353,7 @@ impl Auth {
         }
     }
 
-    pub(crate) fn shopper_of(&self, headers: &HeaderMap) -> Result<UserId, ApiError> {
+    fn shopper_of(&self, headers: &HeaderMap) -> Result<UserId, ApiError> {
         self.shopper(bearer(headers)?)
     }
 
@@ -367,17 +367,18 @@ impl Auth {
 
     /// The refusal the route's handler would answer for `headers`' credential, if any:
     /// the same check its extractor makes (a verified shopper token is cached, so the
-    /// handler's own check after this one costs a lookup).
+    /// handler's own check after this one costs a lookup). Passed, the shopper it names,
+    /// if a shopper's token is what it asks.
     pub(crate) fn check(
         &self,
         credential: Credential,
         headers: &HeaderMap,
-    ) -> Result<(), ApiError> {
+    ) -> Result<Option<UserId>, ApiError> {
         match credential {
-            Credential::Public => Ok(()),
-            Credential::Shopper => self.shopper_of(headers).map(drop),
-            Credential::Caller => self.caller_of(headers).map(drop),
-            Credential::Admin => self.admin_of(headers),
+            Credential::Public => Ok(None),
+            Credential::Shopper => self.shopper_of(headers).map(Some),
+            Credential::Caller => self.caller_of(headers).map(|_| None),
+            Credential::Admin => self.admin_of(headers).map(|()| None),
         }
     }
 }

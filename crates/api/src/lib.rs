@@ -771,29 +771,34 @@ async fn protect<F: std::future::Future<Output = Response>>(
     // of them would push payers past `max_queue`). Its client's allowance is spent all
     // the same, as it is for a 401 on any other route.
     let paced = guarded.credential != Credential::Public && app.guard.paces(resource);
-    if paced && let Err(error) = app.auth.check(guarded.credential, request.headers()) {
-        if let Some(peer) = &peer
-            && let Err(rejection) = client_admits(app, resource, peer, request.headers())
-        {
-            let response = ApiError::from(rejection).into_response();
-            return refused(app, started, Some(peer), response).await;
-        }
-        return error.into_response();
-    }
+    let shopper = match paced {
+        false => None,
+        true => match app.auth.check(guarded.credential, request.headers()) {
+            Ok(shopper) => shopper,
+            Err(error) => {
+                if let Some(peer) = &peer
+                    && let Err(rejection) = client_admits(app, resource, peer, request.headers())
+                {
+                    let response = ApiError::from(rejection).into_response();
+                    return refused(app, started, Some(peer), response).await;
+                }
+                return error.into_response();
+            }
+        },
+    };
     // A paced purchase's per-key limits too, for the same reason: a scalper's attempts
     // past the shopper's limit would each hold a place until their turn came.
-    let mut keys =
-        match paced && guarded.name == "purchase" {
-            false => None,
-            true => match app.auth.shopper_of(request.headers()).and_then(|user| {
-                handlers::PurchaseKeys::take(app, user, purchase_sale_id(&request))
-            }) {
-                Ok(keys) => Some(keys),
-                Err(error) => {
-                    return refused(app, started, peer.as_ref(), error.into_response()).await;
-                }
-            },
-        };
+    let mut keys = None;
+    if let Some(user) = shopper
+        && guarded.name == "purchase"
+    {
+        match handlers::PurchaseKeys::take(app, user, purchase_sale_id(&request)) {
+            Ok(taken) => keys = Some(taken),
+            Err(error) => {
+                return refused(app, started, peer.as_ref(), error.into_response()).await;
+            }
+        }
+    }
     // The route's rules, then the client's own limits; a client refused by those gives
     // the route's rate slot back, so it cannot use up the rate the route's clients
     // share, and a request the route refuses costs the client none of its allowance.

@@ -844,7 +844,7 @@ pub async fn start(
             .await
             .context("rebuild state from the store")?,
     );
-    let (rules, keep_over) = guard_rules(config, &engine).await?;
+    let (rules, to_keep) = guard_rules(config, &engine).await?;
     let longest = stampede_api::longest_answer(&rules, config.payment_timeout);
     anyhow::ensure!(
         longest <= config.client_timeout,
@@ -863,7 +863,7 @@ pub async fn start(
         anyhow::anyhow!("invalid guard rules: {}", all.join("; "))
     };
     stampede_api::check_rules(&rules).map_err(invalid)?;
-    if let Some(over) = keep_over {
+    if let Some(KeepOver(over)) = to_keep {
         keep_configured_rules(&engine, &rules, over).await;
     }
     let guard = stampede_guard::Guard::new(rules).map_err(invalid)?;
@@ -1050,7 +1050,7 @@ fn would_start_with(path: &Path, running: &Config) -> anyhow::Result<()> {
 async fn guard_rules(
     config: &Config,
     engine: &Engine,
-) -> anyhow::Result<(stampede_guard::GuardRules, Option<Option<String>>)> {
+) -> anyhow::Result<(stampede_guard::GuardRules, Option<KeepOver>)> {
     let text = engine
         .store()
         .load_setting(stampede_api::handlers::GUARD_RULES_KEY)
@@ -1098,8 +1098,12 @@ async fn guard_rules(
     // database take them up and a later change on another node is made against them. A
     // copy this release cannot read or run is another release's, and is left.
     let older = text.is_none() || stored_version.is_some_and(|v| v < config.guard.version);
-    Ok((config.guard.clone(), older.then_some(text)))
+    Ok((config.guard.clone(), older.then_some(KeepOver(text))))
 }
+
+/// Configured rules that won at the start are to be kept in the store over this copy
+/// of the stored rules (none: nothing was stored).
+struct KeepOver(Option<String>);
 
 /// Keeps the configured rules `rules`, which won at the start and passed its checks, in
 /// the store over the copy read then (`over`). Another node may store rules meanwhile:

@@ -2068,16 +2068,7 @@ async fn a_head_that_is_not_http_gets_the_apis_error_body() {
 /// Keeps `stored` as the rules an earlier version saved, restarts, and answers the
 /// rules the server then runs with.
 async fn restart_with_stored_rules(app: &mut TestApp, stored: &Value) -> Value {
-    let engine = app.running.as_ref().unwrap().engine.clone();
-    engine
-        .store()
-        .save_setting(
-            stampede_api::handlers::GUARD_RULES_KEY,
-            &serde_json::to_string(stored).unwrap(),
-        )
-        .await
-        .unwrap();
-    drop(engine);
+    store_rules_text(app, &serde_json::to_string(stored).unwrap()).await;
     app.restart().await;
     rules(app).await
 }
@@ -2113,13 +2104,43 @@ async fn stored_rules_that_name_what_nothing_asks_give_way_to_the_configured_one
 
 /// The stored rules of `app`, as JSON.
 async fn stored_rules(app: &TestApp) -> Option<Value> {
+    stored_rules_text(app)
+        .await
+        .map(|text| serde_json::from_str(&text).unwrap())
+}
+
+/// The stored rules of `app`, as the store keeps them.
+async fn stored_rules_text(app: &TestApp) -> Option<String> {
     let engine = app.running.as_ref().unwrap().engine.clone();
-    let text = engine
+    engine
         .store()
         .load_setting(stampede_api::handlers::GUARD_RULES_KEY)
         .await
+        .unwrap()
+}
+
+/// Keeps `text` as the stored rules of `app`, as another node, or another release,
+/// would have.
+async fn store_rules_text(app: &TestApp, text: &str) {
+    let engine = app.running.as_ref().unwrap().engine.clone();
+    engine
+        .store()
+        .save_setting(stampede_api::handlers::GUARD_RULES_KEY, text)
+        .await
         .unwrap();
-    text.map(|text| serde_json::from_str(&text).unwrap())
+}
+
+/// `reply` is 409 `version_conflict`, its message saying `why`.
+fn assert_conflict_saying(reply: &Reply, why: &str) {
+    assert_error(reply, 409, "version_conflict");
+    assert!(
+        reply.body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains(why),
+        "{}",
+        reply.body
+    );
 }
 
 /// A newer stored copy this node cannot run (another node's, with a pacing queue longer
@@ -2144,28 +2165,12 @@ async fn rules_are_never_saved_over_a_newer_stored_copy_this_node_cannot_run() {
         dry_run: false,
     }];
     let theirs = serde_json::to_value(&theirs).unwrap();
-    let engine = app.running.as_ref().unwrap().engine.clone();
-    engine
-        .store()
-        .save_setting(
-            stampede_api::handlers::GUARD_RULES_KEY,
-            &serde_json::to_string(&theirs).unwrap(),
-        )
-        .await
-        .unwrap();
+    store_rules_text(&app, &serde_json::to_string(&theirs).unwrap()).await;
     let mut next = ours.clone();
     next["version"] = json!(version + 1);
     next["dry_run"] = json!(true);
     let reply = put_rules(&app, Some(&app.admin), &next).await;
-    assert_error(&reply, 409, "version_conflict");
-    assert!(
-        reply.body["error"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("cannot be in force"),
-        "{}",
-        reply.body
-    );
+    assert_conflict_saying(&reply, "cannot be in force");
     let reply = app
         .post_json(
             "/v1/guard/degrade",
@@ -2268,28 +2273,10 @@ async fn a_paced_purchase_whose_client_hangs_up_in_the_handler_spends_its_allowa
 async fn rules_are_never_saved_over_a_stored_copy_this_release_cannot_read() {
     let app = spawn_app().await;
     let theirs = r#"{"version": 9, "a_field_of_a_later_release": true}"#;
-    let engine = app.running.as_ref().unwrap().engine.clone();
-    engine
-        .store()
-        .save_setting(stampede_api::handlers::GUARD_RULES_KEY, theirs)
-        .await
-        .unwrap();
+    store_rules_text(&app, theirs).await;
     let mut next = rules(&app).await;
     next["version"] = json!(next["version"].as_u64().unwrap() + 1);
     let reply = put_rules(&app, Some(&app.admin), &next).await;
-    assert_error(&reply, 409, "version_conflict");
-    assert!(
-        reply.body["error"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("cannot be read"),
-        "{}",
-        reply.body
-    );
-    let stored = engine
-        .store()
-        .load_setting(stampede_api::handlers::GUARD_RULES_KEY)
-        .await
-        .unwrap();
-    assert_eq!(stored.as_deref(), Some(theirs));
+    assert_conflict_saying(&reply, "cannot be read");
+    assert_eq!(stored_rules_text(&app).await.as_deref(), Some(theirs));
 }
